@@ -1,0 +1,3 @@
+from nodemesh.cli.main import main
+
+main()

@@ -1,0 +1,92 @@
+"""The seam between the traffic path and telemetry (metrics, tap) inside the agent.
+
+Protocol handlers (`detect`, `http1`, `http2`, `tcp`, ...) describe *what happened* by calling
+an `Observer`; they never touch metrics or tap state directly. The telemetry side implements
+`Observer` (counting in plain Python, tap fan-out only when a tap is open). Every method is
+called on the worker's event loop thread and must be cheap: no I/O, no locks, no logging.
+
+Lifecycle, per accepted connection:
+    conn = observer.connection_open(meta)             # once, after the upstream is chosen
+    for every request on it (HTTP/1 keep-alive, every HTTP/2 stream):
+        req = observer.request_start(conn, RequestHead)
+        observer.response_start(req, status, headers)  # may be skipped (reset before headers)
+        observer.request_end(req, RequestEnd)          # exactly once per request_start
+    observer.connection_close(conn, ConnectionEnd)     # exactly once
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class ConnectionMeta:
+    conn_id: int                      # unique within the worker process
+    direction: str                    # "outbound" (caught leaving a local pod) | "inbound"
+    source: tuple[str, int]           # the calling pod's address (peer of the accepted socket)
+    original_destination: tuple[str, int]  # what the caller dialled (pod IP or ClusterIP)
+    destination: tuple[str, int]      # the endpoint actually connected to (pod chosen for a ClusterIP)
+    protocol: str = "tcp"             # "http1" | "http2" | "tcp" | "tls" (opaque, SNI known)
+    sni: str | None = None
+    started: float = 0.0              # time.monotonic() at accept
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    scheme: str                       # "http" (no TLS termination here)
+    authority: str                    # Host / :authority
+    path: str
+    headers: list[tuple[str, str]] = field(default_factory=list)  # only read when a tap matches
+    grpc: bool = False                # content-type application/grpc*
+    stream_id: int = 0                # HTTP/2 stream id; HTTP/1: ordinal of the request on the conn
+    started: float = 0.0              # time.monotonic() when the request head was complete
+
+
+@dataclass(slots=True)
+class RequestEnd:
+    grpc_status: int | None = None    # from trailers or a trailers-only response
+    reset_error: str | None = None    # RST_STREAM/GOAWAY code name, or "connection closed"
+    request_bytes: int = 0            # body bytes from the client
+    response_bytes: int = 0           # body bytes to the client
+    ended: float = 0.0                # time.monotonic()
+
+
+@dataclass(slots=True)
+class ConnectionEnd:
+    read_bytes: int                   # bytes read from the client (tcp_read_bytes_total)
+    write_bytes: int                  # bytes written to the client (tcp_write_bytes_total)
+    ended: float = 0.0                # time.monotonic()
+    error: str | None = None
+
+
+class Observer(Protocol):
+    def connection_open(self, meta: ConnectionMeta) -> Any: ...
+
+    def connection_close(self, conn: Any, end: ConnectionEnd) -> None: ...
+
+    def request_start(self, conn: Any, head: RequestHead) -> Any: ...
+
+    def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None: ...
+
+    def request_end(self, req: Any, end: RequestEnd) -> None: ...
+
+
+class NullObserver:
+    """Observes nothing: for handler tests and benchmarks of the bare relay."""
+
+    def connection_open(self, meta: ConnectionMeta) -> Any:
+        return None
+
+    def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
+        pass
+
+    def request_start(self, conn: Any, head: RequestHead) -> Any:
+        return None
+
+    def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:
+        pass
+
+    def request_end(self, req: Any, end: RequestEnd) -> None:
+        pass

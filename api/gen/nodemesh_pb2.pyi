@@ -1,0 +1,430 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Resource(_message.Message):
+    __slots__ = ("namespace", "type", "name")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    type: str
+    name: str
+    def __init__(self, namespace: _Optional[str] = ..., type: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Pod(_message.Message):
+    __slots__ = ("ip", "namespace", "name", "node", "owner", "labels", "ready")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IP_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    namespace: str
+    name: str
+    node: str
+    owner: Resource
+    labels: _containers.ScalarMap[str, str]
+    ready: bool
+    def __init__(self, ip: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., owner: _Optional[_Union[Resource, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ServicePort(_message.Message):
+    __slots__ = ("name", "port", "target_port")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    target_port: int
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[int] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("ip", "ready", "pod", "node")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    ready: bool
+    pod: str
+    node: str
+    def __init__(self, ip: _Optional[str] = ..., ready: _Optional[bool] = ..., pod: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class Service(_message.Message):
+    __slots__ = ("namespace", "name", "cluster_ip", "ports", "endpoints")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_IP_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    cluster_ip: str
+    ports: _containers.RepeatedCompositeFieldContainer[ServicePort]
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., cluster_ip: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+
+class AgentHello(_message.Message):
+    __slots__ = ("agent_id", "node", "version", "start_time_ms", "node_ip", "pod_cidrs")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    POD_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    node: str
+    version: str
+    start_time_ms: int
+    node_ip: str
+    pod_cidrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., node_ip: _Optional[str] = ..., pod_cidrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("ready", "capture_installed", "time_ms")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    capture_installed: bool
+    time_ms: int
+    def __init__(self, ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., time_ms: _Optional[int] = ...) -> None: ...
+
+class Series(_message.Message):
+    __slots__ = ("name", "labels", "value", "bucket_counts", "sum")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.ScalarMap[str, str]
+    value: float
+    bucket_counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
+
+class MetricsReport(_message.Message):
+    __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BOUNDS_MS_FIELD_NUMBER: _ClassVar[int]
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    seq: int
+    time_ms: int
+    latency_bounds_ms: _containers.RepeatedScalarFieldContainer[float]
+    series: _containers.RepeatedCompositeFieldContainer[Series]
+    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., latency_bounds_ms: _Optional[_Iterable[float]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "metrics", "tap_event", "status")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TAP_EVENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    hello: AgentHello
+    metrics: MetricsReport
+    tap_event: TapEvent
+    status: AgentStatus
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
+
+class MeshConfig(_message.Message):
+    __slots__ = ("opaque_ports", "skip_ports", "excluded_namespaces", "tap_max_rps")
+    OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PORTS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    TAP_MAX_RPS_FIELD_NUMBER: _ClassVar[int]
+    opaque_ports: _containers.RepeatedScalarFieldContainer[int]
+    skip_ports: _containers.RepeatedScalarFieldContainer[int]
+    excluded_namespaces: _containers.RepeatedScalarFieldContainer[str]
+    tap_max_rps: float
+    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., skip_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ...) -> None: ...
+
+class IdentitySnapshot(_message.Message):
+    __slots__ = ("resource_version", "pods", "services", "config", "captured_namespaces")
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    resource_version: str
+    pods: _containers.RepeatedCompositeFieldContainer[Pod]
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    config: MeshConfig
+    captured_namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, resource_version: _Optional[str] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., config: _Optional[_Union[MeshConfig, _Mapping]] = ..., captured_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TapOpen(_message.Message):
+    __slots__ = ("tap_id", "filter")
+    TAP_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    tap_id: str
+    filter: TapFilter
+    def __init__(self, tap_id: _Optional[str] = ..., filter: _Optional[_Union[TapFilter, _Mapping]] = ...) -> None: ...
+
+class TapClose(_message.Message):
+    __slots__ = ("tap_id",)
+    TAP_ID_FIELD_NUMBER: _ClassVar[int]
+    tap_id: str
+    def __init__(self, tap_id: _Optional[str] = ...) -> None: ...
+
+class ControllerMessage(_message.Message):
+    __slots__ = ("identity", "tap_open", "tap_close")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
+    TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
+    identity: IdentitySnapshot
+    tap_open: TapOpen
+    tap_close: TapClose
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ...) -> None: ...
+
+class TapFilter(_message.Message):
+    __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    MAX_RPS_FIELD_NUMBER: _ClassVar[int]
+    target: Resource
+    to: Resource
+    method: str
+    path_prefix: str
+    authority: str
+    scheme: str
+    max_rps: float
+    def __init__(self, target: _Optional[_Union[Resource, _Mapping]] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., method: _Optional[str] = ..., path_prefix: _Optional[str] = ..., authority: _Optional[str] = ..., scheme: _Optional[str] = ..., max_rps: _Optional[float] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("ip", "port", "namespace", "pod", "owner")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    port: int
+    namespace: str
+    pod: str
+    owner: Resource
+    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ..., namespace: _Optional[str] = ..., pod: _Optional[str] = ..., owner: _Optional[_Union[Resource, _Mapping]] = ...) -> None: ...
+
+class Header(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class RequestInit(_message.Message):
+    __slots__ = ("method", "scheme", "authority", "path", "headers")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    scheme: str
+    authority: str
+    path: str
+    headers: _containers.RepeatedCompositeFieldContainer[Header]
+    def __init__(self, method: _Optional[str] = ..., scheme: _Optional[str] = ..., authority: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ...) -> None: ...
+
+class ResponseInit(_message.Message):
+    __slots__ = ("http_status", "since_request_init_us", "headers")
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_REQUEST_INIT_US_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    http_status: int
+    since_request_init_us: int
+    headers: _containers.RepeatedCompositeFieldContainer[Header]
+    def __init__(self, http_status: _Optional[int] = ..., since_request_init_us: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ...) -> None: ...
+
+class ResponseEnd(_message.Message):
+    __slots__ = ("has_grpc_status", "grpc_status", "reset_error", "since_request_init_us", "response_bytes")
+    HAS_GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESET_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SINCE_REQUEST_INIT_US_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    has_grpc_status: bool
+    grpc_status: int
+    reset_error: str
+    since_request_init_us: int
+    response_bytes: int
+    def __init__(self, has_grpc_status: _Optional[bool] = ..., grpc_status: _Optional[int] = ..., reset_error: _Optional[str] = ..., since_request_init_us: _Optional[int] = ..., response_bytes: _Optional[int] = ...) -> None: ...
+
+class TapEvent(_message.Message):
+    __slots__ = ("tap_id", "request_id", "direction", "source", "destination", "node", "time_ms", "request_init", "response_init", "response_end")
+    TAP_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_INIT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_INIT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_END_FIELD_NUMBER: _ClassVar[int]
+    tap_id: str
+    request_id: str
+    direction: str
+    source: Peer
+    destination: Peer
+    node: str
+    time_ms: int
+    request_init: RequestInit
+    response_init: ResponseInit
+    response_end: ResponseEnd
+    def __init__(self, tap_id: _Optional[str] = ..., request_id: _Optional[str] = ..., direction: _Optional[str] = ..., source: _Optional[_Union[Peer, _Mapping]] = ..., destination: _Optional[_Union[Peer, _Mapping]] = ..., node: _Optional[str] = ..., time_ms: _Optional[int] = ..., request_init: _Optional[_Union[RequestInit, _Mapping]] = ..., response_init: _Optional[_Union[ResponseInit, _Mapping]] = ..., response_end: _Optional[_Union[ResponseEnd, _Mapping]] = ...) -> None: ...
+
+class TapRequest(_message.Message):
+    __slots__ = ("filter",)
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    filter: TapFilter
+    def __init__(self, filter: _Optional[_Union[TapFilter, _Mapping]] = ...) -> None: ...
+
+class StatRequest(_message.Message):
+    __slots__ = ("selector", "all_namespaces", "to", "window_seconds", "label_selector")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ALL_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    selector: Resource
+    all_namespaces: bool
+    to: Resource
+    window_seconds: int
+    label_selector: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., label_selector: _Optional[str] = ..., **kwargs) -> None: ...
+
+class StatRow(_message.Message):
+    __slots__ = ("resource", "meshed_pods", "total_pods", "status", "has_traffic", "success_count", "failure_count", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "tcp_open_connections", "tcp_read_bytes_rate", "tcp_write_bytes_rate", "has_tcp")
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    MESHED_PODS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PODS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HAS_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RPS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    TCP_OPEN_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TCP_READ_BYTES_RATE_FIELD_NUMBER: _ClassVar[int]
+    TCP_WRITE_BYTES_RATE_FIELD_NUMBER: _ClassVar[int]
+    HAS_TCP_FIELD_NUMBER: _ClassVar[int]
+    resource: Resource
+    meshed_pods: int
+    total_pods: int
+    status: str
+    has_traffic: bool
+    success_count: int
+    failure_count: int
+    rps: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    tcp_open_connections: float
+    tcp_read_bytes_rate: float
+    tcp_write_bytes_rate: float
+    has_tcp: bool
+    def __init__(self, resource: _Optional[_Union[Resource, _Mapping]] = ..., meshed_pods: _Optional[int] = ..., total_pods: _Optional[int] = ..., status: _Optional[str] = ..., has_traffic: _Optional[bool] = ..., success_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., rps: _Optional[float] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ..., latency_ms_p99: _Optional[float] = ..., tcp_open_connections: _Optional[float] = ..., tcp_read_bytes_rate: _Optional[float] = ..., tcp_write_bytes_rate: _Optional[float] = ..., has_tcp: _Optional[bool] = ...) -> None: ...
+
+class StatResponse(_message.Message):
+    __slots__ = ("rows", "error")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[StatRow]
+    error: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[StatRow, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class EdgesRequest(_message.Message):
+    __slots__ = ("selector", "all_namespaces", "window_seconds")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ALL_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    selector: Resource
+    all_namespaces: bool
+    window_seconds: int
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+
+class Edge(_message.Message):
+    __slots__ = ("src", "dst", "client_id", "server_id", "no_identity_msg")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_IDENTITY_MSG_FIELD_NUMBER: _ClassVar[int]
+    src: Resource
+    dst: Resource
+    client_id: str
+    server_id: str
+    no_identity_msg: str
+    def __init__(self, src: _Optional[_Union[Resource, _Mapping]] = ..., dst: _Optional[_Union[Resource, _Mapping]] = ..., client_id: _Optional[str] = ..., server_id: _Optional[str] = ..., no_identity_msg: _Optional[str] = ...) -> None: ...
+
+class EdgesResponse(_message.Message):
+    __slots__ = ("edges", "error")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[Edge]
+    error: str
+    def __init__(self, edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeCheck(_message.Message):
+    __slots__ = ("node", "agent_connected", "agent_ready", "capture_installed", "agent_version", "last_report_age_ms", "clock_skew_ms")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_READY_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_REPORT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_MS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    agent_connected: bool
+    agent_ready: bool
+    capture_installed: bool
+    agent_version: str
+    last_report_age_ms: int
+    clock_skew_ms: int
+    def __init__(self, node: _Optional[str] = ..., agent_connected: _Optional[bool] = ..., agent_ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., agent_version: _Optional[str] = ..., last_report_age_ms: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ...) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("controller_version", "nodes", "time_ms")
+    CONTROLLER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    controller_version: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeCheck]
+    time_ms: int
+    def __init__(self, controller_version: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeCheck, _Mapping]]] = ..., time_ms: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,119 @@
+"""The small shared model: ports, label names, workload identity and resource selectors.
+
+Everything here is plain data with no I/O, imported by every room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Ports (ARCHITECTURE.md "Ports").
+OUTBOUND_PORT = 4140
+INBOUND_PORT = 4143
+ADMIN_PORT = 4191
+CONTROLLER_GRPC_PORT = 8085
+CONTROLLER_WEB_PORT = 8084
+
+# A Namespace carrying this label (or annotation) with value "disabled" is never captured.
+CAPTURE_LABEL = "nodemesh.io/capture"
+CAPTURE_DISABLED = "disabled"
+
+DIRECTIONS = ("outbound", "inbound")
+CLASSIFICATIONS = ("success", "failure")
+
+# Linkerd's proxy latency buckets, in milliseconds.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
+    1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000,
+)
+
+# Canonical resource types, and every spelling kubectl accepts for them.
+RESOURCE_ALIASES: dict[str, str] = {}
+_TYPES = {
+    "namespace": ("ns", "namespace", "namespaces"),
+    "deployment": ("deploy", "deployment", "deployments"),
+    "statefulset": ("sts", "statefulset", "statefulsets"),
+    "daemonset": ("ds", "daemonset", "daemonsets"),
+    "job": ("job", "jobs"),
+    "replicaset": ("rs", "replicaset", "replicasets"),
+    "pod": ("po", "pod", "pods"),
+    "service": ("svc", "service", "services"),
+    "all": ("all",),
+}
+for _canonical, _spellings in _TYPES.items():
+    for _s in _spellings:
+        RESOURCE_ALIASES[_s] = _canonical
+
+# Short forms used when printing `TYPE/NAME` (Linkerd prints e.g. `deploy/web`).
+SHORT_TYPE = {
+    "namespace": "ns", "deployment": "deploy", "statefulset": "sts", "daemonset": "ds",
+    "job": "job", "replicaset": "rs", "pod": "po", "service": "svc",
+}
+# Kubernetes `kind` for each canonical type.
+KIND_OF_TYPE = {
+    "namespace": "Namespace", "deployment": "Deployment", "statefulset": "StatefulSet",
+    "daemonset": "DaemonSet", "job": "Job", "replicaset": "ReplicaSet", "pod": "Pod",
+    "service": "Service",
+}
+TYPE_OF_KIND = {v: k for k, v in KIND_OF_TYPE.items()}
+
+
+class SelectorError(ValueError):
+    """A resource selector the user typed cannot be understood."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """`TYPE[/NAME]` as kubectl writes it, resolved to a canonical type."""
+
+    type: str  # canonical: "deployment", "pod", "namespace", ..., or "all"
+    name: str = ""  # empty: every resource of the type
+
+    def __str__(self) -> str:
+        short = SHORT_TYPE.get(self.type, self.type)
+        return f"{short}/{self.name}" if self.name else short
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse `deploy/web`, `po/voting-7d9f`, `ns`, `deployments` ... into a Selector."""
+    if not text or text.count("/") > 1:
+        raise SelectorError(f"invalid resource selector {text!r}: expected TYPE or TYPE/NAME")
+    kind, _, name = text.partition("/")
+    canonical = RESOURCE_ALIASES.get(kind.lower())
+    if canonical is None:
+        raise SelectorError(f"unknown resource type {kind!r}")
+    if "/" in text and not name:
+        raise SelectorError(f"invalid resource selector {text!r}: empty name")
+    if canonical == "all" and name:
+        raise SelectorError("'all' takes no name")
+    return Selector(canonical, name)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRef:
+    """What owns a pod: deployment, statefulset, daemonset, job, or the pod itself."""
+
+    namespace: str
+    kind: str  # canonical type: "deployment", "statefulset", "daemonset", "job", "pod"
+    name: str
+
+    def __str__(self) -> str:
+        return f"{SHORT_TYPE.get(self.kind, self.kind)}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class PodIdentity:
+    """Who an IP is: the pod behind it and the workload that owns that pod."""
+
+    ip: str
+    namespace: str
+    pod: str
+    workload: WorkloadRef
+    node: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    ready: bool = True
+
+
+# The identity of an address no pod owns (a node, an external host).
+UNKNOWN_NAMESPACE = ""
+UNKNOWN_KIND = "unknown"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything nodemesh needs on a fresh Debian/Ubuntu machine, as root.
+#   scripts/bootstrap.sh          runtime: netfilter tools, the Python package
+#   scripts/bootstrap.sh --test   also the test peers (nginx, wrk, h2load, ...) and test extras
+# Idempotent and quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+apt_packages=(iptables ebtables conntrack iproute2 procps kmod psmisc)
+if [ "$want_test" = 1 ]; then
+  apt_packages+=(nginx-light wrk nghttp2-client curl netcat-openbsd)
+fi
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "bootstrap: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# nginx is a test peer we start ourselves; never leave Debian's default instance on :80.
+if [ "$want_test" = 1 ] && command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now nginx >/dev/null 2>&1 || true
+fi
+
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+  -e ".[test]" 2>&1 | grep -v -E "^(WARNING: Location|WARNING: Running pip)" || true
+python3 -c "import nodemesh.cli.main" || { echo "bootstrap: nodemesh did not install" >&2; exit 1; }
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+echo "bootstrap: ok"
