@@ -1,0 +1,34 @@
+"""The agent's configuration: one typed object, built once from flags/env, passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+
+DEFAULT_OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str                                   # node name, as the cluster knows it
+    node_ip: str = ""                           # the node's own address (capture target, fallback source)
+    pod_cidrs: tuple[str, ...] = ()             # this node's pod CIDR(s)
+    listen_host: str = "0.0.0.0"
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
+    admin_host: str = "0.0.0.0"
+    admin_port: int = ADMIN_PORT
+    workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    transparent: bool = True                    # upstream keeps the calling pod's IP (IP_TRANSPARENT)
+    detect_timeout_s: float = 1.0
+    connect_timeout_s: float = 5.0
+    opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
+    drain_grace_s: float = 30.0
+    controller: str = ""                        # host:port of the controller gRPC API; empty: none
+    token_file: str = ""                        # bearer token presented to the controller
+    identity_file: str = ""                     # sandbox objects.json dir, used when no controller
+    report_interval_s: float = 1.0
+    tap_max_rps: float = 100.0
+    log_level: str = "info"
