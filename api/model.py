@@ -117,3 +117,28 @@ class PodIdentity:
 # The identity of an address no pod owns (a node, an external host).
 UNKNOWN_NAMESPACE = ""
 UNKNOWN_KIND = "unknown"
+
+
+# ---------------------------------------------------------------------------- metric contract
+# Names and labels of the series agents export on /metrics and report to the controller
+# (MetricsReport.series). Names follow Linkerd's proxy metrics where the concept matches.
+REQUEST_TOTAL = "request_total"
+RESPONSE_TOTAL = "response_total"                   # + status_code, grpc_status, classification, error
+RESPONSE_LATENCY_MS = "response_latency_ms"         # histogram, LATENCY_BUCKETS_MS, time to response headers
+TCP_OPEN_TOTAL = "tcp_open_total"
+TCP_CLOSE_TOTAL = "tcp_close_total"                 # + error ("" on a clean close)
+TCP_OPEN_CONNECTIONS = "tcp_open_connections"       # gauge
+TCP_READ_BYTES_TOTAL = "tcp_read_bytes_total"       # bytes read from the source (client)
+TCP_WRITE_BYTES_TOTAL = "tcp_write_bytes_total"     # bytes written to the source (client)
+TCP_CONNECTION_DURATION_MS = "tcp_connection_duration_ms"  # histogram, LATENCY_BUCKETS_MS
+
+# Labels on every series: who called whom, as seen in which direction. `*_kind` is a canonical
+# type (deployment, statefulset, daemonset, job, pod) or UNKNOWN_KIND with `*_name` = the IP.
+# `dst_service` is "name.namespace" when the caller dialled a Service ClusterIP, else "".
+PEER_LABELS = (
+    "direction",
+    "src_namespace", "src_kind", "src_name", "src_pod",
+    "dst_namespace", "dst_kind", "dst_name", "dst_pod",
+    "dst_service", "authority", "protocol",
+)
+RESPONSE_LABELS = ("status_code", "grpc_status", "classification", "error")
