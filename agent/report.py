@@ -1,0 +1,190 @@
+"""The agent's link to the controller: one long-lived `Controller.Connect` stream (grpc.aio).
+
+Up: AgentHello first, then every `report_interval_s` a MetricsReport (the node's cumulative
+series) and an AgentStatus, and TapEvents as they come. Down: IdentitySnapshot, TapOpen/TapClose.
+On any failure the link reconnects with exponential backoff and full jitter. Nothing in the data
+plane waits on this: with the controller down, traffic flows and counts keep accumulating; the
+next report after reconnecting carries them all (reports are cumulative).
+
+Taps live as long as the stream that opened them: when it breaks, the agent closes them all (the
+controller re-opens what its users still watch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
+from typing import TYPE_CHECKING
+
+import grpc
+from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.metrics import to_series
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.api.model import LATENCY_BUCKETS_MS
+
+if TYPE_CHECKING:
+    from nodemesh.agent.node import NodeTelemetry
+
+log = logging.getLogger("nodemesh.agent.report")
+
+try:
+    AGENT_VERSION = _pkg_version("nodemesh")
+except PackageNotFoundError:  # run from a copy, not installed as a distribution
+    AGENT_VERSION = "0.0.0"
+
+_TAP_QUEUE_MAX = 10_000
+
+
+class ControllerLink:
+    def __init__(self, config: AgentConfig, node: NodeTelemetry, *, backoff_base_s: float = 0.25,
+                 backoff_max_s: float = 10.0) -> None:
+        self.config = config
+        self.node = node
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.connected = False
+        self.connects = 0                    # successful stream starts, for tests and logs
+        self.tap_events_dropped = 0
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self.node.add_tap_sink(self._on_tap_event)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Send one last report (bounded wait), then end the stream."""
+        self._stopping = True
+        self.node.remove_tap_sink(self._on_tap_event)
+        if self._outbox is not None and self.connected:
+            self._outbox.put_nowait(self._metrics_message())
+            self._outbox.put_nowait(None)  # ends the request stream: a clean half-close
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), 2.0)  # type: ignore[arg-type]
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    # ------------------------------------------------------------------ messages
+    def _metrics_message(self) -> pb.AgentMessage:
+        self._seq += 1
+        report = pb.MetricsReport(agent_id=self.node.agent_id, seq=self._seq, time_ms=int(time.time() * 1000),
+                                  latency_bounds_ms=list(LATENCY_BUCKETS_MS),
+                                  series=to_series(self.node.snapshot()))
+        return pb.AgentMessage(metrics=report)
+
+    def _status_message(self) -> pb.AgentMessage:
+        return pb.AgentMessage(status=pb.AgentStatus(ready=self.node.ready,
+                                                     capture_installed=self.node.capture_installed,
+                                                     time_ms=int(time.time() * 1000)))
+
+    def _hello_message(self) -> pb.AgentMessage:
+        c = self.config
+        return pb.AgentMessage(hello=pb.AgentHello(
+            agent_id=self.node.agent_id, node=c.node, version=AGENT_VERSION,
+            start_time_ms=self.node.start_time_ms, node_ip=c.node_ip, pod_cidrs=list(c.pod_cidrs)))
+
+    def _on_tap_event(self, event: pb.TapEvent) -> None:
+        box = self._outbox
+        if box is None or not self.connected or box.qsize() >= _TAP_QUEUE_MAX:
+            self.tap_events_dropped += 1  # tap is live: nobody wants a backlog replayed later
+            return
+        box.put_nowait(pb.AgentMessage(tap_event=event))
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if not self.config.token_file:
+            return ()
+        try:
+            with open(self.config.token_file) as f:  # re-read per connect: tokens rotate
+                token = f.read().strip()
+        except OSError as exc:
+            log.warning("event=token_unreadable path=%s error=%r", self.config.token_file, exc)
+            return ()
+        return (("authorization", f"Bearer {token}"),)
+
+    # ------------------------------------------------------------------ the stream
+    async def _requests(self, box: asyncio.Queue[pb.AgentMessage | None]) -> AsyncIterator[pb.AgentMessage]:
+        yield self._hello_message()
+        yield self._metrics_message()
+        yield self._status_message()
+        while True:
+            msg = await box.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def _ticker(self, box: asyncio.Queue[pb.AgentMessage | None]) -> None:
+        while True:
+            await asyncio.sleep(self.config.report_interval_s)
+            box.put_nowait(self._metrics_message())
+            box.put_nowait(self._status_message())
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            connects_before = self.connects
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:  # the controller is away, or refused us
+                log.info("event=controller_disconnected addr=%s code=%s details=%r", self.config.controller,
+                         exc.code().name, exc.details())
+            except (OSError, grpc.RpcError) as exc:
+                log.info("event=controller_disconnected addr=%s error=%r", self.config.controller, exc)
+            except Exception:  # a bug here must not end reporting for the agent's life
+                log.exception("event=controller_link_failed addr=%s", self.config.controller)
+            finally:
+                self.connected = False
+                self._outbox = None
+                # The taps were the disconnected controller's; it re-opens them on reconnect.
+                self.node.close_all_taps()
+            if self._stopping:
+                return
+            # A session that got connected resets the backoff: the next failure is a new outage.
+            attempt = 0 if self.connects > connects_before else attempt + 1
+            delay = random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt)))
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        async with grpc.aio.insecure_channel(self.config.controller) as channel:
+            stub = pb_grpc.ControllerStub(channel)
+            box: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+            call = stub.Connect(self._requests(box), metadata=self._metadata())
+            ticker: asyncio.Task[None] | None = None
+            try:
+                await call.wait_for_connection()
+                self._outbox = box
+                self.connected = True
+                self.connects += 1
+                log.info("event=controller_connected addr=%s agent_id=%s", self.config.controller,
+                         self.node.agent_id)
+                ticker = asyncio.get_running_loop().create_task(self._ticker(box))
+                async for msg in call:
+                    self._handle(msg)
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ticker
+                call.cancel()
+
+    def _handle(self, msg: pb.ControllerMessage) -> None:
+        which = msg.WhichOneof("msg")
+        if which == "identity":
+            self.node.apply_identity(msg.identity)
+        elif which == "tap_open":
+            self.node.open_tap(msg.tap_open.tap_id, msg.tap_open.filter)
+        elif which == "tap_close":
+            self.node.close_tap(msg.tap_close.tap_id)
