@@ -1,0 +1,77 @@
+"""The redirector's configuration: one typed object, built once from flags, passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+
+Mechanism = Literal["dnat", "tproxy"]
+
+# A single mark bit clear of kube-proxy's (0x4000 masquerade, 0x8000 drop), Calico's default mask
+# (0xffff0000) and Cilium's magic marks (0x0f00). Configurable for clusters that use it.
+DEFAULT_TRANSPARENT_MARK = 0x1000
+DEFAULT_ROUTE_TABLE = 4140
+DEFAULT_RULE_PRIORITY = 4140
+
+
+class ConfigError(ValueError):
+    """The capture configuration cannot describe a working plan."""
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    node_ip: str                                  # capture target (DNAT) and the node's own address
+    pod_cidrs: tuple[str, ...]                    # this node's pod CIDR(s): who is a "local pod"
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
+    admin_port: int = ADMIN_PORT
+    # Destination ports never captured at all ("skipped": no proxy). None: the agent's own ports.
+    skip_ports: tuple[int, ...] | None = None
+    # Pods of Namespaces labelled nodemesh.io/capture=disabled; iptables cannot see namespaces.
+    excluded_ips: tuple[str, ...] = ()
+    # Packets carrying any of these marks are never captured (e.g. a mark the agent sets on its sockets).
+    ignore_marks: tuple[int, ...] = ()
+    mechanism: Mechanism = "dnat"
+    transparent_mark: int = DEFAULT_TRANSPARENT_MARK
+    route_table: int = DEFAULT_ROUTE_TABLE
+    rule_priority: int = DEFAULT_RULE_PRIORITY
+    # Route (not switch) TCP between local pods on a bridge so replies reach transparent sockets.
+    bridge_replies: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.IPv4Address(self.node_ip)
+            for cidr in self.pod_cidrs:
+                ipaddress.IPv4Network(cidr, strict=False)
+            for ip in self.excluded_ips:
+                ipaddress.IPv4Address(ip)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not self.pod_cidrs:
+            raise ConfigError("at least one pod CIDR is needed: capture works from the pod CIDR")
+        if self.mechanism not in ("dnat", "tproxy"):
+            raise ConfigError(f"unknown mechanism {self.mechanism!r} (dnat or tproxy)")
+        for port in (self.outbound_port, self.inbound_port, self.admin_port, *(self.skip_ports or ())):
+            if not 0 < port < 65536:
+                raise ConfigError(f"invalid port {port}")
+
+    @property
+    def effective_skip_ports(self) -> tuple[int, ...]:
+        if self.skip_ports is not None:
+            ports = set(self.skip_ports)
+        else:
+            ports = set()
+        # The agent's own ports are never captured, whatever the user lists: capturing them loops.
+        ports |= {self.outbound_port, self.inbound_port, self.admin_port}
+        return tuple(sorted(ports))
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return tuple(str(ipaddress.IPv4Network(c, strict=False)) for c in self.pod_cidrs)
+
+    def with_excluded(self, ips: tuple[str, ...] | list[str]) -> CaptureConfig:
+        """The same config with a new set of excluded pod IPs (sorted, deduplicated)."""
+        return replace(self, excluded_ips=tuple(sorted(set(ips), key=ipaddress.IPv4Address)))
