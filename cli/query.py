@@ -1,0 +1,188 @@
+"""What the user typed -> the controller's request messages, validated.
+
+Pure functions (no I/O), unit-tested: resource arguments in kubectl's forms, time windows, label
+selectors and the --from/--to flags become StatRequest, EdgesRequest and TapRequest. Every
+mistake is a CliError with one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import Selector, SelectorError, parse_selector
+from nodemesh.cli.client import CliError
+
+MIN_WINDOW_S = 10
+MAX_WINDOW_S = 3600
+DEFAULT_WINDOW = "1m"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_MAX_RPS = 100.0
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+_UNIT_S = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_window(text: str) -> int:
+    """`10s`, `1m`, `90s`, `1m30s`, `1h` -> seconds, within [10 s, 1 h] (the controller keeps 1 h)."""
+    raw = text.strip()
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(raw):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    if not raw or pos != len(raw):
+        raise CliError(f"invalid time window {text!r}: expected a duration such as 10s, 1m, 90s or 1h")
+    if total < MIN_WINDOW_S:
+        raise CliError(f"time window {text!r} is too short: the minimum is 10s")
+    if total > MAX_WINDOW_S:
+        raise CliError(f"time window {text!r} is too long: the maximum is 1h")
+    return int(total)
+
+
+def selector(text: str) -> Selector:
+    try:
+        return parse_selector(text)
+    except SelectorError as exc:
+        raise CliError(str(exc)) from None
+
+
+def parse_resources(args: Sequence[str]) -> list[Selector]:
+    """kubectl's forms: `TYPE`, `TYPE NAME...`, or `TYPE/NAME...` (not mixed)."""
+    if not args:
+        raise CliError("you must specify a resource type (e.g. deploy, po, ns, all) or TYPE/NAME")
+    if "/" not in args[0]:
+        kind = selector(args[0])
+        if len(args) == 1:
+            return [kind]
+        if any("/" in a for a in args[1:]):
+            raise CliError("there is no need to specify a resource type as a separate argument when "
+                           "passing arguments in resource/name form (e.g. 'nodemesh stat deploy/web')")
+        if kind.type == "all":
+            raise CliError("'all' takes no names")
+        return [Selector(kind.type, name) for name in args[1:]]
+    parsed = []
+    for arg in args:
+        if "/" not in arg:
+            raise CliError(f"mixed arguments: {arg!r} is not in TYPE/NAME form like {args[0]!r}")
+        parsed.append(selector(arg))
+    return parsed
+
+
+# A requirement of a kubectl label selector: key, !key, key=v, key==v, key!=v, key in (a,b), key notin (a).
+_LABEL_KEY = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_LABEL_VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
+_REQUIREMENT = re.compile(
+    rf"^\s*(?:!\s*{_LABEL_KEY}|{_LABEL_KEY}\s*(?:(?:==|=|!=)\s*{_LABEL_VALUE}"
+    rf"|\s(?:in|notin)\s*\(\s*{_LABEL_VALUE}(?:\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*$"
+)
+
+
+def check_label_selector(text: str) -> str:
+    """Validate kubectl syntax here so a typo is one clear line, not a server error."""
+    if not text:
+        return ""
+    # commas inside `in (...)` do not separate requirements
+    parts = re.split(r",(?![^()]*\))", text)
+    for part in parts:
+        if not _REQUIREMENT.match(part):
+            raise CliError(f"invalid label selector {text!r}: cannot parse {part.strip()!r}")
+    return text.strip()
+
+
+def _resource(sel: Selector, namespace: str) -> pb.Resource:
+    return pb.Resource(namespace="" if sel.type == "namespace" else namespace, type=sel.type, name=sel.name)
+
+
+def _peer_flag(text: str | None, namespace: str | None, default_ns: str, flag: str) -> pb.Resource | None:
+    if not text:
+        return None
+    sel = selector(text)
+    if sel.type == "all":
+        raise CliError(f"{flag} does not accept 'all'")
+    return _resource(sel, namespace or default_ns)
+
+
+def build_stat_requests(
+    resources: Sequence[str], *, namespace: str = DEFAULT_NAMESPACE, all_namespaces: bool = False,
+    from_: str | None = None, from_namespace: str | None = None, to: str | None = None,
+    to_namespace: str | None = None, window: str = DEFAULT_WINDOW, label_selector: str = "",
+) -> list[pb.StatRequest]:
+    """One StatRequest per resource argument; the CLI merges the rows as Linkerd does."""
+    targets = parse_resources(resources)
+    if from_ and to:
+        raise CliError("--to and --from flags are mutually exclusive")
+    if from_namespace and not from_:
+        raise CliError("--from-namespace needs --from")
+    if to_namespace and not to:
+        raise CliError("--to-namespace needs --to")
+    if (from_ or to) and any(t.type == "all" for t in targets):
+        raise CliError("'all' cannot be combined with --from or --to")
+    window_s = parse_window(window)
+    labels = check_label_selector(label_selector)
+    ns = "" if all_namespaces else namespace
+    src = _peer_flag(from_, from_namespace, namespace, "--from")
+    dst = _peer_flag(to, to_namespace, namespace, "--to")
+    requests = []
+    for target in targets:
+        req = pb.StatRequest(
+            selector=_resource(target, ns), all_namespaces=all_namespaces, window_seconds=window_s,
+            label_selector=labels,
+        )
+        if src is not None:
+            getattr(req, "from").CopyFrom(src)  # `from` is a Python keyword
+        if dst is not None:
+            req.to.CopyFrom(dst)
+        requests.append(req)
+    return requests
+
+
+def build_edges_request(
+    resource: str, *, namespace: str = DEFAULT_NAMESPACE, all_namespaces: bool = False,
+    window: str = DEFAULT_WINDOW,
+) -> pb.EdgesRequest:
+    target = selector(resource)
+    if target.type == "all":
+        raise CliError("edges needs one resource type (e.g. deploy, po), not 'all'")
+    if target.name:
+        raise CliError("edges takes a resource type only (e.g. 'nodemesh edges deploy')")
+    return pb.EdgesRequest(
+        selector=_resource(target, "" if all_namespaces else namespace), all_namespaces=all_namespaces,
+        window_seconds=parse_window(window),
+    )
+
+
+_METHOD = re.compile(r"^[A-Za-z]+$")
+
+
+def build_tap_request(
+    resource: Sequence[str], *, namespace: str = DEFAULT_NAMESPACE, to: str | None = None,
+    to_namespace: str | None = None, method: str | None = None, path: str | None = None,
+    authority: str | None = None, scheme: str | None = None, max_rps: float = DEFAULT_MAX_RPS,
+) -> pb.TapRequest:
+    targets = parse_resources(resource)
+    if len(targets) != 1:
+        raise CliError("tap takes one resource: TYPE, TYPE NAME or TYPE/NAME")
+    target = targets[0]
+    if target.type == "all":
+        raise CliError("tap does not accept 'all': tap a namespace instead (e.g. ns/default)")
+    if to_namespace and not to:
+        raise CliError("--to-namespace needs --to")
+    if max_rps <= 0:
+        raise CliError(f"--max-rps must be positive, got {max_rps:g}")
+    if method and not _METHOD.match(method):
+        raise CliError(f"invalid --method {method!r}")
+    if path and not path.startswith("/"):
+        raise CliError(f"invalid --path {path!r}: a path prefix starts with '/'")
+    if scheme and scheme.lower() not in ("http", "https"):
+        raise CliError(f"invalid --scheme {scheme!r}: expected http or https")
+    flt = pb.TapFilter(
+        target=_resource(target, namespace), method=(method or "").upper(), path_prefix=path or "",
+        authority=authority or "", scheme=(scheme or "").lower(), max_rps=max_rps,
+    )
+    dst = _peer_flag(to, to_namespace, namespace, "--to")
+    if dst is not None:
+        flt.to.CopyFrom(dst)
+    return pb.TapRequest(filter=flt)
