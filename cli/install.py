@@ -1,0 +1,82 @@
+"""`nodemesh install` / `nodemesh uninstall`: print the manifests for kubectl, or act on the sandbox.
+
+    nodemesh install | kubectl apply -f -
+    nodemesh install --set image=registry.example/nodemesh:0.1.0 --set opaquePorts=3306,5432 | kubectl apply -f -
+    nodemesh install --addon prometheus | kubectl apply -f -
+    nodemesh uninstall | kubectl delete -f -
+
+With `--sandbox` the local network-namespace cluster is changed instead (nodemesh.cli.sandbox_install).
+"""
+
+from __future__ import annotations
+
+import click
+from nodemesh.cli.manifest import InstallValues, ManifestError, apply_sets, render_daemonset
+
+ADDONS = ("prometheus", "grafana")
+
+
+def _values(sets: tuple[str, ...]) -> InstallValues:
+    try:
+        return apply_sets(InstallValues(), sets)
+    except ManifestError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+
+
+def _render(values: InstallValues, addon: str | None) -> str:
+    if addon is None:
+        return render_daemonset(values)
+    # Imported here: the dashboards are only built when someone asks for them.
+    from nodemesh.cli import observability
+
+    return observability.render_addon(addon, values.namespace)
+
+
+_set_option = click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE",
+    help="Override a value (repeatable): image, namespace, imagePullPolicy, ebpf, agentWorkers, logLevel, "
+         "capturedNamespaces, excludedNamespaces, skippedPorts, opaquePorts, tapMaxRps, tapMaxTaps, "
+         "drainGraceSeconds. Lists are comma-separated.",
+)
+_addon_option = click.option(
+    "--addon", type=click.Choice(ADDONS), default=None,
+    help="Print an optional add-on instead of the mesh (Prometheus scraping the agents, Grafana dashboards).",
+)
+_sandbox_option = click.option("--sandbox", is_flag=True, help="Act on the local sandbox cluster instead.")
+_name_option = click.option("--name", default=None, help="Sandbox cluster name (with --sandbox).")
+
+
+@click.command()
+@_set_option
+@_addon_option
+@_sandbox_option
+@_name_option
+def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None) -> None:
+    """Print the Kubernetes manifests that install nodemesh (pipe them to `kubectl apply -f -`)."""
+    values = _values(sets)
+    if sandbox:
+        from nodemesh.cli.sandbox_install import install_sandbox
+
+        install_sandbox(name=name)
+        return
+    click.echo(_render(values, addon), nl=False)
+
+
+@click.command()
+@_set_option
+@_addon_option
+@_sandbox_option
+@_name_option
+def uninstall(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None) -> None:
+    """Print the manifests to delete (pipe them to `kubectl delete -f -`).
+
+    Deleting the DaemonSet stops every agent; each redirector removes its node's capture rules
+    as it stops, so pod traffic flows directly again.
+    """
+    values = _values(sets)
+    if sandbox:
+        from nodemesh.cli.sandbox_install import uninstall_sandbox
+
+        uninstall_sandbox(name=name)
+        return
+    click.echo(_render(values, addon), nl=False)

@@ -1,0 +1,621 @@
+"""Rendering of the Kubernetes manifests that `nodemesh install` prints.
+
+Everything `kubectl apply -f manifests/daemonset.yaml` installs is built here from Python data and
+dumped with `yaml.safe_dump`, so the committed files under `manifests/` are golden outputs of this
+module (a unit test compares them byte for byte; `NODEMESH_REGEN_MANIFESTS=1` rewrites them).
+Rendering is pure and deterministic: same values in, same bytes out.
+
+Values a user can override with `nodemesh install --set key=value` are the fields of
+`InstallValues`; the mesh configuration part of them is written into the `nodemesh-config`
+ConfigMap, which the controller, the agent and the redirector read with `--config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import yaml
+from nodemesh.api.model import (
+    ADMIN_PORT,
+    CAPTURE_DISABLED,
+    CAPTURE_LABEL,
+    CONTROLLER_GRPC_PORT,
+    CONTROLLER_WEB_PORT,
+)
+
+VERSION = "0.1.0"
+
+# The audience of the projected ServiceAccount token agents present to the controller. A token
+# minted for the API server is never accepted by the controller and vice versa.
+CONTROLLER_AUDIENCE = "nodemesh-controller"
+CONFIG_MAP = "nodemesh-config"
+CONFIG_KEY = "config.yaml"
+CONFIG_DIR = "/etc/nodemesh"
+TOKEN_DIR = "/var/run/secrets/nodemesh"
+CONTROLLER_NAME = "nodemesh-controller"
+AGENT_NAME = "nodemesh-agent"
+CLI_NAME = "nodemesh-cli"
+# Margin on top of the agent's drain grace for the redirector to fail open and the process to exit.
+TERMINATION_MARGIN_S = 15
+
+# The agent's defaults (agent/config.py DEFAULT_OPAQUE_PORTS; cli/ may not import agent/, a test
+# keeps the two equal): server-speaks-first protocols that protocol detection would stall on.
+DEFAULT_OPAQUE_PORTS: tuple[int, ...] = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class ManifestError(ValueError):
+    """A value given to the renderer (e.g. with --set) is not acceptable."""
+
+
+@dataclass(frozen=True)
+class InstallValues:
+    """Everything `--set` can change. Field names are the `--set` keys (camelCase, as Helm users type)."""
+
+    namespace: str = "nodemesh"
+    image: str = f"nodemesh:{VERSION}"
+    imagePullPolicy: str = "IfNotPresent"
+    ebpf: bool = False
+    agentWorkers: int = 2
+    logLevel: str = "info"
+    # mesh configuration (ConfigMap `nodemesh-config`)
+    capturedNamespaces: tuple[str, ...] = ()            # empty: every namespace not excluded
+    excludedNamespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease")
+    skippedPorts: tuple[int, ...] = ()                  # destination ports never captured
+    opaquePorts: tuple[int, ...] = field(default=DEFAULT_OPAQUE_PORTS)
+    tapMaxRps: float = 100.0
+    tapMaxTaps: int = 10                                # concurrent taps per agent
+    drainGraceSeconds: int = 30
+
+    def mesh_config(self) -> dict[str, Any]:
+        """The document the processes read with `--config` (the ConfigMap's config.yaml)."""
+        excluded = list(self.excludedNamespaces)
+        # The mesh never captures itself: the controller's traffic and the agents' must not loop.
+        if self.namespace not in excluded:
+            excluded.append(self.namespace)
+        return {
+            "capturedNamespaces": list(self.capturedNamespaces),
+            "excludedNamespaces": excluded,
+            "skippedPorts": list(self.skippedPorts),
+            "opaquePorts": list(self.opaquePorts),
+            "tapMaxRps": self.tapMaxRps,
+            "tapMaxTaps": self.tapMaxTaps,
+            "drainGraceSeconds": self.drainGraceSeconds,
+            "logLevel": self.logLevel,
+        }
+
+
+# ---------------------------------------------------------------------------- --set parsing
+
+def _parse_bool(key: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ManifestError(f"{key}: expected true or false, got {text!r}")
+
+
+def _parse_int(key: str, text: str, low: int, high: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ManifestError(f"{key}: expected an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise ManifestError(f"{key}: {value} is out of range {low}..{high}")
+    return value
+
+
+def _parse_list(text: str) -> list[str]:
+    # `--set opaquePorts=` (empty) means an empty list; `[a,b]` is accepted as Helm writes it.
+    text = text.strip().removeprefix("[").removesuffix("]")
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _check_namespace(key: str, name: str) -> str:
+    if not _DNS_LABEL.match(name):
+        raise ManifestError(f"{key}: {name!r} is not a valid namespace name (RFC 1123 label)")
+    return name
+
+
+def _convert(key: str, text: str) -> Any:
+    if key in ("namespace",):
+        return _check_namespace(key, text.strip())
+    if key == "image":
+        if not text.strip() or any(c.isspace() for c in text.strip()):
+            raise ManifestError("image: expected an image reference like registry/nodemesh:0.1.0")
+        return text.strip()
+    if key == "imagePullPolicy":
+        if text not in ("Always", "IfNotPresent", "Never"):
+            raise ManifestError("imagePullPolicy: expected Always, IfNotPresent or Never")
+        return text
+    if key == "ebpf":
+        return _parse_bool(key, text)
+    if key == "agentWorkers":
+        return _parse_int(key, text, 1, 256)
+    if key == "logLevel":
+        if text not in ("debug", "info", "warning", "error"):
+            raise ManifestError("logLevel: expected debug, info, warning or error")
+        return text
+    if key in ("capturedNamespaces", "excludedNamespaces"):
+        return tuple(_check_namespace(key, n) for n in _parse_list(text))
+    if key in ("skippedPorts", "opaquePorts"):
+        return tuple(sorted({_parse_int(key, p, 1, 65535) for p in _parse_list(text)}))
+    if key == "tapMaxRps":
+        try:
+            rps = float(text)
+        except ValueError:
+            raise ManifestError(f"tapMaxRps: expected a number, got {text!r}") from None
+        if not 0 < rps <= 100_000:
+            raise ManifestError("tapMaxRps: expected a number in (0, 100000]")
+        return rps
+    if key == "tapMaxTaps":
+        return _parse_int(key, text, 1, 1000)
+    if key == "drainGraceSeconds":
+        return _parse_int(key, text, 0, 3600)
+    raise AssertionError(key)
+
+
+SETTABLE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(InstallValues))
+
+
+def apply_sets(values: InstallValues, assignments: list[str] | tuple[str, ...]) -> InstallValues:
+    """Apply `key=value` strings (later ones win) and return new values; ManifestError on a bad one."""
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ManifestError(f"--set {assignment!r}: expected key=value")
+        if key not in SETTABLE_KEYS:
+            raise ManifestError(f"--set {key}: unknown key (known: {', '.join(SETTABLE_KEYS)})")
+        changes[key] = _convert(key, text)
+    return replace(values, **changes)
+
+
+# ---------------------------------------------------------------------------- YAML dumping
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line strings (embedded config, dashboards) as `|` blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        # Shared Python lists must not become &id001 anchors: kubectl users read these files.
+        return True
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    if "\n" in data:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump_documents(docs: list[dict[str, Any]], header: str) -> str:
+    body = "---\n".join(
+        yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096)
+        for doc in docs
+    )
+    return header + "---\n" + body
+
+
+def _header(what: str, command: str) -> str:
+    return (
+        f"# nodemesh {VERSION}: {what}\n"
+        f"# Generated by `{command}` (cli/manifest.py); do not edit by hand.\n"
+    )
+
+
+# ---------------------------------------------------------------------------- objects
+
+def labels(component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": f"nodemesh-{component}",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "nodemesh",
+        "app.kubernetes.io/version": VERSION,
+    }
+
+
+def selector_labels(component: str) -> dict[str, str]:
+    # Selectors are immutable on Deployments/DaemonSets: never put the version in them.
+    return {"app.kubernetes.io/name": f"nodemesh-{component}", "app.kubernetes.io/component": component}
+
+
+def _meta(name: str, namespace: str | None, component: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    meta["labels"] = labels(component)
+    return meta
+
+
+def _namespace(v: InstallValues) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": v.namespace,
+            "labels": {
+                "app.kubernetes.io/part-of": "nodemesh",
+                # The mesh never captures its own namespace (api/model.py CAPTURE_LABEL).
+                CAPTURE_LABEL: CAPTURE_DISABLED,
+                # hostNetwork + NET_ADMIN is outside the baseline Pod Security Standard.
+                "pod-security.kubernetes.io/enforce": "privileged",
+            },
+        },
+    }
+
+
+def _service_account(name: str, v: InstallValues, component: str, automount: bool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(name, v.namespace, component),
+        "automountServiceAccountToken": automount,
+    }
+
+
+def _controller_rbac(v: InstallValues) -> list[dict[str, Any]]:
+    read = ["get", "list", "watch"]
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": _meta(CONTROLLER_NAME, None, "controller"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods", "services", "namespaces", "nodes"], "verbs": read},
+            {
+                "apiGroups": ["apps"],
+                "resources": ["replicasets", "deployments", "statefulsets", "daemonsets"],
+                "verbs": read,
+            },
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": read},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+            # Checking the tokens agents and the CLI present (TokenReview), nothing else.
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+        ],
+    }
+    return [role, _binding(CONTROLLER_NAME, v, "controller")]
+
+
+def _agent_rbac(v: InstallValues) -> list[dict[str, Any]]:
+    # The agent never watches the cluster (identity comes from the controller). It reads one
+    # object: its own Node, for spec.podCIDRs (`--pod-cidr auto`). RBAC cannot narrow `get` to
+    # "the node I run on", so this is get on nodes: no list, no watch, no write.
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": _meta(AGENT_NAME, None, "agent"),
+        "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}],
+    }
+    return [role, _binding(AGENT_NAME, v, "agent")]
+
+
+def _binding(name: str, v: InstallValues, component: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": _meta(name, None, component),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": v.namespace}],
+    }
+
+
+def config_document(v: InstallValues) -> str:
+    return yaml.dump(v.mesh_config(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def _config_map(v: InstallValues) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(CONFIG_MAP, v.namespace, "config"),
+        "data": {CONFIG_KEY: config_document(v)},
+    }
+
+
+def _config_checksum(v: InstallValues) -> str:
+    # In the pod templates, so that changing the config rolls the pods (they read it at start).
+    return hashlib.sha256(config_document(v).encode()).hexdigest()
+
+
+def controller_address(v: InstallValues) -> str:
+    return f"{CONTROLLER_NAME}.{v.namespace}.svc.cluster.local:{CONTROLLER_GRPC_PORT}"
+
+
+def _security_context(add: list[str], user: int) -> dict[str, Any]:
+    ctx: dict[str, Any] = {
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+    }
+    if user == 0:
+        # Root inside the container, but with every capability dropped except `add`: Kubernetes
+        # puts added capabilities in the effective set only for uid 0 (no ambient capabilities).
+        ctx.update({"runAsNonRoot": False, "runAsUser": 0})
+    else:
+        ctx.update({"runAsNonRoot": True, "runAsUser": user, "runAsGroup": user})
+    ctx["capabilities"] = {"drop": ["ALL"], **({"add": add} if add else {})}
+    return ctx
+
+
+def _downward_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+    ]
+
+
+def _config_volume_mount() -> dict[str, Any]:
+    return {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}
+
+
+def _controller(v: InstallValues) -> list[dict[str, Any]]:
+    container = {
+        "name": "controller",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-m", "nodemesh.controlplane"],
+        "args": [
+            "--source", "kubernetes",
+            "--grpc-port", str(CONTROLLER_GRPC_PORT),
+            "--web-port", str(CONTROLLER_WEB_PORT),
+            "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
+            "--token-audience", CONTROLLER_AUDIENCE,
+        ],
+        "ports": [
+            {"name": "grpc", "containerPort": CONTROLLER_GRPC_PORT, "protocol": "TCP"},
+            {"name": "web", "containerPort": CONTROLLER_WEB_PORT, "protocol": "TCP"},
+        ],
+        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": CONTROLLER_WEB_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/live", "port": CONTROLLER_WEB_PORT},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        },
+        "securityContext": _security_context([], 65534),
+        "volumeMounts": [_config_volume_mount(), {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(CONTROLLER_NAME, v.namespace, "controller"),
+        "spec": {
+            # One process by design: it holds the aggregation windows and the agents' streams.
+            "replicas": 1,
+            "selector": {"matchLabels": selector_labels("controller")},
+            "template": {
+                "metadata": {
+                    "labels": labels("controller"),
+                    "annotations": {"nodemesh.io/config-checksum": _config_checksum(v)},
+                },
+                "spec": {
+                    "serviceAccountName": CONTROLLER_NAME,
+                    # The controller talks to the API server (list/watch, TokenReview).
+                    "automountServiceAccountToken": True,
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": CONFIG_MAP}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(CONTROLLER_NAME, v.namespace, "controller"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels("controller"),
+            "ports": [
+                {"name": "grpc", "port": CONTROLLER_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                 "appProtocol": "grpc"},
+                {"name": "web", "port": CONTROLLER_WEB_PORT, "targetPort": "web", "protocol": "TCP",
+                 "appProtocol": "http"},
+            ],
+        },
+    }
+    return [deployment, service]
+
+
+def _agent_capabilities(v: InstallValues) -> list[str]:
+    # NET_ADMIN: IP_TRANSPARENT upstream sockets (keep the calling pod's source IP) and the
+    # policy routing that returns their replies. NET_RAW: transparent/raw socket options.
+    return ["NET_ADMIN", "NET_RAW"]
+
+
+def _redirector_capabilities(v: InstallValues) -> list[str]:
+    # NET_ADMIN + NET_RAW: iptables (netlink and the raw socket iptables-legacy uses).
+    # With eBPF: BPF to load programs and maps, PERFMON for kprobes/tracepoints, SYS_ADMIN because
+    # bcc still needs it on kernels < 5.8 and for attaching to cgroups.
+    caps = ["NET_ADMIN", "NET_RAW"]
+    if v.ebpf:
+        caps += ["BPF", "PERFMON", "SYS_ADMIN"]
+    return caps
+
+
+def _daemonset(v: InstallValues) -> dict[str, Any]:
+    config_file = f"{CONFIG_DIR}/{CONFIG_KEY}"
+    agent = {
+        "name": "agent",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-m", "nodemesh.agent"],
+        "args": [
+            "--node", "$(NODE_NAME)",
+            "--node-ip", "$(NODE_IP)",
+            # `auto`: read this node's spec.podCIDRs from the API (the only API call the agent makes).
+            "--pod-cidr", "auto",
+            "--controller", controller_address(v),
+            "--token-file", f"{TOKEN_DIR}/token",
+            "--config", config_file,
+            "--workers", str(v.agentWorkers),
+        ],
+        "env": _downward_env(),
+        # No `ports:` on purpose: with hostNetwork every containerPort is a hostPort, and the
+        # scheduler would then refuse the surge pod (maxSurge: 1) on a node whose old agent
+        # holds the same ports. The agent binds with SO_REUSEPORT, so old and new can overlap.
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": ADMIN_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/live", "port": ADMIN_PORT},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"cpu": "2", "memory": "512Mi"},
+        },
+        "securityContext": _security_context(_agent_capabilities(v), 0),
+        "volumeMounts": [
+            _config_volume_mount(),
+            {"name": "controller-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "run", "mountPath": "/run/nodemesh"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    redirector_mounts: list[dict[str, Any]] = [
+        _config_volume_mount(),
+        # Shared with kube-proxy and the CNI so concurrent iptables-restore calls serialize.
+        {"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if v.ebpf:
+        redirector_mounts += [
+            {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+            {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},
+            {"name": "usr-src", "mountPath": "/usr/src", "readOnly": True},
+        ]
+    redirector_args = [
+        "--node", "$(NODE_NAME)",
+        "--node-ip", "$(NODE_IP)",
+        "--pod-cidr", "auto",
+        "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}",
+        "--grace", "2",
+        "--config", config_file,
+    ]
+    if v.ebpf:
+        redirector_args.append("--ebpf")
+    redirector = {
+        "name": "redirector",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-m", "nodemesh.redirector", "run"],
+        "args": redirector_args,
+        "env": _downward_env(),
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "48Mi"},
+            "limits": {"cpu": "200m", "memory": "256Mi" if v.ebpf else "128Mi"},
+        },
+        "securityContext": _security_context(_redirector_capabilities(v), 0),
+        "volumeMounts": redirector_mounts,
+    }
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": CONFIG_MAP}},
+        {
+            "name": "controller-token",
+            "projected": {
+                "sources": [{
+                    "serviceAccountToken": {
+                        "audience": CONTROLLER_AUDIENCE,
+                        "expirationSeconds": 3600,
+                        "path": "token",
+                    },
+                }],
+            },
+        },
+        {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
+    ]
+    if v.ebpf:
+        volumes += [
+            {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
+            {"name": "lib-modules", "hostPath": {"path": "/lib/modules", "type": "Directory"}},
+            {"name": "usr-src", "hostPath": {"path": "/usr/src", "type": "Directory"}},
+        ]
+    pod_security: dict[str, Any] = {"seccompProfile": {"type": "Unconfined" if v.ebpf else "RuntimeDefault"}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(AGENT_NAME, v.namespace, "agent"),
+        "spec": {
+            "selector": {"matchLabels": selector_labels("agent")},
+            # A node never goes without an agent: the new one is ready before the old one drains.
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels("agent"),
+                    "annotations": {"nodemesh.io/config-checksum": _config_checksum(v)},
+                },
+                "spec": {
+                    "serviceAccountName": AGENT_NAME,
+                    # For `get` on its own Node (pod CIDRs); the controller token is the projected one.
+                    "automountServiceAccountToken": True,
+                    "hostNetwork": True,
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    # Pod traffic on the node flows through the agent: evict it last.
+                    "priorityClassName": "system-node-critical",
+                    # Drain grace plus the margin for the redirector's fail-open and the exit.
+                    "terminationGracePeriodSeconds": v.drainGraceSeconds + TERMINATION_MARGIN_S,
+                    "tolerations": [{"operator": "Exists"}],
+                    "securityContext": pod_security,
+                    "containers": [agent, redirector],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def daemonset_documents(v: InstallValues) -> list[dict[str, Any]]:
+    return [
+        _namespace(v),
+        _service_account(CONTROLLER_NAME, v, "controller", True),
+        _service_account(AGENT_NAME, v, "agent", True),
+        # Identity for the CLI's tokens: `kubectl create token nodemesh-cli --audience nodemesh-controller`.
+        # It has no RBAC at all; it only exists to be named in a TokenReview.
+        _service_account(CLI_NAME, v, "cli", False),
+        *_controller_rbac(v),
+        *_agent_rbac(v),
+        _config_map(v),
+        *_controller(v),
+        _daemonset(v),
+    ]
+
+
+def render_daemonset(values: InstallValues | None = None) -> str:
+    v = values or InstallValues()
+    return dump_documents(
+        daemonset_documents(v),
+        _header("the mesh (namespace, RBAC, config, controller, agent DaemonSet)",
+                "nodemesh install > manifests/daemonset.yaml"),
+    )
+
+
+def to_json(obj: Any) -> str:
+    """Stable JSON for the committed dashboards (sorted keys, 2-space indent, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,158 @@
+"""`nodemesh install` renders exactly the committed manifests, and `--set` changes what it should.
+
+Regenerate the committed files after an intended change with:
+    NODEMESH_REGEN_MANIFESTS=1 python3 -m pytest tests/unit/manifests -q
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from nodemesh.agent.config import DEFAULT_OPAQUE_PORTS as AGENT_OPAQUE_PORTS
+from nodemesh.agent.config import AgentConfig
+from nodemesh.cli import manifest
+from nodemesh.cli.main import cli
+from nodemesh.cli.manifest import InstallValues, ManifestError, apply_sets, render_daemonset
+
+REPO = Path(__file__).resolve().parents[3]
+DAEMONSET = REPO / "manifests" / "daemonset.yaml"
+REGEN = os.environ.get("NODEMESH_REGEN_MANIFESTS") == "1"
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _container(docs: list[dict[str, Any]], kind: str, container: str) -> dict[str, Any]:
+    spec = _find(docs, kind)["spec"]["template"]["spec"]
+    (found,) = [c for c in spec["containers"] if c["name"] == container]
+    return found
+
+
+def test_manifests_install_with_defaults_equals_committed_daemonset() -> None:
+    result = CliRunner().invoke(cli, ["install"])
+    assert result.exit_code == 0, result.output
+    if REGEN:
+        DAEMONSET.write_text(result.output)
+    assert result.output == DAEMONSET.read_text(), (
+        "manifests/daemonset.yaml is stale: regenerate with NODEMESH_REGEN_MANIFESTS=1"
+    )
+
+
+def test_manifests_uninstall_prints_the_same_objects_for_kubectl_delete() -> None:
+    result = CliRunner().invoke(cli, ["uninstall"])
+    assert result.exit_code == 0, result.output
+    assert result.output == DAEMONSET.read_text()
+
+
+def test_manifests_rendering_is_deterministic() -> None:
+    values = apply_sets(InstallValues(), ["opaquePorts=6379,25,3306", "ebpf=true"])
+    assert render_daemonset(values) == render_daemonset(values)
+
+
+def test_manifests_defaults_match_the_agent_defaults() -> None:
+    assert manifest.DEFAULT_OPAQUE_PORTS == AGENT_OPAQUE_PORTS
+    assert InstallValues().drainGraceSeconds == AgentConfig(node="n").drain_grace_s
+    assert InstallValues().tapMaxRps == AgentConfig(node="n").tap_max_rps
+
+
+def test_manifests_set_namespace_moves_every_namespaced_object_and_reference() -> None:
+    docs = _docs(render_daemonset(apply_sets(InstallValues(), ["namespace=mesh-system"])))
+    assert _find(docs, "Namespace")["metadata"]["name"] == "mesh-system"
+    for doc in docs:
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == "mesh-system", doc["kind"]
+    for binding in (d for d in docs if d["kind"] == "ClusterRoleBinding"):
+        assert binding["subjects"][0]["namespace"] == "mesh-system"
+    agent = _container(docs, "DaemonSet", "agent")
+    controller_arg = agent["args"][agent["args"].index("--controller") + 1]
+    assert controller_arg == "nodemesh-controller.mesh-system.svc.cluster.local:8085"
+    config = yaml.safe_load(_find(docs, "ConfigMap")["data"]["config.yaml"])
+    assert "mesh-system" in config["excludedNamespaces"]  # the mesh never captures itself
+    text = render_daemonset(apply_sets(InstallValues(), ["namespace=mesh-system"]))
+    assert "namespace: nodemesh\n" not in text and ".nodemesh.svc" not in text
+
+
+def test_manifests_set_config_keys_land_in_the_configmap_and_roll_the_pods() -> None:
+    default_docs = _docs(render_daemonset())
+    values = apply_sets(InstallValues(), [
+        "opaquePorts=5432, 3306", "skippedPorts=[22]", "excludedNamespaces=kube-system,monitoring",
+        "capturedNamespaces=emojivoto", "tapMaxRps=25", "tapMaxTaps=3", "logLevel=debug",
+    ])
+    docs = _docs(render_daemonset(values))
+    config = yaml.safe_load(_find(docs, "ConfigMap")["data"]["config.yaml"])
+    assert config == {
+        "capturedNamespaces": ["emojivoto"],
+        "excludedNamespaces": ["kube-system", "monitoring", "nodemesh"],
+        "skippedPorts": [22],
+        "opaquePorts": [3306, 5432],
+        "tapMaxRps": 25.0,
+        "tapMaxTaps": 3,
+        "drainGraceSeconds": 30,
+        "logLevel": "debug",
+    }
+    for kind in ("DaemonSet", "Deployment"):
+        old = _find(default_docs, kind)["spec"]["template"]["metadata"]["annotations"]
+        new = _find(docs, kind)["spec"]["template"]["metadata"]["annotations"]
+        assert old["nodemesh.io/config-checksum"] != new["nodemesh.io/config-checksum"], kind
+
+
+def test_manifests_set_image_and_workers() -> None:
+    values = apply_sets(InstallValues(), ["image=registry.example/nodemesh:dev", "imagePullPolicy=Always",
+                                          "agentWorkers=4"])
+    docs = _docs(render_daemonset(values))
+    for kind, name in (("DaemonSet", "agent"), ("DaemonSet", "redirector"), ("Deployment", "controller")):
+        c = _container(docs, kind, name)
+        assert (c["image"], c["imagePullPolicy"]) == ("registry.example/nodemesh:dev", "Always")
+    agent = _container(docs, "DaemonSet", "agent")
+    assert agent["args"][agent["args"].index("--workers") + 1] == "4"
+
+
+def test_manifests_drain_grace_sets_termination_grace_with_margin() -> None:
+    ds = _find(_docs(render_daemonset(apply_sets(InstallValues(), ["drainGraceSeconds=60"]))), "DaemonSet")
+    assert ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60 + manifest.TERMINATION_MARGIN_S
+
+
+def test_manifests_ebpf_adds_bpf_capabilities_only_to_the_redirector() -> None:
+    plain = _docs(render_daemonset())
+    ebpf = _docs(render_daemonset(apply_sets(InstallValues(), ["ebpf=true"])))
+    assert _container(plain, "DaemonSet", "redirector")["securityContext"]["capabilities"]["add"] == [
+        "NET_ADMIN", "NET_RAW"]
+    redirector = _container(ebpf, "DaemonSet", "redirector")
+    assert set(redirector["securityContext"]["capabilities"]["add"]) == {
+        "NET_ADMIN", "NET_RAW", "BPF", "PERFMON", "SYS_ADMIN"}
+    assert "--ebpf" in redirector["args"]
+    assert "--ebpf" not in _container(plain, "DaemonSet", "redirector")["args"]
+    assert {m["mountPath"] for m in redirector["volumeMounts"]} >= {"/sys/fs/bpf", "/lib/modules"}
+    agent = _container(ebpf, "DaemonSet", "agent")
+    assert agent["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert redirector["securityContext"]["privileged"] is False
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("opaquePorts=70000", "out of range"),
+    ("opaquePorts=http", "expected an integer"),
+    ("namespace=Bad_Name", "not a valid namespace"),
+    ("ebpf=maybe", "expected true or false"),
+    ("colour=blue", "unknown key"),
+    ("image", "expected key=value"),
+    ("tapMaxRps=0", "tapMaxRps"),
+    ("imagePullPolicy=Sometimes", "imagePullPolicy"),
+])
+def test_manifests_bad_set_is_refused_with_a_clear_message(assignment: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        apply_sets(InstallValues(), [assignment])
+    result = CliRunner().invoke(cli, ["install", "--set", assignment])
+    assert result.exit_code == 2
+    assert message in result.output
