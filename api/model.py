@@ -142,3 +142,7 @@ PEER_LABELS = (
     "dst_service", "authority", "protocol",
 )
 RESPONSE_LABELS = ("status_code", "grpc_status", "classification", "error")
+
+# Agent self-metrics (not per-peer): 1 while this node's capture rules are installed, else 0.
+# No labels; Prometheus adds the scrape target's `node`. Alongside prometheus-client's process_*.
+CAPTURE_INSTALLED = "nodemesh_capture_installed"    # gauge
