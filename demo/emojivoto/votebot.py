@@ -58,6 +58,9 @@ class VoteBotConfig:
     request_timeout: float = 10.0
     seed: int | None = None
     log_level: str = "info"
+    # The pod name: Kubernetes and the sandbox set HOSTNAME; in a sandbox netns gethostname() is the
+    # machine's, which would make replicas share one stats file.
+    hostname: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> VoteBotConfig:
@@ -76,12 +79,13 @@ class VoteBotConfig:
             request_timeout=env_duration(env, "REQUEST_TIMEOUT", 10.0),
             seed=env_int(env, "VOTEBOT_SEED", 0) if seed else None,
             log_level=env.get("LOG_LEVEL", "info") or "info",
+            hostname=env.get("HOSTNAME", "") or socket.gethostname(),
         )
 
     def stats_path(self) -> Path | None:
         if not self.stats_file:
             return None
-        return Path(self.stats_file.format(hostname=socket.gethostname(), pid=os.getpid()))
+        return Path(self.stats_file.format(hostname=self.hostname, pid=os.getpid()))
 
 
 def choose(rng: random.Random, shortcodes: Sequence[str]) -> str:
@@ -243,6 +247,7 @@ class VoteBot:
         self.stats = Stats()
         self.stop = threading.Event()
         self.stats_path = cfg.stats_path()
+        self.stats_write_failed = False
 
     def cycle(self) -> None:
         """One round: list the emoji, then vote once. A failed list skips the vote (as upstream)."""
@@ -315,7 +320,9 @@ class VoteBot:
             tmp.write_text(json.dumps(self.stats.summary(), indent=1) + "\n")
             os.replace(tmp, self.stats_path)
         except OSError as exc:
-            self.log.warning("stats_write_failed", path=str(self.stats_path), error=repr(exc))
+            if not self.stats_write_failed:  # once, not every second
+                self.log.warning("stats_write_failed", path=str(self.stats_path), error=repr(exc))
+            self.stats_write_failed = True
 
 
 def main() -> int:
