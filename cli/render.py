@@ -178,7 +178,7 @@ def stat_row_json(row: pb.StatRow) -> dict[str, object]:
         "name": row.resource.name,
         "meshed": row.meshed_pods,
         "totalPods": row.total_pods,
-        "success": success_fraction(row),
+        "success": None if (frac := success_fraction(row)) is None else _json_number(frac),
         "rps": num(row.rps, traffic),
         "latency_ms_p50": num(row.latency_ms_p50, requests),
         "latency_ms_p95": num(row.latency_ms_p95, requests),
