@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from cli_testkit import Served, assert_golden, stat_row
-
 from nodemesh.api.gen import nodemesh_pb2 as pb
 
 DEPLOYS = [

@@ -1,0 +1,67 @@
+"""`nodemesh check` and `nodemesh version` against a real grpc server."""
+
+from __future__ import annotations
+
+import socket
+
+from cli_testkit import Served, assert_golden
+from click.testing import CliRunner
+from nodemesh import __version__
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.cli.main import cli
+
+
+def _node(name: str, **kw: object) -> pb.NodeCheck:
+    base = {"node": name, "agent_connected": True, "agent_ready": True, "capture_installed": True,
+            "agent_version": __version__, "last_report_age_ms": 800, "clock_skew_ms": 3}
+    base.update(kw)
+    return pb.NodeCheck(**base)
+
+
+def test_cli_check_pass(controller: Served) -> None:
+    controller.fake.check = pb.CheckResponse(controller_version=__version__,
+                                             nodes=[_node("node-2"), _node("node-1")])
+    result = controller.run("check")
+    assert result.exit_code == 0, result.output
+    assert_golden("check_pass", result.stdout.replace(controller.address, "ADDRESS"))
+    assert result.stdout.count("\u2713") == 6 and "\u00d7" not in result.stdout
+
+
+def test_cli_check_fail_names_the_broken_part(controller: Served) -> None:
+    controller.fake.check = pb.CheckResponse(controller_version=__version__, nodes=[
+        _node("node-1"),
+        _node("node-2", agent_connected=False, agent_ready=False, capture_installed=False, agent_version=""),
+        _node("node-3", capture_installed=False, agent_version="0.0.9", clock_skew_ms=-4500),
+    ])
+    result = controller.run("check")
+    assert result.exit_code == 1
+    assert_golden("check_fail", result.stdout.replace(controller.address, "ADDRESS"))
+    assert "    node-2: no agent connected" in result.stdout
+    assert "    node-3: capture not installed" in result.stdout
+
+
+def test_cli_check_unreachable_controller() -> None:
+    # a port nobody listens on: bind then close, on loopback
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(cli, ["check", "--controller", f"127.0.0.1:{port}"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[2] == "\u00d7 controller reachable"
+    assert lines[3].startswith(f"    cannot reach the controller at 127.0.0.1:{port}")
+    assert lines[4].startswith("    hint: ")
+    assert lines[-1] == "Status check results are \u00d7"
+
+
+def test_cli_version(controller: Served) -> None:
+    controller.fake.check = pb.CheckResponse(controller_version="0.1.0", nodes=[
+        _node("node-1", agent_version="0.1.0"), _node("node-2", agent_version="0.1.0"),
+        _node("node-3", agent_connected=False)])
+    result = controller.run("version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"Client version: {__version__}\nController version: 0.1.0\n"
+                             "Agent version: 0.1.0 (node-1, node-2)\n")
+    controller.fake.requests.clear()
+    result = controller.run("version", "--client")
+    assert result.stdout == f"Client version: {__version__}\n"
+    assert controller.fake.requests == []  # --client never calls the controller
