@@ -1,0 +1,496 @@
+"""The per-cluster supervisor daemon: kubelet, kube-proxy and endpoint controller in one process.
+
+`python -m nodemesh.sandbox.kubelet --cluster NAME` is started by `sandbox up` and outlives the
+CLI. It watches the recorded objects and the infra record, and:
+  - runs every container of every Pod as a process in the pod's netns (`ip netns exec`, so the
+    pod's /etc/netns hosts file applies), env from the manifest, output to a log file;
+  - restarts exited containers with the kubelet's back-off (10 s, 20 s, 40 s ... capped at 300 s,
+    reset after 10 minutes of running) and counts restarts;
+  - probes readiness (readinessProbe tcpSocket/httpGet, else the first containerPort) from the
+    node's netns, like the kubelet dials the pod IP;
+  - writes Pod status, then recomputes ReplicaSet/Deployment status and EndpointSlices, and
+    re-renders every node's KUBE-* chains and every pod's hosts file *before* committing the new
+    state, so "Ready" in the objects file means the ClusterIP already reaches that pod;
+  - supervises hostNetwork node processes (start_node_process), restarted after 1 s, 2 s ... 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodemesh.sandbox import kubeproxy, naming, objects
+from nodemesh.sandbox.manifests import resolve_container_port
+from nodemesh.sandbox.proctools import kill_all, pids_in_netns
+from nodemesh.sandbox.state import DEFAULT_STATE_ROOT, ClusterState, now_rfc3339, write_json_atomic
+from pyroute2 import netns as pr_netns
+
+log = logging.getLogger("nodemesh.sandbox.kubelet")
+
+TICK = 0.1
+NOT_READY_PROBE_INTERVAL = 0.25  # faster than the kubelet's, so a sandbox starts in seconds
+READY_PROBE_PERIOD = 2.0  # default periodSeconds (Kubernetes: 10)
+BACKOFF_RESET_AFTER = 600.0
+
+
+@dataclass
+class Backoff:
+    base: float
+    cap: float
+
+    def delay(self, restarts_so_far: int) -> float:
+        """Delay before restart number `restarts_so_far + 1`: base, 2*base, 4*base ... capped."""
+        return float(min(self.cap, self.base * (2 ** min(restarts_so_far, 30))))
+
+
+@dataclass
+class Probe:
+    kind: str  # "tcp" or "http"
+    port: int
+    path: str = "/"
+    initial_delay: float = 0.0
+    period: float = READY_PROBE_PERIOD
+    timeout: float = 1.0
+    failure_threshold: int = 3
+
+
+@dataclass
+class Container:
+    key: str
+    netns: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    backoff: Backoff
+    probe_netns: str = ""
+    probe_ip: str = ""
+    probe: Probe | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    started_wall: str = ""
+    next_start: float = 0.0
+    last_terminated: dict[str, Any] = field(default_factory=dict)
+    ready: bool = False
+    failures: int = 0
+    next_probe: float = 0.0
+    probing: bool = False
+
+    def state(self) -> dict[str, Any]:
+        if self.proc is not None:
+            return {"running": {"startedAt": self.started_wall}}
+        if self.restarts or self.last_terminated:
+            return {"waiting": {"reason": "CrashLoopBackOff",
+                                "message": f"back-off restarting failed container ({self.key})"}}
+        return {"waiting": {"reason": "ContainerCreating"}}
+
+
+def build_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
+    field_values = {
+        "metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
+        "metadata.uid": pod["metadata"]["uid"], "status.podIP": pod["status"].get("podIP", ""),
+        "spec.nodeName": pod["spec"]["nodeName"], "status.hostIP": pod["status"].get("hostIP", ""),
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
+    }
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        "HOSTNAME": pod["metadata"]["name"], "HOME": "/root", "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for e in container.get("env") or []:
+        if "valueFrom" in e:
+            env[e["name"]] = field_values.get(e["valueFrom"]["fieldRef"]["fieldPath"], "")
+        else:
+            env[e["name"]] = str(e.get("value", ""))
+    return env
+
+
+def probe_of(container: dict[str, Any]) -> Probe | None:
+    spec = container.get("readinessProbe")
+    if spec:
+        handler = spec.get("httpGet") or spec.get("tcpSocket")
+        port = resolve_container_port(container, handler.get("port"))
+        assert port is not None  # validated at apply
+        return Probe(
+            kind="http" if "httpGet" in spec else "tcp", port=port, path=handler.get("path", "/"),
+            initial_delay=float(spec.get("initialDelaySeconds", 0)),
+            period=float(spec.get("periodSeconds", READY_PROBE_PERIOD)),
+            timeout=float(spec.get("timeoutSeconds", 1)),
+            failure_threshold=int(spec.get("failureThreshold", 3)),
+        )
+    ports = container.get("ports") or []
+    if ports:
+        return Probe(kind="tcp", port=int(ports[0]["containerPort"]))
+    return None
+
+
+def socket_in_netns(ns: str) -> socket.socket:
+    """A TCP socket living in netns `ns` (a socket keeps the netns it was created in)."""
+    pr_netns.pushns(ns)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    finally:
+        pr_netns.popns()
+    sock.setblocking(False)
+    return sock
+
+
+async def run_probe(ns: str, ip: str, probe: Probe) -> bool:
+    loop = asyncio.get_running_loop()
+    sock = socket_in_netns(ns)
+    try:
+        async with asyncio.timeout(probe.timeout):
+            await loop.sock_connect(sock, (ip, probe.port))
+            if probe.kind == "tcp":
+                return True
+            req = f"GET {probe.path} HTTP/1.0\r\nHost: {ip}:{probe.port}\r\nUser-Agent: kube-probe/1.30\r\n\r\n"
+            await loop.sock_sendall(sock, req.encode())
+            head = await loop.sock_recv(sock, 64)
+            parts = head.split(b" ", 2)
+            return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        sock.close()
+
+
+class Kubelet:
+    def __init__(self, cluster: str, state: ClusterState) -> None:
+        self.cluster = cluster
+        self.state = state
+        self.containers: dict[str, Container] = {}
+        self.dying: list[subprocess.Popen[bytes]] = []
+        self.seen_mtimes: tuple[float, float] = (0.0, 0.0)
+        self.dirty = True  # pod status to write
+        self.applied_rules: dict[str, str] = {}  # node netns -> rendered KUBE-* plan
+        self.applied_hosts: dict[str, str] = {}  # pod netns -> hosts file text
+        self.pod_keys: dict[str, list[str]] = {}  # pod uid -> container keys
+        self.stopping = False
+
+    # ----------------------------------------------------------------------------- desired
+    def _mtimes(self) -> tuple[float, float]:
+        def m(p: Path) -> float:
+            try:
+                return p.stat().st_mtime_ns
+            except FileNotFoundError:
+                return 0.0
+        return (m(self.state.dir / "objects.json"), m(self.state.sandbox_file))
+
+    def reload(self) -> None:
+        infra = self.state.infra()
+        if not infra:
+            self.stopping = True  # torn down under us
+            return
+        nodes = {n["name"]: n for n in infra.get("nodes", [])}
+        pod_backoff = Backoff(*infra.get("backoff", [10.0, 300.0]))
+        node_backoff = Backoff(*infra.get("node_backoff", [1.0, 10.0]))
+        desired: dict[str, Container] = {}
+        pod_keys: dict[str, list[str]] = {}
+        for pod in self.state.objects().of_kind("Pod"):
+            ns, name, uid = pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"]
+            node = nodes.get(pod["spec"]["nodeName"])
+            if node is None:
+                continue
+            for c in pod["spec"]["containers"]:
+                key = f"pod/{uid}/{c['name']}"
+                pod_keys.setdefault(uid, []).append(key)
+                desired[key] = Container(
+                    key=key, netns=naming.pod_netns(self.cluster, ns, name),
+                    argv=[str(a) for a in list(c.get("command") or []) + list(c.get("args") or [])],
+                    env=build_env(c, pod), cwd=Path(c.get("workingDir") or self.state.pod_workdir(ns, name)),
+                    log_path=self.state.pod_log(ns, name, c["name"]), backoff=pod_backoff,
+                    probe_netns=node["netns"], probe_ip=pod["status"]["podIP"], probe=probe_of(c),
+                )
+        for pname, spec in (infra.get("node_processes") or {}).items():
+            node = nodes.get(spec["node"])
+            if node is None:
+                continue
+            key = f"node/{pname}"
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "HOME": "/root",
+                   **spec.get("env", {})}
+            desired[key] = Container(
+                key=key, netns=node["netns"], argv=list(spec["argv"]), env=env,
+                cwd=self.state.dir / "nodeproc" / pname, log_path=self.state.node_process_log(node["name"], pname),
+                backoff=node_backoff,
+            )
+        for key in list(self.containers):
+            old = self.containers[key]
+            new = desired.get(key)
+            if new is None or (new.argv, new.env, new.netns) != (old.argv, old.env, old.netns):
+                self._stop(old)
+                del self.containers[key]
+                log.info("event=container_removed key=%s", key)
+        for key, c in desired.items():
+            if key not in self.containers:
+                self.containers[key] = c
+                log.info("event=container_added key=%s netns=%s", key, c.netns)
+        self.pod_keys = pod_keys
+        self.dirty = True
+
+    # ----------------------------------------------------------------------------- processes
+    def _start(self, c: Container) -> None:
+        c.cwd.mkdir(parents=True, exist_ok=True)
+        c.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(c.log_path, "ab") as logf:
+            try:
+                c.proc = subprocess.Popen(
+                    ["ip", "netns", "exec", c.netns, *c.argv], env=c.env, cwd=c.cwd, stdin=subprocess.DEVNULL,
+                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:
+                logf.write(f"sandbox: cannot start {c.argv!r}: {exc}\n".encode())
+                c.proc = None
+                c.last_terminated = {"exitCode": 128, "reason": "StartError", "finishedAt": now_rfc3339()}
+                c.next_start = time.monotonic() + c.backoff.delay(c.restarts)
+                return
+        c.started_at = time.monotonic()
+        c.started_wall = now_rfc3339()
+        c.ready = c.probe is None and c.key.startswith("pod/")
+        c.failures = 0
+        c.next_probe = c.started_at + (c.probe.initial_delay if c.probe else 0)
+        log.info("event=container_started key=%s pid=%d restarts=%d", c.key, c.proc.pid, c.restarts)
+        self.dirty = True
+
+    def _stop(self, c: Container) -> None:
+        if c.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(c.proc.pid, signal.SIGTERM)
+            self.dying.append(c.proc)
+            c.proc = None
+
+    def _reap_dying(self) -> None:
+        for p in list(self.dying):
+            if p.poll() is not None:
+                self.dying.remove(p)
+            elif not hasattr(p, "_nm_killed_at"):
+                p._nm_killed_at = time.monotonic()  # type: ignore[attr-defined]
+            elif time.monotonic() - p._nm_killed_at > 3:  # type: ignore[attr-defined]
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+
+    def supervise(self) -> None:
+        now = time.monotonic()
+        for c in self.containers.values():
+            if c.proc is not None:
+                code = c.proc.poll()
+                if code is None:
+                    continue
+                ran = now - c.started_at
+                c.last_terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                     "startedAt": c.started_wall, "finishedAt": now_rfc3339()}
+                c.proc = None
+                c.ready = False
+                delay = c.backoff.delay(c.restarts if ran < BACKOFF_RESET_AFTER else 0)
+                c.next_start = now + delay
+                log.info("event=container_exited key=%s code=%s restart_in=%.1fs", c.key, code, delay)
+                self.dirty = True
+            elif now >= c.next_start:
+                if c.last_terminated:
+                    c.restarts += 1
+                self._start(c)
+
+    def schedule_probes(self) -> None:
+        now = time.monotonic()
+        for c in self.containers.values():
+            if c.proc is None or c.probe is None or c.probing or now < c.next_probe:
+                continue
+            c.probing = True
+            asyncio.get_running_loop().create_task(self._probe(c))
+
+    async def _probe(self, c: Container) -> None:
+        assert c.probe is not None
+        try:
+            ok = await run_probe(c.probe_netns, c.probe_ip, c.probe)
+        finally:
+            c.probing = False
+        if c.proc is None:
+            return
+        if ok:
+            c.failures = 0
+            if not c.ready:
+                log.info("event=ready key=%s", c.key)
+                c.ready = True
+                self.dirty = True
+        else:
+            c.failures += 1
+            if c.ready and c.failures >= c.probe.failure_threshold:
+                log.info("event=not_ready key=%s", c.key)
+                c.ready = False
+                self.dirty = True
+        c.next_probe = time.monotonic() + (c.probe.period if c.ready else NOT_READY_PROBE_INTERVAL)
+
+    # ----------------------------------------------------------------------------- status
+    def pod_status(self, pod: dict[str, Any]) -> dict[str, Any]:
+        status = dict(pod["status"])
+        old_conditions = {c["type"]: c for c in status.get("conditions", [])}
+        statuses = []
+        any_started = False
+        all_ready = True
+        for cs in status.get("containerStatuses", []):
+            c = self.containers.get(f"pod/{pod['metadata']['uid']}/{cs['name']}")
+            if c is None:
+                statuses.append(cs)
+                all_ready = False
+                continue
+            new = {"name": cs["name"], "image": cs.get("image", ""), "imageID": "", "ready": c.ready,
+                   "started": c.proc is not None, "restartCount": c.restarts, "state": c.state(),
+                   "lastState": {"terminated": c.last_terminated} if c.last_terminated else {}}
+            if c.proc is not None:
+                new["containerID"] = f"sandbox://{c.proc.pid}"
+                any_started = True
+            all_ready = all_ready and c.ready
+            statuses.append(new)
+        status["containerStatuses"] = statuses
+        if any_started or status.get("phase") == "Running":
+            status["phase"] = "Running"
+            status.setdefault("startTime", now_rfc3339())
+
+        def cond(kind: str, ok: bool) -> dict[str, Any]:
+            text = "True" if ok else "False"
+            prev = old_conditions.get(kind)
+            if prev is not None and prev["status"] == text:
+                return prev
+            return {"type": kind, "status": text, "lastTransitionTime": now_rfc3339()}
+
+        status["conditions"] = [
+            cond("PodScheduled", True), cond("Initialized", True),
+            cond("ContainersReady", all_ready), cond("Ready", all_ready),
+        ]
+        return status
+
+    def write_status(self) -> None:
+        with self.state.objects_txn() as objs:
+            for pod in objs.list("Pod"):
+                new_status = self.pod_status(pod)
+                if new_status != pod["status"]:
+                    objs.put({**pod, "status": new_status})
+            objects.derive(objs)
+            # network before commit: once a pod reads Ready, its ClusterIP and DNS already work
+            self.sync_network(objs.data.items)
+        self.seen_mtimes = self._mtimes()
+        self._write_runtime()
+
+    def sync_network(self, items: list[dict[str, Any]]) -> None:
+        infra = self.state.infra()
+        services = [o for o in items if o["kind"] == "Service"]
+        slices = [o for o in items if o["kind"] == "EndpointSlice"]
+        ports = kubeproxy.service_ports(services, slices)
+        for node in infra.get("nodes", []):
+            previous = self.applied_rules.get(node["netns"])
+            if previous is None:  # first sync of this kubelet: learn the chains a previous one left
+                saved = subprocess.run(["ip", "netns", "exec", node["netns"], "iptables-save", "-t", "nat"],
+                                       capture_output=True, text=True, check=False)
+                previous = saved.stdout if saved.returncode == 0 else ""
+            plan = kubeproxy.render(ports, kubeproxy.chains_of(previous))
+            if plan == previous:
+                continue
+            res = subprocess.run(["ip", "netns", "exec", node["netns"], "iptables-restore", "--noflush"],
+                                 input=plan.encode(), capture_output=True, check=False)
+            if res.returncode != 0:
+                log.error("event=kube_proxy_sync_failed node=%s err=%s", node["name"],
+                          res.stderr.decode().strip().replace("\n", " | "))
+                continue
+            # remember the chains we declared, minus the ones this plan deleted
+            self.applied_rules[node["netns"]] = kubeproxy.render(ports)
+        for pod in (o for o in items if o["kind"] == "Pod"):
+            ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+            pns = naming.pod_netns(self.cluster, ns, name)
+            text = kubeproxy.render_hosts(ns, name, pod["status"].get("podIP", ""), services)
+            if self.applied_hosts.get(pns) != text:
+                write_etc_netns(pns, text, kubeproxy.render_resolv(ns))
+                self.applied_hosts[pns] = text
+
+    def _write_runtime(self) -> None:
+        pids = {k: c.proc.pid for k, c in self.containers.items() if c.proc is not None}
+        restarts = {k: c.restarts for k, c in self.containers.items()}
+        write_json_atomic(self.state.runtime_file, {"kubelet": os.getpid(), "pids": pids, "restarts": restarts})
+
+    # ----------------------------------------------------------------------------- loop
+    async def run(self) -> None:
+        self._kill_leftovers()
+        while not self.stopping:
+            mt = self._mtimes()
+            if mt != self.seen_mtimes:
+                self.seen_mtimes = mt
+                self.reload()
+            # network first: a pod's hosts file exists before its process starts
+            if self.dirty:
+                self.dirty = False
+                self.write_status()
+            self.supervise()
+            self.schedule_probes()
+            self._reap_dying()
+            if self.dirty:
+                self.dirty = False
+                self.write_status()
+            await asyncio.sleep(TICK)
+        self.shutdown()
+
+    def _kill_leftovers(self) -> None:
+        """A restarted kubelet starts every container afresh: stop what a previous one left."""
+        from nodemesh.sandbox.netlink import list_cluster_netns, netns_inode
+
+        inodes = {i for n in list_cluster_netns(self.cluster) if (i := netns_inode(n)) is not None}
+        pids = [p for p in pids_in_netns(inodes) if p != os.getpid()]
+        if pids:
+            log.info("event=kill_leftovers pids=%s", pids)
+            kill_all(pids, grace=1.0)
+
+    def shutdown(self) -> None:
+        pids = [c.proc.pid for c in self.containers.values() if c.proc is not None]
+        pids += [p.pid for p in self.dying if p.poll() is None]
+        kill_all(pids, grace=2.0)
+
+
+def write_etc_netns(pns: str, hosts: str, resolv: str) -> None:
+    """Write /etc/netns/<pns>/{hosts,resolv.conf} in place: `ip netns exec` bind-mounts these
+    files, and a running process keeps the inode, so a rename would hide updates from it."""
+    d = Path("/etc/netns") / pns
+    d.mkdir(parents=True, exist_ok=True)
+    for fname, text in (("hosts", hosts), ("resolv.conf", resolv)):
+        with open(d / fname, "a+") as f:
+            f.seek(0)
+            if f.read() != text:
+                f.seek(0)
+                f.truncate()
+                f.write(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nodemesh-sandbox-kubelet")
+    parser.add_argument("--cluster", required=True)
+    parser.add_argument("--state-root", default=str(DEFAULT_STATE_ROOT))
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)  # the kubelet's log file is its own; events there help debugging
+    state = ClusterState(Path(args.state_root) / naming.check_cluster_name(args.cluster))
+    kubelet = Kubelet(args.cluster, state)
+    loop = asyncio.new_event_loop()
+
+    def stop() -> None:
+        kubelet.stopping = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    try:
+        loop.run_until_complete(kubelet.run())
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Kubernetes YAML the sandbox runs: parsing and validation, with no side effects.
+
+Every document of a file is validated before anything is created, so bad input leaves the
+cluster untouched. Only the kinds the sandbox can run are accepted: Namespace, Deployment and
+Service (ClusterIP); anything else is an error naming the document.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from nodemesh.sandbox.naming import is_dns_label, is_dns_subdomain
+
+SUPPORTED = {("v1", "Namespace"), ("apps/v1", "Deployment"), ("v1", "Service")}
+
+
+class ManifestError(ValueError):
+    """A manifest the sandbox refuses; the message is one line for the user."""
+
+
+@dataclass
+class Manifest:
+    """One validated document."""
+
+    kind: str
+    name: str
+    namespace: str  # "" for Namespace
+    body: dict[str, Any] = field(repr=False)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+
+def load_file(path: str | Path) -> list[Manifest]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"the path \"{path}\" does not exist") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    return load_text(text, source=str(path))
+
+
+def load_text(text: str, source: str = "<input>") -> list[Manifest]:
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    out: list[Manifest] = []
+    for i, doc in enumerate(docs, 1):
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            items = doc.get("items") or []
+        else:
+            items = [doc]
+        for item in items:
+            out.append(validate(item, where=f"{source}: document {i}"))
+    seen: set[tuple[str, str, str]] = set()
+    for m in out:
+        if m.key in seen:
+            raise ManifestError(f"{source}: {m.kind} {_qual(m)} appears twice")
+        seen.add(m.key)
+    return out
+
+
+def _qual(m: Manifest) -> str:
+    return f"{m.namespace}/{m.name}" if m.namespace else m.name
+
+
+def validate(doc: Any, where: str) -> Manifest:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where}: not a mapping")
+    kind, api = doc.get("kind"), doc.get("apiVersion")
+    if not kind or not api:
+        raise ManifestError(f"{where}: apiVersion and kind are required")
+    if (api, kind) not in SUPPORTED:
+        known = ", ".join(f"{k} ({a})" for a, k in sorted(SUPPORTED))
+        raise ManifestError(f"{where}: unknown kind {kind!r} (apiVersion {api}); the sandbox runs {known}")
+    meta = doc.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not is_dns_label(name):
+        raise ManifestError(f"{where}: {kind} needs metadata.name, a DNS label (got {name!r})")
+    doc = copy.deepcopy(doc)
+    if kind == "Namespace":
+        doc["metadata"].pop("namespace", None)
+        _check_labels(doc["metadata"].get("labels"), f"{where}: Namespace {name}")
+        return Manifest(kind, name, "", doc)
+    namespace = meta.get("namespace") or "default"
+    if not is_dns_label(namespace):
+        raise ManifestError(f"{where}: invalid namespace {namespace!r}")
+    doc["metadata"]["namespace"] = namespace
+    label = f"{where}: {kind} {namespace}/{name}"
+    _check_labels(meta.get("labels"), label)
+    if kind == "Deployment":
+        _validate_deployment(doc, label)
+    else:
+        _validate_service(doc, label)
+    return Manifest(kind, name, namespace, doc)
+
+
+def _check_labels(labels: Any, label: str) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
+        raise ManifestError(f"{label}: labels must be a map of strings")
+    for k, v in labels.items():
+        if not isinstance(v, str):
+            raise ManifestError(f"{label}: label {k} must be a string (quote it)")
+
+
+def _validate_deployment(doc: dict[str, Any], label: str) -> None:
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise ManifestError(f"{label}: spec is required")
+    replicas = spec.setdefault("replicas", 1)
+    if not isinstance(replicas, int) or replicas < 0 or replicas > 100:
+        raise ManifestError(f"{label}: spec.replicas must be an integer 0..100")
+    template = spec.get("template")
+    if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
+        raise ManifestError(f"{label}: spec.template.spec is required")
+    tlabels = (template.get("metadata") or {}).get("labels") or {}
+    _check_labels(tlabels, label)
+    selector = (spec.get("selector") or {}).get("matchLabels")
+    if not isinstance(selector, dict) or not selector:
+        raise ManifestError(f"{label}: spec.selector.matchLabels is required")
+    if any(tlabels.get(k) != v for k, v in selector.items()):
+        raise ManifestError(f"{label}: selector does not match template labels")
+    pod_spec = template["spec"]
+    if pod_spec.get("hostNetwork"):
+        raise ManifestError(f"{label}: hostNetwork pods are not supported by the sandbox")
+    containers = pod_spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        raise ManifestError(f"{label}: spec.template.spec.containers is required")
+    ports_seen: dict[int, str] = {}
+    names: set[str] = set()
+    for c in containers:
+        if not isinstance(c, dict) or not is_dns_label(str(c.get("name", ""))):
+            raise ManifestError(f"{label}: every container needs a name")
+        cname = c["name"]
+        if cname in names:
+            raise ManifestError(f"{label}: container name {cname} appears twice")
+        names.add(cname)
+        command = list(c.get("command") or []) + list(c.get("args") or [])
+        if not command:
+            raise ManifestError(
+                f"{label}: container {cname} has no command; the sandbox runs processes, not images"
+            )
+        if not all(isinstance(a, (str, int, float)) for a in command):
+            raise ManifestError(f"{label}: container {cname}: command and args must be strings")
+        for p in c.get("ports") or []:
+            port = p.get("containerPort") if isinstance(p, dict) else None
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ManifestError(f"{label}: container {cname}: containerPort must be 1..65535")
+            if port in ports_seen:
+                raise ManifestError(
+                    f"{label}: port clash: containerPort {port} is used by {ports_seen[port]} and {cname}"
+                )
+            ports_seen[port] = cname
+        for e in c.get("env") or []:
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                raise ManifestError(f"{label}: container {cname}: every env entry needs a name")
+            if "valueFrom" in e:
+                path = ((e["valueFrom"] or {}).get("fieldRef") or {}).get("fieldPath")
+                if path not in FIELD_REFS:
+                    raise ManifestError(
+                        f"{label}: container {cname}: env {e['name']}: only fieldRef "
+                        f"{', '.join(sorted(FIELD_REFS))} is supported"
+                    )
+        probe = c.get("readinessProbe")
+        if probe is not None:
+            _validate_probe(probe, c, f"{label}: container {cname}")
+
+
+FIELD_REFS = {"metadata.name", "metadata.namespace", "status.podIP", "spec.nodeName", "metadata.uid",
+              "status.hostIP", "spec.serviceAccountName"}
+
+
+def _validate_probe(probe: Any, container: dict[str, Any], label: str) -> None:
+    if not isinstance(probe, dict):
+        raise ManifestError(f"{label}: readinessProbe must be a mapping")
+    handler = probe.get("tcpSocket") or probe.get("httpGet")
+    if not isinstance(handler, dict):
+        raise ManifestError(f"{label}: readinessProbe needs tcpSocket or httpGet (exec is not supported)")
+    if resolve_container_port(container, handler.get("port")) is None:
+        raise ManifestError(f"{label}: readinessProbe port {handler.get('port')!r} is not a port of it")
+
+
+def resolve_container_port(container: dict[str, Any], port: Any) -> int | None:
+    if isinstance(port, int):
+        return port if 1 <= port <= 65535 else None
+    if isinstance(port, str):
+        if port.isdigit():
+            return resolve_container_port(container, int(port))
+        for p in container.get("ports") or []:
+            if p.get("name") == port:
+                return int(p["containerPort"])
+    return None
+
+
+def _validate_service(doc: dict[str, Any], label: str) -> None:
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise ManifestError(f"{label}: spec is required")
+    stype = spec.setdefault("type", "ClusterIP")
+    if stype != "ClusterIP":
+        raise ManifestError(f"{label}: only type ClusterIP is supported (got {stype})")
+    if spec.get("clusterIP") == "None":
+        raise ManifestError(f"{label}: headless services are not supported")
+    selector = spec.get("selector")
+    if selector is not None:
+        _check_labels(selector, label)
+    ports = spec.get("ports")
+    if not isinstance(ports, list) or not ports:
+        raise ManifestError(f"{label}: spec.ports is required")
+    seen_ports: set[tuple[int, str]] = set()
+    seen_names: set[str] = set()
+    for p in ports:
+        if not isinstance(p, dict) or not isinstance(p.get("port"), int) or not 1 <= p["port"] <= 65535:
+            raise ManifestError(f"{label}: every port needs a port number 1..65535")
+        proto = p.setdefault("protocol", "TCP")
+        if proto != "TCP":
+            raise ManifestError(f"{label}: only TCP ports are supported (got {proto})")
+        if (p["port"], proto) in seen_ports:
+            raise ManifestError(f"{label}: port clash: port {p['port']}/{proto} is listed twice")
+        seen_ports.add((p["port"], proto))
+        pname = p.get("name", "")
+        if len(ports) > 1 and not pname:
+            raise ManifestError(f"{label}: ports must be named when there is more than one")
+        if pname in seen_names:
+            raise ManifestError(f"{label}: port name {pname} appears twice")
+        seen_names.add(pname)
+        target = p.setdefault("targetPort", p["port"])
+        if isinstance(target, str) and not (target.isdigit() or is_dns_label(target)):
+            raise ManifestError(f"{label}: invalid targetPort {target!r}")
+    if not is_dns_subdomain(doc["metadata"]["name"]):
+        raise ManifestError(f"{label}: invalid name")
