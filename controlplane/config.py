@@ -1,0 +1,32 @@
+"""The controller's configuration: one typed object, built once from flags, passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodemesh.api.model import CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
+
+DEFAULT_OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    source: str = "sandbox"                     # "sandbox" | "kubernetes"
+    state_dir: str = ""                         # sandbox: directory holding objects.json
+    kubeconfig: str = ""                        # kubernetes: path; empty means in-cluster config
+    listen: str = "127.0.0.1"
+    grpc_port: int = CONTROLLER_GRPC_PORT
+    web_port: int = CONTROLLER_WEB_PORT
+    # Mesh config pushed to every agent inside the IdentitySnapshot.
+    opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
+    skip_ports: tuple[int, ...] = ()
+    excluded_namespaces: tuple[str, ...] = ("kube-system", "nodemesh")
+    tap_max_rps: float = 100.0
+    # Identity pushes are coalesced: a rollout touches many objects in a burst.
+    identity_debounce_s: float = 0.2
+    # How long per-second buckets are kept; the longest stat window is 1 h.
+    retention_s: int = 3600
+    # An agent whose last report is older than this is reported as not connected by Check.
+    agent_stale_s: float = 10.0
+    sandbox_poll_s: float = 0.5
+    log_level: str = "warning"

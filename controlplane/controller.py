@@ -1,0 +1,396 @@
+"""The controller: cluster source -> registry -> identity pushes; agent reports -> aggregator;
+questions (stat, edges, check, tap) answered from both.
+
+`Controller` is the Python API the gRPC servicer (`server.py`) and the web app (`web.py`, and a
+later dashboard) share: `stat()`, `edges()`, `check()`, `tap()`, `agents()`. Everything runs on
+one asyncio loop; the Kubernetes source's threads hand their events to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import (
+    REQUEST_TOTAL,
+    RESPONSE_LATENCY_MS,
+    RESPONSE_TOTAL,
+    TCP_CLOSE_TOTAL,
+    TCP_OPEN_CONNECTIONS,
+    TCP_OPEN_TOTAL,
+    TCP_READ_BYTES_TOTAL,
+    TCP_WRITE_BYTES_TOTAL,
+)
+from nodemesh.controlplane import stat as statmod
+from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
+from nodemesh.controlplane.config import ControllerConfig
+from nodemesh.controlplane.deltas import AgentCounters
+from nodemesh.controlplane.metrics import ControllerMetrics
+from nodemesh.controlplane.registry import WorkloadRegistry
+from nodemesh.controlplane.sources import ClusterSource
+from nodemesh.controlplane.tap import TapSession
+
+log = logging.getLogger("nodemesh.controlplane")
+
+_IDENTITY = object()  # outbox marker: send the latest identity snapshot (coalesces bursts)
+_CLOSE = object()     # outbox marker: the agent's side of the stream ended
+
+
+def controller_version() -> str:
+    try:
+        return metadata.version("nodemesh")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+@dataclass
+class AgentSession:
+    """One connected agent stream (an agent process may reconnect: a new session, same id)."""
+
+    agent_id: str
+    node: str
+    version: str
+    start_time_ms: int
+    node_ip: str = ""
+    pod_cidrs: list[str] = field(default_factory=list)
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    last_report: float = 0.0
+    ready: bool = False
+    capture_installed: bool = False
+    clock_skew_ms: int = 0
+    reports: int = 0
+    outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    identity_queued: bool = False
+
+    def send(self, msg: pb.ControllerMessage) -> None:
+        self.outbox.put_nowait(msg)
+
+    def queue_identity(self) -> None:
+        if not self.identity_queued:
+            self.identity_queued = True
+            self.outbox.put_nowait(_IDENTITY)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, source: ClusterSource | None = None,
+                 registry: WorkloadRegistry | None = None) -> None:
+        self.config = config
+        self.source = source
+        self.registry = registry or WorkloadRegistry()
+        self.aggregator = Aggregator(retention_s=config.retention_s)
+        self.metrics = ControllerMetrics()
+        self.started_ms = int(time.time() * 1000)
+        self.version = controller_version()
+        self.sessions: dict[str, AgentSession] = {}     # agent_id -> live session
+        self._counters: dict[str, tuple[AgentCounters, float]] = {}  # agent_id -> (counters, last use)
+        self._taps: dict[str, TapSession] = {}
+        self._identity: pb.ControllerMessage | None = None
+        self._identity_version = -1
+        self._push_handle: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.registry.add_listener(self._registry_changed)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.source is not None:
+            await self.source.start(self.registry)
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="controller-housekeeping"))
+
+    async def stop(self) -> None:
+        if self._push_handle is not None:
+            self._push_handle.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        for session in list(self.sessions.values()):
+            session.outbox.put_nowait(_CLOSE)
+        if self.source is not None:
+            await self.source.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.source is None or self.source.synced.is_set()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self.aggregator.prune()
+            horizon = time.time() - self.config.retention_s
+            for agent_id, (_, used) in list(self._counters.items()):
+                if used < horizon and agent_id not in self.sessions:
+                    del self._counters[agent_id]
+            self.metrics.series_tracked.set(len(self.aggregator))
+
+    # ------------------------------------------------------------------ identity
+    def mesh_config(self) -> pb.MeshConfig:
+        c = self.config
+        return pb.MeshConfig(opaque_ports=list(c.opaque_ports), skip_ports=list(c.skip_ports),
+                             excluded_namespaces=list(c.excluded_namespaces), tap_max_rps=c.tap_max_rps)
+
+    def identity_message(self) -> pb.ControllerMessage:
+        if self._identity is None or self._identity_version != self.registry.version:
+            snap = self.registry.identity_snapshot(self.mesh_config())
+            self._identity = pb.ControllerMessage(identity=snap)
+            self._identity_version = self.registry.version
+        return self._identity
+
+    def _registry_changed(self) -> None:
+        # Rollouts change many objects at once: push one snapshot after the burst settles.
+        if self._push_handle is None:
+            loop = asyncio.get_running_loop()
+            self._push_handle = loop.call_later(self.config.identity_debounce_s, self._push_identity)
+
+    def _push_identity(self) -> None:
+        self._push_handle = None
+        self.metrics.identity_pushes.inc()
+        for session in self.sessions.values():
+            session.queue_identity()
+        for tap in self._taps.values():
+            self._open_tap_where_needed(tap)
+
+    # ------------------------------------------------------------------ agent stream
+    def agent_connected(self, hello: pb.AgentHello) -> AgentSession:
+        session = AgentSession(agent_id=hello.agent_id, node=hello.node, version=hello.version,
+                               start_time_ms=hello.start_time_ms, node_ip=hello.node_ip,
+                               pod_cidrs=list(hello.pod_cidrs))
+        old = self.sessions.get(hello.agent_id)
+        if old is not None:
+            old.outbox.put_nowait(_CLOSE)  # the agent reconnected; the old stream is dead to it
+        self.sessions[hello.agent_id] = session
+        self.metrics.connected_agents.set(len(self.sessions))
+        log.info("event=agent_connected agent_id=%s node=%s version=%s", hello.agent_id, hello.node,
+                 hello.version)
+        session.queue_identity()
+        for tap in self._taps.values():
+            self._open_tap_where_needed(tap)
+        return session
+
+    def agent_disconnected(self, session: AgentSession) -> None:
+        if self.sessions.get(session.agent_id) is session:
+            del self.sessions[session.agent_id]
+            self.aggregator.drop_reporter(session.agent_id)
+            for tap in self._taps.values():
+                tap.agents.discard(session.agent_id)
+        self.metrics.connected_agents.set(len(self.sessions))
+        log.info("event=agent_disconnected agent_id=%s node=%s", session.agent_id, session.node)
+
+    def agent_message(self, session: AgentSession, msg: pb.AgentMessage) -> None:
+        session.last_seen = time.time()
+        which = msg.WhichOneof("msg")
+        if which == "metrics":
+            self.ingest_report(session, msg.metrics)
+        elif which == "tap_event":
+            self._tap_event(session, msg.tap_event)
+        elif which == "status":
+            session.ready = msg.status.ready
+            session.capture_installed = msg.status.capture_installed
+            if msg.status.time_ms:
+                session.clock_skew_ms = msg.status.time_ms - int(time.time() * 1000)
+
+    def counters_for(self, agent_id: str, start_time_ms: int) -> AgentCounters:
+        entry = self._counters.get(agent_id)
+        if entry is None:
+            # See deltas.py: an agent older than us holds counts we must not count again.
+            baseline = start_time_ms < self.started_ms
+            counters = AgentCounters(agent_id, first_report_is_baseline=baseline)
+            log.info("event=agent_counters_new agent_id=%s baseline=%s", agent_id, baseline)
+        else:
+            counters = entry[0]
+        self._counters[agent_id] = (counters, time.time())
+        return counters
+
+    def ingest_report(self, session: AgentSession, report: pb.MetricsReport, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        session.last_report = now
+        session.reports += 1
+        self.metrics.reports_received.inc()
+        counters = self.counters_for(session.agent_id, session.start_time_ms)
+        bounds = tuple(report.latency_bounds_ms) or BOUNDS
+        agg = self.aggregator
+        for d in counters.ingest(report.series, report.seq):
+            key = series_key(d.labels)
+            name = d.name
+            if name == RESPONSE_TOTAL:
+                if d.labels.get("classification") == "failure":
+                    agg.record(key, t=now, failure=d.value)
+                else:
+                    agg.record(key, t=now, success=d.value)
+            elif name == RESPONSE_LATENCY_MS and d.buckets is not None:
+                agg.record(key, t=now, latency=d.buckets, latency_bounds=bounds if bounds != BOUNDS else BOUNDS,
+                           latency_sum=d.sum)
+            elif name == REQUEST_TOTAL:
+                agg.record(key, t=now, requests=d.value)
+            elif name == TCP_OPEN_TOTAL:
+                agg.record(key, t=now, tcp_open=d.value)
+            elif name == TCP_CLOSE_TOTAL:
+                agg.record(key, t=now, tcp_close=d.value)
+            elif name == TCP_READ_BYTES_TOTAL:
+                agg.record(key, t=now, read_bytes=d.value)
+            elif name == TCP_WRITE_BYTES_TOTAL:
+                agg.record(key, t=now, write_bytes=d.value)
+            elif name == TCP_OPEN_CONNECTIONS:
+                agg.set_gauge(key, session.agent_id, d.value, t=now)
+
+    async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.ControllerMessage]:
+        """The Connect stream: hello first, then reports/status/tap events in, identity and
+        tap commands out. Raises ValueError when the first message is not a hello."""
+        first = await anext(messages, None)
+        if first is None:
+            return
+        if first.WhichOneof("msg") != "hello" or not first.hello.agent_id:
+            raise ValueError("the first message on Connect must be an AgentHello with an agent_id")
+        session = self.agent_connected(first.hello)
+
+        async def read() -> None:
+            try:
+                async for msg in messages:
+                    self.agent_message(session, msg)
+            except Exception as exc:  # noqa: BLE001 - any stream failure ends the session; the agent reconnects
+                log.info("event=agent_stream_error agent_id=%s error=%r", session.agent_id, str(exc)[:200])
+            finally:
+                session.outbox.put_nowait(_CLOSE)
+
+        reader = asyncio.create_task(read(), name=f"agent-reader-{session.agent_id}")
+        try:
+            while True:
+                item = await session.outbox.get()
+                if item is _CLOSE:
+                    break
+                if item is _IDENTITY:
+                    session.identity_queued = False
+                    yield self.identity_message()
+                else:
+                    yield item  # type: ignore[misc]
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self.agent_disconnected(session)
+
+    # ------------------------------------------------------------------ questions
+    def mesh_view(self) -> statmod.MeshView:
+        return statmod.MeshView(
+            ready_nodes={s.node for s in self.sessions.values() if s.ready},
+            captured_namespaces=set(self.registry.captured_namespaces(self.config.excluded_namespaces)),
+        )
+
+    def stat(self, req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
+        started = time.perf_counter()
+        try:
+            return statmod.stat_summary(self.registry, self.aggregator, self.mesh_view(), req, now)
+        finally:
+            self.metrics.stat_latency.observe(time.perf_counter() - started)
+
+    def edges(self, req: pb.EdgesRequest, now: float | None = None) -> pb.EdgesResponse:
+        return statmod.edges(self.registry, self.aggregator, req, now)
+
+    def check(self) -> pb.CheckResponse:
+        now = time.time()
+        by_node: dict[str, AgentSession] = {}
+        for s in self.sessions.values():
+            cur = by_node.get(s.node)
+            # During a rolling update two agents share a node: report the ready, newer one.
+            if cur is None or (s.ready, s.connected_at) > (cur.ready, cur.connected_at):
+                by_node[s.node] = s
+        nodes = sorted({n.name for n in self.registry.nodes()} | set(by_node))
+        resp = pb.CheckResponse(controller_version=self.version, time_ms=int(now * 1000))
+        for name in nodes:
+            s = by_node.get(name)
+            if s is None:
+                resp.nodes.append(pb.NodeCheck(node=name))
+                continue
+            age_ms = int((now - s.last_report) * 1000) if s.last_report else -1
+            connected = (now - s.last_seen) <= self.config.agent_stale_s
+            resp.nodes.append(pb.NodeCheck(
+                node=name, agent_connected=connected, agent_ready=s.ready,
+                capture_installed=s.capture_installed, agent_version=s.version,
+                last_report_age_ms=age_ms, clock_skew_ms=s.clock_skew_ms,
+            ))
+        return resp
+
+    def agents(self) -> list[AgentSession]:
+        return sorted(self.sessions.values(), key=lambda s: (s.node, s.agent_id))
+
+    # ------------------------------------------------------------------ tap
+    def tap_nodes(self, flt: pb.TapFilter) -> set[str]:
+        """Nodes running pods of the tap's target or --to resource."""
+        nodes: set[str] = set()
+        for res in (flt.target, flt.to):
+            if not res.type:
+                continue
+            type_ = statmod.canonical_type(res.type)
+            ns = res.namespace or "default"
+            if type_ == "namespace":
+                pods = [p for p in self.registry.pods() if p.namespace == (res.name or ns)]
+            elif res.name:
+                info = self.registry.resource(type_, ns, res.name)
+                pods = info.pods if info else []
+            else:
+                pods = [p for r in self.registry.resources(type_, ns) for p in r.pods]
+            nodes.update(p.node for p in pods if p.node and p.running)
+        return nodes
+
+    def _open_tap_where_needed(self, tap: TapSession) -> None:
+        nodes = self.tap_nodes(tap.filter)
+        for s in self.sessions.values():
+            if s.node in nodes and s.agent_id not in tap.agents:
+                tap.agents.add(s.agent_id)
+                s.send(tap.open_message())
+                log.info("event=tap_open tap_id=%s agent_id=%s node=%s", tap.tap_id, s.agent_id, s.node)
+
+    def validate_tap(self, flt: pb.TapFilter) -> None:
+        if not flt.target.type:
+            raise statmod.StatError("tap needs a target resource")
+        for flag, res in (("target", flt.target), ("--to", flt.to)):
+            if not res.type:
+                continue
+            type_ = statmod.canonical_type(res.type)
+            if type_ == "all":
+                raise statmod.StatError(f"'all' is not a valid {flag} for tap")
+            if type_ != "namespace":
+                statmod._check_namespace(self.registry, res.namespace or "default")
+                if res.name and self.registry.resource(type_, res.namespace or "default", res.name) is None:
+                    raise statmod.StatError(
+                        f'{type_} "{res.name}" not found in namespace "{res.namespace or "default"}"')
+
+    async def tap(self, flt: pb.TapFilter) -> AsyncIterator[pb.TapEvent]:
+        """Merged TapEvents for `flt` until the caller stops iterating (closing the tap on every
+        agent). Raises StatError for a bad filter before anything is opened."""
+        self.validate_tap(flt)
+        max_rps = flt.max_rps if flt.max_rps > 0 else self.config.tap_max_rps
+        tap = TapSession(flt, max_rps)
+        self._taps[tap.tap_id] = tap
+        self.metrics.open_taps.set(len(self._taps))
+        try:
+            self._open_tap_where_needed(tap)
+            while True:
+                event = await tap.queue.get()
+                yield event
+        finally:
+            del self._taps[tap.tap_id]
+            self.metrics.open_taps.set(len(self._taps))
+            for agent_id in tap.agents:
+                s = self.sessions.get(agent_id)
+                if s is not None:
+                    s.send(tap.close_message())
+            log.info("event=tap_closed tap_id=%s agents=%d forwarded=%d dropped=%d", tap.tap_id,
+                     len(tap.agents), tap.forwarded, tap.dropped)
+
+    def _tap_event(self, session: AgentSession, event: pb.TapEvent) -> None:
+        tap = self._taps.get(event.tap_id)
+        if tap is None:
+            # A tap we no longer have (closed, or opened by a previous controller): stop it.
+            session.send(pb.ControllerMessage(tap_close=pb.TapClose(tap_id=event.tap_id)))
+            return
+        if tap.offer(session.agent_id, event):
+            self.metrics.tap_events.inc()

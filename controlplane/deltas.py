@@ -1,0 +1,105 @@
+"""Cumulative agent series in, per-report deltas out, with no double counting.
+
+Agents report Prometheus-style cumulative values since their process started; `agent_id`
+changes with every process. The controller keeps the last value of every series per agent_id and
+hands the difference to the aggregator. The cases:
+
+* same agent, next report: delta = current - previous.
+* a value went down: the counter was reset, so everything it holds is new: delta = current.
+* a series seen for the first time from an agent we already know: it started at 0 after our
+  previous report, so delta = current.
+* the first report of an agent_id this controller has never seen. Two different situations:
+  - the agent process started after this controller did (an agent restart or a new node): its
+    counters began at 0 while we were listening, so the whole value is new;
+  - the agent is older than this controller (the controller restarted): its values include
+    counts a previous controller already aggregated, or that happened while no controller ran.
+    Counting them again would double count, and dumping them all into the current second would
+    put them at the wrong time anyway; so that report is a *baseline*: we remember it and count
+    from there. What is lost is exactly what happened while the controller was down.
+  `first_report_is_baseline` is decided once per agent_id by comparing the agent's start time
+  (AgentHello.start_time_ms) with the controller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from nodemesh.api.model import TCP_OPEN_CONNECTIONS
+
+GAUGES = frozenset({TCP_OPEN_CONNECTIONS})
+
+SeriesId = tuple[str, tuple[tuple[str, str], ...]]
+
+
+@dataclass(slots=True)
+class SeriesDelta:
+    name: str
+    labels: dict[str, str]
+    value: float = 0.0                         # counters: the increase
+    buckets: Sequence[float] | None = None     # histograms: per-bucket increase
+    sum: float = 0.0
+    gauge: bool = False                        # gauges: `value` is the current value
+
+
+class AgentCounters:
+    """The last cumulative value of every series of one agent process."""
+
+    def __init__(self, agent_id: str, first_report_is_baseline: bool) -> None:
+        self.agent_id = agent_id
+        self._baseline_pending = first_report_is_baseline
+        self._last: dict[SeriesId, float | tuple[tuple[int, ...], float]] = {}
+        self.last_seq = -1
+        self.resets = 0
+
+    def ingest(self, series: Iterable[object], seq: int = -1) -> list[SeriesDelta]:
+        """Deltas of one MetricsReport's series (objects with name, labels, value,
+        bucket_counts, sum: the protobuf Series, or anything shaped like it)."""
+        baseline = self._baseline_pending
+        self._baseline_pending = False
+        self.last_seq = seq
+        out: list[SeriesDelta] = []
+        for s in series:
+            name: str = s.name  # type: ignore[attr-defined]
+            labels = dict(s.labels)  # type: ignore[attr-defined]
+            if name in GAUGES:
+                out.append(SeriesDelta(name, labels, float(s.value), gauge=True))  # type: ignore[attr-defined]
+                continue
+            sid: SeriesId = (name, tuple(sorted(labels.items())))
+            counts = tuple(int(c) for c in s.bucket_counts)  # type: ignore[attr-defined]
+            prev = self._last.get(sid)
+            if counts:
+                total_sum = float(s.sum)  # type: ignore[attr-defined]
+                self._last[sid] = (counts, total_sum)
+                if prev is None:
+                    if baseline:
+                        continue
+                    d_counts, d_sum = counts, total_sum
+                else:
+                    p_counts, p_sum = prev  # type: ignore[misc]
+                    if len(p_counts) != len(counts) or any(c < p for c, p in zip(counts, p_counts)):
+                        self.resets += 1
+                        d_counts, d_sum = counts, total_sum
+                    else:
+                        d_counts = tuple(c - p for c, p in zip(counts, p_counts))
+                        d_sum = total_sum - p_sum
+                if any(d_counts):
+                    out.append(SeriesDelta(name, labels, buckets=d_counts, sum=d_sum))
+            else:
+                value = float(s.value)  # type: ignore[attr-defined]
+                self._last[sid] = value
+                if prev is None:
+                    if baseline:
+                        continue
+                    delta = value
+                elif value < prev:  # type: ignore[operator]
+                    self.resets += 1
+                    delta = value
+                else:
+                    delta = value - prev  # type: ignore[operator]
+                if delta:
+                    out.append(SeriesDelta(name, labels, delta))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._last)

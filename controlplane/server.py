@@ -1,0 +1,71 @@
+"""The gRPC API (port 8085): agents' Connect stream and the CLI's StatSummary/Edges/Check/Tap.
+
+A thin layer: every method hands over to `Controller`, which holds the logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.stat import StatError
+
+log = logging.getLogger("nodemesh.controlplane.server")
+
+
+class ControllerServicer(pb_grpc.ControllerServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControllerMessage]:
+        try:
+            async for msg in self.controller.serve_agent(request_iterator):
+                yield msg
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def StatSummary(self, request: pb.StatRequest,
+                          context: grpc.aio.ServicerContext) -> pb.StatResponse:
+        return self.controller.stat(request)
+
+    async def Edges(self, request: pb.EdgesRequest,
+                    context: grpc.aio.ServicerContext) -> pb.EdgesResponse:
+        return self.controller.edges(request)
+
+    async def Check(self, request: pb.CheckRequest,
+                    context: grpc.aio.ServicerContext) -> pb.CheckResponse:
+        return self.controller.check()
+
+    async def Tap(self, request: pb.TapRequest,
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TapEvent]:
+        try:
+            self.controller.validate_tap(request.filter)
+        except StatError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        events = self.controller.tap(request.filter)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            # The caller cancelled or disconnected: closing the generator closes the tap on
+            # every agent it was opened on.
+            await events.aclose()
+
+
+async def start_grpc_server(controller: Controller, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Serve the API on host:port (port 0: any free port); returns the server and the port."""
+    server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 20_000),
+                                      ("grpc.http2.max_pings_without_data", 0),
+                                      ("grpc.keepalive_permit_without_calls", 1)])
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    log.info("event=grpc_listening addr=%s:%d", host, bound)
+    return server, bound

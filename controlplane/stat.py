@@ -1,0 +1,346 @@
+"""StatSummary and Edges: Linkerd's `viz stat` / `viz edges` semantics over the aggregator.
+
+Which observations make a row (as Linkerd does it):
+
+* a resource's own row is its INBOUND view: requests observed with direction=inbound whose
+  destination belongs to the resource (what its callers got from it, measured at its side);
+* services (`svc`) are seen only by their clients: outbound observations with dst_service;
+* `--from X`: X's OUTBOUND view, one row per destination resource that X called;
+* `--to Y`: the callers' OUTBOUND view of Y, one row per calling resource.
+
+With `--from`/`--to`, only rows with traffic in the window are returned (a row per possible peer
+would be noise); without them every resource of the type gets a row, traffic or not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import RESOURCE_ALIASES, SHORT_TYPE
+from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, Totals
+from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
+
+MIN_WINDOW_S = 10
+MAX_WINDOW_S = 3600
+DEFAULT_WINDOW_S = 60
+WORKLOAD_TYPES = ("deployment", "statefulset", "daemonset", "job")
+# What `stat all` lists, in this order (as Linkerd prints it: workloads, then pods, then services).
+ALL_TYPES = ("deployment", "daemonset", "statefulset", "job", "pod", "service")
+STAT_TYPES = frozenset((*ALL_TYPES, "namespace", "replicaset", "all"))
+EDGE_TYPES = frozenset((*WORKLOAD_TYPES, "pod", "replicaset", "namespace", "all"))
+_DIR = LABEL_INDEX["direction"]
+_DST_SERVICE = LABEL_INDEX["dst_service"]
+
+
+class StatError(ValueError):
+    """A request the user got wrong; the message is one line meant for them."""
+
+
+# ------------------------------------------------------------------ label selectors (-l)
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    op: str                   # "=", "!=", "in", "notin", "exists", "!exists"
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        present = self.key in labels
+        value = labels.get(self.key)
+        if self.op == "exists":
+            return present
+        if self.op == "!exists":
+            return not present
+        if self.op in ("=", "in"):
+            return present and value in self.values
+        return not present or value not in self.values  # "!=", "notin": absent keys match, as kubectl
+
+
+_SET_RE = re.compile(r"^([A-Za-z0-9_./-]+)\s+(in|notin)\s+\(([^()]*)\)$")
+_EQ_RE = re.compile(r"^([A-Za-z0-9_./-]+)\s*(==|=|!=)\s*([A-Za-z0-9_.-]*)$")
+_KEY_RE = re.compile(r"^(!?)([A-Za-z0-9_./-]+)$")
+
+
+def parse_label_selector(text: str) -> list[Requirement]:
+    """kubectl's label selector syntax: `a=b,c!=d,e in (x,y),f notin (z),g,!h`."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    reqs = []
+    for raw in parts:
+        part = raw.strip()
+        if not part:
+            if text.strip():
+                raise StatError(f"invalid label selector {text!r}")
+            continue
+        if m := _SET_RE.match(part):
+            values = tuple(v.strip() for v in m.group(3).split(",") if v.strip())
+            reqs.append(Requirement(m.group(1), m.group(2), values))
+        elif m := _EQ_RE.match(part):
+            reqs.append(Requirement(m.group(1), "!=" if m.group(2) == "!=" else "=", (m.group(3),)))
+        elif m := _KEY_RE.match(part):
+            reqs.append(Requirement(m.group(2), "!exists" if m.group(1) else "exists"))
+        else:
+            raise StatError(f"invalid label selector {text!r}")
+    return reqs
+
+
+# ------------------------------------------------------------------ matching keys to resources
+Predicate = Callable[[SeriesKey], bool]
+
+
+def side_predicate(registry: WorkloadRegistry, side: str, namespace: str, type_: str, name: str) -> Predicate:
+    """Does a series' `side` ("src" or "dst") belong to the resource (name "" = any of the type)?"""
+    ns_i, kind_i = LABEL_INDEX[f"{side}_namespace"], LABEL_INDEX[f"{side}_kind"]
+    name_i, pod_i = LABEL_INDEX[f"{side}_name"], LABEL_INDEX[f"{side}_pod"]
+    if type_ == "namespace":
+        return (lambda k: k[ns_i] != "") if not name else (lambda k: k[ns_i] == name)
+    if type_ in WORKLOAD_TYPES:
+        if not name:
+            return lambda k: k[ns_i] == namespace and k[kind_i] == type_
+        return lambda k: k[ns_i] == namespace and k[kind_i] == type_ and k[name_i] == name
+    if type_ == "pod":
+        if not name:
+            return lambda k: k[ns_i] == namespace and k[pod_i] != ""
+        return lambda k: k[ns_i] == namespace and k[pod_i] == name
+    if type_ == "replicaset":
+        # ReplicaSets are not a label: a pod belongs to one by name (`<rs>-<suffix>`), which
+        # also holds for pods already gone from the cluster but still in the window.
+        info = registry.resource("replicaset", namespace, name) if name else None
+        pods = {p.name for p in info.pods} if info else set()
+        prefix = name + "-"
+        if not name:
+            rs_names = {r.name + "-" for r in registry.resources("replicaset", namespace)}
+            return lambda k: k[ns_i] == namespace and any(k[pod_i].startswith(p) for p in rs_names)
+        return lambda k: k[ns_i] == namespace and (k[pod_i] in pods or k[pod_i].startswith(prefix))
+    if type_ == "service":
+        if side == "dst":
+            if not name:
+                suffix = "." + namespace
+                return lambda k: k[_DST_SERVICE].endswith(suffix)
+            full = f"{name}.{namespace}"
+            return lambda k: k[_DST_SERVICE] == full
+        info = registry.resource("service", namespace, name) if name else None
+        svc_pods = {p.name for p in info.pods} if info else set()
+        return lambda k: k[ns_i] == namespace and k[pod_i] in svc_pods
+    raise StatError(f"unknown resource type {type_!r}")
+
+
+def _direction(value: str) -> Predicate:
+    return lambda k: k[_DIR] == value
+
+
+# ------------------------------------------------------------------ StatSummary
+@dataclass
+class MeshView:
+    """What MESHED needs: nodes running a connected, ready agent, and captured namespaces."""
+
+    ready_nodes: set[str]
+    captured_namespaces: set[str]
+
+
+def canonical_type(type_: str) -> str:
+    canonical = RESOURCE_ALIASES.get(type_.lower())
+    if canonical is None:
+        raise StatError(f"unknown resource type {type_!r}")
+    return canonical
+
+
+def check_window(window_s: int) -> int:
+    if window_s == 0:
+        return DEFAULT_WINDOW_S
+    if window_s < MIN_WINDOW_S:
+        raise StatError(f"time window {window_s}s is too short: the minimum is {MIN_WINDOW_S}s")
+    if window_s > MAX_WINDOW_S:
+        raise StatError(f"time window {window_s}s is too long: the maximum is {MAX_WINDOW_S // 60}m")
+    return window_s
+
+
+def _check_namespace(registry: WorkloadRegistry, namespace: str) -> None:
+    if namespace and namespace != "default" and namespace not in registry.namespaces():
+        raise StatError(f'namespace "{namespace}" not found')
+
+
+def stat_summary(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView,
+                 req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
+    try:
+        return pb.StatResponse(rows=_stat_rows(registry, aggregator, mesh, req, now))
+    except StatError as exc:
+        return pb.StatResponse(error=str(exc))
+
+
+def _peer(req_res: pb.Resource, default_ns: str, flag: str) -> tuple[str, str, str] | None:
+    if not req_res.type:
+        return None
+    type_ = canonical_type(req_res.type)
+    if type_ == "all":
+        raise StatError(f"'all' is not a valid resource for {flag}")
+    return (req_res.namespace or default_ns, type_, req_res.name)
+
+
+def _stat_rows(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView, req: pb.StatRequest,
+               now: float | None) -> list[pb.StatRow]:
+    if not req.selector.type:
+        raise StatError("no resource type given")
+    type_ = canonical_type(req.selector.type)
+    if type_ not in STAT_TYPES:
+        raise StatError(f"resource type {type_!r} is not supported by stat")
+    window = check_window(int(req.window_seconds))
+    namespace = "" if req.all_namespaces else (req.selector.namespace or "default")
+    scope = None if req.all_namespaces else namespace
+    if type_ == "namespace":
+        scope = None
+    else:
+        _check_namespace(registry, namespace)
+    src = _peer(getattr(req, "from"), namespace or "default", "--from")
+    dst = _peer(req.to, namespace or "default", "--to")
+    if src and dst:
+        raise StatError("--from and --to cannot be used together")
+    if type_ == "all" and (src or dst):
+        raise StatError("--from and --to cannot be used with resource type 'all'")
+    if req.selector.name and type_ == "all":
+        raise StatError("'all' takes no name")
+    requirements = parse_label_selector(req.label_selector) if req.label_selector else []
+
+    types = ALL_TYPES if type_ == "all" else (type_,)
+    rows: list[pb.StatRow] = []
+    for t in types:
+        resources = registry.resources(t, scope)
+        if req.selector.name:
+            resources = [r for r in resources if r.name == req.selector.name]
+            if not resources:
+                where = "" if t == "namespace" else f' in namespace "{namespace or "default"}"'
+                raise StatError(f'{t} "{req.selector.name}" not found{where}')
+        if requirements:
+            resources = [r for r in resources if all(q.matches(r.labels) for q in requirements)]
+        rows.extend(_rows_for(registry, aggregator, mesh, t, resources, src, dst, window, now))
+    return rows
+
+
+def _rows_for(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView, type_: str,
+              resources: list[ResourceInfo], src: tuple[str, str, str] | None,
+              dst: tuple[str, str, str] | None, window: int, now: float | None) -> list[pb.StatRow]:
+    # The side of each series that a row stands for, and the filter every series must pass.
+    if src:
+        row_side = "dst"
+        base = _and(_direction("outbound"), side_predicate(registry, "src", *src))
+    elif dst:
+        row_side = "src"
+        base = _and(_direction("outbound"), side_predicate(registry, "dst", *dst))
+    elif type_ == "service":
+        row_side, base = "dst", _direction("outbound")
+    else:
+        row_side, base = "dst", _direction("inbound")
+    by_key = aggregator.totals_by_key(window, now, base)
+    rows = []
+    for r in resources:
+        ns = r.name if type_ == "namespace" else r.namespace
+        match = side_predicate(registry, row_side, ns, type_, r.name)
+        totals = Totals(window)
+        for key, t in by_key.items():
+            if match(key):
+                totals.merge(t)
+        if (src or dst) and not totals.has_traffic and not totals.has_tcp:
+            continue
+        rows.append(_row(r, type_, totals, mesh))
+    return rows
+
+
+def _and(a: Predicate, b: Predicate) -> Predicate:
+    return lambda k: a(k) and b(k)
+
+
+def _row(r: ResourceInfo, type_: str, totals: Totals, mesh: MeshView) -> pb.StatRow:
+    running = [p for p in r.pods if p.running]
+    meshed = [p for p in running if p.node in mesh.ready_nodes and p.namespace in mesh.captured_namespaces
+              and not p.host_network]
+    row = pb.StatRow(
+        resource=pb.Resource(namespace=r.namespace, type=type_, name=r.name),
+        meshed_pods=len(meshed), total_pods=len(running),
+        status=r.pods[0].status if type_ == "pod" and r.pods else "",
+        has_traffic=totals.has_traffic,
+        success_count=round(totals.success), failure_count=round(totals.failure),
+        rps=totals.rps,
+        tcp_open_connections=totals.open_connections,
+        tcp_read_bytes_rate=totals.read_bytes_rate, tcp_write_bytes_rate=totals.write_bytes_rate,
+        has_tcp=totals.has_tcp,
+    )
+    if totals.has_traffic:
+        row.latency_ms_p50 = totals.quantile(0.5) or 0.0
+        row.latency_ms_p95 = totals.quantile(0.95) or 0.0
+        row.latency_ms_p99 = totals.quantile(0.99) or 0.0
+    return row
+
+
+# ------------------------------------------------------------------ Edges
+def edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesRequest,
+          now: float | None = None) -> pb.EdgesResponse:
+    try:
+        return pb.EdgesResponse(edges=_edges(registry, aggregator, req, now))
+    except StatError as exc:
+        return pb.EdgesResponse(error=str(exc))
+
+
+def _edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesRequest,
+           now: float | None) -> list[pb.Edge]:
+    if not req.selector.type:
+        raise StatError("no resource type given")
+    type_ = canonical_type(req.selector.type)
+    if type_ not in EDGE_TYPES:
+        raise StatError(f"resource type {type_!r} is not supported by edges")
+    window = check_window(int(req.window_seconds))
+    namespace = req.selector.namespace or "default"
+    if not req.all_namespaces and type_ != "namespace":
+        _check_namespace(registry, namespace)
+    seen: set[tuple[tuple[str, str, str], tuple[str, str, str]]] = set()
+    for key, totals in aggregator.totals_by_key(window, now).items():
+        if not totals.has_traffic and not totals.has_tcp:
+            continue
+        pair = (_end(registry, key, "src", type_), _end(registry, key, "dst", type_))
+        if pair[0] is None or pair[1] is None:
+            continue  # an unknown/external peer: edges are between resources we can name
+        if type_ in WORKLOAD_TYPES and type_ not in (pair[0][1], pair[1][1]):
+            continue
+        if not req.all_namespaces:
+            # An edge belongs to a namespace when either end lives there.
+            ns_of = (lambda e: e[2]) if type_ == "namespace" else (lambda e: e[0])
+            if namespace not in (ns_of(pair[0]), ns_of(pair[1])):
+                continue
+        if req.selector.name and req.selector.name not in (pair[0][2], pair[1][2]):
+            continue
+        seen.add(pair)  # type: ignore[arg-type]
+    return [pb.Edge(src=pb.Resource(namespace=s[0], type=s[1], name=s[2]),
+                    dst=pb.Resource(namespace=d[0], type=d[1], name=d[2]),
+                    no_identity_msg="no identities yet")
+            for s, d in sorted(seen)]
+
+
+def _end(registry: WorkloadRegistry, key: SeriesKey, side: str, type_: str) -> tuple[str, str, str] | None:
+    ns = key[LABEL_INDEX[f"{side}_namespace"]]
+    kind = key[LABEL_INDEX[f"{side}_kind"]]
+    if not ns or kind in ("", "unknown"):
+        return None
+    if type_ == "namespace":
+        return ("", "namespace", ns)
+    if type_ == "pod":
+        pod = key[LABEL_INDEX[f"{side}_pod"]]
+        return (ns, "pod", pod) if pod else None
+    if type_ == "replicaset":
+        rec = registry.pod(ns, key[LABEL_INDEX[f"{side}_pod"]])
+        return (ns, "replicaset", rec.replicaset) if rec and rec.replicaset else None
+    return (ns, kind, key[LABEL_INDEX[f"{side}_name"]])
+
+
+def describe(type_: str, name: str) -> str:
+    return f"{SHORT_TYPE.get(type_, type_)}/{name}"

@@ -1,0 +1,36 @@
+"""The controller's web app (port 8084): /metrics about itself, /live, /ready.
+
+`build_app(controller)` returns a plain aiohttp Application; the dashboard adds its routes to
+it and reaches stats through `app[CONTROLLER_KEY]` (see Controller's public methods).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from nodemesh.controlplane.controller import Controller
+from prometheus_client import CONTENT_TYPE_LATEST
+
+CONTROLLER_KEY = web.AppKey("controller", Controller)
+
+
+def build_app(controller: Controller) -> web.Application:
+    app = web.Application()
+    app[CONTROLLER_KEY] = controller
+
+    async def metrics(request: web.Request) -> web.Response:
+        controller.metrics.series_tracked.set(len(controller.aggregator))
+        body = controller.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def live(request: web.Request) -> web.Response:
+        return web.Response(text="live\n")
+
+    async def ready(request: web.Request) -> web.Response:
+        if controller.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="cluster source not synced\n")
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready)
+    return app
