@@ -43,12 +43,13 @@ from .runtime import ConfigError, Logger, env_duration, env_float, env_int
 DOUGHNUT_PROBABILITY = 0.15
 LIST_PATH = "/api/list"
 VOTE_PATH = "/api/vote"
+DEFAULT_WEB_HOST = "web-svc.emojivoto:80"
 HISTORY_LENGTH = 900  # one entry a second: 15 minutes of history in the stats file
 
 
 @dataclass(frozen=True, slots=True)
 class VoteBotConfig:
-    web_host: str = "web-svc.emojivoto:80"
+    web_host: str = DEFAULT_WEB_HOST
     host_override: str = ""
     request_rate: float = 1.0  # cycles per second
     ttl: float = 0.0  # seconds; 0 = run until stopped
@@ -69,7 +70,7 @@ class VoteBotConfig:
             raise ConfigError(f"REQUEST_RATE={rate}: expected a positive number of cycles per second")
         seed = env.get("VOTEBOT_SEED", "").strip()
         return cls(
-            web_host=env.get("WEB_HOST", "") or cls.web_host,
+            web_host=env.get("WEB_HOST", "") or DEFAULT_WEB_HOST,
             host_override=env.get("HOST_OVERRIDE", ""),
             request_rate=rate,
             ttl=env_duration(env, "TTL", 0.0),

@@ -30,13 +30,16 @@ from . import emojis, page
 from .gen import Emoji_pb2, Emoji_pb2_grpc, Voting_pb2, Voting_pb2_grpc
 from .runtime import ConfigError, Logger, env_duration, env_int, stop_event_on_signals
 
+DEFAULT_EMOJISVC_HOST = "emoji-svc.emojivoto:8080"
+DEFAULT_VOTINGSVC_HOST = "voting-svc.emojivoto:8080"
+
 
 @dataclass(frozen=True, slots=True)
 class WebConfig:
     port: int = 8080
     bind_host: str = "0.0.0.0"
-    emojisvc_host: str = "emoji-svc.emojivoto:8080"
-    votingsvc_host: str = "voting-svc.emojivoto:8080"
+    emojisvc_host: str = DEFAULT_EMOJISVC_HOST
+    votingsvc_host: str = DEFAULT_VOTINGSVC_HOST
     message_of_the_day: str = ""
     # Upstream sets no deadline; a generous one keeps a wedged backend from piling up requests.
     rpc_timeout: float = 10.0
@@ -47,8 +50,8 @@ class WebConfig:
         return cls(
             port=env_int(env, "WEB_PORT", 8080),
             bind_host=env.get("BIND_HOST", "") or "0.0.0.0",
-            emojisvc_host=env.get("EMOJISVC_HOST", "") or cls.emojisvc_host,
-            votingsvc_host=env.get("VOTINGSVC_HOST", "") or cls.votingsvc_host,
+            emojisvc_host=env.get("EMOJISVC_HOST", "") or DEFAULT_EMOJISVC_HOST,
+            votingsvc_host=env.get("VOTINGSVC_HOST", "") or DEFAULT_VOTINGSVC_HOST,
             message_of_the_day=env.get("MESSAGE_OF_THE_DAY", ""),
             rpc_timeout=env_duration(env, "RPC_TIMEOUT", 10.0),
             log_level=env.get("LOG_LEVEL", "info") or "info",
