@@ -23,6 +23,7 @@ class AgentConfig:
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     transparent: bool = True                    # upstream keeps the calling pod's IP (IP_TRANSPARENT)
     detect_timeout_s: float = 1.0
+    header_timeout_s: float = 10.0              # HTTP/1 request head must be complete by then (slowloris)
     connect_timeout_s: float = 5.0
     opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
     drain_grace_s: float = 30.0

@@ -1,0 +1,65 @@
+"""`python -m nodemesh.agent`: the node agent (supervisor + workers)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvloop
+from nodemesh.agent.config import DEFAULT_OPAQUE_PORTS, AgentConfig
+from nodemesh.agent.supervisor import Supervisor
+
+
+def build_config(args: argparse.Namespace) -> AgentConfig:
+    cidrs = tuple(c for arg in args.pod_cidr for c in arg.split(",") if c)
+    opaque = tuple(int(p) for p in args.opaque_ports.split(",") if p) if args.opaque_ports is not None \
+        else DEFAULT_OPAQUE_PORTS
+    return AgentConfig(
+        node=args.node, node_ip=args.node_ip, pod_cidrs=cidrs, listen_host=args.listen_host,
+        outbound_port=args.outbound_port, inbound_port=args.inbound_port, admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        workers=args.workers if args.workers else len(os.sched_getaffinity(0)),
+        transparent=not args.no_transparent, detect_timeout_s=args.detect_timeout,
+        header_timeout_s=args.header_timeout, opaque_ports=opaque, drain_grace_s=args.drain_grace,
+        controller=args.controller, token_file=args.token_file, identity_file=args.identity_file,
+        log_level=args.log_level,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nodemesh.agent", description=__doc__)
+    p.add_argument("--node", required=True, help="node name, as the cluster knows it")
+    p.add_argument("--node-ip", default="", help="the node's address (fallback upstream source)")
+    p.add_argument("--pod-cidr", action="append", default=[], help="this node's pod CIDR (repeat or comma)")
+    p.add_argument("--controller", default="", help="controller gRPC host:port")
+    p.add_argument("--token-file", default="")
+    p.add_argument("--identity-file", default="", help="sandbox objects.json dir, when no controller")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: CPUs usable)")
+    p.add_argument("--listen-host", default="0.0.0.0")
+    p.add_argument("--outbound-port", type=int, default=4140)
+    p.add_argument("--inbound-port", type=int, default=4143)
+    p.add_argument("--admin-host", default="0.0.0.0")
+    p.add_argument("--admin-port", type=int, default=4191)
+    p.add_argument("--no-transparent", action="store_true",
+                   help="upstream connections use the node address, not the calling pod's")
+    p.add_argument("--detect-timeout", type=float, default=1.0)
+    p.add_argument("--header-timeout", type=float, default=10.0)
+    p.add_argument("--drain-grace", type=float, default=30.0)
+    p.add_argument("--opaque-ports", default=None, help="comma-separated; default 25,587,3306,...")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--event-log", default=None, help="debug: append every observation as JSON to FILE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config = build_config(args)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s %(name)s %(message)s")
+    return uvloop.run(Supervisor(config, args.event_log).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""HTTP/1.x classification (sans-IO): bytes in, events out.
+
+The agent relays HTTP/1 bytes untouched (one upstream connection per client connection, so
+keep-alive and pipelining are the peers' business); this module only tells the relay *what
+happened*: a request head was complete, a response head arrived, an exchange (request and its
+response) ended, the connection was upgraded to something opaque, or a peer sent something that
+is not HTTP/1. Parsing is httptools (llhttp), one parser per direction.
+
+llhttp cannot know that a response answers a HEAD (or a CONNECT) request, so while such a
+request is outstanding responses are fed in pieces that end on a head terminator: the response
+head then ends exactly at a piece end and the parser is replaced before it waits for a body that
+never comes. The same splitting lets a draining agent add `Connection: close` to a request head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import httptools
+
+MAX_HEAD_BYTES = 64 * 1024           # request/response head (line + headers); more: 431 / opaque
+MAX_UNPARSED_AFTER_UPGRADE = 64 * 1024
+
+# Event kinds; an event is a (kind, Http1Request | int | None) tuple.
+REQUEST_HEAD = 1       # request head complete: observe request_start
+RESPONSE_HEAD = 2      # final (non-1xx) response head: observe response_start
+EXCHANGE_END = 3       # request and response both complete: observe request_end
+UPGRADED = 4           # 101 / CONNECT 2xx: both directions are opaque from the next byte on
+CLIENT_ERROR = 5       # client sent bad HTTP/1: answer with the status given, then close
+UPSTREAM_ERROR = 6     # server sent bad HTTP/1: stop classifying, relay the rest as opaque
+
+Event = tuple[int, object]
+
+_NO_EVENTS: list[Event] = []
+_TERMINATOR = b"\r\n\r\n"
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
+class Http1Request:
+    """One request/response pair on a connection."""
+
+    __slots__ = (
+        "authority",
+        "closes",
+        "headers",
+        "method",
+        "obs",
+        "ordinal",
+        "path",
+        "request_bytes",
+        "request_done",
+        "response_at",
+        "response_bytes",
+        "response_done",
+        "response_headers",
+        "started",
+        "status",
+        "upgrade",
+    )
+
+    def __init__(self, ordinal: int) -> None:
+        self.ordinal = ordinal
+        self.method = ""
+        self.path = ""
+        self.authority = ""
+        self.headers: list[tuple[str, str]] = []
+        self.started = 0.0
+        self.status = 0
+        self.response_headers: list[tuple[str, str]] = []
+        self.response_at = 0.0
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.request_done = False
+        self.response_done = False
+        self.upgrade = False          # asked for Upgrade (or is CONNECT)
+        self.obs: object = None       # the Observer's handle, owned by the relay
+        self.closes = False           # the server will close after this response
+
+    @property
+    def done(self) -> bool:
+        return self.request_done and self.response_done
+
+
+def head_terminators(tail: bytes, data: bytes) -> list[int]:
+    """Offsets in `data` right after every CRLFCRLF, counting one that starts in `tail`."""
+    joined = tail[-3:] + data
+    shift = len(joined) - len(data)
+    ends = []
+    pos = joined.find(_TERMINATOR)
+    while pos >= 0:
+        end = pos + 4 - shift
+        if end > 0:
+            ends.append(end)
+        pos = joined.find(_TERMINATOR, pos + 1)
+    return ends
+
+
+def _split(data: bytes, ends: list[int]) -> list[bytes]:
+    pieces = []
+    start = 0
+    for end in ends:
+        if end > start:
+            pieces.append(data[start:end])
+            start = end
+    if start < len(data):
+        pieces.append(data[start:])
+    return pieces
+
+
+class _RequestSide:
+    """httptools callbacks for the client -> server direction."""
+
+    __slots__ = ("field", "head_bytes", "req", "x")
+
+    def __init__(self, exchange: Http1Exchange) -> None:
+        self.x = exchange
+        self.req: Http1Request | None = None
+        self.head_bytes = 0
+        self.field = b""
+
+    def on_message_begin(self) -> None:
+        x = self.x
+        x.ordinal += 1
+        self.req = Http1Request(x.ordinal)
+        self.head_bytes = 0
+        x.head_pending = True
+
+    def on_url(self, url: bytes) -> None:
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+        self.req.path += url.decode("latin-1")  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+        self.req.headers.append((name.decode("latin-1"), value.decode("latin-1")))  # type: ignore
+
+    def on_headers_complete(self) -> None:
+        x = self.x
+        req = self.req
+        assert req is not None
+        req.method = x.req_parser.get_method().decode("ascii")
+        req.started = x.clock()
+        for name, value in req.headers:
+            if len(name) == 4 and name.lower() == "host":
+                req.authority = value
+                break
+        if req.method == "CONNECT":
+            req.authority = req.authority or req.path
+            req.upgrade = True
+        elif x.req_parser.should_upgrade():
+            req.upgrade = True
+        if not x.req_parser.should_keep_alive():
+            req.closes = True
+        x.head_pending = False
+        x.awaiting.append(req)
+        x.events.append((REQUEST_HEAD, req))
+        x.head_done_in_piece = True
+
+    def on_body(self, body: bytes) -> None:
+        self.req.request_bytes += len(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        req.request_done = True
+        self.req = None
+        if req.done:
+            self.x.events.append((EXCHANGE_END, req))
+
+
+class _ResponseSide:
+    """httptools callbacks for the server -> client direction."""
+
+    __slots__ = ("head_bytes", "informational", "req", "x")
+
+    def __init__(self, exchange: Http1Exchange) -> None:
+        self.x = exchange
+        self.req: Http1Request | None = None
+        self.head_bytes = 0
+        self.informational = False
+
+    def on_message_begin(self) -> None:
+        self.head_bytes = 0
+        self.informational = False
+        self.req = None
+
+    def on_status(self, status: bytes) -> None:
+        self.head_bytes += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+        x = self.x
+        if x.awaiting:
+            x.awaiting[0].response_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        x = self.x
+        status = x.resp_parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # 100 Continue and friends: not the response; llhttp ends this message without a body.
+            self.informational = True
+            if x.awaiting:
+                x.awaiting[0].response_headers.clear()
+            return
+        if not x.awaiting:
+            raise ValueError("response without a request")
+        req = x.awaiting[0]
+        self.req = req
+        req.status = status
+        req.response_at = x.clock()
+        if not x.resp_parser.should_keep_alive():
+            req.closes = True
+        x.events.append((RESPONSE_HEAD, req))
+        if req.method == "HEAD" or (req.method == "CONNECT" and 200 <= status < 300):
+            # No body follows; the head ended exactly at this piece's end (see module doc).
+            x.reset_response_after_piece = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.req is not None:
+            self.req.response_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            return
+        self.x.finish_response()
+
+
+class Http1Exchange:
+    """Classifies one HTTP/1 connection, both directions."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.events: list[Event] = []
+        self.ordinal = 0
+        self.awaiting: deque[Http1Request] = deque()   # heads sent, responses not complete
+        self.head_pending = False                      # a request head has begun, not ended
+        self.head_done_in_piece = False
+        self.reset_response_after_piece = False
+        self.upgraded = False                          # opaque from now on: stop feeding
+        self.failed = False
+        self._req_side = _RequestSide(self)
+        self._resp_side = _ResponseSide(self)
+        self.req_parser = httptools.HttpRequestParser(self._req_side)
+        self.resp_parser = httptools.HttpResponseParser(self._resp_side)
+        self._req_tail = b""
+        self._resp_tail = b""
+        self._upgrade_wait = False                     # request asked to upgrade, no answer yet
+        self._held: list[bytes] = []                   # client bytes after an upgrade request
+        self._held_len = 0
+
+    # -- client -> server --------------------------------------------------------------------
+
+    def feed_request(self, data: bytes) -> list[Event]:
+        if self.upgraded or self.failed:
+            return _NO_EVENTS
+        if self._upgrade_wait:
+            self._hold(data)
+            return self._take()
+        try:
+            self.req_parser.feed_data(data)
+        except httptools.HttpParserUpgrade as up:
+            self._upgrade_wait = True
+            rest = data[int(up.args[0]):]
+            if rest:
+                self._hold(rest)
+        except httptools.HttpParserError as exc:
+            self._client_error(exc)
+        return self._take()
+
+    def feed_request_closing(self, data: bytes) -> tuple[list[Event], bytes, bool]:
+        """Like feed_request, for a draining agent: the next request head completed here gets
+        `Connection: close` added, so the server ends the connection after its response.
+
+        Returns (events, bytes to forward, done): once done, nothing more may be forwarded.
+        """
+        if self.upgraded or self.failed or self._upgrade_wait:
+            return self.feed_request(data), data, False
+        ends = head_terminators(self._req_tail, data)
+        self._req_tail = (self._req_tail + data)[-3:]
+        out = []
+        for piece in _split(data, ends):
+            self.head_done_in_piece = False
+            try:
+                self.req_parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as up:
+                self._upgrade_wait = True
+                out.append(piece)
+                if len(piece) > int(up.args[0]):
+                    self._hold(piece[int(up.args[0]):])
+                return self._take(), b"".join(out), False
+            except httptools.HttpParserError as exc:
+                self._client_error(exc)
+                return self._take(), b"".join(out), True
+            if self.head_done_in_piece and piece.endswith(_TERMINATOR):
+                req = self.awaiting[-1]
+                req.closes = True
+                out.append(piece[:-2] + b"Connection: close\r\n\r\n")
+                return self._take(), b"".join(out), True
+            out.append(piece)
+        return self._take(), b"".join(out), False
+
+    def _hold(self, data: bytes) -> None:
+        self._held.append(data)
+        self._held_len += len(data)
+        if self._held_len > MAX_UNPARSED_AFTER_UPGRADE:
+            # The client did not wait for the answer to its Upgrade: treat it as opaque.
+            self._become_opaque()
+
+    def _client_error(self, exc: Exception) -> None:
+        self.failed = True
+        cause = exc.__context__ or exc.__cause__
+        status = 431 if isinstance(cause, HeadTooLarge) else 400
+        self.events.append((CLIENT_ERROR, status))
+
+    # -- server -> client --------------------------------------------------------------------
+
+    def feed_response(self, data: bytes) -> list[Event]:
+        if self.upgraded or self.failed:
+            return _NO_EVENTS
+        if not self._needs_split():
+            self._feed_response_piece(data)
+            self._resp_tail = data[-3:]
+            return self._take()
+        ends = head_terminators(self._resp_tail, data)
+        self._resp_tail = (self._resp_tail + data)[-3:]
+        start = 0
+        for piece in _split(data, ends):
+            start += len(piece)
+            if not self._feed_response_piece(piece):
+                break
+            if self.reset_response_after_piece:
+                self.reset_response_after_piece = False
+                self.resp_parser = httptools.HttpResponseParser(self._resp_side)
+                req = self.awaiting[0]
+                self.finish_response()
+                if req.method == "CONNECT":
+                    self._become_opaque()
+                    break
+        return self._take()
+
+    def _needs_split(self) -> bool:
+        for req in self.awaiting:
+            if req.method == "HEAD" or req.method == "CONNECT":
+                return True
+        return False
+
+    def _feed_response_piece(self, piece: bytes) -> bool:
+        try:
+            self.resp_parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            if self.resp_parser.get_status_code() == 101 and self._upgrade_wait:
+                # llhttp already ended the 101 message (EXCHANGE_END is out); the rest is opaque.
+                if self.awaiting and self.awaiting[0].status == 101:
+                    self.finish_response()
+                self._become_opaque()
+            else:
+                self._upstream_error()
+            return False
+        except httptools.HttpParserError:
+            self._upstream_error()
+            return False
+        return True
+
+    def finish_response(self) -> None:
+        if not self.awaiting:
+            return
+        req = self.awaiting.popleft()
+        req.response_done = True
+        if req.upgrade and not self.upgraded and req.status != 101:
+            # The server declined the upgrade: the client keeps speaking HTTP/1.
+            self._resume_after_declined_upgrade()
+        if req.done:
+            self.events.append((EXCHANGE_END, req))
+
+    def _resume_after_declined_upgrade(self) -> None:
+        if not self._upgrade_wait:
+            return
+        self._upgrade_wait = False
+        held, self._held, self._held_len = self._held, [], 0
+        self.req_parser = httptools.HttpRequestParser(self._req_side)
+        cur = self._req_side.req
+        if cur is not None:
+            # The upgrade request itself: llhttp skipped its body; call it complete.
+            cur.request_done = True
+            self._req_side.req = None
+        for chunk in held:
+            try:
+                self.req_parser.feed_data(chunk)
+            except httptools.HttpParserError as exc:
+                self._client_error(exc)
+                return
+
+    def _upstream_error(self) -> None:
+        self.failed = True
+        self.events.append((UPSTREAM_ERROR, None))
+
+    def _become_opaque(self) -> None:
+        self.upgraded = True
+        self._held = []
+        self.events.append((UPGRADED, None))
+
+    # -- both --------------------------------------------------------------------------------
+
+    def close(self) -> list[Http1Request]:
+        """The connection ended: the requests that never completed (head seen, not done)."""
+        unfinished = list(self.awaiting)
+        cur = self._req_side.req
+        if cur is not None and cur not in unfinished and cur.started:
+            unfinished.append(cur)
+        self.awaiting.clear()
+        return unfinished
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight and none begun: a safe moment to close a keep-alive connection."""
+        return not self.awaiting and not self.head_pending and self._req_side.req is None
+
+    def _take(self) -> list[Event]:
+        if not self.events:
+            return _NO_EVENTS
+        events = self.events
+        self.events = []
+        return events

@@ -1,0 +1,435 @@
+"""HTTP/2 and gRPC classification for a frame-level relay (sans-IO).
+
+Frames are forwarded untouched by the relay; this module walks the frame headers of both
+directions and decodes only header blocks (HEADERS, CONTINUATION, PUSH_PROMISE) with `hpack`,
+one decoder per direction so its dynamic table stays in step with the peer's encoder. Every
+stream is a request: its request head, response head (`:status`, first non-1xx), end (both
+sides' END_STREAM, or RST_STREAM, or a GOAWAY that excludes it) and `grpc-status` (trailers or
+a trailers-only response). Flow control is end to end: WINDOW_UPDATE and SETTINGS pass through.
+
+docs/agent.md has the measurement that chose this over terminating both sides with `h2`.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+
+from h2.errors import ErrorCodes
+from hpack import Decoder
+from hpack.exceptions import HPACKError
+from nodemesh.agent.detect import H2_PREFACE
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    range(10)
+)
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+MAX_HEADER_BLOCK = 1024 * 1024      # a header block larger than this: ENHANCE_YOUR_CALM
+DRAIN_PING = b"nmdrain!"
+
+# Event kinds; an event is (kind, H2Stream | int).
+REQUEST_HEAD = 1
+RESPONSE_HEAD = 2
+STREAM_END = 3
+CLIENT_PROTOCOL_ERROR = 4   # int: error code to send in a GOAWAY to the client before closing
+UPSTREAM_PROTOCOL_ERROR = 5
+DRAIN_ACKED = 6             # the client acknowledged the drain PING: send the final GOAWAY
+
+Event = tuple[int, object]
+
+_NO_EVENTS: list[Event] = []
+_FRAME_HEADER = struct.Struct(">HBBBL")  # length split as 16+8 bits, type, flags, stream id
+_NEEDS_PAYLOAD = frozenset((HEADERS, CONTINUATION, PUSH_PROMISE, RST_STREAM, SETTINGS, PING, GOAWAY))
+
+
+def error_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"UNKNOWN_ERROR_{code}"
+
+
+def frame(ftype: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    n = len(payload)
+    return _FRAME_HEADER.pack(n >> 8, n & 0xFF, ftype, flags, stream_id) + payload
+
+
+def goaway_frame(last_stream_id: int, code: int = 0) -> bytes:
+    return frame(GOAWAY, 0, 0, struct.pack(">LL", last_stream_id & 0x7FFFFFFF, code))
+
+
+def ping_frame(payload: bytes = DRAIN_PING) -> bytes:
+    return frame(PING, 0, 0, payload)
+
+
+class H2ProtocolError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(error_name(code))
+        self.code = code
+
+
+class H2Stream:
+    __slots__ = (
+        "authority",
+        "client_ended",
+        "grpc",
+        "grpc_status",
+        "headers",
+        "method",
+        "obs",
+        "path",
+        "request_bytes",
+        "reset_error",
+        "response_at",
+        "response_bytes",
+        "response_headers",
+        "scheme",
+        "server_ended",
+        "started",
+        "status",
+        "stream_id",
+    )
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.method = ""
+        self.path = ""
+        self.authority = ""
+        self.scheme = "http"
+        self.headers: list[tuple[str, str]] = []
+        self.grpc = False
+        self.started = 0.0
+        self.status = 0
+        self.response_headers: list[tuple[str, str]] = []
+        self.response_at = 0.0
+        self.grpc_status: int | None = None
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.client_ended = False
+        self.server_ended = False
+        self.reset_error: str | None = None
+        self.obs: object = None
+
+
+class _Direction:
+    """Frame walker for one direction."""
+
+    __slots__ = (
+        "block",
+        "block_flags",
+        "block_stream",
+        "block_type",
+        "boundary_at",
+        "decoder",
+        "flags",
+        "flen",
+        "from_client",
+        "ftype",
+        "hdr",
+        "mark_boundary",
+        "payload",
+        "preface_left",
+        "relay",
+        "remaining",
+        "stream_id",
+    )
+
+    def __init__(self, relay: H2Relay, from_client: bool) -> None:
+        self.relay = relay
+        self.from_client = from_client
+        self.decoder = Decoder()
+        self.hdr = b""
+        self.ftype = -1
+        self.flags = 0
+        self.stream_id = 0
+        self.remaining = 0          # payload bytes of the current frame still to come
+        self.payload: list[bytes] | None = None
+        self.block: list[bytes] = []
+        self.block_stream = 0       # stream of an unfinished header block (CONTINUATION due)
+        self.block_flags = 0
+        self.block_type = 0
+        self.preface_left = len(H2_PREFACE) if from_client else 0
+        self.mark_boundary = False
+        self.boundary_at = -1
+        self.flen = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.remaining == 0 and not self.hdr and self.ftype == -1
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        if self.preface_left:
+            take = min(self.preface_left, end)
+            pos += take
+            self.preface_left -= take
+        while pos < end:
+            if self.ftype == -1:
+                if self.mark_boundary and not self.hdr:
+                    self.mark_boundary = False
+                    self.boundary_at = pos
+                need = 9 - len(self.hdr)
+                chunk = data[pos : pos + need]
+                pos += len(chunk)
+                self.hdr += chunk
+                if len(self.hdr) < 9:
+                    return
+                self._start_frame(self.hdr)
+                self.hdr = b""
+                if self.remaining == 0:
+                    self._end_frame(b"")
+                continue
+            take = min(self.remaining, end - pos)
+            if self.payload is not None:
+                self.payload.append(data[pos : pos + take])
+            elif self.ftype == DATA:
+                self._count_data(data, pos, take)
+            pos += take
+            self.remaining -= take
+            if self.remaining == 0:
+                body = b"".join(self.payload) if self.payload is not None else b""
+                self._end_frame(body)
+        if self.mark_boundary and self.ftype == -1 and not self.hdr:
+            self.mark_boundary = False
+            self.boundary_at = end
+
+    def _start_frame(self, hdr: bytes) -> None:
+        hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack(hdr)
+        length = (hi << 8) | lo
+        self.ftype = ftype
+        self.flags = flags
+        self.stream_id = sid & 0x7FFFFFFF
+        self.remaining = length
+        if self.block_stream and ftype != CONTINUATION:
+            raise H2ProtocolError(ErrorCodes.PROTOCOL_ERROR)
+        if ftype in _NEEDS_PAYLOAD:
+            if length > MAX_HEADER_BLOCK:
+                raise H2ProtocolError(ErrorCodes.ENHANCE_YOUR_CALM)
+            self.payload = []
+        else:
+            self.payload = None
+        self.flen = length
+
+    def _count_data(self, data: bytes, pos: int, take: int) -> None:
+        stream = self.relay.streams.get(self.stream_id)
+        if stream is None or take == 0:
+            return
+        n = take
+        if self.flags & PADDED and self.remaining == self.flen:
+            n -= 1 + data[pos]  # the pad length octet, then that many padding octets
+        if self.from_client:
+            stream.request_bytes += max(n, 0)
+        else:
+            stream.response_bytes += max(n, 0)
+
+    def _end_frame(self, body: bytes) -> None:
+        ftype, flags, sid = self.ftype, self.flags, self.stream_id
+        self.ftype = -1
+        self.payload = None
+        relay = self.relay
+        if ftype == DATA:
+            if flags & END_STREAM:
+                relay.end_side(sid, self.from_client)
+        elif ftype == HEADERS:
+            if sid == 0:
+                raise H2ProtocolError(ErrorCodes.PROTOCOL_ERROR)
+            if flags & PADDED:
+                if not body:
+                    raise H2ProtocolError(ErrorCodes.PROTOCOL_ERROR)
+                pad = body[0]
+                body = body[1 : len(body) - pad] if pad else body[1:]
+            if flags & PRIORITY_FLAG:
+                body = body[5:]
+            self._begin_block(HEADERS, sid, flags, body)
+        elif ftype == PUSH_PROMISE:
+            if flags & PADDED and body:
+                pad = body[0]
+                body = body[1 : len(body) - pad] if pad else body[1:]
+            self._begin_block(PUSH_PROMISE, sid, flags, body[4:])
+        elif ftype == CONTINUATION:
+            if not self.block_stream or sid != self.block_stream:
+                raise H2ProtocolError(ErrorCodes.PROTOCOL_ERROR)
+            self.block.append(body)
+            if sum(len(b) for b in self.block) > MAX_HEADER_BLOCK:
+                raise H2ProtocolError(ErrorCodes.ENHANCE_YOUR_CALM)
+            if flags & END_HEADERS:
+                self._finish_block()
+        elif ftype == RST_STREAM:
+            if len(body) == 4:
+                relay.reset(sid, struct.unpack(">L", body)[0])
+        elif ftype == GOAWAY:
+            if len(body) >= 8:
+                last, code = struct.unpack(">LL", body[:8])
+                relay.goaway(self.from_client, last & 0x7FFFFFFF, code)
+        elif ftype == SETTINGS:
+            if not flags & ACK:
+                relay.settings(self.from_client, body)
+        elif ftype == PING and flags & ACK and self.from_client and body == DRAIN_PING:
+            relay.events.append((DRAIN_ACKED, 0))
+
+    def _begin_block(self, btype: int, sid: int, flags: int, fragment: bytes) -> None:
+        self.block = [fragment]
+        self.block_stream = sid
+        self.block_flags = flags
+        self.block_type = btype
+        if flags & END_HEADERS:
+            self._finish_block()
+
+    def _finish_block(self) -> None:
+        block = b"".join(self.block) if len(self.block) > 1 else self.block[0]
+        sid, flags, btype = self.block_stream, self.block_flags, self.block_type
+        self.block = []
+        self.block_stream = 0
+        try:
+            headers = self.decoder.decode(block, raw=False)
+        except HPACKError as exc:
+            raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
+        if btype == PUSH_PROMISE:
+            return  # decoded only to keep the table in step; pushed streams are not requests
+        if self.from_client:
+            self.relay.client_headers(sid, headers, bool(flags & END_STREAM))
+        else:
+            self.relay.server_headers(sid, headers, bool(flags & END_STREAM))
+
+
+class H2Relay:
+    """Classifies one HTTP/2 connection relayed frame by frame."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.events: list[Event] = []
+        self.streams: dict[int, H2Stream] = {}
+        self.max_client_stream = 0
+        self.failed = False
+        self.client = _Direction(self, True)
+        self.server = _Direction(self, False)
+
+    def feed_client(self, data: bytes) -> list[Event]:
+        if self.failed:
+            return _NO_EVENTS
+        try:
+            self.client.feed(data)
+        except H2ProtocolError as exc:
+            self.failed = True
+            self.events.append((CLIENT_PROTOCOL_ERROR, exc.code))
+        return self._take()
+
+    def feed_server(self, data: bytes) -> list[Event]:
+        if self.failed:
+            return _NO_EVENTS
+        try:
+            self.server.feed(data)
+        except H2ProtocolError as exc:
+            self.failed = True
+            self.events.append((UPSTREAM_PROTOCOL_ERROR, exc.code))
+        return self._take()
+
+    # -- called by the direction walkers ------------------------------------------------------
+
+    def client_headers(self, sid: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:
+            if sid % 2 == 0 or sid <= self.max_client_stream:
+                return  # trailers of a finished stream, or not a client stream: nothing to count
+            self.max_client_stream = sid
+            stream = H2Stream(sid)
+            for name, value in headers:
+                if name[0] == ":":
+                    if name == ":method":
+                        stream.method = value
+                    elif name == ":path":
+                        stream.path = value
+                    elif name == ":authority":
+                        stream.authority = value
+                    elif name == ":scheme":
+                        stream.scheme = value
+                elif name == "content-type" and value.startswith("application/grpc"):
+                    stream.grpc = True
+                elif name == "host" and not stream.authority:
+                    stream.authority = value
+            stream.headers = headers
+            stream.started = self.clock()
+            self.streams[sid] = stream
+            self.events.append((REQUEST_HEAD, stream))
+        if end_stream:
+            self.end_side(sid, True)
+
+    def server_headers(self, sid: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:
+            return
+        if not stream.status:
+            status = 0
+            for name, value in headers:
+                if name == ":status":
+                    status = int(value) if value.isdigit() else 0
+                    break
+            if 100 <= status < 200:
+                return  # informational; the response head is still to come
+            stream.status = status or 200
+            stream.response_headers = headers
+            stream.response_at = self.clock()
+            self.events.append((RESPONSE_HEAD, stream))
+        for name, value in headers:
+            if name == "grpc-status":
+                stream.grpc_status = int(value) if value.isdigit() else 2  # 2: UNKNOWN
+        if end_stream:
+            self.end_side(sid, False)
+
+    def end_side(self, sid: int, from_client: bool) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:
+            return
+        if from_client:
+            stream.client_ended = True
+        else:
+            stream.server_ended = True
+        # A response that is complete ends the request, even if the client never half-closed
+        # (servers may answer before reading the whole request).
+        if stream.server_ended:
+            self._finish(stream)
+
+    def reset(self, sid: int, code: int) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.reset_error = error_name(code)
+            self._finish(stream)
+
+    def goaway(self, from_client: bool, last_stream_id: int, code: int) -> None:
+        if from_client:
+            return  # the client will not accept pushes; client streams are unaffected
+        # Streams above last_stream_id were never processed by the server.
+        for sid in [s for s in self.streams if s > last_stream_id]:
+            stream = self.streams[sid]
+            stream.reset_error = f"GOAWAY_{error_name(code)}" if code else "REFUSED_STREAM"
+            self._finish(stream)
+
+    def settings(self, from_client: bool, body: bytes) -> None:
+        # SETTINGS_HEADER_TABLE_SIZE announced by one side bounds what the other side's encoder
+        # may use, so it sets the decoder of the *opposite* direction.
+        for off in range(0, len(body) - len(body) % 6, 6):
+            ident, value = struct.unpack(">HL", body[off : off + 6])
+            if ident == 1:
+                other = self.server if from_client else self.client
+                other.decoder.max_allowed_table_size = value
+
+    def _finish(self, stream: H2Stream) -> None:
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self.events.append((STREAM_END, stream))
+
+    # -- used by the relay ---------------------------------------------------------------------
+
+    def close(self) -> list[H2Stream]:
+        """The connection ended: streams that never finished."""
+        left = list(self.streams.values())
+        self.streams.clear()
+        return left
+
+    def _take(self) -> list[Event]:
+        if not self.events:
+            return _NO_EVENTS
+        events = self.events
+        self.events = []
+        return events

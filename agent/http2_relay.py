@@ -1,0 +1,109 @@
+"""HTTP/2 (and gRPC) relay mode: frames forwarded untouched, classified by http2.H2Relay.
+
+The agent injects frames toward the client only at frame boundaries of the server's stream:
+a GOAWAY on a client protocol error, and on drain the two-step GOAWAY (last id 2^31-1 plus a
+PING, then the real last stream id once the PING comes back) so that no stream the client sent
+before it saw the GOAWAY is left unprocessed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from nodemesh.agent import http2
+from nodemesh.agent.http2 import H2Relay, H2Stream, goaway_frame, ping_frame
+from nodemesh.agent.observe import RequestEnd, RequestHead
+
+if TYPE_CHECKING:
+    from nodemesh.agent.relay import Connection
+
+
+class Http2Mode:
+    __slots__ = ("conn", "drain_state", "inject", "observer", "protocol", "relay")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.protocol = "http2"
+        self.observer = conn.ctx.observer
+        self.relay = H2Relay()
+        self.inject: list[bytes] = []   # frames for the client, waiting for a frame boundary
+        self.drain_state = 0            # 0 running, 1 first GOAWAY+PING sent, 2 final GOAWAY sent
+
+    def client_data(self, data: bytes) -> None:
+        events = self.relay.feed_client(data)
+        if events and self._handle(events):
+            return
+        self.conn.up.write(data)  # type: ignore[union-attr]
+
+    def upstream_data(self, data: bytes) -> None:
+        server = self.relay.server
+        if self.inject:
+            server.boundary_at = -1
+            server.mark_boundary = True
+        events = self.relay.feed_server(data)
+        client = self.conn.client
+        if self.inject and server.boundary_at >= 0:
+            at = server.boundary_at
+            server.boundary_at = -1
+            frames = b"".join(self.inject)
+            self.inject = []
+            client.write(data[:at] + frames + data[at:])  # type: ignore[union-attr]
+            self.conn.write_bytes += len(frames)
+        else:
+            client.write(data)  # type: ignore[union-attr]
+        if events:
+            self._handle(events)
+
+    def _send_to_client(self, frames: bytes) -> None:
+        if self.relay.server.at_boundary and not self.inject:
+            self.conn.write_client(frames)
+        else:
+            self.inject.append(frames)
+
+    def _handle(self, events: list[http2.Event]) -> bool:
+        observer = self.observer
+        for kind, arg in events:
+            if kind == http2.REQUEST_HEAD:
+                s: H2Stream = arg  # type: ignore[assignment]
+                s.obs = observer.request_start(self.conn.obs, RequestHead(
+                    s.method, s.scheme, s.authority, s.path, s.headers, s.grpc, s.stream_id, s.started))
+            elif kind == http2.RESPONSE_HEAD:
+                s = arg  # type: ignore[assignment]
+                observer.response_start(s.obs, s.status, s.response_headers, s.response_at)
+            elif kind == http2.STREAM_END:
+                s = arg  # type: ignore[assignment]
+                observer.request_end(s.obs, RequestEnd(
+                    s.grpc_status, s.reset_error, s.request_bytes, s.response_bytes, time.monotonic()))
+                if self.drain_state == 2 and not self.relay.streams:
+                    self.conn.close_both()
+            elif kind == http2.DRAIN_ACKED and self.drain_state == 1:
+                self.drain_state = 2
+                self._send_to_client(goaway_frame(self.relay.max_client_stream))
+                if not self.relay.streams:
+                    self.conn.close_both()
+            elif kind == http2.CLIENT_PROTOCOL_ERROR:
+                # Answer like a server: GOAWAY with the error, then close (nothing forwarded).
+                if self.relay.server.at_boundary:
+                    self.conn.write_client(goaway_frame(self.relay.max_client_stream, int(arg)))  # type: ignore
+                self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
+                self.conn.close_both()
+                return True
+            elif kind == http2.UPSTREAM_PROTOCOL_ERROR:
+                self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
+        return False
+
+    def _end_all(self, error: str) -> None:
+        now = time.monotonic()
+        for s in self.relay.close():
+            self.observer.request_end(s.obs, RequestEnd(
+                s.grpc_status, s.reset_error or error, s.request_bytes, s.response_bytes, now))
+
+    def drain(self) -> None:
+        if self.drain_state or self.relay.failed:
+            return
+        self.drain_state = 1
+        self._send_to_client(goaway_frame(0x7FFFFFFF) + ping_frame())
+
+    def close(self, upstream_clean: bool) -> None:
+        self._end_all("connection closed")

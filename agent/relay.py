@@ -1,0 +1,418 @@
+"""One proxied connection: the accepted client side, its upstream, and the bytes between them.
+
+`Connection` is the asyncio Protocol for the accepted socket. On accept it learns the original
+destination, picks the endpoint, and starts the upstream connect at once (so a server that
+speaks first is heard) while protocol detection waits for the client's first bytes. Once the
+protocol is known a *mode* (tcp.TcpMode, http1_relay.Http1Mode, http2_relay.Http2Mode) owns
+what happens to the bytes; this module owns the lifecycle, flow control and half-close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.detect import HTTP1, HTTP2, NEED_MORE, TCP, Detection, detect
+from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
+from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
+
+log = logging.getLogger("nodemesh.agent.relay")
+
+MAX_DETECT_BYTES = 64 * 1024   # no protocol decided after this many bytes: opaque
+
+
+class Mode(Protocol):
+    protocol: str
+
+    def client_data(self, data: bytes) -> None: ...
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def close(self, upstream_clean: bool) -> None: ...
+
+
+class WorkerContext:
+    """What every connection of a worker shares: config, observer, endpoint picker, live set."""
+
+    def __init__(self, config: AgentConfig, observer: Observer, picker: EndpointPicker,
+                 mode_factory: Callable[[str, Connection], Mode]) -> None:
+        self.config = config
+        self.observer = observer
+        self.picker = picker
+        self.mode_factory = mode_factory
+        self.live: set[Connection] = set()
+        self.draining = False
+        self.listen_ports = frozenset((config.outbound_port, config.inbound_port, config.admin_port))
+        self.opaque_ports = frozenset(config.opaque_ports)
+        self.transparent_ok = config.transparent   # set False after the kernel refuses once
+        self._ids = itertools.count(1)
+        self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def forget(self, conn: Connection) -> None:
+        self.live.discard(conn)
+        if not self.live and self.on_idle is not None:
+            self.on_idle()
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "client",
+        "client_eof",
+        "client_lost",
+        "connect_task",
+        "connecting",
+        "ctx",
+        "detect_timer",
+        "direction",
+        "drain_requested",
+        "error",
+        "finished",
+        "meta",
+        "mode",
+        "obs",
+        "opened",
+        "paused_for_connect",
+        "pending",
+        "pending_len",
+        "read_bytes",
+        "up",
+        "up_eof",
+        "up_lost",
+        "write_bytes",
+    )
+
+    def __init__(self, ctx: WorkerContext, direction: str) -> None:
+        self.ctx = ctx
+        self.direction = direction
+        self.client: asyncio.Transport | None = None
+        self.up: asyncio.Transport | None = None
+        self.mode: Mode | None = None
+        self.meta: ConnectionMeta | None = None
+        self.obs: Any = None
+        self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.read_bytes = 0
+        self.write_bytes = 0
+        self.client_eof = False
+        self.up_eof = False
+        self.client_lost = False
+        self.up_lost = False
+        self.finished = False
+        self.opened = False
+        self.detect_timer: asyncio.TimerHandle | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.error: str | None = None
+        self.drain_requested = False
+        self.paused_for_connect = False
+        self.connecting = False
+
+    # -- accept ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.client = transport
+        ctx = self.ctx
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        original, natted = original_destination(sock)
+        if not natted and original[1] in ctx.listen_ports:
+            # Dialled the agent itself (no capture rule in between): proxying would loop.
+            self.finished = True
+            transport.abort()
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        destination = ctx.picker.pick(original[0], original[1])
+        self.meta = ConnectionMeta(
+            conn_id=ctx.next_id(), direction=self.direction, source=(peer[0], peer[1]),
+            original_destination=original, destination=destination, started=time.monotonic(),
+        )
+        ctx.picker.acquire(destination)
+        ctx.live.add(self)
+        loop = asyncio.get_running_loop()
+        if original[1] in ctx.opaque_ports:
+            self._decide(Detection(TCP))
+        else:
+            self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
+        self.connecting = True
+        self.connect_task = loop.create_task(self._connect(peer[0], destination))
+
+    async def _connect(self, source_ip: str, destination: tuple[str, int]) -> None:
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        sock, transparent = upstream_socket(source_ip if ctx.transparent_ok else None)
+        if ctx.transparent_ok and not transparent:
+            ctx.transparent_ok = False
+            log.warning("event=transparent_unavailable fallback=node_address")
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, destination), ctx.config.connect_timeout_s)
+            await loop.create_connection(lambda: _Upstream(self), sock=sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self.connecting = False
+            code = getattr(exc, "errno", None)
+            self.error = f"connect: {errno.errorcode.get(code, 'timeout') if code else 'timeout'}"
+            self._upstream_failed()
+        except asyncio.CancelledError:
+            sock.close()
+            self.connecting = False
+            self.up_lost = True
+            self._maybe_finish()
+            raise
+        else:
+            self.connecting = False
+
+    # -- detection ---------------------------------------------------------------------------
+
+    def _detect_timeout(self) -> None:
+        self.detect_timer = None
+        if self.mode is None:
+            self._decide(Detection(TCP))
+
+    def _decide(self, detection: Detection) -> None:
+        if self.detect_timer is not None:
+            self.detect_timer.cancel()
+            self.detect_timer = None
+        meta = self.meta
+        assert meta is not None
+        meta.protocol = detection.protocol
+        meta.sni = detection.sni
+        self.obs = self.ctx.observer.connection_open(meta)
+        self.opened = True
+        self.mode = self.ctx.mode_factory(detection.protocol, self)
+        if self.up is not None:
+            self._flush_pending()
+        elif self.pending and self.client is not None and not self.client_lost:
+            # Upstream not there yet: stop reading until it is (bounded buffering).
+            self.client.pause_reading()
+            self.paused_for_connect = True
+        if self.drain_requested:
+            self.mode.drain()
+
+    def _flush_pending(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending = []
+            self.pending_len = 0
+            self.mode.client_data(data)  # type: ignore[union-attr]
+        if self.client_eof and self.up is not None and not self.up_lost:
+            self._half_close_upstream()
+
+    # -- client side -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.read_bytes += len(data)
+        mode = self.mode
+        if mode is not None and self.up is not None:
+            mode.client_data(data)
+            return
+        self.pending.append(data)
+        self.pending_len += len(data)
+        if mode is None:
+            buffered = b"".join(self.pending) if len(self.pending) > 1 else data
+            result = detect(buffered)
+            if result.protocol == NEED_MORE:
+                if self.pending_len < MAX_DETECT_BYTES:
+                    return
+                result = Detection(TCP)
+            self._decide(result)
+        elif self.client is not None and not self.paused_for_connect:
+            self.client.pause_reading()
+            self.paused_for_connect = True
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.mode is None and self.meta is not None:
+            result = detect(b"".join(self.pending))
+            self._decide(result if result.protocol != NEED_MORE else Detection(TCP))
+        elif self.up is not None and not self.up_lost and not self.pending:
+            self._half_close_upstream()
+        if self.up_eof or self.up_lost:
+            self.close_both()
+        return True
+
+    def _half_close_upstream(self) -> None:
+        up = self.up
+        if up is not None and up.can_write_eof() and not up.is_closing():
+            up.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client_lost = True
+        if exc is not None and self.error is None:
+            self.error = type(exc).__name__
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        if self.up is not None and not self.up_lost:
+            if exc is not None:
+                self.up.abort()
+            else:
+                self.up.close()
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None and not self.up_lost:
+            self.up.resume_reading()
+
+    # -- upstream side -----------------------------------------------------------------------
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        if self.client_lost:
+            transport.close()
+            return
+        self.up = transport
+        if self.mode is not None:
+            self._flush_pending()
+        if self.paused_for_connect and self.client is not None:
+            self.paused_for_connect = False
+            self.client.resume_reading()
+
+    def upstream_data(self, data: bytes) -> None:
+        self.write_bytes += len(data)
+        mode = self.mode
+        if mode is None:
+            # The server spoke first: not HTTP. Decide now instead of waiting for the timeout.
+            self._decide(Detection(TCP))
+            mode = self.mode
+        mode.upstream_data(data)  # type: ignore[union-attr]
+
+    def upstream_eof(self) -> bool:
+        self.up_eof = True
+        client = self.client
+        if client is not None and not self.client_lost and client.can_write_eof() and not client.is_closing():
+            client.write_eof()
+        if self.client_eof:
+            self.close_both()
+        return True
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.up_lost = True
+        if exc is not None and self.error is None:
+            self.error = f"upstream: {type(exc).__name__}"
+        if self.client is not None and not self.client_lost:
+            if exc is not None:
+                set_reset_on_close(self.client.get_extra_info("socket"))
+                self.client.abort()
+            else:
+                self.client.close()
+        self._maybe_finish()
+
+    def _upstream_failed(self) -> None:
+        self.up_lost = True
+        if self.mode is None and self.meta is not None:
+            self._decide(Detection(TCP))
+        client = self.client
+        if client is not None and not self.client_lost:
+            # Behave like the destination refused: the client sees a reset, not an accepted
+            # connection that silently closes.
+            set_reset_on_close(client.get_extra_info("socket"))
+            client.abort()
+        self._maybe_finish()
+
+    # -- both --------------------------------------------------------------------------------
+
+    def write_client(self, data: bytes) -> None:
+        """Bytes the agent itself sends to the client (error responses, GOAWAY)."""
+        if self.client is not None and not self.client_lost and not self.client.is_closing():
+            self.write_bytes += len(data)
+            self.client.write(data)
+
+    def close_both(self) -> None:
+        if self.client is not None and not self.client_lost:
+            self.client.close()
+        if self.up is not None and not self.up_lost:
+            self.up.close()
+        elif self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+
+    def abort_both(self) -> None:
+        if self.client is not None and not self.client_lost:
+            self.client.abort()
+        if self.up is not None and not self.up_lost:
+            self.up.abort()
+        elif self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+
+    def drain(self) -> None:
+        """The agent is shutting down: let this connection end at its next safe point."""
+        self.drain_requested = True
+        if self.mode is not None:
+            self.mode.drain()
+
+    def _maybe_finish(self) -> None:
+        if self.finished or not self.client_lost:
+            return
+        if self.up is not None and not self.up_lost:
+            return
+        if self.connecting:
+            return  # cancellation in flight: _connect finishes us
+        self.finished = True
+        if self.detect_timer is not None:
+            self.detect_timer.cancel()
+            self.detect_timer = None
+        ctx = self.ctx
+        meta = self.meta
+        assert meta is not None
+        if not self.opened:
+            result = detect(b"".join(self.pending)) if self.pending else Detection(TCP)
+            meta.protocol = result.protocol if result.protocol != NEED_MORE else TCP
+            self.obs = ctx.observer.connection_open(meta)
+            self.opened = True
+        if self.mode is not None:
+            self.mode.close(self.up_eof)
+        ctx.observer.connection_close(
+            self.obs, ConnectionEnd(self.read_bytes, self.write_bytes, time.monotonic(), self.error)
+        )
+        ctx.picker.release(meta.destination)
+        ctx.forget(self)
+
+
+class _Upstream(asyncio.Protocol):
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.conn.upstream_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return self.conn.upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        client = self.conn.client
+        if client is not None and not self.conn.client_lost:
+            client.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.conn.client
+        if client is not None and not self.conn.client_lost and not self.conn.paused_for_connect:
+            client.resume_reading()
+
+
+__all__ = ["HTTP1", "HTTP2", "Connection", "Mode", "WorkerContext"]

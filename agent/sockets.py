@@ -1,0 +1,92 @@
+"""Socket plumbing for the traffic path: listeners, original destination, transparent upstreams."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Any
+
+SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
+IP_TRANSPARENT = 19           # linux/in.h
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A listening socket that other agents (workers, a newer agent) may bind too: SO_REUSEPORT."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            # Lets a TPROXY rule deliver connections for addresses that are not local.
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        except OSError:
+            pass
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def original_destination(sock: Any) -> tuple[tuple[str, int], bool]:
+    """(address the client dialled, True if it came from a NAT entry).
+
+    With a nat REDIRECT/DNAT rule conntrack knows the pre-NAT destination (SO_ORIGINAL_DST);
+    with TPROXY (no NAT entry) the accepted socket's own address is the original destination.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port = int.from_bytes(raw[2:4], "big")
+        return (socket.inet_ntoa(raw[4:8]), port), True
+    except OSError:
+        host, port = sock.getsockname()[:2]
+        return (host, port), False
+
+
+def set_reset_on_close(sock: Any) -> None:
+    """Closing sends RST instead of FIN: the client sees a refused/aborted connection."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+
+
+def upstream_socket(source_ip: str | None) -> tuple[socket.socket, bool]:
+    """A non-blocking socket for the upstream connection, bound to the calling pod's IP when the
+    kernel lets us (IP_TRANSPARENT needs CAP_NET_ADMIN, and the redirector's return-path rules
+    for replies to come back to this host). Returns (socket, transparent?)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if source_ip:
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+            return sock, True
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EADDRNOTAVAIL, errno.EACCES, errno.EINVAL):
+                sock.close()
+                raise
+            sock.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock, False
+
+
+def enable_request_migration() -> bool:
+    """net.ipv4.tcp_migrate_req=1: when a draining agent closes its SO_REUSEPORT listener, the
+    connections still in its accept queue move to another listener of the group instead of being
+    reset. Per network namespace; best effort (read-only /proc in some containers)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req", "r+") as f:
+            if f.read().strip() != "1":
+                f.seek(0)
+                f.write("1")
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,97 @@
+"""One worker process: a full proxy on the shared ports (SO_REUSEPORT), its own telemetry.
+
+Started by the supervisor as `python -m nodemesh.agent.worker --index I --channel-fd FD
+--config JSON`; prints `ready` on stdout once its listeners are bound, drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import dataclasses
+import json
+import logging
+import signal
+import sys
+
+import uvloop
+from nodemesh.agent import workerlink
+from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.drain import drain
+from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.eventlog import JsonlObserver, TeeObserver
+from nodemesh.agent.inbound import serve_inbound
+from nodemesh.agent.modes import make_mode
+from nodemesh.agent.observe import Observer
+from nodemesh.agent.outbound import serve_outbound
+from nodemesh.agent.relay import WorkerContext
+from nodemesh.agent.sockets import listen_socket
+
+log = logging.getLogger("nodemesh.agent.worker")
+PR_SET_PDEATHSIG = 1
+
+
+def config_to_json(config: AgentConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+def config_from_json(text: str) -> AgentConfig:
+    raw = json.loads(text)
+    for f in dataclasses.fields(AgentConfig):
+        if isinstance(raw.get(f.name), list):
+            raw[f.name] = tuple(raw[f.name])
+    return AgentConfig(**raw)
+
+
+async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_log: str | None) -> int:
+    from nodemesh.agent.telemetry import WorkerTelemetry
+
+    child_end = workerlink.ChannelEnd.from_fd(channel_fd) if channel_fd is not None else None
+    tele = WorkerTelemetry(config, child_end, index)
+    observer: Observer = tele
+    if event_log:
+        observer = TeeObserver(tele, JsonlObserver(event_log))
+    await tele.start()
+    outbound = WorkerContext(config, observer, EndpointPicker(tele.index), make_mode)
+    inbound = WorkerContext(config, observer, EndpointPicker(None), make_mode)
+    servers = [
+        await serve_outbound(outbound, listen_socket(config.listen_host, config.outbound_port)),
+        await serve_inbound(inbound, listen_socket(config.listen_host, config.inbound_port)),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    log.info("event=worker_listening index=%d outbound=%d inbound=%d", index, config.outbound_port,
+             config.inbound_port)
+    await stop.wait()
+    await drain(servers, [outbound, inbound], config.drain_grace_s)
+    await tele.stop()
+    return 0
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nodemesh.agent.worker")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--channel-fd", type=int, default=None)
+    parser.add_argument("--config", required=True, help="AgentConfig as JSON")
+    parser.add_argument("--event-log", default=None)
+    args = parser.parse_args(argv)
+    config = config_from_json(args.config)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s level=%(levelname)s worker={args.index} %(message)s")
+    _die_with_parent()
+    return uvloop.run(serve(config, args.index, args.channel_fd, args.event_log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
