@@ -307,8 +307,13 @@ def _binding(name: str, v: InstallValues, component: str) -> dict[str, Any]:
     }
 
 
+def to_yaml(obj: Any) -> str:
+    """One YAML document, as every embedded file (config.yaml, prometheus.yml) is written."""
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096)
+
+
 def config_document(v: InstallValues) -> str:
-    return yaml.dump(v.mesh_config(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return to_yaml(v.mesh_config())
 
 
 def _config_map(v: InstallValues) -> dict[str, Any]:

@@ -12,6 +12,7 @@ want_test=0
 apt_packages=(iptables ebtables conntrack iproute2 procps kmod psmisc)
 if [ "$want_test" = 1 ]; then
   apt_packages+=(nginx-light wrk nghttp2-client curl netcat-openbsd)
+  apt_packages+=(ruby shellcheck)  # lint the Vagrantfile (ruby -c) and the shell scripts
 fi
 
 missing=()
