@@ -25,6 +25,7 @@ from typing import Literal
 from nodemesh.redirector.plan import (
     CHAIN_INBOUND,
     CHAIN_OUTBOUND,
+    CHAIN_OUTPUT,
     CHAIN_PREROUTING,
     COMMENT_PREFIX,
     IPTABLES_TABLES,
@@ -33,7 +34,7 @@ from nodemesh.redirector.plan import (
 from pyroute2 import IPRoute, NetNS
 
 Backend = Literal["nft", "legacy"]
-OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND)
+OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT)
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 

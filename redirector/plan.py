@@ -22,6 +22,7 @@ from nodemesh.redirector.config import CaptureConfig
 CHAIN_PREROUTING = "NODEMESH_PREROUTING"
 CHAIN_OUTBOUND = "NODEMESH_OUTBOUND"
 CHAIN_INBOUND = "NODEMESH_INBOUND"
+CHAIN_OUTPUT = "NODEMESH_OUTPUT"
 COMMENT_PREFIX = "nodemesh: "
 IPTABLES_TABLES = ("raw", "mangle", "nat", "filter")
 
@@ -164,6 +165,19 @@ def build_plan(config: CaptureConfig) -> Plan:
     rules.append(Rule("mangle", CHAIN_PREROUTING, "-p tcp -m socket --transparent",
                       f"-j MARK --set-xmark {mark}",
                       "packet of a local transparent socket: route it to the socket"))
+    # The socket match cannot find the socket when kube-proxy DNATed the agent's upstream connection
+    # in OUTPUT (the agent dialled a ClusterIP): the reply comes from the endpoint, not the address the
+    # socket is connected to. Conntrack still knows the connection: mark it when it leaves (a locally
+    # sent packet whose source is not a node address comes from a transparent socket), mark replies.
+    rules.append(Rule("mangle", CHAIN_PREROUTING, f"-p tcp -m connmark --mark {mark}",
+                      f"-j MARK --set-xmark {mark}",
+                      "reply on a connection of a transparent socket: route it to the socket"))
+    chains.append(("mangle", CHAIN_OUTPUT))
+    hooks.append(Hook("mangle", "OUTPUT", CHAIN_OUTPUT,
+                      "remember connections of transparent agent sockets", capture=False))
+    rules.append(Rule("mangle", CHAIN_OUTPUT, "-p tcp -m addrtype ! --src-type LOCAL",
+                      f"-j CONNMARK --set-xmark {mark}",
+                      "sent from a non-node address: a transparent socket, mark its connection"))
     if config.mechanism == "tproxy":
         rules.append(Rule("mangle", CHAIN_PREROUTING, f"-p tcp -m mark --mark {mark}", "-j RETURN",
                           "already belongs to a transparent socket: never divert it again"))

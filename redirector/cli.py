@@ -1,0 +1,111 @@
+"""`python -m nodemesh.redirector plan|apply|remove|run`: the redirector's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+from nodemesh.redirector.apply import ApplyError, Netfilter, Redirector, detect_backend
+from nodemesh.redirector.config import (
+    DEFAULT_ROUTE_TABLE,
+    DEFAULT_RULE_PRIORITY,
+    DEFAULT_TRANSPARENT_MARK,
+    CaptureConfig,
+    ConfigError,
+)
+from nodemesh.redirector.plan import build_plan, render_dry_run
+from nodemesh.redirector.runner import FailOpenRunner, KVLog, RunnerConfig
+
+
+def _csv(text: str) -> list[str]:
+    return [p for p in text.split(",") if p]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(p, 0) for p in _csv(text))
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--node-ip", help="the node's own address (DNAT target)")
+    common.add_argument("--pod-cidr", action="append", default=[],
+                        help="this node's pod CIDR (repeat or comma-separate)")
+    common.add_argument("--outbound-port", type=int, default=OUTBOUND_PORT)
+    common.add_argument("--inbound-port", type=int, default=INBOUND_PORT)
+    common.add_argument("--admin-port", type=int, default=ADMIN_PORT)
+    common.add_argument("--skip-ports", type=_ints, default=None,
+                        help="destination ports never captured (the agent's own always are)")
+    common.add_argument("--exclude-ip", action="append", default=[], help="pod IPs never captured")
+    common.add_argument("--ignore-mark", action="append", type=lambda s: int(s, 0), default=[])
+    common.add_argument("--mechanism", choices=("dnat", "tproxy"), default="dnat")
+    common.add_argument("--mark", type=lambda s: int(s, 0), default=DEFAULT_TRANSPARENT_MARK)
+    common.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE)
+    common.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY)
+    common.add_argument("--no-bridge-replies", action="store_true",
+                        help="leave out the ebtables rule that routes local pod-to-pod TCP on bridges")
+    common.add_argument("--backend", choices=("auto", "nft", "legacy"), default="auto",
+                        help="iptables backend (auto: the one holding the node's rules)")
+    common.add_argument("--netns", default=None, help="act inside this named network namespace")
+
+    parser = argparse.ArgumentParser(prog="python -m nodemesh.redirector",
+                                     description="nodemesh capture: plan, apply, remove, run fail-open")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    plan = sub.add_parser("plan", parents=[common], help="print the rule plan")
+    plan.add_argument("--dry-run", action="store_true", help="print only (the default: plan never applies)")
+    sub.add_parser("apply", parents=[common], help="install the plan (idempotent)")
+    sub.add_parser("remove", parents=[common], help="remove everything nodemesh installed")
+    run = sub.add_parser("run", parents=[common], help="watch the agent; capture only while it is ready")
+    run.add_argument("--agent-admin", default=f"http://127.0.0.1:{ADMIN_PORT}")
+    run.add_argument("--grace", type=float, default=2.0, help="seconds not ready before failing open")
+    run.add_argument("--poll", type=float, default=0.25)
+    return parser
+
+
+def _capture_config(args: argparse.Namespace, required: bool = True) -> CaptureConfig:
+    cidrs = tuple(c for arg in args.pod_cidr for c in _csv(arg))
+    if not required and (not args.node_ip or not cidrs):
+        # Removal finds our rules by name and comment; only the routing part needs the numbers.
+        args.node_ip, cidrs = args.node_ip or "127.0.0.1", cidrs or ("127.0.0.0/8",)
+    if not args.node_ip or not cidrs:
+        raise ConfigError("--node-ip and --pod-cidr are required")
+    return CaptureConfig(
+        node_ip=args.node_ip, pod_cidrs=cidrs, outbound_port=args.outbound_port,
+        inbound_port=args.inbound_port, admin_port=args.admin_port, skip_ports=args.skip_ports,
+        excluded_ips=tuple(ip for arg in args.exclude_ip for ip in _csv(arg)),
+        ignore_marks=tuple(args.ignore_mark), mechanism=args.mechanism, transparent_mark=args.mark,
+        route_table=args.route_table, rule_priority=args.rule_priority,
+        bridge_replies=not args.no_bridge_replies,
+    )
+
+
+def _redirector(args: argparse.Namespace) -> Redirector:
+    backend = detect_backend(args.netns) if args.backend == "auto" else args.backend
+    return Redirector(Netfilter(backend=backend, netns=args.netns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log = KVLog()
+    try:
+        config = _capture_config(args, required=args.verb != "remove")
+        if args.verb == "plan":
+            sys.stdout.write(render_dry_run(build_plan(config)))
+            return 0
+        redirector = _redirector(args)
+        if args.verb == "apply":
+            changed = redirector.apply(build_plan(config))
+            log("applied", changed=str(changed).lower(), backend=redirector.nf.backend)
+        elif args.verb == "remove":
+            changed = redirector.remove(build_plan(config))
+            log("removed", changed=str(changed).lower(), backend=redirector.nf.backend)
+        else:
+            runner = FailOpenRunner(RunnerConfig(config, agent_admin=args.agent_admin, grace_s=args.grace,
+                                                 poll_s=args.poll), redirector, log)
+            runner.install_signal_handlers()
+            runner.run()
+        return 0
+    except (ConfigError, ApplyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

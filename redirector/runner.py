@@ -1,0 +1,133 @@
+"""The fail-open runner: keeps capture installed while the agent is ready, and only then.
+
+Every `poll_s` it asks the agent's `/ready`. Ready: make sure the plan (with the excluded pod IPs the
+agent reports on `/capture`) is installed with its capture hooks. Not ready for longer than `grace_s`:
+remove the capture hooks so pods talk directly instead of failing, until the agent is back. SIGTERM
+removes everything installed. Transitions are logged as one key=value line each.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from nodemesh.redirector.apply import Redirector
+from nodemesh.redirector.config import CaptureConfig
+from nodemesh.redirector.plan import Plan, build_plan
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    capture: CaptureConfig
+    agent_admin: str = "http://127.0.0.1:4191"
+    grace_s: float = 2.0
+    poll_s: float = 0.25
+    http_timeout_s: float = 0.2
+
+
+class KVLog:
+    """One event per line, key=value, to a stream (stderr by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def __call__(self, event: str, **fields: object) -> None:
+        parts = [f"ts={time.time():.3f}", "component=redirector", f"event={event}"]
+        for key, value in fields.items():
+            text = str(value)
+            parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+        print(" ".join(parts), file=self.stream, flush=True)
+
+
+class FailOpenRunner:
+    def __init__(self, config: RunnerConfig, redirector: Redirector,
+                 log: Callable[..., None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.redirector = redirector
+        self.log = log or KVLog()
+        self.clock = clock
+        self.capturing = False
+        self.plan: Plan | None = None
+        self.last_ready = clock()
+        self.excluded: tuple[str, ...] = ()
+        self._stop = threading.Event()
+
+    # --------------------------------------------------------------------------- talking to the agent
+    def _get(self, path: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(self.config.agent_admin.rstrip("/") + path,
+                                        timeout=self.config.http_timeout_s) as resp:
+                return resp.read() if resp.status == 200 else None
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def agent_ready(self) -> bool:
+        return self._get("/ready") is not None
+
+    def excluded_ips(self) -> tuple[str, ...]:
+        """What the agent says today; on an unreadable answer, what it said last time."""
+        body = self._get("/capture")
+        if body is None:
+            return self.excluded
+        try:
+            ips = json.loads(body).get("excluded_ips", [])
+            return self.config.capture.with_excluded(tuple(str(ip) for ip in ips)).excluded_ips
+        except (ValueError, AttributeError, TypeError):
+            self.log("capture_answer_invalid", body=body[:200].decode(errors="replace"))
+            return self.excluded
+
+    # ----------------------------------------------------------------------------------- one step
+    def step(self) -> None:
+        now = self.clock()
+        if self.agent_ready():
+            self.last_ready = now
+            excluded = self.excluded_ips()
+            if not self.capturing or excluded != self.excluded or self.plan is None:
+                plan = build_plan(self.config.capture.with_excluded(excluded))
+                self.redirector.apply(plan, capture=True)
+                if not self.capturing:
+                    self.log("capture_installed", reason="agent_ready", excluded_ips=len(excluded))
+                else:
+                    self.log("capture_updated", excluded_ips=len(excluded))
+                self.plan, self.excluded, self.capturing = plan, excluded, True
+        elif self.capturing and now - self.last_ready > self.config.grace_s:
+            assert self.plan is not None
+            self.redirector.set_capture(self.plan, capture=False)
+            self.capturing = False
+            self.log("capture_removed", reason="agent_not_ready", fail_open="true",
+                     not_ready_s=f"{now - self.last_ready:.2f}")
+
+    def run(self) -> None:
+        self.log("started", agent_admin=self.config.agent_admin, grace_s=self.config.grace_s,
+                 mechanism=self.config.capture.mechanism, backend=self.redirector.nf.backend)
+        try:
+            while not self._stop.is_set():
+                started = self.clock()
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 (a failed apply must not kill the watcher: retry next poll)
+                    self.log("step_failed", error=repr(exc))
+                self._stop.wait(max(0.0, self.config.poll_s - (self.clock() - started)))
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        plan = self.plan or build_plan(self.config.capture)
+        self.redirector.remove(plan)
+        self.capturing = False
+        self.log("capture_uninstalled", reason="shutdown")
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())

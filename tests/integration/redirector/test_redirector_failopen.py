@@ -1,0 +1,69 @@
+"""The fail-open runner as it runs in the DaemonSet: a process in the node watching the agent's /ready."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from redirector_minicluster import NODE_IP, POD_CIDR, MiniCluster, assert_same, read_records
+
+pytestmark = pytest.mark.root
+GRACE_S = 2.0
+
+
+def _wait(predicate, timeout: float, step: float = 0.1) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until predicate() held; raises after timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(step)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+def test_redirector_fail_open_and_resume(mini_cluster: MiniCluster) -> None:
+    cl = mini_cluster
+    a, b = cl.pods["a"], cl.pods["b"]
+    before = cl.snapshot(1)
+    standin, record = cl.standin(1)
+    runner = cl.spawn(cl.nodes[1], "-m", "nodemesh.redirector", "run", "--node-ip", NODE_IP[1],
+                      "--pod-cidr", POD_CIDR[1], "--grace", str(GRACE_S), log="runner.log")
+
+    def captured_dial() -> bool:
+        n = len(read_records(record))
+        res = cl.dial(a, b.ip, 8080, timeout=1)
+        return res.stdout.strip() == a.ip and len(read_records(record)) > n
+
+    def direct_dial() -> bool:
+        return cl.dial(a, b.ip, 8080, timeout=0.5).stdout.strip() == a.ip
+
+    try:
+        _wait(captured_dial, 10)
+
+        # The agent goes away: new connections fail until the grace passes, then go direct.
+        cl.stop(standin, signal.SIGKILL)
+        killed = time.monotonic()
+        _wait(direct_dial, GRACE_S + 3, step=0.05)
+        # The successful dial started within grace + 1 s (a dial takes ~0.1-0.3 s of Python start-up).
+        went_direct = time.monotonic() - killed
+        assert went_direct <= GRACE_S + 1 + 0.5, went_direct
+
+        # The agent is back: capture resumes.
+        standin, record = cl.standin(1)
+        _wait(captured_dial, 5)
+
+        # The agent reports a's namespace as excluded: the runner re-applies, a goes direct.
+        cl.excluded_file(1).write_text(f"{a.ip}\n")
+        _wait(lambda: not captured_dial(), 5)
+        cl.excluded_file(1).write_text("")
+        _wait(captured_dial, 5)
+    finally:
+        cl.stop(runner, signal.SIGTERM)
+    assert runner.returncode == 0
+    log = (cl.workdir / "runner.log").read_text()
+    assert log.count("event=capture_removed") == 1, log
+    assert log.count("event=capture_installed") == 2, log
+    assert log.count("event=capture_updated") == 2, log
+    # SIGTERM removed everything the runner installed.
+    assert_same(before, cl.snapshot(1))
