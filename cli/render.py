@@ -81,13 +81,17 @@ def _json_number(value: float) -> float | int:
 
 def success_fraction(row: pb.StatRow) -> float | None:
     total = row.success_count + row.failure_count
-    if not row.has_traffic or total == 0:
-        return None
-    return row.success_count / total
+    return row.success_count / total if total else None
 
 
 def _has_requests(row: pb.StatRow) -> bool:
+    """HTTP/gRPC columns (success, rps, latency) come from responses seen in the window."""
     return row.has_traffic and (row.success_count + row.failure_count) > 0
+
+
+def _has_tcp(row: pb.StatRow) -> bool:
+    """TCP columns also stand alone: an opaque-TCP workload has connections but no responses."""
+    return row.has_tcp or row.has_traffic
 
 
 def stat_row_name(row: pb.StatRow, with_type_prefix: bool) -> str:
@@ -149,25 +153,26 @@ def _stat_single_table(
         if type_ == "pod":
             cells.append(row.status or MISSING)
         cells.append(f"{row.meshed_pods}/{row.total_pods}")
-        if not row.has_traffic:
-            cells += [MISSING] * (6 + (2 if wide else 0))
-        else:
-            requests = _has_requests(row)
+        if _has_requests(row):
             cells.append(fmt_percent(success_fraction(row)))
             cells.append(fmt_rps(row.rps))
-            for q in (row.latency_ms_p50, row.latency_ms_p95, row.latency_ms_p99):
-                cells.append(fmt_ms(q) if requests else MISSING)
+            cells += [fmt_ms(q) for q in (row.latency_ms_p50, row.latency_ms_p95, row.latency_ms_p99)]
+        else:
+            cells += [MISSING] * 5
+        if _has_tcp(row):
             cells.append(str(round(row.tcp_open_connections)))
             if wide:
                 cells += [fmt_bytes_rate(row.tcp_read_bytes_rate), fmt_bytes_rate(row.tcp_write_bytes_rate)]
+        else:
+            cells += [MISSING] * (3 if wide else 1)
         table_rows.append(cells)
     return format_table(columns, table_rows)
 
 
 def stat_row_json(row: pb.StatRow) -> dict[str, object]:
-    """Linkerd's JSON row: metrics are null when the row saw no traffic."""
-    traffic = row.has_traffic
+    """Linkerd's JSON row: metrics are null when the row saw no traffic of their kind."""
     requests = _has_requests(row)
+    tcp = _has_tcp(row)
 
     def num(value: float, present: bool) -> float | int | None:
         return _json_number(value) if present else None
@@ -179,13 +184,13 @@ def stat_row_json(row: pb.StatRow) -> dict[str, object]:
         "meshed": row.meshed_pods,
         "totalPods": row.total_pods,
         "success": None if (frac := success_fraction(row)) is None else _json_number(frac),
-        "rps": num(row.rps, traffic),
+        "rps": num(row.rps, requests),
         "latency_ms_p50": num(row.latency_ms_p50, requests),
         "latency_ms_p95": num(row.latency_ms_p95, requests),
         "latency_ms_p99": num(row.latency_ms_p99, requests),
-        "tcp_open_connections": num(row.tcp_open_connections, traffic),
-        "tcp_read_bytes_rate": num(row.tcp_read_bytes_rate, traffic),
-        "tcp_write_bytes_rate": num(row.tcp_write_bytes_rate, traffic),
+        "tcp_open_connections": num(row.tcp_open_connections, tcp),
+        "tcp_read_bytes_rate": num(row.tcp_read_bytes_rate, tcp),
+        "tcp_write_bytes_rate": num(row.tcp_write_bytes_rate, tcp),
     }
 
 

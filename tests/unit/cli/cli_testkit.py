@@ -91,13 +91,13 @@ class Served:
 def stat_row(
     ns: str, type_: str, name: str, *, meshed: int = 1, total: int = 1, status: str = "",
     ok: int = 0, fail: int = 0, rps: float = 0.0, p50: float = 0, p95: float = 0, p99: float = 0,
-    tcp: float = 0, read: float = 0, write: float = 0, traffic: bool = True,
+    tcp: float = 0, read: float = 0, write: float = 0, traffic: bool = True, has_tcp: bool | None = None,
 ) -> pb.StatRow:
     return pb.StatRow(
         resource=pb.Resource(namespace=ns, type=type_, name=name), meshed_pods=meshed, total_pods=total,
         status=status, has_traffic=traffic, success_count=ok, failure_count=fail, rps=rps,
         latency_ms_p50=p50, latency_ms_p95=p95, latency_ms_p99=p99, tcp_open_connections=tcp,
-        tcp_read_bytes_rate=read, tcp_write_bytes_rate=write, has_tcp=traffic,
+        tcp_read_bytes_rate=read, tcp_write_bytes_rate=write, has_tcp=traffic if has_tcp is None else has_tcp,
     )
 
 

@@ -36,11 +36,14 @@ def test_cli_client_flag_beats_env_beats_sandbox(tmp_path: Path) -> None:
 def test_cli_client_sandbox_choice(tmp_path: Path) -> None:
     env = {"NODEMESH_SANDBOX_ROOT": str(tmp_path)}
     assert resolve_target(ClientConfig.from_cli(None, None, env)) is None  # -> Kubernetes port-forward
-    for name in ("a", "b"):
+    for name in ("a", "b"):  # two test clusters, none the default one
         (tmp_path / name).mkdir()
         (tmp_path / name / "controller.addr").write_text(f"127.0.0.{1 if name == 'a' else 2}:8085")
     with pytest.raises(CliError, match=r"several sandboxes are running \(a, b\)"):
         resolve_target(ClientConfig.from_cli(None, None, env))
+    (tmp_path / "nodemesh").mkdir()
+    (tmp_path / "nodemesh" / "controller.addr").write_text("127.0.0.3:8085")
+    assert resolve_target(ClientConfig.from_cli(None, None, env)).address == "127.0.0.3:8085"
     env["NODEMESH_SANDBOX"] = "b"
     target = resolve_target(ClientConfig.from_cli(None, None, env))
     assert target.address == "127.0.0.2:8085" and "sandbox state" in target.origin

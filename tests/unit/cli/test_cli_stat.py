@@ -15,6 +15,8 @@ DEPLOYS = [
     stat_row("emojivoto", "deployment", "voting", meshed=1, total=2, ok=1500, fail=500, rps=2.0, p50=0.4,
              p95=1, p99=950, tcp=3),
     stat_row("emojivoto", "deployment", "vote-bot", traffic=False),
+    # opaque TCP only: connections and bytes, no responses
+    stat_row("emojivoto", "deployment", "redis", traffic=False, has_tcp=True, tcp=4, read=10.5, write=2048),
 ]
 
 
@@ -57,11 +59,14 @@ def test_cli_stat_json(controller: Served) -> None:
     assert [set(d) for d in data] == [{
         "namespace", "kind", "name", "meshed", "totalPods", "success", "rps", "latency_ms_p50",
         "latency_ms_p95", "latency_ms_p99", "tcp_open_connections", "tcp_read_bytes_rate",
-        "tcp_write_bytes_rate"}] * 4
+        "tcp_write_bytes_rate"}] * 5
     web = next(d for d in data if d["name"] == "web")
     assert web["success"] == 0.995 and web["kind"] == "deployment" and web["totalPods"] == 1
     idle = next(d for d in data if d["name"] == "vote-bot")
     assert idle["success"] is None and idle["rps"] is None and idle["latency_ms_p99"] is None
+    assert idle["tcp_open_connections"] is None
+    redis = next(d for d in data if d["name"] == "redis")
+    assert redis["success"] is None and redis["rps"] is None and redis["tcp_open_connections"] == 4
 
 
 def test_cli_stat_pods_have_status(controller: Served) -> None:
