@@ -141,7 +141,7 @@ class NodeTelemetry:
 
     def request_flush(self) -> None:
         """Ask every worker for a fresh snapshot now (e.g. before a final report)."""
-        for link in self._links.values():
+        for link in list(self._links.values()):  # a send may find a dead worker and drop it
             link.send((workerlink.MSG_FLUSH,))
 
     @property
@@ -157,20 +157,20 @@ class NodeTelemetry:
     def apply_identity(self, snapshot: pb.IdentitySnapshot) -> None:
         self.index.update(snapshot)
         self._identity = snapshot.SerializeToString()
-        for link in self._links.values():
+        for link in list(self._links.values()):  # a send may find a dead worker and drop it
             link.send((workerlink.MSG_IDENTITY, self._identity))
 
     # ------------------------------------------------------------------ tap
     def open_tap(self, tap_id: str, filt: pb.TapFilter) -> None:
         data = filt.SerializeToString()
         self._taps[tap_id] = data
-        for link in self._links.values():
+        for link in list(self._links.values()):  # a send may find a dead worker and drop it
             link.send((workerlink.MSG_TAP_OPEN, tap_id, data))
 
     def close_tap(self, tap_id: str) -> None:
         if self._taps.pop(tap_id, None) is None:
             return
-        for link in self._links.values():
+        for link in list(self._links.values()):  # a send may find a dead worker and drop it
             link.send((workerlink.MSG_TAP_CLOSE, tap_id))
 
     def close_all_taps(self) -> None:

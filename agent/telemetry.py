@@ -95,6 +95,16 @@ class WorkerTelemetry:
             await self._link.drain()
             self._link.close()
 
+    async def wait_identity(self, timeout: float = 2.0) -> bool:
+        """Wait (bounded) for the first identity snapshot, so early requests aren't all `unknown`.
+
+        The parent sends it right after attach_worker; call this after start() and before accepting.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.index.generation and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return bool(self.index.generation)
+
     def send_snapshot(self) -> None:
         if self._link is not None:
             self._link.send((workerlink.MSG_METRICS, self.metrics.snapshot()))
