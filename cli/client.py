@@ -120,6 +120,16 @@ def sandbox_address_file(root: Path, cluster: str | None) -> Path | None:
     return found[0] if found else None
 
 
+def write_sandbox_address(state_dir: Path, host: str, port: int) -> Path:
+    """Record where a sandbox's controller listens (for `nodemesh install --sandbox`): atomically,
+    so a concurrent `nodemesh stat` never reads half an address. Remove the file on teardown."""
+    path = Path(state_dir) / CONTROLLER_ADDR_FILE
+    tmp = path.with_name(f".{CONTROLLER_ADDR_FILE}.{os.getpid()}")
+    tmp.write_text(f"{_grpc_address(host, port)}\n")
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where the controller is, and how we learned it (named in errors)."""
@@ -226,10 +236,13 @@ def _splice(a: Any, b: Any) -> None:
     while True:
         readable, _, _ = select.select(list(peers), [], [], 1.0)
         for sock in readable:
-            data = sock.recv(65536)
-            if not data:
+            try:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                peers[sock].sendall(data)
+            except OSError:  # a reset on either side ends the tunnel; grpc reconnects if it must
                 return
-            peers[sock].sendall(data)
 
 
 # ---------------------------------------------------------------------------- the connection

@@ -121,3 +121,36 @@ def test_cli_client_no_address_anywhere(tmp_path: Path) -> None:
            "HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": ""}
     result = CliRunner().invoke(cli, ["stat", "deploy"], env=env, catch_exceptions=False)
     _one_error_line(result, "no controller address: pass --controller HOST:PORT, set NODEMESH_CONTROLLER")
+
+
+def test_cli_client_sandbox_address_roundtrip(tmp_path: Path) -> None:
+    from nodemesh.cli.client import write_sandbox_address
+
+    (tmp_path / "nodemesh").mkdir()
+    path = write_sandbox_address(tmp_path / "nodemesh", "10.200.0.2", 8085)
+    assert path.read_text() == "10.200.0.2:8085\n"
+    target = resolve_target(ClientConfig.from_cli(None, None, {"NODEMESH_SANDBOX_ROOT": str(tmp_path)}))
+    assert target.address == "10.200.0.2:8085"
+
+
+def test_cli_client_port_forward_splice_copies_both_ways() -> None:
+    """The byte pump behind the Kubernetes port-forward, on real socket pairs."""
+    import threading
+
+    from nodemesh.cli.client import _splice
+
+    local_app, local_end = socket.socketpair()
+    remote_end, remote_app = socket.socketpair()
+    pump = threading.Thread(target=_splice, args=(local_end, remote_end), daemon=True)
+    pump.start()
+    try:
+        local_app.sendall(b"PRI * HTTP/2.0\r\n")
+        assert remote_app.recv(100) == b"PRI * HTTP/2.0\r\n"
+        remote_app.sendall(b"\x00\x00\x00\x04")
+        assert local_app.recv(100) == b"\x00\x00\x00\x04"
+        local_app.close()  # one side closes: the pump ends
+        pump.join(timeout=5)
+        assert not pump.is_alive()
+    finally:
+        for s in (local_app, local_end, remote_end, remote_app):
+            s.close()
