@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.detect import HTTP1, HTTP2, NEED_MORE, TCP, Detection, detect
@@ -122,7 +122,7 @@ class Connection(asyncio.Protocol):
     # -- accept ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.client = transport
         ctx = self.ctx
         sock = transport.get_extra_info("socket")
@@ -392,7 +392,7 @@ class _Upstream(asyncio.Protocol):
         self.conn = conn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.conn.upstream_made(transport)
 
     def data_received(self, data: bytes) -> None:
