@@ -147,7 +147,10 @@ class Controller:
     def _registry_changed(self) -> None:
         # Rollouts change many objects at once: push one snapshot after the burst settles.
         if self._push_handle is None:
-            loop = asyncio.get_running_loop()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop yet (built before start): agents get it on connect
+                return
             self._push_handle = loop.call_later(self.config.identity_debounce_s, self._push_identity)
 
     def _push_identity(self) -> None:

@@ -1,0 +1,100 @@
+"""Aggregation math: histogram quantiles, rates, windows, gauges, retention."""
+
+from __future__ import annotations
+
+import pytest
+from nodemesh.api.model import LATENCY_BUCKETS_MS
+from nodemesh.controlplane.aggregate import BOUNDS, N_LATENCY, Aggregator, histogram_quantile
+
+KEY = ("inbound",) + ("",) * 11
+OTHER = ("outbound",) + ("",) * 11
+
+
+def latency(**by_bound: int) -> list[int]:
+    """Counts per bucket, keyed like b10=5 (the bucket with upper bound 10 ms) or inf=1."""
+    counts = [0] * N_LATENCY
+    for k, v in by_bound.items():
+        counts[len(BOUNDS) if k == "inf" else BOUNDS.index(float(k[1:]))] = v
+    return counts
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    counts = latency(b20=100)  # all in (10, 20]
+    assert histogram_quantile(0.5, BOUNDS, counts) == pytest.approx(15.0)
+    assert histogram_quantile(0.95, BOUNDS, counts) == pytest.approx(19.5)
+    assert histogram_quantile(0.99, BOUNDS, counts) == pytest.approx(19.9)
+
+
+def test_quantile_picks_the_bucket_holding_the_rank() -> None:
+    counts = latency(b1=50, b100=45, b1000=5)
+    p50 = histogram_quantile(0.5, BOUNDS, counts)
+    assert 0 < p50 <= 1  # rank 50 is the last observation of the first bucket
+    p95 = histogram_quantile(0.95, BOUNDS, counts)
+    assert 50 < p95 <= 100
+    p99 = histogram_quantile(0.99, BOUNDS, counts)
+    assert 500 < p99 <= 1000 and p99 == pytest.approx(500 + 500 * 4 / 5)
+
+
+def test_quantile_in_inf_bucket_is_the_highest_bound_and_empty_is_none() -> None:
+    assert histogram_quantile(0.5, BOUNDS, latency(inf=3)) == float(LATENCY_BUCKETS_MS[-1])
+    assert histogram_quantile(0.5, BOUNDS, [0] * N_LATENCY) is None
+
+
+def test_rates_and_success_over_a_window() -> None:
+    agg = Aggregator()
+    for sec in range(1000, 1060):
+        agg.record(KEY, t=sec + 0.5, success=9, failure=1, read_bytes=100, latency=latency(b5=10))
+    tot = agg.totals(60, now=1059.9)
+    assert tot.responses == 600
+    assert tot.rps == pytest.approx(10.0)
+    assert tot.success_rate == pytest.approx(0.9)
+    assert tot.read_bytes_rate == pytest.approx(100.0)
+    assert 4 < tot.quantile(0.5) <= 5
+    # A 10 s window sees only the last 10 seconds.
+    assert agg.totals(10, now=1059.9).responses == 100
+    # Later, the window slides off the traffic.
+    assert agg.totals(10, now=1080).responses == 0
+
+
+def test_totals_by_key_filters_and_keeps_keys_apart() -> None:
+    agg = Aggregator()
+    agg.record(KEY, t=100, success=5)
+    agg.record(OTHER, t=100, failure=2)
+    by_key = agg.totals_by_key(60, now=101)
+    assert by_key[KEY].success == 5 and by_key[OTHER].failure == 2
+    only = agg.totals_by_key(60, now=101, where=lambda k: k[0] == "outbound")
+    assert list(only) == [OTHER]
+
+
+def test_latency_from_agent_with_other_bounds_is_rebinned() -> None:
+    agg = Aggregator()
+    agg.record(KEY, t=100, success=4, latency=[1, 3, 0], latency_bounds=(7.0, 15.0))
+    tot = agg.totals(60, now=100)
+    assert tot.latency[BOUNDS.index(10.0)] == 1 and tot.latency[BOUNDS.index(20.0)] == 3
+
+
+def test_open_connections_is_latest_gauge_summed_over_agents() -> None:
+    agg = Aggregator()
+    agg.set_gauge(KEY, "agent-a", 3, t=100)
+    agg.set_gauge(KEY, "agent-a", 5, t=101)
+    agg.set_gauge(KEY, "agent-b", 2, t=101)
+    assert agg.totals(60, now=102).open_connections == 7
+    agg.drop_reporter("agent-b")
+    assert agg.totals(60, now=102).open_connections == 5
+    assert agg.totals(10, now=200).open_connections == 0  # not reported within the window
+
+
+def test_retention_prunes_old_buckets_and_idle_keys() -> None:
+    agg = Aggregator(retention_s=3600)
+    agg.record(KEY, t=0, success=1)
+    agg.record(OTHER, t=3000, success=1)
+    assert agg.prune(now=3700) == 1
+    assert list(agg.keys()) == [OTHER]
+    assert agg.totals(3600, now=3700).responses == 1
+
+
+def test_one_hour_window() -> None:
+    agg = Aggregator()
+    for sec in range(0, 3600, 10):
+        agg.record(KEY, t=sec, success=36)
+    assert agg.totals(3600, now=3599).rps == pytest.approx(3.6)
