@@ -50,6 +50,9 @@ class CaptureConfig:
                 ipaddress.IPv4Address(ip)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        # Sorted and deduplicated, so the same set of pods always gives the same plan.
+        object.__setattr__(self, "excluded_ips",
+                           tuple(sorted(set(self.excluded_ips), key=ipaddress.IPv4Address)))
         if not self.pod_cidrs:
             raise ConfigError("at least one pod CIDR is needed: capture works from the pod CIDR")
         if self.mechanism not in ("dnat", "tproxy"):
@@ -74,4 +77,4 @@ class CaptureConfig:
 
     def with_excluded(self, ips: tuple[str, ...] | list[str]) -> CaptureConfig:
         """The same config with a new set of excluded pod IPs (sorted, deduplicated)."""
-        return replace(self, excluded_ips=tuple(sorted(set(ips), key=ipaddress.IPv4Address)))
+        return replace(self, excluded_ips=tuple(ips))
