@@ -35,7 +35,11 @@ def controller_steps(resp: pb.CheckResponse, client_version: str) -> list[CheckS
         "and their logs",
     ))
 
-    uncaptured = [f"{n.node}: capture not installed" for n in nodes if n.agent_connected and not n.capture_installed]
+    # without a connected agent nobody vouches for the node's rules: not a pass
+    uncaptured = [
+        f"{n.node}: capture not installed" if n.agent_connected else f"{n.node}: unknown (no agent connected)"
+        for n in nodes if not (n.agent_connected and n.capture_installed)
+    ]
     steps.append(CheckStep(
         "capture installed on each node", not uncaptured and bool(nodes), tuple(uncaptured),
         "the agent installs the NODEMESH_* iptables chains at start; see its logs for the iptables error",
