@@ -34,7 +34,7 @@ log = logging.getLogger("nodemesh.agent.telemetry")
 class _Conn:
     """Per-connection state: label prefixes fixed at open (so open/close/gauge series agree)."""
 
-    __slots__ = ("bases", "dst", "meta", "service", "src", "tcp_keys")
+    __slots__ = ("bases", "dst", "keys", "keys_for", "meta", "service", "src", "tcp_keys")
 
     def __init__(self, meta: ConnectionMeta, src: PeerLabels, dst: PeerLabels, service: str,
                  bases: tuple[tuple[str, ...], ...]) -> None:
@@ -44,6 +44,9 @@ class _Conn:
         self.service = service
         self.bases = bases  # one label prefix per direction recorded (two under the same-node rule)
         self.tcp_keys = tuple(b + ("", meta.protocol) for b in bases)
+        # Request label keys for the last (authority, protocol): keep-alive requests reuse them.
+        self.keys_for: tuple[str, str] | None = None
+        self.keys: tuple[tuple[str, ...], ...] = ()
 
 
 class _Req:
@@ -173,7 +176,11 @@ class WorkerTelemetry:
 
     def request_start(self, conn: _Conn, head: RequestHead) -> _Req:
         suffix = (head.authority, conn.meta.protocol)
-        keys = tuple(b + suffix for b in conn.bases)
+        if suffix == conn.keys_for:
+            keys = conn.keys
+        else:
+            keys = conn.keys = tuple(b + suffix for b in conn.bases)
+            conn.keys_for = suffix
         req = _Req(conn, head, keys, head.started or time.monotonic())
         counts = self.metrics.request_total
         for key in keys:
