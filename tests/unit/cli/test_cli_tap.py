@@ -105,3 +105,25 @@ def test_cli_tap_ctrl_c_closes_stream_and_exits_zero(controller: Served) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_tap_closed_pipe_ends_quietly(controller: Served) -> None:
+    """`nodemesh tap ... | head -2`: the reader leaves, tap cancels the stream and exits 0 silently."""
+    for i in range(2000):
+        controller.fake.tap_events += tap_request_events(f"1:{i}", WEB, EMOJI)
+    controller.fake.tap_hold_open = True
+    env = {**os.environ, "NODEMESH_CONTROLLER": controller.address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodemesh.cli.main", "tap", "deploy/web"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().startswith("req id=1:0 ")
+        proc.stdout.close()
+        assert proc.wait(timeout=15) == 0
+        assert proc.stderr.read() == ""
+        assert controller.fake.tap_cancelled.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
