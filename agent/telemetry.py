@@ -148,10 +148,17 @@ class WorkerTelemetry:
         dst = index.peer_labels(dst_ip)
         service = index.service_of(*meta.original_destination)
         base = (meta.direction, *src, *dst, service)
-        if meta.direction == "outbound" and index.is_local_pod(dst_ip):
-            bases: tuple[tuple[str, ...], ...] = (base, ("inbound", *base[1:]))
-        else:
-            bases = (base,)
+        bases: tuple[tuple[str, ...], ...] = (base,)
+        if meta.direction == "outbound":
+            # Same-node rule: this agent is also the destination's agent, and the request will not
+            # come past it again, so record the inbound view now (unless the callee's namespace is
+            # not captured: then nobody records its inbound side, same as across nodes).
+            if index.is_local_pod(dst_ip) and dst[0] not in index.excluded_namespaces:
+                bases = (base, ("inbound", *base[1:]))
+        elif index.is_local_pod(meta.source[0]) and src[0] not in index.excluded_namespaces:
+            # Inbound from a captured pod of this node: its outbound capture already recorded both
+            # directions. Should it reach the inbound listener too, count nothing a second time.
+            bases = ()
         conn = _Conn(meta, src, dst, service, bases)
         m = self.metrics
         opened, gauge = m.tcp_open_total, m.tcp_open_connections
@@ -229,6 +236,8 @@ class WorkerTelemetry:
 
     def _tap_request(self, req: _Req) -> None:
         conn = req.conn
+        if not conn.bases:
+            return  # a duplicate observation: its first sighting already tapped it
         req.taps = self.taps.match(conn.src, conn.dst, conn.service, req.head)
         if req.taps is None:
             return

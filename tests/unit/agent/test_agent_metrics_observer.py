@@ -134,6 +134,26 @@ def test_same_node_request_recorded_once_per_direction(tel: WorkerTelemetry) -> 
     assert dur[LATENCY_BUCKETS_MS.index(3000)] == 1  # 3 s connection
 
 
+def test_same_node_edge_cases_never_double_count() -> None:
+    snap = identity()
+    snap.pods.append(pb.Pod(ip="10.244.1.40", namespace="legacy", name="old-0", node="node-1",
+                            owner=pb.Resource(namespace="legacy", type="pod", name="old-0")))
+    snap.config.excluded_namespaces.append("legacy")
+    tel = WorkerTelemetry(AgentConfig(node="node-1", workers=1))
+    tel.index.update(snap)
+    # Callee's namespace not captured: only the outbound view, as it would be across nodes.
+    request(tel, conn(tel, WEB, "10.244.1.40", cid=1), status=200)
+    # A captured local pod's request reaching the inbound listener too: already counted, skip it.
+    request(tel, conn(tel, WEB, EMOJI, direction="inbound", cid=2), status=200)
+    # An uncaptured local pod calling in: only the inbound listener saw it, so it counts.
+    request(tel, conn(tel, "10.244.1.40", EMOJI, direction="inbound", cid=3), status=200)
+    assert responses(tel) == {
+        ("outbound", "web", "old-0", "200", "", "success", ""): 1,
+        ("inbound", "old-0", "emoji", "200", "", "success", ""): 1,
+    }
+    assert sum(tel.metrics.tcp_open_total.values()) == 2
+
+
 def test_cross_node_and_inbound_counted_once(tel: WorkerTelemetry) -> None:
     request(tel, conn(tel, WEB, VOTING, cid=1), status=200)            # to node-2: outbound only
     request(tel, conn(tel, VOTING, WEB, direction="inbound", cid=2), status=200)  # arriving: inbound only
