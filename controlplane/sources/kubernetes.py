@@ -147,6 +147,7 @@ class KubernetesSource(ClusterSource):
                         for obj in items:
                             obj.setdefault("kind", kind)  # list items carry no kind
                         self.stats["lists"] += 1
+                        self.resource_versions[kind] = rv
                         self._post(registry.replace, kind, items)
                         self._post(self._mark_synced, registry, kind)
                         backoff.reset()
@@ -164,10 +165,15 @@ class KubernetesSource(ClusterSource):
                         log.info("event=watch_expired kind=%s rv=%s action=relist", kind, rv)
                         rv = None
                         continue
+                    if rv is not None:
+                        rv = self.resource_versions.get(kind, rv)
                     self._error(kind, exc, backoff)
                 except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                     # Dropped connection, API server restarting, half-written body: watch again
-                    # from the last resourceVersion we saw, after a pause.
+                    # from the last resourceVersion we saw (events or bookmarks before the
+                    # break count), after a pause.
+                    if rv is not None:
+                        rv = self.resource_versions.get(kind, rv)
                     self._error(kind, exc, backoff)
         finally:
             api_client.close()
