@@ -87,12 +87,16 @@ class StandIn:
         conn.close()
         up.close()
 
-    def _listen(self, port: int) -> None:
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)   # lets TPROXY hand us connections too
         ls.bind(("0.0.0.0", port))
         ls.listen(128)
+        return ls
+
+    def _listen(self, ls: socket.socket, port: int) -> None:
         while True:
             conn, _ = ls.accept()
             threading.Thread(target=self._handle, args=(conn, port), daemon=True).start()
@@ -103,8 +107,10 @@ class StandIn:
         return []
 
     def serve(self) -> None:
-        for port in self.ports:
-            threading.Thread(target=self._listen, args=(port,), daemon=True).start()
+        # Bound here, not in the threads: a port already taken must end the process, not half of it.
+        listeners = [(self._bind(port), port) for port in self.ports]
+        for ls, port in listeners:
+            threading.Thread(target=self._listen, args=(ls, port), daemon=True).start()
         standin = self
 
         class Admin(BaseHTTPRequestHandler):
