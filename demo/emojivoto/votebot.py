@@ -57,6 +57,9 @@ class VoteBotConfig:
     stats_interval: float = 10.0  # seconds between `stats` log lines
     max_connection_age: float = 0.0  # seconds; 0 = keep the connection while it works
     request_timeout: float = 10.0
+    # Wait this long at most for web to accept connections before the first cycle, so pods starting
+    # together do not count web's start-up as failures. 0 = start at once, as upstream does.
+    wait_for_web: float = 30.0
     seed: int | None = None
     log_level: str = "info"
     # The pod name: Kubernetes and the sandbox set HOSTNAME; in a sandbox netns gethostname() is the
@@ -78,6 +81,7 @@ class VoteBotConfig:
             stats_interval=env_duration(env, "STATS_INTERVAL", 10.0),
             max_connection_age=env_duration(env, "MAX_CONNECTION_AGE", 0.0),
             request_timeout=env_duration(env, "REQUEST_TIMEOUT", 10.0),
+            wait_for_web=env_duration(env, "WAIT_FOR_WEB", 30.0),
             seed=env_int(env, "VOTEBOT_SEED", 0) if seed else None,
             log_level=env.get("LOG_LEVEL", "info") or "info",
             hostname=env.get("HOSTNAME", "") or socket.gethostname(),
@@ -279,7 +283,30 @@ class VoteBot:
         self.stats.record_vote(choice, status)
         self.log.debug("vote", choice=choice, status=status)
 
+    def wait_for_web(self) -> bool:
+        """Until web accepts a TCP connection (or WAIT_FOR_WEB passes, or we are stopped)."""
+        host, _, port = self.cfg.web_host.rpartition(":")
+        if not host:
+            host, port = self.cfg.web_host, "80"
+        deadline = time.monotonic() + self.cfg.wait_for_web
+        logged = False
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection((host, int(port)), timeout=1.0):
+                    return True
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    self.log.warning("web_not_reachable", web_host=self.cfg.web_host, error=repr(exc))
+                    return False
+                if not logged:
+                    self.log.info("waiting_for_web", web_host=self.cfg.web_host, error=repr(exc))
+                    logged = True
+            self.stop.wait(0.2)
+        return False
+
     def run(self) -> None:
+        if self.cfg.wait_for_web > 0:
+            self.wait_for_web()
         period = 1.0 / self.cfg.request_rate
         start = time.monotonic()
         deadline = start + self.cfg.ttl if self.cfg.ttl > 0 else None

@@ -227,7 +227,7 @@ def test_votebot_stops_cleanly_on_sigterm_and_counts_failures_when_web_is_down(
     # Port 1 on loopback: nobody listens, every connection is refused at once.
     stats_file = tmp_path / "votebot.json"
     bot = Proc("votebot", {**BASE_ENV, "WEB_HOST": "127.0.0.1:1", "REQUEST_RATE": "20",
-                           "VOTEBOT_STATS_FILE": str(stats_file)})
+                           "VOTEBOT_STATS_FILE": str(stats_file), "WAIT_FOR_WEB": "0"})
     procs.append(bot)
     deadline = time.monotonic() + 10
     while not stats_file.exists() and time.monotonic() < deadline:

@@ -120,3 +120,26 @@ def test_cycle_lists_then_votes_and_writes_stats(tmp_path: Path) -> None:
     assert written["cycles"] == 50
     assert written["endpoints"]["/api/vote"]["requests"] == 50
     assert written["votes"]["doughnut"]["requests"] == votes.count("/api/vote?choice=:doughnut:")
+
+
+def test_wait_for_web_returns_once_web_accepts_and_gives_up_after_the_limit() -> None:
+    import socket
+    import time
+
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        up = votebot.VoteBot(votebot.VoteBotConfig(web_host=f"127.0.0.1:{port}", wait_for_web=5.0),
+                             Logger("test", stream=io.StringIO()))
+        assert up.wait_for_web() is True
+    finally:
+        listener.close()
+    # Port 1 on loopback: refused at once, every time.
+    out = io.StringIO()
+    down = votebot.VoteBot(votebot.VoteBotConfig(web_host="127.0.0.1:1", wait_for_web=0.5), Logger("test", stream=out))
+    started = time.monotonic()
+    assert down.wait_for_web() is False
+    assert 0.4 < time.monotonic() - started < 3.0
+    assert "event=waiting_for_web" in out.getvalue() and "event=web_not_reachable" in out.getvalue()
