@@ -441,9 +441,13 @@ class Sandbox:
                     all(objects.pod_ready(p) for p in pods):
                 return pods
             if time.monotonic() > deadline:
-                waiting = [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in pods
-                           if not objects.pod_ready(p)]
-                raise TimeoutError(f"sandbox {self.name}: pods not ready after {timeout}s: {', '.join(waiting)}")
+                tails = []
+                for p in pods:
+                    if not objects.pod_ready(p):
+                        ns, name = p["metadata"]["namespace"], p["metadata"]["name"]
+                        tail = self.logs(ns, name).strip().splitlines()[-3:]
+                        tails.append(f"{ns}/{name}: {' | '.join(tail) or '(no output)'}")
+                raise TimeoutError(f"sandbox {self.name}: pods not ready after {timeout}s: {'; '.join(tails)}")
             time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:

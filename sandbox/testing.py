@@ -16,16 +16,104 @@ or as a pytest fixture:
 `manifests` items are file paths or YAML text (anything containing a newline is text). The
 cluster name is unique per call (`t` + 8 random chars), so tests of several engineers can run at
 the same time; teardown runs even when the test fails or setup dies half-way.
+
+WHOAMI_APP is a ready-made manifest: namespace `shop`, Deployment `web` (2 replicas of a tiny
+HTTP server on :8080 answering with its pod name), Service `web` (port 80 -> http), and a
+Deployment `client` running `sleep infinity` to exec from. FETCH is a curl-less HTTP client.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nodemesh.sandbox.cluster import Sandbox
+
+# ---------------------------------------------------------------------------- shared manifests
+# A tiny HTTP server that answers with the pod's name (from the downward API), so a test can see
+# which replica a ClusterIP connection reached.
+WHOAMI = r"""
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = os.environ["POD_NAME"].encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+WHOAMI_APP = """
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {team: web}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: python:3.11
+        command: ["python3", "-c"]
+        args: [__WHOAMI__]
+        env:
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        ports:
+        - {containerPort: 8080, name: http}
+        readinessProbe:
+          httpGet: {path: /, port: http}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector: {app: web}
+  ports:
+  - {port: 80, targetPort: http}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: client
+  namespace: shop
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: client}
+  template:
+    metadata:
+      labels: {app: client}
+    spec:
+      containers:
+      - name: client
+        command: ["sleep", "infinity"]
+""".replace("__WHOAMI__", json.dumps(WHOAMI))
+
+# `python3 -c FETCH URL...` prints each URL's body on its own line (a client with no curl needed).
+FETCH = (
+    "import sys, urllib.request\n"
+    "for url in sys.argv[1:]:\n"
+    "    print(urllib.request.urlopen(url, timeout=3).read().decode())\n"
+)
 
 
 def unique_name() -> str:
