@@ -9,11 +9,14 @@ Addresses exist only inside these namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +110,7 @@ class MiniCluster:
         self.pods[name] = pod
         return pod
 
-    def add_cluster_ip(self, port: int, endpoint: Pod, target_port: int) -> None:
+    def add_cluster_ip(self, port: int, endpoint: Pod, target_port: int, backend: str = "") -> None:
         """What kube-proxy does: KUBE-SERVICES jumped from nat PREROUTING and OUTPUT, DNAT to an endpoint."""
         for ns in self.nodes.values():
             rules = (
@@ -115,7 +118,8 @@ class MiniCluster:
                 f"-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp -m tcp --dport {port} "
                 f"-j DNAT --to-destination {endpoint.ip}:{target_port}\nCOMMIT\n"
             )
-            subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "--noflush"], input=rules,
+            restore = f"iptables-{backend}-restore" if backend else "iptables-restore"
+            subprocess.run(["ip", "netns", "exec", ns, restore, "--noflush"], input=rules,
                            text=True, check=True)
 
     # -------------------------------------------------------------------------------- processes
@@ -204,3 +208,21 @@ def assert_same(before: str, after: str) -> None:
 def read_records(path: Path) -> list[dict]:
     import json
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def mini_cluster(cni: str, workdir: Path, backend: str = "") -> Iterator[MiniCluster]:
+    """Nodes n1, n2; pods a (caller) and b on n1, c on n2; whoami on b and c; ClusterIP -> c:8080.
+    `backend`: which iptables the kube-proxy-like rules go to ("" = `iptables` on PATH)."""
+    cluster = MiniCluster(prefix=f"nmrd{uuid.uuid4().hex[:5]}", cni=cni, workdir=workdir)
+    try:
+        cluster.build()
+        cluster.add_pod("a", 1, 5)
+        cluster.add_pod("b", 1, 6)
+        c = cluster.add_pod("c", 2, 7)
+        cluster.whoami(cluster.pods["b"])
+        cluster.whoami(c)
+        cluster.add_cluster_ip(80, c, 8080, backend)
+        yield cluster
+    finally:
+        cluster.teardown()

@@ -7,7 +7,16 @@ import pytest
 from nodemesh.redirector.apply import Netfilter, Redirector, detect_backend
 from nodemesh.redirector.config import CaptureConfig
 from nodemesh.redirector.plan import build_plan
-from redirector_minicluster import CLUSTER_IP, NODE_IP, POD_CIDR, MiniCluster, assert_same, read_records
+from redirector_minicluster import (
+    CLUSTER_IP,
+    NODE_IP,
+    POD_CIDR,
+    MiniCluster,
+    assert_same,
+    read_records,
+    run,
+)
+from redirector_minicluster import mini_cluster as make_mini_cluster
 
 pytestmark = pytest.mark.root
 
@@ -79,3 +88,28 @@ def test_redirector_apply_is_idempotent_and_excludes(mini_cluster: MiniCluster) 
     finally:
         redirector.remove(plan)  # type: ignore[arg-type]
     assert_same(before, cl.snapshot(1))
+
+
+def test_redirector_legacy_backend_detected_and_used(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A node whose kube-proxy writes legacy iptables: the redirector detects it and works there."""
+    with make_mini_cluster("bridge", tmp_path, backend="legacy") as cl:
+        a, b = cl.pods["a"], cl.pods["b"]
+        ns = cl.nodes[1]
+        # kubelet loads mangle on real nodes (KUBE-KUBELET-CANARY); a legacy table once loaded cannot be
+        # unloaded from a namespace, so the baseline is taken with it loaded, as on a real node.
+        run("iptables-legacy", "-t", "mangle", "-S", ns=ns)
+        before = cl.snapshot(1)
+        assert detect_backend(ns) == "legacy"
+        redirector, plan = _install(cl, 1)
+        try:
+            assert any("NODEMESH_OUTBOUND" in line for line in
+                       run("iptables-legacy-save", "-t", "nat", ns=ns).stdout.splitlines())
+            assert "NODEMESH" not in run("iptables-nft-save", ns=ns).stdout
+            assert redirector.apply(plan) is False  # type: ignore[arg-type]
+            _, rec1 = cl.standin(1)
+            for host, port in ((b.ip, 8080), (CLUSTER_IP, 80)):
+                assert cl.dial(a, host, port).stdout.strip() == a.ip
+            assert [r["orig_dst"] for r in read_records(rec1)] == [f"{b.ip}:8080", f"{CLUSTER_IP}:80"]
+        finally:
+            redirector.remove(plan)  # type: ignore[arg-type]
+        assert_same(before, cl.snapshot(1))
