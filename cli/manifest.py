@@ -13,6 +13,7 @@ ConfigMap, which the controller, the agent and the redirector read with `--confi
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -58,7 +59,7 @@ class InstallValues:
     """Everything `--set` can change. Field names are the `--set` keys (camelCase, as Helm users type)."""
 
     namespace: str = "nodemesh"
-    image: str = f"nodemesh:{VERSION}"
+    image: str = f"ghcr.io/nodemesh/nodemesh:{VERSION}"
     imagePullPolicy: str = "IfNotPresent"
     ebpf: bool = False
     agentWorkers: int = 2
@@ -71,6 +72,7 @@ class InstallValues:
     tapMaxRps: float = 100.0
     tapMaxTaps: int = 10                                # concurrent taps per agent
     drainGraceSeconds: int = 30
+    podCidrs: tuple[str, ...] = ()                      # empty: each node's spec.podCIDRs
 
     def mesh_config(self) -> dict[str, Any]:
         """The document the processes read with `--config` (the ConfigMap's config.yaml)."""
@@ -123,6 +125,13 @@ def _check_namespace(key: str, name: str) -> str:
     return name
 
 
+def _check_cidr(key: str, text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=True))
+    except ValueError as exc:
+        raise ManifestError(f"{key}: {exc}") from None
+
+
 def _convert(key: str, text: str) -> Any:
     if key in ("namespace",):
         return _check_namespace(key, text.strip())
@@ -156,6 +165,8 @@ def _convert(key: str, text: str) -> Any:
         return rps
     if key == "tapMaxTaps":
         return _parse_int(key, text, 1, 1000)
+    if key == "podCidrs":
+        return tuple(_check_cidr(key, c) for c in _parse_list(text))
     if key == "drainGraceSeconds":
         return _parse_int(key, text, 0, 3600)
     raise AssertionError(key)
@@ -216,6 +227,8 @@ def _header(what: str, command: str) -> str:
 
 def labels(component: str) -> dict[str, str]:
     return {
+        # `app` is what `nodemesh` (cli/client.py) selects the controller pod by.
+        "app": f"nodemesh-{component}",
         "app.kubernetes.io/name": f"nodemesh-{component}",
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "nodemesh",
@@ -317,6 +330,9 @@ def config_document(v: InstallValues) -> str:
 
 
 def _config_map(v: InstallValues) -> dict[str, Any]:
+    # The mesh configuration as one document, mounted at /etc/nodemesh in every container. The
+    # processes take the same values as flags today (rendered from the same InstallValues below);
+    # the document is where a `--config` flag reads them, and what `kubectl get cm` shows an admin.
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -361,31 +377,50 @@ def _config_volume_mount() -> dict[str, Any]:
     return {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}
 
 
+def _csv(items: tuple[Any, ...] | list[Any]) -> str:
+    return ",".join(str(i) for i in items)
+
+
+def _controller_args(v: InstallValues) -> list[str]:
+    config = v.mesh_config()
+    return [
+        "--source", "kubernetes",
+        "--in-cluster",
+        # The Service and the kubelet's probes reach the pod on its own IP, not on loopback.
+        "--listen", "0.0.0.0",
+        "--grpc-port", str(CONTROLLER_GRPC_PORT),
+        "--web-port", str(CONTROLLER_WEB_PORT),
+        "--excluded-namespaces", _csv(config["excludedNamespaces"]),
+        "--opaque-ports", _csv(config["opaquePorts"]),
+        "--skip-ports", _csv(config["skippedPorts"]),
+        "--tap-max-rps", _number(config["tapMaxRps"]),
+        "--log-level", v.logLevel,
+    ]
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
 def _controller(v: InstallValues) -> list[dict[str, Any]]:
     container = {
         "name": "controller",
         "image": v.image,
         "imagePullPolicy": v.imagePullPolicy,
         "command": ["python", "-m", "nodemesh.controlplane"],
-        "args": [
-            "--source", "kubernetes",
-            "--grpc-port", str(CONTROLLER_GRPC_PORT),
-            "--web-port", str(CONTROLLER_WEB_PORT),
-            "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
-            "--token-audience", CONTROLLER_AUDIENCE,
-        ],
+        "args": _controller_args(v),
         "ports": [
             {"name": "grpc", "containerPort": CONTROLLER_GRPC_PORT, "protocol": "TCP"},
             {"name": "web", "containerPort": CONTROLLER_WEB_PORT, "protocol": "TCP"},
         ],
         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": CONTROLLER_WEB_PORT},
+            "httpGet": {"path": "/ready", "port": "web"},
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/live", "port": CONTROLLER_WEB_PORT},
+            "httpGet": {"path": "/live", "port": "web"},
             "initialDelaySeconds": 10,
             "periodSeconds": 10,
             "failureThreshold": 3,
@@ -449,31 +484,76 @@ def _agent_capabilities(v: InstallValues) -> list[str]:
 
 
 def _redirector_capabilities(v: InstallValues) -> list[str]:
-    # NET_ADMIN + NET_RAW: iptables (netlink and the raw socket iptables-legacy uses).
-    # With eBPF: BPF to load programs and maps, PERFMON for kprobes/tracepoints, SYS_ADMIN because
-    # bcc still needs it on kernels < 5.8 and for attaching to cgroups.
+    # NET_ADMIN + NET_RAW: iptables/ebtables (netlink and the raw socket iptables-legacy uses) and
+    # the policy-routing rule. With eBPF: BPF to load programs and maps, PERFMON for
+    # kprobes/tracepoints, SYS_ADMIN because bcc still needs it on kernels < 5.8 and for cgroups.
     caps = ["NET_ADMIN", "NET_RAW"]
     if v.ebpf:
         caps += ["BPF", "PERFMON", "SYS_ADMIN"]
     return caps
 
 
+# The init container that writes this node's pod CIDR(s) where the agent and the redirector read
+# them (`--pod-cidr "$(cat ...)"`): the downward API cannot expose node.spec.podCIDRs, and the agent
+# itself never calls the Kubernetes API. POD_CIDRS (from `--set podCidrs=`) wins, for CNIs whose
+# IPAM ignores node.spec.podCIDRs (Calico's own IPAM). Outside a cluster (tests) it uses KUBECONFIG.
+POD_CIDRS_FILE = "/run/nodemesh/pod-cidrs"
+POD_CIDRS_SCRIPT = """\
+import json, os, sys
+from kubernetes import client, config
+node = os.environ["NODE_NAME"]
+cidrs = [c for c in os.environ.get("POD_CIDRS", "").split(",") if c]
+if not cidrs:
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    raw = client.CoreV1Api().read_node(node, _preload_content=False)
+    spec = json.loads(raw.data).get("spec", {})
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+if not cidrs:
+    sys.exit(f"event=pod_cidrs_missing node={node} hint='node.spec.podCIDRs is empty; "
+             "reinstall with: nodemesh install --set podCidrs=CIDR[,CIDR]'")
+with open(os.environ.get("POD_CIDRS_FILE", "/run/nodemesh/pod-cidrs"), "w") as f:
+    f.write(",".join(cidrs))
+print(f"event=pod_cidrs node={node} cidrs={','.join(cidrs)}")
+"""
+# `sh -c SCRIPT argv0 ARGS...`: the container's args arrive as "$@", the pod CIDRs from the file.
+_WITH_POD_CIDRS = 'exec python -m {module} --pod-cidr "$(cat ' + POD_CIDRS_FILE + ')" "$@"'
+
+
+def _init_pod_cidrs(v: InstallValues) -> dict[str, Any]:
+    return {
+        "name": "pod-cidrs",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-c", POD_CIDRS_SCRIPT],
+        "env": [
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "POD_CIDRS", "value": _csv(v.podCidrs)},
+        ],
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
+        "securityContext": _security_context([], 65534),
+        "volumeMounts": [{"name": "run", "mountPath": "/run/nodemesh"}],
+    }
+
+
 def _daemonset(v: InstallValues) -> dict[str, Any]:
-    config_file = f"{CONFIG_DIR}/{CONFIG_KEY}"
+    config = v.mesh_config()
     agent = {
         "name": "agent",
         "image": v.image,
         "imagePullPolicy": v.imagePullPolicy,
-        "command": ["python", "-m", "nodemesh.agent"],
+        "command": ["/bin/sh", "-c", _WITH_POD_CIDRS.format(module="nodemesh.agent"), "agent"],
         "args": [
             "--node", "$(NODE_NAME)",
             "--node-ip", "$(NODE_IP)",
-            # `auto`: read this node's spec.podCIDRs from the API (the only API call the agent makes).
-            "--pod-cidr", "auto",
             "--controller", controller_address(v),
             "--token-file", f"{TOKEN_DIR}/token",
-            "--config", config_file,
             "--workers", str(v.agentWorkers),
+            "--drain-grace", str(v.drainGraceSeconds),
+            "--opaque-ports", _csv(config["opaquePorts"]),
+            "--log-level", v.logLevel,
         ],
         "env": _downward_env(),
         # No `ports:` on purpose: with hostNetwork every containerPort is a hostPort, and the
@@ -504,6 +584,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
     }
     redirector_mounts: list[dict[str, Any]] = [
         _config_volume_mount(),
+        {"name": "run", "mountPath": "/run/nodemesh", "readOnly": True},
         # Shared with kube-proxy and the CNI so concurrent iptables-restore calls serialize.
         {"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -514,21 +595,17 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
             {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},
             {"name": "usr-src", "mountPath": "/usr/src", "readOnly": True},
         ]
-    redirector_args = [
-        "--node", "$(NODE_NAME)",
-        "--node-ip", "$(NODE_IP)",
-        "--pod-cidr", "auto",
-        "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}",
-        "--grace", "2",
-        "--config", config_file,
-    ]
+    redirector_args = ["--node-ip", "$(NODE_IP)"]
+    if config["skippedPorts"]:
+        redirector_args += ["--skip-ports", _csv(config["skippedPorts"])]
+    redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2"]
     if v.ebpf:
         redirector_args.append("--ebpf")
     redirector = {
         "name": "redirector",
         "image": v.image,
         "imagePullPolicy": v.imagePullPolicy,
-        "command": ["python", "-m", "nodemesh.redirector", "run"],
+        "command": ["/bin/sh", "-c", _WITH_POD_CIDRS.format(module="nodemesh.redirector run"), "redirector"],
         "args": redirector_args,
         "env": _downward_env(),
         "resources": {
@@ -578,7 +655,8 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                 },
                 "spec": {
                     "serviceAccountName": AGENT_NAME,
-                    # For `get` on its own Node (pod CIDRs); the controller token is the projected one.
+                    # For the init container's `get` on this Node (pod CIDRs). The agent presents
+                    # the projected, audience-bound token to the controller, never this one.
                     "automountServiceAccountToken": True,
                     "hostNetwork": True,
                     "dnsPolicy": "ClusterFirstWithHostNet",
@@ -588,6 +666,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                     "terminationGracePeriodSeconds": v.drainGraceSeconds + TERMINATION_MARGIN_S,
                     "tolerations": [{"operator": "Exists"}],
                     "securityContext": pod_security,
+                    "initContainers": [_init_pod_cidrs(v)],
                     "containers": [agent, redirector],
                     "volumes": volumes,
                 },
