@@ -1,0 +1,134 @@
+"""`nodemesh demo`: the emojivoto debugging session of the Conduit talks, on this machine.
+
+Brings up a sandbox cluster, deploys emojivoto, waits until it serves, installs the mesh while
+vote-bot keeps voting (no restart, no pod spec change), waits until stats flow, then prints what
+to try next. Every step prints its time; a failed step names itself and the log to read.
+`nodemesh demo down` removes everything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import yaml
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+
+DEMO_CLUSTER = "nodemesh"
+DEMO_NAMESPACE = "emojivoto"
+MANIFEST = Path(__file__).resolve().parent.parent / "demo" / "emojivoto.yml"
+
+NEXT_STEPS = """\
+The mesh is watching emojivoto. Try:
+
+  nodemesh stat deploy -n emojivoto                     # which workloads fail?
+  nodemesh stat deploy -n emojivoto --from deploy/web   # web's calls, per destination
+  nodemesh tap deploy/voting -n emojivoto               # live requests: which method fails?
+  nodemesh edges deploy -n emojivoto                    # who talks to whom
+  nodemesh dashboard                                    # the same, in a browser
+
+  nodemesh sandbox get pods -n emojivoto -o wide        # the pods, unchanged
+  nodemesh demo down                                    # remove it all
+"""
+
+
+class DemoError(click.ClickException):
+    pass
+
+
+def manifest_text(rate: float | None) -> str:
+    """emojivoto.yml, with vote-bot's REQUEST_RATE set when asked."""
+    docs = list(yaml.safe_load_all(MANIFEST.read_text()))
+    if rate is not None:
+        for doc in docs:
+            if doc and doc.get("kind") == "Deployment" and doc["metadata"]["name"] == "vote-bot":
+                for container in doc["spec"]["template"]["spec"]["containers"]:
+                    env = [e for e in container.get("env", []) if e["name"] != "REQUEST_RATE"]
+                    env.append({"name": "REQUEST_RATE", "value": f"{rate:g}"})
+                    container["env"] = env
+    return yaml.safe_dump_all([d for d in docs if d], sort_keys=False)
+
+
+@contextmanager
+def step(title: str, log_hint: Callable[[], str] | None = None) -> Iterator[None]:
+    """One line per step with its time; a failure names the step and where to look."""
+    click.echo(f"• {title} ...", nl=False, err=True)
+    start = time.monotonic()
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message
+        click.echo(" failed", err=True)
+        hint = f"\n  see: {log_hint()}" if log_hint else ""
+        detail = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        raise DemoError(f"step '{title}' failed: {detail}{hint}") from None
+    click.echo(f" done ({time.monotonic() - start:.1f}s)", err=True)
+
+
+def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
+    """Until the controller reports traffic for emojivoto's web deployment."""
+    deadline = time.monotonic() + timeout
+    request = pb.StatRequest(selector=pb.Resource(namespace=DEMO_NAMESPACE, type="deployment"),
+                             window_seconds=60)
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(controller) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        while True:
+            try:
+                resp = stub.StatSummary(request, timeout=3, metadata=metadata)
+                flowing = [r for r in resp.rows if r.has_traffic]
+                if {r.resource.name for r in flowing} >= {"web", "voting", "emoji"}:
+                    return list(resp.rows)
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no stats for web, emoji and voting after {timeout:.0f}s")
+            time.sleep(0.5)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--nodes", default=2, show_default=True, type=click.IntRange(1, 8), help="Sandbox nodes.")
+@click.option("--rate", default=None, type=click.FloatRange(0.1, 500), help="vote-bot requests per second.")
+@click.option("--cni", default="bridge", show_default=True, type=click.Choice(["bridge", "routed"]))
+@click.pass_context
+def demo(ctx: click.Context, nodes: int, rate: float | None, cni: str) -> None:
+    """Run emojivoto in a local sandbox cluster and mesh it live."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
+    from nodemesh.sandbox.cluster import Sandbox
+
+    sb = Sandbox(DEMO_CLUSTER)
+    total = time.monotonic()
+    with step(f"Creating a {nodes}-node sandbox cluster ({cni} CNI)", lambda: str(sb.state_dir)):
+        if sb.is_up() and len(sb.nodes()) != nodes:
+            raise DemoError(f"sandbox {DEMO_CLUSTER!r} is up with {len(sb.nodes())} nodes: "
+                            "run `nodemesh demo down` first")
+        sb.up(nodes=nodes, cni=cni)
+    with step("Deploying emojivoto (web, emoji, voting, vote-bot)", lambda: f"{sb.state_dir}/kubelet.log"):
+        sb.apply(text=manifest_text(rate))
+    with step("Waiting for emojivoto to serve", lambda: "nodemesh sandbox logs -n emojivoto POD"):
+        sb.wait_ready(namespace=DEMO_NAMESPACE, timeout=60)
+    with step("Installing nodemesh while the app runs (controller, agent + redirector per node)",
+              lambda: str(sb.node_process_log(sb.nodes()[0].name, agent_process(sb.nodes()[0].name)))):
+        controller = install_sandbox(DEMO_CLUSTER, progress=lambda msg: None)
+    with step("Waiting for stats to flow", lambda: f"{sb.state_dir} (controller and agent logs)"):
+        token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
+        wait_for_stats(controller, token, timeout=60)
+    click.echo(f"\nemojivoto is meshed ({time.monotonic() - total:.0f}s).\n")
+    click.echo(NEXT_STEPS, nl=False)
+
+
+@demo.command()
+def down() -> None:
+    """Remove the demo: the mesh, emojivoto and the sandbox cluster."""
+    from nodemesh.sandbox.cluster import Sandbox
+
+    sb = Sandbox(DEMO_CLUSTER)
+    with step(f"Removing sandbox {DEMO_CLUSTER}"):
+        sb.down()

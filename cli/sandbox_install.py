@@ -1,0 +1,140 @@
+"""`nodemesh install --sandbox` / `uninstall --sandbox`: what the DaemonSet does, on sandbox nodes.
+
+On every node of a running sandbox this starts, as supervised hostNetwork processes inside the
+node's network namespace, the agent and then the redirector (which captures only once the
+agent is ready); the controller runs once, on the first node. Uninstall goes the other way:
+redirectors first (they remove the capture, so pods talk directly again), then the agents and
+the controller. Both are idempotent, and the app keeps serving across both.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import grpc
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT
+from nodemesh.cli.client import CONTROLLER_ADDR_FILE, write_sandbox_address
+
+CONTROLLER_PROCESS = "nodemesh-controller"
+TOKEN_FILE = "controller.token"
+
+
+def agent_process(node: str) -> str:
+    return f"nodemesh-agent-{node}"
+
+
+def redirector_process(node: str) -> str:
+    return f"nodemesh-redirector-{node}"
+
+
+class InstallError(click.ClickException):
+    """A step of the sandbox install failed; the message names the step and the log to read."""
+
+
+def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
+    from nodemesh.sandbox.cluster import Sandbox, SandboxError
+
+    sb = Sandbox(name) if name else Sandbox()
+    if not sb.is_up():
+        raise InstallError(f"sandbox {sb.name!r} is not up: run `nodemesh sandbox up` first")
+    del SandboxError
+    return sb
+
+
+def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
+                    progress: Callable[[str], None] | None = None) -> str:
+    """Install the mesh on a running sandbox; returns the controller's host:port."""
+    say = progress or (lambda msg: click.echo(msg, err=True))
+    sb = _sandbox(name)
+    nodes = sb.nodes()
+    state_dir = Path(sb.state_dir)
+    token_path = state_dir / TOKEN_FILE
+    if not token_path.exists():
+        token_path.write_text(secrets.token_urlsafe(32) + "\n")
+        token_path.chmod(0o600)
+    controller_host = sb.controller_address
+    controller = f"{controller_host}:{CONTROLLER_GRPC_PORT}"
+    py = sys.executable
+
+    sb.start_node_process(nodes[0].name, CONTROLLER_PROCESS, [
+        py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
+        "--listen", "0.0.0.0", "--token-file", str(token_path),
+    ])
+    for node in nodes:
+        sb.start_node_process(node.name, agent_process(node.name), [
+            py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
+            "--controller", controller, "--token-file", str(token_path), "--workers", str(workers),
+        ])
+    _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
+          "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])
+    for node in nodes:
+        sb.start_node_process(node.name, redirector_process(node.name), [
+            py, "-m", "nodemesh.redirector", "run", "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
+            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}",
+        ])
+    write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
+    _wait(lambda: _mesh_healthy(controller, token_path, {n.name for n in nodes}), timeout,
+          "capture installed and agents reporting",
+          [sb.node_process_log(nodes[0].name, CONTROLLER_PROCESS)]
+          + [sb.node_process_log(n.name, redirector_process(n.name)) for n in nodes])
+    say(f"nodemesh installed on sandbox {sb.name}: controller {controller}, {len(nodes)} agents")
+    return controller
+
+
+def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] | None = None) -> None:
+    """Remove the mesh from a sandbox: capture first, so no pod ever dials a stopped agent."""
+    say = progress or (lambda msg: click.echo(msg, err=True))
+    sb = _sandbox(name)
+    nodes = sb.nodes()
+    for node in nodes:  # SIGTERM: the redirector removes every rule it installed
+        sb.stop_node_process(node.name, redirector_process(node.name))
+    for node in nodes:
+        sb.stop_node_process(node.name, agent_process(node.name), timeout=40.0)
+    sb.stop_node_process(nodes[0].name, CONTROLLER_PROCESS)
+    (Path(sb.state_dir) / CONTROLLER_ADDR_FILE).unlink(missing_ok=True)
+    say(f"nodemesh removed from sandbox {sb.name}")
+
+
+def _agent_ready(sb, node: str) -> bool:
+    res = sb.node_exec(node, ["python3", "-c", _READY_PROBE], capture_output=True, timeout=5)
+    return res.returncode == 0
+
+
+_READY_PROBE = (
+    "import sys, urllib.request\n"
+    f"sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{ADMIN_PORT}/ready', timeout=1).status == 200 else 1)"
+)
+
+
+def _mesh_healthy(controller: str, token_path: Path, nodes: set[str]) -> bool:
+    metadata = (("authorization", f"Bearer {token_path.read_text().strip()}"),)
+    try:
+        with grpc.insecure_channel(controller) as channel:
+            resp = pb_grpc.ControllerStub(channel).Check(pb.CheckRequest(), timeout=2, metadata=metadata)
+    except grpc.RpcError:
+        return False
+    healthy = {n.node for n in resp.nodes if n.agent_connected and n.agent_ready and n.capture_installed}
+    return nodes <= healthy
+
+
+def _probe(predicate: Callable[[], bool]) -> bool:
+    try:
+        return predicate()
+    except Exception:  # noqa: BLE001 - a probe that fails is "not yet"
+        return False
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, step: str, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _probe(predicate):
+            return
+        time.sleep(0.2)
+    raise InstallError(f"{step}: not reached within {timeout:.0f}s; see {', '.join(map(str, logs))}")
