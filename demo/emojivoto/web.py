@@ -43,6 +43,7 @@ class WebConfig:
     message_of_the_day: str = ""
     # Upstream sets no deadline; a generous one keeps a wedged backend from piling up requests.
     rpc_timeout: float = 10.0
+    backend_wait: float = 10.0  # seconds to wait for the backends at start-up; 0 = don't
     log_level: str = "info"
 
     @classmethod
@@ -54,6 +55,7 @@ class WebConfig:
             votingsvc_host=env.get("VOTINGSVC_HOST", "") or DEFAULT_VOTINGSVC_HOST,
             message_of_the_day=env.get("MESSAGE_OF_THE_DAY", ""),
             rpc_timeout=env_duration(env, "RPC_TIMEOUT", 10.0),
+            backend_wait=env_duration(env, "BACKEND_WAIT", 10.0),
             log_level=env.get("LOG_LEVEL", "info") or "info",
         )
 
@@ -87,6 +89,19 @@ class Backends:
     async def results(self) -> list[Voting_pb2.VotingResult]:
         response = await self.voting.Results(Voting_pb2.ResultsRequest(), timeout=self.timeout)
         return list(response.results)
+
+    async def wait_connected(self, timeout: float, log: Logger) -> None:
+        """Connect both channels before serving, for at most `timeout` seconds.
+
+        Pods start together; without this the first votes could race emoji-svc's start and fail with
+        UNAVAILABLE, failures the demo would then have to explain. Past the timeout web serves anyway
+        (and answers 500 while a backend is down), as upstream's non-blocking grpc.Dial does.
+        """
+        for name, channel in (("emoji", self.emoji_channel), ("voting", self.voting_channel)):
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout)
+            except TimeoutError:
+                log.warning("backend_not_ready", backend=name, waited=timeout)
 
     async def close(self) -> None:
         await self.emoji_channel.close()
@@ -184,6 +199,8 @@ def make_app(backends: Backends, cfg: WebConfig, log: Logger) -> web.Application
 async def start(cfg: WebConfig, log: Logger) -> tuple[web.AppRunner, Backends, int]:
     """Start serving; returns the runner, the backends and the port really bound (WEB_PORT=0 works)."""
     backends = Backends(cfg.emojisvc_host, cfg.votingsvc_host, cfg.rpc_timeout)
+    if cfg.backend_wait > 0:
+        await backends.wait_connected(cfg.backend_wait, log)
     runner = web.AppRunner(make_app(backends, cfg, log), access_log=None, handle_signals=False,
                            shutdown_timeout=5.0)
     await runner.setup()

@@ -53,7 +53,8 @@ async def running_stack(failure_rate: float = 1.0, seed: int = 1,
             emoji_port = 1  # tcpmux: nothing listens on loopback, connections are refused at once
         cfg = web.WebConfig(port=0, bind_host="127.0.0.1", emojisvc_host=f"127.0.0.1:{emoji_port}",
                             votingsvc_host=f"127.0.0.1:{voting_port}", rpc_timeout=5.0,
-                            message_of_the_day="<b>hi</b>")
+                            message_of_the_day="<b>hi</b>",
+                            backend_wait=5.0 if with_emoji else 0.3)
         runner, backends, web_port = await web.start(cfg, log)
         yield Stack(f"http://127.0.0.1:{web_port}", f"127.0.0.1:{emoji_port}", f"127.0.0.1:{voting_port}",
                     poll, out)

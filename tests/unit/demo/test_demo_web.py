@@ -91,6 +91,9 @@ def test_vote_accepts_a_posted_form() -> None:
 def test_unreachable_backend_is_a_500_not_a_hang() -> None:
     async def body() -> None:
         async with running_stack(with_emoji=False) as stack, aiohttp.ClientSession() as session:
+            # web waited for its backends (BACKEND_WAIT), said which one is missing, and serves anyway.
+            assert "event=backend_not_ready backend=emoji" in stack.log.getvalue()
+            assert "backend=voting" not in stack.log.getvalue()
             for path in ("/api/list", "/api/vote?choice=:joy:", "/api/leaderboard"):
                 status, _, text = await _get(session, stack.web_url + path)
                 if path == "/api/leaderboard":
