@@ -228,6 +228,7 @@ def _validate_service(doc: dict[str, Any], label: str) -> None:
         if (p["port"], proto) in seen_ports:
             raise ManifestError(f"{label}: port clash: port {p['port']}/{proto} is listed twice")
         seen_ports.add((p["port"], proto))
+    for p in ports:
         pname = p.get("name", "")
         if len(ports) > 1 and not pname:
             raise ManifestError(f"{label}: ports must be named when there is more than one")
