@@ -41,6 +41,11 @@ class Mode(Protocol):
     def close(self, upstream_clean: bool) -> None: ...
 
 
+def looks_like_h2_server_preface(data: bytes) -> bool:
+    """A SETTINGS frame on stream 0: what an HTTP/2 server writes first."""
+    return len(data) >= 9 and data[3] == 4 and data[5:9] == b"\0\0\0\0" and data[4] in (0, 1)
+
+
 class WorkerContext:
     """What every connection of a worker shares: config, observer, endpoint picker, live set."""
 
@@ -91,6 +96,7 @@ class Connection(asyncio.Protocol):
         "up",
         "up_eof",
         "up_lost",
+        "up_pending",
         "write_bytes",
     )
 
@@ -118,6 +124,7 @@ class Connection(asyncio.Protocol):
         self.drain_requested = False
         self.paused_for_connect = False
         self.connecting = False
+        self.up_pending: list[bytes] = []
 
     # -- accept ----------------------------------------------------------------------------
 
@@ -201,6 +208,9 @@ class Connection(asyncio.Protocol):
             # Upstream not there yet: stop reading until it is (bounded buffering).
             self.client.pause_reading()
             self.paused_for_connect = True
+        if self.up_pending:
+            held, self.up_pending = self.up_pending, []
+            self.mode.upstream_data(b"".join(held))
         if self.drain_requested:
             self.mode.drain()
 
@@ -289,6 +299,11 @@ class Connection(asyncio.Protocol):
         self.write_bytes += len(data)
         mode = self.mode
         if mode is None:
+            if self.up_pending or looks_like_h2_server_preface(data):
+                # An HTTP/2 server sends SETTINGS as soon as it accepts: hold it until the
+                # client's preface (or the detection timeout) decides.
+                self.up_pending.append(data)
+                return
             # The server spoke first: not HTTP. Decide now instead of waiting for the timeout.
             self._decide(Detection(TCP))
             mode = self.mode

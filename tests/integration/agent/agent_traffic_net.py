@@ -190,6 +190,11 @@ http {{
         location = /echo {{ client_max_body_size 100m; return 200 "posted"; }}
         location / {{ }}
     }}
+    server {{
+        listen {ip}:8080 http2;
+        root {dir}/www;
+        location / {{ }}
+    }}
 }}
 """
 
