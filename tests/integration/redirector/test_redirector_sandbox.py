@@ -246,6 +246,7 @@ def test_redirector_sandbox_fail_open(harness: Harness) -> None:
         wait(direct, GRACE_S + 3, 0.05)
         went_direct = time.monotonic() - killed
         # The successful direct dial started within grace + 1 s (its own Python start-up counted on top).
+        print(f"fail_open went_direct_s={went_direct:.2f}")
         assert went_direct <= GRACE_S + 1 + 0.5, went_direct
         standin, record = h.standin(node)
         wait(captured, 5)
