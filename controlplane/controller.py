@@ -68,6 +68,7 @@ class AgentSession:
     reports: int = 0
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     identity_queued: bool = False
+    stale_taps_closed: set[str] = field(default_factory=set)
 
     def send(self, msg: pb.ControllerMessage) -> None:
         self.outbox.put_nowait(msg)
@@ -392,8 +393,11 @@ class Controller:
     def _tap_event(self, session: AgentSession, event: pb.TapEvent) -> None:
         tap = self._taps.get(event.tap_id)
         if tap is None:
-            # A tap we no longer have (closed, or opened by a previous controller): stop it.
-            session.send(pb.ControllerMessage(tap_close=pb.TapClose(tap_id=event.tap_id)))
+            # A tap we no longer have (closed, or opened by a previous controller): stop it,
+            # once per tap, not once per straggling event.
+            if event.tap_id not in session.stale_taps_closed:
+                session.stale_taps_closed.add(event.tap_id)
+                session.send(pb.ControllerMessage(tap_close=pb.TapClose(tap_id=event.tap_id)))
             return
         if tap.offer(session.agent_id, event):
             self.metrics.tap_events.inc()

@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 
@@ -22,11 +23,11 @@ QUEUE_SIZE = 2_000
 class TokenBucket:
     """`rate` tokens per second, bursts up to one second's worth (at least one)."""
 
-    def __init__(self, rate: float, clock: type[time.monotonic] | None = None) -> None:  # type: ignore[valid-type]
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.capacity = max(1.0, rate)
         self.tokens = self.capacity
-        self._clock = clock or time.monotonic
+        self._clock = clock
         self._last = self._clock()
 
     def take(self) -> bool:

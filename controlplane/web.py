@@ -33,4 +33,7 @@ def build_app(controller: Controller) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
+    from nodemesh.controlplane.dashboard import add_routes  # the dashboard's page and /api/ (docs/dashboard.md)
+
+    add_routes(app, controller)
     return app

@@ -1,0 +1,1 @@
+"""Static assets of the dashboard (a package only so they ship in the wheel)."""

@@ -1,0 +1,212 @@
+"""What the dashboard's JSON API answers, computed through the controller's own Python API.
+
+Stat rows come from `Controller.stat` and edges from `Controller.edges` — the very calls the gRPC
+StatSummary/Edges methods make — so a row here equals `nodemesh stat -o json` for the same window.
+Time series sum the aggregator's one-second buckets per step with the controller's own `Totals`
+math (success rate, rate, histogram quantiles).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlencode
+
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
+from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, Totals
+from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.dashboard.params import ApiError
+from nodemesh.controlplane.stat import side_predicate
+
+# manifests/grafana/nodemesh-workload.json: its uid and template variables (a unit test pins them).
+GRAFANA_WORKLOAD_UID = "nodemesh-workload"
+GRAFANA_WORKLOAD_VARS = ("namespace", "kind", "workload")
+SERIES_RANGE_S = 3600
+_DIR = LABEL_INDEX["direction"]
+
+
+# ---------------------------------------------------------------------------- stat rows
+def _json_number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(value, 6)
+
+
+def stat_row_json(row: pb.StatRow) -> dict[str, object]:
+    """The row exactly as `nodemesh stat -o json` prints it (cli/render.py `stat_row_json`, which
+    the controller may not import; a unit test holds the two equal)."""
+    requests = row.has_traffic and (row.success_count + row.failure_count) > 0
+    tcp = row.has_tcp or row.has_traffic
+    total = row.success_count + row.failure_count
+
+    def num(value: float, present: bool) -> float | int | None:
+        return _json_number(value) if present else None
+
+    return {
+        "namespace": row.resource.namespace,
+        "kind": KIND_OF_TYPE.get(row.resource.type, row.resource.type).lower(),
+        "name": row.resource.name,
+        "meshed": row.meshed_pods,
+        "totalPods": row.total_pods,
+        "success": _json_number(row.success_count / total) if total else None,
+        "rps": num(row.rps, requests),
+        "latency_ms_p50": num(row.latency_ms_p50, requests),
+        "latency_ms_p95": num(row.latency_ms_p95, requests),
+        "latency_ms_p99": num(row.latency_ms_p99, requests),
+        "tcp_open_connections": num(row.tcp_open_connections, tcp),
+        "tcp_read_bytes_rate": num(row.tcp_read_bytes_rate, tcp),
+        "tcp_write_bytes_rate": num(row.tcp_write_bytes_rate, tcp),
+    }
+
+
+def _error_status(message: str) -> int:
+    return 404 if "not found" in message else 400
+
+
+def stat_rows(controller: Controller, requests: Sequence[pb.StatRequest],
+              now: float | None = None) -> list[pb.StatRow]:
+    """One StatSummary per request (as the CLI sends one per resource type), rows merged and
+    ordered as `stat -o json` orders them: by type, then namespace, then name."""
+    rows: list[pb.StatRow] = []
+    for req in requests:
+        resp = controller.stat(req, now)
+        if resp.error:
+            raise ApiError(resp.error, _error_status(resp.error))
+        rows.extend(resp.rows)
+    rows.sort(key=lambda r: (r.resource.type, r.resource.namespace, r.resource.name))
+    return list(rows)
+
+
+def namespaces(controller: Controller) -> list[dict[str, object]]:
+    captured = set(controller.registry.captured_namespaces(controller.config.excluded_namespaces))
+    return [{"name": ns, "captured": ns in captured} for ns in sorted(controller.registry.namespaces())]
+
+
+# ---------------------------------------------------------------------------- workload page
+def _resource_json(res: pb.Resource) -> dict[str, str]:
+    return {"namespace": res.namespace, "type": res.type, "kind": KIND_OF_TYPE.get(res.type, res.type).lower(),
+            "short": SHORT_TYPE.get(res.type, res.type), "name": res.name}
+
+
+def _peer_rows(controller: Controller, me: pb.Resource, window_s: int,
+               now: float | None) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Callers and callees of `me`: the peers `edges` names, each with the stat row of that edge
+    (`stat TYPE/PEER --to ME` for a caller, `stat TYPE/PEER --from ME` for a callee)."""
+    resp = controller.edges(pb.EdgesRequest(selector=pb.Resource(type="all"), all_namespaces=True,
+                                            window_seconds=window_s), now)
+    if resp.error:
+        raise ApiError(resp.error, _error_status(resp.error))
+    mine = (me.namespace, me.type, me.name)
+    callers, callees = [], []
+    for edge in resp.edges:
+        src = (edge.src.namespace, edge.src.type, edge.src.name)
+        dst = (edge.dst.namespace, edge.dst.type, edge.dst.name)
+        for peer, side, out in ((edge.src, "to", callers), (edge.dst, "from", callees)):
+            if (dst if side == "to" else src) != mine:
+                continue
+            req = pb.StatRequest(selector=pb.Resource(namespace=peer.namespace, type=peer.type, name=peer.name),
+                                 window_seconds=window_s)
+            getattr(req, side).CopyFrom(me)
+            got = controller.stat(req, now)
+            if got.error or not got.rows:
+                continue  # the peer left the registry, or only TCP without a row: nothing to show
+            out.append({"peer": _resource_json(peer), "stat": stat_row_json(got.rows[0])})
+    key = lambda e: (e["peer"]["namespace"], e["peer"]["name"])  # noqa: E731
+    return sorted(callers, key=key), sorted(callees, key=key)
+
+
+def _pods(controller: Controller, me: pb.Resource) -> list[dict[str, object]]:
+    info = controller.registry.resource(me.type, me.namespace, me.name)
+    if info is None:
+        return []
+    mesh = controller.mesh_view()
+    return [{
+        "name": p.name, "namespace": p.namespace, "node": p.node, "ip": p.ip, "status": p.status,
+        "ready": p.ready,
+        "meshed": p.running and p.node in mesh.ready_nodes and p.namespace in mesh.captured_namespaces
+        and not p.host_network,
+    } for p in sorted(info.pods, key=lambda p: p.name)]
+
+
+def row_predicate(controller: Controller, me: pb.Resource) -> Callable[[SeriesKey], bool]:
+    """The series a resource's own stat row sums (stat.py: inbound, or outbound to a service)."""
+    direction = "outbound" if me.type == "service" else "inbound"
+    match = side_predicate(controller.registry, "dst", me.namespace, me.type, me.name)
+    return lambda k: k[_DIR] == direction and match(k)
+
+
+def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: int = SERIES_RANGE_S,
+                now: float | None = None) -> dict[str, object]:
+    """Success rate, RPS and latency quantiles per `step_s` over the last `range_s` seconds,
+    oldest first; a step without responses has nulls (a gap, not a zero)."""
+    now = time.time() if now is None else now
+    where = row_predicate(controller, me)
+    keys = {k for k in controller.aggregator.keys() if where(k)}
+    steps = range_s // step_s
+    end = int(now)
+    points = []
+    for i in range(steps - 1, -1, -1):
+        step_end = end - i * step_s
+        tot = Totals(step_s)
+        if keys:
+            for t in controller.aggregator.totals_by_key(step_s, step_end, keys.__contains__).values():
+                tot.merge(t)
+        has = tot.has_traffic
+        points.append({
+            "t": step_end,
+            "success": _json_number(tot.success_rate) if has and tot.success_rate is not None else None,
+            "rps": _json_number(tot.rps) if has else None,
+            "p50": _json_number(tot.quantile(0.5) or 0.0) if has else None,
+            "p95": _json_number(tot.quantile(0.95) or 0.0) if has else None,
+            "p99": _json_number(tot.quantile(0.99) or 0.0) if has else None,
+        })
+    return {"step_s": step_s, "range_s": range_s, "points": points}
+
+
+def grafana_workload_url(base: str, me: pb.Resource) -> str | None:
+    if not base:
+        return None
+    query = urlencode({"var-namespace": me.namespace, "var-kind": me.type, "var-workload": me.name})
+    return f"{base.rstrip('/')}/d/{GRAFANA_WORKLOAD_UID}/{GRAFANA_WORKLOAD_UID}?{query}"
+
+
+def workload(controller: Controller, me: pb.Resource, window_s: int, step_s: int, grafana_base: str,
+             now: float | None = None) -> dict[str, object]:
+    (row,) = stat_rows(controller, [pb.StatRequest(selector=me, window_seconds=window_s)], now)
+    callers, callees = _peer_rows(controller, me, window_s, now)
+    return {
+        "resource": _resource_json(me),
+        "window_s": window_s,
+        "stat": stat_row_json(row),
+        "callers": callers,
+        "callees": callees,
+        "pods": _pods(controller, me),
+        "series": time_series(controller, me, step_s, now=now),
+        "grafana_url": grafana_workload_url(grafana_base, me),
+    }
+
+
+# ---------------------------------------------------------------------------- tap
+def _peer_json(peer: pb.Peer) -> dict[str, object]:
+    owner = f"{SHORT_TYPE.get(peer.owner.type, peer.owner.type)}/{peer.owner.name}" if peer.owner.name else ""
+    return {"ip": peer.ip, "port": peer.port, "namespace": peer.namespace, "pod": peer.pod, "owner": owner}
+
+
+def tap_event_json(event: pb.TapEvent) -> dict[str, Any]:
+    """A flat event for the page: `id` is unique across agents (request ids are per agent)."""
+    out: dict[str, Any] = {
+        "id": f"{event.node}/{event.request_id}", "direction": event.direction, "node": event.node,
+        "time_ms": event.time_ms, "source": _peer_json(event.source),
+        "destination": _peer_json(event.destination), "event": event.WhichOneof("event") or "",
+    }
+    if event.HasField("request_init"):
+        req = event.request_init
+        out.update(method=req.method, scheme=req.scheme, authority=req.authority, path=req.path)
+    elif event.HasField("response_init"):
+        rsp = event.response_init
+        out.update(http_status=rsp.http_status, latency_us=rsp.since_request_init_us)
+    elif event.HasField("response_end"):
+        end = event.response_end
+        out.update(grpc_status=end.grpc_status if end.has_grpc_status else None, reset_error=end.reset_error,
+                   duration_us=end.since_request_init_us, response_bytes=end.response_bytes)
+    return out
