@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.dashboard import add_routes
 from prometheus_client import CONTENT_TYPE_LATEST
 
 CONTROLLER_KEY = web.AppKey("controller", Controller)
@@ -33,7 +34,5 @@ def build_app(controller: Controller) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
-    from nodemesh.controlplane.dashboard import add_routes  # the dashboard's page and /api/ (docs/dashboard.md)
-
-    add_routes(app, controller)
+    add_routes(app, controller)  # the dashboard's page and /api/ (docs/dashboard.md)
     return app

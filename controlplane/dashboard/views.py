@@ -111,7 +111,7 @@ def _peer_rows(controller: Controller, me: pb.Resource, window_s: int,
             if got.error or not got.rows:
                 continue  # the peer left the registry, or only TCP without a row: nothing to show
             out.append({"peer": _resource_json(peer), "stat": stat_row_json(got.rows[0])})
-    key = lambda e: (e["peer"]["namespace"], e["peer"]["name"])  # noqa: E731
+    key = lambda e: (e["peer"]["namespace"], e["peer"]["name"])
     return sorted(callers, key=key), sorted(callees, key=key)
 
 
@@ -141,7 +141,7 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
     oldest first; a step without responses has nulls (a gap, not a zero)."""
     now = time.time() if now is None else now
     where = row_predicate(controller, me)
-    keys = {k for k in controller.aggregator.keys() if where(k)}
+    keys = {k for k in controller.aggregator.keys() if where(k)}  # noqa: SIM118 - not a dict
     steps = range_s // step_s
     end = int(now)
     points = []
