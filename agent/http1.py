@@ -115,12 +115,13 @@ def _split(data: bytes, ends: list[int]) -> list[bytes]:
 class _RequestSide:
     """httptools callbacks for the client -> server direction."""
 
-    __slots__ = ("field", "head_bytes", "req", "x")
+    __slots__ = ("field", "head_bytes", "head_fed", "req", "x")
 
     def __init__(self, exchange: Http1Exchange) -> None:
         self.x = exchange
         self.req: Http1Request | None = None
         self.head_bytes = 0
+        self.head_fed = 0
         self.field = b""
 
     def on_message_begin(self) -> None:
@@ -128,6 +129,7 @@ class _RequestSide:
         x.ordinal += 1
         self.req = Http1Request(x.ordinal)
         self.head_bytes = 0
+        self.head_fed = 0
         x.head_pending = True
 
     def on_url(self, url: bytes) -> None:
@@ -275,6 +277,13 @@ class Http1Exchange:
                 self._hold(rest)
         except httptools.HttpParserError as exc:
             self._client_error(exc)
+        else:
+            if self.head_pending:
+                # httptools buffers an unfinished header line itself: bound the head here too.
+                self._req_side.head_fed += len(data)
+                if self._req_side.head_fed > MAX_HEAD_BYTES:
+                    self.failed = True
+                    self.events.append((CLIENT_ERROR, 431))
         return self._take()
 
     def feed_request_closing(self, data: bytes) -> tuple[list[Event], bytes, bool]:

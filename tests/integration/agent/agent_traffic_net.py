@@ -134,12 +134,11 @@ def start_agent(t: Topology, tmp: Path, name: str = "agent", workers: int = 1,
                 extra: tuple[str, ...] = ()) -> Agent:
     event_log = tmp / f"{name}-events.jsonl"
     stderr = tmp / f"{name}.log"
-    err = open(stderr, "wb")
     argv = [sys.executable, "-m", "nodemesh.agent", "--node", "n1", "--node-ip", AGENT_CLIENT_SIDE,
             "--pod-cidr", "10.201.1.0/24", "--workers", str(workers), "--event-log", str(event_log),
             "--log-level", "info", *extra]
-    proc = t.exec(t.agent, *argv, stdout=subprocess.DEVNULL, stderr=err)
-    err.close()
+    with open(stderr, "wb") as err:
+        proc = t.exec(t.agent, *argv, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if "event=agent_ready" in stderr.read_text(errors="replace"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from agent_traffic_net import SERVER_IP, Agent, Topology, start_agent, start_nginx, topology, wait_for
@@ -79,7 +78,7 @@ def test_http2_compression_error_gets_goaway(net: tuple[Topology, Agent]) -> Non
     payload = ("b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + b'\\x00\\x00\\x00\\x04\\x00\\x00\\x00\\x00\\x00'"
                " + b'\\x00\\x00\\x01\\x01\\x05\\x00\\x00\\x00\\x01\\x80'")
     out = _exchange(t, payload, port=8080)
-    got = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own repr() of bytes
+    got = eval(out.strip().splitlines()[-1])
     # Somewhere in what came back: a GOAWAY frame (type 7) with COMPRESSION_ERROR (9).
     pos = 0
     codes = []

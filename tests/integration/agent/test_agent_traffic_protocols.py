@@ -141,7 +141,7 @@ print('sha', digest.decode() == hashlib.sha256(data).hexdigest(), rest == bytes(
 
 
 def test_server_speaks_first_is_heard_without_waiting(net: tuple[Topology, Agent]) -> None:
-    t, agent = net
+    t, _agent = net
     out = t.python(t.client, f"""
 import socket, time
 s = socket.create_connection(('{SERVER_IP}', {PORTS["banner"]}), timeout=10)
