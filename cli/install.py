@@ -57,7 +57,8 @@ def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str |
     if sandbox:
         from nodemesh.cli.sandbox_install import install_sandbox
 
-        install_sandbox(name=name)
+        address = install_sandbox(name=name)
+        click.echo(f"nodemesh installed on the sandbox; controller at {address}")
         return
     click.echo(_render(values, addon), nl=False)
 

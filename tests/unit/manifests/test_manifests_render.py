@@ -56,6 +56,15 @@ def test_manifests_uninstall_prints_the_same_objects_for_kubectl_delete() -> Non
     assert result.output == DAEMONSET.read_text()
 
 
+@pytest.mark.parametrize("addon", ["prometheus", "grafana"])
+def test_manifests_install_addon_prints_the_committed_addon(addon: str) -> None:
+    result = CliRunner().invoke(cli, ["install", "--addon", addon])
+    assert result.exit_code == 0, result.output
+    assert result.output == (REPO / "manifests" / f"{addon}.yaml").read_text()
+    moved = CliRunner().invoke(cli, ["install", "--addon", addon, "--set", "namespace=mesh-system"])
+    assert "namespace: mesh-system" in moved.output and "namespace: nodemesh\n" not in moved.output
+
+
 def test_manifests_rendering_is_deterministic() -> None:
     values = apply_sets(InstallValues(), ["opaquePorts=6379,25,3306", "ebpf=true"])
     assert render_daemonset(values) == render_daemonset(values)
