@@ -105,4 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(),
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-    asyncio.run(run(config))
+    try:
+        asyncio.run(run(config))
+    except Exception as exc:
+        # Startup errors a user can fix (bad kubeconfig, port taken) are one line, not a traceback.
+        if not isinstance(exc, (ValueError, OSError)) and type(exc).__name__ != "ConfigException":
+            raise
+        raise SystemExit(f"nodemesh controller: {exc}") from None
