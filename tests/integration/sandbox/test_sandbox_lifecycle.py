@@ -42,6 +42,12 @@ def _still_running(pids: set[int]) -> set[int]:
     return {p for p in pids if alive(p)}
 
 
+def _root_rules() -> set[str]:
+    """Root-namespace iptables rules (no counters): the sandbox must never add one."""
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    return {ln for ln in out.splitlines() if ln.startswith("-A ")}
+
+
 def _etc_netns(cluster: str) -> list[str]:
     d = Path("/etc/netns")
     return [p.name for p in d.iterdir() if p.name.startswith(naming.netns_prefix(cluster))] if d.is_dir() else []
@@ -60,7 +66,7 @@ def _assert_gone(sb: Sandbox, before_netns: set[str], before_links: set[str], pi
 
 
 def test_down_leaves_nothing_behind() -> None:
-    before_netns, before_links = _netns(), _root_links()
+    before_netns, before_links, before_rules = _netns(), _root_links(), _root_rules()
     sb = Sandbox(unique_name())
     try:
         assert sb.up(nodes=2, cni="routed") is True
@@ -74,6 +80,8 @@ def test_down_leaves_nothing_behind() -> None:
         pids = _procs_of(sb.name)
         assert len(pids) >= 5  # kubelet, 3 containers, node process
         assert len(_etc_netns(sb.name)) == 3
+        added = _root_rules() - before_rules
+        assert not [r for r in added if sb.host_link in r or str(sb.plan.underlay.network_address)[:-1] in r]
     finally:
         sb.down()
     _assert_gone(sb, before_netns, before_links, pids)
