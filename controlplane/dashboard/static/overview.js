@@ -1,7 +1,7 @@
 // The overview: every namespace with a table of its workloads, refreshed live from
 // /api/stream (Server-Sent Events), failing workloads highlighted, columns sortable.
 import {
-  MISSING, SHORT, SortTable, clear, fmtCount, fmtMs, fmtPercent, fmtRps, h, health, workloadHash,
+  SHORT, SortTable, fmtCount, fmtMs, fmtPercent, fmtRps, h, health, workloadHash,
 } from "./lib.js";
 
 export function statColumns(showKind) {
@@ -101,7 +101,5 @@ export class Overview {
     }
     // Keep namespaces in name order (new ones may arrive between existing ones).
     for (const ns of names) this.list.append(this.tables.get(ns).section);
-    if (!rows.length) clear(this.list);
-    return MISSING;
   }
 }
