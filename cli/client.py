@@ -30,6 +30,7 @@ log = logging.getLogger("nodemesh.cli")
 
 DEFAULT_SANDBOX_ROOT = Path("/run/nodemesh/sandbox")
 CONTROLLER_ADDR_FILE = "controller.addr"
+CONTROLLER_TOKEN_FILE = "controller.token"  # beside controller.addr (cli/sandbox_install.py TOKEN_FILE)
 DEFAULT_SANDBOX = "nodemesh"  # nodemesh.sandbox.naming.DEFAULT_CLUSTER (not imported: pyroute2 is heavy)
 CONTROLLER_NAMESPACE = "nodemesh"
 CONTROLLER_LABEL = "app=nodemesh-controller"
@@ -136,6 +137,7 @@ class Target:
 
     address: str  # host:port for grpc
     origin: str
+    token: str | None = None  # the sandbox's own token, used when the user gave none
 
 
 def resolve_target(config: ClientConfig) -> Target | None:
@@ -150,8 +152,17 @@ def resolve_target(config: ClientConfig) -> Target | None:
         except OSError as exc:
             raise CliError(f"cannot read {path}: {exc.strerror}") from None
         host, port = parse_hostport(text, str(path))
-        return Target(_grpc_address(host, port), f"sandbox state {path}")
+        return Target(_grpc_address(host, port), f"sandbox state {path}", _sandbox_token(path.parent))
     return None
+
+
+def _sandbox_token(state_dir: Path) -> str | None:
+    """The token `nodemesh install --sandbox` gave its controller; None if absent or unreadable
+    (the controller then says what is missing)."""
+    try:
+        return (state_dir / CONTROLLER_TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _grpc_address(host: str, port: int) -> str:
@@ -257,9 +268,8 @@ class Controller:
         self._forward = forward
         self.channel = grpc.insecure_channel(target.address)
         self.stub = pb_grpc.ControllerStub(self.channel)
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {config.token}"),) if config.token else ()
-        )
+        token = config.token or target.token
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
 
     def close(self) -> None:
         self.channel.close()
@@ -286,7 +296,10 @@ class Controller:
                 f"cannot reach the controller at {self.target.address} ({self.target.origin}): {details}"
             )
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            return CliError(f"the controller refused our credentials: {details} (NODEMESH_TOKEN/--token-file)")
+            hint = "" if "--token-file" in details else " (check NODEMESH_TOKEN/--token-file)"
+            return CliError(f"the controller refused our credentials: {details}{hint}")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return CliError(f"the controller refused this call: {details}")
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                     grpc.StatusCode.FAILED_PRECONDITION):
             return CliError(details)  # the controller's words about what we asked

@@ -30,3 +30,12 @@ class ControllerConfig:
     agent_stale_s: float = 10.0
     sandbox_poll_s: float = 0.5
     log_level: str = "warning"
+    # Authentication of the gRPC API (controlplane/auth.py, docs/controlplane.md "Authentication").
+    token_file: str = ""                        # static bearer token (the sandbox's controller.token)
+    token_review: bool = False                  # check projected ServiceAccount tokens with TokenReview
+    token_audiences: tuple[str, ...] = ("nodemesh-controller",)
+    auth_namespace: str = "nodemesh"            # where the default agent/CLI ServiceAccounts live
+    token_review_agents: tuple[str, ...] = ()   # users/`group:G` allowed to Connect; () = the agent SA
+    token_review_readers: tuple[str, ...] = ()  # allowed stat/edges/check/tap; () = the nodemesh-cli SA
+    token_cache_s: float = 60.0
+    insecure_open_api: bool = False             # allow no auth on a non-loopback address

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from nodemesh.controlplane.auth import AccessPolicy, Authenticator, build_authenticator
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.server import start_grpc_server
@@ -48,11 +51,44 @@ class RunningController:
         await self.controller.stop()
 
 
-async def start(config: ControllerConfig, source: ClusterSource | None = None) -> RunningController:
-    """Start everything; ports 0 in `config` pick free ports (see RunningController)."""
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configure_auth(config: ControllerConfig) -> Authenticator | None:
+    """The API's authenticator from the flags; refuses an open API on a reachable address."""
+    if config.token_review and config.source != "kubernetes":
+        raise ValueError("--token-review needs --source kubernetes (the sandbox uses --token-file)")
+    policy = AccessPolicy.for_namespace(config.auth_namespace, config.token_review_agents,
+                                        config.token_review_readers)
+    authenticator = build_authenticator(config.token_file, config.token_review, config.token_audiences,
+                                        policy, config.kubeconfig, config.token_cache_s)
+    if authenticator is not None:
+        log.info("event=auth_enabled mode=%s", "token_review" if config.token_review else "token_file")
+        return authenticator
+    if not _is_loopback(config.listen) and not config.insecure_open_api:
+        raise ValueError(f"refusing to serve the gRPC API without authentication on {config.listen}: "
+                         "pass --token-file or --token-review (or --insecure-open-api on a trusted network)")
+    log.warning("event=auth_disabled listen=%s warning='the gRPC API is OPEN: anyone who can reach "
+                "port %d can read stats, open taps and report metrics; dev mode only (use --token-file "
+                "or --token-review)'", config.listen, config.grpc_port)
+    return None
+
+
+async def start(config: ControllerConfig, source: ClusterSource | None = None,
+                authenticator: Authenticator | None = None) -> RunningController:
+    """Start everything; ports 0 in `config` pick free ports (see RunningController).
+    `authenticator` (tests) replaces the one the config asks for."""
+    if authenticator is None:
+        authenticator = configure_auth(config)
     controller = Controller(config, source if source is not None else build_source(config))
     await controller.start()
-    grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port)
+    grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port, authenticator)
     runner = web.AppRunner(build_app(controller), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.web_port)
@@ -77,9 +113,29 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--skip-ports", default="")
     p.add_argument("--tap-max-rps", type=float, default=ControllerConfig.tap_max_rps)
     p.add_argument("--log-level", default="warning")
+    auth = p.add_argument_group("authentication of the gRPC API (docs/controlplane.md)")
+    auth.add_argument("--token-file", default="", metavar="PATH",
+                      help="accept the bearer token in this file (re-read when it changes); the sandbox's mode")
+    auth.add_argument("--token-review", action="store_true",
+                      help="accept projected ServiceAccount tokens checked with the TokenReview API "
+                           "(--source kubernetes)")
+    auth.add_argument("--token-audience", default=",".join(ControllerConfig.token_audiences),
+                      help="audiences a reviewed token must carry (comma-separated)")
+    auth.add_argument("--token-review-agents", default="",
+                      help="users or group:NAME allowed to Connect as agents "
+                           "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-agent)")
+    auth.add_argument("--token-review-readers", default="",
+                      help="users or group:NAME allowed stat/edges/check/tap "
+                           "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-cli)")
+    auth.add_argument("--insecure-open-api", action="store_true",
+                      help="serve without authentication on a non-loopback address (trusted networks only)")
     a = p.parse_args(argv)
     if a.source == "sandbox" and not a.state_dir:
         p.error("--source sandbox needs --state-dir")
+    if a.token_file and a.token_review:
+        p.error("--token-file and --token-review are exclusive: pick one")
+    if a.token_review and a.source != "kubernetes":
+        p.error("--token-review needs --source kubernetes (the sandbox uses --token-file)")
     return ControllerConfig(
         source=a.source, state_dir=a.state_dir, kubeconfig="" if a.in_cluster else a.kubeconfig,
         listen=a.listen, grpc_port=a.grpc_port, web_port=a.web_port,
@@ -87,7 +143,17 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
         skip_ports=tuple(int(x) for x in a.skip_ports.split(",") if x),
         tap_max_rps=a.tap_max_rps, log_level=a.log_level,
+        token_file=a.token_file, token_review=a.token_review,
+        token_audiences=_csv(a.token_audience),
+        # Read here, once: the Deployment sets POD_NAMESPACE from the downward API.
+        auth_namespace=os.environ.get("POD_NAMESPACE") or ControllerConfig.auth_namespace,
+        token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
+        insecure_open_api=a.insecure_open_api,
     )
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 async def run(config: ControllerConfig) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.controlplane.auth import Authenticator, AuthInterceptor
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.stat import StatError
 
@@ -57,9 +58,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             await events.aclose()
 
 
-async def start_grpc_server(controller: Controller, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serve the API on host:port (port 0: any free port); returns the server and the port."""
-    server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 20_000),
+async def start_grpc_server(controller: Controller, host: str, port: int,
+                            authenticator: Authenticator | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve the API on host:port (port 0: any free port); returns the server and the port.
+    With an authenticator every call must carry an accepted bearer token (controlplane/auth.py)."""
+    interceptors = [AuthInterceptor(authenticator, controller.metrics.registry)] if authenticator else []
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.keepalive_time_ms", 20_000),
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
