@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from nodemesh.agent.metrics import Snapshot, SnapshotCollector
+from nodemesh.agent.procstats import AgentProcessCollector
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger("nodemesh.agent.admin")
@@ -21,13 +22,15 @@ log = logging.getLogger("nodemesh.agent.admin")
 
 class AdminServer:
     def __init__(self, host: str, port: int, *, snapshot: Callable[[], Snapshot],
-                 ready: Callable[[], bool], excluded_ips: Callable[[], list[str]]) -> None:
+                 ready: Callable[[], bool], excluded_ips: Callable[[], list[str]],
+                 capture_installed: Callable[[], bool] = lambda: False) -> None:
         self.host = host
         self.port = port
         self._ready = ready
         self._excluded_ips = excluded_ips
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
+        self.registry.register(AgentProcessCollector(capture_installed))
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 

@@ -31,5 +31,6 @@ class AgentConfig:
     token_file: str = ""                        # bearer token presented to the controller
     identity_file: str = ""                     # sandbox objects.json dir, used when no controller
     report_interval_s: float = 1.0
+    watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0
     log_level: str = "info"

@@ -12,6 +12,7 @@ died with it). A restarted worker counts from zero and is added on top.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,6 +30,8 @@ from nodemesh.agent.podindex import PodIndex
 from nodemesh.api.gen import nodemesh_pb2 as pb
 
 log = logging.getLogger("nodemesh.agent.node")
+
+CAPTURE_CHECK_INTERVAL_S = 2.0
 
 TapSink = Callable[[pb.TapEvent], None]
 
@@ -53,15 +56,19 @@ class NodeTelemetry:
         self._taps: dict[str, bytes] = {}           # open taps, replayed to workers attached later
         self._tap_sinks: list[TapSink] = []
         self.admin = AdminServer(config.admin_host, config.admin_port, snapshot=self.snapshot,
-                                 ready=lambda: self.ready, excluded_ips=self.index.local_excluded_ips)
+                                 ready=lambda: self.ready, excluded_ips=self.index.local_excluded_ips,
+                                 capture_installed=lambda: self.capture_installed)
         self._identity_source: IdentityFileSource | None = None
         self.controller_link: Any = None            # agent.report.ControllerLink when configured
         self._admin_open = False
+        self._capture_watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.admin.start()
         self._admin_open = True
+        if self.config.watch_capture:
+            self._capture_watch = asyncio.create_task(self._watch_capture())
         if self.config.controller:
             from nodemesh.agent.report import ControllerLink
 
@@ -82,6 +89,9 @@ class NodeTelemetry:
 
     async def stop(self) -> None:
         self.ready = False
+        if self._capture_watch is not None:
+            self._capture_watch.cancel()
+            self._capture_watch = None
         if self.controller_link is not None:
             await self.controller_link.stop()  # sends a final report with everything merged
             self.controller_link = None
@@ -97,7 +107,22 @@ class NodeTelemetry:
         self.ready = ready
 
     def set_capture_installed(self, installed: bool) -> None:
+        if installed != self.capture_installed:
+            log.info("event=capture_state installed=%s", installed)
         self.capture_installed = installed
+
+    async def _watch_capture(self) -> None:
+        """Read (never write) whether the redirector's capture is in place, for `nodemesh check`
+        and the nodemesh_capture_installed gauge. The redirector owns the rules."""
+        from nodemesh.redirector.apply import ApplyError, capture_active
+
+        while True:
+            try:
+                self.set_capture_installed(await asyncio.to_thread(capture_active))
+            except (ApplyError, OSError) as exc:
+                log.debug("event=capture_check_failed error=%s", exc)
+                self.set_capture_installed(False)
+            await asyncio.sleep(CAPTURE_CHECK_INTERVAL_S)
 
     # ------------------------------------------------------------------ workers
     def attach_worker(self, index: int, parent_end: workerlink.ChannelEnd) -> None:

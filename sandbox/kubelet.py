@@ -173,6 +173,7 @@ class Kubelet:
         self.containers: dict[str, Container] = {}
         self.dying: list[subprocess.Popen[bytes]] = []
         self.seen_mtimes: tuple[float, float] = (0.0, 0.0)
+        self.loaded_rv = -1
         self.dirty = True  # pod status to write
         self.applied_rules: dict[str, str] = {}  # node netns -> rendered KUBE-* plan
         self.applied_hosts: dict[str, str] = {}  # pod netns -> hosts file text
@@ -198,7 +199,9 @@ class Kubelet:
         node_backoff = Backoff(*infra.get("node_backoff", [1.0, 10.0]))
         desired: dict[str, Container] = {}
         pod_keys: dict[str, list[str]] = {}
-        for pod in self.state.objects().of_kind("Pod"):
+        current = self.state.objects()
+        self.loaded_rv = current.resource_version
+        for pod in current.of_kind("Pod"):
             ns, name, uid = pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"]
             node = nodes.get(pod["spec"]["nodeName"])
             if node is None:
@@ -372,6 +375,7 @@ class Kubelet:
 
     def write_status(self) -> None:
         with self.state.objects_txn() as objs:
+            foreign_change = objs.data.resource_version != self.loaded_rv
             for pod in objs.list("Pod"):
                 new_status = self.pod_status(pod)
                 if new_status != pod["status"]:
@@ -379,7 +383,12 @@ class Kubelet:
             objects.derive(objs)
             # network before commit: once a pod reads Ready, its ClusterIP and DNS already work
             self.sync_network(objs.data.items)
-        self.seen_mtimes = self._mtimes()
+            own_rv = objs.data.resource_version
+        if not foreign_change:
+            # Only our own write is marked seen: an `apply` (objects) or a node process change
+            # (sandbox.json) that landed since the last reload must still trigger one.
+            self.loaded_rv = own_rv
+            self.seen_mtimes = (self._mtimes()[0], self.seen_mtimes[1])
         self._write_runtime()
 
     def sync_network(self, items: list[dict[str, Any]]) -> None:
