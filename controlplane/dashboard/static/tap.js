@@ -25,7 +25,7 @@ function succeeded(req) {
 
 const TOP_COLUMNS = [
   {key: "method", label: "Method"},
-  {key: "path", label: "Path"},
+  {key: "path", label: "Path", cls: () => "path"},
   {key: "count", label: "Count", num: true},
   {key: "best", label: "Best", num: true, render: (r) => fmtUs(r.best)},
   {key: "worst", label: "Worst", num: true, render: (r) => fmtUs(r.worst)},
