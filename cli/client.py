@@ -176,7 +176,7 @@ class KubePortForward:
     """A local TCP listener on 127.0.0.1 whose connections are tunnelled to the controller pod's
     gRPC port through the Kubernetes API (what `kubectl port-forward` does), so grpc can dial it."""
 
-    def __init__(self, remote_port: int = CONTROLLER_GRPC_PORT) -> None:
+    def __init__(self, remote_port: int = CONTROLLER_GRPC_PORT, local_port: int = 0) -> None:
         try:
             from kubernetes import client, config  # heavy import: only on this path
         except ImportError as exc:  # pragma: no cover - kubernetes is a hard dependency
@@ -191,7 +191,7 @@ class KubePortForward:
         self._core = client.CoreV1Api()
         self._remote_port = remote_port
         self.pod = self._find_pod()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", local_port))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._closed = threading.Event()
         threading.Thread(target=self._accept_loop, name="nodemesh-portforward", daemon=True).start()
