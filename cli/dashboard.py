@@ -1,0 +1,122 @@
+"""`nodemesh dashboard`: open the controller's web dashboard (port 8084), or print its URL.
+
+Where the dashboard is: the controller's address as every verb resolves it (cli/client.py:
+`--controller`, NODEMESH_CONTROLLER, the running sandbox), on the web port 8084 — or, in a
+sandbox, the `dashboard.addr` file beside `controller.addr` when the installer wrote one. With
+none of those, it port-forwards a local port to the controller pod's 8084 through the Kubernetes
+API, and keeps forwarding until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import webbrowser
+from pathlib import Path
+from urllib.parse import quote
+
+import click
+from nodemesh.api.model import CONTROLLER_WEB_PORT, SelectorError, parse_selector
+from nodemesh.cli.client import (
+    CONTROLLER_NAMESPACE,
+    ClientConfig,
+    CliError,
+    KubePortForward,
+    controller_options,
+    parse_hostport,
+    resolve_target,
+    sandbox_address_file,
+)
+
+DASHBOARD_ADDR_FILE = "dashboard.addr"
+DEFAULT_LOCAL_PORT = 50750  # Linkerd's `viz dashboard` port: a stable URL across runs
+
+
+def write_dashboard_address(state_dir: Path, host: str, port: int = CONTROLLER_WEB_PORT) -> Path:
+    """For installers whose controller serves the dashboard elsewhere than controller host:8084:
+    record `host:port` beside controller.addr (atomically). Remove it on teardown."""
+    path = Path(state_dir) / DASHBOARD_ADDR_FILE
+    tmp = path.with_name(f".{DASHBOARD_ADDR_FILE}.{os.getpid()}")
+    tmp.write_text(f"[{host}]:{port}\n" if ":" in host else f"{host}:{port}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _url(host: str, port: int, fragment: str) -> str:
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"http://{netloc}/{fragment}"
+
+
+def dashboard_url(config: ClientConfig, fragment: str = "") -> tuple[str, str] | None:
+    """(URL, where it came from) without Kubernetes; None means: port-forward."""
+    target = resolve_target(config)
+    if target is None:
+        return None
+    if not config.controller:
+        addr = sandbox_address_file(config.sandbox_root, config.sandbox)
+        side = addr.with_name(DASHBOARD_ADDR_FILE) if addr is not None else None
+        if side is not None and side.is_file():
+            host, port = parse_hostport(side.read_text(), str(side))
+            return _url(host, port, fragment), f"sandbox state {side}"
+    host, _ = parse_hostport(target.address, target.origin)
+    return _url(host, CONTROLLER_WEB_PORT, fragment), target.origin
+
+
+def workload_fragment(resource: str | None, namespace: str) -> str:
+    if not resource:
+        return ""
+    try:
+        sel = parse_selector(resource)
+    except SelectorError as exc:
+        raise CliError(str(exc)) from None
+    if not sel.name or sel.type in ("all", "namespace"):
+        raise CliError(f"dashboard takes a workload TYPE/NAME (e.g. deploy/web), got {resource!r}")
+    return "#/workload/" + "/".join(quote(p, safe="") for p in (namespace, sel.type, sel.name))
+
+
+@click.command("dashboard")
+@click.argument("resource", required=False, metavar="[TYPE/NAME]")
+@click.option("-n", "--namespace", default="default", show_default=True, help="Namespace of TYPE/NAME.")
+@click.option("--show", type=click.Choice(["browser", "url"]), default="browser", show_default=True,
+              help="Open the dashboard in a browser, or only print its URL.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_LOCAL_PORT, show_default=True,
+              help="Local port of the port-forward (Kubernetes only; 0 picks a free one).")
+@controller_options
+def dashboard(resource: str | None, namespace: str, show: str, port: int, controller: str | None,
+              token_file: str | None) -> None:
+    """Open the nodemesh web dashboard (optionally at a workload's page: deploy/web -n emojivoto).
+
+    In a sandbox or with --controller the dashboard is reached directly; in a cluster the command
+    port-forwards to the controller pod's port 8084 and keeps running until Ctrl-C.
+    """
+    config = ClientConfig.from_cli(controller, token_file)
+    fragment = workload_fragment(resource, namespace)
+    found = dashboard_url(config, fragment)
+    if found is not None:
+        _present(found[0], show)
+        return
+    try:
+        forward = KubePortForward(remote_port=CONTROLLER_WEB_PORT, local_port=port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on 127.0.0.1:{port} for the port-forward: {exc.strerror} "
+                       "(choose another with --port)") from None
+    host, local = parse_hostport(forward.address, "port-forward")
+    try:
+        _present(_url(host, local, fragment), show)
+        click.echo(f"Port-forwarding to pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT}; "
+                   "press Ctrl-C to stop.", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        forward.close()
+
+
+def _present(url: str, show: str) -> None:
+    if show == "url":
+        click.echo(url)
+        return
+    click.echo(f"nodemesh dashboard available at:\n{url}", err=True)
+    if not webbrowser.open(url):
+        click.echo("no browser could be started: open the URL above yourself", err=True)
