@@ -13,6 +13,7 @@ apt_packages=(iptables ebtables conntrack iproute2 procps kmod psmisc)
 if [ "$want_test" = 1 ]; then
   apt_packages+=(nginx-light wrk nghttp2-client curl netcat-openbsd)
   apt_packages+=(ruby shellcheck)  # lint the Vagrantfile (ruby -c) and the shell scripts
+  apt_packages+=(chromium)  # the dashboard's browser test (Playwright drives it; never `playwright install`)
 fi
 
 missing=()
