@@ -31,6 +31,9 @@ class RunnerConfig:
     grace_s: float = 2.0
     poll_s: float = 0.25
     http_timeout_s: float = 0.2
+    # While capturing, re-check the kernel against the plan this often and put back what is missing:
+    # during a rolling update the old redirector's shutdown removes the rules the new one relies on.
+    reassert_s: float = 1.0
 
 
 class KVLog:
@@ -58,6 +61,7 @@ class FailOpenRunner:
         self.plan: Plan | None = None
         self.last_ready = clock()
         self.excluded: tuple[str, ...] = ()
+        self.last_asserted = clock()
         self._stop = threading.Event()
 
     # --------------------------------------------------------------------------- talking to the agent
@@ -98,6 +102,11 @@ class FailOpenRunner:
                 else:
                     self.log("capture_updated", excluded_ips=len(excluded))
                 self.plan, self.excluded, self.capturing = plan, excluded, True
+                self.last_asserted = now
+            elif now - self.last_asserted >= self.config.reassert_s:
+                self.last_asserted = now
+                if self.redirector.apply(self.plan, capture=True):
+                    self.log("capture_restored", reason="rules_missing")
         elif self.capturing and now - self.last_ready > self.config.grace_s:
             assert self.plan is not None
             self.redirector.set_capture(self.plan, capture=False)

@@ -68,3 +68,34 @@ def test_redirector_fail_open_and_resume(mini_cluster: MiniCluster) -> None:
     assert log.count("event=capture_updated") == 2, log
     # SIGTERM removed everything the runner installed.
     assert_same(before, cl.snapshot(1))
+
+
+def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -> None:
+    """DaemonSet rolling update: a new redirector runs beside the old one; the old one's SIGTERM
+    removes the shared rules, and the new one puts them back by itself."""
+    cl = mini_cluster
+    a, b = cl.pods["a"], cl.pods["b"]
+    before = cl.snapshot(1)
+    standin, record = cl.standin(1)
+    argv = ("-m", "nodemesh.redirector", "run", "--node-ip", NODE_IP[1], "--pod-cidr", POD_CIDR[1])
+    old = cl.spawn(cl.nodes[1], *argv, log="old.log")
+    new = cl.spawn(cl.nodes[1], *argv, log="new.log")
+
+    def captured_dial() -> bool:
+        n = len(read_records(record))
+        res = cl.dial(a, b.ip, 8080, timeout=1)
+        return res.stdout.strip() == a.ip and len(read_records(record)) > n
+
+    try:
+        _wait(captured_dial, 10)
+        cl.stop(old, signal.SIGTERM)
+        assert old.returncode == 0
+        # Whatever the moment, a pod's connection works (captured, or direct for under a second) ...
+        assert cl.dial(a, b.ip, 8080, timeout=1).stdout.strip() == a.ip
+        # ... and capture is back without anyone touching the new redirector.
+        _wait(captured_dial, 5)
+    finally:
+        cl.stop(new, signal.SIGTERM)
+        cl.stop(standin, signal.SIGTERM)
+    assert "event=capture_restored" in (cl.workdir / "new.log").read_text()
+    assert_same(before, cl.snapshot(1))
