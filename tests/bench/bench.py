@@ -459,14 +459,15 @@ def _warnings(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig, name: str | None = None) -> dict[str, Any]:
     """Bring up a sandbox, run everything, tear it down (also on Ctrl-C or failure)."""
     from nodemesh.sandbox.testing import running_sandbox
 
     workdir = Path(tempfile.mkdtemp(prefix="nodemesh-bench-"))
     try:
         cfg.log("bench: bringing up a 2-node sandbox (bridge CNI) ...")
-        with running_sandbox(nodes=2, cni="bridge", manifests=[manifests(workdir)], timeout=60) as sb:
+        with running_sandbox(nodes=2, cni="bridge", manifests=[manifests(workdir)], timeout=60,
+                             name=name) as sb:
             return Bench(sb, cfg).run()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

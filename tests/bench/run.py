@@ -1,6 +1,6 @@
 """nodemesh benchmark: direct vs meshed on a 2-node sandbox, in one run (root required).
 
-    python3 tests/bench/run.py [--quick] [--duration S] [--json OUT] [--bulk-mb N] [--workers N]
+    python3 tests/bench/run.py [--quick] [--duration S] [--json OUT] [--bulk-mb N] [--workers N] [--name NAME]
 
 Prints a table of raw numbers and meshed/direct ratios (never pass/fail); docs/bench.md explains
 every figure. The sandbox is always torn down, also on Ctrl-C, SIGTERM or failure.
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="seconds measured per scenario and mode (default 8; quick 2.5)")
     ap.add_argument("--bulk-mb", type=int, help="MiB sent by the bulk TCP scenario (default 1024; quick 256)")
     ap.add_argument("--workers", type=int, help="agent worker processes per node (default: the agent's own)")
+    ap.add_argument("--name", help="sandbox name (default: a unique one); it is always removed at the end")
     ap.add_argument("--json", metavar="OUT", help="also write every raw result and the figures as JSON")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                  agent_workers=args.workers)
     t0 = time.monotonic()
     try:
-        results = bench.run_bench(cfg)
+        results = bench.run_bench(cfg, name=args.name)
     except KeyboardInterrupt:
         print("bench: interrupted; sandbox removed", file=sys.stderr)
         return 130
