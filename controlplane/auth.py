@@ -156,14 +156,18 @@ class TokenReviewAuthenticator:
     """Tokens checked by the API server (TokenReview), positive answers cached for `cache_ttl_s`.
 
     The cache is keyed by a SHA-256 of the token, so the controller's memory never holds the
-    tokens themselves; refusals are not cached (a fixed token must work at once). The `kubernetes`
-    client is synchronous: reviews run in a thread, and concurrent calls with the same token
-    (an agent's reconnect racing a CLI call) share one review.
+    tokens themselves. An invalid token is remembered too, for `negative_ttl_s`: agents with a
+    bad token retry every few hundred milliseconds, and a thousand of them must not turn into a
+    thousand TokenReviews a second (a fixed token is a different token, so it works at once).
+    Failures to ask (API server down, RBAC) are never cached. The `kubernetes` client is
+    synchronous: reviews run in a thread, and concurrent calls with the same token (an agent's
+    reconnect racing a CLI call) share one review.
     """
 
     def __init__(self, api_client: Any, audiences: Sequence[str] = (DEFAULT_AUDIENCE,),
-                 policy: AccessPolicy | None = None, *, cache_ttl_s: float = 60.0, cache_max: int = 10_000,
-                 timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 policy: AccessPolicy | None = None, *, cache_ttl_s: float = 60.0, negative_ttl_s: float = 10.0,
+                 cache_max: int = 10_000, timeout_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from kubernetes import client  # heavy import: only when TokenReview is configured
 
         if not audiences:
@@ -173,11 +177,12 @@ class TokenReviewAuthenticator:
         self.audiences = tuple(audiences)
         self.policy = policy or AccessPolicy.for_namespace("nodemesh")
         self.cache_ttl_s = cache_ttl_s
+        self.negative_ttl_s = min(negative_ttl_s, cache_ttl_s)
         self.cache_max = cache_max
         self.timeout_s = timeout_s
         self.clock = clock
         self.reviews = 0  # TokenReviews sent to the API server (tests, logs)
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._cache: dict[str, tuple[float, Principal | AuthError]] = {}
         self._inflight: dict[str, asyncio.Future[Principal]] = {}
 
     async def authenticate(self, token: str, method: str) -> Principal:
@@ -193,6 +198,8 @@ class TokenReviewAuthenticator:
         now = self.clock()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
+            if isinstance(hit[1], AuthError):
+                raise AuthError(hit[1].code, hit[1].message, hit[1].reason + " (cached)")
             return hit[1]
         pending = self._inflight.get(key)
         if pending is not None:
@@ -205,23 +212,25 @@ class TokenReviewAuthenticator:
             fut.cancel()
             raise
         except Exception as exc:
+            if isinstance(exc, AuthError) and exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                self._remember(key, exc, self.negative_ttl_s)
             fut.set_exception(exc)
             fut.exception()  # mark it retrieved: nobody else may be waiting
             raise
         finally:
             del self._inflight[key]
         fut.set_result(principal)
-        self._remember(key, principal)
+        self._remember(key, principal, self.cache_ttl_s)
         return principal
 
-    def _remember(self, key: str, principal: Principal) -> None:
+    def _remember(self, key: str, answer: Principal | AuthError, ttl_s: float) -> None:
         now = self.clock()
         if len(self._cache) >= self.cache_max:
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             if len(self._cache) >= self.cache_max:  # all live: drop the oldest half, not grow forever
                 for k in list(self._cache)[: self.cache_max // 2]:
                     del self._cache[k]
-        self._cache[key] = (now + self.cache_ttl_s, principal)
+        self._cache[key] = (now + ttl_s, answer)
 
     def _review(self, token: str) -> Principal:
         c = self._client

@@ -190,8 +190,12 @@ def test_controlplane_auth_tokenreview_cache(api_client: client.ApiClient) -> No
     clock.now += 31  # expired: asked again (a revoked token stops working within the TTL)
     run(auth.authenticate("agent-token", "Connect"))
     assert len(FakeApiServer.reviews) == 2
-    # Refusals are not cached: once the token is valid it works at once.
-    refused(auth, "unknown-token", "Connect")
+    # An invalid token is remembered briefly (agents with a bad token retry fast), for 10 s.
+    assert refused(auth, "unknown-token", "Connect").message == INVALID_TOKEN
+    err = refused(auth, "unknown-token", "Connect")
+    assert (err.code, err.message) == (grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
+    assert len(FakeApiServer.reviews) == 3
+    clock.now += 11
     refused(auth, "unknown-token", "Connect")
     assert len(FakeApiServer.reviews) == 4
 
@@ -227,7 +231,9 @@ def test_controlplane_auth_tokenreview_api_server_failures(api_client: client.Ap
     assert err.code == grpc.StatusCode.UNAVAILABLE
     assert "TokenReview failed: 403" in err.message and "create on tokenreviews" in err.message
     FakeApiServer.fail_with = 0
-    assert run(auth.authenticate("agent-token", "Connect")).username == AGENT_SA  # not cached as refused
+    # A failure to ask is not an answer: not cached, the next call asks again and succeeds.
+    assert run(auth.authenticate("agent-token", "Connect")).username == AGENT_SA
+    assert len(FakeApiServer.reviews) == 2
     # The API server unreachable: UNAVAILABLE (the agent retries), quickly.
     cfg = client.Configuration()
     cfg.host = "http://127.0.0.1:9"  # discard port on loopback: connection refused
