@@ -19,8 +19,9 @@ import click
 import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT
+from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
 from nodemesh.cli.client import CONTROLLER_ADDR_FILE, write_sandbox_address
+from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
 
 CONTROLLER_PROCESS = "nodemesh-controller"
 TOKEN_FILE = "controller.token"
@@ -80,6 +81,8 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
             "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}",
         ])
     write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
+    # `nodemesh dashboard` reads this beside controller.addr: the controller serves it on 8084.
+    write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)
     _wait(lambda: _mesh_healthy(controller, token_path, {n.name for n in nodes}), timeout,
           "capture installed and agents reporting",
           [sb.node_process_log(nodes[0].name, CONTROLLER_PROCESS)]
@@ -99,6 +102,7 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
         sb.stop_node_process(node.name, agent_process(node.name), timeout=40.0)
     sb.stop_node_process(nodes[0].name, CONTROLLER_PROCESS)
     (Path(sb.state_dir) / CONTROLLER_ADDR_FILE).unlink(missing_ok=True)
+    (Path(sb.state_dir) / DASHBOARD_ADDR_FILE).unlink(missing_ok=True)
     say(f"nodemesh removed from sandbox {sb.name}")
 
 

@@ -39,3 +39,5 @@ class ControllerConfig:
     token_review_readers: tuple[str, ...] = ()  # allowed stat/edges/check/tap; () = the nodemesh-cli SA
     token_cache_s: float = 60.0
     insecure_open_api: bool = False             # allow no auth on a non-loopback address
+    # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
+    grafana_url: str = ""

@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--skip-ports", default="")
     p.add_argument("--tap-max-rps", type=float, default=ControllerConfig.tap_max_rps)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--grafana-url", default="", metavar="URL",
+                   help="Grafana base URL (with manifests/grafana/ loaded): the dashboard links workloads to it")
     auth = p.add_argument_group("authentication of the gRPC API (docs/controlplane.md)")
     auth.add_argument("--token-file", default="", metavar="PATH",
                       help="accept the bearer token in this file (re-read when it changes); the sandbox's mode")
@@ -148,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         # Read here, once: the Deployment sets POD_NAMESPACE from the downward API.
         auth_namespace=os.environ.get("POD_NAMESPACE") or ControllerConfig.auth_namespace,
         token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
-        insecure_open_api=a.insecure_open_api,
+        insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
     )
 
 
