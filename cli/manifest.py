@@ -395,6 +395,10 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--skip-ports", _csv(config["skippedPorts"]),
         "--tap-max-rps", _number(config["tapMaxRps"]),
         "--log-level", v.logLevel,
+        # Agents and the CLI present audience-bound ServiceAccount tokens; the controller checks
+        # them with TokenReview (docs/controlplane.md "Authentication").
+        "--token-review",
+        "--token-audience", CONTROLLER_AUDIENCE,
     ]
 
 
