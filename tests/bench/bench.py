@@ -195,7 +195,7 @@ class Bench:
         agents = [p for root in self.agent_roots.values() for p in procstat.tree_pids(root)]
         per_node = {n: procstat.cpu_seconds(procstat.tree_pids(r)) for n, r in self.agent_roots.items()}
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        srv0, ag0 = procstat.cpu_seconds(server_pids), procstat.cpu_seconds(agents)
+        srv0, (ag_user0, ag_sys0) = procstat.cpu_seconds(server_pids), procstat.cpu_split(agents)
         busy0 = procstat.machine_busy()
         t0 = time.monotonic()
         out = run()
@@ -203,13 +203,17 @@ class Bench:
         busy1 = procstat.machine_busy()
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         agents = [p for root in self.agent_roots.values() for p in procstat.tree_pids(root)]
+        ag_user1, ag_sys1 = procstat.cpu_split(agents)
         out["cpu"] = {
             "wall_s": round(wall, 3),
             "machine_cores": procstat.machine_cores(),
             "machine_busy_cores": round((busy1 - busy0) / wall, 3),
             "client_cpu_s": round((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime), 3),
             "server_cpu_s": round(procstat.cpu_seconds(server_pids) - srv0, 3),
-            "agent_cpu_s": round(procstat.cpu_seconds(agents) - ag0, 3),
+            "agent_cpu_s": round(ag_user1 + ag_sys1 - ag_user0 - ag_sys0, 3),
+            # system time: the kernel's share (socket calls, and the veth/bridge/netfilter path they
+            # drive), as opposed to the agent's own Python
+            "agent_sys_cpu_s": round(ag_sys1 - ag_sys0, 3),
             "agent_cpu_s_by_node": {n: round(procstat.cpu_seconds(procstat.tree_pids(r)) - per_node[n], 3)
                                     for n, r in self.agent_roots.items()},
         }
@@ -417,7 +421,9 @@ def render(r: dict[str, Any]) -> str:
     for s, label in (("http_sat_cross", "HTTP/1.1 cross-node (outbound + inbound agent)"),
                      ("http_sat_same", "HTTP/1.1 same node (one agent)"),
                      ("grpc_sat", "gRPC unary cross-node")):
-        lines.append(f"  {label:48s} {f[f'{s}_agent_cpu_s_per_1000']:.4f}")
+        cpu = m[s]["cpu"]
+        kernel = cpu["agent_sys_cpu_s"] / cpu["agent_cpu_s"] if cpu["agent_cpu_s"] else 0.0
+        lines.append(f"  {label:48s} {f[f'{s}_agent_cpu_s_per_1000']:.4f}  ({kernel:.0%} of it kernel time)")
     lines.append("agent RSS MB (parent + workers, per node agent): idle "
                  + ", ".join(f"{n} {v:.1f}" for n, v in r["agent_rss_idle_mb"].items())
                  + "; under load (max) " + ", ".join(f"{n} {v:.1f}" for n, v in r["agent_rss_loaded_mb"].items()))

@@ -55,14 +55,20 @@ def netns_pids(netns: str) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the given processes (threads included), in seconds."""
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the given processes (threads included)."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / TICK
+            user += int(fields[11])  # utime (field 14)
+            system += int(fields[12])  # stime (field 15)
+    return user / TICK, system / TICK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the given processes (threads included), in seconds."""
+    return sum(cpu_split(pids))
 
 
 def rss_mb(pids: list[int]) -> float:
