@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,13 @@ def manifest_text(rate: float | None) -> str:
 
 
 @contextmanager
-def step(title: str, log_hint: Callable[[], str] | None = None) -> Iterator[None]:
-    """One line per step with its time; a failure names the step and where to look."""
+def step(title: str, log_hint: Callable[[], str] | None = None,
+         times: dict[str, tuple[float, float]] | None = None, key: str = "") -> Iterator[None]:
+    """One line per step with its time; a failure names the step and where to look. With `times`,
+    the step's wall-clock (start, end) is recorded under `key`, so a test can line vote-bot's history
+    (time.time() stamps) up with what the demo was doing."""
     click.echo(f"• {title} ...", nl=False, err=True)
-    start = time.monotonic()
+    start, wall = time.monotonic(), time.time()
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message
@@ -67,7 +71,65 @@ def step(title: str, log_hint: Callable[[], str] | None = None) -> Iterator[None
         hint = f"\n  see: {log_hint()}" if log_hint else ""
         detail = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         raise DemoError(f"step '{title}' failed: {detail}{hint}") from None
+    if times is not None:
+        times[key or title] = (wall, time.time())
     click.echo(f" done ({time.monotonic() - start:.1f}s)", err=True)
+
+
+@dataclass(slots=True)
+class DemoRun:
+    """What `run_demo` brought up."""
+
+    name: str
+    controller: str                                   # host:port of the controller's gRPC API
+    steps: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> wall (start, end)
+    elapsed: float = 0.0                              # seconds, until stats flow
+
+
+def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None, cni: str = "bridge",
+             before_install: Callable[[Any], None] | None = None, stats_timeout: float = 60.0) -> DemoRun:
+    """The demo's steps on sandbox `name`. Step keys in the result: sandbox, deploy, serve, install, stats.
+
+    `before_install(sandbox)` runs once the app serves and before the mesh is installed (the
+    end-to-end test checks there that the app works and fails as designed without the mesh).
+    """
+    from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
+    from nodemesh.sandbox.cluster import Sandbox
+
+    sb = Sandbox(name)
+    times: dict[str, tuple[float, float]] = {}
+    total = time.monotonic()
+    with step(f"Creating a {nodes}-node sandbox cluster {name!r} ({cni} CNI)", lambda: str(sb.state_dir),
+              times, "sandbox"):
+        if sb.is_up() and len(sb.nodes()) != nodes:
+            down_cmd = "nodemesh demo down" + ("" if name == DEMO_CLUSTER else f" --name {name}")
+            raise DemoError(f"sandbox {name!r} is up with {len(sb.nodes())} nodes: run `{down_cmd}` first")
+        sb.up(nodes=nodes, cni=cni)
+    with step("Deploying emojivoto (web, emoji, voting, vote-bot)", lambda: f"{sb.state_dir}/kubelet.log",
+              times, "deploy"):
+        sb.apply(text=manifest_text(rate))
+    with step("Waiting for emojivoto to serve", lambda: "nodemesh sandbox logs -n emojivoto POD", times, "serve"):
+        sb.wait_ready(namespace=DEMO_NAMESPACE, timeout=60)
+    if before_install is not None:
+        before_install(sb)
+    with step("Installing nodemesh while the app runs (controller, agent + redirector per node)",
+              lambda: str(sb.node_process_log(sb.nodes()[0].name, agent_process(sb.nodes()[0].name))),
+              times, "install"):
+        controller = install_sandbox(name, progress=lambda msg: None)
+    with step("Waiting for stats to flow", lambda: f"{sb.state_dir} (controller and agent logs)", times, "stats"):
+        token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
+        wait_for_stats(controller, token, timeout=stats_timeout)
+    return DemoRun(name=name, controller=controller, steps=times, elapsed=time.monotonic() - total)
+
+
+def next_steps(name: str) -> str:
+    """What to try next; with a non-default cluster, how to point the CLI at it."""
+    if name == DEMO_CLUSTER:
+        return NEXT_STEPS
+    text = NEXT_STEPS.replace("nodemesh demo down ", f"nodemesh demo down --name {name}")
+    text = text.replace("nodemesh sandbox get pods -n emojivoto -o wide",
+                        f"nodemesh sandbox get pods -n emojivoto -o wide --name {name}")
+    return text.replace("Try:\n", f"Try (after `export NODEMESH_SANDBOX={name}`):\n", 1)
 
 
 def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
@@ -91,44 +153,35 @@ def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
             time.sleep(0.5)
 
 
+name_option = click.option("--name", default=DEMO_CLUSTER, show_default=True, envvar="NODEMESH_SANDBOX",
+                           help="Sandbox cluster name (1-12 lowercase letters/digits).")
+
+
 @click.group(invoke_without_command=True)
 @click.option("--nodes", default=2, show_default=True, type=click.IntRange(1, 8), help="Sandbox nodes.")
 @click.option("--rate", default=None, type=click.FloatRange(0.1, 500), help="vote-bot requests per second.")
 @click.option("--cni", default="bridge", show_default=True, type=click.Choice(["bridge", "routed"]))
+@name_option
 @click.pass_context
-def demo(ctx: click.Context, nodes: int, rate: float | None, cni: str) -> None:
+def demo(ctx: click.Context, nodes: int, rate: float | None, cni: str, name: str) -> None:
     """Run emojivoto in a local sandbox cluster and mesh it live."""
+    ctx.obj = name
     if ctx.invoked_subcommand is not None:
         return
-    from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
-    from nodemesh.sandbox.cluster import Sandbox
-
-    sb = Sandbox(DEMO_CLUSTER)
-    total = time.monotonic()
-    with step(f"Creating a {nodes}-node sandbox cluster ({cni} CNI)", lambda: str(sb.state_dir)):
-        if sb.is_up() and len(sb.nodes()) != nodes:
-            raise DemoError(f"sandbox {DEMO_CLUSTER!r} is up with {len(sb.nodes())} nodes: "
-                            "run `nodemesh demo down` first")
-        sb.up(nodes=nodes, cni=cni)
-    with step("Deploying emojivoto (web, emoji, voting, vote-bot)", lambda: f"{sb.state_dir}/kubelet.log"):
-        sb.apply(text=manifest_text(rate))
-    with step("Waiting for emojivoto to serve", lambda: "nodemesh sandbox logs -n emojivoto POD"):
-        sb.wait_ready(namespace=DEMO_NAMESPACE, timeout=60)
-    with step("Installing nodemesh while the app runs (controller, agent + redirector per node)",
-              lambda: str(sb.node_process_log(sb.nodes()[0].name, agent_process(sb.nodes()[0].name)))):
-        controller = install_sandbox(DEMO_CLUSTER, progress=lambda msg: None)
-    with step("Waiting for stats to flow", lambda: f"{sb.state_dir} (controller and agent logs)"):
-        token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
-        wait_for_stats(controller, token, timeout=60)
-    click.echo(f"\nemojivoto is meshed ({time.monotonic() - total:.0f}s).\n")
-    click.echo(NEXT_STEPS, nl=False)
+    run = run_demo(name, nodes=nodes, rate=rate, cni=cni)
+    click.echo(f"\nemojivoto is meshed ({run.elapsed:.0f}s).\n")
+    click.echo(next_steps(name), nl=False)
 
 
 @demo.command()
-def down() -> None:
+@click.option("--name", default=None, envvar="NODEMESH_SANDBOX",
+              help="Sandbox cluster name (default: the demo's, nodemesh).")
+@click.pass_context
+def down(ctx: click.Context, name: str | None) -> None:
     """Remove the demo: the mesh, emojivoto and the sandbox cluster."""
     from nodemesh.sandbox.cluster import Sandbox
 
-    sb = Sandbox(DEMO_CLUSTER)
-    with step(f"Removing sandbox {DEMO_CLUSTER}"):
+    name = name or ctx.obj or DEMO_CLUSTER
+    sb = Sandbox(name)
+    with step(f"Removing sandbox {name}"):
         sb.down()
