@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parents[3]
 NS = "emojivoto"
 PODS = {"web": "web-5f7c9d8b6-x2vqm", "emoji": "emoji-6b8f4c7d9-k8s7p", "voting": "voting-74d9c8f6b5-h6wnb",
         "vote-bot": "vote-bot-7c4d8b5f9-p2lkd"}
-NOW = time.time()
 
 
 def peer(direction: str, src: str, dst: str, service: str) -> dict[str, str]:
@@ -68,15 +67,18 @@ def controller() -> Controller:
     for kind in WATCHED_KINDS:
         reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
     c = Controller(ControllerConfig(tap_max_rps=50), registry=reg)
+    # Fed relative to this test's start, not the module's import: a long session must not age the
+    # "5 s ago" traffic out of a 10 s window before the API is asked.
+    now = c.test_fed_at = time.time()  # type: ignore[attr-defined]
     start = c.started_ms + 1000  # agents started after the controller: first reports are all new
     n1 = c.agent_connected(pb.AgentHello(agent_id="agent-1", node="node-1", version="0.1.0", start_time_ms=start))
     n2 = c.agent_connected(pb.AgentHello(agent_id="agent-2", node="node-2", version="0.1.0", start_time_ms=start))
     c.agent_message(n1, pb.AgentMessage(status=pb.AgentStatus(ready=True, capture_installed=True)))
     # Traffic spread over the last hour: 40 min ago, 5 min ago, 5 s ago (cumulative counters).
     for seq, (age, scale) in enumerate(((2400, 1), (300, 3), (5, 10)), start=1):
-        c.ingest_report(n1, pb.MetricsReport(agent_id="agent-1", seq=seq, series=node1_series(scale)), now=NOW - age)
+        c.ingest_report(n1, pb.MetricsReport(agent_id="agent-1", seq=seq, series=node1_series(scale)), now=now - age)
         c.ingest_report(n2, pb.MetricsReport(agent_id="agent-2", seq=seq, series=series_for(
-            peer("inbound", "web", "voting", "voting-svc"), 30 * scale, 0, 100.0)), now=NOW - age)
+            peer("inbound", "web", "voting", "voting-svc"), 30 * scale, 0, 100.0)), now=now - age)
     return c
 
 
@@ -102,7 +104,7 @@ def serve(controller: Controller, test: Callable[[str, Client], Awaitable[None]]
 def grpc_rows(c: Controller, type_: str, window: int = 60, **kw: Any) -> list[dict[str, object]]:
     """What `nodemesh stat -o json` prints for the same question (the gRPC servicer calls c.stat)."""
     req = pb.StatRequest(selector=pb.Resource(namespace=NS, type=type_), window_seconds=window, **kw)
-    resp = c.stat(req, NOW)
+    resp = c.stat(req, time.time())
     assert resp.error == ""
     return [cli_stat_row_json(r) for r in sorted(resp.rows, key=lambda r: (r.resource.namespace, r.resource.name))]
 
@@ -189,7 +191,7 @@ def test_dashboard_workload_page_data(controller: Controller) -> None:
         assert total == pytest.approx(12 * 10)  # vote-bot -> web, cumulative 12 x 10 over the hour
         busy = [p for p in series["points"] if p["rps"] is not None]
         assert len(busy) == 3 and all(p["success"] == 1 and p["p50"] == pytest.approx(4.5) for p in busy)
-        assert series["points"][-1]["t"] >= int(NOW) - 1
+        assert series["points"][-1]["t"] >= int(controller.test_fed_at) - 1
         # Finer steps cover the same traffic.
         _, fine = await get("/api/workload", namespace=NS, type="deploy", name="web", step="10")
         assert len(fine["series"]["points"]) == 360
