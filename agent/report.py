@@ -167,13 +167,19 @@ class ControllerLink:
                 await call.wait_for_connection()
                 self._outbox = box
                 self.connected = True
-                self.connects += 1
-                log.info("event=controller_connected addr=%s agent_id=%s", self.config.controller,
-                         self.node.agent_id)
                 ticker = asyncio.get_running_loop().create_task(self._ticker(box))
+                accepted = False
                 async for msg in call:
+                    if not accepted:
+                        # Only the controller's first message (identity) proves it accepted us: a
+                        # refused stream (bad token) must keep backing off, not reset the backoff.
+                        accepted = True
+                        self.connects += 1
+                        log.info("event=controller_connected addr=%s agent_id=%s", self.config.controller,
+                                 self.node.agent_id)
                     self._handle(msg)
             finally:
+                box.put_nowait(None)  # ends the request generator, which may be parked on box.get()
                 if ticker is not None:
                     ticker.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
