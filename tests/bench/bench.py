@@ -188,7 +188,7 @@ class Bench:
             raise RuntimeError(f"{argv[1:3]} in {pod} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])
 
-    def _accounted(self, run: Callable[[], dict[str, Any]], server_app: str) -> dict[str, Any]:
+    def _accounted(self, run: Callable[[], dict[str, Any]], server_app: str, meshed: bool) -> dict[str, Any]:
         """Run a scenario and record who used how much CPU meanwhile: the client (our waited-for
         children), the server pod, the agents (both nodes) and the whole machine, in CPU-seconds."""
         server_pids = procstat.netns_pids(self.sb.pod_netns(NS, self.place.server_pod[server_app]))
@@ -210,14 +210,17 @@ class Bench:
             "machine_busy_cores": round((busy1 - busy0) / wall, 3),
             "client_cpu_s": round((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime), 3),
             "server_cpu_s": round(procstat.cpu_seconds(server_pids) - srv0, 3),
-            "agent_cpu_s": round(ag_user1 + ag_sys1 - ag_user0 - ag_sys0, 3),
+            "agent_cpu_s": round(max(0.0, ag_user1 + ag_sys1 - ag_user0 - ag_sys0), 3),
             # system time: the kernel's share (socket calls, and the veth/bridge/netfilter path they
             # drive), as opposed to the agent's own Python
             "agent_sys_cpu_s": round(ag_sys1 - ag_sys0, 3),
             "agent_cpu_s_by_node": {n: round(procstat.cpu_seconds(procstat.tree_pids(r)) - per_node[n], 3)
                                     for n, r in self.agent_roots.items()},
         }
-        if self.agent_roots and out.get("total_requests"):
+        cpu = out["cpu"]
+        cpu["others_busy_cores"] = round(max(0.0, cpu["machine_busy_cores"] - (
+            cpu["client_cpu_s"] + cpu["server_cpu_s"] + cpu["agent_cpu_s"]) / wall), 3)
+        if meshed and out.get("total_requests"):
             out["agent_cpu_s_per_1000"] = round(out["cpu"]["agent_cpu_s"] / out["total_requests"] * 1000, 5)
         return out
 
@@ -252,9 +255,10 @@ class Bench:
             PY, str(HERE / "bulk.py"), "send", "--target", f"{self.place.server_ip['bulk']}:{BULK_PORT}",
             "--mb", str(self.cfg.bulk_mb)], timeout=600)
 
-    def run_phase(self, mode: str) -> None:
-        c, p, r = self.cfg, self.place, self.results[mode]
-        steps: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
+    def scenarios(self) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
+        """(name, server app, run) in the order they run."""
+        c, p = self.cfg, self.place
+        return [
             ("http_fixed_cross", "nginx", lambda: self.http_fixed(p.cross("nginx"))),
             ("http_fixed_same", "nginx", lambda: self.http_fixed(p.same("nginx"))),
             ("http_sat_cross", "nginx", lambda: self.http_saturation(p.cross("nginx"))),
@@ -263,9 +267,6 @@ class Bench:
             ("grpc_fixed", "grpc", lambda: self.grpc_load(c.grpc_rate)),
             ("bulk", "bulk", self.bulk),
         ]
-        for name, app, run in steps:
-            c.log(f"bench: {mode:6s} {name} ...")
-            r[name] = self._accounted(run, app)
 
     # ---- the mesh
     def _agent_name(self, node: str) -> str:
@@ -280,9 +281,7 @@ class Bench:
             raise RuntimeError(f"GET {path} on {node}: {res.stderr.strip()[-300:]}")
         return res.stdout
 
-    def start_mesh(self, timeout: float = 60.0) -> None:
-        from nodemesh.redirector.apply import capture_active
-
+    def start_agents(self, timeout: float = 60.0) -> None:
         workers = ["--workers", str(self.cfg.agent_workers)] if self.cfg.agent_workers else []
         for n in self.nodes:
             self.sb.start_node_process(n.name, self._agent_name(n.name), [
@@ -291,16 +290,26 @@ class Bench:
         self._wait(lambda: all(self._ready(n.name) for n in self.nodes), timeout, "agents /ready",
                    [self.sb.node_process_log(n.name, self._agent_name(n.name)) for n in self.nodes])
         for n in self.nodes:
-            self.sb.start_node_process(n.name, f"bench-redirector-{n.name}", [
-                PY, "-m", "nodemesh.redirector", "run", "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"])
-        self._wait(lambda: all(capture_active(n.netns) for n in self.nodes), timeout, "capture installed",
-                   [self.sb.node_process_log(n.name, f"bench-redirector-{n.name}") for n in self.nodes])
-        for n in self.nodes:
             pid = self.sb.node_process_pid(self._agent_name(n.name))
             if pid is None:
                 raise RuntimeError(f"agent on {n.name} is not running")
             self.agent_roots[n.name] = pid
+
+    def capture(self, on: bool, timeout: float = 30.0) -> None:
+        """Start the redirectors (they install capture once the agent is ready) or stop them (SIGTERM:
+        they remove every rule), and wait until the nat hook is there / gone on both nodes."""
+        from nodemesh.redirector.apply import capture_active
+
+        for n in self.nodes:
+            if on:
+                self.sb.start_node_process(n.name, f"bench-redirector-{n.name}", [
+                    PY, "-m", "nodemesh.redirector", "run", "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"])
+            else:
+                self.sb.stop_node_process(n.name, f"bench-redirector-{n.name}")
+        self._wait(lambda: all(capture_active(n.netns) == on for n in self.nodes), timeout,
+                   f"capture {'installed' if on else 'removed'}",
+                   [self.sb.node_process_log(n.name, f"bench-redirector-{n.name}") for n in self.nodes])
 
     def _ready(self, node: str) -> bool:
         try:
@@ -333,24 +342,36 @@ class Bench:
 
     # ---- everything
     def run(self) -> dict[str, Any]:
-        c = self.cfg
-        self.results["config"] = {k: v for k, v in asdict(c).items() if k != "log"}
-        self.results["placement"] = asdict(self.place)
-        self.results["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
-        self.run_phase("direct")
-        c.log("bench: starting the mesh (agent + redirector on each node) ...")
-        self.start_mesh()
-        time.sleep(1.5)  # let the workers settle before calling it idle
-        self.results["agent_pids"] = {n: procstat.tree_pids(r) for n, r in self.agent_roots.items()}
-        self.results["agent_rss_idle_mb"] = self.agent_rss()
+        """Agents first (idle RSS before any traffic), then each scenario DIRECT (no capture) and
+        MESHED (capture on) back to back: pairing them in time keeps the comparison fair when other
+        work on the machine comes and goes during the run."""
+        c, r = self.cfg, self.results
+        r["config"] = {k: v for k, v in asdict(c).items() if k != "log"}
+        r["placement"] = asdict(self.place)
+        r["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
+        c.log("bench: starting the agents (one per node, no capture yet) ...")
+        self.start_agents()
+        time.sleep(1.0)  # let the workers settle before calling it idle
+        r["agent_pids"] = {n: procstat.tree_pids(root) for n, root in self.agent_roots.items()}
+        r["agent_rss_idle_mb"] = self.agent_rss()
+        r["agent_rss_idle_by_process_mb"] = {n: {str(p): round(procstat.rss_mb([p]), 1) for p in pids}
+                                             for n, pids in r["agent_pids"].items()}
         with procstat.RssSampler(list(self.agent_roots.values())) as sampler:
-            self.run_phase("meshed")
-        self.results["agent_rss_loaded_mb"] = {n: round(sampler.max_by_root[r], 1)
-                                               for n, r in self.agent_roots.items()}
-        self.results["agent_requests_seen"] = self.agent_requests_seen()
-        self.results["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-        self.results["figures"] = figures(self.results)
-        return self.results
+            captured = False
+            for name, app, run in self.scenarios():
+                # Alternate the order (direct, meshed | meshed, direct | ...): one capture switch per
+                # scenario, and a slow drift of the machine's load does not always favour one mode.
+                for mode in (("meshed", "direct") if captured else ("direct", "meshed")):
+                    if (mode == "meshed") != captured:
+                        captured = mode == "meshed"
+                        self.capture(captured)
+                    c.log(f"bench: {name}: {mode} ...")
+                    r[mode][name] = self._accounted(run, app, meshed=captured)
+        r["agent_rss_loaded_mb"] = {n: round(sampler.max_by_root[root], 1) for n, root in self.agent_roots.items()}
+        r["agent_requests_seen"] = self.agent_requests_seen()
+        r["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        r["figures"] = figures(r)
+        return r
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -427,17 +448,22 @@ def render(r: dict[str, Any]) -> str:
     lines.append("agent RSS MB (parent + workers, per node agent): idle "
                  + ", ".join(f"{n} {v:.1f}" for n, v in r["agent_rss_idle_mb"].items())
                  + "; under load (max) " + ", ".join(f"{n} {v:.1f}" for n, v in r["agent_rss_loaded_mb"].items()))
+    lines.append("  idle RSS per process (parent first): " + "; ".join(
+        f"{n} " + " + ".join(f"{v:.1f}" for v in procs.values())
+        for n, procs in r["agent_rss_idle_by_process_mb"].items()))
     lines.append(f"requests the agents counted (request_total, both directions): {r['agent_requests_seen']}")
     lines.append("")
-    lines.append(f"CPU during the saturation runs (cores busy of {d['http_sat_cross']['cpu']['machine_cores']}; "
-                 "client, server and agents share them):")
-    for s in ("http_sat_cross", "http_sat_same", "grpc_sat", "bulk"):
+    lines.append(f"CPU used during each run, in cores of {d['http_sat_cross']['cpu']['machine_cores']} (client, "
+                 "server and agents share them; 'others' is everything else on the machine):")
+    lines.append(f"  {'':16s} {'':6s} {'machine':>7s} {'client':>7s} {'server':>7s} {'agents':>7s} {'others':>7s}")
+    for s in ("http_fixed_cross", "http_fixed_same", "http_sat_cross", "http_sat_same", "grpc_sat", "grpc_fixed",
+              "bulk"):
         for mode, res in (("direct", d), ("meshed", m)):
             cpu = res[s]["cpu"]
             w = cpu["wall_s"] or 1.0
-            lines.append(f"  {s:15s} {mode:6s} machine {cpu['machine_busy_cores']:.2f}  client "
-                         f"{cpu['client_cpu_s'] / w:.2f}  server {cpu['server_cpu_s'] / w:.2f}  agents "
-                         f"{cpu['agent_cpu_s'] / w:.2f}")
+            lines.append(f"  {s:16s} {mode:6s} {cpu['machine_busy_cores']:7.2f} {cpu['client_cpu_s'] / w:7.2f} "
+                         f"{cpu['server_cpu_s'] / w:7.2f} {cpu['agent_cpu_s'] / w:7.2f} "
+                         f"{cpu['others_busy_cores']:7.2f}")
     lines.append(f"load average at start {' '.join(r['loadavg_start'])}, at end {' '.join(r['loadavg_end'])}")
     warn = _warnings(r)
     if warn:
