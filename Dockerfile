@@ -1,7 +1,7 @@
 # One image for every nodemesh process: the agent, the redirector, the controller and the CLI.
 #
 #   docker build -t nodemesh:0.1.0 .                            # iptables capture (default)
-#   docker build --build-arg WITH_BCC=1 -t nodemesh:0.1.0 .     # plus python3-bpfcc for `--set ebpf=true`
+#   docker build --build-arg WITH_BCC=1 -t nodemesh:0.1.0 .     # plus python3-bpfcc (eBPF tooling; capture uses iptables)
 #
 # The manifests choose the process with `command:` (python -m nodemesh.agent, ...), so the image
 # has no entrypoint. It runs as root by default because the agent and the redirector need

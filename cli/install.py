@@ -34,7 +34,7 @@ def _render(values: InstallValues, addon: str | None) -> str:
 
 _set_option = click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE",
-    help="Override a value (repeatable): image, namespace, imagePullPolicy, ebpf, agentWorkers, logLevel, "
+    help="Override a value (repeatable): image, namespace, imagePullPolicy, agentWorkers, logLevel, "
          "capturedNamespaces, excludedNamespaces, skippedPorts, opaquePorts, tapMaxRps, tapMaxTaps, "
          "drainGraceSeconds. Lists are comma-separated.",
 )

@@ -61,7 +61,6 @@ class InstallValues:
     namespace: str = "nodemesh"
     image: str = f"ghcr.io/nodemesh/nodemesh:{VERSION}"
     imagePullPolicy: str = "IfNotPresent"
-    ebpf: bool = False
     agentWorkers: int = 2
     logLevel: str = "info"
     # mesh configuration (ConfigMap `nodemesh-config`)
@@ -143,8 +142,6 @@ def _convert(key: str, text: str) -> Any:
         if text not in ("Always", "IfNotPresent", "Never"):
             raise ManifestError("imagePullPolicy: expected Always, IfNotPresent or Never")
         return text
-    if key == "ebpf":
-        return _parse_bool(key, text)
     if key == "agentWorkers":
         return _parse_int(key, text, 1, 256)
     if key == "logLevel":
@@ -489,12 +486,8 @@ def _agent_capabilities(v: InstallValues) -> list[str]:
 
 def _redirector_capabilities(v: InstallValues) -> list[str]:
     # NET_ADMIN + NET_RAW: iptables/ebtables (netlink and the raw socket iptables-legacy uses) and
-    # the policy-routing rule. With eBPF: BPF to load programs and maps, PERFMON for
-    # kprobes/tracepoints, SYS_ADMIN because bcc still needs it on kernels < 5.8 and for cgroups.
-    caps = ["NET_ADMIN", "NET_RAW"]
-    if v.ebpf:
-        caps += ["BPF", "PERFMON", "SYS_ADMIN"]
-    return caps
+    # the policy-routing rule.
+    return ["NET_ADMIN", "NET_RAW"]
 
 
 # The init container that writes this node's pod CIDR(s) where the agent and the redirector read
@@ -593,18 +586,10 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         {"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    if v.ebpf:
-        redirector_mounts += [
-            {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
-            {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},
-            {"name": "usr-src", "mountPath": "/usr/src", "readOnly": True},
-        ]
     redirector_args = ["--node-ip", "$(NODE_IP)"]
     if config["skippedPorts"]:
         redirector_args += ["--skip-ports", _csv(config["skippedPorts"])]
     redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2"]
-    if v.ebpf:
-        redirector_args.append("--ebpf")
     redirector = {
         "name": "redirector",
         "image": v.image,
@@ -614,7 +599,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         "env": _downward_env(),
         "resources": {
             "requests": {"cpu": "10m", "memory": "48Mi"},
-            "limits": {"cpu": "200m", "memory": "256Mi" if v.ebpf else "128Mi"},
+            "limits": {"cpu": "200m", "memory": "128Mi"},
         },
         "securityContext": _security_context(_redirector_capabilities(v), 0),
         "volumeMounts": redirector_mounts,
@@ -637,13 +622,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
     ]
-    if v.ebpf:
-        volumes += [
-            {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
-            {"name": "lib-modules", "hostPath": {"path": "/lib/modules", "type": "Directory"}},
-            {"name": "usr-src", "hostPath": {"path": "/usr/src", "type": "Directory"}},
-        ]
-    pod_security: dict[str, Any] = {"seccompProfile": {"type": "Unconfined" if v.ebpf else "RuntimeDefault"}}
+    pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",

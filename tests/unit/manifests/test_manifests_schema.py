@@ -61,7 +61,6 @@ def test_manifests_file_validates_against_kubernetes_schemas(path: Path) -> None
 
 
 @pytest.mark.parametrize("sets", [
-    ["ebpf=true"],
     ["namespace=mesh-system", "image=registry.example/nodemesh:dev", "imagePullPolicy=Always"],
     ["opaquePorts=", "skippedPorts=22,2379", "capturedNamespaces=emojivoto", "drainGraceSeconds=0"],
 ])
