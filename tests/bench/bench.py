@@ -390,6 +390,8 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
         f[f"{s}_ratio"] = round(m[s]["rps"] / d[s]["rps"], 3) if d[s]["rps"] else 0.0
         f[f"{s}_agent_cpu_s_per_1000"] = m[s].get("agent_cpu_s_per_1000", 0.0)
         f[f"{s}_direct_busy_cores"] = d[s]["cpu"]["machine_busy_cores"]
+    for s in ("http_fixed_cross", "http_fixed_same", "grpc_fixed"):
+        f[f"{s}_agent_cpu_s_per_1000"] = m[s].get("agent_cpu_s_per_1000", 0.0)
     f["bulk_direct_mb_s"] = d["bulk"]["mb_per_s"]
     f["bulk_meshed_mb_s"] = m["bulk"]["mb_per_s"]
     f["bulk_ratio"] = round(m["bulk"]["mb_per_s"] / d["bulk"]["mb_per_s"], 3) if d["bulk"]["mb_per_s"] else 0.0
@@ -438,10 +440,15 @@ def render(r: dict[str, Any]) -> str:
         lines.append("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]),
                                 row[3].rjust(widths[3]), row[4]]))
     lines.append("")
-    lines.append("agent CPU-seconds per 1000 requests (both nodes' agents, parent + workers):")
-    for s, label in (("http_sat_cross", "HTTP/1.1 cross-node (outbound + inbound agent)"),
-                     ("http_sat_same", "HTTP/1.1 same node (one agent)"),
-                     ("grpc_sat", "gRPC unary cross-node")):
+    lines.append("agent CPU-seconds per 1000 requests (both nodes' agents, parent + workers; saturation runs are"
+                 " the headline, fixed-rate runs pay more wake-ups per request):")
+    rate, grate = int(c["http_rate"]), int(c["grpc_rate"])
+    for s, label in (("http_sat_cross", "HTTP/1.1 saturation, cross-node (2 agents)"),
+                     ("http_sat_same", "HTTP/1.1 saturation, same node (1 agent)"),
+                     ("grpc_sat", "gRPC unary saturation, cross-node (2 agents)"),
+                     ("http_fixed_cross", f"HTTP/1.1 at {rate} rps, cross-node (2 agents)"),
+                     ("http_fixed_same", f"HTTP/1.1 at {rate} rps, same node (1 agent)"),
+                     ("grpc_fixed", f"gRPC unary at {grate} rps, cross-node (2 agents)")):
         cpu = m[s]["cpu"]
         kernel = cpu["agent_sys_cpu_s"] / cpu["agent_cpu_s"] if cpu["agent_cpu_s"] else 0.0
         lines.append(f"  {label:48s} {f[f'{s}_agent_cpu_s_per_1000']:.4f}  ({kernel:.0%} of it kernel time)")
