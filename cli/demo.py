@@ -8,6 +8,7 @@ to try next. Every step prints its time; a failed step names itself and the log 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -153,8 +154,20 @@ def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
             time.sleep(0.5)
 
 
+def _check_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A bad cluster name is a usage error (one line), not a traceback from deep in the sandbox."""
+    from nodemesh.sandbox.naming import NameError_, check_cluster_name
+
+    if value is not None:
+        try:
+            check_cluster_name(value)
+        except NameError_ as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 name_option = click.option("--name", default=DEMO_CLUSTER, show_default=True, envvar="NODEMESH_SANDBOX",
-                           help="Sandbox cluster name (1-12 lowercase letters/digits).")
+                           callback=_check_name, help="Sandbox cluster name (1-12 lowercase letters/digits).")
 
 
 @click.group(invoke_without_command=True)
@@ -166,6 +179,8 @@ name_option = click.option("--name", default=DEMO_CLUSTER, show_default=True, en
 def demo(ctx: click.Context, nodes: int, rate: float | None, cni: str, name: str) -> None:
     """Run emojivoto in a local sandbox cluster and mesh it live."""
     ctx.obj = name
+    if os.geteuid() != 0:
+        raise DemoError("the demo needs root (its sandbox cluster is made of network namespaces)")
     if ctx.invoked_subcommand is not None:
         return
     run = run_demo(name, nodes=nodes, rate=rate, cni=cni)
@@ -174,7 +189,7 @@ def demo(ctx: click.Context, nodes: int, rate: float | None, cni: str, name: str
 
 
 @demo.command()
-@click.option("--name", default=None, envvar="NODEMESH_SANDBOX",
+@click.option("--name", default=None, envvar="NODEMESH_SANDBOX", callback=_check_name,
               help="Sandbox cluster name (default: the demo's, nodemesh).")
 @click.pass_context
 def down(ctx: click.Context, name: str | None) -> None:
