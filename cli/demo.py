@@ -124,13 +124,11 @@ def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None
 
 
 def next_steps(name: str) -> str:
-    """What to try next; with a non-default cluster, how to point the CLI at it."""
+    """What to try next; with a non-default cluster, how to point the CLI at it (every verb listed,
+    `sandbox` and `demo down` included, reads NODEMESH_SANDBOX)."""
     if name == DEMO_CLUSTER:
         return NEXT_STEPS
-    text = NEXT_STEPS.replace("nodemesh demo down ", f"nodemesh demo down --name {name}")
-    text = text.replace("nodemesh sandbox get pods -n emojivoto -o wide",
-                        f"nodemesh sandbox get pods -n emojivoto -o wide --name {name}")
-    return text.replace("Try:\n", f"Try (after `export NODEMESH_SANDBOX={name}`):\n", 1)
+    return NEXT_STEPS.replace("Try:\n", f"Try (after `export NODEMESH_SANDBOX={name}`):\n", 1)
 
 
 def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
