@@ -324,12 +324,14 @@ def window_bounds(records: Sequence[Record], answer: StatAnswer, window_s: int, 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
     while True:
         try:
             if predicate():
                 return
-        except Exception:  # noqa: BLE001, S110 - not yet
-            pass
+        except Exception as exc:  # noqa: BLE001 - not yet; shown if it never works
+            last_error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            why = f" (last error: {last_error!r})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{why}")
         time.sleep(interval)

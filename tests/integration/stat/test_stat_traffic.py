@@ -138,7 +138,7 @@ def _tap_requests(events: list[dict], direction: str) -> dict[str, dict]:
     return out
 
 
-def _probe_until_seen(mesh: Mesh, tmp_path: Path, client: str, taps: list, plan_for: Callable[[int], list[dict]],
+def _probe_until_seen(mesh: Mesh, tmp_path: Path, client_pod: str, taps: list, plan_for: Callable[[int], list[dict]],
                       what: str) -> None:
     """Send probe requests until every tap shows one: then each tap is open on every agent."""
     ip = mesh.service_ip("echo")
@@ -150,7 +150,7 @@ def _probe_until_seen(mesh: Mesh, tmp_path: Path, client: str, taps: list, plan_
         plan = tmp_path / f"probe-{what}-{k}.json"
         plan.write_text(json.dumps(plan_for(k)))
         out = tmp_path / f"probe-{what}-{k}.out.json"
-        Mesh.wait_records(mesh.loadgen(mesh.pod(client), out, "http", "--target", f"{ip}:80", "--plan",
+        Mesh.wait_records(mesh.loadgen(client_pod, out, "http", "--target", f"{ip}:80", "--plan",
                                        str(plan), "--rate", "20"), out, 20)
         return all(any("probe" in line for line in tap.snapshot()) for tap in taps)
 
@@ -158,12 +158,12 @@ def _probe_until_seen(mesh: Mesh, tmp_path: Path, client: str, taps: list, plan_
 
 
 def test_stat_tap_shows_every_matching_request_and_filters_work(mesh: Mesh, tmp_path: Path) -> None:
-    client = mesh.pod("client1")
-    echo = mesh.pod("echo")
-    cross = mesh.node_of(client) != mesh.node_of(echo)
+    # The client on the other node: each request has an outbound and an inbound sighting.
+    deploy = next(c for c in ("client1", "client2") if mesh.node_of(mesh.pod(c)) != mesh.node_of(mesh.pod("echo")))
+    client = mesh.pod(deploy)
     host, alt = f"echo.{NS}", f"alt.{NS}"
     taps = {
-        "path": mesh.tap("deploy/client1", "-n", NS, "--to", "deploy/echo", "--path", "/tap/a/", "-o", "json"),
+        "path": mesh.tap(f"deploy/{deploy}", "-n", NS, "--to", "deploy/echo", "--path", "/tap/a/", "-o", "json"),
         "method": mesh.tap("deploy/echo", "-n", NS, "--method", "POST", "-o", "json"),
         "authority": mesh.tap("deploy/echo", "-n", NS, "--authority", alt, "-o", "json"),
     }
@@ -195,9 +195,10 @@ def test_stat_tap_shows_every_matching_request_and_filters_work(mesh: Mesh, tmp_
         # Every expected request shows up with its req, rsp and end events (low rate: nothing is
         # dropped); wait for the last end event rather than sleeping.
         for name, tap in taps.items():
-            wait_until(lambda tap=tap, name=name: expected[name] <= {
-                p for p, parts in _tap_requests(tap.events(), "OUTBOUND").items() if "end" in parts},
-                15, f"tap {name}: every matching request")
+            for direction in ("OUTBOUND", "INBOUND"):
+                wait_until(lambda tap=tap, name=name, d=direction: expected[name] <= {
+                    p for p, parts in _tap_requests(tap.events(), d).items() if "end" in parts},
+                    15, f"tap {name}: every matching request ({direction})")
     finally:
         results = {name: tap.stop() for name, tap in taps.items()}
     for name, (rc, err) in results.items():
@@ -206,10 +207,6 @@ def test_stat_tap_shows_every_matching_request_and_filters_work(mesh: Mesh, tmp_
         events = tap.events()
         for direction in ("OUTBOUND", "INBOUND"):
             seen = {p: parts for p, parts in _tap_requests(events, direction).items() if "probe" not in p}
-            if direction == "INBOUND" and not cross:
-                # Same node: the outbound capture saw it once; no inbound sighting exists.
-                assert seen == {}, f"tap {name}: unexpected inbound events {sorted(seen)}"
-                continue
             assert set(seen) == expected[name], f"tap {name} {direction}: {sorted(seen)} != {sorted(expected[name])}"
             for path, parts in seen.items():
                 assert {"req", "rsp", "end"} <= set(parts), f"tap {name}: {path} incomplete: {parts}"
@@ -224,8 +221,11 @@ def test_stat_tap_shows_every_matching_request_and_filters_work(mesh: Mesh, tmp_
 GRPC_LINE = re.compile(r"^(req|rsp|end) id=(\S+) proxy=(out|in ) .*?(?::path=(\S+)|:status=(\d+)|grpc-status=(\w+))")
 
 
-def test_stat_tap_grpc_status_in_linkerd_lines(mesh: Mesh, tmp_path: Path) -> None:
-    client = mesh.pod("client2")
+@pytest.mark.parametrize("placement", ["same-node", "cross-node"])
+def test_stat_tap_grpc_status_in_linkerd_lines(mesh: Mesh, tmp_path: Path, placement: str) -> None:
+    server_node = mesh.node_of(mesh.pod("grpcsrv"))
+    client = next(p for p in (mesh.pod("client1"), mesh.pod("client2"))
+                  if (mesh.node_of(p) == server_node) == (placement == "same-node"))
     target = f"{mesh.service_ip('grpcsrv')}:9090"
     tap = mesh.tap("deploy/grpcsrv", "-n", NS)  # the default output: Linkerd's text lines
     try:
@@ -258,7 +258,9 @@ def test_stat_tap_grpc_status_in_linkerd_lines(mesh: Mesh, tmp_path: Path) -> No
                     status.setdefault(proxy, []).append(m.group(6))
             return status
 
-        wait_until(lambda: len(ends().get("out", [])) >= len(calls), 15, "every gRPC call tapped")
+        wait_until(lambda: len(ends().get("out", [])) >= len(calls) and
+                   (placement == "same-node" or len(ends().get("in", [])) >= len(calls)),
+                   15, "every gRPC call tapped")
     finally:
         rc, err = tap.stop()
     assert rc == 0, err
@@ -266,11 +268,10 @@ def test_stat_tap_grpc_status_in_linkerd_lines(mesh: Mesh, tmp_path: Path) -> No
     want = [names[c["code"]] for c in calls]
     assert want.count("NotFound") == 4 and want.count("OK") == 8, want  # every 3rd call fails
     got = ends()
-    cross = mesh.node_of(client) != mesh.node_of(mesh.pod("grpcsrv"))
     assert got["out"] == want, f"out: {got['out']} != {want}"
-    if cross:
+    if placement == "cross-node":
         assert got.get("in") == want, f"in: {got.get('in')} != {want}"
-    else:
+    else:  # one sighting on a shared node
         assert "in" not in got, got
     # rsp lines of gRPC calls carry HTTP 200 whatever the grpc-status
     rsp = [line for line in tap.snapshot() if line.startswith("rsp ")]
