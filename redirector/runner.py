@@ -3,13 +3,17 @@
 Every `poll_s` it asks the agent's `/ready`. Ready: make sure the plan (with the excluded pod IPs the
 agent reports on `/capture`) is installed with its capture hooks. Not ready for longer than `grace_s`:
 remove the capture hooks so pods talk directly instead of failing, until the agent is back. SIGTERM
-removes everything installed. Transitions are logged as one key=value line each.
+removes everything installed, in two steps: the capture hooks at once (new connections go direct),
+the return path only once the agent's captured connections have ended (bounded by
+`shutdown_wait_s`), because the agent's transparent upstream sockets still in flight get their
+replies through it. Transitions are logged as one key=value line each.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,6 +38,35 @@ class RunnerConfig:
     # While capturing, re-check the kernel against the plan this often and put back what is missing:
     # during a rolling update the old redirector's shutdown removes the rules the new one relies on.
     reassert_s: float = 1.0
+    # At shutdown, keep the return path at most this long while the agent still holds captured
+    # connections (its drain grace is 30 s), so in-flight requests are not cut off (found by the
+    # sandbox-wide uninstall test: a request in flight lost its replies and failed).
+    shutdown_wait_s: float = 35.0
+
+
+# /proc/net/tcp states of a socket the agent still holds open: ESTABLISHED, SYN_RECV, CLOSE_WAIT.
+_HELD_STATES = {"01", "03", "08"}
+
+
+def captured_connections(ports: tuple[int, ...], netns: str | None = None) -> int:
+    """Sockets open on the agent's capture ports in this (or the named) network namespace."""
+    wanted = {f"{p:04X}" for p in ports}
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            if netns:
+                text = subprocess.run(["ip", "netns", "exec", netns, "cat", table], capture_output=True,
+                                      text=True, check=False).stdout
+            else:
+                with open(table) as f:
+                    text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] in _HELD_STATES and fields[1].rsplit(":", 1)[-1] in wanted:
+                count += 1
+    return count
 
 
 class KVLog:
@@ -133,9 +166,25 @@ class FailOpenRunner:
 
     def shutdown(self) -> None:
         plan = self.plan or build_plan(self.config.capture)
+        if self.capturing:
+            self.redirector.set_capture(plan, capture=False)
+            self.capturing = False
+            self.log("capture_removed", reason="shutdown")
+            self._wait_captured_connections()
         self.redirector.remove(plan)
-        self.capturing = False
         self.log("capture_uninstalled", reason="shutdown")
+
+    def _wait_captured_connections(self) -> None:
+        """New connections already go direct; the ones the agent carries still need the return path."""
+        capture = self.config.capture
+        ports = (capture.outbound_port, capture.inbound_port)
+        started = self.clock()
+        left = captured_connections(ports, self.redirector.nf.netns)
+        while left and self.clock() - started < self.config.shutdown_wait_s:
+            time.sleep(0.05)
+            left = captured_connections(ports, self.redirector.nf.netns)
+        if left or self.clock() - started > 0.05:
+            self.log("return_path_kept", seconds=f"{self.clock() - started:.2f}", connections_left=left)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
