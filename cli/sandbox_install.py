@@ -13,6 +13,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -92,18 +93,50 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
 
 
 def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] | None = None) -> None:
-    """Remove the mesh from a sandbox: capture first, so no pod ever dials a stopped agent."""
+    """Remove the mesh from a sandbox without failing a request, in the order a node needs:
+
+    1. the redirectors get SIGTERM and take the capture hooks out at once: new connections go direct;
+    2. once no node is hooked, the agents drain what they still carry and exit (the replies of their
+       transparent upstream connections still come back through the return path, which each
+       redirector keeps until its agent's captured connections are gone);
+    3. the redirectors remove the return path and exit; the controller goes last.
+    Whatever a killed redirector left behind is then removed with `nodemesh.redirector remove`.
+    """
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
     nodes = sb.nodes()
-    for node in nodes:  # SIGTERM: the redirector removes every rule it installed
-        sb.stop_node_process(node.name, redirector_process(node.name))
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        redirectors = [pool.submit(sb.stop_node_process, n.name, redirector_process(n.name), 40.0) for n in nodes]
+        _wait(lambda: all(f.done() for f in redirectors) or not any(_capture_hooked(sb, n.name) for n in nodes),
+              15.0, "capture hooks removed", [sb.node_process_log(n.name, redirector_process(n.name)) for n in nodes])
+        for node in nodes:
+            sb.stop_node_process(node.name, agent_process(node.name), timeout=40.0)
+        for f in redirectors:
+            f.result()
     for node in nodes:
-        sb.stop_node_process(node.name, agent_process(node.name), timeout=40.0)
+        if _rules_left(sb, node.name):
+            sb.node_exec(node.name, [sys.executable, "-m", "nodemesh.redirector", "remove", "--node-ip", node.ip,
+                                     "--pod-cidr", node.pod_cidr], check=True, capture_output=True, timeout=30)
     sb.stop_node_process(nodes[0].name, CONTROLLER_PROCESS)
     (Path(sb.state_dir) / CONTROLLER_ADDR_FILE).unlink(missing_ok=True)
     (Path(sb.state_dir) / DASHBOARD_ADDR_FILE).unlink(missing_ok=True)
     say(f"nodemesh removed from sandbox {sb.name}")
+
+
+def _nat_save(sb, node: str) -> str:
+    return sb.node_exec(node, ["iptables-save", "-t", "nat"], capture_output=True, text=True, timeout=10).stdout
+
+
+def _capture_hooked(sb, node: str) -> bool:
+    """nat PREROUTING still jumps to the redirector's chain (read-only, like `capture_active`)."""
+    return any(line.startswith("-A PREROUTING ") and "-j NODEMESH_" in line
+               for line in _nat_save(sb, node).splitlines())
+
+
+def _rules_left(sb, node: str) -> bool:
+    saved = sb.node_exec(node, ["iptables-save"], capture_output=True, text=True, timeout=10).stdout
+    rules = sb.node_exec(node, ["ip", "-4", "rule"], capture_output=True, text=True, timeout=10).stdout
+    return "NODEMESH" in saved or "nodemesh:" in saved or "lookup 4140" in rules
 
 
 def _agent_ready(sb, node: str) -> bool:
