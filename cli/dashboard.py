@@ -42,8 +42,13 @@ def write_dashboard_address(state_dir: Path, host: str, port: int = CONTROLLER_W
     return path
 
 
-def _url(host: str, port: int, fragment: str) -> str:
+def _url(host: str, port: int, fragment: str, token: str | None = None) -> str:
+    """The page's URL; with a token, through /login, which checks it and keeps it in an HttpOnly
+    cookie for the page and its API calls (controlplane/webauth.py). The #fragment survives the
+    redirect."""
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if token:
+        return f"http://{netloc}/login?token={quote(token, safe='')}{fragment}"
     return f"http://{netloc}/{fragment}"
 
 
@@ -52,14 +57,15 @@ def dashboard_url(config: ClientConfig, fragment: str = "") -> tuple[str, str] |
     target = resolve_target(config)
     if target is None:
         return None
+    token = config.token or target.token
     if not config.controller:
         addr = sandbox_address_file(config.sandbox_root, config.sandbox)
         side = addr.with_name(DASHBOARD_ADDR_FILE) if addr is not None else None
         if side is not None and side.is_file():
             host, port = parse_hostport(side.read_text(), str(side))
-            return _url(host, port, fragment), f"sandbox state {side}"
+            return _url(host, port, fragment, token), f"sandbox state {side}"
     host, _ = parse_hostport(target.address, target.origin)
-    return _url(host, CONTROLLER_WEB_PORT, fragment), target.origin
+    return _url(host, CONTROLLER_WEB_PORT, fragment, token), target.origin
 
 
 def workload_fragment(resource: str | None, namespace: str) -> str:
@@ -102,7 +108,7 @@ def dashboard(resource: str | None, namespace: str, show: str, port: int, contro
                        "(choose another with --port)") from None
     host, local = parse_hostport(forward.address, "port-forward")
     try:
-        _present(_url(host, local, fragment), show)
+        _present(_url(host, local, fragment, config.token), show)
         click.echo(f"Port-forwarding to pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT}; "
                    "press Ctrl-C to stop.", err=True)
         while True:

@@ -89,7 +89,7 @@ async def start(config: ControllerConfig, source: ClusterSource | None = None,
     controller = Controller(config, source if source is not None else build_source(config))
     await controller.start()
     grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port, authenticator)
-    runner = web.AppRunner(build_app(controller), access_log=None)
+    runner = web.AppRunner(build_app(controller, authenticator), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.web_port)
     await site.start()

@@ -1,12 +1,16 @@
-"""The controller's web app (port 8084): /metrics about itself, /live, /ready.
+"""The controller's web app (port 8084): /metrics about itself, /live, /ready, and the dashboard.
 
-`build_app(controller)` returns a plain aiohttp Application; the dashboard adds its routes to
-it and reaches stats through `app[CONTROLLER_KEY]` (see Controller's public methods).
+`build_app(controller, authenticator)` returns a plain aiohttp Application; the dashboard adds its
+routes to it and reaches stats through `app[CONTROLLER_KEY]` (see Controller's public methods).
+With an authenticator, everything but the probes, /metrics and static assets needs the same token
+as the gRPC API (controlplane/webauth.py).
 """
 
 from __future__ import annotations
 
 from aiohttp import web
+from nodemesh.controlplane import webauth
+from nodemesh.controlplane.auth import Authenticator
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard import add_routes
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,8 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 CONTROLLER_KEY = web.AppKey("controller", Controller)
 
 
-def build_app(controller: Controller) -> web.Application:
+def build_app(controller: Controller, authenticator: Authenticator | None = None) -> web.Application:
     app = web.Application()
+    if authenticator is not None:
+        webauth.install(app, authenticator)
     app[CONTROLLER_KEY] = controller
 
     async def metrics(request: web.Request) -> web.Response:

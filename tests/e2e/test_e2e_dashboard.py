@@ -24,6 +24,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,7 @@ import pytest
 import yaml
 from nodemesh.api.model import CONTROLLER_WEB_PORT
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE
-from nodemesh.cli.sandbox_install import install_sandbox, uninstall_sandbox
+from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from playwright.sync_api import Page
@@ -103,6 +105,11 @@ class Mesh:
     sb: Sandbox
     base: str                 # the dashboard, http://<controller node ip>:8084
     env: dict[str, str]       # for the CLI: which sandbox
+    token: str                # the sandbox controller's token: the web port asks for it too
+
+    @property
+    def login_url(self) -> str:
+        return f"{self.base}/login?token={urllib.parse.quote(self.token, safe='')}"
 
 
 @pytest.fixture
@@ -111,7 +118,8 @@ def mesh() -> Iterator[Mesh]:
         install_sandbox(sb.name, progress=lambda msg: None)
         env = {**os.environ, "NODEMESH_SANDBOX": sb.name}
         env.pop("NODEMESH_CONTROLLER", None)
-        yield Mesh(sb, f"http://{sb.controller_address}:{CONTROLLER_WEB_PORT}", env)
+        token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
+        yield Mesh(sb, f"http://{sb.controller_address}:{CONTROLLER_WEB_PORT}", env, token)
         # Uninstall removes dashboard.addr with controller.addr (failures still end in sb.down()).
         uninstall_sandbox(sb.name, progress=lambda msg: None)
         assert not (Path(sb.state_dir) / DASHBOARD_ADDR_FILE).exists()
@@ -170,7 +178,8 @@ def cli_stat(m: Mesh, window: str) -> list[dict[str, Any]]:
 
 
 def api(m: Mesh, path: str) -> Any:
-    with urllib.request.urlopen(m.base + path, timeout=10) as r:
+    request = urllib.request.Request(m.base + path, headers={"Authorization": f"Bearer {m.token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 
@@ -316,7 +325,11 @@ def test_e2e_dashboard_browser_against_meshed_emojivoto(mesh: Mesh) -> None:
     # The installer told the CLI where the dashboard is: `nodemesh dashboard --show url` finds it.
     assert (Path(m.sb.state_dir) / DASHBOARD_ADDR_FILE).read_text().strip() == \
         f"{m.sb.controller_address}:{CONTROLLER_WEB_PORT}"
-    assert cli(m, "dashboard", "--show", "url").strip() == m.base + "/"
+    # Its URL signs the browser in with the sandbox's token; without it the web port refuses.
+    assert cli(m, "dashboard", "--show", "url").strip() == m.login_url
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(m.base + "/api/namespaces", timeout=10)
+    assert refused.value.code == 401
 
     # Real traffic through the mesh, and long enough that the live window is full.
     def flowing() -> bool:
@@ -326,6 +339,7 @@ def test_e2e_dashboard_browser_against_meshed_emojivoto(mesh: Mesh) -> None:
     first_traffic = time.monotonic()
 
     with browser_page() as page:
+        page.goto(m.login_url)  # as `nodemesh dashboard` does: the token becomes an HttpOnly cookie
         open_overview(page, m.base, window=LIVE_WINDOW)
         time.sleep(max(0.0, 10 - (time.monotonic() - first_traffic)))
         check_live_overview(page, m)

@@ -61,3 +61,16 @@ def test_dashboard_opens_a_browser(no_sandbox: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(dash.webbrowser, "open", lambda url: opened.append(url) or True)
     code, out, err = run(["--controller", "127.0.0.1:8085"])
     assert code == 0 and opened == ["http://127.0.0.1:8084/"] and "http://127.0.0.1:8084/" in err and out == ""
+
+
+def test_dashboard_url_signs_in_with_the_token(no_sandbox: Path) -> None:
+    """With a token (the sandbox's own, NODEMESH_TOKEN or --token-file) the URL goes through /login,
+    which keeps the token in a cookie for the page (controlplane/webauth.py)."""
+    state = no_sandbox / "nodemesh"
+    state.mkdir()
+    write_sandbox_address(state, "10.99.0.2", 8085)
+    (state / "controller.token").write_text("s3cret/+=\n")
+    code, out, _ = run(["deploy/web", "-n", "emojivoto", "--show", "url"])
+    assert (code, out) == (0, "http://10.99.0.2:8084/login?token=s3cret%2F%2B%3D#/workload/emojivoto/deployment/web\n")
+    code, out, _ = run(["--controller", "127.0.0.1:8085", "--show", "url"], env={"NODEMESH_TOKEN": "tok"})
+    assert (code, out) == (0, "http://127.0.0.1:8084/login?token=tok\n")
