@@ -10,6 +10,8 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_packages=(iptables ebtables conntrack iproute2 procps kmod psmisc)
+# A fresh machine's python3 may have no pip yet (Debian ships it as a separate package).
+python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 if [ "$want_test" = 1 ]; then
   apt_packages+=(nginx-light wrk nghttp2-client curl netcat-openbsd)
   apt_packages+=(ruby shellcheck)  # lint the Vagrantfile (ruby -c) and the shell scripts
@@ -31,8 +33,22 @@ if [ "$want_test" = 1 ] && command -v systemctl >/dev/null 2>&1; then
   systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
 
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
-  -e ".[test]" 2>&1 | grep -v -E "^(WARNING: Location|WARNING: Running pip)" || true
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "bootstrap: nodemesh needs Python >= 3.11 (python3 is $(python3 -V 2>&1))" >&2; exit 1; }
+target="."
+[ "$want_test" = 1 ] && target=".[test]"
+pip_flags=(-q --disable-pip-version-check --root-user-action=ignore)
+# Debian/Ubuntu mark their system Python "externally managed" (PEP 668); this machine-wide,
+# root-only install of a system tool is what that marker guards, so say so explicitly.
+if [ -f "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ]; then
+  pip_flags+=(--break-system-packages)
+fi
+log=$(mktemp)
+if ! python3 -m pip install "${pip_flags[@]}" -e "$target" >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"
+  echo "bootstrap: pip install failed" >&2; exit 1
+fi
+rm -f "$log"
 python3 -c "import nodemesh.cli.main" || { echo "bootstrap: nodemesh did not install" >&2; exit 1; }
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 echo "bootstrap: ok"
