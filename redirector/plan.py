@@ -236,8 +236,12 @@ def build_plan(config: CaptureConfig) -> Plan:
         # never reaches the agent's socket bound to that IP. Sending it to the bridge's own MAC makes
         # the node route it, where the mark above delivers it. Harmless where there is no bridge.
         eb_chains = (("nat", CHAIN_PREROUTING),)
+        # A return-path hook, not a capture hook: fail-open and shutdown keep it while the agent's
+        # same-node transparent connections are still in flight (without it their replies are
+        # switched past the agent and the request hangs; found by the sandbox uninstall test).
+        # New direct connections are merely routed by the node instead of switched.
         eb_hooks = (Hook("nat", "PREROUTING", CHAIN_PREROUTING,
-                         "route local pod-to-pod TCP so replies reach transparent sockets"),)
+                         "route local pod-to-pod TCP so replies reach transparent sockets", capture=False),)
         for src in config.networks:
             for dst in config.networks:
                 eb_rules.append(EbRule("nat", CHAIN_PREROUTING,
