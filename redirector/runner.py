@@ -169,7 +169,7 @@ class FailOpenRunner:
         if self.capturing:
             self.redirector.set_capture(plan, capture=False)
             self.capturing = False
-            self.log("capture_removed", reason="shutdown")
+            self.log("capture_draining", reason="shutdown", hooks="removed")
             self._wait_captured_connections()
         self.redirector.remove(plan)
         self.log("capture_uninstalled", reason="shutdown")
