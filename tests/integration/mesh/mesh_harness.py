@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 import urllib.request
@@ -104,21 +103,27 @@ spec:
 """
 
 
-def manifests(nginx_conf: Path) -> str:
+def manifests(nginx_conf: Path, servers: tuple[str, ...] = ("nginx", "grpc", "bulk", "ws", "banner")) -> str:
     """Clients first: scheduling is least-pods-first, so the two client replicas land one per node."""
+    deployments = {
+        "nginx": _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
+        "grpc": _deployment("grpc", [PY, PEERS, "grpc-server", "9090"], [9090]),
+        "bulk": _deployment("bulk", [PY, PEERS, "bulk-server", "7000"], [7000]),
+        "ws": _deployment("ws", [PY, PEERS, "ws-server", "8765"], [8765]),
+        "banner": _deployment("banner", [PY, PEERS, "banner-server", "2525"], [2525]),
+    }
+    services = {
+        "nginx": _service("nginx", [(80, 8080), (81, 8081)]),
+        "grpc": _service("grpc", [(9090, 9090)]),
+        "bulk": _service("bulk", [(7000, 7000)]),
+        "ws": _service("ws", [(80, 8765)]),
+        "banner": _service("banner", [(2525, 2525)]),
+    }
     docs = [
         f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
         _deployment("client", ["sleep", "infinity"], [], replicas=2),
-        _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
-        _deployment("grpc", [PY, PEERS, "grpc-server", "9090"], [9090]),
-        _deployment("bulk", [PY, PEERS, "bulk-server", "7000"], [7000]),
-        _deployment("ws", [PY, PEERS, "ws-server", "8765"], [8765]),
-        _deployment("banner", [PY, PEERS, "banner-server", "2525"], [2525]),
-        _service("nginx", [(80, 8080), (81, 8081)]),
-        _service("grpc", [(9090, 9090)]),
-        _service("bulk", [(7000, 7000)]),
-        _service("ws", [(80, 8765)]),
-        _service("banner", [(2525, 2525)]),
+        *(deployments[s] for s in servers),
+        *(services[s] for s in servers),
     ]
     return "---\n".join(d.strip("\n") + "\n" for d in docs)
 
@@ -327,6 +332,3 @@ def mesh_cluster(cni: str, workdir: Path) -> Iterator[Mesh]:
             with contextlib.suppress(Exception):
                 uninstall_sandbox(sb.name, progress=lambda _msg: None)
 
-
-def node_python(sb: Sandbox, node: str, code: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return sb.node_exec(node, [PY, "-c", code], capture_output=True, text=True, timeout=timeout)

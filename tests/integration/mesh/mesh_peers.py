@@ -242,25 +242,36 @@ def banner_client(host: str, port: int, lines: int) -> None:
           "replies_ok": replies == [b"250 ok HELO client-%d\r\n" % i for i in range(lines)] and bye == b"221 bye\r\n"})
 
 
-def http_loop(url: str, stop_file: str) -> None:
-    """Short HTTP/1.1 requests, a fresh connection each, until stop_file exists (install/uninstall)."""
+def http_loop(url: str, stop_file: str, progress_file: str, reuse: bool = False) -> None:
+    """Short HTTP/1.1 requests until stop_file exists (install/uninstall): a fresh connection each,
+    or with `reuse` one keep-alive connection, re-dialled only after the server said
+    `Connection: close` (what a draining agent asks for). progress_file gets `<ok> <failures>`
+    after every request, so the test can wait for progress."""
     ok, failures = 0, []
     host, _, rest = url.removeprefix("http://").partition("/")
     name, _, port = host.partition(":")
+    conn: http.client.HTTPConnection | None = None
     while not os.path.exists(stop_file):
         try:
-            conn = http.client.HTTPConnection(name, int(port or 80), timeout=10)
+            if conn is None:
+                conn = http.client.HTTPConnection(name, int(port or 80), timeout=10)
             conn.request("GET", "/" + rest)
             resp = conn.getresponse()
             body = resp.read()
-            conn.close()
+            if not reuse or resp.will_close:
+                conn.close()
+                conn = None
             if resp.status == 200 and body == b"ok\n":
                 ok += 1
             else:
-                failures.append(f"status={resp.status} body={body[:40]!r}")
+                failures.append(f"{time.time():.3f} status={resp.status} body={body[:40]!r}")
         except OSError as err:
-            failures.append(f"{type(err).__name__}: {err}")
-        time.sleep(0.02)
+            failures.append(f"{time.time():.3f} {type(err).__name__}: {err}")
+            conn = None
+        with open(progress_file + ".tmp", "w") as f:
+            f.write(f"{ok} {len(failures)}\n")
+        os.replace(progress_file + ".tmp", progress_file)
+        time.sleep(0.01)
     emit({"ok": ok, "failures": failures})
 
 
@@ -282,7 +293,7 @@ def main(argv: list[str]) -> None:
     elif kind == "banner":
         banner_client(args[0], int(args[1]), int(args[2]))
     elif kind == "http-loop":
-        http_loop(args[0], args[1])
+        http_loop(args[0], args[1], args[2], reuse=args[3:] == ["reuse"])
     else:
         raise SystemExit(f"unknown peer kind {kind!r}")
 
