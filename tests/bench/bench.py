@@ -330,6 +330,9 @@ class Bench:
     def agent_rss(self) -> dict[str, float]:
         return {n: round(procstat.rss_mb(procstat.tree_pids(r)), 1) for n, r in self.agent_roots.items()}
 
+    def agent_pss(self) -> dict[str, float]:
+        return {n: round(procstat.pss_mb(procstat.tree_pids(r)), 1) for n, r in self.agent_roots.items()}
+
     def agent_requests_seen(self) -> int:
         """Sum of request_total over both agents (outbound + inbound series): proof the traffic
         went through the mesh."""
@@ -356,6 +359,9 @@ class Bench:
         r["agent_rss_idle_mb"] = self.agent_rss()
         r["agent_rss_idle_by_process_mb"] = {n: {str(p): round(procstat.rss_mb([p]), 1) for p in pids}
                                              for n, pids in r["agent_pids"].items()}
+        r["agent_pss_idle_mb"] = self.agent_pss()
+        r["agent_pss_idle_by_process_mb"] = {n: {str(p): round(procstat.pss_mb([p]), 1) for p in pids}
+                                             for n, pids in r["agent_pids"].items()}
         with procstat.RssSampler(list(self.agent_roots.values())) as sampler:
             captured = False
             for name, app, run in self.scenarios():
@@ -368,6 +374,8 @@ class Bench:
                     c.log(f"bench: {name}: {mode} ...")
                     r[mode][name] = self._accounted(run, app, meshed=captured)
         r["agent_rss_loaded_mb"] = {n: round(sampler.max_by_root[root], 1) for n, root in self.agent_roots.items()}
+        r["agent_pss_loaded_mb"] = {n: round(sampler.max_pss_by_root[root], 1)
+                                    for n, root in self.agent_roots.items()}
         r["agent_requests_seen"] = self.agent_requests_seen()
         r["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         r["figures"] = figures(r)
@@ -397,6 +405,8 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
     f["bulk_ratio"] = round(m["bulk"]["mb_per_s"] / d["bulk"]["mb_per_s"], 3) if d["bulk"]["mb_per_s"] else 0.0
     f["agent_rss_idle_mb"] = max(r["agent_rss_idle_mb"].values())
     f["agent_rss_loaded_mb"] = max(r["agent_rss_loaded_mb"].values())
+    f["agent_pss_idle_mb"] = max(r["agent_pss_idle_mb"].values())
+    f["agent_pss_loaded_mb"] = max(r["agent_pss_loaded_mb"].values())
     f["agent_requests_seen"] = r["agent_requests_seen"]
     return f
 
@@ -458,6 +468,12 @@ def render(r: dict[str, Any]) -> str:
     lines.append("  idle RSS per process (parent first): " + "; ".join(
         f"{n} " + " + ".join(f"{v:.1f}" for v in procs.values())
         for n, procs in r["agent_rss_idle_by_process_mb"].items()))
+    lines.append("agent PSS MB (real memory: shared pages split between the processes mapping them): idle "
+                 + ", ".join(f"{n} {v:.1f}" for n, v in r["agent_pss_idle_mb"].items())
+                 + "; under load (max) " + ", ".join(f"{n} {v:.1f}" for n, v in r["agent_pss_loaded_mb"].items()))
+    lines.append("  idle PSS per process (parent first): " + "; ".join(
+        f"{n} " + " + ".join(f"{v:.1f}" for v in procs.values())
+        for n, procs in r["agent_pss_idle_by_process_mb"].items()))
     lines.append(f"requests the agents counted (request_total, both directions): {r['agent_requests_seen']}")
     lines.append("")
     lines.append(f"CPU used during each run, in cores of {d['http_sat_cross']['cpu']['machine_cores']} (client, "

@@ -84,6 +84,22 @@ def rss_mb(pids: list[int]) -> float:
     return total_kb / 1024
 
 
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size summed over `pids`: each shared page counts 1/n in each of the n
+    processes mapping it, so the sum over a process tree is the tree's real memory (summed RSS counts
+    pages shared between parent and forked workers, and shared libraries, once per process)."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
 def machine_busy() -> float:
     """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -97,20 +113,23 @@ def machine_cores() -> int:
 
 
 class RssSampler:
-    """Samples the RSS of each process tree (summed over the tree) every `interval` s in a thread,
-    keeping each tree's maximum."""
+    """Samples the RSS and the PSS of each process tree (summed over the tree) every `interval` s in
+    a thread, keeping each tree's maximum of each."""
 
     def __init__(self, roots: list[int], interval: float = 0.2) -> None:
         self.roots = roots
         self.interval = interval
         self.max_by_root: dict[int, float] = dict.fromkeys(roots, 0.0)
+        self.max_pss_by_root: dict[int, float] = dict.fromkeys(roots, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for root in self.roots:
-                self.max_by_root[root] = max(self.max_by_root[root], rss_mb(tree_pids(root)))
+                pids = tree_pids(root)
+                self.max_by_root[root] = max(self.max_by_root[root], rss_mb(pids))
+                self.max_pss_by_root[root] = max(self.max_pss_by_root[root], pss_mb(pids))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Self:

@@ -56,7 +56,8 @@ def test_bench_quick_produces_every_figure(tmp_path: Path) -> None:
 
     f = json.loads(out.read_text())["figures"]
     positive = [f"bulk_{k}" for k in ("direct_mb_s", "meshed_mb_s", "ratio")]
-    positive += ["agent_rss_idle_mb", "agent_rss_loaded_mb", "agent_requests_seen"]
+    positive += ["agent_rss_idle_mb", "agent_rss_loaded_mb", "agent_pss_idle_mb", "agent_pss_loaded_mb",
+                 "agent_requests_seen"]
     for s in LATENCY_SCENARIOS:
         positive += [f"{s}_{mode}_{q}_ms" for mode in ("direct", "meshed") for q in ("p50", "p99")]
     for s in THROUGHPUT_SCENARIOS:
