@@ -9,7 +9,7 @@ import sys
 
 import uvloop
 from nodemesh.agent.config import DEFAULT_OPAQUE_PORTS, AgentConfig
-from nodemesh.agent.supervisor import Supervisor
+from nodemesh.agent.supervisor import Supervisor, fork_workers
 
 
 def build_config(args: argparse.Namespace) -> AgentConfig:
@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     config = build_config(args)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s %(name)s %(message)s")
-    return uvloop.run(Supervisor(config, args.event_log).run())
+    # Fork the workers now: only the data path is imported and no loop or thread exists yet (see
+    # supervisor.py). The parent's own heavy modules are imported by Supervisor.run, after this.
+    forked = fork_workers(config, args.event_log, max(1, config.workers))
+    return uvloop.run(Supervisor(config, args.event_log, forked).run())
 
 
 if __name__ == "__main__":

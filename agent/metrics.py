@@ -4,14 +4,15 @@ The hot path increments `dict[label tuple] -> int` with no locks (each worker is
 A *snapshot* is the same data as plain, picklable dicts: `{metric name: {label values: value}}`,
 where a histogram value is a list of non-cumulative bucket counts (aligned with LATENCY_BUCKETS_MS,
 then +Inf) followed by the sum. Workers send snapshots to the parent, which merges them and exports
-them two ways: Prometheus text through a custom prometheus-client Collector, and `Series` messages
-for the controller's MetricsReport. Names and label sets are the contract in `api/model.py`.
+them two ways: Prometheus text through a custom prometheus-client Collector (`SnapshotCollector`, in
+`metrics_export` so that workers, which only count, never import prometheus-client), and `Series`
+messages for the controller's MetricsReport. Names and label sets are the contract in `api/model.py`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
@@ -28,8 +29,6 @@ from nodemesh.api.model import (
     TCP_READ_BYTES_TOTAL,
     TCP_WRITE_BYTES_TOTAL,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 Labels = tuple[str, ...]
 Snapshot = dict[str, dict[Labels, float | list[float]]]
@@ -167,39 +166,15 @@ def from_series(series: Iterable[pb.Series]) -> Snapshot:
     return out
 
 
-class SnapshotCollector(Collector):
-    """prometheus-client Collector over a snapshot source: the registry's locks never meet the hot path."""
-
-    def __init__(self, source: Callable[[], Snapshot], bounds: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
-        self._source = source
-        self._bounds = bounds
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(())  # don't make the registry call collect() at register time
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self._source()
-        les = [_le(b) for b in self._bounds] + ["+Inf"]
-        for name, (kind, label_names, help_text) in METRICS.items():
-            series = snap.get(name, {})
-            if kind == COUNTER:
-                fam: Metric = CounterMetricFamily(name, help_text, labels=label_names)
-                for key, value in series.items():
-                    fam.add_metric(list(key), value)  # type: ignore[arg-type]
-            elif kind == GAUGE:
-                fam = GaugeMetricFamily(name, help_text, labels=label_names)
-                for key, value in series.items():
-                    fam.add_metric(list(key), value)  # type: ignore[arg-type]
-            else:
-                fam = HistogramMetricFamily(name, help_text, labels=label_names)
-                for key, value in series.items():
-                    cumulative, running = [], 0.0
-                    for le, count in zip(les, value[:-1]):  # type: ignore[index]
-                        running += count
-                        cumulative.append((le, running))
-                    fam.add_metric(list(key), cumulative, sum_value=value[-1])  # type: ignore[index]
-            yield fam
-
-
 def _le(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def __getattr__(name: str) -> object:
+    # `from nodemesh.agent.metrics import SnapshotCollector` still works, importing prometheus-client
+    # only when someone asks for the collector (the parent's admin server, tests), never in workers.
+    if name == "SnapshotCollector":
+        from nodemesh.agent.metrics_export import SnapshotCollector
+
+        return SnapshotCollector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,22 +1,34 @@
 """The agent's parent process: node telemetry (admin :4191, controller link) and N workers.
 
-Spawns the workers, hands each one its telemetry channel, restarts a worker that dies, and on
+Starts the workers, hands each one its telemetry channel, restarts a worker that dies, and on
 SIGTERM drains: the admin listener closes at once (a newer agent's admin answers the probes),
 every worker drains within the grace, then the parent exits.
+
+Memory: the first workers are *forked* (`fork_workers`, called by `__main__` before any event loop
+or thread exists) while the parent has imported only the data path (`nodemesh.agent.worker`:
+asyncio, uvloop, httptools, hpack, protobuf messages). Those pages stay shared copy-on-write
+(`gc.freeze()` first, so no collector pass dirties them); the parent imports its own heavy modules
+(prometheus-client, the controller's grpc) only after the fork. A worker that dies is restarted by
+*exec* (`python -m nodemesh.agent.worker`): by then the parent may run grpc's threads, and forking
+a threaded process is unsafe. A restarted worker costs its own memory, nothing else changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import signal
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 
 from nodemesh.agent import workerlink
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.sockets import enable_request_migration
-from nodemesh.agent.worker import config_to_json
+from nodemesh.agent.worker import config_to_json, run_forked
 
 log = logging.getLogger("nodemesh.agent.supervisor")
 
@@ -24,14 +36,109 @@ RESTART_BACKOFF_S = 0.5
 READY_TIMEOUT_S = 30.0
 
 
+@dataclass
+class Forked:
+    """A worker forked before the parent's event loop started: its pid and the parent's ends."""
+
+    index: int
+    pid: int
+    parent_end: workerlink.ChannelEnd
+    ready_fd: int
+
+
+def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[Forked]:
+    """Fork `n` workers now. Call from the main thread, before any event loop or thread exists."""
+    gc.collect()
+    gc.freeze()  # imported modules' objects: never scanned again, so their pages stay shared
+    sys.stdout.flush()
+    sys.stderr.flush()
+    forked: list[Forked] = []
+    for index in range(n):
+        parent_end, child_end = workerlink.make_channel()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the parent's code
+            code = 1
+            try:
+                for other in forked:  # siblings' ends would keep their channels open past their death
+                    other.parent_end.close()
+                    os.close(other.ready_fd)
+                parent_end.close()
+                os.close(ready_r)
+                code = run_forked(config, index, child_end, ready_w, event_log)
+            except BaseException:  # noqa: BLE001 - a child must reach os._exit, whatever happened
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        child_end.close()
+        os.close(ready_w)
+        forked.append(Forked(index, pid, parent_end, ready_r))
+    return forked
+
+
+class ForkedProcess:
+    """The parts of asyncio.subprocess.Process the supervisor uses, for a forked worker: exit
+    is watched through a pidfd on the running loop (uvloop's child watcher only knows its own)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[int] | None = None
+
+    async def wait(self) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[int] = loop.create_future()
+            pidfd = os.pidfd_open(self.pid)
+
+            def reap() -> None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+                exited.set_result(self.returncode)
+
+            loop.add_reader(pidfd, reap)
+            self._exited = exited
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+async def _read_ready(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await asyncio.wait_for(readable, READY_TIMEOUT_S)
+        return os.read(fd, 64)  # b"" (EOF) if the worker died before it was ready
+    except TimeoutError:
+        return b""
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 class Supervisor:
-    def __init__(self, config: AgentConfig, event_log: str | None = None) -> None:
+    def __init__(self, config: AgentConfig, event_log: str | None = None,
+                 forked: list[Forked] | None = None) -> None:
         self.config = config
         self.event_log = event_log
         self.node: object | None = None
-        self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.workers: dict[int, asyncio.subprocess.Process | ForkedProcess] = {}
         self.stopping = False
         self.restarts = 0
+        self._forked = {f.index: f for f in forked or ()}
 
     async def run(self) -> int:
         from nodemesh.agent.node import NodeTelemetry
@@ -46,13 +153,23 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         n = max(1, self.config.workers)
-        await asyncio.gather(*(self._spawn(i) for i in range(n)))
+        await asyncio.gather(*(self._adopt(self._forked.pop(i)) if i in self._forked else self._spawn(i)
+                               for i in range(n)))
         node.set_ready(True)
         log.info("event=agent_ready node=%s workers=%d", self.config.node, n)
         watchers = [loop.create_task(self._watch(i)) for i in range(n)]
         await stop.wait()
         await self._shutdown(node, watchers)
         return 0
+
+    async def _adopt(self, f: Forked) -> None:
+        """Take over a worker forked before the loop started."""
+        self.node.attach_worker(f.index, f.parent_end)  # type: ignore[union-attr]
+        self.workers[f.index] = ForkedProcess(f.pid)
+        if (await _read_ready(f.ready_fd)).strip() != b"ready":
+            log.error("event=worker_not_ready index=%d pid=%d", f.index, f.pid)
+        else:
+            log.info("event=worker_started index=%d pid=%d how=fork", f.index, f.pid)
 
     async def _spawn(self, index: int) -> None:
         parent_end, child_end = workerlink.make_channel()
@@ -73,7 +190,7 @@ class Supervisor:
         if line.strip() != b"ready":
             log.error("event=worker_not_ready index=%d pid=%d", index, proc.pid)
         else:
-            log.info("event=worker_started index=%d pid=%d", index, proc.pid)
+            log.info("event=worker_started index=%d pid=%d how=exec", index, proc.pid)
 
     async def _watch(self, index: int) -> None:
         while not self.stopping:

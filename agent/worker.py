@@ -1,7 +1,13 @@
 """One worker process: a full proxy on the shared ports (SO_REUSEPORT), its own telemetry.
 
-Started by the supervisor as `python -m nodemesh.agent.worker --index I --channel-fd FD
---config JSON`; prints `ready` on stdout once its listeners are bound, drains on SIGTERM.
+Two ways in, same proxy:
+  - forked by the agent's parent before it imports anything heavy (`run_forked`): the worker shares
+    the parent's already-imported modules copy-on-write; it reports `ready` on a pipe;
+  - exec'd as `python -m nodemesh.agent.worker --index I --channel-fd FD --config JSON` (a worker
+    restarted after the parent imported grpc/aiohttp-class modules and started threads, where fork
+    is unsafe); prints `ready` on stdout.
+Either way it drains on SIGTERM. This module imports only the data path: no prometheus-client,
+no grpc, no web framework (the parent imports those after the workers are forked).
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import ctypes
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 
 import uvloop
 from nodemesh.agent import workerlink
@@ -27,6 +35,7 @@ from nodemesh.agent.observe import Observer
 from nodemesh.agent.outbound import serve_outbound
 from nodemesh.agent.relay import WorkerContext
 from nodemesh.agent.sockets import listen_socket
+from nodemesh.agent.telemetry import WorkerTelemetry
 
 log = logging.getLogger("nodemesh.agent.worker")
 PR_SET_PDEATHSIG = 1
@@ -44,10 +53,11 @@ def config_from_json(text: str) -> AgentConfig:
     return AgentConfig(**raw)
 
 
-async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_log: str | None) -> int:
-    from nodemesh.agent.telemetry import WorkerTelemetry
-
-    child_end = workerlink.ChannelEnd.from_fd(channel_fd) if channel_fd is not None else None
+async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_log: str | None, *,
+                channel: workerlink.ChannelEnd | None = None, on_ready: Callable[[], None] | None = None) -> int:
+    child_end = channel
+    if child_end is None and channel_fd is not None:
+        child_end = workerlink.ChannelEnd.from_fd(channel_fd)
     tele = WorkerTelemetry(config, child_end, index)
     observer: Observer = tele
     if event_log:
@@ -63,7 +73,10 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
+    if on_ready is not None:
+        on_ready()
+    else:
+        print("ready", flush=True)
     log.info("event=worker_listening index=%d outbound=%d inbound=%d", index, config.outbound_port,
              config.inbound_port)
     await stop.wait()
@@ -79,6 +92,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def log_format(index: int) -> str:
+    return f"%(asctime)s level=%(levelname)s worker={index} %(message)s"
+
+
+def run_forked(config: AgentConfig, index: int, channel: workerlink.ChannelEnd, ready_fd: int,
+               event_log: str | None) -> int:
+    """The body of a worker forked from the agent's parent (called in the child, which must then
+    `os._exit` with the result: it must never return into the parent's code)."""
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=log_format(index), force=True)
+    _die_with_parent()
+
+    def ready() -> None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+
+    return uvloop.run(serve(config, index, None, event_log, channel=channel, on_ready=ready))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nodemesh.agent.worker")
     parser.add_argument("--index", type=int, default=0)
@@ -87,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-log", default=None)
     args = parser.parse_args(argv)
     config = config_from_json(args.config)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s level=%(levelname)s worker={args.index} %(message)s")
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=log_format(args.index))
     _die_with_parent()
     return uvloop.run(serve(config, args.index, args.channel_fd, args.event_log))
 

@@ -1,0 +1,48 @@
+"""The prometheus-client side of the metrics: a Collector over merged snapshots (parent process only).
+
+Kept apart from `metrics` so worker processes, which only count in plain dicts, never import
+prometheus-client (about 3 MB per process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from nodemesh.agent.metrics import COUNTER, GAUGE, METRICS, Snapshot, _le
+from nodemesh.api.model import LATENCY_BUCKETS_MS
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class SnapshotCollector(Collector):
+    """prometheus-client Collector over a snapshot source: the registry's locks never meet the hot path."""
+
+    def __init__(self, source: Callable[[], Snapshot], bounds: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
+        self._source = source
+        self._bounds = bounds
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # don't make the registry call collect() at register time
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._source()
+        les = [_le(b) for b in self._bounds] + ["+Inf"]
+        for name, (kind, label_names, help_text) in METRICS.items():
+            series = snap.get(name, {})
+            if kind == COUNTER:
+                fam: Metric = CounterMetricFamily(name, help_text, labels=label_names)
+                for key, value in series.items():
+                    fam.add_metric(list(key), value)  # type: ignore[arg-type]
+            elif kind == GAUGE:
+                fam = GaugeMetricFamily(name, help_text, labels=label_names)
+                for key, value in series.items():
+                    fam.add_metric(list(key), value)  # type: ignore[arg-type]
+            else:
+                fam = HistogramMetricFamily(name, help_text, labels=label_names)
+                for key, value in series.items():
+                    cumulative, running = [], 0.0
+                    for le, count in zip(les, value[:-1]):  # type: ignore[index]
+                        running += count
+                        cumulative.append((le, running))
+                    fam.add_metric(list(key), cumulative, sum_value=value[-1])  # type: ignore[index]
+            yield fam

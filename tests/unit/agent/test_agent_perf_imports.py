@@ -1,0 +1,40 @@
+"""Workers import only the data path: what a worker loads is what every worker pays in memory.
+
+Checked in a fresh interpreter (the test process itself has imported everything already).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Modules only the parent needs (admin, controller link, Kubernetes); a worker must not load them.
+PARENT_ONLY = ("aiohttp", "grpc", "kubernetes", "prometheus_client", "yaml", "nodemesh.agent.node",
+               "nodemesh.agent.admin", "nodemesh.agent.report")
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_worker_module_imports_no_parent_only_module() -> None:
+    loaded = _modules_after("import nodemesh.agent.worker")
+    assert "uvloop" in loaded and "httptools" in loaded  # the probe sees real imports
+    heavy = sorted(m for m in loaded if m.split(".")[0] in PARENT_ONLY or m in PARENT_ONLY)
+    assert heavy == [], heavy
+
+
+def test_agent_entry_point_is_lean_until_the_workers_are_forked() -> None:
+    # `python -m nodemesh.agent` forks its workers right after importing its own module: everything
+    # imported by then is shared with the workers, so none of the parent-only modules may be in it.
+    loaded = _modules_after("import nodemesh.agent.__main__")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in PARENT_ONLY or m in PARENT_ONLY)
+    assert heavy == [], heavy
+
+
+def test_metrics_collector_still_importable_from_metrics() -> None:
+    loaded = _modules_after("from nodemesh.agent.metrics import SnapshotCollector\nassert SnapshotCollector")
+    assert "prometheus_client" in loaded
