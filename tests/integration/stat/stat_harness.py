@@ -182,6 +182,17 @@ class Mesh:
                 and 0 <= n.last_report_age_ms <= max_report_age_ms}
         return nodes <= good
 
+    def explain_broken(self, records: Sequence[Record]) -> str:
+        """For an assertion message: the broken records and what the agents logged about it."""
+        bad = broken_records(records)
+        logs = []
+        for node in self.sb.nodes():
+            path = self.sb.node_process_log(node.name, f"nodemesh-agent-{node.name}")
+            text = path.read_text(errors="replace") if path.exists() else ""
+            logs += [f"{node.name}: {ln}" for ln in text.splitlines()
+                     if "level=WARNING" in ln or "level=ERROR" in ln][-20:]
+        return json.dumps(bad[:5], indent=1) + f"\n({len(bad)} broken)\nagent warnings:\n" + "\n".join(logs)
+
     def controller_pid(self) -> int | None:
         return self.sb.node_process_pid(CONTROLLER_PROCESS)
 
@@ -275,6 +286,7 @@ def broken_records(records: Sequence[Record]) -> list[Record]:
 @dataclass
 class Check:
     problems: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # what was compared, printed with -s
 
     def row_matches(self, what: str, row: dict[str, Any], records: Sequence[Record], window_s: float) -> None:
         """One stat row against the client records it should describe (all inside the window)."""
@@ -290,6 +302,10 @@ class Check:
         if row["rps"] is None or abs(row["rps"] - rps) > 0.05 * rps:
             self.problems.append(f"{what}: rps {row['rps']} vs client {rps:.3f} (n={n})")
         lat = [r["latency_ms"] for r in done]
+        self.lines.append(f"{what}: n={n} success {row['success']:.4f}/{success:.4f} rps {row['rps']:.3f}/{rps:.3f} "
+                          f"p50 {row['latency_ms_p50']}/{true_quantile(lat, 0.5):.1f} "
+                          f"p95 {row['latency_ms_p95']}/{true_quantile(lat, 0.95):.1f} "
+                          f"p99 {row['latency_ms_p99']}/{true_quantile(lat, 0.99):.1f} (stat/client)")
         for q, key in ((0.5, "latency_ms_p50"), (0.95, "latency_ms_p95"), (0.99, "latency_ms_p99")):
             true = true_quantile(lat, q)
             lower, upper = bucket_of(true)
@@ -299,27 +315,12 @@ class Check:
                                      f"client's {true:.1f}ms (n={n})")
 
     def assert_ok(self) -> None:
+        print("\n".join(self.lines))
         assert not self.problems, "\n".join(self.problems)
 
 
 def count_ended(records: Sequence[Record], lo: float, hi: float) -> int:
     return sum(1 for r in ok_records(records) if lo <= r["end"] <= hi)
-
-
-def window_bounds(records: Sequence[Record], answer: StatAnswer, window_s: int, report_lag_s: float,
-                  not_before: float = -math.inf, not_before_max: float | None = None) -> tuple[int, int]:
-    """(fewest, most) responses a window of `window_s` may hold, from the clients' own end times.
-
-    The controller buckets a report at the second it receives it and sums the buckets of the
-    seconds [floor(now) - W + 1, now]; its `now` lies within the CLI call, and a response reaches it
-    0..report_lag_s after it ended. `not_before`: counts before it are certainly gone (a restarted
-    controller's baseline); `not_before_max`: counts after it are certainly kept."""
-    first_lo = math.floor(answer.ended) - window_s + 1
-    first_hi = math.floor(answer.started) - window_s + 1 - report_lag_s
-    keep_from = max(first_lo, not_before_max if not_before_max is not None else not_before)
-    fewest = count_ended(records, keep_from, answer.started - report_lag_s)
-    most = count_ended(records, max(first_hi, not_before), answer.ended)
-    return fewest, most
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
