@@ -114,12 +114,12 @@ class NodeTelemetry:
     async def _watch_capture(self) -> None:
         """Read (never write) whether the redirector's capture is in place, for `nodemesh check`
         and the nodemesh_capture_installed gauge. The redirector owns the rules."""
-        from nodemesh.redirector.apply import ApplyError, capture_active
+        from nodemesh.agent.capture import capture_active  # not redirector.apply: see agent/capture.py
 
         while True:
             try:
-                self.set_capture_installed(await asyncio.to_thread(capture_active))
-            except (ApplyError, OSError) as exc:
+                self.set_capture_installed(await capture_active())
+            except OSError as exc:
                 log.debug("event=capture_check_failed error=%s", exc)
                 self.set_capture_installed(False)
             await asyncio.sleep(CAPTURE_CHECK_INTERVAL_S)

@@ -38,3 +38,22 @@ def test_agent_entry_point_is_lean_until_the_workers_are_forked() -> None:
 def test_metrics_collector_still_importable_from_metrics() -> None:
     loaded = _modules_after("from nodemesh.agent.metrics import SnapshotCollector\nassert SnapshotCollector")
     assert "prometheus_client" in loaded
+
+
+def test_capture_hook_detection_reads_nat_prerouting_only() -> None:
+    from nodemesh.agent.capture import hook_present
+    from nodemesh.redirector.plan import CHAIN_PREROUTING
+
+    hooked = f"*nat\n:PREROUTING ACCEPT\n-A PREROUTING -j KUBE-SERVICES\n-A PREROUTING -j {CHAIN_PREROUTING}\nCOMMIT\n"
+    assert hook_present(hooked)
+    commented = f'*nat\n-A PREROUTING -m comment --comment "nodemesh hook" -j {CHAIN_PREROUTING} \nCOMMIT\n'
+    assert hook_present(commented)
+    assert not hook_present(f"*nat\n:{CHAIN_PREROUTING} - [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n")
+    assert not hook_present(f"*mangle\n-A PREROUTING -j {CHAIN_PREROUTING}\nCOMMIT\n*nat\nCOMMIT\n")
+    assert not hook_present(f"*nat\n-A PREROUTING -j {CHAIN_PREROUTING}_OTHER\nCOMMIT\n")
+    assert not hook_present("")
+
+
+def test_agent_parent_capture_check_does_not_import_pyroute2() -> None:
+    loaded = _modules_after("import nodemesh.agent.node, nodemesh.agent.capture")
+    assert not any(m.split(".")[0] == "pyroute2" for m in loaded)
