@@ -68,6 +68,7 @@ http {{
 
 def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1) -> str:
     port_list = ", ".join(f"{{containerPort: {p}}}" for p in ports)
+    # Every container learns its pod name (the downward API), as whoami answers with it.
     return f"""
 apiVersion: apps/v1
 kind: Deployment
@@ -85,6 +86,7 @@ spec:
       containers:
       - name: {name}
         command: {json.dumps(argv)}
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
         ports: [{port_list}]
 """
 
@@ -103,14 +105,19 @@ spec:
 """
 
 
-def manifests(nginx_conf: Path, servers: tuple[str, ...] = ("nginx", "grpc", "bulk", "ws", "banner")) -> str:
-    """Clients first: scheduling is least-pods-first, so the two client replicas land one per node."""
+ALL_SERVERS = ("nginx", "grpc", "bulk", "ws", "banner", "whoami")
+
+
+def manifests(nginx_conf: Path, servers: tuple[str, ...] = ALL_SERVERS) -> str:
+    """Clients first: scheduling is least-pods-first, so the two client replicas land one per node.
+    Every server has one replica except whoami (two, one per node: the agent picks the endpoint)."""
     deployments = {
         "nginx": _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
         "grpc": _deployment("grpc", [PY, PEERS, "grpc-server", "9090"], [9090]),
         "bulk": _deployment("bulk", [PY, PEERS, "bulk-server", "7000"], [7000]),
         "ws": _deployment("ws", [PY, PEERS, "ws-server", "8765"], [8765]),
         "banner": _deployment("banner", [PY, PEERS, "banner-server", "2525"], [2525]),
+        "whoami": _deployment("whoami", [PY, PEERS, "whoami-server", "8080"], [8080], replicas=2),
     }
     services = {
         "nginx": _service("nginx", [(80, 8080), (81, 8081)]),
@@ -118,6 +125,7 @@ def manifests(nginx_conf: Path, servers: tuple[str, ...] = ("nginx", "grpc", "bu
         "bulk": _service("bulk", [(7000, 7000)]),
         "ws": _service("ws", [(80, 8765)]),
         "banner": _service("banner", [(2525, 2525)]),
+        "whoami": _service("whoami", [(80, 8080)]),
     }
     docs = [
         f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",

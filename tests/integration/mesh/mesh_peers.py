@@ -125,7 +125,38 @@ async def banner_server(port: int) -> None:
     await server.serve_forever()
 
 
+def whoami_server(port: int) -> None:
+    """Answers every GET with its pod's name, so a client sees which endpoint served it."""
+    import http.server
+
+    body = os.environ["POD_NAME"].encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+
+
 # ---------------------------------------------------------------------------- clients
+def http_each(url: str, n: int) -> None:
+    """n GETs, a fresh connection each (the agent picks a ClusterIP endpoint per connection):
+    how many each body (a pod name) came back."""
+    bodies: Counter[str] = Counter()
+    for _ in range(n):
+        with urllib.request.urlopen(url, timeout=20) as resp:
+            bodies[resp.read().decode()] += 1
+    emit({"bodies": dict(bodies)})
+
+
 def http1_client(host: str, port: int, plan: str) -> None:
     """plan: `path*count,...` on ONE keep-alive http.client connection, then one urllib request
     (a fresh connection, `Connection: close`) to the first path. Reports statuses and body sums."""
@@ -282,6 +313,10 @@ def main(argv: list[str]) -> None:
     elif kind in ("bulk-server", "ws-server", "banner-server"):
         server = {"bulk-server": bulk_server, "ws-server": ws_server, "banner-server": banner_server}[kind]
         asyncio.run(server(int(args[0])))
+    elif kind == "whoami-server":
+        whoami_server(int(args[0]))
+    elif kind == "http-each":
+        http_each(args[0], int(args[1]))
     elif kind == "http1":
         http1_client(args[0], int(args[1]), args[2])
     elif kind == "grpc":

@@ -210,6 +210,27 @@ def test_mesh_server_speaks_first(mesh: Mesh) -> None:
     assert_all_closed(mesh)
 
 
+def test_mesh_clusterip_endpoint_chosen_by_agent_and_attributed_per_pod(mesh: Mesh) -> None:
+    """A 2-replica Service: the agent picks the endpoint per connection (least loaded of two random),
+    so it knows which pod served each request; per-pod counts equal what the client was answered."""
+    pods = {p.name: p for p in mesh.pods["whoami"]}
+    assert len({p.node for p in pods.values()}) == 2, pods  # one replica per node: same and cross node
+    expected: Counter[Key] = Counter()
+    with mesh.measure() as settle:
+        for client in mesh.pods["client"]:
+            out = mesh.peer(client, "http-each", "http://whoami/", 24)
+            served = out["bodies"]
+            assert sum(served.values()) == 24 and set(served) <= set(pods), out
+            assert len(served) == 2, f"all 24 connections went to one endpoint: {out}"
+            for pod_name, n in served.items():
+                expected += expect_requests(mesh, client, pods[pod_name], client.node, protocol="http1",
+                                            requests=n, responses={("200", "", "success"): n},
+                                            service=f"whoami.{NS}", opens=n)
+        delta = settle(expected, without_bytes)
+    assert_delta(delta, expected, without_bytes)
+    assert_all_closed(mesh)
+
+
 UNMESHED_CLIENT = """
 import http.client, sys
 c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=10)
