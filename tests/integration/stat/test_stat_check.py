@@ -55,6 +55,7 @@ def test_stat_check_names_the_stopped_agent(mesh: Mesh) -> None:
 
         wait_until(reports_node2, 30, "check to notice the stopped agent")
         res = broken["res"]
+        print(res.stdout)
         lines = res.stdout.splitlines()
         agent_step = next(i for i, ln in enumerate(lines) if "agent" in ln and ln[:1] in "✓×")
         assert lines[agent_step].startswith("×"), res.stdout
