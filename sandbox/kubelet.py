@@ -42,6 +42,7 @@ TICK = 0.1
 NOT_READY_PROBE_INTERVAL = 0.25  # faster than the kubelet's, so a sandbox starts in seconds
 READY_PROBE_PERIOD = 2.0  # default periodSeconds (Kubernetes: 10)
 BACKOFF_RESET_AFTER = 600.0
+NODE_PROCESS_KILL_GRACE_S = 40.0  # SIGTERM -> SIGKILL for node processes (pods: 3 s), see Container
 
 
 @dataclass
@@ -87,6 +88,10 @@ class Container:
     failures: int = 0
     next_probe: float = 0.0
     probing: bool = False
+    # SIGTERM -> SIGKILL grace. Pods: 3 s (fast tests). Node processes: the agent drains for up to 30 s
+    # (the DaemonSet's terminationGracePeriodSeconds is 45), and the redirector keeps the return path
+    # until the agent is done; killing them at 3 s cut that drain at `nodemesh uninstall --sandbox`.
+    kill_grace_s: float = 3.0
 
     def state(self) -> dict[str, Any]:
         if self.proc is not None:
@@ -226,7 +231,7 @@ class Kubelet:
             desired[key] = Container(
                 key=key, netns=node["netns"], argv=list(spec["argv"]), env=env,
                 cwd=self.state.dir / "nodeproc" / pname, log_path=self.state.node_process_log(node["name"], pname),
-                backoff=node_backoff,
+                backoff=node_backoff, kill_grace_s=NODE_PROCESS_KILL_GRACE_S,
             )
         for key in list(self.containers):
             old = self.containers[key]
@@ -270,6 +275,7 @@ class Kubelet:
         if c.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(c.proc.pid, signal.SIGTERM)
+            c.proc._nm_grace = c.kill_grace_s  # type: ignore[attr-defined]
             self.dying.append(c.proc)
             c.proc = None
 
@@ -279,7 +285,7 @@ class Kubelet:
                 self.dying.remove(p)
             elif not hasattr(p, "_nm_killed_at"):
                 p._nm_killed_at = time.monotonic()  # type: ignore[attr-defined]
-            elif time.monotonic() - p._nm_killed_at > 3:  # type: ignore[attr-defined]
+            elif time.monotonic() - p._nm_killed_at > getattr(p, "_nm_grace", 3.0):  # type: ignore[attr-defined]
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
 
