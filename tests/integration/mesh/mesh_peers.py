@@ -51,8 +51,10 @@ def grpc_server(port: int) -> None:
         return b"echo:" + request
 
     def server_stream(request: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
-        n, size = (int(x) for x in request.split(b","))
+        n, size, *delay_ms = (int(x) for x in request.split(b","))
         for i in range(n):
+            if delay_ms:
+                time.sleep(delay_ms[0] / 1000)
             yield pattern(i, size)
 
     def bidi(requests, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
@@ -218,6 +220,18 @@ def grpc_client(target: str, unary_ok: int, unary_fail: int, stream_n: int, bidi
     emit({"rpcs": rpcs, "grpc_status": dict(codes)})
 
 
+def grpc_stream_client(target: str, n: int, delay_ms: int) -> None:
+    """One long server-streaming RPC (n messages, delay_ms apart): lives across an uninstall."""
+    import grpc
+
+    started = time.monotonic()
+    with grpc.insecure_channel(target) as channel:
+        stream = channel.unary_stream(f"/{GRPC_SERVICE}/ServerStream")
+        got = list(stream(b"%d,%d,%d" % (n, 1024, delay_ms), timeout=120))
+    emit({"messages": len(got), "intact": got == [pattern(i, 1024) for i in range(n)],
+          "seconds": round(time.monotonic() - started, 2)})
+
+
 def bulk_client(host: str, port: int, up: int, down: int, seed: int) -> None:
     header = b"DOWN %d %d\n" % (down, seed)
     upload = pattern(seed + 1, up)
@@ -321,6 +335,8 @@ def main(argv: list[str]) -> None:
         http1_client(args[0], int(args[1]), args[2])
     elif kind == "grpc":
         grpc_client(args[0], *(int(a) for a in args[1:5]))
+    elif kind == "grpc-stream":
+        grpc_stream_client(args[0], int(args[1]), int(args[2]))
     elif kind == "bulk":
         bulk_client(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]))
     elif kind == "ws":

@@ -8,6 +8,7 @@ state directory. Uninstall leaves each node's netfilter and policy routing as th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.root
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, Path]]:
     workdir = tmp_path_factory.mktemp("mesh-install")
     conf = write_nginx(workdir)
-    with running_sandbox(nodes=2, cni="bridge", manifests=[manifests(conf, servers=("nginx",))], timeout=60,
+    with running_sandbox(nodes=2, cni="bridge", manifests=[manifests(conf, servers=("nginx", "grpc"))], timeout=60,
                          backoff=(1.0, 5.0)) as sb:
         try:
             yield sb, workdir
@@ -153,6 +154,13 @@ def test_mesh_install_uninstall_idempotent_app_keeps_working(app: tuple[Sandbox,
         held = {labels[3] for (_n, _m, labels) in mesh.open_connections() if labels[0] == "outbound"}
         assert held == set(clients), mesh.open_connections()  # the keep-alive connections are meshed
 
+        # A long gRPC server stream (8 s) through the mesh, in flight while the mesh goes away: the
+        # agents drain it (HTTP/2 GOAWAY, the stream runs to its end) before they exit.
+        stream = subprocess.Popen(["ip", "netns", "exec", sb.pod_netns(NS, clients[0]), PY, PEERS, "grpc-stream",
+                                   "grpc:9090", "80", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        wait(lambda: any(labels[5] == "grpc" for (_n, _m, labels) in mesh.open_connections()), 15,
+             "the gRPC stream is open through the mesh")
         for attempt in ("first", "second"):  # the second finds nothing to do and succeeds
             marks.append((time.time(), f"uninstall {attempt}"))
             res = nodemesh(sb, "uninstall")
@@ -162,8 +170,15 @@ def test_mesh_install_uninstall_idempotent_app_keeps_working(app: tuple[Sandbox,
             assert all(sb.node_process_pid(name) is None for name in installed), attempt
             for loop in loops:
                 loop.advance()
+        out, err = stream.communicate(timeout=60)
+        assert stream.returncode == 0, err
+        streamed = json.loads(out.strip().splitlines()[-1])
+        assert streamed["messages"] == 80 and streamed["intact"], streamed
     finally:
         results = [loop.finish() for loop in loops]
+        if "stream" in locals() and stream.poll() is None:
+            stream.kill()
+            stream.wait()
 
     for loop, result in zip(loops, results):
         # A failure carries its time; `marks` and the mesh logs place it in the install/uninstall story.
@@ -188,4 +203,9 @@ def test_mesh_install_uninstall_idempotent_app_keeps_working(app: tuple[Sandbox,
         assert redirector_log.index("event=capture_draining reason=shutdown") < \
             redirector_log.index("event=capture_uninstalled reason=shutdown"), redirector_log
         assert "Traceback" not in agent_log + redirector_log
-    print(f"install/uninstall loops ok={[r['ok'] for r in results]} failures=0")
+    drained_s = [float(m) for n in nodes
+                 for m in re.findall(r"event=drain_done aborted=0 seconds=([\d.]+)",
+                                     logs[agent_process(n)].read_text())]
+    assert max(drained_s) > 2.0, drained_s  # the stream outlived the old 3 s SIGKILL, and finished
+    print(f"install/uninstall loops ok={[r['ok'] for r in results]} failures=0 stream={streamed} "
+          f"drained_s={drained_s}")
