@@ -95,10 +95,11 @@ def stat_json(env: dict[str, str], *args: str) -> tuple[dict[str, dict[str, Any]
 
 def client_window(sb: Sandbox, answered: float) -> dict[str, tuple[int, int]]:
     """What vote-bot saw over the seconds the controller's window covered: its buckets are the whole
-    seconds int(now)-W+1 .. now of report arrival, each report ~REPORT_LAG after the requests."""
+    complete seconds int(now)-W .. int(now)-1 of report arrival, each report ~REPORT_LAG after the
+    requests."""
     summary = votebot_stats_after(sb, answered)
-    since = int(answered) - WINDOW + 1 - REPORT_LAG
-    return window(summary, since=since, until=answered - REPORT_LAG)
+    since = int(answered) - WINDOW - REPORT_LAG
+    return window(summary, since=since, until=int(answered) - REPORT_LAG)
 
 
 def rate(ok_fail: tuple[int, int]) -> float:

@@ -119,6 +119,8 @@ def run(coro_fn: Callable[[], Any]) -> None:
 
 
 async def stat_emoji(port: int, **extra: Any) -> pb.StatResponse:
+    # Stats count complete seconds only: let the second of the last report end first.
+    await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         req = pb.StatRequest(selector=pb.Resource(namespace=NS, type="deploy", name="emoji"), window_seconds=60,
                              **extra)

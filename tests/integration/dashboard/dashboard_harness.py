@@ -189,13 +189,15 @@ class ControllerThread:
         return f"127.0.0.1:{self.running.grpc_port}"
 
     def report_traffic(self, rounds: int = 1) -> None:
-        """Every agent reports `rounds` more rounds of TRAFFIC; returns once all are ingested."""
+        """Every agent reports `rounds` more rounds of TRAFFIC; returns once all are ingested and the
+        second they landed in is over (stats count complete seconds only)."""
         async def go() -> None:
             c = self.running.controller  # type: ignore[union-attr]
             for _ in range(rounds):
                 for a in self.agents.values():
                     a.report_traffic()
             await wait_for(lambda: all(c.sessions[a.agent_id].reports >= a.seq for a in self.agents.values()))
+            await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
         self.call(go())
 
     def wait_tap_open(self, node: str, timeout: float = 10.0) -> str:

@@ -44,14 +44,18 @@ def test_rates_and_success_over_a_window() -> None:
     agg = Aggregator()
     for sec in range(1000, 1060):
         agg.record(KEY, t=sec + 0.5, success=9, failure=1, read_bytes=100, latency=latency(b5=10))
-    tot = agg.totals(60, now=1059.9)
+    tot = agg.totals(60, now=1060.2)  # seconds 1000..1059, all complete
     assert tot.responses == 600
     assert tot.rps == pytest.approx(10.0)
     assert tot.success_rate == pytest.approx(0.9)
     assert tot.read_bytes_rate == pytest.approx(100.0)
     assert 4 < tot.quantile(0.5) <= 5
-    # A 10 s window sees only the last 10 seconds.
-    assert agg.totals(10, now=1059.9).responses == 100
+    # A 10 s window sees only the last 10 complete seconds; the second in progress waits.
+    assert agg.totals(10, now=1060.2).responses == 100
+    # The second in progress is not counted until it is over (its report may still be on its way).
+    agg.record(KEY, t=1060.3, success=50)
+    assert agg.totals(10, now=1060.5).responses == 100
+    assert agg.totals(10, now=1061.0).responses == 140  # 1051..1060: nine of the old seconds + 50
     # Later, the window slides off the traffic.
     assert agg.totals(10, now=1080).responses == 0
 
@@ -69,7 +73,7 @@ def test_totals_by_key_filters_and_keeps_keys_apart() -> None:
 def test_latency_from_agent_with_other_bounds_is_rebinned() -> None:
     agg = Aggregator()
     agg.record(KEY, t=100, success=4, latency=[1, 3, 0], latency_bounds=(7.0, 15.0))
-    tot = agg.totals(60, now=100)
+    tot = agg.totals(60, now=101)
     assert tot.latency[BOUNDS.index(10.0)] == 1 and tot.latency[BOUNDS.index(20.0)] == 3
 
 
