@@ -157,12 +157,12 @@ class Connection(asyncio.Protocol):
         else:
             self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
         self.connecting = True
-        self.connect_task = loop.create_task(self._connect(peer[0], destination))
+        self.connect_task = loop.create_task(self._connect(peer, destination))
 
-    async def _connect(self, source_ip: str, destination: tuple[str, int]) -> None:
+    async def _connect(self, peer: tuple[str, int], destination: tuple[str, int]) -> None:
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        sock, transparent = upstream_socket(source_ip if ctx.transparent_ok else None)
+        sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None, avoid_port=peer[1])
         if ctx.transparent_ok and not transparent:
             ctx.transparent_ok = False
             log.warning("event=transparent_unavailable fallback=node_address")

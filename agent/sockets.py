@@ -55,27 +55,44 @@ def set_reset_on_close(sock: Any) -> None:
         pass
 
 
-def upstream_socket(source_ip: str | None) -> tuple[socket.socket, bool]:
+def upstream_socket(source_ip: str | None, avoid_port: int = 0) -> tuple[socket.socket, bool]:
     """A non-blocking socket for the upstream connection, bound to the calling pod's IP when the
     kernel lets us (IP_TRANSPARENT needs CAP_NET_ADMIN, and the redirector's return-path rules
-    for replies to come back to this host). Returns (socket, transparent?)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for replies to come back to this host). Returns (socket, transparent?).
+
+    `avoid_port` is the caller's own source port. The captured connection already sits in conntrack
+    as (source_ip:avoid_port -> destination); an upstream with that same tuple is taken for it and
+    NATed back to our own listener, so its connect times out. Inbound, the caller's port was itself
+    picked by another agent's bind(0), from the same (odd) half of the port range: about 1 in 14000
+    cross-node connections hit it (found by the sandbox-wide tests)."""
+    sock = _new_socket()
     if source_ip:
         try:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((source_ip, 0))
+            if avoid_port and sock.getsockname()[1] == avoid_port:
+                taken = sock  # hold the clashing port while binding again, so the next pick differs
+                sock = _new_socket()
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                try:
+                    sock.bind((source_ip, 0))
+                finally:
+                    taken.close()
             return sock, True
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EADDRNOTAVAIL, errno.EACCES, errno.EINVAL):
                 sock.close()
                 raise
             sock.close()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = _new_socket()
     return sock, False
+
+
+def _new_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def enable_request_migration() -> bool:
