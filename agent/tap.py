@@ -60,21 +60,35 @@ class Tap:
         self.admitted = 0
         self.dropped = 0
 
-    def matches(self, src: PeerLabels, dst: PeerLabels, service: str, head: RequestHead) -> bool:
+    def sightings(self, src: PeerLabels, dst: PeerLabels, service: str, head: RequestHead,
+                  directions: tuple[str, ...]) -> tuple[str, ...]:
+        """The directions in which this tap shows the request, as Linkerd's tap shows what the
+        target's own proxies saw: its outbound calls (`proxy=out`) and what it received
+        (`proxy=in`); with `--to Y`, only its outbound calls to Y. `directions` are the ones this
+        observation is recorded in (both, for a request between two pods of this node)."""
         f = self.filter
         if f.HasField("to"):
-            # `tap X --to Y`: requests from X to Y.
-            if not (resource_matches(f.target, src) and resource_matches(f.to, dst, service)):
-                return False
-        elif not (resource_matches(f.target, src) or resource_matches(f.target, dst, service)):
-            return False
+            seen: tuple[str, ...] = ("outbound",) if (
+                "outbound" in directions and resource_matches(f.target, src)
+                and resource_matches(f.to, dst, service)) else ()
+        elif f.target.type == "service":
+            # Only a client knows which Service it dialled: the Service's requests are the callers'.
+            seen = ("outbound",) if "outbound" in directions and resource_matches(f.target, dst, service) else ()
+        else:
+            out = "outbound" in directions and resource_matches(f.target, src)
+            inn = "inbound" in directions and resource_matches(f.target, dst, service)
+            seen = ("outbound",) * out + ("inbound",) * inn
+        if not seen:
+            return ()
         if f.method and head.method.upper() != f.method.upper():
-            return False
+            return ()
         if f.path_prefix and not head.path.startswith(f.path_prefix):
-            return False
+            return ()
         if f.authority and head.authority != f.authority:
-            return False
-        return not (f.scheme and head.scheme != f.scheme)
+            return ()
+        if f.scheme and head.scheme != f.scheme:
+            return ()
+        return seen
 
     def admit(self, now: float) -> bool:
         tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
@@ -110,15 +124,18 @@ class TapRegistry:
     def close_all(self) -> None:
         self.taps = {}
 
-    def match(self, src: PeerLabels, dst: PeerLabels, service: str, head: RequestHead) -> list[Tap] | None:
-        """Taps that match this request and admit it under their rate; None when none does."""
-        hit: list[Tap] | None = None
+    def match(self, src: PeerLabels, dst: PeerLabels, service: str, head: RequestHead,
+              directions: tuple[str, ...]) -> list[tuple[Tap, str]] | None:
+        """(tap, direction) for every sighting of this request an open tap shows, each tap having
+        admitted the request under its rate (once, however many sightings); None when none."""
+        hit: list[tuple[Tap, str]] | None = None
         now = time.monotonic()
         for tap in self.taps.values():
-            if tap.matches(src, dst, service, head) and tap.admit(now):
+            seen = tap.sightings(src, dst, service, head, directions)
+            if seen and tap.admit(now):
                 if hit is None:
                     hit = []
-                hit.append(tap)
+                hit.extend((tap, direction) for direction in seen)
         return hit
 
     @property

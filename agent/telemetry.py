@@ -34,7 +34,7 @@ log = logging.getLogger("nodemesh.agent.telemetry")
 class _Conn:
     """Per-connection state: label prefixes fixed at open (so open/close/gauge series agree)."""
 
-    __slots__ = ("bases", "dst", "keys", "keys_for", "meta", "service", "src", "tcp_keys")
+    __slots__ = ("bases", "directions", "dst", "keys", "keys_for", "meta", "service", "src", "tcp_keys")
 
     def __init__(self, meta: ConnectionMeta, src: PeerLabels, dst: PeerLabels, service: str,
                  bases: tuple[tuple[str, ...], ...]) -> None:
@@ -43,6 +43,7 @@ class _Conn:
         self.dst = dst
         self.service = service
         self.bases = bases  # one label prefix per direction recorded (two under the same-node rule)
+        self.directions = tuple(b[0] for b in bases)
         self.tcp_keys = tuple(b + ("", meta.protocol) for b in bases)
         # Request label keys for the last (authority, protocol): keep-alive requests reuse them.
         self.keys_for: tuple[str, str] | None = None
@@ -60,7 +61,7 @@ class _Req:
         self.started = started
         self.status: int | None = None
         self.done = False
-        self.taps: list[Tap] | None = None
+        self.taps: list[tuple[Tap, str]] | None = None  # (tap, direction it is shown in)
 
 
 class WorkerTelemetry:
@@ -225,12 +226,12 @@ class WorkerTelemetry:
             self._tap_end(req, end)
 
     # ------------------------------------------------------------------ tap (only when open)
-    def _event(self, tap: Tap, req: _Req) -> pb.TapEvent:
+    def _event(self, tap: Tap, req: _Req, direction: str) -> pb.TapEvent:
         meta = req.conn.meta
         return pb.TapEvent(
             tap_id=tap.id,
             request_id=f"{self._conn_prefix}{meta.conn_id}:{req.head.stream_id}",
-            direction=meta.direction,
+            direction=direction,
             source=peer_message(meta.source[0], meta.source[1], req.conn.src),
             destination=peer_message(meta.destination[0], meta.destination[1], req.conn.dst),
             node=self.config.node,
@@ -241,13 +242,13 @@ class WorkerTelemetry:
         conn = req.conn
         if not conn.bases:
             return  # a duplicate observation: its first sighting already tapped it
-        req.taps = self.taps.match(conn.src, conn.dst, conn.service, req.head)
+        req.taps = self.taps.match(conn.src, conn.dst, conn.service, req.head, conn.directions)
         if req.taps is None:
             return
         head = req.head
         headers = [pb.Header(name=k, value=v) for k, v in head.headers]
-        for tap in req.taps:
-            ev = self._event(tap, req)
+        for tap, direction in req.taps:
+            ev = self._event(tap, req, direction)
             ev.request_init.CopyFrom(pb.RequestInit(method=head.method, scheme=head.scheme,
                                                     authority=head.authority, path=head.path,
                                                     headers=headers))
@@ -256,16 +257,16 @@ class WorkerTelemetry:
     def _tap_response(self, req: _Req, status: int, headers: list[tuple[str, str]], at: float) -> None:
         since = int(((at or time.monotonic()) - req.started) * 1e6)
         hdrs = [pb.Header(name=k, value=v) for k, v in headers]
-        for tap in req.taps or ():
-            ev = self._event(tap, req)
+        for tap, direction in req.taps or ():
+            ev = self._event(tap, req, direction)
             ev.response_init.CopyFrom(pb.ResponseInit(http_status=status, since_request_init_us=since,
                                                       headers=hdrs))
             self._emit(ev)
 
     def _tap_end(self, req: _Req, end: RequestEnd) -> None:
         since = int(((end.ended or time.monotonic()) - req.started) * 1e6)
-        for tap in req.taps or ():
-            ev = self._event(tap, req)
+        for tap, direction in req.taps or ():
+            ev = self._event(tap, req, direction)
             ev.response_end.CopyFrom(pb.ResponseEnd(
                 has_grpc_status=end.grpc_status is not None, grpc_status=end.grpc_status or 0,
                 reset_error=end.reset_error or "", since_request_init_us=since,

@@ -327,12 +327,17 @@ class Controller:
 
     # ------------------------------------------------------------------ tap
     def tap_nodes(self, flt: pb.TapFilter) -> set[str]:
-        """Nodes running pods of the tap's target or --to resource."""
+        """Nodes whose agents see the tap's requests as the target's own sightings (Linkerd's tap
+        shows what the target's proxies saw): the nodes running the target's pods. A Service's
+        requests are seen by its clients, wherever they run: every node with an agent."""
         nodes: set[str] = set()
-        for res in (flt.target, flt.to):
+        for res in (flt.target,):
             if not res.type:
                 continue
             type_ = statmod.canonical_type(res.type)
+            if type_ == "service":
+                nodes.update(s.node for s in self.sessions.values())
+                continue
             ns = res.namespace or "default"
             if type_ == "namespace":
                 pods = [p for p in self.registry.pods() if p.namespace == (res.name or ns)]

@@ -140,7 +140,9 @@ def test_tap_on_the_real_agent_low_rate_complete_high_rate_capped(tmp_path: Path
         ok, base_s = client(1000, 0)
         assert ok == 1000
 
-        target = pb.Resource(namespace="demo", type="deployment", name="nginx")
+        # The agent is the client's node's: it shows the client's own (outbound) requests; nginx's
+        # sightings belong to nginx's node (agent/tap.py Tap.sightings).
+        target = pb.Resource(namespace="demo", type="deployment", name="client")
         command(cmd_dir, 1, pb.ControllerMessage(tap_open=pb.TapOpen(
             tap_id="low", filter=pb.TapFilter(target=target, path_prefix="/index.html", max_rps=100))))
         time.sleep(0.5)  # controller -> agent -> workers

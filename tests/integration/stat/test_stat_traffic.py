@@ -138,17 +138,6 @@ def _tap_requests(events: list[dict], direction: str) -> dict[str, dict]:
     return out
 
 
-def sightings(client_node: str, server_node: str, tap_nodes: set[str]) -> set[str]:
-    """The directions in which a tap sees one request. A request is observed outbound on the
-    caller's node and inbound on the callee's; between pods of one node it is observed once
-    (outbound). The controller opens a tap on the nodes running the target's (and --to's) pods,
-    which is Linkerd's "the target's proxies": `tap deploy/echo` shows a remote caller's request
-    as proxy=in; `tap deploy/client --to deploy/echo` across nodes shows it out and in."""
-    if client_node == server_node:
-        return {"OUTBOUND"} if client_node in tap_nodes else set()
-    return ({"OUTBOUND"} if client_node in tap_nodes else set()) | ({"INBOUND"} if server_node in tap_nodes else set())
-
-
 def _probe_until_seen(mesh: Mesh, tmp_path: Path, client_pod: str, taps: list, plan_for: Callable[[int], list[dict]],
                       what: str) -> None:
     """Send probe requests until every tap shows one: then each tap is open on every agent."""
@@ -173,12 +162,9 @@ def test_stat_tap_shows_every_matching_request_and_filters_work(mesh: Mesh, tmp_
     deploy = next(c for c in ("client1", "client2") if mesh.node_of(mesh.pod(c)) != mesh.node_of(mesh.pod("echo")))
     client = mesh.pod(deploy)
     host, alt = f"echo.{NS}", f"alt.{NS}"
-    client_node, echo_node = mesh.node_of(client), mesh.node_of(mesh.pod("echo"))
-    directions = {  # which sightings of each request the tap's nodes hold
-        "path": sightings(client_node, echo_node, {client_node, echo_node}),
-        "method": sightings(client_node, echo_node, {echo_node}),
-        "authority": sightings(client_node, echo_node, {echo_node}),
-    }
+    # As Linkerd's tap: the target's own sightings, each request once. `tap X --to Y` shows X's
+    # outbound calls; `tap deploy/echo` what echo received (agent/tap.py Tap.sightings).
+    directions = {"path": {"OUTBOUND"}, "method": {"INBOUND"}, "authority": {"INBOUND"}}
     taps = {
         "path": mesh.tap(f"deploy/{deploy}", "-n", NS, "--to", "deploy/echo", "--path", "/tap/a/", "-o", "json"),
         "method": mesh.tap("deploy/echo", "-n", NS, "--method", "POST", "-o", "json"),
@@ -278,9 +264,9 @@ def test_stat_tap_grpc_status_in_linkerd_lines(mesh: Mesh, tmp_path: Path, place
                     status.setdefault(proxy, []).append(m.group(6))
             return status
 
-        # tap deploy/grpcsrv is about the server's node: a same-node call is seen there outbound,
-        # a remote one inbound (see sightings()).
-        seen_as = "out" if placement == "same-node" else "in"
+        # tap deploy/grpcsrv shows what the server received: `proxy=in`, from a caller on the same
+        # node (one observation, recorded both ways) as from one on the other node.
+        seen_as = "in"
         wait_until(lambda: len(ends().get(seen_as, [])) >= len(calls), 15, "every gRPC call tapped")
     finally:
         rc, err = tap.stop()

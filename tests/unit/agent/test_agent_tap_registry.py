@@ -45,24 +45,39 @@ def test_resource_matches(res: pb.Resource, peer: tuple, service: str, want: boo
     assert resource_matches(res, peer, service) is want
 
 
-def test_filter_source_or_destination_and_to() -> None:
+OUT, IN, BOTH = ("outbound",), ("inbound",), ("outbound", "inbound")
+
+
+def test_sightings_are_the_targets_own() -> None:
+    """As Linkerd's tap shows what the target's proxies saw: its outbound calls and what it
+    received, never the caller's side of a request to it (that would show it twice)."""
     t = Tap("t", pb.TapFilter(target=R("deployment", "voting", "emojivoto")), 100)
-    assert t.matches(WEB, VOTING, "", head()) and t.matches(VOTING, OTHER, "", head())
-    assert not t.matches(WEB, OTHER, "", head())
+    assert t.sightings(WEB, VOTING, "", head(), IN) == IN        # received, from another node
+    assert t.sightings(WEB, VOTING, "", head(), OUT) == ()       # web's node: web's sighting, not voting's
+    assert t.sightings(WEB, VOTING, "", head(), BOTH) == IN      # one node: shown as voting saw it
+    assert t.sightings(VOTING, OTHER, "", head(), OUT) == OUT    # voting's own call
+    assert t.sightings(WEB, OTHER, "", head(), BOTH) == ()
+    ns = Tap("n", pb.TapFilter(target=R("namespace", "emojivoto")), 100)
+    assert ns.sightings(WEB, VOTING, "", head(), BOTH) == BOTH   # both ends in the namespace
     to = Tap("t", pb.TapFilter(target=R("deployment", "web"), to=R("deployment", "voting")), 100)
-    assert to.matches(WEB, VOTING, "", head())
-    assert not to.matches(VOTING, WEB, "", head())      # --to is about the destination only
-    assert not to.matches(WEB, OTHER, "", head())
+    assert to.sightings(WEB, VOTING, "", head(), OUT) == OUT
+    assert to.sightings(WEB, VOTING, "", head(), BOTH) == OUT    # --to: the caller's side only
+    assert to.sightings(WEB, VOTING, "", head(), IN) == ()
+    assert to.sightings(VOTING, WEB, "", head(), OUT) == ()      # --to is about the destination only
+    assert to.sightings(WEB, OTHER, "", head(), OUT) == ()
+    svc = Tap("s", pb.TapFilter(target=R("service", "voting-svc", "emojivoto")), 100)
+    assert svc.sightings(WEB, VOTING, "voting-svc.emojivoto", head(), OUT) == OUT
+    assert svc.sightings(WEB, VOTING, "", head(), IN) == ()      # only a client knows the Service
 
 
 def test_filter_method_path_authority_scheme() -> None:
     f = pb.TapFilter(target=R("deployment", "web"), method="post", path_prefix="/api/",
                      authority="web-svc:80", scheme="http")
     t = Tap("t", f, 100)
-    assert t.matches(WEB, VOTING, "", head("POST"))
-    assert not t.matches(WEB, VOTING, "", head("GET"))
-    assert not t.matches(WEB, VOTING, "", head("POST", path="/static/x"))
-    assert not t.matches(WEB, VOTING, "", head("POST", authority="other:80"))
+    assert t.sightings(WEB, VOTING, "", head("POST"), OUT)
+    assert not t.sightings(WEB, VOTING, "", head("GET"), OUT)
+    assert not t.sightings(WEB, VOTING, "", head("POST", path="/static/x"), OUT)
+    assert not t.sightings(WEB, VOTING, "", head("POST", authority="other:80"), OUT)
 
 
 def test_token_bucket_caps_and_refills() -> None:
@@ -110,7 +125,8 @@ def test_three_events_per_admitted_request_and_cap() -> None:
     assert tel.taps.taps["tap-1"].dropped == 15
     req, rsp, end = got[:3]
     assert {e.request_id for e in got[:3]} == {"7:1"} and req.tap_id == "tap-1"
-    assert req.direction == "outbound" and req.node == "node-1"
+    # web and voting share node-1: one observation, shown as voting (the target) saw it
+    assert req.direction == "inbound" and req.node == "node-1"
     assert (req.source.ip, req.source.port, req.source.owner.name) == ("10.244.1.5", 41000, "web")
     assert (req.destination.pod, req.destination.owner.type) == ("voting-abc", "deployment")
     assert (req.request_init.method, req.request_init.path, req.request_init.authority) == (
