@@ -5,6 +5,7 @@ Everything here is plain data with no I/O, imported by every room.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 # Ports (ARCHITECTURE.md "Ports").
@@ -56,6 +57,38 @@ KIND_OF_TYPE = {
     "service": "Service",
 }
 TYPE_OF_KIND = {v: k for k, v in KIND_OF_TYPE.items()}
+
+
+# Stat windows: the controller keeps 1 s buckets for an hour.
+MIN_WINDOW_S = 10
+MAX_WINDOW_S = 3600
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+_UNIT_S = {"h": 3600, "m": 60, "s": 1}
+
+
+class WindowError(ValueError):
+    """A time window the user typed is malformed or out of [10 s, 1 h]."""
+
+
+def parse_window(text: str, *, bare_seconds: bool = False) -> int:
+    """`10s`, `1m`, `90s`, `1m30s`, `1h` (and, with bare_seconds, `60`) -> seconds in [10 s, 1 h]."""
+    raw = text.strip()
+    if bare_seconds and raw.isdigit():
+        total = float(raw)
+    else:
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(raw):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNIT_S[m.group(2)]
+            pos = m.end()
+        if not raw or pos != len(raw):
+            raise WindowError(f"invalid time window {text!r}: expected a duration such as 10s, 1m, 90s or 1h")
+    if total < MIN_WINDOW_S:
+        raise WindowError(f"time window {text!r} is too short: the minimum is {MIN_WINDOW_S}s")
+    if total > MAX_WINDOW_S:
+        raise WindowError(f"time window {text!r} is too long: the maximum is {MAX_WINDOW_S // 3600}h")
+    return int(total)
 
 
 class SelectorError(ValueError):

@@ -11,35 +11,20 @@ import re
 from collections.abc import Sequence
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import Selector, SelectorError, parse_selector
+from nodemesh.api.model import Selector, SelectorError, WindowError, parse_selector
+from nodemesh.api.model import parse_window as model_parse_window
 from nodemesh.cli.client import CliError
 
-MIN_WINDOW_S = 10
-MAX_WINDOW_S = 3600
 DEFAULT_WINDOW = "1m"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_MAX_RPS = 100.0
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
-_UNIT_S = {"h": 3600, "m": 60, "s": 1}
-
-
 def parse_window(text: str) -> int:
     """`10s`, `1m`, `90s`, `1m30s`, `1h` -> seconds, within [10 s, 1 h] (the controller keeps 1 h)."""
-    raw = text.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(raw):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT_S[m.group(2)]
-        pos = m.end()
-    if not raw or pos != len(raw):
-        raise CliError(f"invalid time window {text!r}: expected a duration such as 10s, 1m, 90s or 1h")
-    if total < MIN_WINDOW_S:
-        raise CliError(f"time window {text!r} is too short: the minimum is 10s")
-    if total > MAX_WINDOW_S:
-        raise CliError(f"time window {text!r} is too long: the maximum is 1h")
-    return int(total)
+    try:
+        return model_parse_window(text)
+    except WindowError as exc:
+        raise CliError(str(exc)) from None
 
 
 def selector(text: str) -> Selector:

@@ -19,12 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import RESOURCE_ALIASES, SHORT_TYPE
+from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
 from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, Totals
 from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
 
-MIN_WINDOW_S = 10
-MAX_WINDOW_S = 3600
 DEFAULT_WINDOW_S = 60
 WORKLOAD_TYPES = ("deployment", "statefulset", "daemonset", "job")
 # What `stat all` lists, in this order (as Linkerd prints it: workloads, then pods, then services).

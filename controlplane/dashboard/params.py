@@ -10,14 +10,13 @@ import re
 from collections.abc import Iterable, Mapping
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import RESOURCE_ALIASES, SelectorError, parse_selector
-from nodemesh.controlplane.stat import DEFAULT_WINDOW_S, MAX_WINDOW_S, MIN_WINDOW_S
+from nodemesh.api.model import RESOURCE_ALIASES, SelectorError, WindowError, parse_selector
+from nodemesh.api.model import parse_window as model_parse_window
+from nodemesh.controlplane.stat import DEFAULT_WINDOW_S
 
 DEFAULT_NAMESPACE = "default"
 # What the overview lists: the workload kinds (pods and services have their own CLI verbs).
 OVERVIEW_TYPES = ("deployment", "statefulset", "daemonset", "job")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
-_UNIT_S = {"h": 3600, "m": 60, "s": 1}
 _METHOD = re.compile(r"^[A-Za-z]+$")
 _TRUE = ("1", "true", "yes")
 _FALSE = ("", "0", "false", "no")
@@ -44,23 +43,10 @@ def parse_window(text: str | None, default_s: int = DEFAULT_WINDOW_S) -> int:
     """`10s`, `1m`, `90s`, `1m30s`, `1h`, or plain seconds (`60`) -> seconds in [10 s, 1 h]."""
     if text is None or text.strip() == "":
         return default_s
-    raw = text.strip()
-    if raw.isdigit():
-        total = float(raw)
-    else:
-        pos, total = 0, 0.0
-        for m in _DURATION_PART.finditer(raw):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _UNIT_S[m.group(2)]
-            pos = m.end()
-        if pos != len(raw):
-            raise ApiError(f"invalid time window {text!r}: expected a duration such as 10s, 1m, 90s or 1h")
-    if total < MIN_WINDOW_S:
-        raise ApiError(f"time window {text!r} is too short: the minimum is {MIN_WINDOW_S}s")
-    if total > MAX_WINDOW_S:
-        raise ApiError(f"time window {text!r} is too long: the maximum is {MAX_WINDOW_S // 3600}h")
-    return int(total)
+    try:
+        return model_parse_window(text, bare_seconds=True)
+    except WindowError as exc:
+        raise ApiError(str(exc)) from None
 
 
 def parse_bool(text: str | None, name: str) -> bool:
