@@ -183,6 +183,7 @@ class _Direction:
         "ftype",
         "hdr",
         "mark_boundary",
+        "pad",
         "payload",
         "preface_left",
         "relay",
@@ -208,6 +209,7 @@ class _Direction:
         self.mark_boundary = False
         self.boundary_at = -1
         self.flen = 0
+        self.pad = 0                # padding octets of the DATA frame being read
 
     @property
     def at_boundary(self) -> bool:
@@ -268,16 +270,22 @@ class _Direction:
         self.flen = length
 
     def _count_data(self, data: bytes, pos: int, take: int) -> None:
+        """Count the data octets of a DATA frame piece: [pad length octet] data [padding]."""
+        off = self.flen - self.remaining  # where this piece starts in the frame's payload
+        lo, hi = 0, self.flen
+        if self.flags & PADDED:
+            if off == 0:
+                self.pad = data[pos]
+            lo, hi = 1, self.flen - self.pad  # a frame split over reads: padding is not data either
         stream = self.relay.streams.get(self.stream_id)
-        if stream is None or take == 0:
+        if stream is None:
             return
-        n = take
-        if self.flags & PADDED and self.remaining == self.flen:
-            n -= 1 + data[pos]  # the pad length octet, then that many padding octets
-        if self.from_client:
-            stream.request_bytes += max(n, 0)
-        else:
-            stream.response_bytes += max(n, 0)
+        n = min(off + take, hi) - max(off, lo)
+        if n > 0:
+            if self.from_client:
+                stream.request_bytes += n
+            else:
+                stream.response_bytes += n
 
     def _end_frame(self, body: bytes) -> None:
         ftype, flags, sid = self.ftype, self.flags, self.stream_id
