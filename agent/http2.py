@@ -227,6 +227,16 @@ class _Direction:
                 if self.mark_boundary and not self.hdr:
                     self.mark_boundary = False
                     self.boundary_at = pos
+                if not self.hdr and end - pos >= 9:
+                    # Fast path: a whole frame in this chunk (the common case) is handled from the
+                    # chunk itself: no header buffer, no payload list, no per-piece state.
+                    hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack_from(data, pos)
+                    length = (hi << 8) | lo
+                    if end - pos - 9 >= length:
+                        start = pos + 9
+                        pos = start + length
+                        self._whole_frame(ftype, flags, sid & 0x7FFFFFFF, length, data, start)
+                        continue
                 need = 9 - len(self.hdr)
                 chunk = data[pos : pos + need]
                 pos += len(chunk)
@@ -251,6 +261,34 @@ class _Direction:
         if self.mark_boundary and self.ftype == -1 and not self.hdr:
             self.mark_boundary = False
             self.boundary_at = end
+
+    def _whole_frame(self, ftype: int, flags: int, sid: int, length: int, data: bytes, start: int) -> None:
+        """_start_frame + payload + _end_frame for a frame that is entirely in `data` at `start`."""
+        if self.block_stream and ftype != CONTINUATION:
+            raise H2ProtocolError(ErrorCodes.PROTOCOL_ERROR)
+        if ftype == DATA:
+            if length:
+                stream = self.relay.streams.get(sid)
+                if stream is not None:
+                    n = length - (1 + data[start] if flags & PADDED else 0)
+                    if n > 0:
+                        if self.from_client:
+                            stream.request_bytes += n
+                        else:
+                            stream.response_bytes += n
+            if flags & END_STREAM:
+                self.relay.end_side(sid, self.from_client)
+            return
+        if ftype in _NEEDS_PAYLOAD:
+            if length > MAX_HEADER_BLOCK:
+                raise H2ProtocolError(ErrorCodes.ENHANCE_YOUR_CALM)
+            body = data[start : start + length]
+        else:
+            body = b""
+        self.ftype = ftype
+        self.flags = flags
+        self.stream_id = sid
+        self._end_frame(body)
 
     def _start_frame(self, hdr: bytes) -> None:
         hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack(hdr)

@@ -59,3 +59,77 @@ def test_matches_plain_hpack_decoder(blocks: list[list[tuple[str, str]]], table_
         for _ in range(repeat):  # repeated header sets: mostly indexed blocks, cache hits
             block = enc.encode(headers)
             assert cached.decode(block) == list(plain.decode(block)) == headers
+
+
+# ------------------------------------------------------------------ H2 frame walker: whole vs split
+def _conversation(n: int, body: int, pad: int, trailers: bool) -> tuple[bytes, bytes]:
+    """A real h2 client/server exchange (the h2 library on both ends): what each side sent."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    sent_c, sent_s = bytearray(), bytearray()
+
+    def pump() -> None:
+        for _ in range(4):
+            c, s = client.data_to_send(), server.data_to_send()
+            sent_c.extend(c)
+            sent_s.extend(s)
+            if c:
+                server.receive_data(c)
+            if s:
+                client.receive_data(s)
+
+    pump()
+    for i in range(n):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", f"/svc/M{i % 3}"),
+                                  (":authority", "svc:80"), ("content-type", "application/grpc")])
+        client.send_data(sid, b"q" * body, end_stream=True, pad_length=pad or None)
+        pump()
+        server.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        server.send_data(sid, b"r" * (body + i), pad_length=pad or None)
+        if trailers:
+            server.send_headers(sid, [("grpc-status", str(i % 3))], end_stream=True)
+        else:
+            server.end_stream(sid)
+        pump()
+    return bytes(sent_c), bytes(sent_s)
+
+
+def _summary(relay_events: list[tuple[int, object]]) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for kind, arg in relay_events:
+        s = arg
+        out.append((kind, getattr(s, "stream_id", arg), getattr(s, "path", None), getattr(s, "status", None),
+                    getattr(s, "grpc_status", None), getattr(s, "request_bytes", None),
+                    getattr(s, "response_bytes", None), getattr(s, "reset_error", None)))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 6), body=st.integers(0, 300), pad=st.sampled_from([0, 7]),
+       trailers=st.booleans(), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=50))
+def test_frame_walker_same_events_whole_or_split(n: int, body: int, pad: int, trailers: bool,
+                                                 cuts: list[int]) -> None:
+    from nodemesh.agent.http2 import H2Relay
+
+    cbytes, sbytes = _conversation(n, body, pad, trailers)
+
+    def run(pieces: list[int] | None) -> list[tuple[object, ...]]:
+        relay, events = H2Relay(), []
+        for data, feed in ((cbytes, relay.feed_client), (sbytes, relay.feed_server)):
+            pos, i = 0, 0
+            while pos < len(data):
+                step = len(data) if pieces is None else pieces[i % len(pieces)]
+                events += feed(data[pos:pos + step])
+                pos, i = pos + step, i + 1
+        return _summary(events)
+
+    whole = run(None)
+    assert len([e for e in whole if e[0] == 3]) == n  # every stream ended (STREAM_END)
+    assert run(cuts) == whole
+    assert run([1]) == whole
