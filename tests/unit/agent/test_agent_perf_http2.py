@@ -1,4 +1,4 @@
-"""agent.http2.CachingDecoder decodes exactly like hpack's Decoder, whatever the dynamic table does."""
+"""HTTP/2 fast paths decode and walk exactly like the plain versions: CachingDecoder vs hpack, whole vs split frames."""
 
 from __future__ import annotations
 
