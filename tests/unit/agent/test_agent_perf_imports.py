@@ -54,6 +54,9 @@ def test_capture_hook_detection_reads_nat_prerouting_only() -> None:
     assert not hook_present("")
 
 
-def test_agent_parent_capture_check_does_not_import_pyroute2() -> None:
-    loaded = _modules_after("import nodemesh.agent.node, nodemesh.agent.capture")
-    assert not any(m.split(".")[0] == "pyroute2" for m in loaded)
+def test_agent_parent_without_controller_imports_no_grpc_aiohttp_or_pyroute2() -> None:
+    # The parent's telemetry: grpc only when a controller is configured (agent.report is imported
+    # lazily), the admin server on httptools, the capture check without the redirector's pyroute2.
+    loaded = _modules_after("import nodemesh.agent.node, nodemesh.agent.admin, nodemesh.agent.capture")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in ("grpc", "aiohttp", "kubernetes", "pyroute2"))
+    assert heavy == [] and "nodemesh.agent.report" not in loaded, heavy
