@@ -53,6 +53,7 @@ def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[For
     sys.stdout.flush()
     sys.stderr.flush()
     forked: list[Forked] = []
+    parent_pid = os.getpid()
     for index in range(n):
         parent_end, child_end = workerlink.make_channel()
         ready_r, ready_w = os.pipe()
@@ -65,7 +66,7 @@ def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[For
                     os.close(other.ready_fd)
                 parent_end.close()
                 os.close(ready_r)
-                code = run_forked(config, index, child_end, ready_w, event_log)
+                code = run_forked(config, index, child_end, ready_w, event_log, parent_pid)
             except BaseException:  # noqa: BLE001 - a child must reach os._exit, whatever happened
                 traceback.print_exc()
             finally:

@@ -97,11 +97,13 @@ def log_format(index: int) -> str:
 
 
 def run_forked(config: AgentConfig, index: int, channel: workerlink.ChannelEnd, ready_fd: int,
-               event_log: str | None) -> int:
+               event_log: str | None, parent_pid: int) -> int:
     """The body of a worker forked from the agent's parent (called in the child, which must then
     `os._exit` with the result: it must never return into the parent's code)."""
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=log_format(index), force=True)
     _die_with_parent()
+    if os.getppid() != parent_pid:
+        return 0  # the parent died before PR_SET_PDEATHSIG was in place: nobody would ever stop us
 
     def ready() -> None:
         os.write(ready_fd, b"ready\n")
