@@ -169,7 +169,8 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             assert [s for _, s, _ in totals] == sorted({s for _, s, _ in totals}), "seq not increasing"
 
             # Tap: open -> events arrive; close -> they stop.
-            flt = pb.TapFilter(target=pb.Resource(namespace="emojivoto", type="deployment", name="voting"),
+            # node-1 runs web: the tap shows web's own (outbound) calls to voting (agent/tap.py).
+            flt = pb.TapFilter(target=pb.Resource(namespace="emojivoto", type="deployment", name="web"),
                                max_rps=1000)
             await ctl.down.put(pb.ControllerMessage(tap_open=pb.TapOpen(tap_id="tap-9", filter=flt)))
             await wait_for(lambda: bool(worker.taps.taps), what="tap open at the worker")

@@ -192,7 +192,8 @@ def test_tap_through_workers_low_rate_all_and_high_rate_capped(harness) -> None:
         node = h.node
         events: list[pb.TapEvent] = []
         node.add_tap_sink(events.append)
-        target = pb.Resource(namespace="emojivoto", type="deployment", name="voting")
+        # This node runs web: the tap shows web's own (outbound) calls to voting (agent/tap.py).
+        target = pb.Resource(namespace="emojivoto", type="deployment", name="web")
         # Low rate: 20 requests at ~50/s under a 100/s cap -> every one gives its three events.
         node.open_tap("low", pb.TapFilter(target=target, max_rps=100))
         h.spawn(0, 20, wait_tap=True, interval=0.02)
