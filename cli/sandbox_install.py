@@ -23,6 +23,7 @@ from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
 from nodemesh.cli.client import CONTROLLER_ADDR_FILE, write_sandbox_address
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
+from nodemesh.redirector.plan import hook_present
 
 CONTROLLER_PROCESS = "nodemesh-controller"
 TOKEN_FILE = "controller.token"
@@ -128,9 +129,8 @@ def _nat_save(sb, node: str) -> str:
 
 
 def _capture_hooked(sb, node: str) -> bool:
-    """nat PREROUTING still jumps to the redirector's chain (read-only, like `capture_active`)."""
-    return any(line.startswith("-A PREROUTING ") and "-j NODEMESH_" in line
-               for line in _nat_save(sb, node).splitlines())
+    """nat PREROUTING still jumps to the redirector's chain (read-only)."""
+    return hook_present(_nat_save(sb, node))
 
 
 def _rules_left(sb, node: str) -> bool:

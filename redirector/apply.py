@@ -339,12 +339,3 @@ def _find_local_default(ipr: IPRoute | NetNS, table: int) -> bool:
             return True
     return False
 
-
-def capture_active(netns: str | None = None) -> bool:
-    """Whether the node's pod traffic is being captured right now (our hook sits in nat PREROUTING).
-
-    The agent reports this to the controller (`nodemesh check`); it reads, never writes.
-    """
-    nf = Netfilter(detect_backend(netns), netns=netns)
-    nat = parse_table(nf.save("nat"), "nat")
-    return f"-j {CHAIN_PREROUTING}" in " ".join(nat.rules.get("PREROUTING", []))

@@ -23,6 +23,20 @@ CHAIN_PREROUTING = "NODEMESH_PREROUTING"
 CHAIN_OUTBOUND = "NODEMESH_OUTBOUND"
 CHAIN_INBOUND = "NODEMESH_INBOUND"
 CHAIN_OUTPUT = "NODEMESH_OUTPUT"
+
+
+def hook_present(save_text: str) -> bool:
+    """Is the node's pod traffic captured: does nat PREROUTING (in `iptables-save` output) jump to
+    our chain? Read-only; used by the agent (reported to `nodemesh check`) and the sandbox installer."""
+    jump = f"-j {CHAIN_PREROUTING}"
+    in_nat = False
+    for line in save_text.splitlines():
+        if line.startswith("*"):
+            in_nat = line.strip() == "*nat"
+        elif in_nat and line.startswith("-A PREROUTING ") and (
+                line.rstrip().endswith(jump) or jump + " " in line):
+            return True
+    return False
 COMMENT_PREFIX = "nodemesh: "
 IPTABLES_TABLES = ("raw", "mangle", "nat", "filter")
 

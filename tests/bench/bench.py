@@ -298,7 +298,11 @@ class Bench:
     def capture(self, on: bool, timeout: float = 30.0) -> None:
         """Start the redirectors (they install capture once the agent is ready) or stop them (SIGTERM:
         they remove every rule), and wait until the nat hook is there / gone on both nodes."""
-        from nodemesh.redirector.apply import capture_active
+        from nodemesh.redirector.plan import hook_present
+
+        def hooked(node: str) -> bool:
+            return hook_present(self.sb.node_exec(node, ["iptables-save", "-t", "nat"], capture_output=True,
+                                                  text=True, timeout=10).stdout)
 
         for n in self.nodes:
             if on:
@@ -307,7 +311,7 @@ class Bench:
                     "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"])
             else:
                 self.sb.stop_node_process(n.name, f"bench-redirector-{n.name}")
-        self._wait(lambda: all(capture_active(n.netns) == on for n in self.nodes), timeout,
+        self._wait(lambda: all(hooked(n.name) == on for n in self.nodes), timeout,
                    f"capture {'installed' if on else 'removed'}",
                    [self.sb.node_process_log(n.name, f"bench-redirector-{n.name}") for n in self.nodes])
 

@@ -41,8 +41,7 @@ def test_metrics_collector_still_importable_from_metrics() -> None:
 
 
 def test_capture_hook_detection_reads_nat_prerouting_only() -> None:
-    from nodemesh.agent.capture import hook_present
-    from nodemesh.redirector.plan import CHAIN_PREROUTING
+    from nodemesh.redirector.plan import CHAIN_PREROUTING, hook_present
 
     hooked = f"*nat\n:PREROUTING ACCEPT\n-A PREROUTING -j KUBE-SERVICES\n-A PREROUTING -j {CHAIN_PREROUTING}\nCOMMIT\n"
     assert hook_present(hooked)
