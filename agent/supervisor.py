@@ -34,6 +34,9 @@ log = logging.getLogger("nodemesh.agent.supervisor")
 
 RESTART_BACKOFF_S = 0.5
 READY_TIMEOUT_S = 30.0
+# On SIGTERM, how long to keep accepting while capture still points here and no other agent
+# listens: longer than the redirector's fail-open grace (2 s) plus its poll.
+HANDOFF_MAX_S = 3.5
 
 
 @dataclass
@@ -116,6 +119,23 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def listeners_on(port: int) -> int:
+    """TCP sockets listening on `port` in this network namespace (each worker holds one)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    # local_address is ADDR:PORT in hex; state 0A is LISTEN
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except OSError:
+            continue
+    return count
+
+
 async def _read_ready(fd: int) -> bytes:
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
@@ -162,6 +182,24 @@ class Supervisor:
         await stop.wait()
         await self._shutdown(node, watchers)
         return 0
+
+    async def _handoff(self) -> str:
+        """Keep accepting until new connections have somewhere else to go, so that closing our
+        listeners refuses none: another agent listens on our port (a rolling update: SO_REUSEPORT
+        spreads new connections, queued ones migrate), or the node's capture is gone (the
+        redirector took its hook out — on SIGTERM at once, or after its fail-open grace once our
+        /ready stopped answering — so pods dial directly). Bounded by HANDOFF_MAX_S."""
+        from nodemesh.agent.capture import capture_active
+
+        ours = sum(1 for p in self.workers.values() if p.returncode is None)
+        deadline = time.monotonic() + HANDOFF_MAX_S
+        while time.monotonic() < deadline:
+            if listeners_on(self.config.outbound_port) > ours:
+                return "another_agent"
+            if not await capture_active():
+                return "capture_removed"
+            await asyncio.sleep(0.1)
+        return "timeout"
 
     async def _adopt(self, f: Forked) -> None:
         """Take over a worker forked before the loop started."""
@@ -210,6 +248,8 @@ class Supervisor:
         self.stopping = True
         started = time.monotonic()
         node.close_admin()  # type: ignore[attr-defined]
+        reason = await self._handoff()
+        log.info("event=handoff reason=%s seconds=%.2f", reason, time.monotonic() - started)
         for proc in self.workers.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
