@@ -14,6 +14,7 @@ from nodemesh.redirector.config import (
     DEFAULT_TRANSPARENT_MARK,
     CaptureConfig,
     ConfigError,
+    ipv4_only,
 )
 from nodemesh.redirector.plan import build_plan, render_dry_run
 from nodemesh.redirector.runner import FailOpenRunner, KVLog, RunnerConfig
@@ -64,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _capture_config(args: argparse.Namespace, required: bool = True) -> CaptureConfig:
-    cidrs = tuple(c for arg in args.pod_cidr for c in _csv(arg))
+    given = tuple(c for arg in args.pod_cidr for c in _csv(arg))
+    cidrs = ipv4_only(given)
+    if given and not cidrs:
+        raise ConfigError(f"no IPv4 pod CIDR in {','.join(given)}: capture is IPv4 only")
     if not required and (not args.node_ip or not cidrs):
         # Removal finds our rules by name and comment; only the routing part needs the numbers.
         args.node_ip, cidrs = args.node_ip or "127.0.0.1", cidrs or ("127.0.0.0/8",)

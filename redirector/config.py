@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     """The capture configuration cannot describe a working plan."""
 
 
+def ipv4_only(items: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The IPv4 entries (addresses or CIDRs). Capture is iptables, IPv4 only: on a dual-stack node
+    the IPv6 pod CIDRs and pod IPs (node.spec.podCIDRs, the agent's /capture) are left uncaptured."""
+    return tuple(i for i in items if ":" not in i)
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     node_ip: str                                  # capture target (DNAT) and the node's own address

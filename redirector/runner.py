@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from nodemesh.redirector.apply import Redirector
-from nodemesh.redirector.config import CaptureConfig
+from nodemesh.redirector.config import CaptureConfig, ipv4_only
 from nodemesh.redirector.plan import Plan, build_plan
 
 
@@ -115,8 +115,8 @@ class FailOpenRunner:
         if body is None:
             return self.excluded
         try:
-            ips = json.loads(body).get("excluded_ips", [])
-            return self.config.capture.with_excluded(tuple(str(ip) for ip in ips)).excluded_ips
+            ips = ipv4_only([str(ip) for ip in json.loads(body).get("excluded_ips", [])])
+            return self.config.capture.with_excluded(ips).excluded_ips
         except (ValueError, AttributeError, TypeError):
             self.log("capture_answer_invalid", body=body[:200].decode(errors="replace"))
             return self.excluded
