@@ -268,7 +268,9 @@ class Aggregator:
             if where is not None and not where(key):
                 continue
             live = [v for ts, v in per.values() if ts >= now - window_s]
-            if live:
+            # Agents keep a closed peer's gauge at 0 forever: zero open connections is not TCP
+            # activity, or every peer ever seen would stay in edges and --from/--to rows.
+            if sum(live) > 0:
                 tot = out.get(key)
                 if tot is None:
                     tot = out[key] = Totals(window_s)
