@@ -167,8 +167,9 @@ def attach_pod(cluster: str, plan: AddressPlan, node: NodeInfo, namespace: str, 
         hv = _idx(nipr, host_veth)
         if node.cni == "bridge":
             nipr.link("set", index=hv, master=_idx(nipr, POD_BRIDGE), state="up")
-            # hairpin: a pod reaching itself through its own Service comes back on the same port
-            nipr.brport("set", index=hv, hairpin=1)
+            # hairpin: a pod reaching itself through its own Service comes back on the same port.
+            # IFLA_BRPORT_MODE is pyroute2's `mode`; an unknown keyword (`hairpin`) is silently ignored.
+            nipr.brport("set", index=hv, mode=1)
         else:
             nipr.link("set", index=hv, state="up")
             nipr.route("add", dst=f"{ip}/32", oif=hv, scope=253)

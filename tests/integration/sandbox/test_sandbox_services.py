@@ -74,6 +74,17 @@ def test_pod_to_pod_across_nodes(cluster: Sandbox) -> None:
     assert _fetch(cluster, [f"http://{far['status']['podIP']}:8080/"]) == [far["metadata"]["name"]]
 
 
+def test_pod_reaches_itself_through_its_own_service(cluster: Sandbox) -> None:
+    """Hairpin: kube-proxy DNATs a web pod's call to its own Service back to that pod, so on a bridge
+    the frame leaves by the port it came in on (the bridge port needs hairpin mode). Each call is
+    sent until it hits the caller itself (P(never in 24) = 2^-24); it used to time out."""
+    me = next(p for p in cluster.pods("shop") if p["metadata"]["labels"].get("app") == "web")
+    res = cluster.exec("shop", me["metadata"]["name"], [sys.executable, "-c", FETCH, *["http://web/"] * 24],
+                       capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-300:]
+    assert me["metadata"]["name"] in res.stdout.split()
+
+
 CONNECT = (
     "import socket, sys\n"
     "try:\n"
