@@ -221,7 +221,8 @@ class Controller:
         counters = self.counters_for(session.agent_id, session.start_time_ms)
         bounds = tuple(report.latency_bounds_ms) or BOUNDS
         agg = self.aggregator
-        for d in counters.ingest(report.series, report.seq):
+        rejected = counters.rejected
+        for d in counters.ingest(report.series, report.seq, n_buckets=len(bounds) + 1):
             key = series_key(d.labels)
             name = d.name
             if name == RESPONSE_TOTAL:
@@ -244,6 +245,9 @@ class Controller:
                 agg.record(key, t=now, write_bytes=d.value)
             elif name == TCP_OPEN_CONNECTIONS:
                 agg.set_gauge(key, session.agent_id, d.value, t=now)
+        if counters.rejected > rejected:
+            log.warning("event=report_series_rejected agent_id=%s count=%d reason=malformed", session.agent_id,
+                        counters.rejected - rejected)
 
     async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.ControllerMessage]:
         """The Connect stream: hello first, then reports/status/tap events in, identity and

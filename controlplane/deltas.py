@@ -18,10 +18,15 @@ hands the difference to the aggregator. The cases:
     from there. What is lost is exactly what happened while the controller was down.
   `first_report_is_baseline` is decided once per agent_id by comparing the agent's start time
   (AgentHello.start_time_ms) with the controller's.
+
+A malformed series (a value that is NaN, infinite or negative, a histogram whose length does not
+match the report's bounds) is skipped and counted in `rejected`: one NaN would otherwise poison
+every window holding it for an hour, and one bad histogram would end the agent's stream.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -51,10 +56,12 @@ class AgentCounters:
         self._last: dict[SeriesId, float | tuple[tuple[int, ...], float]] = {}
         self.last_seq = -1
         self.resets = 0
+        self.rejected = 0
 
-    def ingest(self, series: Iterable[object], seq: int = -1) -> list[SeriesDelta]:
+    def ingest(self, series: Iterable[object], seq: int = -1, n_buckets: int | None = None) -> list[SeriesDelta]:
         """Deltas of one MetricsReport's series (objects with name, labels, value,
-        bucket_counts, sum: the protobuf Series, or anything shaped like it)."""
+        bucket_counts, sum: the protobuf Series, or anything shaped like it). `n_buckets`: the
+        length every histogram must have (the report's bounds + the +Inf bucket)."""
         baseline = self._baseline_pending
         self._baseline_pending = False
         self.last_seq = seq
@@ -62,14 +69,18 @@ class AgentCounters:
         for s in series:
             name: str = s.name  # type: ignore[attr-defined]
             labels = dict(s.labels)  # type: ignore[attr-defined]
+            counts = tuple(int(c) for c in s.bucket_counts)  # type: ignore[attr-defined]
+            number = float(s.sum if counts else s.value)  # type: ignore[attr-defined]
+            if not math.isfinite(number) or number < 0 or (counts and n_buckets and len(counts) != n_buckets):
+                self.rejected += 1
+                continue
             if name in GAUGES:
-                out.append(SeriesDelta(name, labels, float(s.value), gauge=True))  # type: ignore[attr-defined]
+                out.append(SeriesDelta(name, labels, number, gauge=True))
                 continue
             sid: SeriesId = (name, tuple(sorted(labels.items())))
-            counts = tuple(int(c) for c in s.bucket_counts)  # type: ignore[attr-defined]
             prev = self._last.get(sid)
             if counts:
-                total_sum = float(s.sum)  # type: ignore[attr-defined]
+                total_sum = number
                 self._last[sid] = (counts, total_sum)
                 if prev is None:
                     if baseline:
@@ -86,7 +97,7 @@ class AgentCounters:
                 if any(d_counts):
                     out.append(SeriesDelta(name, labels, buckets=d_counts, sum=d_sum))
             else:
-                value = float(s.value)  # type: ignore[attr-defined]
+                value = number
                 self._last[sid] = value
                 if prev is None:
                     if baseline:

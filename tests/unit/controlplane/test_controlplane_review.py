@@ -8,7 +8,7 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.controller import Controller
 
 # The synthetic cluster and its reports: the `controller` fixture of the stat tests.
-from test_controlplane_stat import NS, controller, peer, series_for  # noqa: F401
+from test_controlplane_stat import NS, controller, peer, series_for, stat  # noqa: F401
 
 
 def _idle_reports(c: Controller, now: float, seconds: int) -> None:
@@ -38,3 +38,43 @@ def test_closed_connections_do_not_keep_old_edges_and_peers_alive(controller: Co
     req = pb.StatRequest(selector=pb.Resource(namespace=NS, type="deploy"), window_seconds=60)
     getattr(req, "from").CopyFrom(pb.Resource(namespace=NS, type="deploy", name="web"))
     assert list(controller.stat(req, now=later).rows) == []
+
+
+def _stream_survives(c: Controller, bad: list[pb.Series], bounds: list[float] | None = None) -> None:
+    """A malformed series in a report is skipped; the rest of the report still counts, and nothing
+    poisons the aggregates (NaN, negative counts) for the next hour."""
+    session = c.sessions["agent-2"]
+    good = series_for(peer("inbound", "web", "voting", "voting-svc"), 600, 0, 100.0)  # +300 since seq 1
+    if bounds:  # the agent's own bounds: its histogram has len(bounds) + 1 buckets, 300 more at 100 ms
+        good = [g for g in good if g.name != "response_latency_ms"]
+        good.append(pb.Series(name="response_latency_ms", labels=_labels(),
+                              bucket_counts=[300 if b == 100.0 else 0 for b in (*bounds, 0)]))
+    report = pb.MetricsReport(agent_id="agent-2", seq=2, series=[*bad, *good], latency_bounds_ms=bounds or [])
+    c.ingest_report(session, report, now=time.time() - 4)
+    r = {row.resource.name: row for row in stat(c, "deploy").rows}
+    assert r["voting"].success_count == 600
+    assert r["voting"].rps == r["voting"].rps and r["voting"].rps == 10.0  # not NaN
+    assert 50 < r["voting"].latency_ms_p95 <= 100
+
+
+def _labels() -> dict[str, str]:
+    return peer("inbound", "web", "voting", "voting-svc")
+
+
+def test_report_with_an_oversized_histogram_is_skipped_not_fatal(controller: Controller) -> None:  # noqa: F811
+    _stream_survives(controller, [pb.Series(name="response_latency_ms", labels=_labels(), bucket_counts=[1] * 40)])
+
+
+def test_report_with_histogram_longer_than_its_bounds_is_skipped(controller: Controller) -> None:  # noqa: F811
+    _stream_survives(controller, [pb.Series(name="response_latency_ms", labels={**_labels(), "authority": "x"},
+                                            bucket_counts=[1] * 10)], bounds=[1.0, 5.0, 10.0, 100.0])
+
+
+def test_report_with_nan_or_negative_counters_is_skipped(controller: Controller) -> None:  # noqa: F811
+    bad = [pb.Series(name="response_total", labels={**_labels(), "authority": "nan", "classification": "success"},
+                     value=float("nan")),
+           pb.Series(name="response_total", labels={**_labels(), "authority": "neg", "classification": "success"},
+                     value=-5.0),
+           pb.Series(name="response_total", labels={**_labels(), "authority": "inf", "classification": "success"},
+                     value=float("inf"))]
+    _stream_survives(controller, bad)
