@@ -134,6 +134,13 @@ class Connection(asyncio.Protocol):
         ctx = self.ctx
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
+        if peer is None:
+            # The client reset between the handshake and our accept (probes, scanners with
+            # SO_LINGER 0): no peer address any more. Close it here; an exception out of this
+            # callback would leave the transport, and its fd, open for good.
+            self.finished = True
+            transport.abort()
+            return
         original, natted = original_destination(sock)
         if not natted and original[1] in ctx.listen_ports:
             # Dialled the agent itself (no capture rule in between): proxying would loop.

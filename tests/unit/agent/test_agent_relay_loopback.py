@@ -1,0 +1,121 @@
+"""The relay (relay.Connection and its modes) on loopback, no root: peers misbehaving at awkward
+moments. The listener's own address is mapped by the endpoint picker to a real upstream server,
+so the agent proxies without any capture rule; transparent mode is off."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.modes import make_mode
+from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
+from nodemesh.agent.relay import Connection, WorkerContext
+from nodemesh.agent.sockets import listen_socket
+
+
+class Recorder:
+    """Observer that keeps what it was told, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def connection_open(self, meta: ConnectionMeta) -> Any:
+        self.events.append(("open", meta.protocol))
+        return meta
+
+    def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
+        self.events.append(("close", end.error))
+
+    def request_start(self, conn: Any, head: RequestHead) -> Any:
+        self.events.append(("request", head.method, head.path))
+        return head
+
+    def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:
+        self.events.append(("response", status))
+
+    def request_end(self, req: Any, end: RequestEnd) -> None:
+        self.events.append(("end", end.reset_error, end.request_bytes))
+
+    def kinds(self, kind: str) -> list[tuple[Any, ...]]:
+        return [e for e in self.events if e[0] == kind]
+
+
+class _Index:
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+        self.listen, self.upstream = listen, upstream
+
+    def service_endpoints(self, ip: str, port: int) -> list[tuple[str, int]] | None:
+        return [self.upstream] if (ip, port) == self.listen else None
+
+
+class Proxy:
+    def __init__(self, server: asyncio.Server, port: int, ctx: WorkerContext, rec: Recorder) -> None:
+        self.server, self.port, self.ctx, self.rec = server, port, ctx, rec
+
+
+async def start_proxy(upstream: tuple[str, int], **config: Any) -> Proxy:
+    sock = listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3,
+                      workers=1, **config)
+    rec = Recorder()
+    ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), upstream)), make_mode)
+    server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
+    return Proxy(server, port, ctx, rec)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run on uvloop (what the workers run) and fail on any exception the loop swallowed."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        await scenario()
+
+    uvloop.run(main())
+    assert not errors, errors
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_client_reset_before_accept_leaks_nothing() -> None:
+    # A client that resets right after the handshake (port scanners, probes with SO_LINGER 0):
+    # the accepted socket has no peer address any more. It must be closed, not left open.
+    async def scenario() -> None:
+        upstream = socket.create_server(("127.0.0.1", 0))
+        proxy = await start_proxy(upstream.getsockname()[:2])
+        try:
+            await asyncio.sleep(0.05)
+            before = _open_fds()
+            for _ in range(5):
+                for _ in range(10):
+                    c = socket.create_connection(("127.0.0.1", proxy.port))
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    c.close()
+                await asyncio.sleep(0.05)
+            assert await wait_until(lambda: (gc.collect(), _open_fds())[1] <= before)
+            assert not proxy.ctx.live and not proxy.ctx.picker.open
+        finally:
+            proxy.server.close()
+            upstream.close()
+
+    run(scenario)
