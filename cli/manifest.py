@@ -42,6 +42,8 @@ AGENT_NAME = "nodemesh-agent"
 CLI_NAME = "nodemesh-cli"
 # Margin on top of the agent's drain grace for the redirector to fail open and the process to exit.
 TERMINATION_MARGIN_S = 15
+# The redirector keeps the return path this much longer than the agent's drain (inside the margin above).
+REDIRECTOR_WAIT_MARGIN_S = 5
 
 # The agent's defaults (agent/config.py DEFAULT_OPAQUE_PORTS; cli/ may not import agent/, a test
 # keeps the two equal): server-speaks-first protocols that protocol detection would stall on.
@@ -589,7 +591,9 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
     redirector_args = ["--node-ip", "$(NODE_IP)"]
     if config["skippedPorts"]:
         redirector_args += ["--skip-ports", _csv(config["skippedPorts"])]
-    redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2"]
+    redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2",
+                        # the return path stays while the agent drains, then the pod's grace ends
+                        "--shutdown-wait", str(v.drainGraceSeconds + REDIRECTOR_WAIT_MARGIN_S)]
     redirector = {
         "name": "redirector",
         "image": v.image,

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-admin", default=f"http://127.0.0.1:{ADMIN_PORT}")
     run.add_argument("--grace", type=float, default=2.0, help="seconds not ready before failing open")
     run.add_argument("--poll", type=float, default=0.25)
+    run.add_argument("--shutdown-wait", type=float, default=RunnerConfig.shutdown_wait_s,
+                     help="at shutdown, keep the return path this long at most while the agent still "
+                          "carries captured connections (its drain grace plus a margin)")
     return parser
 
 
@@ -84,6 +87,11 @@ def _capture_config(args: argparse.Namespace, required: bool = True) -> CaptureC
     )
 
 
+def _runner_config(args: argparse.Namespace, config: CaptureConfig) -> RunnerConfig:
+    return RunnerConfig(config, agent_admin=args.agent_admin, grace_s=args.grace, poll_s=args.poll,
+                        shutdown_wait_s=args.shutdown_wait)
+
+
 def _redirector(args: argparse.Namespace) -> Redirector:
     backend = detect_backend(args.netns) if args.backend == "auto" else args.backend
     return Redirector(Netfilter(backend=backend, netns=args.netns))
@@ -105,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             changed = redirector.remove(build_plan(config))
             log("removed", changed=str(changed).lower(), backend=redirector.nf.backend)
         else:
-            runner = FailOpenRunner(RunnerConfig(config, agent_admin=args.agent_admin, grace_s=args.grace,
-                                                 poll_s=args.poll), redirector, log)
+            runner = FailOpenRunner(_runner_config(args, config), redirector, log)
             runner.install_signal_handlers()
             runner.run()
         return 0

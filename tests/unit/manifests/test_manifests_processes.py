@@ -204,3 +204,19 @@ def test_manifests_pod_cidrs_override_is_rendered_and_validated() -> None:
     assert {"name": "POD_CIDRS", "value": "192.168.0.0/16"} in init["env"]
     with pytest.raises(manifest.ManifestError, match="podCidrs"):
         apply_sets(InstallValues(), ["podCidrs=192.168.0.1/16"])
+
+
+def test_manifests_redirector_keeps_the_return_path_as_long_as_the_agent_drains(tmp_path: Path) -> None:
+    """The redirector keeps the return path at shutdown while the agent still carries captured
+    connections; with a longer drainGraceSeconds it must wait that long too (it stopped at a fixed
+    35 s and cut the replies of requests the agent was still draining), within the pod's grace."""
+    from nodemesh.redirector.cli import _runner_config
+
+    cidrs = tmp_path / "pod-cidrs"
+    cidrs.write_text("10.42.1.0/24")
+    for drain in (30, 120):
+        values = apply_sets(InstallValues(), [f"drainGraceSeconds={drain}"])
+        spec = _pod_spec("DaemonSet", values)
+        args = _parser().parse_args(_run_wrapper(_container(spec, "redirector"), cidrs))
+        runner = _runner_config(args, _capture_config(args))
+        assert drain < runner.shutdown_wait_s < spec["terminationGracePeriodSeconds"]
