@@ -259,6 +259,7 @@ class Http1Exchange:
         self._upgrade_wait = False                     # request asked to upgrade, no answer yet
         self._held: list[bytes] = []                   # client bytes after an upgrade request
         self._held_len = 0
+        self._closing_req: Http1Request | None = None  # draining: the request given Connection: close
 
     # -- client -> server --------------------------------------------------------------------
 
@@ -290,7 +291,8 @@ class Http1Exchange:
         """Like feed_request, for a draining agent: the next request head completed here gets
         `Connection: close` added, so the server ends the connection after its response.
 
-        Returns (events, bytes to forward, done): once done, nothing more may be forwarded.
+        Returns (events, bytes to forward, done): once done (that request, body included, is
+        forwarded), nothing more may be forwarded.
         """
         if self.upgraded or self.failed or self._upgrade_wait:
             return self.feed_request(data), data, False
@@ -298,6 +300,9 @@ class Http1Exchange:
         self._req_tail = (self._req_tail + data)[-3:]
         out = []
         for piece in _split(data, ends):
+            marked = self._closing_req
+            if marked is not None and marked.request_done:
+                return self._take(), b"".join(out), True
             self.head_done_in_piece = False
             try:
                 self.req_parser.feed_data(piece)
@@ -310,13 +315,15 @@ class Http1Exchange:
             except httptools.HttpParserError as exc:
                 self._client_error(exc)
                 return self._take(), b"".join(out), True
-            if self.head_done_in_piece and piece.endswith(_TERMINATOR):
+            if marked is None and self.head_done_in_piece and piece.endswith(_TERMINATOR):
                 req = self.awaiting[-1]
                 req.closes = True
-                out.append(piece[:-2] + b"Connection: close\r\n\r\n")
-                return self._take(), b"".join(out), True
+                piece = piece[:-2] + b"Connection: close\r\n\r\n"
+                # Its body (if any) still goes to the server, which waits for it.
+                self._closing_req = req
             out.append(piece)
-        return self._take(), b"".join(out), False
+        marked = self._closing_req
+        return self._take(), b"".join(out), marked is not None and marked.request_done
 
     def _hold(self, data: bytes) -> None:
         self._held.append(data)

@@ -104,6 +104,25 @@ def test_http1_drain_adds_connection_close_to_next_request() -> None:
     assert len(events) == 1
 
 
+
+def test_http1_drain_forwards_the_body_of_the_request_it_closes() -> None:
+    # The request that gets `Connection: close` may have a body: the server waits for it, so it
+    # must be forwarded whole (else the request hangs until the drain grace aborts it).
+    x = Http1Exchange()
+    events, out, done = x.feed_request_closing(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhel")
+    assert out == b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhel"
+    assert not done and [k for k, _ in events] == [http1.REQUEST_HEAD]
+    events, out, done = x.feed_request_closing(b"lo")
+    assert out == b"lo" and done
+    # Chunked, the body's end in the same read as a pipelined request: that one is not forwarded.
+    x = Http1Exchange()
+    events, out, done = x.feed_request_closing(
+        b"PUT /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert done and out == (b"PUT /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                            b"3\r\nabc\r\n0\r\n\r\n")
+    assert [k for k, _ in events] == [http1.REQUEST_HEAD]
+
 def _h2_pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
