@@ -115,13 +115,14 @@ def _split(data: bytes, ends: list[int]) -> list[bytes]:
 class _RequestSide:
     """httptools callbacks for the client -> server direction."""
 
-    __slots__ = ("field", "head_bytes", "head_fed", "req", "x")
+    __slots__ = ("completed", "field", "head_bytes", "head_fed", "req", "x")
 
     def __init__(self, exchange: Http1Exchange) -> None:
         self.x = exchange
         self.req: Http1Request | None = None
         self.head_bytes = 0
         self.head_fed = 0
+        self.completed = False   # a message ended in the read being fed
         self.field = b""
 
     def on_message_begin(self) -> None:
@@ -174,6 +175,7 @@ class _RequestSide:
         assert req is not None
         req.request_done = True
         self.req = None
+        self.completed = True
         if req.done:
             self.x.events.append((EXCHANGE_END, req))
 
@@ -269,6 +271,8 @@ class Http1Exchange:
         if self._upgrade_wait:
             self._hold(data)
             return self._take()
+        side = self._req_side
+        side.completed = False
         try:
             self.req_parser.feed_data(data)
         except httptools.HttpParserUpgrade as up:
@@ -279,10 +283,13 @@ class Http1Exchange:
         except httptools.HttpParserError as exc:
             self._client_error(exc)
         else:
-            if self.head_pending:
-                # httptools buffers an unfinished header line itself: bound the head here too.
-                self._req_side.head_fed += len(data)
-                if self._req_side.head_fed > MAX_HEAD_BYTES:
+            # httptools buffers an unfinished header line itself: bound the head here too. A head
+            # that began after another message in this same read is counted from the next read
+            # on (where it starts in this one is unknown; one read is bounded anyway): counting
+            # the whole read would charge it with the pipelined requests or body before it.
+            if self.head_pending and not side.completed:
+                side.head_fed += len(data)
+                if side.head_fed > MAX_HEAD_BYTES:
                     self.failed = True
                     self.events.append((CLIENT_ERROR, 431))
         return self._take()

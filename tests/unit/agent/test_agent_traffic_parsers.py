@@ -82,6 +82,25 @@ def test_http1_errors() -> None:
     assert [k for k, _ in x.feed_response(b"SSH-2.0-nope\r\n")] == [http1.UPSTREAM_ERROR]
 
 
+
+def test_http1_pipelined_read_is_not_counted_as_one_head() -> None:
+    # One read (uvloop reads up to 256 KB) with many pipelined requests and the start of one more:
+    # only the unfinished head counts towards the 64 KB limit, not the requests before it.
+    x = Http1Exchange()
+    events = x.feed_request(b"GET /p HTTP/1.1\r\nHost: h\r\n\r\n" * 3000 + b"GET /last HTTP/1.1\r\nHo")
+    assert [k for k, _ in events] == [http1.REQUEST_HEAD] * 3000
+    assert _events(x.feed_request(b"st: h\r\n\r\n")) == [(http1.REQUEST_HEAD, 3001)]
+    # Same with a large body before the next head.
+    x = Http1Exchange()
+    body = b"b" * 100_000
+    events = x.feed_request(b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n" + body + b"GET /n HTT")
+    assert [k for k, _ in events] == [http1.REQUEST_HEAD]
+    assert [k for k, _ in x.feed_request(b"P/1.1\r\n\r\n")] == [http1.REQUEST_HEAD]
+    # An unfinished header line that began in an earlier read still trips the limit.
+    x = Http1Exchange()
+    x.feed_request(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nX: ")
+    assert x.feed_request(b"a" * 70000) == [(http1.CLIENT_ERROR, 431)]
+
 def test_http1_upgrade_to_websocket_and_declined_h2c() -> None:
     x = Http1Exchange()
     x.feed_request(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
