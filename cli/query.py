@@ -7,6 +7,7 @@ mistake is a CliError with one line saying what is wrong.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -155,7 +156,7 @@ def build_tap_request(
         raise CliError("tap does not accept 'all': tap a namespace instead (e.g. ns/default)")
     if to_namespace and not to:
         raise CliError("--to-namespace needs --to")
-    if max_rps <= 0:
+    if not 0 < max_rps < math.inf:  # also refuses nan
         raise CliError(f"--max-rps must be positive, got {max_rps:g}")
     if method and not _METHOD.match(method):
         raise CliError(f"invalid --method {method!r}")
