@@ -56,6 +56,8 @@ def load_text(text: str, source: str = "<input>") -> list[Manifest]:
     for i, doc in enumerate(docs, 1):
         if isinstance(doc, dict) and doc.get("kind") == "List":
             items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise ManifestError(f"{source}: document {i}: List items must be a list")
         else:
             items = [doc]
         for item in items:
@@ -82,9 +84,12 @@ def validate(doc: Any, where: str) -> Manifest:
         known = ", ".join(f"{k} ({a})" for a, k in sorted(SUPPORTED))
         raise ManifestError(f"{where}: unknown kind {kind!r} (apiVersion {api}); the sandbox runs {known}")
     meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{where}: metadata must be a mapping")
     name = meta.get("name")
     if not isinstance(name, str) or not is_dns_label(name):
         raise ManifestError(f"{where}: {kind} needs metadata.name, a DNS label (got {name!r})")
+    _check_labels(meta.get("annotations"), f"{where}: {kind} {name}", "annotations")
     doc = copy.deepcopy(doc)
     if kind == "Namespace":
         doc["metadata"].pop("namespace", None)
@@ -103,14 +108,14 @@ def validate(doc: Any, where: str) -> Manifest:
     return Manifest(kind, name, namespace, doc)
 
 
-def _check_labels(labels: Any, label: str) -> None:
+def _check_labels(labels: Any, label: str, what: str = "labels") -> None:
     if labels is None:
         return
     if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
-        raise ManifestError(f"{label}: labels must be a map of strings")
+        raise ManifestError(f"{label}: {what} must be a map of strings")
     for k, v in labels.items():
         if not isinstance(v, str):
-            raise ManifestError(f"{label}: label {k} must be a string (quote it)")
+            raise ManifestError(f"{label}: {what[:-1]} {k} must be a string (quote it)")
 
 
 def _validate_deployment(doc: dict[str, Any], label: str) -> None:
@@ -118,14 +123,19 @@ def _validate_deployment(doc: dict[str, Any], label: str) -> None:
     if not isinstance(spec, dict):
         raise ManifestError(f"{label}: spec is required")
     replicas = spec.setdefault("replicas", 1)
-    if not isinstance(replicas, int) or replicas < 0 or replicas > 100:
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0 or replicas > 100:
         raise ManifestError(f"{label}: spec.replicas must be an integer 0..100")
     template = spec.get("template")
     if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
         raise ManifestError(f"{label}: spec.template.spec is required")
-    tlabels = (template.get("metadata") or {}).get("labels") or {}
+    tmeta = template.get("metadata") or {}
+    if not isinstance(tmeta, dict):
+        raise ManifestError(f"{label}: spec.template.metadata must be a mapping")
+    tlabels = tmeta.get("labels") or {}
     _check_labels(tlabels, label)
-    selector = (spec.get("selector") or {}).get("matchLabels")
+    _check_labels(tmeta.get("annotations"), label, "annotations")
+    selector = spec.get("selector")
+    selector = selector.get("matchLabels") if isinstance(selector, dict) else None
     if not isinstance(selector, dict) or not selector:
         raise ManifestError(f"{label}: spec.selector.matchLabels is required")
     if any(tlabels.get(k) != v for k, v in selector.items()):
@@ -145,6 +155,8 @@ def _validate_deployment(doc: dict[str, Any], label: str) -> None:
         if cname in names:
             raise ManifestError(f"{label}: container name {cname} appears twice")
         names.add(cname)
+        if not all(isinstance(c.get(k) or [], list) for k in ("command", "args")):
+            raise ManifestError(f"{label}: container {cname}: command and args must be lists")
         command = list(c.get("command") or []) + list(c.get("args") or [])
         if not command:
             raise ManifestError(
@@ -209,6 +221,8 @@ def _validate_service(doc: dict[str, Any], label: str) -> None:
     stype = spec.setdefault("type", "ClusterIP")
     if stype != "ClusterIP":
         raise ManifestError(f"{label}: only type ClusterIP is supported (got {stype})")
+    if not isinstance(spec.get("clusterIP") or "", str):
+        raise ManifestError(f"{label}: clusterIP must be an address")
     if spec.get("clusterIP") == "None":
         raise ManifestError(f"{label}: headless services are not supported")
     selector = spec.get("selector")
@@ -230,13 +244,17 @@ def _validate_service(doc: dict[str, Any], label: str) -> None:
         seen_ports.add((p["port"], proto))
     for p in ports:
         pname = p.get("name", "")
+        if not isinstance(pname, str) or (pname and not is_dns_label(pname)):
+            raise ManifestError(f"{label}: invalid port name {pname!r}")
         if len(ports) > 1 and not pname:
             raise ManifestError(f"{label}: ports must be named when there is more than one")
         if pname in seen_names:
             raise ManifestError(f"{label}: port name {pname} appears twice")
         seen_names.add(pname)
         target = p.setdefault("targetPort", p["port"])
-        if isinstance(target, str) and not (target.isdigit() or is_dns_label(target)):
+        if not (isinstance(target, str) or (isinstance(target, int) and not isinstance(target, bool)
+                                             and 1 <= target <= 65535)) or \
+                isinstance(target, str) and not (target.isdigit() or is_dns_label(target)):
             raise ManifestError(f"{label}: invalid targetPort {target!r}")
     if not is_dns_subdomain(doc["metadata"]["name"]):
         raise ManifestError(f"{label}: invalid name")

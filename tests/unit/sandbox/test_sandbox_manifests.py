@@ -63,6 +63,26 @@ def test_list_kind_is_unwrapped() -> None:
     ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, protocol: UDP}]}\n",
      "only TCP"),
     ("kind: [\n", "invalid YAML"),
+    # Malformed shapes are one line too, never a traceback (and never a Service that makes the
+    # kubelet's iptables-restore fail for every Service of the node).
+    ("apiVersion: v1\nkind: Namespace\nmetadata: [1]\n", "metadata must be a mapping"),
+    ("apiVersion: v1\nkind: Namespace\nmetadata: {name: a, annotations: [x]}\n", "annotations"),
+    ("apiVersion: v1\nkind: List\nitems: 3\n", "items must be a list"),
+    (DEPLOY.replace("matchLabels: {app: web}", "matchLabels: [app]"), "matchLabels"),
+    (DEPLOY.replace("metadata: {labels: {app: web}}", "metadata: [1]"), "template.metadata"),
+    (DEPLOY.replace("metadata: {labels: {app: web}}", "metadata: {labels: {app: web}, annotations: [x]}"),
+     "annotations"),
+    (DEPLOY.replace("command: [python3, -m, http.server]", "command: python3 -m http.server"),
+     "command and args must be lists"),
+    (DEPLOY.replace("replicas: 2", "replicas: true"), "spec.replicas"),
+    ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, targetPort: 1.5}]}\n",
+     "invalid targetPort"),
+    ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, targetPort: 0}]}\n",
+     "invalid targetPort"),
+    ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, name: 1}, {port: 81, name: 2}]}\n",
+     "port name"),
+    ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: [1], ports: [{port: 80}]}\n",
+     "clusterIP"),
     (("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\n"
      "metadata: {name: a}\n"), "appears twice"),
 ])
