@@ -83,6 +83,8 @@ class TapSession:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:  # a slow reader must not grow us without bound
             self.dropped += 1
+            if which == "request_init":
+                self._admitted.pop(rid, None)  # never shown: its responses must not show alone
             return False
         self.forwarded += 1
         return True

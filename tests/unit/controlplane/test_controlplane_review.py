@@ -78,3 +78,16 @@ def test_report_with_nan_or_negative_counters_is_skipped(controller: Controller)
            pb.Series(name="response_total", labels={**_labels(), "authority": "inf", "classification": "success"},
                      value=float("inf"))]
     _stream_survives(controller, bad)
+
+
+def test_tap_request_dropped_on_a_full_queue_drops_its_responses_too() -> None:
+    from nodemesh.controlplane import tap as tapmod
+
+    session = tapmod.TapSession(pb.TapFilter(), max_rps=0)  # no rate limit: only the queue refuses
+    for i in range(tapmod.QUEUE_SIZE):
+        assert session.offer("a", pb.TapEvent(request_id=f"r{i}", request_init=pb.RequestInit()))
+    late = pb.TapEvent(request_id="late", request_init=pb.RequestInit())
+    assert not session.offer("a", late)            # the reader is slow: the queue is full
+    session.queue.get_nowait()                     # ... then catches up a little
+    # The request was never shown: its response must not show up alone.
+    assert not session.offer("a", pb.TapEvent(request_id="late", response_end=pb.ResponseEnd()))
