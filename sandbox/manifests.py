@@ -51,7 +51,7 @@ def load_text(text: str, source: str = "<input>") -> list[Manifest]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise ManifestError(f"{source}: invalid YAML: {_yaml_problem(exc)}") from None
     out: list[Manifest] = []
     for i, doc in enumerate(docs, 1):
         if isinstance(doc, dict) and doc.get("kind") == "List":
@@ -68,6 +68,15 @@ def load_text(text: str, source: str = "<input>") -> list[Manifest]:
             raise ManifestError(f"{source}: {m.kind} {_qual(m)} appears twice")
         seen.add(m.key)
     return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line N: problem`, like kubectl says it (str(exc) starts with the context, e.g. "while parsing
+    a flow node", and puts the problem and the line on later lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        return (f"line {mark.line + 1}: " if mark is not None else "") + exc.problem
+    return str(exc).splitlines()[0]
 
 
 def _qual(m: Manifest) -> str:

@@ -93,6 +93,13 @@ def test_bad_documents_are_one_line_errors(text: str, needle: str) -> None:
     assert needle in message and "\n" not in message and message.startswith("app.yaml")
 
 
+def test_invalid_yaml_names_the_line_and_the_problem() -> None:
+    with pytest.raises(ManifestError) as err:
+        load_text("apiVersion: v1\nkind: [Namespace,\n", source="app.yaml")
+    assert str(err.value).startswith("app.yaml: invalid YAML: line 3")
+    assert "expected" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_second_bad_document_rejects_the_whole_file() -> None:
     with pytest.raises(ManifestError, match="document 2"):
         load_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Secret\n"
