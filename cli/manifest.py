@@ -7,7 +7,9 @@ Rendering is pure and deterministic: same values in, same bytes out.
 
 Values a user can override with `nodemesh install --set key=value` are the fields of
 `InstallValues`; the mesh configuration part of them is written into the `nodemesh-config`
-ConfigMap, which the controller, the agent and the redirector read with `--config`.
+ConfigMap (mounted in every container) and passed to the processes as flags. No process reads the
+ConfigMap itself, so `capturedNamespaces` and `tapMaxTaps`, which no process has a flag for, are
+recorded there only (docs/kubernetes.md says so).
 """
 
 from __future__ import annotations
