@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -68,6 +69,7 @@ class AgentSession:
     reports: int = 0
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     identity_queued: bool = False
+    identity_sent: bytes = b""                 # digest of the identity content last sent
     stale_taps_closed: set[str] = field(default_factory=set)
 
     def send(self, msg: pb.ControllerMessage) -> None:
@@ -94,6 +96,7 @@ class Controller:
         self._taps: dict[str, TapSession] = {}
         self._identity: pb.ControllerMessage | None = None
         self._identity_version = -1
+        self._identity_digest = b""  # of the snapshot's content, resource_version left out
         self._push_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.registry.add_listener(self._registry_changed)
@@ -141,6 +144,9 @@ class Controller:
     def identity_message(self) -> pb.ControllerMessage:
         if self._identity is None or self._identity_version != self.registry.version:
             snap = self.registry.identity_snapshot(self.mesh_config())
+            version, snap.resource_version = snap.resource_version, ""
+            self._identity_digest = hashlib.sha256(snap.SerializeToString(deterministic=True)).digest()
+            snap.resource_version = version
             self._identity = pb.ControllerMessage(identity=snap)
             self._identity_version = self.registry.version
         return self._identity
@@ -156,8 +162,13 @@ class Controller:
 
     def _push_identity(self) -> None:
         self._push_handle = None
-        self.metrics.identity_pushes.inc()
-        for session in self.sessions.values():
+        # Most object changes (status writes on Deployments, Nodes, Pods) change nothing agents
+        # are told: send only to agents whose last snapshot differs from the current one.
+        self.identity_message()
+        stale = [s for s in self.sessions.values() if s.identity_sent != self._identity_digest]
+        if stale:
+            self.metrics.identity_pushes.inc()
+        for session in stale:
             session.queue_identity()
         for tap in self._taps.values():
             self._open_tap_where_needed(tap)
@@ -276,7 +287,9 @@ class Controller:
                     break
                 if item is _IDENTITY:
                     session.identity_queued = False
-                    yield self.identity_message()
+                    message = self.identity_message()
+                    session.identity_sent = self._identity_digest
+                    yield message
                 else:
                     yield item  # type: ignore[misc]
         finally:

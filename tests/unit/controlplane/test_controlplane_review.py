@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -91,3 +92,60 @@ def test_tap_request_dropped_on_a_full_queue_drops_its_responses_too() -> None:
     session.queue.get_nowait()                     # ... then catches up a little
     # The request was never shown: its response must not show up alone.
     assert not session.offer("a", pb.TapEvent(request_id="late", response_end=pb.ResponseEnd()))
+
+
+def test_identity_is_pushed_only_when_what_agents_get_changes() -> None:
+    # Deployments, Nodes and Pods get status writes all the time (observedGeneration, heartbeats,
+    # probe times) that change nothing an agent is told: those must not cost a push to every agent.
+    import asyncio
+    import copy
+    import json
+    from pathlib import Path
+
+    from nodemesh.controlplane.config import ControllerConfig
+    from nodemesh.controlplane.registry import WATCHED_KINDS, WorkloadRegistry
+
+    objects = json.loads((Path(__file__).parent / "testdata" / "cluster.json").read_text())["items"]
+
+    async def main() -> None:
+        reg = WorkloadRegistry()
+        for kind in WATCHED_KINDS:
+            reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
+        c = Controller(ControllerConfig(identity_debounce_s=0.01), registry=reg)
+        hang = asyncio.Event()
+
+        async def agent_messages():  # the agent's side: a hello, then it just stays connected
+            yield pb.AgentMessage(hello=pb.AgentHello(agent_id="a", node="node-1", start_time_ms=c.started_ms))
+            await hang.wait()
+
+        stream = c.serve_agent(agent_messages())
+        received: list[pb.ControllerMessage] = []
+
+        async def pump() -> None:
+            async for msg in stream:
+                received.append(msg)
+
+        task = asyncio.create_task(pump())
+        try:
+            await asyncio.sleep(0.05)
+            assert len(received) == 1 and received[0].HasField("identity")
+            deploy = copy.deepcopy(next(o for o in objects if o["kind"] == "Deployment"))
+            deploy["status"] = {"observedGeneration": 7, "replicas": 1}
+            deploy["metadata"]["resourceVersion"] = "999"
+            reg.apply("MODIFIED", deploy)
+            await asyncio.sleep(0.1)
+            assert len(received) == 1
+            pod = copy.deepcopy(next(o for o in objects if o["kind"] == "Pod" and o["metadata"]["name"] == "debug"))
+            pod["metadata"]["labels"] = {"new": "label"}
+            reg.apply("MODIFIED", pod)
+            await asyncio.sleep(0.1)
+            assert len(received) == 2
+            assert next(p for p in received[1].identity.pods if p.name == "debug").labels == {"new": "label"}
+        finally:
+            task.cancel()
+            hang.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await stream.aclose()
+
+    asyncio.run(main())
