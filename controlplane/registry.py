@@ -366,14 +366,18 @@ class WorkloadRegistry:
                 if in_ns(s.namespace):
                     out.append(ResourceInfo(s.namespace, "service", s.name, s.labels, self.service_pods(s)))
         elif type_ in WORKLOAD_KINDS:
+            # Pods grouped by owner in one pass (a scan of every pod per workload was O(W x P)).
+            owned: dict[tuple[str, str], list[PodRecord]] = {}
+            for p in self._pods:
+                if type_ == "replicaset":
+                    owned.setdefault((p.namespace, p.replicaset), []).append(p)
+                elif p.workload.kind == type_:
+                    owned.setdefault((p.namespace, p.workload.name), []).append(p)
             for obj in self._objects[WORKLOAD_KINDS[type_]].values():
                 ns, name = _key(obj)
                 if not in_ns(ns):
                     continue
-                if type_ == "replicaset":
-                    pods = [p for p in self._pods if p.namespace == ns and p.replicaset == name]
-                else:
-                    pods = [p for p in self._pods if p.workload == WorkloadRef(ns, type_, name)]
+                pods = owned.get((ns, name), [])
                 out.append(ResourceInfo(ns, type_, name, dict(_meta(obj).get("labels") or {}), pods))
         out.sort(key=lambda r: (r.namespace, r.name))
         return out

@@ -242,17 +242,59 @@ def _rows_for(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView
         row_side, base = "dst", _direction("inbound")
     by_key = aggregator.totals_by_key(window, now, base)
     rows = []
+    grouped = _group_by_row(type_, row_side, by_key, window)
     for r in resources:
-        ns = r.name if type_ == "namespace" else r.namespace
-        match = side_predicate(registry, row_side, ns, type_, r.name)
-        totals = Totals(window)
-        for key, t in by_key.items():
-            if match(key):
-                totals.merge(t)
+        if grouped is not None:
+            totals = grouped.get(_row_id(type_, r), Totals(window))
+        else:
+            ns = r.name if type_ == "namespace" else r.namespace
+            match = side_predicate(registry, row_side, ns, type_, r.name)
+            totals = Totals(window)
+            for key, t in by_key.items():
+                if match(key):
+                    totals.merge(t)
         if (src or dst) and not totals.has_traffic and not totals.has_tcp:
             continue
         rows.append(_row(r, type_, totals, mesh))
     return rows
+
+
+def _group_by_row(type_: str, side: str, by_key: dict[SeriesKey, Totals],
+                  window: int) -> dict[object, Totals] | None:
+    """Totals per row id (`_row_id`) in one pass over the keys, for the types whose row a key
+    names directly (what `side_predicate` matches one resource at a time: one pass per resource
+    made `stat po` on 2000 pods and 10k series take 3.5 s of the controller's only loop).
+    None for the types that need the registry (replicaset, a service on the calling side)."""
+    ns_i, kind_i = LABEL_INDEX[f"{side}_namespace"], LABEL_INDEX[f"{side}_kind"]
+    name_i, pod_i = LABEL_INDEX[f"{side}_name"], LABEL_INDEX[f"{side}_pod"]
+    row_id: Callable[[SeriesKey], object]
+    if type_ == "namespace":
+        row_id = lambda k: k[ns_i] or None
+    elif type_ in WORKLOAD_TYPES:
+        row_id = lambda k: (k[ns_i], k[name_i]) if k[kind_i] == type_ else None
+    elif type_ == "pod":
+        row_id = lambda k: (k[ns_i], k[pod_i]) if k[pod_i] else None
+    elif type_ == "service" and side == "dst":
+        row_id = lambda k: k[_DST_SERVICE] or None
+    else:
+        return None
+    grouped: dict[object, Totals] = {}
+    for key, t in by_key.items():
+        rid = row_id(key)
+        if rid is not None:
+            tot = grouped.get(rid)
+            if tot is None:
+                tot = grouped[rid] = Totals(window)
+            tot.merge(t)
+    return grouped
+
+
+def _row_id(type_: str, r: ResourceInfo) -> object:
+    if type_ == "namespace":
+        return r.name
+    if type_ == "service":
+        return f"{r.name}.{r.namespace}"
+    return (r.namespace, r.name)
 
 
 def _and(a: Predicate, b: Predicate) -> Predicate:
