@@ -211,8 +211,9 @@ class Connection(asyncio.Protocol):
         self.mode = self.ctx.mode_factory(detection.protocol, self)
         if self.up is not None:
             self._flush_pending()
-        elif self.pending and self.client is not None and not self.client_lost:
-            # Upstream not there yet: stop reading until it is (bounded buffering).
+        elif self.pending_len >= MAX_DETECT_BYTES and self.client is not None and not self.client_lost:
+            # Upstream not there yet: stop reading past one detection buffer until it is. Not
+            # before: a paused transport would not notice the client resetting meanwhile.
             self.client.pause_reading()
             self.paused_for_connect = True
         if self.up_pending:
@@ -248,7 +249,7 @@ class Connection(asyncio.Protocol):
                     return
                 result = Detection(TCP)
             self._decide(result)
-        elif self.client is not None and not self.paused_for_connect:
+        elif self.client is not None and not self.paused_for_connect and self.pending_len >= MAX_DETECT_BYTES:
             self.client.pause_reading()
             self.paused_for_connect = True
 

@@ -119,3 +119,55 @@ def test_client_reset_before_accept_leaks_nothing() -> None:
             upstream.close()
 
     run(scenario)
+
+
+def test_upstream_refused_resets_client_quickly() -> None:
+    async def scenario() -> None:
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))   # bound, not listening: connects are refused
+        proxy = await start_proxy(closed.getsockname()[:2])
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            try:
+                data = await asyncio.wait_for(reader.read(100), 2)
+                assert data == b""
+            except ConnectionResetError:
+                pass
+            writer.close()
+            assert await wait_until(lambda: not proxy.ctx.live)
+            assert proxy.rec.kinds("close") == [("close", "connect: ECONNREFUSED")]
+        finally:
+            proxy.server.close()
+            closed.close()
+
+    run(scenario)
+
+
+def test_client_gone_while_upstream_connect_pending() -> None:
+    async def scenario() -> None:
+        # A listener with a full backlog (0: one queued connection) drops further SYNs: the
+        # agent's connects stay pending.
+        full = socket.create_server(("127.0.0.1", 0), backlog=0)
+        fillers = [socket.create_connection(full.getsockname()[:2], timeout=2)]
+        proxy = await start_proxy(full.getsockname()[:2], connect_timeout_s=30.0)
+        try:
+            for _ in range(5):
+                _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                await asyncio.sleep(0.05)
+                # The client gives up: a reset (a FIN is a half-close: the agent keeps waiting).
+                sock = writer.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            # Seen at once, not when the 30 s connect timeout ends.
+            assert await wait_until(lambda: not proxy.ctx.live)
+            assert len(proxy.rec.kinds("close")) == 5 and not proxy.ctx.picker.open
+        finally:
+            proxy.server.close()
+            for s in fillers:
+                s.close()
+            full.close()
+
+    run(scenario)
+
