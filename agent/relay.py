@@ -317,8 +317,15 @@ class Connection(asyncio.Protocol):
             mode = self.mode
         mode.upstream_data(data)  # type: ignore[union-attr]
 
+    def _release_held(self) -> None:
+        """The server finished speaking before the client's first bytes decided the protocol:
+        what it sent (held SETTINGS-like bytes) goes to the client now, as opaque TCP."""
+        if self.mode is None and self.up_pending and self.meta is not None:
+            self._decide(Detection(TCP))
+
     def upstream_eof(self) -> bool:
         self.up_eof = True
+        self._release_held()
         client = self.client
         if client is not None and not self.client_lost and client.can_write_eof() and not client.is_closing():
             client.write_eof()
@@ -331,6 +338,8 @@ class Connection(asyncio.Protocol):
         if exc is not None and self.error is None:
             self.error = f"upstream: {type(exc).__name__}"
         if self.client is not None and not self.client_lost:
+            if exc is None:
+                self._release_held()
             if exc is not None:
                 set_reset_on_close(self.client.get_extra_info("socket"))
                 self.client.abort()

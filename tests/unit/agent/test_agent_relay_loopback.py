@@ -171,3 +171,32 @@ def test_client_gone_while_upstream_connect_pending() -> None:
 
     run(scenario)
 
+
+def test_h2_server_settings_then_close_before_client_preface() -> None:
+    # An HTTP/2 server's SETTINGS is held until the client's preface decides the protocol; if the
+    # server closes meanwhile, the held bytes must still reach the client before its EOF.
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(settings)
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        upstream = await asyncio.start_server(serve, "127.0.0.1", 0)
+        proxy = await start_proxy(upstream.sockets[0].getsockname()[:2])
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            await asyncio.sleep(0.2)
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
+            got = await asyncio.wait_for(reader.read(), 3)
+            assert got == settings
+            writer.close()
+            assert await wait_until(lambda: not proxy.ctx.live)
+        finally:
+            proxy.server.close()
+            upstream.close()
+
+    run(scenario)
+
