@@ -77,6 +77,7 @@ class Connection(asyncio.Protocol):
         "client",
         "client_eof",
         "client_lost",
+        "client_shut",
         "connect_task",
         "connecting",
         "ctx",
@@ -115,6 +116,7 @@ class Connection(asyncio.Protocol):
         self.client_eof = False
         self.up_eof = False
         self.client_lost = False
+        self.client_shut = False       # write_eof() sent to the client: writing now would raise
         self.up_lost = False
         self.finished = False
         self.opened = False
@@ -329,6 +331,7 @@ class Connection(asyncio.Protocol):
         client = self.client
         if client is not None and not self.client_lost and client.can_write_eof() and not client.is_closing():
             client.write_eof()
+            self.client_shut = True
         if self.client_eof:
             self.close_both()
         return True
@@ -363,7 +366,8 @@ class Connection(asyncio.Protocol):
 
     def write_client(self, data: bytes) -> None:
         """Bytes the agent itself sends to the client (error responses, GOAWAY)."""
-        if self.client is not None and not self.client_lost and not self.client.is_closing():
+        if self.client is not None and not self.client_lost and not self.client.is_closing() \
+                and not self.client_shut:
             self.write_bytes += len(data)
             self.client.write(data)
 

@@ -200,3 +200,26 @@ def test_h2_server_settings_then_close_before_client_preface() -> None:
 
     run(scenario)
 
+
+def test_agent_answer_after_server_half_closed() -> None:
+    # The server shut its sending side (write_eof went to the client); a bad request then gets
+    # no 400 (writing after write_eof raises inside the callback) but the connection still ends.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> None:
+        upstream = await asyncio.start_server(serve, "127.0.0.1", 0)
+        proxy = await start_proxy(upstream.sockets[0].getsockname()[:2])
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+            writer.write(b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: zz\r\n\r\n")
+            assert await wait_until(lambda: not proxy.ctx.live)
+            writer.close()
+        finally:
+            proxy.server.close()
+            upstream.close()
+
+    run(scenario)
