@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from nodemesh.redirector.apply import Redirector
+from nodemesh.redirector.apply import ApplyError, Redirector
 from nodemesh.redirector.config import CaptureConfig, ipv4_only
 from nodemesh.redirector.plan import Plan, build_plan
 
@@ -44,6 +44,7 @@ class RunnerConfig:
     shutdown_wait_s: float = 35.0
 
 
+_REMOVE_ATTEMPTS = 5
 # /proc/net/tcp states of a socket the agent still holds open: ESTABLISHED, SYN_RECV, CLOSE_WAIT.
 _HELD_STATES = {"01", "03", "08"}
 
@@ -167,11 +168,25 @@ class FailOpenRunner:
     def shutdown(self) -> None:
         plan = self.plan or build_plan(self.config.capture)
         if self.capturing:
-            self.redirector.set_capture(plan, capture=False)
+            try:
+                self.redirector.set_capture(plan, capture=False)
+                self.log("capture_draining", reason="shutdown", hooks="removed")
+                self._wait_captured_connections()
+            except ApplyError as exc:  # removal below takes the hooks out too: never skip it
+                self.log("capture_drain_failed", error=str(exc).splitlines()[0])
             self.capturing = False
-            self.log("capture_draining", reason="shutdown", hooks="removed")
-            self._wait_captured_connections()
-        self.redirector.remove(plan)
+        # The removal script is computed from a read of the kernel; another writer in between (the
+        # new redirector of a rolling update re-asserting its hooks) makes the restore fail on a
+        # busy chain. Read again and retry, so what we installed never stays behind.
+        for attempt in range(1, _REMOVE_ATTEMPTS + 1):
+            try:
+                self.redirector.remove(plan)
+                break
+            except ApplyError as exc:
+                if attempt == _REMOVE_ATTEMPTS:
+                    raise
+                self.log("remove_retry", attempt=attempt, error=str(exc).splitlines()[0])
+                time.sleep(0.05 * attempt)
         self.log("capture_uninstalled", reason="shutdown")
 
     def _wait_captured_connections(self) -> None:

@@ -88,6 +88,9 @@ def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -
 
     try:
         _wait(captured_dial, 10)
+        # The new one alone may have made the dial captured: SIGTERM before the old one's handler is
+        # installed would kill it (-15) instead of testing its shutdown.
+        _wait(lambda: "event=started" in (cl.workdir / "old.log").read_text(), 10)
         cl.stop(old, signal.SIGTERM)
         assert old.returncode == 0
         # Whatever the moment, a pod's connection works (captured, or direct for under a second) ...
