@@ -27,6 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 log = logging.getLogger("nodemesh.agent.admin")
 
 MAX_REQUEST_BYTES = 64 * 1024  # probes and scrapes are tiny; anything bigger is not for us
+MAX_WRITE_BUFFER = 256 * 1024   # answers the client has not read yet: past this it is cut off
+REQUEST_TIMEOUT_S = 15.0        # a connection must complete a request this often (idle, slowloris)
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Payload Too Large", 503: "Service Unavailable"}
 Response = tuple[int, str, bytes]  # status, content type, body
@@ -42,14 +44,39 @@ class _AdminProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.received = 0
+        self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _arm_timer(self) -> None:
+        # Idle keep-alive connections and heads that never end would otherwise hold the parent's
+        # fds for good.
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -72,6 +99,14 @@ class _AdminProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.received = 0
+        t = self.transport
+        if t is None or t.is_closing():
+            return  # the rest of a pipelined read after we gave up on the client
+        if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            # Pipelining without reading the answers: they would pile up in our memory.
+            t.abort()
+            return
+        self._arm_timer()
         method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
         if method not in (b"GET", b"HEAD"):
