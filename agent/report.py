@@ -27,7 +27,7 @@ from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import to_series
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.api.model import LATENCY_BUCKETS_MS
+from nodemesh.api.model import GRPC_CHANNEL_OPTIONS, LATENCY_BUCKETS_MS
 
 if TYPE_CHECKING:
     from nodemesh.agent.node import NodeTelemetry
@@ -158,7 +158,7 @@ class ControllerLink:
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.controller) as channel:
+        async with grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.ControllerStub(channel)
             box: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
             call = stub.Connect(self._requests(box), metadata=self._metadata())

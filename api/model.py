@@ -15,6 +15,15 @@ ADMIN_PORT = 4191
 CONTROLLER_GRPC_PORT = 8085
 CONTROLLER_WEB_PORT = 8084
 
+# The largest gRPC message either side accepts. Cumulative reports carry every series an agent has
+# seen (~3 KB per peer pair), identity snapshots every pod of the cluster, `stat po -A` every pod:
+# gRPC's 4 MiB default is ~1200 peer pairs, ~20k pods.
+GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+)
+
 # A Namespace carrying this label (or annotation) with value "disabled" is never captured.
 CAPTURE_LABEL = "nodemesh.io/capture"
 CAPTURE_DISABLED = "disabled"

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import click
 import grpc
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.api.model import CONTROLLER_GRPC_PORT
+from nodemesh.api.model import CONTROLLER_GRPC_PORT, GRPC_CHANNEL_OPTIONS
 
 log = logging.getLogger("nodemesh.cli")
 
@@ -266,7 +266,7 @@ class Controller:
         self.target = target
         self.config = config
         self._forward = forward
-        self.channel = grpc.insecure_channel(target.address)
+        self.channel = grpc.insecure_channel(target.address, options=GRPC_CHANNEL_OPTIONS)
         self.stub = pb_grpc.ControllerStub(self.channel)
         token = config.token or target.token
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()

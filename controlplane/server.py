@@ -11,17 +11,12 @@ from collections.abc import AsyncIterator
 import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
 from nodemesh.controlplane.auth import Authenticator, AuthInterceptor
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.stat import StatError
 
 log = logging.getLogger("nodemesh.controlplane.server")
-
-# An agent's report is every series it ever saw, in one message: gRPC's default 4 MiB limit is
-# ~1200 peer pairs per node, which a day of rollouts on a busy node passes. Over the limit the
-# stream breaks on every report, so that node's stats stop entirely.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
 
 class ControllerServicer(pb_grpc.ControllerServicer):
     def __init__(self, controller: Controller) -> None:
@@ -69,7 +64,9 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
     With an authenticator every call must carry an accepted bearer token (controlplane/auth.py)."""
     interceptors = [AuthInterceptor(authenticator, controller.metrics.registry)] if authenticator else []
     server = grpc.aio.server(interceptors=interceptors,
-                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                             # An agent's report holds every series it has seen: gRPC's default
+                             # 4 MiB would stop a busy node's stats (api/model.py).
+                             options=[*GRPC_CHANNEL_OPTIONS,
                                       ("grpc.keepalive_time_ms", 20_000),
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])

@@ -229,3 +229,42 @@ def test_agent_restart_gets_new_agent_id() -> None:
     time.sleep(0.002)
     b = NodeTelemetry(AgentConfig(node="n", workers=1))
     assert a.agent_id != b.agent_id and a.agent_id.split("/")[:2] == b.agent_id.split("/")[:2]
+
+
+class BigIdentityController(FakeController):
+    """Sends one identity snapshot larger than gRPC's 4 MiB default message limit."""
+
+    PODS = 60_000
+
+    async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControllerMessage]:
+        snap = identity()
+        for i in range(self.PODS):
+            snap.pods.append(pb.Pod(ip=f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}", namespace="big",
+                                    name=f"pod-{i:05d}-abcdefghij", node=f"node-{i % 50}", ready=True,
+                                    owner=pb.Resource(namespace="big", type="deployment", name=f"d-{i % 500}")))
+        assert snap.ByteSize() > 4 * 1024 * 1024
+        yield pb.ControllerMessage(identity=snap)
+        async for _ in request_iterator:
+            pass
+
+
+def test_report_accepts_an_identity_snapshot_over_4mib() -> None:
+    """A big cluster's identity (every pod) must not break the agent's stream (api/model.py limit)."""
+    async def body() -> None:
+        port = free_port()
+        ctl = BigIdentityController()
+        server = await start_server(ctl, port)
+        cfg = AgentConfig(node="node-1", admin_host="127.0.0.1", admin_port=0, controller=f"127.0.0.1:{port}",
+                          report_interval_s=0.1, workers=1)
+        node = NodeTelemetry(cfg)
+        try:
+            await node.start()
+            await wait_for(lambda: node.index.lookup("10.100.195.79") is not None, timeout=30,
+                           what="the big identity at the agent")
+            assert node.controller_link.connects == 1
+        finally:
+            await node.stop()
+            await server.stop(None)
+
+    run(body)
