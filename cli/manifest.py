@@ -7,9 +7,8 @@ Rendering is pure and deterministic: same values in, same bytes out.
 
 Values a user can override with `nodemesh install --set key=value` are the fields of
 `InstallValues`; the mesh configuration part of them is written into the `nodemesh-config`
-ConfigMap (mounted in every container) and passed to the processes as flags. No process reads the
-ConfigMap itself, so `capturedNamespaces` and `tapMaxTaps`, which no process has a flag for, are
-recorded there only (docs/kubernetes.md says so).
+ConfigMap (mounted in every container, a record of the settings) and passed to the processes as
+flags, which is what they read.
 """
 
 from __future__ import annotations
@@ -395,6 +394,8 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--opaque-ports", _csv(config["opaquePorts"]),
         "--skip-ports", _csv(config["skippedPorts"]),
         "--tap-max-rps", _number(config["tapMaxRps"]),
+        "--tap-max-taps", str(config["tapMaxTaps"]),
+        *(["--captured-namespaces", _csv(config["capturedNamespaces"])] if config["capturedNamespaces"] else []),
         "--log-level", v.logLevel,
         # Agents and the CLI present audience-bound ServiceAccount tokens; the controller checks
         # them with TokenReview (docs/controlplane.md "Authentication").

@@ -21,7 +21,9 @@ class ControllerConfig:
     opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
     skip_ports: tuple[int, ...] = ()
     excluded_namespaces: tuple[str, ...] = ("kube-system", "nodemesh")
+    captured_namespaces: tuple[str, ...] = ()   # when set, only these namespaces are captured
     tap_max_rps: float = 100.0
+    tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
     identity_debounce_s: float = 0.2
     # How long per-second buckets are kept; the longest stat window is 1 h.

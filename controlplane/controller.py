@@ -50,6 +50,10 @@ def controller_version() -> str:
         return "dev"
 
 
+class TapLimitError(Exception):
+    """As many taps are open as the controller allows (--tap-max-taps)."""
+
+
 @dataclass
 class AgentSession:
     """One connected agent stream (an agent process may reconnect: a new session, same id)."""
@@ -143,7 +147,7 @@ class Controller:
 
     def identity_message(self) -> pb.ControllerMessage:
         if self._identity is None or self._identity_version != self.registry.version:
-            snap = self.registry.identity_snapshot(self.mesh_config())
+            snap = self.registry.identity_snapshot(self.mesh_config(), self.config.captured_namespaces)
             version, snap.resource_version = snap.resource_version, ""
             self._identity_digest = hashlib.sha256(snap.SerializeToString(deterministic=True)).digest()
             snap.resource_version = version
@@ -299,10 +303,13 @@ class Controller:
             self.agent_disconnected(session)
 
     # ------------------------------------------------------------------ questions
+    def captured_namespaces(self) -> list[str]:
+        return self.registry.captured_namespaces(self.config.excluded_namespaces, self.config.captured_namespaces)
+
     def mesh_view(self) -> statmod.MeshView:
         return statmod.MeshView(
             ready_nodes={s.node for s in self.sessions.values() if s.ready},
-            captured_namespaces=set(self.registry.captured_namespaces(self.config.excluded_namespaces)),
+            captured_namespaces=set(self.captured_namespaces()),
         )
 
     def stat(self, req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
@@ -389,10 +396,18 @@ class Controller:
                     raise statmod.StatError(
                         f'{type_} "{res.name}" not found in namespace "{res.namespace or "default"}"')
 
+    def check_tap_capacity(self) -> None:
+        """Raise TapLimitError when --tap-max-taps taps are open: every tap costs every agent it is
+        opened on a match per request, so their number is bounded."""
+        if len(self._taps) >= self.config.tap_max_taps:
+            raise TapLimitError(f"{len(self._taps)} taps are open, the most this controller allows "
+                                f"(--tap-max-taps {self.config.tap_max_taps}): close one and retry")
+
     async def tap(self, flt: pb.TapFilter) -> AsyncIterator[pb.TapEvent]:
         """Merged TapEvents for `flt` until the caller stops iterating (closing the tap on every
         agent). Raises StatError for a bad filter before anything is opened."""
         self.validate_tap(flt)
+        self.check_tap_capacity()
         max_rps = flt.max_rps if flt.max_rps > 0 else self.config.tap_max_rps
         tap = TapSession(flt, max_rps)
         self._taps[tap.tap_id] = tap

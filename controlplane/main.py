@@ -111,7 +111,11 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--excluded-namespaces", default=",".join(ControllerConfig.excluded_namespaces))
     p.add_argument("--opaque-ports", default=",".join(map(str, ControllerConfig.opaque_ports)))
     p.add_argument("--skip-ports", default="")
+    p.add_argument("--captured-namespaces", default="",
+                   help="only these namespaces are captured (comma-separated; default: all not excluded)")
     p.add_argument("--tap-max-rps", type=float, default=ControllerConfig.tap_max_rps)
+    p.add_argument("--tap-max-taps", type=int, default=ControllerConfig.tap_max_taps,
+                   help="concurrent taps; more are refused")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--grafana-url", default="", metavar="URL",
                    help="Grafana base URL (with manifests/grafana/ loaded): the dashboard links workloads to it")
@@ -142,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         source=a.source, state_dir=a.state_dir, kubeconfig="" if a.in_cluster else a.kubeconfig,
         listen=a.listen, grpc_port=a.grpc_port, web_port=a.web_port,
         excluded_namespaces=tuple(n for n in a.excluded_namespaces.split(",") if n),
+        captured_namespaces=tuple(n for n in a.captured_namespaces.split(",") if n),
+        tap_max_taps=a.tap_max_taps,
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
         skip_ports=tuple(int(x) for x in a.skip_ports.split(",") if x),
         tap_max_rps=a.tap_max_rps, log_level=a.log_level,

@@ -341,10 +341,13 @@ class WorkloadRegistry:
         out.pop("", None)
         return out
 
-    def captured_namespaces(self, excluded: Iterable[str] = ()) -> list[str]:
-        excluded = set(excluded)
+    def captured_namespaces(self, excluded: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
+        """Namespaces whose pods are captured: not excluded, not labelled/annotated
+        `nodemesh.io/capture=disabled`, and — when `only` is given — listed in it."""
+        excluded, only = set(excluded), set(only)
         disabled = {_key(o)[1] for o in self._objects["Namespace"].values() if _capture_disabled(o)}
-        return sorted(ns for ns in self.namespaces() if ns not in excluded and ns not in disabled)
+        return sorted(ns for ns in self.namespaces()
+                      if ns not in excluded and ns not in disabled and (not only or ns in only))
 
     # ------------------------------------------------------------------ stat resources
     def resources(self, type_: str, namespace: str | None) -> list[ResourceInfo]:
@@ -398,7 +401,7 @@ class WorkloadRegistry:
         return pods
 
     # ------------------------------------------------------------------ identity
-    def identity_snapshot(self, config: pb.MeshConfig) -> pb.IdentitySnapshot:
+    def identity_snapshot(self, config: pb.MeshConfig, captured_only: Iterable[str] = ()) -> pb.IdentitySnapshot:
         """Everything an agent needs to name peers and pick ClusterIP endpoints."""
         snap = pb.IdentitySnapshot(resource_version=str(self.version))
         for p in self.pods():
@@ -417,7 +420,7 @@ class WorkloadRegistry:
                 endpoints=[pb.Endpoint(ip=e.ip, ready=e.ready, pod=e.pod, node=e.node) for e in s.endpoints],
             ))
         snap.config.CopyFrom(config)
-        snap.captured_namespaces.extend(self.captured_namespaces(config.excluded_namespaces))
+        snap.captured_namespaces.extend(self.captured_namespaces(config.excluded_namespaces, captured_only))
         return snap
 
 

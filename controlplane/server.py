@@ -13,7 +13,7 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
 from nodemesh.controlplane.auth import Authenticator, AuthInterceptor
-from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.stat import StatError
 
 log = logging.getLogger("nodemesh.controlplane.server")
@@ -48,6 +48,10 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             self.controller.validate_tap(request.filter)
         except StatError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            self.controller.check_tap_capacity()
+        except TapLimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         events = self.controller.tap(request.filter)
         try:
             async for event in events:

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.dashboard import views
 from nodemesh.controlplane.dashboard.params import (
     DEFAULT_NAMESPACE,
@@ -192,6 +192,10 @@ class Dashboard:
         check_keys(request.query, TAP_KEYS)
         flt = parse_tap_filter(request.query, self.controller.config.tap_max_rps)
         self.controller.validate_tap(flt)  # StatError -> 4xx before anything is opened
+        try:
+            self.controller.check_tap_capacity()
+        except TapLimitError as exc:
+            raise ApiError(str(exc), status=429) from None
         resp = await _open_stream(request)
         events: AsyncIterator[pb.TapEvent] = self.controller.tap(flt)
         queue: asyncio.Queue[pb.TapEvent] = asyncio.Queue()

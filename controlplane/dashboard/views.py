@@ -78,7 +78,7 @@ def stat_rows(controller: Controller, requests: Sequence[pb.StatRequest],
 
 
 def namespaces(controller: Controller) -> list[dict[str, object]]:
-    captured = set(controller.registry.captured_namespaces(controller.config.excluded_namespaces))
+    captured = set(controller.captured_namespaces())
     return [{"name": ns, "captured": ns in captured} for ns in sorted(controller.registry.namespaces())]
 
 

@@ -157,3 +157,16 @@ def test_manifests_bad_set_is_refused_with_a_clear_message(assignment: str, mess
     result = CliRunner().invoke(cli, ["install", "--set", assignment])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_manifests_captured_namespaces_and_tap_limit_reach_the_controller() -> None:
+    from nodemesh.controlplane.main import parse_args
+
+    def controller_config(sets: list[str]):  # type: ignore[no-untyped-def]
+        args = _container(_docs(render_daemonset(apply_sets(InstallValues(), sets))), "Deployment", "controller")["args"]
+        return parse_args(args)
+
+    default = controller_config([])
+    assert default.captured_namespaces == () and default.tap_max_taps == 10
+    chosen = controller_config(["capturedNamespaces=emojivoto,shop", "tapMaxTaps=3"])
+    assert chosen.captured_namespaces == ("emojivoto", "shop") and chosen.tap_max_taps == 3
