@@ -15,7 +15,10 @@ from nodemesh.redirector.plan import hook_present
 BACKENDS = ("nft", "legacy")   # the redirector installs into whichever one the node's rules use
 
 
-async def capture_active() -> bool:
+async def capture_active() -> bool | None:
+    """True: hooked; False: every backend read, no hook; None: unknown (a save failed, e.g. while
+    another writer's transaction held the table) — the caller keeps what it knew."""
+    unknown = False
     for backend in BACKENDS:
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -24,6 +27,8 @@ async def capture_active() -> bool:
         except OSError:  # this backend's tools are not installed
             continue
         out, _ = await proc.communicate()
-        if proc.returncode == 0 and hook_present(out.decode("utf-8", "replace")):
+        if proc.returncode != 0:
+            unknown = True
+        elif hook_present(out.decode("utf-8", "replace")):
             return True
-    return False
+    return None if unknown else False

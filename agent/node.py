@@ -118,10 +118,12 @@ class NodeTelemetry:
 
         while True:
             try:
-                self.set_capture_installed(await capture_active())
+                installed = await capture_active()
             except OSError as exc:
+                installed = None
                 log.debug("event=capture_check_failed error=%s", exc)
-                self.set_capture_installed(False)
+            if installed is not None:  # a failed read says nothing: keep what we knew
+                self.set_capture_installed(installed)
             await asyncio.sleep(CAPTURE_CHECK_INTERVAL_S)
 
     # ------------------------------------------------------------------ workers

@@ -42,7 +42,8 @@ def controller_steps(resp: pb.CheckResponse, client_version: str) -> list[CheckS
     ]
     steps.append(CheckStep(
         "capture installed on each node", not uncaptured and bool(nodes), tuple(uncaptured),
-        "the agent installs the NODEMESH_* iptables chains at start; see its logs for the iptables error",
+        "the redirector installs the NODEMESH_* rules once its agent is ready, and removes them while the "
+        "agent is not (fail-open); see the redirector's and the agent's logs on that node",
     ))
 
     versions = []

@@ -34,7 +34,9 @@ class RunnerConfig:
     agent_admin: str = "http://127.0.0.1:4191"
     grace_s: float = 2.0
     poll_s: float = 0.25
-    http_timeout_s: float = 0.2
+    # A loaded node can take a moment to schedule the agent: too short a timeout reads "busy" as
+    # "dead" and fails open needlessly; a dead agent refuses at once whatever the timeout.
+    http_timeout_s: float = 0.5
     # While capturing, re-check the kernel against the plan this often and put back what is missing:
     # during a rolling update the old redirector's shutdown removes the rules the new one relies on.
     reassert_s: float = 1.0

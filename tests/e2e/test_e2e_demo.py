@@ -81,7 +81,7 @@ def votebot_stats_after(sb: Sandbox, t: float) -> dict[str, Any]:
 def nodemesh(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(["nodemesh", *args], env=env, capture_output=True, text=True, timeout=timeout,
                          check=False)
-    assert res.returncode == 0, f"nodemesh {' '.join(args)} exited {res.returncode}: {res.stderr}"
+    assert res.returncode == 0, f"nodemesh {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
     return res
 
 
