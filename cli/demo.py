@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import grpc
 import yaml
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.cli.client import ClientConfig, CliError, connect
 
 DEMO_CLUSTER = "nodemesh"
 DEMO_NAMESPACE = "emojivoto"
@@ -136,16 +135,14 @@ def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
     deadline = time.monotonic() + timeout
     request = pb.StatRequest(selector=pb.Resource(namespace=DEMO_NAMESPACE, type="deployment"),
                              window_seconds=60)
-    metadata = (("authorization", f"Bearer {token}"),)
-    with grpc.insecure_channel(controller) as channel:
-        stub = pb_grpc.ControllerStub(channel)
+    with connect(ClientConfig(controller=controller, token=token, timeout_s=3.0)) as api:
         while True:
             try:
-                resp = stub.StatSummary(request, timeout=3, metadata=metadata)
+                resp = api.unary("StatSummary", request)
                 flowing = [r for r in resp.rows if r.has_traffic]
                 if {r.resource.name for r in flowing} >= {"web", "voting", "emoji"}:
                     return list(resp.rows)
-            except grpc.RpcError:
+            except CliError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no stats for web, emoji and voting after {timeout:.0f}s")

@@ -17,11 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
-import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
-from nodemesh.cli.client import CONTROLLER_ADDR_FILE, write_sandbox_address
+from nodemesh.cli.client import CONTROLLER_ADDR_FILE, ClientConfig, CliError, connect, write_sandbox_address
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
 from nodemesh.redirector.plan import hook_present
 
@@ -151,11 +149,11 @@ _READY_PROBE = (
 
 
 def _mesh_healthy(controller: str, token_path: Path, nodes: set[str]) -> bool:
-    metadata = (("authorization", f"Bearer {token_path.read_text().strip()}"),)
+    config = ClientConfig(controller=controller, token=token_path.read_text().strip(), timeout_s=2.0)
     try:
-        with grpc.insecure_channel(controller) as channel:
-            resp = pb_grpc.ControllerStub(channel).Check(pb.CheckRequest(), timeout=2, metadata=metadata)
-    except grpc.RpcError:
+        with connect(config) as api:
+            resp = api.unary("Check", pb.CheckRequest())
+    except CliError:
         return False
     healthy = {n.node for n in resp.nodes if n.agent_connected and n.agent_ready and n.capture_installed}
     return nodes <= healthy
