@@ -187,13 +187,19 @@ def _peer(req_res: pb.Resource, default_ns: str, flag: str) -> tuple[str, str, s
     return (req_res.namespace or default_ns, type_, req_res.name)
 
 
+def _selector_type(selector: pb.Resource, supported: frozenset[str], verb: str) -> str:
+    """The request's canonical resource type, if `verb` (stat, edges) supports it."""
+    if not selector.type:
+        raise StatError("no resource type given")
+    type_ = canonical_type(selector.type)
+    if type_ not in supported:
+        raise StatError(f"resource type {type_!r} is not supported by {verb}")
+    return type_
+
+
 def _stat_rows(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView, req: pb.StatRequest,
                now: float | None) -> list[pb.StatRow]:
-    if not req.selector.type:
-        raise StatError("no resource type given")
-    type_ = canonical_type(req.selector.type)
-    if type_ not in STAT_TYPES:
-        raise StatError(f"resource type {type_!r} is not supported by stat")
+    type_ = _selector_type(req.selector, STAT_TYPES, "stat")
     window = check_window(int(req.window_seconds))
     namespace = "" if req.all_namespaces else (req.selector.namespace or "default")
     scope = None if req.all_namespaces else namespace
@@ -334,11 +340,7 @@ def edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesReque
 
 def _edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesRequest,
            now: float | None) -> list[pb.Edge]:
-    if not req.selector.type:
-        raise StatError("no resource type given")
-    type_ = canonical_type(req.selector.type)
-    if type_ not in EDGE_TYPES:
-        raise StatError(f"resource type {type_!r} is not supported by edges")
+    type_ = _selector_type(req.selector, EDGE_TYPES, "edges")
     window = check_window(int(req.window_seconds))
     namespace = req.selector.namespace or "default"
     if not req.all_namespaces and type_ != "namespace":
