@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -120,6 +121,12 @@ def run_stream(
 ) -> None:
     """Drive a tap stream until it ends, Ctrl-C, or the reader of our output goes away; exit 0 then."""
     stop = threading.Event()
+    # Ctrl-C sets `stop` instead of raising KeyboardInterrupt wherever the main thread happens to be:
+    # raised inside queue.get's lock handling it surfaced as "RuntimeError: release unlocked lock".
+    # The loop sees `stop` within one idle tick and cancels the call.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         with connect(config) as ctl, contextlib.closing(events(ctl, request, stop)) as stream:
             for event in stream:
@@ -138,3 +145,6 @@ def run_stream(
     except CliError:
         stop.set()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
