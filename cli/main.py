@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 import click
+from nodemesh import __version__
 
 # verb -> "module:attribute" (a click.Command) inside nodemesh.cli
 VERBS: dict[str, str] = {
@@ -52,6 +53,7 @@ def _unavailable(name: str) -> click.Command:
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="nodemesh", message="%(prog)s %(version)s")
 def cli() -> None:
     """nodemesh: a service mesh with one agent per node.
 

@@ -16,6 +16,7 @@ if [ "$want_test" = 1 ]; then
   apt_packages+=(nginx-light wrk nghttp2-client curl netcat-openbsd)
   apt_packages+=(ruby shellcheck)  # lint the Vagrantfile (ruby -c) and the shell scripts
   apt_packages+=(chromium)  # the dashboard's browser test (Playwright drives it; never `playwright install`)
+  apt_packages+=(debootstrap buildah)  # tests/integration/image: build the Dockerfile without Docker
 fi
 
 missing=()
