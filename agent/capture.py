@@ -8,8 +8,7 @@ subprocess per backend, awaited on the event loop.
 
 from __future__ import annotations
 
-import asyncio
-
+from nodemesh.agent import spawn
 from nodemesh.redirector.plan import hook_present
 
 BACKENDS = ("nft", "legacy")   # the redirector installs into whichever one the node's rules use
@@ -21,13 +20,10 @@ async def capture_active() -> bool | None:
     unknown = False
     for backend in BACKENDS:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                f"iptables-{backend}-save", "-t", "nat",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            code, out = await spawn.run([f"iptables-{backend}-save", "-t", "nat"])
         except OSError:  # this backend's tools are not installed
             continue
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
+        if code != 0:
             unknown = True
         elif hook_present(out.decode("utf-8", "replace")):
             return True

@@ -9,8 +9,9 @@ or thread exists) while the parent has imported only the data path (`nodemesh.ag
 asyncio, uvloop, httptools, hpack, protobuf messages). Those pages stay shared copy-on-write
 (`gc.freeze()` first, so no collector pass dirties them); the parent imports its own heavy modules
 (prometheus-client, the controller's grpc) only after the fork. A worker that dies is restarted by
-*exec* (`python -m nodemesh.agent.worker`): by then the parent may run grpc's threads, and forking
-a threaded process is unsafe. A restarted worker costs its own memory, nothing else changes.
+*exec* (`python -m nodemesh.agent.worker`) through posix_spawn, never fork(): by then the parent runs
+grpc's threads, and a fork() there runs grpc's atfork handlers (agent/spawn.py; asyncio's own
+subprocesses fork under uvloop). A restarted worker costs its own memory, nothing else changes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from nodemesh.agent import workerlink
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.sockets import enable_request_migration
+from nodemesh.agent.spawn import Child, spawn
 from nodemesh.agent.worker import config_to_json, run_forked
 
 log = logging.getLogger("nodemesh.agent.supervisor")
@@ -80,45 +82,6 @@ def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[For
     return forked
 
 
-class ForkedProcess:
-    """The parts of asyncio.subprocess.Process the supervisor uses, for a forked worker: exit
-    is watched through a pidfd on the running loop (uvloop's child watcher only knows its own)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self._exited: asyncio.Future[int] | None = None
-
-    async def wait(self) -> int:
-        if self.returncode is not None:
-            return self.returncode
-        if self._exited is None:
-            loop = asyncio.get_running_loop()
-            exited: asyncio.Future[int] = loop.create_future()
-            pidfd = os.pidfd_open(self.pid)
-
-            def reap() -> None:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-                _, status = os.waitpid(self.pid, 0)
-                self.returncode = os.waitstatus_to_exitcode(status)
-                exited.set_result(self.returncode)
-
-            loop.add_reader(pidfd, reap)
-            self._exited = exited
-        return await asyncio.shield(self._exited)
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
 def listeners_on(port: int) -> int:
     """TCP sockets listening on `port` in this network namespace (each worker holds one)."""
     count = 0
@@ -156,7 +119,7 @@ class Supervisor:
         self.config = config
         self.event_log = event_log
         self.node: object | None = None
-        self.workers: dict[int, asyncio.subprocess.Process | ForkedProcess] = {}
+        self.workers: dict[int, Child] = {}
         self.stopping = False
         self.restarts = 0
         self._forked = {f.index: f for f in forked or ()}
@@ -204,7 +167,7 @@ class Supervisor:
     async def _adopt(self, f: Forked) -> None:
         """Take over a worker forked before the loop started."""
         self.node.attach_worker(f.index, f.parent_end)  # type: ignore[union-attr]
-        self.workers[f.index] = ForkedProcess(f.pid)
+        self.workers[f.index] = Child(f.pid)
         if (await _read_ready(f.ready_fd)).strip() != b"ready":
             log.error("event=worker_not_ready index=%d pid=%d", f.index, f.pid)
         else:
@@ -217,13 +180,14 @@ class Supervisor:
                 "--channel-fd", str(fd), "--config", config_to_json(self.config)]
         if self.event_log:
             argv += ["--event-log", self.event_log]
-        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(fd,), stdout=asyncio.subprocess.PIPE)
-        child_end.close()
+        try:
+            proc = spawn(argv, pass_fds=(fd,), capture_stdout=True)
+        finally:
+            child_end.close()
         self.node.attach_worker(index, parent_end)  # type: ignore[union-attr]
         self.workers[index] = proc
-        assert proc.stdout is not None
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
+            line = await asyncio.wait_for(proc.readline(), READY_TIMEOUT_S)
         except TimeoutError:
             line = b""
         if line.strip() != b"ready":

@@ -197,5 +197,6 @@ exit $ok
         assert "capture installed on each node" in sections["check"]
         assert int(sections["rules"].strip()) >= 2        # the hook and our chain
         assert sections["rules-after"].strip() == "0"      # the redirector's SIGTERM removed everything
+        assert "fork_posix" not in sections["agent"]       # issue 11 item 5, in the image too
     finally:
         run(["ip", "netns", "del", netns], check=False)
