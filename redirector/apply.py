@@ -8,20 +8,21 @@
 - Removal deletes our hooks, any rule anywhere carrying a `nodemesh:` comment, and our chains. With the
   nft backend a table left empty that only nodemesh used is deleted too, so `iptables-save` reads as
   before. (The legacy backend cannot unload a table from a namespace; see docs/redirector.md.)
-- Backend: whichever iptables backend already holds rules (kube-proxy's), else what `iptables` on PATH
-  points to. ebtables always uses the nft backend when the kernel lacks legacy ebtables tables.
+- Backend: the node's (redirector/backend.py: kube-proxy's, found without creating a table in either
+  backend); nothing is ever written to, or read with `-t` from, the other one. ebtables follows it
+  where the kernel has legacy ebtables, else uses nft.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from nodemesh.redirector import backend as backend_mod
+from nodemesh.redirector.backend import Backend
 from nodemesh.redirector.plan import (
     CHAIN_INBOUND,
     CHAIN_OUTBOUND,
@@ -33,7 +34,6 @@ from nodemesh.redirector.plan import (
 )
 from pyroute2 import IPRoute, NetNS
 
-Backend = Literal["nft", "legacy"]
 OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT)
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
@@ -88,22 +88,12 @@ def strip_save(text: str) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
-def detect_backend(netns: str | None = None) -> Backend:
-    """The backend the node's other rules (kube-proxy's) live in; else the one `iptables` points to."""
-    for backend in ("nft", "legacy"):
-        text = Netfilter(backend, netns=netns).save()   # type: ignore[arg-type]
-        if any(line.startswith("-A ") for line in text.splitlines()):
-            return backend  # type: ignore[return-value]
-    target = os.path.realpath(_which("iptables") or "/usr/sbin/iptables")
-    return "legacy" if "legacy" in os.path.basename(target) else "nft"
-
-
-def _which(name: str) -> str | None:
-    for d in os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
-        path = os.path.join(d, name)
-        if os.access(path, os.X_OK):
-            return path
-    return None
+# ---------------------------------------------------------------------------------- iptables backend
+# Which backend (nft or legacy) is the node's: redirector/backend.py, which reads both without
+# creating a table in either. Re-exported here for the callers that import it from apply.
+detect_backend = backend_mod.detect_backend
+detect_eb_backend = backend_mod.detect_eb_backend
+# ------------------------------------------------------------------------------ end iptables backend
 
 
 # ----------------------------------------------------------------------------------------- parsing

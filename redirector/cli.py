@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
-from nodemesh.redirector.apply import ApplyError, Netfilter, Redirector, detect_backend
+from nodemesh.redirector.apply import ApplyError, Netfilter, Redirector, detect_backend, detect_eb_backend
 from nodemesh.redirector.config import (
     DEFAULT_ROUTE_TABLE,
     DEFAULT_RULE_PRIORITY,
@@ -94,7 +94,8 @@ def _runner_config(args: argparse.Namespace, config: CaptureConfig) -> RunnerCon
 
 def _redirector(args: argparse.Namespace) -> Redirector:
     backend = detect_backend(args.netns) if args.backend == "auto" else args.backend
-    return Redirector(Netfilter(backend=backend, netns=args.netns))
+    return Redirector(Netfilter(backend=backend, eb_backend=detect_eb_backend(backend, args.netns),
+                                netns=args.netns))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
