@@ -76,17 +76,18 @@ def run_checks(config: ClientConfig, client_version: str = __version__) -> list[
     except CliError as exc:
         return [CheckStep(
             "controller reachable", False, (exc.message,),
-            "is the controller running? nodemesh finds it through --controller, NODEMESH_CONTROLLER, "
-            "the running sandbox, or the current kube context",
+            "is the controller running? nodemesh finds it through --controller, --sandbox or --context, "
+            "else NODEMESH_CONTROLLER, NODEMESH_SANDBOX, the current kube context, and only when there is "
+            "no kube context the running sandbox",
         )]
     return [CheckStep(f"controller reachable ({where})", True), *controller_steps(resp, client_version)]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @controller_options
-def check(controller: str | None, token_file: str | None) -> None:
+def check(client: ClientConfig) -> None:
     """Check that the controller, the agents and capture work; exit 1 if anything fails."""
-    steps = run_checks(ClientConfig.from_cli(controller, token_file))
+    steps = run_checks(client)
     click.echo(check_report(TITLE, steps), nl=False)
     if not all(s.ok for s in steps):
         raise SystemExit(1)

@@ -1,15 +1,24 @@
 """Finding the controller and talking to it.
 
-The address comes from, in order: `--controller HOST:PORT`, `NODEMESH_CONTROLLER`, the running
-sandbox (`<sandbox root>/<cluster>/controller.addr`, written by `nodemesh install --sandbox`), and
-last a port-forward through the Kubernetes API to the controller pod (current kubeconfig). Every
-failure a user can cause or meet becomes one `Error: ...` line and exit 1 (click's
-ClickException), never a traceback.
+Which cluster, explicit before implicit (kubectl's rules for Kubernetes, cli/kubecontext.py):
+
+1. a flag: `--controller HOST:PORT`, `--sandbox` (the local sandbox) or `--context NAME` (a kube
+   context) — at most one of them;
+2. the environment: `NODEMESH_CONTROLLER`, then `NODEMESH_SANDBOX` (names the sandbox cluster);
+3. the current kube context (`--kubeconfig`, `$KUBECONFIG` as a list of files, `~/.kube/config`):
+   a port-forward through the Kubernetes API to the controller pod;
+4. only when there is no kube context at all: the running sandbox
+   (`<sandbox root>/<cluster>/controller.addr`, written by `nodemesh install --sandbox`).
+
+A sandbox running on the same machine never overrides the kube context: that picked the wrong
+cluster on a real machine (issue 11). Every failure a user can cause or meet becomes one
+`Error: ...` line and exit 1 (click's ClickException), never a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -17,7 +26,7 @@ import select
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +34,7 @@ import click
 import grpc
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import CONTROLLER_GRPC_PORT, GRPC_CHANNEL_OPTIONS
+from nodemesh.cli.kubecontext import KubeConfigError, KubeContext, current_context
 
 log = logging.getLogger("nodemesh.cli")
 
@@ -51,17 +61,27 @@ class CliError(click.ClickException):
 class ClientConfig:
     """How the CLI reaches the controller; built once per command from flags and environment."""
 
-    controller: str | None = None     # --controller or NODEMESH_CONTROLLER
+    controller: str | None = None     # --controller: this address
     token: str | None = None          # bearer token (NODEMESH_TOKEN or --token-file)
     sandbox_root: Path = DEFAULT_SANDBOX_ROOT
-    sandbox: str | None = None        # cluster name under sandbox_root (NODEMESH_SANDBOX)
+    use_sandbox: bool = False         # --sandbox: the local sandbox's controller
+    context: str | None = None        # --context: this kube context
+    kubeconfig: str | None = None     # --kubeconfig: this file instead of $KUBECONFIG / ~/.kube/config
+    env_controller: str | None = None  # NODEMESH_CONTROLLER
+    env_sandbox: str | None = None     # NODEMESH_SANDBOX: the sandbox, and which cluster
+    kube_env: tuple[tuple[str, str], ...] = ()   # KUBECONFIG and HOME, as the command saw them
     timeout_s: float = DEFAULT_TIMEOUT_S
 
     @classmethod
     def from_cli(
-        cls, controller: str | None, token_file: str | None, env: Mapping[str, str] | None = None,
+        cls, controller: str | None, token_file: str | None, env: Mapping[str, str] | None = None, *,
+        use_sandbox: bool = False, context: str | None = None, kubeconfig: str | None = None,
     ) -> ClientConfig:
         env = os.environ if env is None else env
+        chosen = [flag for flag, given in (("--controller", controller), ("--sandbox", use_sandbox),
+                                           ("--context", context)) if given]
+        if len(chosen) > 1:
+            raise CliError(f"{' and '.join(chosen)} name different clusters: pass only one")
         token = env.get("NODEMESH_TOKEN") or None
         if token_file:
             try:
@@ -69,25 +89,42 @@ class ClientConfig:
             except OSError as exc:
                 raise CliError(f"cannot read token file {token_file}: {exc.strerror}") from None
         return cls(
-            controller=controller or env.get("NODEMESH_CONTROLLER") or None,
+            controller=controller or None,
             token=token,
             sandbox_root=Path(env.get("NODEMESH_SANDBOX_ROOT") or DEFAULT_SANDBOX_ROOT),
-            sandbox=env.get("NODEMESH_SANDBOX") or None,
+            use_sandbox=use_sandbox, context=context or None, kubeconfig=kubeconfig or None,
+            env_controller=env.get("NODEMESH_CONTROLLER") or None,
+            env_sandbox=env.get("NODEMESH_SANDBOX") or None,
+            kube_env=tuple((k, env[k]) for k in ("KUBECONFIG", "HOME") if env.get(k)),
         )
 
 
 def controller_options(func: F) -> F:
-    """The connection flags every verb that talks to the controller takes."""
-    func = click.option(
-        "--token-file", type=click.Path(dir_okay=False), default=None,
-        help="File holding a bearer token sent to the controller (else NODEMESH_TOKEN).",
-    )(func)
-    func = click.option(
-        "--controller", envvar="NODEMESH_CONTROLLER", default=None, metavar="HOST:PORT",
-        help="Controller gRPC address (else NODEMESH_CONTROLLER, the running sandbox, or a "
-             "port-forward to the controller pod of the current kube context).",
-    )(func)
-    return func
+    """The flags that choose the cluster (and the credentials) for every verb that talks to the
+    controller; the command receives them as one `client: ClientConfig`."""
+
+    @functools.wraps(func)
+    def command(*args: Any, controller: str | None, sandbox: bool, context: str | None,
+                kubeconfig: str | None, token_file: str | None, **kwargs: Any) -> Any:
+        client = ClientConfig.from_cli(controller, token_file, use_sandbox=sandbox, context=context,
+                                       kubeconfig=kubeconfig)
+        return func(*args, client=client, **kwargs)
+
+    for option in reversed((
+        click.option("--context", default=None, metavar="NAME",
+                     help="Kube context to use (default: the kubeconfig's current-context)."),
+        click.option("--kubeconfig", default=None, metavar="FILE",
+                     help="Kubeconfig file (default: $KUBECONFIG, a list of files, else ~/.kube/config)."),
+        click.option("--sandbox", is_flag=True, default=False,
+                     help="Talk to the local sandbox's controller (NODEMESH_SANDBOX names the cluster)."),
+        click.option("--controller", default=None, metavar="HOST:PORT",
+                     help="Controller gRPC address (else NODEMESH_CONTROLLER, NODEMESH_SANDBOX, the "
+                          "current kube context, or the sandbox when there is no kube context)."),
+        click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+                     help="File holding a bearer token sent to the controller (else NODEMESH_TOKEN)."),
+    )):
+        command = option(command)
+    return command  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------- address resolution
@@ -117,7 +154,7 @@ def sandbox_address_file(root: Path, cluster: str | None) -> Path | None:
         if default in found:
             return default  # test clusters come and go beside the user's own
         names = ", ".join(p.parent.name for p in found)
-        raise CliError(f"several sandboxes are running ({names}): set NODEMESH_SANDBOX or pass --controller")
+        raise CliError(f"several sandboxes are running ({names}): set NODEMESH_SANDBOX=NAME or pass --controller")
     return found[0] if found else None
 
 
@@ -135,25 +172,79 @@ def write_sandbox_address(state_dir: Path, host: str, port: int) -> Path:
 class Target:
     """Where the controller is, and how we learned it (named in errors)."""
 
-    address: str  # host:port for grpc
+    address: str | None  # host:port for grpc; None until a kube port-forward is open
     origin: str
     token: str | None = None  # the sandbox's own token, used when the user gave none
+    sandbox_dir: Path | None = None      # a sandbox's state directory
+    kube: KubeContext | None = None      # reach it through this kube context
 
 
-def resolve_target(config: ClientConfig) -> Target | None:
-    """The controller address from flags, env or sandbox state; None means: try Kubernetes."""
+NO_CLUSTER_HINT = ("use --context NAME (or `kubectl config use-context NAME`), --sandbox after "
+                   "`nodemesh install --sandbox`, or --controller HOST:PORT")
+
+
+def resolve_target(config: ClientConfig) -> Target:
+    """The controller's cluster, explicit choices first (see the module docstring)."""
     if config.controller:
-        host, port = parse_hostport(config.controller, "--controller/NODEMESH_CONTROLLER")
-        return Target(_grpc_address(host, port), "--controller/NODEMESH_CONTROLLER")
-    path = sandbox_address_file(config.sandbox_root, config.sandbox)
+        return _direct(config.controller, "--controller")
+    if config.use_sandbox:
+        return _sandbox_target(config, config.env_sandbox, "--sandbox")
+    if config.context:
+        return Target(None, f"kube context {config.context}", kube=_kube_context(config))
+    if config.env_controller:
+        return _direct(config.env_controller, "NODEMESH_CONTROLLER")
+    if config.env_sandbox:
+        return _sandbox_target(config, config.env_sandbox, f"NODEMESH_SANDBOX={config.env_sandbox}")
+    kube = _kube_context(config)
+    if kube is not None:
+        return Target(None, f"kube context {kube.name}", kube=kube)
+    path = sandbox_address_file(config.sandbox_root, None)
     if path is not None:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise CliError(f"cannot read {path}: {exc.strerror}") from None
-        host, port = parse_hostport(text, str(path))
-        return Target(_grpc_address(host, port), f"sandbox state {path}", _sandbox_token(path.parent))
-    return None
+        return _sandbox_at(path, "no kube context")
+    raise CliError(f"no cluster to talk to: no kube context ({_kube_where(config)}) and no sandbox "
+                   f"running ({config.sandbox_root}): {NO_CLUSTER_HINT}")
+
+
+def _direct(address: str, origin: str) -> Target:
+    host, port = parse_hostport(address, origin)
+    return Target(_grpc_address(host, port), origin)
+
+
+def _kube_context(config: ClientConfig) -> KubeContext | None:
+    try:
+        return current_context(config.kubeconfig, config.context, dict(config.kube_env))
+    except KubeConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _kube_where(config: ClientConfig) -> str:
+    env = dict(config.kube_env)
+    if config.kubeconfig:
+        return f"--kubeconfig {config.kubeconfig} has no current-context"
+    if env.get("KUBECONFIG"):
+        return f"KUBECONFIG={env['KUBECONFIG']} sets no current-context"
+    home = Path(env.get("HOME") or os.path.expanduser("~"))
+    default = home / ".kube" / "config"
+    return f"{default} has no current-context" if default.is_file() else f"no {default}"
+
+
+def _sandbox_target(config: ClientConfig, cluster: str | None, asked_by: str) -> Target:
+    path = sandbox_address_file(config.sandbox_root, cluster)
+    if path is None:
+        which = f"sandbox {cluster!r}" if cluster else "a sandbox"
+        raise CliError(f"{asked_by}: {which} has no controller under {config.sandbox_root}: start one with "
+                       "`nodemesh sandbox up` and `nodemesh install --sandbox`")
+    return _sandbox_at(path, asked_by)
+
+
+def _sandbox_at(path: Path, why: str) -> Target:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    host, port = parse_hostport(text, str(path))
+    return Target(_grpc_address(host, port), f"sandbox state {path}; {why}", _sandbox_token(path.parent),
+                  sandbox_dir=path.parent)
 
 
 def _sandbox_token(state_dir: Path) -> str | None:
@@ -176,19 +267,18 @@ class KubePortForward:
     """A local TCP listener on 127.0.0.1 whose connections are tunnelled to the controller pod's
     gRPC port through the Kubernetes API (what `kubectl port-forward` does), so grpc can dial it."""
 
-    def __init__(self, remote_port: int = CONTROLLER_GRPC_PORT, local_port: int = 0) -> None:
+    def __init__(self, context: KubeContext, remote_port: int = CONTROLLER_GRPC_PORT, local_port: int = 0) -> None:
         try:
             from kubernetes import client, config  # heavy import: only on this path
         except ImportError as exc:  # pragma: no cover - kubernetes is a hard dependency
             raise CliError(f"kubernetes client unavailable: {exc}") from None
+        self.context = context
         try:
-            config.load_kube_config()
+            # The context by name: the client's loader must not pick its own current-context.
+            api = config.new_client_from_config(config_file=context.config_file, context=context.name)
         except Exception as exc:  # noqa: BLE001 - any kubeconfig problem is one user-facing line
-            raise CliError(
-                "no controller address: pass --controller HOST:PORT, set NODEMESH_CONTROLLER, start a "
-                f"sandbox, or configure kubectl (kubeconfig: {exc})"
-            ) from None
-        self._core = client.CoreV1Api()
+            raise CliError(f"kube context {context.name}: cannot use it ({_one_line(exc)})") from None
+        self._core = client.CoreV1Api(api)
         self._remote_port = remote_port
         self.pod = self._find_pod()
         self._listener = socket.create_server(("127.0.0.1", local_port))
@@ -197,16 +287,19 @@ class KubePortForward:
         threading.Thread(target=self._accept_loop, name="nodemesh-portforward", daemon=True).start()
 
     def _find_pod(self) -> str:
+        where = f"kube context {self.context.name} ({self.context.server})"
         try:
-            pods = self._core.list_namespaced_pod(CONTROLLER_NAMESPACE, label_selector=CONTROLLER_LABEL)
+            pods = self._core.list_namespaced_pod(CONTROLLER_NAMESPACE, label_selector=CONTROLLER_LABEL,
+                                                  _request_timeout=DEFAULT_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - API errors become one line
-            raise CliError(f"cannot list controller pods in namespace {CONTROLLER_NAMESPACE}: {exc}") from None
+            raise CliError(f"cannot list controller pods in namespace {CONTROLLER_NAMESPACE} of {where}: "
+                           f"{_one_line(exc)}") from None
         for pod in pods.items:
             if pod.status and pod.status.phase == "Running":
                 return str(pod.metadata.name)
         raise CliError(
-            f"no running controller pod ({CONTROLLER_LABEL}) in namespace {CONTROLLER_NAMESPACE}: "
-            "is nodemesh installed? (nodemesh install)"
+            f"no running controller pod ({CONTROLLER_LABEL}) in namespace {CONTROLLER_NAMESPACE} of {where}: "
+            "is nodemesh installed there? (nodemesh install | kubectl apply -f -; for the local sandbox: --sandbox)"
         )
 
     def _accept_loop(self) -> None:
@@ -241,6 +334,15 @@ class KubePortForward:
         self._listener.close()
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception from the kubernetes client as one short line (ApiException's str has headers)."""
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
+    if status and reason:
+        return f"{status} {reason}"
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
 def _splice(a: Any, b: Any) -> None:
     """Copy bytes both ways until either side closes."""
     peers = {a: b, b: a}
@@ -266,6 +368,7 @@ class Controller:
         self.target = target
         self.config = config
         self._forward = forward
+        assert target.address is not None, "a kube target is connected through its port-forward first"
         self.channel = grpc.insecure_channel(target.address, options=GRPC_CHANNEL_OPTIONS)
         self.stub = pb_grpc.ControllerStub(self.channel)
         token = config.token or target.token
@@ -297,6 +400,9 @@ class Controller:
             )
         if code == grpc.StatusCode.UNAUTHENTICATED:
             hint = "" if "--token-file" in details else " (check NODEMESH_TOKEN/--token-file)"
+            if self.target.kube is not None and not (self.config.token or self.target.token):
+                hint = (" (get a token: export NODEMESH_TOKEN=$(kubectl -n nodemesh create token nodemesh-cli "
+                        "--audience nodemesh-controller))")
             return CliError(f"the controller refused our credentials: {details}{hint}")
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return CliError(f"the controller refused this call: {details}")
@@ -311,9 +417,11 @@ class Controller:
 def connect(config: ClientConfig) -> Iterator[Controller]:
     target = resolve_target(config)
     forward = None
-    if target is None:
-        forward = KubePortForward()
-        target = Target(forward.address, f"port-forward to pod {CONTROLLER_NAMESPACE}/{forward.pod}")
+    if target.kube is not None:
+        forward = KubePortForward(target.kube)
+        target = replace(target, address=forward.address,
+                         origin=f"port-forward to pod {CONTROLLER_NAMESPACE}/{forward.pod}, "
+                                f"kube context {target.kube.name}")
     controller = Controller(target, config, forward)
     try:
         yield controller

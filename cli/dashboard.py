@@ -1,10 +1,10 @@
 """`nodemesh dashboard`: open the controller's web dashboard (port 8084), or print its URL.
 
-Where the dashboard is: the controller's address as every verb resolves it (cli/client.py:
-`--controller`, NODEMESH_CONTROLLER, the running sandbox), on the web port 8084 — or, in a
-sandbox, the `dashboard.addr` file beside `controller.addr` when the installer wrote one. With
-none of those, it port-forwards a local port to the controller pod's 8084 through the Kubernetes
-API, and keeps forwarding until Ctrl-C.
+Where the dashboard is: the controller every verb would talk to (cli/client.py: `--controller`,
+`--sandbox`, `--context`, NODEMESH_CONTROLLER, NODEMESH_SANDBOX, the current kube context, else the
+running sandbox), on the web port 8084 — or, in a sandbox, the `dashboard.addr` file beside
+`controller.addr` when the installer wrote one. Through a kube context it port-forwards a local
+port to the controller pod's 8084 through the Kubernetes API, and keeps forwarding until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from nodemesh.cli.client import (
     ClientConfig,
     CliError,
     KubePortForward,
+    Target,
     controller_options,
     parse_hostport,
     resolve_target,
-    sandbox_address_file,
 )
 
 DASHBOARD_ADDR_FILE = "dashboard.addr"
@@ -52,16 +52,13 @@ def _url(host: str, port: int, fragment: str, token: str | None = None) -> str:
     return f"http://{netloc}/{fragment}"
 
 
-def dashboard_url(config: ClientConfig, fragment: str = "") -> tuple[str, str] | None:
-    """(URL, where it came from) without Kubernetes; None means: port-forward."""
-    target = resolve_target(config)
-    if target is None:
-        return None
+def dashboard_url(target: Target, config: ClientConfig, fragment: str = "") -> tuple[str, str]:
+    """(URL, where it came from) of a controller reached directly (not through a kube context)."""
+    assert target.address is not None
     token = config.token or target.token
-    if not config.controller:
-        addr = sandbox_address_file(config.sandbox_root, config.sandbox)
-        side = addr.with_name(DASHBOARD_ADDR_FILE) if addr is not None else None
-        if side is not None and side.is_file():
+    if target.sandbox_dir is not None:
+        side = target.sandbox_dir / DASHBOARD_ADDR_FILE
+        if side.is_file():
             host, port = parse_hostport(side.read_text(), str(side))
             return _url(host, port, fragment, token), f"sandbox state {side}"
     host, _ = parse_hostport(target.address, target.origin)
@@ -88,28 +85,27 @@ def workload_fragment(resource: str | None, namespace: str) -> str:
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_LOCAL_PORT, show_default=True,
               help="Local port of the port-forward (Kubernetes only; 0 picks a free one).")
 @controller_options
-def dashboard(resource: str | None, namespace: str, show: str, port: int, controller: str | None,
-              token_file: str | None) -> None:
+def dashboard(resource: str | None, namespace: str, show: str, port: int, client: ClientConfig) -> None:
     """Open the nodemesh web dashboard (optionally at a workload's page: deploy/web -n emojivoto).
 
     In a sandbox or with --controller the dashboard is reached directly; in a cluster the command
     port-forwards to the controller pod's port 8084 and keeps running until Ctrl-C.
     """
-    config = ClientConfig.from_cli(controller, token_file)
     fragment = workload_fragment(resource, namespace)
-    found = dashboard_url(config, fragment)
-    if found is not None:
-        _present(found[0], show)
+    target = resolve_target(client)
+    if target.kube is None:
+        _present(dashboard_url(target, client, fragment)[0], show)
         return
     try:
-        forward = KubePortForward(remote_port=CONTROLLER_WEB_PORT, local_port=port)
+        forward = KubePortForward(target.kube, remote_port=CONTROLLER_WEB_PORT, local_port=port)
     except OSError as exc:
         raise CliError(f"cannot listen on 127.0.0.1:{port} for the port-forward: {exc.strerror} "
                        "(choose another with --port)") from None
     host, local = parse_hostport(forward.address, "port-forward")
     try:
-        _present(_url(host, local, fragment, config.token), show)
-        click.echo(f"Port-forwarding to pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT}; "
+        _present(_url(host, local, fragment, client.token), show)
+        click.echo(f"Port-forwarding to pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT} "
+                   f"(kube context {target.kube.name}); "
                    "press Ctrl-C to stop.", err=True)
         while True:
             time.sleep(3600)

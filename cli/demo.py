@@ -122,12 +122,25 @@ def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None
     return DemoRun(name=name, controller=controller, steps=times, elapsed=time.monotonic() - total)
 
 
-def next_steps(name: str) -> str:
-    """What to try next; with a non-default cluster, how to point the CLI at it (every verb listed,
+def next_steps(name: str, kube_context: str | None = None) -> str:
+    """What to try next; with a non-default cluster, or a kube context that the CLI would talk to
+    instead of the sandbox (cli/client.py), how to point the CLI at the sandbox (every verb listed,
     `sandbox` and `demo down` included, reads NODEMESH_SANDBOX)."""
-    if name == DEMO_CLUSTER:
+    if name == DEMO_CLUSTER and kube_context is None:
         return NEXT_STEPS
-    return NEXT_STEPS.replace("Try:\n", f"Try (after `export NODEMESH_SANDBOX={name}`):\n", 1)
+    why = f"; without it the CLI talks to your kube context {kube_context!r}" if kube_context else ""
+    return NEXT_STEPS.replace("Try:\n", f"Try (after `export NODEMESH_SANDBOX={name}`{why}):\n", 1)
+
+
+def current_kube_context() -> str | None:
+    """The kube context the CLI would use without NODEMESH_SANDBOX (a broken kubeconfig counts)."""
+    from nodemesh.cli.kubecontext import KubeConfigError, current_context
+
+    try:
+        context = current_context(None, None, os.environ)
+    except KubeConfigError:
+        return "(unreadable kubeconfig)"
+    return context.name if context is not None else None
 
 
 def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
@@ -180,7 +193,7 @@ def demo(ctx: click.Context, nodes: int, rate: float | None, cni: str, name: str
         return
     run = run_demo(name, nodes=nodes, rate=rate, cni=cni)
     click.echo(f"\nemojivoto is meshed ({run.elapsed:.0f}s).\n")
-    click.echo(next_steps(name), nl=False)
+    click.echo(next_steps(name, current_kube_context()), nl=False)
 
 
 @demo.command()

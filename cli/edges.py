@@ -20,7 +20,7 @@ OUTPUTS = ("table", "wide", "json")
 @controller_options
 def edges(
     resource: str, namespace: str, all_namespaces: bool, time_window: str, output: str,
-    controller: str | None, token_file: str | None,
+    client: ClientConfig,
 ) -> None:
     """Caller -> callee edges between resources of one type (deploy, po, sts, ...)."""
     output = check_output(output, OUTPUTS)
@@ -28,7 +28,7 @@ def edges(
         raise CliError("you must specify a resource type (e.g. deploy, po)")
     request = build_edges_request(resource, namespace=namespace, all_namespaces=all_namespaces,
                                   window=time_window)
-    with connect(ClientConfig.from_cli(controller, token_file)) as ctl:
+    with connect(client) as ctl:
         response = ctl.unary("Edges", request)
     if response.error:
         raise CliError(response.error)

@@ -36,7 +36,7 @@ def check_output(value: str, allowed: tuple[str, ...]) -> str:
 def stat(
     resources: tuple[str, ...], namespace: str, all_namespaces: bool, from_: str | None,
     from_namespace: str | None, to: str | None, to_namespace: str | None, time_window: str,
-    label_selector: str, output: str, controller: str | None, token_file: str | None,
+    label_selector: str, output: str, client: ClientConfig,
 ) -> None:
     """Traffic statistics of resources: deploy, sts, ds, job, rs, po, svc, ns, or all.
 
@@ -52,9 +52,8 @@ def stat(
         from_namespace=from_namespace, to=to, to_namespace=to_namespace, window=time_window,
         label_selector=label_selector,
     )
-    config = ClientConfig.from_cli(controller, token_file)
     rows = []
-    with connect(config) as ctl:
+    with connect(client) as ctl:
         for request in requests:
             response = ctl.unary("StatSummary", request)
             if response.error:

@@ -93,7 +93,7 @@ def events(ctl: Controller, request: pb.TapRequest, stop: threading.Event) -> It
 def tap(
     resource: tuple[str, ...], namespace: str, to: str | None, to_namespace: str | None, method: str | None,
     path: str | None, authority: str | None, scheme: str | None, max_rps: float, output: str,
-    controller: str | None, token_file: str | None,
+    client: ClientConfig,
 ) -> None:
     """Watch live requests from or to a resource, until Ctrl-C.
 
@@ -112,7 +112,7 @@ def tap(
     line: Callable[[pb.TapEvent], str] = (
         render.tap_json if output == "json" else functools.partial(render.tap_line, wide=output == "wide")
     )
-    run_stream(ClientConfig.from_cli(controller, token_file), request, lambda event: click.echo(line(event)))
+    run_stream(client, request, lambda event: click.echo(line(event)))
 
 
 def run_stream(

@@ -144,7 +144,7 @@ def top_snapshot(table: TopTable) -> str:
 def top(
     resource: tuple[str, ...], namespace: str, to: str | None, to_namespace: str | None, method: str | None,
     path: str | None, authority: str | None, scheme: str | None, max_rps: float, interval: float | None,
-    controller: str | None, token_file: str | None,
+    client: ClientConfig,
 ) -> None:
     """A live table of the busiest paths of a resource, from tap, until Ctrl-C.
 
@@ -156,12 +156,11 @@ def top(
         resource, namespace=namespace, to=to, to_namespace=to_namespace, method=method, path=path,
         authority=authority, scheme=scheme, max_rps=max_rps,
     )
-    config = ClientConfig.from_cli(controller, token_file)
     table = TopTable()
     if sys.stdout.isatty():
-        _run_live(config, request, table, interval or 0.5)
+        _run_live(client, request, table, interval or 0.5)
     else:
-        _run_plain(config, request, table, interval or 5.0)
+        _run_plain(client, request, table, interval or 5.0)
 
 
 def _run_live(config: ClientConfig, request: pb.TapRequest, table: TopTable, interval: float) -> None:

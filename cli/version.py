@@ -24,12 +24,12 @@ def version_lines(resp: pb.CheckResponse) -> list[str]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--client", "client_only", is_flag=True, help="Print the client version only.")
 @controller_options
-def version(client_only: bool, controller: str | None, token_file: str | None) -> None:
+def version(client_only: bool, client: ClientConfig) -> None:
     """Print the client, controller and agent versions."""
     click.echo(f"Client version: {__version__}")
     if client_only:
         return
-    with connect(ClientConfig.from_cli(controller, token_file)) as ctl:
+    with connect(client) as ctl:
         resp = ctl.unary("Check", pb.CheckRequest())
     for line in version_lines(resp):
         click.echo(line)

@@ -11,6 +11,13 @@ from cli_testkit import FakeController, Served
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 
 
+@pytest.fixture(autouse=True)
+def no_kubeconfig(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own kube context never reaches these tests (the CLI prefers it to a sandbox)."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+
+
 @pytest.fixture
 def controller() -> Iterator[Served]:
     fake = FakeController()

@@ -26,7 +26,7 @@ def dead_port() -> Iterator[int]:
 def test_cli_client_flag_beats_env_beats_sandbox(tmp_path: Path) -> None:
     (tmp_path / "c1").mkdir()
     (tmp_path / "c1" / "controller.addr").write_text("10.0.0.1:8085\n")
-    env = {"NODEMESH_SANDBOX_ROOT": str(tmp_path)}
+    env = {"NODEMESH_SANDBOX_ROOT": str(tmp_path), "HOME": str(tmp_path)}   # no kubeconfig: the sandbox
     assert resolve_target(ClientConfig.from_cli(None, None, env)).address == "10.0.0.1:8085"
     env["NODEMESH_CONTROLLER"] = "127.0.0.1:9000"
     assert resolve_target(ClientConfig.from_cli(None, None, env)).address == "127.0.0.1:9000"
@@ -34,8 +34,10 @@ def test_cli_client_flag_beats_env_beats_sandbox(tmp_path: Path) -> None:
 
 
 def test_cli_client_sandbox_choice(tmp_path: Path) -> None:
-    env = {"NODEMESH_SANDBOX_ROOT": str(tmp_path)}
-    assert resolve_target(ClientConfig.from_cli(None, None, env)) is None  # -> Kubernetes port-forward
+    """Which sandbox, when the sandbox is what the CLI talks to (more: test_cli_context.py)."""
+    env = {"NODEMESH_SANDBOX_ROOT": str(tmp_path), "HOME": str(tmp_path)}
+    with pytest.raises(CliError, match="no cluster to talk to"):
+        resolve_target(ClientConfig.from_cli(None, None, env))
     for name in ("a", "b"):  # two test clusters, none the default one
         (tmp_path / name).mkdir()
         (tmp_path / name / "controller.addr").write_text(f"127.0.0.{1 if name == 'a' else 2}:8085")
@@ -120,7 +122,8 @@ def test_cli_client_no_address_anywhere(tmp_path: Path) -> None:
     env = {"NODEMESH_CONTROLLER": "", "NODEMESH_SANDBOX_ROOT": str(tmp_path), "KUBECONFIG": str(tmp_path / "nope"),
            "HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": ""}
     result = CliRunner().invoke(cli, ["stat", "deploy"], env=env, catch_exceptions=False)
-    _one_error_line(result, "no controller address: pass --controller HOST:PORT, set NODEMESH_CONTROLLER")
+    _one_error_line(result, "no cluster to talk to: no kube context")
+    assert "--context NAME" in result.stderr and "--sandbox" in result.stderr and "--controller" in result.stderr
 
 
 def test_cli_client_sandbox_address_roundtrip(tmp_path: Path) -> None:
@@ -129,7 +132,8 @@ def test_cli_client_sandbox_address_roundtrip(tmp_path: Path) -> None:
     (tmp_path / "nodemesh").mkdir()
     path = write_sandbox_address(tmp_path / "nodemesh", "10.200.0.2", 8085)
     assert path.read_text() == "10.200.0.2:8085\n"
-    target = resolve_target(ClientConfig.from_cli(None, None, {"NODEMESH_SANDBOX_ROOT": str(tmp_path)}))
+    target = resolve_target(ClientConfig.from_cli(None, None, {"NODEMESH_SANDBOX_ROOT": str(tmp_path),
+                                                                "HOME": str(tmp_path)}))
     assert target.address == "10.200.0.2:8085"
 
 

@@ -23,6 +23,8 @@ def no_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("NODEMESH_CONTROLLER", "NODEMESH_SANDBOX", "NODEMESH_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NODEMESH_SANDBOX_ROOT", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))       # no kube context: the sandbox is the only cluster
+    monkeypatch.delenv("KUBECONFIG", raising=False)
     return tmp_path
 
 
@@ -45,6 +47,12 @@ def test_dashboard_url_from_sandbox_state(no_sandbox: Path) -> None:
     assert run(["--show", "url"])[:2] == (0, "http://10.99.0.2:18084/\n")
     # --controller wins over the sandbox (and its dashboard.addr).
     assert run(["--controller", "127.0.0.1:8085", "--show", "url"])[1] == "http://127.0.0.1:8084/\n"
+    # With a kube context the sandbox is used only when asked for.
+    kube = no_sandbox / ".kube" / "config"
+    kube.parent.mkdir()
+    kube.write_text("current-context: c\ncontexts: [{name: c, context: {cluster: k}}]\n"
+                    "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\n")
+    assert run(["--sandbox", "--show", "url"])[:2] == (0, "http://10.99.0.2:18084/\n")
 
 
 def test_dashboard_workload_deep_link(no_sandbox: Path) -> None:
