@@ -98,12 +98,16 @@ def _new_socket() -> socket.socket:
 def enable_request_migration() -> bool:
     """net.ipv4.tcp_migrate_req=1: when a draining agent closes its SO_REUSEPORT listener, the
     connections still in its accept queue move to another listener of the group instead of being
-    reset. Per network namespace; best effort (read-only /proc in some containers)."""
+    reset. Per network namespace. Read first: in a container /proc/sys is read-only, so there the
+    DaemonSet's privileged init container sets it (`python -m nodemesh.redirector sysctls`) and
+    the agent only checks; written here when it may (the sandbox, a node process)."""
+    path = "/proc/sys/net/ipv4/tcp_migrate_req"
     try:
-        with open("/proc/sys/net/ipv4/tcp_migrate_req", "r+") as f:
-            if f.read().strip() != "1":
-                f.seek(0)
-                f.write("1")
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return True
+        with open(path, "w") as f:
+            f.write("1")
         return True
     except OSError:
         return False

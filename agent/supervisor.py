@@ -128,7 +128,9 @@ class Supervisor:
         from nodemesh.agent.node import NodeTelemetry
 
         if not enable_request_migration():
-            log.warning("event=tcp_migrate_req_unavailable effect=queued_connections_may_reset_on_restart")
+            log.warning("event=tcp_migrate_req_unavailable effect=queued_connections_may_reset_on_restart "
+                        "hint=\"set net.ipv4.tcp_migrate_req=1 on the node: python -m nodemesh.redirector "
+                        "sysctls, as root with /proc/sys writable (the DaemonSet's node-sysctls init container)\"")
         node = NodeTelemetry(self.config)
         self.node = node
         await node.start()

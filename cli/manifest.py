@@ -540,6 +540,22 @@ def _init_pod_cidrs(v: InstallValues) -> dict[str, Any]:
     }
 
 
+def _init_node_sysctls(v: InstallValues) -> dict[str, Any]:
+    """Sets net.ipv4.tcp_migrate_req=1 on the node (redirector/sysctls.py: a rolling update then
+    resets no queued connection). /proc/sys is read-only in every container that is not
+    privileged, whatever its capabilities, and under hostNetwork the pod may not declare net.*
+    sysctls: so this one container is privileged, runs for a moment, and writes nothing else."""
+    return {
+        "name": "node-sysctls",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-m", "nodemesh.redirector", "sysctls"],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "64Mi"}},
+        "securityContext": {"privileged": True, "readOnlyRootFilesystem": True, "runAsNonRoot": False,
+                            "runAsUser": 0},
+    }
+
+
 def _daemonset(v: InstallValues) -> dict[str, Any]:
     config = v.mesh_config()
     agent = {
@@ -656,7 +672,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                     "terminationGracePeriodSeconds": v.drainGraceSeconds + TERMINATION_MARGIN_S,
                     "tolerations": [{"operator": "Exists"}],
                     "securityContext": pod_security,
-                    "initContainers": [_init_pod_cidrs(v)],
+                    "initContainers": [_init_node_sysctls(v), _init_pod_cidrs(v)],
                     "containers": [agent, redirector],
                     "volumes": volumes,
                 },

@@ -1,4 +1,4 @@
-"""`python -m nodemesh.redirector plan|apply|remove|run`: the redirector's command line."""
+"""`python -m nodemesh.redirector plan|apply|remove|run|sysctls`: the redirector's command line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from nodemesh.redirector.config import (
 )
 from nodemesh.redirector.plan import build_plan, render_dry_run
 from nodemesh.redirector.runner import FailOpenRunner, KVLog, RunnerConfig
+from nodemesh.redirector.sysctls import ensure_node_sysctls
 
 
 def _csv(text: str) -> list[str]:
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--shutdown-wait", type=float, default=RunnerConfig.shutdown_wait_s,
                      help="at shutdown, keep the return path this long at most while the agent still "
                           "carries captured connections (its drain grace plus a margin)")
+    sub.add_parser("sysctls", help="set the node sysctls the agent relies on (net.ipv4.tcp_migrate_req=1); "
+                                   "the DaemonSet's privileged init container runs it")
     return parser
 
 
@@ -101,6 +104,9 @@ def _redirector(args: argparse.Namespace) -> Redirector:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = KVLog()
+    if args.verb == "sysctls":
+        ensure_node_sysctls(log)   # logged one line each; never fatal: the mesh works without them
+        return 0
     try:
         config = _capture_config(args, required=args.verb != "remove")
         if args.verb == "plan":

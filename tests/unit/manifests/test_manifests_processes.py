@@ -220,3 +220,10 @@ def test_manifests_redirector_keeps_the_return_path_as_long_as_the_agent_drains(
         args = _parser().parse_args(_run_wrapper(_container(spec, "redirector"), cidrs))
         runner = _runner_config(args, _capture_config(args))
         assert drain < runner.shutdown_wait_s < spec["terminationGracePeriodSeconds"]
+
+
+def test_manifests_node_sysctls_init_container_parses() -> None:
+    init = _container(_pod_spec("DaemonSet"), "node-sysctls")
+    python, flag, module, *rest = init["command"]
+    assert (python, flag, module) == ("python", "-m", "nodemesh.redirector")
+    assert _parser().parse_args(rest).verb == "sysctls"

@@ -141,6 +141,21 @@ def test_manifests_capabilities_are_net_admin_and_net_raw_only() -> None:
         assert container["securityContext"]["privileged"] is False
 
 
+def test_manifests_only_the_sysctl_init_container_is_privileged() -> None:
+    """/proc/sys is read-only unless privileged: the one privileged container sets the node's
+    net.ipv4.tcp_migrate_req and nothing else — no volume, no env, no token, runs first."""
+    docs = _docs(render_daemonset())
+    spec = _find(docs, "DaemonSet")["spec"]["template"]["spec"]
+    privileged = [c["name"] for d in docs if d["kind"] in ("DaemonSet", "Deployment")
+                  for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"][
+                      "containers"] if c["securityContext"].get("privileged")]
+    assert privileged == ["node-sysctls"]
+    init = spec["initContainers"][0]
+    assert init["name"] == "node-sysctls"
+    assert init["command"] == ["python", "-m", "nodemesh.redirector", "sysctls"]
+    assert not ({"volumeMounts", "env", "envFrom", "args"} & set(init))
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("opaquePorts=70000", "out of range"),
     ("opaquePorts=http", "expected an integer"),
