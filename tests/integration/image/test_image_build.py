@@ -170,6 +170,7 @@ def test_image_runs_controller_agent_and_redirector(image_root: Path) -> None:
         script = f"""
 set -e
 mkdir -p /tmp/state && echo '{objects}' > /tmp/state/objects.json && echo s3cret > /tmp/token
+python -m nodemesh.redirector sysctls 2> /tmp/sysctls.log   # what the DaemonSet's init container runs
 python -m nodemesh.controlplane --source sandbox --state-dir /tmp/state --listen 127.0.0.1 \\
     --token-file /tmp/token > /tmp/controller.log 2>&1 &
 controller=$!
@@ -187,16 +188,21 @@ iptables-save -t nat | grep -c NODEMESH_PREROUTING > /tmp/rules.txt || true
 kill -TERM $redirector; wait $redirector || true
 iptables-save | grep -c NODEMESH > /tmp/rules-after.txt || true
 kill -TERM $agent $controller; wait || true
-for f in check rules rules-after controller agent redirector; do echo "=== $f"; cat /tmp/$f.*; done
+for f in sysctls check rules rules-after controller agent redirector; do echo "=== $f"; cat /tmp/$f.*; done
 exit $ok
 """
         res = in_image(image_root, script, netns=netns, timeout=180, check=False)
         print(res.stdout[-6000:])
         assert res.returncode == 0, f"nodemesh check never passed in the image:\n{res.stdout[-6000:]}"
-        sections = dict(re.findall(r"=== (\S+)\n(.*?)(?=\n=== |\Z)", res.stdout, re.DOTALL))
+        sections: dict[str, str] = {}
+        for part in ("\n" + res.stdout).split("\n=== ")[1:]:
+            name, _, body = part.partition("\n")
+            sections[name.strip()] = body
         assert "capture installed on each node" in sections["check"]
         assert int(sections["rules"].strip()) >= 2        # the hook and our chain
         assert sections["rules-after"].strip() == "0"      # the redirector's SIGTERM removed everything
         assert "fork_posix" not in sections["agent"]       # issue 11 item 5, in the image too
+        assert "key=net.ipv4.tcp_migrate_req value=1 status=set" in sections["sysctls"]
+        assert "tcp_migrate_req" not in sections["agent"]
     finally:
         run(["ip", "netns", "del", netns], check=False)
