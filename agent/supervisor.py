@@ -184,6 +184,13 @@ class Supervisor:
             argv += ["--event-log", self.event_log]
         try:
             proc = spawn(argv, pass_fds=(fd,), capture_stdout=True)
+        except OSError as exc:
+            parent_end.close()
+            if index not in self.workers:
+                raise                   # at start: the agent cannot run, say so
+            # A restart: the dead worker stays in place, so its watcher retries after the backoff.
+            log.error("event=worker_spawn_failed index=%d error=%r action=retry", index, exc)
+            return
         finally:
             child_end.close()
         self.node.attach_worker(index, parent_end)  # type: ignore[union-attr]
