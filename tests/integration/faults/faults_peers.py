@@ -1,0 +1,238 @@
+"""Peers for the fault tests, run as sandbox pod processes (servers) or via `sandbox.exec` (clients).
+
+    python3 faults_peers.py echo-server PORT
+    python3 faults_peers.py CLIENT-KIND ARGS...     # prints one JSON object: what it did and saw
+
+Clients check every byte they get back (an echo of what they sent) and report counts of failures by
+kind, so a test asserts "0 failed, bytes intact" and prints the timings. Stdlib only (asyncio on the
+default loop): a client starts fast in a pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+
+def emit(result: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 1 << 17)), hard))
+    except (ValueError, OSError):
+        pass
+
+
+def failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "closed_early"
+    return type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- servers
+async def echo_server(port: int) -> None:
+    """Echoes every byte until the client's EOF, then closes: each client line comes back as is.
+    Backlog 8192 so the server's own queue is never what a connect storm measures."""
+    raise_nofile()
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+        def eof_received(self) -> bool:
+            return False  # close once our echo is written
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Echo, "0.0.0.0", port, backlog=8192, reuse_address=True)
+    await server.serve_forever()
+
+
+# ---------------------------------------------------------------------------- clients
+async def _one_echo(host: str, port: int, i: int, timeout: float, mode: str = "echo") -> float:
+    """Connect, send one line, read it back, close (`mode` "close": connect and close at once).
+    Returns the seconds the connect took."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    took = time.monotonic() - t0
+    if mode == "close":
+        writer.close()
+        return took
+    try:
+        line = b"ping %d\n" % i
+        writer.write(line)
+        got = await asyncio.wait_for(reader.readexactly(len(line)), timeout)
+        if got != line:
+            raise ValueError(f"echo mismatch {got!r}")
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), timeout)
+        if rest:
+            raise ValueError(f"bytes after the echo {rest[:20]!r}")
+    finally:
+        writer.close()
+    return took
+
+
+async def connects(host: str, port: int, n: int, concurrency: int, timeout: float, mode: str = "echo") -> None:
+    """n connections, `concurrency` at a time, each one echo then close (client closes first)."""
+    raise_nofile()
+    sem = asyncio.Semaphore(concurrency)
+    failed: Counter[str] = Counter()
+    connect_s: list[float] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            try:
+                connect_s.append(await _one_echo(host, port, i, timeout, mode))
+            except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
+                failed[failure_kind(exc)] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    connect_s.sort()
+    emit({"n": n, "ok": len(connect_s), "failed": dict(failed), "seconds": round(time.monotonic() - started, 3),
+          "connect_p50_ms": round(1000 * connect_s[len(connect_s) // 2], 2) if connect_s else None,
+          "connect_max_s": round(connect_s[-1], 3) if connect_s else None,
+          "connects_over_1s": sum(1 for s in connect_s if s > 1.0)})
+
+
+def burst(host: str, port: int, n: int, timeout: float) -> None:
+    """n connects started at the same instant (non-blocking sockets, one connect() call each, no
+    waiting in between), then every connection echoes one line. Counts resets and timeouts."""
+    raise_nofile()
+    socks = []
+    started = time.monotonic()
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((host, port))
+        socks.append(s)
+    sent_s = time.monotonic() - started
+
+    async def finish() -> Counter[str]:
+        loop = asyncio.get_running_loop()
+        failed: Counter[str] = Counter()
+
+        async def one(i: int, s: socket.socket) -> None:
+            try:
+                await asyncio.wait_for(loop.sock_connect(s, (host, port)), timeout)
+                line = b"burst %d\n" % i
+                await loop.sock_sendall(s, line)
+                got = b""
+                while len(got) < len(line):
+                    chunk = await asyncio.wait_for(loop.sock_recv(s, 64), timeout)
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(got, len(line))
+                    got += chunk
+                if got != line:
+                    raise ValueError("echo mismatch")
+            except OSError as exc:
+                if exc.errno == 106:  # EISCONN: already connected, which sock_connect reports oddly
+                    return await one_connected(i, s)
+                failed[failure_kind(exc)] += 1
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+            finally:
+                s.close()
+
+        async def one_connected(i: int, s: socket.socket) -> None:
+            line = b"burst %d\n" % i
+            try:
+                await loop.sock_sendall(s, line)
+                got = await asyncio.wait_for(loop.sock_recv(s, 64), timeout)
+                if got != line:
+                    raise ValueError("echo mismatch")
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(socks)))
+        return failed
+
+    failed = asyncio.run(finish())
+    emit({"n": n, "ok": n - sum(failed.values()), "failed": dict(failed), "connect_calls_s": round(sent_s, 3),
+          "seconds": round(time.monotonic() - started, 3)})
+
+
+async def idle(host: str, port: int, n: int, concurrency: int, hold_file: str, timeout: float) -> None:
+    """Opens n connections (concurrency at a time), checks each with one echo, writes
+    `hold_file + ".open"` with the counts, keeps them all open and idle until hold_file exists,
+    then checks each again with a second echo and closes them all."""
+    raise_nofile()
+    sem = asyncio.Semaphore(concurrency)
+    failed: Counter[str] = Counter()
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    started = time.monotonic()
+
+    async def open_one(i: int) -> None:
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                line = b"idle %d\n" % i
+                w.write(line)
+                if await asyncio.wait_for(r.readexactly(len(line)), timeout) != line:
+                    raise ValueError("echo mismatch")
+                conns.append((r, w))
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+
+    await asyncio.gather(*(open_one(i) for i in range(n)))
+    open_s = time.monotonic() - started
+    with open(hold_file + ".open.tmp", "w") as f:
+        json.dump({"open": len(conns), "failed": dict(failed), "seconds": round(open_s, 3)}, f)
+    os.replace(hold_file + ".open.tmp", hold_file + ".open")
+    while not os.path.exists(hold_file):
+        await asyncio.sleep(0.2)
+    second: Counter[str] = Counter()
+
+    async def check(i: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async with sem:
+            try:
+                line = b"again %d\n" % i
+                w.write(line)
+                if await asyncio.wait_for(r.readexactly(len(line)), timeout) != line:
+                    raise ValueError("echo mismatch")
+            except Exception as exc:  # noqa: BLE001
+                second[failure_kind(exc)] += 1
+            finally:
+                w.close()
+
+    await asyncio.gather(*(check(i, r, w) for i, (r, w) in enumerate(conns)))
+    emit({"n": n, "open": len(conns), "failed": dict(failed), "open_seconds": round(open_s, 3),
+          "after_idle_failed": dict(second)})
+
+
+def main(argv: list[str]) -> None:
+    kind, args = argv[0], argv[1:]
+    if kind == "echo-server":
+        asyncio.run(echo_server(int(args[0])))
+    elif kind == "connects":
+        asyncio.run(connects(args[0], int(args[1]), int(args[2]), int(args[3]), float(args[4]), *args[5:]))
+    elif kind == "burst":
+        burst(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif kind == "idle":
+        asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
+    else:
+        raise SystemExit(f"unknown peer kind {kind!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
