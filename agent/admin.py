@@ -28,6 +28,7 @@ log = logging.getLogger("nodemesh.agent.admin")
 
 MAX_REQUEST_BYTES = 64 * 1024  # probes and scrapes are tiny; anything bigger is not for us
 MAX_WRITE_BUFFER = 256 * 1024   # answers the client has not read yet: past this it is cut off
+ADMIN_BACKLOG = 1024           # probes + scrapes; create_server is told too (its default is 100)
 REQUEST_TIMEOUT_S = 15.0        # a connection must complete a request this often (idle, slowloris)
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Payload Too Large", 503: "Service Unavailable"}
@@ -152,12 +153,13 @@ class AdminServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.host, self.port))
-            sock.listen(128)
+            sock.listen(ADMIN_BACKLOG)
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._server = await asyncio.get_running_loop().create_server(lambda: _AdminProtocol(self), sock=sock)
+        self._server = await asyncio.get_running_loop().create_server(lambda: _AdminProtocol(self), sock=sock,
+                                                                       backlog=ADMIN_BACKLOG)
         if self.port == 0:  # tests bind an ephemeral port: learn which one
             self.port = sock.getsockname()[1]
         log.info("event=admin_listening addr=%s:%d", self.host, self.port)

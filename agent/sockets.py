@@ -10,9 +10,13 @@ from typing import Any
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP_TRANSPARENT = 19           # linux/in.h
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Accept queue of each traffic listener. The event loop's create_server(sock=...) listens again with
+# its own default (100) unless told: pass this there too (`serve_outbound`/`serve_inbound`). The
+# kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4, per network namespace).
+LISTEN_BACKLOG = 4096
 
 
-def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+def listen_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening socket that other agents (workers, a newer agent) may bind too: SO_REUSEPORT."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:

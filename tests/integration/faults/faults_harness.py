@@ -142,6 +142,10 @@ class Faults:
             self.pods.setdefault(workload, []).append(
                 Pod(p["metadata"]["name"], p["status"]["podIP"], p["spec"]["nodeName"], workload))
         assert sorted(c.node for c in self.pods["client"]) == sorted(self.nodes), self.pods["client"]
+        pythonpath = os.environ.get("PYTHONPATH")
+        for node in self.nodes:  # the agents run the code under test
+            environ = Path(f"/proc/{self.agent_pids(node)[0]}/environ").read_bytes().split(b"\0")
+            assert not pythonpath or f"PYTHONPATH={pythonpath}".encode() in environ, (node, pythonpath)
 
     # -- pods
     def server(self, workload: str) -> Pod:
@@ -224,11 +228,35 @@ class Faults:
 
 
 @contextlib.contextmanager
+def node_processes_run_this_checkout() -> Iterator[None]:
+    """The sandbox's kubelet starts node processes (agent, redirector, controller) with a clean
+    environment, so they import whichever nodemesh the interpreter finds on its own (the installed
+    checkout), not the code under test when PYTHONPATH points elsewhere (a worktree). While this is
+    active, node processes started through `Sandbox.start_node_process` get this PYTHONPATH."""
+    pythonpath = os.environ.get("PYTHONPATH")
+    if not pythonpath:
+        yield
+        return
+    original = Sandbox.start_node_process
+
+    def start(self: Sandbox, node: str, name: str, argv: list[str], env: dict[str, str] | None = None,
+              timeout: float = 10.0) -> int:
+        return original(self, node, name, argv, {"PYTHONPATH": pythonpath, **(env or {})}, timeout)
+
+    Sandbox.start_node_process = start  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Sandbox.start_node_process = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def faults_cluster(cni: str, workdir: Path) -> Iterator[Faults]:
     conf = write_nginx(workdir)
     with running_sandbox(nodes=2, cni=cni, manifests=[manifests(conf)], timeout=90, backoff=(1.0, 5.0)) as sb:
         try:
-            install_sandbox(sb.name, timeout=60, progress=lambda _msg: None)
+            with node_processes_run_this_checkout():
+                install_sandbox(sb.name, timeout=60, progress=lambda _msg: None)
             yield Faults(sb, workdir, cni)
         finally:
             with contextlib.suppress(Exception):

@@ -34,6 +34,12 @@ def raise_nofile() -> None:
         pass
 
 
+def _write_atomic(path: str, data: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
 def failure_kind(exc: BaseException) -> str:
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "timeout"
@@ -196,9 +202,7 @@ async def idle(host: str, port: int, n: int, concurrency: int, hold_file: str, t
 
     await asyncio.gather(*(open_one(i) for i in range(n)))
     open_s = time.monotonic() - started
-    with open(hold_file + ".open.tmp", "w") as f:
-        json.dump({"open": len(conns), "failed": dict(failed), "seconds": round(open_s, 3)}, f)
-    os.replace(hold_file + ".open.tmp", hold_file + ".open")
+    _write_atomic(hold_file + ".open", {"open": len(conns), "failed": dict(failed), "seconds": round(open_s, 3)})
     while not os.path.exists(hold_file):
         await asyncio.sleep(0.2)
     second: Counter[str] = Counter()
