@@ -30,6 +30,7 @@ PY = sys.executable
 PEERS = str(Path(__file__).with_name("faults_peers.py"))
 NS = "faults"
 ECHO_PORT = 9000
+TUPLE_PORT = 9001   # a second echo port, only for the tuple test (its TIME_WAITs must not meet others')
 
 NGINX_CONF = """
 user root;
@@ -85,7 +86,7 @@ def manifests(nginx_conf: Path) -> str:
     docs = [
         f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
         _deployment("client", ["sleep", "infinity"], [], replicas=2),
-        _deployment("echo", [PY, PEERS, "echo-server", str(ECHO_PORT)], [ECHO_PORT]),
+        _deployment("echo", [PY, PEERS, "echo-server", f"{ECHO_PORT},{TUPLE_PORT}"], [ECHO_PORT, TUPLE_PORT]),
         _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
     ]
     return "---\n".join(d.strip("\n") + "\n" for d in docs)
@@ -208,6 +209,35 @@ class Faults:
             port = int(fields[3].rsplit(":", 1)[1])
             backlogs.setdefault(port, []).append(int(fields[2]))
         return {p: backlogs.get(p, []) for p in (OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT)}
+
+    def netstat(self, netns: str) -> dict[str, int]:
+        """The TcpExt and Tcp counters of a network namespace (/proc/net/netstat and snmp)."""
+        res = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/netstat", "/proc/net/snmp"],
+                             capture_output=True, text=True, check=True)
+        lines = res.stdout.splitlines()
+        out: dict[str, int] = {}
+        for head, values in zip(lines[::2], lines[1::2]):
+            prefix = head.split(":")[0]
+            if prefix in ("TcpExt", "Tcp"):
+                out.update({f"{prefix}{k}": int(v) for k, v in zip(head.split()[1:], values.split()[1:])})
+        return out
+
+    @contextlib.contextmanager
+    def port_range(self, netns: list[str], low: int, high: int) -> Iterator[None]:
+        """net.ipv4.ip_local_port_range of these namespaces set to [low, high], then put back."""
+        saved = {}
+        for ns in netns:
+            saved[ns] = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_local_port_range"],
+                                       capture_output=True, text=True, check=True).stdout.split()
+        try:
+            for ns in netns:
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={low} {high}"],
+                               check=True)
+            yield
+        finally:
+            for ns, (lo, hi) in saved.items():
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={lo} {hi}"],
+                               check=False)
 
     def listen_overflows(self, node: str) -> int:
         """TcpExtListenOverflows of the node's network namespace."""

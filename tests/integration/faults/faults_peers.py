@@ -53,7 +53,7 @@ def failure_kind(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- servers
-async def echo_server(port: int) -> None:
+async def echo_server(*ports: int) -> None:
     """Echoes every byte until the client's EOF, then closes: each client line comes back as is.
     Backlog 8192 so the server's own queue is never what a connect storm measures."""
     raise_nofile()
@@ -69,20 +69,20 @@ async def echo_server(port: int) -> None:
             return False  # close once our echo is written
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "0.0.0.0", port, backlog=8192, reuse_address=True)
-    await server.serve_forever()
+    servers = [await loop.create_server(Echo, "0.0.0.0", port, backlog=8192, reuse_address=True) for port in ports]
+    await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 # ---------------------------------------------------------------------------- clients
-async def _one_echo(host: str, port: int, i: int, timeout: float, mode: str = "echo") -> float:
+async def _one_echo(host: str, port: int, i: int, timeout: float, mode: str = "echo") -> tuple[float, float]:
     """Connect, send one line, read it back, close (`mode` "close": connect and close at once).
-    Returns the seconds the connect took."""
+    Returns (seconds the connect took, seconds the whole exchange took)."""
     t0 = time.monotonic()
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     took = time.monotonic() - t0
     if mode == "close":
         writer.close()
-        return took
+        return took, took
     try:
         line = b"ping %d\n" % i
         writer.write(line)
@@ -95,30 +95,39 @@ async def _one_echo(host: str, port: int, i: int, timeout: float, mode: str = "e
             raise ValueError(f"bytes after the echo {rest[:20]!r}")
     finally:
         writer.close()
-    return took
+    return took, time.monotonic() - t0
 
 
 async def connects(host: str, port: int, n: int, concurrency: int, timeout: float, mode: str = "echo") -> None:
-    """n connections, `concurrency` at a time, each one echo then close (client closes first)."""
+    """n connections, `concurrency` at a time, each one echo then close (client closes first), or
+    with mode "close" connect and close at once. Reports failures by kind and the slow ones (a
+    connect or an exchange over 1 s is a lost SYN: the kernel retries after 1 s)."""
     raise_nofile()
     sem = asyncio.Semaphore(concurrency)
     failed: Counter[str] = Counter()
     connect_s: list[float] = []
+    exchange_s: list[float] = []
 
     async def one(i: int) -> None:
         async with sem:
             try:
-                connect_s.append(await _one_echo(host, port, i, timeout, mode))
+                c, e = await _one_echo(host, port, i, timeout, mode)
+                connect_s.append(c)
+                exchange_s.append(e)
             except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
                 failed[failure_kind(exc)] += 1
 
     started = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(n)))
     connect_s.sort()
-    emit({"n": n, "ok": len(connect_s), "failed": dict(failed), "seconds": round(time.monotonic() - started, 3),
+    exchange_s.sort()
+    emit({"n": n, "mode": mode, "ok": len(connect_s), "failed": dict(failed),
+          "seconds": round(time.monotonic() - started, 3),
           "connect_p50_ms": round(1000 * connect_s[len(connect_s) // 2], 2) if connect_s else None,
           "connect_max_s": round(connect_s[-1], 3) if connect_s else None,
-          "connects_over_1s": sum(1 for s in connect_s if s > 1.0)})
+          "exchange_max_s": round(exchange_s[-1], 3) if exchange_s else None,
+          "connects_over_1s": sum(1 for s in connect_s if s > 1.0),
+          "exchanges_over_1s": sum(1 for s in exchange_s if s > 1.0)})
 
 
 def burst(host: str, port: int, n: int, timeout: float) -> None:
@@ -224,14 +233,47 @@ async def idle(host: str, port: int, n: int, concurrency: int, hold_file: str, t
           "after_idle_failed": dict(second)})
 
 
+async def hold(host: str, port: int, n: int, timeout: float) -> None:
+    """Opens n connections one after another, each checked with an echo while the earlier ones stay
+    open, then echoes once more on every one and closes them all."""
+    failed: Counter[str] = Counter()
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    ports: list[int] = []
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter, line: bytes) -> None:
+        w.write(line)
+        if await asyncio.wait_for(r.readexactly(len(line)), timeout) != line:
+            raise ValueError("echo mismatch")
+
+    started = time.monotonic()
+    for i in range(n):
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            ports.append(w.get_extra_info("sockname")[1])
+            await echo(r, w, b"open %d\n" % i)
+            conns.append((r, w))
+        except Exception as exc:  # noqa: BLE001
+            failed["open_" + failure_kind(exc)] += 1
+    for i, (r, w) in enumerate(conns):
+        try:
+            await echo(r, w, b"again %d\n" % i)
+        except Exception as exc:  # noqa: BLE001
+            failed["again_" + failure_kind(exc)] += 1
+        w.close()
+    emit({"n": n, "ok": len(conns) - sum(v for k, v in failed.items() if k.startswith("again_")),
+          "failed": dict(failed), "source_ports": ports, "seconds": round(time.monotonic() - started, 3)})
+
+
 def main(argv: list[str]) -> None:
     kind, args = argv[0], argv[1:]
     if kind == "echo-server":
-        asyncio.run(echo_server(int(args[0])))
+        asyncio.run(echo_server(*(int(p) for p in args[0].split(","))))
     elif kind == "connects":
         asyncio.run(connects(args[0], int(args[1]), int(args[2]), int(args[3]), float(args[4]), *args[5:]))
     elif kind == "burst":
         burst(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif kind == "hold":
+        asyncio.run(hold(args[0], int(args[1]), int(args[2]), float(args[3])))
     elif kind == "idle":
         asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
     else:
