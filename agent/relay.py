@@ -171,7 +171,7 @@ class Connection(asyncio.Protocol):
     async def _connect(self, peer: tuple[str, int], destination: tuple[str, int]) -> None:
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None, avoid_port=peer[1])
+        sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None)
         if ctx.transparent_ok and not transparent:
             ctx.transparent_ok = False
             log.warning("event=transparent_unavailable fallback=node_address")
