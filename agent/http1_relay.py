@@ -94,6 +94,8 @@ class Http1Mode:
         observer = self.observer
         for kind, arg in events:
             if kind == http1.REQUEST_HEAD:
+                if self.conn.slow:
+                    self.conn.head_arrived()
                 req: Http1Request = arg  # type: ignore[assignment]
                 req.obs = observer.request_start(self.conn.obs, RequestHead(
                     req.method, "http", req.authority, req.path, req.headers, False, req.ordinal,

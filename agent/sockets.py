@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import resource
 import socket
 import struct
 from typing import Any
@@ -15,6 +16,32 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # its own default (100) unless told: pass this there too (`serve_outbound`/`serve_inbound`). The
 # kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4, per network namespace).
 LISTEN_BACKLOG = 4096
+
+
+def raise_fd_limit(want: int = 1 << 20) -> int:
+    """RLIMIT_NOFILE's soft limit up to the hard one, and the hard one up to `want` (capped by
+    fs.nr_open) where the process may (CAP_SYS_RESOURCE). Every relayed connection holds two fds;
+    a worker left at a 20,000 limit refused connections past ~10,000 (issue 12). Returns the soft
+    limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            target = min(want, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    cap = target if hard == resource.RLIM_INFINITY else hard
+    if cap < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            pass  # not allowed to raise the hard limit: use all of it
+    new_soft = min(cap, target) if cap >= target else cap
+    if new_soft > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        return new_soft
+    return soft
 
 
 def listen_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:

@@ -1,6 +1,11 @@
 """The fault tests' cluster: a 2-node sandbox with the mesh installed, a client pod on each node,
 an echo server (:9000) and nginx (HTTP/1.1 :8080, h2c :8081), in one namespace `faults`.
 
+The agents run 2 workers (the agent's default on this 2-CPU machine; `install --sandbox` picks 1 to
+save memory): every process here is held to a hard limit of 20,000 fds that it cannot raise (no
+CAP_SYS_RESOURCE), and 10,000 relayed connections take 20,000. On a node whose hard limit is
+higher, one worker raises its own limit to it (sockets.raise_fd_limit).
+
 `faults_cluster(cni, workdir)` always uninstalls and tears down. `Faults` runs clients in pods and
 reads what the tests measure on the nodes: the agents' /metrics, their processes' memory (PSS) and
 fds, the listeners' backlog and the kernel's listen-queue overflow counter.
@@ -30,6 +35,7 @@ PY = sys.executable
 PEERS = str(Path(__file__).with_name("faults_peers.py"))
 NS = "faults"
 ECHO_PORT = 9000
+AGENT_WORKERS = 2
 TUPLE_PORT = 9001   # a second echo port, only for the tuple test (its TIME_WAITs must not meet others')
 
 NGINX_CONF = """
@@ -127,6 +133,13 @@ def nofile_limit(pid: int) -> int:
             if line.startswith("Max open files"):
                 return int(line.split()[3])
     return 0
+
+
+def nofile_hard() -> int:
+    """The hard fd limit this test runs with (what a node process could raise its soft limit to)."""
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 class Faults:
@@ -286,7 +299,7 @@ def faults_cluster(cni: str, workdir: Path) -> Iterator[Faults]:
     with running_sandbox(nodes=2, cni=cni, manifests=[manifests(conf)], timeout=90, backoff=(1.0, 5.0)) as sb:
         try:
             with node_processes_run_this_checkout():
-                install_sandbox(sb.name, timeout=60, progress=lambda _msg: None)
+                install_sandbox(sb.name, workers=AGENT_WORKERS, timeout=60, progress=lambda _msg: None)
             yield Faults(sb, workdir, cni)
         finally:
             with contextlib.suppress(Exception):
