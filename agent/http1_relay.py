@@ -137,7 +137,7 @@ class Http1Mode:
     def _answer_error(self) -> None:
         self.conn.write_client(error_response(self.error_status))
         self._cancel_timers()
-        self.conn.close_both()
+        self.conn.linger_close()
 
     def _upstream_error(self) -> None:
         now = time.monotonic()

@@ -264,6 +264,93 @@ async def hold(host: str, port: int, n: int, timeout: float) -> None:
           "failed": dict(failed), "source_ports": ports, "seconds": round(time.monotonic() - started, 3)})
 
 
+async def slowloris(host: str, port: int, n: int, max_s: float) -> None:
+    """n connections each sending an endless HTTP/1 request head at one byte a second (1,000 new
+    connections a second until all are open). Reports how each one ended: the first line the
+    server side answered with, and after how long; "held" ones were still open at max_s."""
+    raise_nofile()
+    head = b"GET / HTTP/1.1\r\nHost: slow\r\n" + b"X-Slow: " + b"a" * 10_000
+    ends: Counter[str] = Counter()
+    seconds: list[float] = []
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(i / 1000)
+        t0 = time.monotonic()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except Exception as exc:  # noqa: BLE001
+            ends["connect_" + failure_kind(exc)] += 1
+            return
+        answer = asyncio.ensure_future(reader.read())
+        try:
+            for byte in head:
+                if answer.done() or time.monotonic() - t0 > max_s:
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(1.0)
+            if not answer.done() and time.monotonic() - t0 <= max_s:
+                await asyncio.wait_for(asyncio.shield(answer), max_s - (time.monotonic() - t0))
+        except (TimeoutError, OSError):
+            pass
+        if answer.done() and answer.exception() is None:
+            got = answer.result()
+            ends[got.split(b"\r\n", 1)[0].decode("latin-1") or "closed"] += 1
+            seconds.append(time.monotonic() - t0)
+        elif answer.done():
+            ends[failure_kind(answer.exception())] += 1  # type: ignore[arg-type]
+            seconds.append(time.monotonic() - t0)
+        else:
+            answer.cancel()
+            ends["held"] += 1
+        writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    seconds.sort()
+    emit({"n": n, "ends": dict(ends), "seconds": round(time.monotonic() - started, 1),
+          "ended_p50_s": round(seconds[len(seconds) // 2], 1) if seconds else None,
+          "ended_max_s": round(seconds[-1], 1) if seconds else None})
+
+
+async def http_load(host: str, port: int, path: str, connections: int, duration: float) -> None:
+    """Closed-loop HTTP/1.1 keep-alive GETs on `connections` connections for `duration` seconds:
+    requests per second, failures by kind, every body checked (nginx's "ok\n")."""
+    raise_nofile()
+    request = f"GET {path} HTTP/1.1\r\nHost: load\r\n\r\n".encode()
+    ok = 0
+    failed: Counter[str] = Counter()
+    stop = time.monotonic() + duration
+
+    async def conn() -> None:
+        nonlocal ok
+        while time.monotonic() < stop:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            except Exception as exc:  # noqa: BLE001
+                failed["connect_" + failure_kind(exc)] += 1
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                while time.monotonic() < stop:
+                    writer.write(request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                    body = await asyncio.wait_for(reader.readexactly(length), 10)
+                    if head.startswith(b"HTTP/1.1 200 ") and body == b"ok\n":
+                        ok += 1
+                    else:
+                        failed[head.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+            finally:
+                writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(conn() for _ in range(connections)))
+    took = time.monotonic() - started
+    emit({"ok": ok, "failed": dict(failed), "seconds": round(took, 2), "rps": round(ok / took, 1)})
+
+
 def main(argv: list[str]) -> None:
     kind, args = argv[0], argv[1:]
     if kind == "echo-server":
@@ -274,6 +361,10 @@ def main(argv: list[str]) -> None:
         burst(args[0], int(args[1]), int(args[2]), float(args[3]))
     elif kind == "hold":
         asyncio.run(hold(args[0], int(args[1]), int(args[2]), float(args[3])))
+    elif kind == "slowloris":
+        asyncio.run(slowloris(args[0], int(args[1]), int(args[2]), float(args[3])))
+    elif kind == "http-load":
+        asyncio.run(http_load(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
     elif kind == "idle":
         asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
     else:
