@@ -351,6 +351,32 @@ async def http_load(host: str, port: int, path: str, connections: int, duration:
     emit({"ok": ok, "failed": dict(failed), "seconds": round(took, 2), "rps": round(ok / took, 1)})
 
 
+async def many_hosts(host: str, port: int, n: int, connections: int) -> None:
+    """n GETs with n distinct Host headers (h0.hosts.test ...), spread over keep-alive connections:
+    every one a new `authority` label value on both agents."""
+    ok = 0
+    failed: Counter[str] = Counter()
+
+    async def conn(k: int) -> None:
+        nonlocal ok
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for i in range(k, n, connections):
+                writer.write(f"GET /ok HTTP/1.1\r\nHost: h{i}.hosts.test\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                await reader.readexactly(length)
+                if head.startswith(b"HTTP/1.1 200 "):
+                    ok += 1
+                else:
+                    failed[head.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(conn(k) for k in range(connections)))
+    emit({"ok": ok, "failed": dict(failed)})
+
+
 def main(argv: list[str]) -> None:
     kind, args = argv[0], argv[1:]
     if kind == "echo-server":
@@ -365,6 +391,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(slowloris(args[0], int(args[1]), int(args[2]), float(args[3])))
     elif kind == "http-load":
         asyncio.run(http_load(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
+    elif kind == "many-hosts":
+        asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif kind == "idle":
         asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
     else:
