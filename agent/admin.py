@@ -39,7 +39,7 @@ MAX_REQUEST_BYTES = 64 * 1024  # probes and scrapes are tiny; anything bigger is
 MAX_WRITE_BUFFER = 256 * 1024   # answers the client has not read yet: past this it is cut off
 ADMIN_BACKLOG = 1024           # probes + scrapes; create_server is told too (its default is 100)
 REQUEST_TIMEOUT_S = 15.0        # a connection must complete a request this often (idle, slowloris)
-MIN_RENDER_INTERVAL_S = 1.0     # a /metrics render is shared for at least this long (see metrics())
+SLOW_RENDER_S = 0.1             # a /metrics render that took longer is reused for as long (metrics())
 RENDER_CHUNK = 1000             # series rendered per piece of /metrics
 MAX_QUEUED = 64                 # answers a pipelining client may have outstanding before it is cut off
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -256,11 +256,11 @@ class AdminServer:
         rendering = self._rendering = loop.run_in_executor(None, self._render, snap)
 
         def rendered(_f: object) -> None:
-            # Scrapers back to back share one render for as long as it took (at least
-            # MIN_RENDER_INTERVAL_S): rendering, which competes with the loop for the interpreter,
-            # then runs at most half of the time.
+            # A slow render is shared for as long as it took: scrapers back to back then keep the
+            # render thread, which competes with the loop for the interpreter, busy at most half of
+            # the time. A quick one is never reused: every scrape sees the counts of that moment.
             took = loop.time() - started
-            self._reuse_until = loop.time() + max(MIN_RENDER_INTERVAL_S, took)
+            self._reuse_until = loop.time() + (took if took >= SLOW_RENDER_S else 0.0)
 
         rendering.add_done_callback(rendered)
         return rendering

@@ -377,6 +377,27 @@ async def many_hosts(host: str, port: int, n: int, connections: int) -> None:
     emit({"ok": ok, "failed": dict(failed)})
 
 
+def raw(host: str, port: int, payload_hex: str, idle_s: float) -> None:
+    """Sends the bytes (hex; "-": read the hex from stdin), then reads until the other side closes
+    or stays silent for idle_s. Reports what came back (hex) and how the connection ended."""
+    if payload_hex == "-":
+        payload_hex = sys.stdin.read().strip()
+    got = b""
+    end = "idle"
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(bytes.fromhex(payload_hex))
+        s.settimeout(idle_s)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+            end = "closed"
+        except TimeoutError:
+            end = "idle"
+        except ConnectionResetError:
+            end = "reset"
+    emit({"got": got.hex(), "end": end})
+
+
 def main(argv: list[str]) -> None:
     kind, args = argv[0], argv[1:]
     if kind == "echo-server":
@@ -393,6 +414,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(http_load(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
     elif kind == "many-hosts":
         asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
+    elif kind == "raw":
+        raw(args[0], int(args[1]), args[2], float(args[3]))
     elif kind == "idle":
         asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
     else:

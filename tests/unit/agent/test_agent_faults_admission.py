@@ -103,3 +103,33 @@ def test_trim_after_a_mass_close_only() -> None:
     assert hk.maybe_trim()                     # settled: give memory back
     assert adm.peak == adm.open == TRIM_MIN_DROP
     assert not hk.maybe_trim()
+
+
+def test_http1_classifier_accepts_what_nginx_accepts() -> None:
+    from nodemesh.agent import http1
+    from nodemesh.agent.http1 import Http1Exchange
+
+    x = Http1Exchange()   # bare LF line ends, both directions
+    (kind, req), = x.feed_request(b"GET /ok HTTP/1.1\nHost: t\n\n")
+    assert kind == http1.REQUEST_HEAD and (req.path, req.authority) == ("/ok", "t")
+    kinds = [k for k, _ in x.feed_response(b"HTTP/1.1 200 OK\nContent-Length: 3\n\nok\n")]
+    assert kinds == [http1.RESPONSE_HEAD, http1.EXCHANGE_END]
+    x = Http1Exchange()   # an unknown version: counted, and nginx's 505 classified
+    assert [k for k, _ in x.feed_request(b"GET /ok HTTP/9.9\r\nHost: t\r\n\r\n")] == [http1.REQUEST_HEAD]
+    events = x.feed_response(b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert [(k, getattr(a, "status", None)) for k, a in events] == [(http1.RESPONSE_HEAD, 505), (http1.EXCHANGE_END, 505)]
+
+
+def test_http1_valid_request_then_junk_counts_the_request_and_stops_following_the_client() -> None:
+    from nodemesh.agent import http1
+    from nodemesh.agent.http1 import Http1Exchange
+
+    x = Http1Exchange()
+    kinds = [k for k, _ in x.feed_request(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n\x00\x01junk\r\n\r\n")]
+    assert kinds == [http1.REQUEST_HEAD, http1.CLIENT_ERROR]
+    assert x.feed_request(b"GET /later HTTP/1.1\r\n\r\n") == []          # the client side is opaque now
+    # The response owed to the counted request is still classified; nginx's 400 for the junk pairs
+    # with nothing and ends the classification of the server's side too.
+    events = x.feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+                             b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert [k for k, _ in events] == [http1.RESPONSE_HEAD, http1.EXCHANGE_END, http1.UPSTREAM_ERROR]
