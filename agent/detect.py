@@ -73,6 +73,18 @@ def _detect_http1(data: bytes) -> Detection:
     return Detection(TCP)
 
 
+def settle_on_timeout(data: bytes) -> str:
+    """The protocol to settle on when the detection timeout fires with `data` still undecided.
+
+    A request head that is still coming (a method prefix, a request line without its end) is
+    HTTP/1: a slowloris sends one byte a second, and as opaque TCP it would be held for as long
+    as it likes; as HTTP/1 the header timeout answers it with 408. Anything else (a partial TLS
+    ClientHello, a partial HTTP/2 preface, which clients send whole) is relayed as opaque TCP."""
+    if not data or data[0] == 0x16 or (len(data) >= 3 and H2_PREFACE.startswith(data[:24])):
+        return TCP
+    return HTTP1 if _detect_http1(data).protocol in (NEED_MORE, HTTP1) else TCP
+
+
 def _detect_tls(data: bytes) -> Detection:
     # TLS record: type 0x16, version 0x03 0x0X, length; then handshake type 1 (ClientHello).
     if len(data) < 6:

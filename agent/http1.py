@@ -28,7 +28,8 @@ REQUEST_HEAD = 1       # request head complete: observe request_start
 RESPONSE_HEAD = 2      # final (non-1xx) response head: observe response_start
 EXCHANGE_END = 3       # request and response both complete: observe request_end
 UPGRADED = 4           # 101 / CONNECT 2xx: both directions are opaque from the next byte on
-CLIENT_ERROR = 5       # client sent bad HTTP/1: answer with the status given, then close
+CLIENT_ERROR = 5       # client sent what we cannot parse as HTTP/1 (int: what it would merit, 400 or
+                       # 431): its side is no longer classified; the bytes still go to the server
 UPSTREAM_ERROR = 6     # server sent bad HTTP/1: stop classifying, relay the rest as opaque
 
 Event = tuple[int, object]
@@ -39,6 +40,27 @@ _TERMINATOR = b"\r\n\r\n"
 
 class HeadTooLarge(Exception):
     pass
+
+
+def _lenient(parser: httptools.HttpRequestParser | httptools.HttpResponseParser) -> None:
+    """Accept what common servers accept, so such messages are classified and not given up on:
+    bare LF line ends (nginx answers them; llhttp needs both CR/LF leniencies for the request line)
+    and any HTTP/x.y version (nginx answers 505). Classification only: the bytes go to the server
+    as they are whatever the parser thinks."""
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True, lenient_optional_lf_after_cr=True,
+                                    lenient_version=True)
+
+
+def request_parser(side: object) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(side)
+    _lenient(parser)
+    return parser
+
+
+def response_parser(side: object) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(side)
+    _lenient(parser)
+    return parser
 
 
 class Http1Request:
@@ -251,11 +273,12 @@ class Http1Exchange:
         self.head_done_in_piece = False
         self.reset_response_after_piece = False
         self.upgraded = False                          # opaque from now on: stop feeding
-        self.failed = False
+        self.failed = False                            # the server stopped speaking HTTP/1: opaque
+        self.client_failed = False                     # the client did: its side is not classified
         self._req_side = _RequestSide(self)
         self._resp_side = _ResponseSide(self)
-        self.req_parser = httptools.HttpRequestParser(self._req_side)
-        self.resp_parser = httptools.HttpResponseParser(self._resp_side)
+        self.req_parser = request_parser(self._req_side)
+        self.resp_parser = response_parser(self._resp_side)
         self._req_tail = b""
         self._resp_tail = b""
         self._upgrade_wait = False                     # request asked to upgrade, no answer yet
@@ -266,7 +289,7 @@ class Http1Exchange:
     # -- client -> server --------------------------------------------------------------------
 
     def feed_request(self, data: bytes) -> list[Event]:
-        if self.upgraded or self.failed:
+        if self.upgraded or self.failed or self.client_failed:
             return _NO_EVENTS
         if self._upgrade_wait:
             self._hold(data)
@@ -290,7 +313,7 @@ class Http1Exchange:
             if self.head_pending and not side.completed:
                 side.head_fed += len(data)
                 if side.head_fed > MAX_HEAD_BYTES:
-                    self.failed = True
+                    self.client_failed = True
                     self.events.append((CLIENT_ERROR, 431))
         return self._take()
 
@@ -301,15 +324,17 @@ class Http1Exchange:
         Returns (events, bytes to forward, done): once done (that request, body included, is
         forwarded), nothing more may be forwarded.
         """
-        if self.upgraded or self.failed or self._upgrade_wait:
+        if self.upgraded or self.failed or self.client_failed or self._upgrade_wait:
             return self.feed_request(data), data, False
         ends = head_terminators(self._req_tail, data)
         self._req_tail = (self._req_tail + data)[-3:]
         out = []
+        consumed = 0
         for piece in _split(data, ends):
             marked = self._closing_req
             if marked is not None and marked.request_done:
                 return self._take(), b"".join(out), True
+            consumed += len(piece)
             self.head_done_in_piece = False
             try:
                 self.req_parser.feed_data(piece)
@@ -320,8 +345,10 @@ class Http1Exchange:
                     self._hold(piece[int(up.args[0]):])
                 return self._take(), b"".join(out), False
             except httptools.HttpParserError as exc:
+                # Not HTTP/1 we can follow: the server gets these bytes as they are and answers them.
                 self._client_error(exc)
-                return self._take(), b"".join(out), True
+                out.append(piece)
+                return self._take(), b"".join(out) + data[consumed:], True
             if marked is None and self.head_done_in_piece and piece.endswith(_TERMINATOR):
                 req = self.awaiting[-1]
                 req.closes = True
@@ -340,7 +367,7 @@ class Http1Exchange:
             self._become_opaque()
 
     def _client_error(self, exc: Exception) -> None:
-        self.failed = True
+        self.client_failed = True
         cause = exc.__context__ or exc.__cause__
         status = 431 if isinstance(cause, HeadTooLarge) else 400
         self.events.append((CLIENT_ERROR, status))
@@ -363,7 +390,7 @@ class Http1Exchange:
                 break
             if self.reset_response_after_piece:
                 self.reset_response_after_piece = False
-                self.resp_parser = httptools.HttpResponseParser(self._resp_side)
+                self.resp_parser = response_parser(self._resp_side)
                 req = self.awaiting[0]
                 self.finish_response()
                 if req.method == "CONNECT":
@@ -410,7 +437,7 @@ class Http1Exchange:
             return
         self._upgrade_wait = False
         held, self._held, self._held_len = self._held, [], 0
-        self.req_parser = httptools.HttpRequestParser(self._req_side)
+        self.req_parser = request_parser(self._req_side)
         cur = self._req_side.req
         if cur is not None:
             # The upgrade request itself: llhttp skipped its body; call it complete.

@@ -1,9 +1,11 @@
 """HTTP/1 relay mode: forwards bytes as received and reports what http1.Http1Exchange saw.
 
 The client and upstream connections are paired one to one, so keep-alive, pipelining and
-`Expect: 100-continue` are the peers' own; the agent only steps in for input no server should
-accept (400/431, slowloris 408) and, when draining, to ask the server to close after the next
-response (`Connection: close` added to the next request head).
+`Expect: 100-continue` are the peers' own. Input the classifier cannot parse (bad syntax, a head
+past 64 KB, a valid request followed by junk) still goes to the server, which answers it as it
+would without the mesh; only the classification stops. The agent itself answers only a request
+head not complete within the header timeout (408: slowloris) and, when draining, asks the server
+to close after the next response (`Connection: close` added to the next request head).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def error_response(status: int) -> bytes:
 
 class Http1Mode:
     __slots__ = (
-        "closing", "conn", "error_status", "exchange", "head_timer", "hold", "idle_mark", "idle_timer",
-        "observer", "opaque", "protocol",
+        "client_opaque", "closing", "conn", "error_status", "exchange", "head_timer", "hold", "idle_mark",
+        "idle_timer", "observer", "opaque", "protocol",
     )
 
     def __init__(self, conn: Connection) -> None:
@@ -40,9 +42,10 @@ class Http1Mode:
         self.observer = conn.ctx.observer
         self.exchange = Http1Exchange()
         self.opaque = False            # upgraded (101) or the server stopped speaking HTTP/1
+        self.client_opaque = False     # the client sent what we cannot parse: its bytes pass untouched
         self.closing = False           # draining: add Connection: close to the next request
         self.hold = False              # after that request: forward nothing more from the client
-        self.error_status = 0          # a client error waiting for earlier responses to finish
+        self.error_status = 0          # 408 waiting for earlier responses to finish
         self.head_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_mark = -1
@@ -51,13 +54,12 @@ class Http1Mode:
 
     def client_data(self, data: bytes) -> None:
         conn = self.conn
-        if self.opaque:
-            conn.up.write(data)  # type: ignore[union-attr]
-            return
         if self.hold or self.error_status:
             return
+        if self.opaque or self.client_opaque:
+            conn.up.write(data)  # type: ignore[union-attr]
+            return
         x = self.exchange
-        forwarded_before = len(x.awaiting)
         if self.closing:
             events, out, done = x.feed_request_closing(data)
             if done:
@@ -65,10 +67,12 @@ class Http1Mode:
         else:
             events = x.feed_request(data)
             out = data
-        if events and self._handle(events, forwarded_before):
-            return
+        if events:
+            self._handle(events)
         if out:
             conn.up.write(out)  # type: ignore[union-attr]
+        if self.client_opaque:
+            return
         if x.head_pending:
             if self.head_timer is None:
                 self.head_timer = asyncio.get_running_loop().call_later(
@@ -85,15 +89,17 @@ class Http1Mode:
             return
         events = self.exchange.feed_response(data)
         if events:
-            self._handle(events, 0)
+            self._handle(events)
 
     # -- events ------------------------------------------------------------------------------
 
-    def _handle(self, events: list[http1.Event], forwarded_before: int) -> bool:
-        """Report events; True if the client chunk must not be forwarded."""
+    def _handle(self, events: list[http1.Event]) -> None:
+        """Report what the classifier saw; act on the client becoming unparseable or an upgrade."""
         observer = self.observer
         for kind, arg in events:
             if kind == http1.REQUEST_HEAD:
+                if self.conn.slow:
+                    self.conn.head_arrived()
                 req: Http1Request = arg  # type: ignore[assignment]
                 req.obs = observer.request_start(self.conn.obs, RequestHead(
                     req.method, "http", req.authority, req.path, req.headers, False, req.ordinal,
@@ -111,31 +117,20 @@ class Http1Mode:
                 self.opaque = True
                 self._cancel_timers()
             elif kind == http1.CLIENT_ERROR:
-                self._client_error(int(arg), forwarded_before)  # type: ignore[arg-type]
-                return True
+                # Transparency: whatever the client sent goes to the server, which answers it (nginx:
+                # 400 for bad syntax, the request answered first when junk follows one). The agent
+                # only stops following the client's side; the responses still owed are classified.
+                self.client_opaque = True
+                if self.head_timer is not None:
+                    self.head_timer.cancel()
+                    self.head_timer = None
             elif kind == http1.UPSTREAM_ERROR:
                 self._upstream_error()
-        return False
-
-    def _client_error(self, status: int, forwarded_before: int) -> None:
-        """Bad input: answer like a server would, after the responses already owed."""
-        x = self.exchange
-        self.error_status = status
-        now = time.monotonic()
-        # Requests whose heads arrived in the rejected chunk were never forwarded: the agent
-        # answers them itself with the error status.
-        while len(x.awaiting) > forwarded_before:
-            req = x.awaiting.pop()
-            self.observer.response_start(req.obs, status, [], now)
-            self.observer.request_end(req.obs, RequestEnd(None, None, req.request_bytes, 0, now))
-        self.conn.client.pause_reading()  # type: ignore[union-attr]
-        if not x.awaiting:
-            self._answer_error()
 
     def _answer_error(self) -> None:
         self.conn.write_client(error_response(self.error_status))
         self._cancel_timers()
-        self.conn.close_both()
+        self.conn.linger_close()
 
     def _upstream_error(self) -> None:
         now = time.monotonic()

@@ -114,6 +114,11 @@ def goaway_frame(last_stream_id: int, code: int = 0) -> bytes:
     return frame(GOAWAY, 0, 0, struct.pack(">LL", last_stream_id & 0x7FFFFFFF, code))
 
 
+def settings_frame() -> bytes:
+    """An empty SETTINGS frame: what a server sends first (defaults for everything)."""
+    return frame(SETTINGS, 0, 0, b"")
+
+
 def ping_frame(payload: bytes = DRAIN_PING) -> bytes:
     return frame(PING, 0, 0, payload)
 

@@ -1,9 +1,11 @@
 """HTTP/2 (and gRPC) relay mode: frames forwarded untouched, classified by http2.H2Relay.
 
-The agent injects frames toward the client only at frame boundaries of the server's stream:
-a GOAWAY on a client protocol error, and on drain the two-step GOAWAY (last id 2^31-1 plus a
-PING, then the real last stream id once the PING comes back) so that no stream the client sent
-before it saw the GOAWAY is left unprocessed.
+The agent injects frames toward the client only at frame boundaries of the server's stream, and
+only on drain: the two-step GOAWAY (last id 2^31-1 plus a PING, then the real last stream id once
+the PING comes back) so that no stream the client sent before it saw the GOAWAY is left
+unprocessed. A client protocol error the classifier finds (bad HPACK, CONTINUATION out of order,
+a header block over 1 MB) is the server's to answer: the frames are forwarded and the
+classification stops.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class Http2Mode:
 
     def client_data(self, data: bytes) -> None:
         events = self.relay.feed_client(data)
-        if events and self._handle(events):
-            return
+        if events:
+            self._handle(events)
         self.conn.up.write(data)  # type: ignore[union-attr]
 
     def upstream_data(self, data: bytes) -> None:
@@ -61,7 +63,7 @@ class Http2Mode:
         else:
             self.inject.append(frames)
 
-    def _handle(self, events: list[http2.Event]) -> bool:
+    def _handle(self, events: list[http2.Event]) -> None:
         observer = self.observer
         for kind, arg in events:
             if kind == http2.REQUEST_HEAD:
@@ -83,15 +85,12 @@ class Http2Mode:
                 if not self.relay.streams:
                     self.conn.close_both()
             elif kind == http2.CLIENT_PROTOCOL_ERROR:
-                # Answer like a server: GOAWAY with the error, then close (nothing forwarded).
-                if self.relay.server.at_boundary:
-                    self.conn.write_client(goaway_frame(self.relay.max_client_stream, int(arg)))  # type: ignore
+                # Transparency: the frames go to the server as they are, and it answers them (nginx:
+                # GOAWAY with its own error code). The agent only stops following the connection;
+                # the streams it was following end with the error it saw.
                 self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
-                self.conn.close_both()
-                return True
             elif kind == http2.UPSTREAM_PROTOCOL_ERROR:
                 self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
-        return False
 
     def _end_all(self, error: str) -> None:
         now = time.monotonic()

@@ -10,10 +10,12 @@ import asyncio
 import socket
 
 from nodemesh.agent.relay import Connection, WorkerContext
+from nodemesh.agent.sockets import LISTEN_BACKLOG
 
 DIRECTION = "outbound"
 
 
 async def serve_outbound(ctx: WorkerContext, sock: socket.socket) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: Connection(ctx, DIRECTION), sock=sock)
+    # backlog: create_server listens again on `sock`, with 100 unless told (sockets.LISTEN_BACKLOG).
+    return await loop.create_server(lambda: Connection(ctx, DIRECTION), sock=sock, backlog=LISTEN_BACKLOG)

@@ -3,16 +3,48 @@
 from __future__ import annotations
 
 import errno
+import resource
 import socket
 import struct
 from typing import Any
 
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP_TRANSPARENT = 19           # linux/in.h
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: bind() takes the address, connect() picks the port
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Accept queue of each traffic listener. The event loop's create_server(sock=...) listens again with
+# its own default (100) unless told: pass this there too (`serve_outbound`/`serve_inbound`). The
+# kernel caps it at net.core.somaxconn (4096 by default since Linux 5.4, per network namespace).
+LISTEN_BACKLOG = 4096
 
 
-def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+def raise_fd_limit(want: int = 1 << 20) -> int:
+    """RLIMIT_NOFILE's soft limit up to the hard one, and the hard one up to `want` (capped by
+    fs.nr_open) where the process may (CAP_SYS_RESOURCE). Every relayed connection holds two fds;
+    a worker left at a 20,000 limit refused connections past ~10,000 (issue 12). Returns the soft
+    limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            target = min(want, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    cap = target if hard == resource.RLIM_INFINITY else hard
+    if cap < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError):
+            pass  # not allowed to raise the hard limit: use all of it
+    new_soft = min(cap, target) if cap >= target else cap
+    if new_soft > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        return new_soft
+    return soft
+
+
+def listen_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening socket that other agents (workers, a newer agent) may bind too: SO_REUSEPORT."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -55,29 +87,27 @@ def set_reset_on_close(sock: Any) -> None:
         pass
 
 
-def upstream_socket(source_ip: str | None, avoid_port: int = 0) -> tuple[socket.socket, bool]:
+def upstream_socket(source_ip: str | None) -> tuple[socket.socket, bool]:
     """A non-blocking socket for the upstream connection, bound to the calling pod's IP when the
     kernel lets us (IP_TRANSPARENT needs CAP_NET_ADMIN, and the redirector's return-path rules
     for replies to come back to this host). Returns (socket, transparent?).
 
-    `avoid_port` is the caller's own source port. The captured connection already sits in conntrack
-    as (source_ip:avoid_port -> destination); an upstream with that same tuple is taken for it and
-    NATed back to our own listener, so its connect times out. Inbound, the caller's port was itself
-    picked by another agent's bind(0), from the same (odd) half of the port range: about 1 in 14000
-    cross-node connections hit it (found by the sandbox-wide tests)."""
+    The source port is left to connect() (IP_BIND_ADDRESS_NO_PORT): the kernel then picks one that
+    makes the whole 4-tuple unique, so a pod gets the same number of connections per destination
+    through the agent as it has directly. bind(0) reserved a port per pod address across every
+    destination (about 28,000 in TIME_WAIT's minute, then EADDRINUSE), and its search through
+    the bound ports grew slow with them (8,000 connects: 48 s of worker CPU per 20,000 vs 28 s).
+
+    Such a tuple can still be one the pod has in conntrack itself (a captured connection, DNATed
+    to us), whatever port we pick: the pod's kernel does not know ours. The redirector puts our
+    connections in a conntrack zone of their own (raw OUTPUT, `CT --zone-orig`), so they are never
+    taken for the pod's (docs/redirector.md; tests/integration/faults/test_faults_connects.py)."""
     sock = _new_socket()
     if source_ip:
         try:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
-            if avoid_port and sock.getsockname()[1] == avoid_port:
-                taken = sock  # hold the clashing port while binding again, so the next pick differs
-                sock = _new_socket()
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                try:
-                    sock.bind((source_ip, 0))
-                finally:
-                    taken.close()
             return sock, True
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EADDRNOTAVAIL, errno.EACCES, errno.EINVAL):

@@ -25,16 +25,18 @@ from collections.abc import Callable
 
 import uvloop
 from nodemesh.agent import workerlink
+from nodemesh.agent.admission import Admission, capacity_for
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.drain import drain
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.eventlog import JsonlObserver, TeeObserver
+from nodemesh.agent.housekeeping import Housekeeping
 from nodemesh.agent.inbound import serve_inbound
 from nodemesh.agent.modes import make_mode
 from nodemesh.agent.observe import Observer
 from nodemesh.agent.outbound import serve_outbound
 from nodemesh.agent.relay import WorkerContext
-from nodemesh.agent.sockets import listen_socket
+from nodemesh.agent.sockets import listen_socket, raise_fd_limit
 from nodemesh.agent.telemetry import WorkerTelemetry
 
 log = logging.getLogger("nodemesh.agent.worker")
@@ -63,8 +65,13 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     if event_log:
         observer = TeeObserver(tele, JsonlObserver(event_log))
     await tele.start()
-    outbound = WorkerContext(config, observer, EndpointPicker(tele.index), make_mode)
-    inbound = WorkerContext(config, observer, EndpointPicker(None), make_mode)
+    nofile = raise_fd_limit()
+    admission = Admission(capacity_for(nofile))
+    log.info("event=fd_limit index=%d nofile=%d connections=%d", index, nofile, admission.capacity)
+    outbound = WorkerContext(config, observer, EndpointPicker(tele.index), make_mode, admission)
+    inbound = WorkerContext(config, observer, EndpointPicker(None), make_mode, admission)
+    housekeeping = Housekeeping(admission)
+    housekeeping.start()
     servers = [
         await serve_outbound(outbound, listen_socket(config.listen_host, config.outbound_port)),
         await serve_inbound(inbound, listen_socket(config.listen_host, config.inbound_port)),
@@ -81,6 +88,7 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
              config.inbound_port)
     await stop.wait()
     await drain(servers, [outbound, inbound], config.drain_grace_s)
+    housekeeping.stop()
     await tele.stop()
     return 0
 

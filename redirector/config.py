@@ -15,6 +15,10 @@ Mechanism = Literal["dnat", "tproxy"]
 DEFAULT_TRANSPARENT_MARK = 0x1000
 DEFAULT_ROUTE_TABLE = 4140
 DEFAULT_RULE_PRIORITY = 4140
+# The conntrack zone of the agent's transparent upstream connections (original direction only): a
+# tuple they share with a pod's own connection (captured, DNATed to the agent) is then never taken
+# for it. Zones are 16-bit; 0 is everyone else's.
+DEFAULT_CONNTRACK_ZONE = 4140
 
 
 class ConfigError(ValueError):
@@ -44,6 +48,7 @@ class CaptureConfig:
     transparent_mark: int = DEFAULT_TRANSPARENT_MARK
     route_table: int = DEFAULT_ROUTE_TABLE
     rule_priority: int = DEFAULT_RULE_PRIORITY
+    conntrack_zone: int = DEFAULT_CONNTRACK_ZONE
     # Route (not switch) TCP between local pods on a bridge so replies reach transparent sockets.
     bridge_replies: bool = True
 
@@ -63,6 +68,8 @@ class CaptureConfig:
             raise ConfigError("at least one pod CIDR is needed: capture works from the pod CIDR")
         if self.mechanism not in ("dnat", "tproxy"):
             raise ConfigError(f"unknown mechanism {self.mechanism!r} (dnat or tproxy)")
+        if not 0 < self.conntrack_zone < 65536:
+            raise ConfigError(f"invalid conntrack zone {self.conntrack_zone} (1-65535)")
         for port in (self.outbound_port, self.inbound_port, self.admin_port, *(self.skip_ports or ())):
             if not 0 < port < 65536:
                 raise ConfigError(f"invalid port {port}")

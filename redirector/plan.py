@@ -192,6 +192,19 @@ def build_plan(config: CaptureConfig) -> Plan:
     rules.append(Rule("mangle", CHAIN_OUTPUT, "-p tcp -m addrtype ! --src-type LOCAL",
                       f"-j CONNMARK --set-xmark {mark}",
                       "sent from a non-node address: a transparent socket, mark its connection"))
+    # The agent's upstream carries the calling pod's address and a port of its own choosing, so its
+    # 4-tuple can be one the pod (or the other node's agent) also has in conntrack: a captured
+    # connection, DNATed to the agent. Looked up in the same zone, the upstream's SYN is taken for
+    # that connection and NATed back to the agent's own listener (it times out), or a pod's new SYN
+    # is taken for the upstream and reaches the server un-NATed (and resets it). In a zone of their
+    # own for the original direction, the agent's connections never match a pod's; replies are looked
+    # up in the default zone as before (found by tests/integration/faults, 21-455 collisions in 8,000).
+    chains.append(("raw", CHAIN_OUTPUT))
+    hooks.append(Hook("raw", "OUTPUT", CHAIN_OUTPUT,
+                      "transparent agent connections get a conntrack zone of their own", capture=False))
+    rules.append(Rule("raw", CHAIN_OUTPUT, "-p tcp -m addrtype ! --src-type LOCAL",
+                      f"-j CT --zone-orig {config.conntrack_zone}",
+                      "sent from a non-node address: a transparent socket, its own conntrack zone"))
     if config.mechanism == "tproxy":
         rules.append(Rule("mangle", CHAIN_PREROUTING, f"-p tcp -m mark --mark {mark}", "-j RETURN",
                           "already belongs to a transparent socket: never divert it again"))

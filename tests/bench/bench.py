@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -54,6 +55,13 @@ class BenchConfig:
             cfg.bulk_mb = bulk_mb
         cfg.agent_workers = agent_workers
         return cfg
+
+
+def node_env() -> dict[str, str]:
+    """The environment of the agents and redirectors the bench starts: the sandbox's kubelet starts
+    node processes with a clean one, so without PYTHONPATH they would import whichever nodemesh the
+    interpreter finds (the installed checkout), not the code the bench was run with."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 
 
 # ---------------------------------------------------------------------------------------------- pods
@@ -286,7 +294,7 @@ class Bench:
         for n in self.nodes:
             self.sb.start_node_process(n.name, self._agent_name(n.name), [
                 PY, "-m", "nodemesh.agent", "--node", n.name, "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers])
+                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers], env=node_env())
         self._wait(lambda: all(self._ready(n.name) for n in self.nodes), timeout, "agents /ready",
                    [self.sb.node_process_log(n.name, self._agent_name(n.name)) for n in self.nodes])
         for n in self.nodes:
@@ -308,7 +316,7 @@ class Bench:
             if on:
                 self.sb.start_node_process(n.name, f"bench-redirector-{n.name}", [
                     PY, "-m", "nodemesh.redirector", "run", "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"])
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"], env=node_env())
             else:
                 self.sb.stop_node_process(n.name, f"bench-redirector-{n.name}")
         self._wait(lambda: all(hooked(n.name) == on for n in self.nodes), timeout,

@@ -108,6 +108,10 @@ def topology() -> Iterator[Topology]:
               "-j", "REDIRECT", "--to-ports", "4140")
         t.run(t.agent, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", f"{prefix}a1", "-p", "tcp",
               "-m", "socket", "--transparent", "-j", "MARK", "--set-mark", "1")
+        # The agent's upstream connections in a conntrack zone of their own (the redirector's
+        # raw-table rule): their tuples may be the client's own.
+        t.run(t.agent, "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "-m", "addrtype", "!",
+              "--src-type", "LOCAL", "-j", "CT", "--zone-orig", "4140")
         yield t
     finally:
         t.stop_all()

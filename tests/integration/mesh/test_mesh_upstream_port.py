@@ -1,10 +1,11 @@
-"""The agent's transparent upstream socket never takes the caller's own source port.
+"""The agent's transparent upstream socket takes its source port at connect(), per 4-tuple.
 
-Found by the sandbox-wide tests: inbound, the caller's port was picked by the other node's agent with
-bind(0), from the same (odd) half of the port range as ours, so about 1 in 14000 cross-node connections
-reused it; conntrack then took the upstream SYN for the captured connection and NATed it back to the
-agent's own listener (connect timeout, a failed request). Here a private netns with a 2-port range makes
-the kernel's pick deterministic.
+upstream_socket binds the calling pod's address with IP_BIND_ADDRESS_NO_PORT, so the kernel picks a
+port that makes the whole tuple unique when it connects: one source port serves many destinations,
+as it does for the pod itself. With bind(0) every upstream held a port of the pod address whatever
+its destination, and a pod ran out of them through the agent long before it would directly. Here a
+private netns with a 2-port range makes the count exact. (That a tuple the agent picks may be one
+the pod has in conntrack is the redirector's conntrack-zone rule's business: tests/integration/faults.)
 """
 
 from __future__ import annotations
@@ -21,26 +22,35 @@ pytestmark = pytest.mark.root
 PROBE = textwrap.dedent("""
     import socket
     from nodemesh.agent.sockets import upstream_socket
-    free, _ = upstream_socket("10.1.2.3")       # IP_TRANSPARENT: a non-local address, port from the range
-    clash = free.getsockname()[1]
-    free.close()
-    sock, transparent = upstream_socket("10.1.2.3", avoid_port=clash)
-    print(clash, sock.getsockname()[1], transparent)
+    servers = []
+    for port in (7001, 7002):
+        s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen(8); servers.append(s)
+    out = []
+    for port in (7001, 7001, 7002, 7002):
+        sock, transparent = upstream_socket("10.1.2.3")  # a local address here, bound transparently
+        unbound = sock.getsockname()
+        sock.setblocking(True)
+        try:
+            sock.connect(("127.0.0.1", port))
+            out.append((port, unbound[1], sock.getsockname()[1], transparent))
+        except OSError as exc:
+            out.append((port, unbound[1], exc.errno, transparent))
+    print(out)
 """)
 
 
-def test_mesh_upstream_socket_avoids_callers_port() -> None:
+def test_mesh_upstream_socket_port_is_per_destination() -> None:
     ns = "nmmesh" + secrets.token_hex(3)
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        # Only 40000 and 40001 to choose from: bind(0) prefers the odd one, so the first pick is known.
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"],
-                       check=True)
-        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE], capture_output=True,
-                             text=True, check=True).stdout.split()
-        clash, got, transparent = int(out[0]), int(out[1]), out[2]
-        assert transparent == "True"
-        assert clash in (40000, 40001) and got in (40000, 40001)
-        assert got != clash, out
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "10.1.2.3/32", "dev", "lo"],
+                    ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"]):
+            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        out = eval(subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE], capture_output=True,
+                                  text=True, check=True).stdout)
+        assert all(unbound == 0 and transparent for _, unbound, _, transparent in out), out  # no port before connect
+        per_dest = {7001: sorted(p for d, _, p, _ in out if d == 7001), 7002: sorted(p for d, _, p, _ in out if d == 7002)}
+        # Both ports of the range serve each destination: four connections out of two ports.
+        assert per_dest == {7001: [40000, 40001], 7002: [40000, 40001]}, out
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -96,8 +96,10 @@ def test_redirector_legacy_backend_detected_and_used(tmp_path) -> None:  # type:
         a, b = cl.pods["a"], cl.pods["b"]
         ns = cl.nodes[1]
         # kubelet loads mangle on real nodes (KUBE-KUBELET-CANARY); a legacy table once loaded cannot be
-        # unloaded from a namespace, so the baseline is taken with it loaded, as on a real node.
+        # unloaded from a namespace, so the baseline is taken with it loaded, as on a real node. The
+        # same for raw (the agents' conntrack zone), which nodemesh may be the first to load.
         run("iptables-legacy", "-t", "mangle", "-S", ns=ns)
+        run("iptables-legacy", "-t", "raw", "-S", ns=ns)
         before = cl.snapshot(1)
         assert detect_backend(ns) == "legacy"
         redirector, plan = _install(cl, 1)

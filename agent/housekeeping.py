@@ -1,0 +1,90 @@
+"""A worker's periodic upkeep: is its event loop overloaded, and memory back after a mass close.
+
+- **Overload**: a timer due every `TICK_S` measures how late it runs (the loop's lag: how long
+  ready callbacks wait). Lag over `OVERLOAD_LAG_S` on two ticks in a row sets
+  `admission.overloaded` (admission.py then sheds new connections from sources holding more than
+  their share); two on-time ticks clear it. Ten timer callbacks a second cost nothing measurable.
+- **Memory**: when the connections held fell by at least `TRIM_MIN_DROP` and to half their peak
+  since the last trim, and have stopped falling (checked every second), `malloc_trim(0)` gives the allocator's free pages back to the system.
+  Without it, 9,000 idle connections (+33 MB PSS) left the worker at +33 MB after they closed;
+  with it +17 MB, which the next burst reuses (the rest: pymalloc arenas still holding a few
+  long-lived objects each). Connections free their own memory at close (relay.py breaks their
+  reference cycles), so no garbage collection is needed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import time
+
+from nodemesh.agent.admission import Admission
+
+log = logging.getLogger("nodemesh.agent.housekeeping")
+
+TICK_S = 0.1
+OVERLOAD_LAG_S = 0.05
+TRIM_EVERY_TICKS = 10
+TRIM_MIN_DROP = 1000
+
+
+def _malloc_trim() -> object | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl): nothing to give back this way
+        return None
+
+
+class Housekeeping:
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.task: asyncio.Task[None] | None = None
+        self.late_ticks = 0
+        self.trims = 0
+        self.last_open = 0
+        self._trim = _malloc_trim()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        tick = 0
+        while True:
+            due = time.monotonic() + TICK_S
+            await asyncio.sleep(TICK_S)
+            self.lag(time.monotonic() - due)
+            tick += 1
+            if tick % TRIM_EVERY_TICKS == 0:
+                self.maybe_trim()
+
+    def lag(self, lag_s: float) -> None:
+        adm = self.admission
+        if lag_s > OVERLOAD_LAG_S:
+            self.late_ticks = min(self.late_ticks + 1, 2)
+            if self.late_ticks == 2 and not adm.overloaded:
+                adm.overloaded = True
+                log.warning("event=overloaded lag_ms=%.0f connections=%d", lag_s * 1000, adm.open)
+        else:
+            self.late_ticks = max(self.late_ticks - 1, 0)
+            if self.late_ticks == 0 and adm.overloaded:
+                adm.overloaded = False
+                log.info("event=overload_over connections=%d", adm.open)
+
+    def maybe_trim(self) -> bool:
+        adm = self.admission
+        falling = self.last_open - adm.open >= TRIM_MIN_DROP // 10
+        self.last_open = adm.open
+        if falling or adm.peak - adm.open < TRIM_MIN_DROP or adm.open * 2 > adm.peak:
+            return False  # no mass close, or one still going on: trim once it has settled
+        adm.peak = adm.open
+        if self._trim is not None:
+            started = time.monotonic()
+            self._trim(0)  # type: ignore[operator]
+            self.trims += 1
+            log.info("event=memory_trimmed connections=%d ms=%.1f", adm.open, (time.monotonic() - started) * 1000)
+        return True

@@ -1,0 +1,426 @@
+"""Peers for the fault tests, run as sandbox pod processes (servers) or via `sandbox.exec` (clients).
+
+    python3 faults_peers.py echo-server PORT
+    python3 faults_peers.py CLIENT-KIND ARGS...     # prints one JSON object: what it did and saw
+
+Clients check every byte they get back (an echo of what they sent) and report counts of failures by
+kind, so a test asserts "0 failed, bytes intact" and prints the timings. Stdlib only (asyncio on the
+default loop): a client starts fast in a pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+
+def emit(result: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 1 << 17)), hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _write_atomic(path: str, data: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+def failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "closed_early"
+    return type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- servers
+async def echo_server(*ports: int) -> None:
+    """Echoes every byte until the client's EOF, then closes: each client line comes back as is.
+    Backlog 8192 so the server's own queue is never what a connect storm measures."""
+    raise_nofile()
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+        def eof_received(self) -> bool:
+            return False  # close once our echo is written
+
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(Echo, "0.0.0.0", port, backlog=8192, reuse_address=True) for port in ports]
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+# ---------------------------------------------------------------------------- clients
+async def _one_echo(host: str, port: int, i: int, timeout: float, mode: str = "echo") -> tuple[float, float]:
+    """Connect, send one line, read it back, close (`mode` "close": connect and close at once).
+    Returns (seconds the connect took, seconds the whole exchange took)."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    took = time.monotonic() - t0
+    if mode == "close":
+        writer.close()
+        return took, took
+    try:
+        line = b"ping %d\n" % i
+        writer.write(line)
+        got = await asyncio.wait_for(reader.readexactly(len(line)), timeout)
+        if got != line:
+            raise ValueError(f"echo mismatch {got!r}")
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), timeout)
+        if rest:
+            raise ValueError(f"bytes after the echo {rest[:20]!r}")
+    finally:
+        writer.close()
+    return took, time.monotonic() - t0
+
+
+async def connects(host: str, port: int, n: int, concurrency: int, timeout: float, mode: str = "echo") -> None:
+    """n connections, `concurrency` at a time, each one echo then close (client closes first), or
+    with mode "close" connect and close at once. Reports failures by kind and the slow ones (a
+    connect or an exchange over 1 s is a lost SYN: the kernel retries after 1 s)."""
+    raise_nofile()
+    sem = asyncio.Semaphore(concurrency)
+    failed: Counter[str] = Counter()
+    connect_s: list[float] = []
+    exchange_s: list[float] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            try:
+                c, e = await _one_echo(host, port, i, timeout, mode)
+                connect_s.append(c)
+                exchange_s.append(e)
+            except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
+                failed[failure_kind(exc)] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    connect_s.sort()
+    exchange_s.sort()
+    emit({"n": n, "mode": mode, "ok": len(connect_s), "failed": dict(failed),
+          "seconds": round(time.monotonic() - started, 3),
+          "connect_p50_ms": round(1000 * connect_s[len(connect_s) // 2], 2) if connect_s else None,
+          "connect_max_s": round(connect_s[-1], 3) if connect_s else None,
+          "exchange_max_s": round(exchange_s[-1], 3) if exchange_s else None,
+          "connects_over_1s": sum(1 for s in connect_s if s > 1.0),
+          "exchanges_over_1s": sum(1 for s in exchange_s if s > 1.0)})
+
+
+def burst(host: str, port: int, n: int, timeout: float) -> None:
+    """n connects started at the same instant (non-blocking sockets, one connect() call each, no
+    waiting in between), then every connection echoes one line. Counts resets and timeouts."""
+    raise_nofile()
+    socks = []
+    started = time.monotonic()
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((host, port))
+        socks.append(s)
+    sent_s = time.monotonic() - started
+
+    async def finish() -> Counter[str]:
+        loop = asyncio.get_running_loop()
+        failed: Counter[str] = Counter()
+
+        async def one(i: int, s: socket.socket) -> None:
+            try:
+                await asyncio.wait_for(loop.sock_connect(s, (host, port)), timeout)
+                line = b"burst %d\n" % i
+                await loop.sock_sendall(s, line)
+                got = b""
+                while len(got) < len(line):
+                    chunk = await asyncio.wait_for(loop.sock_recv(s, 64), timeout)
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(got, len(line))
+                    got += chunk
+                if got != line:
+                    raise ValueError("echo mismatch")
+            except OSError as exc:
+                if exc.errno == 106:  # EISCONN: already connected, which sock_connect reports oddly
+                    return await one_connected(i, s)
+                failed[failure_kind(exc)] += 1
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+            finally:
+                s.close()
+
+        async def one_connected(i: int, s: socket.socket) -> None:
+            line = b"burst %d\n" % i
+            try:
+                await loop.sock_sendall(s, line)
+                got = await asyncio.wait_for(loop.sock_recv(s, 64), timeout)
+                if got != line:
+                    raise ValueError("echo mismatch")
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(socks)))
+        return failed
+
+    failed = asyncio.run(finish())
+    emit({"n": n, "ok": n - sum(failed.values()), "failed": dict(failed), "connect_calls_s": round(sent_s, 3),
+          "seconds": round(time.monotonic() - started, 3)})
+
+
+async def idle(host: str, port: int, n: int, concurrency: int, hold_file: str, timeout: float) -> None:
+    """Opens n connections (concurrency at a time), checks each with one echo, writes
+    `hold_file + ".open"` with the counts, keeps them all open and idle until hold_file exists,
+    then checks each again with a second echo and closes them all."""
+    raise_nofile()
+    sem = asyncio.Semaphore(concurrency)
+    failed: Counter[str] = Counter()
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    started = time.monotonic()
+
+    async def open_one(i: int) -> None:
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                line = b"idle %d\n" % i
+                w.write(line)
+                if await asyncio.wait_for(r.readexactly(len(line)), timeout) != line:
+                    raise ValueError("echo mismatch")
+                conns.append((r, w))
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+
+    await asyncio.gather(*(open_one(i) for i in range(n)))
+    open_s = time.monotonic() - started
+    _write_atomic(hold_file + ".open", {"open": len(conns), "failed": dict(failed), "seconds": round(open_s, 3)})
+    while not os.path.exists(hold_file):
+        await asyncio.sleep(0.2)
+    second: Counter[str] = Counter()
+
+    async def check(i: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async with sem:
+            try:
+                line = b"again %d\n" % i
+                w.write(line)
+                if await asyncio.wait_for(r.readexactly(len(line)), timeout) != line:
+                    raise ValueError("echo mismatch")
+            except Exception as exc:  # noqa: BLE001
+                second[failure_kind(exc)] += 1
+            finally:
+                w.close()
+
+    await asyncio.gather(*(check(i, r, w) for i, (r, w) in enumerate(conns)))
+    emit({"n": n, "open": len(conns), "failed": dict(failed), "open_seconds": round(open_s, 3),
+          "after_idle_failed": dict(second)})
+
+
+async def hold(host: str, port: int, n: int, timeout: float) -> None:
+    """Opens n connections one after another, each checked with an echo while the earlier ones stay
+    open, then echoes once more on every one and closes them all."""
+    failed: Counter[str] = Counter()
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    ports: list[int] = []
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter, line: bytes) -> None:
+        w.write(line)
+        if await asyncio.wait_for(r.readexactly(len(line)), timeout) != line:
+            raise ValueError("echo mismatch")
+
+    started = time.monotonic()
+    for i in range(n):
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            ports.append(w.get_extra_info("sockname")[1])
+            await echo(r, w, b"open %d\n" % i)
+            conns.append((r, w))
+        except Exception as exc:  # noqa: BLE001
+            failed["open_" + failure_kind(exc)] += 1
+    for i, (r, w) in enumerate(conns):
+        try:
+            await echo(r, w, b"again %d\n" % i)
+        except Exception as exc:  # noqa: BLE001
+            failed["again_" + failure_kind(exc)] += 1
+        w.close()
+    emit({"n": n, "ok": len(conns) - sum(v for k, v in failed.items() if k.startswith("again_")),
+          "failed": dict(failed), "source_ports": ports, "seconds": round(time.monotonic() - started, 3)})
+
+
+async def slowloris(host: str, port: int, n: int, max_s: float) -> None:
+    """n connections each sending an endless HTTP/1 request head at one byte a second (1,000 new
+    connections a second until all are open). Reports how each one ended: the first line the
+    server side answered with, and after how long; "held" ones were still open at max_s."""
+    raise_nofile()
+    head = b"GET / HTTP/1.1\r\nHost: slow\r\n" + b"X-Slow: " + b"a" * 10_000
+    ends: Counter[str] = Counter()
+    seconds: list[float] = []
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(i / 1000)
+        t0 = time.monotonic()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except Exception as exc:  # noqa: BLE001
+            ends["connect_" + failure_kind(exc)] += 1
+            return
+        answer = asyncio.ensure_future(reader.read())
+        try:
+            for byte in head:
+                if answer.done() or time.monotonic() - t0 > max_s:
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(1.0)
+            if not answer.done() and time.monotonic() - t0 <= max_s:
+                await asyncio.wait_for(asyncio.shield(answer), max_s - (time.monotonic() - t0))
+        except (TimeoutError, OSError):
+            pass
+        if answer.done() and answer.exception() is None:
+            got = answer.result()
+            ends[got.split(b"\r\n", 1)[0].decode("latin-1") or "closed"] += 1
+            seconds.append(time.monotonic() - t0)
+        elif answer.done():
+            ends[failure_kind(answer.exception())] += 1  # type: ignore[arg-type]
+            seconds.append(time.monotonic() - t0)
+        else:
+            answer.cancel()
+            ends["held"] += 1
+        writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    seconds.sort()
+    emit({"n": n, "ends": dict(ends), "seconds": round(time.monotonic() - started, 1),
+          "ended_p50_s": round(seconds[len(seconds) // 2], 1) if seconds else None,
+          "ended_max_s": round(seconds[-1], 1) if seconds else None})
+
+
+async def http_load(host: str, port: int, path: str, connections: int, duration: float) -> None:
+    """Closed-loop HTTP/1.1 keep-alive GETs on `connections` connections for `duration` seconds:
+    requests per second, failures by kind, every body checked (nginx's "ok\n")."""
+    raise_nofile()
+    request = f"GET {path} HTTP/1.1\r\nHost: load\r\n\r\n".encode()
+    ok = 0
+    failed: Counter[str] = Counter()
+    stop = time.monotonic() + duration
+
+    async def conn() -> None:
+        nonlocal ok
+        while time.monotonic() < stop:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            except Exception as exc:  # noqa: BLE001
+                failed["connect_" + failure_kind(exc)] += 1
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                while time.monotonic() < stop:
+                    writer.write(request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                    body = await asyncio.wait_for(reader.readexactly(length), 10)
+                    if head.startswith(b"HTTP/1.1 200 ") and body == b"ok\n":
+                        ok += 1
+                    else:
+                        failed[head.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+            finally:
+                writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(conn() for _ in range(connections)))
+    took = time.monotonic() - started
+    emit({"ok": ok, "failed": dict(failed), "seconds": round(took, 2), "rps": round(ok / took, 1)})
+
+
+async def many_hosts(host: str, port: int, n: int, connections: int) -> None:
+    """n GETs with n distinct Host headers (h0.hosts.test ...), spread over keep-alive connections:
+    every one a new `authority` label value on both agents."""
+    ok = 0
+    failed: Counter[str] = Counter()
+
+    async def conn(k: int) -> None:
+        nonlocal ok
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for i in range(k, n, connections):
+                writer.write(f"GET /ok HTTP/1.1\r\nHost: h{i}.hosts.test\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                await reader.readexactly(length)
+                if head.startswith(b"HTTP/1.1 200 "):
+                    ok += 1
+                else:
+                    failed[head.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(conn(k) for k in range(connections)))
+    emit({"ok": ok, "failed": dict(failed)})
+
+
+def raw(host: str, port: int, payload_hex: str, idle_s: float) -> None:
+    """Sends the bytes (hex; "-": read the hex from stdin), then reads until the other side closes
+    or stays silent for idle_s. Reports what came back (hex) and how the connection ended."""
+    if payload_hex == "-":
+        payload_hex = sys.stdin.read().strip()
+    got = b""
+    end = "idle"
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(bytes.fromhex(payload_hex))
+        s.settimeout(idle_s)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+            end = "closed"
+        except TimeoutError:
+            end = "idle"
+        except ConnectionResetError:
+            end = "reset"
+    emit({"got": got.hex(), "end": end})
+
+
+def main(argv: list[str]) -> None:
+    kind, args = argv[0], argv[1:]
+    if kind == "echo-server":
+        asyncio.run(echo_server(*(int(p) for p in args[0].split(","))))
+    elif kind == "connects":
+        asyncio.run(connects(args[0], int(args[1]), int(args[2]), int(args[3]), float(args[4]), *args[5:]))
+    elif kind == "burst":
+        burst(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif kind == "hold":
+        asyncio.run(hold(args[0], int(args[1]), int(args[2]), float(args[3])))
+    elif kind == "slowloris":
+        asyncio.run(slowloris(args[0], int(args[1]), int(args[2]), float(args[3])))
+    elif kind == "http-load":
+        asyncio.run(http_load(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
+    elif kind == "many-hosts":
+        asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
+    elif kind == "raw":
+        raw(args[0], int(args[1]), args[2], float(args[3]))
+    elif kind == "idle":
+        asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
+    else:
+        raise SystemExit(f"unknown peer kind {kind!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

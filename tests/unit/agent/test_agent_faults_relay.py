@@ -1,0 +1,259 @@
+"""Admission on the relay (loopback, no root): what a shed client is told, slow heads, and that a
+closed connection's memory is freed at once (no reference cycle left for the collector)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+from nodemesh.agent.admission import Admission
+from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.modes import make_mode
+from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
+from nodemesh.agent.relay import Connection, WorkerContext
+from nodemesh.agent.sockets import listen_socket
+
+GOAWAY, SETTINGS = 7, 4
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.closes: list[str | None] = []
+        self.protocols: list[str] = []
+
+    def connection_open(self, meta: ConnectionMeta) -> Any:
+        self.protocols.append(meta.protocol)
+        return meta
+
+    def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
+        self.closes.append(end.error)
+
+    def request_start(self, conn: Any, head: RequestHead) -> Any:
+        return head
+
+    def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:
+        pass
+
+    def request_end(self, req: Any, end: RequestEnd) -> None:
+        pass
+
+
+class _Index:
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+        self.listen, self.upstream = listen, upstream
+
+    def service_endpoints(self, ip: str, port: int) -> list[tuple[str, int]] | None:
+        return [self.upstream] if (ip, port) == self.listen else None
+
+
+async def start(upstream: tuple[str, int], admission: Admission, **config: Any) -> tuple[asyncio.Server, int,
+                                                                                         WorkerContext, Recorder]:
+    sock = listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3, workers=1,
+                      **config)
+    rec = Recorder()
+    ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), upstream)), make_mode, admission)
+    server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
+    return server, port, ctx, rec
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        await scenario()
+
+    uvloop.run(main())
+    assert not errors, errors
+
+
+async def echo_server() -> asyncio.Server:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+        w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def sink_server() -> asyncio.Server:
+    """Reads everything, answers nothing (a server still waiting for the request head)."""
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await r.read(65536):
+            pass
+        w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+def _full(admission: Admission, source: str = "127.0.0.1") -> Admission:
+    """The worker is full: every new connection is shed for capacity."""
+    for _ in range(admission.capacity):
+        admission.admit(source)
+    return admission
+
+
+def test_shed_http1_gets_503_and_is_counted() -> None:
+    async def scenario() -> None:
+        up = await echo_server()
+        server, port, ctx, rec = await start(up.sockets[0].getsockname()[:2], _full(Admission(16)))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = await read_all(reader)
+            assert got.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), got
+            writer.close()
+            assert await _until(lambda: rec.closes == ["shed: capacity"]), rec.closes
+            assert rec.protocols == ["http1"] and not ctx.live and not ctx.picker.open
+            assert ctx.admission.open == 16
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_shed_http2_gets_settings_and_goaway_enhance_your_calm() -> None:
+    async def scenario() -> None:
+        up = await echo_server()
+        server, port, _ctx, rec = await start(up.sockets[0].getsockname()[:2], _full(Admission(16)))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0")
+            got = await read_all(reader)
+            assert got[3] == SETTINGS and got[9 + 3] == GOAWAY, got
+            last, code = struct.unpack(">LL", got[18:26])
+            assert (last, code) == (0, 0xB), got
+            writer.close()
+            assert await _until(lambda: rec.closes == ["shed: capacity"])
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_shed_opaque_tcp_gets_a_reset() -> None:
+    async def scenario() -> None:
+        up = await echo_server()
+        server, port, _ctx, rec = await start(up.sockets[0].getsockname()[:2], _full(Admission(16)))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x00binary protocol")
+            try:
+                got = await read_all(reader)
+                raise AssertionError(f"expected a reset, got {got!r}")
+            except ConnectionResetError:
+                pass
+            writer.close()
+            assert await _until(lambda: rec.closes == ["shed: capacity"])
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_slowloris_gets_408_at_the_header_timeout_not_an_opaque_relay() -> None:
+    async def scenario() -> None:
+        up = await sink_server()
+        server, port, ctx, rec = await start(up.sockets[0].getsockname()[:2], Admission(1000),
+                                             detect_timeout_s=0.2, header_timeout_s=0.6)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            answer = asyncio.ensure_future(reader.read())
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":   # one byte every 0.1 s: never a whole head
+                if answer.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)
+            got = await asyncio.wait_for(answer, 3)
+            took = loop.time() - started
+            assert got.startswith(b"HTTP/1.1 408 "), got
+            assert 0.6 <= took < 2.0, took   # detection at 0.2 s, then the 0.6 s header timeout
+            writer.close()
+            assert await _until(lambda: rec.closes != [])
+            assert rec.protocols == ["http1"] and ctx.admission.slow == {}
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_a_source_past_its_slow_cap_gets_408_at_the_detection_timeout() -> None:
+    async def scenario() -> None:
+        up = await sink_server()
+        server, port, ctx, rec = await start(up.sockets[0].getsockname()[:2], Admission(1000, max_slow=2),
+                                             detect_timeout_s=0.2, header_timeout_s=30)
+        try:
+            conns = []
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GE")
+                conns.append((reader, writer))
+            got = await asyncio.gather(*(asyncio.wait_for(r.read(), 1.5) for r, _ in conns), return_exceptions=True)
+            answered = [g for g in got if isinstance(g, bytes)]
+            assert len(answered) == 1 and answered[0].startswith(b"HTTP/1.1 408 "), got
+            assert ctx.admission.slow == {"127.0.0.1": 2}
+            for _, w in conns:
+                w.close()
+            assert await _until(lambda: len(rec.closes) == 3)
+            assert rec.closes.count("shed: slow") == 1, rec.closes
+            assert await _until(lambda: ctx.admission.slow == {} and ctx.admission.open == 0)
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    async def scenario() -> None:
+        up = await echo_server()
+        server, port, ctx, _rec = await start(up.sockets[0].getsockname()[:2], Admission(1000))
+        gc.disable()
+        try:
+            for payload in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00opaque"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                await _until(lambda: len(ctx.live) == 1)
+                writer.write(payload)
+                await asyncio.wait_for(reader.read(len(payload)), 3)
+                writer.close()
+                await _until(lambda: not ctx.live)
+            await asyncio.sleep(0.05)
+            # Connection has __slots__ and no weakref slot: look for survivors among tracked objects.
+            assert [o for o in gc.get_objects() if isinstance(o, Connection) and o.ctx is ctx] == []
+        finally:
+            gc.enable()
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+del socket
