@@ -4,6 +4,7 @@
 /ready    200 once the agent serves traffic, 503 otherwise (and from drain start)
 /live     200 while the event loop answers
 /capture  {"excluded_ips": [...]}: this node's pod IPs the redirector must not capture
+/identity {"epoch", "version", "resource_version", "pods": {ip: pod uid}}: the identity held
 
 A few GETs a second from probes and scrapers do not need a web framework: the server is an
 asyncio.Protocol with httptools (already the data path's parser), HTTP/1.1 keep-alive included.
@@ -17,6 +18,7 @@ import json
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import httptools
 from nodemesh.agent.metrics import Snapshot
@@ -135,11 +137,13 @@ class _AdminProtocol(asyncio.Protocol):
 class AdminServer:
     def __init__(self, host: str, port: int, *, snapshot: Callable[[], Snapshot],
                  ready: Callable[[], bool], excluded_ips: Callable[[], list[str]],
-                 capture_installed: Callable[[], bool] = lambda: False) -> None:
+                 capture_installed: Callable[[], bool] = lambda: False,
+                 identity: Callable[[], dict[str, Any]] = dict) -> None:
         self.host = host
         self.port = port
         self._ready = ready
         self._excluded_ips = excluded_ips
+        self._identity = identity
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
         self.registry.register(AgentProcessCollector(capture_installed))
@@ -187,4 +191,6 @@ class AdminServer:
             return 200, TEXT, b"live\n"
         if path == "/capture":
             return 200, "application/json", json.dumps({"excluded_ips": self._excluded_ips()}).encode()
+        if path == "/identity":
+            return 200, "application/json", json.dumps(self._identity()).encode()
         return 404, TEXT, b"404: Not Found\n"

@@ -19,7 +19,16 @@ from typing import Any
 
 from nodemesh.api.clusterstate import ClusterObjects, objects_path
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.workloads import namespace_capture_disabled, pod_ready, resolve_owner
+from nodemesh.api.workloads import (
+    namespace_capture_disabled,
+    pod_has_identity,
+    pod_ips,
+    pod_ready,
+    pod_start_ms,
+    pod_terminating,
+    pod_uid,
+    resolve_owner,
+)
 
 log = logging.getLogger("nodemesh.agent.identity")
 
@@ -47,23 +56,22 @@ def snapshot_from_objects(objects: ClusterObjects) -> pb.IdentitySnapshot:
     pods = objects.of_kind("Pod")
     by_ip: dict[str, Obj] = {}
     for pod in pods:
-        m, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
-        # A host-network pod's IP is its node's: attributing the node's address to it would be wrong.
-        if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+        m, spec = _meta(pod), pod.get("spec") or {}
+        # Host-network pods' IPs are their nodes'; finished (or stopped terminating) pods may have
+        # handed theirs on: api.workloads.pod_has_identity, as the controller decides.
+        if not pod_has_identity(pod):
             continue
-        ips = [a.get("ip") for a in status.get("podIPs") or [] if a.get("ip")] or (
-            [status["podIP"]] if status.get("podIP") else []
-        )
+        ips = pod_ips(pod)
         owner = resolve_owner(pod, lambda kind, ns, name: replicasets.get((ns, name)) if kind == "ReplicaSet" else None)
-        kind, name = owner.kind, owner.name
         ns = m.get("namespace", "default")
         for ip in ips:
             by_ip[ip] = pod
-            snap.pods.append(pb.Pod(
-                ip=ip, namespace=ns, name=m.get("name", ""), node=spec.get("nodeName", ""),
-                owner=pb.Resource(namespace=ns, type=kind, name=name),
-                labels=m.get("labels") or {}, ready=pod_ready(pod),
-            ))
+        snap.pods.append(pb.Pod(
+            ip=ips[0], ips=ips, namespace=ns, name=m.get("name", ""), node=spec.get("nodeName", ""),
+            owner=pb.Resource(namespace=ns, type=owner.kind, name=owner.name),
+            labels=m.get("labels") or {}, ready=pod_ready(pod), uid=pod_uid(pod),
+            start_time_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
+        ))
 
     slices: dict[tuple[str, str], list[Obj]] = {}
     for s in objects.of_kind("EndpointSlice"):

@@ -36,6 +36,7 @@ from nodemesh.agent.outbound import serve_outbound
 from nodemesh.agent.relay import WorkerContext
 from nodemesh.agent.sockets import listen_socket
 from nodemesh.agent.telemetry import WorkerTelemetry
+from nodemesh.api.gen import nodemesh_pb2 as pb
 
 log = logging.getLogger("nodemesh.agent.worker")
 PR_SET_PDEATHSIG = 1
@@ -65,6 +66,18 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     await tele.start()
     outbound = WorkerContext(config, observer, EndpointPicker(tele.index), make_mode)
     inbound = WorkerContext(config, observer, EndpointPicker(None), make_mode)
+    for ctx in (outbound, inbound):
+        ctx.identity_gate = tele.identity_gate
+    outbound.learn_endpoint = tele.learn_endpoint
+
+    def mesh_config(mesh: pb.MeshConfig) -> None:
+        # The controller's opaque ports replace the --opaque-ports flag (the same list in a
+        # manifest install; a changed ConfigMap reaches every agent without a restart).
+        ports = frozenset(mesh.opaque_ports)
+        for ctx in (outbound, inbound):
+            ctx.opaque_ports = ports
+
+    tele.on_mesh_config.append(mesh_config)
     servers = [
         await serve_outbound(outbound, listen_socket(config.listen_host, config.outbound_port)),
         await serve_inbound(inbound, listen_socket(config.listen_host, config.inbound_port)),

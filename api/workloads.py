@@ -110,8 +110,20 @@ def pod_finished(pod: Obj) -> bool:
 
 def pod_has_identity(pod: Obj) -> bool:
     """Does the pod's IP name the pod? Not for hostNetwork pods (the IP is their node's), nor
-    for finished pods (their IP may already be another pod's), nor before an IP is assigned."""
-    return bool(pod_ips(pod)) and not (pod.get("spec") or {}).get("hostNetwork") and not pod_finished(pod)
+    before an IP is assigned, nor once the IP may be another pod's: a finished pod, or a
+    terminating one whose containers have all stopped (the kubelet tears the sandbox down, and
+    with it the IP, right after; the object lingers until then and a little beyond)."""
+    if not pod_ips(pod) or (pod.get("spec") or {}).get("hostNetwork") or pod_finished(pod):
+        return False
+    return not (pod_terminating(pod) and not pod_containers_running(pod))
+
+
+def pod_containers_running(pod: Obj) -> bool:
+    """Any container running, as the status says; with no container statuses recorded, assume so."""
+    statuses = (pod.get("status") or {}).get("containerStatuses")
+    if not statuses:
+        return True
+    return any("running" in (cs.get("state") or {}) for cs in statuses)
 
 
 def parse_time_ms(text: str | None) -> int:

@@ -17,9 +17,10 @@ class ControllerConfig:
     listen: str = "127.0.0.1"
     grpc_port: int = CONTROLLER_GRPC_PORT
     web_port: int = CONTROLLER_WEB_PORT
-    # Mesh config pushed to every agent inside the IdentitySnapshot.
+    # Mesh config pushed to every agent with its identity; agents apply it live (their flags are
+    # what holds until the first identity arrives). Ports never captured are the redirector's
+    # --skip-ports: a proxy cannot un-capture a connection.
     opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
-    skip_ports: tuple[int, ...] = ()
     excluded_namespaces: tuple[str, ...] = ("kube-system", "nodemesh")
     captured_namespaces: tuple[str, ...] = ()   # when set, only these namespaces are captured
     tap_max_rps: float = 100.0

@@ -15,7 +15,17 @@ from typing import Any
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import WorkloadRef
-from nodemesh.api.workloads import TERMINAL_PHASES, namespace_capture_disabled, pod_ready, resolve_owner
+from nodemesh.api.workloads import (
+    TERMINAL_PHASES,
+    namespace_capture_disabled,
+    pod_has_identity,
+    pod_ips,
+    pod_ready,
+    pod_start_ms,
+    pod_terminating,
+    pod_uid,
+    resolve_owner,
+)
 
 log = logging.getLogger("nodemesh.controlplane.registry")
 
@@ -46,6 +56,11 @@ class PodRecord:
     workload: WorkloadRef
     replicaset: str                  # owning ReplicaSet name, "" when none
     container_ports: dict[str, int]  # named container ports, to resolve Service targetPorts
+    uid: str = ""
+    start_ms: int = 0                # status.startTime (else creation), epoch ms
+    terminating: bool = False        # deletionTimestamp set
+    has_identity: bool = False       # its IP names it (api.workloads.pod_has_identity)
+    ips: tuple[str, ...] = ()
 
     @property
     def running(self) -> bool:
@@ -205,6 +220,8 @@ class WorkloadRegistry:
                 phase=status.get("phase") or "Unknown", status=_pod_status(pod), ready=pod_ready(pod),
                 host_network=bool(spec.get("hostNetwork")), labels=dict(m.get("labels") or {}),
                 workload=workload, replicaset=rs, container_ports=ports,
+                uid=pod_uid(pod), start_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
+                has_identity=pod_has_identity(pod), ips=tuple(pod_ips(pod)),
             ))
         pods.sort(key=lambda p: (p.namespace, p.name))
         self._pods = pods
@@ -366,11 +383,13 @@ class WorkloadRegistry:
         snap = pb.IdentitySnapshot(resource_version=str(self.version))
         for p in self.pods():
             # hostNetwork pods share their node's IP, so the IP names the node, not the pod;
-            # finished pods may have handed their IP to a new pod already.
-            if not p.ip or p.host_network or not p.running:
+            # finished pods, and terminating ones with every container stopped, may have handed
+            # their IP to a new pod already (api.workloads.pod_has_identity).
+            if not p.has_identity:
                 continue
             snap.pods.append(pb.Pod(
-                ip=p.ip, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready, labels=p.labels,
+                ip=p.ips[0], ips=p.ips, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready,
+                labels=p.labels, uid=p.uid, start_time_ms=p.start_ms, terminating=p.terminating,
                 owner=pb.Resource(namespace=p.workload.namespace, type=p.workload.kind, name=p.workload.name),
             ))
         for s in self.services():
