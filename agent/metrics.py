@@ -72,7 +72,7 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                            "Live connections moved from a pod that no longer holds the IP to its new owner."),
     ENDPOINT_LOOKUPS: (COUNTER, ("outcome",), "Conntrack lookups of the pod kube-proxy chose behind an address."),
     SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
-    LABEL_OVERFLOW: (COUNTER, ("label",), "Label values from the wire folded into [other] past the cap."),
+    LABEL_OVERFLOW: (COUNTER, ("label",), "Requests whose wire label value was counted as [other] (cap)."),
 }
 ALL_METRICS = {**METRICS, **SELF_METRICS}
 AUTHORITY_INDEX = PEER_LABELS.index("authority")
@@ -246,8 +246,9 @@ class NodeStore:
 
     Label cap: a workload (direction + source workload) may have at most `max_authorities`
     distinct authority values live; further ones are counted under `[other]`
-    (`nodemesh_label_overflow_total{label="authority"}`), so one pod sending 20,000 Host headers
-    makes at most `max_authorities` + 1 series per metric, and every request is still counted.
+    (`nodemesh_label_overflow_total{label="authority"}` counts the requests), so one pod sending
+    20,000 Host headers makes at most `max_authorities` + 1 series per metric, and every request
+    is still counted.
     """
 
     def __init__(self, *, idle_s: float = 600.0, max_authorities: int = 100,
@@ -273,7 +274,12 @@ class NodeStore:
             peer = name in METRICS
             for key, value in series.items():
                 if peer and key[AUTHORITY_INDEX]:
-                    key = self._cap(key)
+                    capped = self._cap(key)
+                    if capped is not key and name == REQUEST_TOTAL:
+                        self.overflowed += value  # type: ignore[operator]
+                        overflow = self.series[LABEL_OVERFLOW]
+                        overflow[("authority",)] = overflow.get(("authority",), 0) + value  # type: ignore[operator]
+                    key = capped
                 have = target.get(key)
                 if have is None:
                     target[key] = list(value) if isinstance(value, list) else value
@@ -297,9 +303,6 @@ class NodeStore:
         if len(seen) < self.max_authorities:
             seen.add(authority)
             return key
-        self.overflowed += 1
-        overflow = self.series[LABEL_OVERFLOW]
-        overflow[("authority",)] = overflow.get(("authority",), 0) + 1
         return (*key[:AUTHORITY_INDEX], OTHER_LABEL_VALUE, *key[AUTHORITY_INDEX + 1:])
 
     def remove_gauge(self, delta: dict[Labels, float]) -> None:
