@@ -34,6 +34,10 @@ class ConnectionMeta:
     # The pod kube-proxy chose when the agent had to dial an address it could not resolve (a
     # ClusterIP it did not know yet), learned from conntrack after connecting; None otherwise.
     endpoint: tuple[str, int] | None = None
+    # time.monotonic() when the client's first bytes reached the agent, if they had to wait (for
+    # the upstream connection, or for the connection's identity: then the accept time): the first
+    # request's latency counts from there, as the client's does. 0.0 otherwise.
+    first_bytes_at: float = 0.0
 
 
 @dataclass(slots=True)

@@ -164,11 +164,12 @@ class Connection(asyncio.Protocol):
             # An address of this node's pods that we cannot name yet: hold the connection (bounded)
             # until its identity arrives, so it is counted and routed knowing who it is.
             transport.pause_reading()
-            gate.add_done_callback(lambda _: self._accepted(peer, original, True))
+            accepted = time.monotonic()
+            gate.add_done_callback(lambda _: self._accepted(peer, original, accepted))
             return
-        self._accepted(peer, original, False)
+        self._accepted(peer, original, 0.0)
 
-    def _accepted(self, peer: tuple[str, int], original: tuple[str, int], paused: bool) -> None:
+    def _accepted(self, peer: tuple[str, int], original: tuple[str, int], held_since: float) -> None:
         if self.finished:
             return  # the client went away while we waited for its identity
         ctx = self.ctx
@@ -176,7 +177,8 @@ class Connection(asyncio.Protocol):
         destination = ctx.picker.pick(original[0], original[1])
         self.meta = ConnectionMeta(
             conn_id=ctx.next_id(), direction=self.direction, source=(peer[0], peer[1]),
-            original_destination=original, destination=destination, started=time.monotonic(),
+            original_destination=original, destination=destination, started=held_since or time.monotonic(),
+            first_bytes_at=held_since if self.pending else 0.0,
         )
         ctx.picker.acquire(destination)
         ctx.live.add(self)
@@ -187,7 +189,7 @@ class Connection(asyncio.Protocol):
             self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
         self.connecting = True
         self.connect_task = loop.create_task(self._connect(peer, destination))
-        if paused:
+        if held_since:
             self._after_wait()
 
     def _after_wait(self) -> None:
@@ -279,6 +281,8 @@ class Connection(asyncio.Protocol):
             self.pending = []
             self.pending_len = 0
             self.mode.client_data(data)  # type: ignore[union-attr]
+            if self.meta is not None:
+                self.meta.first_bytes_at = 0.0  # only requests that were in these bytes waited
         if self.client_eof and self.up is not None and not self.up_lost:
             self._half_close_upstream()
 
@@ -294,6 +298,8 @@ class Connection(asyncio.Protocol):
         self.pending_len += len(data)
         if self.meta is None:
             return  # still waiting for an identity (reading is paused; this came with the accept)
+        if not self.meta.first_bytes_at and self.up is None:
+            self.meta.first_bytes_at = time.monotonic()  # the upstream is still connecting
         if mode is None:
             buffered = b"".join(self.pending) if len(self.pending) > 1 else data
             result = detect(buffered)

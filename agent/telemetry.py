@@ -42,6 +42,8 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 
 log = logging.getLogger("nodemesh.agent.telemetry")
 
+ANY = "*"  # a wait for the agent's first identity, whatever the addresses
+
 
 class _Conn:
     """Per-connection state: who the peers are (re-resolved when identity changes), and the label
@@ -239,7 +241,7 @@ class WorkerTelemetry:
                     or meta.original_destination[0] in cluster_ips:
                 self._rebind(conn)
         if self._waits:
-            for ip in [ip for ip in self._waits if self.index.owner(ip) is not None]:
+            for ip in [ip for ip in self._waits if ip == ANY or self.index.owner(ip) is not None]:
                 for wait in self._waits.pop(ip):
                     wait.pending.discard(ip)
                     if not wait.pending:
@@ -247,13 +249,21 @@ class WorkerTelemetry:
 
     def identity_gate(self, source: str, destination: str) -> asyncio.Future[str] | None:
         """None to go on at once; else a future done when the unknown local-pod address(es) among
-        `source`/`destination` are known, or after `identity_wait_s` (counted either way)."""
+        `source`/`destination` are known (or, before the agent's first identity, when that
+        arrives), or after `identity_wait_s`; counted either way. Only with an identity source:
+        without one nothing would ever arrive."""
         index = self.index
-        if self.config.identity_wait_s <= 0 or not self._local_nets or not index.generation:
+        config = self.config
+        if config.identity_wait_s <= 0 or not (config.controller or config.identity_file):
             return None  # off, or no identity source at all: nothing would arrive
-        pending = {ip for ip in (source, destination) if index.owner(ip) is None and self._in_local_cidr(ip)}
-        if not pending:
+        if not index.generation:
+            pending = {ANY}  # a (re)started agent before its first identity: every connection waits
+        elif not self._local_nets:
             return None
+        else:
+            pending = {ip for ip in (source, destination) if index.owner(ip) is None and self._in_local_cidr(ip)}
+            if not pending:
+                return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         wait = _Wait(future, pending)
@@ -422,7 +432,12 @@ class WorkerTelemetry:
         else:
             keys = conn.keys = tuple(b + suffix for b in conn.bases)
             conn.keys_for = suffix
-        req = _Req(conn, head, keys, head.started or time.monotonic())
+        started = head.started or time.monotonic()
+        if conn.meta.first_bytes_at:
+            # Its bytes waited for our upstream connection (or our identity hold): the client's
+            # clock ran from their arrival, and so does ours.
+            started, conn.meta.first_bytes_at = min(started, conn.meta.first_bytes_at), 0.0
+        req = _Req(conn, head, keys, started)
         counts = self.metrics.request_total
         for key in keys:
             counts[key] = counts.get(key, 0) + 1

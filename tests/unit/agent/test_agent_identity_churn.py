@@ -182,9 +182,12 @@ def test_same_node_rule_follows_a_destination_learned_later() -> None:
 
 def test_unknown_local_pod_waits_for_identity_then_goes_on() -> None:
     async def main() -> None:
-        t = tel(identity_wait_s=2.0)
-        assert t.identity_gate(CLIENT, SERVER) is None, "no identity stream yet: nothing would come"
+        assert tel(identity_wait_s=2.0).identity_gate(CLIENT, SERVER) is None, "no identity source: no wait"
+        t = tel(identity_wait_s=2.0, controller="127.0.0.1:1")
+        first = t.identity_gate("203.0.113.9", SERVER)
+        assert first is not None, "a restarted agent holds every connection until its first identity"
         t.apply_identity(snapshot())
+        assert await first == "known"
         assert t.identity_gate("10.244.9.9", SERVER) is None, "not a local pod CIDR: no wait"
         gate = t.identity_gate(CLIENT, SERVER)
         assert gate is not None and not gate.done()
@@ -194,10 +197,11 @@ def test_unknown_local_pod_waits_for_identity_then_goes_on() -> None:
         assert await gate == "known"
         assert time.monotonic() - started < 1.0
         assert t.identity_gate(CLIENT, SERVER) is None, "known now: no wait"
-        t2 = tel(identity_wait_s=0.05)
+        t2 = tel(identity_wait_s=0.05, identity_file="/nonexistent")
         t2.apply_identity(snapshot())
         assert await t2.identity_gate(CLIENT, SERVER) == "timeout"  # type: ignore[misc]
         assert set(t.metrics.identity_wait) == {("known",)} and set(t2.metrics.identity_wait) == {("timeout",)}
+        assert sum(t.metrics.identity_wait[("known",)][:-1]) == 2
         assert sum(t2.metrics.identity_wait[("timeout",)][:-1]) == 1
 
     asyncio.run(main())
