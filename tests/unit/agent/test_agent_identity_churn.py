@@ -160,7 +160,7 @@ def test_a_pod_that_started_after_the_connection_did_not_open_it() -> None:
     t = tel()
     t.apply_identity(snapshot())
     c = open_conn(t, CLIENT, SERVER)
-    late = pod(CLIENT, "late-a", "late", "node-1", start_ms=NOW_MS + 2 * START_SLACK_MS + 5000)
+    late = pod(CLIENT, "late-a", "late", "node-1", start_ms=int(time.time() * 1000) + 2 * START_SLACK_MS + 5000)
     t.apply_identity(delta(1, late))
     request(t, c)
     assert who(t) == {("outbound", CLIENT, SERVER): 1}
