@@ -383,6 +383,8 @@ class Kubelet:
             all_ready = all_ready and c.ready
             statuses.append(new)
         status["containerStatuses"] = statuses
+        if not status.get("podIP") and objects.pod_ip(pod):
+            all_ready = False  # its status write lags (STATUS_DELAY_ANNOTATION): Ready comes with the IP
         if any_started or status.get("phase") == "Running":
             status["phase"] = "Running"
             status.setdefault("startTime", now_rfc3339())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -24,6 +25,12 @@ import procstat
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+
+
+def _node_env() -> dict[str, str] | None:
+    """Node processes run the nodemesh this process imports (a worktree on PYTHONPATH): the
+    sandbox's kubelet gives them a clean environment otherwise (the pip-installed copy)."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
 NS = "bench"
 NGINX_PORT, GRPC_PORT, BULK_PORT = 8080, 9090, 5001
 ADMIN_PORT = 4191
@@ -286,7 +293,7 @@ class Bench:
         for n in self.nodes:
             self.sb.start_node_process(n.name, self._agent_name(n.name), [
                 PY, "-m", "nodemesh.agent", "--node", n.name, "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers])
+                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers], env=_node_env())
         self._wait(lambda: all(self._ready(n.name) for n in self.nodes), timeout, "agents /ready",
                    [self.sb.node_process_log(n.name, self._agent_name(n.name)) for n in self.nodes])
         for n in self.nodes:
@@ -308,7 +315,7 @@ class Bench:
             if on:
                 self.sb.start_node_process(n.name, f"bench-redirector-{n.name}", [
                     PY, "-m", "nodemesh.redirector", "run", "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"])
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"], env=_node_env())
             else:
                 self.sb.stop_node_process(n.name, f"bench-redirector-{n.name}")
         self._wait(lambda: all(hooked(n.name) == on for n in self.nodes), timeout,
