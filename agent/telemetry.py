@@ -43,6 +43,9 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 log = logging.getLogger("nodemesh.agent.telemetry")
 
 ANY = "*"  # a wait for the agent's first identity, whatever the addresses
+# A worker holds every new connection for its first identity only this long after it started: an
+# agent that cannot reach its controller must not delay every connection for good.
+FIRST_IDENTITY_WINDOW_S = 10.0
 
 
 class _Conn:
@@ -133,6 +136,7 @@ class WorkerTelemetry:
         self._live: set[_Conn] = set()
         self._waits: dict[str, list[_Wait]] = {}
         self._local_nets = _networks(config.pod_cidrs)
+        self._born = time.monotonic()
         self.corrections = 0
         self.resyncs_requested = 0
         self._conntrack: Any = None                 # agent.conntrack.ConntrackLookup, opened when first needed
@@ -257,6 +261,8 @@ class WorkerTelemetry:
         if config.identity_wait_s <= 0 or not (config.controller or config.identity_file):
             return None  # off, or no identity source at all: nothing would arrive
         if not index.generation:
+            if time.monotonic() - self._born > FIRST_IDENTITY_WINDOW_S:
+                return None  # no identity for that long (controller away?): don't delay everything
             pending = {ANY}  # a (re)started agent before its first identity: every connection waits
         elif not self._local_nets:
             return None

@@ -183,6 +183,9 @@ def test_same_node_rule_follows_a_destination_learned_later() -> None:
 def test_unknown_local_pod_waits_for_identity_then_goes_on() -> None:
     async def main() -> None:
         assert tel(identity_wait_s=2.0).identity_gate(CLIENT, SERVER) is None, "no identity source: no wait"
+        late = tel(identity_wait_s=2.0, controller="127.0.0.1:1")
+        late._born -= 11
+        assert late.identity_gate("203.0.113.9", SERVER) is None, "10 s without identity: stop holding"
         t = tel(identity_wait_s=2.0, controller="127.0.0.1:1")
         first = t.identity_gate("203.0.113.9", SERVER)
         assert first is not None, "a restarted agent holds every connection until its first identity"
