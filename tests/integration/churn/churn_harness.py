@@ -142,13 +142,15 @@ class Compare:
     problems: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
 
-    def row(self, what: str, row: dict[str, Any] | None, records: Sequence[Record]) -> None:
+    def row(self, what: str, row: dict[str, Any] | None, records: Sequence[Record],
+            latency_records: Sequence[Record] | None = None) -> None:
         """A stat row against the client records it must describe (all inside the window).
 
         `stale` records (a request sent on a kept-alive connection that was closed under it, e.g.
         by a draining agent, then retried) are attempts the client cannot classify: a proxy may or
         may not have counted them (as failures). The row matches if it matches the client's
-        numbers with any number of them counted, and only them."""
+        numbers with any number of them counted, and only them. `latency_records`: the records
+        whose latency the row can see (default: all)."""
         real = [r for r in records if not r.get("stale")]
         stale = len(records) - len(real)
         n = len(real)
@@ -159,7 +161,7 @@ class Compare:
             self.problems.append(f"{what}: no stat row (n={n} client requests)")
             return
         ok = sum(1 for r in real if succeeded(r))
-        lat = [r["latency_ms"] for r in real if "latency_ms" in r]
+        lat = [r["latency_ms"] for r in (real if latency_records is None else latency_records) if "latency_ms" in r]
         quantiles = {q: true_quantile(lat, q) for q in (0.5, 0.95, 0.99)} if lat else {}
         self.lines.append(f"{what}: n={n}{f' (+{stale} stale)' if stale else ''} success "
                           f"{row['success']}/{ok / n:.4f} rps {row['rps']}/{n / self.window_s:.3f} "

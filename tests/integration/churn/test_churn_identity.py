@@ -62,7 +62,8 @@ pytestmark = pytest.mark.root
 WINDOW_S = 180  # holds the whole timeline (the namespaces are new: nothing else is in it)
 RUN_S = 30.0
 OLD_RUN_S = 10.0
-NEW_RUN_S = 12.0
+NEW_RUN_S = 14.0
+HTTP_CONNS = 4  # churn_client.py's default keep-alive connections
 APPS, ROLL, SCALE, REUSE = "ch-apps", "ch-roll", "ch-scale", "ch-reuse"
 NAMESPACES = (APPS, ROLL, SCALE, REUSE)
 
@@ -214,7 +215,7 @@ def _check_pair(c: Compare, mesh: Mesh, ns: str, caller: str, records: list[Reco
         if not recs:
             continue
         c.row(f"[{ns}] stat deploy/{server} (inbound)", find_row(answers["inbound"].rows, server, "deployment"),
-              answers["inbound_records"][server])
+              answers["inbound_records"][server], answers["inbound_latency_records"][server])
         c.row(f"[{ns}] stat deploy --from deploy/{caller} -> {server}",
               find_row(answers[f"from-{caller}"].rows, server, "deployment"), recs)
         c.row(f"[{ns}] stat deploy --to deploy/{server} ({caller} row)",
@@ -224,10 +225,27 @@ def _check_pair(c: Compare, mesh: Mesh, ns: str, caller: str, records: list[Reco
         c.check(f"[{ns}] edges: {caller} -> {server}", (caller, server) in edges, f"missing from {edges}")
 
 
-def _check_namespace(run: Run, ns: str, callers: dict[str, list[Record]]) -> Compare:
+def _held_at_start(records: list[Record]) -> list[Record]:
+    """A pod whose identity its agent waits for (the reuse scenario's `new`, status written late on
+    purpose): the first request of each connection opened in its first second was held by its own
+    node's agent. That time is the outbound agent's: in --from/--to/svc (compared with every
+    record), invisible to the server side's agent, so left out of the inbound row's latency."""
+    if not records:
+        return []
+    first = min(r["start"] for r in records)
+    held = sorted((r for r in records if r["start"] < first + 1.0), key=lambda r: r["start"])[:HTTP_CONNS]
+    return [r for r in records if r not in held]
+
+
+def _check_namespace(run: Run, ns: str, callers: dict[str, list[Record]],
+                     held: tuple[str, ...] = ()) -> Compare:
     mesh = run.mesh
     servers = ("server", "grpc")
     inbound_records = {s: [r for recs in callers.values() for r in _by(recs, "http" if s == "server" else "grpc")]
+                       for s in servers}
+    inbound_latency = {s: [r for caller, recs in callers.items()
+                           for r in (_held_at_start(_by(recs, "http" if s == "server" else "grpc"))
+                                     if caller in held else _by(recs, "http" if s == "server" else "grpc"))]
                        for s in servers}
     for s, recs in inbound_records.items():
         if recs:
@@ -237,6 +255,7 @@ def _check_namespace(run: Run, ns: str, callers: dict[str, list[Record]]) -> Com
         "inbound": mesh.stat_json("deploy", "-n", ns, "-t", t),
         "svc": mesh.stat_json("svc", "-n", ns, "-t", t),
         "inbound_records": inbound_records,
+        "inbound_latency_records": inbound_latency,
     }
     for caller in callers:
         answers[f"from-{caller}"] = mesh.stat_json("deploy", "-n", ns, "--from", f"deploy/{caller}", "-t", t)
@@ -276,7 +295,7 @@ def test_churn_pod_ip_reuse_is_never_misattributed(churn: Run) -> None:
     old, new = churn.records["old"], churn.records["new"]
     assert old and new
     assert max(r["end"] for r in old) < min(r["start"] for r in new), "old stopped before new started"
-    c = _check_namespace(churn, REUSE, {"old": old, "new": new})
+    c = _check_namespace(churn, REUSE, {"old": old, "new": new}, held=("new",))
     c.check("[reuse] the new pod sent from the old pod's IP",
             any(p["status"].get("podIP") == churn.reused_ip and p["metadata"]["name"].startswith("new-")
                 for p in churn.mesh.sb.pods(REUSE)))
