@@ -13,7 +13,7 @@ connections race the mesh's knowledge of it):
   t=6    scale: 1 -> 5 replicas
   t=8    rollout: both servers' templates change (rolling update: surge, then graceful termination)
   t=12   reuse: `old`'s pod terminated as Kubernetes does; a client `new` of another Deployment gets
-         the same IP, starts sending at once, and its status (with the IP) is written 0.5 s later
+         the same IP, starts sending at once, and its status (with the IP) is written 0.65 s after it starts
   t=17   scale: 5 -> 1 (graceful)
   t=20   node2's agent restarted the way a DaemonSet update does (new agent up, old one drains)
   t=30   clients stop; every record is in
@@ -158,7 +158,9 @@ def _run_timeline(mesh: Mesh, tmp: Path, run: Run) -> None:
     run.events["new_created"] = time.time()
     sb.apply(text=load(REUSE, "new", "new", NEW_RUN_S, False,
                        annotations={objects.POD_IP_ANNOTATION: run.reused_ip,
-                                    objects.STATUS_DELAY_ANNOTATION: "0.5"}))
+                                    # the held requests' latency lands mid-bucket (500, 1000], and
+                                    # the hold well inside the agent's 1 s wait
+                                    objects.STATUS_DELAY_ANNOTATION: "0.65"}))
     at(17)
     run.events["scale_down"] = time.time()
     lifecycle.scale_down(sb, SCALE, "server", 1, http_server(SCALE, "server", 1), pre_stop_s=1.0)
