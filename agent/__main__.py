@@ -24,6 +24,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         transparent=not args.no_transparent, detect_timeout_s=args.detect_timeout,
         header_timeout_s=args.header_timeout, opaque_ports=opaque, drain_grace_s=args.drain_grace,
         controller=args.controller, token_file=args.token_file, identity_file=args.identity_file,
+        identity_wait_s=args.identity_wait, series_idle_s=args.series_idle, max_authorities=args.max_authorities,
         log_level=args.log_level,
     )
 
@@ -48,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=10.0)
     p.add_argument("--drain-grace", type=float, default=30.0)
     p.add_argument("--opaque-ports", default=None, help="comma-separated; default 25,587,3306,...")
+    p.add_argument("--identity-wait", type=float, default=AgentConfig.identity_wait_s,
+                   help="seconds a connection of an unknown local-pod address waits for its identity (0: off)")
+    p.add_argument("--series-idle", type=float, default=AgentConfig.series_idle_s,
+                   help="drop a metric series unchanged for this many seconds")
+    p.add_argument("--max-authorities", type=int, default=AgentConfig.max_authorities,
+                   help="distinct authority label values per workload; more are counted as [other]")
     p.add_argument("--log-level", default="info")
     p.add_argument("--event-log", default=None, help="debug: append every observation as JSON to FILE")
     return p

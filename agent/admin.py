@@ -4,6 +4,7 @@
 /ready    200 once the agent serves traffic, 503 otherwise (and from drain start)
 /live     200 while the event loop answers
 /capture  {"excluded_ips": [...]}: this node's pod IPs the redirector must not capture
+/identity {"epoch", "version", "resource_version", "pods": {ip: pod uid}}: the identity held
 
 A few GETs a second from probes and scrapers do not need a web framework: the server is an
 asyncio.Protocol with httptools (already the data path's parser), HTTP/1.1 keep-alive included.
@@ -24,6 +25,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httptools
 from nodemesh.agent.metrics import METRICS, Snapshot
@@ -200,7 +202,8 @@ class _Families(Collector):
 class AdminServer:
     def __init__(self, host: str, port: int, *, snapshot: Callable[[], Snapshot],
                  ready: Callable[[], bool], excluded_ips: Callable[[], list[str]],
-                 capture_installed: Callable[[], bool] = lambda: False) -> None:
+                 capture_installed: Callable[[], bool] = lambda: False,
+                 identity: Callable[[], dict[str, Any]] = dict) -> None:
         self.host = host
         self.port = port
         self._ready = ready
@@ -209,6 +212,7 @@ class AdminServer:
         self._process = AgentProcessCollector(capture_installed)
         self._rendering: asyncio.Future[Response] | None = None
         self._reuse_until = 0.0
+        self._identity = identity
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[_AdminProtocol] = set()
 
@@ -296,4 +300,6 @@ class AdminServer:
             return 200, TEXT, b"live\n"
         if path == "/capture":
             return 200, "application/json", json.dumps({"excluded_ips": self._excluded_ips()}).encode()
+        if path == "/identity":
+            return 200, "application/json", json.dumps(self._identity()).encode()
         return 404, TEXT, b"404: Not Found\n"

@@ -31,6 +31,11 @@ class AgentConfig:
     token_file: str = ""                        # bearer token presented to the controller
     identity_file: str = ""                     # sandbox objects.json dir, used when no controller
     report_interval_s: float = 1.0
+    # A connection from/to an unknown address in this node's pod CIDR waits this long (at most)
+    # for the address's identity before it is relayed and counted; 0 turns the wait off.
+    identity_wait_s: float = 1.0
+    series_idle_s: float = 600.0                # a series unchanged this long is dropped (retain-idle)
+    max_authorities: int = 100                  # distinct authority values per workload; more: [other]
     watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0
     log_level: str = "info"

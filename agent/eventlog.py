@@ -28,6 +28,9 @@ class JsonlObserver:
                      "destination": list(meta.destination), "protocol": meta.protocol, "sni": meta.sni})
         return conn
 
+    def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
+        self._write({"ev": "endpoint", "conn": conn, "endpoint": list(endpoint)})
+
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
         self._write({"ev": "close", "conn": conn, "read_bytes": end.read_bytes,
                      "write_bytes": end.write_bytes, "error": end.error})
@@ -55,6 +58,10 @@ class TeeObserver:
 
     def connection_open(self, meta: ConnectionMeta) -> Any:
         return (self.a.connection_open(meta), self.b.connection_open(meta))
+
+    def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
+        self.a.connection_endpoint(conn[0], endpoint)
+        self.b.connection_endpoint(conn[1], endpoint)
 
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
         self.a.connection_close(conn[0], end)

@@ -1,10 +1,10 @@
 """Cluster objects (as the Kubernetes API returns them) -> IdentitySnapshot.
 
 Used by the agent when it runs without a controller (the sandbox's recorded `objects.json`), in
-the same shape the controller pushes, so the index has one input format. Owner resolution:
-Pod -> ReplicaSet -> Deployment, StatefulSet, DaemonSet, Job (CronJob-owned Jobs stay Jobs),
-else the pod itself. Services get their ready endpoints from EndpointSlices, else Endpoints,
-else (no endpoint objects recorded at all) from their selector over ready pods.
+the same shape the controller pushes, so the index has one input format. Owner resolution and
+which pods carry an identity: `nodemesh.api.workloads`, shared with the controller. Services get
+their ready endpoints from EndpointSlices, else Endpoints, else (no endpoint objects recorded at
+all) from their selector over ready pods.
 """
 
 from __future__ import annotations
@@ -19,63 +19,24 @@ from typing import Any
 
 from nodemesh.api.clusterstate import ClusterObjects, objects_path
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import CAPTURE_DISABLED, CAPTURE_LABEL, TYPE_OF_KIND
+from nodemesh.api.workloads import (
+    namespace_capture_disabled,
+    pod_has_identity,
+    pod_ips,
+    pod_ready,
+    pod_start_ms,
+    pod_terminating,
+    pod_uid,
+    resolve_owner,
+)
 
 log = logging.getLogger("nodemesh.agent.identity")
 
 Obj = dict[str, Any]
-_WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet")
 
 
 def _meta(o: Obj) -> Obj:
     return o.get("metadata") or {}
-
-
-def _controller_ref(o: Obj) -> Obj | None:
-    refs = _meta(o).get("ownerReferences") or []
-    for ref in refs:
-        if ref.get("controller"):
-            return ref
-    return refs[0] if refs else None
-
-
-def namespace_excluded(ns: Obj) -> bool:
-    m = _meta(ns)
-    return (m.get("labels") or {}).get(CAPTURE_LABEL) == CAPTURE_DISABLED or (
-        m.get("annotations") or {}
-    ).get(CAPTURE_LABEL) == CAPTURE_DISABLED
-
-
-def pod_ready(pod: Obj) -> bool:
-    status = pod.get("status") or {}
-    conditions = status.get("conditions")
-    if conditions:
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    return status.get("phase") == "Running"
-
-
-def resolve_owner(pod: Obj, replicasets: dict[tuple[str, str], Obj]) -> tuple[str, str]:
-    """(canonical type, name) of the workload that owns `pod`."""
-    m = _meta(pod)
-    ns = m.get("namespace", "default")
-    ref = _controller_ref(pod)
-    if ref is None or ref.get("kind") not in _WORKLOAD_KINDS:
-        return "pod", m.get("name", "")
-    kind, name = ref["kind"], ref.get("name", "")
-    if kind == "ReplicaSet":
-        rs = replicasets.get((ns, name))
-        if rs is not None:
-            rs_ref = _controller_ref(rs)
-            if rs_ref is not None and rs_ref.get("kind") == "Deployment":
-                return "deployment", rs_ref.get("name", "")
-            if rs_ref is None:
-                return "replicaset", name
-        # No ReplicaSet recorded: a Deployment's RS is "<deploy>-<pod-template-hash>".
-        tmpl_hash = (m.get("labels") or {}).get("pod-template-hash")
-        if tmpl_hash and name.endswith("-" + tmpl_hash):
-            return "deployment", name[: -len(tmpl_hash) - 1]
-        return "replicaset", name
-    return TYPE_OF_KIND[kind], name
 
 
 def _selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -85,32 +46,32 @@ def _selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def snapshot_from_objects(objects: ClusterObjects) -> pb.IdentitySnapshot:
     """Build the IdentitySnapshot a controller would push, from recorded cluster objects."""
     snap = pb.IdentitySnapshot(resource_version=str(objects.resource_version))
-    excluded = sorted(_meta(n).get("name", "") for n in objects.of_kind("Namespace") if namespace_excluded(n))
+    excluded = sorted(_meta(n).get("name", "") for n in objects.of_kind("Namespace") if namespace_capture_disabled(n))
     snap.config.excluded_namespaces.extend(excluded)
     snap.captured_namespaces.extend(
-        sorted(_meta(n).get("name", "") for n in objects.of_kind("Namespace") if not namespace_excluded(n))
+        sorted(_meta(n).get("name", "") for n in objects.of_kind("Namespace") if not namespace_capture_disabled(n))
     )
     replicasets = {(_meta(r).get("namespace", "default"), _meta(r).get("name", "")): r
                    for r in objects.of_kind("ReplicaSet")}
     pods = objects.of_kind("Pod")
     by_ip: dict[str, Obj] = {}
     for pod in pods:
-        m, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
-        # A host-network pod's IP is its node's: attributing the node's address to it would be wrong.
-        if spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+        m, spec = _meta(pod), pod.get("spec") or {}
+        # Host-network pods' IPs are their nodes'; finished (or stopped terminating) pods may have
+        # handed theirs on: api.workloads.pod_has_identity, as the controller decides.
+        if not pod_has_identity(pod):
             continue
-        ips = [a.get("ip") for a in status.get("podIPs") or [] if a.get("ip")] or (
-            [status["podIP"]] if status.get("podIP") else []
-        )
-        kind, name = resolve_owner(pod, replicasets)
+        ips = pod_ips(pod)
+        owner = resolve_owner(pod, lambda kind, ns, name: replicasets.get((ns, name)) if kind == "ReplicaSet" else None)
         ns = m.get("namespace", "default")
         for ip in ips:
             by_ip[ip] = pod
-            snap.pods.append(pb.Pod(
-                ip=ip, namespace=ns, name=m.get("name", ""), node=spec.get("nodeName", ""),
-                owner=pb.Resource(namespace=ns, type=kind, name=name),
-                labels=m.get("labels") or {}, ready=pod_ready(pod),
-            ))
+        snap.pods.append(pb.Pod(
+            ip=ips[0], ips=ips, namespace=ns, name=m.get("name", ""), node=spec.get("nodeName", ""),
+            owner=pb.Resource(namespace=ns, type=owner.kind, name=owner.name),
+            labels=m.get("labels") or {}, ready=pod_ready(pod), uid=pod_uid(pod),
+            start_time_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
+        ))
 
     slices: dict[tuple[str, str], list[Obj]] = {}
     for s in objects.of_kind("EndpointSlice"):

@@ -1,27 +1,44 @@
-"""Cumulative counters and histograms in plain Python dicts, and their export.
+"""Counters and histograms in plain Python dicts, and their export.
 
 The hot path increments `dict[label tuple] -> int` with no locks (each worker is one event loop).
 A *snapshot* is the same data as plain, picklable dicts: `{metric name: {label values: value}}`,
 where a histogram value is a list of non-cumulative bucket counts (aligned with LATENCY_BUCKETS_MS,
-then +Inf) followed by the sum. Workers send snapshots to the parent, which merges them and exports
-them two ways: Prometheus text through a custom prometheus-client Collector (`SnapshotCollector`, in
-`metrics_export` so that workers, which only count, never import prometheus-client), and `Series`
-messages for the controller's MetricsReport. Names and label sets are the contract in `api/model.py`.
+then +Inf) followed by the sum.
+
+Workers hand the parent *increments*: every report interval `MetricsStore.take()` returns what was
+counted since the last take (gauges as their net change) and starts afresh, so a worker holds one
+interval's series, never every peer pair it ever saw. The parent's `NodeStore` adds them up into
+the node's cumulative series, each with a creation stamp; it folds wire-supplied label values past
+a per-workload cap into `[other]`, and evicts series idle for `idle_s` (Linkerd's retain-idle). A
+series evicted and seen again is a new incarnation counting from 0 with a new `created_ms`: the
+controller's contract (api/proto/nodemesh.proto, `Series`).
+
+The parent exports the node's series two ways: Prometheus text through a custom prometheus-client
+Collector (`SnapshotCollector`, in `metrics_export` so that workers, which only count, never import
+prometheus-client), and `Series` messages for the controller's MetricsReport. Names and label sets
+are the contract in `api/model.py`.
 """
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
+    ENDPOINT_LOOKUPS,
+    IDENTITY_CORRECTIONS,
+    IDENTITY_WAIT_MS,
+    LABEL_OVERFLOW,
     LATENCY_BUCKETS_MS,
+    OTHER_LABEL_VALUE,
     PEER_LABELS,
     REQUEST_TOTAL,
     RESPONSE_LABELS,
     RESPONSE_LATENCY_MS,
     RESPONSE_TOTAL,
+    SERIES_EVICTED,
     TCP_CLOSE_TOTAL,
     TCP_CONNECTION_DURATION_MS,
     TCP_OPEN_CONNECTIONS,
@@ -47,6 +64,19 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     TCP_WRITE_BYTES_TOTAL: (COUNTER, PEER_LABELS, "Bytes written to the source (client)."),
     TCP_CONNECTION_DURATION_MS: (HISTOGRAM, PEER_LABELS, "Connection lifetime, in ms."),
 }
+# The agent's own metrics: exported on its /metrics, never reported to the controller, never evicted.
+SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    IDENTITY_WAIT_MS: (HISTOGRAM, ("outcome",),
+                       "Waits for the identity of an unknown local-pod address before attributing, in ms."),
+    IDENTITY_CORRECTIONS: (COUNTER, ("side",),
+                           "Live connections moved from a pod that no longer holds the IP to its new owner."),
+    ENDPOINT_LOOKUPS: (COUNTER, ("outcome",), "Conntrack lookups of the pod kube-proxy chose behind an address."),
+    SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
+    LABEL_OVERFLOW: (COUNTER, ("label",), "Requests whose wire label value was counted as [other] (cap)."),
+}
+ALL_METRICS = {**METRICS, **SELF_METRICS}
+AUTHORITY_INDEX = PEER_LABELS.index("authority")
+WORKLOAD_SLICE = slice(0, 4)  # direction, src_namespace, src_kind, src_name: the cap's scope
 
 
 def classify(status: int | None, grpc: bool, grpc_status: int | None,
@@ -73,6 +103,9 @@ class MetricsStore:
 
     __slots__ = (
         "bounds",
+        "endpoint_lookups",
+        "identity_corrections",
+        "identity_wait",
         "request_total",
         "response_latency",
         "response_total",
@@ -95,6 +128,9 @@ class MetricsStore:
         self.tcp_read_bytes: dict[Labels, int] = {}
         self.tcp_write_bytes: dict[Labels, int] = {}
         self.tcp_duration: dict[Labels, list[float]] = {}
+        self.identity_wait: dict[Labels, list[float]] = {}
+        self.identity_corrections: dict[Labels, int] = {}
+        self.endpoint_lookups: dict[Labels, int] = {}
 
     def observe(self, hist: dict[Labels, list[float]], key: Labels, ms: float) -> None:
         buckets = hist.get(key)
@@ -105,17 +141,45 @@ class MetricsStore:
 
     def snapshot(self) -> Snapshot:
         """A copy of every series, safe to pickle and send while counting goes on."""
-        return {
-            REQUEST_TOTAL: dict(self.request_total),
-            RESPONSE_TOTAL: dict(self.response_total),
-            RESPONSE_LATENCY_MS: {k: list(v) for k, v in self.response_latency.items()},
-            TCP_OPEN_TOTAL: dict(self.tcp_open_total),
-            TCP_CLOSE_TOTAL: dict(self.tcp_close_total),
-            TCP_OPEN_CONNECTIONS: dict(self.tcp_open_connections),
-            TCP_READ_BYTES_TOTAL: dict(self.tcp_read_bytes),
-            TCP_WRITE_BYTES_TOTAL: dict(self.tcp_write_bytes),
-            TCP_CONNECTION_DURATION_MS: {k: list(v) for k, v in self.tcp_duration.items()},
-        }
+        out: Snapshot = {}
+        for name, attr in _STORE_FIELDS:
+            series = getattr(self, attr)
+            out[name] = {k: list(v) for k, v in series.items()} if ALL_METRICS[name][0] == HISTOGRAM \
+                else dict(series)
+        return out
+
+    def take(self) -> Snapshot:
+        """Everything counted since the last take (gauges: their net change), and start afresh.
+        The dicts themselves are handed over: no copy, and the worker's memory is one interval's."""
+        out: Snapshot = {}
+        for name, attr in _STORE_FIELDS:
+            series = getattr(self, attr)
+            if series:
+                out[name] = series
+                setattr(self, attr, {})
+        return out
+
+    def restore(self, taken: Snapshot) -> None:
+        """Put back increments that could not be handed on (the parent link's buffer was full)."""
+        for name, attr in _STORE_FIELDS:
+            if name in taken:
+                setattr(self, attr, merge([{name: taken[name]}, {name: getattr(self, attr)}])[name])
+
+
+_STORE_FIELDS: tuple[tuple[str, str], ...] = (
+    (REQUEST_TOTAL, "request_total"),
+    (RESPONSE_TOTAL, "response_total"),
+    (RESPONSE_LATENCY_MS, "response_latency"),
+    (TCP_OPEN_TOTAL, "tcp_open_total"),
+    (TCP_CLOSE_TOTAL, "tcp_close_total"),
+    (TCP_OPEN_CONNECTIONS, "tcp_open_connections"),
+    (TCP_READ_BYTES_TOTAL, "tcp_read_bytes"),
+    (TCP_WRITE_BYTES_TOTAL, "tcp_write_bytes"),
+    (TCP_CONNECTION_DURATION_MS, "tcp_duration"),
+    (IDENTITY_WAIT_MS, "identity_wait"),
+    (IDENTITY_CORRECTIONS, "identity_corrections"),
+    (ENDPOINT_LOOKUPS, "endpoint_lookups"),
+)
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
@@ -140,19 +204,24 @@ def without_gauges(snap: Snapshot) -> Snapshot:
     return {name: series for name, series in snap.items() if METRICS.get(name, (GAUGE,))[0] != GAUGE}
 
 
-def to_series(snap: Snapshot) -> list[pb.Series]:
-    """Snapshot -> MetricsReport.series (histograms: non-cumulative bucket_counts + sum)."""
+def to_series(snap: Snapshot, created: Callable[[str, Labels], int] | None = None) -> list[pb.Series]:
+    """Snapshot -> MetricsReport.series (histograms: non-cumulative bucket_counts + sum); the
+    agent's own metrics stay home. `created(name, key)` stamps each series' incarnation."""
     out: list[pb.Series] = []
     for name, series in snap.items():
+        if name not in METRICS:
+            continue
         kind, label_names, _ = METRICS[name]
         for key, value in series.items():
             labels = dict(zip(label_names, key))
+            stamp = created(name, key) if created is not None else 0
             if kind == HISTOGRAM:
                 counts = value[:-1]  # type: ignore[index]
                 out.append(pb.Series(name=name, labels=labels, bucket_counts=[int(c) for c in counts],
-                                     sum=float(value[-1])))  # type: ignore[index]
+                                     sum=float(value[-1]), created_ms=stamp))  # type: ignore[index]
             else:
-                out.append(pb.Series(name=name, labels=labels, value=float(value)))  # type: ignore[arg-type]
+                out.append(pb.Series(name=name, labels=labels, value=float(value),  # type: ignore[arg-type]
+                                     created_ms=stamp))
     return out
 
 
@@ -164,6 +233,125 @@ def from_series(series: Iterable[pb.Series]) -> Snapshot:
         key = tuple(s.labels.get(n, "") for n in label_names)
         out[s.name][key] = [*s.bucket_counts, s.sum] if kind == HISTOGRAM else s.value
     return out
+
+
+class NodeStore:
+    """The node's cumulative series: worker increments added up, wire labels capped, idle evicted.
+
+    Each series remembers when its current incarnation was created (epoch ms, reported as
+    `Series.created_ms`) and when it last changed (monotonic). `evict()` drops series that have not
+    changed for `idle_s` — gauges only at 0, and only series changed before `safe_before` (the
+    caller passes the time of a report the controller got after that change, so an evicted series'
+    last counts were delivered). The agent's own metrics (SELF_METRICS) are never evicted.
+
+    Label cap: a workload (direction + source workload) may have at most `max_authorities`
+    distinct authority values live; further ones are counted under `[other]`
+    (`nodemesh_label_overflow_total{label="authority"}` counts the requests), so one pod sending
+    20,000 Host headers makes at most `max_authorities` + 1 series per metric, and every request
+    is still counted.
+    """
+
+    def __init__(self, *, idle_s: float = 600.0, max_authorities: int = 100,
+                 clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] | None = None) -> None:
+        self.idle_s = idle_s
+        self.max_authorities = max_authorities
+        self._clock = clock
+        self._wall_ms = wall_ms or (lambda: int(time.time() * 1000))
+        self.series: Snapshot = {name: {} for name in ALL_METRICS}
+        self.created: dict[tuple[str, Labels], int] = {}
+        self.touched: dict[tuple[str, Labels], float] = {}
+        self._authorities: dict[Labels, set[str]] = {}   # workload -> authorities with live series
+        self.evicted = 0
+        self.overflowed = 0
+
+    def add(self, delta: Snapshot) -> None:
+        now = self._clock()
+        stamp = 0
+        for name, series in delta.items():
+            if name not in ALL_METRICS:
+                continue
+            target = self.series[name]
+            peer = name in METRICS
+            for key, value in series.items():
+                if peer and key[AUTHORITY_INDEX]:
+                    capped = self._cap(key)
+                    if capped is not key and name == REQUEST_TOTAL:
+                        self.overflowed += value  # type: ignore[operator]
+                        overflow = self.series[LABEL_OVERFLOW]
+                        overflow[("authority",)] = overflow.get(("authority",), 0) + value  # type: ignore[operator]
+                    key = capped
+                have = target.get(key)
+                if have is None:
+                    target[key] = list(value) if isinstance(value, list) else value
+                    stamp = stamp or self._wall_ms()
+                    self.created[(name, key)] = stamp
+                elif isinstance(value, list):
+                    for i, v in enumerate(value):
+                        have[i] += v  # type: ignore[index]
+                else:
+                    target[key] = have + value  # type: ignore[operator]
+                self.touched[(name, key)] = now
+
+    def _cap(self, key: Labels) -> Labels:
+        workload = key[WORKLOAD_SLICE]
+        authority = key[AUTHORITY_INDEX]
+        seen = self._authorities.get(workload)
+        if seen is None:
+            seen = self._authorities[workload] = set()
+        if authority in seen:
+            return key
+        if len(seen) < self.max_authorities:
+            seen.add(authority)
+            return key
+        return (*key[:AUTHORITY_INDEX], OTHER_LABEL_VALUE, *key[AUTHORITY_INDEX + 1:])
+
+    def remove_gauge(self, delta: dict[Labels, float]) -> None:
+        """Take a dead worker's open connections out of the gauge (those sockets died with it)."""
+        gauge = self.series[TCP_OPEN_CONNECTIONS]
+        now = self._clock()
+        for key, value in delta.items():
+            if key[AUTHORITY_INDEX]:
+                key = self._cap(key)
+            if key in gauge:
+                gauge[key] -= value  # type: ignore[operator]
+                self.touched[(TCP_OPEN_CONNECTIONS, key)] = now
+
+    def evict(self, safe_before: float | None = None) -> int:
+        """Drop series idle for idle_s (and changed before `safe_before`, monotonic)."""
+        horizon = self._clock() - self.idle_s
+        if safe_before is not None:
+            horizon = min(horizon, safe_before)
+        dropped = 0
+        for name in METRICS:
+            series = self.series[name]
+            gauge = METRICS[name][0] == GAUGE
+            for key in [k for k in series if self.touched.get((name, k), 0.0) < horizon]:
+                if gauge and series[key]:
+                    continue
+                del series[key]
+                self.created.pop((name, key), None)
+                self.touched.pop((name, key), None)
+                dropped += 1
+        if dropped:
+            self.evicted += dropped
+            ev = self.series[SERIES_EVICTED]
+            ev[()] = ev.get((), 0) + dropped
+            live: dict[Labels, set[str]] = {}
+            for name in METRICS:
+                for key in self.series[name]:
+                    if key[AUTHORITY_INDEX]:
+                        live.setdefault(key[WORKLOAD_SLICE], set()).add(key[AUTHORITY_INDEX])
+            self._authorities = live
+        return dropped
+
+    def created_ms(self, name: str, key: Labels) -> int:
+        return self.created.get((name, key), 0)
+
+    def snapshot(self) -> Snapshot:
+        return {name: dict(series) for name, series in self.series.items()}
+
+    def __len__(self) -> int:
+        return sum(len(self.series[name]) for name in METRICS)
 
 
 def _le(bound: float) -> str:

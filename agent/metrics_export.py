@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from nodemesh.agent.metrics import COUNTER, GAUGE, METRICS, Snapshot, _le
+from nodemesh.agent.metrics import ALL_METRICS, COUNTER, GAUGE, Snapshot, _le
 from nodemesh.api.model import LATENCY_BUCKETS_MS
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -27,7 +27,7 @@ class SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._source()
         les = [_le(b) for b in self._bounds] + ["+Inf"]
-        for name, (kind, label_names, help_text) in METRICS.items():
+        for name, (kind, label_names, help_text) in ALL_METRICS.items():
             series = snap.get(name, {})
             if kind == COUNTER:
                 fam: Metric = CounterMetricFamily(name, help_text, labels=label_names)

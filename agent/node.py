@@ -1,13 +1,14 @@
 """NodeTelemetry: the parent process's half of telemetry.
 
-Gathers the workers' cumulative snapshots (over workerlinks) into the node's totals, serves the
-admin endpoints, keeps the identity index (from the controller stream, or from the sandbox's
-recorded objects when there is no controller) and hands it to every worker, fans tap commands out
-to workers and tap events back to whoever listens (the controller link, tests).
+Adds the workers' increments (over workerlinks) into the node's cumulative series (`NodeStore`:
+wire labels capped, idle series evicted), serves the admin endpoints, keeps the identity index
+(from the controller stream, or from the sandbox's recorded objects when there is no controller)
+and hands every identity message to every worker, fans tap commands out to workers and tap events
+back to whoever listens (the controller link, tests).
 
-Totals never go backwards: a worker that exits (crash or restart) leaves its last snapshot in a
-"retired" sum (counters and histograms; its open-connection gauge is dropped, those sockets
-died with it). A restarted worker counts from zero and is added on top.
+Totals never go backwards: a worker that exits (crash or restart) has delivered its counts up to
+its last report; only its open-connection gauge is taken back out (those sockets died with it).
+A restarted worker's increments are added on top.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from nodemesh.agent import workerlink
 from nodemesh.agent.admin import AdminServer
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.identity import IdentityFileSource
-from nodemesh.agent.metrics import Snapshot, merge, without_gauges
-from nodemesh.agent.podindex import PodIndex
+from nodemesh.agent.metrics import NodeStore, Snapshot
+from nodemesh.agent.podindex import IdentityGap, PodIndex
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import TCP_OPEN_CONNECTIONS
 
 log = logging.getLogger("nodemesh.agent.node")
 
 CAPTURE_CHECK_INTERVAL_S = 2.0
+EVICT_INTERVAL_S = 10.0
 
 TapSink = Callable[[pb.TapEvent], None]
 
@@ -50,18 +53,25 @@ class NodeTelemetry:
         self.ready = False
         self.capture_installed = False
         self._links: dict[int, workerlink.Link] = {}
-        self._live: dict[int, Snapshot] = {}
-        self._retired: Snapshot = {}
-        self._identity: bytes | None = None
+        self.store = NodeStore(idle_s=config.series_idle_s, max_authorities=config.max_authorities)
+        # Per worker, the open-connection gauge it added: taken back out when it dies.
+        self._worker_gauges: dict[int, dict[tuple[str, ...], float]] = {}
         self._taps: dict[str, bytes] = {}           # open taps, replayed to workers attached later
         self._tap_sinks: list[TapSink] = []
+        # Set by the controller link: reports the controller received (monotonic time of the last
+        # one sent on a live stream); series are evicted only once a report after their last
+        # change went out.
+        self.reported_at: float | None = None
+        self.identity_gaps = 0
         self.admin = AdminServer(config.admin_host, config.admin_port, snapshot=self.snapshot,
                                  ready=lambda: self.ready, excluded_ips=self.index.local_excluded_ips,
-                                 capture_installed=lambda: self.capture_installed)
+                                 capture_installed=lambda: self.capture_installed,
+                                 identity=self.identity_view)
         self._identity_source: IdentityFileSource | None = None
         self.controller_link: Any = None            # agent.report.ControllerLink when configured
         self._admin_open = False
         self._capture_watch: asyncio.Task[None] | None = None
+        self._evict_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -69,6 +79,7 @@ class NodeTelemetry:
         self._admin_open = True
         if self.config.watch_capture:
             self._capture_watch = asyncio.create_task(self._watch_capture())
+        self._evict_task = asyncio.create_task(self._evict_loop())
         if self.config.controller:
             from nodemesh.agent.report import ControllerLink
 
@@ -92,6 +103,9 @@ class NodeTelemetry:
         if self._capture_watch is not None:
             self._capture_watch.cancel()
             self._capture_watch = None
+        if self._evict_task is not None:
+            self._evict_task.cancel()
+            self._evict_task = None
         if self.controller_link is not None:
             await self.controller_link.stop()  # sends a final report with everything merged
             self.controller_link = None
@@ -134,8 +148,8 @@ class NodeTelemetry:
                                partial(self._on_worker_gone, index))
         link.start()
         self._links[index] = link
-        if self._identity is not None:
-            link.send((workerlink.MSG_IDENTITY, self._identity))
+        if self.index.generation:
+            link.send((workerlink.MSG_IDENTITY, self._full_identity()))
         for tap_id, filt in self._taps.items():
             link.send((workerlink.MSG_TAP_OPEN, tap_id, filt))
 
@@ -146,9 +160,10 @@ class NodeTelemetry:
         self._retire(index)
 
     def _retire(self, index: int) -> None:
-        last = self._live.pop(index, None)
-        if last is not None:
-            self._retired = merge([self._retired, without_gauges(last)])
+        """A worker is gone: its counts stay, the connections it held open do not."""
+        gauges = self._worker_gauges.pop(index, None)
+        if gauges:
+            self.store.remove_gauge(gauges)
 
     def _on_worker_gone(self, index: int) -> None:
         link = self._links.get(index)
@@ -160,11 +175,28 @@ class NodeTelemetry:
     def _on_worker_message(self, index: int, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == workerlink.MSG_METRICS:
-            self._live[index] = msg[1]
+            self.add_increments(index, msg[1])
         elif kind == workerlink.MSG_TAP_EVENT:
             self._publish_tap(pb.TapEvent.FromString(msg[1]))
+        elif kind == workerlink.MSG_IDENTITY_RESYNC:
+            link = self._links.get(index)
+            if link is not None and self.index.generation:
+                link.send((workerlink.MSG_IDENTITY, self._full_identity()))
         elif kind == workerlink.MSG_HELLO:
             log.debug("event=worker_hello worker=%d pid=%d", index, msg[2])
+
+    def add_increments(self, index: int, delta: Snapshot) -> None:
+        """A worker's counts since its last report, into the node's series."""
+        gauge = delta.get(TCP_OPEN_CONNECTIONS)
+        if gauge:
+            mine = self._worker_gauges.setdefault(index, {})
+            for key, value in gauge.items():
+                total = mine.get(key, 0) + value
+                if total:
+                    mine[key] = total
+                else:
+                    mine.pop(key, None)
+        self.store.add(delta)
 
     def request_flush(self) -> None:
         """Ask every worker for a fresh snapshot now (e.g. before a final report)."""
@@ -177,15 +209,55 @@ class NodeTelemetry:
 
     # ------------------------------------------------------------------ metrics
     def snapshot(self) -> Snapshot:
-        """The node's cumulative series: retired workers' last counts plus every live worker's."""
-        return merge([self._retired, *self._live.values()])
+        """The node's cumulative series."""
+        return self.store.snapshot()
+
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(EVICT_INTERVAL_S, max(1.0, self.config.series_idle_s / 4)))
+            self.evict()
+
+    def evict(self) -> int:
+        """Drop idle series; with a controller, only those whose last change a report carried."""
+        safe_before = None
+        if self.config.controller:
+            if self.reported_at is None:
+                return 0
+            safe_before = self.reported_at - 2 * self.config.report_interval_s
+        dropped = self.store.evict(safe_before)
+        if dropped:
+            log.info("event=series_evicted count=%d live=%d", dropped, len(self.store))
+        return dropped
 
     # ------------------------------------------------------------------ identity
-    def apply_identity(self, snapshot: pb.IdentitySnapshot) -> None:
-        self.index.update(snapshot)
-        self._identity = snapshot.SerializeToString()
+    def apply_identity(self, message: pb.IdentitySnapshot | pb.IdentityDelta | pb.ControllerMessage) -> bool:
+        """Apply a snapshot or delta and hand it to every worker. False when a delta does not fit
+        what we hold (the caller asks the controller for the whole identity)."""
+        if not isinstance(message, pb.ControllerMessage):
+            wrapped = pb.ControllerMessage()
+            if isinstance(message, pb.IdentityDelta):
+                wrapped.identity_delta.CopyFrom(message)
+            else:
+                wrapped.identity.CopyFrom(message)
+            message = wrapped
+        try:
+            self.index.update(message)
+        except IdentityGap as gap:
+            self.identity_gaps += 1
+            log.info("event=identity_gap %s", gap)
+            return False
+        data = message.SerializeToString()
         for link in list(self._links.values()):  # a send may find a dead worker and drop it
-            link.send((workerlink.MSG_IDENTITY, self._identity))
+            link.send((workerlink.MSG_IDENTITY, data))
+        return True
+
+    def _full_identity(self) -> bytes:
+        return pb.ControllerMessage(identity=self.index.snapshot()).SerializeToString()
+
+    def identity_view(self) -> dict[str, Any]:
+        """What the admin /identity endpoint shows: the version held and who owns each pod IP."""
+        return {"epoch": self.index.epoch, "version": self.index.version,
+                "resource_version": self.index.resource_version, "pods": self.index.known_uids()}
 
     # ------------------------------------------------------------------ tap
     def open_tap(self, tap_id: str, filt: pb.TapFilter) -> None:

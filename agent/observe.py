@@ -7,6 +7,7 @@ called on the worker's event loop thread and must be cheap: no I/O, no locks, no
 
 Lifecycle, per accepted connection:
     conn = observer.connection_open(meta)             # once, after the upstream is chosen
+    observer.connection_endpoint(conn, (ip, port))    # optional: the real endpoint, learned later
     for every request on it (HTTP/1 keep-alive, every HTTP/2 stream):
         req = observer.request_start(conn, RequestHead)
         observer.response_start(req, status, headers)  # may be skipped (reset before headers)
@@ -30,6 +31,13 @@ class ConnectionMeta:
     protocol: str = "tcp"             # "http1" | "http2" | "tcp" | "tls" (opaque, SNI known)
     sni: str | None = None
     started: float = 0.0              # time.monotonic() at accept
+    # The pod kube-proxy chose when the agent had to dial an address it could not resolve (a
+    # ClusterIP it did not know yet), learned from conntrack after connecting; None otherwise.
+    endpoint: tuple[str, int] | None = None
+    # time.monotonic() when the client's first bytes reached the agent, if they had to wait (for
+    # the upstream connection, or for the connection's identity: then the accept time): the first
+    # request's latency counts from there, as the client's does. 0.0 otherwise.
+    first_bytes_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -64,6 +72,8 @@ class ConnectionEnd:
 class Observer(Protocol):
     def connection_open(self, meta: ConnectionMeta) -> Any: ...
 
+    def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None: ...
+
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None: ...
 
     def request_start(self, conn: Any, head: RequestHead) -> Any: ...
@@ -78,6 +88,9 @@ class NullObserver:
 
     def connection_open(self, meta: ConnectionMeta) -> Any:
         return None
+
+    def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
+        pass
 
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
         pass

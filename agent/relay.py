@@ -69,6 +69,12 @@ class WorkerContext:
         self.listen_ports = frozenset((config.outbound_port, config.inbound_port, config.admin_port))
         self.opaque_ports = frozenset(config.opaque_ports)
         self.transparent_ok = config.transparent   # set False after the kernel refuses once
+        # Identity hooks (agent/telemetry.py). `identity_gate(source, destination)`: None to go on,
+        # or a future to wait for (bounded) while an unknown local-pod address's identity is on its
+        # way. `learn_endpoint(local, dialled)`: the pod kube-proxy chose when the agent dialled an
+        # address it could not resolve (conntrack), or None.
+        self.identity_gate: Callable[[str, str], asyncio.Future[str] | None] | None = None
+        self.learn_endpoint: Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
 
@@ -170,11 +176,27 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        gate = ctx.identity_gate(peer[0], original[0]) if ctx.identity_gate is not None else None
+        if gate is not None and not gate.done():
+            # An address of this node's pods that we cannot name yet: hold the connection (bounded)
+            # until its identity arrives, so it is counted and routed knowing who it is.
+            transport.pause_reading()
+            accepted = time.monotonic()
+            gate.add_done_callback(lambda _: self._accepted(peer, original, accepted))
+            return
+        self._accepted(peer, original, 0.0)
+
+    def _accepted(self, peer: tuple[str, int], original: tuple[str, int], held_since: float) -> None:
+        if self.finished:
+            return  # the client went away while we waited for its identity
+        ctx = self.ctx
+        assert self.client is not None
         shed = ctx.admission.admit(peer[0])
         destination = original if shed else ctx.picker.pick(original[0], original[1])
         self.meta = ConnectionMeta(
             conn_id=ctx.next_id(), direction=self.direction, source=(peer[0], peer[1]),
-            original_destination=original, destination=destination, started=time.monotonic(),
+            original_destination=original, destination=destination, started=held_since or time.monotonic(),
+            first_bytes_at=held_since if self.pending else 0.0,
         )
         ctx.live.add(self)
         loop = asyncio.get_running_loop()
@@ -194,6 +216,19 @@ class Connection(asyncio.Protocol):
             self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
         self.connecting = True
         self.connect_task = loop.create_task(self._connect(peer, destination))
+        if held_since:
+            self._after_wait()
+
+    def _after_wait(self) -> None:
+        """Bytes (or an EOF) that came with the accept while we waited: handle them now."""
+        assert self.client is not None
+        self.client.resume_reading()
+        if self.pending and self.mode is None:
+            result = detect(b"".join(self.pending))
+            if result.protocol != NEED_MORE or self.pending_len >= MAX_DETECT_BYTES:
+                self._decide(result if result.protocol != NEED_MORE else Detection(TCP))
+        if self.client_eof:
+            self.eof_received()
 
     async def _connect(self, peer: tuple[str, int], destination: tuple[str, int]) -> None:
         ctx = self.ctx
@@ -204,6 +239,9 @@ class Connection(asyncio.Protocol):
             log.warning("event=transparent_unavailable fallback=node_address")
         try:
             await asyncio.wait_for(loop.sock_connect(sock, destination), ctx.config.connect_timeout_s)
+            if ctx.learn_endpoint is not None and self.meta is not None \
+                    and destination == self.meta.original_destination:
+                self._learn_endpoint(sock, destination)
             await loop.create_connection(lambda: _Upstream(self), sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
@@ -221,6 +259,19 @@ class Connection(asyncio.Protocol):
             self.connecting = False
         finally:
             self.connect_task = None  # done: don't keep the finished task and its frame per connection
+
+    def _learn_endpoint(self, sock: socket.socket, dialled: tuple[str, int]) -> None:
+        """We dialled what the client dialled (no endpoint known to us): ask who answers."""
+        try:
+            local = sock.getsockname()
+        except OSError:
+            return
+        endpoint = self.ctx.learn_endpoint(local, dialled)  # type: ignore[misc]
+        if endpoint is None or self.meta is None:
+            return
+        self.meta.endpoint = endpoint
+        if self.opened:
+            self.ctx.observer.connection_endpoint(self.obs, endpoint)
 
     # -- detection ---------------------------------------------------------------------------
 
@@ -339,6 +390,8 @@ class Connection(asyncio.Protocol):
             self.pending = []
             self.pending_len = 0
             self.mode.client_data(data)  # type: ignore[union-attr]
+            if self.meta is not None:
+                self.meta.first_bytes_at = 0.0  # only requests that were in these bytes waited
         if self.client_eof and self.up is not None and not self.up_lost:
             self._half_close_upstream()
 
@@ -354,6 +407,10 @@ class Connection(asyncio.Protocol):
             return  # our answer is out (or shed and answered): what follows is dropped
         self.pending.append(data)
         self.pending_len += len(data)
+        if self.meta is None:
+            return  # still waiting for an identity (reading is paused; this came with the accept)
+        if not self.meta.first_bytes_at and self.up is None:
+            self.meta.first_bytes_at = time.monotonic()  # the upstream is still connecting
         if mode is None:
             buffered = b"".join(self.pending) if len(self.pending) > 1 else data
             result = detect(buffered)
@@ -368,10 +425,12 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self.meta is None:
+            return True  # waiting for an identity: handled once accepted
         if self.lingering:
             self.client.close()  # type: ignore[union-attr]
             return True
-        if self.mode is None and self.meta is not None and not self.opened:
+        if self.mode is None and not self.opened:
             result = detect(b"".join(self.pending))
             self._decide(result if result.protocol != NEED_MORE else Detection(TCP))
         elif self.up is not None and not self.up_lost and not self.pending:
@@ -387,6 +446,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client_lost = True
+        if self.meta is None:
+            self.finished = True  # gone while waiting for its identity: nothing opened, nothing counted
+            return
         if exc is not None and self.error is None:
             self.error = type(exc).__name__
         if self.connect_task is not None and not self.connect_task.done():

@@ -1,7 +1,9 @@
 """The agent's link to the controller: one long-lived `Controller.Connect` stream (grpc.aio).
 
 Up: AgentHello first, then every `report_interval_s` a MetricsReport (the node's cumulative
-series) and an AgentStatus, and TapEvents as they come. Down: IdentitySnapshot, TapOpen/TapClose.
+series) and an AgentStatus, and TapEvents as they come. Down: an IdentitySnapshot, then
+IdentityDeltas, and TapOpen/TapClose. A delta that does not fit the identity held (a gap in the
+versions) is answered with an IdentityResync: the controller sends the whole identity again.
 On any failure the link reconnects with exponential backoff and full jitter. Nothing in the data
 plane waits on this: with the controller down, traffic flows and counts keep accumulating; the
 next report after reconnecting carries them all (reports are cumulative).
@@ -79,9 +81,10 @@ class ControllerLink:
     # ------------------------------------------------------------------ messages
     def _metrics_message(self) -> pb.AgentMessage:
         self._seq += 1
+        store = self.node.store
         report = pb.MetricsReport(agent_id=self.node.agent_id, seq=self._seq, time_ms=int(time.time() * 1000),
                                   latency_bounds_ms=list(LATENCY_BUCKETS_MS),
-                                  series=to_series(self.node.snapshot()))
+                                  series=to_series(store.snapshot(), store.created_ms))
         return pb.AgentMessage(metrics=report)
 
     def _status_message(self) -> pb.AgentMessage:
@@ -122,6 +125,9 @@ class ControllerLink:
             msg = await box.get()
             if msg is None:
                 return
+            if msg.WhichOneof("msg") == "metrics":
+                # Series changed before this report may be evicted once it is out (node.evict).
+                self.node.reported_at = time.monotonic()
             yield msg
 
     async def _ticker(self, box: asyncio.Queue[pb.AgentMessage | None]) -> None:
@@ -188,8 +194,11 @@ class ControllerLink:
 
     def _handle(self, msg: pb.ControllerMessage) -> None:
         which = msg.WhichOneof("msg")
-        if which == "identity":
-            self.node.apply_identity(msg.identity)
+        if which in ("identity", "identity_delta"):
+            if not self.node.apply_identity(msg) and self._outbox is not None:
+                index = self.node.index
+                self._outbox.put_nowait(pb.AgentMessage(identity_resync=pb.IdentityResync(
+                    epoch=index.epoch, version=index.version, reason="delta does not apply")))
         elif which == "tap_open":
             self.node.open_tap(msg.tap_open.tap_id, msg.tap_open.filter)
         elif which == "tap_close":

@@ -1,10 +1,20 @@
 """WorkerTelemetry: the `Observer` a worker's traffic path calls, counting in plain Python.
 
-Per connection, the peers are looked up once and turned into label tuples; per request the
-work is a tuple concat and a few dict increments (twice when the same-node rule applies), plus
-one truthiness check of the open-taps dict. Every `report_interval_s` the worker sends a
-cumulative snapshot to the parent (NodeTelemetry) over its workerlink, and it applies the
-identity snapshots and tap commands the parent sends down.
+Identity is looked up when used, not frozen at connection open. At open the peers are resolved
+against the index (who held each address *when the connection was accepted*) and turned into
+label tuples; per request the work is a tuple concat and a few dict increments (twice when the
+same-node rule applies), plus one truthiness check of the open-taps dict. When an identity update
+changes an address a live connection uses (an unknown peer became known, a ClusterIP got its
+Service, a pod that held the address is gone and another holds it), that connection is re-resolved
+then, once: its next request counts under the new labels and its open-connection gauge moves with
+it (-1 under the old label set, +1 under the new), so the tcp_* series stay consistent. Nothing
+already counted moves; nothing is counted twice. A side resolved to a pod keeps it for the
+connection's life while that pod still claims the address (a TCP connection cannot change hands).
+
+Every `report_interval_s` the worker hands the parent (NodeTelemetry) what it counted since the
+last time (`MetricsStore.take`), and it applies the identity messages and tap commands the parent
+sends down. A delta that does not fit the identity it holds makes it ask the parent for a full
+snapshot.
 
 Same-node rule: an outbound connection whose destination is a pod on THIS node is also recorded
 as inbound (the destination's agent is this agent and will never see the request again), from
@@ -15,36 +25,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nodemesh.agent import workerlink
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import MetricsStore, classify
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
-from nodemesh.agent.podindex import PeerLabels, PodIndex
+from nodemesh.agent.podindex import Changes, IdentityGap, Owner, PeerLabels, PodIndex, unknown_labels
 from nodemesh.agent.tap import Tap, TapRegistry, peer_message
 from nodemesh.api.gen import nodemesh_pb2 as pb
 
 log = logging.getLogger("nodemesh.agent.telemetry")
 
+ANY = "*"  # a wait for the agent's first identity, whatever the addresses
+# A worker holds every new connection for its first identity only this long after it started: an
+# agent that cannot reach its controller must not delay every connection for good.
+FIRST_IDENTITY_WINDOW_S = 10.0
+
 
 class _Conn:
-    """Per-connection state: label prefixes fixed at open (so open/close/gauge series agree)."""
+    """Per-connection state: who the peers are (re-resolved when identity changes), and the label
+    prefixes the tcp series were counted under (so open/close/gauge agree)."""
 
-    __slots__ = ("bases", "directions", "dst", "keys", "keys_for", "meta", "service", "src", "tcp_keys")
+    __slots__ = ("at_ms", "bases", "directions", "dst", "dst_uid", "keys", "keys_for", "meta", "service",
+                 "src", "src_uid", "tcp_keys")
 
-    def __init__(self, meta: ConnectionMeta, src: PeerLabels, dst: PeerLabels, service: str,
-                 bases: tuple[tuple[str, ...], ...]) -> None:
+    def __init__(self, meta: ConnectionMeta, at_ms: int) -> None:
         self.meta = meta
-        self.src = src
-        self.dst = dst
-        self.service = service
-        self.bases = bases  # one label prefix per direction recorded (two under the same-node rule)
-        self.directions = tuple(b[0] for b in bases)
-        self.tcp_keys = tuple(b + ("", meta.protocol) for b in bases)
+        self.at_ms = at_ms                  # accept time, epoch ms: who held an address *then*
+        self.src: PeerLabels = unknown_labels(meta.source[0])
+        self.dst: PeerLabels = unknown_labels(meta.destination[0])
+        self.src_uid = ""
+        self.dst_uid = ""
+        self.service = ""
+        self.bases: tuple[tuple[str, ...], ...] = ()  # one label prefix per direction recorded
+        self.directions: tuple[str, ...] = ()
+        self.tcp_keys: tuple[tuple[str, ...], ...] = ()
         # Request label keys for the last (authority, protocol): keep-alive requests reuse them.
         self.keys_for: tuple[str, str] | None = None
         self.keys: tuple[tuple[str, ...], ...] = ()
@@ -64,6 +85,37 @@ class _Req:
         self.taps: list[tuple[Tap, str]] | None = None  # (tap, direction it is shown in)
 
 
+class _Wait:
+    """A connection from (or to) an unknown local-pod address, waiting for its identity."""
+
+    __slots__ = ("future", "pending", "started", "timer")
+
+    def __init__(self, future: asyncio.Future[str], pending: set[str]) -> None:
+        self.future = future
+        self.pending = pending
+        self.started = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _networks(cidrs: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    nets = []
+    for cidr in cidrs:
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if net.version == 4:
+            nets.append((int(net.network_address), int(net.netmask)))
+    return tuple(nets)
+
+
+def _ipv4_int(ip: str) -> int | None:
+    try:
+        return int(ipaddress.IPv4Address(ip))
+    except ValueError:
+        return None
+
+
 class WorkerTelemetry:
     """Implements agent.observe.Observer for one worker process."""
 
@@ -81,6 +133,16 @@ class WorkerTelemetry:
         self._link: workerlink.Link | None = None
         self._task: asyncio.Task[None] | None = None
         self.tap_sink: Any = None  # optional callable(pb.TapEvent), used when there is no link (tests)
+        self._live: set[_Conn] = set()
+        self._waits: dict[str, list[_Wait]] = {}
+        self._local_nets = _networks(config.pod_cidrs)
+        self._born = time.monotonic()
+        self.corrections = 0
+        self.resyncs_requested = 0
+        self._conntrack: Any = None                 # agent.conntrack.ConntrackLookup, opened when first needed
+        self._conntrack_warned = False
+        # Called with the MeshConfig each time a controller's identity brings one (opaque ports).
+        self.on_mesh_config: list[Callable[[pb.MeshConfig], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -113,8 +175,12 @@ class WorkerTelemetry:
         return bool(self.index.generation)
 
     def send_snapshot(self) -> None:
-        if self._link is not None:
-            self._link.send((workerlink.MSG_METRICS, self.metrics.snapshot()))
+        """Hand the parent what was counted since the last time (kept if the link cannot take it)."""
+        if self._link is None:
+            return
+        taken = self.metrics.take()
+        if not self._link.send((workerlink.MSG_METRICS, taken)):
+            self.metrics.restore(taken)
 
     async def _report_loop(self) -> None:
         while True:
@@ -124,7 +190,7 @@ class WorkerTelemetry:
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == workerlink.MSG_IDENTITY:
-            self.index.update(msg[1])
+            self.apply_identity(pb.ControllerMessage.FromString(msg[1]))
         elif kind == workerlink.MSG_TAP_OPEN:
             self.taps.open(msg[1], pb.TapFilter.FromString(msg[2]))
         elif kind == workerlink.MSG_TAP_CLOSE:
@@ -144,26 +210,200 @@ class WorkerTelemetry:
         elif self.tap_sink is not None:
             self.tap_sink(event)
 
-    # ------------------------------------------------------------------ Observer (hot path)
-    def connection_open(self, meta: ConnectionMeta) -> _Conn:
+    # ------------------------------------------------------------------ identity
+    def apply_identity(self, message: pb.ControllerMessage | pb.IdentitySnapshot | pb.IdentityDelta) -> bool:
+        """Apply a snapshot or delta; re-resolve the live connections it touches. A delta that does
+        not fit what we hold asks the parent for the whole identity (False)."""
+        try:
+            changes = self.index.update(message)
+        except IdentityGap as gap:
+            log.info("event=identity_gap worker=%d %s", self.worker_index, gap)
+            self.resyncs_requested += 1
+            if self._link is not None:
+                self._link.send((workerlink.MSG_IDENTITY_RESYNC, self.worker_index))
+            return False
+        if changes.config and self.index.epoch:
+            self._apply_mesh_config()
+        if changes:
+            self.refresh(changes)
+        return True
+
+    def _apply_mesh_config(self) -> None:
+        """Settings from the controller replace our flags (a file-fed index has no controller's)."""
+        config = self.index.config
+        if config.tap_max_rps > 0:
+            self.taps.default_max_rps = config.tap_max_rps
+        for callback in self.on_mesh_config:
+            callback(config)
+
+    def refresh(self, changes: Changes) -> None:
+        """Re-resolve live connections whose addresses the update touched; wake waiters."""
+        ips, cluster_ips, full = changes.ips, changes.cluster_ips, changes.full
+        for conn in list(self._live):
+            meta = conn.meta
+            if full or meta.source[0] in ips or (meta.endpoint or meta.destination)[0] in ips \
+                    or meta.original_destination[0] in cluster_ips:
+                self._rebind(conn)
+        if self._waits:
+            for ip in [ip for ip in self._waits if ip == ANY or self.index.owner(ip) is not None]:
+                for wait in self._waits.pop(ip):
+                    wait.pending.discard(ip)
+                    if not wait.pending:
+                        self._finish_wait(wait, "known")
+
+    def identity_gate(self, source: str, destination: str) -> asyncio.Future[str] | None:
+        """None to go on at once; else a future done when the unknown local-pod address(es) among
+        `source`/`destination` are known (or, before the agent's first identity, when that
+        arrives), or after `identity_wait_s`; counted either way. Only with an identity source:
+        without one nothing would ever arrive."""
         index = self.index
-        src = index.peer_labels(meta.source[0])
-        dst_ip = meta.destination[0]
-        dst = index.peer_labels(dst_ip)
-        service = index.service_of(*meta.original_destination)
-        base = (meta.direction, *src, *dst, service)
+        config = self.config
+        if config.identity_wait_s <= 0 or not (config.controller or config.identity_file):
+            return None  # off, or no identity source at all: nothing would arrive
+        if not index.generation:
+            if time.monotonic() - self._born > FIRST_IDENTITY_WINDOW_S:
+                return None  # no identity for that long (controller away?): don't delay everything
+            pending = {ANY}  # a (re)started agent before its first identity: every connection waits
+        elif not self._local_nets:
+            return None
+        else:
+            pending = {ip for ip in (source, destination) if index.owner(ip) is None and self._in_local_cidr(ip)}
+            if not pending:
+                return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        wait = _Wait(future, pending)
+        wait.timer = loop.call_later(self.config.identity_wait_s, self._finish_wait, wait, "timeout")
+        for ip in pending:
+            self._waits.setdefault(ip, []).append(wait)
+        return future
+
+    def _in_local_cidr(self, ip: str) -> bool:
+        value = _ipv4_int(ip)
+        return value is not None and any(value & mask == net for net, mask in self._local_nets)
+
+    def _finish_wait(self, wait: _Wait, outcome: str) -> None:
+        if wait.future.done():
+            return
+        if wait.timer is not None:
+            wait.timer.cancel()
+        for ip in wait.pending:
+            waits = self._waits.get(ip)
+            if waits is not None and wait in waits:
+                waits.remove(wait)
+                if not waits:
+                    del self._waits[ip]
+        m = self.metrics
+        m.observe(m.identity_wait, (outcome,), (time.monotonic() - wait.started) * 1000.0)
+        wait.future.set_result(outcome)
+
+    def learn_endpoint(self, local: tuple[str, int], dialled: tuple[str, int]) -> tuple[str, int] | None:
+        """The relay dialled an address it had no endpoint for: if that is not a pod we know, ask
+        conntrack which pod kube-proxy's DNAT chose (counted in nodemesh_endpoint_lookups_total)."""
+        if self.index.owner(dialled[0]) is not None:
+            return None  # a pod address: nobody translated it
+        lookups = self.metrics.endpoint_lookups
+        try:
+            if self._conntrack is None:
+                from nodemesh.agent.conntrack import ConntrackLookup
+
+                self._conntrack = ConntrackLookup()
+            endpoint = self._conntrack.endpoint(local, dialled)
+        except OSError as exc:
+            lookups[("failed",)] = lookups.get(("failed",), 0) + 1
+            if not self._conntrack_warned:
+                self._conntrack_warned = True
+                log.warning("event=conntrack_lookup_failed error=%r", exc)
+            return None
+        if endpoint is None or endpoint == dialled:
+            lookups[("none",)] = lookups.get(("none",), 0) + 1
+            return None
+        lookups[("found",)] = lookups.get(("found",), 0) + 1
+        return endpoint
+
+    def _owner_for(self, ip: str, current_uid: str, at_ms: int) -> Owner | None:
+        """The owner a connection's side should have now; None to keep what it has."""
+        index = self.index
+        if current_uid and index.claims(ip, current_uid):
+            return None  # still that pod's address: a connection never changes hands
+        return index.resolve(ip, at_ms)
+
+    def _bind(self, conn: _Conn) -> None:
+        """Label prefixes (bases) from the connection's current peers."""
+        meta = conn.meta
+        index = self.index
+        base = (meta.direction, *conn.src, *conn.dst, conn.service)
         bases: tuple[tuple[str, ...], ...] = (base,)
+        dst_ip = (meta.endpoint or meta.destination)[0]
         if meta.direction == "outbound":
             # Same-node rule: this agent is also the destination's agent, and the request will not
             # come past it again, so record the inbound view now (unless the callee's namespace is
             # not captured: then nobody records its inbound side, same as across nodes).
-            if index.is_local_pod(dst_ip) and dst[0] not in index.excluded_namespaces:
+            if index.is_local_pod(dst_ip) and not index.uncaptured(conn.dst[0]):
                 bases = (base, ("inbound", *base[1:]))
-        elif index.is_local_pod(meta.source[0]) and src[0] not in index.excluded_namespaces:
+        elif index.is_local_pod(meta.source[0]) and not index.uncaptured(conn.src[0]):
             # Inbound from a captured pod of this node: its outbound capture already recorded both
             # directions. Should it reach the inbound listener too, count nothing a second time.
             bases = ()
-        conn = _Conn(meta, src, dst, service, bases)
+        conn.bases = bases
+        conn.directions = tuple(b[0] for b in bases)
+        conn.tcp_keys = tuple(b + ("", meta.protocol) for b in bases)
+        conn.keys_for = None
+
+    def _rebind(self, conn: _Conn) -> None:
+        meta = conn.meta
+        index = self.index
+        changed = False
+        src = self._owner_for(meta.source[0], conn.src_uid, conn.at_ms)
+        if src is not None and src.uid != conn.src_uid:
+            if conn.src_uid:
+                self._correction("src")
+            conn.src, conn.src_uid, changed = src.labels, src.uid, True
+        dst_ip = (meta.endpoint or meta.destination)[0]
+        dst = self._owner_for(dst_ip, conn.dst_uid, conn.at_ms)
+        if dst is not None and dst.uid != conn.dst_uid:
+            if conn.dst_uid:
+                self._correction("dst")
+            conn.dst, conn.dst_uid, changed = dst.labels, dst.uid, True
+        elif dst is None and not conn.dst_uid and conn.dst[2] != dst_ip:
+            conn.dst, changed = unknown_labels(dst_ip), True  # a new endpoint nobody knows yet
+        service = index.service_of(*meta.original_destination) or conn.service
+        if service != conn.service:
+            conn.service, changed = service, True
+        old_keys = conn.tcp_keys
+        self._bind(conn)
+        if not changed and conn.tcp_keys == old_keys:
+            return
+        if conn.tcp_keys != old_keys:
+            gauge = self.metrics.tcp_open_connections
+            for key in old_keys:
+                gauge[key] = gauge.get(key, 0) - 1
+            for key in conn.tcp_keys:
+                gauge[key] = gauge.get(key, 0) + 1
+
+    def _correction(self, side: str) -> None:
+        self.corrections += 1
+        c = self.metrics.identity_corrections
+        c[(side,)] = c.get((side,), 0) + 1
+
+    # ------------------------------------------------------------------ Observer (hot path)
+    def connection_open(self, meta: ConnectionMeta) -> _Conn:
+        now_ms = time.time() * 1000.0
+        at_ms = int(now_ms - (time.monotonic() - meta.started) * 1000.0) if meta.started else int(now_ms)
+        conn = _Conn(meta, at_ms)
+        index = self.index
+        src = index.resolve(meta.source[0], at_ms)
+        if src is not None:
+            conn.src, conn.src_uid = src.labels, src.uid
+        dst_ip = (meta.endpoint or meta.destination)[0]
+        dst = index.resolve(dst_ip, at_ms)
+        if dst is not None:
+            conn.dst, conn.dst_uid = dst.labels, dst.uid
+        else:
+            conn.dst = unknown_labels(dst_ip)
+        conn.service = index.service_of(*meta.original_destination)
+        self._bind(conn)
+        self._live.add(conn)
         m = self.metrics
         opened, gauge = m.tcp_open_total, m.tcp_open_connections
         for key in conn.tcp_keys:
@@ -171,7 +411,13 @@ class WorkerTelemetry:
             gauge[key] = gauge.get(key, 0) + 1
         return conn
 
+    def connection_endpoint(self, conn: _Conn, endpoint: tuple[str, int]) -> None:
+        """The real endpoint behind what the connection dialled became known (conntrack)."""
+        conn.meta.endpoint = endpoint
+        self._rebind(conn)
+
     def connection_close(self, conn: _Conn, end: ConnectionEnd) -> None:
+        self._live.discard(conn)
         m = self.metrics
         ended = end.ended or time.monotonic()
         duration_ms = (ended - conn.meta.started) * 1000.0 if conn.meta.started else 0.0
@@ -192,7 +438,12 @@ class WorkerTelemetry:
         else:
             keys = conn.keys = tuple(b + suffix for b in conn.bases)
             conn.keys_for = suffix
-        req = _Req(conn, head, keys, head.started or time.monotonic())
+        started = head.started or time.monotonic()
+        if conn.meta.first_bytes_at:
+            # Its bytes waited for our upstream connection (or our identity hold): the client's
+            # clock ran from their arrival, and so does ours.
+            started, conn.meta.first_bytes_at = min(started, conn.meta.first_bytes_at), 0.0
+        req = _Req(conn, head, keys, started)
         counts = self.metrics.request_total
         for key in keys:
             counts[key] = counts.get(key, 0) + 1

@@ -38,6 +38,7 @@ from nodemesh.agent.outbound import serve_outbound
 from nodemesh.agent.relay import WorkerContext
 from nodemesh.agent.sockets import listen_socket, raise_fd_limit
 from nodemesh.agent.telemetry import WorkerTelemetry
+from nodemesh.api.gen import nodemesh_pb2 as pb
 
 log = logging.getLogger("nodemesh.agent.worker")
 PR_SET_PDEATHSIG = 1
@@ -70,6 +71,18 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     log.info("event=fd_limit index=%d nofile=%d connections=%d", index, nofile, admission.capacity)
     outbound = WorkerContext(config, observer, EndpointPicker(tele.index), make_mode, admission)
     inbound = WorkerContext(config, observer, EndpointPicker(None), make_mode, admission)
+    for ctx in (outbound, inbound):
+        ctx.identity_gate = tele.identity_gate
+    outbound.learn_endpoint = tele.learn_endpoint
+
+    def mesh_config(mesh: pb.MeshConfig) -> None:
+        # The controller's opaque ports replace the --opaque-ports flag (the same list in a
+        # manifest install; a changed ConfigMap reaches every agent without a restart).
+        ports = frozenset(mesh.opaque_ports)
+        for ctx in (outbound, inbound):
+            ctx.opaque_ports = ports
+
+    tele.on_mesh_config.append(mesh_config)
     housekeeping = Housekeeping(admission)
     housekeeping.start()
     servers = [

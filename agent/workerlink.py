@@ -1,9 +1,10 @@
 """Parent <-> worker message channel: framed pickles over a Unix socketpair, driven by asyncio.
 
-Workers send cumulative metrics snapshots and tap events up; the parent sends identity
-snapshots and tap open/close down. Both ends are non-blocking: a worker must never stall its
-traffic because the parent is slow, so writes are buffered and, past `max_buffer`, dropped (a
-later metrics snapshot supersedes a dropped one because snapshots are cumulative).
+Workers send metrics increments and tap events up; the parent sends identity (snapshots and
+deltas) and tap open/close down. Both ends are non-blocking: a worker must never stall its
+traffic because the parent is slow, so writes are buffered and, past `max_buffer`, refused
+(`send` returns False): a worker keeps refused increments and sends them with the next ones; a
+refused identity delta leaves a version gap the worker notices and repairs with a resync.
 
 Messages are tuples whose first item names the kind (see the constants below). Pickle is fine
 here: both ends are our own processes, created together, over a private socketpair.
@@ -30,8 +31,9 @@ log = logging.getLogger("nodemesh.agent.workerlink")
 MSG_HELLO = "hello"            # ("hello", worker_index, pid)
 MSG_METRICS = "metrics"        # ("metrics", Snapshot)
 MSG_TAP_EVENT = "tap_event"    # ("tap_event", TapEvent bytes)
+MSG_IDENTITY_RESYNC = "identity_resync"  # ("identity_resync", worker_index): send me the whole identity
 # parent -> worker
-MSG_IDENTITY = "identity"      # ("identity", IdentitySnapshot bytes)
+MSG_IDENTITY = "identity"      # ("identity", ControllerMessage bytes: an IdentitySnapshot or IdentityDelta)
 MSG_TAP_OPEN = "tap_open"      # ("tap_open", tap_id, TapFilter bytes)
 MSG_TAP_CLOSE = "tap_close"    # ("tap_close", tap_id)
 MSG_FLUSH = "flush"            # ("flush",): worker, send a metrics snapshot now

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 OUTBOUND_PORT = 4140
 INBOUND_PORT = 4143
 ADMIN_PORT = 4191
+# The conntrack zone of the agent's transparent upstream connections (original direction): the
+# redirector's raw OUTPUT rule puts them there, the agent's conntrack lookups look there.
+CONNTRACK_ZONE = 4140
 CONTROLLER_GRPC_PORT = 8085
 CONTROLLER_WEB_PORT = 8084
 
@@ -188,3 +191,14 @@ RESPONSE_LABELS = ("status_code", "grpc_status", "classification", "error")
 # Agent self-metrics (not per-peer): 1 while this node's capture rules are installed, else 0.
 # No labels; Prometheus adds the scrape target's `node`. Alongside prometheus-client's process_*.
 CAPTURE_INSTALLED = "nodemesh_capture_installed"    # gauge
+# Identity at work (agent /metrics only, never reported to the controller):
+IDENTITY_WAIT_MS = "nodemesh_identity_wait_ms"      # histogram {outcome=known|timeout}: a connection
+                                                    # from an unknown local-pod IP waited for its identity
+IDENTITY_CORRECTIONS = "nodemesh_identity_corrections_total"  # {side=src|dst}: a live connection moved
+                                                    # from a pod that no longer holds the IP to its new owner
+ENDPOINT_LOOKUPS = "nodemesh_endpoint_lookups_total"  # {outcome=found|none|failed}: conntrack asked which
+                                                    # pod kube-proxy chose behind an unknown address
+SERIES_EVICTED = "nodemesh_series_evicted_total"    # idle series dropped (retain-idle)
+LABEL_OVERFLOW = "nodemesh_label_overflow_total"    # {label}: values folded into OTHER_LABEL_VALUE
+# A wire-supplied label value (authority) past the per-workload cap is counted under this value.
+OTHER_LABEL_VALUE = "[other]"

@@ -392,7 +392,6 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--web-port", str(CONTROLLER_WEB_PORT),
         "--excluded-namespaces", _csv(config["excludedNamespaces"]),
         "--opaque-ports", _csv(config["opaquePorts"]),
-        "--skip-ports", _csv(config["skippedPorts"]),
         "--tap-max-rps", _number(config["tapMaxRps"]),
         "--tap-max-taps", str(config["tapMaxTaps"]),
         *(["--captured-namespaces", _csv(config["capturedNamespaces"])] if config["capturedNamespaces"] else []),

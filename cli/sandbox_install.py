@@ -9,6 +9,7 @@ the controller. Both are idempotent, and the app keeps serving across both.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import time
@@ -63,23 +64,26 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     controller_host = sb.controller_address
     controller = f"{controller_host}:{CONTROLLER_GRPC_PORT}"
     py = sys.executable
+    # The node processes run the nodemesh this process imports (a worktree on PYTHONPATH, not
+    # whatever copy is pip-installed): the kubelet gives them a clean environment otherwise.
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
 
     sb.start_node_process(nodes[0].name, CONTROLLER_PROCESS, [
         py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
         "--listen", "0.0.0.0", "--token-file", str(token_path),
-    ])
+    ], env=env)
     for node in nodes:
         sb.start_node_process(node.name, agent_process(node.name), [
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--controller", controller, "--token-file", str(token_path), "--workers", str(workers),
-        ])
+        ], env=env)
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])
     for node in nodes:
         sb.start_node_process(node.name, redirector_process(node.name), [
             py, "-m", "nodemesh.redirector", "run", "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}",
-        ])
+        ], env=env)
     write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
     # `nodemesh dashboard` reads this beside controller.addr: the controller serves it on 8084.
     write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)

@@ -17,20 +17,21 @@ class ControllerConfig:
     listen: str = "127.0.0.1"
     grpc_port: int = CONTROLLER_GRPC_PORT
     web_port: int = CONTROLLER_WEB_PORT
-    # Mesh config pushed to every agent inside the IdentitySnapshot.
+    # Mesh config pushed to every agent with its identity; agents apply it live (their flags are
+    # what holds until the first identity arrives). Ports never captured are the redirector's
+    # --skip-ports: a proxy cannot un-capture a connection.
     opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
-    skip_ports: tuple[int, ...] = ()
     excluded_namespaces: tuple[str, ...] = ("kube-system", "nodemesh")
     captured_namespaces: tuple[str, ...] = ()   # when set, only these namespaces are captured
     tap_max_rps: float = 100.0
     tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
-    identity_debounce_s: float = 0.2
+    identity_debounce_s: float = 0.05
     # How long per-second buckets are kept; the longest stat window is 1 h.
     retention_s: int = 3600
     # An agent whose last report is older than this is reported as not connected by Check.
     agent_stale_s: float = 10.0
-    sandbox_poll_s: float = 0.5
+    sandbox_poll_s: float = 0.1
     log_level: str = "warning"
     # Authentication of the gRPC API (controlplane/auth.py, docs/controlplane.md "Authentication").
     token_file: str = ""                        # static bearer token (the sandbox's controller.token)

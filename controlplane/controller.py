@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.deltas import AgentCounters
+from nodemesh.controlplane.identityfeed import IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.sources import ClusterSource
@@ -39,7 +39,7 @@ from nodemesh.controlplane.tap import TapSession
 
 log = logging.getLogger("nodemesh.controlplane")
 
-_IDENTITY = object()  # outbox marker: send the latest identity snapshot (coalesces bursts)
+_IDENTITY = object()  # outbox marker: send what the agent's identity lacks (coalesces bursts)
 _CLOSE = object()     # outbox marker: the agent's side of the stream ended
 
 
@@ -73,7 +73,9 @@ class AgentSession:
     reports: int = 0
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     identity_queued: bool = False
-    identity_sent: bytes = b""                 # digest of the identity content last sent
+    identity_epoch: int = 0                    # the identity (epoch, version) this agent was last sent
+    identity_version: int = 0
+    identity_resyncs: int = 0
     stale_taps_closed: set[str] = field(default_factory=set)
 
     def send(self, msg: pb.ControllerMessage) -> None:
@@ -98,9 +100,8 @@ class Controller:
         self.sessions: dict[str, AgentSession] = {}     # agent_id -> live session
         self._counters: dict[str, tuple[AgentCounters, float]] = {}  # agent_id -> (counters, last use)
         self._taps: dict[str, TapSession] = {}
-        self._identity: pb.ControllerMessage | None = None
-        self._identity_version = -1
-        self._identity_digest = b""  # of the snapshot's content, resource_version left out
+        self.identity = IdentityFeed()
+        self._identity_version = -1  # the registry version the feed last took
         self._push_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.registry.add_listener(self._registry_changed)
@@ -142,18 +143,21 @@ class Controller:
     # ------------------------------------------------------------------ identity
     def mesh_config(self) -> pb.MeshConfig:
         c = self.config
-        return pb.MeshConfig(opaque_ports=list(c.opaque_ports), skip_ports=list(c.skip_ports),
-                             excluded_namespaces=list(c.excluded_namespaces), tap_max_rps=c.tap_max_rps)
+        return pb.MeshConfig(opaque_ports=list(c.opaque_ports), excluded_namespaces=list(c.excluded_namespaces),
+                             tap_max_rps=c.tap_max_rps)
+
+    def refresh_identity(self) -> IdentityFeed:
+        """Bring the identity feed up to the registry (a new version only when something an agent
+        is told changed: status-only writes on Deployments, Nodes or Pods cost no push)."""
+        if self._identity_version != self.registry.version:
+            snap = self.registry.identity_snapshot(self.mesh_config(), self.config.captured_namespaces)
+            self._identity_version = self.registry.version
+            self.identity.update(snap)
+        return self.identity
 
     def identity_message(self) -> pb.ControllerMessage:
-        if self._identity is None or self._identity_version != self.registry.version:
-            snap = self.registry.identity_snapshot(self.mesh_config(), self.config.captured_namespaces)
-            version, snap.resource_version = snap.resource_version, ""
-            self._identity_digest = hashlib.sha256(snap.SerializeToString(deterministic=True)).digest()
-            snap.resource_version = version
-            self._identity = pb.ControllerMessage(identity=snap)
-            self._identity_version = self.registry.version
-        return self._identity
+        """The whole identity, as a new agent stream starts with."""
+        return pb.ControllerMessage(identity=self.refresh_identity().snapshot())
 
     def _registry_changed(self) -> None:
         # Rollouts change many objects at once: push one snapshot after the burst settles.
@@ -166,12 +170,9 @@ class Controller:
 
     def _push_identity(self) -> None:
         self._push_handle = None
-        # Most object changes (status writes on Deployments, Nodes, Pods) change nothing agents
-        # are told: send only to agents whose last snapshot differs from the current one.
-        self.identity_message()
-        stale = [s for s in self.sessions.values() if s.identity_sent != self._identity_digest]
-        if stale:
-            self.metrics.identity_pushes.inc()
+        feed = self.refresh_identity()
+        stale = [s for s in self.sessions.values()
+                 if (s.identity_epoch, s.identity_version) != (feed.epoch, feed.version)]
         for session in stale:
             session.queue_identity()
         for tap in self._taps.values():
@@ -215,6 +216,14 @@ class Controller:
             session.capture_installed = msg.status.capture_installed
             if msg.status.time_ms:
                 session.clock_skew_ms = msg.status.time_ms - int(time.time() * 1000)
+        elif which == "identity_resync":
+            # The agent found a gap (or holds another epoch): the next identity message is whole.
+            r = msg.identity_resync
+            log.info("event=identity_resync agent_id=%s epoch=%d version=%d reason=%r", session.agent_id,
+                     r.epoch, r.version, r.reason)
+            session.identity_epoch, session.identity_version = 0, 0
+            session.identity_resyncs += 1
+            session.queue_identity()
 
     def counters_for(self, agent_id: str, start_time_ms: int) -> AgentCounters:
         entry = self._counters.get(agent_id)
@@ -291,8 +300,15 @@ class Controller:
                     break
                 if item is _IDENTITY:
                     session.identity_queued = False
-                    message = self.identity_message()
-                    session.identity_sent = self._identity_digest
+                    feed = self.refresh_identity()
+                    message = feed.message_for(session.identity_epoch, session.identity_version)
+                    if message is None:
+                        continue
+                    session.identity_epoch, session.identity_version = feed.epoch, feed.version
+                    if message.HasField("identity"):
+                        self.metrics.identity_snapshots.inc()
+                    else:
+                        self.metrics.identity_deltas.inc()
                     yield message
                 else:
                     yield item  # type: ignore[misc]

@@ -18,6 +18,13 @@ hands the difference to the aggregator. The cases:
     from there. What is lost is exactly what happened while the controller was down.
   `first_report_is_baseline` is decided once per agent_id by comparing the agent's start time
   (AgentHello.start_time_ms) with the controller's.
+* idle eviction (api/proto/nodemesh.proto, `Series`): an agent drops series idle for a while. A
+  series missing from a report (reports always carry every live series) is forgotten here too:
+  its counts were delivered while it lived. When the same labels come back they carry a new
+  `created_ms`: a series whose created_ms differs from the one we hold is a new incarnation
+  counting from 0, so all of its value is new (even if it is higher than the old one's, which a
+  plain "went down = reset" rule would have mistaken for an increase). Nothing is lost or counted
+  twice.
 
 A malformed series (a value that is NaN, infinite or negative, a histogram whose length does not
 match the report's bounds) is skipped and counted in `rejected`: one NaN would otherwise poison
@@ -54,7 +61,9 @@ class AgentCounters:
         self.agent_id = agent_id
         self._baseline_pending = first_report_is_baseline
         self._last: dict[SeriesId, float | tuple[tuple[int, ...], float]] = {}
+        self._created: dict[SeriesId, int] = {}
         self.last_seq = -1
+        self.forgotten = 0
         self.resets = 0
         self.rejected = 0
 
@@ -66,18 +75,38 @@ class AgentCounters:
         self._baseline_pending = False
         self.last_seq = seq
         out: list[SeriesDelta] = []
+        seen: set[SeriesId] = set()
         for s in series:
             name: str = s.name  # type: ignore[attr-defined]
             labels = dict(s.labels)  # type: ignore[attr-defined]
             counts = tuple(int(c) for c in s.bucket_counts)  # type: ignore[attr-defined]
             number = float(s.sum if counts else s.value)  # type: ignore[attr-defined]
+            sid: SeriesId = (name, tuple(sorted(labels.items())))
+            seen.add(sid)  # a rejected series is still alive at the agent: not to be forgotten
             if not math.isfinite(number) or number < 0 or (counts and n_buckets and len(counts) != n_buckets):
                 self.rejected += 1
                 continue
             if name in GAUGES:
                 out.append(SeriesDelta(name, labels, number, gauge=True))
                 continue
-            sid: SeriesId = (name, tuple(sorted(labels.items())))
+            created = int(getattr(s, "created_ms", 0) or 0)
+            if created and self._created.get(sid, created) != created:
+                # Evicted by the agent and back again: a new series from 0 (not baseline data).
+                self._last.pop(sid, None)
+                self.resets += 1
+                self._created[sid] = created
+                prev = None
+                if counts:
+                    self._last[sid] = (counts, number)
+                    if any(counts):
+                        out.append(SeriesDelta(name, labels, buckets=counts, sum=number))
+                else:
+                    self._last[sid] = number
+                    if number:
+                        out.append(SeriesDelta(name, labels, number))
+                continue
+            if created:
+                self._created[sid] = created
             prev = self._last.get(sid)
             if counts:
                 total_sum = number
@@ -110,6 +139,12 @@ class AgentCounters:
                     delta = value - prev  # type: ignore[operator]
                 if delta:
                     out.append(SeriesDelta(name, labels, delta))
+        # Series the agent no longer reports were evicted there: forget them (bounded memory).
+        if len(seen) < len(self._last):
+            for sid in [k for k in self._last if k not in seen]:
+                del self._last[sid]
+                self._created.pop(sid, None)
+                self.forgotten += 1
         return out
 
     def __len__(self) -> int:

@@ -110,7 +110,6 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--web-port", type=int, default=ControllerConfig.web_port)
     p.add_argument("--excluded-namespaces", default=",".join(ControllerConfig.excluded_namespaces))
     p.add_argument("--opaque-ports", default=",".join(map(str, ControllerConfig.opaque_ports)))
-    p.add_argument("--skip-ports", default="")
     p.add_argument("--captured-namespaces", default="",
                    help="only these namespaces are captured (comma-separated; default: all not excluded)")
     p.add_argument("--tap-max-rps", type=float, default=ControllerConfig.tap_max_rps)
@@ -149,7 +148,6 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         captured_namespaces=tuple(n for n in a.captured_namespaces.split(",") if n),
         tap_max_taps=a.tap_max_taps,
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
-        skip_ports=tuple(int(x) for x in a.skip_ports.split(",") if x),
         tap_max_rps=a.tap_max_rps, log_level=a.log_level,
         token_file=a.token_file, token_review=a.token_review,
         token_audiences=_csv(a.token_audience),

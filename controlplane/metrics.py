@@ -22,8 +22,11 @@ class ControllerMetrics:
         self.stat_latency = Histogram("nodemesh_controller_stat_request_seconds",
                                       "Time to answer a StatSummary.", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.identity_pushes = Counter("nodemesh_controller_identity_pushes",
-                                       "Identity snapshots pushed after cluster changes.", registry=r)
+        self.identity_snapshots = Counter("nodemesh_controller_identity_snapshots",
+                                          "Full identity snapshots sent to agents (stream start, resync).",
+                                          registry=r)
+        self.identity_deltas = Counter("nodemesh_controller_identity_deltas",
+                                       "Identity deltas sent to agents after cluster changes.", registry=r)
         self.open_taps = Gauge("nodemesh_controller_open_taps", "Taps currently open.", registry=r)
         self.tap_events = Counter("nodemesh_controller_tap_events_forwarded",
                                   "Tap events forwarded to callers.", registry=r)

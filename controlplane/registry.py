@@ -14,7 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import CAPTURE_DISABLED, CAPTURE_LABEL, TYPE_OF_KIND, WorkloadRef
+from nodemesh.api.model import WorkloadRef
+from nodemesh.api.workloads import (
+    TERMINAL_PHASES,
+    namespace_capture_disabled,
+    pod_has_identity,
+    pod_ips,
+    pod_ready,
+    pod_start_ms,
+    pod_terminating,
+    pod_uid,
+    resolve_owner,
+)
 
 log = logging.getLogger("nodemesh.controlplane.registry")
 
@@ -29,7 +40,6 @@ WATCHED_KINDS = (
 WORKLOAD_KINDS = {"deployment": "Deployment", "statefulset": "StatefulSet", "daemonset": "DaemonSet",
                   "job": "Job", "replicaset": "ReplicaSet"}
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 @dataclass(slots=True)
@@ -46,6 +56,11 @@ class PodRecord:
     workload: WorkloadRef
     replicaset: str                  # owning ReplicaSet name, "" when none
     container_ports: dict[str, int]  # named container ports, to resolve Service targetPorts
+    uid: str = ""
+    start_ms: int = 0                # status.startTime (else creation), epoch ms
+    terminating: bool = False        # deletionTimestamp set
+    has_identity: bool = False       # its IP names it (api.workloads.pod_has_identity)
+    ips: tuple[str, ...] = ()
 
     @property
     def running(self) -> bool:
@@ -99,23 +114,6 @@ def _key(obj: Obj) -> tuple[str, str]:
     return (m.get("namespace") or "", m.get("name") or "")
 
 
-def controller_ref(obj: Obj) -> Obj | None:
-    """The ownerReference with controller=true (Kubernetes' notion of "the" owner)."""
-    refs = _meta(obj).get("ownerReferences") or []
-    for ref in refs:
-        if ref.get("controller"):
-            return ref
-    # Hand-written objects sometimes omit `controller`; one owner is unambiguous.
-    return refs[0] if len(refs) == 1 else None
-
-
-def _pod_ready(pod: Obj) -> bool:
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready":
-            return cond.get("status") == "True"
-    return (pod.get("status") or {}).get("phase") == "Running"
-
-
 def _pod_status(pod: Obj) -> str:
     """The STATUS column as kubectl would summarise it (reason first, then phase)."""
     if _meta(pod).get("deletionTimestamp"):
@@ -126,12 +124,6 @@ def _pod_status(pod: Obj) -> str:
         if waiting and waiting.get("reason"):
             return str(waiting["reason"])
     return str(status.get("reason") or status.get("phase") or "Unknown")
-
-
-def _capture_disabled(ns_obj: Obj) -> bool:
-    m = _meta(ns_obj)
-    return ((m.get("labels") or {}).get(CAPTURE_LABEL) == CAPTURE_DISABLED
-            or (m.get("annotations") or {}).get(CAPTURE_LABEL) == CAPTURE_DISABLED)
 
 
 class WorkloadRegistry:
@@ -207,26 +199,9 @@ class WorkloadRegistry:
 
     # ------------------------------------------------------------------ owner resolution
     def resolve_owner(self, pod: Obj) -> tuple[WorkloadRef, str]:
-        """The workload owning `pod`, and its ReplicaSet's name (or "")."""
-        ns, name = _key(pod)
-        ref = controller_ref(pod)
-        if ref is None:
-            return WorkloadRef(ns, "pod", name), ""
-        kind, owner = ref.get("kind", ""), ref.get("name", "")
-        if kind == "ReplicaSet":
-            rs = self.get("ReplicaSet", ns, owner)
-            if rs is not None:
-                rs_ref = controller_ref(rs)
-                if rs_ref is None:
-                    return WorkloadRef(ns, "replicaset", owner), owner
-                return WorkloadRef(ns, _canonical(rs_ref.get("kind", "")), rs_ref.get("name", "")), owner
-            # The ReplicaSet is not known (yet): Deployments name their ReplicaSets
-            # `<deployment>-<pod-template-hash>`, and the pod carries that hash.
-            tmpl_hash = (_meta(pod).get("labels") or {}).get("pod-template-hash", "")
-            if tmpl_hash and owner.endswith("-" + tmpl_hash):
-                return WorkloadRef(ns, "deployment", owner[: -len(tmpl_hash) - 1]), owner
-            return WorkloadRef(ns, "replicaset", owner), owner
-        return WorkloadRef(ns, _canonical(kind), owner), ""
+        """The workload owning `pod`, and its ReplicaSet's name (or ""): api.workloads' rules."""
+        owner = resolve_owner(pod, self.get)
+        return WorkloadRef(_key(pod)[0], owner.kind, owner.name), owner.replicaset
 
     # ------------------------------------------------------------------ derived views
     def _derive(self) -> None:
@@ -242,9 +217,11 @@ class WorkloadRegistry:
             pods.append(PodRecord(
                 namespace=m.get("namespace") or "", name=m.get("name") or "",
                 ip=status.get("podIP") or "", node=spec.get("nodeName") or "",
-                phase=status.get("phase") or "Unknown", status=_pod_status(pod), ready=_pod_ready(pod),
+                phase=status.get("phase") or "Unknown", status=_pod_status(pod), ready=pod_ready(pod),
                 host_network=bool(spec.get("hostNetwork")), labels=dict(m.get("labels") or {}),
                 workload=workload, replicaset=rs, container_ports=ports,
+                uid=pod_uid(pod), start_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
+                has_identity=pod_has_identity(pod), ips=tuple(pod_ips(pod)),
             ))
         pods.sort(key=lambda p: (p.namespace, p.name))
         self._pods = pods
@@ -345,7 +322,7 @@ class WorkloadRegistry:
         """Namespaces whose pods are captured: not excluded, not labelled/annotated
         `nodemesh.io/capture=disabled`, and — when `only` is given — listed in it."""
         excluded, only = set(excluded), set(only)
-        disabled = {_key(o)[1] for o in self._objects["Namespace"].values() if _capture_disabled(o)}
+        disabled = {_key(o)[1] for o in self._objects["Namespace"].values() if namespace_capture_disabled(o)}
         return sorted(ns for ns in self.namespaces()
                       if ns not in excluded and ns not in disabled and (not only or ns in only))
 
@@ -406,11 +383,13 @@ class WorkloadRegistry:
         snap = pb.IdentitySnapshot(resource_version=str(self.version))
         for p in self.pods():
             # hostNetwork pods share their node's IP, so the IP names the node, not the pod;
-            # finished pods may have handed their IP to a new pod already.
-            if not p.ip or p.host_network or not p.running:
+            # finished pods, and terminating ones with every container stopped, may have handed
+            # their IP to a new pod already (api.workloads.pod_has_identity).
+            if not p.has_identity:
                 continue
             snap.pods.append(pb.Pod(
-                ip=p.ip, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready, labels=p.labels,
+                ip=p.ips[0], ips=p.ips, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready,
+                labels=p.labels, uid=p.uid, start_time_ms=p.start_ms, terminating=p.terminating,
                 owner=pb.Resource(namespace=p.workload.namespace, type=p.workload.kind, name=p.workload.name),
             ))
         for s in self.services():
@@ -422,7 +401,3 @@ class WorkloadRegistry:
         snap.config.CopyFrom(config)
         snap.captured_namespaces.extend(self.captured_namespaces(config.excluded_namespaces, captured_only))
         return snap
-
-
-def _canonical(kind: str) -> str:
-    return TYPE_OF_KIND.get(kind, kind.lower())

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+from nodemesh.api.model import ADMIN_PORT, CONNTRACK_ZONE, INBOUND_PORT, OUTBOUND_PORT
 
 Mechanism = Literal["dnat", "tproxy"]
 
@@ -18,7 +18,7 @@ DEFAULT_RULE_PRIORITY = 4140
 # The conntrack zone of the agent's transparent upstream connections (original direction only): a
 # tuple they share with a pod's own connection (captured, DNATed to the agent) is then never taken
 # for it. Zones are 16-bit; 0 is everyone else's.
-DEFAULT_CONNTRACK_ZONE = 4140
+DEFAULT_CONNTRACK_ZONE = CONNTRACK_ZONE
 
 
 class ConfigError(ValueError):

@@ -199,9 +199,11 @@ class Sandbox:
             kill_all([pid], grace=4.0)
 
     # ------------------------------------------------------------------------- apply / delete
-    def apply(self, path: str | Path | None = None, text: str | None = None) -> list[str]:
+    def apply(self, path: str | Path | None = None, text: str | None = None, keep_old: bool = False) -> list[str]:
         """Create or update every document of a file (or YAML text). Returns kubectl-style lines.
-        Raises ManifestError / SandboxError before changing anything when any document is bad."""
+        Raises ManifestError / SandboxError before changing anything when any document is bad.
+        keep_old: a changed template leaves the old ReplicaSet's pods running (the surge half of a
+        rolling update; sandbox/lifecycle.py's rollout terminates them gracefully after)."""
         manifests = load_text(text, "<text>") if text is not None else load_file(str(path))
         self._require_up()
         infra = self.state.infra()
@@ -219,7 +221,7 @@ class Sandbox:
                     elif m.kind == "Service":
                         messages.append(self._apply_service(objs, m, plan))
                     else:
-                        msg, made, gone = self._apply_deployment(objs, m, nodes, plan)
+                        msg, made, gone = self._apply_deployment(objs, m, nodes, plan, keep_old)
                         messages.append(msg)
                         created_pods += made
                         removed_pods += gone
@@ -270,6 +272,7 @@ class Sandbox:
         return _verb(f"service/{m.name}", existing, stored)
 
     def _apply_deployment(self, objs: Objects, m: Manifest, nodes: list[NodeInfo], plan: AddressPlan,
+                          keep_old: bool = False,
                           ) -> tuple[str, list[tuple[NodeInfo, str, str]], list[dict[str, Any]]]:
         existing = objs.get("Deployment", m.namespace, m.name)
         dep = objs.put(objects.deployment_object(m.body, copy.deepcopy(existing) if existing else None))
@@ -278,7 +281,7 @@ class Sandbox:
         removed: list[dict[str, Any]] = []
         for old_rs in objs.list("ReplicaSet", m.namespace):
             if old_rs["metadata"]["ownerReferences"][0]["uid"] == dep["metadata"]["uid"] and \
-                    old_rs["metadata"]["name"] != rs["metadata"]["name"]:
+                    old_rs["metadata"]["name"] != rs["metadata"]["name"] and not keep_old:
                 removed += self._delete_owned_pods(objs, old_rs)
                 objs.delete("ReplicaSet", m.namespace, old_rs["metadata"]["name"])
         old = objs.get("ReplicaSet", m.namespace, rs["metadata"]["name"])
@@ -292,11 +295,15 @@ class Sandbox:
         for extra in sorted(mine, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True)[:max(0, len(mine) - want)]:
             objs.delete("Pod", m.namespace, extra["metadata"]["name"])
             removed.append(extra)
+        forced = ((rs["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(
+            objects.POD_IP_ANNOTATION)
         for _ in range(max(0, want - len(mine))):
-            node = self._schedule(objs, nodes)
+            node = self._schedule(objs, nodes) if not forced else self._node_of_ip(nodes, plan, forced)
             name = self._pod_name(objs, m.namespace, rs["metadata"]["name"])
-            used = {p["status"].get("podIP") for p in objs.list("Pod") if p["spec"]["nodeName"] == node.name}
-            ip = allocate(plan.pod_ip_candidates(node.index), used)
+            used = {objects.pod_ip(p) for p in objs.list("Pod") if p["spec"]["nodeName"] == node.name}
+            if forced and forced in used:
+                raise ManifestError(f"Deployment {m.namespace}/{m.name}: pod IP {forced} is in use")
+            ip = forced or allocate(plan.pod_ip_candidates(node.index), used)
             netlink.attach_pod(self.name, plan, node, m.namespace, name, ip)
             made.append((node, m.namespace, name))
             objs.put(objects.pod_object(rs, name, node, ip))
@@ -309,6 +316,16 @@ class Sandbox:
             if p["spec"]["nodeName"] in counts:
                 counts[p["spec"]["nodeName"]] += 1
         return min(nodes, key=lambda n: (counts[n.name], n.index))
+
+    @staticmethod
+    def _node_of_ip(nodes: list[NodeInfo], plan: AddressPlan, ip: str) -> NodeInfo:
+        """The node whose pod CIDR holds `ip` (a pod template's forced IP)."""
+        import ipaddress
+
+        for node in nodes:
+            if ipaddress.ip_address(ip) in plan.pod_cidr(node.index):
+                return node
+        raise ManifestError(f"pod IP {ip} is in no node's pod CIDR")
 
     @staticmethod
     def _pod_name(objs: Objects, namespace: str, rs_name: str) -> str:

@@ -183,6 +183,8 @@ class Kubelet:
         self.applied_rules: dict[str, str] = {}  # node netns -> rendered KUBE-* plan
         self.applied_hosts: dict[str, str] = {}  # pod netns -> hosts file text
         self.pod_keys: dict[str, list[str]] = {}  # pod uid -> container keys
+        self.terminated: dict[str, list[subprocess.Popen[bytes]]] = {}  # terminating pod uid -> its processes
+        self.next_reload_at = 0.0  # a terminating pod's preStop wait ends: reload then
         self.stopping = False
 
     # ----------------------------------------------------------------------------- desired
@@ -206,11 +208,19 @@ class Kubelet:
         pod_keys: dict[str, list[str]] = {}
         current = self.state.objects()
         self.loaded_rv = current.resource_version
+        stopping_pods: set[str] = set()
+        self.next_reload_at = 0.0
         for pod in current.of_kind("Pod"):
             ns, name, uid = pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"]
             node = nodes.get(pod["spec"]["nodeName"])
             if node is None:
                 continue
+            due = _stop_due(pod)
+            if due is True:
+                stopping_pods.add(uid)  # deletion began (and its preStop wait is over): stop, never restart
+                continue
+            if due:  # its preStop wait ends then: look again
+                self.next_reload_at = min(self.next_reload_at or due, due)
             for c in pod["spec"]["containers"]:
                 key = f"pod/{uid}/{c['name']}"
                 pod_keys.setdefault(uid, []).append(key)
@@ -219,7 +229,7 @@ class Kubelet:
                     argv=[str(a) for a in list(c.get("command") or []) + list(c.get("args") or [])],
                     env=build_env(c, pod), cwd=Path(c.get("workingDir") or self.state.pod_workdir(ns, name)),
                     log_path=self.state.pod_log(ns, name, c["name"]), backoff=pod_backoff,
-                    probe_netns=node["netns"], probe_ip=pod["status"]["podIP"], probe=probe_of(c),
+                    probe_netns=node["netns"], probe_ip=objects.pod_ip(pod), probe=probe_of(c),
                 )
         for pname, spec in (infra.get("node_processes") or {}).items():
             node = nodes.get(spec["node"])
@@ -237,6 +247,9 @@ class Kubelet:
             old = self.containers[key]
             new = desired.get(key)
             if new is None or (new.argv, new.env, new.netns) != (old.argv, old.env, old.netns):
+                pod_uid = key.split("/")[1] if key.startswith("pod/") else ""
+                if pod_uid in stopping_pods and old.proc is not None:
+                    self.terminated.setdefault(pod_uid, []).append(old.proc)
                 self._stop(old)
                 del self.containers[key]
                 log.info("event=container_removed key=%s", key)
@@ -245,6 +258,8 @@ class Kubelet:
                 self.containers[key] = c
                 log.info("event=container_added key=%s netns=%s", key, c.netns)
         self.pod_keys = pod_keys
+        live_uids = {p["metadata"]["uid"] for p in current.of_kind("Pod")}
+        self.terminated = {uid: procs for uid, procs in self.terminated.items() if uid in live_uids}
         self.dirty = True
 
     # ----------------------------------------------------------------------------- processes
@@ -283,6 +298,8 @@ class Kubelet:
         for p in list(self.dying):
             if p.poll() is not None:
                 self.dying.remove(p)
+                if any(p in procs for procs in self.terminated.values()):
+                    self.dirty = True  # a deleted pod's container is gone: record it terminated
             elif not hasattr(p, "_nm_killed_at"):
                 p._nm_killed_at = time.monotonic()  # type: ignore[attr-defined]
             elif time.monotonic() - p._nm_killed_at > getattr(p, "_nm_grace", 3.0):  # type: ignore[attr-defined]
@@ -343,6 +360,10 @@ class Kubelet:
     # ----------------------------------------------------------------------------- status
     def pod_status(self, pod: dict[str, Any]) -> dict[str, Any]:
         status = dict(pod["status"])
+        uid = pod["metadata"]["uid"]
+        if uid in self.terminated:
+            return self._terminating_status(status, self.terminated[uid])
+        self._publish_delayed_ip(pod, status)
         old_conditions = {c["type"]: c for c in status.get("conditions", [])}
         statuses = []
         any_started = False
@@ -362,6 +383,8 @@ class Kubelet:
             all_ready = all_ready and c.ready
             statuses.append(new)
         status["containerStatuses"] = statuses
+        if not status.get("podIP") and objects.pod_ip(pod):
+            all_ready = False  # its status write lags (STATUS_DELAY_ANNOTATION): Ready comes with the IP
         if any_started or status.get("phase") == "Running":
             status["phase"] = "Running"
             status.setdefault("startTime", now_rfc3339())
@@ -378,6 +401,36 @@ class Kubelet:
             cond("ContainersReady", all_ready), cond("Ready", all_ready),
         ]
         return status
+
+    @staticmethod
+    def _terminating_status(status: dict[str, Any], procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+        """A deleted pod's containers were stopped: not ready; terminated once every process exited."""
+        status["conditions"] = [dict(c, status="False") if c["type"] in ("Ready", "ContainersReady") else c
+                                for c in status.get("conditions", [])]
+        if all(p.poll() is not None for p in procs):
+            status["containerStatuses"] = [
+                cs if "terminated" in (cs.get("state") or {}) else
+                {**cs, "ready": False, "started": False,
+                 "state": {"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": now_rfc3339()}}}
+                for cs in status.get("containerStatuses", [])]
+        else:
+            status["containerStatuses"] = [{**cs, "ready": False} for cs in status.get("containerStatuses", [])]
+        return status
+
+    def _publish_delayed_ip(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+        """A pod whose status write lags (objects.STATUS_DELAY_ANNOTATION): its IP goes into the
+        status once a container has run that long."""
+        annotations = pod["metadata"].get("annotations") or {}
+        ip = annotations.get(objects.ASSIGNED_IP_ANNOTATION)
+        if not ip or status.get("podIP"):
+            return
+        delay = float(annotations.get(objects.STATUS_DELAY_ANNOTATION, "0") or 0)
+        started = [c.started_at for key in self.pod_keys.get(pod["metadata"]["uid"], [])
+                   if (c := self.containers.get(key)) is not None and c.proc is not None]
+        if started and time.monotonic() - min(started) >= delay:
+            status["podIP"], status["podIPs"] = ip, [{"ip": ip}]
+        else:
+            self.dirty = True  # look again next tick
 
     def write_status(self) -> None:
         with self.state.objects_txn() as objs:
@@ -437,7 +490,7 @@ class Kubelet:
         self._kill_leftovers()
         while not self.stopping:
             mt = self._mtimes()
-            if mt != self.seen_mtimes:
+            if mt != self.seen_mtimes or (self.next_reload_at and time.time() >= self.next_reload_at):
                 self.seen_mtimes = mt
                 self.reload()
             # network first: a pod's hosts file exists before its process starts
@@ -467,6 +520,16 @@ class Kubelet:
         pids = [c.proc.pid for c in self.containers.values() if c.proc is not None]
         pids += [p.pid for p in self.dying if p.poll() is None]
         kill_all(pids, grace=2.0)
+
+
+def _stop_due(pod: dict[str, Any]) -> bool | float:
+    """True once deletion began and the pod's preStop wait (objects.STOP_AT_ANNOTATION) is over;
+    the time it will be over (epoch s) while waiting; False when the pod is not being deleted."""
+    meta = pod["metadata"]
+    if not meta.get("deletionTimestamp"):
+        return False
+    stop_at = float((meta.get("annotations") or {}).get(objects.STOP_AT_ANNOTATION) or 0)
+    return True if time.time() >= stop_at else stop_at
 
 
 def write_etc_netns(pns: str, hosts: str, resolv: str) -> None:

@@ -185,6 +185,12 @@ def attach_pod(cluster: str, plan: AddressPlan, node: NodeInfo, namespace: str, 
             pipr.addr("add", index=eth0, address=ip, prefixlen=32)
             pipr.route("add", dst=f"{ROUTED_GATEWAY}/32", oif=eth0, scope=253)
             pipr.route("add", dst="default", gateway=ROUTED_GATEWAY, oif=eth0)
+    if node.cni == "bridge":
+        # A reused IP: the node may still map it to the previous pod's MAC and send the new pod's
+        # packets there until that entry fails (seconds to tens of seconds). Forget it, now that
+        # the new pod answers ARP for the address.
+        with _ns(node.netns) as nipr, contextlib.suppress(Exception):
+            nipr.neigh("del", dst=ip, ifindex=_idx(nipr, POD_BRIDGE))
     return pns
 
 

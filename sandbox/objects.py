@@ -117,13 +117,17 @@ def pod_object(rs: dict[str, Any], name: str, node: NodeInfo, ip: str) -> dict[s
         c.setdefault("imagePullPolicy", "IfNotPresent")
         c.setdefault("terminationMessagePath", "/dev/termination-log")
     meta = template.get("metadata") or {}
-    return {
+    annotations = dict(meta.get("annotations") or {})
+    delayed = STATUS_DELAY_ANNOTATION in annotations
+    if delayed:
+        annotations[ASSIGNED_IP_ANNOTATION] = ip
+    pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
             "name": name, "generateName": f"{rs['metadata']['name']}-",
             "namespace": rs["metadata"]["namespace"],
             "labels": dict(meta.get("labels") or {}),
-            "annotations": dict(meta.get("annotations") or {}),
+            "annotations": annotations,
             "ownerReferences": [owner_ref(rs)],
         },
         "spec": spec,
@@ -140,6 +144,9 @@ def pod_object(rs: dict[str, Any], name: str, node: NodeInfo, ip: str) -> dict[s
             ],
         },
     }
+    if delayed:
+        pod["status"]["podIP"], pod["status"]["podIPs"] = "", []
+    return pod
 
 
 def service_object(manifest: dict[str, Any], cluster_ip: str) -> dict[str, Any]:
@@ -155,6 +162,30 @@ def service_object(manifest: dict[str, Any], cluster_ip: str) -> dict[str, Any]:
     spec.setdefault("internalTrafficPolicy", "Cluster")
     obj["status"] = {"loadBalancer": {}}
     return obj
+
+
+# Test hooks (sandbox/lifecycle.py, docs/sandbox.md "Pod lifecycle"): a pod template annotated
+# POD_IP_ANNOTATION gets that IP (on the node whose pod CIDR holds it: forced IP reuse); one annotated
+# STATUS_DELAY_ANNOTATION (seconds) has its IP recorded in ASSIGNED_IP_ANNOTATION only, and in
+# status.podIP once its container has run that long (the status write that lags the pod's start on
+# a real node). STOP_AT_ANNOTATION (epoch seconds) on a terminating pod is when the kubelet stops
+# its containers (a preStop hook's wait).
+POD_IP_ANNOTATION = "sandbox.nodemesh.io/pod-ip"
+STATUS_DELAY_ANNOTATION = "sandbox.nodemesh.io/status-delay-s"
+ASSIGNED_IP_ANNOTATION = "sandbox.nodemesh.io/assigned-ip"
+STOP_AT_ANNOTATION = "sandbox.nodemesh.io/stop-at"
+# Set once a terminating pod's network is torn down (CNI DEL): its IP may be given to a new pod
+# while the object still lingers, as on a real node.
+IP_RELEASED_ANNOTATION = "sandbox.nodemesh.io/ip-released"
+
+
+def pod_ip(pod: dict[str, Any]) -> str:
+    """The IP the pod holds, recorded in its status or (status write pending) in its annotation;
+    "" once a terminating pod's network was torn down."""
+    annotations = pod["metadata"].get("annotations") or {}
+    if annotations.get(IP_RELEASED_ANNOTATION):
+        return ""
+    return pod["status"].get("podIP") or annotations.get(ASSIGNED_IP_ANNOTATION, "")
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:
@@ -192,7 +223,9 @@ def endpointslice_object(svc: dict[str, Any], pods: list[dict[str, Any]]) -> dic
         ports.append({"name": sp.get("name", ""), "port": number, "protocol": sp.get("protocol", "TCP")})
     endpoints = [{
         "addresses": [p["status"]["podIP"]],
-        "conditions": {"ready": pod_ready(p), "serving": pod_ready(p), "terminating": False},
+        # A terminating pod is never ready for new connections (the endpoint controller's rule).
+        "conditions": {"ready": pod_ready(p) and not p["metadata"].get("deletionTimestamp"),
+                       "serving": pod_ready(p), "terminating": bool(p["metadata"].get("deletionTimestamp"))},
         "nodeName": p["spec"]["nodeName"],
         "targetRef": {"kind": "Pod", "namespace": p["metadata"]["namespace"], "name": p["metadata"]["name"],
                       "uid": p["metadata"]["uid"]},

@@ -17,7 +17,7 @@ class Resource(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., type: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Pod(_message.Message):
-    __slots__ = ("ip", "namespace", "name", "node", "owner", "labels", "ready")
+    __slots__ = ("ip", "namespace", "name", "node", "owner", "labels", "ready", "uid", "start_time_ms", "terminating", "ips")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,10 @@ class Pod(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    TERMINATING_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
     ip: str
     namespace: str
     name: str
@@ -39,7 +43,11 @@ class Pod(_message.Message):
     owner: Resource
     labels: _containers.ScalarMap[str, str]
     ready: bool
-    def __init__(self, ip: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., owner: _Optional[_Union[Resource, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    uid: str
+    start_time_ms: int
+    terminating: bool
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ip: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., owner: _Optional[_Union[Resource, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ready: _Optional[bool] = ..., uid: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., terminating: _Optional[bool] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServicePort(_message.Message):
     __slots__ = ("name", "port", "target_port")
@@ -104,7 +112,7 @@ class AgentStatus(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., time_ms: _Optional[int] = ...) -> None: ...
 
 class Series(_message.Message):
-    __slots__ = ("name", "labels", "value", "bucket_counts", "sum")
+    __slots__ = ("name", "labels", "value", "bucket_counts", "sum", "created_ms")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,12 +125,14 @@ class Series(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SUM_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.ScalarMap[str, str]
     value: float
     bucket_counts: _containers.RepeatedScalarFieldContainer[int]
     sum: float
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
+    created_ms: int
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., created_ms: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
     __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series")
@@ -138,43 +148,81 @@ class MetricsReport(_message.Message):
     series: _containers.RepeatedCompositeFieldContainer[Series]
     def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., latency_bounds_ms: _Optional[_Iterable[float]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ...) -> None: ...
 
+class IdentityResync(_message.Message):
+    __slots__ = ("epoch", "version", "reason")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    version: int
+    reason: str
+    def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "metrics", "tap_event", "status")
+    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TAP_EVENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_RESYNC_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     metrics: MetricsReport
     tap_event: TapEvent
     status: AgentStatus
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
+    identity_resync: IdentityResync
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
-    __slots__ = ("opaque_ports", "skip_ports", "excluded_namespaces", "tap_max_rps")
+    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps")
     OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
-    SKIP_PORTS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     TAP_MAX_RPS_FIELD_NUMBER: _ClassVar[int]
     opaque_ports: _containers.RepeatedScalarFieldContainer[int]
-    skip_ports: _containers.RepeatedScalarFieldContainer[int]
     excluded_namespaces: _containers.RepeatedScalarFieldContainer[str]
     tap_max_rps: float
-    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., skip_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ...) -> None: ...
+    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ...) -> None: ...
 
 class IdentitySnapshot(_message.Message):
-    __slots__ = ("resource_version", "pods", "services", "config", "captured_namespaces")
+    __slots__ = ("resource_version", "pods", "services", "config", "captured_namespaces", "epoch", "version")
     RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PODS_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     CAPTURED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     resource_version: str
     pods: _containers.RepeatedCompositeFieldContainer[Pod]
     services: _containers.RepeatedCompositeFieldContainer[Service]
     config: MeshConfig
     captured_namespaces: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, resource_version: _Optional[str] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., config: _Optional[_Union[MeshConfig, _Mapping]] = ..., captured_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
+    epoch: int
+    version: int
+    def __init__(self, resource_version: _Optional[str] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., config: _Optional[_Union[MeshConfig, _Mapping]] = ..., captured_namespaces: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class IdentityDelta(_message.Message):
+    __slots__ = ("epoch", "base_version", "version", "pods", "removed_pods", "services", "removed_services", "config", "namespaces_changed", "captured_namespaces")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_PODS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    base_version: int
+    version: int
+    pods: _containers.RepeatedCompositeFieldContainer[Pod]
+    removed_pods: _containers.RepeatedScalarFieldContainer[str]
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    removed_services: _containers.RepeatedCompositeFieldContainer[Resource]
+    config: MeshConfig
+    namespaces_changed: bool
+    captured_namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., version: _Optional[int] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., removed_pods: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., removed_services: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ..., config: _Optional[_Union[MeshConfig, _Mapping]] = ..., namespaces_changed: _Optional[bool] = ..., captured_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TapOpen(_message.Message):
     __slots__ = ("tap_id", "filter")
@@ -191,14 +239,16 @@ class TapClose(_message.Message):
     def __init__(self, tap_id: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("identity", "tap_open", "tap_close")
+    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
     TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_DELTA_FIELD_NUMBER: _ClassVar[int]
     identity: IdentitySnapshot
     tap_open: TapOpen
     tap_close: TapClose
-    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ...) -> None: ...
+    identity_delta: IdentityDelta
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ...) -> None: ...
 
 class TapFilter(_message.Message):
     __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")

@@ -3,7 +3,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from nodemesh.api import generate
 from nodemesh.api.model import Selector, SelectorError, parse_selector
 

@@ -139,13 +139,18 @@ def test_identity_push_stat_and_web(state_dir: Path) -> None:
             assert "emojivoto" in snap.captured_namespaces and "legacy" not in snap.captured_namespaces
             assert {s.name for s in snap.services} == {"web-svc", "emoji-svc", "voting-svc"}
 
-            # The sandbox adds a pod: the agent gets a fresh snapshot with it.
+            # The sandbox adds a pod: the agent gets a delta with it (not the whole cluster again).
             items = json.loads(TESTDATA.read_text())["items"]
             extra = copy.deepcopy(next(o for o in items if o["metadata"]["name"] == "debug"))
             extra["metadata"]["name"] = "debug-2"
+            extra["metadata"]["uid"] = "uid-debug-2"
             extra["status"]["podIP"] = "10.244.2.50"
+            extra["status"]["podIPs"] = [{"ip": "10.244.2.50"}]
             write_cluster(state_dir, [*items, extra], 2)
-            await eventually(lambda: any(p.name == "debug-2" for p in agent.of("identity")[-1].pods))
+            await eventually(lambda: any(p.name == "debug-2" for d in agent.of("identity_delta") for p in d.pods))
+            delta = agent.of("identity_delta")[-1]
+            assert [p.name for p in delta.pods] == ["debug-2"] and not delta.removed_pods
+            assert (delta.epoch, delta.base_version) == (snap.epoch, snap.version)
 
             agent.send(report("agent-1", 1, 30, 10))
             agent.send(report("agent-1", 2, 60, 20))

@@ -72,3 +72,47 @@ def test_gauges_pass_through_as_values() -> None:
     c = AgentCounters("a1", first_report_is_baseline=True)
     (d,) = c.ingest([counter(3, name="tcp_open_connections")])
     assert d.gauge and d.value == 3
+
+
+# ---------------------------------------------------------------------------- idle eviction (created_ms)
+def stamped(value: float, created: int, **labels: str) -> pb.Series:
+    return pb.Series(name="request_total", labels={**LABELS, **labels}, value=value, created_ms=created)
+
+
+def test_evicted_series_coming_back_higher_is_all_new_not_an_increase() -> None:
+    # 40 counted, evicted at the agent, back as a new incarnation that reached 55 by the next
+    # report: all 55 are new. A plain "went down = reset" rule would have counted 15.
+    c = AgentCounters("a1", first_report_is_baseline=False)
+    assert values(c.ingest([stamped(40, created=1000)])) == [40]
+    assert values(c.ingest([])) == []                      # evicted: missing from the report
+    assert values(c.ingest([stamped(55, created=9000)])) == [55]
+    assert values(c.ingest([stamped(60, created=9000)])) == [5]
+
+
+def test_new_incarnation_in_the_very_next_report_is_counted_whole() -> None:
+    # Evicted and re-created between two reports: the created stamp alone tells them apart.
+    c = AgentCounters("a1", first_report_is_baseline=False)
+    c.ingest([stamped(40, created=1000)])
+    assert values(c.ingest([stamped(41, created=2000)])) == [41]
+    assert c.resets == 1
+
+
+def test_missing_series_are_forgotten_but_rejected_ones_are_not() -> None:
+    c = AgentCounters("a1", first_report_is_baseline=False)
+    c.ingest([stamped(5, created=1, dst_name="a"), stamped(7, created=1, dst_name="b")])
+    assert len(c) == 2
+    # b reported as NaN (rejected): still alive at the agent, must not be forgotten, or its whole
+    # value would be counted again when it is valid in the next report.
+    c.ingest([stamped(5, created=1, dst_name="a"), stamped(float("nan"), created=1, dst_name="b")])
+    assert len(c) == 2 and c.rejected == 1
+    assert values(c.ingest([stamped(5, created=1, dst_name="a"), stamped(9, created=1, dst_name="b")])) == [2]
+    c.ingest([stamped(9, created=1, dst_name="b")])        # a evicted
+    assert len(c) == 1 and c.forgotten == 1
+
+
+def test_baseline_report_then_eviction_counts_only_what_followed() -> None:
+    c = AgentCounters("a1", first_report_is_baseline=True)  # controller restarted
+    assert c.ingest([stamped(100, created=1)]) == []
+    assert values(c.ingest([stamped(120, created=1)])) == [20]
+    c.ingest([])
+    assert values(c.ingest([stamped(3, created=50)])) == [3]

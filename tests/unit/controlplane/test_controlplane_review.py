@@ -140,7 +140,11 @@ def test_identity_is_pushed_only_when_what_agents_get_changes() -> None:
             reg.apply("MODIFIED", pod)
             await asyncio.sleep(0.1)
             assert len(received) == 2
-            assert next(p for p in received[1].identity.pods if p.name == "debug").labels == {"new": "label"}
+            # What changed, not the whole cluster again: one pod, applying on top of the first.
+            delta = received[1].identity_delta
+            assert [p.name for p in delta.pods] == ["debug"] and delta.pods[0].labels == {"new": "label"}
+            assert (delta.epoch, delta.base_version) == (received[0].identity.epoch, received[0].identity.version)
+            assert not delta.services and not delta.removed_pods and not delta.HasField("config")
         finally:
             task.cancel()
             hang.set()

@@ -98,7 +98,8 @@ def test_manifests_controller_command_parses_with_the_controller_parser() -> Non
     assert config.listen == "0.0.0.0"  # reachable through its Service and by the kubelet's probes
     assert (config.grpc_port, config.web_port) == (8085, 8084)
     assert config.excluded_namespaces == ("kube-system", "monitoring", "nodemesh")
-    assert (config.skip_ports, config.opaque_ports, config.tap_max_rps) == ((22,), (6379,), 25.0)
+    assert (config.opaque_ports, config.tap_max_rps) == ((6379,), 25.0)
+    assert "--skip-ports" not in controller["args"]  # the redirector's flag: the controller had no use for it
 
 
 def test_manifests_controller_pod_carries_the_label_the_cli_selects() -> None:
