@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httptools
-from nodemesh.agent.metrics import METRICS, Snapshot
+from nodemesh.agent.metrics import ALL_METRICS, Snapshot
 from nodemesh.agent.metrics_export import SnapshotCollector
 from nodemesh.agent.procstats import AgentProcessCollector
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -188,7 +188,7 @@ class _Families(Collector):
 
     def __init__(self, snap: Snapshot, name: str) -> None:
         self._collector = SnapshotCollector(lambda: snap)
-        self._index = list(METRICS).index(name)
+        self._index = list(ALL_METRICS).index(name)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -274,7 +274,7 @@ class AdminServer:
         (20,000 histograms) held the interpreter for ~0.2 s in one C call, which a thread cannot
         share with the loop; pieces are joined only by the socket (writelines)."""
         chunks: list[bytes] = []
-        for name in METRICS:
+        for name in ALL_METRICS:
             items = list(snap.get(name, {}).items())
             for start in range(0, max(len(items), 1), RENDER_CHUNK):
                 part = {name: dict(items[start : start + RENDER_CHUNK])}

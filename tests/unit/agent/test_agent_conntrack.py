@@ -16,6 +16,7 @@ from nodemesh.agent.conntrack import (
     CTA_TUPLE_ORIG,
     CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
+    CTA_ZONE,
     NLA_F_NESTED,
     _attr,
     _attrs,
@@ -43,6 +44,15 @@ def test_get_request_names_the_original_tuple() -> None:
     assert socket.inet_ntoa(ip[CTA_IP_V4_SRC]) == "10.244.1.5" and socket.inet_ntoa(ip[CTA_IP_V4_DST]) == "10.96.0.10"
     assert struct.unpack("!H", proto[CTA_PROTO_SRC_PORT])[0] == 40001
     assert struct.unpack("!H", proto[CTA_PROTO_DST_PORT])[0] == 80 and proto[CTA_PROTO_NUM] == b"\x06"
+
+
+def test_get_request_asks_a_zone_only_when_given() -> None:
+    # The agent's transparent upstreams live in a conntrack zone of their own (redirector/plan.py's
+    # raw OUTPUT rule): a GET without the zone would look in zone 0 and find nothing.
+    plain = _attrs(build_get(("10.244.1.5", 40001), ("10.96.0.10", 80))[20:])
+    zoned = _attrs(build_get(("10.244.1.5", 40001), ("10.96.0.10", 80), zone=4140)[20:])
+    assert CTA_ZONE not in plain
+    assert struct.unpack("!H", zoned[CTA_ZONE])[0] == 4140 and zoned[CTA_TUPLE_ORIG] == plain[CTA_TUPLE_ORIG]
 
 
 def test_reply_source_is_the_endpoint_kube_proxy_chose() -> None:
