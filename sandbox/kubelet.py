@@ -102,6 +102,18 @@ class Container:
         return {"waiting": {"reason": "ContainerCreating"}}
 
 
+def image_env() -> dict[str, str]:
+    """What every container inherits from "the image": the sandbox runs processes, not images, so
+    the image is this machine's Python environment as the kubelet was started with it. PYTHONPATH
+    included: without it a process in a pod imported whichever nodemesh is installed in
+    site-packages, not the tree that started the sandbox (a worktree's tests ran main's agent)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
+    for key in ("PYTHONPATH",):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
 def build_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
     field_values = {
         "metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
@@ -110,7 +122,7 @@ def build_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
         "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
     }
     env = {
-        "PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        **image_env(),
         "HOSTNAME": pod["metadata"]["name"], "HOME": "/root", "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
     }
@@ -226,7 +238,7 @@ class Kubelet:
             if node is None:
                 continue
             key = f"node/{pname}"
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1", "HOME": "/root",
+            env = {**image_env(), "PYTHONUNBUFFERED": "1", "HOME": "/root",
                    **spec.get("env", {})}
             desired[key] = Container(
                 key=key, netns=node["netns"], argv=list(spec["argv"]), env=env,
