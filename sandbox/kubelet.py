@@ -312,7 +312,10 @@ class Kubelet:
         for init_index, c in specs:
             env = build_env(c, pod, self.bin_dir, extra)
             mounts = podspec.mount_map(c, setup.volumes)
-            env = {k: podspec.map_paths(v, mounts) for k, v in env.items()}
+            # Only what the manifest wrote is mapped: the kubelet's own paths (PATH, KUBECONFIG)
+            # live under the state root, which a mountPath like /run/nodemesh would match.
+            for e in c.get("env") or []:
+                env[e["name"]] = podspec.map_paths(env[e["name"]], mounts)
             prefix = "init/" if init_index >= 0 else ""
             out.append(Container(
                 key=f"pod/{uid}/{prefix}{c['name']}",

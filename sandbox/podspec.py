@@ -58,11 +58,14 @@ def mount_map(container: dict[str, Any], volumes: dict[str, Volume]) -> list[tup
 
 
 def map_paths(text: str, mounts: list[tuple[str, str]]) -> str:
-    """Rewrite every mountPath that starts a path in `text` to its host path."""
-    for mount_path, host in mounts:
-        pattern = re.compile(r"(?<![\w.~/-])" + re.escape(mount_path) + r"(?=$|[/\s\"'`):;,=])")
-        text = pattern.sub(lambda _m, h=host: h, text)
-    return text
+    """Rewrite every mountPath that starts a path in `text` to its host path, in one pass (a
+    host path may itself start with another mountPath: /run/nodemesh/sandbox/...)."""
+    if not mounts:
+        return text
+    hosts = dict(mounts)
+    alternatives = "|".join(re.escape(m) for m, _ in mounts)  # longest first: /a/b before /a
+    pattern = re.compile(r"(?<![\w.~/-])(" + alternatives + r")(?=$|[/\s\"'`):;,=])")
+    return pattern.sub(lambda m: hosts[m.group(1)], text)
 
 
 def container_argv(container: dict[str, Any], env: dict[str, str], mounts: list[tuple[str, str]]) -> list[str]:
