@@ -143,9 +143,15 @@ class Connection(asyncio.Protocol):
             self.finished = True
             transport.abort()
             return
-        original, natted = original_destination(sock)
-        if not natted and original[1] in ctx.listen_ports:
-            # Dialled the agent itself (no capture rule in between): proxying would loop.
+        original, _natted = original_destination(sock)
+        destination = ctx.picker.pick(original[0], original[1])
+        if original[1] in ctx.listen_ports or destination[1] in ctx.listen_ports:
+            # Dialled the agent's own ports (nodeIP:4140 from a pod or the node), or a Service in
+            # front of them: proxying would dial ourselves, again and again. Capture never
+            # redirects these ports (the plan skips them), so this is never a pod's real traffic.
+            # Not `natted` alone: conntrack answers SO_ORIGINAL_DST for any tracked connection, NAT
+            # or not, so a direct dial looked natted and one `curl nodeIP:4140` looped forever.
+            log.debug("event=refused_self_dial src=%s:%s dst=%s:%s", peer[0], peer[1], *original)
             self.finished = True
             transport.abort()
             return
@@ -153,7 +159,6 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        destination = ctx.picker.pick(original[0], original[1])
         self.meta = ConnectionMeta(
             conn_id=ctx.next_id(), direction=self.direction, source=(peer[0], peer[1]),
             original_destination=original, destination=destination, started=time.monotonic(),
