@@ -9,10 +9,18 @@ outside, so the reply went to the pod (which answered with a reset) instead of t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from realnode_harness import RealNode, series, wait_for
+from realnode_harness import RealNode, realnode_mesh, series, wait_for
 
 pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module", params=["bridge", "routed"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[RealNode]:
+    with realnode_mesh(nodes=2, cni=request.param) as m:
+        yield m
 
 
 @pytest.mark.parametrize("client_node,url,what", [
