@@ -624,8 +624,9 @@ class Sandbox:
         """Restart a node as a reboot looks to what runs on it: every process of the node (its
         pods' containers, hostNetwork pods, node processes, anything else in its netns) is killed
         with SIGKILL at once, then the kubelet starts everything again, init containers first, with
-        no back-off. Network namespaces, addresses, iptables rules and conntrack stay. Returns once
-        everything was killed (the restarts follow within BOOT_DELAY_S)."""
+        no back-off. Pods on the pod network get a fresh netns and a new IP (as the CNI's IPAM
+        gives after a reboot); the node's netns, addresses, iptables rules and conntrack stay.
+        Returns once everything was killed (the restarts follow within BOOT_DELAY_S)."""
         self._require_up()
         self.node(node)
         with self.state.infra_txn() as infra:

@@ -272,7 +272,8 @@ class Kubelet:
         for key in list(self.containers):
             old = self.containers[key]
             new = desired.get(key)
-            if new is None or (new.argv, new.env, new.netns) != (old.argv, old.env, old.netns):
+            if new is None or (new.argv, new.env, new.netns, new.probe_ip) != (old.argv, old.env, old.netns,
+                                                                              old.probe_ip):
                 self._stop(old)
                 del self.containers[key]
                 log.info("event=container_removed key=%s", key)
@@ -379,7 +380,9 @@ class Kubelet:
         """A node restart, as the node sees a reboot: every process of the node dies at once
         (SIGKILL: its pods' containers, hostNetwork pods, node processes, anything else in its
         network namespaces), then everything starts again, init containers first, without back-off.
-        What the kernel holds stays: netns, addresses, iptables rules, conntrack."""
+        Each pod on the pod network gets a new sandbox: a fresh netns and a new IP, as the CNI's
+        IPAM hands out after a reboot (hostNetwork pods keep the node's). The node's own kernel
+        state stays: its netns, addresses, iptables rules, conntrack."""
         log.info("event=node_restart node=%s boot=%d", node, count)
         now = time.monotonic()
         for c in self.containers.values():
@@ -405,6 +408,8 @@ class Kubelet:
                   for p in self.state.objects().of_kind("Pod") if p["spec"]["nodeName"] == node]
         inodes = {i for n in netns if (i := netns_inode(n)) is not None}
         leftovers = [p for p in pids_in_netns(inodes) if p != os.getpid()]
+        if leftovers:
+            log.info("event=node_restart_kill node=%s pids=%s", node, leftovers)
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -413,8 +418,17 @@ class Kubelet:
                                         if getattr(p, "_nm_key", None) == c.key):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
+        # In a process of its own: pyroute2's NetNS cannot run inside our event loop, and in a
+        # thread it forks helpers that inherit our signal wakeup fd (their SIGTERM stopped us).
+        res = subprocess.run([sys.executable, "-m", "nodemesh.sandbox.kubelet", "--cluster", self.cluster,
+                              "--state-root", str(self.state.dir.parent), "--renumber-node", node],
+                             capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            log.error("event=renumber_failed node=%s error=%s", node, res.stderr.strip()[-500:])
+        self.seen_mtimes = (0.0, 0.0)  # reload: the containers' probe address (and POD_IP env) changed
         self.boots[node] = count
         self.dirty = True
+
 
     # ----------------------------------------------------------------------------- processes
     def _start(self, c: Container) -> None:
@@ -709,6 +723,30 @@ class Kubelet:
         kill_all(pids, grace=2.0)
 
 
+def renumber_pods(cluster: str, state: ClusterState, node_name: str) -> None:
+    """New IPs (and fresh netns) for a node's pods on the pod network, after a node restart."""
+    from nodemesh.sandbox import netlink
+    from nodemesh.sandbox.addressing import AddressPlan, allocate
+
+    infra = state.infra()
+    node = netlink.NodeInfo.from_json(next(n for n in infra["nodes"] if n["name"] == node_name))
+    plan = AddressPlan(int(infra["index"]))
+    with state.objects_txn() as objs:
+        here = [p for p in objs.list("Pod") if p["spec"]["nodeName"] == node_name]
+        used = {str(p["status"].get("podIP")) for p in here}  # old IPs too: a new one differs
+        for pod in here:
+            if pod["spec"].get("hostNetwork"):
+                continue
+            ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+            netlink.detach_pod(cluster, node, ns, name)
+            ip = allocate(plan.pod_ip_candidates(node.index), used)
+            used.add(ip)
+            netlink.attach_pod(cluster, plan, node, ns, name, ip)
+            objs.put({**pod, "status": {**pod["status"], "podIP": ip, "podIPs": [{"ip": ip}]}})
+            log.info("event=pod_renumbered pod=%s/%s old=%s new=%s", ns, name, pod["status"].get("podIP"), ip)
+        objects.derive(objs)
+
+
 def _api_server_url(services: list[dict[str, Any]]) -> str:
     for svc in services:
         if (svc["metadata"].get("namespace"), svc["metadata"]["name"]) == KUBERNETES_SERVICE:
@@ -736,7 +774,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--state-root", default=str(DEFAULT_STATE_ROOT))
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--renumber-node", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.renumber_node:  # run by the kubelet itself at a node restart (see Kubelet.restart_node)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        renumber_pods(args.cluster, ClusterState(Path(args.state_root) / args.cluster), args.renumber_node)
+        return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.setLevel(logging.INFO)  # the kubelet's log file is its own; events there help debugging
