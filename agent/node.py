@@ -57,7 +57,8 @@ class NodeTelemetry:
         self._tap_sinks: list[TapSink] = []
         self.admin = AdminServer(config.admin_host, config.admin_port, snapshot=self.snapshot,
                                  ready=lambda: self.ready, excluded_ips=self.index.local_excluded_ips,
-                                 capture_installed=lambda: self.capture_installed)
+                                 capture_installed=lambda: self.capture_installed,
+                                 identity_synced=lambda: self._identity is not None)
         self._identity_source: IdentityFileSource | None = None
         self.controller_link: Any = None            # agent.report.ControllerLink when configured
         self._admin_open = False

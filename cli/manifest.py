@@ -540,6 +540,24 @@ def _init_pod_cidrs(v: InstallValues) -> dict[str, Any]:
     }
 
 
+def _init_fail_open(v: InstallValues) -> dict[str, Any]:
+    # First thing at pod start, before anything waits on the API server: capture rules left in the
+    # kernel (a restarted node, a killed redirector) go unless an agent is ready with its identity
+    # (a rolling update's old one). Otherwise they capture pods while nothing serves the agent's
+    # ports, and the mesh's own pods before any agent can name them (issue 11, item 2).
+    return {
+        "name": "fail-open",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-m", "nodemesh.redirector", "fail-open",
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"],
+        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
+        "securityContext": _security_context(_redirector_capabilities(v), 0),
+        "volumeMounts": [{"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
 def _daemonset(v: InstallValues) -> dict[str, Any]:
     config = v.mesh_config()
     agent = {
@@ -656,7 +674,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                     "terminationGracePeriodSeconds": v.drainGraceSeconds + TERMINATION_MARGIN_S,
                     "tolerations": [{"operator": "Exists"}],
                     "securityContext": pod_security,
-                    "initContainers": [_init_pod_cidrs(v)],
+                    "initContainers": [_init_fail_open(v), _init_pod_cidrs(v)],
                     "containers": [agent, redirector],
                     "volumes": volumes,
                 },

@@ -1,8 +1,11 @@
 """The fail-open runner: keeps capture installed while the agent is ready, and only then.
 
-Every `poll_s` it asks the agent's `/ready`. Ready: make sure the plan (with the excluded pod IPs the
-agent reports on `/capture`) is installed with its capture hooks. Not ready for longer than `grace_s`:
-remove the capture hooks so pods talk directly instead of failing, until the agent is back. SIGTERM
+Every `poll_s` it asks the agent's `/ready`. Ready, and the agent has its identity (`/capture` says
+`synced`): make sure the plan (with the excluded pod IPs the agent reports) is installed with its
+capture hooks. An agent without its identity yet gets no capture: it cannot name the mesh's own pods
+(the controller), and capturing them makes the mesh depend on itself. Not ready for longer than
+`grace_s`, or no agent listening at all: remove the capture hooks so pods talk directly instead of
+failing, until the agent is back. Hooks already in the kernel at start are reconciled the same way. SIGTERM
 removes everything installed, in two steps: the capture hooks at once (new connections go direct),
 the return path only once the agent's captured connections have ended (bounded by
 `shutdown_wait_s`), because the agent's transparent upstream sockets still in flight get their
@@ -98,62 +101,129 @@ class FailOpenRunner:
         self.last_ready = clock()
         self.excluded: tuple[str, ...] = ()
         self.last_asserted = clock()
+        self.synced_once = False       # an excluded list from a synced agent was seen (see step)
+        self.adopted = False           # capturing with hooks found at start, plan not ours yet
+        self.waiting_logged = False
         self._stop = threading.Event()
 
     # --------------------------------------------------------------------------- talking to the agent
-    def _get(self, path: str) -> bytes | None:
+    def _fetch(self, path: str) -> tuple[str, bytes | None]:
+        """(state, body): state "ok" (200), "refused" (nothing listens: no agent at all), or
+        "unavailable" (an answer other than 200, or none in time: a busy, starting or hung agent)."""
         try:
             with urllib.request.urlopen(self.config.agent_admin.rstrip("/") + path,
                                         timeout=self.config.http_timeout_s) as resp:
-                return resp.read() if resp.status == 200 else None
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+                return ("ok", resp.read()) if resp.status == 200 else ("unavailable", None)
+        except urllib.error.HTTPError:
+            return "unavailable", None
+        except urllib.error.URLError as exc:
+            return ("refused" if isinstance(exc.reason, ConnectionRefusedError) else "unavailable"), None
+        except ConnectionRefusedError:
+            return "refused", None
+        except (OSError, ValueError):
+            return "unavailable", None
+
+    def _get(self, path: str) -> bytes | None:
+        return self._fetch(path)[1]
+
+    def agent_state(self) -> str:
+        """"ready", "refused" (no agent listens) or "unavailable" (not ready, or no answer in time)."""
+        state, _ = self._fetch("/ready")
+        return "ready" if state == "ok" else state
 
     def agent_ready(self) -> bool:
-        return self._get("/ready") is not None
+        return self.agent_state() == "ready"
 
-    def excluded_ips(self) -> tuple[str, ...]:
-        """What the agent says today; on an unreadable answer, what it said last time."""
+    def capture_answer(self) -> tuple[bool, tuple[str, ...]] | None:
+        """(synced, excluded IPs) from the agent's /capture; None when unreadable. An agent that
+        does not say `synced` (older than this redirector) is taken as synced."""
         body = self._get("/capture")
         if body is None:
-            return self.excluded
+            return None
         try:
-            ips = ipv4_only([str(ip) for ip in json.loads(body).get("excluded_ips", [])])
-            return self.config.capture.with_excluded(ips).excluded_ips
+            answer = json.loads(body)
+            ips = ipv4_only([str(ip) for ip in answer.get("excluded_ips", [])])
+            return bool(answer.get("synced", True)), self.config.capture.with_excluded(ips).excluded_ips
         except (ValueError, AttributeError, TypeError):
             self.log("capture_answer_invalid", body=body[:200].decode(errors="replace"))
+            return None
+
+    def excluded_ips(self) -> tuple[str, ...]:
+        """What the agent says today; on an unreadable or not yet synced answer, what it said last time."""
+        answer = self.capture_answer()
+        if answer is None or not answer[0]:
             return self.excluded
+        return answer[1]
 
     # ----------------------------------------------------------------------------------- one step
+    def adopt_existing(self) -> None:
+        """At start: capture hooks already in the kernel (a restarted node, a redirector that was
+        killed, the old pod of a rolling update) are ours to look after from now on. Whether they
+        stay is decided by the first step, like any capture: an agent that is not there, or that has
+        no identity yet, gets them removed at once (they DNAT pods to a port nobody serves, or
+        capture the mesh's own pods); a busy one gets the grace."""
+        plan = build_plan(self.config.capture)
+        if self.redirector.capture_hooked(plan):
+            self.capturing = True
+            self.adopted = True
+            self.plan = plan
+            self.last_ready = self.clock()
+            self.log("capture_found", reason="start", action="reconcile")
+
+    def _fail_open(self, reason: str, now: float) -> None:
+        assert self.plan is not None
+        self.redirector.set_capture(self.plan, capture=False)
+        self.capturing = False
+        self.adopted = False
+        self.log("capture_removed", reason=reason, fail_open="true", not_ready_s=f"{now - self.last_ready:.2f}")
+
     def step(self) -> None:
         now = self.clock()
-        if self.agent_ready():
+        state = self.agent_state()
+        if state == "ready":
             self.last_ready = now
-            excluded = self.excluded_ips()
-            if not self.capturing or excluded != self.excluded or self.plan is None:
+            answer = self.capture_answer()
+            if answer is not None and answer[0]:
+                excluded = answer[1]
+                self.synced_once = True
+            elif not self.synced_once:
+                # The agent has no identity yet (it gets it from the controller): it cannot name the
+                # pods to exclude, the mesh's own among them. Capturing now would send the controller's
+                # calls to the API server through the agent it serves: the deadlock of issue 11.
+                if not self.waiting_logged:
+                    self.log("capture_waiting", reason="agent_not_synced")
+                    self.waiting_logged = True
+                if self.capturing:
+                    self._fail_open("agent_not_synced", now)
+                return
+            else:
+                excluded = self.excluded  # a restarted agent re-syncing: the list we had still holds
+            if not self.capturing or excluded != self.excluded or self.plan is None or self.adopted:
                 plan = build_plan(self.config.capture.with_excluded(excluded))
                 self.redirector.apply(plan, capture=True)
                 if not self.capturing:
                     self.log("capture_installed", reason="agent_ready", excluded_ips=len(excluded))
                 else:
                     self.log("capture_updated", excluded_ips=len(excluded))
-                self.plan, self.excluded, self.capturing = plan, excluded, True
+                self.plan, self.excluded, self.capturing, self.adopted = plan, excluded, True, False
                 self.last_asserted = now
             elif now - self.last_asserted >= self.config.reassert_s:
                 self.last_asserted = now
                 if self.redirector.apply(self.plan, capture=True):
                     self.log("capture_restored", reason="rules_missing")
-        elif self.capturing and now - self.last_ready > self.config.grace_s:
-            assert self.plan is not None
-            self.redirector.set_capture(self.plan, capture=False)
-            self.capturing = False
-            self.log("capture_removed", reason="agent_not_ready", fail_open="true",
-                     not_ready_s=f"{now - self.last_ready:.2f}")
+        elif self.capturing and (state == "refused" or now - self.last_ready > self.config.grace_s):
+            # Refused: no agent listens at all (killed, crashed, not started): its ports refuse every
+            # connection capture sends there, so waiting out the grace only fails connections.
+            self._fail_open("agent_gone" if state == "refused" else "agent_not_ready", now)
 
     def run(self) -> None:
         self.log("started", agent_admin=self.config.agent_admin, grace_s=self.config.grace_s,
                  mechanism=self.config.capture.mechanism, backend=self.redirector.nf.backend)
         try:
+            try:
+                self.adopt_existing()
+            except ApplyError as exc:
+                self.log("step_failed", error=str(exc).splitlines()[0])
             while not self._stop.is_set():
                 started = self.clock()
                 try:

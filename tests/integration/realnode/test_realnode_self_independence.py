@@ -49,7 +49,7 @@ def test_realnode_restart_capture_waits_for_the_agents_own_links() -> None:
         recovered = wait_for(mesh.healthy, RECOVERY_TIMEOUT_S, step=0.5)
         new_ip = mesh.controller_pod()["status"]["podIP"]
         print(f"node restart: controller {old_ip} -> {new_ip}; mesh healthy again after "
-              f"{'%.1f s' % recovered if recovered is not None else 'NEVER'}")
+              f"{f'{recovered:.1f} s' if recovered is not None else 'NEVER'}")
         assert recovered is not None, (f"the mesh did not come back within {RECOVERY_TIMEOUT_S:.0f}s of a node "
                                        f"restart (only a reinstall would):\n{mesh.mesh_logs()}")
         assert new_ip != old_ip
