@@ -25,9 +25,12 @@ from typing import Any
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.cli.client import ClientConfig, CliError, connect
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox
+from nodemesh.cli.manifest import InstallValues, apply_sets, dump_documents
+from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, sandbox_documents
 from nodemesh.redirector.plan import hook_present
+from nodemesh.sandbox import naming
 from nodemesh.sandbox.cluster import Sandbox
+from nodemesh.sandbox.state import read_json
 from nodemesh.sandbox.testing import running_sandbox
 
 HERE = Path(__file__).parent
@@ -105,9 +108,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, step: float = 0.2) ->
 
 
 class RealNode:
-    def __init__(self, sb: Sandbox, controller: str) -> None:
+    def __init__(self, sb: Sandbox, controller: str, sets: tuple[str, ...] = ()) -> None:
         self.sb = sb
         self.controller = controller
+        self.sets = sets
         self.token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
         self.nodes = [n.name for n in sb.nodes()]
 
@@ -170,6 +174,30 @@ class RealNode:
             return []
         return [json.loads(line) for line in out.read_text().splitlines() if line.strip().endswith("}")]
 
+    # ------------------------------------------------------------------ changing the mesh
+    def apply_install(self, *sets: str) -> None:
+        """`kubectl apply` of the install rendered with more `--set`s (a change rolls the pods)."""
+        values = apply_sets(InstallValues(), (*self.sets, *sets))
+        self.sb.apply(text=dump_documents(sandbox_documents(values), "# realnode test\n"))
+
+    def agent_revision(self) -> str:
+        ds = next(o for o in self.sb.objects().of_kind("DaemonSet") if o["metadata"]["namespace"] == MESH_NS)
+        return naming.template_hash(ds["spec"]["template"])
+
+    def rollout_done(self) -> bool:
+        """Every node runs one agent pod of the current template, Ready, and no process of an older
+        one is left (a replaced pod's containers stop with its grace period)."""
+        revision = self.agent_revision()
+        pods = [p for p in self.sb.pods(MESH_NS) if p["metadata"]["name"].startswith("nodemesh-agent-")]
+        current = [p for p in pods if p["metadata"]["labels"].get("controller-revision-hash") == revision]
+        if len(pods) != len(self.nodes) or len(current) != len(self.nodes):
+            return False
+        if not all(c["type"] != "Ready" or c["status"] == "True" for p in current for c in p["status"]["conditions"]):
+            return False
+        live = {p["metadata"]["uid"] for p in self.sb.pods()}
+        pids = read_json(Path(self.sb.state_dir) / "runtime.json", {}).get("pids", {})
+        return not any(k.startswith("pod/") and k.split("/")[1] not in live for k in pids)
+
     # ------------------------------------------------------------------ the mesh's state
     def capture_hooked(self, node: str) -> bool:
         backend = self.sb.node(node).iptables
@@ -229,4 +257,4 @@ def realnode_mesh(nodes: int = 2, cni: str = "bridge", iptables: str | dict[str,
     with running_sandbox(nodes=nodes, cni=cni, manifests=[app_manifest(nodes)], backoff=(1.0, 10.0),
                          iptables=iptables, timeout=60) as sb:
         controller = install_sandbox(sb.name, timeout=120, progress=lambda _m: None, as_pods=True, sets=sets)
-        yield RealNode(sb, controller)
+        yield RealNode(sb, controller, sets)
