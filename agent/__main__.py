@@ -24,7 +24,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         transparent=not args.no_transparent, detect_timeout_s=args.detect_timeout,
         header_timeout_s=args.header_timeout, opaque_ports=opaque, drain_grace_s=args.drain_grace,
         controller=args.controller, token_file=args.token_file, identity_file=args.identity_file,
-        log_level=args.log_level,
+        log_level=args.log_level, health_file=args.health_file,
     )
 
 
@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=30.0)
     p.add_argument("--opaque-ports", default=None, help="comma-separated; default 25,587,3306,...")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--health-file", default="",
+                   help="write ready/not-ready here every second, for the pod's exec probes")
     p.add_argument("--event-log", default=None, help="debug: append every observation as JSON to FILE")
     return p
 

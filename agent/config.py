@@ -33,4 +33,5 @@ class AgentConfig:
     report_interval_s: float = 1.0
     watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0
+    health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)
     log_level: str = "info"

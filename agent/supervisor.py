@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 from nodemesh.agent import workerlink
 from nodemesh.agent.config import AgentConfig
@@ -160,6 +161,8 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self._forked = {f.index: f for f in forked or ()}
+        self._presence: asyncio.AbstractServer | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         from nodemesh.agent.node import NodeTelemetry
@@ -169,6 +172,7 @@ class Supervisor:
         node = NodeTelemetry(self.config)
         self.node = node
         await node.start()
+        await self._announce(node)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,6 +186,15 @@ class Supervisor:
         await stop.wait()
         await self._shutdown(node, watchers)
         return 0
+
+    async def _announce(self, node: Any) -> None:
+        """Presence on the node and the pod's health file (agent/liveness.py), for as long as we live."""
+        from nodemesh.agent.liveness import announce, heartbeat
+
+        self._presence = await announce()
+        if self.config.health_file:
+            self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(
+                self.config.health_file, lambda: "ready" if node.ready and node.identity_synced() else "not-ready"))
 
     async def _handoff(self) -> str:
         """Keep accepting until new connections have somewhere else to go, so that closing our

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+from nodemesh.redirector import presence
 from nodemesh.redirector.apply import ApplyError, Redirector
 from nodemesh.redirector.config import CaptureConfig, ipv4_only
 from nodemesh.redirector.plan import Plan, build_plan
@@ -47,6 +48,9 @@ class RunnerConfig:
     # connections (its drain grace is 30 s), so in-flight requests are not cut off (found by the
     # sandbox-wide uninstall test: a request in flight lost its replies and failed).
     shutdown_wait_s: float = 35.0
+    # At shutdown during a rolling update (a second agent runs on the node), wait this long at most
+    # for the new pod's redirector to appear, and hand the rules over to it instead of removing them.
+    handover_wait_s: float = 15.0
 
 
 _REMOVE_ATTEMPTS = 5
@@ -104,6 +108,7 @@ class FailOpenRunner:
         self.synced_once = False       # an excluded list from a synced agent was seen (see step)
         self.adopted = False           # capturing with hooks found at start, plan not ours yet
         self.waiting_logged = False
+        self._presence = None
         self._stop = threading.Event()
 
     # --------------------------------------------------------------------------- talking to the agent
@@ -211,14 +216,25 @@ class FailOpenRunner:
                 self.last_asserted = now
                 if self.redirector.apply(self.plan, capture=True):
                     self.log("capture_restored", reason="rules_missing")
-        elif self.capturing and (state == "refused" or now - self.last_ready > self.config.grace_s):
-            # Refused: no agent listens at all (killed, crashed, not started): its ports refuse every
-            # connection capture sends there, so waiting out the grace only fails connections.
-            self._fail_open("agent_gone" if state == "refused" else "agent_not_ready", now)
+        elif self.capturing and ((gone := state == "refused" and not self._agents_alive())
+                                 or now - self.last_ready > self.config.grace_s):
+            # Gone: the admin port refuses and no agent process is alive on the node (killed,
+            # crashed, not started): its ports refuse every connection capture sends there, so
+            # waiting out the grace only fails connections. A refusal while an agent lives is the
+            # admin socket of a draining agent in a rolling update: the grace applies.
+            self._fail_open("agent_gone" if gone else "agent_not_ready", now)
+
+    def _agents_alive(self) -> bool:
+        return bool(presence.present(presence.AGENT, self.redirector.nf.netns))
 
     def run(self) -> None:
         self.log("started", agent_admin=self.config.agent_admin, grace_s=self.config.grace_s,
                  mechanism=self.config.capture.mechanism, backend=self.redirector.nf.backend)
+        if self.redirector.nf.netns is None:  # presence is per netns: only where we run
+            try:
+                self._presence = presence.register(presence.REDIRECTOR)
+            except OSError as exc:
+                self.log("presence_unavailable", error=repr(exc))
         try:
             try:
                 self.adopt_existing()
@@ -237,8 +253,33 @@ class FailOpenRunner:
     def stop(self) -> None:
         self._stop.set()
 
+    def _peer(self) -> str | None:
+        """Another redirector of this node, to hand the shared rules to. In a DaemonSet rolling
+        update the new pod's one normally runs already; with two agents on the node (the new one and
+        ours, draining) it is at most starting: wait for it. One agent: an uninstall, nobody comes."""
+        if self.redirector.nf.netns is not None:
+            return None
+        deadline = self.clock() + self.config.handover_wait_s
+        while True:
+            peers = presence.present(presence.REDIRECTOR)
+            if peers:
+                return peers[0]
+            if len(presence.present(presence.AGENT)) < 2 or self.clock() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def shutdown(self) -> None:
         plan = self.plan or build_plan(self.config.capture)
+        if self._presence is not None:
+            self._presence.close()  # leaving: a peer shutting down at the same time must not count us
+            self._presence = None
+        peer = self._peer()
+        if peer is not None:
+            # The rules are the node's, shared by every redirector of it: removing them on the way
+            # out took the new pod's capture and return path away (issue 11 item 7).
+            self.capturing = False
+            self.log("capture_handed_over", to=peer)
+            return
         if self.capturing:
             try:
                 self.redirector.set_capture(plan, capture=False)

@@ -73,9 +73,10 @@ class Backoff:
 
 @dataclass
 class Probe:
-    kind: str  # "tcp" or "http"
+    kind: str  # "tcp", "http" or "exec"
     port: int
     path: str = "/"
+    command: list[str] = field(default_factory=list)  # exec: run in the container's netns and env
     initial_delay: float = 0.0
     period: float = READY_PROBE_PERIOD
     timeout: float = 1.0
@@ -164,6 +165,14 @@ def build_env(container: dict[str, Any], pod: dict[str, Any], bin_dir: Path | No
 
 def probe_of(container: dict[str, Any]) -> Probe | None:
     spec = container.get("readinessProbe")
+    if spec and "exec" in spec:
+        return Probe(
+            kind="exec", port=0, command=[str(a) for a in spec["exec"]["command"]],
+            initial_delay=float(spec.get("initialDelaySeconds", 0)),
+            period=float(spec.get("periodSeconds", READY_PROBE_PERIOD)),
+            timeout=float(spec.get("timeoutSeconds", 1)),
+            failure_threshold=int(spec.get("failureThreshold", 3)),
+        )
     if spec:
         handler = spec.get("httpGet") or spec.get("tcpSocket")
         port = resolve_container_port(container, handler.get("port"))
@@ -209,6 +218,24 @@ async def run_probe(ns: str, ip: str, probe: Probe) -> bool:
         return False
     finally:
         sock.close()
+
+
+async def run_exec_probe(netns: str, env: dict[str, str], cwd: Path, probe: Probe) -> bool:
+    """An exec probe: the command, in the container's netns and environment; exit 0 is success."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", netns, *probe.command, env=env, cwd=cwd,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return False
+    try:
+        async with asyncio.timeout(probe.timeout):
+            return await proc.wait() == 0
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return False
 
 
 class Kubelet:
@@ -318,14 +345,16 @@ class Kubelet:
             for e in c.get("env") or []:
                 env[e["name"]] = podspec.map_paths(env[e["name"]], mounts)
             prefix = "init/" if init_index >= 0 else ""
+            probe = probe_of(c) if init_index < 0 else None
+            if probe is not None and probe.kind == "exec":
+                probe.command = [podspec.map_paths(podspec.expand_vars(a, env), mounts) for a in probe.command]
             out.append(Container(
                 key=f"pod/{uid}/{prefix}{c['name']}",
                 netns=node["netns"] if host_network else naming.pod_netns(self.cluster, ns, name),
                 argv=podspec.container_argv(c, env, mounts), env=env,
                 cwd=Path(c.get("workingDir") or pod_dir),
                 log_path=self.state.pod_log(ns, name, c["name"]), backoff=backoff,
-                probe_netns=node["netns"], probe_ip=pod["status"]["podIP"],
-                probe=probe_of(c) if init_index < 0 else None,
+                probe_netns=node["netns"], probe_ip=pod["status"]["podIP"], probe=probe,
                 kill_grace_s=float(grace) if grace is not None else POD_KILL_GRACE_S,
                 node=node["name"], pod_uid=uid, init_index=init_index, setup=setup,
             ))
@@ -527,7 +556,10 @@ class Kubelet:
     async def _probe(self, c: Container) -> None:
         assert c.probe is not None
         try:
-            ok = await run_probe(c.probe_netns, c.probe_ip, c.probe)
+            if c.probe.kind == "exec":
+                ok = await run_exec_probe(c.netns, c.env, c.cwd, c.probe)
+            else:
+                ok = await run_probe(c.probe_netns, c.probe_ip, c.probe)
         finally:
             c.probing = False
         if c.proc is None:

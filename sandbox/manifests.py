@@ -297,9 +297,14 @@ FIELD_REFS = {"metadata.name", "metadata.namespace", "status.podIP", "spec.nodeN
 def _validate_probe(probe: Any, container: dict[str, Any], label: str) -> None:
     if not isinstance(probe, dict):
         raise ManifestError(f"{label}: readinessProbe must be a mapping")
+    if "exec" in probe:
+        command = (probe["exec"] or {}).get("command") if isinstance(probe["exec"], dict) else None
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+            raise ManifestError(f"{label}: readinessProbe exec needs a command (a list of strings)")
+        return
     handler = probe.get("tcpSocket") or probe.get("httpGet")
     if not isinstance(handler, dict):
-        raise ManifestError(f"{label}: readinessProbe needs tcpSocket or httpGet (exec is not supported)")
+        raise ManifestError(f"{label}: readinessProbe needs exec, tcpSocket or httpGet")
     if resolve_container_port(container, handler.get("port")) is None:
         raise ManifestError(f"{label}: readinessProbe port {handler.get('port')!r} is not a port of it")
 

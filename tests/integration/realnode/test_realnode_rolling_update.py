@@ -78,9 +78,13 @@ def test_realnode_rolling_update_leaves_no_capture_gap(mesh: RealNode, tmp_path:
         old_log = (Path(mesh.sb.state_dir) / "logs" / f"{MESH_NS}_{old_pods[node]}_redirector.log").read_text()
         restored = new_log.count("event=capture_restored")
         handover = [ln for ln in old_log.splitlines() if "shutdown" in ln or "handed_over" in ln]
+        new_pod = mesh.agent_pod(node)
+        new_events = [ln.split("event=")[1] for ln in
+                      (mesh.log(MESH_NS, new_pod, "fail-open") + new_log).splitlines() if "event=" in ln]
         print(f"{node}: rollout {done:.1f} s after {time.monotonic() - started - done:.1f}; capture gaps "
               f"{[round(g, 2) for g in gaps]} s ({len(watch.samples[node])} samples every {POLL_S} s); new "
-              f"redirector capture_restored x{restored}; old redirector: {handover}; client-{node}: "
+              f"redirector capture_restored x{restored}; old redirector: {handover}; new pod: {new_events[:4]}; "
+              f"client-{node}: "
               f"{len(failed[node])} failed of {sent[node]}")
     for node in mesh.nodes:
         assert not watch.gaps(node), f"{node}: capture was gone for {watch.gaps(node)} s during the rollout"
