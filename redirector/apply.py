@@ -217,7 +217,27 @@ class Redirector:
     def remove_capture_hooks(self, plan: Plan) -> bool:
         """Take out only the hooks that capture (found by their exact spec), leaving our chains and
         the return path as they are: what fail-open does, for a caller that does not know the plan
-        the hooks were installed with (`redirector fail-open` at pod start). True if any was there."""
+        the hooks were installed with (`redirector fail-open` at pod start), and the fast path when
+        the agent dies. True if any was there.
+
+        First one transaction that deletes each hook once, without reading anything (it fails as a
+        whole when a hook is not there): every millisecond here is a refused connection. Then a
+        read of the kernel for what that could not do (a hook missing, or there twice)."""
+        hooks = [h for h in plan.hooks if h.capture]
+        by_table: dict[str, list[str]] = {}
+        for hook in hooks:
+            by_table.setdefault(hook.table, []).append(f"-D {hook.chain} {hook.spec}")
+        quick = "".join(f"*{t}\n" + "\n".join(ls) + "\nCOMMIT\n" for t, ls in by_table.items())
+        try:
+            self.nf.restore(quick)
+        except ApplyError:
+            pass
+        else:
+            self._remove_capture_hooks_read(plan)
+            return True
+        return self._remove_capture_hooks_read(plan)
+
+    def _remove_capture_hooks_read(self, plan: Plan) -> bool:
         tables = self._tables()
         lines: dict[str, list[str]] = {}
         for hook in plan.hooks:

@@ -15,7 +15,9 @@ replies through it. Transitions are logged as one key=value line each.
 from __future__ import annotations
 
 import json
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -109,6 +111,8 @@ class FailOpenRunner:
         self.adopted = False           # capturing with hooks found at start, plan not ours yet
         self.waiting_logged = False
         self._presence = None
+        self._agent_links: dict[str, socket.socket] = {}
+        self._dead_agents: set[str] = set()
         self._stop = threading.Event()
 
     # --------------------------------------------------------------------------- talking to the agent
@@ -177,7 +181,9 @@ class FailOpenRunner:
 
     def _fail_open(self, reason: str, now: float) -> None:
         assert self.plan is not None
-        self.redirector.set_capture(self.plan, capture=False)
+        # Only the capture hooks, in one quick transaction: our chains and the return path stay
+        # (in-flight transparent connections still need it), and every millisecond counts.
+        self.redirector.remove_capture_hooks(self.plan)
         self.capturing = False
         self.adopted = False
         self.log("capture_removed", reason=reason, fail_open="true", not_ready_s=f"{now - self.last_ready:.2f}")
@@ -246,9 +252,73 @@ class FailOpenRunner:
                     self.step()
                 except Exception as exc:  # noqa: BLE001 (a failed apply must not kill the watcher: retry next poll)
                     self.log("step_failed", error=repr(exc))
-                self._stop.wait(max(0.0, self.config.poll_s - (self.clock() - started)))
+                self._watch_agents()
+                if self._wait(max(0.0, self.config.poll_s - (self.clock() - started))):
+                    try:
+                        self._on_agent_death()
+                    except ApplyError as exc:
+                        self.log("step_failed", error=str(exc).splitlines()[0])
         finally:
+            for sock in self._agent_links.values():
+                sock.close()
             self.shutdown()
+
+    # ------------------------------------------------------------------------------- liveness
+    def _watch_agents(self) -> None:
+        """Hold a connection to every agent's presence socket (agent/liveness.py); new agents are
+        found at each poll. The kernel ends the connection when the agent dies, however it dies."""
+        if self.redirector.nf.netns is not None:
+            return  # abstract sockets are per netns: only in the one we run in
+        for name in presence.present(presence.AGENT):
+            if name not in self._agent_links:
+                sock = presence.connect(name)
+                if sock is not None:
+                    self._agent_links[name] = sock
+
+    def _wait(self, timeout: float) -> bool:
+        """Sleep until the next poll, or wake at once when an agent dies: True then."""
+        links = dict(self._agent_links)
+        self._dead_agents.clear()
+        if not links:
+            self._stop.wait(timeout)
+            return False
+        try:
+            readable, _, _ = select.select(list(links.values()), [], [], timeout)
+        except (OSError, ValueError):
+            return False
+        died = False
+        for name, sock in links.items():
+            if sock not in readable:
+                continue
+            try:
+                data = sock.recv(64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # EOF or reset: the agent process is gone
+                sock.close()
+                del self._agent_links[name]
+                self._dead_agents.add(name)
+                died = True
+        return died
+
+    def _on_agent_death(self) -> None:
+        """An agent died. If none is left (a rolling update may have another), nothing serves the
+        ports capture sends pods to: take the capture hooks out now, not after a missed poll and the
+        grace (kill -9 of the agent failed connects for ~1 s on a real node; issue 11 item 8)."""
+        # The dead one's listening socket may still be listed for a moment (a process's sockets
+        # close one by one as it exits): only other agents count.
+        others = set(presence.present(presence.AGENT)) - self._dead_agents
+        if not self.capturing or self._agent_links or others:
+            return
+        started = self.clock()
+        assert self.plan is not None
+        self.redirector.remove_capture_hooks(self.plan)
+        self.capturing = False
+        self.adopted = False
+        self.log("capture_removed", reason="agent_died", fail_open="true",
+                 seconds=f"{self.clock() - started:.3f}")
 
     def stop(self) -> None:
         self._stop.set()
