@@ -45,6 +45,9 @@ def test_realnode_whole_node_restart_under_load_recovers_by_itself(mesh: RealNod
         def seconds(value: float | None) -> str:
             return "never" if value is None else f"{value:.1f} s"
 
+        # The rules from before the restart are still in the kernel: first they must go (nothing
+        # serves the agent's ports yet), then come back once the agent is ready with its identity.
+        stale_gone = since_restart(lambda: not mesh.capture_hooked(node), 0.05)
         capture = since_restart(lambda: mesh.capture_hooked(node), 0.1)
         observed = since_restart(lambda: series(mesh.agent_metrics(node), "request_total", direction="inbound",
                                                 dst_name="server-node1") > 0, 0.2)
@@ -52,9 +55,11 @@ def test_realnode_whole_node_restart_under_load_recovers_by_itself(mesh: RealNod
         # A 10 s window that starts after the restart holds only what the restarted agent reported.
         time.sleep(max(0.0, restart + 10.0 - time.monotonic()))
         stat = since_restart(lambda: _stat_rps(mesh, "server-node1") > 0, 1.0)
-        print(f"\nnode restart under {RATE:.0f} req/s: capture back after {seconds(capture)}, node1's agent "
+        print(f"\nnode restart under {RATE:.0f} req/s: stale capture rules removed after {seconds(stale_gone)}, "
+              f"capture back after {seconds(capture)}, node1's agent "
               f"observing after {seconds(observed)}, mesh healthy (check) after {seconds(healthy)}, "
               f"stat counting server-node1 again after {seconds(stat)} (10 s window: >= 10 s by construction)")
+        assert stale_gone is not None, f"the rules from before the restart stayed on {node}"
         assert capture is not None, f"capture never came back on {node}:\n{mesh.mesh_logs()}"
         assert observed is not None, f"{node}'s agent never saw its pods' traffic again:\n{mesh.mesh_logs()}"
         assert healthy is not None, f"the mesh never became healthy again:\n{mesh.mesh_logs()}"
