@@ -201,11 +201,12 @@ class FailOpenRunner:
                 # The agent has no identity yet (it gets it from the controller): it cannot name the
                 # pods to exclude, the mesh's own among them. Capturing now would send the controller's
                 # calls to the API server through the agent it serves: the deadlock of issue 11.
+                # Hooks adopted at start stay as they are: a ready agent with no identity is two
+                # agents answering (a rolling update: the old one's /ready, the new one's /capture,
+                # on the shared admin port), and an agent alone reports ready only once it has it.
                 if not self.waiting_logged:
                     self.log("capture_waiting", reason="agent_not_synced")
                     self.waiting_logged = True
-                if self.capturing:
-                    self._fail_open("agent_not_synced", now)
                 return
             else:
                 excluded = self.excluded  # a restarted agent re-syncing: the list we had still holds

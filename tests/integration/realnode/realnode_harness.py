@@ -200,10 +200,17 @@ class RealNode:
 
     # ------------------------------------------------------------------ the mesh's state
     def capture_hooked(self, node: str) -> bool:
+        return bool(self.capture_state(node))
+
+    def capture_state(self, node: str) -> bool | None:
+        """Is the capture hook in the node's nat PREROUTING? None: the read failed (iptables-save
+        can fail while another writer's transaction is under way), which says nothing."""
         backend = self.sb.node(node).iptables
-        save = self.sb.node_exec(node, [f"iptables-{backend}-save", "-t", "nat"], capture_output=True,
-                                 text=True, timeout=10).stdout
-        return hook_present(save)
+        res = self.sb.node_exec(node, [f"iptables-{backend}-save", "-t", "nat"], capture_output=True,
+                                text=True, timeout=10)
+        if res.returncode != 0 or "*nat" not in res.stdout:
+            return None
+        return hook_present(res.stdout)
 
     def agent_metrics(self, node: str) -> str:
         code = ("import urllib.request\n"

@@ -27,13 +27,18 @@ class HookWatch:
     def __init__(self, mesh: RealNode) -> None:
         self.mesh = mesh
         self.samples: dict[str, list[tuple[float, bool]]] = {n: [] for n in mesh.nodes}
+        self.unreadable = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.is_set():
             for node in self.mesh.nodes:
-                self.samples[node].append((time.monotonic(), self.mesh.capture_hooked(node)))
+                state = self.mesh.capture_state(node)
+                if state is None:
+                    self.unreadable += 1  # a failed read says nothing either way
+                else:
+                    self.samples[node].append((time.monotonic(), state))
             self.stop.wait(POLL_S)
 
     def gaps(self, node: str) -> list[float]:
@@ -82,7 +87,8 @@ def test_realnode_rolling_update_leaves_no_capture_gap(mesh: RealNode, tmp_path:
         new_events = [ln.split("event=")[1] for ln in
                       (mesh.log(MESH_NS, new_pod, "fail-open") + new_log).splitlines() if "event=" in ln]
         print(f"{node}: rollout {done:.1f} s after {time.monotonic() - started - done:.1f}; capture gaps "
-              f"{[round(g, 2) for g in gaps]} s ({len(watch.samples[node])} samples every {POLL_S} s); new "
+              f"{[round(g, 2) for g in gaps]} s ({len(watch.samples[node])} samples every {POLL_S} s, "
+              f"{watch.unreadable} unreadable); new "
               f"redirector capture_restored x{restored}; old redirector: {handover}; new pod: {new_events[:4]}; "
               f"client-{node}: "
               f"{len(failed[node])} failed of {sent[node]}")
