@@ -25,7 +25,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         header_timeout_s=args.header_timeout, opaque_ports=opaque, drain_grace_s=args.drain_grace,
         controller=args.controller, token_file=args.token_file, identity_file=args.identity_file,
         identity_wait_s=args.identity_wait, series_idle_s=args.series_idle, max_authorities=args.max_authorities,
-        log_level=args.log_level,
+        log_level=args.log_level, health_file=args.health_file,
     )
 
 
@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-authorities", type=int, default=AgentConfig.max_authorities,
                    help="distinct authority label values per workload; more are counted as [other]")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--health-file", default="",
+                   help="write ready/not-ready here every second, for the pod's exec probes")
     p.add_argument("--event-log", default=None, help="debug: append every observation as JSON to FILE")
     return p
 

@@ -3,7 +3,10 @@
 /metrics  Prometheus text from the node's merged counters (custom collector, its own registry)
 /ready    200 once the agent serves traffic, 503 otherwise (and from drain start)
 /live     200 while the event loop answers
-/capture  {"excluded_ips": [...]}: this node's pod IPs the redirector must not capture
+/capture  {"excluded_ips": [...], "synced": bool}: this node's pod IPs the redirector must not capture,
+          and whether that list is real yet (the agent has had its identity since it started): a
+          redirector installs capture only from a synced list (docs/architecture.md, "The mesh
+          never depends on itself")
 /identity {"epoch", "version", "resource_version", "pods": {ip: pod uid}}: the identity held
 
 A few GETs a second from probes and scrapers do not need a web framework: the server is an
@@ -203,7 +206,8 @@ class AdminServer:
     def __init__(self, host: str, port: int, *, snapshot: Callable[[], Snapshot],
                  ready: Callable[[], bool], excluded_ips: Callable[[], list[str]],
                  capture_installed: Callable[[], bool] = lambda: False,
-                 identity: Callable[[], dict[str, Any]] = dict) -> None:
+                 identity: Callable[[], dict[str, Any]] = dict,
+                 identity_synced: Callable[[], bool] = lambda: True) -> None:
         self.host = host
         self.port = port
         self._ready = ready
@@ -213,6 +217,7 @@ class AdminServer:
         self._rendering: asyncio.Future[Response] | None = None
         self._reuse_until = 0.0
         self._identity = identity
+        self._identity_synced = identity_synced
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[_AdminProtocol] = set()
 
@@ -299,7 +304,8 @@ class AdminServer:
         if path == "/live":
             return 200, TEXT, b"live\n"
         if path == "/capture":
-            return 200, "application/json", json.dumps({"excluded_ips": self._excluded_ips()}).encode()
+            return 200, "application/json", json.dumps({"excluded_ips": self._excluded_ips(),
+                                                        "synced": self._identity_synced()}).encode()
         if path == "/identity":
             return 200, "application/json", json.dumps(self._identity()).encode()
         return 404, TEXT, b"404: Not Found\n"

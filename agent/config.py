@@ -38,4 +38,5 @@ class AgentConfig:
     max_authorities: int = 100                  # distinct authority values per workload; more: [other]
     watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0
+    health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)
     log_level: str = "info"

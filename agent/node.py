@@ -64,9 +64,10 @@ class NodeTelemetry:
         self.reported_at: float | None = None
         self.identity_gaps = 0
         self.admin = AdminServer(config.admin_host, config.admin_port, snapshot=self.snapshot,
-                                 ready=lambda: self.ready, excluded_ips=self.index.local_excluded_ips,
+                                 ready=lambda: self.ready and self.identity_synced(),
+                                 excluded_ips=self.index.local_excluded_ips,
                                  capture_installed=lambda: self.capture_installed,
-                                 identity=self.identity_view)
+                                 identity=self.identity_view, identity_synced=self.identity_synced)
         self._identity_source: IdentityFileSource | None = None
         self.controller_link: Any = None            # agent.report.ControllerLink when configured
         self._admin_open = False
@@ -119,6 +120,13 @@ class NodeTelemetry:
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
+
+    def identity_synced(self) -> bool:
+        """Has the agent had its identity since it started (or has it no source of one)? `/ready`
+        waits for it: until then the agent cannot name the pods capture must leave alone — the
+        mesh's own among them — so its node is not captured (docs/architecture.md, "The mesh never
+        depends on itself"), and a rolling update keeps the old agent until the new one has it."""
+        return self.index.generation > 0 or not (self.config.controller or self.config.identity_file)
 
     def set_capture_installed(self, installed: bool) -> None:
         if installed != self.capture_installed:

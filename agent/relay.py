@@ -166,11 +166,14 @@ class Connection(asyncio.Protocol):
             self.finished = True
             transport.abort()
             return
-        original, natted = original_destination(sock)
-        if not natted and original[1] in ctx.listen_ports:
-            # Dialled the agent itself (no capture rule in between): proxying would loop.
-            self.finished = True
-            transport.abort()
+        original, _natted = original_destination(sock)
+        if original[1] in ctx.listen_ports:
+            # Dialled the agent's own ports (nodeIP:4140 from a pod or the node): proxying would
+            # dial ourselves, again and again. Capture never redirects these ports (the plan skips
+            # them), so this is never a pod's real traffic. Not `natted` alone: conntrack answers
+            # SO_ORIGINAL_DST for any tracked connection, NAT or not, so a direct dial looked natted
+            # and one `curl nodeIP:4140` looped forever.
+            self._refuse_self_dial(peer, original)
             return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -191,8 +194,13 @@ class Connection(asyncio.Protocol):
             return  # the client went away while we waited for its identity
         ctx = self.ctx
         assert self.client is not None
+        destination = ctx.picker.pick(original[0], original[1])
+        if destination[1] in ctx.listen_ports:
+            self._refuse_self_dial(peer, original)  # a Service in front of the agent's own ports
+            return
         shed = ctx.admission.admit(peer[0])
-        destination = original if shed else ctx.picker.pick(original[0], original[1])
+        if shed:
+            destination = original
         self.meta = ConnectionMeta(
             conn_id=ctx.next_id(), direction=self.direction, source=(peer[0], peer[1]),
             original_destination=original, destination=destination, started=held_since or time.monotonic(),
@@ -218,6 +226,11 @@ class Connection(asyncio.Protocol):
         self.connect_task = loop.create_task(self._connect(peer, destination))
         if held_since:
             self._after_wait()
+
+    def _refuse_self_dial(self, peer: tuple[str, int], original: tuple[str, int]) -> None:
+        log.debug("event=refused_self_dial src=%s:%s dst=%s:%s", peer[0], peer[1], *original)
+        self.finished = True
+        self.client.abort()  # type: ignore[union-attr]
 
     def _after_wait(self) -> None:
         """Bytes (or an EOF) that came with the accept while we waited: handle them now."""

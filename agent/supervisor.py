@@ -21,14 +21,16 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 from nodemesh.agent import workerlink
 from nodemesh.agent.config import AgentConfig
-from nodemesh.agent.sockets import enable_request_migration
+from nodemesh.agent.sockets import enable_request_migration, listen_socket
 from nodemesh.agent.spawn import Child, spawn
 from nodemesh.agent.worker import config_to_json, run_forked
 
@@ -41,6 +43,18 @@ READY_TIMEOUT_S = 30.0
 HANDOFF_MAX_S = 3.5
 
 
+Listeners = tuple[socket.socket, socket.socket]  # (outbound, inbound) of one worker
+
+
+def open_listeners(config: AgentConfig) -> Listeners:
+    """One worker's listening sockets, opened by the parent, which keeps them for as long as it
+    lives: when the worker crashes, its share of new connections waits in the backlog for the
+    restarted worker instead of being refused (a worker's own sockets died with it: kill -9 of
+    the only worker refused connections for ~0.65 s; issue 11 item 8)."""
+    return (listen_socket(config.listen_host, config.outbound_port),
+            listen_socket(config.listen_host, config.inbound_port))
+
+
 @dataclass
 class Forked:
     """A worker forked before the parent's event loop started: its pid and the parent's ends."""
@@ -49,6 +63,7 @@ class Forked:
     pid: int
     parent_end: workerlink.ChannelEnd
     ready_fd: int
+    listeners: Listeners | None = None
 
 
 def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[Forked]:
@@ -60,6 +75,7 @@ def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[For
     forked: list[Forked] = []
     parent_pid = os.getpid()
     for index in range(n):
+        listeners = open_listeners(config)
         parent_end, child_end = workerlink.make_channel()
         ready_r, ready_w = os.pipe()
         pid = os.fork()
@@ -71,14 +87,17 @@ def fork_workers(config: AgentConfig, event_log: str | None, n: int) -> list[For
                     os.close(other.ready_fd)
                 parent_end.close()
                 os.close(ready_r)
-                code = run_forked(config, index, child_end, ready_w, event_log, parent_pid)
+                for other in forked:
+                    for sock in other.listeners or ():
+                        sock.close()
+                code = run_forked(config, index, child_end, ready_w, event_log, parent_pid, listeners)
             except BaseException:  # noqa: BLE001 - a child must reach os._exit, whatever happened
                 traceback.print_exc()
             finally:
                 os._exit(code)
         child_end.close()
         os.close(ready_w)
-        forked.append(Forked(index, pid, parent_end, ready_r))
+        forked.append(Forked(index, pid, parent_end, ready_r, listeners))
     return forked
 
 
@@ -123,6 +142,9 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self._forked = {f.index: f for f in forked or ()}
+        self._presence: asyncio.AbstractServer | None = None
+        self._listeners: dict[int, Listeners] = {f.index: f.listeners for f in forked or () if f.listeners}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         from nodemesh.agent.node import NodeTelemetry
@@ -134,6 +156,7 @@ class Supervisor:
         node = NodeTelemetry(self.config)
         self.node = node
         await node.start()
+        await self._announce(node)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +171,15 @@ class Supervisor:
         await self._shutdown(node, watchers)
         return 0
 
+    async def _announce(self, node: Any) -> None:
+        """Presence on the node and the pod's health file (agent/liveness.py), for as long as we live."""
+        from nodemesh.agent.liveness import announce, heartbeat
+
+        self._presence = await announce()
+        if self.config.health_file:
+            self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(
+                self.config.health_file, lambda: "ready" if node.ready and node.identity_synced() else "not-ready"))
+
     async def _handoff(self) -> str:
         """Keep accepting until new connections have somewhere else to go, so that closing our
         listeners refuses none: another agent listens on our port (a rolling update: SO_REUSEPORT
@@ -156,7 +188,8 @@ class Supervisor:
         /ready stopped answering — so pods dial directly). Bounded by HANDOFF_MAX_S."""
         from nodemesh.agent.capture import capture_active
 
-        ours = sum(1 for p in self.workers.values() if p.returncode is None)
+        # Our listening sockets (one pair per worker, held by us: a dead worker's still counts).
+        ours = len(self._listeners) or sum(1 for p in self.workers.values() if p.returncode is None)
         deadline = time.monotonic() + HANDOFF_MAX_S
         while time.monotonic() < deadline:
             if listeners_on(self.config.outbound_port) > ours:
@@ -178,12 +211,16 @@ class Supervisor:
     async def _spawn(self, index: int) -> None:
         parent_end, child_end = workerlink.make_channel()
         fd = child_end.fileno()
+        if index not in self._listeners:
+            self._listeners[index] = open_listeners(self.config)
+        listen_fds = tuple(sock.fileno() for sock in self._listeners[index])
         argv = [sys.executable, "-m", "nodemesh.agent.worker", "--index", str(index),
-                "--channel-fd", str(fd), "--config", config_to_json(self.config)]
+                "--channel-fd", str(fd), "--config", config_to_json(self.config),
+                "--listen-fds", ",".join(map(str, listen_fds))]
         if self.event_log:
             argv += ["--event-log", self.event_log]
         try:
-            proc = spawn(argv, pass_fds=(fd,), capture_stdout=True)
+            proc = spawn(argv, pass_fds=(fd, *listen_fds), capture_stdout=True)
         except OSError as exc:
             parent_end.close()
             if index not in self.workers:
@@ -223,6 +260,9 @@ class Supervisor:
         node.close_admin()  # type: ignore[attr-defined]
         reason = await self._handoff()
         log.info("event=handoff reason=%s seconds=%.2f", reason, time.monotonic() - started)
+        for pair in self._listeners.values():  # the workers close theirs as they drain
+            for sock in pair:
+                sock.close()
         for proc in self.workers.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -57,7 +58,11 @@ def config_from_json(text: str) -> AgentConfig:
 
 
 async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_log: str | None, *,
-                channel: workerlink.ChannelEnd | None = None, on_ready: Callable[[], None] | None = None) -> int:
+                channel: workerlink.ChannelEnd | None = None, on_ready: Callable[[], None] | None = None,
+                listeners: tuple[socket.socket, socket.socket] | None = None) -> int:
+    """`listeners` (outbound, inbound): the parent's, which it keeps open across our death (a
+    crashed worker's connections then wait in the backlog for its replacement instead of being
+    refused); without them (a worker run on its own) we open our own."""
     child_end = channel
     if child_end is None and channel_fd is not None:
         child_end = workerlink.ChannelEnd.from_fd(channel_fd)
@@ -85,10 +90,9 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     tele.on_mesh_config.append(mesh_config)
     housekeeping = Housekeeping(admission)
     housekeeping.start()
-    servers = [
-        await serve_outbound(outbound, listen_socket(config.listen_host, config.outbound_port)),
-        await serve_inbound(inbound, listen_socket(config.listen_host, config.inbound_port)),
-    ]
+    out_sock, in_sock = listeners or (listen_socket(config.listen_host, config.outbound_port),
+                                      listen_socket(config.listen_host, config.inbound_port))
+    servers = [await serve_outbound(outbound, out_sock), await serve_inbound(inbound, in_sock)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,7 +122,8 @@ def log_format(index: int) -> str:
 
 
 def run_forked(config: AgentConfig, index: int, channel: workerlink.ChannelEnd, ready_fd: int,
-               event_log: str | None, parent_pid: int) -> int:
+               event_log: str | None, parent_pid: int,
+               listeners: tuple[socket.socket, socket.socket] | None = None) -> int:
     """The body of a worker forked from the agent's parent (called in the child, which must then
     `os._exit` with the result: it must never return into the parent's code)."""
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=log_format(index), force=True)
@@ -130,7 +135,7 @@ def run_forked(config: AgentConfig, index: int, channel: workerlink.ChannelEnd, 
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
 
-    return uvloop.run(serve(config, index, None, event_log, channel=channel, on_ready=ready))
+    return uvloop.run(serve(config, index, None, event_log, channel=channel, on_ready=ready, listeners=listeners))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, default=None)
     parser.add_argument("--config", required=True, help="AgentConfig as JSON")
     parser.add_argument("--event-log", default=None)
+    parser.add_argument("--listen-fds", default=None, help="OUT,IN: listening sockets the parent keeps")
     args = parser.parse_args(argv)
     config = config_from_json(args.config)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=log_format(args.index))
     _die_with_parent()
-    return uvloop.run(serve(config, args.index, args.channel_fd, args.event_log))
+    listeners = None
+    if args.listen_fds:
+        out_fd, in_fd = (int(fd) for fd in args.listen_fds.split(","))
+        listeners = (socket.socket(fileno=out_fd), socket.socket(fileno=in_fd))
+    return uvloop.run(serve(config, args.index, args.channel_fd, args.event_log, listeners=listeners))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ _addon_option = click.option(
 )
 _sandbox_option = click.option("--sandbox", is_flag=True, help="Act on the local sandbox cluster instead.")
 _name_option = click.option("--name", default=None, help="Sandbox cluster name (with --sandbox).")
+_as_pods_option = click.option(
+    "--as-pods", is_flag=True,
+    help="With --sandbox: apply these manifests to the sandbox and let its kubelet run them (controller "
+         "pod, agent DaemonSet, the sandbox's API server), as on Kubernetes, instead of node processes.")
 
 
 @click.command()
@@ -51,13 +55,16 @@ _name_option = click.option("--name", default=None, help="Sandbox cluster name (
 @_addon_option
 @_sandbox_option
 @_name_option
-def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None) -> None:
+@_as_pods_option
+def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None, as_pods: bool) -> None:
     """Print the Kubernetes manifests that install nodemesh (pipe them to `kubectl apply -f -`)."""
     values = _values(sets)
+    if as_pods and not sandbox:
+        raise click.UsageError("--as-pods goes with --sandbox")
     if sandbox:
         from nodemesh.cli.sandbox_install import install_sandbox
 
-        address = install_sandbox(name=name)
+        address = install_sandbox(name=name, as_pods=as_pods, sets=sets)
         click.echo(f"nodemesh installed on the sandbox; controller at {address}")
         return
     click.echo(_render(values, addon), nl=False)

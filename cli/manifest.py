@@ -519,6 +519,11 @@ with open(os.environ.get("POD_CIDRS_FILE", "/run/nodemesh/pod-cidrs"), "w") as f
     f.write(",".join(cidrs))
 print(f"event=pod_cidrs node={node} cidrs={','.join(cidrs)}")
 """
+# The agent rewrites this every second with `ready` or `not-ready` (agent/liveness.py); the probes
+# check what it says and that it is fresh (a hung agent stops writing it).
+HEALTH_FILE = "/run/nodemesh/agent.health"
+_HEALTH_FRESH = f'test $(( $(date +%s) - $(stat -c %Y {HEALTH_FILE}) )) -lt 10'
+_HEALTH_READY = f'test "$(cat {HEALTH_FILE})" = ready && {_HEALTH_FRESH.replace("-lt 10", "-lt 5")}'
 # `sh -c SCRIPT argv0 ARGS...`: the container's args arrive as "$@", the pod CIDRs from the file.
 _WITH_POD_CIDRS = 'exec python -m {module} --pod-cidr "$(cat ' + POD_CIDRS_FILE + ')" "$@"'
 
@@ -555,6 +560,24 @@ def _init_node_sysctls(v: InstallValues) -> dict[str, Any]:
     }
 
 
+def _init_fail_open(v: InstallValues) -> dict[str, Any]:
+    # First thing at pod start, before anything waits on the API server: capture rules left in the
+    # kernel (a restarted node, a killed redirector) go unless an agent is ready with its identity
+    # (a rolling update's old one). Otherwise they capture pods while nothing serves the agent's
+    # ports, and the mesh's own pods before any agent can name them (issue 11, item 2).
+    return {
+        "name": "fail-open",
+        "image": v.image,
+        "imagePullPolicy": v.imagePullPolicy,
+        "command": ["python", "-m", "nodemesh.redirector", "fail-open",
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"],
+        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
+        "securityContext": _security_context(_redirector_capabilities(v), 0),
+        "volumeMounts": [{"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
 def _daemonset(v: InstallValues) -> dict[str, Any]:
     config = v.mesh_config()
     agent = {
@@ -571,18 +594,22 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
             "--drain-grace", str(v.drainGraceSeconds),
             "--opaque-ports", _csv(config["opaquePorts"]),
             "--log-level", v.logLevel,
+            "--health-file", HEALTH_FILE,
         ],
         "env": _downward_env(),
         # No `ports:` on purpose: with hostNetwork every containerPort is a hostPort, and the
         # scheduler would then refuse the surge pod (maxSurge: 1) on a node whose old agent
         # holds the same ports. The agent binds with SO_REUSEPORT, so old and new can overlap.
+        # For the same reason the probes read this pod's health file instead of GET :4191: the
+        # kernel hands a probe to any agent listening there, and during a rolling update the old
+        # one answered for the new one, declaring it Ready before it listened (issue 11 item 7).
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": ADMIN_PORT},
-            "periodSeconds": 5,
+            "exec": {"command": ["/bin/sh", "-c", _HEALTH_READY]},
+            "periodSeconds": 2,
             "failureThreshold": 2,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/live", "port": ADMIN_PORT},
+            "exec": {"command": ["/bin/sh", "-c", _HEALTH_FRESH]},
             "initialDelaySeconds": 10,
             "periodSeconds": 10,
             "failureThreshold": 3,
@@ -671,7 +698,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                     "terminationGracePeriodSeconds": v.drainGraceSeconds + TERMINATION_MARGIN_S,
                     "tolerations": [{"operator": "Exists"}],
                     "securityContext": pod_security,
-                    "initContainers": [_init_node_sysctls(v), _init_pod_cidrs(v)],
+                    "initContainers": [_init_fail_open(v), _init_node_sysctls(v), _init_pod_cidrs(v)],
                     "containers": [agent, redirector],
                     "volumes": volumes,
                 },

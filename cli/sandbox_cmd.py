@@ -58,12 +58,18 @@ def sandbox() -> None:
 @click.option("--nodes", default=2, show_default=True, type=click.IntRange(1, 16))
 @click.option("--cni", type=click.Choice(["bridge", "routed"]), default="bridge", show_default=True,
               help="bridge: pods on a Linux bridge (flannel cni0); routed: /32 routes + proxy ARP (Calico).")
+@click.option("--iptables", "iptables", default=None, metavar="nft|legacy|NODE=BACKEND,...",
+              help="each node's iptables backend, where its kube-proxy rules live (default: what `iptables` "
+                   "on this machine is); e.g. node2=legacy")
 @name_option
 @handles_errors
-def up(nodes: int, cni: str, name: str) -> None:
+def up(nodes: int, cni: str, iptables: str | None, name: str) -> None:
     """Create the sandbox (nothing happens if it is already up)."""
     sb = _sandbox(name)
-    if sb.up(nodes=nodes, cni=cni):
+    backends: str | dict[str, str] | None = iptables
+    if iptables and "=" in iptables:
+        backends = dict(item.split("=", 1) for item in iptables.split(",") if item)
+    if sb.up(nodes=nodes, cni=cni, iptables=backends):
         click.echo(f"sandbox {name} up: {nodes} nodes, cni {cni}, host link {sb.host_link} {sb.host_ip}")
     else:
         st = sb.status()

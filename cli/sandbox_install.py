@@ -1,10 +1,21 @@
 """`nodemesh install --sandbox` / `uninstall --sandbox`: what the DaemonSet does, on sandbox nodes.
 
-On every node of a running sandbox this starts, as supervised hostNetwork processes inside the
-node's network namespace, the agent and then the redirector (which captures only once the
-agent is ready); the controller runs once, on the first node. Uninstall goes the other way:
-redirectors first (they remove the capture, so pods talk directly again), then the agents and
-the controller. Both are idempotent, and the app keeps serving across both.
+Two ways, same agent, redirector and controller code:
+
+* node processes (the default): on every node of a running sandbox this starts, as supervised
+  hostNetwork processes inside the node's network namespace, the agent and then the redirector
+  (which captures only once the agent is ready); the controller runs once, on the first node,
+  reading the sandbox's objects file. Uninstall goes the other way: redirectors first (they remove
+  the capture, so pods talk directly again), then the agents and the controller.
+* `as_pods=True` (`--as-pods`): the manifests `nodemesh install` prints for Kubernetes, applied to
+  the sandbox and run by its kubelet, as a real node runs them — the controller a pod of the mesh's
+  namespace on the pod network (list+watch and TokenReview against the sandbox's API server, a
+  hostNetwork pod behind `default/kubernetes`), the agent and redirector one hostNetwork DaemonSet
+  pod per node (init container, projected token, rolling updates, node restarts). One change: the
+  controller reads the API server from its pod's kubeconfig instead of the in-cluster config (which
+  the sandbox cannot mount). The CLI reaches the controller through a port-forward on node1.
+
+Both are idempotent, and the app keeps serving across both.
 """
 
 from __future__ import annotations
@@ -16,16 +27,30 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import click
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
 from nodemesh.cli.client import CONTROLLER_ADDR_FILE, ClientConfig, CliError, connect, write_sandbox_address
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
+from nodemesh.cli.manifest import (
+    CLI_NAME,
+    CONTROLLER_AUDIENCE,
+    CONTROLLER_NAME,
+    InstallValues,
+    apply_sets,
+    daemonset_documents,
+    dump_documents,
+)
 from nodemesh.redirector.plan import hook_present
 
 CONTROLLER_PROCESS = "nodemesh-controller"
 TOKEN_FILE = "controller.token"
+PORT_FORWARD_PROCESS = "nodemesh-port-forward"
+# What --as-pods applied (uninstall deletes exactly this).
+PODS_MANIFEST_FILE = "nodemesh-install.yaml"
+CLI_TOKEN_TTL_S = 30 * 24 * 3600
 
 
 def agent_process(node: str) -> str:
@@ -51,10 +76,14 @@ def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
 
 
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
-                    progress: Callable[[str], None] | None = None) -> str:
-    """Install the mesh on a running sandbox; returns the controller's host:port."""
+                    progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
+                    sets: tuple[str, ...] = ()) -> str:
+    """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
+    key=value, as for `nodemesh install`) apply with `as_pods` only."""
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
+    if as_pods:
+        return _install_as_pods(sb, workers, timeout, say, sets)
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
     token_path = state_dir / TOKEN_FILE
@@ -107,6 +136,10 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
     """
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
+    if (Path(sb.state_dir) / PODS_MANIFEST_FILE).exists():
+        _uninstall_pods(sb)
+        say(f"nodemesh removed from sandbox {sb.name}")
+        return
     nodes = sb.nodes()
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
         redirectors = [pool.submit(sb.stop_node_process, n.name, redirector_process(n.name), 40.0) for n in nodes]
@@ -124,6 +157,81 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
     (Path(sb.state_dir) / CONTROLLER_ADDR_FILE).unlink(missing_ok=True)
     (Path(sb.state_dir) / DASHBOARD_ADDR_FILE).unlink(missing_ok=True)
     say(f"nodemesh removed from sandbox {sb.name}")
+
+
+def sandbox_documents(values: InstallValues) -> list[dict[str, Any]]:
+    """The Kubernetes install (cli/manifest.py) as the sandbox's kubelet runs it. Everything is
+    as rendered for a cluster except: the controller reads its API server from the kubeconfig the
+    sandbox gives every pod (`$(KUBECONFIG)`), not from the in-cluster configuration, whose fixed
+    paths and TLS the sandbox cannot provide."""
+    docs = daemonset_documents(values)
+    for doc in docs:
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == CONTROLLER_NAME:
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            args: list[str] = []
+            for arg in container["args"]:
+                args += ["--kubeconfig", "$(KUBECONFIG)"] if arg == "--in-cluster" else [arg]
+            container["args"] = args
+    return docs
+
+
+def _install_as_pods(sb: Any, workers: int, timeout: float, say: Callable[[str], None],
+                     sets: tuple[str, ...]) -> str:
+    from nodemesh.sandbox import tokens
+
+    values = apply_sets(InstallValues(agentWorkers=workers), sets)
+    nodes = sb.nodes()
+    state_dir = Path(sb.state_dir)
+    sb.ensure_api_server(timeout=timeout)
+    text = dump_documents(sandbox_documents(values), "# nodemesh install --sandbox --as-pods\n")
+    (state_dir / PODS_MANIFEST_FILE).write_text(text)
+    sb.apply(text=text)
+    # `kubectl create token nodemesh-cli --audience nodemesh-controller`, for the CLI and the tests.
+    token = tokens.mint(state_dir, values.namespace, CLI_NAME, [CONTROLLER_AUDIENCE], CLI_TOKEN_TTL_S)
+    token_path = state_dir / TOKEN_FILE
+    token_path.write_text(token + "\n")
+    token_path.chmod(0o600)
+    controller_host = sb.controller_address
+    sb.start_node_process(nodes[0].name, PORT_FORWARD_PROCESS, [
+        sys.executable, "-m", "nodemesh.sandbox.portforward", "--cluster", sb.name, "--state-dir", str(state_dir),
+        "--namespace", values.namespace, "--selector", f"app={CONTROLLER_NAME}", "--listen", controller_host,
+        "--port", str(CONTROLLER_GRPC_PORT), "--port", str(CONTROLLER_WEB_PORT),
+    ])
+    write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
+    write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)
+    controller = f"{controller_host}:{CONTROLLER_GRPC_PORT}"
+    _wait(lambda: _mesh_healthy(controller, token_path, {n.name for n in nodes}), timeout,
+          "controller, agents and capture ready", [Path(sb.state_dir) / "logs"])
+    say(f"nodemesh installed on sandbox {sb.name} as pods: controller {controller} (port-forward), "
+        f"{len(nodes)} agents")
+    return controller
+
+
+def _uninstall_pods(sb: Any) -> None:
+    """`kubectl delete -f`: the kubelet stops the DaemonSet's pods with their grace period, and each
+    redirector removes its node's rules on the way out (rules left by a killed one are removed)."""
+    state_dir = Path(sb.state_dir)
+    text = (state_dir / PODS_MANIFEST_FILE).read_text()
+    sb.delete(text=text, ignore_not_found=True)
+    nodes = sb.nodes()
+    _wait(lambda: not any(_rules_left(sb, n.name) for n in nodes) and not _mesh_processes_left(sb),
+          60.0, "mesh pods stopped and capture removed", [state_dir / "logs"], fail=False)
+    for node in nodes:
+        if _rules_left(sb, node.name):
+            sb.node_exec(node.name, [sys.executable, "-m", "nodemesh.redirector", "remove", "--node-ip", node.ip,
+                                     "--pod-cidr", node.pod_cidr], check=True, capture_output=True, timeout=30)
+    sb.stop_node_process(nodes[0].name, PORT_FORWARD_PROCESS)
+    for name in (CONTROLLER_ADDR_FILE, DASHBOARD_ADDR_FILE, PODS_MANIFEST_FILE):
+        (state_dir / name).unlink(missing_ok=True)
+
+
+def _mesh_processes_left(sb: Any) -> bool:
+    """Does the kubelet still run a container of a pod that is gone (one draining)?"""
+    from nodemesh.sandbox.state import read_json
+
+    live = {p["metadata"]["uid"] for p in sb.pods()}
+    pids = read_json(Path(sb.state_dir) / "runtime.json", {}).get("pids", {})
+    return any(key.startswith("pod/") and key.split("/")[1] not in live for key in pids)
 
 
 def _nat_save(sb, node: str) -> str:
@@ -170,10 +278,11 @@ def _probe(predicate: Callable[[], bool]) -> bool:
         return False
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, step: str, logs: list[Path]) -> None:
+def _wait(predicate: Callable[[], bool], timeout: float, step: str, logs: list[Path], fail: bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _probe(predicate):
             return
         time.sleep(0.2)
-    raise InstallError(f"{step}: not reached within {timeout:.0f}s; see {', '.join(map(str, logs))}")
+    if fail:
+        raise InstallError(f"{step}: not reached within {timeout:.0f}s; see {', '.join(map(str, logs))}")

@@ -204,6 +204,47 @@ class Redirector:
     def set_capture(self, plan: Plan, capture: bool) -> bool:
         return self.apply(plan, capture=capture)
 
+    def remove_capture_hooks(self, plan: Plan) -> bool:
+        """Take out only the hooks that capture (found by their exact spec), leaving our chains and
+        the return path as they are: what fail-open does, for a caller that does not know the plan
+        the hooks were installed with (`redirector fail-open` at pod start), and the fast path when
+        the agent dies. True if any was there.
+
+        First one transaction that deletes each hook once, without reading anything (it fails as a
+        whole when a hook is not there): every millisecond here is a refused connection. Then a
+        read of the kernel for what that could not do (a hook missing, or there twice)."""
+        hooks = [h for h in plan.hooks if h.capture]
+        by_table: dict[str, list[str]] = {}
+        for hook in hooks:
+            by_table.setdefault(hook.table, []).append(f"-D {hook.chain} {hook.spec}")
+        quick = "".join(f"*{t}\n" + "\n".join(ls) + "\nCOMMIT\n" for t, ls in by_table.items())
+        try:
+            self.nf.restore(quick)
+        except ApplyError:
+            pass
+        else:
+            self._remove_capture_hooks_read(plan)
+            return True
+        return self._remove_capture_hooks_read(plan)
+
+    def _remove_capture_hooks_read(self, plan: Plan) -> bool:
+        tables = self._tables()
+        lines: dict[str, list[str]] = {}
+        for hook in plan.hooks:
+            if hook.capture:
+                have = tables[hook.table].rules.get(hook.chain, [])
+                lines.setdefault(hook.table, []).extend(f"-D {hook.chain} {hook.spec}"
+                                                        for _ in range(have.count(hook.spec)))
+        script = "".join(f"*{t}\n" + "\n".join(ls) + "\nCOMMIT\n" for t, ls in lines.items() if ls)
+        if script:
+            self.nf.restore(script)
+        return bool(script)
+
+    def capture_hooked(self, plan: Plan) -> bool:
+        """Does any hook that captures (the plan's, as the kernel holds them) sit in a built-in chain?"""
+        tables = self._tables()
+        return any(hook.spec in tables[hook.table].rules.get(hook.chain, []) for hook in plan.hooks if hook.capture)
+
     def remove(self, plan: Plan | None = None) -> bool:
         """Delete everything nodemesh installed (found by comment and chain name), nothing else."""
         changed = False

@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dry-run", action="store_true", help="print only (the default: plan never applies)")
     sub.add_parser("apply", parents=[common], help="install the plan (idempotent)")
     sub.add_parser("remove", parents=[common], help="remove everything nodemesh installed")
+    fail_open = sub.add_parser(
+        "fail-open", parents=[common],
+        help="at pod start: take the capture hooks out unless an agent is ready with its identity "
+             "(rules left by a restarted node or a killed redirector); the return path stays")
+    fail_open.add_argument("--agent-admin", default=f"http://127.0.0.1:{ADMIN_PORT}")
     run = sub.add_parser("run", parents=[common], help="watch the agent; capture only while it is ready")
     run.add_argument("--agent-admin", default=f"http://127.0.0.1:{ADMIN_PORT}")
     run.add_argument("--grace", type=float, default=2.0, help="seconds not ready before failing open")
@@ -101,6 +106,30 @@ def _redirector(args: argparse.Namespace) -> Redirector:
                                 netns=args.netns))
 
 
+def _fail_open_at_start(args: argparse.Namespace, config: CaptureConfig, redirector: Redirector,
+                        log: KVLog) -> int:
+    """The DaemonSet pod's first init container. After a node restart the rules from before are still
+    in the kernel while nothing serves the agent's ports yet: every captured connection is refused,
+    and the mesh's own pods (a restarted controller with a new IP) are captured before any agent
+    can name them. Capture comes back when the redirector sees an agent ready with its identity.
+    A rolling update's new pod finds the old agent serving: the hooks stay. Never fails the pod:
+    the redirector retries whatever could not be done here."""
+    runner = FailOpenRunner(RunnerConfig(config, agent_admin=args.agent_admin), redirector, log)
+    try:
+        state = runner.agent_state()
+        answer = runner.capture_answer() if state == "ready" else None
+        if state == "ready" and answer is not None and answer[0]:
+            log("capture_kept", reason="agent_ready", at="pod_start")
+        elif redirector.remove_capture_hooks(build_plan(config)):
+            log("capture_removed", reason="agent_" + ("not_synced" if state == "ready" else state),
+                at="pod_start", fail_open="true")
+        else:
+            log("capture_absent", at="pod_start")
+    except ApplyError as exc:
+        log("fail_open_failed", error=str(exc).splitlines()[0])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = KVLog()
@@ -108,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_node_sysctls(log)   # logged one line each; never fatal: the mesh works without them
         return 0
     try:
-        config = _capture_config(args, required=args.verb != "remove")
+        config = _capture_config(args, required=args.verb not in ("remove", "fail-open"))
         if args.verb == "plan":
             sys.stdout.write(render_dry_run(build_plan(config)))
             return 0
@@ -119,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.verb == "remove":
             changed = redirector.remove(build_plan(config))
             log("removed", changed=str(changed).lower(), backend=redirector.nf.backend)
+        elif args.verb == "fail-open":
+            return _fail_open_at_start(args, config, redirector, log)
         else:
             runner = FailOpenRunner(_runner_config(args, config), redirector, log)
             runner.install_signal_handlers()

@@ -192,6 +192,14 @@ def build_plan(config: CaptureConfig) -> Plan:
     rules.append(Rule("mangle", CHAIN_OUTPUT, "-p tcp -m addrtype ! --src-type LOCAL",
                       f"-j CONNMARK --set-xmark {mark}",
                       "sent from a non-node address: a transparent socket, mark its connection"))
+    # When the endpoint is on this node's own network (the API server, a hostNetwork pod), its
+    # replies never arrive through PREROUTING: they are sent from here, and routed to the pod whose
+    # IP the agent's socket borrowed (the pod answers with a reset; the upstream connect timed out on
+    # a real node). Marking them as they leave re-routes them (mangle OUTPUT re-routes on a new
+    # mark) through the all-local table, back in through lo to the agent's socket.
+    rules.append(Rule("mangle", CHAIN_OUTPUT, f"-p tcp -m connmark --mark {mark} -m conntrack --ctdir REPLY",
+                      f"-j MARK --set-xmark {mark}",
+                      "reply from an endpoint on this node to a transparent socket: route it to the socket"))
     # The agent's upstream carries the calling pod's address and a port of its own choosing, so its
     # 4-tuple can be one the pod (or the other node's agent) also has in conntrack: a captured
     # connection, DNATed to the agent. Looked up in the same zone, the upstream's SYN is taken for

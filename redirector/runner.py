@@ -1,8 +1,11 @@
 """The fail-open runner: keeps capture installed while the agent is ready, and only then.
 
-Every `poll_s` it asks the agent's `/ready`. Ready: make sure the plan (with the excluded pod IPs the
-agent reports on `/capture`) is installed with its capture hooks. Not ready for longer than `grace_s`:
-remove the capture hooks so pods talk directly instead of failing, until the agent is back. SIGTERM
+Every `poll_s` it asks the agent's `/ready`. Ready, and the agent has its identity (`/capture` says
+`synced`): make sure the plan (with the excluded pod IPs the agent reports) is installed with its
+capture hooks. An agent without its identity yet gets no capture: it cannot name the mesh's own pods
+(the controller), and capturing them makes the mesh depend on itself. Not ready for longer than
+`grace_s`, or no agent listening at all: remove the capture hooks so pods talk directly instead of
+failing, until the agent is back. Hooks already in the kernel at start are reconciled the same way. SIGTERM
 removes everything installed, in two steps: the capture hooks at once (new connections go direct),
 the return path only once the agent's captured connections have ended (bounded by
 `shutdown_wait_s`), because the agent's transparent upstream sockets still in flight get their
@@ -12,7 +15,9 @@ replies through it. Transitions are logged as one key=value line each.
 from __future__ import annotations
 
 import json
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+from nodemesh.redirector import presence
 from nodemesh.redirector.apply import ApplyError, Redirector
 from nodemesh.redirector.config import CaptureConfig, ipv4_only
 from nodemesh.redirector.plan import Plan, build_plan
@@ -44,6 +50,9 @@ class RunnerConfig:
     # connections (its drain grace is 30 s), so in-flight requests are not cut off (found by the
     # sandbox-wide uninstall test: a request in flight lost its replies and failed).
     shutdown_wait_s: float = 35.0
+    # At shutdown during a rolling update (a second agent runs on the node), wait this long at most
+    # for the new pod's redirector to appear, and hand the rules over to it instead of removing them.
+    handover_wait_s: float = 15.0
 
 
 _REMOVE_ATTEMPTS = 5
@@ -98,77 +107,250 @@ class FailOpenRunner:
         self.last_ready = clock()
         self.excluded: tuple[str, ...] = ()
         self.last_asserted = clock()
+        self.synced_once = False       # an excluded list from a synced agent was seen (see step)
+        self.adopted = False           # capturing with hooks found at start, plan not ours yet
+        self.waiting_logged = False
+        self._presence = None
+        self._agent_links: dict[str, socket.socket] = {}
+        self._dead_agents: set[str] = set()
         self._stop = threading.Event()
 
     # --------------------------------------------------------------------------- talking to the agent
-    def _get(self, path: str) -> bytes | None:
+    def _fetch(self, path: str) -> tuple[str, bytes | None]:
+        """(state, body): state "ok" (200), "refused" (nothing listens: no agent at all), or
+        "unavailable" (an answer other than 200, or none in time: a busy, starting or hung agent)."""
         try:
             with urllib.request.urlopen(self.config.agent_admin.rstrip("/") + path,
                                         timeout=self.config.http_timeout_s) as resp:
-                return resp.read() if resp.status == 200 else None
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+                return ("ok", resp.read()) if resp.status == 200 else ("unavailable", None)
+        except urllib.error.HTTPError:
+            return "unavailable", None
+        except urllib.error.URLError as exc:
+            return ("refused" if isinstance(exc.reason, ConnectionRefusedError) else "unavailable"), None
+        except ConnectionRefusedError:
+            return "refused", None
+        except (OSError, ValueError):
+            return "unavailable", None
+
+    def _get(self, path: str) -> bytes | None:
+        return self._fetch(path)[1]
+
+    def agent_state(self) -> str:
+        """"ready", "refused" (no agent listens) or "unavailable" (not ready, or no answer in time)."""
+        state, _ = self._fetch("/ready")
+        return "ready" if state == "ok" else state
 
     def agent_ready(self) -> bool:
-        return self._get("/ready") is not None
+        return self.agent_state() == "ready"
 
-    def excluded_ips(self) -> tuple[str, ...]:
-        """What the agent says today; on an unreadable answer, what it said last time."""
+    def capture_answer(self) -> tuple[bool, tuple[str, ...]] | None:
+        """(synced, excluded IPs) from the agent's /capture; None when unreadable. An agent that
+        does not say `synced` (older than this redirector) is taken as synced."""
         body = self._get("/capture")
         if body is None:
-            return self.excluded
+            return None
         try:
-            ips = ipv4_only([str(ip) for ip in json.loads(body).get("excluded_ips", [])])
-            return self.config.capture.with_excluded(ips).excluded_ips
+            answer = json.loads(body)
+            ips = ipv4_only([str(ip) for ip in answer.get("excluded_ips", [])])
+            return bool(answer.get("synced", True)), self.config.capture.with_excluded(ips).excluded_ips
         except (ValueError, AttributeError, TypeError):
             self.log("capture_answer_invalid", body=body[:200].decode(errors="replace"))
+            return None
+
+    def excluded_ips(self) -> tuple[str, ...]:
+        """What the agent says today; on an unreadable or not yet synced answer, what it said last time."""
+        answer = self.capture_answer()
+        if answer is None or not answer[0]:
             return self.excluded
+        return answer[1]
 
     # ----------------------------------------------------------------------------------- one step
+    def adopt_existing(self) -> None:
+        """At start: capture hooks already in the kernel (a restarted node, a redirector that was
+        killed, the old pod of a rolling update) are ours to look after from now on. Whether they
+        stay is decided by the first step, like any capture: an agent that is not there, or that has
+        no identity yet, gets them removed at once (they DNAT pods to a port nobody serves, or
+        capture the mesh's own pods); a busy one gets the grace."""
+        plan = build_plan(self.config.capture)
+        if self.redirector.capture_hooked(plan):
+            self.capturing = True
+            self.adopted = True
+            self.plan = plan
+            self.last_ready = self.clock()
+            self.log("capture_found", reason="start", action="reconcile")
+
+    def _fail_open(self, reason: str, now: float) -> None:
+        assert self.plan is not None
+        # Only the capture hooks, in one quick transaction: our chains and the return path stay
+        # (in-flight transparent connections still need it), and every millisecond counts.
+        self.redirector.remove_capture_hooks(self.plan)
+        self.capturing = False
+        self.adopted = False
+        self.log("capture_removed", reason=reason, fail_open="true", not_ready_s=f"{now - self.last_ready:.2f}")
+
     def step(self) -> None:
         now = self.clock()
-        if self.agent_ready():
+        state = self.agent_state()
+        if state == "ready":
             self.last_ready = now
-            excluded = self.excluded_ips()
-            if not self.capturing or excluded != self.excluded or self.plan is None:
+            answer = self.capture_answer()
+            if answer is not None and answer[0]:
+                excluded = answer[1]
+                self.synced_once = True
+            elif not self.synced_once:
+                # The agent has no identity yet (it gets it from the controller): it cannot name the
+                # pods to exclude, the mesh's own among them. Capturing now would send the controller's
+                # calls to the API server through the agent it serves: the deadlock of issue 11.
+                # Hooks adopted at start stay as they are: a ready agent with no identity is two
+                # agents answering (a rolling update: the old one's /ready, the new one's /capture,
+                # on the shared admin port), and an agent alone reports ready only once it has it.
+                if not self.waiting_logged:
+                    self.log("capture_waiting", reason="agent_not_synced")
+                    self.waiting_logged = True
+                return
+            else:
+                excluded = self.excluded  # a restarted agent re-syncing: the list we had still holds
+            if not self.capturing or excluded != self.excluded or self.plan is None or self.adopted:
                 plan = build_plan(self.config.capture.with_excluded(excluded))
                 self.redirector.apply(plan, capture=True)
                 if not self.capturing:
                     self.log("capture_installed", reason="agent_ready", excluded_ips=len(excluded))
                 else:
                     self.log("capture_updated", excluded_ips=len(excluded))
-                self.plan, self.excluded, self.capturing = plan, excluded, True
+                self.plan, self.excluded, self.capturing, self.adopted = plan, excluded, True, False
                 self.last_asserted = now
             elif now - self.last_asserted >= self.config.reassert_s:
                 self.last_asserted = now
                 if self.redirector.apply(self.plan, capture=True):
                     self.log("capture_restored", reason="rules_missing")
-        elif self.capturing and now - self.last_ready > self.config.grace_s:
-            assert self.plan is not None
-            self.redirector.set_capture(self.plan, capture=False)
-            self.capturing = False
-            self.log("capture_removed", reason="agent_not_ready", fail_open="true",
-                     not_ready_s=f"{now - self.last_ready:.2f}")
+        elif self.capturing and ((gone := state == "refused" and not self._agents_alive())
+                                 or now - self.last_ready > self.config.grace_s):
+            # Gone: the admin port refuses and no agent process is alive on the node (killed,
+            # crashed, not started): its ports refuse every connection capture sends there, so
+            # waiting out the grace only fails connections. A refusal while an agent lives is the
+            # admin socket of a draining agent in a rolling update: the grace applies.
+            self._fail_open("agent_gone" if gone else "agent_not_ready", now)
+
+    def _agents_alive(self) -> bool:
+        return bool(presence.present(presence.AGENT, self.redirector.nf.netns))
 
     def run(self) -> None:
         self.log("started", agent_admin=self.config.agent_admin, grace_s=self.config.grace_s,
                  mechanism=self.config.capture.mechanism, backend=self.redirector.nf.backend)
+        if self.redirector.nf.netns is None:  # presence is per netns: only where we run
+            try:
+                self._presence = presence.register(presence.REDIRECTOR)
+            except OSError as exc:
+                self.log("presence_unavailable", error=repr(exc))
         try:
+            try:
+                self.adopt_existing()
+            except ApplyError as exc:
+                self.log("step_failed", error=str(exc).splitlines()[0])
             while not self._stop.is_set():
                 started = self.clock()
                 try:
                     self.step()
                 except Exception as exc:  # noqa: BLE001 (a failed apply must not kill the watcher: retry next poll)
                     self.log("step_failed", error=repr(exc))
-                self._stop.wait(max(0.0, self.config.poll_s - (self.clock() - started)))
+                self._watch_agents()
+                if self._wait(max(0.0, self.config.poll_s - (self.clock() - started))):
+                    try:
+                        self._on_agent_death()
+                    except ApplyError as exc:
+                        self.log("step_failed", error=str(exc).splitlines()[0])
         finally:
+            for sock in self._agent_links.values():
+                sock.close()
             self.shutdown()
+
+    # ------------------------------------------------------------------------------- liveness
+    def _watch_agents(self) -> None:
+        """Hold a connection to every agent's presence socket (agent/liveness.py); new agents are
+        found at each poll. The kernel ends the connection when the agent dies, however it dies."""
+        if self.redirector.nf.netns is not None:
+            return  # abstract sockets are per netns: only in the one we run in
+        for name in presence.present(presence.AGENT):
+            if name not in self._agent_links:
+                sock = presence.connect(name)
+                if sock is not None:
+                    self._agent_links[name] = sock
+
+    def _wait(self, timeout: float) -> bool:
+        """Sleep until the next poll, or wake at once when an agent dies: True then."""
+        links = dict(self._agent_links)
+        self._dead_agents.clear()
+        if not links:
+            self._stop.wait(timeout)
+            return False
+        try:
+            readable, _, _ = select.select(list(links.values()), [], [], timeout)
+        except (OSError, ValueError):
+            return False
+        died = False
+        for name, sock in links.items():
+            if sock not in readable:
+                continue
+            try:
+                data = sock.recv(64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # EOF or reset: the agent process is gone
+                sock.close()
+                del self._agent_links[name]
+                self._dead_agents.add(name)
+                died = True
+        return died
+
+    def _on_agent_death(self) -> None:
+        """An agent died. If none is left (a rolling update may have another), nothing serves the
+        ports capture sends pods to: take the capture hooks out now, not after a missed poll and the
+        grace (kill -9 of the agent failed connects for ~1 s on a real node; issue 11 item 8)."""
+        # The dead one's listening socket may still be listed for a moment (a process's sockets
+        # close one by one as it exits): only other agents count.
+        others = set(presence.present(presence.AGENT)) - self._dead_agents
+        if not self.capturing or self._agent_links or others:
+            return
+        started = self.clock()
+        assert self.plan is not None
+        self.redirector.remove_capture_hooks(self.plan)
+        self.capturing = False
+        self.adopted = False
+        self.log("capture_removed", reason="agent_died", fail_open="true",
+                 seconds=f"{self.clock() - started:.3f}")
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _peer(self) -> str | None:
+        """Another redirector of this node, to hand the shared rules to. In a DaemonSet rolling
+        update the new pod's one normally runs already; with two agents on the node (the new one and
+        ours, draining) it is at most starting: wait for it. One agent: an uninstall, nobody comes."""
+        if self.redirector.nf.netns is not None:
+            return None
+        deadline = self.clock() + self.config.handover_wait_s
+        while True:
+            peers = presence.present(presence.REDIRECTOR)
+            if peers:
+                return peers[0]
+            if len(presence.present(presence.AGENT)) < 2 or self.clock() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def shutdown(self) -> None:
         plan = self.plan or build_plan(self.config.capture)
+        if self._presence is not None:
+            self._presence.close()  # leaving: a peer shutting down at the same time must not count us
+            self._presence = None
+        peer = self._peer()
+        if peer is not None:
+            # The rules are the node's, shared by every redirector of it: removing them on the way
+            # out took the new pod's capture and return path away (issue 11 item 7).
+            self.capturing = False
+            self.log("capture_handed_over", to=peer)
+            return
         if self.capturing:
             try:
                 self.redirector.set_capture(plan, capture=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,13 @@ from nodemesh.sandbox.state import (
 log = logging.getLogger("nodemesh.sandbox")
 
 CNI_STYLES = ("bridge", "routed")
+KIND_LABELS = {"Namespace": "namespace", "Deployment": "deployment.apps", "DaemonSet": "daemonset.apps",
+               "Service": "service", "ConfigMap": "configmap", "ServiceAccount": "serviceaccount",
+               "ClusterRole": "clusterrole.rbac.authorization.k8s.io",
+               "ClusterRoleBinding": "clusterrolebinding.rbac.authorization.k8s.io"}
+RECORDED_KINDS = ("ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+# On an old DaemonSet pod: the pod replacing it; the kubelet deletes the old one once that one is Ready.
+REPLACED_BY = "sandbox.nodemesh.io/replaced-by"
 BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
@@ -98,12 +106,16 @@ class Sandbox:
 
     # ------------------------------------------------------------------------- up / down
     def up(self, nodes: int = 2, cni: str = "bridge", backoff: tuple[float, float] = (10.0, 300.0),
-           node_backoff: tuple[float, float] = (1.0, 10.0)) -> bool:
-        """Create the cluster. Returns False if it was already up (not an error)."""
+           node_backoff: tuple[float, float] = (1.0, 10.0), iptables: str | dict[str, str] | None = None) -> bool:
+        """Create the cluster. Returns False if it was already up (not an error).
+
+        `iptables`: each node's iptables backend, where its kube-proxy rules live ("nft" or
+        "legacy", or {"node2": "legacy"} per node; default: what `iptables` on this machine is)."""
         if cni not in CNI_STYLES:
             raise SandboxError(f"unknown CNI style {cni!r}: use bridge or routed")
         if not 1 <= nodes <= 16:
             raise SandboxError("--nodes must be between 1 and 16")
+        backends = _node_backends(iptables, nodes)
         if self.is_up():
             return False
         if self.exists() or netlink.list_cluster_netns(self.name):
@@ -121,9 +133,9 @@ class Sandbox:
         self._write_infra(infra)  # first, so `down` can undo a crash in the middle
         try:
             netlink.create_underlay(self.name, plan)
-            infos = [netlink.create_node(self.name, plan, k, cni, ks) for k in ks]
+            infos = [netlink.create_node(self.name, plan, k, cni, ks, backends[naming.node_name(k)]) for k in ks]
             for info in infos:
-                self._iptables_restore(info.netns, kubeproxy.base_jumps() + kubeproxy.render([]))
+                self._iptables_restore(info.netns, kubeproxy.base_jumps() + kubeproxy.render([]), info.iptables)
             infra["nodes"] = [i.to_json() for i in infos]
             self._write_infra(infra)
             with self.state.objects_txn() as objs:
@@ -215,13 +227,20 @@ class Sandbox:
         try:
             with self.state.objects_txn() as objs:
                 self._check_against_state(objs, manifests)
-                for m in sorted(manifests, key=lambda m: {"Namespace": 0, "Service": 1}.get(m.kind, 2)):
+                order = {"Namespace": 0, "ConfigMap": 1, "ServiceAccount": 1, "ClusterRole": 1,
+                         "ClusterRoleBinding": 1, "Service": 2}
+                for m in sorted(manifests, key=lambda m: order.get(m.kind, 3)):
                     if m.kind == "Namespace":
                         messages.append(self._apply_namespace(objs, m))
                     elif m.kind == "Service":
                         messages.append(self._apply_service(objs, m, plan))
+                    elif m.kind in RECORDED_KINDS:
+                        messages.append(self._apply_recorded(objs, m))
                     else:
-                        msg, made, gone = self._apply_deployment(objs, m, nodes, plan, keep_old)
+                        if m.kind == "Deployment":
+                            msg, made, gone = self._apply_deployment(objs, m, nodes, plan, keep_old)
+                        else:
+                            msg, made, gone = self._apply_daemonset(objs, m, nodes, plan)
                         messages.append(msg)
                         created_pods += made
                         removed_pods += gone
@@ -271,6 +290,81 @@ class Sandbox:
         stored = objs.put(objects.service_object(m.body, ip))
         return _verb(f"service/{m.name}", existing, stored)
 
+    def _apply_recorded(self, objs: Objects, m: Manifest) -> str:
+        existing = objs.get(m.kind, m.namespace, m.name)
+        stored = objs.put(objects.recorded_object(m.body))
+        return _verb(f"{KIND_LABELS[m.kind]}/{m.name}", existing, stored)
+
+    def _new_pod(self, objs: Objects, plan: AddressPlan, node: NodeInfo, namespace: str, owner_name: str,
+                 host_network: bool, made: list[tuple[NodeInfo, str, str]],
+                 forced: str | None = None) -> tuple[str, str]:
+        """Name and IP (`forced`, else the next free one) for a new pod on `node`, its netns wired
+        (unless it uses the node's network)."""
+        name = self._pod_name(objs, namespace, owner_name)
+        if host_network:
+            return name, node.ip
+        used = {objects.pod_ip(p) for p in objs.list("Pod")
+                if p["spec"]["nodeName"] == node.name and not p["spec"].get("hostNetwork")}
+        if forced and forced in used:
+            raise ManifestError(f"{namespace}/{owner_name}: pod IP {forced} is in use")
+        ip = forced or allocate(plan.pod_ip_candidates(node.index), used)
+        netlink.attach_pod(self.name, plan, node, namespace, name, ip)
+        made.append((node, namespace, name))
+        return name, ip
+
+    def _apply_daemonset(self, objs: Objects, m: Manifest, nodes: list[NodeInfo], plan: AddressPlan,
+                         ) -> tuple[str, list[tuple[NodeInfo, str, str]], list[dict[str, Any]]]:
+        """One pod per matching node. A changed template rolls: with maxSurge >= 1 the new pod
+        starts beside the old one, and the kubelet deletes the old one once the new one is Ready
+        (every node at once; Kubernetes goes node by node); otherwise the old pod goes first."""
+        existing = objs.get("DaemonSet", m.namespace, m.name)
+        ds = objs.put(objects.daemonset_object(m.body, copy.deepcopy(existing) if existing else None))
+        template = ds["spec"]["template"]
+        current = naming.template_hash(template)
+        strategy = ds["spec"]["updateStrategy"]
+        surge = strategy.get("type", "RollingUpdate") == "RollingUpdate" and \
+            strategy.get("rollingUpdate", {}).get("maxSurge", 0) >= 1
+        on_delete = strategy.get("type") == "OnDelete"
+        host_network = bool(template["spec"].get("hostNetwork"))
+        mine = [p for p in objs.list("Pod", m.namespace)
+                if p["metadata"]["ownerReferences"][0]["uid"] == ds["metadata"]["uid"]]
+        node_objs = {o["metadata"]["name"]: o for o in objs.list("Node")}
+        made: list[tuple[NodeInfo, str, str]] = []
+        removed: list[dict[str, Any]] = []
+        for node in nodes:
+            here = [p for p in mine if p["spec"]["nodeName"] == node.name]
+            if not objects.node_matches(node_objs.get(node.name), template["spec"].get("nodeSelector")):
+                for p in here:
+                    objs.delete("Pod", m.namespace, p["metadata"]["name"])
+                    removed.append(p)
+                continue
+            fresh = [p for p in here if p["metadata"]["labels"].get("controller-revision-hash") == current]
+            old = [p for p in here if p not in fresh]
+            for extra in fresh[1:]:
+                objs.delete("Pod", m.namespace, extra["metadata"]["name"])
+                removed.append(extra)
+            if old and on_delete:
+                continue
+            if old and not surge:
+                for p in old:
+                    objs.delete("Pod", m.namespace, p["metadata"]["name"])
+                    removed.append(p)
+                old = []
+            if fresh:
+                new_pod = fresh[0]
+            else:
+                name, ip = self._new_pod(objs, plan, node, m.namespace, m.name, host_network, made)
+                new_pod = objs.put(objects.daemonset_pod(ds, name, node, ip))
+            for p in old:
+                if objects.pod_ready(new_pod):
+                    objs.delete("Pod", m.namespace, p["metadata"]["name"])
+                    removed.append(p)
+                else:  # the kubelet deletes it once its replacement is Ready
+                    marked = copy.deepcopy(p)
+                    marked["metadata"].setdefault("annotations", {})[REPLACED_BY] = new_pod["metadata"]["name"]
+                    objs.put(marked)
+        return _verb(f"daemonset.apps/{m.name}", existing, ds), made, removed
+
     def _apply_deployment(self, objs: Objects, m: Manifest, nodes: list[NodeInfo], plan: AddressPlan,
                           keep_old: bool = False,
                           ) -> tuple[str, list[tuple[NodeInfo, str, str]], list[dict[str, Any]]]:
@@ -295,27 +389,30 @@ class Sandbox:
         for extra in sorted(mine, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True)[:max(0, len(mine) - want)]:
             objs.delete("Pod", m.namespace, extra["metadata"]["name"])
             removed.append(extra)
+        pod_spec = rs["spec"]["template"]["spec"]
         forced = ((rs["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(
             objects.POD_IP_ANNOTATION)
         for _ in range(max(0, want - len(mine))):
-            node = self._schedule(objs, nodes) if not forced else self._node_of_ip(nodes, plan, forced)
-            name = self._pod_name(objs, m.namespace, rs["metadata"]["name"])
-            used = {objects.pod_ip(p) for p in objs.list("Pod") if p["spec"]["nodeName"] == node.name}
-            if forced and forced in used:
-                raise ManifestError(f"Deployment {m.namespace}/{m.name}: pod IP {forced} is in use")
-            ip = forced or allocate(plan.pod_ip_candidates(node.index), used)
-            netlink.attach_pod(self.name, plan, node, m.namespace, name, ip)
-            made.append((node, m.namespace, name))
+            if forced:
+                node = self._node_of_ip(nodes, plan, forced)
+            else:
+                node = self._schedule(objs, nodes, pod_spec.get("nodeSelector"))
+            name, ip = self._new_pod(objs, plan, node, m.namespace, rs["metadata"]["name"],
+                                     bool(pod_spec.get("hostNetwork")), made, forced)
             objs.put(objects.pod_object(rs, name, node, ip))
         return _verb(f"deployment.apps/{m.name}", existing, dep), made, removed
 
     @staticmethod
-    def _schedule(objs: Objects, nodes: list[NodeInfo]) -> NodeInfo:
-        counts = {n.name: 0 for n in nodes}
+    def _schedule(objs: Objects, nodes: list[NodeInfo], node_selector: dict[str, str] | None = None) -> NodeInfo:
+        node_objs = {o["metadata"]["name"]: o for o in objs.list("Node")}
+        fit = [n for n in nodes if objects.node_matches(node_objs.get(n.name), node_selector)]
+        if not fit:
+            raise ManifestError(f"no node matches nodeSelector {node_selector}")
+        counts = {n.name: 0 for n in fit}
         for p in objs.list("Pod"):
             if p["spec"]["nodeName"] in counts:
                 counts[p["spec"]["nodeName"]] += 1
-        return min(nodes, key=lambda n: (counts[n.name], n.index))
+        return min(fit, key=lambda n: (counts[n.name], n.index))
 
     @staticmethod
     def _node_of_ip(nodes: list[NodeInfo], plan: AddressPlan, ip: str) -> NodeInfo:
@@ -348,6 +445,10 @@ class Sandbox:
         by_name = {n.name: n for n in nodes}
         for p in pods:
             ns, name = p["metadata"]["namespace"], p["metadata"]["name"]
+            if p["spec"].get("hostNetwork"):
+                # No netns of its own; the kubelet stops its processes with the pod's grace period.
+                shutil.rmtree(self.state.pod_workdir(ns, name), ignore_errors=True)
+                continue
             pns = naming.pod_netns(self.name, ns, name)
             inode = netlink.netns_inode(pns)
             if inode is not None:
@@ -370,17 +471,25 @@ class Sandbox:
         missing: list[str] = []
         with self.state.objects_txn() as objs:
             for m in sorted(manifests, key=lambda m: m.kind == "Namespace"):
-                label = {"Namespace": "namespace", "Deployment": "deployment.apps", "Service": "service"}[m.kind]
+                label = KIND_LABELS[m.kind]
                 if objs.get(m.kind, m.namespace, m.name) is None:
                     missing.append(f"{label}/{m.name}")
                     continue
                 if m.kind == "Namespace":
-                    for kind in ("Deployment", "ReplicaSet", "Service", "EndpointSlice"):
+                    for kind in ("Deployment", "DaemonSet", "ReplicaSet", "Service", "EndpointSlice", "ConfigMap",
+                                 "ServiceAccount"):
                         for o in objs.list(kind, m.name):
                             objs.delete(kind, m.name, o["metadata"]["name"])
                     for p in objs.list("Pod", m.name):
                         objs.delete("Pod", m.name, p["metadata"]["name"])
                         removed.append(p)
+                elif m.kind == "DaemonSet":
+                    ds = objs.get("DaemonSet", m.namespace, m.name)
+                    assert ds is not None
+                    for p in objs.list("Pod", m.namespace):
+                        if p["metadata"]["ownerReferences"][0]["uid"] == ds["metadata"]["uid"]:
+                            objs.delete("Pod", m.namespace, p["metadata"]["name"])
+                            removed.append(p)
                 elif m.kind == "Deployment":
                     dep = objs.get("Deployment", m.namespace, m.name)
                     assert dep is not None
@@ -426,7 +535,10 @@ class Sandbox:
         raise SandboxError(f'nodes "{name}" not found')
 
     def pod_netns(self, namespace: str, pod: str) -> str:
-        self.pod(namespace, pod)
+        """The pod's network namespace (its node's, for a hostNetwork pod)."""
+        p = self.pod(namespace, pod)
+        if p["spec"].get("hostNetwork"):
+            return self.node(p["spec"]["nodeName"]).netns
         return naming.pod_netns(self.name, namespace, pod)
 
     def exec(self, namespace: str, pod: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
@@ -520,6 +632,37 @@ class Sandbox:
         if alive(pid):
             kill_all([pid])
 
+    def ensure_api_server(self, node: str | None = None, timeout: float = 30.0) -> str:
+        """Run the sandbox's API server (sandbox/apiserver.py) if it does not run yet: a hostNetwork
+        pod on `node` (default: the first node) behind Service default/kubernetes at the first
+        address of the service range, port 443, as on a real cluster. Returns its URL."""
+        from nodemesh.sandbox import apiserver  # aiohttp: only for whoever runs one
+
+        node = node or self.nodes()[0].name
+        cluster_ip = str(self.plan.service_cidr[1])
+        self.apply(text=apiserver.manifest(self.state_dir, cluster_ip, node))
+        self.wait_ready("kube-system", timeout=timeout)
+        return f"http://{cluster_ip}:443"
+
+    def restart_node(self, node: str, timeout: float = 10.0) -> None:
+        """Restart a node as a reboot looks to what runs on it: every process of the node (its
+        pods' containers, hostNetwork pods, node processes, anything else in its netns) is killed
+        with SIGKILL at once, then the kubelet starts everything again, init containers first, with
+        no back-off. Pods on the pod network get a fresh netns and a new IP (as the CNI's IPAM
+        gives after a reboot); the node's netns, addresses, iptables rules and conntrack stay.
+        Returns once everything was killed (the restarts follow within BOOT_DELAY_S)."""
+        self._require_up()
+        self.node(node)
+        with self.state.infra_txn() as infra:
+            boots = infra.setdefault("node_boots", {})
+            boots[node] = count = boots.get(node, 0) + 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if read_json(self.state.runtime_file, {}).get("node_boots", {}).get(node, 0) >= count:
+                return
+            time.sleep(0.05)
+        raise SandboxError(f"the kubelet did not restart {node} within {timeout}s")
+
     # ------------------------------------------------------------------------- helpers
     def _write_infra(self, infra: dict[str, Any]) -> None:
         with self.state.infra_txn() as current:
@@ -527,11 +670,30 @@ class Sandbox:
             current.update(infra)
 
     @staticmethod
-    def _iptables_restore(ns: str, text: str) -> None:
-        res = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "--noflush"], input=text.encode(),
-                             capture_output=True, check=False)
+    def _iptables_restore(ns: str, text: str, backend: str) -> None:
+        res = subprocess.run(["ip", "netns", "exec", ns, f"iptables-{backend}-restore", "--noflush"],
+                             input=text.encode(), capture_output=True, check=False)
         if res.returncode != 0:
             raise SandboxError(f"iptables-restore in {ns} failed: {res.stderr.decode().strip()}")
+
+
+def system_iptables_backend() -> str:
+    """What `iptables` on this machine is (update-alternatives): nft or legacy."""
+    path = shutil.which("iptables") or "/usr/sbin/iptables"
+    return "legacy" if "legacy" in os.path.basename(os.path.realpath(path)) else "nft"
+
+
+def _node_backends(iptables: str | dict[str, str] | None, nodes: int) -> dict[str, str]:
+    default = iptables if isinstance(iptables, str) else system_iptables_backend()
+    per_node = iptables if isinstance(iptables, dict) else {}
+    out = {naming.node_name(k): per_node.get(naming.node_name(k), default) for k in range(1, nodes + 1)}
+    unknown = set(per_node) - set(out)
+    if unknown:
+        raise SandboxError(f"--iptables names no node of this sandbox: {', '.join(sorted(unknown))}")
+    for node, backend in out.items():
+        if backend not in ("nft", "legacy"):
+            raise SandboxError(f"iptables backend of {node} must be nft or legacy, not {backend!r}")
+    return out
 
 
 def _same_netns_any(pid: int, inodes: set[int]) -> bool:

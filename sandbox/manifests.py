@@ -1,8 +1,10 @@
 """Kubernetes YAML the sandbox runs: parsing and validation, with no side effects.
 
 Every document of a file is validated before anything is created, so bad input leaves the
-cluster untouched. Only the kinds the sandbox can run are accepted: Namespace, Deployment and
-Service (ClusterIP); anything else is an error naming the document.
+cluster untouched. Only the kinds the sandbox can run are accepted: Namespace, Deployment,
+DaemonSet, Service (ClusterIP), ConfigMap, and — recorded, not enforced — ServiceAccount,
+ClusterRole and ClusterRoleBinding (what `nodemesh install` renders); anything else is an error
+naming the document.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from typing import Any
 import yaml
 from nodemesh.sandbox.naming import is_dns_label, is_dns_subdomain
 
-SUPPORTED = {("v1", "Namespace"), ("apps/v1", "Deployment"), ("v1", "Service")}
+SUPPORTED = {("v1", "Namespace"), ("apps/v1", "Deployment"), ("v1", "Service"), ("apps/v1", "DaemonSet"),
+             ("v1", "ConfigMap"), ("v1", "ServiceAccount"),
+             ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")}
+# Kinds without a namespace.
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+# Kinds the sandbox only records (no controller acts on them; RBAC is not enforced).
+RECORDED_ONLY = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+WORKLOADS = {"Deployment", "DaemonSet"}
+VOLUME_TYPES = ("emptyDir", "configMap", "projected", "hostPath")
 
 
 class ManifestError(ValueError):
@@ -100,9 +111,9 @@ def validate(doc: Any, where: str) -> Manifest:
         raise ManifestError(f"{where}: {kind} needs metadata.name, a DNS label (got {name!r})")
     _check_labels(meta.get("annotations"), f"{where}: {kind} {name}", "annotations")
     doc = copy.deepcopy(doc)
-    if kind == "Namespace":
+    if kind in CLUSTER_SCOPED:
         doc["metadata"].pop("namespace", None)
-        _check_labels(doc["metadata"].get("labels"), f"{where}: Namespace {name}")
+        _check_labels(doc["metadata"].get("labels"), f"{where}: {kind} {name}")
         return Manifest(kind, name, "", doc)
     namespace = meta.get("namespace") or "default"
     if not is_dns_label(namespace):
@@ -112,7 +123,11 @@ def validate(doc: Any, where: str) -> Manifest:
     _check_labels(meta.get("labels"), label)
     if kind == "Deployment":
         _validate_deployment(doc, label)
-    else:
+    elif kind == "DaemonSet":
+        _validate_daemonset(doc, label)
+    elif kind == "ConfigMap":
+        _validate_configmap(doc, label)
+    elif kind == "Service":
         _validate_service(doc, label)
     return Manifest(kind, name, namespace, doc)
 
@@ -134,6 +149,37 @@ def _validate_deployment(doc: dict[str, Any], label: str) -> None:
     replicas = spec.setdefault("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0 or replicas > 100:
         raise ManifestError(f"{label}: spec.replicas must be an integer 0..100")
+    _validate_template(spec, label)
+
+
+def _validate_daemonset(doc: dict[str, Any], label: str) -> None:
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise ManifestError(f"{label}: spec is required")
+    _validate_template(spec, label)
+    strategy = spec.setdefault("updateStrategy", {"type": "RollingUpdate"})
+    if not isinstance(strategy, dict) or strategy.get("type", "RollingUpdate") not in ("RollingUpdate", "OnDelete"):
+        raise ManifestError(f"{label}: updateStrategy.type must be RollingUpdate or OnDelete")
+    rolling = strategy.get("rollingUpdate") or {}
+    if not isinstance(rolling, dict):
+        raise ManifestError(f"{label}: updateStrategy.rollingUpdate must be a mapping")
+    for key in ("maxSurge", "maxUnavailable"):
+        if key in rolling and not (isinstance(rolling[key], int) and not isinstance(rolling[key], bool)
+                                   and rolling[key] >= 0):
+            raise ManifestError(f"{label}: updateStrategy.rollingUpdate.{key} must be a number of pods "
+                                "(the sandbox takes no percentages)")
+
+
+def _validate_configmap(doc: dict[str, Any], label: str) -> None:
+    data = doc.get("data") or {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ManifestError(f"{label}: data must be a map of strings")
+    for key in data:
+        if "/" in key or key in ("", ".", ".."):
+            raise ManifestError(f"{label}: invalid data key {key!r}")
+
+
+def _validate_template(spec: dict[str, Any], label: str) -> None:
     template = spec.get("template")
     if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
         raise ManifestError(f"{label}: spec.template.spec is required")
@@ -150,14 +196,24 @@ def _validate_deployment(doc: dict[str, Any], label: str) -> None:
     if any(tlabels.get(k) != v for k, v in selector.items()):
         raise ManifestError(f"{label}: selector does not match template labels")
     pod_spec = template["spec"]
-    if pod_spec.get("hostNetwork"):
-        raise ManifestError(f"{label}: hostNetwork pods are not supported by the sandbox")
+    if not isinstance(pod_spec.get("hostNetwork", False), bool):
+        raise ManifestError(f"{label}: hostNetwork must be true or false")
+    node_selector = pod_spec.get("nodeSelector")
+    if node_selector is not None:
+        _check_labels(node_selector, label, "nodeSelector entries")
+    grace = pod_spec.get("terminationGracePeriodSeconds")
+    if grace is not None and not (isinstance(grace, int) and not isinstance(grace, bool) and 0 <= grace <= 3600):
+        raise ManifestError(f"{label}: terminationGracePeriodSeconds must be 0..3600")
+    volumes = _validate_volumes(pod_spec.get("volumes"), label)
     containers = pod_spec.get("containers")
     if not isinstance(containers, list) or not containers:
         raise ManifestError(f"{label}: spec.template.spec.containers is required")
+    init = pod_spec.get("initContainers") or []
+    if not isinstance(init, list):
+        raise ManifestError(f"{label}: initContainers must be a list")
     ports_seen: dict[int, str] = {}
     names: set[str] = set()
-    for c in containers:
+    for c in [*init, *containers]:
         if not isinstance(c, dict) or not is_dns_label(str(c.get("name", ""))):
             raise ManifestError(f"{label}: every container needs a name")
         cname = c["name"]
@@ -192,9 +248,46 @@ def _validate_deployment(doc: dict[str, Any], label: str) -> None:
                         f"{label}: container {cname}: env {e['name']}: only fieldRef "
                         f"{', '.join(sorted(FIELD_REFS))} is supported"
                     )
+        for mount in c.get("volumeMounts") or []:
+            if not isinstance(mount, dict) or mount.get("name") not in volumes:
+                raise ManifestError(f"{label}: container {cname}: volumeMount names no volume of the pod")
+            path = mount.get("mountPath")
+            if not isinstance(path, str) or not path.startswith("/") or path.rstrip("/") == "":
+                raise ManifestError(f"{label}: container {cname}: mountPath must be an absolute path")
         probe = c.get("readinessProbe")
         if probe is not None:
+            if c in init:
+                raise ManifestError(f"{label}: init container {cname} cannot have a readinessProbe")
             _validate_probe(probe, c, f"{label}: container {cname}")
+
+
+def _validate_volumes(volumes: Any, label: str) -> set[str]:
+    if volumes is None:
+        return set()
+    if not isinstance(volumes, list):
+        raise ManifestError(f"{label}: volumes must be a list")
+    names: set[str] = set()
+    for v in volumes:
+        if not isinstance(v, dict) or not is_dns_label(str(v.get("name", ""))):
+            raise ManifestError(f"{label}: every volume needs a name")
+        kinds = [k for k in VOLUME_TYPES if k in v]
+        if len(kinds) != 1:
+            raise ManifestError(f"{label}: volume {v['name']}: exactly one of {', '.join(VOLUME_TYPES)} "
+                                "(the sandbox supports these)")
+        if kinds[0] == "projected":
+            for source in (v["projected"] or {}).get("sources") or []:
+                token = source.get("serviceAccountToken") if isinstance(source, dict) else None
+                if not isinstance(token, dict) or not isinstance(token.get("path"), str):
+                    raise ManifestError(f"{label}: volume {v['name']}: only serviceAccountToken projections "
+                                        "with a path are supported")
+        if kinds[0] == "hostPath" and not str((v["hostPath"] or {}).get("path", "")).startswith("/"):
+            raise ManifestError(f"{label}: volume {v['name']}: hostPath.path must be absolute")
+        if kinds[0] == "configMap" and not isinstance((v["configMap"] or {}).get("name"), str):
+            raise ManifestError(f"{label}: volume {v['name']}: configMap.name is required")
+        if v["name"] in names:
+            raise ManifestError(f"{label}: volume {v['name']} appears twice")
+        names.add(v["name"])
+    return names
 
 
 FIELD_REFS = {"metadata.name", "metadata.namespace", "status.podIP", "spec.nodeName", "metadata.uid",
@@ -204,9 +297,14 @@ FIELD_REFS = {"metadata.name", "metadata.namespace", "status.podIP", "spec.nodeN
 def _validate_probe(probe: Any, container: dict[str, Any], label: str) -> None:
     if not isinstance(probe, dict):
         raise ManifestError(f"{label}: readinessProbe must be a mapping")
+    if "exec" in probe:
+        command = (probe["exec"] or {}).get("command") if isinstance(probe["exec"], dict) else None
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+            raise ManifestError(f"{label}: readinessProbe exec needs a command (a list of strings)")
+        return
     handler = probe.get("tcpSocket") or probe.get("httpGet")
     if not isinstance(handler, dict):
-        raise ManifestError(f"{label}: readinessProbe needs tcpSocket or httpGet (exec is not supported)")
+        raise ManifestError(f"{label}: readinessProbe needs exec, tcpSocket or httpGet")
     if resolve_container_port(container, handler.get("port")) is None:
         raise ManifestError(f"{label}: readinessProbe port {handler.get('port')!r} is not a port of it")
 

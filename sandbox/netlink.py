@@ -36,6 +36,7 @@ class NodeInfo:
     pod_cidr: str
     cni: str  # "bridge" or "routed"
     bridge: str | None  # the pods' bridge in the node netns (bridge style only)
+    iptables: str = "nft"  # the node's iptables backend: where kube-proxy's rules live (nft or legacy)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -112,7 +113,8 @@ def create_underlay(cluster: str, plan: AddressPlan) -> None:
     write_sysctls(ul, {"net.ipv4.ip_forward": "0"})
 
 
-def create_node(cluster: str, plan: AddressPlan, k: int, cni: str, all_nodes: list[int]) -> NodeInfo:
+def create_node(cluster: str, plan: AddressPlan, k: int, cni: str, all_nodes: list[int],
+                iptables: str = "nft") -> NodeInfo:
     ns = naming.node_netns(cluster, k)
     ul = naming.underlay_netns(cluster)
     create_netns(ns)
@@ -152,7 +154,7 @@ def create_node(cluster: str, plan: AddressPlan, k: int, cni: str, all_nodes: li
             # The node owns the whole pod CIDR; unknown pod IPs are refused here, not sent on.
             ipr.route("add", dst=str(cidr), type="unreachable")
     write_sysctls(ns, sysctls)
-    return NodeInfo(naming.node_name(k), k, ns, plan.node_ip(k), str(cidr), cni, bridge)
+    return NodeInfo(naming.node_name(k), k, ns, plan.node_ip(k), str(cidr), cni, bridge, iptables)
 
 
 def attach_pod(cluster: str, plan: AddressPlan, node: NodeInfo, namespace: str, pod: str, ip: str) -> str:

@@ -17,6 +17,8 @@ from nodemesh.sandbox.manifests import resolve_container_port
 from nodemesh.sandbox.netlink import NodeInfo
 from nodemesh.sandbox.state import Objects, now_rfc3339
 
+API_SERVER_NAMESPACE = "kube-system"
+
 
 def owner_ref(obj: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -104,31 +106,39 @@ def replicaset_object(deploy: dict[str, Any], tmpl_hash: str) -> dict[str, Any]:
 
 
 def pod_object(rs: dict[str, Any], name: str, node: NodeInfo, ip: str) -> dict[str, Any]:
-    template = rs["spec"]["template"]
+    """A Pod of a ReplicaSet (or of any owner whose spec.template it follows)."""
+    return pod_from_template(rs, rs["spec"]["template"], name, node, ip)
+
+
+def pod_from_template(owner: dict[str, Any], template: dict[str, Any], name: str, node: NodeInfo, ip: str,
+                      extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
     spec = copy.deepcopy(template["spec"])
     spec["nodeName"] = node.name
     spec.setdefault("restartPolicy", "Always")
     spec.setdefault("dnsPolicy", "ClusterFirst")
-    spec.setdefault("terminationGracePeriodSeconds", 30)
+    # No default terminationGracePeriodSeconds (Kubernetes: 30): the sandbox kubelet gives a pod
+    # that does not ask for one 3 s, so tests stop quickly; an explicit one is honoured.
     spec.setdefault("serviceAccountName", "default")
     spec.setdefault("schedulerName", "default-scheduler")
-    for c in spec["containers"]:
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
         c.setdefault("image", "sandbox/process")
         c.setdefault("imagePullPolicy", "IfNotPresent")
         c.setdefault("terminationMessagePath", "/dev/termination-log")
     meta = template.get("metadata") or {}
     annotations = dict(meta.get("annotations") or {})
-    delayed = STATUS_DELAY_ANNOTATION in annotations
+    if spec.get("hostNetwork"):
+        ip = node.ip  # a hostNetwork pod's IP is its node's
+    delayed = STATUS_DELAY_ANNOTATION in annotations and not spec.get("hostNetwork")
     if delayed:
         annotations[ASSIGNED_IP_ANNOTATION] = ip
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "name": name, "generateName": f"{rs['metadata']['name']}-",
-            "namespace": rs["metadata"]["namespace"],
-            "labels": dict(meta.get("labels") or {}),
+            "name": name, "generateName": f"{owner['metadata']['name']}-",
+            "namespace": owner["metadata"]["namespace"],
+            "labels": {**(meta.get("labels") or {}), **(extra_labels or {})},
             "annotations": annotations,
-            "ownerReferences": [owner_ref(rs)],
+            "ownerReferences": [owner_ref(owner)],
         },
         "spec": spec,
         "status": {
@@ -142,11 +152,61 @@ def pod_object(rs: dict[str, Any], name: str, node: NodeInfo, ip: str) -> dict[s
                  "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}, "lastState": {}}
                 for c in spec["containers"]
             ],
+            **({"initContainerStatuses": [
+                {"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": "PodInitializing"}}, "lastState": {}}
+                for c in spec["initContainers"]
+            ]} if spec.get("initContainers") else {}),
         },
     }
     if delayed:
         pod["status"]["podIP"], pod["status"]["podIPs"] = "", []
     return pod
+
+
+def daemonset_object(manifest: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
+    obj = copy.deepcopy(manifest)
+    meta = obj["metadata"]
+    meta.pop("resourceVersion", None)
+    meta.pop("uid", None)
+    spec = obj["spec"]
+    spec.setdefault("revisionHistoryLimit", 10)
+    strategy = spec.setdefault("updateStrategy", {"type": "RollingUpdate"})
+    if strategy.get("type", "RollingUpdate") == "RollingUpdate":
+        rolling = strategy.setdefault("rollingUpdate", {})
+        rolling.setdefault("maxSurge", 0)
+        rolling.setdefault("maxUnavailable", 1)
+    generation = 1
+    if existing is not None:
+        generation = existing["metadata"].get("generation", 1)
+        if existing["spec"] != spec:
+            generation += 1
+        obj["status"] = existing.get("status", {})
+    meta["generation"] = generation
+    obj.setdefault("status", {})
+    return obj
+
+
+def daemonset_pod(ds: dict[str, Any], name: str, node: NodeInfo, ip: str) -> dict[str, Any]:
+    template = ds["spec"]["template"]
+    return pod_from_template(ds, template, name, node, ip, {
+        "controller-revision-hash": naming.template_hash(template),
+        "pod-template-generation": str(ds["metadata"].get("generation", 1)),
+    })
+
+
+def recorded_object(manifest: dict[str, Any]) -> dict[str, Any]:
+    """ConfigMap, ServiceAccount, ClusterRole, ClusterRoleBinding: stored as given."""
+    obj = copy.deepcopy(manifest)
+    obj["metadata"].pop("resourceVersion", None)
+    obj["metadata"].pop("uid", None)
+    return obj
+
+
+def node_matches(node: dict[str, Any] | None, node_selector: dict[str, str] | None) -> bool:
+    """Does a Node object carry every label of a pod's nodeSelector?"""
+    labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in (node_selector or {}).items())
 
 
 def service_object(manifest: dict[str, Any], cluster_ip: str) -> dict[str, Any]:
@@ -271,10 +331,33 @@ def derive(objs: Objects) -> None:
                             else "MinimumReplicasUnavailable"}],
         }
         objs.put(new)
+    nodes = objs.list("Node")
+    for ds in objs.list("DaemonSet"):
+        mine = [p for p in pods if p["metadata"]["ownerReferences"][0]["uid"] == ds["metadata"]["uid"]]
+        current = naming.template_hash(ds["spec"]["template"])
+        selector = ds["spec"]["template"]["spec"].get("nodeSelector")
+        desired = sum(1 for n in nodes if node_matches(n, selector))
+        updated = [p for p in mine if p["metadata"]["labels"].get("controller-revision-hash") == current]
+        ready_nodes = {p["spec"]["nodeName"] for p in mine if pod_ready(p)}
+        new = copy.deepcopy(ds)
+        new["status"] = {
+            "observedGeneration": ds["metadata"].get("generation", 1),
+            "desiredNumberScheduled": desired,
+            "currentNumberScheduled": len({p["spec"]["nodeName"] for p in mine}),
+            "numberMisscheduled": 0,
+            "numberReady": len(ready_nodes),
+            "numberAvailable": len(ready_nodes),
+            "numberUnavailable": max(0, desired - len(ready_nodes)),
+            "updatedNumberScheduled": len({p["spec"]["nodeName"] for p in updated}),
+        }
+        objs.put(new)
     wanted: set[tuple[str, str]] = set()
     for svc in objs.list("Service"):
         ns = svc["metadata"]["namespace"]
-        eps = endpointslice_object(svc, [p for p in pods if p["metadata"]["namespace"] == ns])
+        # The API server writes the endpoints of default/kubernetes itself (the Service has no
+        # selector); the sandbox's API server is a pod of kube-system, selected across namespaces.
+        pods_ns = API_SERVER_NAMESPACE if (ns, svc["metadata"]["name"]) == ("default", "kubernetes") else ns
+        eps = endpointslice_object(svc, [p for p in pods if p["metadata"]["namespace"] == pods_ns])
         wanted.add((ns, eps["metadata"]["name"]))
         objs.put(eps)
     for eps in objs.list("EndpointSlice"):

@@ -123,10 +123,11 @@ def unique_name() -> str:
 @contextlib.contextmanager
 def running_sandbox(nodes: int = 2, cni: str = "bridge", manifests: Sequence[str | Path] = (),
                     name: str | None = None, wait: bool = True, timeout: float = 30.0,
-                    backoff: tuple[float, float] = (10.0, 300.0)) -> Iterator[Sandbox]:
+                    backoff: tuple[float, float] = (10.0, 300.0), node_backoff: tuple[float, float] = (1.0, 10.0),
+                    iptables: str | dict[str, str] | None = None) -> Iterator[Sandbox]:
     sb = Sandbox(name or unique_name())
     try:
-        sb.up(nodes=nodes, cni=cni, backoff=backoff)
+        sb.up(nodes=nodes, cni=cni, backoff=backoff, node_backoff=node_backoff, iptables=iptables)
         for m in manifests:
             if isinstance(m, str) and "\n" in m:
                 sb.apply(text=m)

@@ -72,7 +72,8 @@ def test_redirector_fail_open_and_resume(mini_cluster: MiniCluster) -> None:
 
 def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -> None:
     """DaemonSet rolling update: a new redirector runs beside the old one; the old one's SIGTERM
-    removes the shared rules, and the new one puts them back by itself."""
+    hands the shared rules over to it instead of removing them (it used to remove them, and the new
+    one put them back within a second: a capture gap per node per upgrade, issue 11 item 7)."""
     cl = mini_cluster
     a, b = cl.pods["a"], cl.pods["b"]
     before = cl.snapshot(1)
@@ -93,12 +94,11 @@ def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -
         _wait(lambda: "event=started" in (cl.workdir / "old.log").read_text(), 10)
         cl.stop(old, signal.SIGTERM)
         assert old.returncode == 0
-        # Whatever the moment, a pod's connection works (captured, or direct for under a second) ...
-        assert cl.dial(a, b.ip, 8080, timeout=1).stdout.strip() == a.ip
-        # ... and capture is back without anyone touching the new redirector.
-        _wait(captured_dial, 5)
+        # At once, with no second of direct traffic: the old one left the rules in place.
+        assert captured_dial()
     finally:
         cl.stop(new, signal.SIGTERM)
         cl.stop(standin, signal.SIGTERM)
-    assert "event=capture_restored" in (cl.workdir / "new.log").read_text()
-    assert_same(before, cl.snapshot(1))
+    assert "event=capture_handed_over" in (cl.workdir / "old.log").read_text()
+    assert "event=capture_restored" not in (cl.workdir / "new.log").read_text()
+    assert_same(before, cl.snapshot(1))  # and the last one out removed everything

@@ -79,7 +79,7 @@ def test_down_leaves_nothing_behind() -> None:
         assert sb.host_link in _root_links()
         pids = _procs_of(sb.name)
         assert len(pids) >= 5  # kubelet, 3 containers, node process
-        assert len(_etc_netns(sb.name)) == 3
+        assert len(_etc_netns(sb.name)) == 3 + 2  # pods, and nodes (for hostNetwork pods: ClusterFirstWithHostNet)
         added = _root_rules() - before_rules
         assert not [r for r in added if sb.host_link in r or str(sb.plan.underlay.network_address)[:-1] in r]
     finally:

@@ -88,6 +88,18 @@ def test_manifests_redirector_command_parses_with_the_redirector_parser(tmp_path
     assert os.path.dirname(manifest.POD_CIDRS_FILE) in {m["mountPath"] for m in redirector["volumeMounts"]}
 
 
+def test_manifests_fail_open_init_container_runs_first_and_parses() -> None:
+    spec = _pod_spec("DaemonSet")
+    assert [c["name"] for c in spec["initContainers"]] == ["fail-open", "node-sysctls", "pod-cidrs"]
+    init = _container(spec, "fail-open")
+    assert init["command"][:3] == ["python", "-m", "nodemesh.redirector"]
+    args = _parser().parse_args(init["command"][3:])
+    assert args.verb == "fail-open" and args.agent_admin == "http://127.0.0.1:4191"
+    _capture_config(args, required=False)  # needs neither the node IP nor the pod CIDRs
+    assert set(init["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
+    assert "/run/xtables.lock" in {m["mountPath"] for m in init["volumeMounts"]}
+
+
 def test_manifests_controller_command_parses_with_the_controller_parser() -> None:
     values = apply_sets(InstallValues(), ["excludedNamespaces=kube-system,monitoring", "skippedPorts=22",
                                           "tapMaxRps=25", "opaquePorts=6379"])

@@ -143,15 +143,16 @@ def test_manifests_capabilities_are_net_admin_and_net_raw_only() -> None:
 
 def test_manifests_only_the_sysctl_init_container_is_privileged() -> None:
     """/proc/sys is read-only unless privileged: the one privileged container sets the node's
-    net.ipv4.tcp_migrate_req and nothing else — no volume, no env, no token, runs first."""
+    net.ipv4.tcp_migrate_req and nothing else — no volume, no env, no token; it runs right after
+    fail-open (which must come first: it removes capture left behind by a dead node's agent)."""
     docs = _docs(render_daemonset())
     spec = _find(docs, "DaemonSet")["spec"]["template"]["spec"]
     privileged = [c["name"] for d in docs if d["kind"] in ("DaemonSet", "Deployment")
                   for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"][
                       "containers"] if c["securityContext"].get("privileged")]
     assert privileged == ["node-sysctls"]
-    init = spec["initContainers"][0]
-    assert init["name"] == "node-sysctls"
+    assert [c["name"] for c in spec["initContainers"]][:2] == ["fail-open", "node-sysctls"]
+    init = spec["initContainers"][1]
     assert init["command"] == ["python", "-m", "nodemesh.redirector", "sysctls"]
     assert not ({"volumeMounts", "env", "envFrom", "args"} & set(init))
 

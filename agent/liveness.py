@@ -1,0 +1,66 @@
+"""The agent's liveness, as its node and its pod see it.
+
+Presence (redirector/presence.py): an abstract unix socket, `@nodemesh/agent/<pid>`.
+
+The redirector connects to it and holds the connection: when this process dies — crash, `kill -9`,
+OOM — the kernel closes the socket and the redirector sees an EOF at once, instead of noticing a
+missed `/ready` poll seconds later. Nothing is ever read or written on it. Also how a redirector
+tells a rolling update (two agents on the node) from an uninstall (one). It lives as long as the
+parent does, drain included: the parent is alive for as long as it still carries connections.
+
+Health file (`--health-file`): see `heartbeat`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+from nodemesh.redirector import presence
+
+log = logging.getLogger("nodemesh.agent.liveness")
+
+
+class _Held(asyncio.Protocol):
+    """A redirector's connection: kept open until it goes, ignoring anything it sends."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+async def announce() -> asyncio.AbstractServer | None:
+    try:
+        sock = presence.register(presence.AGENT)
+    except OSError as exc:  # the redirector falls back to polling /ready
+        log.warning("event=presence_unavailable error=%r", exc)
+        return None
+    server = await asyncio.get_running_loop().create_unix_server(_Held, sock=sock)
+    log.info("event=presence address=@%s", presence.address(presence.AGENT))
+    return server
+
+
+HEARTBEAT_S = 1.0
+
+
+def write_health(path: str, state: str) -> None:
+    """Replace the health file atomically (its mtime is the heartbeat)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(state + "\n")
+    os.replace(tmp, path)
+
+
+async def heartbeat(path: str, state: Callable[[], str]) -> None:
+    """Every second, write `ready` or `not-ready` to `path`: the DaemonSet's probes read this file
+    (`exec`), because an HTTP probe of :4191 on the host network reaches whichever agent's admin
+    socket the kernel picks — during a rolling update, the old agent's — and so declared a new
+    pod Ready before it even listened (its old pod was then stopped at once: a capture gap). A
+    stale file (a hung event loop) fails the liveness probe."""
+    while True:
+        try:
+            write_health(path, state())
+        except OSError as exc:
+            log.warning("event=health_file_failed path=%s error=%r", path, exc)
+        await asyncio.sleep(HEARTBEAT_S)
