@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
-from nodemesh.cli.sandbox_install import agent_process, install_sandbox, uninstall_sandbox
+from nodemesh.cli.sandbox_install import agent_process, install_sandbox, redirector_process, uninstall_sandbox
+from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from prometheus_client.parser import text_string_to_metric_families
@@ -260,6 +261,25 @@ class Faults:
                 return int(dict(zip(head.split()[1:], values.split()[1:]))["ListenOverflows"])
         raise AssertionError("no TcpExt in /proc/net/netstat")
 
+    def hooked(self, node: str) -> bool:
+        return hook_present(self.node_run(node, ["iptables-save", "-t", "nat"]))
+
+    @contextlib.contextmanager
+    def unmeshed(self, timeout: float = 30.0) -> Iterator[None]:
+        """Capture off on both nodes for the block (the redirectors stopped: SIGTERM takes their
+        rules out), then the same redirectors started again and capture back: a direct run in the
+        same cluster, same pods, same moment as the meshed one."""
+        saved = {n: self.sb.state.infra().get("node_processes", {})[redirector_process(n)] for n in self.nodes}
+        for n in self.nodes:
+            self.sb.stop_node_process(n, redirector_process(n))
+        try:
+            _wait_for(lambda: not any(self.hooked(n) for n in self.nodes), timeout, "capture removed")
+            yield
+        finally:
+            for n, proc in saved.items():
+                self.sb.start_node_process(n, redirector_process(n), proc["argv"], env=proc["env"])
+            _wait_for(lambda: all(self.hooked(n) for n in self.nodes), timeout, "capture back")
+
     def wait_agents_idle(self, timeout: float = 60.0) -> None:
         """Every relayed connection is gone (tcp_open_connections 0 on both nodes)."""
         deadline = time.monotonic() + timeout
@@ -268,6 +288,14 @@ class Faults:
                 return
             time.sleep(0.5)
         raise AssertionError({n: self.metric_sum(n, "tcp_open_connections") for n in self.nodes})
+
+
+def _wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting: {what}")
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
