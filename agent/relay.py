@@ -22,6 +22,7 @@ from nodemesh.agent.admission import SHED_SLOW, Admission, capacity_for
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.detect import HTTP1, HTTP2, NEED_MORE, TCP, Detection, detect, settle_on_timeout
 from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.fairness import MAX_HELD, SourceLoad
 from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
@@ -34,6 +35,8 @@ SHED_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnectio
             b"Retry-After: 1\r\n\r\n")
 SHED_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 LINGER_S = 2.0   # after an answer of our own: how long to read (and drop) what the client still sends
+_clock = time.perf_counter
+_NOBODY = SourceLoad("")   # a connection's source before it is accepted: time spent there is nobody's
 
 
 class Mode(Protocol):
@@ -103,6 +106,7 @@ class Connection(asyncio.Protocol):
         "finished",
         "linger_timer",
         "lingering",
+        "load",
         "meta",
         "mode",
         "obs",
@@ -113,6 +117,7 @@ class Connection(asyncio.Protocol):
         "read_bytes",
         "shed",
         "slow",
+        "throttled",
         "up",
         "up_eof",
         "up_lost",
@@ -150,6 +155,8 @@ class Connection(asyncio.Protocol):
         self.lingering = False         # our own answer is out: drop what the client sends, then close
         self.linger_timer: asyncio.TimerHandle | None = None
         self.slow = False              # counted as slow by admission (first request late)
+        self.load = _NOBODY            # this connection's source's time in the worker (fairness.py)
+        self.throttled = False         # reading paused: the source spent its time budget
 
     # -- accept ----------------------------------------------------------------------------
 
@@ -194,6 +201,15 @@ class Connection(asyncio.Protocol):
             return  # the client went away while we waited for its identity
         ctx = self.ctx
         assert self.client is not None
+        fairness = ctx.admission.fairness
+        load = fairness.load_for(peer[0])
+        if load.throttled and len(load.held) < MAX_HELD:
+            # The source spent its share of this tick: hold its new connection (nothing dialled,
+            # reading paused) until the next tick lifts the throttle, as the identity wait does.
+            self.client.pause_reading()
+            since = held_since or time.monotonic()
+            load.held.append(lambda: self._accepted(peer, original, since))
+            return
         destination = ctx.picker.pick(original[0], original[1])
         if destination[1] in ctx.listen_ports:
             self._refuse_self_dial(peer, original)  # a Service in front of the agent's own ports
@@ -207,6 +223,8 @@ class Connection(asyncio.Protocol):
             first_bytes_at=held_since if self.pending else 0.0,
         )
         ctx.live.add(self)
+        self.load = load
+        fairness.opened(load, self)
         loop = asyncio.get_running_loop()
         if shed:
             # No upstream: the client gets the answer its protocol understands (see _answer_shed).
@@ -216,6 +234,8 @@ class Connection(asyncio.Protocol):
                 self._decide(Detection(TCP))
             else:
                 self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
+            if held_since and not self.opened:
+                self._after_wait()  # held (identity, throttle) with reading paused: read its first bytes now
             return
         ctx.picker.acquire(destination)
         if original[1] in ctx.opaque_ports:
@@ -411,6 +431,45 @@ class Connection(asyncio.Protocol):
     # -- client side -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        started = _clock()
+        self._client_data(data)
+        load = self.load
+        load.busy += _clock() - started
+        if load.busy > load.budget:
+            self.over_budget(load)
+
+    def over_budget(self, load: SourceLoad) -> None:
+        """This connection's source spent its time budget for this tick (fairness.py): pause all
+        its connections until housekeeping's next tick."""
+        if self.ctx.admission.fairness.over_budget(load):
+            for conn in load.conns:
+                conn.throttle()
+
+    def throttle(self) -> None:
+        if self.throttled:
+            return
+        self.throttled = True
+        client, up = self.client, self.up
+        if client is not None and not self.client_lost and not client.is_closing():
+            client.pause_reading()
+        if up is not None and not self.up_lost and not up.is_closing():
+            up.pause_reading()
+
+    def unthrottle(self) -> None:
+        """Resume both sides, unless flow control (a full write buffer on the other side, the
+        upstream still connecting) holds one: its resume_writing resumes it later."""
+        if not self.throttled:
+            return
+        self.throttled = False
+        client, up = self.client, self.up
+        client_ok = client is not None and not self.client_lost and not client.is_closing()
+        up_ok = up is not None and not self.up_lost and not up.is_closing()
+        if client_ok and not self.paused_for_connect and not (up_ok and _backed_up(up)):  # type: ignore[arg-type]
+            client.resume_reading()  # type: ignore[union-attr]
+        if up_ok and not (client_ok and _backed_up(client)):  # type: ignore[arg-type]
+            up.resume_reading()  # type: ignore[union-attr]
+
+    def _client_data(self, data: bytes) -> None:
         self.read_bytes += len(data)
         mode = self.mode
         if mode is not None and self.up is not None:
@@ -478,7 +537,7 @@ class Connection(asyncio.Protocol):
             self.up.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None and not self.up_lost:
+        if self.up is not None and not self.up_lost and not self.throttled:
             self.up.resume_reading()
 
     # -- upstream side -----------------------------------------------------------------------
@@ -492,7 +551,10 @@ class Connection(asyncio.Protocol):
             self._flush_pending()
         if self.paused_for_connect and self.client is not None:
             self.paused_for_connect = False
-            self.client.resume_reading()
+            if not self.throttled:
+                self.client.resume_reading()
+        if self.throttled:
+            transport.pause_reading()
 
     def upstream_data(self, data: bytes) -> None:
         self.write_bytes += len(data)
@@ -616,6 +678,7 @@ class Connection(asyncio.Protocol):
             self.slow = False
             ctx.admission.unmark_slow(meta.source[0])
         ctx.admission.release(meta.source[0])
+        self.load.conns.discard(self)
         ctx.forget(self)
         # Break the cycles (transport <-> protocol, mode <-> connection) so reference counting frees
         # the connection now: left to the cycle collector, whose full passes are rare in a worker
@@ -629,6 +692,11 @@ class Connection(asyncio.Protocol):
         self.up_pending = []
 
 
+def _backed_up(transport: asyncio.Transport) -> bool:
+    """More buffered for writing than the low-water mark: its peer's reading stays paused."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
+
+
 class _Upstream(asyncio.Protocol):
     __slots__ = ("conn",)
 
@@ -640,7 +708,13 @@ class _Upstream(asyncio.Protocol):
         self.conn.upstream_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.upstream_data(data)
+        conn = self.conn
+        started = _clock()
+        conn.upstream_data(data)
+        load = conn.load
+        load.busy += _clock() - started
+        if load.busy > load.budget:
+            conn.over_budget(load)
 
     def eof_received(self) -> bool:
         return self.conn.upstream_eof()
@@ -655,7 +729,8 @@ class _Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         client = self.conn.client
-        if client is not None and not self.conn.client_lost and not self.conn.paused_for_connect:
+        conn = self.conn
+        if client is not None and not conn.client_lost and not conn.paused_for_connect and not conn.throttled:
             client.resume_reading()
 
 

@@ -434,6 +434,26 @@ async def connect_flood(host: str, port: int, path: str, concurrency: int, durat
           "per_s": round((ok + sum(ends.values())) / took, 1)})
 
 
+def wrk_flood(host: str, port: int, path: str, connections: int, duration: float, close: str) -> None:
+    """wrk (C, one thread) as the aggressor: `connections` keep-alive connections sending requests
+    back to back, or with close "close" a new connection for every request (`Connection: close`)."""
+    import re
+    import subprocess
+
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "5s"]
+    if close == "close":
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run([*argv, f"http://{host}:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    requests = int(m.group(1)) if m else 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    emit({"requests": requests, "rps": round(requests / duration, 1),
+          "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+          "socket_errors": dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups())))
+          if errors else {}})
+
+
 async def many_hosts(host: str, port: int, n: int, connections: int) -> None:
     """n GETs with n distinct Host headers (h0.hosts.test ...), spread over keep-alive connections:
     every one a new `authority` label value on both agents."""
@@ -499,6 +519,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(victim(args[0], int(args[1]), args[2], float(args[3]), int(args[4]), float(args[5])))
     elif kind == "connect-flood":
         asyncio.run(connect_flood(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
+    elif kind == "wrk":
+        wrk_flood(args[0], int(args[1]), args[2], int(args[3]), float(args[4]), args[5])
     elif kind == "many-hosts":
         asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif kind == "raw":
