@@ -47,6 +47,7 @@ class Housekeeping:
         self.late_ticks = 0
         self.trims = 0
         self.last_open = 0
+        self.last_cpu = time.thread_time()
         self._trim = _malloc_trim()
 
     def start(self) -> None:
@@ -78,17 +79,24 @@ class Housekeeping:
             if self.late_ticks == 0 and adm.overloaded:
                 adm.overloaded = False
                 log.info("event=overload_over connections=%d", adm.open)
-        self.fair_tick(lag_s)
+        cpu = time.thread_time()   # the loop's thread: the worker's own CPU, not its helper threads'
+        cpu_s, self.last_cpu = cpu - self.last_cpu, cpu
+        self.fair_tick(lag_s, cpu_s)
 
-    def fair_tick(self, lag_s: float) -> None:
+    def fair_tick(self, lag_s: float, cpu_s: float) -> None:
         fairness = self.admission.fairness
         was_engaged = fairness.engaged
-        for load in fairness.tick(lag_s):
+        for load in fairness.tick(lag_s, cpu_s):
             for conn in list(load.conns):
                 conn.unthrottle()
             held, load.held = load.held, []
             for go in held:
                 go()
+        if fairness.engaged and log.isEnabledFor(logging.DEBUG):
+            log.debug("event=fairness_tick lag_ms=%.0f cpu_ms=%.0f limit=%.0f %s", lag_s * 1000, cpu_s * 1000,
+                     fairness.limit, " ".join(
+                f"{l.source}={l.last}/{l.budget:.0f},c={len(l.conns)},h={len(l.held)}"
+                for l in fairness.loads.values()))
         if fairness.engaged and not was_engaged:
             log.info("event=fairness_engaged lag_ms=%.0f sources=%d", lag_s * 1000, len(fairness.loads))
         elif was_engaged and not fairness.engaged:

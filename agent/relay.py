@@ -22,7 +22,7 @@ from nodemesh.agent.admission import SHED_SLOW, Admission, capacity_for
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.detect import HTTP1, HTTP2, NEED_MORE, TCP, Detection, detect, settle_on_timeout
 from nodemesh.agent.endpoints import EndpointPicker
-from nodemesh.agent.fairness import MAX_HELD, SourceLoad
+from nodemesh.agent.fairness import BYTES_PER_WORK_SHIFT, MAX_HELD, SourceLoad
 from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
@@ -35,7 +35,6 @@ SHED_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnectio
             b"Retry-After: 1\r\n\r\n")
 SHED_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 LINGER_S = 2.0   # after an answer of our own: how long to read (and drop) what the client still sends
-_clock = time.perf_counter
 _NOBODY = SourceLoad("")   # a connection's source before it is accepted: time spent there is nobody's
 
 
@@ -202,7 +201,7 @@ class Connection(asyncio.Protocol):
         ctx = self.ctx
         assert self.client is not None
         fairness = ctx.admission.fairness
-        load = fairness.load_for(peer[0])
+        self.load = load = fairness.load_for(peer[0])
         if load.throttled and len(load.held) < MAX_HELD:
             # The source spent its share of this tick: hold its new connection (nothing dialled,
             # reading paused) until the next tick lifts the throttle, as the identity wait does.
@@ -223,7 +222,6 @@ class Connection(asyncio.Protocol):
             first_bytes_at=held_since if self.pending else 0.0,
         )
         ctx.live.add(self)
-        self.load = load
         fairness.opened(load, self)
         loop = asyncio.get_running_loop()
         if shed:
@@ -431,11 +429,10 @@ class Connection(asyncio.Protocol):
     # -- client side -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        started = _clock()
         self._client_data(data)
         load = self.load
-        load.busy += _clock() - started
-        if load.busy > load.budget:
+        load.work += 1 + (len(data) >> BYTES_PER_WORK_SHIFT)   # fairness.py: what the worker spent on it
+        if load.work > load.budget:
             self.over_budget(load)
 
     def over_budget(self, load: SourceLoad) -> None:
@@ -709,11 +706,10 @@ class _Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        started = _clock()
         conn.upstream_data(data)
         load = conn.load
-        load.busy += _clock() - started
-        if load.busy > load.budget:
+        load.work += 1 + (len(data) >> BYTES_PER_WORK_SHIFT)
+        if load.work > load.budget:
             conn.over_budget(load)
 
     def eof_received(self) -> bool:

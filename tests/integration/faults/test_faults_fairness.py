@@ -16,8 +16,9 @@ Each is run meshed and then with capture off (direct, the same pods a moment lat
 figures compare the mesh with the network it stands in for. Asserted, meshed: the victim's
 requests all but succeed with the aggressor (>= 99 %), and its p99 stays within a generous bound of
 its own no-aggressor p99 measured in the same run (timing on a shared 2-core machine: printed, bounded
-loosely). The aggressor itself is not promised anything beyond a clear answer: when the agent sheds
-its connections it gets 503s (counted on `tcp_close_total{error="shed: ..."}`).
+loosely). The aggressor is slowed (agent/fairness.py: its connections paused, its new ones held
+while it is over its budget), never refused by fairness; past capacity or its fair share of
+connections admission still sheds with 503 (counted on `tcp_close_total{error="shed: ..."}`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 from faults_harness import Faults
+from nodemesh.cli.sandbox_install import agent_process
 
 pytestmark = pytest.mark.root
 
@@ -37,8 +39,10 @@ FLOODS = {  # peer kind and its arguments after host, port (the duration is appe
     "connect": ("wrk", "/ok", 100, "close"),
     "request": ("wrk", "/ok", 200, "keep-alive"),
 }
-P99_BOUND_MS = 250.0   # over the no-aggressor p99 (and at most this many times it): see the module doc
-P99_FACTOR = 20.0
+# Over the victim's own no-aggressor p99. Generous: on this shared 2-core machine the victim's requests
+# wait mostly for a CPU (wrk, nginx and four agent workers want both); before the fairness budgets
+# its p99 under the request flood was 5.1 s (p50 3 s: it fell behind its own rate), after 0.2-1 s.
+P99_BOUND_MS = 1500.0
 
 
 def _round(faults: Faults, flood: str) -> dict[str, Any]:
@@ -69,17 +73,22 @@ def _line(label: str, r: dict[str, Any]) -> str:
 def test_faults_fairness_victim_keeps_its_latency(faults: Faults, flood: str) -> None:
     srv = faults.server("nginx")
     faults.wait_agents_idle()
-    shed_before = faults.metric_sum(srv.node, "tcp_close_total", error="shed: fair_share") + \
-        faults.metric_sum(srv.node, "tcp_close_total", error="shed: cpu")
+    shed_before = faults.metric_sum(srv.node, "tcp_close_total", error="shed: fair_share")
+    log = faults.sb.node_process_log(srv.node, agent_process(srv.node))
+    log_at = log.stat().st_size
     meshed = _round(faults, flood)
-    shed = faults.metric_sum(srv.node, "tcp_close_total", error="shed: fair_share") + \
-        faults.metric_sum(srv.node, "tcp_close_total", error="shed: cpu") - shed_before
+    with open(log, "rb") as f:
+        f.seek(log_at)
+        events = [line.decode(errors="replace").strip() for line in f if b"event=fairness" in line]
+    shed = faults.metric_sum(srv.node, "tcp_close_total", error="shed: fair_share") - shed_before
     with faults.unmeshed():
         direct = _round(faults, flood)
     print(f"fairness cni={faults.cni} {flood} flood, meshed (shed {shed:.0f}): " + _line("", meshed))
     print(f"fairness cni={faults.cni} {flood} flood, direct: " + _line("", direct))
+    print(f"fairness cni={faults.cni} {flood} flood, agent log on {srv.node}: {len(events)} fairness events, "
+          f"first {events[:4]}")
     for r in (meshed["alone"], direct["alone"]):
         assert r["success"] == 1.0, r
     d, base = meshed["during"], meshed["alone"]["p99_ms"]
     assert d["success"] >= 0.99, meshed
-    assert d["p99_ms"] <= max(base * P99_FACTOR, base + P99_BOUND_MS), (meshed, direct)
+    assert d["p99_ms"] <= base + P99_BOUND_MS, (meshed, direct)

@@ -1,4 +1,4 @@
-"""Per-pod CPU fairness (agent/fairness.py): budgets from the tick, and on the relay (loopback, no
+"""Per-pod CPU fairness (agent/fairness.py): limits and budgets from the tick, and on the relay (loopback, no
 root) a throttled source's connections paused and its new ones held while another source's run."""
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ import socket
 
 from nodemesh.agent.admission import Admission
 from nodemesh.agent.fairness import (
-    CONNECTION_COST_S,
+    CONNECTION_WORK,
+    DECREASE,
     ENGAGED_TICKS,
-    TARGET_SHARE,
+    INCREASE,
+    MIN_SHARE,
     TICK_S,
     UNLIMITED,
     Fairness,
@@ -19,45 +21,59 @@ from nodemesh.agent.housekeeping import Housekeeping
 from test_agent_faults_relay import _until, echo_server, run, start
 
 
-def _spend(f: Fairness, **busy: float) -> None:
-    for source, seconds in busy.items():
-        f.load_for(source).busy += seconds
+def _spend(f: Fairness, **work: int) -> None:
+    for source, units in work.items():
+        f.load_for(source).work += units
 
 
-def test_budgets_only_while_contended_and_shared() -> None:
+def test_no_limit_until_contended_then_max_min_budgets() -> None:
     f = Fairness(TICK_S)
-    _spend(f, a=0.09)
-    f.tick(lag_s=0.1)  # contended, but a alone: no budget
-    assert f.engaged == ENGAGED_TICKS and f.load_for("a").budget == UNLIMITED
-    _spend(f, a=0.09, b=0.002)
-    f.tick(lag_s=0.0)
+    _spend(f, a=1000, b=20)
+    f.tick(lag_s=0.001, cpu_s=0.03)   # on time, 30 % of a CPU: nobody is limited
+    assert f.limit == UNLIMITED and f.load_for("a").budget == UNLIMITED
+    _spend(f, a=1000, b=20)
+    f.tick(lag_s=0.05, cpu_s=0.03)    # late: the sources together may do 70 % of what they did
+    assert f.engaged == ENGAGED_TICKS and f.limit == 1020 * DECREASE
     a, b = f.load_for("a"), f.load_for("b")
-    equal = TICK_S * TARGET_SHARE / 2
-    # max-min: b spent little, so a may take what b left of the target; b keeps at least its equal share
-    assert abs(a.budget - (TICK_S * TARGET_SHARE - 0.002)) < 1e-9, a.budget
-    assert abs(b.budget - (TICK_S * TARGET_SHARE - equal)) < 1e-9 and b.budget >= equal, b.budget
-    assert a.busy == 0.0 and a.last == 0.09
+    # max-min: b did little, so a may do what b left; b may always do at least its equal share
+    assert a.budget == f.limit - 20 and b.budget == f.limit - f.limit / 2, (a.budget, b.budget)
+    assert a.work == 0 and a.last == 1000
 
 
-def test_not_contended_means_no_budgets_and_contention_wears_off() -> None:
+def test_a_pod_alone_is_never_limited() -> None:
     f = Fairness(TICK_S)
-    _spend(f, a=0.01, b=0.01)
-    f.tick(lag_s=0.001)  # on time, 20 % busy: nobody is limited
-    assert f.engaged == 0 and f.load_for("a").budget == UNLIMITED
-    _spend(f, a=0.085, b=0.001)   # saturated: 86 % of the tick accounted
-    f.tick(lag_s=0.0)
-    assert f.engaged == ENGAGED_TICKS and f.load_for("a").budget < UNLIMITED
+    _spend(f, a=1000)
+    f.tick(lag_s=0.05, cpu_s=0.09)
+    assert f.engaged and f.load_for("a").budget == UNLIMITED
+
+
+def test_the_limit_grows_back_and_is_lifted_after_calm_ticks() -> None:
+    f = Fairness(TICK_S)
+    _spend(f, a=1000, b=20)
+    f.tick(lag_s=0.0, cpu_s=0.09)     # saturated CPU counts as contended too
+    limit = f.limit
+    _spend(f, a=500, b=20)
+    f.tick(lag_s=0.0, cpu_s=0.02)
+    assert f.limit == limit * INCREASE
     for _ in range(ENGAGED_TICKS):
-        _spend(f, a=0.01, b=0.01)
-        f.tick(lag_s=0.0)
-    assert f.engaged == 0 and f.load_for("a").budget == UNLIMITED
+        _spend(f, a=500, b=20)
+        f.tick(lag_s=0.0, cpu_s=0.02)
+    assert f.engaged == 0 and f.limit == UNLIMITED and f.load_for("a").budget == UNLIMITED
+
+
+def test_the_limit_never_goes_below_the_minimum_share() -> None:
+    f = Fairness(TICK_S)
+    for _ in range(50):
+        _spend(f, a=1, b=1)
+        f.tick(lag_s=0.1, cpu_s=0.0)
+    assert f.limit == MIN_SHARE * 2 and f.load_for("a").budget >= MIN_SHARE
 
 
 def test_over_budget_throttles_once_and_the_tick_releases() -> None:
     f = Fairness(TICK_S)
     a = f.load_for("a")
     assert f.over_budget(a) and not f.over_budget(a) and f.throttles == 1
-    released = f.tick(lag_s=0.0)
+    released = f.tick(lag_s=0.0, cpu_s=0.0)
     assert released == [a] and not a.throttled
 
 
@@ -65,13 +81,13 @@ def test_idle_sources_are_forgotten_live_ones_kept() -> None:
     f = Fairness(TICK_S)
     conn = object()
     f.opened(f.load_for("live"), conn)
-    assert f.load_for("live").busy == CONNECTION_COST_S
+    assert f.load_for("live").work == CONNECTION_WORK
     f.load_for("gone")
-    f.tick(0.0)
-    f.tick(0.0)
+    f.tick(0.0, 0.0)
+    f.tick(0.0, 0.0)
     assert set(f.loads) == {"live"}
     f.load_for("live").conns.discard(conn)
-    f.tick(0.0)
+    f.tick(0.0, 0.0)
     assert f.loads == {}
 
 
@@ -120,7 +136,7 @@ def test_a_throttled_source_waits_for_the_tick_while_another_runs() -> None:
             await asyncio.sleep(0.2)
             assert not ar._buffer and not held_r._buffer      # type: ignore[attr-defined]
             assert len(aggressor.held) == 1 and len(ctx.live) == 2
-            housekeeping.fair_tick(0.0)
+            housekeeping.fair_tick(0.0, 0.0)
             assert await asyncio.wait_for(ar.readexactly(6), 5) == b"a2\na3\n"
             assert await asyncio.wait_for(held_r.readexactly(3), 5) == b"h1\n"
             assert not aggressor.throttled and len(ctx.live) == 3
