@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
     ENDPOINT_LOOKUPS,
+    ENDPOINT_RETRIES,
     IDENTITY_CORRECTIONS,
     IDENTITY_WAIT_MS,
     LABEL_OVERFLOW,
@@ -71,6 +72,8 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     IDENTITY_CORRECTIONS: (COUNTER, ("side",),
                            "Live connections moved from a pod that no longer holds the IP to its new owner."),
     ENDPOINT_LOOKUPS: (COUNTER, ("outcome",), "Conntrack lookups of the pod kube-proxy chose behind an address."),
+    ENDPOINT_RETRIES: (COUNTER, ("via", "outcome"),
+                       "Failed upstream connects to a chosen endpoint, tried once more (another endpoint or the Service)."),
     SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
     LABEL_OVERFLOW: (COUNTER, ("label",), "Requests whose wire label value was counted as [other] (cap)."),
 }
@@ -104,6 +107,7 @@ class MetricsStore:
     __slots__ = (
         "bounds",
         "endpoint_lookups",
+        "endpoint_retries",
         "identity_corrections",
         "identity_wait",
         "request_total",
@@ -131,6 +135,7 @@ class MetricsStore:
         self.identity_wait: dict[Labels, list[float]] = {}
         self.identity_corrections: dict[Labels, int] = {}
         self.endpoint_lookups: dict[Labels, int] = {}
+        self.endpoint_retries: dict[Labels, int] = {}
 
     def observe(self, hist: dict[Labels, list[float]], key: Labels, ms: float) -> None:
         buckets = hist.get(key)
@@ -179,6 +184,7 @@ _STORE_FIELDS: tuple[tuple[str, str], ...] = (
     (IDENTITY_WAIT_MS, "identity_wait"),
     (IDENTITY_CORRECTIONS, "identity_corrections"),
     (ENDPOINT_LOOKUPS, "endpoint_lookups"),
+    (ENDPOINT_RETRIES, "endpoint_retries"),
 )
 
 

@@ -77,6 +77,9 @@ class WorkerContext:
         # address it could not resolve (conntrack), or None.
         self.identity_gate: Callable[[str, str], asyncio.Future[str] | None] | None = None
         self.learn_endpoint: Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None] | None = None
+        # `count_retry(via, outcome)`: a failed upstream connect retried (relay._dial), via another
+        # "endpoint" or the "service" address as dialled; outcome "connected" or "failed".
+        self.count_retry: Callable[[str, str], None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
 
@@ -264,24 +267,23 @@ class Connection(asyncio.Protocol):
     async def _connect(self, peer: tuple[str, int], destination: tuple[str, int]) -> None:
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None)
-        if ctx.transparent_ok and not transparent:
-            ctx.transparent_ok = False
-            log.warning("event=transparent_unavailable fallback=node_address")
+        sock: socket.socket | None = None
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, destination), ctx.config.connect_timeout_s)
+            sock, destination = await self._dial(peer, destination)
             if ctx.learn_endpoint is not None and self.meta is not None \
                     and destination == self.meta.original_destination:
                 self._learn_endpoint(sock, destination)
             await loop.create_connection(lambda: _Upstream(self), sock=sock)
         except (OSError, TimeoutError) as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.connecting = False
             code = getattr(exc, "errno", None)
             self.error = f"connect: {errno.errorcode.get(code, 'timeout') if code else 'timeout'}"
             self._upstream_failed()
         except asyncio.CancelledError:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.connecting = False
             self.up_lost = True
             self._maybe_finish()
@@ -290,6 +292,60 @@ class Connection(asyncio.Protocol):
             self.connecting = False
         finally:
             self.connect_task = None  # done: don't keep the finished task and its frame per connection
+
+    async def _dial(self, peer: tuple[str, int], destination: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
+        """A socket connected to `destination`, and the address it is connected to. When the agent
+        chose this endpoint for a Service address and the connect fails (refused, unreachable,
+        timed out: an endpoint gone, e.g. with its node, still listed until the deltas arrive), it
+        tries once more — another ready endpoint, else the Service address as dialled (kube-proxy
+        decides). Safe: no client byte has gone upstream yet (they wait in `pending` until the
+        upstream is connected). The connect timeout is split, so the worst case stays
+        `connect_timeout_s`: half for the first try, what is left for the second."""
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        meta = self.meta
+        original = meta.original_destination if meta is not None else destination
+        retry = destination != original
+        budget = ctx.config.connect_timeout_s
+        deadline = loop.time() + budget
+        timeout = budget / 2 if retry else budget
+        via = ""
+        while True:
+            sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None)
+            if ctx.transparent_ok and not transparent:
+                ctx.transparent_ok = False
+                log.warning("event=transparent_unavailable fallback=node_address")
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, destination), timeout)
+            except (OSError, TimeoutError):
+                sock.close()
+                if via and ctx.count_retry is not None:
+                    ctx.count_retry(via, "failed")
+                if not retry or self.client_lost or self.shed:
+                    raise
+                retry = False
+                failed = destination
+                destination = ctx.picker.retry(original[0], original[1], failed)
+                via = "service" if destination == original else "endpoint"
+                self._redirected(failed, destination)
+                timeout = max(deadline - loop.time(), 0.0)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if via and ctx.count_retry is not None:
+                ctx.count_retry(via, "connected")
+            return sock, destination
+
+    def _redirected(self, failed: tuple[str, int], destination: tuple[str, int]) -> None:
+        """The connection now goes to `destination` instead of `failed` (see _dial)."""
+        picker, meta = self.ctx.picker, self.meta
+        picker.release(failed)
+        picker.acquire(destination)
+        if meta is not None:
+            meta.destination = destination
+            if self.opened:
+                self.ctx.observer.connection_endpoint(self.obs, destination)
 
     def _learn_endpoint(self, sock: socket.socket, dialled: tuple[str, int]) -> None:
         """We dialled what the client dialled (no endpoint known to us): ask who answers."""
