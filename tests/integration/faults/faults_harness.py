@@ -1,5 +1,7 @@
 """The fault tests' cluster: a 2-node sandbox with the mesh installed, a client pod on each node,
-an echo server (:9000) and nginx (HTTP/1.1 :8080, h2c :8081), in one namespace `faults`.
+an echo server (:9000) and nginx (HTTP/1.1 :8080, h2c :8081), in one namespace `faults`; Service
+`refused` (:8080) selects nginx and `refuser` (nothing listens on 8080), Service `silent` nginx
+and `blackhole` (the retry test drops its SYNs).
 
 The agents run 2 workers (the agent's default on this 2-CPU machine; `install --sandbox` picks 1 to
 save memory): every process here is held to a hard limit of 20,000 fds that it cannot raise (no
@@ -37,6 +39,7 @@ PEERS = str(Path(__file__).with_name("faults_peers.py"))
 NS = "faults"
 ECHO_PORT = 9000
 AGENT_WORKERS = 2
+DEAD_NODE = "node1"  # where the dead endpoints of Services `refused` and `silent` run
 TUPLE_PORT = 9001   # a second echo port, only for the tuple test (its TIME_WAITs must not meet others')
 
 NGINX_CONF = """
@@ -65,8 +68,11 @@ http {{
 """
 
 
-def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1) -> str:
+def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1,
+                labels: dict[str, str] | None = None, node: str | None = None) -> str:
     port_list = ", ".join(f"{{containerPort: {p}}}" for p in ports)
+    labels = {"app": name, **(labels or {})}
+    pin = f"\n      nodeSelector: {{kubernetes.io/hostname: {node}}}" if node else ""
     return f"""
 apiVersion: apps/v1
 kind: Deployment
@@ -79,8 +85,8 @@ spec:
     matchLabels: {{app: {name}}}
   template:
     metadata:
-      labels: {{app: {name}}}
-    spec:
+      labels: {json.dumps(labels)}
+    spec:{pin}
       containers:
       - name: {name}
         command: {json.dumps(argv)}
@@ -94,7 +100,17 @@ def manifests(nginx_conf: Path) -> str:
         f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
         _deployment("client", ["sleep", "infinity"], [], replicas=2),
         _deployment("echo", [PY, PEERS, "echo-server", f"{ECHO_PORT},{TUPLE_PORT}"], [ECHO_PORT, TUPLE_PORT]),
-        _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
+        _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081],
+                    labels={"refused": "yes", "silent": "yes"}),
+        # Services `refused` and `silent`: nginx plus a ready endpoint that never answers on 8080 —
+        # `refuser` (nothing listens) and `blackhole` (its SYNs dropped: the test adds the rule).
+        # No containerPort: ready without a probe (the kubelet would probe the first port). On
+        # DEAD_NODE, so that one client dials them from their node and the other across nodes.
+        _deployment("refuser", ["sleep", "infinity"], [], labels={"refused": "yes"}, node=DEAD_NODE),
+        _deployment("blackhole", ["sleep", "infinity"], [], labels={"silent": "yes"}, node=DEAD_NODE),
+        *(f"apiVersion: v1\nkind: Service\nmetadata:\n  name: {svc}\n  namespace: {NS}\nspec:\n"
+          f"  selector: {{{svc}: \"yes\"}}\n  ports: [{{port: 8080, targetPort: 8080}}]\n"
+          for svc in ("refused", "silent")),
     ]
     return "---\n".join(d.strip("\n") + "\n" for d in docs)
 
@@ -279,6 +295,11 @@ class Faults:
             for n, proc in saved.items():
                 self.sb.start_node_process(n, redirector_process(n), proc["argv"], env=proc["env"])
             _wait_for(lambda: all(self.hooked(n) for n in self.nodes), timeout, "capture back")
+
+    def cluster_ip(self, service: str) -> str:
+        (svc,) = [s for s in self.sb.objects().of_kind("Service")
+                  if s["metadata"]["namespace"] == NS and s["metadata"]["name"] == service]
+        return str(svc["spec"]["clusterIP"])
 
     def wait_agents_idle(self, timeout: float = 60.0) -> None:
         """Every relayed connection is gone (tcp_open_connections 0 on both nodes)."""
