@@ -326,6 +326,8 @@ class Connection(asyncio.Protocol):
                 retry = False
                 failed = destination
                 destination = ctx.picker.retry(original[0], original[1], failed)
+                if destination == original and self._accepted_on(original):
+                    raise  # not NATed (a direct dial of our listener): as dialled would be ourselves
                 via = "service" if destination == original else "endpoint"
                 self._redirected(failed, destination)
                 timeout = max(deadline - loop.time(), 0.0)
@@ -336,6 +338,11 @@ class Connection(asyncio.Protocol):
             if via and ctx.count_retry is not None:
                 ctx.count_retry(via, "connected")
             return sock, destination
+
+    def _accepted_on(self, address: tuple[str, int]) -> bool:
+        client = self.client
+        sockname = client.get_extra_info("sockname") if client is not None else None
+        return sockname is not None and tuple(sockname[:2]) == address
 
     def _redirected(self, failed: tuple[str, int], destination: tuple[str, int]) -> None:
         """The connection now goes to `destination` instead of `failed` (see _dial)."""
@@ -484,12 +491,6 @@ class Connection(asyncio.Protocol):
 
     # -- client side -------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        self._client_data(data)
-        load = self.load
-        load.work += 1 + (len(data) >> BYTES_PER_WORK_SHIFT)   # fairness.py: what the worker spent on it
-        if load.work > load.budget:
-            self.over_budget(load)
 
     def over_budget(self, load: SourceLoad) -> None:
         """This connection's source spent its time budget for this tick (fairness.py): pause all
@@ -522,7 +523,11 @@ class Connection(asyncio.Protocol):
         if up_ok and not (client_ok and _backed_up(client)):  # type: ignore[arg-type]
             up.resume_reading()  # type: ignore[union-attr]
 
-    def _client_data(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
+        load = self.load
+        load.work += 1 + (len(data) >> BYTES_PER_WORK_SHIFT)   # fairness.py: what the worker spends on it
+        if load.work > load.budget:
+            self.over_budget(load)   # pauses reading after this read; this one is handled below
         self.read_bytes += len(data)
         mode = self.mode
         if mode is not None and self.up is not None:
