@@ -491,7 +491,6 @@ class Connection(asyncio.Protocol):
 
     # -- client side -------------------------------------------------------------------------
 
-
     def over_budget(self, load: SourceLoad) -> None:
         """This connection's source spent its time budget for this tick (fairness.py): pause all
         its connections until housekeeping's next tick."""
@@ -500,8 +499,8 @@ class Connection(asyncio.Protocol):
                 conn.throttle()
 
     def throttle(self) -> None:
-        if self.throttled:
-            return
+        if self.throttled or self.lingering:
+            return  # (lingering: our answer is out and what the client sends must be read and dropped)
         self.throttled = True
         client, up = self.client, self.up
         if client is not None and not self.client_lost and not client.is_closing():
