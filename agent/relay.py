@@ -292,6 +292,14 @@ class Connection(asyncio.Protocol):
         self.detect_timer = None
         if self.mode is not None or self.opened:
             return
+        if not self.pending and not self.shed:
+            # The client has said nothing yet (a pool's connection opened ahead of its first
+            # request; a client slowed by its node's load): there is nothing to settle on. Keep
+            # waiting for whoever speaks first: the client's first bytes are detected when they
+            # come, with a fresh timeout (data_received); a server's greeting decides opaque TCP at
+            # once (upstream_data). Deciding TCP here relayed every request such a connection later
+            # carried as opaque bytes, uncounted, and let a late slowloris through without its 408.
+            return
         protocol = settle_on_timeout(b"".join(self.pending)) if self.pending else TCP
         if protocol == HTTP1 and not self.shed:
             # A request head arriving this slowly (a slowloris sends a byte a second): HTTP/1 from
@@ -429,6 +437,9 @@ class Connection(asyncio.Protocol):
             result = detect(buffered)
             if result.protocol == NEED_MORE:
                 if self.pending_len < MAX_DETECT_BYTES:
+                    if self.detect_timer is None:  # first bytes after a silent detection timeout
+                        self.detect_timer = asyncio.get_running_loop().call_later(
+                            self.ctx.config.detect_timeout_s, self._detect_timeout)
                     return
                 result = Detection(TCP)
             self._decide(result)
