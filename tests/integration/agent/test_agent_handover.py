@@ -1,0 +1,95 @@
+"""Issue 12 item 2 at the agent's level: a draining agent hands its live connections to the newer one.
+
+Three namespaces (client → agent → server, transparent upstreams), an echo server and nginx. The
+client holds long-lived connections — echo lines, a byte stream kept 512 KB deep, HTTP/1.1
+keep-alive GETs — that never reconnect. A second agent starts beside the first (as a rolling update
+does), the first gets SIGTERM: every connection must keep working, every byte checked, none cut,
+and the old agent must exit at once instead of holding them for the drain grace. (The same on the
+sandbox, with the mesh installed: tests/integration/faults/test_faults_upgrade_handover.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agent_traffic_net import SERVER_IP, Agent, start_agent, start_nginx, topology, wait_for
+
+pytestmark = pytest.mark.root
+
+PEERS = str(Path(__file__).parents[1] / "faults" / "faults_peers.py")
+ECHO_PORT = 9000
+N_ECHO, N_BULK, N_HTTP = 4, 2, 4
+
+
+def _progress(path: Path) -> dict[str, int]:
+    try:
+        return json.loads(path.read_text())["rounds"]
+    except (OSError, ValueError):
+        return {}
+
+
+def _handover_stats(agent: Agent) -> list[dict[str, str]]:
+    return [dict(kv.split("=", 1) for kv in line.split("event=handover_done ")[1].split())
+            for line in agent.stderr.read_text().splitlines() if "event=handover_done" in line]
+
+
+def test_agent_sigterm_hands_live_connections_to_the_new_agent(tmp_path: Path) -> None:
+    with topology() as t:
+        start_nginx(t, tmp_path)
+        t.exec(t.server, sys.executable, PEERS, "echo-server", str(ECHO_PORT))
+        old = start_agent(t, tmp_path, "old", workers=2)
+        stop, progress = tmp_path / "stop", tmp_path / "progress.json"
+        client = t.exec(t.client, sys.executable, PEERS, "longlived", SERVER_IP, str(ECHO_PORT), SERVER_IP, "80",
+                        "/index.html", str(N_ECHO), str(N_BULK), str(N_HTTP), str(stop), str(progress), "0.02",
+                        stdout=subprocess_pipe(), stderr=subprocess_pipe())
+        assert wait_for(lambda: all(_progress(progress).get(k, 0) > 20 for k in ("echo", "bulk", "http")), 30), \
+            _progress(progress)
+        new = start_agent(t, tmp_path, "new", workers=2)
+        time.sleep(0.5)
+        before = _progress(progress)
+        sigterm_at = time.monotonic()
+        old.sigterm()
+        assert wait_for(lambda: old.proc.poll() is not None, timeout=20), old.stderr.read_text()
+        old_exit_s = time.monotonic() - sigterm_at
+        at_exit = _progress(progress)
+        time.sleep(2.0)  # the new agent alone carries them
+        stop.write_text("stop")
+        out, err = client.communicate(timeout=60)
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        stats = _handover_stats(old)
+        old_log = old.stderr.read_text()
+        new_log = new.stderr.read_text()
+        adopted = [e for e in new.events() if e["ev"] == "open" and e.get("adopted")]
+        closes = {e["conn"]: e for e in new.events() if e["ev"] == "close"}
+        print(f"hand-over: {stats}; old agent exited {old_exit_s:.2f} s after SIGTERM; rounds before "
+              f"{before}, at its exit {at_exit}, end {result['rounds']}; bytes {result['bytes']}; "
+              f"client {result}; new agent adopted {len(adopted)}; "
+              f"{[ln for ln in old_log.splitlines() if 'drain' in ln]}")
+        assert old.proc.returncode == 0, old_log
+        assert result["cut"] == 0 and result["failed"] == {}, (result, err.decode())
+        handed = sum(int(s["tcp"]) + int(s["http1"]) for s in stats)
+        assert handed == N_ECHO + N_BULK + N_HTTP, (stats, old_log)
+        assert sum(int(s["http1"]) for s in stats) == N_HTTP, stats
+        assert "event=drain_done aborted=0" in old_log, old_log
+        assert old_exit_s < 10.0, old_exit_s  # not held for the 30 s drain grace
+        # Still the same connections, working across the hand-over and after it.
+        for kind in ("echo", "bulk", "http"):
+            assert result["rounds"][kind] > at_exit.get(kind, 0) > before.get(kind, 0), (kind, before, at_exit, result)
+        # The new agent carries on with them: adopted (not new opens), closed with bytes counted.
+        assert len(adopted) == N_ECHO + N_BULK + N_HTTP, adopted
+        assert all(closes[e["conn"]]["read_bytes"] > 0 and closes[e["conn"]]["error"] is None for e in adopted), \
+            [closes.get(e["conn"]) for e in adopted]
+        assert len(re.findall(r"event=handover_received connections=\d+", new_log)) >= 1, new_log
+        new.sigterm()
+        new.proc.wait(timeout=40)
+
+
+def subprocess_pipe() -> int:
+    import subprocess
+
+    return subprocess.PIPE
