@@ -260,3 +260,98 @@ def test_decode_round_trip() -> None:
     conn.mode.exchange.ordinal = 3
     kind, got, state = handover.decode(handover.encode(conn, handover.HTTP1))
     assert (kind, got, state["ordinal"]) == (handover.HTTP1, meta, 3)
+
+
+# -- HTTP/2: the classifier's state moves as plain data ------------------------------------------
+
+
+def _h2_conversation() -> list[tuple[bool, bytes]]:
+    """A gRPC-ish conversation between two real `h2` peers, as the relay sees it: (from_client, bytes)
+    in order. Custom headers go into both HPACK dynamic tables; streams overlap."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    client.initiate_connection()
+    server.initiate_connection()
+    out: list[tuple[bool, bytes]] = []
+
+    def pump() -> None:
+        c = client.data_to_send()
+        if c:
+            out.append((True, c))
+            server.receive_data(c)
+        s = server.data_to_send()
+        if s:
+            out.append((False, s))
+            client.receive_data(s)
+
+    pump()
+    for sid in (1, 3, 5, 7):
+        client.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", f"/pkg.Svc/M{sid % 3}"),
+                                  (":authority", "svc:80"), ("content-type", "application/grpc"),
+                                  ("x-request-tag", f"tag-{sid}"), ("te", "trailers")])
+        client.send_data(sid, b"\x00\x00\x00\x00\x05hello" * 40)
+        pump()
+        server.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
+                                  ("x-served-by", f"pod-{sid % 2}")])
+        server.send_data(sid, b"\x00\x00\x00\x00\x03abc" * (20 + sid))
+        pump()
+        if sid >= 3:  # each finishes one stream later: one is always open at the split points
+            done = sid - 2
+            client.end_stream(done)
+            server.send_headers(done, [("grpc-status", str(done % 3))], end_stream=True)
+            pump()
+    client.end_stream(7)
+    server.send_headers(7, [("grpc-status", "0")], end_stream=True)
+    pump()
+    return out
+
+
+def _summary(events: list[tuple[int, object]]) -> list[tuple[object, ...]]:
+    from nodemesh.agent import http2
+
+    out: list[tuple[object, ...]] = []
+    for kind, arg in events:
+        if isinstance(arg, http2.H2Stream):
+            out.append((kind, arg.stream_id, arg.method, arg.path, arg.authority, arg.grpc, arg.status))
+            if kind == http2.STREAM_END:  # its final counts (bytes of a chunk come after its events)
+                out.append((arg.grpc_status, arg.request_bytes, arg.response_bytes, arg.reset_error))
+        else:
+            out.append((kind, arg))
+    return out
+
+
+def test_h2_relay_snapshot_restores_the_classifier_anywhere_mid_conversation() -> None:
+    """Cut the conversation at every chunk boundary and inside chunks (mid-frame, mid-header): a
+    relay restored from the first one's snapshot (through JSON, as it travels) sees exactly what
+    one relay fed everything sees — the HPACK tables in step, open streams carried on."""
+    import json as _json
+
+    from nodemesh.agent.http2 import H2Relay
+
+    chunks = _h2_conversation()
+    whole = H2Relay()
+    expected: list[tuple[int, object]] = []
+    for from_client, data in chunks:
+        expected += _summary(whole.feed_client(data) if from_client else whole.feed_server(data))
+    assert [e[0] for e in expected if len(e) == 4] == [1, 0, 2, 0]  # grpc statuses were classified
+    cuts = 0
+    for i, (_, data) in enumerate(chunks):
+        for offset in sorted({0, 1, 5, 9, 10, 11, len(data) // 2, len(data) - 1}):
+            if offset >= len(data):
+                continue
+            first, got = H2Relay(), []
+            for from_client, d in chunks[:i]:
+                got += _summary(first.feed_client(d) if from_client else first.feed_server(d))
+            from_client, d = chunks[i]
+            got += _summary(first.feed_client(d[:offset]) if from_client else first.feed_server(d[:offset]))
+            second = H2Relay.restored(_json.loads(_json.dumps(first.snapshot())))
+            got += _summary(second.feed_client(d[offset:]) if from_client else second.feed_server(d[offset:]))
+            for from_client, d in chunks[i + 1:]:
+                got += _summary(second.feed_client(d) if from_client else second.feed_server(d))
+            assert got == expected, (i, offset)
+            assert not second.streams and not second.failed
+            cuts += 1
+    assert cuts > 50
