@@ -20,6 +20,10 @@ from nodemesh.agent.relay import WorkerContext
 
 log = logging.getLogger("nodemesh.agent.drain")
 
+# With a successor, how long an HTTP/2 connection may wait to be handed over before it is drained
+# (GOAWAY) after all: far more than a hand-over takes (a few ms), far less than the grace.
+HANDOVER_DEFER_S = 3.0
+
 
 async def drain(servers: list[asyncio.Server], contexts: list[WorkerContext], grace_s: float,
                 handover: Handover | None = None) -> int:
@@ -34,13 +38,24 @@ async def drain(servers: list[asyncio.Server], contexts: list[WorkerContext], gr
         ctx.draining = True
     if handover is not None:
         handover.begin()  # before drain(): an idle HTTP/1 connection moves instead of being closed
+    deferred = []
     for ctx in contexts:
         for conn in list(ctx.live):
-            conn.drain()  # what does not move ends at its safe point, as without a successor
+            if handover is not None and handover.defers(conn):
+                deferred.append(conn)
+            else:
+                conn.drain()  # what does not move ends at its safe point, as without a successor
     deadline = started + grace_s
     while any(ctx.live for ctx in contexts) and time.monotonic() < deadline:
         if handover is not None:
             handover.sweep()
+            for conn in handover.take_not_moved():
+                conn.drain()
+            if deferred and (handover.broken or time.monotonic() - started > HANDOVER_DEFER_S):
+                for conn in deferred:
+                    if not conn.finished:
+                        conn.drain()
+                deferred = []
             if handover.broken and not handover.freezing:
                 log.info("event=handover_done %s", _fields(handover.finish()))
                 handover = None

@@ -40,7 +40,8 @@ class JsonlObserver:
     def request_start(self, conn: Any, head: RequestHead) -> Any:
         req = f"{conn}/{head.stream_id}"
         self._write({"ev": "request", "conn": conn, "req": req, "method": head.method,
-                     "authority": head.authority, "path": head.path, "grpc": head.grpc})
+                     "authority": head.authority, "path": head.path, "grpc": head.grpc,
+                     "adopted": head.adopted})
         return req
 
     def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:

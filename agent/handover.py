@@ -42,7 +42,9 @@ import time
 from typing import Any
 
 from nodemesh.agent.http1_relay import Http1Mode
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta
+from nodemesh.agent.http2 import H2Relay
+from nodemesh.agent.http2_relay import Http2Mode
+from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestHead
 from nodemesh.agent.relay import Connection, WorkerContext, _Upstream
 from nodemesh.agent.tcp import TcpMode
 from nodemesh.redirector import presence
@@ -54,8 +56,8 @@ VERSION = "v1"
 FREEZE_MAX_S = 2.0      # a connection whose write buffers do not empty in this long is not moved now...
 RETRY_AFTER_S = 1.0     # ...but tried again this much later (a slow reader catches up)
 SEND_TIMEOUT_S = 2.0    # a successor that takes no message for this long is given up on
-MAX_MESSAGE = 16 * 1024
-TCP, HTTP1 = "tcp", "http1"
+MAX_MESSAGE = 64 * 1024  # one connection's state; fits a unix socket's default send buffer (208 KB)
+TCP, HTTP1, HTTP2 = "tcp", "http1", "http2"
 
 
 def listener_name(agent_id: int, index: int) -> str:
@@ -68,10 +70,11 @@ def successors(agent_id: int) -> list[str]:
     return [n for n in presence.present(KIND) if n.endswith("." + VERSION) and not n.startswith(own)]
 
 
-def movable(conn: Connection) -> str | None:
-    """The mode the connection moves in (TCP, HTTP1), or None if it cannot move now."""
+def movable(conn: Connection, frozen: bool = False) -> str | None:
+    """The mode the connection moves in (TCP, HTTP1, HTTP2), or None if it cannot move now.
+    `frozen`: it is ours already (checked again just before it is sent)."""
     mode = conn.mode
-    if mode is None or conn.finished or conn.frozen or not conn.opened or conn.meta is None:
+    if mode is None or conn.finished or conn.frozen != frozen or not conn.opened or conn.meta is None:
         return None
     if conn.client is None or conn.up is None or conn.client_lost or conn.up_lost:
         return None
@@ -88,7 +91,13 @@ def movable(conn: Connection) -> str | None:
         if mode.client_opaque or mode.hold or mode.error_status or not mode.exchange.idle:
             return None
         return HTTP1
-    return None                  # HTTP/2: its classifier's state (HPACK, streams) stays here
+    if isinstance(mode, Http2Mode):
+        # Any moment will do: the classifier's state travels (H2Relay.snapshot), frames in flight
+        # included. Not once our own GOAWAY went out (draining: the client is leaving anyway).
+        if mode.relay.failed or mode.drain_state or mode.inject:
+            return None
+        return HTTP2
+    return None
 
 
 def encode(conn: Connection, kind: str) -> bytes:
@@ -97,6 +106,8 @@ def encode(conn: Connection, kind: str) -> bytes:
     state: dict[str, Any] = {"mode": kind, "meta": meta}
     if kind == HTTP1:
         state["ordinal"] = conn.mode.exchange.ordinal  # type: ignore[union-attr]
+    elif kind == HTTP2:
+        state["h2"] = conn.mode.relay.snapshot()  # type: ignore[union-attr]
     return json.dumps(state, separators=(",", ":")).encode()
 
 
@@ -113,8 +124,13 @@ def decode(data: bytes) -> tuple[str, ConnectionMeta, dict[str, Any]]:
         meta = ConnectionMeta(**raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"bad hand-over message: {exc!r}") from None
-    if kind not in (TCP, HTTP1) or meta.direction not in ("outbound", "inbound"):
+    if kind not in (TCP, HTTP1, HTTP2) or meta.direction not in ("outbound", "inbound"):
         raise ValueError(f"bad hand-over message: mode={kind!r} direction={meta.direction!r}")
+    if kind == HTTP2:
+        try:
+            state["relay"] = H2Relay.restored(state["h2"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"bad hand-over message: HTTP/2 state: {exc!r}") from None
     return kind, meta, state
 
 
@@ -147,10 +163,14 @@ class Successor:
         return None
 
     def send(self, conn: Connection, kind: str) -> bool:
+        """True once the successor has the connection; False if not (it stays ours)."""
+        message = encode(conn, kind)
+        if len(message) > MAX_MESSAGE:
+            return False  # an HTTP/2 header block of a megabyte mid-flight: drained instead
         fds = [conn.client.get_extra_info("socket").fileno(),  # type: ignore[union-attr]
                conn.up.get_extra_info("socket").fileno()]       # type: ignore[union-attr]
         try:
-            socket.send_fds(self.sock, [encode(conn, kind)], fds)
+            socket.send_fds(self.sock, [message], fds)
         except OSError as exc:
             log.warning("event=handover_send_failed successor=@%s error=%r", self.name, exc)
             self.broken = True
@@ -176,7 +196,8 @@ class Handover:
         self.contexts = contexts
         self.freezing: dict[Connection, tuple[str, float]] = {}
         self.retry_at: dict[Connection, float] = {}
-        self.handed = {TCP: 0, HTTP1: 0}
+        self.handed = {TCP: 0, HTTP1: 0, HTTP2: 0}
+        self.not_moved: list[Connection] = []   # sent nothing for them: drain.py drains them
         self.given_up = 0
         self.started = time.monotonic()
         self.last_at = 0.0
@@ -220,13 +241,16 @@ class Handover:
             if conn.client.get_write_buffer_size() == 0 and conn.up.get_write_buffer_size() == 0 \
                     and not self.successor.broken:
                 del self.freezing[conn]
-                if self.successor.send(conn, kind):
+                kind = movable(conn, frozen=True) or ""  # the drain may have written meanwhile (GOAWAY)
+                if kind and self.successor.send(conn, kind):
                     self._release(conn)
                     self.handed[kind] += 1
                     self.last_at = now
                     self.freeze_max_s = max(self.freeze_max_s, now - since)
                 else:
                     self._thaw(conn)
+                    self.not_moved.append(conn)
+                    self.retry_at[conn] = float("inf")
             elif self.successor.broken or now - since > FREEZE_MAX_S:
                 del self.freezing[conn]
                 self.given_up += 1
@@ -255,8 +279,10 @@ class Handover:
         client.set_protocol(_Gone())
         up.set_protocol(_Gone())
         conn.finished = True
+        if isinstance(conn.mode, Http2Mode):
+            conn.mode.relay.streams.clear()  # they go on (and end) over there, not "connection closed"
         if conn.mode is not None:
-            conn.mode.close(True)  # nothing in flight: only its timers
+            conn.mode.close(True)  # HTTP/1, TCP: nothing in flight; only timers
         ctx.observer.connection_close(conn.obs, ConnectionEnd(
             conn.read_bytes, conn.write_bytes, time.monotonic(), None, handed_over=True))
         ctx.picker.release(meta.destination)
@@ -272,6 +298,15 @@ class Handover:
         conn.up = None
         conn.obs = None
 
+    def defers(self, conn: Connection) -> bool:
+        """Whether drain.py should hold back this connection's own drain for a while: an HTTP/2
+        one would get our GOAWAY, and could no longer move."""
+        return isinstance(conn.mode, Http2Mode) and not self.successor.broken
+
+    def take_not_moved(self) -> list[Connection]:
+        out, self.not_moved = self.not_moved, []
+        return out
+
     def finish(self) -> dict[str, Any]:
         for ctx in self.contexts:
             ctx.at_boundary = None
@@ -279,7 +314,8 @@ class Handover:
             self._thaw(conn)
         self.freezing.clear()
         self.successor.close()
-        return {"tcp": self.handed[TCP], "http1": self.handed[HTTP1], "given_up": self.given_up,
+        return {"tcp": self.handed[TCP], "http1": self.handed[HTTP1], "http2": self.handed[HTTP2],
+                "given_up": self.given_up,
                 "ms": round((self.last_at - self.started) * 1000, 1) if self.last_at else 0.0,
                 "freeze_max_ms": round(self.freeze_max_s * 1000, 1)}
 
@@ -367,6 +403,18 @@ class Receiver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @staticmethod
+    def _adopt_streams(conn: Connection, relay: H2Relay) -> None:
+        """The classifier carries on where the old agent's stopped; its open streams are requests
+        here now (counted there: `adopted`), ended and counted here."""
+        mode: Http2Mode = conn.mode  # type: ignore[assignment]
+        mode.relay = relay
+        observer = conn.ctx.observer
+        for s in relay.streams.values():
+            s.obs = observer.request_start(conn.obs, RequestHead(
+                s.method, s.scheme, s.authority, s.path, [], s.grpc, s.stream_id, s.started,
+                adopted=True, status=s.status))
+
     async def _adopt(self, ctx: WorkerContext, kind: str, meta: ConnectionMeta, state: dict[str, Any],
                      client_sock: socket.socket, up_sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -383,6 +431,8 @@ class Receiver:
         conn.mode = ctx.mode_factory(kind, conn)
         if kind == HTTP1:
             conn.mode.exchange.ordinal = int(state.get("ordinal", 0))  # type: ignore[attr-defined]
+        elif kind == HTTP2:
+            self._adopt_streams(conn, state["relay"])
         client_sock.setblocking(False)
         up_sock.setblocking(False)
         try:

@@ -53,6 +53,11 @@ class RequestHead:
     grpc: bool = False                # content-type application/grpc*
     stream_id: int = 0                # HTTP/2 stream id; HTTP/1: ordinal of the request on the conn
     started: float = 0.0              # time.monotonic() when the request head was complete
+    # In flight when its connection was taken over from a draining agent (agent/handover.py):
+    # counted there (request_total; its response latency too if `status`, the response head that
+    # agent saw, is set), ended and counted here.
+    adopted: bool = False
+    status: int = 0
 
 
 @dataclass(slots=True)

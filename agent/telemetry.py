@@ -448,6 +448,9 @@ class WorkerTelemetry:
             # clock ran from their arrival, and so does ours.
             started, conn.meta.first_bytes_at = min(started, conn.meta.first_bytes_at), 0.0
         req = _Req(conn, head, keys, started)
+        if head.adopted:  # counted (and tapped) by the agent that handed it over
+            req.status = head.status or None
+            return req
         counts = self.metrics.request_total
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
