@@ -1,11 +1,12 @@
 """Peers for the fault tests, run as sandbox pod processes (servers) or via `sandbox.exec` (clients).
 
     python3 faults_peers.py echo-server PORT
+    python3 faults_peers.py grpc-server PORT        # grpcio, imported by the gRPC kinds only
     python3 faults_peers.py CLIENT-KIND ARGS...     # prints one JSON object: what it did and saw
 
 Clients check every byte they get back (an echo of what they sent) and report counts of failures by
 kind, so a test asserts "0 failed, bytes intact" and prints the timings. Stdlib only (asyncio on the
-default loop): a client starts fast in a pod.
+default loop) but for the gRPC kinds: a client starts fast in a pod.
 """
 
 from __future__ import annotations
@@ -527,6 +528,82 @@ async def longlived(host: str, echo_port: int, http_host: str, http_port: int, h
           "failed": dict(failed), "cut": sum(failed.values()), "seconds": round(time.monotonic() - started, 3)})
 
 
+def grpc_server(port: int) -> None:
+    """gRPC (grpcio, imported only here): `faults.Echo/Chat` echoes every message of a bidirectional
+    stream until the client ends it; `faults.Echo/Unary` echoes one."""
+    from concurrent import futures
+
+    import grpc
+
+    def chat(requests, context):  # type: ignore[no-untyped-def]
+        for request in requests:
+            yield b"echo:" + request
+
+    def unary(request: bytes, context: object) -> bytes:
+        return b"echo:" + request
+
+    handler = grpc.method_handlers_generic_handler("faults.Echo", {
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_longlived(target: str, n_streams: int, stop_file: str, progress_file: str, interval: float) -> None:
+    """On one channel (one HTTP/2 connection, as grpcio keeps it): `n_streams` bidirectional streams,
+    a numbered message every `interval` each, every echo checked in order, ended by the client once
+    `stop_file` appears; and a unary call every `interval` meanwhile. Any error is reported: a
+    stream cut by the mesh ends with UNAVAILABLE."""
+    import threading
+
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    chat = channel.stream_stream("/faults.Echo/Chat")
+    unary = channel.unary_unary("/faults.Echo/Unary")
+    echoed = [0] * n_streams
+    unary_ok = [0]
+    errors: list[str] = []
+
+    def messages(i: int):  # type: ignore[no-untyped-def]
+        n = 0
+        while not os.path.exists(stop_file):
+            yield b"stream %d message %d" % (i, n)
+            n += 1
+            time.sleep(interval)
+
+    def run_stream(i: int) -> None:
+        try:
+            for n, reply in enumerate(chat(messages(i), timeout=600)):
+                if reply != b"echo:stream %d message %d" % (i, n):
+                    raise ValueError(f"stream {i}: {reply!r} as reply {n}")
+                echoed[i] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"stream {i}: {exc!r}"[:300])
+
+    threads = [threading.Thread(target=run_stream, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    while not os.path.exists(stop_file):
+        try:
+            if unary(b"u", timeout=10) != b"echo:u":
+                raise ValueError("unary mismatch")
+            unary_ok[0] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"unary: {exc!r}"[:300])
+        _write_atomic(progress_file, {"echoed": sum(echoed), "unary": unary_ok[0]})
+        time.sleep(interval)
+    for t in threads:
+        t.join(60)
+    emit({"streams": n_streams, "echoed": echoed, "unary": unary_ok[0], "errors": errors,
+          "seconds": round(time.monotonic() - started, 3)})
+
+
 def main(argv: list[str]) -> None:
     kind, args = argv[0], argv[1:]
     if kind == "echo-server":
@@ -545,6 +622,10 @@ def main(argv: list[str]) -> None:
         asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif kind == "raw":
         raw(args[0], int(args[1]), args[2], float(args[3]))
+    elif kind == "grpc-server":
+        grpc_server(int(args[0]))
+    elif kind == "grpc-longlived":
+        grpc_longlived(args[0], int(args[1]), args[2], args[3], float(args[4]))
     elif kind == "longlived":
         asyncio.run(longlived(args[0], int(args[1]), args[2], int(args[3]), args[4], int(args[5]), int(args[6]),
                               int(args[7]), args[8], args[9], float(args[10])))

@@ -3,9 +3,10 @@
 Before: 0 failed short requests, but every long-lived connection (a TCP echo, gRPC streams,
 downloads) was cut ~30 s after the upgrade began, when the old agent's drain grace ran out.
 
-Here both clients (one on the servers' node, one on the other) hold long-lived connections that
-never reconnect: echo lines, echo byte streams kept 512 KB deep, HTTP/1.1 keep-alive GETs to nginx,
-every byte checked. Each node's agent is upgraded as a DaemonSet rolling update does it
+Here both clients (one per node) hold long-lived connections that never reconnect: echo lines,
+echo byte streams kept 512 KB deep, HTTP/1.1 keep-alive GETs to nginx, and one gRPC channel
+carrying bidirectional streams (a message each way every 50 ms) and unary calls — every byte and
+message checked. Each node's agent is upgraded as a DaemonSet rolling update does it
 (maxSurge: a second agent starts beside the first and becomes ready, then the first gets SIGTERM),
 one node after the other, and then once more (back to the agent's usual process name). Want: zero
 connections cut, the old agent gone at once (not after the 30 s grace), and the new agent's
@@ -19,14 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
-from faults_harness import ECHO_PORT, Faults
+from faults_harness import ECHO_PORT, GRPC_PORT, Faults
 from nodemesh.api.model import TCP_CLOSE_TOTAL, TCP_OPEN_CONNECTIONS, TCP_OPEN_TOTAL, TCP_READ_BYTES_TOTAL
 from nodemesh.cli.sandbox_install import agent_process
 
 pytestmark = pytest.mark.root
 
 N_ECHO, N_BULK, N_HTTP = 3, 1, 3
-PER_CLIENT = N_ECHO + N_BULK + N_HTTP
+N_GRPC_STREAMS = 3                         # on one channel: one HTTP/2 connection
+PER_CLIENT = N_ECHO + N_BULK + N_HTTP + 1  # connections
 
 
 def _read_json(path: Path) -> dict:
@@ -91,12 +93,12 @@ def _handed(report: dict) -> int:
     total = 0
     for line in report["handover"] if report["handover"] != "none" else []:
         fields = dict(kv.split("=", 1) for kv in line.split())
-        total += int(fields["tcp"]) + int(fields["http1"])
+        total += int(fields["tcp"]) + int(fields["http1"]) + int(fields["http2"])
     return total
 
 
 def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: Path) -> None:
-    echo, nginx = faults.server("echo"), faults.server("nginx")
+    echo, nginx, grpc = faults.server("echo"), faults.server("nginx"), faults.server("grpc")
     faults.wait_agents_idle()
     clients = {route: client for route, client, _ in faults.routes("echo")}  # relative to the echo server
     # Where the connections are relayed: outbound on each client's node, inbound on a server's
@@ -104,21 +106,25 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
     expected = dict.fromkeys(faults.nodes, 0)
     for client in clients.values():
         expected[client.node] += PER_CLIENT
-        for server, n in ((echo, N_ECHO + N_BULK), (nginx, N_HTTP)):
+        for server, n in ((echo, N_ECHO + N_BULK), (nginx, N_HTTP), (grpc, 1)):
             if server.node != client.node:
                 expected[server.node] += n
     order = sorted(faults.nodes)
-    procs, stops, progress = {}, {}, {}
+    procs, grpc_procs, stops, progress, grpc_progress = {}, {}, {}, {}, {}
     for route, client in clients.items():
         stops[route], progress[route] = tmp_path / f"stop-{route}", tmp_path / f"progress-{route}.json"
+        grpc_progress[route] = tmp_path / f"grpc-progress-{route}.json"
         procs[route] = faults.peer_background(client, "longlived", echo.ip, ECHO_PORT, nginx.ip, 8080, "/ok",
                                               N_ECHO, N_BULK, N_HTTP, stops[route], progress[route], 0.05)
+        grpc_procs[route] = faults.peer_background(client, "grpc-longlived", f"{grpc.ip}:{GRPC_PORT}",
+                                                   N_GRPC_STREAMS, stops[route], grpc_progress[route], 0.05)
     up = Upgrader(faults, tmp_path)
     reports, seen = [], []
     try:
         for route in clients:
             _wait(lambda r=route: all(_read_json(progress[r]).get("rounds", {}).get(k, 0) > 10
                                       for k in ("echo", "bulk", "http")), 60, f"{route} traffic")
+            _wait(lambda r=route: _read_json(grpc_progress[r]).get("echoed", 0) > 10, 60, f"{route} gRPC")
         for n in faults.nodes:  # workers hand their counts to the parent every report interval
             _wait(lambda n=n: faults.metric_sum(n, TCP_OPEN_CONNECTIONS, direction="outbound") >= PER_CLIENT, 15,
                   f"{n}: metrics of the connections")
@@ -129,7 +135,8 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
         # recorded a second time, as inbound, by the same agent).
         assert {n: v["outbound"] for n, v in views.items()} == dict.fromkeys(faults.nodes, PER_CLIENT), views
         for node in order:   # a rolling update: one node at a time
-            before = {r: dict(_read_json(progress[r]).get("rounds", {})) for r in clients}
+            before = {r: {**_read_json(progress[r]).get("rounds", {}),
+                          "grpc": _read_json(grpc_progress[r]).get("echoed", 0)} for r in clients}
             report = up.upgrade(node, f"{agent_process(node)}-next")
             report["rounds_before"] = before
             reports.append(report)
@@ -143,18 +150,23 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
                          "opened_here": faults.metric_sum(node, TCP_OPEN_TOTAL),
                          "read_bytes": faults.metric_sum(node, TCP_READ_BYTES_TOTAL)})
         time.sleep(2.0)
-        mid = {r: dict(_read_json(progress[r]).get("rounds", {})) for r in clients}
+        mid = {r: {**_read_json(progress[r]).get("rounds", {}), "grpc": _read_json(grpc_progress[r]).get("echoed", 0)}
+               for r in clients}
         for node in order:   # and back, under the agent's usual name
             reports.append(up.upgrade(node, agent_process(node)))
         time.sleep(2.0)
     finally:
         for route in clients:
             stops[route].write_text("stop")
-        results = {}
+        results, grpc_results = {}, {}
         for route, proc in procs.items():
             out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, (route, out, err)
             results[route] = json.loads(out.strip().splitlines()[-1])
+        for route, proc in grpc_procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, (route, out, err)
+            grpc_results[route] = json.loads(out.strip().splitlines()[-1])
     faults.wait_agents_idle(timeout=30)
     closed = {n: faults.metric_sum(n, TCP_CLOSE_TOTAL, error="", direction="outbound") for n in faults.nodes}
     read_after = {n: faults.metric_sum(n, TCP_READ_BYTES_TOTAL) for n in faults.nodes}
@@ -163,10 +175,14 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
               f"{r['old_exit_s']} s after SIGTERM, handed over {_handed(r)} ({r['handover']}), drain {r['drain']}")
     for route, res in results.items():
         print(f"upgrade cni={faults.cni} {route} client: cut={res['cut']} failed={res['failed']} "
-              f"rounds={res['rounds']} bytes={res['bytes']} seconds={res['seconds']}")
+              f"rounds={res['rounds']} bytes={res['bytes']} seconds={res['seconds']}; gRPC {grpc_results[route]}")
     print(f"upgrade cni={faults.cni} open before: {views}; new agents right after their upgrade: {seen}; "
           f"clean outbound closes at the end "
           f"{closed}; bytes read {read_after}")
+    for route, res in grpc_results.items():
+        assert res["errors"] == [], (route, res)
+        assert sum(res["echoed"]) > mid[route]["grpc"] > reports[0]["rounds_before"][route]["grpc"], (route, res, mid)
+        assert min(res["echoed"]) > 0, res
     for route, res in results.items():
         assert res["cut"] == 0 and res["failed"] == {}, (route, res)
         for kind in ("echo", "bulk", "http"):  # the same connections kept working after every upgrade
