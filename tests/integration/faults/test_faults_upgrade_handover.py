@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 from faults_harness import ECHO_PORT, GRPC_PORT, Faults
-from nodemesh.api.model import TCP_CLOSE_TOTAL, TCP_OPEN_CONNECTIONS, TCP_OPEN_TOTAL, TCP_READ_BYTES_TOTAL
+from nodemesh.api.model import (
+    REQUEST_TOTAL,
+    RESPONSE_TOTAL,
+    TCP_CLOSE_TOTAL,
+    TCP_OPEN_CONNECTIONS,
+    TCP_OPEN_TOTAL,
+    TCP_READ_BYTES_TOTAL,
+)
 from nodemesh.cli.sandbox_install import agent_process
 
 pytestmark = pytest.mark.root
@@ -170,6 +177,10 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
     faults.wait_agents_idle(timeout=30)
     closed = {n: faults.metric_sum(n, TCP_CLOSE_TOTAL, error="", direction="outbound") for n in faults.nodes}
     read_after = {n: faults.metric_sum(n, TCP_READ_BYTES_TOTAL) for n in faults.nodes}
+    # The last agent counted the requests that began on it, and ended (counted the responses of)
+    # those plus the gRPC requests that came to it in flight: each request counted once in all.
+    requests = {n: (faults.metric_sum(n, REQUEST_TOTAL, direction="outbound"),
+                    faults.metric_sum(n, RESPONSE_TOTAL, direction="outbound")) for n in faults.nodes}
     for r in reports:
         print(f"upgrade cni={faults.cni} {r['node']}: new agent ready in {r['ready_s']} s, old agent exited "
               f"{r['old_exit_s']} s after SIGTERM, handed over {_handed(r)} ({r['handover']}), drain {r['drain']}")
@@ -178,7 +189,7 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
               f"rounds={res['rounds']} bytes={res['bytes']} seconds={res['seconds']}; gRPC {grpc_results[route]}")
     print(f"upgrade cni={faults.cni} open before: {views}; new agents right after their upgrade: {seen}; "
           f"clean outbound closes at the end "
-          f"{closed}; bytes read {read_after}")
+          f"{closed}; bytes read {read_after}; outbound (requests, responses) {requests}")
     for route, res in grpc_results.items():
         assert res["errors"] == [], (route, res)
         assert sum(res["echoed"]) > mid[route]["grpc"] > reports[0]["rounds_before"][route]["grpc"], (route, res, mid)
@@ -198,3 +209,5 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
     for node in faults.nodes:
         assert closed[node] == PER_CLIENT, closed         # their close is counted by the last agent
         assert read_after[node] > 0, read_after
+        # Came in flight: the gRPC streams, and the unary call in flight at that moment if any.
+        assert N_GRPC_STREAMS <= requests[node][1] - requests[node][0] <= N_GRPC_STREAMS + 1, requests
