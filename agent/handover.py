@@ -56,6 +56,11 @@ VERSION = "v1"
 FREEZE_MAX_S = 2.0      # a connection whose write buffers do not empty in this long is not moved now...
 RETRY_AFTER_S = 1.0     # ...but tried again this much later (a slow reader catches up)
 SEND_TIMEOUT_S = 2.0    # a successor that takes no message for this long is given up on
+# Connections frozen at once. Each waits, not relaying, until it is sent; sending (and adopting, on
+# the other side) costs about a millisecond of CPU per connection on a busy node, so thousands
+# frozen together would each wait seconds. In batches each waits about a batch's worth.
+FREEZE_BATCH = 64
+RECEIVE_BACKLOG = 1024  # messages a successor may hold unread before our send blocks
 MAX_MESSAGE = 64 * 1024  # one connection's state; fits a unix socket's default send buffer (208 KB)
 TCP, HTTP1, HTTP2 = "tcp", "http1", "http2"
 
@@ -214,7 +219,7 @@ class Handover:
 
     def offer(self, conn: Connection) -> None:
         """Freeze `conn` for a hand-over if it can move now (sent once its buffers are empty)."""
-        if self.successor.broken or conn in self.freezing:
+        if self.successor.broken or conn in self.freezing or len(self.freezing) >= FREEZE_BATCH:
             return
         kind = movable(conn)
         if kind is None:
@@ -229,10 +234,7 @@ class Handover:
 
     def sweep(self) -> None:
         """Offer every connection that can move, then send the frozen ones whose buffers emptied."""
-        if not self.successor.broken:
-            for ctx in self.contexts:
-                for conn in list(ctx.live):
-                    self.offer(conn)
+        self._offer_all()
         now = time.monotonic()
         for conn, (kind, since) in list(self.freezing.items()):
             if conn.finished or conn.client_lost or conn.up_lost or conn.client is None or conn.up is None:
@@ -245,8 +247,8 @@ class Handover:
                 if kind and self.successor.send(conn, kind):
                     self._release(conn)
                     self.handed[kind] += 1
-                    self.last_at = now
-                    self.freeze_max_s = max(self.freeze_max_s, now - since)
+                    self.last_at = time.monotonic()
+                    self.freeze_max_s = max(self.freeze_max_s, self.last_at - since)
                 else:
                     self._thaw(conn)
                     self.not_moved.append(conn)
@@ -256,6 +258,18 @@ class Handover:
                 self.given_up += 1
                 self.retry_at[conn] = now + RETRY_AFTER_S
                 self._thaw(conn)
+
+        if len(self.freezing) < FREEZE_BATCH // 2:
+            self._offer_all()  # the next batch freezes now, to be sent on the next sweep
+
+    def _offer_all(self) -> None:
+        if self.successor.broken:
+            return
+        for ctx in self.contexts:
+            for conn in list(ctx.live):
+                if len(self.freezing) >= FREEZE_BATCH:
+                    return
+                self.offer(conn)
 
     @staticmethod
     def _thaw(conn: Connection) -> None:
@@ -339,7 +353,7 @@ class Receiver:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.bind("\0" + self.name)
-            sock.listen(64)
+            sock.listen(RECEIVE_BACKLOG)
         except OSError as exc:
             sock.close()
             log.warning("event=handover_unavailable address=@%s error=%r", self.name, exc)

@@ -154,3 +154,36 @@ def subprocess_pipe() -> int:
     import subprocess
 
     return subprocess.PIPE
+
+
+IDLE = 4000
+
+
+def test_agent_hands_over_thousands_of_idle_connections(tmp_path: Path) -> None:
+    """How long a hand-over takes when there is a lot to hand: IDLE echo connections (spread over
+    2 workers) held across the upgrade, each echoing once before and once after. Correctness is
+    asserted (all moved, all echo after it); the time is printed (a shared 2-core machine)."""
+    with topology() as t:
+        t.exec(t.server, sys.executable, PEERS, "echo-server", str(ECHO_PORT))
+        old = start_agent(t, tmp_path, "old", workers=2)
+        hold = tmp_path / "hold"
+        client = t.exec(t.client, sys.executable, PEERS, "idle", SERVER_IP, str(ECHO_PORT), str(IDLE), "200",
+                        str(hold), "30", stdout=subprocess_pipe(), stderr=subprocess_pipe())
+        assert wait_for(lambda: Path(str(hold) + ".open").exists(), 120)
+        new = start_agent(t, tmp_path, "new", workers=2)
+        time.sleep(0.5)
+        sigterm_at = time.monotonic()
+        old.sigterm()
+        assert wait_for(lambda: old.proc.poll() is not None, timeout=40), old.stderr.read_text()
+        old_exit_s = time.monotonic() - sigterm_at
+        hold.write_text("go")
+        out, _ = client.communicate(timeout=120)
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        stats = _handover_stats(old)
+        print(f"{IDLE} idle connections: hand-over {stats}; old agent exited {old_exit_s:.2f} s after SIGTERM; "
+              f"client {result}")
+        assert result["open"] == IDLE and result["failed"] == {} and result["after_idle_failed"] == {}, result
+        assert sum(int(s["tcp"]) for s in stats) == IDLE, stats
+        assert "aborted=0" in old.stderr.read_text()
+        new.sigterm()
+        new.proc.wait(timeout=40)
