@@ -37,7 +37,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import socket
+import struct
 import time
 from typing import Any
 
@@ -61,6 +63,7 @@ SEND_TIMEOUT_S = 2.0    # a successor that takes no message for this long is giv
 # frozen together would each wait seconds. In batches each waits about a batch's worth.
 FREEZE_BATCH = 64
 RECEIVE_BACKLOG = 1024  # messages a successor may hold unread before our send blocks
+SUCCESSOR_WAIT_S = 2.0  # another agent runs but its workers do not listen for hand-overs yet: wait
 MAX_MESSAGE = 64 * 1024  # one connection's state; fits a unix socket's default send buffer (208 KB)
 TCP, HTTP1, HTTP2 = "tcp", "http1", "http2"
 
@@ -73,6 +76,23 @@ def successors(agent_id: int) -> list[str]:
     """Hand-over listeners of other agents on this node (ours excluded), by name."""
     own = f"{presence.PREFIX}{KIND}/{agent_id}."
     return [n for n in presence.present(KIND) if n.endswith("." + VERSION) and not n.startswith(own)]
+
+
+def other_agent_present(agent_id: int) -> bool:
+    """Another agent announces itself on this node (presence.py): a successor may be starting."""
+    return any(n != presence.address(presence.AGENT, agent_id) for n in presence.present(presence.AGENT))
+
+
+async def find_successor(agent_id: int, index: int, wait_s: float = SUCCESSOR_WAIT_S) -> Successor | None:
+    """A newer agent's worker to hand our connections to; None (drain as before) when no other
+    agent runs — a restart, an uninstall — or when none of its workers listens within `wait_s`
+    (an agent that does not hand over, or one still starting while we were told to stop)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        successor = Successor.find(agent_id, index)
+        if successor is not None or time.monotonic() >= deadline or not other_agent_present(agent_id):
+            return successor
+        await asyncio.sleep(0.1)
 
 
 def movable(conn: Connection, frozen: bool = False) -> str | None:
@@ -375,6 +395,13 @@ class Receiver:
         try:
             peer, _ = self.sock.accept()
         except OSError:
+            return
+        # Only a process of our own user (root, an agent) may hand us connections: any process of
+        # the host network namespace can reach an abstract socket.
+        uid = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        if uid != os.geteuid():
+            log.warning("event=handover_refused peer_uid=%d", uid)
+            peer.close()
             return
         peer.setblocking(False)
         self.peers[peer] = 0

@@ -32,7 +32,7 @@ from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.drain import drain
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.eventlog import JsonlObserver, TeeObserver
-from nodemesh.agent.handover import Handover, Receiver, Successor
+from nodemesh.agent.handover import Handover, Receiver, find_successor
 from nodemesh.agent.housekeeping import Housekeeping
 from nodemesh.agent.inbound import serve_inbound
 from nodemesh.agent.modes import make_mode
@@ -113,7 +113,7 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
              config.inbound_port)
     await stop.wait()
     receiver.close()
-    successor = Successor.find(agent_id, index)
+    successor = await find_successor(agent_id, index)
     handover = Handover(successor, [outbound, inbound]) if successor is not None else None
     await drain(servers, [outbound, inbound], config.drain_grace_s, handover)
     housekeeping.stop()
