@@ -147,7 +147,14 @@ def decode(data: bytes) -> tuple[str, ConnectionMeta, dict[str, Any]]:
                 host, port = raw[key]
                 raw[key] = (str(host), int(port))
         meta = ConnectionMeta(**raw)
-    except (ValueError, KeyError, TypeError) as exc:
+        # The types the relay and telemetry compute with (a peer of our uid sent it, but still).
+        meta.conn_id = int(meta.conn_id)
+        meta.started, meta.first_bytes_at = float(meta.started), float(meta.first_bytes_at)
+        if not isinstance(meta.protocol, str) or not isinstance(meta.sni, str | None):
+            raise TypeError("protocol/sni")
+        if kind == HTTP1:
+            state["ordinal"] = int(state.get("ordinal", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"bad hand-over message: {exc!r}") from None
     if kind not in (TCP, HTTP1, HTTP2) or meta.direction not in ("outbound", "inbound"):
         raise ValueError(f"bad hand-over message: mode={kind!r} direction={meta.direction!r}")
@@ -471,7 +478,7 @@ class Receiver:
         conn.obs = ctx.observer.connection_open(meta)
         conn.mode = ctx.mode_factory(kind, conn)
         if kind == HTTP1:
-            conn.mode.exchange.ordinal = int(state.get("ordinal", 0))  # type: ignore[attr-defined]
+            conn.mode.exchange.ordinal = state["ordinal"]  # type: ignore[attr-defined]
         elif kind == HTTP2:
             self._adopt_streams(conn, state["relay"])
         client_sock.setblocking(False)
