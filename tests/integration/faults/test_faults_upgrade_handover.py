@@ -95,6 +95,17 @@ class Upgrader:
                 "handover": stats[-2:] if stats else "none", "drain": drained[-2:]}
 
 
+    def restore(self) -> None:
+        """After a failure half-way: the node's agent under its usual name (the fixture's later
+        tests and the uninstall look for that one), the extra one stopped."""
+        for node, name in self.names.items():
+            if name != agent_process(node):
+                try:
+                    self.upgrade(node, agent_process(node))
+                except Exception as exc:  # noqa: BLE001 - the test's own failure is the one to see
+                    print(f"restoring {node}'s agent failed: {exc!r}")
+
+
 def _handed(report: dict) -> int:
     """Connections the old agent's workers handed over (their event=handover_done lines)."""
     total = 0
@@ -165,6 +176,7 @@ def test_faults_upgrade_keeps_long_lived_connections(faults: Faults, tmp_path: P
     finally:
         for route in clients:
             stops[route].write_text("stop")
+        up.restore()  # failed half-way: each node's agent runs under its usual name again
         results, grpc_results = {}, {}
         for route, proc in procs.items():
             out, err = proc.communicate(timeout=120)
