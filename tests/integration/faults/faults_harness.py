@@ -201,7 +201,17 @@ class Faults:
         return [parent, *map(int, children)]
 
     def worker_pids(self, node: str) -> list[int]:
-        return self.agent_pids(node)[1:]
+        """The parent's workers: not the short-lived helpers it also starts (its capture check runs
+        `iptables-nft -S`, which may be gone by the time we read it)."""
+        workers = []
+        for pid in self.agent_pids(node)[1:]:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nodemesh.agent" in cmdline:
+                workers.append(pid)
+        return workers
 
     def scrape(self, node: str, path: str = "/metrics", timeout: float = 10.0) -> str:
         url = f"http://{self.nodes[node].ip}:{ADMIN_PORT}{path}"
