@@ -20,9 +20,11 @@ from nodemesh.agent.relay import WorkerContext
 
 log = logging.getLogger("nodemesh.agent.drain")
 
-# With a successor, how long an HTTP/2 connection may wait to be handed over before it is drained
-# (GOAWAY) after all: far more than a hand-over takes (a few ms), far less than the grace.
+# With a successor, how long an HTTP connection may wait to be handed over before it is drained
+# after all (HTTP/2: GOAWAY; HTTP/1: `Connection: close` next, idle ones closed): far more than a
+# hand-over takes (~1 ms a connection, in batches), far less than the grace.
 HANDOVER_DEFER_S = 3.0
+HANDOVER_DEFER_PER_CONNECTION_S = 0.002
 
 
 async def drain(servers: list[asyncio.Server], contexts: list[WorkerContext], grace_s: float,
@@ -39,6 +41,7 @@ async def drain(servers: list[asyncio.Server], contexts: list[WorkerContext], gr
     if handover is not None:
         handover.begin()  # before drain(): an idle HTTP/1 connection moves instead of being closed
     deferred = []
+    defer_s = min(HANDOVER_DEFER_S + HANDOVER_DEFER_PER_CONNECTION_S * len(live), grace_s / 2)
     for ctx in contexts:
         for conn in list(ctx.live):
             if handover is not None and handover.defers(conn):
@@ -51,7 +54,7 @@ async def drain(servers: list[asyncio.Server], contexts: list[WorkerContext], gr
             handover.sweep()
             for conn in handover.take_not_moved():
                 conn.drain()
-            if deferred and (handover.broken or time.monotonic() - started > HANDOVER_DEFER_S):
+            if deferred and (handover.broken or time.monotonic() - started > defer_s):
                 for conn in deferred:
                     if not conn.finished:
                         conn.drain()

@@ -341,8 +341,9 @@ class Handover:
 
     def defers(self, conn: Connection) -> bool:
         """Whether drain.py should hold back this connection's own drain for a while: an HTTP/2
-        one would get our GOAWAY, and could no longer move."""
-        return isinstance(conn.mode, Http2Mode) and not self.successor.broken
+        one would get our GOAWAY and could no longer move; an idle HTTP/1 one would be closed
+        after half a second, before its turn came among thousands."""
+        return isinstance(conn.mode, Http1Mode | Http2Mode) and not self.successor.broken
 
     def take_not_moved(self) -> list[Connection]:
         out, self.not_moved = self.not_moved, []

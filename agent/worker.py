@@ -7,8 +7,9 @@ Two ways in, same proxy:
     restarted after the parent imported grpc/aiohttp-class modules and started threads, where fork
     is unsafe); prints `ready` on stdout.
 Either way it drains on SIGTERM, handing its live connections to a newer agent's worker when one
-runs beside it (agent/handover.py; it listens for such hand-overs itself while it serves). This module imports only the data path: no prometheus-client,
-no grpc, no web framework (the parent imports those after the workers are forked).
+runs beside it (agent/handover.py; it listens for such hand-overs itself while it serves). This
+module imports only the data path: no prometheus-client, no grpc, no web framework (the parent
+imports those after the workers are forked).
 """
 
 from __future__ import annotations
