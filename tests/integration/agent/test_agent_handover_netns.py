@@ -135,7 +135,7 @@ def test_agent_sigterm_hands_live_connections_to_the_new_agent(tmp_path: Path) -
         assert old_exit_s < 10.0, old_exit_s  # not held for the 30 s drain grace
         # Still the same connections, working across the hand-over and after it.
         for kind in ("echo", "bulk", "http"):
-            assert result["rounds"][kind] > at_exit.get(kind, 0) > before.get(kind, 0), (kind, before, at_exit, result)
+            assert result["rounds"][kind] > at_exit.get(kind, 0) >= before.get(kind, 0), (kind, before, at_exit, result)
         # The new agent carries on with them: adopted (not new opens), closed with bytes counted.
         assert len(adopted) == N_ECHO + N_BULK + N_HTTP + 1, adopted
         # The gRPC streams in flight went on as requests of the new agent, ended OK there.
