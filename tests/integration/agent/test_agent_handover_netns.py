@@ -132,6 +132,10 @@ def test_agent_sigterm_hands_live_connections_to_the_new_agent(tmp_path: Path) -
         assert sum(int(s["http2"]) for s in stats) == 1, stats
         assert sum(int(s["http1"]) for s in stats) == N_HTTP, stats
         assert "event=drain_done aborted=0" in old_log, old_log
+        # The upstream sockets that moved were transparent (bound to the client's address): their
+        # replies come back by the socket match of the return path, to the same socket, now the
+        # new agent's.
+        assert "transparent_unavailable" not in old_log + new_log
         assert old_exit_s < 10.0, old_exit_s  # not held for the 30 s drain grace
         # Still the same connections, working across the hand-over and after it.
         for kind in ("echo", "bulk", "http"):
