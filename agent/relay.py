@@ -77,6 +77,9 @@ class WorkerContext:
         self.learn_endpoint: Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
+        # Draining beside a newer agent (agent/handover.py): a mode calls this where its connection
+        # could be handed over (HTTP/1: the last response ended, no request begun).
+        self.at_boundary: Callable[[Connection], None] | None = None
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -101,6 +104,7 @@ class Connection(asyncio.Protocol):
         "drain_requested",
         "error",
         "finished",
+        "frozen",
         "linger_timer",
         "lingering",
         "meta",
@@ -138,6 +142,7 @@ class Connection(asyncio.Protocol):
         self.client_shut = False       # write_eof() sent to the client: writing now would raise
         self.up_lost = False
         self.finished = False
+        self.frozen = False            # being handed over: reading stays paused on both sides
         self.opened = False
         self.detect_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -156,6 +161,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.client = transport
+        if self.meta is not None:
+            return  # taken over from a draining agent: accepted there (agent/handover.py)
         ctx = self.ctx
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
@@ -489,7 +496,7 @@ class Connection(asyncio.Protocol):
             self.up.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None and not self.up_lost:
+        if self.up is not None and not self.up_lost and not self.frozen:
             self.up.resume_reading()
 
     # -- upstream side -----------------------------------------------------------------------
@@ -666,7 +673,8 @@ class _Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         client = self.conn.client
-        if client is not None and not self.conn.client_lost and not self.conn.paused_for_connect:
+        if client is not None and not self.conn.client_lost and not self.conn.paused_for_connect \
+                and not self.conn.frozen:
             client.resume_reading()
 
 

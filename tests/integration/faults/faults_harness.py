@@ -1,5 +1,6 @@
 """The fault tests' cluster: a 2-node sandbox with the mesh installed, a client pod on each node,
-an echo server (:9000) and nginx (HTTP/1.1 :8080, h2c :8081), in one namespace `faults`.
+an echo server (:9000), nginx (HTTP/1.1 :8080, h2c :8081) and a gRPC server (:50051), in one
+namespace `faults`.
 
 The agents run 2 workers (the agent's default on this 2-CPU machine; `install --sandbox` picks 1 to
 save memory): every process here is held to a hard limit of 20,000 fds that it cannot raise (no
@@ -36,6 +37,7 @@ PEERS = str(Path(__file__).with_name("faults_peers.py"))
 NS = "faults"
 ECHO_PORT = 9000
 AGENT_WORKERS = 2
+GRPC_PORT = 50051   # faults_peers.py grpc-server: bidirectional echo streams (the upgrade test)
 TUPLE_PORT = 9001   # a second echo port, only for the tuple test (its TIME_WAITs must not meet others')
 
 NGINX_CONF = """
@@ -94,6 +96,7 @@ def manifests(nginx_conf: Path) -> str:
         _deployment("client", ["sleep", "infinity"], [], replicas=2),
         _deployment("echo", [PY, PEERS, "echo-server", f"{ECHO_PORT},{TUPLE_PORT}"], [ECHO_PORT, TUPLE_PORT]),
         _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
+        _deployment("grpc", [PY, PEERS, "grpc-server", str(GRPC_PORT)], [GRPC_PORT]),
     ]
     return "---\n".join(d.strip("\n") + "\n" for d in docs)
 
