@@ -66,6 +66,9 @@ RECEIVE_BACKLOG = 1024  # messages a successor may hold unread before our send b
 SUCCESSOR_WAIT_S = 2.0  # another agent runs but its workers do not listen for hand-overs yet: wait
 MAX_MESSAGE = 64 * 1024  # one connection's state; fits a unix socket's default send buffer (208 KB)
 TCP, HTTP1, HTTP2 = "tcp", "http1", "http2"
+# A connection whose client has said nothing yet (relay.py waits for its first bytes to detect):
+# it moves as it is, and the new agent detects (and counts) it when the client speaks.
+UNDETECTED = "undetected"
 
 
 def listener_name(agent_id: int, index: int) -> str:
@@ -99,6 +102,15 @@ def movable(conn: Connection, frozen: bool = False) -> str | None:
     """The mode the connection moves in (TCP, HTTP1, HTTP2), or None if it cannot move now.
     `frozen`: it is ours already (checked again just before it is sent)."""
     mode = conn.mode
+    if mode is None and not conn.opened and conn.meta is not None and not conn.finished \
+            and conn.frozen == frozen and conn.detect_timer is None:
+        if conn.client is None or conn.up is None or conn.client_lost or conn.up_lost:
+            return None
+        if conn.client_eof or conn.up_eof or conn.shed or conn.lingering:
+            return None
+        if conn.pending or conn.up_pending or conn.paused_for_connect or conn.connect_task is not None:
+            return None
+        return UNDETECTED
     if mode is None or conn.finished or conn.frozen != frozen or not conn.opened or conn.meta is None:
         return None
     if conn.client is None or conn.up is None or conn.client_lost or conn.up_lost:
@@ -156,7 +168,7 @@ def decode(data: bytes) -> tuple[str, ConnectionMeta, dict[str, Any]]:
             state["ordinal"] = int(state.get("ordinal", 0))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"bad hand-over message: {exc!r}") from None
-    if kind not in (TCP, HTTP1, HTTP2) or meta.direction not in ("outbound", "inbound"):
+    if kind not in (TCP, HTTP1, HTTP2, UNDETECTED) or meta.direction not in ("outbound", "inbound"):
         raise ValueError(f"bad hand-over message: mode={kind!r} direction={meta.direction!r}")
     if kind == HTTP2:
         try:
@@ -228,7 +240,7 @@ class Handover:
         self.contexts = contexts
         self.freezing: dict[Connection, tuple[str, float]] = {}
         self.retry_at: dict[Connection, float] = {}
-        self.handed = {TCP: 0, HTTP1: 0, HTTP2: 0}
+        self.handed = {TCP: 0, HTTP1: 0, HTTP2: 0, UNDETECTED: 0}
         self.not_moved: list[Connection] = []   # sent nothing for them: drain.py drains them
         self.given_up = 0
         self.started = time.monotonic()
@@ -324,8 +336,9 @@ class Handover:
             conn.mode.relay.streams.clear()  # they go on (and end) over there, not "connection closed"
         if conn.mode is not None:
             conn.mode.close(True)  # HTTP/1, TCP: nothing in flight; only timers
-        ctx.observer.connection_close(conn.obs, ConnectionEnd(
-            conn.read_bytes, conn.write_bytes, time.monotonic(), None, handed_over=True))
+        if conn.opened:  # an undetected one was never counted here: nothing to take back
+            ctx.observer.connection_close(conn.obs, ConnectionEnd(
+                conn.read_bytes, conn.write_bytes, time.monotonic(), None, handed_over=True))
         ctx.picker.release(meta.destination)
         if conn.slow:
             conn.slow = False
@@ -357,6 +370,7 @@ class Handover:
         self.freezing.clear()
         self.successor.close()
         return {"tcp": self.handed[TCP], "http1": self.handed[HTTP1], "http2": self.handed[HTTP2],
+                "undetected": self.handed[UNDETECTED],
                 "given_up": self.given_up,
                 "ms": round((self.last_at - self.started) * 1000, 1) if self.last_at else 0.0,
                 "freeze_max_ms": round(self.freeze_max_s * 1000, 1)}
@@ -468,16 +482,17 @@ class Receiver:
                      client_sock: socket.socket, up_sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         meta.conn_id = ctx.next_id()
-        meta.adopted = True
+        meta.adopted = kind != UNDETECTED  # an undetected one is counted here, when it is detected
         meta.first_bytes_at = 0.0
         conn = Connection(ctx, meta.direction)
         conn.meta = meta
-        conn.opened = True
         ctx.admission.admit(meta.source[0])  # counted; never shed: it is open already
         ctx.picker.acquire(meta.destination)
         ctx.live.add(conn)
-        conn.obs = ctx.observer.connection_open(meta)
-        conn.mode = ctx.mode_factory(kind, conn)
+        if kind != UNDETECTED:
+            conn.opened = True
+            conn.obs = ctx.observer.connection_open(meta)
+            conn.mode = ctx.mode_factory(kind, conn)
         if kind == HTTP1:
             conn.mode.exchange.ordinal = state["ordinal"]  # type: ignore[attr-defined]
         elif kind == HTTP2:

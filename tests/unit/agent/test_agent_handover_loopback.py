@@ -355,3 +355,32 @@ def test_h2_relay_snapshot_restores_the_classifier_anywhere_mid_conversation() -
             assert not second.streams and not second.failed
             cuts += 1
     assert cuts > 50
+
+
+def test_a_connection_whose_client_has_not_spoken_moves_and_is_detected_over_there() -> None:
+    """A pool's connection opened ahead of its first request is still undetected (relay.py waits
+    for the client's first bytes): it moves as it is, and the new agent detects and counts it."""
+    async def scenario() -> None:
+        http_srv, http_port = await _http_server(0.0, [])
+        old_srv, old_port, old_ctx, old_rec = await _proxy(("127.0.0.1", http_port))
+        _, _, new_ctx, new_rec = await _proxy(("127.0.0.1", 1))
+        receiver = Receiver({"outbound": new_ctx, "inbound": new_ctx}, _agent_id(), 0)
+        assert receiver.start()
+        hr, hw = await asyncio.open_connection("127.0.0.1", old_port)
+        # Past the detection timeout, connected upstream, nothing said.
+        assert await wait_until(lambda: all(c.up is not None and c.detect_timer is None and c.mode is None
+                                            for c in old_ctx.live) and len(old_ctx.live) == 1, timeout=5)
+        handover_ = Handover(_successor(receiver), [old_ctx])
+        assert await drain([old_srv], [old_ctx], 5.0, handover_) == 0
+        assert not old_ctx.live and old_rec.opens == [] and old_rec.closes == []  # never counted there
+        assert await wait_until(lambda: len(new_ctx.live) == 1)
+        got = await _get(hr, hw, "/first")
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"hello")
+        assert new_rec.requests == ["/first"]
+        assert [(m.adopted, m.protocol) for m in new_rec.opens] == [(False, "http1")]  # counted once, here
+        hw.close()
+        assert await wait_until(lambda: len(new_rec.closes) == 1)
+        receiver.close()
+        http_srv.close()
+
+    run(scenario)
