@@ -48,6 +48,7 @@ class ReportRing:
         self._entries: deque[Entry] = deque()
         self.bytes = 0
         self.acked = 0               # highest seq the current controller said it stored
+        self.stored = 0              # highest seq any controller said it stored (this process's life)
         self.dropped_unacked = 0     # entries lost: out of the ring before any controller stored them
         self.dropped_acked = 0       # entries aged out after a controller had stored them (normal)
 
@@ -82,7 +83,7 @@ class ReportRing:
                 and len(self._entries) > 1:
             old = self._entries.popleft()
             self.bytes -= len(old.blob)
-            if old.seq > self.acked:
+            if old.seq > self.stored:
                 lost += 1
             else:
                 self.dropped_acked += 1
@@ -93,8 +94,10 @@ class ReportRing:
                         "bytes" if self.bytes > self.max_bytes else "age")
 
     def ack(self, seq: int) -> None:
-        """The controller stored every seq <= `seq` (a new controller: 0, it may go down)."""
+        """The controller stored every seq <= `seq` (a new controller: 0; what an earlier one stored
+        is still not lost: it was counted once, and it is in the ring to be given again)."""
         self.acked = seq
+        self.stored = max(self.stored, seq)
 
     def since(self, seq: int) -> list[Entry]:
         """Entries with a seq above `seq`, oldest first (what a controller that acked `seq` lacks)."""

@@ -45,6 +45,13 @@ def test_ring_ages_out_acknowledged_entries_silently_and_counts_unacknowledged_o
         ring.append(report(seq, seq * 1000))
     assert ring.first_seq == 5
     assert ring.dropped_acked == 3 and ring.dropped_unacked == 1    # seq 4 was never stored anywhere
+    ring.ack(0)  # a restarted controller holds nothing: what its predecessor stored is not "lost"
+    for seq in range(11, 13):
+        ring.append(report(seq, seq * 1000))
+    assert ring.dropped_unacked == 3                                # seqs 5 and 6: never stored
+    ring.ack(9)
+    ring.append(report(13, 13 * 1000))
+    assert ring.dropped_unacked == 3 and ring.dropped_acked == 4    # seq 7: the new controller holds it (ack 9)
 
 
 def test_ring_is_bounded_in_bytes_and_keeps_the_newest() -> None:
