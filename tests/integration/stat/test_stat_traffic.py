@@ -323,8 +323,12 @@ def test_stat_controller_restart_loses_nothing(mesh: Mesh, tmp_path: Path) -> No
     new controller's 1m window equals the clients' own records, before, during and after the
     outage: the agents replay their report history (agent/history.py) into its original seconds."""
     window = 60
-    # Nothing else to `server` in the window: the accuracy run must be out of it by the query.
     if "accuracy_end" in state:
+        # The window really ends: the accuracy run ended > 10 s ago, so a 10 s window of it is empty.
+        wait_until(lambda: time.time() > state["accuracy_end"] + 10 + REPORT_LAG_S, 60, "10 s of quiet")
+        quiet = mesh.stat_json("deploy/server", "-n", NS, "-t", "10s").row("server", "deployment")
+        assert quiet["rps"] is None and quiet["success"] is None, quiet
+        # Nothing else to `server` in the window: the accuracy run must be out of it by the query.
         wait_until(lambda: time.time() > state["accuracy_end"] + window + 2 - RESTART_RUN_S, 90,
                    "the accuracy run out of the coming window")
 
@@ -333,8 +337,8 @@ def test_stat_controller_restart_loses_nothing(mesh: Mesh, tmp_path: Path) -> No
     running = {c: mesh.loadgen(mesh.pod(c), out, "http", "--target", f"{ip}:80", "--host", f"server.{NS}",
                                "--rate", str(RATE), "--duration", str(RESTART_RUN_S)) for c, out in procs.items()}
     try:
-        wait_until(lambda: mesh.responses_seen("server", 10) > 0, 20, "the restart run's traffic counted")
-        time.sleep(5)
+        # Counts before the kill: the old controller holds (and has acknowledged) them.
+        wait_until(lambda: mesh.responses_seen("server", 10) >= 100, 30, "the restart run's traffic counted")
         t_kill = time.time()
         spec = mesh.kill_controller()
         while time.time() < t_kill + DOWN_S:
