@@ -28,6 +28,7 @@ from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import LATENCY_BUCKETS_MS
 from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
+from nodemesh.sandbox.proctools import alive
 from nodemesh.sandbox.testing import running_sandbox
 
 HERE = Path(__file__).resolve().parent
@@ -206,6 +207,7 @@ class Mesh:
         # Out of the kubelet's list before its 1 s restart back-off is over.
         with self.sb.state.infra_txn() as infra:
             infra.get("node_processes", {}).pop(CONTROLLER_PROCESS, None)
+        wait_until(lambda: not alive(pid), 10, f"the killed controller (pid {pid}) gone")
         return spec
 
     def start_controller(self, spec: dict[str, Any]) -> int:
