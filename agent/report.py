@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from nodemesh.agent.config import AgentConfig
-from nodemesh.agent.history import ReportRing
+from nodemesh.agent.history import Entry, ReportRing
 from nodemesh.agent.metrics import to_series
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
@@ -57,6 +57,9 @@ except PackageNotFoundError:  # run from a copy, not installed as a distribution
 
 _TAP_QUEUE_MAX = 10_000
 _LEGACY, _INCREMENTS = "cumulative", "increments"  # what the controller of this stream takes
+# What the stream sends: messages, history entries (decompressed only as the stream takes them, so
+# a replay of minutes holds one report in memory at a time, not all of them), None = half-close.
+Outgoing = pb.AgentMessage | Entry | None
 
 
 class ControllerLink:
@@ -77,7 +80,7 @@ class ControllerLink:
         self.replayed = 0                    # entries sent again after a (re)connect, for tests and logs
         self._task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
+        self._outbox: asyncio.Queue[Outgoing] | None = None
         self._stopping = False
 
     def start(self) -> None:
@@ -172,9 +175,7 @@ class ControllerLink:
             if box is None:
                 return
             for entry in lacking:
-                report = entry.report()
-                report.replayed = True
-                box.put_nowait(pb.AgentMessage(metrics=report))
+                box.put_nowait(entry)
             self.replayed += len(lacking)
             if lacking:
                 log.info("event=report_replay entries=%d first_seq=%d last_seq=%d acked=%d", len(lacking),
@@ -223,7 +224,7 @@ class ControllerLink:
         return (("authorization", f"Bearer {token}"),)
 
     # ------------------------------------------------------------------ the stream
-    async def _requests(self, box: asyncio.Queue[pb.AgentMessage | None]) -> AsyncIterator[pb.AgentMessage]:
+    async def _requests(self, box: asyncio.Queue[Outgoing]) -> AsyncIterator[pb.AgentMessage]:
         yield self._hello_message()
         yield self._status_message()
         # Reports start once the controller said what it takes (its first message: _handle).
@@ -231,6 +232,10 @@ class ControllerLink:
             msg = await box.get()
             if msg is None:
                 return
+            if isinstance(msg, Entry):  # history, replayed
+                report = msg.report()
+                report.replayed = True
+                msg = pb.AgentMessage(metrics=report)
             if msg.WhichOneof("msg") == "metrics":
                 # Series changed before this report may be evicted once it is out (node.evict).
                 self.node.reported_at = time.monotonic()
@@ -267,7 +272,7 @@ class ControllerLink:
     async def _session(self) -> None:
         async with grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.ControllerStub(channel)
-            box: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+            box: asyncio.Queue[Outgoing] = asyncio.Queue()
             call = stub.Connect(self._requests(box), metadata=self._metadata())
             try:
                 await call.wait_for_connection()

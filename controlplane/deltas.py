@@ -171,7 +171,7 @@ class AgentCounters:
         out: list[SeriesDelta] = []
         for s in series:
             name: str = s.name  # type: ignore[attr-defined]
-            counts = tuple(int(c) for c in s.bucket_counts)  # type: ignore[attr-defined]
+            counts = tuple(s.bucket_counts)  # type: ignore[attr-defined]  # uint64: ints already
             number = float(s.sum if counts else s.value)  # type: ignore[attr-defined]
             if not math.isfinite(number) or number < 0 or (counts and n_buckets and len(counts) != n_buckets):
                 self.rejected += 1
