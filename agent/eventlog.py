@@ -25,7 +25,8 @@ class JsonlObserver:
         conn = f"{self._pid}/{meta.conn_id}"
         self._write({"ev": "open", "conn": conn, "direction": meta.direction, "source": list(meta.source),
                      "original_destination": list(meta.original_destination),
-                     "destination": list(meta.destination), "protocol": meta.protocol, "sni": meta.sni})
+                     "destination": list(meta.destination), "protocol": meta.protocol, "sni": meta.sni,
+                     "adopted": meta.adopted})
         return conn
 
     def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
@@ -33,12 +34,14 @@ class JsonlObserver:
 
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
         self._write({"ev": "close", "conn": conn, "read_bytes": end.read_bytes,
-                     "write_bytes": end.write_bytes, "error": end.error})
+                     "write_bytes": end.write_bytes, "error": end.error,
+                     "handed_over": end.handed_over})
 
     def request_start(self, conn: Any, head: RequestHead) -> Any:
         req = f"{conn}/{head.stream_id}"
         self._write({"ev": "request", "conn": conn, "req": req, "method": head.method,
-                     "authority": head.authority, "path": head.path, "grpc": head.grpc})
+                     "authority": head.authority, "path": head.path, "grpc": head.grpc,
+                     "adopted": head.adopted})
         return req
 
     def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:

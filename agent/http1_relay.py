@@ -5,7 +5,8 @@ The client and upstream connections are paired one to one, so keep-alive, pipeli
 past 64 KB, a valid request followed by junk) still goes to the server, which answers it as it
 would without the mesh; only the classification stops. The agent itself answers only a request
 head not complete within the header timeout (408: slowloris) and, when draining, asks the server
-to close after the next response (`Connection: close` added to the next request head).
+to close after the next response (`Connection: close` added to the next request head) — unless a newer
+agent takes the connection over between two requests (agent/handover.py).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class Http1Mode:
                     None, None, req.request_bytes, req.response_bytes, time.monotonic()))
                 if self.error_status and not self.exchange.awaiting:
                     self._answer_error()
+                elif self.conn.ctx.at_boundary is not None and self.exchange.idle:
+                    # Draining beside a newer agent: between requests, the connection can move.
+                    self.conn.ctx.at_boundary(self.conn)
             elif kind == http1.UPGRADED:
                 self.opaque = True
                 self._cancel_timers()
@@ -161,7 +165,7 @@ class Http1Mode:
         # closed; a busy one gets `Connection: close` on its next request instead (no race).
         self.idle_timer = None
         conn = self.conn
-        if self.exchange.idle and conn.read_bytes == self.idle_mark:
+        if self.exchange.idle and conn.read_bytes == self.idle_mark and not conn.frozen:
             conn.close_both()
             return
         self.idle_mark = conn.read_bytes

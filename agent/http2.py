@@ -83,6 +83,21 @@ class CachingDecoder:
             self._cache[bytes(block)] = (self.version, list(headers))  # type: ignore[arg-type]
         return headers  # type: ignore[return-value]
 
+    def snapshot(self) -> dict[str, object]:
+        """The dynamic table (newest entry first) and its limits: what the peer's encoder assumes."""
+        table = self._table
+        return {"entries": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in table.dynamic_entries],
+                "maxsize": table.maxsize, "allowed": self._decoder.max_allowed_table_size}
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Into a fresh decoder: the same table, entry by entry (oldest first, as they came)."""
+        self._decoder.max_allowed_table_size = int(state["allowed"])  # type: ignore[call-overload]
+        self._table.maxsize = int(state["maxsize"])  # type: ignore[call-overload]
+        for name, value in reversed(state["entries"]):  # type: ignore[call-overload]
+            self._table.add(name.encode("latin-1"), value.encode("latin-1"))
+        self._cache.clear()
+        self.version += 1
+
 # Event kinds; an event is (kind, H2Stream | int).
 REQUEST_HEAD = 1
 RESPONSE_HEAD = 2
@@ -399,6 +414,27 @@ class _Direction:
         else:
             self.relay.server_headers(sid, headers, bool(flags & END_STREAM))
 
+    _STATE = ("ftype", "flags", "stream_id", "remaining", "block_stream", "block_flags", "block_type",
+              "preface_left", "flen", "pad")
+
+    def snapshot(self) -> dict[str, object]:
+        """Where this walker is, mid-frame and mid-header-block included (bytes as latin-1 text)."""
+        state: dict[str, object] = {k: getattr(self, k) for k in self._STATE}
+        state["hdr"] = self.hdr.decode("latin-1")
+        state["payload"] = None if self.payload is None else b"".join(self.payload).decode("latin-1")
+        state["block"] = b"".join(self.block).decode("latin-1")
+        state["decoder"] = self.decoder.snapshot()
+        return state
+
+    def restore(self, state: dict[str, object]) -> None:
+        for k in self._STATE:
+            setattr(self, k, int(state[k]))  # type: ignore[call-overload]
+        self.hdr = str(state["hdr"]).encode("latin-1")
+        payload = state["payload"]
+        self.payload = None if payload is None else [str(payload).encode("latin-1")]
+        self.block = [str(state["block"]).encode("latin-1")] if self.block_stream else []
+        self.decoder.restore(state["decoder"])  # type: ignore[arg-type]
+
 
 class H2Relay:
     """Classifies one HTTP/2 connection relayed frame by frame."""
@@ -526,6 +562,32 @@ class H2Relay:
             self.events.append((STREAM_END, stream))
 
     # -- used by the relay ---------------------------------------------------------------------
+
+    _STREAM_STATE = ("stream_id", "method", "path", "authority", "scheme", "grpc", "started", "status",
+                     "response_at", "grpc_status", "request_bytes", "response_bytes", "client_ended",
+                     "server_ended")
+
+    def snapshot(self) -> dict[str, object]:
+        """All this classifier knows, as plain data (JSON-able), for another process to carry on
+        from exactly here (agent/handover.py): both walkers — mid-frame, mid-header-block — with
+        their HPACK tables, and the open streams (without their headers, read only by a tap, nor
+        their observer handles). Flow control is not ours: it is end to end."""
+        return {"client": self.client.snapshot(), "server": self.server.snapshot(),
+                "max_client_stream": self.max_client_stream,
+                "streams": [{k: getattr(st, k) for k in self._STREAM_STATE} for st in self.streams.values()]}
+
+    @classmethod
+    def restored(cls, state: dict[str, object], clock: Callable[[], float] = time.monotonic) -> H2Relay:
+        relay = cls(clock)
+        relay.client.restore(state["client"])  # type: ignore[arg-type]
+        relay.server.restore(state["server"])  # type: ignore[arg-type]
+        relay.max_client_stream = int(state["max_client_stream"])  # type: ignore[call-overload]
+        for raw in state["streams"]:  # type: ignore[attr-defined]
+            stream = H2Stream(int(raw["stream_id"]))
+            for k in cls._STREAM_STATE[1:]:
+                setattr(stream, k, raw[k])
+            relay.streams[stream.stream_id] = stream
+        return relay
 
     def close(self) -> list[H2Stream]:
         """The connection ended: streams that never finished."""

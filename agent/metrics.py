@@ -35,6 +35,9 @@ from nodemesh.api.model import (
     LATENCY_BUCKETS_MS,
     OTHER_LABEL_VALUE,
     PEER_LABELS,
+    REPORT_HISTORY_BYTES,
+    REPORT_HISTORY_DROPPED,
+    REPORT_HISTORY_SECONDS,
     REQUEST_TOTAL,
     RESPONSE_LABELS,
     RESPONSE_LATENCY_MS,
@@ -75,6 +78,9 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ENDPOINT_RETRIES: (COUNTER, ("via", "outcome"),
                        "Failed upstream connects to a chosen endpoint, tried once more (another endpoint or the Service)."),
     SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
+    REPORT_HISTORY_BYTES: (GAUGE, (), "Bytes held by the report history (increments kept for the controller)."),
+    REPORT_HISTORY_SECONDS: (GAUGE, (), "Age of the oldest interval in the report history, in seconds."),
+    REPORT_HISTORY_DROPPED: (COUNTER, (), "Report intervals lost: out of the history before a controller stored them."),
     LABEL_OVERFLOW: (COUNTER, ("label",), "Requests whose wire label value was counted as [other] (cap)."),
 }
 ALL_METRICS = {**METRICS, **SELF_METRICS}
@@ -267,6 +273,10 @@ class NodeStore:
         self.created: dict[tuple[str, Labels], int] = {}
         self.touched: dict[tuple[str, Labels], float] = {}
         self._authorities: dict[Labels, set[str]] = {}   # workload -> authorities with live series
+        # What was added since the last take_pending() (capped keys; peer counters and histograms
+        # only): the controller link's per-interval increments (agent/history.py).
+        self.pending: Snapshot = {}
+        self.track_pending = False  # set when a controller link takes them (else they would pile up)
         self.evicted = 0
         self.overflowed = 0
 
@@ -278,6 +288,8 @@ class NodeStore:
                 continue
             target = self.series[name]
             peer = name in METRICS
+            pending = self.pending.setdefault(name, {}) if self.track_pending and name in _INCREMENTAL \
+                else None
             for key, value in series.items():
                 if peer and key[AUTHORITY_INDEX]:
                     capped = self._cap(key)
@@ -297,6 +309,26 @@ class NodeStore:
                 else:
                     target[key] = have + value  # type: ignore[operator]
                 self.touched[(name, key)] = now
+                if pending is not None:
+                    was = pending.get(key)
+                    if was is None:
+                        pending[key] = list(value) if isinstance(value, list) else value
+                    elif isinstance(value, list):
+                        for i, v in enumerate(value):
+                            was[i] += v  # type: ignore[index]
+                    else:
+                        pending[key] = was + value  # type: ignore[operator]
+
+    def take_pending(self) -> Snapshot:
+        """The peer counters and histograms added since the last take (capped keys), and start
+        afresh: one report interval's increments."""
+        out = {name: series for name, series in self.pending.items() if series}
+        self.pending = {}
+        return out
+
+    def gauges(self) -> Snapshot:
+        """The peer gauges' current values (open connections), for a live report."""
+        return {name: dict(self.series[name]) for name in METRICS if METRICS[name][0] == GAUGE}
 
     def _cap(self, key: Labels) -> Labels:
         workload = key[WORKLOAD_SLICE]
@@ -358,6 +390,10 @@ class NodeStore:
 
     def __len__(self) -> int:
         return sum(len(self.series[name]) for name in METRICS)
+
+
+# Peer metrics whose increments are reported (gauges are sent as their current value instead).
+_INCREMENTAL = frozenset(name for name, (kind, _, _) in METRICS.items() if kind != GAUGE)
 
 
 def _le(bound: float) -> str:

@@ -38,6 +38,9 @@ class ConnectionMeta:
     # the upstream connection, or for the connection's identity: then the accept time): the first
     # request's latency counts from there, as the client's does. 0.0 otherwise.
     first_bytes_at: float = 0.0
+    # Taken over from a draining agent (agent/handover.py): opened there, so not counted as a new
+    # connection here (tcp_open_total); it joins this agent's open connections.
+    adopted: bool = False
 
 
 @dataclass(slots=True)
@@ -50,6 +53,11 @@ class RequestHead:
     grpc: bool = False                # content-type application/grpc*
     stream_id: int = 0                # HTTP/2 stream id; HTTP/1: ordinal of the request on the conn
     started: float = 0.0              # time.monotonic() when the request head was complete
+    # In flight when its connection was taken over from a draining agent (agent/handover.py):
+    # counted there (request_total; its response latency too if `status`, the response head that
+    # agent saw, is set), ended and counted here.
+    adopted: bool = False
+    status: int = 0
 
 
 @dataclass(slots=True)
@@ -67,6 +75,9 @@ class ConnectionEnd:
     write_bytes: int                  # bytes written to the client (tcp_write_bytes_total)
     ended: float = 0.0                # time.monotonic()
     error: str | None = None
+    # Handed to a newer agent (agent/handover.py), which carries on and counts its close: here its
+    # bytes so far are counted and it leaves the open connections, but it did not close.
+    handed_over: bool = False
 
 
 class Observer(Protocol):

@@ -82,6 +82,9 @@ class WorkerContext:
         self.count_retry: Callable[[str, str], None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
+        # Draining beside a newer agent (agent/handover.py): a mode calls this where its connection
+        # could be handed over (HTTP/1: the last response ended, no request begun).
+        self.at_boundary: Callable[[Connection], None] | None = None
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -106,6 +109,7 @@ class Connection(asyncio.Protocol):
         "drain_requested",
         "error",
         "finished",
+        "frozen",
         "linger_timer",
         "lingering",
         "load",
@@ -145,6 +149,7 @@ class Connection(asyncio.Protocol):
         self.client_shut = False       # write_eof() sent to the client: writing now would raise
         self.up_lost = False
         self.finished = False
+        self.frozen = False            # being handed over: reading stays paused on both sides
         self.opened = False
         self.detect_timer: asyncio.TimerHandle | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -165,6 +170,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.client = transport
+        if self.meta is not None:
+            return  # taken over from a draining agent: accepted there (agent/handover.py)
         ctx = self.ctx
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
@@ -373,6 +380,14 @@ class Connection(asyncio.Protocol):
         self.detect_timer = None
         if self.mode is not None or self.opened:
             return
+        if not self.pending and not self.shed:
+            # The client has said nothing yet (a pool's connection opened ahead of its first
+            # request; a client slowed by its node's load): there is nothing to settle on. Keep
+            # waiting for whoever speaks first: the client's first bytes are detected when they
+            # come, with a fresh timeout (data_received); a server's greeting decides opaque TCP at
+            # once (upstream_data). Deciding TCP here relayed every request such a connection later
+            # carried as opaque bytes, uncounted, and let a late slowloris through without its 408.
+            return
         protocol = settle_on_timeout(b"".join(self.pending)) if self.pending else TCP
         if protocol == HTTP1 and not self.shed:
             # A request head arriving this slowly (a slowloris sends a byte a second): HTTP/1 from
@@ -514,6 +529,8 @@ class Connection(asyncio.Protocol):
         if not self.throttled:
             return
         self.throttled = False
+        if self.frozen:
+            return  # being handed over (handover.py): it resumes, or not, there
         client, up = self.client, self.up
         client_ok = client is not None and not self.client_lost and not client.is_closing()
         up_ok = up is not None and not self.up_lost and not up.is_closing()
@@ -545,6 +562,9 @@ class Connection(asyncio.Protocol):
             result = detect(buffered)
             if result.protocol == NEED_MORE:
                 if self.pending_len < MAX_DETECT_BYTES:
+                    if self.detect_timer is None:  # first bytes after a silent detection timeout
+                        self.detect_timer = asyncio.get_running_loop().call_later(
+                            self.ctx.config.detect_timeout_s, self._detect_timeout)
                     return
                 result = Detection(TCP)
             self._decide(result)
@@ -594,7 +614,7 @@ class Connection(asyncio.Protocol):
             self.up.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None and not self.up_lost and not self.throttled:
+        if self.up is not None and not self.up_lost and not self.frozen and not self.throttled:
             self.up.resume_reading()
 
     # -- upstream side -----------------------------------------------------------------------
@@ -786,7 +806,8 @@ class _Upstream(asyncio.Protocol):
     def resume_writing(self) -> None:
         client = self.conn.client
         conn = self.conn
-        if client is not None and not conn.client_lost and not conn.paused_for_connect and not conn.throttled:
+        if client is not None and not conn.client_lost and not conn.paused_for_connect and not conn.frozen \
+                and not conn.throttled:
             client.resume_reading()
 
 

@@ -411,8 +411,10 @@ class WorkerTelemetry:
         self._live.add(conn)
         m = self.metrics
         opened, gauge = m.tcp_open_total, m.tcp_open_connections
+        adopted = meta.adopted  # opened (and counted) by the agent that handed it over
         for key in conn.tcp_keys:
-            opened[key] = opened.get(key, 0) + 1
+            if not adopted:
+                opened[key] = opened.get(key, 0) + 1
             gauge[key] = gauge.get(key, 0) + 1
         return conn
 
@@ -428,13 +430,15 @@ class WorkerTelemetry:
         duration_ms = (ended - conn.meta.started) * 1000.0 if conn.meta.started else 0.0
         error = end.error or ""
         closed, gauge, rd, wr = m.tcp_close_total, m.tcp_open_connections, m.tcp_read_bytes, m.tcp_write_bytes
+        handed_over = end.handed_over  # it lives on in a newer agent, which counts its close
         for key in conn.tcp_keys:
-            ckey = (*key, error)
-            closed[ckey] = closed.get(ckey, 0) + 1
             gauge[key] = gauge.get(key, 0) - 1
             rd[key] = rd.get(key, 0) + end.read_bytes
             wr[key] = wr.get(key, 0) + end.write_bytes
-            m.observe(m.tcp_duration, key, duration_ms)
+            if not handed_over:
+                ckey = (*key, error)
+                closed[ckey] = closed.get(ckey, 0) + 1
+                m.observe(m.tcp_duration, key, duration_ms)
 
     def request_start(self, conn: _Conn, head: RequestHead) -> _Req:
         suffix = (head.authority, conn.meta.protocol)
@@ -449,6 +453,9 @@ class WorkerTelemetry:
             # clock ran from their arrival, and so does ours.
             started, conn.meta.first_bytes_at = min(started, conn.meta.first_bytes_at), 0.0
         req = _Req(conn, head, keys, started)
+        if head.adopted:  # counted (and tapped) by the agent that handed it over
+            req.status = head.status or None
+            return req
         counts = self.metrics.request_total
         for key in keys:
             counts[key] = counts.get(key, 0) + 1

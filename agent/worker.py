@@ -6,8 +6,10 @@ Two ways in, same proxy:
   - exec'd as `python -m nodemesh.agent.worker --index I --channel-fd FD --config JSON` (a worker
     restarted after the parent imported grpc/aiohttp-class modules and started threads, where fork
     is unsafe); prints `ready` on stdout.
-Either way it drains on SIGTERM. This module imports only the data path: no prometheus-client,
-no grpc, no web framework (the parent imports those after the workers are forked).
+Either way it drains on SIGTERM, handing its live connections to a newer agent's worker when one
+runs beside it (agent/handover.py; it listens for such hand-overs itself while it serves). This
+module imports only the data path: no prometheus-client, no grpc, no web framework (the parent
+imports those after the workers are forked).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.drain import drain
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.eventlog import JsonlObserver, TeeObserver
+from nodemesh.agent.handover import Handover, Receiver, find_successor
 from nodemesh.agent.housekeeping import Housekeeping
 from nodemesh.agent.inbound import serve_inbound
 from nodemesh.agent.modes import make_mode
@@ -94,6 +97,12 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     out_sock, in_sock = listeners or (listen_socket(config.listen_host, config.outbound_port),
                                       listen_socket(config.listen_host, config.inbound_port))
     servers = [await serve_outbound(outbound, out_sock), await serve_inbound(inbound, in_sock)]
+    # The agent this worker belongs to (its parent; a worker run on its own stands for itself):
+    # draining, we hand connections only to another agent's workers, never to a sibling.
+    agent_id = os.getppid() if listeners is not None or channel_fd is not None or channel is not None \
+        else os.getpid()
+    receiver = Receiver({"outbound": outbound, "inbound": inbound}, agent_id, index)
+    receiver.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,7 +114,10 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     log.info("event=worker_listening index=%d outbound=%d inbound=%d", index, config.outbound_port,
              config.inbound_port)
     await stop.wait()
-    await drain(servers, [outbound, inbound], config.drain_grace_s)
+    receiver.close()
+    successor = await find_successor(agent_id, index)
+    handover = Handover(successor, [outbound, inbound]) if successor is not None else None
+    await drain(servers, [outbound, inbound], config.drain_grace_s, handover)
     housekeeping.stop()
     await tele.stop()
     return 0

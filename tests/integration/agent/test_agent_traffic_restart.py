@@ -1,8 +1,9 @@
 """Must-show 3: a rolling restart under wrk load drops nothing.
 
 A second agent binds the same ports (SO_REUSEPORT) while the first serves a wrk run; the first
-gets SIGTERM mid-run and drains: busy keep-alive connections are closed by the server after a
-request carrying `Connection: close`, and wrk reconnects to the new agent.
+gets SIGTERM mid-run: its busy keep-alive connections move to the new agent between two requests
+(agent/handover.py), and any that cannot are closed by the server after a request carrying
+`Connection: close`, wrk reconnecting to the new agent. Either way nothing fails.
 """
 
 from __future__ import annotations

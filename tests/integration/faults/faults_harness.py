@@ -1,7 +1,7 @@
 """The fault tests' cluster: a 2-node sandbox with the mesh installed, a client pod on each node,
-an echo server (:9000) and nginx (HTTP/1.1 :8080, h2c :8081), in one namespace `faults`; Service
-`refused` (:8080) selects nginx and `refuser` (nothing listens on 8080), Service `silent` nginx
-and `blackhole` (the retry test drops its SYNs).
+an echo server (:9000), nginx (HTTP/1.1 :8080, h2c :8081) and a gRPC server (:50051), in one
+namespace `faults`; Service `refused` (:8080) selects nginx and `refuser` (nothing listens on
+8080), Service `silent` nginx and `blackhole` (the retry test drops its SYNs).
 
 The agents run 2 workers (the agent's default on this 2-CPU machine; `install --sandbox` picks 1 to
 save memory): every process here is held to a hard limit of 20,000 fds that it cannot raise (no
@@ -40,6 +40,7 @@ NS = "faults"
 ECHO_PORT = 9000
 AGENT_WORKERS = 2
 DEAD_NODE = "node1"  # where the dead endpoints of Services `refused` and `silent` run
+GRPC_PORT = 50051   # faults_peers.py grpc-server: bidirectional echo streams (the upgrade test)
 TUPLE_PORT = 9001   # a second echo port, only for the tuple test (its TIME_WAITs must not meet others')
 
 NGINX_CONF = """
@@ -102,6 +103,7 @@ def manifests(nginx_conf: Path) -> str:
         _deployment("echo", [PY, PEERS, "echo-server", f"{ECHO_PORT},{TUPLE_PORT}"], [ECHO_PORT, TUPLE_PORT]),
         _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081],
                     labels={"refused": "yes", "silent": "yes"}),
+        _deployment("grpc", [PY, PEERS, "grpc-server", str(GRPC_PORT)], [GRPC_PORT]),
         # Services `refused` and `silent`: nginx plus a ready endpoint that never answers on 8080 —
         # `refuser` (nothing listens) and `blackhole` (its SYNs dropped: the test adds the rule).
         # No containerPort: ready without a probe (the kubelet would probe the first port). On
@@ -215,7 +217,17 @@ class Faults:
         return [parent, *map(int, children)]
 
     def worker_pids(self, node: str) -> list[int]:
-        return self.agent_pids(node)[1:]
+        """The parent's workers: not the short-lived helpers it also starts (its capture check runs
+        `iptables-nft -S`, which may be gone by the time we read it)."""
+        workers = []
+        for pid in self.agent_pids(node)[1:]:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nodemesh.agent" in cmdline:
+                workers.append(pid)
+        return workers
 
     def scrape(self, node: str, path: str = "/metrics", timeout: float = 10.0) -> str:
         url = f"http://{self.nodes[node].ip}:{ADMIN_PORT}{path}"

@@ -1,16 +1,18 @@
 """Peers for the fault tests, run as sandbox pod processes (servers) or via `sandbox.exec` (clients).
 
     python3 faults_peers.py echo-server PORT
+    python3 faults_peers.py grpc-server PORT        # grpcio, imported by the gRPC kinds only
     python3 faults_peers.py CLIENT-KIND ARGS...     # prints one JSON object: what it did and saw
 
 Clients check every byte they get back (an echo of what they sent) and report counts of failures by
 kind, so a test asserts "0 failed, bytes intact" and prints the timings. Stdlib only (asyncio on the
-default loop): a client starts fast in a pod.
+default loop) but for the gRPC kinds: a client starts fast in a pod.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import resource
@@ -501,6 +503,210 @@ def raw(host: str, port: int, payload_hex: str, idle_s: float) -> None:
     emit({"got": got.hex(), "end": end})
 
 
+async def longlived(host: str, echo_port: int, http_host: str, http_port: int, http_path: str, n_echo: int,
+                    n_bulk: int, n_http: int, stop_file: str, progress_file: str, interval: float) -> None:
+    """Long-lived connections that keep working until `stop_file` appears (an upgrade runs meanwhile):
+    `n_echo` echo connections (a numbered line every `interval`, checked), `n_bulk` echo connections
+    streaming a known byte sequence as fast as a 512 KB window allows (every byte checked), and
+    `n_http` HTTP/1.1 keep-alive connections (a GET every `interval`, status and body checked). A
+    connection never reconnects: any failure ends it and counts as cut. `progress_file` gets the
+    rounds so far every 0.2 s."""
+    failed: Counter[str] = Counter()
+    rounds: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def echo_conn(i: int) -> None:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, echo_port), 10)
+        seq = 0
+        try:
+            while True:
+                last = stop.is_set()
+                line = b"echo %d %d %s\n" % (i, seq, b"x" * (seq % 200))
+                w.write(line)
+                if await asyncio.wait_for(r.readexactly(len(line)), 10) != line:
+                    raise ValueError("echo mismatch")
+                rounds["echo"] += 1
+                nbytes["echo"] += len(line)
+                seq += 1
+                if last:
+                    break
+                await asyncio.sleep(interval)
+            w.write_eof()
+            if await asyncio.wait_for(r.read(), 10) != b"":
+                raise ValueError("bytes after the echo")
+        except Exception as exc:  # noqa: BLE001
+            failed["echo_" + failure_kind(exc)] += 1
+        finally:
+            w.close()
+
+    async def bulk_conn(i: int) -> None:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, echo_port), 10)
+        unacked = bytearray()
+        window = 512 * 1024
+        room = asyncio.Event()
+        room.set()
+        done_sending = asyncio.Event()
+
+        async def send() -> None:
+            n = 0
+            while not stop.is_set():
+                chunk = hashlib.sha256(b"%d/%d" % (i, n)).digest() * 1024  # 32 KB, known
+                n += 1
+                unacked.extend(chunk)
+                w.write(chunk)
+                await w.drain()
+                if len(unacked) > window:
+                    room.clear()
+                    await room.wait()
+            w.write_eof()
+            done_sending.set()
+
+        sender = asyncio.get_running_loop().create_task(send())
+        try:
+            while True:
+                data = await asyncio.wait_for(r.read(1 << 16), 10)
+                if not data:
+                    break
+                if data != unacked[:len(data)]:
+                    raise ValueError("bulk mismatch")
+                del unacked[:len(data)]
+                nbytes["bulk"] += len(data)
+                rounds["bulk"] += 1
+                if len(unacked) <= window // 2:
+                    room.set()
+            if unacked or not done_sending.is_set():
+                raise ValueError(f"bulk ended early, {len(unacked)} bytes not echoed")
+        except Exception as exc:  # noqa: BLE001
+            failed["bulk_" + failure_kind(exc)] += 1
+            sender.cancel()
+        finally:
+            w.close()
+
+    async def http_conn(i: int) -> None:
+        r, w = await asyncio.wait_for(asyncio.open_connection(http_host, http_port), 10)
+        request = f"GET {http_path} HTTP/1.1\r\nHost: {http_host}\r\nUser-Agent: longlived-{i}\r\n\r\n".encode()
+        body0 = None
+        try:
+            while True:
+                last = stop.is_set()
+                w.write(request)
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+                status = int(head.split(b" ", 2)[1])
+                length = next(int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length:"))
+                body = await asyncio.wait_for(r.readexactly(length), 10)
+                if status != 200 or b"connection: close" in head.lower():
+                    raise ValueError(f"status {status}, head {head!r}")
+                body0 = body if body0 is None else body0
+                if body != body0:
+                    raise ValueError("body changed")
+                rounds["http"] += 1
+                nbytes["http"] += len(head) + len(body)
+                if last:
+                    break
+                await asyncio.sleep(interval)
+        except Exception as exc:  # noqa: BLE001
+            failed["http_" + failure_kind(exc)] += 1
+        finally:
+            w.close()
+
+    async def report_progress() -> None:
+        while not stop.is_set():
+            _write_atomic(progress_file, {"rounds": dict(rounds), "failed": dict(failed)})
+            if os.path.exists(stop_file):
+                stop.set()
+            await asyncio.sleep(0.2)
+
+    started = time.monotonic()
+    progress = asyncio.get_running_loop().create_task(report_progress())
+    tasks = ([echo_conn(i) for i in range(n_echo)] + [bulk_conn(i) for i in range(n_bulk)]
+             + [http_conn(i) for i in range(n_http)])
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for res in results:
+        if isinstance(res, BaseException):
+            failed["open_" + failure_kind(res)] += 1
+    await progress
+    emit({"echo": n_echo, "bulk": n_bulk, "http": n_http, "rounds": dict(rounds), "bytes": dict(nbytes),
+          "failed": dict(failed), "cut": sum(failed.values()), "seconds": round(time.monotonic() - started, 3)})
+
+
+def grpc_server(port: int) -> None:
+    """gRPC (grpcio, imported only here): `faults.Echo/Chat` echoes every message of a bidirectional
+    stream until the client ends it; `faults.Echo/Unary` echoes one."""
+    from concurrent import futures
+
+    import grpc
+
+    def chat(requests, context):  # type: ignore[no-untyped-def]
+        for request in requests:
+            yield b"echo:" + request
+
+    def unary(request: bytes, context: object) -> bytes:
+        return b"echo:" + request
+
+    handler = grpc.method_handlers_generic_handler("faults.Echo", {
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_longlived(target: str, n_streams: int, stop_file: str, progress_file: str, interval: float) -> None:
+    """On one channel (one HTTP/2 connection, as grpcio keeps it): `n_streams` bidirectional streams,
+    a numbered message every `interval` each, every echo checked in order, ended by the client once
+    `stop_file` appears; and a unary call every `interval` meanwhile. Any error is reported: a
+    stream cut by the mesh ends with UNAVAILABLE."""
+    import threading
+
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    chat = channel.stream_stream("/faults.Echo/Chat")
+    unary = channel.unary_unary("/faults.Echo/Unary")
+    echoed = [0] * n_streams
+    unary_ok = [0]
+    errors: list[str] = []
+
+    def messages(i: int):  # type: ignore[no-untyped-def]
+        n = 0
+        while not os.path.exists(stop_file):
+            yield b"stream %d message %d" % (i, n)
+            n += 1
+            time.sleep(interval)
+
+    def run_stream(i: int) -> None:
+        try:
+            for n, reply in enumerate(chat(messages(i), timeout=600)):
+                if reply != b"echo:stream %d message %d" % (i, n):
+                    raise ValueError(f"stream {i}: {reply!r} as reply {n}")
+                echoed[i] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"stream {i}: {exc!r}"[:300])
+
+    threads = [threading.Thread(target=run_stream, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    while not os.path.exists(stop_file):
+        try:
+            if unary(b"u", timeout=10) != b"echo:u":
+                raise ValueError("unary mismatch")
+            unary_ok[0] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"unary: {exc!r}"[:300])
+        _write_atomic(progress_file, {"echoed": sum(echoed), "unary": unary_ok[0]})
+        time.sleep(interval)
+    for t in threads:
+        t.join(60)
+    emit({"streams": n_streams, "echoed": echoed, "unary": unary_ok[0], "errors": errors,
+          "seconds": round(time.monotonic() - started, 3)})
+
+
 def main(argv: list[str]) -> None:
     kind, args = argv[0], argv[1:]
     if kind == "echo-server":
@@ -525,6 +731,13 @@ def main(argv: list[str]) -> None:
         asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif kind == "raw":
         raw(args[0], int(args[1]), args[2], float(args[3]))
+    elif kind == "grpc-server":
+        grpc_server(int(args[0]))
+    elif kind == "grpc-longlived":
+        grpc_longlived(args[0], int(args[1]), args[2], args[3], float(args[4]))
+    elif kind == "longlived":
+        asyncio.run(longlived(args[0], int(args[1]), args[2], int(args[3]), args[4], int(args[5]), int(args[6]),
+                              int(args[7]), args[8], args[9], float(args[10])))
     elif kind == "idle":
         asyncio.run(idle(args[0], int(args[1]), int(args[2]), int(args[3]), args[4], float(args[5])))
     else:

@@ -257,3 +257,108 @@ async def _until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
 
 
 del socket
+
+
+async def http_server() -> asyncio.Server:
+    """Answers every request head with a tiny 200 (keep-alive)."""
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await r.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+class Requests(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+
+    def request_start(self, conn: Any, head: RequestHead) -> Any:
+        self.requests.append(head.path)
+        return head
+
+
+def test_a_client_silent_past_the_detection_timeout_is_still_detected_when_it_speaks() -> None:
+    """A connection opened ahead of its first request (a pool warming up, a client slowed by its
+    node's load) is not settled as opaque TCP for its silence: its requests are still counted."""
+    async def scenario() -> None:
+        up = await http_server()
+        sock = listen_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        rec = Requests()
+        cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3, workers=1,
+                          detect_timeout_s=0.2)
+        ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), up.sockets[0].getsockname()[:2])),
+                            make_mode, Admission(1000))
+        server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.6)  # three detection timeouts of silence
+            for path in ("/a", "/b"):
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                got = await asyncio.wait_for(reader.readexactly(len(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")), 3)
+                assert got.endswith(b"ok"), got
+            assert rec.protocols == ["http1"] and rec.requests == ["/a", "/b"], (rec.protocols, rec.requests)
+            writer.close()
+            assert await _until(lambda: rec.closes != [])
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_a_late_slowloris_still_gets_its_408() -> None:
+    async def scenario() -> None:
+        up = await sink_server()
+        server, port, _ctx, rec = await start(up.sockets[0].getsockname()[:2], Admission(1000),
+                                              detect_timeout_s=0.2, header_timeout_s=0.6)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.5)  # its first byte comes after the detection timeout
+            answer = asyncio.ensure_future(reader.read())
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
+                if answer.done():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)
+            got = await asyncio.wait_for(answer, 3)
+            assert got.startswith(b"HTTP/1.1 408 "), got
+            assert rec.protocols == ["http1"]
+            writer.close()
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
+
+
+def test_a_server_that_speaks_first_is_relayed_as_tcp_at_once() -> None:
+    async def scenario() -> None:
+        async def greet(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"220 smtp.example ESMTP\r\n")
+            while data := await r.read(65536):
+                w.write(data)
+            w.close()
+
+        up = await asyncio.start_server(greet, "127.0.0.1", 0)
+        server, port, _ctx, rec = await start(up.sockets[0].getsockname()[:2], Admission(1000),
+                                              detect_timeout_s=5.0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            got = await asyncio.wait_for(reader.readuntil(b"\r\n"), 2)  # long before the 5 s timeout
+            assert got == b"220 smtp.example ESMTP\r\n" and rec.protocols == ["tcp"], (got, rec.protocols)
+            writer.write(b"EHLO me\r\n")
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 2) == b"EHLO me\r\n"
+            writer.close()
+            assert await _until(lambda: rec.closes != [])
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
