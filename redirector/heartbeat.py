@@ -79,7 +79,8 @@ class Heartbeat:
     A thread, not the event loop: the data path is the workers', so a busy parent loop (a big
     `/metrics`, a GC pass) must not read as a dead agent and unmesh the node; SIGSTOP, a crash or
     `kill -9` stop the thread with everything else. `max_gap_s` is the longest time between two
-    beats seen (reported on the agent's /metrics-free log at exit; measured by the tests)."""
+    beats seen while the list existed; each new longest gap over two periods is logged
+    (`event=heartbeat_gap max_ms=...`, a warning past half the silence that fails the node open)."""
 
     def __init__(self, alive: Callable[[], bool], path: str | None = None, period_s: float = PERIOD_S) -> None:
         self.alive = alive
@@ -105,19 +106,24 @@ class Heartbeat:
             return False
 
     def _run(self) -> None:
-        last = time.monotonic()
+        last: float | None = None   # the last beat while alive; None: not beating
         while not self._stop.wait(self.period_s):
             if not self._alive():
+                last = None
                 continue
             now = time.monotonic()
-            gap = now - last
-            self.max_gap_s = max(self.max_gap_s, gap)
-            last = now
+            gap = 0.0 if last is None else now - last
+            if gap > self.max_gap_s and self._installed:
+                self.max_gap_s = gap
+                if gap > 2 * self.period_s:   # a new longest gap: a handful of lines in a lifetime
+                    log.log(logging.WARNING if gap > SILENCE_S / 2 else logging.INFO,
+                            "event=heartbeat_gap max_ms=%.0f fail_open_after_ms=%.0f", gap * 1000, SILENCE_S * 1000)
             # Starting, resuming (SIGCONT, ready again) or the rules just installed: a full window's
             # worth of beats at once, so capture works now, not SILENCE_S from now. An agent that
             # answers is alive; only silence is a reason not to capture.
-            fresh = not self._installed or gap > 2 * self.period_s
+            fresh = last is None or not self._installed or gap > 2 * self.period_s
             installed = beat(self.path, HITCOUNT if fresh else 1)
+            last = now
             self.beats += installed
             if installed != self._installed:
                 log.info("event=heartbeat list=%s installed=%s", self.path, str(installed).lower())

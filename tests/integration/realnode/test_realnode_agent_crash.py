@@ -133,10 +133,15 @@ def test_realnode_agent_crash_fails_connects_for_at_most_100ms(mesh: RealNode, t
     # Open loop at a fixed rate: each failed request stands for 1/RATE s during which connects failed.
     failing = len(failed) / RATE
     slowest = max((r["dt"] for r in slow), default=0.0)
+    buckets: dict[int, list[int]] = {}
+    for r in hit:   # per half second after it: failed/slow
+        buckets.setdefault(int((r["t"] - killed) * 2), [0, 0])[0 if not r["ok"] else 1] += 1
+    timeline = " ".join(f"+{k / 2:.1f}s:{f}/{s}" for k, (f, s) in sorted(buckets.items()))
     print(f"\n{mesh.cni} {what}: {len(failed)} of {len(after)} requests started after it failed ({errors}) = "
           f"{failing * 1000:.0f} ms of failed connects; {len(slow)} slow (up to {slowest * 1000:.0f} ms); "
           f"failed or slow from +{first * 1000:.0f} ms over {span * 1000:.0f} ms; "
-          f"{len(in_flight)} in flight lost; capture back: {captured_again is not None}; redirector: {events[:4]}")
+          f"{len(in_flight)} in flight lost; capture back: {captured_again is not None}; redirector: {events[:4]}; "
+          f"failed/slow per 0.5 s: {timeline}")
     assert failing <= MAX_FAILING_S[what], f"{failing * 1000:.0f} ms of failed connects after {what}"
     assert wait_for(mesh.healthy, 60.0) is not None, f"the mesh did not recover:\n{mesh.mesh_logs()}"
     # Captured again for real (the heartbeat beats, the hook is in): the agent counts new requests.
