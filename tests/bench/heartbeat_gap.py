@@ -1,10 +1,10 @@
 """How late does the agent's kernel heartbeat get on a loaded node? (redirector/heartbeat.py)
 
-    sudo python3 tests/bench/heartbeat_gap.py [--seconds 30] [--rate 200] [--cni bridge]
+    sudo python3 tests/bench/heartbeat_gap.py [--seconds 30] [--rate 200] [--cni bridge] [--hogs 2]
 
 The mesh as pods (tests/integration/realnode's harness), then for `--seconds`: on every node a client
 opening `--rate` new connections a second through the Service (open loop), plus a loop scraping the
-agent's /metrics as fast as it answers. Printed: each agent's longest gap between two beats
+agent's /metrics as fast as it answers, and `--hogs` busy loops. Printed: each agent's longest gap between two beats
 (`event=heartbeat_gap` lines: each new longest gap over 100 ms is logged) against the 500 ms of
 silence that fails a node open. Never pass/fail: the margin is read, not asserted.
 """
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--cni", default="bridge")
+    p.add_argument("--hogs", type=int, default=0, help="busy-loop processes beside the load (CPU starvation)")
     a = p.parse_args()
     with realnode_mesh(nodes=2, cni=a.cni) as mesh:
         assert wait_for(mesh.healthy, 60.0) is not None, "mesh not healthy"
@@ -44,7 +45,9 @@ def main() -> None:
                                  duration=a.seconds, timeout=3.0) for n in mesh.nodes]
         procs += [subprocess.Popen(["ip", "netns", "exec", mesh.sb.node(n).netns, PY, "-c", SCRAPE, str(a.seconds)])
                   for n in mesh.nodes]
-        for proc in procs:
+        hogs = [subprocess.Popen([PY, "-c", f"import time\nend = time.time() + {a.seconds}\nwhile time.time() < end: pass"])
+                for _ in range(a.hogs)]
+        for proc in procs + hogs:
             proc.wait(timeout=a.seconds + 60)
         for n in mesh.nodes:
             records = mesh.records(out / f"{n}.jsonl")

@@ -74,3 +74,25 @@ def test_redirector_heartbeat_survives_a_missing_list_and_a_failing_check(tmp_pa
         assert _wait(lambda: _beats(path) >= HITCOUNT)
     finally:
         hb.stop()
+
+
+def test_redirector_heartbeat_logs_a_late_beat(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A stall (here the readiness check itself, 0.4 s once) is measured and logged as a new longest gap."""
+    path = tmp_path / "list"
+    path.write_text("")
+    calls = {"n": 0}
+
+    def alive() -> bool:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            time.sleep(0.4)
+        return True
+
+    caplog.set_level("INFO", logger="nodemesh.redirector.heartbeat")
+    hb = Heartbeat(alive, path=str(path), period_s=0.02).start()
+    try:
+        assert _wait(lambda: calls["n"] > 8)
+        assert 0.4 <= hb.max_gap_s < 2.0
+        assert any("event=heartbeat_gap" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    finally:
+        hb.stop()
