@@ -89,6 +89,14 @@ def _kill(mesh: RealNode, node: str, what: str) -> int:
     return agent
 
 
+def _dropped_syns(mesh: RealNode, node: str) -> int:
+    """Captured SYNs dropped because no agent listened (mangle NODEMESH_INPUT's DROP counter)."""
+    backend = mesh.sb.node(node).iptables
+    res = mesh.sb.node_exec(node, [f"iptables-{backend}", "-t", "mangle", "-nvxL", "NODEMESH_INPUT"],
+                            capture_output=True, text=True, timeout=10)
+    return sum(int(line.split()[0]) for line in res.stdout.splitlines() if " DROP " in line)
+
+
 def _requests_counted(mesh: RealNode, node: str) -> float:
     return series(mesh.agent_metrics(node), "request_total", direction="outbound")
 
@@ -102,6 +110,7 @@ def test_realnode_agent_crash_fails_connects_for_at_most_100ms(mesh: RealNode, t
     load = mesh.start_load(mesh.client(node), "http://server.rn/", out, rate=RATE, duration=12.0, timeout=3.0)
     try:
         assert wait_for(lambda: len(mesh.records(out)) > RATE * 2, 15.0) is not None, "the load did not start"
+        dropped_before = _dropped_syns(mesh, node)
         killed = time.time()
         group = _kill(mesh, node, what)
         if what.startswith("hung"):
@@ -125,6 +134,7 @@ def test_realnode_agent_crash_fails_connects_for_at_most_100ms(mesh: RealNode, t
         errors[str(r.get("error"))] = errors.get(str(r.get("error")), 0) + 1
     first = min((r["t"] for r in hit), default=killed) - killed
     captured_again = wait_for(lambda: mesh.capture_hooked(node), 30.0)
+    dropped = _dropped_syns(mesh, node) - dropped_before
     events = []
     for line in mesh.redirector_log(node).splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
@@ -138,7 +148,8 @@ def test_realnode_agent_crash_fails_connects_for_at_most_100ms(mesh: RealNode, t
         buckets.setdefault(int((r["t"] - killed) * 2), [0, 0])[0 if not r["ok"] else 1] += 1
     timeline = " ".join(f"+{k / 2:.1f}s:{f}/{s}" for k, (f, s) in sorted(buckets.items()))
     print(f"\n{mesh.cni} {what}: {len(failed)} of {len(after)} requests started after it failed ({errors}) = "
-          f"{failing * 1000:.0f} ms of failed connects; {len(slow)} slow (up to {slowest * 1000:.0f} ms); "
+          f"{failing * 1000:.0f} ms of failed connects; {len(slow)} slow (up to {slowest * 1000:.0f} ms; "
+          f"{dropped} SYNs dropped for want of a listener); "
           f"failed or slow from +{first * 1000:.0f} ms over {span * 1000:.0f} ms; "
           f"{len(in_flight)} in flight lost; capture back: {captured_again is not None}; redirector: {events[:4]}; "
           f"failed/slow per 0.5 s: {timeline}")
