@@ -57,20 +57,20 @@ def recent_match(name: str = LIST) -> str:
 
 
 def beat(path: str, count: int = 1) -> bool:
-    """`count` beats (one write each: the list takes one address per write). True if the list
-    exists (capture with the heartbeat is installed)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # (append: the stand-in file of the unit test)
-    except OSError:
-        return False
-    try:
-        for _ in range(count):
+    """`count` beats. True if the list exists (capture with the heartbeat is installed). The list
+    takes one address per open: a second write on the same file fails with ESPIPE."""
+    for _ in range(count):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # (append: the unit test's stand-in file)
+        except OSError:
+            return False
+        try:
             os.write(fd, b"+0.0.0.0\n")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    return True
 
 
 class Heartbeat:
@@ -118,11 +118,11 @@ class Heartbeat:
                 if gap > 2 * self.period_s:   # a new longest gap: a handful of lines in a lifetime
                     log.log(logging.WARNING if gap > SILENCE_S / 2 else logging.INFO,
                             "event=heartbeat_gap max_ms=%.0f fail_open_after_ms=%.0f", gap * 1000, SILENCE_S * 1000)
-            # Starting, resuming (SIGCONT, ready again) or the rules just installed: a full window's
-            # worth of beats at once, so capture works now, not SILENCE_S from now. An agent that
-            # answers is alive; only silence is a reason not to capture.
-            fresh = last is None or not self._installed or gap > 2 * self.period_s
-            installed = beat(self.path, HITCOUNT if fresh else 1)
+            # This process's first beat on the list (the agent started, or the rules were just
+            # installed): a full window's worth at once, so capture works now, not SILENCE_S from
+            # now. Not after a pause (SIGCONT, a late beat): those stamps would keep the switch
+            # closed for a whole WINDOW_S if the agent stopped again at once.
+            installed = beat(self.path, 1 if self._installed else HITCOUNT)
             last = now
             self.beats += installed
             if installed != self._installed:
