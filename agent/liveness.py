@@ -13,8 +13,8 @@ Health file (`--health-file`): see `heartbeat`.
 Kernel heartbeat (redirector/heartbeat.py): a thread of the parent writes to the capture rules'
 xt_recent list every 50 ms while the agent is ready with its identity (not from SIGTERM on: a
 rolling update's new agent beats by then). The rules capture only while someone beats: killed, hung
-(SIGSTOP) or gone with its redirector, the node fails open 0.5 s after the last beat with nobody
-left to act, and is captured again 0.5 s after the beats resume.
+(SIGSTOP) or gone with its redirector, the node fails open 0.7 s after the last beat with nobody
+left to act, and is captured again 0.7 s after the beats resume.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ So the capture decision itself depends on the agent being alive, in the kernel:
 
 xt_recent counts in jiffies, and its window is whole seconds; the hit count gives the finer step:
 HITCOUNT beats in WINDOW_S means "the (HITCOUNT-1)th beat before the last one is younger than
-WINDOW_S", so the switch opens after WINDOW_S - (HITCOUNT-1) * PERIOD_S of silence.
+WINDOW_S", so the switch opens after WINDOW_S - (HITCOUNT-1) * PERIOD_S of silence: 0.7 s. Chosen against the longest gap between two
+beats measured under load (`tests/bench/heartbeat_gap.py`: 118-331 ms, docs/redirector.md), so a
+busy agent is not unmeshed, while a hung one is failed open within the 1 s issue 12 asks for.
 
 Pure standard library: the agent imports this (no pyroute2 in its memory).
 """
@@ -39,8 +41,8 @@ from collections.abc import Callable
 LIST = "nodemesh_agent"
 PERIOD_S = 0.05
 WINDOW_S = 1
-HITCOUNT = 11
-SILENCE_S = WINDOW_S - (HITCOUNT - 1) * PERIOD_S   # 0.5 s of silence: fail open
+HITCOUNT = 7
+SILENCE_S = WINDOW_S - (HITCOUNT - 1) * PERIOD_S   # 0.7 s of silence: fail open
 
 log = logging.getLogger("nodemesh.redirector.heartbeat")
 
@@ -120,8 +122,8 @@ class Heartbeat:
                             "event=heartbeat_gap max_ms=%.0f fail_open_after_ms=%.0f", gap * 1000, SILENCE_S * 1000)
             # This process's first beat on the list (the agent started, or the rules were just
             # installed): a full window's worth at once, so capture works now, not SILENCE_S from
-            # now. Not after a pause (SIGCONT, a late beat): those stamps would keep the switch
-            # closed for a whole WINDOW_S if the agent stopped again at once.
+            # now. Not after a pause (SIGCONT, a late beat): those stamps would keep capture on for
+            # a whole WINDOW_S if the agent stopped again at once.
             installed = beat(self.path, 1 if self._installed else HITCOUNT)
             last = now
             self.beats += installed

@@ -5,7 +5,7 @@
 The mesh as pods (tests/integration/realnode's harness), then for `--seconds`: on every node a client
 opening `--rate` new connections a second through the Service (open loop), plus a loop scraping the
 agent's /metrics as fast as it answers, and `--hogs` busy loops. Printed: each agent's longest gap between two beats
-(`event=heartbeat_gap` lines: each new longest gap over 100 ms is logged) against the 500 ms of
+(`event=heartbeat_gap` lines: each new longest gap over 100 ms is logged) against the 700 ms of
 silence that fails a node open. Never pass/fail: the margin is read, not asserted.
 """
 
