@@ -15,7 +15,7 @@ import argparse
 import re
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "realnode"))
@@ -39,8 +39,8 @@ def main() -> None:
     a = p.parse_args()
     with realnode_mesh(nodes=2, cni=a.cni) as mesh:
         assert wait_for(mesh.healthy, 60.0) is not None, "mesh not healthy"
-        out = Path(f"/tmp/heartbeat-gap-{time.time():.0f}")
-        out.mkdir()
+        tmp = tempfile.TemporaryDirectory(prefix="heartbeat-gap-")
+        out = Path(tmp.name)
         procs = [mesh.start_load(mesh.client(n), "http://server.rn/", out / f"{n}.jsonl", rate=a.rate,
                                  duration=a.seconds, timeout=3.0) for n in mesh.nodes]
         procs += [subprocess.Popen(["ip", "netns", "exec", mesh.sb.node(n).netns, PY, "-c", SCRAPE, str(a.seconds)])
