@@ -25,6 +25,7 @@ from nodemesh.redirector import backend as backend_mod
 from nodemesh.redirector.backend import Backend
 from nodemesh.redirector.plan import (
     CHAIN_INBOUND,
+    CHAIN_INPUT,
     CHAIN_OUTBOUND,
     CHAIN_OUTPUT,
     CHAIN_PREROUTING,
@@ -34,7 +35,7 @@ from nodemesh.redirector.plan import (
 )
 from pyroute2 import IPRoute, NetNS
 
-OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT)
+OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT, CHAIN_INPUT)
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 
