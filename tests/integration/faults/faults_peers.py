@@ -342,6 +342,8 @@ async def http_load(host: str, port: int, path: str, connections: int, duration:
                         ok += 1
                     else:
                         failed[head.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+                    if b"\r\nconnection: close\r\n" in head.lower():
+                        break  # the server ends it (nginx: keepalive_requests): a client reconnects
             except Exception as exc:  # noqa: BLE001
                 failed[failure_kind(exc)] += 1
             finally:
