@@ -110,7 +110,8 @@ class ControllerLink:
             return ()
         try:
             with open(self.config.token_file) as f:  # re-read per connect: tokens rotate
-                token = f.read().strip()
+                # The first word: a controller's token file may list more tokens, with roles.
+                token = next(iter(f.read().split()), "")
         except OSError as exc:
             log.warning("event=token_unreadable path=%s error=%r", self.config.token_file, exc)
             return ()

@@ -85,7 +85,7 @@ class ClientConfig:
         token = env.get("NODEMESH_TOKEN") or None
         if token_file:
             try:
-                token = Path(token_file).read_text().strip()
+                token = first_token(Path(token_file).read_text())
             except OSError as exc:
                 raise CliError(f"cannot read token file {token_file}: {exc.strerror}") from None
         return cls(
@@ -247,11 +247,17 @@ def _sandbox_at(path: Path, why: str) -> Target:
                   sandbox_dir=path.parent)
 
 
+def first_token(text: str) -> str:
+    """The token a client sends from a token file: its first word (a controller's token file may
+    list more tokens, each with its roles: docs/controlplane.md)."""
+    return next(iter(text.split()), "")
+
+
 def _sandbox_token(state_dir: Path) -> str | None:
     """The token `nodemesh install --sandbox` gave its controller; None if absent or unreadable
     (the controller then says what is missing)."""
     try:
-        return (state_dir / CONTROLLER_TOKEN_FILE).read_text().strip() or None
+        return first_token((state_dir / CONTROLLER_TOKEN_FILE).read_text()) or None
     except OSError:
         return None
 

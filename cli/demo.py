@@ -19,7 +19,7 @@ from typing import Any
 import click
 import yaml
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.cli.client import ClientConfig, CliError, connect
+from nodemesh.cli.client import ClientConfig, CliError, connect, first_token
 
 DEMO_CLUSTER = "nodemesh"
 DEMO_NAMESPACE = "emojivoto"
@@ -117,7 +117,7 @@ def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None
               times, "install"):
         controller = install_sandbox(name, progress=lambda msg: None)
     with step("Waiting for stats to flow", lambda: f"{sb.state_dir} (controller and agent logs)", times, "stats"):
-        token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
+        token = first_token((Path(sb.state_dir) / TOKEN_FILE).read_text())
         wait_for_stats(controller, token, timeout=stats_timeout)
     return DemoRun(name=name, controller=controller, steps=times, elapsed=time.monotonic() - total)
 

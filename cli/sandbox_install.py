@@ -32,7 +32,14 @@ from typing import Any
 import click
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
-from nodemesh.cli.client import CONTROLLER_ADDR_FILE, ClientConfig, CliError, connect, write_sandbox_address
+from nodemesh.cli.client import (
+    CONTROLLER_ADDR_FILE,
+    ClientConfig,
+    CliError,
+    connect,
+    first_token,
+    write_sandbox_address,
+)
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
 from nodemesh.cli.manifest import (
     CLI_NAME,
@@ -261,7 +268,7 @@ _READY_PROBE = (
 
 
 def _mesh_healthy(controller: str, token_path: Path, nodes: set[str]) -> bool:
-    config = ClientConfig(controller=controller, token=token_path.read_text().strip(), timeout_s=2.0)
+    config = ClientConfig(controller=controller, token=first_token(token_path.read_text()), timeout_s=2.0)
     try:
         with connect(config) as api:
             resp = api.unary("Check", pb.CheckRequest())

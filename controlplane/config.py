@@ -24,6 +24,11 @@ class ControllerConfig:
     excluded_namespaces: tuple[str, ...] = ("kube-system", "nodemesh")
     captured_namespaces: tuple[str, ...] = ()   # when set, only these namespaces are captured
     tap_max_rps: float = 100.0
+    # Tap redaction, done by the agents (agent/redact.py): Authorization, Proxy-Authorization, Cookie
+    # and Set-Cookie always; these more; with tap_show_headers, every header not listed.
+    tap_redact_headers: tuple[str, ...] = ()
+    tap_show_headers: tuple[str, ...] = ()
+    tap_redact_query: bool = False
     tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
     identity_debounce_s: float = 0.05

@@ -144,7 +144,8 @@ class Controller:
     def mesh_config(self) -> pb.MeshConfig:
         c = self.config
         return pb.MeshConfig(opaque_ports=list(c.opaque_ports), excluded_namespaces=list(c.excluded_namespaces),
-                             tap_max_rps=c.tap_max_rps)
+                             tap_max_rps=c.tap_max_rps, tap_redact_headers=list(c.tap_redact_headers),
+                             tap_show_headers=list(c.tap_show_headers), tap_redact_query=c.tap_redact_query)
 
     def refresh_identity(self) -> IdentityFeed:
         """Bring the identity feed up to the registry (a new version only when something an agent

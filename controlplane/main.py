@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--captured-namespaces", default="",
                    help="only these namespaces are captured (comma-separated; default: all not excluded)")
     p.add_argument("--tap-max-rps", type=float, default=ControllerConfig.tap_max_rps)
+    p.add_argument("--tap-redact-headers", default="", metavar="H1,H2",
+                   help="more headers whose values tap redacts (Authorization, Proxy-Authorization, Cookie and "
+                        "Set-Cookie always are)")
+    p.add_argument("--tap-show-headers", default="", metavar="H1,H2",
+                   help="allow list: tap shows only these headers' values, redacts the rest")
+    p.add_argument("--tap-redact-query", action="store_true", help="tap redacts query-string values")
     p.add_argument("--tap-max-taps", type=int, default=ControllerConfig.tap_max_taps,
                    help="concurrent taps; more are refused")
     p.add_argument("--log-level", default="warning")
@@ -146,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         listen=a.listen, grpc_port=a.grpc_port, web_port=a.web_port,
         excluded_namespaces=tuple(n for n in a.excluded_namespaces.split(",") if n),
         captured_namespaces=tuple(n for n in a.captured_namespaces.split(",") if n),
-        tap_max_taps=a.tap_max_taps,
+        tap_max_taps=a.tap_max_taps, tap_redact_headers=_csv(a.tap_redact_headers),
+        tap_show_headers=_csv(a.tap_show_headers), tap_redact_query=a.tap_redact_query,
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
         tap_max_rps=a.tap_max_rps, log_level=a.log_level,
         token_file=a.token_file, token_review=a.token_review,

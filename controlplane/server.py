@@ -12,15 +12,17 @@ import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
-from nodemesh.controlplane.auth import Authenticator, AuthInterceptor
+from nodemesh.controlplane.auth import Authenticator, AuthError, AuthInterceptor, bearer_token
 from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.stat import StatError
+from nodemesh.controlplane.tap import tap_scope
 
 log = logging.getLogger("nodemesh.controlplane.server")
 
 class ControllerServicer(pb_grpc.ControllerServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, authenticator: Authenticator | None = None) -> None:
         self.controller = controller
+        self.authenticator = authenticator
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControllerMessage]:
@@ -48,6 +50,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             self.controller.validate_tap(request.filter)
         except StatError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.authenticator is not None:
+            # The interceptor let a reader in; what this tap shows needs its own permission.
+            try:
+                await self.authenticator.authorize_tap(bearer_token(context.invocation_metadata()) or "",
+                                                       *tap_scope(request.filter))
+            except AuthError as exc:
+                await context.abort(exc.code, exc.message)
         try:
             self.controller.check_tap_capacity()
         except TapLimitError as exc:
@@ -74,7 +83,7 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
                                       ("grpc.keepalive_time_ms", 20_000),
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])
-    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, authenticator), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")

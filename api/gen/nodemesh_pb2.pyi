@@ -173,14 +173,20 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
-    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps")
+    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query")
     OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     TAP_MAX_RPS_FIELD_NUMBER: _ClassVar[int]
+    TAP_REDACT_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    TAP_SHOW_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    TAP_REDACT_QUERY_FIELD_NUMBER: _ClassVar[int]
     opaque_ports: _containers.RepeatedScalarFieldContainer[int]
     excluded_namespaces: _containers.RepeatedScalarFieldContainer[str]
     tap_max_rps: float
-    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ...) -> None: ...
+    tap_redact_headers: _containers.RepeatedScalarFieldContainer[str]
+    tap_show_headers: _containers.RepeatedScalarFieldContainer[str]
+    tap_redact_query: bool
+    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ..., tap_redact_headers: _Optional[_Iterable[str]] = ..., tap_show_headers: _Optional[_Iterable[str]] = ..., tap_redact_query: _Optional[bool] = ...) -> None: ...
 
 class IdentitySnapshot(_message.Message):
     __slots__ = ("resource_version", "pods", "services", "config", "captured_namespaces", "epoch", "version")

@@ -1,0 +1,90 @@
+"""Pod programs of the trust tests (run by the sandbox's kubelet, or exec'd in a pod's netns).
+
+  http1-server PORT   HTTP/1.1: answers 200 with `Set-Cookie: sid=<secret>` (the secret is the
+                      request's `?secret=` value, so the test knows what must never show)
+  grpc-server PORT    gRPC service `trust.Echo/Ping` (raw bytes echoed), over HTTP/2
+  client URL GRPC SECRET SECONDS
+                      every 0.2 s: one HTTP/1 GET URL?secret=SECRET with `Authorization: Bearer
+                      SECRET-auth` and `Cookie: sid=SECRET-cookie`, and one gRPC Ping to GRPC with
+                      the same as metadata; prints one line per answer
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import sys
+import time
+import urllib.parse
+from concurrent import futures
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        secret = query.get("secret", ["none"])[0]
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Set-Cookie", f"sid={secret}-setcookie")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def http1_server(port: int) -> None:
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+def grpc_server(port: int) -> None:
+    import grpc
+
+    handlers = {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("trust.Echo", handlers),))
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def client(url: str, grpc_target: str, secret: str, seconds: float) -> None:
+    import grpc
+
+    parts = urllib.parse.urlsplit(url)
+    channel = grpc.insecure_channel(grpc_target)
+    ping = channel.unary_unary("/trust.Echo/Ping")
+    metadata = (("authorization", f"Bearer {secret}-auth"), ("cookie", f"sid={secret}-cookie"))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=5)
+            conn.request("GET", f"{parts.path or '/'}?secret={secret}",
+                         headers={"Authorization": f"Bearer {secret}-auth", "Cookie": f"sid={secret}-cookie"})
+            print("http1", conn.getresponse().status, flush=True)
+            conn.close()
+        except OSError as exc:
+            print("http1 error", exc, flush=True)
+        try:
+            ping(b"x", metadata=metadata, timeout=5)
+            print("grpc ok", flush=True)
+        except grpc.RpcError as exc:
+            print("grpc error", exc.code(), flush=True)
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    if mode == "http1-server":
+        http1_server(int(args[0]))
+    elif mode == "grpc-server":
+        grpc_server(int(args[0]))
+    elif mode == "client":
+        client(args[0], args[1], args[2], float(args[3]))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
