@@ -58,6 +58,8 @@ class ControllerLink:
         self._task: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
         self._stopping = False
+        self._reviews: dict[int, asyncio.Future[pb.ScrapeReviewResult]] = {}  # ScrapeReview id -> answer
+        self._review_ids = 0
 
     def start(self) -> None:
         self.node.add_tap_sink(self._on_tap_event)
@@ -104,6 +106,19 @@ class ControllerLink:
             self.tap_events_dropped += 1  # tap is live: nobody wants a backlog replayed later
             return
         box.put_nowait(pb.AgentMessage(tap_event=event))
+
+    def review_scrape(self, token: str) -> asyncio.Future[pb.ScrapeReviewResult]:
+        """Ask the controller whether a scraper's token may read /metrics (agent/scrapeauth.py).
+        Raises ConnectionError when there is no stream to ask on."""
+        box = self._outbox
+        if box is None or not self.connected:
+            raise ConnectionError("no controller link")
+        self._review_ids += 1
+        fut: asyncio.Future[pb.ScrapeReviewResult] = asyncio.get_running_loop().create_future()
+        self._reviews[self._review_ids] = fut
+        fut.add_done_callback(lambda _f, rid=self._review_ids: self._reviews.pop(rid, None))
+        box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=self._review_ids, token=token)))
+        return fut
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if not self.config.token_file:
@@ -155,6 +170,9 @@ class ControllerLink:
             finally:
                 self.connected = False
                 self._outbox = None
+                for fut in list(self._reviews.values()):  # asked on this stream: never answered now
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("controller link lost"))
                 # The taps were the disconnected controller's; it re-opens them on reconnect.
                 self.node.close_all_taps()
             if self._stopping:
@@ -204,3 +222,7 @@ class ControllerLink:
             self.node.open_tap(msg.tap_open.tap_id, msg.tap_open.filter)
         elif which == "tap_close":
             self.node.close_tap(msg.tap_close.tap_id)
+        elif which == "scrape_review_result":
+            fut = self._reviews.get(msg.scrape_review_result.id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.scrape_review_result)

@@ -377,6 +377,19 @@ class TokenReviewAuthenticator:
         return Principal(status.user.username, tuple(status.user.groups or ()))
 
 
+async def review_scrape(authenticator: Authenticator, token: str) -> tuple[bool, bool, str]:
+    """An agent's question: may the scraper presenting `token` read its /metrics? Returns
+    (allowed, unavailable, message); `unavailable` means it could not be checked now."""
+    if not token:
+        return False, False, MISSING_TOKEN
+    try:
+        await authenticator.authenticate(token, METRICS_SCRAPE)
+    except AuthError as exc:
+        log.info("event=scrape_refused code=%s reason=%r", exc.code.name, exc.reason)
+        return False, exc.code == grpc.StatusCode.UNAVAILABLE, exc.message
+    return True, False, ""
+
+
 # ---------------------------------------------------------------------------- the interceptor
 
 

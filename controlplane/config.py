@@ -45,6 +45,7 @@ class ControllerConfig:
     auth_namespace: str = "nodemesh"            # where the default agent/CLI ServiceAccounts live
     token_review_agents: tuple[str, ...] = ()   # users/`group:G` allowed to Connect; () = the agent SA
     token_review_readers: tuple[str, ...] = ()  # allowed stat/edges/check/tap; () = the nodemesh-cli SA
+    token_review_scrapers: tuple[str, ...] = ()  # may read agents' /metrics; () = the nodemesh-prometheus SA
     token_cache_s: float = 60.0
     insecure_open_api: bool = False             # allow no auth on a non-loopback address
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.

@@ -65,7 +65,7 @@ def configure_auth(config: ControllerConfig) -> Authenticator | None:
     if config.token_review and config.source != "kubernetes":
         raise ValueError("--token-review needs --source kubernetes (the sandbox uses --token-file)")
     policy = AccessPolicy.for_namespace(config.auth_namespace, config.token_review_agents,
-                                        config.token_review_readers)
+                                        config.token_review_readers, config.token_review_scrapers)
     authenticator = build_authenticator(config.token_file, config.token_review, config.token_audiences,
                                         policy, config.kubeconfig, config.token_cache_s)
     if authenticator is not None:
@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     auth.add_argument("--token-review-readers", default="",
                       help="users or group:NAME allowed stat/edges/check/tap "
                            "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-cli)")
+    auth.add_argument("--token-review-scrapers", default="",
+                      help="users or group:NAME allowed to read the agents' /metrics "
+                           "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-prometheus)")
     auth.add_argument("--insecure-open-api", action="store_true",
                       help="serve without authentication on a non-loopback address (trusted networks only)")
     a = p.parse_args(argv)
@@ -161,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         # Read here, once: the Deployment sets POD_NAMESPACE from the downward API.
         auth_namespace=os.environ.get("POD_NAMESPACE") or ControllerConfig.auth_namespace,
         token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
+        token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
     )
 

@@ -5,6 +5,7 @@ A thin layer: every method hands over to `Controller`, which holds the logic.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
-from nodemesh.controlplane.auth import Authenticator, AuthError, AuthInterceptor, bearer_token
+from nodemesh.controlplane.auth import Authenticator, AuthError, AuthInterceptor, bearer_token, review_scrape
 from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.stat import StatError
 from nodemesh.controlplane.tap import tap_scope
@@ -76,6 +77,8 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
     """Serve the API on host:port (port 0: any free port); returns the server and the port.
     With an authenticator every call must carry an accepted bearer token (controlplane/auth.py)."""
     interceptors = [AuthInterceptor(authenticator, controller.metrics.registry)] if authenticator else []
+    if authenticator is not None:  # agents ask, over Connect, who may scrape their /metrics
+        controller.scrape_reviewer = functools.partial(review_scrape, authenticator)
     server = grpc.aio.server(interceptors=interceptors,
                              # An agent's report holds every series it has seen: gRPC's default
                              # 4 MiB would stop a busy node's stats (api/model.py).

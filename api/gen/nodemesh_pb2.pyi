@@ -159,18 +159,40 @@ class IdentityResync(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync")
+    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync", "scrape_review")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TAP_EVENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_RESYNC_FIELD_NUMBER: _ClassVar[int]
+    SCRAPE_REVIEW_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     metrics: MetricsReport
     tap_event: TapEvent
     status: AgentStatus
     identity_resync: IdentityResync
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ...) -> None: ...
+    scrape_review: ScrapeReview
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ..., scrape_review: _Optional[_Union[ScrapeReview, _Mapping]] = ...) -> None: ...
+
+class ScrapeReview(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    token: str
+    def __init__(self, id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ScrapeReviewResult(_message.Message):
+    __slots__ = ("id", "allowed", "unavailable", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    allowed: bool
+    unavailable: bool
+    message: str
+    def __init__(self, id: _Optional[int] = ..., allowed: _Optional[bool] = ..., unavailable: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
     __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query")
@@ -245,16 +267,18 @@ class TapClose(_message.Message):
     def __init__(self, tap_id: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta")
+    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "scrape_review_result")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
     TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_DELTA_FIELD_NUMBER: _ClassVar[int]
+    SCRAPE_REVIEW_RESULT_FIELD_NUMBER: _ClassVar[int]
     identity: IdentitySnapshot
     tap_open: TapOpen
     tap_close: TapClose
     identity_delta: IdentityDelta
-    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ...) -> None: ...
+    scrape_review_result: ScrapeReviewResult
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ...) -> None: ...
 
 class TapFilter(_message.Message):
     __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")
