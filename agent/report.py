@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import time
@@ -44,6 +45,16 @@ except PackageNotFoundError:  # run from a copy, not installed as a distribution
 _TAP_QUEUE_MAX = 10_000
 
 
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ControllerLink:
     def __init__(self, config: AgentConfig, node: NodeTelemetry, *, backoff_base_s: float = 0.25,
                  backoff_max_s: float = 10.0) -> None:
@@ -60,6 +71,7 @@ class ControllerLink:
         self._stopping = False
         self._reviews: dict[int, asyncio.Future[pb.ScrapeReviewResult]] = {}  # ScrapeReview id -> answer
         self._review_ids = 0
+        self._plaintext_warned = False
 
     def start(self) -> None:
         self.node.add_tap_sink(self._on_tap_event)
@@ -182,8 +194,23 @@ class ControllerLink:
             delay = random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt)))
             await asyncio.sleep(delay)
 
+    def _channel(self) -> grpc.aio.Channel:
+        """The channel to the controller: TLS verified against --controller-ca (re-read per connect:
+        a rotated CA is picked up at the next reconnect), else plaintext (loopback, tests)."""
+        ca = self.config.controller_ca
+        if not ca:
+            if self.config.token_file and not self._plaintext_warned and not _loopback(self.config.controller):
+                self._plaintext_warned = True
+                log.warning("event=controller_plaintext addr=%s warning='the bearer token is sent without TLS: "
+                            "pass --controller-ca'", self.config.controller)
+            return grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS)
+        with open(ca, "rb") as f:  # OSError: this attempt fails, the link retries with backoff
+            roots = f.read()
+        return grpc.aio.secure_channel(self.config.controller, grpc.ssl_channel_credentials(root_certificates=roots),
+                                       options=GRPC_CHANNEL_OPTIONS)
+
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS) as channel:
+        async with self._channel() as channel:
             stub = pb_grpc.ControllerStub(channel)
             box: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
             call = stub.Connect(self._requests(box), metadata=self._metadata())

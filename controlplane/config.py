@@ -48,5 +48,7 @@ class ControllerConfig:
     token_review_scrapers: tuple[str, ...] = ()  # may read agents' /metrics; () = the nodemesh-prometheus SA
     token_cache_s: float = 60.0
     insecure_open_api: bool = False             # allow no auth on a non-loopback address
+    tls_cert: str = ""                          # PEM files: the gRPC port speaks TLS (tokens never in clear)
+    tls_key: str = ""
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
     grafana_url: str = ""

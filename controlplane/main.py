@@ -16,7 +16,7 @@ from aiohttp import web
 from nodemesh.controlplane.auth import AccessPolicy, Authenticator, build_authenticator
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
-from nodemesh.controlplane.server import start_grpc_server
+from nodemesh.controlplane.server import server_credentials, start_grpc_server
 from nodemesh.controlplane.sources import ClusterSource
 from nodemesh.controlplane.web import build_app
 
@@ -88,7 +88,12 @@ async def start(config: ControllerConfig, source: ClusterSource | None = None,
         authenticator = configure_auth(config)
     controller = Controller(config, source if source is not None else build_source(config))
     await controller.start()
-    grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port, authenticator)
+    credentials = server_credentials(config.tls_cert, config.tls_key)
+    if credentials is None and authenticator is not None and not _is_loopback(config.listen):
+        log.warning("event=grpc_plaintext listen=%s warning='bearer tokens cross the network in clear: "
+                    "pass --tls-cert/--tls-key'", config.listen)
+    grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port, authenticator,
+                                                     credentials)
     runner = web.AppRunner(build_app(controller, authenticator), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.web_port)
@@ -141,6 +146,9 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     auth.add_argument("--token-review-scrapers", default="",
                       help="users or group:NAME allowed to read the agents' /metrics "
                            "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-prometheus)")
+    auth.add_argument("--tls-cert", default="", metavar="PEM",
+                      help="serve the gRPC API over TLS with this certificate (agents and the CLI verify it)")
+    auth.add_argument("--tls-key", default="", metavar="PEM", help="the key of --tls-cert")
     auth.add_argument("--insecure-open-api", action="store_true",
                       help="serve without authentication on a non-loopback address (trusted networks only)")
     a = p.parse_args(argv)
@@ -166,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
         token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
+        tls_cert=a.tls_cert, tls_key=a.tls_key,
     )
 
 

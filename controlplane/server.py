@@ -72,10 +72,26 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             await events.aclose()
 
 
+def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None:
+    """TLS for the API from PEM files (`--tls-cert`/`--tls-key`); None when neither is given.
+    Read once at start: a new certificate takes a restart (agents and the CLI reconnect)."""
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("--tls-cert and --tls-key go together")
+    try:
+        with open(key_file, "rb") as k, open(cert_file, "rb") as c:
+            return grpc.ssl_server_credentials([(k.read(), c.read())])
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS certificate or key: {exc.filename}: {exc.strerror}") from None
+
+
 async def start_grpc_server(controller: Controller, host: str, port: int,
-                            authenticator: Authenticator | None = None) -> tuple[grpc.aio.Server, int]:
+                            authenticator: Authenticator | None = None,
+                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Serve the API on host:port (port 0: any free port); returns the server and the port.
-    With an authenticator every call must carry an accepted bearer token (controlplane/auth.py)."""
+    With an authenticator every call must carry an accepted bearer token (controlplane/auth.py);
+    with credentials (server_credentials()) the port speaks only TLS."""
     interceptors = [AuthInterceptor(authenticator, controller.metrics.registry)] if authenticator else []
     if authenticator is not None:  # agents ask, over Connect, who may scrape their /metrics
         controller.scrape_reviewer = functools.partial(review_scrape, authenticator)
@@ -87,9 +103,10 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, authenticator), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, credentials) if credentials is not None else server.add_insecure_port(addr)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
-    log.info("event=grpc_listening addr=%s:%d", host, bound)
+    log.info("event=grpc_listening addr=%s:%d tls=%s", host, bound, credentials is not None)
     return server, bound

@@ -3,6 +3,9 @@
   http1-server PORT   HTTP/1.1: answers 200 with `Set-Cookie: sid=<secret>` (the secret is the
                       request's `?secret=` value, so the test knows what must never show)
   grpc-server PORT    gRPC service `trust.Echo/Ping` (raw bytes echoed), over HTTP/2
+  capture SECONDS PORT OUT
+                      every TCP payload to or from PORT on every interface of this network
+                      namespace (AF_PACKET, as tcpdump would see it), for SECONDS, written to OUT
   client URL GRPC SECRET SECONDS
                       every 0.2 s: one HTTP/1 GET URL?secret=SECRET with `Authorization: Bearer
                       SECRET-auth` and `Cookie: sid=SECRET-cookie`, and one gRPC Ping to GRPC with
@@ -78,12 +81,48 @@ def client(url: str, grpc_target: str, secret: str, seconds: float) -> None:
         time.sleep(0.2)
 
 
+def capture(seconds: float, port: int, out: str) -> None:
+    import socket
+    import struct
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    sock.settimeout(0.2)
+    end = time.monotonic() + seconds
+    payload = bytearray()
+    segments = 0
+    while time.monotonic() < end:
+        try:
+            frame, addr = sock.recvfrom(65535)
+        except TimeoutError:
+            continue
+        if addr[2] == socket.PACKET_OUTGOING and addr[0] == "lo":
+            continue  # loopback frames show twice
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:  # IPv4 + TCP
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        tcp = 14 + ihl
+        sport, dport = struct.unpack("!HH", frame[tcp:tcp + 4])
+        if port not in (sport, dport):
+            continue
+        data = frame[tcp + (frame[tcp + 12] >> 4) * 4:]
+        total = struct.unpack("!H", frame[16:18])[0]
+        data = data[: max(0, total - ihl - (frame[tcp + 12] >> 4) * 4)]  # no Ethernet padding
+        if data:
+            segments += 1
+            payload += data
+    with open(out, "wb") as f:
+        f.write(payload)
+    print(segments, flush=True)
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "http1-server":
         http1_server(int(args[0]))
     elif mode == "grpc-server":
         grpc_server(int(args[0]))
+    elif mode == "capture":
+        capture(float(args[0]), int(args[1]), args[2])
     elif mode == "client":
         client(args[0], args[1], args[2], float(args[3]))
     else:
