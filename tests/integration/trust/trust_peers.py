@@ -6,6 +6,10 @@
   capture SECONDS PORT OUT
                       every TCP payload to or from PORT on every interface of this network
                       namespace (AF_PACKET, as tcpdump would see it), for SECONDS, written to OUT
+  garp IFACE IP        one gratuitous ARP (sender = target = IP, broadcast) from IFACE, as a
+                      pod taking over an address announces it
+  get-from SRC URL N   N HTTP GETs to URL from source address SRC (2 s timeout each); prints JSON
+                      {"ok": n, "failed": n}
   client URL GRPC SECRET SECONDS
                       every 0.2 s: one HTTP/1 GET URL?secret=SECRET with `Authorization: Bearer
                       SECRET-auth` and `Cookie: sid=SECRET-cookie`, and one gRPC Ping to GRPC with
@@ -81,6 +85,37 @@ def client(url: str, grpc_target: str, secret: str, seconds: float) -> None:
         time.sleep(0.2)
 
 
+def garp(iface: str, ip: str) -> None:
+    import socket
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    sock.bind((iface, 0))
+    mac = sock.getsockname()[4]
+    addr = socket.inet_aton(ip)
+    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + mac + addr + b"\xff" * 6 + addr)  # reply, sender = target
+    for _ in range(3):
+        sock.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+    sock.close()
+
+
+def get_from(src: str, url: str, n: int) -> None:
+    import json
+
+    parts = urllib.parse.urlsplit(url)
+    ok = failed = 0
+    for _ in range(n):
+        try:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=2,
+                                              source_address=(src, 0))
+            conn.request("GET", parts.path or "/")
+            conn.getresponse().read()
+            conn.close()
+            ok += 1
+        except OSError:
+            failed += 1
+    print(json.dumps({"ok": ok, "failed": failed}), flush=True)
+
+
 def capture(seconds: float, port: int, out: str) -> None:
     import socket
     import struct
@@ -121,6 +156,10 @@ if __name__ == "__main__":
         http1_server(int(args[0]))
     elif mode == "grpc-server":
         grpc_server(int(args[0]))
+    elif mode == "garp":
+        garp(args[0], args[1])
+    elif mode == "get-from":
+        get_from(args[0], args[1], int(args[2]))
     elif mode == "capture":
         capture(float(args[0]), int(args[1]), args[2])
     elif mode == "client":
