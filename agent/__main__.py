@@ -26,6 +26,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         controller=args.controller, token_file=args.token_file, controller_ca=args.controller_ca,
         identity_file=args.identity_file,
         identity_wait_s=args.identity_wait, series_idle_s=args.series_idle, max_authorities=args.max_authorities,
+        report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
         log_level=args.log_level, health_file=args.health_file,
     )
 
@@ -56,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a connection of an unknown local-pod address waits for its identity (0: off)")
     p.add_argument("--series-idle", type=float, default=AgentConfig.series_idle_s,
                    help="drop a metric series unchanged for this many seconds")
+    p.add_argument("--report-history", type=float, default=AgentConfig.report_history_s,
+                   help="seconds of per-interval counts kept for the controller (replayed after it restarts)")
+    p.add_argument("--report-history-max-mb", type=float, default=AgentConfig.report_history_max_bytes / (1 << 20),
+                   help="memory bound of that history (compressed), in MiB")
     p.add_argument("--max-authorities", type=int, default=AgentConfig.max_authorities,
                    help="distinct authority label values per workload; more are counted as [other]")
     p.add_argument("--log-level", default="info")

@@ -22,6 +22,8 @@ tcp_close_total. Sans-IO: counts in, decisions out; relay.py acts.
 
 from __future__ import annotations
 
+from nodemesh.agent.fairness import TICK_S, Fairness
+
 SHED_CAPACITY = "capacity"
 SHED_FAIR_SHARE = "fair_share"
 SHED_SLOW = "slow"
@@ -39,7 +41,8 @@ def capacity_for(nofile: int) -> int:
 class Admission:
     """Per worker (shared by its outbound and inbound listeners)."""
 
-    __slots__ = ("by_source", "capacity", "high_water", "max_slow", "open", "overloaded", "peak", "slow")
+    __slots__ = ("by_source", "capacity", "fairness", "high_water", "max_slow", "open", "overloaded", "peak",
+                 "slow")
 
     def __init__(self, capacity: int, max_slow: int = DEFAULT_MAX_SLOW) -> None:
         self.capacity = capacity
@@ -50,6 +53,7 @@ class Admission:
         self.by_source: dict[str, int] = {}
         self.slow: dict[str, int] = {}
         self.overloaded = False
+        self.fairness = Fairness(TICK_S)      # the worker's time per source (fairness.py)
 
     def admit(self, source: str) -> str | None:
         """None to take the connection, else the reason to shed it. Counts it either way

@@ -36,6 +36,10 @@ class AgentConfig:
     # for the address's identity before it is relayed and counted; 0 turns the wait off.
     identity_wait_s: float = 1.0
     series_idle_s: float = 600.0                # a series unchanged this long is dropped (retain-idle)
+    # Per-interval increments kept for the controller (agent/history.py): a restarted controller
+    # is given this much history back; past either bound the oldest intervals go.
+    report_history_s: float = 900.0
+    report_history_max_bytes: int = 64 << 20
     max_authorities: int = 100                  # distinct authority values per workload; more: [other]
     watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0

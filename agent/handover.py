@@ -344,6 +344,7 @@ class Handover:
             conn.slow = False
             ctx.admission.unmark_slow(meta.source[0])
         ctx.admission.release(meta.source[0])
+        conn.load.conns.discard(conn)
         ctx.forget(conn)
         client.abort()  # drops our fd only: the successor holds the socket
         up.abort()
@@ -487,6 +488,8 @@ class Receiver:
         conn = Connection(ctx, meta.direction)
         conn.meta = meta
         ctx.admission.admit(meta.source[0])  # counted; never shed: it is open already
+        conn.load = ctx.admission.fairness.load_for(meta.source[0])
+        ctx.admission.fairness.opened(conn.load, conn)
         ctx.picker.acquire(meta.destination)
         ctx.live.add(conn)
         if kind != UNDETECTED:

@@ -9,6 +9,12 @@ tells a rolling update (two agents on the node) from an uninstall (one). It live
 parent does, drain included: the parent is alive for as long as it still carries connections.
 
 Health file (`--health-file`): see `heartbeat`.
+
+Kernel heartbeat (redirector/heartbeat.py): a thread of the parent writes to the capture rules'
+xt_recent list every 50 ms while the agent is ready with its identity (not from SIGTERM on: a
+rolling update's new agent beats by then). The rules capture only while someone beats: killed, hung
+(SIGSTOP) or gone with its redirector, the node fails open 0.7 s after the last beat with nobody
+left to act, and is captured again 0.7 s after the beats resume.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 from collections.abc import Callable
 
 from nodemesh.redirector import presence
+from nodemesh.redirector.heartbeat import Heartbeat
 
 log = logging.getLogger("nodemesh.agent.liveness")
 
@@ -39,6 +46,11 @@ async def announce() -> asyncio.AbstractServer | None:
     server = await asyncio.get_running_loop().create_unix_server(_Held, sock=sock)
     log.info("event=presence address=@%s", presence.address(presence.AGENT))
     return server
+
+
+def start_kernel_heartbeat(alive: Callable[[], bool]) -> Heartbeat:
+    """Beat the capture rules' list while `alive()` (a daemon thread: it stops with the process)."""
+    return Heartbeat(alive).start()
 
 
 HEARTBEAT_S = 1.0

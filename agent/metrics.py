@@ -28,12 +28,16 @@ from collections.abc import Callable, Iterable
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
     ENDPOINT_LOOKUPS,
+    ENDPOINT_RETRIES,
     IDENTITY_CORRECTIONS,
     IDENTITY_WAIT_MS,
     LABEL_OVERFLOW,
     LATENCY_BUCKETS_MS,
     OTHER_LABEL_VALUE,
     PEER_LABELS,
+    REPORT_HISTORY_BYTES,
+    REPORT_HISTORY_DROPPED,
+    REPORT_HISTORY_SECONDS,
     REQUEST_TOTAL,
     RESPONSE_LABELS,
     RESPONSE_LATENCY_MS,
@@ -71,7 +75,12 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     IDENTITY_CORRECTIONS: (COUNTER, ("side",),
                            "Live connections moved from a pod that no longer holds the IP to its new owner."),
     ENDPOINT_LOOKUPS: (COUNTER, ("outcome",), "Conntrack lookups of the pod kube-proxy chose behind an address."),
+    ENDPOINT_RETRIES: (COUNTER, ("via", "outcome"),
+                       "Failed upstream connects to a chosen endpoint, tried once more (another endpoint or the Service)."),
     SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
+    REPORT_HISTORY_BYTES: (GAUGE, (), "Bytes held by the report history (increments kept for the controller)."),
+    REPORT_HISTORY_SECONDS: (GAUGE, (), "Age of the oldest interval in the report history, in seconds."),
+    REPORT_HISTORY_DROPPED: (COUNTER, (), "Report intervals lost: out of the history before a controller stored them."),
     LABEL_OVERFLOW: (COUNTER, ("label",), "Requests whose wire label value was counted as [other] (cap)."),
 }
 ALL_METRICS = {**METRICS, **SELF_METRICS}
@@ -104,6 +113,7 @@ class MetricsStore:
     __slots__ = (
         "bounds",
         "endpoint_lookups",
+        "endpoint_retries",
         "identity_corrections",
         "identity_wait",
         "request_total",
@@ -131,6 +141,7 @@ class MetricsStore:
         self.identity_wait: dict[Labels, list[float]] = {}
         self.identity_corrections: dict[Labels, int] = {}
         self.endpoint_lookups: dict[Labels, int] = {}
+        self.endpoint_retries: dict[Labels, int] = {}
 
     def observe(self, hist: dict[Labels, list[float]], key: Labels, ms: float) -> None:
         buckets = hist.get(key)
@@ -179,6 +190,7 @@ _STORE_FIELDS: tuple[tuple[str, str], ...] = (
     (IDENTITY_WAIT_MS, "identity_wait"),
     (IDENTITY_CORRECTIONS, "identity_corrections"),
     (ENDPOINT_LOOKUPS, "endpoint_lookups"),
+    (ENDPOINT_RETRIES, "endpoint_retries"),
 )
 
 
@@ -261,6 +273,10 @@ class NodeStore:
         self.created: dict[tuple[str, Labels], int] = {}
         self.touched: dict[tuple[str, Labels], float] = {}
         self._authorities: dict[Labels, set[str]] = {}   # workload -> authorities with live series
+        # What was added since the last take_pending() (capped keys; peer counters and histograms
+        # only): the controller link's per-interval increments (agent/history.py).
+        self.pending: Snapshot = {}
+        self.track_pending = False  # set when a controller link takes them (else they would pile up)
         self.evicted = 0
         self.overflowed = 0
 
@@ -272,6 +288,8 @@ class NodeStore:
                 continue
             target = self.series[name]
             peer = name in METRICS
+            pending = self.pending.setdefault(name, {}) if self.track_pending and name in _INCREMENTAL \
+                else None
             for key, value in series.items():
                 if peer and key[AUTHORITY_INDEX]:
                     capped = self._cap(key)
@@ -291,6 +309,26 @@ class NodeStore:
                 else:
                     target[key] = have + value  # type: ignore[operator]
                 self.touched[(name, key)] = now
+                if pending is not None:
+                    was = pending.get(key)
+                    if was is None:
+                        pending[key] = list(value) if isinstance(value, list) else value
+                    elif isinstance(value, list):
+                        for i, v in enumerate(value):
+                            was[i] += v  # type: ignore[index]
+                    else:
+                        pending[key] = was + value  # type: ignore[operator]
+
+    def take_pending(self) -> Snapshot:
+        """The peer counters and histograms added since the last take (capped keys), and start
+        afresh: one report interval's increments."""
+        out = {name: series for name, series in self.pending.items() if series}
+        self.pending = {}
+        return out
+
+    def gauges(self) -> Snapshot:
+        """The peer gauges' current values (open connections), for a live report."""
+        return {name: dict(self.series[name]) for name in METRICS if METRICS[name][0] == GAUGE}
 
     def _cap(self, key: Labels) -> Labels:
         workload = key[WORKLOAD_SLICE]
@@ -352,6 +390,10 @@ class NodeStore:
 
     def __len__(self) -> int:
         return sum(len(self.series[name]) for name in METRICS)
+
+
+# Peer metrics whose increments are reported (gauges are sent as their current value instead).
+_INCREMENTAL = frozenset(name for name, (kind, _, _) in METRICS.items() if kind != GAUGE)
 
 
 def _le(bound: float) -> str:

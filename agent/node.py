@@ -54,6 +54,7 @@ class NodeTelemetry:
         self.capture_installed = False
         self._links: dict[int, workerlink.Link] = {}
         self.store = NodeStore(idle_s=config.series_idle_s, max_authorities=config.max_authorities)
+        self.store.track_pending = bool(config.controller)  # the controller link takes increments
         # Per worker, the open-connection gauge it added: taken back out when it dies.
         self._worker_gauges: dict[int, dict[tuple[str, ...], float]] = {}
         self._taps: dict[str, bytes] = {}           # open taps, replayed to workers attached later

@@ -22,6 +22,7 @@ from nodemesh.agent.admission import SHED_SLOW, Admission, capacity_for
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.detect import HTTP1, HTTP2, NEED_MORE, TCP, Detection, detect, settle_on_timeout
 from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.fairness import BYTES_PER_WORK_SHIFT, MAX_HELD, SourceLoad
 from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
@@ -34,6 +35,7 @@ SHED_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnectio
             b"Retry-After: 1\r\n\r\n")
 SHED_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 LINGER_S = 2.0   # after an answer of our own: how long to read (and drop) what the client still sends
+_NOBODY = SourceLoad("")   # a connection's source before it is accepted: time spent there is nobody's
 
 
 class Mode(Protocol):
@@ -75,6 +77,9 @@ class WorkerContext:
         # address it could not resolve (conntrack), or None.
         self.identity_gate: Callable[[str, str], asyncio.Future[str] | None] | None = None
         self.learn_endpoint: Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None] | None = None
+        # `count_retry(via, outcome)`: a failed upstream connect retried (relay._dial), via another
+        # "endpoint" or the "service" address as dialled; outcome "connected" or "failed".
+        self.count_retry: Callable[[str, str], None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
         # Draining beside a newer agent (agent/handover.py): a mode calls this where its connection
@@ -107,6 +112,7 @@ class Connection(asyncio.Protocol):
         "frozen",
         "linger_timer",
         "lingering",
+        "load",
         "meta",
         "mode",
         "obs",
@@ -117,6 +123,7 @@ class Connection(asyncio.Protocol):
         "read_bytes",
         "shed",
         "slow",
+        "throttled",
         "up",
         "up_eof",
         "up_lost",
@@ -155,6 +162,8 @@ class Connection(asyncio.Protocol):
         self.lingering = False         # our own answer is out: drop what the client sends, then close
         self.linger_timer: asyncio.TimerHandle | None = None
         self.slow = False              # counted as slow by admission (first request late)
+        self.load = _NOBODY            # this connection's source's time in the worker (fairness.py)
+        self.throttled = False         # reading paused: the source spent its time budget
 
     # -- accept ----------------------------------------------------------------------------
 
@@ -201,6 +210,15 @@ class Connection(asyncio.Protocol):
             return  # the client went away while we waited for its identity
         ctx = self.ctx
         assert self.client is not None
+        fairness = ctx.admission.fairness
+        self.load = load = fairness.load_for(peer[0])
+        if load.throttled and len(load.held) < MAX_HELD:
+            # The source spent its share of this tick: hold its new connection (nothing dialled,
+            # reading paused) until the next tick lifts the throttle, as the identity wait does.
+            self.client.pause_reading()
+            since = held_since or time.monotonic()
+            load.held.append(lambda: self._accepted(peer, original, since))
+            return
         destination = ctx.picker.pick(original[0], original[1])
         if destination[1] in ctx.listen_ports:
             self._refuse_self_dial(peer, original)  # a Service in front of the agent's own ports
@@ -214,6 +232,7 @@ class Connection(asyncio.Protocol):
             first_bytes_at=held_since if self.pending else 0.0,
         )
         ctx.live.add(self)
+        fairness.opened(load, self)
         loop = asyncio.get_running_loop()
         if shed:
             # No upstream: the client gets the answer its protocol understands (see _answer_shed).
@@ -223,6 +242,8 @@ class Connection(asyncio.Protocol):
                 self._decide(Detection(TCP))
             else:
                 self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
+            if held_since and not self.opened:
+                self._after_wait()  # held (identity, throttle) with reading paused: read its first bytes now
             return
         ctx.picker.acquire(destination)
         if original[1] in ctx.opaque_ports:
@@ -253,24 +274,23 @@ class Connection(asyncio.Protocol):
     async def _connect(self, peer: tuple[str, int], destination: tuple[str, int]) -> None:
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None)
-        if ctx.transparent_ok and not transparent:
-            ctx.transparent_ok = False
-            log.warning("event=transparent_unavailable fallback=node_address")
+        sock: socket.socket | None = None
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, destination), ctx.config.connect_timeout_s)
+            sock, destination = await self._dial(peer, destination)
             if ctx.learn_endpoint is not None and self.meta is not None \
                     and destination == self.meta.original_destination:
                 self._learn_endpoint(sock, destination)
             await loop.create_connection(lambda: _Upstream(self), sock=sock)
         except (OSError, TimeoutError) as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.connecting = False
             code = getattr(exc, "errno", None)
             self.error = f"connect: {errno.errorcode.get(code, 'timeout') if code else 'timeout'}"
             self._upstream_failed()
         except asyncio.CancelledError:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.connecting = False
             self.up_lost = True
             self._maybe_finish()
@@ -279,6 +299,67 @@ class Connection(asyncio.Protocol):
             self.connecting = False
         finally:
             self.connect_task = None  # done: don't keep the finished task and its frame per connection
+
+    async def _dial(self, peer: tuple[str, int], destination: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
+        """A socket connected to `destination`, and the address it is connected to. When the agent
+        chose this endpoint for a Service address and the connect fails (refused, unreachable,
+        timed out: an endpoint gone, e.g. with its node, still listed until the deltas arrive), it
+        tries once more — another ready endpoint, else the Service address as dialled (kube-proxy
+        decides). Safe: no client byte has gone upstream yet (they wait in `pending` until the
+        upstream is connected). The connect timeout is split, so the worst case stays
+        `connect_timeout_s`: half for the first try, what is left for the second."""
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        meta = self.meta
+        original = meta.original_destination if meta is not None else destination
+        retry = destination != original
+        budget = ctx.config.connect_timeout_s
+        deadline = loop.time() + budget
+        timeout = budget / 2 if retry else budget
+        via = ""
+        while True:
+            sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None)
+            if ctx.transparent_ok and not transparent:
+                ctx.transparent_ok = False
+                log.warning("event=transparent_unavailable fallback=node_address")
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, destination), timeout)
+            except (OSError, TimeoutError):
+                sock.close()
+                if via and ctx.count_retry is not None:
+                    ctx.count_retry(via, "failed")
+                if not retry or self.client_lost or self.shed:
+                    raise
+                retry = False
+                failed = destination
+                destination = ctx.picker.retry(original[0], original[1], failed)
+                if destination == original and self._accepted_on(original):
+                    raise  # not NATed (a direct dial of our listener): as dialled would be ourselves
+                via = "service" if destination == original else "endpoint"
+                self._redirected(failed, destination)
+                timeout = max(deadline - loop.time(), 0.0)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if via and ctx.count_retry is not None:
+                ctx.count_retry(via, "connected")
+            return sock, destination
+
+    def _accepted_on(self, address: tuple[str, int]) -> bool:
+        client = self.client
+        sockname = client.get_extra_info("sockname") if client is not None else None
+        return sockname is not None and tuple(sockname[:2]) == address
+
+    def _redirected(self, failed: tuple[str, int], destination: tuple[str, int]) -> None:
+        """The connection now goes to `destination` instead of `failed` (see _dial)."""
+        picker, meta = self.ctx.picker, self.meta
+        picker.release(failed)
+        picker.acquire(destination)
+        if meta is not None:
+            meta.destination = destination
+            if self.opened:
+                self.ctx.observer.connection_endpoint(self.obs, destination)
 
     def _learn_endpoint(self, sock: socket.socket, dialled: tuple[str, int]) -> None:
         """We dialled what the client dialled (no endpoint known to us): ask who answers."""
@@ -425,7 +506,44 @@ class Connection(asyncio.Protocol):
 
     # -- client side -------------------------------------------------------------------------
 
+    def over_budget(self, load: SourceLoad) -> None:
+        """This connection's source spent its time budget for this tick (fairness.py): pause all
+        its connections until housekeeping's next tick."""
+        if self.ctx.admission.fairness.over_budget(load):
+            for conn in load.conns:
+                conn.throttle()
+
+    def throttle(self) -> None:
+        if self.throttled or self.lingering:
+            return  # (lingering: our answer is out and what the client sends must be read and dropped)
+        self.throttled = True
+        client, up = self.client, self.up
+        if client is not None and not self.client_lost and not client.is_closing():
+            client.pause_reading()
+        if up is not None and not self.up_lost and not up.is_closing():
+            up.pause_reading()
+
+    def unthrottle(self) -> None:
+        """Resume both sides, unless flow control (a full write buffer on the other side, the
+        upstream still connecting) holds one: its resume_writing resumes it later."""
+        if not self.throttled:
+            return
+        self.throttled = False
+        if self.frozen:
+            return  # being handed over (handover.py): it resumes, or not, there
+        client, up = self.client, self.up
+        client_ok = client is not None and not self.client_lost and not client.is_closing()
+        up_ok = up is not None and not self.up_lost and not up.is_closing()
+        if client_ok and not self.paused_for_connect and not (up_ok and _backed_up(up)):  # type: ignore[arg-type]
+            client.resume_reading()  # type: ignore[union-attr]
+        if up_ok and not (client_ok and _backed_up(client)):  # type: ignore[arg-type]
+            up.resume_reading()  # type: ignore[union-attr]
+
     def data_received(self, data: bytes) -> None:
+        load = self.load
+        load.work += 1 + (len(data) >> BYTES_PER_WORK_SHIFT)   # fairness.py: what the worker spends on it
+        if load.work > load.budget:
+            self.over_budget(load)   # pauses reading after this read; this one is handled below
         self.read_bytes += len(data)
         mode = self.mode
         if mode is not None and self.up is not None:
@@ -496,7 +614,7 @@ class Connection(asyncio.Protocol):
             self.up.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None and not self.up_lost and not self.frozen:
+        if self.up is not None and not self.up_lost and not self.frozen and not self.throttled:
             self.up.resume_reading()
 
     # -- upstream side -----------------------------------------------------------------------
@@ -510,7 +628,10 @@ class Connection(asyncio.Protocol):
             self._flush_pending()
         if self.paused_for_connect and self.client is not None:
             self.paused_for_connect = False
-            self.client.resume_reading()
+            if not self.throttled:
+                self.client.resume_reading()
+        if self.throttled:
+            transport.pause_reading()
 
     def upstream_data(self, data: bytes) -> None:
         self.write_bytes += len(data)
@@ -634,6 +755,7 @@ class Connection(asyncio.Protocol):
             self.slow = False
             ctx.admission.unmark_slow(meta.source[0])
         ctx.admission.release(meta.source[0])
+        self.load.conns.discard(self)
         ctx.forget(self)
         # Break the cycles (transport <-> protocol, mode <-> connection) so reference counting frees
         # the connection now: left to the cycle collector, whose full passes are rare in a worker
@@ -647,6 +769,11 @@ class Connection(asyncio.Protocol):
         self.up_pending = []
 
 
+def _backed_up(transport: asyncio.Transport) -> bool:
+    """More buffered for writing than the low-water mark: its peer's reading stays paused."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
+
+
 class _Upstream(asyncio.Protocol):
     __slots__ = ("conn",)
 
@@ -658,7 +785,12 @@ class _Upstream(asyncio.Protocol):
         self.conn.upstream_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.upstream_data(data)
+        conn = self.conn
+        conn.upstream_data(data)
+        load = conn.load
+        load.work += 1 + (len(data) >> BYTES_PER_WORK_SHIFT)
+        if load.work > load.budget:
+            conn.over_budget(load)
 
     def eof_received(self) -> bool:
         return self.conn.upstream_eof()
@@ -673,8 +805,9 @@ class _Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         client = self.conn.client
-        if client is not None and not self.conn.client_lost and not self.conn.paused_for_connect \
-                and not self.conn.frozen:
+        conn = self.conn
+        if client is not None and not conn.client_lost and not conn.paused_for_connect and not conn.frozen \
+                and not conn.throttled:
             client.resume_reading()
 
 

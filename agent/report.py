@@ -1,12 +1,19 @@
 """The agent's link to the controller: one long-lived `Controller.Connect` stream (grpc.aio).
 
-Up: AgentHello first, then every `report_interval_s` a MetricsReport (the node's cumulative
-series) and an AgentStatus, and TapEvents as they come. Down: an IdentitySnapshot, then
-IdentityDeltas, and TapOpen/TapClose. A delta that does not fit the identity held (a gap in the
-versions) is answered with an IdentityResync: the controller sends the whole identity again.
-On any failure the link reconnects with exponential backoff and full jitter. Nothing in the data
-plane waits on this: with the controller down, traffic flows and counts keep accumulating; the
-next report after reconnecting carries them all (reports are cumulative).
+Up: AgentHello first, then every `report_interval_s` a MetricsReport and an AgentStatus, and
+TapEvents as they come. Down: a ReportAck (a controller that takes increments), an
+IdentitySnapshot, then IdentityDeltas, ReportAcks and TapOpen/TapClose. A delta that does not fit
+the identity held (a gap in the versions) is answered with an IdentityResync: the controller sends
+the whole identity again. On any failure the link reconnects with exponential backoff and full
+jitter. Nothing in the data plane waits on this.
+
+Reports are *increments* kept in a ring (agent/history.py): every interval, connected or not, the
+link closes one entry (what the node counted in it, seq + time) into the ring. A controller's first
+ReportAck on a stream says which seq it holds; the link sends every retained entry above it (to a
+controller that restarted: the whole ring, minutes of history), then each new entry live, with the
+current gauges. So a controller restart or outage loses no counts, each lands in the second it
+was counted, and the controller drops any seq it already stored. A controller whose first message
+is not a ReportAck (one from before increments) gets cumulative reports, as before.
 
 Taps live as long as the stream that opened them: when it breaks, the agent closes them all (the
 controller re-opens what its users still watch).
@@ -27,10 +34,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 from nodemesh.agent.config import AgentConfig
+from nodemesh.agent.history import Entry, ReportRing
 from nodemesh.agent.metrics import to_series
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.api.model import GRPC_CHANNEL_OPTIONS, LATENCY_BUCKETS_MS
+from nodemesh.api.model import (
+    GRPC_CHANNEL_OPTIONS,
+    LATENCY_BUCKETS_MS,
+    REPORT_HISTORY_BYTES,
+    REPORT_HISTORY_DROPPED,
+    REPORT_HISTORY_SECONDS,
+)
 
 if TYPE_CHECKING:
     from nodemesh.agent.node import NodeTelemetry
@@ -43,6 +57,10 @@ except PackageNotFoundError:  # run from a copy, not installed as a distribution
     AGENT_VERSION = "0.0.0"
 
 _TAP_QUEUE_MAX = 10_000
+_LEGACY, _INCREMENTS = "cumulative", "increments"  # what the controller of this stream takes
+# What the stream sends: messages, history entries (decompressed only as the stream takes them, so
+# a replay of minutes holds one report in memory at a time, not all of them), None = half-close.
+Outgoing = pb.AgentMessage | Entry | None
 
 
 def _loopback(address: str) -> bool:
@@ -65,9 +83,15 @@ class ControllerLink:
         self.connected = False
         self.connects = 0                    # successful stream starts, for tests and logs
         self.tap_events_dropped = 0
-        self._seq = 0
+        self._seq = 0                        # cumulative reports (a controller without acks)
+        self.ring = ReportRing(config.report_history_s, config.report_history_max_bytes)
+        self._entry_seq = 0                  # increment reports: the ring's seq
+        self.mode: str | None = None         # per stream: _INCREMENTS or _LEGACY, once the controller spoke
+        self.controller_epoch = 0            # of the controller whose ReportAck we last had
+        self.replayed = 0                    # entries sent again after a (re)connect, for tests and logs
         self._task: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[Outgoing] | None = None
         self._stopping = False
         self._reviews: dict[int, asyncio.Future[pb.ScrapeReviewResult]] = {}  # ScrapeReview id -> answer
         self._review_ids = 0
@@ -75,14 +99,25 @@ class ControllerLink:
 
     def start(self) -> None:
         self.node.add_tap_sink(self._on_tap_event)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._tick_task = loop.create_task(self._tick_loop())
 
     async def stop(self) -> None:
         """Send one last report (bounded wait), then end the stream."""
         self._stopping = True
         self.node.remove_tap_sink(self._on_tap_event)
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+            self._tick_task = None
+        entry = self._close_interval()  # the last counts go into the ring whatever happens next
         if self._outbox is not None and self.connected:
-            self._outbox.put_nowait(self._metrics_message())
+            if self.mode == _INCREMENTS:
+                self._outbox.put_nowait(self._live_message(entry))
+            elif self.mode == _LEGACY:
+                self._outbox.put_nowait(self._metrics_message())
             self._outbox.put_nowait(None)  # ends the request stream: a clean half-close
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), 2.0)  # type: ignore[arg-type]
@@ -92,8 +127,80 @@ class ControllerLink:
                 await self._task
             self._task = None
 
+    # ------------------------------------------------------------------ increments
+    def _close_interval(self) -> pb.MetricsReport:
+        """What the node counted since the last call, as the next ring entry (kept, not sent)."""
+        self._entry_seq += 1
+        store = self.node.store
+        report = pb.MetricsReport(agent_id=self.node.agent_id, seq=self._entry_seq,
+                                  time_ms=int(time.time() * 1000), latency_bounds_ms=list(LATENCY_BUCKETS_MS),
+                                  series=to_series(store.take_pending()), increments=True)
+        self.ring.append(report)
+        self._export_ring()
+        return report
+
+    def _export_ring(self) -> None:
+        """The ring's size and losses on the agent's own /metrics."""
+        ring, series = self.ring, self.node.store.series
+        series[REPORT_HISTORY_BYTES][()] = ring.bytes
+        oldest = next(iter(ring), None)
+        series[REPORT_HISTORY_SECONDS][()] = (time.time() - oldest.time_ms / 1000) if oldest else 0.0
+        series[REPORT_HISTORY_DROPPED][()] = ring.dropped_unacked
+
+    def _live_message(self, report: pb.MetricsReport) -> pb.AgentMessage:
+        """A fresh entry as sent live: with the current gauges (a replayed entry has none)."""
+        live = pb.MetricsReport()
+        live.CopyFrom(report)
+        live.series.extend(to_series(self.node.store.gauges()))
+        return pb.AgentMessage(metrics=live)
+
+    async def _tick_loop(self) -> None:
+        """Every interval, connected or not: one entry into the ring, sent at once when live."""
+        while True:
+            await asyncio.sleep(self.config.report_interval_s)
+            try:
+                entry = self._close_interval()
+            except Exception:  # a bug here must not end counting for the agent's life
+                log.exception("event=report_interval_failed")
+                continue
+            box = self._outbox
+            if box is None or not self.connected:
+                continue
+            if self.mode == _INCREMENTS:
+                box.put_nowait(self._live_message(entry))
+                box.put_nowait(self._status_message())
+            elif self.mode == _LEGACY:
+                box.put_nowait(self._metrics_message())
+                box.put_nowait(self._status_message())
+
+    def _on_ack(self, ack: pb.ReportAck) -> None:
+        if self.mode is None:
+            # The stream's first message: this controller takes increments and holds every seq up
+            # to ack.seq. Send what it lacks, oldest first, before anything live.
+            self.mode = _INCREMENTS
+            if ack.controller_epoch != self.controller_epoch:
+                log.info("event=controller_instance epoch=%d acked=%d", ack.controller_epoch, ack.seq)
+            self.controller_epoch = ack.controller_epoch
+            self.ring.ack(ack.seq)
+            lacking = self.ring.since(ack.seq)
+            if lacking and lacking[0].seq > ack.seq + 1:
+                log.warning("event=report_history_gap controller_has=%d first_retained=%d", ack.seq, lacking[0].seq)
+            box = self._outbox
+            if box is None:
+                return
+            for entry in lacking:
+                box.put_nowait(entry)
+            self.replayed += len(lacking)
+            if lacking:
+                log.info("event=report_replay entries=%d first_seq=%d last_seq=%d acked=%d", len(lacking),
+                         lacking[0].seq, lacking[-1].seq, ack.seq)
+            box.put_nowait(self._status_message())
+        elif ack.seq > self.ring.acked:
+            self.ring.ack(ack.seq)
+
     # ------------------------------------------------------------------ messages
     def _metrics_message(self) -> pb.AgentMessage:
+        """A cumulative report, for a controller that does not take increments."""
         self._seq += 1
         store = self.node.store
         report = pb.MetricsReport(agent_id=self.node.agent_id, seq=self._seq, time_ms=int(time.time() * 1000),
@@ -145,24 +252,22 @@ class ControllerLink:
         return (("authorization", f"Bearer {token}"),)
 
     # ------------------------------------------------------------------ the stream
-    async def _requests(self, box: asyncio.Queue[pb.AgentMessage | None]) -> AsyncIterator[pb.AgentMessage]:
+    async def _requests(self, box: asyncio.Queue[Outgoing]) -> AsyncIterator[pb.AgentMessage]:
         yield self._hello_message()
-        yield self._metrics_message()
         yield self._status_message()
+        # Reports start once the controller said what it takes (its first message: _handle).
         while True:
             msg = await box.get()
             if msg is None:
                 return
+            if isinstance(msg, Entry):  # history, replayed
+                report = msg.report()
+                report.replayed = True
+                msg = pb.AgentMessage(metrics=report)
             if msg.WhichOneof("msg") == "metrics":
                 # Series changed before this report may be evicted once it is out (node.evict).
                 self.node.reported_at = time.monotonic()
             yield msg
-
-    async def _ticker(self, box: asyncio.Queue[pb.AgentMessage | None]) -> None:
-        while True:
-            await asyncio.sleep(self.config.report_interval_s)
-            box.put_nowait(self._metrics_message())
-            box.put_nowait(self._status_message())
 
     async def _run(self) -> None:
         attempt = 0
@@ -182,6 +287,7 @@ class ControllerLink:
             finally:
                 self.connected = False
                 self._outbox = None
+                self.mode = None
                 for fut in list(self._reviews.values()):  # asked on this stream: never answered now
                     if not fut.done():
                         fut.set_exception(ConnectionError("controller link lost"))
@@ -212,14 +318,13 @@ class ControllerLink:
     async def _session(self) -> None:
         async with self._channel() as channel:
             stub = pb_grpc.ControllerStub(channel)
-            box: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+            box: asyncio.Queue[Outgoing] = asyncio.Queue()
             call = stub.Connect(self._requests(box), metadata=self._metadata())
-            ticker: asyncio.Task[None] | None = None
             try:
                 await call.wait_for_connection()
+                self.mode = None
                 self._outbox = box
                 self.connected = True
-                ticker = asyncio.get_running_loop().create_task(self._ticker(box))
                 accepted = False
                 async for msg in call:
                     if not accepted:
@@ -232,14 +337,23 @@ class ControllerLink:
                     self._handle(msg)
             finally:
                 box.put_nowait(None)  # ends the request generator, which may be parked on box.get()
-                if ticker is not None:
-                    ticker.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await ticker
                 call.cancel()
 
     def _handle(self, msg: pb.ControllerMessage) -> None:
         which = msg.WhichOneof("msg")
+        if which == "report_ack":
+            self._on_ack(msg.report_ack)
+            return
+        if which == "scrape_review_result":  # an answer, never what a controller opens with
+            fut = self._reviews.get(msg.scrape_review_result.id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.scrape_review_result)
+            return
+        if self.mode is None and self._outbox is not None:
+            # A controller from before increments opens with the identity: cumulative reports.
+            self.mode = _LEGACY
+            log.info("event=controller_takes_cumulative addr=%s", self.config.controller)
+            self._outbox.put_nowait(self._metrics_message())
         if which in ("identity", "identity_delta"):
             if not self.node.apply_identity(msg) and self._outbox is not None:
                 index = self.node.index
@@ -249,7 +363,3 @@ class ControllerLink:
             self.node.open_tap(msg.tap_open.tap_id, msg.tap_open.filter)
         elif which == "tap_close":
             self.node.close_tap(msg.tap_close.tap_id)
-        elif which == "scrape_review_result":
-            fut = self._reviews.get(msg.scrape_review_result.id)
-            if fut is not None and not fut.done():
-                fut.set_result(msg.scrape_review_result)

@@ -173,9 +173,10 @@ class Supervisor:
 
     async def _announce(self, node: Any) -> None:
         """Presence on the node and the pod's health file (agent/liveness.py), for as long as we live."""
-        from nodemesh.agent.liveness import announce, heartbeat
+        from nodemesh.agent.liveness import announce, heartbeat, start_kernel_heartbeat
 
         self._presence = await announce()
+        start_kernel_heartbeat(lambda: node.ready and node.identity_synced())  # not ready from SIGTERM on
         if self.config.health_file:
             self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(
                 self.config.health_file, lambda: "ready" if node.ready and node.identity_synced() else "not-ready"))

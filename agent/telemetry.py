@@ -324,6 +324,11 @@ class WorkerTelemetry:
         lookups[("found",)] = lookups.get(("found",), 0) + 1
         return endpoint
 
+    def count_endpoint_retry(self, via: str, outcome: str) -> None:
+        """relay._dial retried a failed connect (nodemesh_endpoint_retries_total)."""
+        retries = self.metrics.endpoint_retries
+        retries[(via, outcome)] = retries.get((via, outcome), 0) + 1
+
     def _owner_for(self, ip: str, current_uid: str, at_ms: int) -> Owner | None:
         """The owner a connection's side should have now; None to keep what it has."""
         index = self.index

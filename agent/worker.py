@@ -82,6 +82,7 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     for ctx in (outbound, inbound):
         ctx.identity_gate = tele.identity_gate
     outbound.learn_endpoint = tele.learn_endpoint
+    outbound.count_retry = tele.count_endpoint_retry
 
     def mesh_config(mesh: pb.MeshConfig) -> None:
         # The controller's opaque ports replace the --opaque-ports flag (the same list in a

@@ -198,7 +198,14 @@ IDENTITY_CORRECTIONS = "nodemesh_identity_corrections_total"  # {side=src|dst}: 
                                                     # from a pod that no longer holds the IP to its new owner
 ENDPOINT_LOOKUPS = "nodemesh_endpoint_lookups_total"  # {outcome=found|none|failed}: conntrack asked which
                                                     # pod kube-proxy chose behind an unknown address
+ENDPOINT_RETRIES = "nodemesh_endpoint_retries_total"  # {via=endpoint|service, outcome=connected|failed}:
+                                                    # an upstream connect to an endpoint the agent chose
+                                                    # failed and was tried once more
 SERIES_EVICTED = "nodemesh_series_evicted_total"    # idle series dropped (retain-idle)
 LABEL_OVERFLOW = "nodemesh_label_overflow_total"    # {label}: values folded into OTHER_LABEL_VALUE
+# The report history (agent/history.py): increments kept for the controller, replayed after it restarts.
+REPORT_HISTORY_BYTES = "nodemesh_report_history_bytes"      # gauge: compressed bytes held
+REPORT_HISTORY_SECONDS = "nodemesh_report_history_seconds"  # gauge: age of the oldest interval held
+REPORT_HISTORY_DROPPED = "nodemesh_report_history_dropped_total"  # intervals lost before any controller stored them
 # A wire-supplied label value (authority) past the per-workload cap is counted under this value.
 OTHER_LABEL_VALUE = "[other]"

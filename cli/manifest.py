@@ -679,7 +679,9 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
     redirector_args = ["--node-ip", "$(NODE_IP)"]
     if config["skippedPorts"]:
         redirector_args += ["--skip-ports", _csv(config["skippedPorts"])]
-    redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2",
+    # --agent-heartbeat: the rules fail open by themselves when the agent dies or hangs, even when
+    # the redirector is gone too (redirector/heartbeat.py).
+    redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2", "--agent-heartbeat",
                         # the return path stays while the agent drains, then the pod's grace ends
                         "--shutdown-wait", str(v.drainGraceSeconds + REDIRECTOR_WAIT_MARGIN_S)]
     redirector = {

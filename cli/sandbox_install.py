@@ -126,7 +126,7 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     for node in nodes:
         sb.start_node_process(node.name, redirector_process(node.name), [
             py, "-m", "nodemesh.redirector", "run", "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
-            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}",
+            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--agent-heartbeat",
         ], env=env)
     write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
     # `nodemesh dashboard` reads this beside controller.addr: the controller serves it on 8084.

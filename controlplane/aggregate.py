@@ -166,12 +166,23 @@ class _History:
         self.last_sec = -1
 
     def at(self, sec: int) -> Bucket:
-        if self.buckets and sec <= self.buckets[-1][0]:
-            # Same second, or the wall clock stepped back: never reorder history.
-            return self.buckets[-1][1]
+        buckets = self.buckets
+        if not buckets or sec > buckets[-1][0]:
+            b = Bucket()
+            buckets.append((sec, b))
+            self.last_sec = sec
+            return b
+        if sec == buckets[-1][0]:
+            return buckets[-1][1]
+        # An earlier second: an agent's history replayed after a reconnect. Usually near the end
+        # (a replay arrives in order), so walk back from there.
+        i = len(buckets) - 1
+        while i > 0 and buckets[i - 1][0] >= sec:
+            i -= 1
+        if buckets[i][0] == sec:
+            return buckets[i][1]
         b = Bucket()
-        self.buckets.append((sec, b))
-        self.last_sec = sec
+        buckets.insert(i, (sec, b))
         return b
 
 

@@ -30,7 +30,7 @@ from nodemesh.api.model import (
 from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
 from nodemesh.controlplane.config import ControllerConfig
-from nodemesh.controlplane.deltas import AgentCounters
+from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta
 from nodemesh.controlplane.identityfeed import IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
@@ -41,6 +41,9 @@ log = logging.getLogger("nodemesh.controlplane")
 
 _IDENTITY = object()  # outbox marker: send what the agent's identity lacks (coalesces bursts)
 _CLOSE = object()     # outbox marker: the agent's side of the stream ended
+_ACK = object()       # outbox marker: acknowledge the increment reports stored (coalesces)
+# An agent clock this far off ours is corrected by the measured skew when filing its reports.
+SKEW_CORRECT_MS = 1000
 MAX_SCRAPE_REVIEWS = 256  # scrapers' credential checks in flight for all agents
 # token -> (allowed, could not be checked now, message): controlplane/auth.review_scrape
 ScrapeReviewer = Callable[[str], Awaitable[tuple[bool, bool, str]]]
@@ -80,9 +83,15 @@ class AgentSession:
     identity_version: int = 0
     identity_resyncs: int = 0
     stale_taps_closed: set[str] = field(default_factory=set)
+    ack_queued: bool = False
 
     def send(self, msg: pb.ControllerMessage) -> None:
         self.outbox.put_nowait(msg)
+
+    def queue_ack(self) -> None:
+        if not self.ack_queued:
+            self.ack_queued = True
+            self.outbox.put_nowait(_ACK)
 
     def queue_identity(self) -> None:
         if not self.identity_queued:
@@ -256,6 +265,11 @@ class Controller:
         self._reviews.add(task)
         task.add_done_callback(self._reviews.discard)
 
+    def ack_message(self, agent_id: str) -> pb.ControllerMessage:
+        entry = self._counters.get(agent_id)
+        return pb.ControllerMessage(report_ack=pb.ReportAck(seq=entry[0].stored_seq if entry else 0,
+                                                            controller_epoch=self.identity.epoch))
+
     def counters_for(self, agent_id: str, start_time_ms: int) -> AgentCounters:
         entry = self._counters.get(agent_id)
         if entry is None:
@@ -275,34 +289,67 @@ class Controller:
         self.metrics.reports_received.inc()
         counters = self.counters_for(session.agent_id, session.start_time_ms)
         bounds = tuple(report.latency_bounds_ms) or BOUNDS
-        agg = self.aggregator
         rejected = counters.rejected
-        for d in counters.ingest(report.series, report.seq, n_buckets=len(bounds) + 1):
+        if report.increments:
+            # One interval's counts, filed in the second they were counted (not the second they
+            # arrived: a replay after a restart brings minutes of history); once per seq.
+            gaps = counters.gaps
+            deltas = counters.ingest_increments(report.series, report.seq, n_buckets=len(bounds) + 1)
+            if deltas is None:
+                self.metrics.reports_duplicate.inc()
+                session.queue_ack()
+                return
+            if counters.gaps > gaps:
+                self.metrics.report_gaps.inc(counters.gaps - gaps)
+                log.warning("event=report_gap agent_id=%s missing=%d seq=%d", session.agent_id,
+                            counters.gaps - gaps, report.seq)
+            if report.replayed:
+                self.metrics.reports_replayed.inc()
+            t = self.report_time(session, report, now)
+            session.queue_ack()
+        else:
+            deltas = counters.ingest(report.series, report.seq, n_buckets=len(bounds) + 1)
+            t = now
+        self._record(session, deltas, bounds, t)
+        if counters.rejected > rejected:
+            log.warning("event=report_series_rejected agent_id=%s count=%d reason=malformed", session.agent_id,
+                        counters.rejected - rejected)
+
+    @staticmethod
+    def report_time(session: AgentSession, report: pb.MetricsReport, now: float) -> float:
+        """When an increment report's interval ended, on our clock: the agent's stamp, corrected
+        by the measured skew when its clock is badly off, and never in our future."""
+        t_ms = report.time_ms or int(now * 1000)
+        if abs(session.clock_skew_ms) > SKEW_CORRECT_MS:
+            t_ms -= session.clock_skew_ms
+        return min(t_ms / 1000, now)
+
+    def _record(self, session: AgentSession, deltas: list[SeriesDelta], bounds: tuple[float, ...], t: float) -> None:
+        """Deltas into the aggregator's bucket of second `t`."""
+        agg = self.aggregator
+        for d in deltas:
             key = series_key(d.labels)
             name = d.name
             if name == RESPONSE_TOTAL:
                 if d.labels.get("classification") == "failure":
-                    agg.record(key, t=now, failure=d.value)
+                    agg.record(key, t=t, failure=d.value)
                 else:
-                    agg.record(key, t=now, success=d.value)
+                    agg.record(key, t=t, success=d.value)
             elif name == RESPONSE_LATENCY_MS and d.buckets is not None:
-                agg.record(key, t=now, latency=d.buckets, latency_bounds=bounds if bounds != BOUNDS else BOUNDS,
+                agg.record(key, t=t, latency=d.buckets, latency_bounds=bounds if bounds != BOUNDS else BOUNDS,
                            latency_sum=d.sum)
             elif name == REQUEST_TOTAL:
-                agg.record(key, t=now, requests=d.value)
+                agg.record(key, t=t, requests=d.value)
             elif name == TCP_OPEN_TOTAL:
-                agg.record(key, t=now, tcp_open=d.value)
+                agg.record(key, t=t, tcp_open=d.value)
             elif name == TCP_CLOSE_TOTAL:
-                agg.record(key, t=now, tcp_close=d.value)
+                agg.record(key, t=t, tcp_close=d.value)
             elif name == TCP_READ_BYTES_TOTAL:
-                agg.record(key, t=now, read_bytes=d.value)
+                agg.record(key, t=t, read_bytes=d.value)
             elif name == TCP_WRITE_BYTES_TOTAL:
-                agg.record(key, t=now, write_bytes=d.value)
+                agg.record(key, t=t, write_bytes=d.value)
             elif name == TCP_OPEN_CONNECTIONS:
-                agg.set_gauge(key, session.agent_id, d.value, t=now)
-        if counters.rejected > rejected:
-            log.warning("event=report_series_rejected agent_id=%s count=%d reason=malformed", session.agent_id,
-                        counters.rejected - rejected)
+                agg.set_gauge(key, session.agent_id, d.value, t=t)
 
     async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.ControllerMessage]:
         """The Connect stream: hello first, then reports/status/tap events in, identity and
@@ -313,6 +360,10 @@ class Controller:
         if first.WhichOneof("msg") != "hello" or not first.hello.agent_id:
             raise ValueError("the first message on Connect must be an AgentHello with an agent_id")
         session = self.agent_connected(first.hello)
+        # First: what we hold of this agent's increment reports. It tells the agent we take
+        # increments, and where to resume (0 from a controller that never heard of it: its whole
+        # history). An agent from before increments ignores it and reports cumulative values.
+        yield self.ack_message(session.agent_id)
 
         async def read() -> None:
             try:
@@ -329,7 +380,10 @@ class Controller:
                 item = await session.outbox.get()
                 if item is _CLOSE:
                     break
-                if item is _IDENTITY:
+                if item is _ACK:
+                    session.ack_queued = False
+                    yield self.ack_message(session.agent_id)
+                elif item is _IDENTITY:
                     session.identity_queued = False
                     feed = self.refresh_identity()
                     message = feed.message_for(session.identity_epoch, session.identity_version)

@@ -29,6 +29,14 @@ hands the difference to the aggregator. The cases:
 A malformed series (a value that is NaN, infinite or negative, a histogram whose length does not
 match the report's bounds) is skipped and counted in `rejected`: one NaN would otherwise poison
 every window holding it for an hour, and one bad histogram would end the agent's stream.
+
+**Increment reports** (agents that keep a report history, agent/history.py; the controller
+acknowledges them): each report holds one interval's increments, numbered by `seq` per agent
+process. There is nothing to subtract: `ingest_increments` hands them on as they are, once —
+a seq at or below `stored_seq` (a replay after a reconnect, whose ack crossed the resend) is a
+duplicate and dropped whole; a jump past `stored_seq + 1` is a gap (intervals the agent's history
+no longer held), counted. Gauges carry their current value. An agent that restarts is a new
+agent_id whose seq starts again at 1.
 """
 
 from __future__ import annotations
@@ -63,6 +71,9 @@ class AgentCounters:
         self._last: dict[SeriesId, float | tuple[tuple[int, ...], float]] = {}
         self._created: dict[SeriesId, int] = {}
         self.last_seq = -1
+        self.stored_seq = 0        # increments: every seq <= this was handed on (what we acknowledge)
+        self.duplicates = 0        # increment reports dropped: already stored
+        self.gaps = 0              # increment reports missing between two stored ones
         self.forgotten = 0
         self.resets = 0
         self.rejected = 0
@@ -145,6 +156,34 @@ class AgentCounters:
                 del self._last[sid]
                 self._created.pop(sid, None)
                 self.forgotten += 1
+        return out
+
+    def ingest_increments(self, series: Iterable[object], seq: int,
+                          n_buckets: int | None = None) -> list[SeriesDelta] | None:
+        """One increment report's series as deltas, or None when its seq was already stored."""
+        if seq <= self.stored_seq:
+            self.duplicates += 1
+            return None
+        if self.stored_seq and seq > self.stored_seq + 1:
+            self.gaps += seq - self.stored_seq - 1
+        self.stored_seq = seq
+        self.last_seq = seq
+        out: list[SeriesDelta] = []
+        for s in series:
+            name: str = s.name  # type: ignore[attr-defined]
+            counts = tuple(s.bucket_counts)  # type: ignore[attr-defined]  # uint64: ints already
+            number = float(s.sum if counts else s.value)  # type: ignore[attr-defined]
+            if not math.isfinite(number) or number < 0 or (counts and n_buckets and len(counts) != n_buckets):
+                self.rejected += 1
+                continue
+            labels = dict(s.labels)  # type: ignore[attr-defined]
+            if name in GAUGES:
+                out.append(SeriesDelta(name, labels, number, gauge=True))
+            elif counts:
+                if any(counts):
+                    out.append(SeriesDelta(name, labels, buckets=counts, sum=number))
+            elif number:
+                out.append(SeriesDelta(name, labels, number))
         return out
 
     def __len__(self) -> int:

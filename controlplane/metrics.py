@@ -17,6 +17,15 @@ class ControllerMetrics:
                                       registry=r)
         self.reports_received = Counter("nodemesh_controller_reports_received",
                                         "MetricsReports received from agents.", registry=r)
+        self.reports_replayed = Counter("nodemesh_controller_reports_replayed",
+                                        "Increment reports an agent sent again from its history (after a "
+                                        "reconnect or a controller restart).", registry=r)
+        self.reports_duplicate = Counter("nodemesh_controller_reports_duplicate",
+                                         "Increment reports dropped because their seq was already stored.",
+                                         registry=r)
+        self.report_gaps = Counter("nodemesh_controller_report_gaps",
+                                   "Increment reports missing between two an agent sent (its history "
+                                   "no longer held them).", registry=r)
         self.series_tracked = Gauge("nodemesh_controller_series_tracked",
                                     "Label sets with traffic in the retention window.", registry=r)
         self.stat_latency = Histogram("nodemesh_controller_stat_request_seconds",

@@ -25,6 +25,7 @@ from nodemesh.redirector import backend as backend_mod
 from nodemesh.redirector.backend import Backend
 from nodemesh.redirector.plan import (
     CHAIN_INBOUND,
+    CHAIN_INPUT,
     CHAIN_OUTBOUND,
     CHAIN_OUTPUT,
     CHAIN_PREROUTING,
@@ -35,7 +36,7 @@ from nodemesh.redirector.plan import (
 from pyroute2 import IPRoute, NetNS
 
 # NODEMESH_ANTISPOOF is redirector/antispoof.py's (raw PREROUTING): a full removal takes it too.
-OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT, "NODEMESH_ANTISPOOF")
+OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT, CHAIN_INPUT, "NODEMESH_ANTISPOOF")
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--rule-priority", type=int, default=DEFAULT_RULE_PRIORITY)
     common.add_argument("--no-bridge-replies", action="store_true",
                         help="leave out the ebtables rule that routes local pod-to-pod TCP on bridges")
+    common.add_argument("--agent-heartbeat", action="store_true",
+                        help="capture only while the agent beats (/proc/net/xt_recent): the rules fail "
+                             "open by themselves when the agent dies or hangs, with no redirector left")
     common.add_argument("--backend", choices=("auto", "nft", "legacy"), default="auto",
                         help="iptables backend (auto: the one holding the node's rules)")
     common.add_argument("--netns", default=None, help="act inside this named network namespace")
@@ -96,7 +99,7 @@ def _capture_config(args: argparse.Namespace, required: bool = True) -> CaptureC
         excluded_ips=tuple(ip for arg in args.exclude_ip for ip in _csv(arg)),
         ignore_marks=tuple(args.ignore_mark), mechanism=args.mechanism, transparent_mark=args.mark,
         route_table=args.route_table, rule_priority=args.rule_priority,
-        bridge_replies=not args.no_bridge_replies,
+        bridge_replies=not args.no_bridge_replies, agent_heartbeat=args.agent_heartbeat,
     )
 
 

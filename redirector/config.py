@@ -51,6 +51,11 @@ class CaptureConfig:
     conntrack_zone: int = DEFAULT_CONNTRACK_ZONE
     # Route (not switch) TCP between local pods on a bridge so replies reach transparent sockets.
     bridge_replies: bool = True
+    # Capture only while the agent beats (redirector/heartbeat.py): the rules fail open by
+    # themselves when the agent dies or hangs, even with no redirector left to remove them.
+    # The DaemonSet and `install --sandbox` turn it on; off, a stand-in agent that does not beat
+    # is captured as before.
+    agent_heartbeat: bool = False
 
     def __post_init__(self) -> None:
         try:

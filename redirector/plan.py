@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nodemesh.redirector import heartbeat
 from nodemesh.redirector.config import CaptureConfig
 
 CHAIN_PREROUTING = "NODEMESH_PREROUTING"
 CHAIN_OUTBOUND = "NODEMESH_OUTBOUND"
 CHAIN_INBOUND = "NODEMESH_INBOUND"
 CHAIN_OUTPUT = "NODEMESH_OUTPUT"
+CHAIN_INPUT = "NODEMESH_INPUT"
 
 
 def hook_present(save_text: str) -> bool:
@@ -236,6 +238,11 @@ def build_plan(config: CaptureConfig) -> Plan:
     ports = ",".join(str(p) for p in config.effective_skip_ports)
     rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-p tcp -m multiport --dports {ports}", "-j RETURN",
                       "skipped ports and the agent ports are never proxied"))
+    if config.agent_heartbeat and config.mechanism == "dnat":
+        # Fail-open by construction (redirector/heartbeat.py): no beat from the agent for
+        # SILENCE_S (dead, hung) and pods go direct, even with no redirector left to act.
+        rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-p tcp {heartbeat.recent_match()}", "-j RETURN",
+                          "no heartbeat from the agent: fail open"))
     for cidr in config.networks:
         rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-s {cidr} -p tcp", f"-j {CHAIN_OUTBOUND}",
                           "TCP leaving a local pod is outbound"))
@@ -257,6 +264,22 @@ def build_plan(config: CaptureConfig) -> Plan:
                           "destination pod namespace is excluded from capture"))
     rules.append(Rule(capture_table, CHAIN_INBOUND, "-p tcp", _redirect(config, config.inbound_port),
                       "inbound TCP goes to the agent inbound port"))
+
+    if config.agent_heartbeat and config.mechanism == "dnat":
+        # A SYN DNATed to an agent port where nothing listens (the agent just died, its heartbeat
+        # not yet expired) is dropped rather than reset: its conntrack entry is never confirmed,
+        # so the client's retransmission, a second later, is a new connection and goes direct.
+        agent_ports = f"{config.outbound_port},{config.inbound_port}"
+        syn_to_agent = (f"-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate DNAT "
+                        f"-m multiport --dports {agent_ports}")
+        chains.append(("mangle", CHAIN_INPUT))
+        hooks.append(Hook("mangle", "INPUT", CHAIN_INPUT,
+                          "captured connections to an agent port nobody listens on are retried, not reset",
+                          capture=False))
+        rules.append(Rule("mangle", CHAIN_INPUT, f"{syn_to_agent} -m socket --nowildcard", "-j RETURN",
+                          "an agent listens: deliver"))
+        rules.append(Rule("mangle", CHAIN_INPUT, syn_to_agent, "-j DROP",
+                          "no agent listens: drop, the retransmission goes direct once the heartbeat expired"))
 
     ip_rules = (IpRule(config.transparent_mark, config.transparent_mark, config.route_table,
                        config.rule_priority, "marked packets use the all-local table"),)
@@ -331,8 +354,11 @@ def render_dry_run(plan: Plan) -> str:
         f"pod_cidrs={','.join(c.networks)} outbound={c.outbound_port} inbound={c.inbound_port}"),
         (f"# excluded_ips={','.join(c.excluded_ips) or '-'} skip_ports="
         f"{','.join(str(p) for p in c.effective_skip_ports)}"),
-        "# --- iptables (iptables-restore --noflush)",
     ]
+    if c.agent_heartbeat:
+        head.append(f"# agent_heartbeat: capture while the agent beats {heartbeat.proc_path()} "
+                    f"every {heartbeat.PERIOD_S:g}s; {heartbeat.SILENCE_S:g}s of silence fails open")
+    head.append("# --- iptables (iptables-restore --noflush)")
     parts = ["\n".join(head) + "\n", render_iptables(plan)]
     parts.append("# --- policy routing (pyroute2)\n")
     parts.extend(f"{r.command()}  # {r.comment}\n" for r in plan.ip_rules)

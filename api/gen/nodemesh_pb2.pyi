@@ -135,18 +135,22 @@ class Series(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., created_ms: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
-    __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series")
+    __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series", "increments", "replayed")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BOUNDS_MS_FIELD_NUMBER: _ClassVar[int]
     SERIES_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     seq: int
     time_ms: int
     latency_bounds_ms: _containers.RepeatedScalarFieldContainer[float]
     series: _containers.RepeatedCompositeFieldContainer[Series]
-    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., latency_bounds_ms: _Optional[_Iterable[float]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ...) -> None: ...
+    increments: bool
+    replayed: bool
+    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., latency_bounds_ms: _Optional[_Iterable[float]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., increments: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class IdentityResync(_message.Message):
     __slots__ = ("epoch", "version", "reason")
@@ -266,19 +270,29 @@ class TapClose(_message.Message):
     tap_id: str
     def __init__(self, tap_id: _Optional[str] = ...) -> None: ...
 
+class ReportAck(_message.Message):
+    __slots__ = ("seq", "controller_epoch")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    controller_epoch: int
+    def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ...) -> None: ...
+
 class ControllerMessage(_message.Message):
-    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "scrape_review_result")
+    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
     TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_DELTA_FIELD_NUMBER: _ClassVar[int]
+    REPORT_ACK_FIELD_NUMBER: _ClassVar[int]
     SCRAPE_REVIEW_RESULT_FIELD_NUMBER: _ClassVar[int]
     identity: IdentitySnapshot
     tap_open: TapOpen
     tap_close: TapClose
     identity_delta: IdentityDelta
+    report_ack: ReportAck
     scrape_review_result: ScrapeReviewResult
-    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ...) -> None: ...
 
 class TapFilter(_message.Message):
     __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")

@@ -1,6 +1,7 @@
 """The fault tests' cluster: a 2-node sandbox with the mesh installed, a client pod on each node,
 an echo server (:9000), nginx (HTTP/1.1 :8080, h2c :8081) and a gRPC server (:50051), in one
-namespace `faults`.
+namespace `faults`; Service `refused` (:8080) selects nginx and `refuser` (nothing listens on
+8080), Service `silent` nginx and `blackhole` (the retry test drops its SYNs).
 
 The agents run 2 workers (the agent's default on this 2-CPU machine; `install --sandbox` picks 1 to
 save memory): every process here is held to a hard limit of 20,000 fds that it cannot raise (no
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
-from nodemesh.cli.sandbox_install import agent_process, install_sandbox, uninstall_sandbox
+from nodemesh.cli.sandbox_install import agent_process, install_sandbox, redirector_process, uninstall_sandbox
+from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +39,7 @@ PEERS = str(Path(__file__).with_name("faults_peers.py"))
 NS = "faults"
 ECHO_PORT = 9000
 AGENT_WORKERS = 2
+DEAD_NODE = "node1"  # where the dead endpoints of Services `refused` and `silent` run
 GRPC_PORT = 50051   # faults_peers.py grpc-server: bidirectional echo streams (the upgrade test)
 TUPLE_PORT = 9001   # a second echo port, only for the tuple test (its TIME_WAITs must not meet others')
 
@@ -66,8 +69,11 @@ http {{
 """
 
 
-def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1) -> str:
+def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1,
+                labels: dict[str, str] | None = None, node: str | None = None) -> str:
     port_list = ", ".join(f"{{containerPort: {p}}}" for p in ports)
+    labels = {"app": name, **(labels or {})}
+    pin = f"\n      nodeSelector: {{kubernetes.io/hostname: {node}}}" if node else ""
     return f"""
 apiVersion: apps/v1
 kind: Deployment
@@ -80,8 +86,8 @@ spec:
     matchLabels: {{app: {name}}}
   template:
     metadata:
-      labels: {{app: {name}}}
-    spec:
+      labels: {json.dumps(labels)}
+    spec:{pin}
       containers:
       - name: {name}
         command: {json.dumps(argv)}
@@ -95,8 +101,18 @@ def manifests(nginx_conf: Path) -> str:
         f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n",
         _deployment("client", ["sleep", "infinity"], [], replicas=2),
         _deployment("echo", [PY, PEERS, "echo-server", f"{ECHO_PORT},{TUPLE_PORT}"], [ECHO_PORT, TUPLE_PORT]),
-        _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081]),
+        _deployment("nginx", ["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], [8080, 8081],
+                    labels={"refused": "yes", "silent": "yes"}),
         _deployment("grpc", [PY, PEERS, "grpc-server", str(GRPC_PORT)], [GRPC_PORT]),
+        # Services `refused` and `silent`: nginx plus a ready endpoint that never answers on 8080 —
+        # `refuser` (nothing listens) and `blackhole` (its SYNs dropped: the test adds the rule).
+        # No containerPort: ready without a probe (the kubelet would probe the first port). On
+        # DEAD_NODE, so that one client dials them from their node and the other across nodes.
+        _deployment("refuser", ["sleep", "infinity"], [], labels={"refused": "yes"}, node=DEAD_NODE),
+        _deployment("blackhole", ["sleep", "infinity"], [], labels={"silent": "yes"}, node=DEAD_NODE),
+        *(f"apiVersion: v1\nkind: Service\nmetadata:\n  name: {svc}\n  namespace: {NS}\nspec:\n"
+          f"  selector: {{{svc}: \"yes\"}}\n  ports: [{{port: 8080, targetPort: 8080}}]\n"
+          for svc in ("refused", "silent")),
     ]
     return "---\n".join(d.strip("\n") + "\n" for d in docs)
 
@@ -273,6 +289,30 @@ class Faults:
                 return int(dict(zip(head.split()[1:], values.split()[1:]))["ListenOverflows"])
         raise AssertionError("no TcpExt in /proc/net/netstat")
 
+    def hooked(self, node: str) -> bool:
+        return hook_present(self.node_run(node, ["iptables-save", "-t", "nat"]))
+
+    @contextlib.contextmanager
+    def unmeshed(self, timeout: float = 30.0) -> Iterator[None]:
+        """Capture off on both nodes for the block (the redirectors stopped: SIGTERM takes their
+        rules out), then the same redirectors started again and capture back: a direct run in the
+        same cluster, same pods, same moment as the meshed one."""
+        saved = {n: self.sb.state.infra().get("node_processes", {})[redirector_process(n)] for n in self.nodes}
+        for n in self.nodes:
+            self.sb.stop_node_process(n, redirector_process(n))
+        try:
+            _wait_for(lambda: not any(self.hooked(n) for n in self.nodes), timeout, "capture removed")
+            yield
+        finally:
+            for n, proc in saved.items():
+                self.sb.start_node_process(n, redirector_process(n), proc["argv"], env=proc["env"])
+            _wait_for(lambda: all(self.hooked(n) for n in self.nodes), timeout, "capture back")
+
+    def cluster_ip(self, service: str) -> str:
+        (svc,) = [s for s in self.sb.objects().of_kind("Service")
+                  if s["metadata"]["namespace"] == NS and s["metadata"]["name"] == service]
+        return str(svc["spec"]["clusterIP"])
+
     def wait_agents_idle(self, timeout: float = 60.0) -> None:
         """Every relayed connection is gone (tcp_open_connections 0 on both nodes)."""
         deadline = time.monotonic() + timeout
@@ -281,6 +321,14 @@ class Faults:
                 return
             time.sleep(0.5)
         raise AssertionError({n: self.metric_sum(n, "tcp_open_connections") for n in self.nodes})
+
+
+def _wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting: {what}")
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

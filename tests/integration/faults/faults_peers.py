@@ -353,6 +353,109 @@ async def http_load(host: str, port: int, path: str, connections: int, duration:
     emit({"ok": ok, "failed": dict(failed), "seconds": round(took, 2), "rps": round(ok / took, 1)})
 
 
+async def victim(host: str, port: int, path: str, rate: float, connections: int, duration: float) -> None:
+    """A steady, well-behaved pod: `rate` HTTP/1.1 GETs a second, paced (open loop: each request
+    is due at its own time, so a stall shows as latency, not as fewer requests), spread over
+    `connections` keep-alive connections. Reports success and latency percentiles; a request
+    counts as ok when it got nginx's 200 "ok\n" within 10 s. A broken connection is reopened."""
+    raise_nofile()
+    request = f"GET {path} HTTP/1.1\r\nHost: victim\r\n\r\n".encode()
+    latencies: list[float] = []
+    failed: Counter[str] = Counter()
+    interval = connections / rate
+    started = time.monotonic()
+    stop = started + duration
+
+    async def conn(k: int) -> None:
+        due = started + k * interval / connections
+        writer = None
+        while due < stop:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                body = await asyncio.wait_for(reader.readexactly(length), 10)
+                if head.startswith(b"HTTP/1.1 200 ") and body == b"ok\n":
+                    latencies.append(time.monotonic() - due)  # from when it was due: queueing counts
+                else:
+                    failed[head.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+            except Exception as exc:  # noqa: BLE001
+                failed[failure_kind(exc)] += 1
+                if writer is not None:
+                    writer.close()
+                writer = None
+            due += interval
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(conn(k) for k in range(connections)))
+    latencies.sort()
+    n = len(latencies)
+    pct = lambda q: round(1000 * latencies[min(n - 1, int(q * n))], 2) if n else None
+    total = n + sum(failed.values())
+    emit({"ok": n, "failed": dict(failed), "success": round(n / total, 4) if total else 0.0,
+          "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0)})
+
+
+async def connect_flood(host: str, port: int, path: str, concurrency: int, duration: float) -> None:
+    """A misbehaving pod opening new connections as fast as it can: `concurrency` loops, each one
+    connect, one GET with `Connection: close`, read to the end, close, again. Reports how many
+    completed (200) and how the others ended (the mesh's 503 shed answer among them)."""
+    raise_nofile()
+    request = f"GET {path} HTTP/1.1\r\nHost: flood\r\nConnection: close\r\n\r\n".encode()
+    ok = 0
+    ends: Counter[str] = Counter()
+    stop = time.monotonic() + duration
+
+    async def loop() -> None:
+        nonlocal ok
+        while time.monotonic() < stop:
+            writer = None
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+                writer.write(request)
+                got = await asyncio.wait_for(reader.read(), 5)
+                line = got.split(b"\r\n", 1)[0].decode("latin-1")
+                if line.startswith("HTTP/1.1 200 "):
+                    ok += 1
+                else:
+                    ends[line or "closed"] += 1
+            except Exception as exc:  # noqa: BLE001
+                ends[failure_kind(exc)] += 1
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    took = time.monotonic() - started
+    emit({"ok": ok, "ends": dict(ends), "seconds": round(took, 2),
+          "per_s": round((ok + sum(ends.values())) / took, 1)})
+
+
+def wrk_flood(host: str, port: int, path: str, connections: int, duration: float, close: str) -> None:
+    """wrk (C, one thread) as the aggressor: `connections` keep-alive connections sending requests
+    back to back, or with close "close" a new connection for every request (`Connection: close`)."""
+    import re
+    import subprocess
+
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "5s"]
+    if close == "close":
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run([*argv, f"http://{host}:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    requests = int(m.group(1)) if m else 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    emit({"requests": requests, "rps": round(requests / duration, 1),
+          "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+          "socket_errors": dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups())))
+          if errors else {}})
+
+
 async def many_hosts(host: str, port: int, n: int, connections: int) -> None:
     """n GETs with n distinct Host headers (h0.hosts.test ...), spread over keep-alive connections:
     every one a new `authority` label value on both agents."""
@@ -618,6 +721,12 @@ def main(argv: list[str]) -> None:
         asyncio.run(slowloris(args[0], int(args[1]), int(args[2]), float(args[3])))
     elif kind == "http-load":
         asyncio.run(http_load(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
+    elif kind == "victim":
+        asyncio.run(victim(args[0], int(args[1]), args[2], float(args[3]), int(args[4]), float(args[5])))
+    elif kind == "connect-flood":
+        asyncio.run(connect_flood(args[0], int(args[1]), args[2], int(args[3]), float(args[4])))
+    elif kind == "wrk":
+        wrk_flood(args[0], int(args[1]), args[2], int(args[3]), float(args[4]), args[5])
     elif kind == "many-hosts":
         asyncio.run(many_hosts(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif kind == "raw":

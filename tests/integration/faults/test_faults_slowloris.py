@@ -48,6 +48,8 @@ def test_faults_slowloris_answered_and_costs_only_its_pod(faults: Faults, attack
           f"failed alone={alone['failed']} during={during['failed']}")
     assert out["ends"] == {"HTTP/1.1 408 Request Timeout": SLOW}, out
     assert out["ended_max_s"] <= HEADER_TIMEOUT_S + 8, out   # detection (1 s) + header timeout + slack
-    # Past the per-pod cap, slow connections are answered at the detection timeout and counted.
-    assert shed >= SLOW - AGENT_WORKERS * MAX_SLOW_PER_POD, shed
+    # Past the per-pod cap, slow connections are answered at the detection timeout and counted. The
+    # cap's slots free again as the first slow ones reach their header timeout (~11 s): on a loaded
+    # machine a client whose first byte comes that late takes a freed slot instead (seen: 10 of 2,000).
+    assert shed >= 0.97 * (SLOW - AGENT_WORKERS * MAX_SLOW_PER_POD), shed
     assert alone["failed"] == {} and during["failed"] == {}, (alone, during)

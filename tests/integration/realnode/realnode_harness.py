@@ -108,8 +108,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, step: float = 0.2) ->
 
 
 class RealNode:
-    def __init__(self, sb: Sandbox, controller: str, sets: tuple[str, ...] = ()) -> None:
+    def __init__(self, sb: Sandbox, controller: str, sets: tuple[str, ...] = (), cni: str = "bridge") -> None:
         self.sb = sb
+        self.cni = cni
         self.controller = controller
         self.sets = sets
         self.token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
@@ -264,4 +265,4 @@ def realnode_mesh(nodes: int = 2, cni: str = "bridge", iptables: str | dict[str,
     with running_sandbox(nodes=nodes, cni=cni, manifests=[app_manifest(nodes)], backoff=(1.0, 10.0),
                          iptables=iptables, timeout=60) as sb:
         controller = install_sandbox(sb.name, timeout=120, progress=lambda _m: None, as_pods=True, sets=sets)
-        yield RealNode(sb, controller, sets)
+        yield RealNode(sb, controller, sets, cni)

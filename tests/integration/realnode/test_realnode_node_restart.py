@@ -80,5 +80,7 @@ def test_realnode_whole_node_restart_under_load_recovers_by_itself(mesh: RealNod
     print(f"load: {len(records)} requests, {len(during)} after the restart, {len(failed)} failed over {span:.1f} s "
           f"({errors}; node1's server itself was down), last 10 s: {sum(not r['ok'] for r in last)} failed of "
           f"{len(last)}; {len(to_node1)} answered by server-node1 after the restart")
+    retries = {n: series(mesh.agent_metrics(n), "nodemesh_endpoint_retries_total") for n in ("node2",)}
+    print(f"upstream connects retried on another endpoint (nodemesh_endpoint_retries_total): {retries}")
     assert to_node1, "no request reached server-node1 after its node restarted"
     assert all(r["ok"] for r in last), "requests still failing at the end of the run"

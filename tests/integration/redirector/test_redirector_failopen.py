@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 
 import pytest
@@ -102,3 +103,68 @@ def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -
     assert "event=capture_handed_over" in (cl.workdir / "old.log").read_text()
     assert "event=capture_restored" not in (cl.workdir / "new.log").read_text()
     assert_same(before, cl.snapshot(1))  # and the last one out removed everything
+
+
+BEATER = """
+import logging, threading
+from nodemesh.redirector.heartbeat import Heartbeat
+logging.basicConfig(level=logging.INFO)
+Heartbeat(lambda: True).start()
+threading.Event().wait()
+"""
+
+
+def test_redirector_heartbeat_fails_open_with_nobody_left(mini_cluster: MiniCluster) -> None:
+    """`--agent-heartbeat` (redirector/heartbeat.py), with no runner at all: capture works only while
+    someone beats the list; a stopped beater fails the node open within its 0.7 s of silence, and
+    captures again as soon as it continues; a SYN to an agent port nobody listens on is retried
+    (dropped, not reset) and then goes direct. `remove` leaves the node exactly as before."""
+    cl = mini_cluster
+    a, b = cl.pods["a"], cl.pods["b"]
+    ns = cl.nodes[1]
+    before = cl.snapshot(1)
+    standin, record = cl.standin(1)
+    argv = ("--node-ip", NODE_IP[1], "--pod-cidr", POD_CIDR[1], "--agent-heartbeat")
+    assert cl.spawn(ns, "-m", "nodemesh.redirector", "apply", *argv, log="apply.log").wait(30) == 0
+    beater = None
+
+    def dial(timeout: float = 1.0) -> tuple[bool, bool]:
+        """(answered, captured)."""
+        n = len(read_records(record))
+        res = cl.dial(a, b.ip, 8080, timeout=timeout)
+        return res.stdout.strip() == a.ip, len(read_records(record)) > n
+
+    try:
+        assert dial() == (True, False), "captured with nobody beating"
+        beater = cl.spawn(ns, "-c", BEATER, log="beater.log")
+        _wait(lambda: dial() == (True, True), 10)
+
+        # The "agent" hangs: nobody removes anything, yet new connections go direct.
+        beater.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        _wait(lambda: dial(0.3) == (True, False), 5, step=0.02)
+        went_direct = time.monotonic() - stopped
+        print(f"heartbeat stopped: direct after {went_direct:.2f} s")
+        assert went_direct <= 1.5, went_direct   # 0.7 s of silence, plus a dial's start-up on a busy machine
+        beater.send_signal(signal.SIGCONT)
+        _wait(lambda: dial() == (True, True), 3, step=0.02)
+
+        # Agent and beater gone together: the first SYN finds no listener and is dropped, its
+        # retransmission (1 s later) goes direct. Answered, not reset.
+        cl.stop(standin, signal.SIGKILL)
+        cl.stop(beater, signal.SIGKILL)
+        started = time.monotonic()
+        answered, _ = dial(timeout=5.0)
+        print(f"agent and beater killed: answered={answered} after {time.monotonic() - started:.2f} s")
+        assert answered
+    finally:
+        if beater is not None:
+            beater.send_signal(signal.SIGCONT)
+            cl.stop(beater, signal.SIGKILL)
+        cl.stop(standin, signal.SIGKILL)
+        assert cl.spawn(ns, "-m", "nodemesh.redirector", "remove", *argv, log="remove.log").wait(30) == 0
+    assert "installed=true" in (cl.workdir / "beater.log").read_text()
+    assert_same(before, cl.snapshot(1))
+    listed = subprocess.run(["ip", "netns", "exec", ns, "ls", "/proc/net/xt_recent"], capture_output=True,
+                            text=True, check=False)
+    assert "nodemesh_agent" not in listed.stdout, "the heartbeat list outlived its rules"

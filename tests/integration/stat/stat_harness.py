@@ -29,6 +29,7 @@ from nodemesh.api.model import LATENCY_BUCKETS_MS
 from nodemesh.cli.client import controller_channel, sandbox_ca
 from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
+from nodemesh.sandbox.proctools import alive
 from nodemesh.sandbox.testing import running_sandbox
 
 HERE = Path(__file__).resolve().parent
@@ -196,6 +197,24 @@ class Mesh:
 
     def controller_pid(self) -> int | None:
         return self.sb.node_process_pid(CONTROLLER_PROCESS)
+
+    def kill_controller(self) -> dict[str, Any]:
+        """`kill -9` the controller and keep it down (the sandbox would restart it after 1 s):
+        returns its spec for `start_controller`."""
+        pid = self.controller_pid()
+        assert pid is not None, "no controller running"
+        spec = self.sb.status()["node_processes"][CONTROLLER_PROCESS]
+        os.kill(pid, signal.SIGKILL)
+        # Out of the kubelet's list before its 1 s restart back-off is over.
+        with self.sb.state.infra_txn() as infra:
+            infra.get("node_processes", {}).pop(CONTROLLER_PROCESS, None)
+        wait_until(lambda: not alive(pid), 10, f"the killed controller (pid {pid}) gone")
+        return spec
+
+    def start_controller(self, spec: dict[str, Any]) -> int:
+        """The controller again, as it was started (same argv, address and token): a new process
+        with an empty memory."""
+        return self.sb.start_node_process(spec["node"], CONTROLLER_PROCESS, spec["argv"], env=spec["env"])
 
 
 @contextlib.contextmanager

@@ -120,14 +120,19 @@ def test_identity_is_pushed_only_when_what_agents_get_changes() -> None:
 
         stream = c.serve_agent(agent_messages())
         received: list[pb.ControllerMessage] = []
+        acks: list[pb.ReportAck] = []
 
         async def pump() -> None:
             async for msg in stream:
-                received.append(msg)
+                if msg.HasField("report_ack"):  # the stream opens with one (agent/history.py)
+                    acks.append(msg.report_ack)
+                else:
+                    received.append(msg)
 
         task = asyncio.create_task(pump())
         try:
             await asyncio.sleep(0.05)
+            assert [a.seq for a in acks] == [0]
             assert len(received) == 1 and received[0].HasField("identity")
             deploy = copy.deepcopy(next(o for o in objects if o["kind"] == "Deployment"))
             deploy["status"] = {"observedGeneration": 7, "replicas": 1}

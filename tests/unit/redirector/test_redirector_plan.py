@@ -22,6 +22,7 @@ CONFIGS: dict[str, CaptureConfig] = {
         excluded_ips=("10.244.2.9", "10.244.2.10"), ignore_marks=(0x2000,)),
     "dnat_two_cidrs_no_bridge": CaptureConfig(
         node_ip="192.168.50.3", pod_cidrs=("10.42.0.0/24", "10.43.0.0/24"), bridge_replies=False),
+    "dnat_heartbeat": CaptureConfig(node_ip="10.240.0.1", pod_cidrs=("10.244.1.0/24",), agent_heartbeat=True),
     "tproxy_default": CaptureConfig(node_ip="10.240.0.1", pod_cidrs=("10.244.1.0/24",), mechanism="tproxy",
                                     excluded_ips=("10.244.1.7",)),
 }
