@@ -228,27 +228,35 @@ class AntiSpoof:
         self._stop.set()
 
     def remove(self) -> None:
-        """Take our chains and hooks out; a table only we used is deleted too (nft), so the node's
-        ruleset reads as before."""
-        from nodemesh.redirector.apply import Redirector, _is_empty, parse_table
-
-        before = parse_table(self.nf.save("raw"), "raw")
-        if CHAIN in before.chains:
-            lines = [f"-D PREROUTING {spec}" for spec in before.rules.get("PREROUTING", [])
-                     if spec.endswith(f"-j {CHAIN}")]
-            self.nf.restore("\n".join(["*raw", *lines, f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT", ""]))
-            after = parse_table(self.nf.save("raw"), "raw")
-            if self.nf.backend == "nft" and _is_empty(after) and Redirector._table_was_ours(before):
-                self.nf.restore("*raw\nCOMMIT\n", noflush=False)
-        eb_before = parse_table(self.nf.eb_save("filter"), "filter")
-        if CHAIN in eb_before.chains:
-            for hook_chain in EB_HOOKS:
-                for _ in range(eb_before.rules.get(hook_chain, []).count(f"-j {CHAIN}")):
-                    self.nf.eb("-t", "filter", "-D", hook_chain, "-j", CHAIN)
-            self.nf.eb("-t", "filter", "-F", CHAIN)
-            self.nf.eb("-t", "filter", "-X", CHAIN)
-            others = [s for c, specs in eb_before.rules.items() if c != CHAIN for s in specs if s != f"-j {CHAIN}"]
-            after = parse_table(self.nf.eb_save("filter"), "filter")
-            if self.nf.eb_backend == "nft" and not others and _is_empty(after):
-                self.nf.eb_restore("*filter\n", noflush=False)
+        """Take our chains and hooks out (remove_rules)."""
+        remove_rules(self.nf)
         self._applied = None
+
+
+def remove_rules(nf: Any) -> bool:
+    """Take the anti-spoofing chains and hooks out; a table only they used is deleted too (nft), so
+    the node's ruleset reads as before. True if anything was there."""
+    from nodemesh.redirector.apply import Redirector, _is_empty, parse_table
+
+    changed = False
+    before = parse_table(nf.save("raw"), "raw")
+    if CHAIN in before.chains:
+        lines = [f"-D PREROUTING {spec}" for spec in before.rules.get("PREROUTING", []) if spec.endswith(f"-j {CHAIN}")]
+        nf.restore("\n".join(["*raw", *lines, f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT", ""]))
+        after = parse_table(nf.save("raw"), "raw")
+        if nf.backend == "nft" and _is_empty(after) and Redirector._table_was_ours(before):
+            nf.restore("*raw\nCOMMIT\n", noflush=False)
+        changed = True
+    eb_before = parse_table(nf.eb_save("filter"), "filter")
+    if CHAIN in eb_before.chains:
+        for hook_chain in EB_HOOKS:
+            for _ in range(eb_before.rules.get(hook_chain, []).count(f"-j {CHAIN}")):
+                nf.eb("-t", "filter", "-D", hook_chain, "-j", CHAIN)
+        nf.eb("-t", "filter", "-F", CHAIN)
+        nf.eb("-t", "filter", "-X", CHAIN)
+        others = [s for c, specs in eb_before.rules.items() if c != CHAIN for s in specs if s != f"-j {CHAIN}"]
+        after = parse_table(nf.eb_save("filter"), "filter")
+        if nf.eb_backend == "nft" and not others and _is_empty(after):
+            nf.eb_restore("*filter\n", noflush=False)
+        changed = True
+    return changed
