@@ -23,7 +23,8 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         workers=args.workers if args.workers else len(os.sched_getaffinity(0)),
         transparent=not args.no_transparent, detect_timeout_s=args.detect_timeout,
         header_timeout_s=args.header_timeout, opaque_ports=opaque, drain_grace_s=args.drain_grace,
-        controller=args.controller, token_file=args.token_file, identity_file=args.identity_file,
+        controller=args.controller, token_file=args.token_file, controller_ca=args.controller_ca,
+        identity_file=args.identity_file,
         identity_wait_s=args.identity_wait, series_idle_s=args.series_idle, max_authorities=args.max_authorities,
         report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
         log_level=args.log_level, health_file=args.health_file,
@@ -36,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--node-ip", default="", help="the node's address (fallback upstream source)")
     p.add_argument("--pod-cidr", action="append", default=[], help="this node's pod CIDR (repeat or comma)")
     p.add_argument("--controller", default="", help="controller gRPC host:port")
+    p.add_argument("--controller-ca", default="", metavar="PEM",
+                   help="speak TLS to the controller and verify its certificate with this CA (re-read per connect)")
     p.add_argument("--token-file", default="")
     p.add_argument("--identity-file", default="", help="sandbox objects.json dir, when no controller")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: CPUs usable)")

@@ -1,13 +1,20 @@
 """The agent's admin endpoints on :4191 (SO_REUSEPORT so a new agent can bind while the old drains).
 
-/metrics  Prometheus text from the node's merged counters (custom collector, its own registry)
-/ready    200 once the agent serves traffic, 503 otherwise (and from drain start)
-/live     200 while the event loop answers
+/metrics  Prometheus text from the node's merged counters (custom collector, its own registry);
+          callers on the node's own addresses, or presenting `Authorization: Bearer <token>` that
+          the controller accepts for Metrics (agent/scrapeauth.py): else 401/403 (503: can't check)
+/ready    200 once the agent serves traffic, 503 otherwise (and from drain start)   - open (kubelet)
+/live     200 while the event loop answers                                        - open (kubelet)
 /capture  {"excluded_ips": [...], "synced": bool}: this node's pod IPs the redirector must not capture,
           and whether that list is real yet (the agent has had its identity since it started): a
           redirector installs capture only from a synced list (docs/architecture.md, "The mesh
-          never depends on itself")
+          never depends on itself")                                   - the node's own addresses only
 /identity {"epoch", "version", "resource_version", "pods": {ip: pod uid}}: the identity held
+                                                                      - as /metrics
+
+"The node's own addresses": loopback, or an address of the network namespace the agent runs in
+(the node's, on the host network). A pod's connection comes from its pod IP and cannot complete a
+handshake from a node address (the answer would stay on the node), so this cannot be forged.
 
 A few GETs a second from probes and scrapers do not need a web framework: the server is an
 asyncio.Protocol with httptools (already the data path's parser), HTTP/1.1 keep-alive included.
@@ -23,11 +30,13 @@ capture out 17 times in 60 s (issue 12). Answers on one connection still go out 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import socket
+import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httptools
@@ -47,8 +56,11 @@ REQUEST_TIMEOUT_S = 15.0        # a connection must complete a request this ofte
 SLOW_RENDER_S = 0.1             # a /metrics render that took longer is reused for as long (metrics())
 RENDER_CHUNK = 1000             # series rendered per piece of /metrics
 MAX_QUEUED = 64                 # answers a pipelining client may have outstanding before it is cut off
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Payload Too Large", 503: "Service Unavailable"}
+LOCAL_ONLY = frozenset({"/capture"})  # the node's own redirector's endpoint
+GATED = frozenset({"/metrics", "/identity"})  # off the node: only with a credential
+LOCAL_CACHE_S = 10.0
 Response = tuple[int, str, "bytes | list[bytes]"]  # status, content type, body (or its pieces)
 Queued = tuple["asyncio.Future[Response] | Response", bool, bool]  # answer, HEAD?, keep-alive?
 TEXT = "text/plain; charset=utf-8"
@@ -62,6 +74,8 @@ class _AdminProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
+        self.authorization = b""
+        self.local = False
         self.received = 0
         self.timer: asyncio.TimerHandle | None = None
         self.queue: deque[Queued] = deque()   # answers in request order, some still being rendered
@@ -69,6 +83,7 @@ class _AdminProtocol(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.local = self.server.is_local(transport.get_extra_info("peername"), transport.get_extra_info("sockname"))
         self.server.connections.add(self)
         self._arm_timer()
 
@@ -114,9 +129,14 @@ class _AdminProtocol(asyncio.Protocol):
     # -- httptools callbacks
     def on_message_begin(self) -> None:
         self.url = b""
+        self.authorization = b""
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"authorization":
+            self.authorization = value
 
     def on_message_complete(self) -> None:
         self.received = 0
@@ -137,8 +157,12 @@ class _AdminProtocol(asyncio.Protocol):
             answer = (405, TEXT, b"method not allowed\n")
         else:
             path = httptools.parse_url(self.url).path.decode("latin-1")
-            if path == "/metrics":
+            if path in GATED and not self.local:
+                answer = self.server.gated(path, self.authorization)
+            elif path == "/metrics":
                 answer = self.server.metrics()
+            elif path in LOCAL_ONLY and not self.local:
+                answer = (403, TEXT, f"{path} is only for this node's own processes\n".encode())
             else:
                 try:
                     answer = self.server.route(path)
@@ -174,7 +198,8 @@ class _AdminProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n"
+        challenge = 'WWW-Authenticate: Bearer realm="nodemesh-agent"\r\n' if status == 401 else ""
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n{challenge}"
                 f"Content-Length: {len(body) if length is None else length}\r\n"
                 f"{'' if keep_alive else 'Connection: close' + chr(13) + chr(10)}\r\n").encode("latin-1")
         if isinstance(body, bytes):
@@ -184,6 +209,26 @@ class _AdminProtocol(asyncio.Protocol):
         if not keep_alive:
             t.close()
             self.queue.clear()
+
+
+def _bindable(ip: str) -> bool:
+    """Only an address of this network namespace can be bound without IP_FREEBIND/TRANSPARENT."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _nonlocal_bind() -> bool:
+    """net.ipv4.ip_nonlocal_bind=1 makes every bind succeed: then only peer == our address counts."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
 
 
 class _Families(Collector):
@@ -207,7 +252,8 @@ class AdminServer:
                  ready: Callable[[], bool], excluded_ips: Callable[[], list[str]],
                  capture_installed: Callable[[], bool] = lambda: False,
                  identity: Callable[[], dict[str, Any]] = dict,
-                 identity_synced: Callable[[], bool] = lambda: True) -> None:
+                 identity_synced: Callable[[], bool] = lambda: True,
+                 scrape_auth: Callable[[str | None], Awaitable[tuple[int, str]]] | None = None) -> None:
         self.host = host
         self.port = port
         self._ready = ready
@@ -218,6 +264,10 @@ class AdminServer:
         self._reuse_until = 0.0
         self._identity = identity
         self._identity_synced = identity_synced
+        # None: no controller to ask (a standalone agent, tests): /metrics is open to every caller.
+        self.scrape_auth = scrape_auth
+        self._local: dict[str, tuple[float, bool]] = {}
+        self._nonlocal_bind = _nonlocal_bind()
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[_AdminProtocol] = set()
 
@@ -273,6 +323,40 @@ class AdminServer:
 
         rendering.add_done_callback(rendered)
         return rendering
+
+    def gated(self, path: str, authorization: bytes) -> asyncio.Future[Response]:
+        """/metrics or /identity for a caller from off the node: only with a credential the
+        controller accepts (for Metrics)."""
+        scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+        auth = self.scrape_auth
+
+        async def answer() -> Response:
+            if auth is not None:
+                status, message = await auth(given or None)
+                if status != 200:
+                    return status, TEXT, (message + "\n").encode()
+            return await self.metrics() if path == "/metrics" else self.route(path)
+
+        return asyncio.get_running_loop().create_task(answer())
+
+    def is_local(self, peer: Any, sock: Any) -> bool:
+        """Is the caller on this node's own network stack (loopback, or one of its addresses)?"""
+        try:
+            ip, own = peer[0], sock[0]
+        except (TypeError, IndexError):
+            return False  # a unix socket or no address: nothing to vouch for
+        if ip == own or ipaddress.ip_address(ip).is_loopback:
+            return True
+        now = time.monotonic()
+        hit = self._local.get(ip)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        local = not self._nonlocal_bind and _bindable(ip)
+        if len(self._local) > 1024:
+            self._local.clear()
+        self._local[ip] = (now + LOCAL_CACHE_S, local)
+        return local
 
     def _render(self, snap: Snapshot) -> Response:
         """The exposition text, built in pieces of RENDER_CHUNK series: joining one 120 MB text

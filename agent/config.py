@@ -29,6 +29,7 @@ class AgentConfig:
     drain_grace_s: float = 30.0
     controller: str = ""                        # host:port of the controller gRPC API; empty: none
     token_file: str = ""                        # bearer token presented to the controller
+    controller_ca: str = ""                     # PEM CA the controller's TLS certificate must chain to
     identity_file: str = ""                     # sandbox objects.json dir, used when no controller
     report_interval_s: float = 1.0
     # A connection from/to an unknown address in this node's pod CIDR waits this long (at most)

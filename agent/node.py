@@ -68,12 +68,24 @@ class NodeTelemetry:
                                  ready=lambda: self.ready and self.identity_synced(),
                                  excluded_ips=self.index.local_excluded_ips,
                                  capture_installed=lambda: self.capture_installed,
-                                 identity=self.identity_view, identity_synced=self.identity_synced)
+                                 identity=self.identity_view, identity_synced=self.identity_synced,
+                                 scrape_auth=self._scrape_auth() if config.controller else None)
         self._identity_source: IdentityFileSource | None = None
         self.controller_link: Any = None            # agent.report.ControllerLink when configured
         self._admin_open = False
         self._capture_watch: asyncio.Task[None] | None = None
         self._evict_task: asyncio.Task[None] | None = None
+
+    def _scrape_auth(self) -> Any:
+        """Scrapers from elsewhere than this node are checked by the controller (agent/scrapeauth.py)."""
+        from nodemesh.agent.scrapeauth import ScrapeAuth
+
+        def ask(token: str) -> Any:
+            if self.controller_link is None:
+                raise ConnectionError("no controller link")
+            return self.controller_link.review_scrape(token)
+
+        return ScrapeAuth(ask).check
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import time
@@ -62,6 +63,16 @@ _LEGACY, _INCREMENTS = "cumulative", "increments"  # what the controller of this
 Outgoing = pb.AgentMessage | Entry | None
 
 
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ControllerLink:
     def __init__(self, config: AgentConfig, node: NodeTelemetry, *, backoff_base_s: float = 0.25,
                  backoff_max_s: float = 10.0) -> None:
@@ -82,6 +93,9 @@ class ControllerLink:
         self._tick_task: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[Outgoing] | None = None
         self._stopping = False
+        self._reviews: dict[int, asyncio.Future[pb.ScrapeReviewResult]] = {}  # ScrapeReview id -> answer
+        self._review_ids = 0
+        self._plaintext_warned = False
 
     def start(self) -> None:
         self.node.add_tap_sink(self._on_tap_event)
@@ -212,12 +226,26 @@ class ControllerLink:
             return
         box.put_nowait(pb.AgentMessage(tap_event=event))
 
+    def review_scrape(self, token: str) -> asyncio.Future[pb.ScrapeReviewResult]:
+        """Ask the controller whether a scraper's token may read /metrics (agent/scrapeauth.py).
+        Raises ConnectionError when there is no stream to ask on."""
+        box = self._outbox
+        if box is None or not self.connected:
+            raise ConnectionError("no controller link")
+        self._review_ids += 1
+        fut: asyncio.Future[pb.ScrapeReviewResult] = asyncio.get_running_loop().create_future()
+        self._reviews[self._review_ids] = fut
+        fut.add_done_callback(lambda _f, rid=self._review_ids: self._reviews.pop(rid, None))
+        box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=self._review_ids, token=token)))
+        return fut
+
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if not self.config.token_file:
             return ()
         try:
             with open(self.config.token_file) as f:  # re-read per connect: tokens rotate
-                token = f.read().strip()
+                # The first word: a controller's token file may list more tokens, with roles.
+                token = next(iter(f.read().split()), "")
         except OSError as exc:
             log.warning("event=token_unreadable path=%s error=%r", self.config.token_file, exc)
             return ()
@@ -260,6 +288,9 @@ class ControllerLink:
                 self.connected = False
                 self._outbox = None
                 self.mode = None
+                for fut in list(self._reviews.values()):  # asked on this stream: never answered now
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("controller link lost"))
                 # The taps were the disconnected controller's; it re-opens them on reconnect.
                 self.node.close_all_taps()
             if self._stopping:
@@ -269,8 +300,23 @@ class ControllerLink:
             delay = random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt)))
             await asyncio.sleep(delay)
 
+    def _channel(self) -> grpc.aio.Channel:
+        """The channel to the controller: TLS verified against --controller-ca (re-read per connect:
+        a rotated CA is picked up at the next reconnect), else plaintext (loopback, tests)."""
+        ca = self.config.controller_ca
+        if not ca:
+            if self.config.token_file and not self._plaintext_warned and not _loopback(self.config.controller):
+                self._plaintext_warned = True
+                log.warning("event=controller_plaintext addr=%s warning='the bearer token is sent without TLS: "
+                            "pass --controller-ca'", self.config.controller)
+            return grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS)
+        with open(ca, "rb") as f:  # OSError: this attempt fails, the link retries with backoff
+            roots = f.read()
+        return grpc.aio.secure_channel(self.config.controller, grpc.ssl_channel_credentials(root_certificates=roots),
+                                       options=GRPC_CHANNEL_OPTIONS)
+
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS) as channel:
+        async with self._channel() as channel:
             stub = pb_grpc.ControllerStub(channel)
             box: asyncio.Queue[Outgoing] = asyncio.Queue()
             call = stub.Connect(self._requests(box), metadata=self._metadata())
@@ -297,6 +343,11 @@ class ControllerLink:
         which = msg.WhichOneof("msg")
         if which == "report_ack":
             self._on_ack(msg.report_ack)
+            return
+        if which == "scrape_review_result":  # an answer, never what a controller opens with
+            fut = self._reviews.get(msg.scrape_review_result.id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.scrape_review_result)
             return
         if self.mode is None and self._outbox is not None:
             # A controller from before increments opens with the identity: cumulative reports.

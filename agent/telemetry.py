@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nodemesh.agent import workerlink
+from nodemesh.agent import redact, workerlink
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import MetricsStore, classify
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
@@ -129,6 +129,7 @@ class WorkerTelemetry:
         self.index = PodIndex(config.node)
         self.metrics = MetricsStore()
         self.taps = TapRegistry(config.tap_max_rps)
+        self.redaction = redact.DEFAULT  # the mesh config's, once an identity brings one
         self._end = child_end
         self._link: workerlink.Link | None = None
         self._task: asyncio.Task[None] | None = None
@@ -233,6 +234,8 @@ class WorkerTelemetry:
         config = self.index.config
         if config.tap_max_rps > 0:
             self.taps.default_max_rps = config.tap_max_rps
+        self.redaction = redact.Redaction.build(config.tap_redact_headers, config.tap_show_headers,
+                                                config.tap_redact_query)
         for callback in self.on_mesh_config:
             callback(config)
 
@@ -509,17 +512,19 @@ class WorkerTelemetry:
         if req.taps is None:
             return
         head = req.head
-        headers = [pb.Header(name=k, value=v) for k, v in head.headers]
+        red = self.redaction  # secrets are taken out here: tap events leave the node
+        headers = [pb.Header(name=k, value=v) for k, v in red.headers(head.headers)]
+        path = red.path(head.path)
         for tap, direction in req.taps:
             ev = self._event(tap, req, direction)
             ev.request_init.CopyFrom(pb.RequestInit(method=head.method, scheme=head.scheme,
-                                                    authority=head.authority, path=head.path,
+                                                    authority=head.authority, path=path,
                                                     headers=headers))
             self._emit(ev)
 
     def _tap_response(self, req: _Req, status: int, headers: list[tuple[str, str]], at: float) -> None:
         since = int(((at or time.monotonic()) - req.started) * 1e6)
-        hdrs = [pb.Header(name=k, value=v) for k, v in headers]
+        hdrs = [pb.Header(name=k, value=v) for k, v in self.redaction.headers(headers)]
         for tap, direction in req.taps or ():
             ev = self._event(tap, req, direction)
             ev.response_init.CopyFrom(pb.ResponseInit(http_status=status, since_request_init_us=since,

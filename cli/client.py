@@ -40,7 +40,8 @@ log = logging.getLogger("nodemesh.cli")
 
 DEFAULT_SANDBOX_ROOT = Path("/run/nodemesh/sandbox")
 CONTROLLER_ADDR_FILE = "controller.addr"
-CONTROLLER_TOKEN_FILE = "controller.token"  # beside controller.addr (cli/sandbox_install.py TOKEN_FILE)
+CONTROLLER_TOKEN_FILE = "controller.token"
+CONTROLLER_CA_FILE = "controller-ca.crt"  # beside controller.addr when the controller speaks TLS (api/certs.py)  # beside controller.addr (cli/sandbox_install.py TOKEN_FILE)
 DEFAULT_SANDBOX = "nodemesh"  # nodemesh.sandbox.naming.DEFAULT_CLUSTER (not imported: pyroute2 is heavy)
 CONTROLLER_NAMESPACE = "nodemesh"
 CONTROLLER_LABEL = "app=nodemesh-controller"
@@ -71,6 +72,7 @@ class ClientConfig:
     env_sandbox: str | None = None     # NODEMESH_SANDBOX: the sandbox, and which cluster
     kube_env: tuple[tuple[str, str], ...] = ()   # KUBECONFIG and HOME, as the command saw them
     timeout_s: float = DEFAULT_TIMEOUT_S
+    ca_file: str | None = None        # NODEMESH_CONTROLLER_CA: speak TLS, verify the controller with it
 
     @classmethod
     def from_cli(
@@ -85,7 +87,7 @@ class ClientConfig:
         token = env.get("NODEMESH_TOKEN") or None
         if token_file:
             try:
-                token = Path(token_file).read_text().strip()
+                token = first_token(Path(token_file).read_text())
             except OSError as exc:
                 raise CliError(f"cannot read token file {token_file}: {exc.strerror}") from None
         return cls(
@@ -96,6 +98,7 @@ class ClientConfig:
             env_controller=env.get("NODEMESH_CONTROLLER") or None,
             env_sandbox=env.get("NODEMESH_SANDBOX") or None,
             kube_env=tuple((k, env[k]) for k in ("KUBECONFIG", "HOME") if env.get(k)),
+            ca_file=env.get("NODEMESH_CONTROLLER_CA") or None,
         )
 
 
@@ -177,6 +180,7 @@ class Target:
     token: str | None = None  # the sandbox's own token, used when the user gave none
     sandbox_dir: Path | None = None      # a sandbox's state directory
     kube: KubeContext | None = None      # reach it through this kube context
+    ca: Path | None = None               # the sandbox controller's CA (TLS), when it has one
 
 
 NO_CLUSTER_HINT = ("use --context NAME (or `kubectl config use-context NAME`), --sandbox after "
@@ -244,14 +248,26 @@ def _sandbox_at(path: Path, why: str) -> Target:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     host, port = parse_hostport(text, str(path))
     return Target(_grpc_address(host, port), f"sandbox state {path}; {why}", _sandbox_token(path.parent),
-                  sandbox_dir=path.parent)
+                  sandbox_dir=path.parent, ca=sandbox_ca(path.parent))
+
+
+def first_token(text: str) -> str:
+    """The token a client sends from a token file: its first word (a controller's token file may
+    list more tokens, each with its roles: docs/controlplane.md)."""
+    return next(iter(text.split()), "")
+
+
+def sandbox_ca(state_dir: str | Path) -> Path | None:
+    """The CA of a sandbox controller that speaks TLS (`nodemesh install --sandbox` wrote it)."""
+    ca = Path(state_dir) / CONTROLLER_CA_FILE
+    return ca if ca.is_file() else None
 
 
 def _sandbox_token(state_dir: Path) -> str | None:
     """The token `nodemesh install --sandbox` gave its controller; None if absent or unreadable
     (the controller then says what is missing)."""
     try:
-        return (state_dir / CONTROLLER_TOKEN_FILE).read_text().strip() or None
+        return first_token((state_dir / CONTROLLER_TOKEN_FILE).read_text()) or None
     except OSError:
         return None
 
@@ -361,6 +377,18 @@ def _splice(a: Any, b: Any) -> None:
 # ---------------------------------------------------------------------------- the connection
 
 
+def controller_channel(address: str, ca: str | Path | None) -> grpc.Channel:
+    """TLS verified with `ca` when there is one (the token then travels encrypted), else plaintext."""
+    if ca is None:
+        return grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+    try:
+        roots = Path(ca).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the controller's CA {ca}: {exc.strerror}") from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots),
+                               options=GRPC_CHANNEL_OPTIONS)
+
+
 class Controller:
     """An open connection to the controller's gRPC API with the caller's credentials."""
 
@@ -369,7 +397,7 @@ class Controller:
         self.config = config
         self._forward = forward
         assert target.address is not None, "a kube target is connected through its port-forward first"
-        self.channel = grpc.insecure_channel(target.address, options=GRPC_CHANNEL_OPTIONS)
+        self.channel = controller_channel(target.address, config.ca_file or target.ca)
         self.stub = pb_grpc.ControllerStub(self.channel)
         token = config.token or target.token
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()

@@ -19,7 +19,7 @@ from typing import Any
 import click
 import yaml
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.cli.client import ClientConfig, CliError, connect
+from nodemesh.cli.client import ClientConfig, CliError, connect, first_token, sandbox_ca
 
 DEMO_CLUSTER = "nodemesh"
 DEMO_NAMESPACE = "emojivoto"
@@ -117,8 +117,8 @@ def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None
               times, "install"):
         controller = install_sandbox(name, progress=lambda msg: None)
     with step("Waiting for stats to flow", lambda: f"{sb.state_dir} (controller and agent logs)", times, "stats"):
-        token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
-        wait_for_stats(controller, token, timeout=stats_timeout)
+        token = first_token((Path(sb.state_dir) / TOKEN_FILE).read_text())
+        wait_for_stats(controller, token, timeout=stats_timeout, state_dir=Path(sb.state_dir))
     return DemoRun(name=name, controller=controller, steps=times, elapsed=time.monotonic() - total)
 
 
@@ -143,12 +143,14 @@ def current_kube_context() -> str | None:
     return context.name if context is not None else None
 
 
-def wait_for_stats(controller: str, token: str, timeout: float) -> list[Any]:
+def wait_for_stats(controller: str, token: str, timeout: float, state_dir: Path) -> list[Any]:
     """Until the controller reports traffic for emojivoto's web deployment."""
     deadline = time.monotonic() + timeout
     request = pb.StatRequest(selector=pb.Resource(namespace=DEMO_NAMESPACE, type="deployment"),
                              window_seconds=60)
-    with connect(ClientConfig(controller=controller, token=token, timeout_s=3.0)) as api:
+    ca = sandbox_ca(state_dir)
+    with connect(ClientConfig(controller=controller, token=token, timeout_s=3.0,
+                              ca_file=str(ca) if ca else None)) as api:
         while True:
             try:
                 resp = api.unary("StatSummary", request)

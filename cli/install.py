@@ -35,7 +35,7 @@ def _render(values: InstallValues, addon: str | None) -> str:
 _set_option = click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE",
     help="Override a value (repeatable): image, namespace, imagePullPolicy, agentWorkers, logLevel, "
-         "capturedNamespaces, excludedNamespaces, skippedPorts, opaquePorts, tapMaxRps, tapMaxTaps, "
+         "capturedNamespaces, excludedNamespaces, skippedPorts, opaquePorts, tapMaxRps, tapMaxTaps, tapRedactHeaders, tapShowHeaders, tapRedactQuery, "
          "drainGraceSeconds. Lists are comma-separated.",
 )
 _addon_option = click.option(

@@ -41,6 +41,8 @@ TOKEN_DIR = "/var/run/secrets/nodemesh"
 CONTROLLER_NAME = "nodemesh-controller"
 AGENT_NAME = "nodemesh-agent"
 CLI_NAME = "nodemesh-cli"
+TAP_ROLE = "nodemesh-tap"
+TAP_API_GROUP = "tap.nodemesh.io"  # controlplane/auth.py TAP_GROUP (cli/ may not import controlplane/)
 # Margin on top of the agent's drain grace for the redirector to fail open and the process to exit.
 TERMINATION_MARGIN_S = 15
 # The redirector keeps the return path this much longer than the agent's drain (inside the margin above).
@@ -73,6 +75,10 @@ class InstallValues:
     opaquePorts: tuple[int, ...] = field(default=DEFAULT_OPAQUE_PORTS)
     tapMaxRps: float = 100.0
     tapMaxTaps: int = 10                                # concurrent taps per agent
+    # Tap redaction (agents do it; Authorization, Proxy-Authorization, Cookie, Set-Cookie always).
+    tapRedactHeaders: tuple[str, ...] = ()              # more headers redacted
+    tapShowHeaders: tuple[str, ...] = ()                # allow list: only these headers shown
+    tapRedactQuery: bool = False                        # redact query-string values
     drainGraceSeconds: int = 30
     podCidrs: tuple[str, ...] = ()                      # empty: each node's spec.podCIDRs
 
@@ -89,6 +95,9 @@ class InstallValues:
             "opaquePorts": list(self.opaquePorts),
             "tapMaxRps": self.tapMaxRps,
             "tapMaxTaps": self.tapMaxTaps,
+            "tapRedactHeaders": list(self.tapRedactHeaders),
+            "tapShowHeaders": list(self.tapShowHeaders),
+            "tapRedactQuery": self.tapRedactQuery,
             "drainGraceSeconds": self.drainGraceSeconds,
             "logLevel": self.logLevel,
         }
@@ -165,6 +174,14 @@ def _convert(key: str, text: str) -> Any:
         return rps
     if key == "tapMaxTaps":
         return _parse_int(key, text, 1, 1000)
+    if key in ("tapRedactHeaders", "tapShowHeaders"):
+        names = tuple(h.lower() for h in _parse_list(text))
+        bad = [h for h in names if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", h)]
+        if bad:
+            raise ManifestError(f"{key}: {bad[0]!r} is not a header name")
+        return names
+    if key == "tapRedactQuery":
+        return _parse_bool(key, text)
     if key == "podCidrs":
         return tuple(_check_cidr(key, c) for c in _parse_list(text))
     if key == "drainGraceSeconds":
@@ -292,9 +309,32 @@ def _controller_rbac(v: InstallValues) -> list[dict[str, Any]]:
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
             # Checking the tokens agents and the CLI present (TokenReview), nothing else.
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            # Asking whether a caller may tap what it asks to (verb watch on tap.nodemesh.io).
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
         ],
     }
     return [role, _binding(CONTROLLER_NAME, v, "controller")]
+
+
+def _tap_rbac(v: InstallValues) -> list[dict[str, Any]]:
+    # Tap shows what pods send: it is its own permission, `watch` on tap.nodemesh.io/<type>s in the
+    # tapped namespace (the controller asks with a SubjectAccessReview). This ClusterRole grants it
+    # everywhere and is bound to the CLI's ServiceAccount; bind it with a RoleBinding to grant one
+    # namespace's tap, or unbind it to make the CLI stats-only.
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": _meta(TAP_ROLE, None, "cli"),
+        "rules": [{"apiGroups": [TAP_API_GROUP], "resources": ["*"], "verbs": ["watch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": _meta(TAP_ROLE, None, "cli"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TAP_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": CLI_NAME, "namespace": v.namespace}],
+    }
+    return [role, binding]
 
 
 def _agent_rbac(v: InstallValues) -> list[dict[str, Any]]:
@@ -394,6 +434,9 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--opaque-ports", _csv(config["opaquePorts"]),
         "--tap-max-rps", _number(config["tapMaxRps"]),
         "--tap-max-taps", str(config["tapMaxTaps"]),
+        *(["--tap-redact-headers", _csv(config["tapRedactHeaders"])] if config["tapRedactHeaders"] else []),
+        *(["--tap-show-headers", _csv(config["tapShowHeaders"])] if config["tapShowHeaders"] else []),
+        *(["--tap-redact-query"] if config["tapRedactQuery"] else []),
         *(["--captured-namespaces", _csv(config["capturedNamespaces"])] if config["capturedNamespaces"] else []),
         "--log-level", v.logLevel,
         # Agents and the CLI present audience-bound ServiceAccount tokens; the controller checks
@@ -715,9 +758,10 @@ def daemonset_documents(v: InstallValues) -> list[dict[str, Any]]:
         _service_account(CONTROLLER_NAME, v, "controller", True),
         _service_account(AGENT_NAME, v, "agent", True),
         # Identity for the CLI's tokens: `kubectl create token nodemesh-cli --audience nodemesh-controller`.
-        # It has no RBAC at all; it only exists to be named in a TokenReview.
+        # Its only RBAC is the tap permission (nodemesh-tap); stats need no RBAC, only the name.
         _service_account(CLI_NAME, v, "cli", False),
         *_controller_rbac(v),
+        *_tap_rbac(v),
         *_agent_rbac(v),
         _config_map(v),
         *_controller(v),

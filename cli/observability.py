@@ -15,13 +15,22 @@ from collections.abc import Iterator
 from typing import Any
 
 from nodemesh.api import model
-from nodemesh.cli.manifest import VERSION, dump_documents, labels, selector_labels, to_yaml
+from nodemesh.cli.manifest import (
+    CONTROLLER_AUDIENCE,
+    VERSION,
+    dump_documents,
+    labels,
+    selector_labels,
+    to_yaml,
+)
 
 RATE = "$__rate_interval"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 AGENT_JOB = "nodemesh-agent"
 CONTROLLER_JOB = "nodemesh-controller"
 PROMETHEUS_NAME = "nodemesh-prometheus"
+SCRAPE_TOKEN_DIR = "/var/run/secrets/nodemesh"
+SCRAPE_AUDIENCE = CONTROLLER_AUDIENCE
 GRAFANA_NAME = "nodemesh-grafana"
 PROMETHEUS_PORT = 9090
 GRAFANA_PORT = 3000
@@ -506,6 +515,9 @@ def prometheus_config(namespace: str) -> dict[str, Any]:
             {
                 "job_name": AGENT_JOB,
                 "kubernetes_sd_configs": [pods("agent")],
+                # An agent's /metrics answers only scrapers with a credential the controller accepts:
+                # this ServiceAccount's projected token (audience nodemesh-controller), re-read per scrape.
+                "authorization": {"type": "Bearer", "credentials_file": f"{SCRAPE_TOKEN_DIR}/token"},
                 "relabel_configs": [
                     running,
                     # The DaemonSet declares no container ports (hostNetwork + maxSurge, see
@@ -601,11 +613,16 @@ def prometheus_documents(namespace: str) -> list[dict[str, Any]]:
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
         "securityContext": _nonroot(65534, True),
         "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus", "readOnly": True},
-                         {"name": "data", "mountPath": "/prometheus"}],
+                         {"name": "data", "mountPath": "/prometheus"},
+                         {"name": "scrape-token", "mountPath": SCRAPE_TOKEN_DIR, "readOnly": True}],
     }
+    # The token the agents' /metrics asks for: checked by the controller with a TokenReview
+    # (`--token-review-scrapers`, default this ServiceAccount); one hour, rotated by the kubelet.
+    token = {"name": "scrape-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": SCRAPE_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}
     pod_spec = {"serviceAccountName": PROMETHEUS_NAME, "containers": [container],
                 "volumes": [{"name": "config", "configMap": {"name": PROMETHEUS_NAME}},
-                            {"name": "data", "emptyDir": {"sizeLimit": "2Gi"}}]}
+                            {"name": "data", "emptyDir": {"sizeLimit": "2Gi"}}, token]}
     return [sa, role, binding, cm, _deployment(PROMETHEUS_NAME, namespace, "prometheus", pod_spec, config),
             _service(PROMETHEUS_NAME, namespace, "prometheus", PROMETHEUS_PORT)]
 

@@ -30,9 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import click
+from nodemesh.api.certs import CA_FILE, CERT_FILE, KEY_FILE, ControllerPki, write_controller_pki
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
-from nodemesh.cli.client import CONTROLLER_ADDR_FILE, ClientConfig, CliError, connect, write_sandbox_address
+from nodemesh.cli.client import (
+    CONTROLLER_ADDR_FILE,
+    ClientConfig,
+    CliError,
+    connect,
+    first_token,
+    sandbox_ca,
+    write_sandbox_address,
+)
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
 from nodemesh.cli.manifest import (
     CLI_NAME,
@@ -92,6 +101,11 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
         token_path.chmod(0o600)
     controller_host = sb.controller_address
     controller = f"{controller_host}:{CONTROLLER_GRPC_PORT}"
+    # The controller speaks TLS: agents on other nodes send their token across the node-to-node
+    # link. Made once, like the token (a re-install must not change what a running controller serves).
+    pki = ControllerPki(state_dir / CA_FILE, state_dir / CERT_FILE, state_dir / KEY_FILE)
+    if not all(p.exists() for p in (pki.ca, pki.cert, pki.key)):
+        pki = write_controller_pki(state_dir, [controller_host])
     py = sys.executable
     # The node processes run the nodemesh this process imports (a worktree on PYTHONPATH, not
     # whatever copy is pip-installed): the kubelet gives them a clean environment otherwise.
@@ -99,12 +113,13 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
 
     sb.start_node_process(nodes[0].name, CONTROLLER_PROCESS, [
         py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
-        "--listen", "0.0.0.0", "--token-file", str(token_path),
+        "--listen", "0.0.0.0", "--token-file", str(token_path), "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
     ], env=env)
     for node in nodes:
         sb.start_node_process(node.name, agent_process(node.name), [
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
-            "--controller", controller, "--token-file", str(token_path), "--workers", str(workers),
+            "--controller", controller, "--token-file", str(token_path), "--controller-ca", str(pki.ca),
+            "--workers", str(workers),
         ], env=env)
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])
@@ -183,6 +198,10 @@ def _install_as_pods(sb: Any, workers: int, timeout: float, say: Callable[[str],
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
     sb.ensure_api_server(timeout=timeout)
+    # The manifest's controller serves the API without TLS in the sandbox (no in-cluster PKI
+    # here, docs/sandbox.md): a CA left by a node-process install would make clients expect TLS.
+    for name in (CA_FILE, CERT_FILE, KEY_FILE):
+        (state_dir / name).unlink(missing_ok=True)
     text = dump_documents(sandbox_documents(values), "# nodemesh install --sandbox --as-pods\n")
     (state_dir / PODS_MANIFEST_FILE).write_text(text)
     sb.apply(text=text)
@@ -261,7 +280,9 @@ _READY_PROBE = (
 
 
 def _mesh_healthy(controller: str, token_path: Path, nodes: set[str]) -> bool:
-    config = ClientConfig(controller=controller, token=token_path.read_text().strip(), timeout_s=2.0)
+    ca = sandbox_ca(token_path.parent)
+    config = ClientConfig(controller=controller, token=first_token(token_path.read_text()), timeout_s=2.0,
+                          ca_file=str(ca) if ca else None)
     try:
         with connect(config) as api:
             resp = api.unary("Check", pb.CheckRequest())

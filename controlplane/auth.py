@@ -15,6 +15,11 @@ Two authenticators:
   our audiences (a token minted for the API server is refused), and the user it names must be on
   the policy's list for the method: agents (`Connect`) and readers (`StatSummary`, `Edges`,
   `Check`, `Tap`) are separate lists, so a CLI token can never report metrics.
+
+Tap needs more than the API: the events show what pods send. A token-file line carries roles
+(`agent`, `stats`, `tap`, `metrics`; none = all), and a reviewed user must also be allowed `watch`
+on `tap.nodemesh.io` for the tapped resource by Kubernetes RBAC (`authorize_tap`, a
+SubjectAccessReview), checked per tap with the tap's namespace, type and name.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ INVALID_TOKEN = "invalid token"
 DEFAULT_AUDIENCE = "nodemesh-controller"
 AGENT_METHODS = frozenset({"Connect"})
 GROUP_PREFIX = "group:"
+# Not a gRPC method: an agent asks the controller whether a scraper of its /metrics may read it.
+METRICS_SCRAPE = "Metrics"
+# What each method needs of a token-file line's roles.
+METHOD_ROLES = {"Connect": "agent", "StatSummary": "stats", "Edges": "stats", "Check": "stats", "Tap": "tap",
+                METRICS_SCRAPE: "metrics"}
+ROLES = frozenset(METHOD_ROLES.values())
+TAP_GROUP = "tap.nodemesh.io"  # RBAC: verb `watch` on this group's <type>s (resource "*" for all types)
+TAP_VERB = "watch"
 
 
 class AuthError(Exception):
@@ -65,6 +78,18 @@ class Authenticator(Protocol):
         raises AuthError otherwise."""
         ...
 
+    async def authorize_tap(self, token: str, namespace: str, rtype: str, name: str) -> None:
+        """Raises AuthError(PERMISSION_DENIED) unless the token may tap this resource (namespace ""
+        = every namespace; rtype as a TapFilter's, e.g. "deployment"; name "" = every one)."""
+        ...
+
+
+def tap_resource(rtype: str) -> str:
+    """The RBAC resource a tap of `rtype` asks for: the type's plural; "*" for all types."""
+    if rtype in ("", "all"):
+        return "*"
+    return rtype if rtype.endswith("s") else rtype + "s"
+
 
 def method_name(full_method: str) -> str:
     """`/nodemesh.v1.Controller/StatSummary` -> `StatSummary`."""
@@ -87,15 +112,38 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
 
 
 class StaticTokenAuthenticator:
-    """One shared secret read from a file; re-read whenever the file changes (inode, mtime, size)."""
+    """Shared secrets read from a file; re-read whenever the file changes (inode, mtime, size).
+
+    One token per line, optionally followed by its roles: `TOKEN [ROLE,...]` with roles among
+    `agent` (Connect), `stats` (StatSummary, Edges, Check), `tap` (Tap), `metrics` (scrape an
+    agent's /metrics); a line without roles may do everything (the sandbox's `controller.token`).
+    Clients read the first token of the file (the first line's first word).
+    """
 
     PRINCIPAL = Principal("static-token")
 
     def __init__(self, token_file: str) -> None:
         self.token_file = token_file
         self._stamp: tuple[int, int, int] | None = None
-        self._token = b""
+        self._tokens: list[tuple[bytes, frozenset[str]]] = []
         self._reload(startup=True)
+
+    @staticmethod
+    def parse(text: bytes) -> list[tuple[bytes, frozenset[str]]]:
+        """The file's lines as (token, roles); raises ValueError on an unknown role."""
+        tokens = []
+        for number, line in enumerate(text.splitlines(), 1):
+            words = line.split()
+            if not words or words[0].startswith(b"#"):
+                continue
+            roles = frozenset(r.strip() for w in words[1:] for r in w.decode().removeprefix("role=").split(",")
+                              if r.strip())
+            unknown = roles - ROLES
+            if unknown:
+                raise ValueError(f"line {number}: unknown role {min(unknown)!r} "
+                                 f"(roles: {', '.join(sorted(ROLES))})")
+            tokens.append((words[0], roles or ROLES))
+        return tokens
 
     def _reload(self, startup: bool = False) -> None:
         try:
@@ -104,28 +152,43 @@ class StaticTokenAuthenticator:
             if stamp == self._stamp:
                 return
             with open(self.token_file, "rb") as f:
-                token = f.read().strip()
-        except OSError as exc:
+                tokens = self.parse(f.read())
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
             if startup:  # main() turns this into one line
-                raise ValueError(f"cannot read --token-file {self.token_file}: {exc.strerror}") from None
+                raise ValueError(f"cannot read --token-file {self.token_file}: {why}") from None
             # Mid-rotation (file briefly absent): keep the token we have rather than lock everyone out.
-            log.warning("event=token_file_unreadable path=%s error=%r", self.token_file, exc)
+            log.warning("event=token_file_unreadable path=%s error=%r", self.token_file, why)
             return
-        if not token:
+        if not tokens:
             if startup:
                 raise ValueError(f"--token-file {self.token_file} is empty")
             log.warning("event=token_file_empty path=%s keeping=previous", self.token_file)
             return
         if self._stamp is not None:
             log.info("event=token_file_reloaded path=%s", self.token_file)
-        self._stamp, self._token = stamp, token
+        self._stamp, self._tokens = stamp, tokens
 
     async def authenticate(self, token: str, method: str) -> Principal:
         self._reload()
-        # Constant time: the comparison must not tell a prober how many leading bytes were right.
-        if not hmac.compare_digest(token.encode(), self._token):
+        given = token.encode()
+        roles: frozenset[str] | None = None
+        for known, known_roles in self._tokens:
+            # Constant time, and every line compared: timing tells a prober nothing.
+            if hmac.compare_digest(given, known):
+                roles = known_roles
+        if roles is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN, "token does not match the token file")
+        needed = METHOD_ROLES.get(method, "stats")
+        if needed not in roles:
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"this token may not call {method}: it needs role {needed}, "
+                            f"the token has {','.join(sorted(roles))}",
+                            f"static token roles={sorted(roles)} not allowed for {method}")
         return self.PRINCIPAL
+
+    async def authorize_tap(self, token: str, namespace: str, rtype: str, name: str) -> None:
+        await self.authenticate(token, "Tap")  # the `tap` role covers every namespace
 
 
 # ---------------------------------------------------------------------------- TokenReview
@@ -137,18 +200,26 @@ class AccessPolicy:
     (`system:serviceaccount:NS:NAME`) or `group:NAME`."""
 
     agents: frozenset[str]   # may call Connect (report metrics, receive identity, serve taps)
-    readers: frozenset[str]  # may call StatSummary, Edges, Check, Tap
+    readers: frozenset[str]  # may call StatSummary, Edges, Check, Tap (tap also needs RBAC)
+    scrapers: frozenset[str] = frozenset()  # may read an agent's /metrics (asked through Connect)
 
     @classmethod
-    def for_namespace(cls, namespace: str, agents: Sequence[str] = (), readers: Sequence[str] = ()) -> AccessPolicy:
+    def for_namespace(cls, namespace: str, agents: Sequence[str] = (), readers: Sequence[str] = (),
+                      scrapers: Sequence[str] = ()) -> AccessPolicy:
         """Defaults are the ServiceAccounts `nodemesh install` creates in `namespace`."""
         return cls(
             agents=frozenset(agents or [f"system:serviceaccount:{namespace}:nodemesh-agent"]),
             readers=frozenset(readers or [f"system:serviceaccount:{namespace}:nodemesh-cli"]),
+            scrapers=frozenset(scrapers or [f"system:serviceaccount:{namespace}:nodemesh-prometheus"]),
         )
 
     def allows(self, principal: Principal, method: str) -> bool:
-        allowed = self.agents if method in AGENT_METHODS else self.readers
+        if method in AGENT_METHODS:
+            allowed = self.agents
+        elif method == METRICS_SCRAPE:
+            allowed = self.scrapers
+        else:
+            allowed = self.readers
         return principal.username in allowed or any(GROUP_PREFIX + g in allowed for g in principal.groups)
 
 
@@ -184,6 +255,8 @@ class TokenReviewAuthenticator:
         self.reviews = 0  # TokenReviews sent to the API server (tests, logs)
         self._cache: dict[str, tuple[float, Principal | AuthError]] = {}
         self._inflight: dict[str, asyncio.Future[Principal]] = {}
+        self.access_reviews = 0  # SubjectAccessReviews sent (tests)
+        self._access: dict[tuple[Any, ...], tuple[float, str]] = {}  # -> (expiry, "" allowed | reason)
 
     async def authenticate(self, token: str, method: str) -> Principal:
         principal = await self._identify(token)
@@ -192,6 +265,51 @@ class TokenReviewAuthenticator:
                             f"{principal.username} may not call {method}",
                             f"user={principal.username} not allowed for {method}")
         return principal
+
+    async def authorize_tap(self, token: str, namespace: str, rtype: str, name: str) -> None:
+        principal = await self.authenticate(token, "Tap")
+        resource = tap_resource(rtype)
+        key = (principal, namespace, resource, name)
+        hit = self._access.get(key)
+        now = self.clock()
+        if hit is None or hit[0] <= now:
+            denied = await asyncio.to_thread(self._access_review, principal, namespace, resource, name)
+            if len(self._access) >= self.cache_max:
+                self._access.clear()
+            self._access[key] = hit = (now + self.negative_ttl_s if denied else now + self.cache_ttl_s, denied)
+        if hit[1]:
+            where = f"namespace {namespace}" if namespace else "all namespaces"
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{principal.username} may not tap {rtype or 'all'}{'/' + name if name else ''} in {where}: "
+                            f"RBAC must allow verb {TAP_VERB} on {TAP_GROUP} {resource} "
+                            f"(e.g. bind the ClusterRole nodemesh-tap)", f"SubjectAccessReview: {hit[1]}")
+
+    def _access_review(self, principal: Principal, namespace: str, resource: str, name: str) -> str:
+        """A SubjectAccessReview: "" when allowed, else the reason (logged, never sent)."""
+        c = self._client
+        attrs = c.V1ResourceAttributes(namespace=namespace or None, verb=TAP_VERB, group=TAP_GROUP,
+                                       resource=resource, name=name or None)
+        body = c.V1SubjectAccessReview(api_version="authorization.k8s.io/v1", kind="SubjectAccessReview",
+                                       spec=c.V1SubjectAccessReviewSpec(user=principal.username,
+                                                                        groups=list(principal.groups),
+                                                                        resource_attributes=attrs))
+        self.access_reviews += 1
+        try:
+            review = c.AuthorizationV1Api(self._api.api_client).create_subject_access_review(
+                body, _request_timeout=self.timeout_s)
+        except c.ApiException as exc:
+            hint = " (does the controller's ClusterRole allow create on subjectaccessreviews?)" \
+                if exc.status == 403 else ""
+            raise AuthError(grpc.StatusCode.UNAVAILABLE,
+                            f"cannot check tap permission: SubjectAccessReview failed: {exc.status} {exc.reason}{hint}"
+                            ) from None
+        except Exception as exc:  # noqa: BLE001 - API server unreachable: the caller may retry
+            raise AuthError(grpc.StatusCode.UNAVAILABLE,
+                            f"cannot check tap permission: SubjectAccessReview failed: {type(exc).__name__}") from None
+        status = review.status
+        if status is not None and status.allowed and not status.denied:
+            return ""
+        return (getattr(status, "reason", None) or "not allowed") if status is not None else "no status"
 
     async def _identify(self, token: str) -> Principal:
         key = hashlib.sha256(token.encode()).hexdigest()
@@ -257,6 +375,19 @@ class TokenReviewAuthenticator:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN,
                             f"TokenReview: audiences {sorted(granted)} do not include {list(self.audiences)}")
         return Principal(status.user.username, tuple(status.user.groups or ()))
+
+
+async def review_scrape(authenticator: Authenticator, token: str) -> tuple[bool, bool, str]:
+    """An agent's question: may the scraper presenting `token` read its /metrics? Returns
+    (allowed, unavailable, message); `unavailable` means it could not be checked now."""
+    if not token:
+        return False, False, MISSING_TOKEN
+    try:
+        await authenticator.authenticate(token, METRICS_SCRAPE)
+    except AuthError as exc:
+        log.info("event=scrape_refused code=%s reason=%r", exc.code.name, exc.reason)
+        return False, exc.code == grpc.StatusCode.UNAVAILABLE, exc.message
+    return True, False, ""
 
 
 # ---------------------------------------------------------------------------- the interceptor

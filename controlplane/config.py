@@ -24,6 +24,11 @@ class ControllerConfig:
     excluded_namespaces: tuple[str, ...] = ("kube-system", "nodemesh")
     captured_namespaces: tuple[str, ...] = ()   # when set, only these namespaces are captured
     tap_max_rps: float = 100.0
+    # Tap redaction, done by the agents (agent/redact.py): Authorization, Proxy-Authorization, Cookie
+    # and Set-Cookie always; these more; with tap_show_headers, every header not listed.
+    tap_redact_headers: tuple[str, ...] = ()
+    tap_show_headers: tuple[str, ...] = ()
+    tap_redact_query: bool = False
     tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
     identity_debounce_s: float = 0.05
@@ -40,7 +45,10 @@ class ControllerConfig:
     auth_namespace: str = "nodemesh"            # where the default agent/CLI ServiceAccounts live
     token_review_agents: tuple[str, ...] = ()   # users/`group:G` allowed to Connect; () = the agent SA
     token_review_readers: tuple[str, ...] = ()  # allowed stat/edges/check/tap; () = the nodemesh-cli SA
+    token_review_scrapers: tuple[str, ...] = ()  # may read agents' /metrics; () = the nodemesh-prometheus SA
     token_cache_s: float = 60.0
     insecure_open_api: bool = False             # allow no auth on a non-loopback address
+    tls_cert: str = ""                          # PEM files: the gRPC port speaks TLS (tokens never in clear)
+    tls_key: str = ""
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
     grafana_url: str = ""

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -44,6 +44,9 @@ _CLOSE = object()     # outbox marker: the agent's side of the stream ended
 _ACK = object()       # outbox marker: acknowledge the increment reports stored (coalesces)
 # An agent clock this far off ours is corrected by the measured skew when filing its reports.
 SKEW_CORRECT_MS = 1000
+MAX_SCRAPE_REVIEWS = 256  # scrapers' credential checks in flight for all agents
+# token -> (allowed, could not be checked now, message): controlplane/auth.review_scrape
+ScrapeReviewer = Callable[[str], Awaitable[tuple[bool, bool, str]]]
 
 
 def controller_version() -> str:
@@ -114,6 +117,10 @@ class Controller:
         self._push_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.registry.add_listener(self._registry_changed)
+        # Answers agents' ScrapeReviews (may this token read an agent's /metrics?); None: no
+        # authentication configured (dev mode), every scraper is allowed.
+        self.scrape_reviewer: ScrapeReviewer | None = None
+        self._reviews: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -153,7 +160,8 @@ class Controller:
     def mesh_config(self) -> pb.MeshConfig:
         c = self.config
         return pb.MeshConfig(opaque_ports=list(c.opaque_ports), excluded_namespaces=list(c.excluded_namespaces),
-                             tap_max_rps=c.tap_max_rps)
+                             tap_max_rps=c.tap_max_rps, tap_redact_headers=list(c.tap_redact_headers),
+                             tap_show_headers=list(c.tap_show_headers), tap_redact_query=c.tap_redact_query)
 
     def refresh_identity(self) -> IdentityFeed:
         """Bring the identity feed up to the registry (a new version only when something an agent
@@ -233,6 +241,29 @@ class Controller:
             session.identity_epoch, session.identity_version = 0, 0
             session.identity_resyncs += 1
             session.queue_identity()
+        elif which == "scrape_review":
+            self._scrape_review(session, msg.scrape_review)
+
+    def _scrape_review(self, session: AgentSession, review: pb.ScrapeReview) -> None:
+        """Check a scraper's token for an agent, off the stream's reader: a TokenReview takes a
+        round trip to the API server. At most MAX_SCRAPE_REVIEWS at once (then: unavailable)."""
+        if self.scrape_reviewer is None:
+            session.send(pb.ControllerMessage(scrape_review_result=pb.ScrapeReviewResult(id=review.id, allowed=True)))
+            return
+        if len(self._reviews) >= MAX_SCRAPE_REVIEWS:
+            session.send(pb.ControllerMessage(scrape_review_result=pb.ScrapeReviewResult(
+                id=review.id, unavailable=True, message="too many credential checks at once")))
+            return
+        reviewer = self.scrape_reviewer
+
+        async def run() -> None:
+            allowed, unavailable, message = await reviewer(review.token)
+            session.send(pb.ControllerMessage(scrape_review_result=pb.ScrapeReviewResult(
+                id=review.id, allowed=allowed, unavailable=unavailable, message=message)))
+
+        task = asyncio.get_running_loop().create_task(run(), name="scrape-review")
+        self._reviews.add(task)
+        task.add_done_callback(self._reviews.discard)
 
     def ack_message(self, agent_id: str) -> pb.ControllerMessage:
         entry = self._counters.get(agent_id)

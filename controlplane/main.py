@@ -16,7 +16,7 @@ from aiohttp import web
 from nodemesh.controlplane.auth import AccessPolicy, Authenticator, build_authenticator
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
-from nodemesh.controlplane.server import start_grpc_server
+from nodemesh.controlplane.server import server_credentials, start_grpc_server
 from nodemesh.controlplane.sources import ClusterSource
 from nodemesh.controlplane.web import build_app
 
@@ -65,7 +65,7 @@ def configure_auth(config: ControllerConfig) -> Authenticator | None:
     if config.token_review and config.source != "kubernetes":
         raise ValueError("--token-review needs --source kubernetes (the sandbox uses --token-file)")
     policy = AccessPolicy.for_namespace(config.auth_namespace, config.token_review_agents,
-                                        config.token_review_readers)
+                                        config.token_review_readers, config.token_review_scrapers)
     authenticator = build_authenticator(config.token_file, config.token_review, config.token_audiences,
                                         policy, config.kubeconfig, config.token_cache_s)
     if authenticator is not None:
@@ -88,7 +88,12 @@ async def start(config: ControllerConfig, source: ClusterSource | None = None,
         authenticator = configure_auth(config)
     controller = Controller(config, source if source is not None else build_source(config))
     await controller.start()
-    grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port, authenticator)
+    credentials = server_credentials(config.tls_cert, config.tls_key)
+    if credentials is None and authenticator is not None and not _is_loopback(config.listen):
+        log.warning("event=grpc_plaintext listen=%s warning='bearer tokens cross the network in clear: "
+                    "pass --tls-cert/--tls-key'", config.listen)
+    grpc_server, grpc_port = await start_grpc_server(controller, config.listen, config.grpc_port, authenticator,
+                                                     credentials)
     runner = web.AppRunner(build_app(controller, authenticator), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen, config.web_port)
@@ -113,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--captured-namespaces", default="",
                    help="only these namespaces are captured (comma-separated; default: all not excluded)")
     p.add_argument("--tap-max-rps", type=float, default=ControllerConfig.tap_max_rps)
+    p.add_argument("--tap-redact-headers", default="", metavar="H1,H2",
+                   help="more headers whose values tap redacts (Authorization, Proxy-Authorization, Cookie and "
+                        "Set-Cookie always are)")
+    p.add_argument("--tap-show-headers", default="", metavar="H1,H2",
+                   help="allow list: tap shows only these headers' values, redacts the rest")
+    p.add_argument("--tap-redact-query", action="store_true", help="tap redacts query-string values")
     p.add_argument("--tap-max-taps", type=int, default=ControllerConfig.tap_max_taps,
                    help="concurrent taps; more are refused")
     p.add_argument("--log-level", default="warning")
@@ -132,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     auth.add_argument("--token-review-readers", default="",
                       help="users or group:NAME allowed stat/edges/check/tap "
                            "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-cli)")
+    auth.add_argument("--token-review-scrapers", default="",
+                      help="users or group:NAME allowed to read the agents' /metrics "
+                           "(default system:serviceaccount:$POD_NAMESPACE:nodemesh-prometheus)")
+    auth.add_argument("--tls-cert", default="", metavar="PEM",
+                      help="serve the gRPC API over TLS with this certificate (agents and the CLI verify it)")
+    auth.add_argument("--tls-key", default="", metavar="PEM", help="the key of --tls-cert")
     auth.add_argument("--insecure-open-api", action="store_true",
                       help="serve without authentication on a non-loopback address (trusted networks only)")
     a = p.parse_args(argv)
@@ -146,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         listen=a.listen, grpc_port=a.grpc_port, web_port=a.web_port,
         excluded_namespaces=tuple(n for n in a.excluded_namespaces.split(",") if n),
         captured_namespaces=tuple(n for n in a.captured_namespaces.split(",") if n),
-        tap_max_taps=a.tap_max_taps,
+        tap_max_taps=a.tap_max_taps, tap_redact_headers=_csv(a.tap_redact_headers),
+        tap_show_headers=_csv(a.tap_show_headers), tap_redact_query=a.tap_redact_query,
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
         tap_max_rps=a.tap_max_rps, log_level=a.log_level,
         token_file=a.token_file, token_review=a.token_review,
@@ -154,7 +172,9 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         # Read here, once: the Deployment sets POD_NAMESPACE from the downward API.
         auth_namespace=os.environ.get("POD_NAMESPACE") or ControllerConfig.auth_namespace,
         token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
+        token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
+        tls_cert=a.tls_cert, tls_key=a.tls_key,
     )
 
 

@@ -5,6 +5,7 @@ A thin layer: every method hands over to `Controller`, which holds the logic.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,15 +13,17 @@ import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
-from nodemesh.controlplane.auth import Authenticator, AuthInterceptor
+from nodemesh.controlplane.auth import Authenticator, AuthError, AuthInterceptor, bearer_token, review_scrape
 from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.stat import StatError
+from nodemesh.controlplane.tap import tap_scope
 
 log = logging.getLogger("nodemesh.controlplane.server")
 
 class ControllerServicer(pb_grpc.ControllerServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, authenticator: Authenticator | None = None) -> None:
         self.controller = controller
+        self.authenticator = authenticator
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControllerMessage]:
@@ -48,6 +51,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             self.controller.validate_tap(request.filter)
         except StatError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.authenticator is not None:
+            # The interceptor let a reader in; what this tap shows needs its own permission.
+            try:
+                await self.authenticator.authorize_tap(bearer_token(context.invocation_metadata()) or "",
+                                                       *tap_scope(request.filter))
+            except AuthError as exc:
+                await context.abort(exc.code, exc.message)
         try:
             self.controller.check_tap_capacity()
         except TapLimitError as exc:
@@ -62,11 +72,29 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             await events.aclose()
 
 
+def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None:
+    """TLS for the API from PEM files (`--tls-cert`/`--tls-key`); None when neither is given.
+    Read once at start: a new certificate takes a restart (agents and the CLI reconnect)."""
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("--tls-cert and --tls-key go together")
+    try:
+        with open(key_file, "rb") as k, open(cert_file, "rb") as c:
+            return grpc.ssl_server_credentials([(k.read(), c.read())])
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS certificate or key: {exc.filename}: {exc.strerror}") from None
+
+
 async def start_grpc_server(controller: Controller, host: str, port: int,
-                            authenticator: Authenticator | None = None) -> tuple[grpc.aio.Server, int]:
+                            authenticator: Authenticator | None = None,
+                            credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Serve the API on host:port (port 0: any free port); returns the server and the port.
-    With an authenticator every call must carry an accepted bearer token (controlplane/auth.py)."""
+    With an authenticator every call must carry an accepted bearer token (controlplane/auth.py);
+    with credentials (server_credentials()) the port speaks only TLS."""
     interceptors = [AuthInterceptor(authenticator, controller.metrics.registry)] if authenticator else []
+    if authenticator is not None:  # agents ask, over Connect, who may scrape their /metrics
+        controller.scrape_reviewer = functools.partial(review_scrape, authenticator)
     server = grpc.aio.server(interceptors=interceptors,
                              # An agent's report holds every series it has seen: gRPC's default
                              # 4 MiB would stop a busy node's stats (api/model.py).
@@ -74,10 +102,11 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
                                       ("grpc.keepalive_time_ms", 20_000),
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])
-    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, authenticator), server)
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, credentials) if credentials is not None else server.add_insecure_port(addr)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
-    log.info("event=grpc_listening addr=%s:%d", host, bound)
+    log.info("event=grpc_listening addr=%s:%d tls=%s", host, bound, credentials is not None)
     return server, bound

@@ -20,6 +20,15 @@ MAX_TRACKED_REQUESTS = 10_000
 QUEUE_SIZE = 2_000
 
 
+def tap_scope(flt: pb.TapFilter) -> tuple[str, str, str]:
+    """(namespace, type, name) a tap reads, as its permission is checked (auth.authorize_tap)."""
+    t = flt.target
+    if t.type == "namespace":
+        ns = t.name or t.namespace
+        return ns, "namespace", ns
+    return t.namespace, t.type, t.name
+
+
 class TokenBucket:
     """`rate` tokens per second, bursts up to one second's worth (at least one)."""
 

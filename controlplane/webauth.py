@@ -16,6 +16,7 @@ from aiohttp import web
 from nodemesh.controlplane.auth import MISSING_TOKEN, Authenticator, AuthError
 
 COOKIE = "nodemesh_token"
+AUTHENTICATOR_KEY: web.AppKey[Authenticator] = web.AppKey("nodemesh_authenticator", Authenticator)
 OPEN_PATHS = ("/live", "/ready", "/metrics", "/static/")
 LOGIN_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>nodemesh: sign in</title></head>
@@ -34,7 +35,7 @@ def _method_of(path: str) -> str:
     return "Tap" if path.startswith("/api/tap") else "StatSummary"
 
 
-def _token_of(request: web.Request) -> str | None:
+def token_of(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -55,7 +56,7 @@ def install(app: web.Application, authenticator: Authenticator) -> None:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/login" or request.path.startswith(OPEN_PATHS):
             return await handler(request)
-        token = _token_of(request)
+        token = token_of(request)
         if token is None:
             return _refuse(request, MISSING_TOKEN)
         try:
@@ -76,5 +77,6 @@ def install(app: web.Application, authenticator: Authenticator) -> None:
         response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
         return response
 
+    app[AUTHENTICATOR_KEY] = authenticator
     app.middlewares.append(check)
     app.router.add_get("/login", login)

@@ -35,7 +35,8 @@ from nodemesh.redirector.plan import (
 )
 from pyroute2 import IPRoute, NetNS
 
-OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT, CHAIN_INPUT)
+# NODEMESH_ANTISPOOF is redirector/antispoof.py's (raw PREROUTING): a full removal takes it too.
+OUR_CHAINS = (CHAIN_PREROUTING, CHAIN_OUTBOUND, CHAIN_INBOUND, CHAIN_OUTPUT, CHAIN_INPUT, "NODEMESH_ANTISPOOF")
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 
@@ -263,6 +264,11 @@ class Redirector:
                         self._table_was_ours(tables[table]):
                     self.nf.restore(f"*{table}\nCOMMIT\n", noflush=False)
         changed |= self._remove_ebtables()
+        # The anti-spoofing rules (redirector/antispoof.py): its raw chain went with ours above; its
+        # ebtables filter chain (and a filter table only it used) goes here, as after a SIGKILL.
+        from nodemesh.redirector.antispoof import remove_rules
+
+        changed |= remove_rules(self.nf)
         if plan is not None:
             changed |= self._remove_routing(plan)
         return changed

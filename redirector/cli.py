@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+from nodemesh.redirector.antispoof import AntiSpoof
 from nodemesh.redirector.apply import ApplyError, Netfilter, Redirector, detect_backend, detect_eb_backend
 from nodemesh.redirector.config import (
     DEFAULT_ROUTE_TABLE,
@@ -19,6 +21,7 @@ from nodemesh.redirector.config import (
 from nodemesh.redirector.plan import build_plan, render_dry_run
 from nodemesh.redirector.runner import FailOpenRunner, KVLog, RunnerConfig
 from nodemesh.redirector.sysctls import ensure_node_sysctls
+from pyroute2 import NetNS
 
 
 def _csv(text: str) -> list[str]:
@@ -70,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-admin", default=f"http://127.0.0.1:{ADMIN_PORT}")
     run.add_argument("--grace", type=float, default=2.0, help="seconds not ready before failing open")
     run.add_argument("--poll", type=float, default=0.25)
+    run.add_argument("--no-anti-spoofing", dest="anti_spoofing", action="store_false",
+                     help="do not pin local pod IPs to their interfaces (redirector/antispoof.py)")
     run.add_argument("--shutdown-wait", type=float, default=RunnerConfig.shutdown_wait_s,
                      help="at shutdown, keep the return path this long at most while the agent still "
                           "carries captured connections (its drain grace plus a margin)")
@@ -133,6 +138,20 @@ def _fail_open_at_start(args: argparse.Namespace, config: CaptureConfig, redirec
     return 0
 
 
+def _halt_on_signals(antispoof: AntiSpoof) -> None:
+    """Stop anti-spoofing writes as soon as SIGTERM/SIGINT arrives, before the runner's own handler
+    removes the node's rules, so the loop never re-adds a chain behind the removal."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: object, previous: object = previous) -> None:
+            antispoof.halt()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = KVLog()
@@ -156,7 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             runner = FailOpenRunner(_runner_config(args, config), redirector, log)
             runner.install_signal_handlers()
-            runner.run()
+            # Per-pod anti-spoofing runs beside capture, independent of it: it is not capture, so
+            # it stays while capture fails open (redirector/antispoof.py).
+            antispoof = AntiSpoof(redirector.nf, config.pod_cidrs, log,
+                                  iproute=(lambda: NetNS(args.netns)) if args.netns else None) \
+                if args.anti_spoofing else None
+            if antispoof is not None:
+                antispoof.start()
+                _halt_on_signals(antispoof)
+            try:
+                runner.run()
+            finally:
+                if antispoof is not None:
+                    antispoof.stop()
         return 0
     except (ConfigError, ApplyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

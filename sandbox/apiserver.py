@@ -16,9 +16,11 @@ What it serves, from `<state>/objects.json` (read-only; the sandbox's `apply` an
        this process), BOOKMARKs with allowWatchBookmarks, ended after ?timeoutSeconds
   GET  /api/v1/nodes/NAME, /api/v1/namespaces/NS/{pods,services}/NAME
   POST /apis/authentication.k8s.io/v1/tokenreviews (tokens of sandbox/tokens.py)
+  POST /apis/authorization.k8s.io/v1/subjectaccessreviews (resourceAttributes, answered from the
+       recorded ClusterRoles/Roles and their bindings: sandbox/rbac.py)
   GET  /healthz /readyz /livez /version
 Plain HTTP, no authentication or RBAC on reads (the sandbox is one machine's root); TokenReview is
-the real check the mesh depends on. Changes are found by polling the file (50 ms).
+and SubjectAccessReview are the real checks the mesh depends on. Changes are found by polling the file (50 ms).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 from nodemesh.api.clusterstate import objects_path, read_objects
+from nodemesh.sandbox import rbac
 from nodemesh.sandbox.tokens import TokenBook
 
 log = logging.getLogger("nodemesh.sandbox.apiserver")
@@ -147,6 +150,7 @@ class ApiServer:
         app.router.add_get("/api/v1/nodes/{name}", self.get_node)
         app.router.add_get("/api/v1/namespaces/{ns}/{resource}/{name}", self.get_namespaced)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self.token_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self.access_review)
         for path in ("/healthz", "/readyz", "/livez"):
             app.router.add_get(path, lambda _r: web.Response(text="ok"))
         app.router.add_get("/version", lambda _r: web.json_response(
@@ -244,6 +248,24 @@ class ApiServer:
         else:
             status["error"] = review.error
         return web.json_response({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                  "metadata": {"creationTimestamp": None}, "spec": spec, "status": status},
+                                 status=201)
+
+
+    async def access_review(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            spec = body["spec"]
+            user = str(spec["user"])
+            groups = [str(g) for g in spec.get("groups") or []]
+            attrs = spec["resourceAttributes"]
+            if not isinstance(attrs, dict):
+                raise TypeError(attrs)
+        except (ValueError, KeyError, TypeError):
+            return _status(400, "BadRequest", "a SubjectAccessReview needs spec.user and spec.resourceAttributes")
+        ok, reason = rbac.allowed(self.store.objects.values(), user, groups, attrs)
+        status: dict[str, Any] = {"allowed": ok, "reason": reason}
+        return web.json_response({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
                                   "metadata": {"creationTimestamp": None}, "spec": spec, "status": status},
                                  status=201)
 

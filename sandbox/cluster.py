@@ -46,8 +46,9 @@ CNI_STYLES = ("bridge", "routed")
 KIND_LABELS = {"Namespace": "namespace", "Deployment": "deployment.apps", "DaemonSet": "daemonset.apps",
                "Service": "service", "ConfigMap": "configmap", "ServiceAccount": "serviceaccount",
                "ClusterRole": "clusterrole.rbac.authorization.k8s.io",
-               "ClusterRoleBinding": "clusterrolebinding.rbac.authorization.k8s.io"}
-RECORDED_KINDS = ("ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+               "ClusterRoleBinding": "clusterrolebinding.rbac.authorization.k8s.io",
+               "Role": "role.rbac.authorization.k8s.io", "RoleBinding": "rolebinding.rbac.authorization.k8s.io"}
+RECORDED_KINDS = ("ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 # On an old DaemonSet pod: the pod replacing it; the kubelet deletes the old one once that one is Ready.
 REPLACED_BY = "sandbox.nodemesh.io/replaced-by"
 BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -228,7 +229,7 @@ class Sandbox:
             with self.state.objects_txn() as objs:
                 self._check_against_state(objs, manifests)
                 order = {"Namespace": 0, "ConfigMap": 1, "ServiceAccount": 1, "ClusterRole": 1,
-                         "ClusterRoleBinding": 1, "Service": 2}
+                         "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "Service": 2}
                 for m in sorted(manifests, key=lambda m: order.get(m.kind, 3)):
                     if m.kind == "Namespace":
                         messages.append(self._apply_namespace(objs, m))

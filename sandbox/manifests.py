@@ -2,9 +2,10 @@
 
 Every document of a file is validated before anything is created, so bad input leaves the
 cluster untouched. Only the kinds the sandbox can run are accepted: Namespace, Deployment,
-DaemonSet, Service (ClusterIP), ConfigMap, and — recorded, not enforced — ServiceAccount,
-ClusterRole and ClusterRoleBinding (what `nodemesh install` renders); anything else is an error
-naming the document.
+DaemonSet, Service (ClusterIP), ConfigMap, and — recorded — ServiceAccount, ClusterRole,
+ClusterRoleBinding, Role and RoleBinding (RBAC is not enforced on the sandbox's own reads; its API
+server answers SubjectAccessReviews from them: sandbox/rbac.py); anything else is an error naming
+the document.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from nodemesh.sandbox.naming import is_dns_label, is_dns_subdomain
 SUPPORTED = {("v1", "Namespace"), ("apps/v1", "Deployment"), ("v1", "Service"), ("apps/v1", "DaemonSet"),
              ("v1", "ConfigMap"), ("v1", "ServiceAccount"),
              ("rbac.authorization.k8s.io/v1", "ClusterRole"),
-             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")}
+             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+             ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")}
 # Kinds without a namespace.
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 # Kinds the sandbox only records (no controller acts on them; RBAC is not enforced).
-RECORDED_ONLY = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+RECORDED_ONLY = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 WORKLOADS = {"Deployment", "DaemonSet"}
 VOLUME_TYPES = ("emptyDir", "configMap", "projected", "hostPath")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -138,3 +139,16 @@ def running_sandbox(nodes: int = 2, cni: str = "bridge", manifests: Sequence[str
         yield sb
     finally:
         sb.down()
+
+
+def agent_admin_request(state_dir: str | Path, url: str) -> urllib.request.Request:
+    """A request for an agent's admin port from off the node (the host, a test): `/metrics` and
+    `/identity` need a credential there (agent/admin.py), and the sandbox's `controller.token`
+    (written by `nodemesh install --sandbox`; its first word, all roles) is one the controller
+    accepts. Without the file (no mesh installed) the request goes without one."""
+    headers = {}
+    with contextlib.suppress(OSError):
+        words = (Path(state_dir) / "controller.token").read_text().split()
+        if words:
+            headers["Authorization"] = f"Bearer {words[0]}"
+    return urllib.request.Request(url, headers=headers)

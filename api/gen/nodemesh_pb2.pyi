@@ -163,28 +163,56 @@ class IdentityResync(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync")
+    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync", "scrape_review")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TAP_EVENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_RESYNC_FIELD_NUMBER: _ClassVar[int]
+    SCRAPE_REVIEW_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     metrics: MetricsReport
     tap_event: TapEvent
     status: AgentStatus
     identity_resync: IdentityResync
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ...) -> None: ...
+    scrape_review: ScrapeReview
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ..., scrape_review: _Optional[_Union[ScrapeReview, _Mapping]] = ...) -> None: ...
+
+class ScrapeReview(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    token: str
+    def __init__(self, id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ScrapeReviewResult(_message.Message):
+    __slots__ = ("id", "allowed", "unavailable", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    allowed: bool
+    unavailable: bool
+    message: str
+    def __init__(self, id: _Optional[int] = ..., allowed: _Optional[bool] = ..., unavailable: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
-    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps")
+    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query")
     OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     TAP_MAX_RPS_FIELD_NUMBER: _ClassVar[int]
+    TAP_REDACT_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    TAP_SHOW_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    TAP_REDACT_QUERY_FIELD_NUMBER: _ClassVar[int]
     opaque_ports: _containers.RepeatedScalarFieldContainer[int]
     excluded_namespaces: _containers.RepeatedScalarFieldContainer[str]
     tap_max_rps: float
-    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ...) -> None: ...
+    tap_redact_headers: _containers.RepeatedScalarFieldContainer[str]
+    tap_show_headers: _containers.RepeatedScalarFieldContainer[str]
+    tap_redact_query: bool
+    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ..., tap_redact_headers: _Optional[_Iterable[str]] = ..., tap_show_headers: _Optional[_Iterable[str]] = ..., tap_redact_query: _Optional[bool] = ...) -> None: ...
 
 class IdentitySnapshot(_message.Message):
     __slots__ = ("resource_version", "pods", "services", "config", "captured_namespaces", "epoch", "version")
@@ -251,18 +279,20 @@ class ReportAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack")
+    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
     TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_DELTA_FIELD_NUMBER: _ClassVar[int]
     REPORT_ACK_FIELD_NUMBER: _ClassVar[int]
+    SCRAPE_REVIEW_RESULT_FIELD_NUMBER: _ClassVar[int]
     identity: IdentitySnapshot
     tap_open: TapOpen
     tap_close: TapClose
     identity_delta: IdentityDelta
     report_ack: ReportAck
-    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ...) -> None: ...
+    scrape_review_result: ScrapeReviewResult
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ...) -> None: ...
 
 class TapFilter(_message.Message):
     __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")

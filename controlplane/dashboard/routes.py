@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.controlplane import webauth
+from nodemesh.controlplane.auth import AuthError
 from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.dashboard import views
 from nodemesh.controlplane.dashboard.params import (
@@ -36,6 +38,7 @@ from nodemesh.controlplane.dashboard.params import (
     parse_window,
 )
 from nodemesh.controlplane.stat import StatError
+from nodemesh.controlplane.tap import tap_scope
 
 log = logging.getLogger("nodemesh.controlplane.dashboard")
 
@@ -192,6 +195,12 @@ class Dashboard:
         check_keys(request.query, TAP_KEYS)
         flt = parse_tap_filter(request.query, self.controller.config.tap_max_rps)
         self.controller.validate_tap(flt)  # StatError -> 4xx before anything is opened
+        authenticator = request.app.get(webauth.AUTHENTICATOR_KEY)
+        if authenticator is not None:  # what this tap shows needs its own permission (auth.authorize_tap)
+            try:
+                await authenticator.authorize_tap(webauth.token_of(request) or "", *tap_scope(flt))
+            except AuthError as exc:
+                raise ApiError(exc.message, status=403) from None
         try:
             self.controller.check_tap_capacity()
         except TapLimitError as exc:

@@ -35,7 +35,7 @@ from typing import Any
 
 from nodemesh.api.workloads import pod_ips, pod_uid
 from nodemesh.cli.sandbox_install import install_sandbox
-from nodemesh.sandbox.testing import running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
 
 NS = "idbench"
 
@@ -95,7 +95,9 @@ class Watcher(threading.Thread):
                 pass
             for agent in self.agents:
                 try:
-                    with urllib.request.urlopen(f"http://{agent}/identity", timeout=1) as r:
+                    # Off the node, /identity needs a credential: the sandbox's token (agent/admin.py).
+                    req = agent_admin_request(self.objects.parent, f"http://{agent}/identity")
+                    with urllib.request.urlopen(req, timeout=1) as r:
                         held = json.loads(r.read())["pods"]
                 except (OSError, ValueError):
                     continue

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodemesh.sandbox.testing import agent_admin_request
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stat"))
 
 from stat_harness import Mesh, bucket_of, true_quantile
@@ -111,7 +113,8 @@ def agent_metrics(mesh: Mesh) -> list[dict[str, str]]:
 
     out = []
     for node in mesh.sb.nodes():
-        with urllib.request.urlopen(f"http://{node.ip}:4191/metrics", timeout=5) as r:
+        req = agent_admin_request(mesh.sb.state_dir, f"http://{node.ip}:4191/metrics")
+        with urllib.request.urlopen(req, timeout=5) as r:
             text = r.read().decode()
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from churn_harness import (
     Compare,
@@ -52,6 +51,7 @@ from churn_harness import (
 )
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.cli.client import controller_channel, sandbox_ca
 from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
 from nodemesh.sandbox import lifecycle, objects
 from nodemesh.sandbox.testing import running_sandbox
@@ -192,7 +192,7 @@ def churn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 # ---------------------------------------------------------------------------- helpers
 def _counts(mesh: Mesh, ns: str, name: str) -> int:
-    with grpc.insecure_channel(mesh.controller) as channel:
+    with controller_channel(mesh.controller, sandbox_ca(mesh.sb.state_dir)) as channel:
         resp = pb_grpc.ControllerStub(channel).StatSummary(
             pb.StatRequest(selector=pb.Resource(namespace=ns, type="deployment", name=name), window_seconds=WINDOW_S),
             timeout=5, metadata=(("authorization", f"Bearer {mesh.token}"),))

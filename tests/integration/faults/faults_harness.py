@@ -31,7 +31,7 @@ from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
 from nodemesh.cli.sandbox_install import agent_process, install_sandbox, redirector_process, uninstall_sandbox
 from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -231,7 +231,7 @@ class Faults:
 
     def scrape(self, node: str, path: str = "/metrics", timeout: float = 10.0) -> str:
         url = f"http://{self.nodes[node].ip}:{ADMIN_PORT}{path}"
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(agent_admin_request(self.sb.state_dir, url), timeout=timeout) as resp:
             return resp.read().decode()
 
     def metric_sum(self, node: str, name: str, **labels: str) -> float:

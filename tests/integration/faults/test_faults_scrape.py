@@ -20,6 +20,7 @@ import pytest
 from faults_harness import Faults
 from nodemesh.api.model import ADMIN_PORT
 from nodemesh.cli.sandbox_install import redirector_process
+from nodemesh.sandbox.testing import agent_admin_request
 
 pytestmark = pytest.mark.root
 
@@ -28,14 +29,14 @@ SCRAPE_S = 8.0
 SCRAPERS = 2        # scraping back to back (Prometheus scrapes every 15-60 s)
 
 
-def _get(url: str, timeout: float) -> tuple[int, float]:
+def _get(url: str | urllib.request.Request, timeout: float) -> tuple[int, float]:
     t0 = time.monotonic()
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         size = len(resp.read())
     return size, time.monotonic() - t0
 
 
-def _scrape(url: str, stop: float, out: list[tuple[int, float]]) -> None:
+def _scrape(url: urllib.request.Request, stop: float, out: list[tuple[int, float]]) -> None:
     while time.monotonic() < stop:
         out.append(_get(url, 60))
 
@@ -58,7 +59,7 @@ def test_faults_ready_stays_quick_while_metrics_is_scraped(faults: Faults) -> No
         stop = time.monotonic() + SCRAPE_S
         scrapes: list[tuple[int, float]] = []
 
-        threads = [threading.Thread(target=_scrape, args=(base + "/metrics", stop, scrapes)) for _ in range(SCRAPERS)]
+        threads = [threading.Thread(target=_scrape, args=(agent_admin_request(faults.sb.state_dir, base + "/metrics"), stop, scrapes)) for _ in range(SCRAPERS)]
         for t in threads:
             t.start()
         probes = []

@@ -22,7 +22,7 @@ from typing import Any
 from nodemesh.api.model import ADMIN_PORT
 from nodemesh.cli.sandbox_install import install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -238,7 +238,8 @@ class Mesh:
     # -- metrics
     def scrape(self, node: str) -> str:
         url = f"http://{self.nodes[node].ip}:{ADMIN_PORT}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # the host's underlay link routes to nodes
+        # The host's underlay link routes to nodes; off the node, /metrics needs a credential.
+        with urllib.request.urlopen(agent_admin_request(self.sb.state_dir, url), timeout=5) as resp:
             return resp.read().decode()
 
     def counters(self) -> Counter[Key]:

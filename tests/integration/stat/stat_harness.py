@@ -26,6 +26,7 @@ import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import LATENCY_BUCKETS_MS
+from nodemesh.cli.client import controller_channel, sandbox_ca
 from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
@@ -159,7 +160,7 @@ class Mesh:
     # ------------------------------------------------------------------ the controller, directly
     def check_rpc(self) -> pb.CheckResponse | None:
         try:
-            with grpc.insecure_channel(self.controller) as channel:
+            with controller_channel(self.controller, sandbox_ca(self.sb.state_dir)) as channel:
                 return pb_grpc.ControllerStub(channel).Check(
                     pb.CheckRequest(), timeout=2, metadata=(("authorization", f"Bearer {self.token}"),))
         except grpc.RpcError:
@@ -167,7 +168,7 @@ class Mesh:
 
     def responses_seen(self, deploy: str, window_s: int = 60) -> int:
         """success + failure count of a Deployment's inbound row (to wait for reports to land)."""
-        with grpc.insecure_channel(self.controller) as channel:
+        with controller_channel(self.controller, sandbox_ca(self.sb.state_dir)) as channel:
             resp = pb_grpc.ControllerStub(channel).StatSummary(
                 pb.StatRequest(selector=pb.Resource(namespace=NS, type="deployment", name=deploy),
                                window_seconds=window_s),

@@ -21,7 +21,7 @@ import yaml
 from nodemesh.agent.metrics import METRICS, SnapshotCollector
 from nodemesh.api import model
 from nodemesh.cli import observability as obs
-from nodemesh.cli.manifest import render_daemonset
+from nodemesh.cli.manifest import CONTROLLER_AUDIENCE, render_daemonset
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -240,6 +240,15 @@ def test_manifests_prometheus_discovers_the_daemonset_pods_on_the_admin_port() -
     keep_port = next(r for r in jobs[obs.CONTROLLER_JOB]["relabel_configs"]
                      if r.get("source_labels") == ["__meta_kubernetes_pod_container_port_name"])
     assert keep_port["regex"] in ports
+    # The agents' /metrics wants a credential: the Prometheus ServiceAccount's projected token,
+    # with the audience the controller checks, mounted where the scrape config reads it per scrape.
+    auth = jobs[obs.AGENT_JOB]["authorization"]
+    deploy = next(d for d in prom if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in deploy["containers"][0]["volumeMounts"] if m["name"] == "scrape-token")
+    source = next(v for v in deploy["volumes"] if v["name"] == "scrape-token")["projected"]["sources"][0]
+    assert auth == {"type": "Bearer", "credentials_file": f"{mount['mountPath']}/{source['serviceAccountToken']['path']}"}
+    assert source["serviceAccountToken"]["audience"] == CONTROLLER_AUDIENCE
+    assert deploy["serviceAccountName"] == "nodemesh-prometheus"  # the controller's default scraper
 
 
 def test_manifests_grafana_provisions_the_committed_dashboards_and_datasource() -> None:

@@ -98,6 +98,7 @@ def test_manifests_set_config_keys_land_in_the_configmap_and_roll_the_pods() -> 
     values = apply_sets(InstallValues(), [
         "opaquePorts=5432, 3306", "skippedPorts=[22]", "excludedNamespaces=kube-system,monitoring",
         "capturedNamespaces=emojivoto", "tapMaxRps=25", "tapMaxTaps=3", "logLevel=debug",
+        "tapRedactHeaders=X-Api-Key", "tapRedactQuery=true",
     ])
     docs = _docs(render_daemonset(values))
     config = yaml.safe_load(_find(docs, "ConfigMap")["data"]["config.yaml"])
@@ -108,9 +109,15 @@ def test_manifests_set_config_keys_land_in_the_configmap_and_roll_the_pods() -> 
         "opaquePorts": [3306, 5432],
         "tapMaxRps": 25.0,
         "tapMaxTaps": 3,
+        "tapRedactHeaders": ["x-api-key"],
+        "tapShowHeaders": [],
+        "tapRedactQuery": True,
         "drainGraceSeconds": 30,
         "logLevel": "debug",
     }
+    args = _container(docs, "Deployment", "controller")["args"]
+    assert args[args.index("--tap-redact-headers") + 1] == "x-api-key" and "--tap-redact-query" in args
+    assert "--tap-show-headers" not in args
     for kind in ("DaemonSet", "Deployment"):
         old = _find(default_docs, kind)["spec"]["template"]["metadata"]["annotations"]
         new = _find(docs, kind)["spec"]["template"]["metadata"]["annotations"]
