@@ -152,10 +152,18 @@ class ApiServer:
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self.token_review)
         app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self.access_review)
         for path in ("/healthz", "/readyz", "/livez"):
-            app.router.add_get(path, lambda _r: web.Response(text="ok"))
-        app.router.add_get("/version", lambda _r: web.json_response(
-            {"major": "1", "minor": "30", "gitVersion": "v1.30.0-nodemesh-sandbox", "platform": "linux/amd64"}))
+            app.router.add_get(path, self.healthy)
+        app.router.add_get("/version", self.version)
         return app
+
+    @staticmethod
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    @staticmethod
+    async def version(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"major": "1", "minor": "30", "gitVersion": "v1.30.0-nodemesh-sandbox", "platform": "linux/amd64"})
 
     async def list_or_watch(self, request: web.Request) -> web.StreamResponse:
         kind, api_version = LIST_PATHS[request.path]
