@@ -27,9 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import signal
+import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from nodemesh.sandbox.cluster import Sandbox
 
@@ -152,3 +156,40 @@ def agent_admin_request(state_dir: str | Path, url: str) -> urllib.request.Reque
         if words:
             headers["Authorization"] = f"Bearer {words[0]}"
     return urllib.request.Request(url, headers=headers)
+
+
+# ---------------------------------------------------------------------------- tap streams
+class TapStream:
+    """`nodemesh tap ...` as a subprocess; stdout lines collected on a thread; SIGINT to stop."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.snapshot() if line.strip()]
+
+    def stop(self) -> tuple[int, str]:
+        """Ctrl-C, as a user would; returns (exit code, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        self._reader.join(5)
+        return self.proc.returncode, err

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from nodemesh.cli.client import controller_channel, sandbox_ca
 from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
-from nodemesh.sandbox.testing import running_sandbox
+from nodemesh.sandbox.testing import TapStream, running_sandbox
 
 HERE = Path(__file__).resolve().parent
 HTTP_SERVER = HERE / "stat_httpserver.py"
@@ -225,43 +224,6 @@ def meshed_sandbox(manifests: Sequence[str] = ()) -> Iterator[Mesh]:
         controller = install_sandbox(sb.name, timeout=60, progress=lambda msg: None)
         token = (Path(sb.state_dir) / TOKEN_FILE).read_text().strip()
         yield Mesh(sb, controller, token)
-
-
-# ---------------------------------------------------------------------------- tap streams
-class TapStream:
-    """`nodemesh tap ...` as a subprocess; stdout lines collected on a thread; SIGINT to stop."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
-
-    def snapshot(self) -> list[str]:
-        with self._lock:
-            return list(self.lines)
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.snapshot() if line.strip()]
-
-    def stop(self) -> tuple[int, str]:
-        """Ctrl-C, as a user would; returns (exit code, stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        self._reader.join(5)
-        return self.proc.returncode, err
 
 
 # ---------------------------------------------------------------------------- expectations
