@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,9 +31,9 @@ from typing import Any
 
 from nodemesh.sandbox import kubeproxy, naming, objects, podspec, tokens
 from nodemesh.sandbox.manifests import resolve_container_port
+from nodemesh.sandbox.netlink import socket_in_netns
 from nodemesh.sandbox.proctools import kill_all, pids_in_netns
 from nodemesh.sandbox.state import DEFAULT_STATE_ROOT, ClusterState, now_rfc3339, write_json_atomic
-from pyroute2 import netns as pr_netns
 
 log = logging.getLogger("nodemesh.sandbox.kubelet")
 
@@ -188,17 +187,6 @@ def probe_of(container: dict[str, Any]) -> Probe | None:
     if ports:
         return Probe(kind="tcp", port=int(ports[0]["containerPort"]))
     return None
-
-
-def socket_in_netns(ns: str) -> socket.socket:
-    """A TCP socket living in netns `ns` (a socket keeps the netns it was created in)."""
-    pr_netns.pushns(ns)
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    finally:
-        pr_netns.popns()
-    sock.setblocking(False)
-    return sock
 
 
 async def run_probe(ns: str, ip: str, probe: Probe) -> bool:

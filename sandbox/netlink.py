@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -227,3 +228,14 @@ def netns_inode(name: str) -> int | None:
         return os.stat(f"/var/run/netns/{name}").st_ino
     except OSError:
         return None
+
+
+def socket_in_netns(ns: str) -> socket.socket:
+    """A non-blocking TCP socket living in netns `ns` (a socket keeps the netns it was created in)."""
+    netns.pushns(ns)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    finally:
+        netns.popns()
+    sock.setblocking(False)
+    return sock

@@ -18,12 +18,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from pathlib import Path
 
 from nodemesh.api.clusterstate import read_objects
 from nodemesh.sandbox import naming, objects
-from pyroute2 import netns as pr_netns
+from nodemesh.sandbox.netlink import socket_in_netns
 
 log = logging.getLogger("nodemesh.sandbox.portforward")
 
@@ -38,16 +37,6 @@ def _target_netns(cluster: str, state_dir: Path, namespace: str, selector: dict[
     if pod["spec"].get("hostNetwork"):
         return None  # not needed for hostNetwork pods: dial the node address
     return naming.pod_netns(cluster, namespace, pod["metadata"]["name"])
-
-
-def _socket_in(ns: str) -> socket.socket:
-    pr_netns.pushns(ns)
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    finally:
-        pr_netns.popns()
-    sock.setblocking(False)
-    return sock
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -72,7 +61,7 @@ class Forwarder:
             ns = _target_netns(self.cluster, self.state_dir, self.namespace, self.selector)
             if ns is None:
                 return
-            sock = _socket_in(ns)
+            sock = socket_in_netns(ns)
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 5)
             except (OSError, TimeoutError):
