@@ -126,7 +126,17 @@ class Controller:
     async def start(self) -> None:
         if self.source is not None:
             await self.source.start(self.registry)
+            if not self.source.synced.is_set():
+                self._tasks.append(asyncio.create_task(self._identity_once_synced(), name="controller-synced"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="controller-housekeeping"))
+
+    async def _identity_once_synced(self) -> None:
+        """Agents connected before the cluster source's first full list were told nothing (see the
+        outbox in serve_agent): give them the identity now."""
+        assert self.source is not None
+        await self.source.synced.wait()
+        log.info("event=identity_synced agents=%d", len(self.sessions))
+        self._push_identity()
 
     async def stop(self) -> None:
         if self._push_handle is not None:
@@ -385,6 +395,12 @@ class Controller:
                     yield self.ack_message(session.agent_id)
                 elif item is _IDENTITY:
                     session.identity_queued = False
+                    if not self.ready:
+                        # A controller that has not listed the cluster yet (just restarted) would
+                        # hand every agent an empty identity, and every pod on every node would be
+                        # counted `unknown` until the list arrived. Agents keep what they hold;
+                        # _identity_once_synced sends it when the source has synced.
+                        continue
                     feed = self.refresh_identity()
                     message = feed.message_for(session.identity_epoch, session.identity_version)
                     if message is None:
