@@ -317,15 +317,20 @@ class Connection(asyncio.Protocol):
         deadline = loop.time() + budget
         timeout = budget / 2 if retry else budget
         via = ""
+        # The caller's own port when the capture NATed it to us (sockets.upstream_socket).
+        keep_port = peer[1] if not self._accepted_on(original) else 0
         while True:
-            sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None)
+            sock, transparent = upstream_socket(peer[0] if ctx.transparent_ok else None, keep_port)
             if ctx.transparent_ok and not transparent:
                 ctx.transparent_ok = False
                 log.warning("event=transparent_unavailable fallback=node_address")
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, destination), timeout)
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
                 sock.close()
+                if keep_port and getattr(exc, "errno", None) == errno.EADDRNOTAVAIL:
+                    keep_port = 0  # that tuple is still ours in TIME_WAIT: let the kernel pick a port
+                    continue
                 if via and ctx.count_retry is not None:
                     ctx.count_retry(via, "failed")
                 if not retry or self.client_lost or self.shed:
