@@ -26,6 +26,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         controller=args.controller, token_file=args.token_file, controller_ca=args.controller_ca,
         identity_file=args.identity_file,
         identity_wait_s=args.identity_wait, series_idle_s=args.series_idle, max_authorities=args.max_authorities,
+        route_metrics=not args.no_route_metrics, max_routes=args.max_routes,
         report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
         log_level=args.log_level, health_file=args.health_file,
     )
@@ -63,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
                    help="memory bound of that history (compressed), in MiB")
     p.add_argument("--max-authorities", type=int, default=AgentConfig.max_authorities,
                    help="distinct authority label values per workload; more are counted as [other]")
+    p.add_argument("--max-routes", type=int, default=AgentConfig.max_routes,
+                   help="distinct routes (rt_route) per destination workload; more are counted as [other]")
+    p.add_argument("--no-route-metrics", action="store_true",
+                   help="no per-route series (route_request_total, ...): `nodemesh routes` shows nothing")
     p.add_argument("--log-level", default="info")
     p.add_argument("--health-file", default="",
                    help="write ready/not-ready here every second, for the pod's exec probes")

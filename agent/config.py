@@ -41,6 +41,8 @@ class AgentConfig:
     report_history_s: float = 900.0
     report_history_max_bytes: int = 64 << 20
     max_authorities: int = 100                  # distinct authority values per workload; more: [other]
+    route_metrics: bool = True                  # per-route series (agent/routes.py), `nodemesh routes`
+    max_routes: int = 100                       # distinct routes per destination workload; more: [other]
     watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0
     health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)

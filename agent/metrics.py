@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
+    DEFAULT_ROUTE,
     ENDPOINT_LOOKUPS,
     ENDPOINT_RETRIES,
     IDENTITY_CORRECTIONS,
@@ -42,6 +43,11 @@ from nodemesh.api.model import (
     RESPONSE_LABELS,
     RESPONSE_LATENCY_MS,
     RESPONSE_TOTAL,
+    ROUTE_LABELS,
+    ROUTE_REQUEST_TOTAL,
+    ROUTE_RESPONSE_LABELS,
+    ROUTE_RESPONSE_LATENCY_MS,
+    ROUTE_RESPONSE_TOTAL,
     SERIES_EVICTED,
     TCP_CLOSE_TOTAL,
     TCP_CONNECTION_DURATION_MS,
@@ -67,7 +73,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     TCP_READ_BYTES_TOTAL: (COUNTER, PEER_LABELS, "Bytes read from the source (client)."),
     TCP_WRITE_BYTES_TOTAL: (COUNTER, PEER_LABELS, "Bytes written to the source (client)."),
     TCP_CONNECTION_DURATION_MS: (HISTOGRAM, PEER_LABELS, "Connection lifetime, in ms."),
+    ROUTE_REQUEST_TOTAL: (COUNTER, ROUTE_LABELS, "Requests seen, by route (rt_route) and workload pair."),
+    ROUTE_RESPONSE_TOTAL: (COUNTER, ROUTE_LABELS + ROUTE_RESPONSE_LABELS,
+                           "Responses (or failed requests) by route, classified as in response_total."),
+    ROUTE_RESPONSE_LATENCY_MS: (HISTOGRAM, ROUTE_LABELS, "Time from request to response headers by route, in ms."),
 }
+ROUTE_METRICS = frozenset((ROUTE_REQUEST_TOTAL, ROUTE_RESPONSE_TOTAL, ROUTE_RESPONSE_LATENCY_MS))
 # The agent's own metrics: exported on its /metrics, never reported to the controller, never evicted.
 SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     IDENTITY_WAIT_MS: (HISTOGRAM, ("outcome",),
@@ -86,6 +97,8 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 ALL_METRICS = {**METRICS, **SELF_METRICS}
 AUTHORITY_INDEX = PEER_LABELS.index("authority")
 WORKLOAD_SLICE = slice(0, 4)  # direction, src_namespace, src_kind, src_name: the cap's scope
+ROUTE_INDEX = ROUTE_LABELS.index("rt_route")
+ROUTE_DST_SLICE = slice(4, 7)  # dst_namespace, dst_kind, dst_name: the route cap's scope
 
 
 def classify(status: int | None, grpc: bool, grpc_status: int | None,
@@ -119,6 +132,9 @@ class MetricsStore:
         "request_total",
         "response_latency",
         "response_total",
+        "route_latency",
+        "route_request_total",
+        "route_response_total",
         "tcp_close_total",
         "tcp_duration",
         "tcp_open_connections",
@@ -142,6 +158,9 @@ class MetricsStore:
         self.identity_corrections: dict[Labels, int] = {}
         self.endpoint_lookups: dict[Labels, int] = {}
         self.endpoint_retries: dict[Labels, int] = {}
+        self.route_request_total: dict[Labels, int] = {}
+        self.route_response_total: dict[Labels, int] = {}
+        self.route_latency: dict[Labels, list[float]] = {}
 
     def observe(self, hist: dict[Labels, list[float]], key: Labels, ms: float) -> None:
         buckets = hist.get(key)
@@ -191,6 +210,9 @@ _STORE_FIELDS: tuple[tuple[str, str], ...] = (
     (IDENTITY_CORRECTIONS, "identity_corrections"),
     (ENDPOINT_LOOKUPS, "endpoint_lookups"),
     (ENDPOINT_RETRIES, "endpoint_retries"),
+    (ROUTE_REQUEST_TOTAL, "route_request_total"),
+    (ROUTE_RESPONSE_TOTAL, "route_response_total"),
+    (ROUTE_RESPONSE_LATENCY_MS, "route_latency"),
 )
 
 
@@ -263,16 +285,18 @@ class NodeStore:
     is still counted.
     """
 
-    def __init__(self, *, idle_s: float = 600.0, max_authorities: int = 100,
+    def __init__(self, *, idle_s: float = 600.0, max_authorities: int = 100, max_routes: int = 100,
                  clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] | None = None) -> None:
         self.idle_s = idle_s
         self.max_authorities = max_authorities
+        self.max_routes = max_routes
         self._clock = clock
         self._wall_ms = wall_ms or (lambda: int(time.time() * 1000))
         self.series: Snapshot = {name: {} for name in ALL_METRICS}
         self.created: dict[tuple[str, Labels], int] = {}
         self.touched: dict[tuple[str, Labels], float] = {}
         self._authorities: dict[Labels, set[str]] = {}   # workload -> authorities with live series
+        self._routes: dict[Labels, set[str]] = {}        # destination workload -> routes with live series
         # What was added since the last take_pending() (capped keys; peer counters and histograms
         # only): the controller link's per-interval increments (agent/history.py).
         self.pending: Snapshot = {}
@@ -287,7 +311,8 @@ class NodeStore:
             if name not in ALL_METRICS:
                 continue
             target = self.series[name]
-            peer = name in METRICS
+            route = name in ROUTE_METRICS
+            peer = not route and name in METRICS
             pending = self.pending.setdefault(name, {}) if self.track_pending and name in _INCREMENTAL \
                 else None
             for key, value in series.items():
@@ -297,6 +322,12 @@ class NodeStore:
                         self.overflowed += value  # type: ignore[operator]
                         overflow = self.series[LABEL_OVERFLOW]
                         overflow[("authority",)] = overflow.get(("authority",), 0) + value  # type: ignore[operator]
+                    key = capped
+                elif route:
+                    capped = self._cap_route(key)
+                    if capped is not key and name == ROUTE_REQUEST_TOTAL:
+                        overflow = self.series[LABEL_OVERFLOW]
+                        overflow[("rt_route",)] = overflow.get(("rt_route",), 0) + value  # type: ignore[operator]
                     key = capped
                 have = target.get(key)
                 if have is None:
@@ -343,6 +374,23 @@ class NodeStore:
             return key
         return (*key[:AUTHORITY_INDEX], OTHER_LABEL_VALUE, *key[AUTHORITY_INDEX + 1:])
 
+    def _cap_route(self, key: Labels) -> Labels:
+        """At most `max_routes` live routes per destination workload on this node (every worker's
+        table caps its own; together they could learn more); `[other]`/`[DEFAULT]` take no place."""
+        route = key[ROUTE_INDEX]
+        if route == OTHER_LABEL_VALUE or route == DEFAULT_ROUTE:
+            return key
+        scope = key[ROUTE_DST_SLICE]
+        seen = self._routes.get(scope)
+        if seen is None:
+            seen = self._routes[scope] = set()
+        if route in seen:
+            return key
+        if len(seen) < self.max_routes:
+            seen.add(route)
+            return key
+        return (*key[:ROUTE_INDEX], OTHER_LABEL_VALUE, *key[ROUTE_INDEX + 1:])
+
     def remove_gauge(self, delta: dict[Labels, float]) -> None:
         """Take a dead worker's open connections out of the gauge (those sockets died with it)."""
         gauge = self.series[TCP_OPEN_CONNECTIONS]
@@ -375,11 +423,18 @@ class NodeStore:
             ev = self.series[SERIES_EVICTED]
             ev[()] = ev.get((), 0) + dropped
             live: dict[Labels, set[str]] = {}
+            routes: dict[Labels, set[str]] = {}
             for name in METRICS:
+                if name in ROUTE_METRICS:
+                    for key in self.series[name]:
+                        if key[ROUTE_INDEX] not in (OTHER_LABEL_VALUE, DEFAULT_ROUTE):
+                            routes.setdefault(key[ROUTE_DST_SLICE], set()).add(key[ROUTE_INDEX])
+                    continue
                 for key in self.series[name]:
                     if key[AUTHORITY_INDEX]:
                         live.setdefault(key[WORKLOAD_SLICE], set()).add(key[AUTHORITY_INDEX])
             self._authorities = live
+            self._routes = routes
         return dropped
 
     def created_ms(self, name: str, key: Labels) -> int:

@@ -53,7 +53,8 @@ class NodeTelemetry:
         self.ready = False
         self.capture_installed = False
         self._links: dict[int, workerlink.Link] = {}
-        self.store = NodeStore(idle_s=config.series_idle_s, max_authorities=config.max_authorities)
+        self.store = NodeStore(idle_s=config.series_idle_s, max_authorities=config.max_authorities,
+                               max_routes=config.max_routes)
         self.store.track_pending = bool(config.controller)  # the controller link takes increments
         # Per worker, the open-connection gauge it added: taken back out when it dies.
         self._worker_gauges: dict[int, dict[tuple[str, ...], float]] = {}

@@ -28,8 +28,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-DEFAULT_ROUTE = "[DEFAULT]"
-OTHER_ROUTE = "[other]"      # the same value the authority cap folds into (api.model.OTHER_LABEL_VALUE)
+from nodemesh.api.model import DEFAULT_ROUTE
+from nodemesh.api.model import OTHER_LABEL_VALUE as OTHER_ROUTE
+
 DEFAULT_MAX_ROUTES = 100
 CACHE_SIZE = 4096            # raw (method, path) entries per table before its cache is cleared
 MAX_ROUTE_CHARS = 256

@@ -37,8 +37,10 @@ from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import MetricsStore, classify
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.podindex import Changes, IdentityGap, Owner, PeerLabels, PodIndex, unknown_labels
+from nodemesh.agent.routes import RouteTable, RouteTables
 from nodemesh.agent.tap import Tap, TapRegistry, peer_message
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import UNKNOWN_KIND
 
 log = logging.getLogger("nodemesh.agent.telemetry")
 
@@ -52,8 +54,8 @@ class _Conn:
     """Per-connection state: who the peers are (re-resolved when identity changes), and the label
     prefixes the tcp series were counted under (so open/close/gauge agree)."""
 
-    __slots__ = ("at_ms", "bases", "directions", "dst", "dst_uid", "keys", "keys_for", "meta", "service",
-                 "src", "src_uid", "tcp_keys")
+    __slots__ = ("at_ms", "bases", "directions", "dst", "dst_uid", "keys", "keys_for", "meta", "route_bases",
+                 "route_keys", "route_table", "service", "src", "src_uid", "tcp_keys")
 
     def __init__(self, meta: ConnectionMeta, at_ms: int) -> None:
         self.meta = meta
@@ -69,16 +71,22 @@ class _Conn:
         # Request label keys for the last (authority, protocol): keep-alive requests reuse them.
         self.keys_for: tuple[str, str] | None = None
         self.keys: tuple[tuple[str, ...], ...] = ()
+        # Route series (agent/routes.py): one label prefix per direction, the destination
+        # workload's route table, and the keys per route seen on this connection.
+        self.route_bases: tuple[tuple[str, ...], ...] = ()
+        self.route_table: RouteTable | None = None
+        self.route_keys: dict[str, tuple[tuple[str, ...], ...]] = {}
 
 
 class _Req:
-    __slots__ = ("conn", "done", "head", "keys", "started", "status", "taps")
+    __slots__ = ("conn", "done", "head", "keys", "route_keys", "started", "status", "taps")
 
     def __init__(self, conn: _Conn, head: RequestHead, keys: tuple[tuple[str, ...], ...],
                  started: float) -> None:
         self.conn = conn
         self.head = head
         self.keys = keys
+        self.route_keys: tuple[tuple[str, ...], ...] = ()
         self.started = started
         self.status: int | None = None
         self.done = False
@@ -128,6 +136,9 @@ class WorkerTelemetry:
         self._conn_prefix = f"{worker_index}." if worker_index else ""
         self.index = PodIndex(config.node)
         self.metrics = MetricsStore()
+        # Per-route series (agent/routes.py); None: off (--no-route-metrics), nothing per route.
+        self.routes = RouteTables(config.max_routes) if config.route_metrics else None
+        self._routes_reset_at = time.monotonic()
         self.taps = TapRegistry(config.tap_max_rps)
         self.redaction = redact.DEFAULT  # the mesh config's, once an identity brings one
         self._end = child_end
@@ -187,6 +198,19 @@ class WorkerTelemetry:
         while True:
             await asyncio.sleep(self.config.report_interval_s)
             self.send_snapshot()
+            self.expire_routes()
+
+    def expire_routes(self, now: float | None = None) -> None:
+        """Forget the routes learned, every `series_idle_s`: the parent evicts idle route series
+        on that clock, and routes that went away must free their place under the cap here too.
+        (Live connections keep their table until their next rebind; a fresh table relearns.)"""
+        now = time.monotonic() if now is None else now
+        if self.routes is not None and now - self._routes_reset_at >= self.config.series_idle_s:
+            self._routes_reset_at = now
+            self.routes.reset()
+            for conn in self._live:
+                conn.route_table, conn.route_keys = None, {}
+                self._bind_routes(conn)
 
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -357,6 +381,22 @@ class WorkerTelemetry:
         conn.directions = tuple(b[0] for b in bases)
         conn.tcp_keys = tuple(b + ("", meta.protocol) for b in bases)
         conn.keys_for = None
+        if self.routes is not None:
+            self._bind_routes(conn)
+
+    def _bind_routes(self, conn: _Conn) -> None:
+        """Route label prefixes: workloads only (no pods; an unknown peer's name is "", not its
+        IP, so external clients cannot multiply route series), and the destination's table."""
+        src_ns, src_kind, src_name, _ = conn.src
+        dst_ns, dst_kind, dst_name, _ = conn.dst
+        if src_kind == UNKNOWN_KIND:
+            src_name = ""
+        if dst_kind == UNKNOWN_KIND:
+            dst_name = ""
+        rest = (src_ns, src_kind, src_name, dst_ns, dst_kind, dst_name, conn.service)
+        conn.route_bases = tuple((direction, *rest) for direction in conn.directions)
+        conn.route_table = self.routes.table(dst_ns, dst_kind, dst_name)  # type: ignore[union-attr]
+        conn.route_keys = {}
 
     def _rebind(self, conn: _Conn) -> None:
         meta = conn.meta
@@ -456,12 +496,24 @@ class WorkerTelemetry:
             # clock ran from their arrival, and so does ours.
             started, conn.meta.first_bytes_at = min(started, conn.meta.first_bytes_at), 0.0
         req = _Req(conn, head, keys, started)
+        table = conn.route_table
+        if table is not None and conn.route_bases:
+            route = table.route(head.method, head.path, head.grpc)
+            rkeys = conn.route_keys.get(route)
+            if rkeys is None:
+                rkeys = conn.route_keys[route] = tuple(b + (route,) for b in conn.route_bases)
+            req.route_keys = rkeys
         if head.adopted:  # counted (and tapped) by the agent that handed it over
             req.status = head.status or None
             return req
-        counts = self.metrics.request_total
+        m = self.metrics
+        counts = m.request_total
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
+        if req.route_keys:
+            counts = m.route_request_total
+            for key in req.route_keys:
+                counts[key] = counts.get(key, 0) + 1
         if self.taps.taps:
             self._tap_request(req)
         return req
@@ -476,6 +528,8 @@ class WorkerTelemetry:
         m = self.metrics
         for key in req.keys:
             m.observe(m.response_latency, key, ms)
+        for key in req.route_keys:
+            m.observe(m.route_latency, key, ms)
         if req.taps is not None:
             self._tap_response(req, status, headers, at)
 
@@ -488,6 +542,12 @@ class WorkerTelemetry:
         for key in req.keys:
             rkey = key + labels
             counts[rkey] = counts.get(rkey, 0) + 1
+        if req.route_keys:
+            counts = self.metrics.route_response_total
+            classification = (labels[2],)
+            for key in req.route_keys:
+                rkey = key + classification
+                counts[rkey] = counts.get(rkey, 0) + 1
         if req.taps is not None:
             self._tap_end(req, end)
 

@@ -188,6 +188,23 @@ PEER_LABELS = (
 )
 RESPONSE_LABELS = ("status_code", "grpc_status", "classification", "error")
 
+# Per-route families (agent/routes.py names the route): Linkerd's `route_*` proxy metrics, kept apart
+# from the peer families above so route cardinality never touches them (or `stat`). Workload level
+# only (no pods, no authority, no protocol); an unknown peer's `*_name` is "" (not its IP), and
+# `rt_route` is capped per destination workload (`[other]` past it), so a label set here is
+# bounded by workload pairs x routes.
+ROUTE_REQUEST_TOTAL = "route_request_total"
+ROUTE_RESPONSE_TOTAL = "route_response_total"               # + classification
+ROUTE_RESPONSE_LATENCY_MS = "route_response_latency_ms"     # histogram, LATENCY_BUCKETS_MS
+ROUTE_LABELS = (
+    "direction",
+    "src_namespace", "src_kind", "src_name",
+    "dst_namespace", "dst_kind", "dst_name",
+    "dst_service", "rt_route",
+)
+ROUTE_RESPONSE_LABELS = ("classification",)
+DEFAULT_ROUTE = "[DEFAULT]"   # a request with no path to name (CONNECT, OPTIONS *)
+
 # Agent self-metrics (not per-peer): 1 while this node's capture rules are installed, else 0.
 # No labels; Prometheus adds the scrape target's `node`. Alongside prometheus-client's process_*.
 CAPTURE_INSTALLED = "nodemesh_capture_installed"    # gauge
@@ -203,6 +220,7 @@ ENDPOINT_RETRIES = "nodemesh_endpoint_retries_total"  # {via=endpoint|service, o
                                                     # failed and was tried once more
 SERIES_EVICTED = "nodemesh_series_evicted_total"    # idle series dropped (retain-idle)
 LABEL_OVERFLOW = "nodemesh_label_overflow_total"    # {label}: values folded into OTHER_LABEL_VALUE
+                                                    # (label="authority", or "rt_route" for the route cap)
 # The report history (agent/history.py): increments kept for the controller, replayed after it restarts.
 REPORT_HISTORY_BYTES = "nodemesh_report_history_bytes"      # gauge: compressed bytes held
 REPORT_HISTORY_SECONDS = "nodemesh_report_history_seconds"  # gauge: age of the oldest interval held
