@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "tap": "tap:tap",
     "top": "top:top",
     "edges": "edges:edges",
+    "routes": "routes:routes",
     "check": "check:check",
     "version": "version:version",
     "dashboard": "dashboard:dashboard",

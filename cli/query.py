@@ -125,6 +125,24 @@ def build_stat_requests(
     return requests
 
 
+def build_routes_request(
+    resource: str, *, namespace: str = DEFAULT_NAMESPACE, to: str | None = None, to_namespace: str | None = None,
+    window: str = DEFAULT_WINDOW,
+) -> pb.RoutesRequest:
+    """One RoutesRequest: a single TYPE/NAME (routes are per resource, as Linkerd's)."""
+    targets = parse_resources([resource])
+    target = targets[0]
+    if not target.name:
+        raise CliError(f"routes need one resource by name, e.g. {target}/NAME")
+    if to_namespace and not to:
+        raise CliError("--to-namespace needs --to")
+    req = pb.RoutesRequest(selector=_resource(target, namespace), window_seconds=parse_window(window))
+    dst = _peer_flag(to, to_namespace, namespace, "--to")
+    if dst is not None:
+        req.to.CopyFrom(dst)
+    return req
+
+
 def build_edges_request(
     resource: str, *, namespace: str = DEFAULT_NAMESPACE, all_namespaces: bool = False,
     window: str = DEFAULT_WINDOW,

@@ -199,6 +199,60 @@ def stat_json(rows: Sequence[pb.StatRow]) -> str:
     return json.dumps([stat_row_json(r) for r in ordered], indent=2, ensure_ascii=False) + "\n"
 
 
+# ---------------------------------------------------------------------------- routes
+
+
+def _route_has_requests(row: pb.RouteRow) -> bool:
+    return row.has_traffic and (row.success_count + row.failure_count) > 0
+
+
+def routes_table(rows: Sequence[pb.RouteRow], *, wide: bool = False) -> str:
+    """`linkerd viz routes`' table: ROUTE, SERVICE, SUCCESS, RPS, LATENCY_P50/95/99 (rows come
+    sorted by service and route from the controller, `[DEFAULT]` and `[other]` last). Wide adds
+    the destination workload and the window's request and failure counts."""
+    columns = [Column("ROUTE"), Column("SERVICE")]
+    columns += [Column(h, right=True) for h in ("SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99")]
+    if wide:
+        columns += [Column("DESTINATION"), Column("REQUESTS", right=True), Column("FAILURES", right=True)]
+    table_rows = []
+    for row in rows:
+        cells = [row.route, row.service or MISSING]
+        if _route_has_requests(row):
+            total = row.success_count + row.failure_count
+            cells += [fmt_percent(row.success_count / total), fmt_rps(row.rps)]
+            cells += [fmt_ms(q) for q in (row.latency_ms_p50, row.latency_ms_p95, row.latency_ms_p99)]
+        else:
+            cells += [MISSING] * 5
+        if wide:
+            dst = row.destination
+            cells.append(f"{SHORT_TYPE.get(dst.type, dst.type)}/{dst.name}" if dst.name else MISSING)
+            cells += [str(row.request_count), str(row.failure_count)]
+        table_rows.append(cells)
+    return format_table(columns, table_rows)
+
+
+def routes_json(rows: Sequence[pb.RouteRow]) -> str:
+    out = []
+    for row in rows:
+        present = _route_has_requests(row)
+        total = row.success_count + row.failure_count
+        out.append({
+            "route": row.route,
+            "service": row.service,
+            "destination": {"namespace": row.destination.namespace,
+                            "kind": KIND_OF_TYPE.get(row.destination.type, row.destination.type).lower(),
+                            "name": row.destination.name},
+            "success": _json_number(row.success_count / total) if present else None,
+            "rps": _json_number(row.rps) if present else None,
+            "latency_ms_p50": _json_number(row.latency_ms_p50) if present else None,
+            "latency_ms_p95": _json_number(row.latency_ms_p95) if present else None,
+            "latency_ms_p99": _json_number(row.latency_ms_p99) if present else None,
+            "requests": row.request_count,
+            "failures": row.failure_count,
+        })
+    return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
+
+
 # ---------------------------------------------------------------------------- tap
 
 # Go's codes.Code String(), which Linkerd prints for grpc-status.

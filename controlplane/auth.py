@@ -13,7 +13,7 @@ Two authenticators:
 * `TokenReviewAuthenticator(api_client, audiences, policy)`: projected ServiceAccount tokens on a
   real cluster, checked with the Kubernetes TokenReview API. The token must be valid for one of
   our audiences (a token minted for the API server is refused), and the user it names must be on
-  the policy's list for the method: agents (`Connect`) and readers (`StatSummary`, `Edges`,
+  the policy's list for the method: agents (`Connect`) and readers (`StatSummary`, `Edges`, `Routes`,
   `Check`, `Tap`) are separate lists, so a CLI token can never report metrics.
 
 Tap needs more than the API: the events show what pods send. A token-file line carries roles
@@ -47,7 +47,7 @@ GROUP_PREFIX = "group:"
 # Not a gRPC method: an agent asks the controller whether a scraper of its /metrics may read it.
 METRICS_SCRAPE = "Metrics"
 # What each method needs of a token-file line's roles.
-METHOD_ROLES = {"Connect": "agent", "StatSummary": "stats", "Edges": "stats", "Check": "stats", "Tap": "tap",
+METHOD_ROLES = {"Connect": "agent", "StatSummary": "stats", "Edges": "stats", "Routes": "stats", "Check": "stats", "Tap": "tap",
                 METRICS_SCRAPE: "metrics"}
 ROLES = frozenset(METHOD_ROLES.values())
 TAP_GROUP = "tap.nodemesh.io"  # RBAC: verb `watch` on this group's <type>s (resource "*" for all types)
@@ -115,7 +115,7 @@ class StaticTokenAuthenticator:
     """Shared secrets read from a file; re-read whenever the file changes (inode, mtime, size).
 
     One token per line, optionally followed by its roles: `TOKEN [ROLE,...]` with roles among
-    `agent` (Connect), `stats` (StatSummary, Edges, Check), `tap` (Tap), `metrics` (scrape an
+    `agent` (Connect), `stats` (StatSummary, Edges, Routes, Check), `tap` (Tap), `metrics` (scrape an
     agent's /metrics); a line without roles may do everything (the sandbox's `controller.token`).
     Clients read the first token of the file (the first line's first word).
     """
@@ -200,7 +200,7 @@ class AccessPolicy:
     (`system:serviceaccount:NS:NAME`) or `group:NAME`."""
 
     agents: frozenset[str]   # may call Connect (report metrics, receive identity, serve taps)
-    readers: frozenset[str]  # may call StatSummary, Edges, Check, Tap (tap also needs RBAC)
+    readers: frozenset[str]  # may call StatSummary, Edges, Routes, Check, Tap (tap also needs RBAC)
     scrapers: frozenset[str] = frozenset()  # may read an agent's /metrics (asked through Connect)
 
     @classmethod

@@ -34,6 +34,8 @@ class ControllerConfig:
     identity_debounce_s: float = 0.05
     # How long per-second buckets are kept; the longest stat window is 1 h.
     retention_s: int = 3600
+    # Routes per destination workload across all agents (each agent caps its own: --max-routes).
+    max_routes: int = 100
     # An agent whose last report is older than this is reported as not connected by Check.
     agent_stale_s: float = 10.0
     sandbox_poll_s: float = 0.1

@@ -21,12 +21,16 @@ from nodemesh.api.model import (
     REQUEST_TOTAL,
     RESPONSE_LATENCY_MS,
     RESPONSE_TOTAL,
+    ROUTE_REQUEST_TOTAL,
+    ROUTE_RESPONSE_LATENCY_MS,
+    ROUTE_RESPONSE_TOTAL,
     TCP_CLOSE_TOTAL,
     TCP_OPEN_CONNECTIONS,
     TCP_OPEN_TOTAL,
     TCP_READ_BYTES_TOTAL,
     TCP_WRITE_BYTES_TOTAL,
 )
+from nodemesh.controlplane import routes as routesmod
 from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
 from nodemesh.controlplane.config import ControllerConfig
@@ -41,6 +45,7 @@ log = logging.getLogger("nodemesh.controlplane")
 
 _IDENTITY = object()  # outbox marker: send what the agent's identity lacks (coalesces bursts)
 _CLOSE = object()     # outbox marker: the agent's side of the stream ended
+_ROUTE_FAMILIES = frozenset((ROUTE_REQUEST_TOTAL, ROUTE_RESPONSE_TOTAL, ROUTE_RESPONSE_LATENCY_MS))
 _ACK = object()       # outbox marker: acknowledge the increment reports stored (coalesces)
 # An agent clock this far off ours is corrected by the measured skew when filing its reports.
 SKEW_CORRECT_MS = 1000
@@ -106,6 +111,9 @@ class Controller:
         self.source = source
         self.registry = registry or WorkloadRegistry()
         self.aggregator = Aggregator(retention_s=config.retention_s)
+        # Route series apart (controlplane/routes.py): route cardinality never reaches `stat`.
+        self.route_aggregator = Aggregator(retention_s=config.retention_s)
+        self.route_cap = routesmod.RouteCap(config.max_routes)
         self.metrics = ControllerMetrics()
         self.started_ms = int(time.time() * 1000)
         self.version = controller_version()
@@ -160,6 +168,8 @@ class Controller:
         while True:
             await asyncio.sleep(10)
             self.aggregator.prune()
+            if self.route_aggregator.prune():
+                self.route_cap.prune(self.route_aggregator.keys())
             horizon = time.time() - self.config.retention_s
             for agent_id, (_, used) in list(self._counters.items()):
                 if used < horizon and agent_id not in self.sessions:
@@ -338,8 +348,11 @@ class Controller:
         """Deltas into the aggregator's bucket of second `t`."""
         agg = self.aggregator
         for d in deltas:
-            key = series_key(d.labels)
             name = d.name
+            if name in _ROUTE_FAMILIES:
+                self._record_route(d, bounds, t)
+                continue
+            key = series_key(d.labels)
             if name == RESPONSE_TOTAL:
                 if d.labels.get("classification") == "failure":
                     agg.record(key, t=t, failure=d.value)
@@ -360,6 +373,20 @@ class Controller:
                 agg.record(key, t=t, write_bytes=d.value)
             elif name == TCP_OPEN_CONNECTIONS:
                 agg.set_gauge(key, session.agent_id, d.value, t=t)
+
+    def _record_route(self, d: SeriesDelta, bounds: tuple[float, ...], t: float) -> None:
+        agg = self.route_aggregator
+        key = self.route_cap.cap(routesmod.route_key(d.labels), d.value if d.name == ROUTE_REQUEST_TOTAL else 0.0)
+        if d.name == ROUTE_RESPONSE_TOTAL:
+            if d.labels.get("classification") == "failure":
+                agg.record(key, t=t, failure=d.value)
+            else:
+                agg.record(key, t=t, success=d.value)
+        elif d.name == ROUTE_REQUEST_TOTAL:
+            agg.record(key, t=t, requests=d.value)
+        elif d.buckets is not None:
+            agg.record(key, t=t, latency=d.buckets, latency_bounds=bounds if bounds != BOUNDS else BOUNDS,
+                       latency_sum=d.sum)
 
     async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.ControllerMessage]:
         """The Connect stream: hello first, then reports/status/tap events in, identity and
@@ -438,6 +465,9 @@ class Controller:
 
     def edges(self, req: pb.EdgesRequest, now: float | None = None) -> pb.EdgesResponse:
         return statmod.edges(self.registry, self.aggregator, req, now)
+
+    def routes(self, req: pb.RoutesRequest, now: float | None = None) -> pb.RoutesResponse:
+        return routesmod.route_summary(self.registry, self.route_aggregator, req, now)
 
     def check(self) -> pb.CheckResponse:
         now = time.time()

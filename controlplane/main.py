@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--tap-redact-query", action="store_true", help="tap redacts query-string values")
     p.add_argument("--tap-max-taps", type=int, default=ControllerConfig.tap_max_taps,
                    help="concurrent taps; more are refused")
+    p.add_argument("--max-routes", type=int, default=ControllerConfig.max_routes,
+                   help="routes per destination workload across all agents; more are counted as [other]")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--grafana-url", default="", metavar="URL",
                    help="Grafana base URL (with manifests/grafana/ loaded): the dashboard links workloads to it")
@@ -166,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         tap_max_taps=a.tap_max_taps, tap_redact_headers=_csv(a.tap_redact_headers),
         tap_show_headers=_csv(a.tap_show_headers), tap_redact_query=a.tap_redact_query,
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
-        tap_max_rps=a.tap_max_rps, log_level=a.log_level,
+        tap_max_rps=a.tap_max_rps, log_level=a.log_level, max_routes=a.max_routes,
         token_file=a.token_file, token_review=a.token_review,
         token_audiences=_csv(a.token_audience),
         # Read here, once: the Deployment sets POD_NAMESPACE from the downward API.

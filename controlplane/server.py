@@ -41,6 +41,10 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                     context: grpc.aio.ServicerContext) -> pb.EdgesResponse:
         return self.controller.edges(request)
 
+    async def Routes(self, request: pb.RoutesRequest,
+                     context: grpc.aio.ServicerContext) -> pb.RoutesResponse:
+        return self.controller.routes(request)
+
     async def Check(self, request: pb.CheckRequest,
                     context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         return self.controller.check()

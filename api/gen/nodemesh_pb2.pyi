@@ -199,20 +199,48 @@ class ScrapeReviewResult(_message.Message):
     def __init__(self, id: _Optional[int] = ..., allowed: _Optional[bool] = ..., unavailable: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
-    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query")
+    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query", "routes")
     OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     TAP_MAX_RPS_FIELD_NUMBER: _ClassVar[int]
     TAP_REDACT_HEADERS_FIELD_NUMBER: _ClassVar[int]
     TAP_SHOW_HEADERS_FIELD_NUMBER: _ClassVar[int]
     TAP_REDACT_QUERY_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     opaque_ports: _containers.RepeatedScalarFieldContainer[int]
     excluded_namespaces: _containers.RepeatedScalarFieldContainer[str]
     tap_max_rps: float
     tap_redact_headers: _containers.RepeatedScalarFieldContainer[str]
     tap_show_headers: _containers.RepeatedScalarFieldContainer[str]
     tap_redact_query: bool
-    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ..., tap_redact_headers: _Optional[_Iterable[str]] = ..., tap_show_headers: _Optional[_Iterable[str]] = ..., tap_redact_query: _Optional[bool] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[WorkloadRoutes]
+    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ..., tap_redact_headers: _Optional[_Iterable[str]] = ..., tap_show_headers: _Optional[_Iterable[str]] = ..., tap_redact_query: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[WorkloadRoutes, _Mapping]]] = ...) -> None: ...
+
+class RouteRule(_message.Message):
+    __slots__ = ("name", "method", "path", "path_type", "grpc", "grpc_service", "grpc_method")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PATH_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GRPC_FIELD_NUMBER: _ClassVar[int]
+    GRPC_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    GRPC_METHOD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    method: str
+    path: str
+    path_type: str
+    grpc: bool
+    grpc_service: str
+    grpc_method: str
+    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., path_type: _Optional[str] = ..., grpc: _Optional[bool] = ..., grpc_service: _Optional[str] = ..., grpc_method: _Optional[str] = ...) -> None: ...
+
+class WorkloadRoutes(_message.Message):
+    __slots__ = ("workload", "rules")
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    workload: Resource
+    rules: _containers.RepeatedCompositeFieldContainer[RouteRule]
+    def __init__(self, workload: _Optional[_Union[Resource, _Mapping]] = ..., rules: _Optional[_Iterable[_Union[RouteRule, _Mapping]]] = ...) -> None: ...
 
 class IdentitySnapshot(_message.Message):
     __slots__ = ("resource_version", "pods", "services", "config", "captured_namespaces", "epoch", "version")
@@ -490,6 +518,50 @@ class EdgesResponse(_message.Message):
     edges: _containers.RepeatedCompositeFieldContainer[Edge]
     error: str
     def __init__(self, edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RoutesRequest(_message.Message):
+    __slots__ = ("selector", "to", "window_seconds")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    selector: Resource
+    to: Resource
+    window_seconds: int
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+
+class RouteRow(_message.Message):
+    __slots__ = ("route", "service", "destination", "has_traffic", "success_count", "failure_count", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "request_count")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    HAS_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RPS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    service: str
+    destination: Resource
+    has_traffic: bool
+    success_count: int
+    failure_count: int
+    rps: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    request_count: int
+    def __init__(self, route: _Optional[str] = ..., service: _Optional[str] = ..., destination: _Optional[_Union[Resource, _Mapping]] = ..., has_traffic: _Optional[bool] = ..., success_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., rps: _Optional[float] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ..., latency_ms_p99: _Optional[float] = ..., request_count: _Optional[int] = ...) -> None: ...
+
+class RoutesResponse(_message.Message):
+    __slots__ = ("rows", "error")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[RouteRow]
+    error: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[RouteRow, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
     __slots__ = ()

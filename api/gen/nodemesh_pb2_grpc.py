@@ -49,6 +49,11 @@ class ControllerStub:
                 request_serializer=nodemesh__pb2.EdgesRequest.SerializeToString,
                 response_deserializer=nodemesh__pb2.EdgesResponse.FromString,
                 _registered_method=True)
+        self.Routes = channel.unary_unary(
+                '/nodemesh.v1.Controller/Routes',
+                request_serializer=nodemesh__pb2.RoutesRequest.SerializeToString,
+                response_deserializer=nodemesh__pb2.RoutesResponse.FromString,
+                _registered_method=True)
         self.Tap = channel.unary_stream(
                 '/nodemesh.v1.Controller/Tap',
                 request_serializer=nodemesh__pb2.TapRequest.SerializeToString,
@@ -77,6 +82,12 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Edges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Routes(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +122,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Edges,
                     request_deserializer=nodemesh__pb2.EdgesRequest.FromString,
                     response_serializer=nodemesh__pb2.EdgesResponse.SerializeToString,
+            ),
+            'Routes': grpc.unary_unary_rpc_method_handler(
+                    servicer.Routes,
+                    request_deserializer=nodemesh__pb2.RoutesRequest.FromString,
+                    response_serializer=nodemesh__pb2.RoutesResponse.SerializeToString,
             ),
             'Tap': grpc.unary_stream_rpc_method_handler(
                     servicer.Tap,
@@ -204,6 +220,33 @@ class Controller:
             '/nodemesh.v1.Controller/Edges',
             nodemesh__pb2.EdgesRequest.SerializeToString,
             nodemesh__pb2.EdgesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Routes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodemesh.v1.Controller/Routes',
+            nodemesh__pb2.RoutesRequest.SerializeToString,
+            nodemesh__pb2.RoutesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,7 @@ def assert_golden(name: str, actual: str) -> None:
 class FakeController(pb_grpc.ControllerServicer):
     stat: dict[str, pb.StatResponse] = field(default_factory=dict)  # by selector type
     edges: pb.EdgesResponse = field(default_factory=pb.EdgesResponse)
+    routes: pb.RoutesResponse = field(default_factory=pb.RoutesResponse)
     check: pb.CheckResponse = field(default_factory=pb.CheckResponse)
     tap_events: list[pb.TapEvent] = field(default_factory=list)
     tap_hold_open: bool = False          # keep the stream open after the events (Ctrl-C tests)
@@ -60,6 +61,10 @@ class FakeController(pb_grpc.ControllerServicer):
     def Edges(self, request: pb.EdgesRequest, context: grpc.ServicerContext) -> pb.EdgesResponse:
         self._record(request, context)
         return self.edges
+
+    def Routes(self, request: pb.RoutesRequest, context: grpc.ServicerContext) -> pb.RoutesResponse:
+        self._record(request, context)
+        return self.routes
 
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         self._record(request, context)
