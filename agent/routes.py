@@ -233,6 +233,18 @@ class RouteTable:
             self.cache.clear()
 
 
+def rules_from_config(routes: object) -> dict[tuple[str, str, str], tuple[RouteRule, ...]]:
+    """`MeshConfig.routes` (pb.WorkloadRoutes) -> rules per destination workload key."""
+    out: dict[tuple[str, str, str], tuple[RouteRule, ...]] = {}
+    for wr in routes:  # type: ignore[attr-defined]
+        key = (wr.workload.namespace, wr.workload.type, wr.workload.name)
+        out[key] = tuple(
+            RouteRule(name=r.name, method=r.method, path=r.path, path_type=r.path_type or "prefix",
+                      grpc_service=r.grpc_service, grpc_method=r.grpc_method, grpc_only=r.grpc)
+            for r in wr.rules if r.name)
+    return out
+
+
 class RouteTables:
     """A worker's route tables, one per destination workload (`key`: namespace, kind, name).
 

@@ -37,7 +37,7 @@ from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import MetricsStore, classify
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.podindex import Changes, IdentityGap, Owner, PeerLabels, PodIndex, unknown_labels
-from nodemesh.agent.routes import RouteTable, RouteTables
+from nodemesh.agent.routes import RouteTable, RouteTables, rules_from_config
 from nodemesh.agent.tap import Tap, TapRegistry, peer_message
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import UNKNOWN_KIND
@@ -260,6 +260,8 @@ class WorkerTelemetry:
             self.taps.default_max_rps = config.tap_max_rps
         self.redaction = redact.Redaction.build(config.tap_redact_headers, config.tap_show_headers,
                                                 config.tap_redact_query)
+        if self.routes is not None:
+            self.routes.configure(rules_from_config(config.routes))  # configured routes win
         for callback in self.on_mesh_config:
             callback(config)
 

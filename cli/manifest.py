@@ -307,6 +307,8 @@ def _controller_rbac(v: InstallValues) -> list[dict[str, Any]]:
             },
             {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": read},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+            # Gateway API routes name routes for `nodemesh routes` (controlplane/routeconfig.py).
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": read},
             # Checking the tokens agents and the CLI present (TokenReview), nothing else.
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             # Asking whether a caller may tap what it asks to (verb watch on tap.nodemesh.io).

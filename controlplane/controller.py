@@ -38,6 +38,7 @@ from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta
 from nodemesh.controlplane.identityfeed import IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
+from nodemesh.controlplane.routeconfig import workload_routes
 from nodemesh.controlplane.sources import ClusterSource
 from nodemesh.controlplane.tap import TapSession
 
@@ -181,7 +182,8 @@ class Controller:
         c = self.config
         return pb.MeshConfig(opaque_ports=list(c.opaque_ports), excluded_namespaces=list(c.excluded_namespaces),
                              tap_max_rps=c.tap_max_rps, tap_redact_headers=list(c.tap_redact_headers),
-                             tap_show_headers=list(c.tap_show_headers), tap_redact_query=c.tap_redact_query)
+                             tap_show_headers=list(c.tap_show_headers), tap_redact_query=c.tap_redact_query,
+                             routes=workload_routes(self.registry))
 
     def refresh_identity(self) -> IdentityFeed:
         """Bring the identity feed up to the registry (a new version only when something an agent

@@ -35,6 +35,9 @@ Obj = dict[str, Any]
 WATCHED_KINDS = (
     "Namespace", "Node", "Pod", "ReplicaSet", "Deployment", "StatefulSet", "DaemonSet", "Job",
     "Service", "EndpointSlice",
+    # Gateway API routes (controlplane/routeconfig.py): their names win over automatic routes. A
+    # cluster without the Gateway API CRDs lists them as empty (sources/kubernetes.py, OPTIONAL_KINDS).
+    "HTTPRoute", "GRPCRoute",
 )
 # Canonical types whose rows come from an owner object of that kind.
 WORKLOAD_KINDS = {"deployment": "Deployment", "statefulset": "StatefulSet", "daemonset": "DaemonSet",

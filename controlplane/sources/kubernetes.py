@@ -18,6 +18,7 @@ reads, so the registry cannot tell the sources apart. Events are handed to the e
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -34,8 +35,8 @@ from nodemesh.controlplane.sources import ClusterSource
 
 log = logging.getLogger("nodemesh.controlplane.sources.kubernetes")
 
-# kind -> (API class, list method for all namespaces)
-LIST_CALLS: dict[str, tuple[type, str]] = {
+# kind -> (API class, list method for all namespaces[, leading arguments of that method])
+LIST_CALLS: dict[str, tuple[Any, ...]] = {
     "Namespace": (client.CoreV1Api, "list_namespace"),
     "Node": (client.CoreV1Api, "list_node"),
     "Pod": (client.CoreV1Api, "list_pod_for_all_namespaces"),
@@ -46,8 +47,16 @@ LIST_CALLS: dict[str, tuple[type, str]] = {
     "DaemonSet": (client.AppsV1Api, "list_daemon_set_for_all_namespaces"),
     "Job": (client.BatchV1Api, "list_job_for_all_namespaces"),
     "EndpointSlice": (client.DiscoveryV1Api, "list_endpoint_slice_for_all_namespaces"),
+    "HTTPRoute": (client.CustomObjectsApi, "list_cluster_custom_object",
+                  ("gateway.networking.k8s.io", "v1", "httproutes")),
+    "GRPCRoute": (client.CustomObjectsApi, "list_cluster_custom_object",
+                  ("gateway.networking.k8s.io", "v1", "grpcroutes")),
 }
 assert set(LIST_CALLS) == set(WATCHED_KINDS)
+# Kinds a cluster may not serve (CRDs not installed, or no RBAC for them): a 404 or 403 lists them
+# as empty, counts as synced (the controller must not wait for them), and is retried this often.
+OPTIONAL_KINDS = frozenset(("HTTPRoute", "GRPCRoute"))
+OPTIONAL_RETRY_S = 60.0
 
 
 def load_configuration(kubeconfig: str = "") -> client.Configuration:
@@ -134,9 +143,11 @@ class KubernetesSource(ClusterSource):
             self.synced.set()
 
     def _run_kind(self, registry: WorkloadRegistry, kind: str) -> None:
-        api_cls, method = LIST_CALLS[kind]
+        api_cls, method, *args = LIST_CALLS[kind]
         api_client = client.ApiClient(self.configuration)
         list_fn = getattr(api_cls(api_client), method)
+        if args:
+            list_fn = functools.partial(list_fn, *args[0])
         backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         rv: str | None = None
         try:
@@ -160,6 +171,13 @@ class KubernetesSource(ClusterSource):
                         # An empty watch that ended at once: do not spin against the server.
                         self._stopping.wait(backoff.next_delay())
                 except ApiException as exc:
+                    if kind in OPTIONAL_KINDS and exc.status in (403, 404) and rv is None:
+                        log.info("event=optional_kind_unavailable kind=%s status=%s retry_in_s=%.0f", kind,
+                                 exc.status, OPTIONAL_RETRY_S)
+                        self._post(registry.replace, kind, [])
+                        self._post(self._mark_synced, registry, kind)
+                        self._stopping.wait(OPTIONAL_RETRY_S)
+                        continue
                     if exc.status == 410:
                         self.stats["relists_410"] += 1
                         log.info("event=watch_expired kind=%s rv=%s action=relist", kind, rv)

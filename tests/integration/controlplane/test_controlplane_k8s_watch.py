@@ -34,7 +34,11 @@ PATHS = {
     "Deployment": "/apis/apps/v1/deployments", "StatefulSet": "/apis/apps/v1/statefulsets",
     "DaemonSet": "/apis/apps/v1/daemonsets", "Job": "/apis/batch/v1/jobs",
     "EndpointSlice": "/apis/discovery.k8s.io/v1/endpointslices",
+    "HTTPRoute": "/apis/gateway.networking.k8s.io/v1/httproutes",
+    "GRPCRoute": "/apis/gateway.networking.k8s.io/v1/grpcroutes",
 }
+ROUTE_KINDS = {"HTTPRoute", "GRPCRoute"}
+GATEWAY_ROUTES = Path(__file__).parent / "testdata" / "gateway_routes.json"
 KIND_OF_PATH = {v: k for k, v in PATHS.items()}
 
 
@@ -50,6 +54,8 @@ class FakeCluster:
             self.objects[obj["kind"]][_key(obj)] = obj
         self.scripts: dict[str, queue.Queue[tuple[str, Any]]] = {k: queue.Queue() for k in PATHS}
         self.requests: list[tuple[str, dict[str, str]]] = []
+        # What the server serves: a cluster without the Gateway API CRDs answers 404 for routes.
+        self.served = set(PATHS) - ROUTE_KINDS
 
     def _bump(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.rv += 1
@@ -132,7 +138,7 @@ class FakeApiServer:
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 cluster.requests.append((url.path, query))
                 kind = KIND_OF_PATH.get(url.path)
-                if kind is None:
+                if kind is None or kind not in cluster.served:
                     self.send_error(404)
                     return
                 if query.get("watch") != "true":
@@ -360,6 +366,60 @@ def test_survives_an_api_server_restart(cluster: FakeCluster, api_server: dict) 
             await eventually(lambda: reg.pod("emojivoto", "emoji-6b8f4c7d9-q9z4t").phase == "Failed", 15)
             assert source.stats["watch_errors"] >= 1
             assert not reg.pod("emojivoto", "emoji-6b8f4c7d9-q9z4t").running
+        finally:
+            await source.stop()
+    run(main)
+
+
+def test_gateway_routes_are_listed_watched_and_become_mesh_config_routes(cluster: FakeCluster,
+                                                                         api_server: dict) -> None:
+    """HTTPRoute/GRPCRoute through the real client (a cluster with the Gateway API CRDs): their rules
+    reach MeshConfig.routes for the workloads behind their parent Services; a watch event renames."""
+    from nodemesh.controlplane.config import ControllerConfig
+    from nodemesh.controlplane.controller import Controller
+
+    for obj in json.loads(GATEWAY_ROUTES.read_text())["items"]:
+        cluster.objects[obj["kind"]][_key(obj)] = obj
+    cluster.served = set(PATHS)
+
+    def routes(c: Controller) -> dict[tuple[str, str], list[tuple[str, ...]]]:
+        return {(w.workload.type, w.workload.name): [(r.name, r.method, r.path, r.path_type, r.grpc_service,
+                                                      r.grpc_method) for r in w.rules]
+                for w in c.mesh_config().routes}
+
+    async def main() -> None:
+        reg = WorkloadRegistry()
+        source = source_for(api_server["server"].port)
+        await source.start(reg)
+        try:
+            assert await source.wait_synced(10)
+            await eventually(lambda: len(reg.objects("HTTPRoute")) == 2 and len(reg.objects("GRPCRoute")) == 1)
+            controller = Controller(ControllerConfig(), registry=reg)
+            assert routes(controller) == {
+                ("deployment", "voting"): [("doughnut", "", "", "", "emojivoto.v1.VotingService", "VoteDoughnut")],
+                ("deployment", "web"): [("vote", "GET", "/api/vote", "prefix", "", ""),
+                                        ("web-routes", "", "/api/list", "exact", "", ""),
+                                        ("web-routes", "", "/api/emoji/[a-z]+", "regex", "", "")],
+            }  # the Gateway-parented route is north-south: not the mesh's
+            renamed = obj_named(cluster, "GRPCRoute", "voting-grpc")
+            renamed["spec"]["rules"][0]["name"] = "the-doughnut-vote"
+            cluster.emit("MODIFIED", renamed)
+            await eventually(lambda: routes(controller)[("deployment", "voting")][0][0] == "the-doughnut-vote")
+            assert source.stats["lists"] == 12
+        finally:
+            await source.stop()
+    run(main)
+
+
+def test_a_cluster_without_the_gateway_api_syncs_without_routes(cluster: FakeCluster, api_server: dict) -> None:
+    async def main() -> None:
+        reg = WorkloadRegistry()
+        source = source_for(api_server["server"].port)
+        await source.start(reg)
+        try:
+            assert await source.wait_synced(10)  # 404 for the route kinds does not hold the controller
+            assert reg.synced and reg.objects("HTTPRoute") == []
+            assert cluster.requests_for("HTTPRoute", watch=False)  # asked, answered 404
         finally:
             await source.stop()
     run(main)

@@ -164,3 +164,23 @@ def test_route_series_travel_to_the_controller_and_to_prometheus() -> None:
     assert sample.labels["rt_route"] == "/emojivoto.v1.VotingService/VoteDoughnut"
     assert sample.labels["classification"] == "failure" and sample.value == 1
     assert "route_response_latency_ms" in families and RESPONSE_LATENCY_MS in families
+
+
+def test_configured_routes_from_the_mesh_config_win_over_automatic_names() -> None:
+    t = telemetry()
+    c = t.connection_open(ConnectionMeta(1, "outbound", (WEB, 40000), (VOTING, 8080), (VOTING, 8080),
+                                         "http2", started=100.0))
+    call(t, c, "POST", "/emojivoto.v1.VotingService/VoteDoughnut", grpc=True, grpc_status=2)
+    snap = identity()
+    snap.epoch, snap.version = 1, 1
+    snap.config.routes.append(pb.WorkloadRoutes(
+        workload=pb.Resource(namespace="emojivoto", type="deployment", name="voting"),
+        rules=[pb.RouteRule(name="doughnut", grpc=True, grpc_service="emojivoto.v1.VotingService",
+                            grpc_method="VoteDoughnut")]))
+    assert t.apply_identity(pb.ControllerMessage(identity=snap))
+    call(t, c, "POST", "/emojivoto.v1.VotingService/VoteDoughnut", grpc=True, grpc_status=2)
+    call(t, c, "POST", "/emojivoto.v1.VotingService/VoteJoy", grpc=True, grpc_status=0)
+    assert route_counts(t) == {
+        (d, r, cl): 1 for d in ("outbound", "inbound") for r, cl in (
+            ("/emojivoto.v1.VotingService/VoteDoughnut", "failure"), ("doughnut", "failure"),
+            ("/emojivoto.v1.VotingService/VoteJoy", "success"))}

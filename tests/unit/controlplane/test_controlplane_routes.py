@@ -153,3 +153,31 @@ def test_routes_controller_caps_routes_across_agents_and_stat_is_untouched() -> 
     assert rows[-1][2] == 30 and sum(r[2] for r in rows) == 60   # nothing lost
     assert len(c.aggregator) == 0           # route series never reach the peer aggregator
     assert len(c.route_aggregator) == 4
+
+
+def test_routes_annotation_on_services_and_workloads_reaches_mesh_config() -> None:
+    c, _, _ = make_controller()
+    reg = c.registry
+    svc = copy.deepcopy(reg.get("Service", NS, "voting-svc"))
+    svc["metadata"].setdefault("annotations", {})["nodemesh.io/routes"] = json.dumps([
+        {"name": "doughnut", "grpc": "emojivoto.v1.VotingService/VoteDoughnut"},
+        {"name": "any-vote", "grpc": "emojivoto.v1.VotingService/"},
+    ])
+    reg.apply("MODIFIED", svc)
+    web = copy.deepcopy(reg.get("Deployment", NS, "web"))
+    web["metadata"].setdefault("annotations", {})["nodemesh.io/routes"] = json.dumps([
+        {"name": "vote", "method": "get", "path": "/api/vote", "type": "exact"}])
+    reg.apply("MODIFIED", web)
+    bad = copy.deepcopy(reg.get("Deployment", NS, "emoji"))
+    bad["metadata"].setdefault("annotations", {})["nodemesh.io/routes"] = '[{"path": "/no-name"}]'
+    reg.apply("MODIFIED", bad)
+    got = {(w.workload.type, w.workload.name): [(r.name, r.grpc, r.grpc_service, r.grpc_method, r.method, r.path,
+                                                 r.path_type) for r in w.rules]
+           for w in c.mesh_config().routes}
+    assert got == {
+        ("deployment", "voting"): [("doughnut", True, "emojivoto.v1.VotingService", "VoteDoughnut", "", "", ""),
+                                   ("any-vote", True, "emojivoto.v1.VotingService", "", "", "", "")],
+        ("deployment", "web"): [("vote", False, "", "", "GET", "/api/vote", "exact")],
+    }  # emoji's annotation has a route without a name: skipped, nothing else breaks
+    # the pushed identity carries them (agents get them with the mesh config)
+    assert len(c.identity_message().identity.config.routes) == 2
