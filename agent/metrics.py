@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
-    DEFAULT_ROUTE,
     ENDPOINT_LOOKUPS,
     ENDPOINT_RETRIES,
     IDENTITY_CORRECTIONS,
@@ -55,6 +54,7 @@ from nodemesh.api.model import (
     TCP_OPEN_TOTAL,
     TCP_READ_BYTES_TOTAL,
     TCP_WRITE_BYTES_TOTAL,
+    is_automatic_route,
 )
 
 Labels = tuple[str, ...]
@@ -378,7 +378,7 @@ class NodeStore:
         """At most `max_routes` live routes per destination workload on this node (every worker's
         table caps its own; together they could learn more); `[other]`/`[DEFAULT]` take no place."""
         route = key[ROUTE_INDEX]
-        if route == OTHER_LABEL_VALUE or route == DEFAULT_ROUTE:
+        if not is_automatic_route(route):  # [other], [DEFAULT], configured names
             return key
         scope = key[ROUTE_DST_SLICE]
         seen = self._routes.get(scope)
@@ -427,7 +427,7 @@ class NodeStore:
             for name in METRICS:
                 if name in ROUTE_METRICS:
                     for key in self.series[name]:
-                        if key[ROUTE_INDEX] not in (OTHER_LABEL_VALUE, DEFAULT_ROUTE):
+                        if is_automatic_route(key[ROUTE_INDEX]):
                             routes.setdefault(key[ROUTE_DST_SLICE], set()).add(key[ROUTE_INDEX])
                     continue
                 for key in self.series[name]:

@@ -205,6 +205,16 @@ ROUTE_LABELS = (
 ROUTE_RESPONSE_LABELS = ("classification",)
 DEFAULT_ROUTE = "[DEFAULT]"   # a request with no path to name (CONNECT, OPTIONS *)
 
+
+def is_automatic_route(route: str) -> bool:
+    """Was this rt_route named from the wire (agent/routes.py: `/pkg.Service/Method` or `METHOD /path`)?
+    Only those take a place under the route caps: a configured route's name was chosen by someone,
+    so it can neither explode nor be folded into [other]."""
+    if route.startswith("/"):
+        return True
+    method, _, rest = route.partition(" ")
+    return rest.startswith("/") and method.isupper()
+
 # Agent self-metrics (not per-peer): 1 while this node's capture rules are installed, else 0.
 # No labels; Prometheus adds the scrape target's `node`. Alongside prometheus-client's process_*.
 CAPTURE_INSTALLED = "nodemesh_capture_installed"    # gauge

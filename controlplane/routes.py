@@ -24,7 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import DEFAULT_ROUTE, OTHER_LABEL_VALUE, ROUTE_LABELS, UNKNOWN_KIND
+from nodemesh.api.model import (
+    DEFAULT_ROUTE,
+    OTHER_LABEL_VALUE,
+    ROUTE_LABELS,
+    UNKNOWN_KIND,
+    is_automatic_route,
+)
 from nodemesh.controlplane.aggregate import Aggregator, SeriesKey, Totals
 from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.stat import (
@@ -57,7 +63,7 @@ class RouteCap:
 
     def cap(self, key: SeriesKey, value: float = 0.0) -> SeriesKey:
         route = key[_ROUTE]
-        if route in _LAST:
+        if not is_automatic_route(route):  # [DEFAULT], [other], configured names take no place
             return key
         seen = self._seen.setdefault(key[_DST], set())
         if route in seen:
@@ -71,7 +77,7 @@ class RouteCap:
     def prune(self, keys: object) -> None:
         live: dict[SeriesKey, set[str]] = {}
         for key in keys:  # type: ignore[attr-defined]
-            if key[_ROUTE] not in _LAST:
+            if is_automatic_route(key[_ROUTE]):
                 live.setdefault(key[_DST], set()).add(key[_ROUTE])
         self._seen = live
 

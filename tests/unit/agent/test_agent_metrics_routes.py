@@ -135,6 +135,9 @@ def test_node_store_caps_routes_per_destination_workload_and_frees_places_on_evi
     assert voting == {"GET /r0": 2, "GET /r1": 2, "GET /r2": 2, OTHER_LABEL_VALUE: 4, "[DEFAULT]": 1}
     assert store.series[LABEL_OVERFLOW][("rt_route",)] == 4
     assert route_key("emoji", "GET /r9") in store.series[ROUTE_REQUEST_TOTAL]
+    # a configured route's name takes no place under the cap and is never folded
+    store.add({ROUTE_REQUEST_TOTAL: {route_key("voting", "orders"): 1}})
+    assert route_key("voting", "orders") in store.series[ROUTE_REQUEST_TOTAL]
     # the same latency and response families are capped alike (keys agree across families)
     store.add({ROUTE_RESPONSE_TOTAL: {(*route_key("voting", "GET /r4"), "success"): 1},
                ROUTE_RESPONSE_LATENCY_MS: {route_key("voting", "GET /r4"): [1] + [0] * 26 + [0.5]}})
