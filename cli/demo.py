@@ -30,7 +30,8 @@ The mesh is watching emojivoto. Try:
 
   nodemesh stat deploy -n emojivoto                     # which workloads fail?
   nodemesh stat deploy -n emojivoto --from deploy/web   # web's calls, per destination
-  nodemesh tap deploy/voting -n emojivoto               # live requests: which method fails?
+  nodemesh routes deploy/voting -n emojivoto            # per method: which one fails?
+  nodemesh tap deploy/voting -n emojivoto               # live requests of it
   nodemesh edges deploy -n emojivoto                    # who talks to whom
   nodemesh dashboard                                    # the same, in a browser
 
