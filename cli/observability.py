@@ -54,20 +54,25 @@ def _sel(**matchers: str) -> str:
     return ", ".join(f'{k}="{v}"' if not v.startswith("~") else f'{k}=~"{v[1:]}"' for k, v in matchers.items())
 
 
-def rps(f: str, by: str = "") -> str:
-    return f"sum{_by(by)}(rate({model.REQUEST_TOTAL}{{{f}}}[{RATE}]))"
+# The request/response families a query reads: the peer series, or the per-route ones (issue 15).
+PEER = (model.REQUEST_TOTAL, model.RESPONSE_TOTAL, model.RESPONSE_LATENCY_MS)
+ROUTE = (model.ROUTE_REQUEST_TOTAL, model.ROUTE_RESPONSE_TOTAL, model.ROUTE_RESPONSE_LATENCY_MS)
 
 
-def success_rate(f: str, by: str = "") -> str:
+def rps(f: str, by: str = "", family: tuple[str, str, str] = PEER) -> str:
+    return f"sum{_by(by)}(rate({family[0]}{{{f}}}[{RATE}]))"
+
+
+def success_rate(f: str, by: str = "", family: tuple[str, str, str] = PEER) -> str:
     ok = f'{f}, classification="success"'
-    return (f"sum{_by(by)}(rate({model.RESPONSE_TOTAL}{{{ok}}}[{RATE}]))"
-            f" / sum{_by(by)}(rate({model.RESPONSE_TOTAL}{{{f}}}[{RATE}]))")
+    return (f"sum{_by(by)}(rate({family[1]}{{{ok}}}[{RATE}]))"
+            f" / sum{_by(by)}(rate({family[1]}{{{f}}}[{RATE}]))")
 
 
-def latency(q: float, f: str, by: str = "") -> str:
+def latency(q: float, f: str, by: str = "", family: tuple[str, str, str] = PEER) -> str:
     by_le = f"le, {by}" if by else "le"
     return (f"histogram_quantile({q}, sum by ({by_le}) "
-            f"(rate({model.RESPONSE_LATENCY_MS}_bucket{{{f}}}[{RATE}])))")
+            f"(rate({family[2]}_bucket{{{f}}}[{RATE}])))")
 
 
 def _by(by: str) -> str:
@@ -317,6 +322,25 @@ def workload_dashboard() -> dict[str, Any]:
     lay.add(timeseries("Requests/s by callee", [(rps(outb, dst), dst_legend)], "reqps", True), 8, 8)
     lay.add(timeseries("Success rate by callee", [(success_rate(outb, dst), dst_legend)], "percentunit"), 8, 8)
     lay.add(timeseries("p95 latency by callee", [(latency(0.95, outb, dst), dst_legend)], "ms"), 8, 8)
+    # Routes it serves (`nodemesh routes`): a table, then one panel per route (Grafana repeats it
+    # for each value of $route).
+    rt = "dst_service, rt_route"
+    lay.row("Routes served")
+    lay.add(table("Routes", rt, [
+        (success_rate(inb, rt, ROUTE), "Success rate", "percentunit"),
+        (rps(inb, rt, ROUTE), "RPS", "reqps"),
+        (latency(0.5, inb, rt, ROUTE), "p50", "ms"),
+        (latency(0.95, inb, rt, ROUTE), "p95", "ms"),
+        (latency(0.99, inb, rt, ROUTE), "p99", "ms"),
+    ]), 24, 8)
+    one = f'{inb}, rt_route=~"$route"'
+    route_panel = timeseries("Route $route", [
+        (success_rate(one, family=ROUTE), "success rate"),
+        (rps(one, family=ROUTE), "rps"),
+        (latency(0.95, one, family=ROUTE), "p95 ms"),
+    ], "short")
+    route_panel.update({"repeat": "route", "repeatDirection": "h", "maxPerRow": 3})
+    lay.add(route_panel, 8, 8)
     lay.row("TCP")
     lay.add(timeseries("Open connections", [
         (f"sum({model.TCP_OPEN_CONNECTIONS}{{{inb}}})", "inbound"),
@@ -341,9 +365,13 @@ def workload_dashboard() -> dict[str, Any]:
         _query_var("workload", "Workload",
                    f'label_values({model.REQUEST_TOTAL}{{direction="inbound", dst_namespace="$namespace", '
                    'dst_kind="$kind"}, dst_name)'),
+        _query_var("route", "Route",
+                   f'label_values({model.ROUTE_REQUEST_TOTAL}{{direction="inbound", dst_namespace="$namespace", '
+                   'dst_kind="$kind", dst_name="$workload"}, rt_route)', multi=True),
     ]
     return _dashboard(UIDS["workload"], "nodemesh / Workload", lay, variables,
-                      "One workload: top-line metrics, its callers (inbound) and its callees (outbound).")
+                      "One workload: top-line metrics, its callers (inbound), its callees (outbound) and "
+                      "the routes it serves.")
 
 
 def agent_dashboard() -> dict[str, Any]:
@@ -481,8 +509,8 @@ def exported_metric_names() -> set[str]:
     """The series names an agent's /metrics may carry, per the api/model.py contract."""
     counters_gauges = {model.REQUEST_TOTAL, model.RESPONSE_TOTAL, model.TCP_OPEN_TOTAL, model.TCP_CLOSE_TOTAL,
                        model.TCP_OPEN_CONNECTIONS, model.TCP_READ_BYTES_TOTAL, model.TCP_WRITE_BYTES_TOTAL,
-                       model.CAPTURE_INSTALLED}
-    histograms = {model.RESPONSE_LATENCY_MS, model.TCP_CONNECTION_DURATION_MS}
+                       model.CAPTURE_INSTALLED, model.ROUTE_REQUEST_TOTAL, model.ROUTE_RESPONSE_TOTAL}
+    histograms = {model.RESPONSE_LATENCY_MS, model.TCP_CONNECTION_DURATION_MS, model.ROUTE_RESPONSE_LATENCY_MS}
     names = set(counters_gauges) | set(PROCESS_METRICS)
     for h in histograms:
         names |= {f"{h}_bucket", f"{h}_sum", f"{h}_count"}
@@ -491,7 +519,8 @@ def exported_metric_names() -> set[str]:
 
 
 def exported_label_names() -> set[str]:
-    return set(model.PEER_LABELS) | set(model.RESPONSE_LABELS) | {"le"} | set(TARGET_LABELS)
+    return (set(model.PEER_LABELS) | set(model.RESPONSE_LABELS) | set(model.ROUTE_LABELS)
+            | set(model.ROUTE_RESPONSE_LABELS) | {"le"} | set(TARGET_LABELS))
 
 
 # ---------------------------------------------------------------------------- manifests

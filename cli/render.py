@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
+from nodemesh.api.rows import route_has_requests, route_row_json
 
 MISSING = "-"
 COLUMN_GAP = "   "
@@ -202,10 +203,6 @@ def stat_json(rows: Sequence[pb.StatRow]) -> str:
 # ---------------------------------------------------------------------------- routes
 
 
-def _route_has_requests(row: pb.RouteRow) -> bool:
-    return row.has_traffic and (row.success_count + row.failure_count) > 0
-
-
 def routes_table(rows: Sequence[pb.RouteRow], *, wide: bool = False) -> str:
     """`linkerd viz routes`' table: ROUTE, SERVICE, SUCCESS, RPS, LATENCY_P50/95/99 (rows come
     sorted by service and route from the controller, `[DEFAULT]` and `[other]` last). Wide adds
@@ -217,7 +214,7 @@ def routes_table(rows: Sequence[pb.RouteRow], *, wide: bool = False) -> str:
     table_rows = []
     for row in rows:
         cells = [row.route, row.service or MISSING]
-        if _route_has_requests(row):
+        if route_has_requests(row):
             total = row.success_count + row.failure_count
             cells += [fmt_percent(row.success_count / total), fmt_rps(row.rps)]
             cells += [fmt_ms(q) for q in (row.latency_ms_p50, row.latency_ms_p95, row.latency_ms_p99)]
@@ -232,25 +229,7 @@ def routes_table(rows: Sequence[pb.RouteRow], *, wide: bool = False) -> str:
 
 
 def routes_json(rows: Sequence[pb.RouteRow]) -> str:
-    out = []
-    for row in rows:
-        present = _route_has_requests(row)
-        total = row.success_count + row.failure_count
-        out.append({
-            "route": row.route,
-            "service": row.service,
-            "destination": {"namespace": row.destination.namespace,
-                            "kind": KIND_OF_TYPE.get(row.destination.type, row.destination.type).lower(),
-                            "name": row.destination.name},
-            "success": _json_number(row.success_count / total) if present else None,
-            "rps": _json_number(row.rps) if present else None,
-            "latency_ms_p50": _json_number(row.latency_ms_p50) if present else None,
-            "latency_ms_p95": _json_number(row.latency_ms_p95) if present else None,
-            "latency_ms_p99": _json_number(row.latency_ms_p99) if present else None,
-            "requests": row.request_count,
-            "failures": row.failure_count,
-        })
-    return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps([route_row_json(row) for row in rows], indent=2, ensure_ascii=False) + "\n"
 
 
 # ---------------------------------------------------------------------------- tap

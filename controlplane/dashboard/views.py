@@ -15,9 +15,11 @@ from urllib.parse import urlencode
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
+from nodemesh.api.rows import route_row_json
 from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, Totals
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard.params import ApiError
+from nodemesh.controlplane.routes import ROUTE_TYPES
 from nodemesh.controlplane.stat import side_predicate
 
 # manifests/grafana/nodemesh-workload.json: its uid and template variables (a unit test pins them).
@@ -170,6 +172,18 @@ def grafana_workload_url(base: str, me: pb.Resource) -> str | None:
     return f"{base.rstrip('/')}/d/{GRAFANA_WORKLOAD_UID}/{GRAFANA_WORKLOAD_UID}?{query}"
 
 
+def routes(controller: Controller, me: pb.Resource, window_s: int, now: float | None = None) -> list[dict[str, Any]]:
+    """`nodemesh routes TYPE/NAME -o json` for the page: the routes `me` serves (its inbound view;
+    a Service's: what its callers sent it). Pods have none of their own (route series are per
+    workload): an empty list, not an error."""
+    if me.type not in ROUTE_TYPES:
+        return []
+    resp = controller.routes(pb.RoutesRequest(selector=me, window_seconds=window_s), now)
+    if resp.error:
+        raise ApiError(resp.error, _error_status(resp.error))
+    return [route_row_json(r) for r in resp.rows]
+
+
 def workload(controller: Controller, me: pb.Resource, window_s: int, step_s: int, grafana_base: str,
              now: float | None = None) -> dict[str, object]:
     (row,) = stat_rows(controller, [pb.StatRequest(selector=me, window_seconds=window_s)], now)
@@ -180,6 +194,7 @@ def workload(controller: Controller, me: pb.Resource, window_s: int, step_s: int
         "stat": stat_row_json(row),
         "callers": callers,
         "callees": callees,
+        "routes": routes(controller, me, window_s, now),
         "pods": _pods(controller, me),
         "series": time_series(controller, me, step_s, now=now),
         "grafana_url": grafana_workload_url(grafana_base, me),

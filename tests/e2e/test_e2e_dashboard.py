@@ -9,6 +9,7 @@ From the host (the sandbox's host link routes to the node IPs) the browser opens
   reads of a sliding window that are not taken at the same instant (bound computed from the measured
   gap, see `live_tolerances`), and exactly once the traffic stops and the window holds still;
 - the workload page of deploy/web shows its edges: vote-bot → web, web → emoji, web → voting;
+- the workload page of deploy/voting lists its routes, VoteDoughnut at 0.00 % success;
 - a live tap on deploy/voting shows rows appearing, among them VoteDoughnut with grpc-status Unknown;
 - a request with `<script>` in its path, sent for real from the vote-bot pod while a tap on deploy/web
   is open, is shown as text and no script runs.
@@ -358,8 +359,19 @@ def test_e2e_dashboard_browser_against_meshed_emojivoto(mesh: Mesh) -> None:
         assert len(pods) == 1 and pods[0].startswith("web-"), pods
         screenshot(page, "workload-web")
 
-        # ---- live tap on deploy/voting: rows appear, VoteDoughnut fails with grpc-status Unknown
+        # ---- deploy/voting's route table names the failing method, with no tap and no configuration
         open_workload(page, m.base, NS, "deployment", "voting")
+        page.wait_for_function("[...document.querySelectorAll('#routes tbody tr')].some("
+                               "tr => tr.dataset.route.endsWith('/VoteDoughnut'))", timeout=30_000)
+        routes = page.eval_on_selector_all(
+            "#routes tbody tr", "rs => rs.map(r => [r.dataset.route, r.children[2].textContent])")
+        success = dict(routes)
+        assert success["/emojivoto.v1.VotingService/VoteDoughnut"] == "0.00%", routes
+        assert any(route.startswith("/emojivoto.v1.VotingService/Vote") and rate == "100.00%"
+                   for route, rate in routes), routes
+        screenshot(page, "routes-voting")
+
+        # ---- live tap on deploy/voting: rows appear, VoteDoughnut fails with grpc-status Unknown
         start_tap(page)
         page.wait_for_function("[...document.querySelectorAll('#tap-table tbody tr')].some("
                                "tr => tr.children[4].textContent.endsWith('/VoteDoughnut') && "

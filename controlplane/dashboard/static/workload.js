@@ -1,5 +1,6 @@
 // A workload's page: inbound stats, sparklines for the last hour, callers and callees (table
-// and graph), pods and nodes, a Grafana link, and the live tap panel.
+// and graph), the routes it serves (`nodemesh routes`), pods and nodes, a Grafana link, and the
+// live tap panel.
 import {edgeGraph, sparkline} from "./charts.js";
 import {
   SHORT, SortTable, clear, fmtCount, fmtMs, fmtPercent, fmtRps, getJSON, h, health, workloadHash,
@@ -21,6 +22,18 @@ function edgeColumns() {
     {key: "p99", label: "P99", num: true, value: (e) => e.stat.latency_ms_p99, render: (e) => fmtMs(e.stat.latency_ms_p99)},
   ];
 }
+
+// `nodemesh routes TYPE/NAME` as a table; the API sends rows ordered as the CLI prints them.
+const ROUTE_COLUMNS = [
+  {key: "route", label: "Route", value: (r) => r.route},
+  {key: "service", label: "Service", value: (r) => r.service || "-"},
+  {key: "success", label: "Success", num: true, value: (r) => r.success,
+    render: (r) => fmtPercent(r.success), cls: (r) => health(r.success)},
+  {key: "rps", label: "RPS", num: true, value: (r) => r.rps, render: (r) => fmtRps(r.rps)},
+  {key: "p50", label: "P50", num: true, value: (r) => r.latency_ms_p50, render: (r) => fmtMs(r.latency_ms_p50)},
+  {key: "p95", label: "P95", num: true, value: (r) => r.latency_ms_p95, render: (r) => fmtMs(r.latency_ms_p95)},
+  {key: "p99", label: "P99", num: true, value: (r) => r.latency_ms_p99, render: (r) => fmtMs(r.latency_ms_p99)},
+];
 
 const POD_COLUMNS = [
   {key: "name", label: "Pod"},
@@ -44,6 +57,7 @@ export class WorkloadPage {
     this.graph = h("div", {className: "graphbox"});
     this.callers = new SortTable(edgeColumns(), {rowProps: (e) => ({dataset: {peer: e.peer.name}})});
     this.callees = new SortTable(edgeColumns(), {rowProps: (e) => ({dataset: {peer: e.peer.name}})});
+    this.routes = new SortTable(ROUTE_COLUMNS, {rowProps: (r) => ({dataset: {route: r.route, service: r.service}})});
     this.pods = new SortTable(POD_COLUMNS, {rowProps: (p) => ({dataset: {pod: p.name}})});
     this.tap = new TapPanel(target);
     root.append(h("section", {className: "workload", id: "workload"},
@@ -55,6 +69,7 @@ export class WorkloadPage {
       h("div", {className: "two"},
         h("div", {id: "callers"}, h("h3", {}, "Callers"), this.callers.table),
         h("div", {id: "callees"}, h("h3", {}, "Callees"), this.callees.table)),
+      h("h2", {}, "Routes"), h("div", {id: "routes"}, this.routes.table),
       h("h2", {}, "Pods"), h("div", {id: "pods"}, this.pods.table),
       h("h2", {}, "Live tap"), this.tap.root));
   }
@@ -117,6 +132,7 @@ export class WorkloadPage {
     clear(this.graph).append(edgeGraph(data.resource, data.callers, data.callees));
     this.callers.render(data.callers);
     this.callees.render(data.callees);
+    this.routes.render(data.routes);
     this.pods.render(data.pods);
     if (data.grafana_url) {
       this.grafana.href = data.grafana_url;

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.cli.render import routes_json
 from nodemesh.cli.render import stat_row_json as cli_stat_row_json
 from nodemesh.controlplane.aggregate import BOUNDS, N_LATENCY
 from nodemesh.controlplane.config import ControllerConfig
@@ -51,6 +52,21 @@ def series_for(labels: dict[str, str], success: int, failure: int, bound_ms: flo
     ]
 
 
+def route_series(method: str, success: int, failure: int) -> list[pb.Series]:
+    """voting's inbound route series (node-2) for one gRPC method of the demo's VotingService."""
+    lab = {"direction": "inbound", "src_namespace": NS, "src_kind": "deployment", "src_name": "web",
+           "dst_namespace": NS, "dst_kind": "deployment", "dst_name": "voting", "dst_service": f"voting-svc.{NS}",
+           "rt_route": f"/emojivoto.v1.VotingService/{method}"}
+    counts = [0] * N_LATENCY
+    counts[BOUNDS.index(100.0)] = success + failure
+    return [
+        pb.Series(name="route_request_total", labels=lab, value=success + failure),
+        pb.Series(name="route_response_total", labels={**lab, "classification": "success"}, value=success),
+        pb.Series(name="route_response_total", labels={**lab, "classification": "failure"}, value=failure),
+        pb.Series(name="route_response_latency_ms", labels=lab, bucket_counts=counts, sum=0.0),
+    ]
+
+
 def node1_series(scale: int) -> list[pb.Series]:
     out: list[pb.Series] = []
     for direction in ("outbound", "inbound"):  # same node: recorded in both directions
@@ -77,8 +93,9 @@ def controller() -> Controller:
     # Traffic spread over the last hour: 40 min ago, 5 min ago, 5 s ago (cumulative counters).
     for seq, (age, scale) in enumerate(((2400, 1), (300, 3), (5, 10)), start=1):
         c.ingest_report(n1, pb.MetricsReport(agent_id="agent-1", seq=seq, series=node1_series(scale)), now=now - age)
-        c.ingest_report(n2, pb.MetricsReport(agent_id="agent-2", seq=seq, series=series_for(
-            peer("inbound", "web", "voting", "voting-svc"), 30 * scale, 0, 100.0)), now=now - age)
+        c.ingest_report(n2, pb.MetricsReport(agent_id="agent-2", seq=seq, series=[*series_for(
+            peer("inbound", "web", "voting", "voting-svc"), 30 * scale, 0, 100.0),
+            *route_series("VoteJoy", 20 * scale, 0), *route_series("VoteDoughnut", 0, 10 * scale)]), now=now - age)
     return c
 
 
@@ -196,6 +213,22 @@ def test_dashboard_workload_page_data(controller: Controller) -> None:
         _, fine = await get("/api/workload", namespace=NS, type="deploy", name="web", step="10")
         assert len(fine["series"]["points"]) == 360
         assert sum(p["rps"] * 10 for p in fine["series"]["points"] if p["rps"]) == pytest.approx(120)
+    serve(controller, test)
+
+
+def test_dashboard_workload_routes_equal_routes_json(controller: Controller) -> None:
+    """The page's route table is `nodemesh routes deploy/voting -o json` for the same window."""
+    async def test(base: str, get: Client) -> None:
+        _, body = await get("/api/workload", namespace=NS, type="deploy", name="voting", window="1m")
+        resp = controller.routes(pb.RoutesRequest(selector=pb.Resource(namespace=NS, type="deployment",
+                                                                       name="voting"), window_seconds=60))
+        assert not resp.error and body["routes"] == json.loads(routes_json(resp.rows))
+        named = {r["route"].rsplit("/", 1)[-1]: r for r in body["routes"] if r["route"].startswith("/")}
+        assert set(named) == {"VoteJoy", "VoteDoughnut"}, body["routes"]
+        assert named["VoteDoughnut"]["success"] == 0 and named["VoteDoughnut"]["requests"] == 70
+        assert named["VoteJoy"]["success"] == 1 and named["VoteJoy"]["requests"] == 140  # cumulative 20 x (10 - 3) in the minute
+        _, pod = await get("/api/workload", namespace=NS, type="po", name=PODS["voting"], window="1m")
+        assert pod["routes"] == []  # route series are per workload: a pod has no table, and no error
     serve(controller, test)
 
 
