@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import Selector, SelectorError, WindowError, parse_selector
 from nodemesh.api.model import parse_window as model_parse_window
@@ -57,24 +58,15 @@ def parse_resources(args: Sequence[str]) -> list[Selector]:
     return parsed
 
 
-# A requirement of a kubectl label selector: key, !key, key=v, key==v, key!=v, key in (a,b), key notin (a).
-_LABEL_KEY = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?"
-_LABEL_VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
-_REQUIREMENT = re.compile(
-    rf"^\s*(?:!\s*{_LABEL_KEY}|{_LABEL_KEY}\s*(?:(?:==|=|!=)\s*{_LABEL_VALUE}"
-    rf"|\s(?:in|notin)\s*\(\s*{_LABEL_VALUE}(?:\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*$"
-)
-
-
 def check_label_selector(text: str) -> str:
-    """Validate kubectl syntax here so a typo is one clear line, not a server error."""
+    """Parse with the controller's own grammar (api/labelselector.py, Kubernetes') so a typo is one
+    clear line here, before anything is sent; the controller checks again and filters with it."""
     if not text:
         return ""
-    # commas inside `in (...)` do not separate requirements
-    parts = re.split(r",(?![^()]*\))", text)
-    for part in parts:
-        if not _REQUIREMENT.match(part):
-            raise CliError(f"invalid label selector {text!r}: cannot parse {part.strip()!r}")
+    try:
+        labelselector.parse(text)
+    except labelselector.LabelSelectorError as exc:
+        raise CliError(str(exc)) from None
     return text.strip()
 
 

@@ -14,11 +14,12 @@ would be noise); without them every resource of the type gets a row, traffic or 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.labelselector import Requirement
 from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
 from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, Totals
 from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
@@ -38,60 +39,12 @@ class StatError(ValueError):
 
 
 # ------------------------------------------------------------------ label selectors (-l)
-@dataclass(frozen=True)
-class Requirement:
-    key: str
-    op: str                   # "=", "!=", "in", "notin", "exists", "!exists"
-    values: tuple[str, ...] = ()
-
-    def matches(self, labels: dict[str, str]) -> bool:
-        present = self.key in labels
-        value = labels.get(self.key)
-        if self.op == "exists":
-            return present
-        if self.op == "!exists":
-            return not present
-        if self.op in ("=", "in"):
-            return present and value in self.values
-        return not present or value not in self.values  # "!=", "notin": absent keys match, as kubectl
-
-
-_SET_RE = re.compile(r"^([A-Za-z0-9_./-]+)\s+(in|notin)\s+\(([^()]*)\)$")
-_EQ_RE = re.compile(r"^([A-Za-z0-9_./-]+)\s*(==|=|!=)\s*([A-Za-z0-9_.-]*)$")
-_KEY_RE = re.compile(r"^(!?)([A-Za-z0-9_./-]+)$")
-
-
 def parse_label_selector(text: str) -> list[Requirement]:
-    """kubectl's label selector syntax: `a=b,c!=d,e in (x,y),f notin (z),g,!h`."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    reqs = []
-    for raw in parts:
-        part = raw.strip()
-        if not part:
-            if text.strip():
-                raise StatError(f"invalid label selector {text!r}")
-            continue
-        if m := _SET_RE.match(part):
-            values = tuple(v.strip() for v in m.group(3).split(",") if v.strip())
-            reqs.append(Requirement(m.group(1), m.group(2), values))
-        elif m := _EQ_RE.match(part):
-            reqs.append(Requirement(m.group(1), "!=" if m.group(2) == "!=" else "=", (m.group(3),)))
-        elif m := _KEY_RE.match(part):
-            reqs.append(Requirement(m.group(2), "!exists" if m.group(1) else "exists"))
-        else:
-            raise StatError(f"invalid label selector {text!r}")
-    return reqs
+    """Kubernetes' grammar (api/labelselector.py); a selector that does not parse is the user's error."""
+    try:
+        return labelselector.parse(text)
+    except labelselector.LabelSelectorError as exc:
+        raise StatError(str(exc)) from None
 
 
 # ------------------------------------------------------------------ matching keys to resources

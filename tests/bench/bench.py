@@ -187,6 +187,7 @@ class Bench:
         self.nodes = sb.nodes()
         self.place = placement(sb.pods(NS))
         self.agent_roots: dict[str, int] = {}  # node -> agent parent pid, while meshed
+        self.agent_args: list[str] = []        # more agent flags (tests/bench/routes.py: --no-route-metrics)
         self.results: dict[str, Any] = {"direct": {}, "meshed": {}}
 
     # ---- running things in pods
@@ -294,7 +295,8 @@ class Bench:
         for n in self.nodes:
             self.sb.start_node_process(n.name, self._agent_name(n.name), [
                 PY, "-m", "nodemesh.agent", "--node", n.name, "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers], env=node_env())
+                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers, *self.agent_args],
+                env=node_env())
         self._wait(lambda: all(self._ready(n.name) for n in self.nodes), timeout, "agents /ready",
                    [self.sb.node_process_log(n.name, self._agent_name(n.name)) for n in self.nodes])
         for n in self.nodes:
