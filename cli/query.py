@@ -8,10 +8,9 @@ mistake is a CliError with one line saying what is wrong.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
-from nodemesh.api import labelselector
+from nodemesh.api import labelselector, tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import Selector, SelectorError, WindowError, parse_selector
 from nodemesh.api.model import parse_window as model_parse_window
@@ -150,9 +149,6 @@ def build_edges_request(
     )
 
 
-_METHOD = re.compile(r"^[A-Za-z]+$")
-
-
 def build_tap_request(
     resource: Sequence[str], *, namespace: str = DEFAULT_NAMESPACE, to: str | None = None,
     to_namespace: str | None = None, method: str | None = None, path: str | None = None,
@@ -166,18 +162,16 @@ def build_tap_request(
         raise CliError("tap does not accept 'all': tap a namespace instead (e.g. ns/default)")
     if to_namespace and not to:
         raise CliError("--to-namespace needs --to")
-    if not 0 < max_rps < math.inf:  # also refuses nan
+    if not 0 < max_rps < math.inf:  # also refuses nan (0 would mean "the controller's default")
         raise CliError(f"--max-rps must be positive, got {max_rps:g}")
-    if method and not _METHOD.match(method):
-        raise CliError(f"invalid --method {method!r}")
-    if path and not path.startswith("/"):
-        raise CliError(f"invalid --path {path!r}: a path prefix starts with '/'")
-    if scheme and scheme.lower() not in ("http", "https"):
-        raise CliError(f"invalid --scheme {scheme!r}: expected http or https")
     flt = pb.TapFilter(
-        target=_resource(target, namespace), method=(method or "").upper(), path_prefix=path or "",
-        authority=authority or "", scheme=(scheme or "").lower(), max_rps=max_rps,
+        target=_resource(target, namespace), method=method or "", path_prefix=path or "",
+        authority=authority or "", scheme=scheme or "", max_rps=max_rps,
     )
+    try:
+        tapfilter.check_fields(flt, lambda field: "--" + field.replace("_", "-"))
+    except tapfilter.TapFilterError as exc:
+        raise CliError(str(exc)) from None
     dst = _peer_flag(to, to_namespace, namespace, "--to")
     if dst is not None:
         flt.to.CopyFrom(dst)

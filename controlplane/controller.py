@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from nodemesh.api import tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
     REQUEST_TOTAL,
@@ -533,6 +534,10 @@ class Controller:
     def validate_tap(self, flt: pb.TapFilter) -> None:
         if not flt.target.type:
             raise statmod.StatError("tap needs a target resource")
+        try:
+            tapfilter.check_fields(flt)  # method, path prefix, scheme, rate: whoever sent the filter
+        except tapfilter.TapFilterError as exc:
+            raise statmod.StatError(str(exc)) from None
         for flag, res in (("target", flt.target), ("--to", flt.to)):
             if not res.type:
                 continue

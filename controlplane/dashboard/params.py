@@ -6,9 +6,9 @@ kubectl resource types and aliases, `TYPE/NAME` peers, durations such as `10s`, 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 
+from nodemesh.api import tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import RESOURCE_ALIASES, SelectorError, WindowError, parse_selector
 from nodemesh.api.model import parse_window as model_parse_window
@@ -17,7 +17,6 @@ from nodemesh.controlplane.stat import DEFAULT_WINDOW_S
 DEFAULT_NAMESPACE = "default"
 # What the overview lists: the workload kinds (pods and services have their own CLI verbs).
 OVERVIEW_TYPES = ("deployment", "statefulset", "daemonset", "job")
-_METHOD = re.compile(r"^[A-Za-z]+$")
 _TRUE = ("1", "true", "yes")
 _FALSE = ("", "0", "false", "no")
 
@@ -124,15 +123,6 @@ def parse_tap_filter(query: Mapping[str, str], max_rps_cap: float) -> pb.TapFilt
         raise ApiError("tap does not accept 'all': tap a namespace instead (type=ns)")
     name = (query.get("name") or "").strip()
     target = pb.Resource(namespace=namespace, type=type_, name=name)
-    method = (query.get("method") or "").strip()
-    if method and not _METHOD.match(method):
-        raise ApiError(f"invalid method {method!r}")
-    path = query.get("path") or ""
-    if path and not path.startswith("/"):
-        raise ApiError(f"invalid path {path!r}: a path prefix starts with '/'")
-    scheme = (query.get("scheme") or "").strip().lower()
-    if scheme and scheme not in ("http", "https"):
-        raise ApiError(f"invalid scheme {scheme!r}: expected http or https")
     raw_rps = (query.get("max_rps") or "").strip()
     try:
         max_rps = float(raw_rps) if raw_rps else max_rps_cap
@@ -140,9 +130,13 @@ def parse_tap_filter(query: Mapping[str, str], max_rps_cap: float) -> pb.TapFilt
         raise ApiError(f"invalid max_rps {raw_rps!r}: expected a number") from None
     if not max_rps > 0:
         raise ApiError(f"max_rps must be positive, got {raw_rps}")
-    flt = pb.TapFilter(target=target, method=method.upper(), path_prefix=path,
-                       authority=(query.get("authority") or "").strip(), scheme=scheme,
+    flt = pb.TapFilter(target=target, method=(query.get("method") or "").strip(), path_prefix=query.get("path") or "",
+                       authority=(query.get("authority") or "").strip(), scheme=(query.get("scheme") or "").strip(),
                        max_rps=min(max_rps, max_rps_cap))
+    try:
+        tapfilter.check_fields(flt)
+    except tapfilter.TapFilterError as exc:
+        raise ApiError(str(exc)) from None
     to = parse_peer(query.get("to"), query.get("to_namespace"), namespace, "to")
     if to is not None:
         flt.to.CopyFrom(to)

@@ -1,8 +1,10 @@
-"""Label selectors: Kubernetes' grammar, parsed once (api/labelselector.py) for CLI, dashboard and controller.
+"""One check per input, in api/, called by the CLI, the dashboard and the controller (the authority).
 
-The CLI and the controller used to parse `-l` with two regexes that disagreed (`env in(a,b)` passed
-the CLI and failed the controller; `-x=y` the other way round). Cases follow apimachinery's
-labels.Parse: what it accepts, what it refuses, and what each requirement matches.
+Label selectors (api/labelselector.py): the CLI and the controller used to parse `-l` with two
+regexes that disagreed (`env in(a,b)` passed the CLI and failed the controller; `-x=y` the other way
+round). Cases follow apimachinery's labels.Parse: what it accepts, what it refuses, what each
+requirement matches. Tap filter fields (api/tapfilter.py): the controller checked neither method
+nor path.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import LabelSelectorError, Requirement, parse
+from nodemesh.api.tapfilter import TapFilterError, check_fields
 from nodemesh.cli.client import CliError
-from nodemesh.cli.query import check_label_selector
+from nodemesh.cli.query import build_tap_request, check_label_selector
+from nodemesh.controlplane.config import ControllerConfig
+from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.stat import StatError, parse_label_selector
 
 ACCEPTED = [
@@ -87,3 +93,31 @@ def test_api_labelselector_refuses_with_one_clear_line(text: str, message: str) 
 ])
 def test_api_labelselector_matches(text: str, labels: dict[str, str], matches: bool) -> None:
     assert all(r.matches(labels) for r in parse(text)) is matches
+
+
+# ---------------------------------------------------------------------------- tap filter fields
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"method": "GE T"}, "invalid method 'GE T'"),
+    ({"path_prefix": "api"}, "invalid path 'api': a path prefix starts with '/'"),
+    ({"scheme": "ftp"}, "invalid scheme 'ftp'"),
+    ({"max_rps": -1.0}, "max_rps must be positive"),
+    ({"max_rps": float("nan")}, "max_rps must be positive"),
+])
+def test_api_tapfilter_the_controller_refuses_what_the_cli_refuses(fields: dict, message: str) -> None:
+    """The controller used to check neither method nor path: a filter sent by any client is checked."""
+    flt = pb.TapFilter(target=pb.Resource(namespace="emojivoto", type="namespace", name="emojivoto"), **fields)
+    with pytest.raises(TapFilterError, match=re.escape(message)):
+        check_fields(pb.TapFilter(**fields))
+    with pytest.raises(StatError, match=re.escape(message)):
+        Controller(ControllerConfig()).validate_tap(flt)
+    cli = {"method": "method", "path_prefix": "path", "scheme": "scheme"}
+    if set(fields) <= set(cli):
+        flag = {cli[k]: v for k, v in fields.items()}
+        with pytest.raises(CliError, match=re.escape(message.replace("invalid ", "invalid --", 1))):
+            build_tap_request(["ns/emojivoto"], **flag)
+
+
+def test_api_tapfilter_accepts_method_tokens_and_normalises() -> None:
+    flt = check_fields(pb.TapFilter(method="m-search", scheme="HTTPS", path_prefix="/x"))
+    assert (flt.method, flt.scheme, flt.path_prefix) == ("M-SEARCH", "https", "/x")
