@@ -14,8 +14,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
-from nodemesh.api.rows import route_has_requests, route_row_json
+from nodemesh.api.model import SHORT_TYPE
+from nodemesh.api.rows import (
+    route_has_requests,
+    route_row_json,
+    stat_has_requests,
+    stat_has_tcp,
+    stat_row_json,
+    success_fraction,
+)
 
 MISSING = "-"
 COLUMN_GAP = "   "
@@ -73,26 +80,11 @@ def fmt_bytes_rate(rate: float) -> str:
     return f"{rate:.1f}B/s"
 
 
-def _json_number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else round(value, 6)
-
 
 # ---------------------------------------------------------------------------- stat
 
 
-def success_fraction(row: pb.StatRow) -> float | None:
-    total = row.success_count + row.failure_count
-    return row.success_count / total if total else None
 
-
-def _has_requests(row: pb.StatRow) -> bool:
-    """HTTP/gRPC columns (success, rps, latency) come from responses seen in the window."""
-    return row.has_traffic and (row.success_count + row.failure_count) > 0
-
-
-def _has_tcp(row: pb.StatRow) -> bool:
-    """TCP columns also stand alone: an opaque-TCP workload has connections but no responses."""
-    return row.has_tcp or row.has_traffic
 
 
 def stat_row_name(row: pb.StatRow, with_type_prefix: bool) -> str:
@@ -154,13 +146,13 @@ def _stat_single_table(
         if type_ == "pod":
             cells.append(row.status or MISSING)
         cells.append(f"{row.meshed_pods}/{row.total_pods}")
-        if _has_requests(row):
+        if stat_has_requests(row):
             cells.append(fmt_percent(success_fraction(row)))
             cells.append(fmt_rps(row.rps))
             cells += [fmt_ms(q) for q in (row.latency_ms_p50, row.latency_ms_p95, row.latency_ms_p99)]
         else:
             cells += [MISSING] * 5
-        if _has_tcp(row):
+        if stat_has_tcp(row):
             cells.append(str(round(row.tcp_open_connections)))
             if wide:
                 cells += [fmt_bytes_rate(row.tcp_read_bytes_rate), fmt_bytes_rate(row.tcp_write_bytes_rate)]
@@ -170,29 +162,6 @@ def _stat_single_table(
     return format_table(columns, table_rows)
 
 
-def stat_row_json(row: pb.StatRow) -> dict[str, object]:
-    """Linkerd's JSON row: metrics are null when the row saw no traffic of their kind."""
-    requests = _has_requests(row)
-    tcp = _has_tcp(row)
-
-    def num(value: float, present: bool) -> float | int | None:
-        return _json_number(value) if present else None
-
-    return {
-        "namespace": row.resource.namespace,
-        "kind": KIND_OF_TYPE.get(row.resource.type, row.resource.type).lower(),
-        "name": row.resource.name,
-        "meshed": row.meshed_pods,
-        "totalPods": row.total_pods,
-        "success": None if (frac := success_fraction(row)) is None else _json_number(frac),
-        "rps": num(row.rps, requests),
-        "latency_ms_p50": num(row.latency_ms_p50, requests),
-        "latency_ms_p95": num(row.latency_ms_p95, requests),
-        "latency_ms_p99": num(row.latency_ms_p99, requests),
-        "tcp_open_connections": num(row.tcp_open_connections, tcp),
-        "tcp_read_bytes_rate": num(row.tcp_read_bytes_rate, tcp),
-        "tcp_write_bytes_rate": num(row.tcp_write_bytes_rate, tcp),
-    }
 
 
 def stat_json(rows: Sequence[pb.StatRow]) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
-from nodemesh.api.rows import route_row_json
+from nodemesh.api.rows import json_number, route_row_json, stat_row_json
 from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, Totals
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard.params import ApiError
@@ -30,35 +30,7 @@ _DIR = LABEL_INDEX["direction"]
 
 
 # ---------------------------------------------------------------------------- stat rows
-def _json_number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else round(value, 6)
 
-
-def stat_row_json(row: pb.StatRow) -> dict[str, object]:
-    """The row exactly as `nodemesh stat -o json` prints it (cli/render.py `stat_row_json`, which
-    the controller may not import; a unit test holds the two equal)."""
-    requests = row.has_traffic and (row.success_count + row.failure_count) > 0
-    tcp = row.has_tcp or row.has_traffic
-    total = row.success_count + row.failure_count
-
-    def num(value: float, present: bool) -> float | int | None:
-        return _json_number(value) if present else None
-
-    return {
-        "namespace": row.resource.namespace,
-        "kind": KIND_OF_TYPE.get(row.resource.type, row.resource.type).lower(),
-        "name": row.resource.name,
-        "meshed": row.meshed_pods,
-        "totalPods": row.total_pods,
-        "success": _json_number(row.success_count / total) if total else None,
-        "rps": num(row.rps, requests),
-        "latency_ms_p50": num(row.latency_ms_p50, requests),
-        "latency_ms_p95": num(row.latency_ms_p95, requests),
-        "latency_ms_p99": num(row.latency_ms_p99, requests),
-        "tcp_open_connections": num(row.tcp_open_connections, tcp),
-        "tcp_read_bytes_rate": num(row.tcp_read_bytes_rate, tcp),
-        "tcp_write_bytes_rate": num(row.tcp_write_bytes_rate, tcp),
-    }
 
 
 def _error_status(message: str) -> int:
@@ -156,11 +128,11 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
         has = tot.has_traffic
         points.append({
             "t": step_end,
-            "success": _json_number(tot.success_rate) if has and tot.success_rate is not None else None,
-            "rps": _json_number(tot.rps) if has else None,
-            "p50": _json_number(tot.quantile(0.5) or 0.0) if has else None,
-            "p95": _json_number(tot.quantile(0.95) or 0.0) if has else None,
-            "p99": _json_number(tot.quantile(0.99) or 0.0) if has else None,
+            "success": json_number(tot.success_rate) if has and tot.success_rate is not None else None,
+            "rps": json_number(tot.rps) if has else None,
+            "p50": json_number(tot.quantile(0.5) or 0.0) if has else None,
+            "p95": json_number(tot.quantile(0.95) or 0.0) if has else None,
+            "p99": json_number(tot.quantile(0.99) or 0.0) if has else None,
         })
     return {"step_s": step_s, "range_s": range_s, "points": points}
 
