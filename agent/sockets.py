@@ -44,12 +44,32 @@ def raise_fd_limit(want: int = 1 << 20) -> int:
     return soft
 
 
+# TCP keepalive on both sides of every relayed connection (Linkerd's proxy keeps 10 s too). A peer
+# that vanishes without a FIN or RST — a deleted pod's veth, a crashed node, a close lost on the way —
+# would otherwise hold our two sockets, and the server's, for as long as nobody writes: found on the
+# routed sandbox as whole chains still ESTABLISHED minutes after their client was gone, whose tuple the
+# client's next connection then met (docs/agent.md, "Known gaps"). Dead peers are found after
+# IDLE + INTVL * CNT = 25 s of silence; a live idle peer answers each probe from its kernel.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTVL_S = 5
+KEEPALIVE_CNT = 3
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTVL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_CNT)
+
+
 def listen_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A listening socket that other agents (workers, a newer agent) may bind too: SO_REUSEPORT."""
+    """A listening socket that other agents (workers, a newer agent) may bind too: SO_REUSEPORT.
+    Accepted sockets inherit its keepalive (no call per connection)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        set_keepalive(sock)
         try:
             # Lets a TPROXY rule deliver connections for addresses that are not local.
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
@@ -143,6 +163,7 @@ def _new_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_keepalive(sock)
     return sock
 
 
