@@ -295,6 +295,17 @@ class Connection(asyncio.Protocol):
             self.up_lost = True
             self._maybe_finish()
             raise
+        except Exception as exc:  # noqa: BLE001 - anything else must fail this connection, never leak it
+            # Seen once under a storm of connect timeouts: uvloop refused a new socket's fd with
+            # `RuntimeError: File descriptor N is used by transport` (its bookkeeping still held a
+            # transport for that number). Uncaught, the task died and its connection stayed open
+            # for good — counted in tcp_open_connections, never answered.
+            log.warning("event=upstream_connect_error error=%r", exc)
+            if sock is not None:
+                sock.close()
+            self.connecting = False
+            self.error = f"connect: {type(exc).__name__}"
+            self._upstream_failed()
         else:
             self.connecting = False
         finally:

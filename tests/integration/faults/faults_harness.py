@@ -175,15 +175,6 @@ class Faults:
             self.pods.setdefault(workload, []).append(
                 Pod(p["metadata"]["name"], p["status"]["podIP"], p["spec"]["nodeName"], workload))
         assert sorted(c.node for c in self.pods["client"]) == sorted(self.nodes), self.pods["client"]
-        for pod in self.pods["client"]:
-            # The clients open tens of thousands of connections and close first, so each leaves its
-            # tuples in its own TIME_WAIT, and the next test's connect() searched past them in the
-            # pod's own kernel (measured direct, no mesh: 10,150 connects took 4.8 s, the next
-            # 10,150 38 s), which pushed connects past the peers' timeouts on a busy CI machine:
-            # the pod's cost, in whatever test came next. They reuse TIME_WAIT tuples (safe with
-            # TCP timestamps), as the agent's upstream sockets do (agent/sockets.py).
-            subprocess.run(["ip", "netns", "exec", sb.pod_netns(NS, pod.name), "sysctl", "-qw",
-                            "net.ipv4.tcp_tw_reuse=1"], check=True)
         pythonpath = os.environ.get("PYTHONPATH")
         for node in self.nodes:  # the agents run the code under test
             environ = Path(f"/proc/{self.agent_pids(node)[0]}/environ").read_bytes().split(b"\0")

@@ -362,3 +362,33 @@ def test_a_server_that_speaks_first_is_relayed_as_tcp_at_once() -> None:
             up.close()
 
     run(scenario)
+
+
+def test_an_unexpected_error_in_the_upstream_connect_fails_the_connection_instead_of_leaking_it(
+        monkeypatch: Any) -> None:
+    """uvloop once refused a new socket's fd with RuntimeError ("File descriptor N is used by
+    transport"): the connect task died, its connection stayed open and counted for good. Any error
+    there now fails the connection like a refused connect: the client is reset, the end recorded."""
+    async def broken_dial(self: Connection, peer: tuple[str, int], destination: tuple[str, int]) -> Any:
+        raise RuntimeError("File descriptor 18 is used by transport <TCPTransport closed=False reading=True>")
+
+    async def scenario() -> None:
+        up = await echo_server()
+        server, port, ctx, rec = await start(up.sockets[0].getsockname()[:2], Admission(16))
+        monkeypatch.setattr(Connection, "_dial", broken_dial)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                got = await asyncio.wait_for(reader.read(), 5)  # reset, as a refused connect is: never left hanging
+            except ConnectionResetError:
+                got = b"reset"
+            assert got == b"reset", got
+            writer.close()
+            assert await _until(lambda: rec.closes == ["connect: RuntimeError"]), rec.closes
+            assert not ctx.live and ctx.admission.open == 0
+        finally:
+            server.close()
+            up.close()
+
+    run(scenario)
