@@ -298,7 +298,8 @@ class Connection(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - anything else must fail this connection, never leak it
             # Seen once under a storm of connect timeouts: uvloop refused a new socket's fd with
             # `RuntimeError: File descriptor N is used by transport` (its bookkeeping still held a
-            # transport for that number). Uncaught, the task died and its connection stayed open
+            # transport for that number; a known uvloop defect, MagicStack/uvloop#653, which
+            # aiohappyeyeballs also catches). Uncaught, the task died and its connection stayed open
             # for good — counted in tcp_open_connections, never answered.
             log.warning("event=upstream_connect_error error=%r", exc)
             if sock is not None:
