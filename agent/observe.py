@@ -92,25 +92,3 @@ class Observer(Protocol):
     def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None: ...
 
     def request_end(self, req: Any, end: RequestEnd) -> None: ...
-
-
-class NullObserver:
-    """Observes nothing: for handler tests and benchmarks of the bare relay."""
-
-    def connection_open(self, meta: ConnectionMeta) -> Any:
-        return None
-
-    def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
-        pass
-
-    def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
-        pass
-
-    def request_start(self, conn: Any, head: RequestHead) -> Any:
-        return None
-
-    def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:
-        pass
-
-    def request_end(self, req: Any, end: RequestEnd) -> None:
-        pass

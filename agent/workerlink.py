@@ -121,10 +121,6 @@ class Link:
                 self._loop.remove_writer(self._sock.fileno())
             self._writing = want
 
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._wbuf)
-
     # ------------------------------------------------------------------ receiving
     def _on_readable(self) -> None:
         while True:

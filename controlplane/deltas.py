@@ -70,7 +70,6 @@ class AgentCounters:
         self._baseline_pending = first_report_is_baseline
         self._last: dict[SeriesId, float | tuple[tuple[int, ...], float]] = {}
         self._created: dict[SeriesId, int] = {}
-        self.last_seq = -1
         self.stored_seq = 0        # increments: every seq <= this was handed on (what we acknowledge)
         self.duplicates = 0        # increment reports dropped: already stored
         self.gaps = 0              # increment reports missing between two stored ones
@@ -84,7 +83,6 @@ class AgentCounters:
         length every histogram must have (the report's bounds + the +Inf bucket)."""
         baseline = self._baseline_pending
         self._baseline_pending = False
-        self.last_seq = seq
         out: list[SeriesDelta] = []
         seen: set[SeriesId] = set()
         for s in series:
@@ -167,7 +165,6 @@ class AgentCounters:
         if self.stored_seq and seq > self.stored_seq + 1:
             self.gaps += seq - self.stored_seq - 1
         self.stored_seq = seq
-        self.last_seq = seq
         out: list[SeriesDelta] = []
         for s in series:
             name: str = s.name  # type: ignore[attr-defined]
