@@ -44,7 +44,7 @@ import time
 from typing import Any
 
 from nodemesh.agent.http1_relay import Http1Mode
-from nodemesh.agent.http2 import H2Relay
+from nodemesh.agent.http2 import H2Classifier
 from nodemesh.agent.http2_relay import Http2Mode
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestHead
 from nodemesh.agent.relay import Connection, WorkerContext, _Upstream
@@ -129,7 +129,7 @@ def movable(conn: Connection, frozen: bool = False) -> str | None:
             return None
         return HTTP1
     if isinstance(mode, Http2Mode):
-        # Any moment will do: the classifier's state travels (H2Relay.snapshot), frames in flight
+        # Any moment will do: the classifier's state travels (H2Classifier.snapshot), frames in flight
         # included. Not once our own GOAWAY went out (draining: the client is leaving anyway).
         if mode.relay.failed or mode.drain_state or mode.inject:
             return None
@@ -172,7 +172,7 @@ def decode(data: bytes) -> tuple[str, ConnectionMeta, dict[str, Any]]:
         raise ValueError(f"bad hand-over message: mode={kind!r} direction={meta.direction!r}")
     if kind == HTTP2:
         try:
-            state["relay"] = H2Relay.restored(state["h2"])
+            state["relay"] = H2Classifier.restored(state["h2"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"bad hand-over message: HTTP/2 state: {exc!r}") from None
     return kind, meta, state
@@ -468,7 +468,7 @@ class Receiver:
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    def _adopt_streams(conn: Connection, relay: H2Relay) -> None:
+    def _adopt_streams(conn: Connection, relay: H2Classifier) -> None:
         """The classifier carries on where the old agent's stopped; its open streams are requests
         here now (counted there: `adopted`), ended and counted here."""
         mode: Http2Mode = conn.mode  # type: ignore[assignment]

@@ -211,7 +211,7 @@ class _Direction:
         "stream_id",
     )
 
-    def __init__(self, relay: H2Relay, from_client: bool) -> None:
+    def __init__(self, relay: H2Classifier, from_client: bool) -> None:
         self.relay = relay
         self.from_client = from_client
         self.decoder = CachingDecoder()
@@ -436,7 +436,7 @@ class _Direction:
         self.decoder.restore(state["decoder"])  # type: ignore[arg-type]
 
 
-class H2Relay:
+class H2Classifier:
     """Classifies one HTTP/2 connection relayed frame by frame."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -577,7 +577,7 @@ class H2Relay:
                 "streams": [{k: getattr(st, k) for k in self._STREAM_STATE} for st in self.streams.values()]}
 
     @classmethod
-    def restored(cls, state: dict[str, object], clock: Callable[[], float] = time.monotonic) -> H2Relay:
+    def restored(cls, state: dict[str, object], clock: Callable[[], float] = time.monotonic) -> H2Classifier:
         relay = cls(clock)
         relay.client.restore(state["client"])  # type: ignore[arg-type]
         relay.server.restore(state["server"])  # type: ignore[arg-type]

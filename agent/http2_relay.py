@@ -1,4 +1,4 @@
-"""HTTP/2 (and gRPC) relay mode: frames forwarded untouched, classified by http2.H2Relay.
+"""HTTP/2 (and gRPC) relay mode: frames forwarded untouched, classified by http2.H2Classifier.
 
 The agent injects frames toward the client only at frame boundaries of the server's stream, and
 only on drain: the two-step GOAWAY (last id 2^31-1 plus a PING, then the real last stream id once
@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nodemesh.agent import http2
-from nodemesh.agent.http2 import H2Relay, H2Stream, goaway_frame, ping_frame
+from nodemesh.agent.http2 import H2Classifier, H2Stream, goaway_frame, ping_frame
 from nodemesh.agent.observe import RequestEnd, RequestHead
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Http2Mode:
         self.conn = conn
         self.protocol = "http2"
         self.observer = conn.ctx.observer
-        self.relay = H2Relay()
+        self.relay = H2Classifier()
         self.inject: list[bytes] = []   # frames for the client, waiting for a frame boundary
         self.drain_state = 0            # 0 running, 1 first GOAWAY+PING sent, 2 final GOAWAY sent
 

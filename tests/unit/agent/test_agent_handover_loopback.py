@@ -329,10 +329,10 @@ def test_h2_relay_snapshot_restores_the_classifier_anywhere_mid_conversation() -
     one relay fed everything sees — the HPACK tables in step, open streams carried on."""
     import json as _json
 
-    from nodemesh.agent.http2 import H2Relay
+    from nodemesh.agent.http2 import H2Classifier
 
     chunks = _h2_conversation()
-    whole = H2Relay()
+    whole = H2Classifier()
     expected: list[tuple[int, object]] = []
     for from_client, data in chunks:
         expected += _summary(whole.feed_client(data) if from_client else whole.feed_server(data))
@@ -342,12 +342,12 @@ def test_h2_relay_snapshot_restores_the_classifier_anywhere_mid_conversation() -
         for offset in sorted({0, 1, 5, 9, 10, 11, len(data) // 2, len(data) - 1}):
             if offset >= len(data):
                 continue
-            first, got = H2Relay(), []
+            first, got = H2Classifier(), []
             for from_client, d in chunks[:i]:
                 got += _summary(first.feed_client(d) if from_client else first.feed_server(d))
             from_client, d = chunks[i]
             got += _summary(first.feed_client(d[:offset]) if from_client else first.feed_server(d[:offset]))
-            second = H2Relay.restored(_json.loads(_json.dumps(first.snapshot())))
+            second = H2Classifier.restored(_json.loads(_json.dumps(first.snapshot())))
             got += _summary(second.feed_client(d[offset:]) if from_client else second.feed_server(d[offset:]))
             for from_client, d in chunks[i + 1:]:
                 got += _summary(second.feed_client(d) if from_client else second.feed_server(d))

@@ -115,12 +115,12 @@ def _summary(relay_events: list[tuple[int, object]]) -> list[tuple[object, ...]]
        trailers=st.booleans(), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=50))
 def test_frame_walker_same_events_whole_or_split(n: int, body: int, pad: int, trailers: bool,
                                                  cuts: list[int]) -> None:
-    from nodemesh.agent.http2 import H2Relay
+    from nodemesh.agent.http2 import H2Classifier
 
     cbytes, sbytes = _conversation(n, body, pad, trailers)
 
     def run(pieces: list[int] | None) -> list[tuple[object, ...]]:
-        relay, events = H2Relay(), []
+        relay, events = H2Classifier(), []
         for data, feed in ((cbytes, relay.feed_client), (sbytes, relay.feed_server)):
             pos, i = 0, 0
             while pos < len(data):

@@ -13,7 +13,7 @@ from nodemesh.agent import http1, http2
 from nodemesh.agent.detect import H2_PREFACE, HTTP1, HTTP2, NEED_MORE, TCP, TLS, detect
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.http1 import Http1Exchange
-from nodemesh.agent.http2 import H2Relay
+from nodemesh.agent.http2 import H2Classifier
 
 
 # A ClientHello for "example.com" (TLS 1.2 record), built by hand: enough for SNI parsing.
@@ -152,7 +152,7 @@ def _h2_pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
 
 def test_http2_grpc_unary_trailers_only_and_reset() -> None:
     client, server = _h2_pair()
-    relay = H2Relay()
+    relay = H2Classifier()
     events: list[http2.Event] = []
 
     def pump() -> None:
@@ -197,7 +197,7 @@ def test_http2_grpc_unary_trailers_only_and_reset() -> None:
 
 
 def test_http2_drain_ping_ack_and_boundary() -> None:
-    relay = H2Relay()
+    relay = H2Classifier()
     relay.feed_client(H2_PREFACE)
     assert relay.server.at_boundary
     ack = http2.frame(http2.PING, http2.ACK, 0, http2.DRAIN_PING)
@@ -208,7 +208,7 @@ def test_http2_drain_ping_ack_and_boundary() -> None:
 
 
 def test_http2_bad_hpack_is_compression_error() -> None:
-    relay = H2Relay()
+    relay = H2Classifier()
     events = relay.feed_client(H2_PREFACE + http2.frame(http2.HEADERS, http2.END_HEADERS, 1, b"\x80"))
     assert events == [(http2.CLIENT_PROTOCOL_ERROR, 9)]
 
@@ -246,7 +246,7 @@ def test_fuzz_http1_never_raises(req: bytes, resp: bytes, step: int) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048), st.binary(max_size=2048), st.integers(1, 64))
 def test_fuzz_http2_never_raises(cdata: bytes, sdata: bytes, step: int) -> None:
-    relay = H2Relay()
+    relay = H2Classifier()
     cdata = H2_PREFACE + cdata
     for i in range(0, max(len(cdata), len(sdata)), step):
         relay.feed_client(cdata[i:i + step])
