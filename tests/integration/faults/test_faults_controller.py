@@ -19,14 +19,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faults_harness import NS, Faults
+from faults_harness import NS, Faults, faults_cluster
 from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS
 from nodemesh.sandbox.proctools import alive
 
 pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module", params=["bridge", "routed"])
+def faults(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
+    """A cluster of its own (not the package's shared one): run right after the connect storms
+    (32,000 connects leaving their TIME_WAIT and conntrack entries), the cross-node caller's count came
+    out a few hundred short in 2 of 3 full runs (the server's side exact), never alone. Not proven why;
+    the suspect is the capture's folded tuples after the storms (docs/agent.md, Known gaps). Counting
+    across a controller restart is what this row checks, on nodes that start clean."""
+    with faults_cluster(request.param, tmp_path_factory.mktemp(f"faults-controller-{request.param}")) as f:
+        yield f
 
 NGINX_PORT = 8080
 BEFORE_S, DOWN_S, AFTER_S = 12.0, 60.0, 25.0

@@ -75,9 +75,12 @@ def test_faults_idle_connections_10k(faults: Faults, route: str, tmp_path: Path)
         # pod onto one agent address, so a source port the pod still uses towards another server,
         # or one an agent socket of an earlier test still holds, meets that socket; seen after the
         # fairness floods, 178-259 of 10,150): held to 3 % and printed, not hidden.
+        # A colliding SYN's challenge ACK draws the client's RST, which resets the connection the
+        # tuple belonged to: a few of the open ones then fail their second echo (10 seen).
         timeouts = out["failed"].get("timeout", 0)
         assert set(out["failed"]) <= {"timeout"} and timeouts <= 0.03 * IDLE, out
-        assert out["open"] == IDLE - timeouts and out["after_idle_failed"] == {}, out
+        assert out["open"] == IDLE - timeouts, out
+        assert set(out["after_idle_failed"]) <= {"reset"} and sum(out["after_idle_failed"].values()) <= 0.01 * IDLE, out
     hard = nofile_hard()
     (_, _, held1, after1), (_, _, _, after2) = rounds
     for n in nodes:
