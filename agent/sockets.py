@@ -118,9 +118,10 @@ def upstream_socket(source_ip: str | None, source_port: int = 0) -> tuple[socket
     ephemeral range: with 10,000 of our upstreams in TIME_WAIT (a pod that opened and closed
     10,000 connections) that search cost the workers ~40 % of a CPU each and the next 10,000
     connects took 30-55 s instead of 5. If the port is taken here (bind: a socket of the node
-    holds it; connect: EADDRNOTAVAIL, that exact tuple open here) the caller asks again with port
-    0; a tuple of ours in TIME_WAIT is taken over at once (TCP timestamps, tcp_twsk_unique). Not with TPROXY capture: there the caller's own connection is tracked
-    un-NATed, and an upstream with the same tuple would clash with it in the reply direction.
+    holds it: EADDRINUSE, then port 0 here; connect: EADDRNOTAVAIL, that exact tuple open here, the
+    caller asks again with port 0); a tuple of ours in TIME_WAIT is taken over at once (TCP
+    timestamps, tcp_twsk_unique). Not with TPROXY capture: there the caller's own connection is
+    tracked un-NATed, and an upstream with the same tuple would clash with it in the reply direction.
 
     Port 0 leaves the port to connect() (IP_BIND_ADDRESS_NO_PORT): the kernel then picks one that
     makes the whole 4-tuple unique, so a pod gets the same number of connections per destination
@@ -132,21 +133,19 @@ def upstream_socket(source_ip: str | None, source_port: int = 0) -> tuple[socket
     to us), whatever port we pick: the pod's kernel does not know ours. The redirector puts our
     connections in a conntrack zone of their own (raw OUTPUT, `CT --zone-orig`), so they are never
     taken for the pod's (docs/redirector.md; tests/integration/faults/test_faults_connects.py)."""
+    if source_ip and source_port:
+        sock = _new_socket()
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((source_ip, source_port))
+            return sock, True
+        except OSError:
+            sock.close()  # port taken (or no transparency at all): the port-0 path below decides
     sock = _new_socket()
     if source_ip:
         try:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            if source_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((source_ip, source_port))
-                    return sock, True
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE:
-                        raise
-                    sock.close()
-                    sock = _new_socket()
-                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
             return sock, True
