@@ -28,7 +28,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         identity_wait_s=args.identity_wait, series_idle_s=args.series_idle, max_authorities=args.max_authorities,
         route_metrics=not args.no_route_metrics, max_routes=args.max_routes,
         report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
-        log_level=args.log_level, health_file=args.health_file,
+        log_level=args.log_level, health_file=args.health_file, cert_dir=args.cert_dir,
     )
 
 
@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
                    help="distinct routes (rt_route) per destination workload; more are counted as [other]")
     p.add_argument("--no-route-metrics", action="store_true",
                    help="no per-route series (route_request_total, ...): `nodemesh routes` shows nothing")
+    p.add_argument("--cert-dir", default="", metavar="DIR",
+                   help="obtain a workload certificate (SPIFFE ID) for every pod of this node from the "
+                        "controller; keys and certificates are kept in DIR (root only, tmpfs)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--health-file", default="",
                    help="write ready/not-ready here every second, for the pod's exec probes")

@@ -45,5 +45,7 @@ class AgentConfig:
     max_routes: int = 100                       # distinct routes per destination workload; more: [other]
     watch_capture: bool = True                  # poll the node's netfilter for our capture hook (check)
     tap_max_rps: float = 100.0
+    # Workload certificates (agent/certs.py): kept in this root-only directory on the node; "" = none.
+    cert_dir: str = ""
     health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)
     log_level: str = "info"

@@ -24,6 +24,7 @@ from nodemesh.api.workloads import (
     pod_has_identity,
     pod_ips,
     pod_ready,
+    pod_service_account,
     pod_start_ms,
     pod_terminating,
     pod_uid,
@@ -71,6 +72,7 @@ def snapshot_from_objects(objects: ClusterObjects) -> pb.IdentitySnapshot:
             owner=pb.Resource(namespace=ns, type=owner.kind, name=owner.name),
             labels=m.get("labels") or {}, ready=pod_ready(pod), uid=pod_uid(pod),
             start_time_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
+            service_account=pod_service_account(pod),
         ))
 
     slices: dict[tuple[str, str], list[Obj]] = {}

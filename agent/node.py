@@ -73,6 +73,7 @@ class NodeTelemetry:
                                  scrape_auth=self._scrape_auth() if config.controller else None)
         self._identity_source: IdentityFileSource | None = None
         self.controller_link: Any = None            # agent.report.ControllerLink when configured
+        self.workload_certs: Any = None             # agent.certs.WorkloadCerts with --cert-dir
         self._admin_open = False
         self._capture_watch: asyncio.Task[None] | None = None
         self._evict_task: asyncio.Task[None] | None = None
@@ -100,11 +101,22 @@ class NodeTelemetry:
 
             self.controller_link = ControllerLink(self.config, self)
             self.controller_link.start()
+            if self.config.cert_dir:
+                self._start_workload_certs()
         elif self.config.identity_file:
             self._identity_source = IdentityFileSource(self.config.identity_file, self.apply_identity)
             self._identity_source.start()
         log.info("event=telemetry_started agent_id=%s controller=%s", self.agent_id,
                  self.config.controller or "-")
+
+    def _start_workload_certs(self) -> None:
+        from nodemesh.agent.certs import WorkloadCerts
+
+        link = self.controller_link
+        self.workload_certs = WorkloadCerts(self.config.cert_dir, self.index.local_pod_uids,
+                                            lambda uid, csr: link.request_certificate(uid, csr))
+        link.on_trust_bundle = self.workload_certs.set_bundle
+        self.workload_certs.start()
 
     def close_admin(self) -> None:
         """Drain start: not ready any more, and stop accepting admin connections."""
@@ -121,6 +133,9 @@ class NodeTelemetry:
         if self._evict_task is not None:
             self._evict_task.cancel()
             self._evict_task = None
+        if self.workload_certs is not None:
+            await self.workload_certs.stop()
+            self.workload_certs = None
         if self.controller_link is not None:
             await self.controller_link.stop()  # sends a final report with everything merged
             self.controller_link = None
@@ -271,6 +286,8 @@ class NodeTelemetry:
         data = message.SerializeToString()
         for link in list(self._links.values()):  # a send may find a dead worker and drop it
             link.send((workerlink.MSG_IDENTITY, data))
+        if self.workload_certs is not None:
+            self.workload_certs.poke()
         return True
 
     def _full_identity(self) -> bytes:

@@ -168,6 +168,10 @@ class PodIndex:
     def __len__(self) -> int:
         return len(self._owner)
 
+    def local_pod_uids(self) -> list[str]:
+        """The uids of this node's pods that own an address: the pods it holds certificates for."""
+        return sorted({o.uid for o in self._owner.values() if o.local})
+
     def known_uids(self) -> dict[str, str]:
         """ip -> uid of its owner (the admin /identity endpoint, benchmarks)."""
         return {ip: o.uid for ip, o in self._owner.items()}

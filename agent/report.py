@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
 from typing import TYPE_CHECKING
@@ -95,6 +95,8 @@ class ControllerLink:
         self._stopping = False
         self._reviews: dict[int, asyncio.Future[pb.ScrapeReviewResult]] = {}  # ScrapeReview id -> answer
         self._review_ids = 0
+        self._csrs: dict[int, asyncio.Future[pb.CertificateIssued]] = {}  # CSR id -> answer
+        self.on_trust_bundle: Callable[[bytes], None] | None = None  # agent/certs.py, when it runs
         self._plaintext_warned = False
 
     def start(self) -> None:
@@ -239,6 +241,20 @@ class ControllerLink:
         box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=self._review_ids, token=token)))
         return fut
 
+    def request_certificate(self, pod_uid: str, csr_der: bytes) -> asyncio.Future[pb.CertificateIssued]:
+        """Ask the controller to sign a CSR for a pod of this node (agent/certs.py). Raises
+        ConnectionError when there is no stream to ask on."""
+        box = self._outbox
+        if box is None or not self.connected:
+            raise ConnectionError("no controller link")
+        self._review_ids += 1
+        fut: asyncio.Future[pb.CertificateIssued] = asyncio.get_running_loop().create_future()
+        self._csrs[self._review_ids] = fut
+        fut.add_done_callback(lambda _f, rid=self._review_ids: self._csrs.pop(rid, None))
+        box.put_nowait(pb.AgentMessage(csr=pb.CertificateSigningRequest(id=self._review_ids, pod_uid=pod_uid,
+                                                                        csr_der=csr_der)))
+        return fut
+
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if not self.config.token_file:
             return ()
@@ -288,7 +304,7 @@ class ControllerLink:
                 self.connected = False
                 self._outbox = None
                 self.mode = None
-                for fut in list(self._reviews.values()):  # asked on this stream: never answered now
+                for fut in [*self._reviews.values(), *self._csrs.values()]:  # asked on this stream: never answered now
                     if not fut.done():
                         fut.set_exception(ConnectionError("controller link lost"))
                 # The taps were the disconnected controller's; it re-opens them on reconnect.
@@ -348,6 +364,15 @@ class ControllerLink:
             fut = self._reviews.get(msg.scrape_review_result.id)
             if fut is not None and not fut.done():
                 fut.set_result(msg.scrape_review_result)
+            return
+        if which == "certificate":
+            cfut = self._csrs.get(msg.certificate.id)
+            if cfut is not None and not cfut.done():
+                cfut.set_result(msg.certificate)
+            return
+        if which == "trust_bundle":
+            if self.on_trust_bundle is not None:
+                self.on_trust_bundle(msg.trust_bundle.roots_pem)
             return
         if self.mode is None and self._outbox is not None:
             # A controller from before increments opens with the identity: cumulative reports.

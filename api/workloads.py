@@ -152,6 +152,13 @@ def pod_terminating(pod: Obj) -> bool:
     return bool(meta(pod).get("deletionTimestamp"))
 
 
+def pod_service_account(pod: Obj) -> str:
+    """The pod's ServiceAccount: its workload identity (SPIFFE `.../ns/<ns>/sa/<this>`). The API
+    server fills in "default"; `serviceAccount` is the deprecated spelling older objects carry."""
+    spec = pod.get("spec") or {}
+    return spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+
+
 def pod_uid(pod: Obj) -> str:
     """The pod's UID; objects without one (hand-written) are keyed by namespace/name."""
     m = meta(pod)

@@ -52,5 +52,10 @@ class ControllerConfig:
     insecure_open_api: bool = False             # allow no auth on a non-loopback address
     tls_cert: str = ""                          # PEM files: the gRPC port speaks TLS (tokens never in clear)
     tls_key: str = ""
+    # Workload certificates (controlplane/ca.py): the CA's root in a directory or a Secret; none: no CA.
+    ca_dir: str = ""
+    ca_secret: str = ""                         # NAMESPACE/NAME
+    trust_domain: str = "cluster.local"
+    workload_cert_ttl_s: float = 24 * 3600.0
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
     grafana_url: str = ""

@@ -34,6 +34,8 @@ from nodemesh.api.model import (
 from nodemesh.controlplane import routes as routesmod
 from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
+from nodemesh.controlplane.ca import WorkloadCA
+from nodemesh.controlplane.certify import certify, trust_bundle
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta
 from nodemesh.controlplane.identityfeed import IdentityFeed
@@ -131,6 +133,8 @@ class Controller:
         # authentication configured (dev mode), every scraper is allowed.
         self.scrape_reviewer: ScrapeReviewer | None = None
         self._reviews: set[asyncio.Task[None]] = set()
+        # The workload CA (controlplane/ca.py); None: agents asking for certificates are refused.
+        self.ca: WorkloadCA | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -266,6 +270,13 @@ class Controller:
             session.queue_identity()
         elif which == "scrape_review":
             self._scrape_review(session, msg.scrape_review)
+        elif which == "csr":
+            if self.ca is None:
+                issued = pb.CertificateIssued(id=msg.csr.id, pod_uid=msg.csr.pod_uid,
+                                              error="this controller is not a CA (--ca-dir/--ca-secret)")
+            else:
+                issued = certify(self.ca, self.registry, session.node, msg.csr)
+            session.send(pb.ControllerMessage(certificate=issued))
 
     def _scrape_review(self, session: AgentSession, review: pb.ScrapeReview) -> None:
         """Check a scraper's token for an agent, off the stream's reader: a TokenReview takes a
@@ -287,6 +298,16 @@ class Controller:
         task = asyncio.get_running_loop().create_task(run(), name="scrape-review")
         self._reviews.add(task)
         task.add_done_callback(self._reviews.discard)
+
+    def rotate_workload_root(self) -> None:
+        """A new root signs from now on (controlplane/ca.py); every agent gets the bundle holding
+        old and new roots at once, and each leaf moves to the new root at its next renewal."""
+        if self.ca is None:
+            raise ValueError("this controller is not a CA (--ca-dir/--ca-secret)")
+        self.ca.rotate()
+        bundle = pb.ControllerMessage(trust_bundle=trust_bundle(self.ca))
+        for session in self.sessions.values():
+            session.send(bundle)
 
     def ack_message(self, agent_id: str) -> pb.ControllerMessage:
         entry = self._counters.get(agent_id)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 from nodemesh.controlplane.auth import AccessPolicy, Authenticator, build_authenticator
+from nodemesh.controlplane.ca import build_ca
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.server import server_credentials, start_grpc_server
@@ -87,6 +88,8 @@ async def start(config: ControllerConfig, source: ClusterSource | None = None,
     if authenticator is None:
         authenticator = configure_auth(config)
     controller = Controller(config, source if source is not None else build_source(config))
+    controller.ca = build_ca(config.trust_domain, config.workload_cert_ttl_s, config.ca_dir, config.ca_secret,
+                             config.kubeconfig)
     await controller.start()
     credentials = server_credentials(config.tls_cert, config.tls_key)
     if credentials is None and authenticator is not None and not _is_loopback(config.listen):
@@ -151,6 +154,15 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     auth.add_argument("--tls-cert", default="", metavar="PEM",
                       help="serve the gRPC API over TLS with this certificate (agents and the CLI verify it)")
     auth.add_argument("--tls-key", default="", metavar="PEM", help="the key of --tls-cert")
+    ca = p.add_argument_group("workload certificates (docs/controlplane.md)")
+    ca.add_argument("--ca-dir", default="", metavar="DIR",
+                    help="be the mesh's CA, its root kept in DIR (made on first start)")
+    ca.add_argument("--ca-secret", default="", metavar="NAMESPACE/NAME",
+                    help="be the mesh's CA, its root kept in this Kubernetes Secret (made on first start)")
+    ca.add_argument("--trust-domain", default=ControllerConfig.trust_domain,
+                    help="the SPIFFE trust domain of workload identities")
+    ca.add_argument("--workload-cert-ttl", type=float, default=ControllerConfig.workload_cert_ttl_s, metavar="S",
+                    help="lifetime of a workload certificate in seconds (agents renew at half of it)")
     auth.add_argument("--insecure-open-api", action="store_true",
                       help="serve without authentication on a non-loopback address (trusted networks only)")
     a = p.parse_args(argv)
@@ -177,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
         tls_cert=a.tls_cert, tls_key=a.tls_key,
+        ca_dir=a.ca_dir, ca_secret=a.ca_secret, trust_domain=a.trust_domain,
+        workload_cert_ttl_s=a.workload_cert_ttl,
     )
 
 
@@ -191,6 +205,8 @@ async def run(config: ControllerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if running.controller.ca is not None:  # SIGHUP: rotate the workload root (docs/controlplane.md)
+        loop.add_signal_handler(signal.SIGHUP, running.controller.rotate_workload_root)
     await stop.wait()
     await running.stop()
 

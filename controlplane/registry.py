@@ -21,6 +21,7 @@ from nodemesh.api.workloads import (
     pod_has_identity,
     pod_ips,
     pod_ready,
+    pod_service_account,
     pod_start_ms,
     pod_terminating,
     pod_uid,
@@ -64,6 +65,7 @@ class PodRecord:
     terminating: bool = False        # deletionTimestamp set
     has_identity: bool = False       # its IP names it (api.workloads.pod_has_identity)
     ips: tuple[str, ...] = ()
+    service_account: str = "default"  # spec.serviceAccountName: the pod's workload identity
 
     @property
     def running(self) -> bool:
@@ -225,6 +227,7 @@ class WorkloadRegistry:
                 workload=workload, replicaset=rs, container_ports=ports,
                 uid=pod_uid(pod), start_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
                 has_identity=pod_has_identity(pod), ips=tuple(pod_ips(pod)),
+                service_account=pod_service_account(pod),
             ))
         pods.sort(key=lambda p: (p.namespace, p.name))
         self._pods = pods
@@ -393,7 +396,7 @@ class WorkloadRegistry:
             snap.pods.append(pb.Pod(
                 ip=p.ips[0], ips=p.ips, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready,
                 labels=p.labels, uid=p.uid, start_time_ms=p.start_ms, terminating=p.terminating,
-                owner=pb.Resource(namespace=p.workload.namespace, type=p.workload.kind, name=p.workload.name),
+                service_account=p.service_account, owner=pb.Resource(namespace=p.workload.namespace, type=p.workload.kind, name=p.workload.name),
             ))
         for s in self.services():
             snap.services.append(pb.Service(

@@ -17,7 +17,7 @@ class Resource(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., type: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Pod(_message.Message):
-    __slots__ = ("ip", "namespace", "name", "node", "owner", "labels", "ready", "uid", "start_time_ms", "terminating", "ips")
+    __slots__ = ("ip", "namespace", "name", "node", "owner", "labels", "ready", "uid", "start_time_ms", "terminating", "ips", "service_account")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Pod(_message.Message):
     START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     TERMINATING_FIELD_NUMBER: _ClassVar[int]
     IPS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     ip: str
     namespace: str
     name: str
@@ -47,7 +48,8 @@ class Pod(_message.Message):
     start_time_ms: int
     terminating: bool
     ips: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ip: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., owner: _Optional[_Union[Resource, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ready: _Optional[bool] = ..., uid: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., terminating: _Optional[bool] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
+    service_account: str
+    def __init__(self, ip: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., owner: _Optional[_Union[Resource, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ready: _Optional[bool] = ..., uid: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., terminating: _Optional[bool] = ..., ips: _Optional[_Iterable[str]] = ..., service_account: _Optional[str] = ...) -> None: ...
 
 class ServicePort(_message.Message):
     __slots__ = ("name", "port", "target_port")
@@ -163,20 +165,58 @@ class IdentityResync(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync", "scrape_review")
+    __slots__ = ("hello", "metrics", "tap_event", "status", "identity_resync", "scrape_review", "csr")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TAP_EVENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_RESYNC_FIELD_NUMBER: _ClassVar[int]
     SCRAPE_REVIEW_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     metrics: MetricsReport
     tap_event: TapEvent
     status: AgentStatus
     identity_resync: IdentityResync
     scrape_review: ScrapeReview
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ..., scrape_review: _Optional[_Union[ScrapeReview, _Mapping]] = ...) -> None: ...
+    csr: CertificateSigningRequest
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., tap_event: _Optional[_Union[TapEvent, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., identity_resync: _Optional[_Union[IdentityResync, _Mapping]] = ..., scrape_review: _Optional[_Union[ScrapeReview, _Mapping]] = ..., csr: _Optional[_Union[CertificateSigningRequest, _Mapping]] = ...) -> None: ...
+
+class CertificateSigningRequest(_message.Message):
+    __slots__ = ("id", "pod_uid", "csr_der")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    CSR_DER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    pod_uid: str
+    csr_der: bytes
+    def __init__(self, id: _Optional[int] = ..., pod_uid: _Optional[str] = ..., csr_der: _Optional[bytes] = ...) -> None: ...
+
+class CertificateIssued(_message.Message):
+    __slots__ = ("id", "pod_uid", "certificate_pem", "spiffe_id", "not_after_ms", "error", "trust_bundle")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    pod_uid: str
+    certificate_pem: bytes
+    spiffe_id: str
+    not_after_ms: int
+    error: str
+    trust_bundle: TrustBundle
+    def __init__(self, id: _Optional[int] = ..., pod_uid: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., spiffe_id: _Optional[str] = ..., not_after_ms: _Optional[int] = ..., error: _Optional[str] = ..., trust_bundle: _Optional[_Union[TrustBundle, _Mapping]] = ...) -> None: ...
+
+class TrustBundle(_message.Message):
+    __slots__ = ("trust_domain", "roots_pem")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    ROOTS_PEM_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    roots_pem: bytes
+    def __init__(self, trust_domain: _Optional[str] = ..., roots_pem: _Optional[bytes] = ...) -> None: ...
 
 class ScrapeReview(_message.Message):
     __slots__ = ("id", "token")
@@ -307,20 +347,24 @@ class ReportAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result")
+    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result", "certificate", "trust_bundle")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
     TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_DELTA_FIELD_NUMBER: _ClassVar[int]
     REPORT_ACK_FIELD_NUMBER: _ClassVar[int]
     SCRAPE_REVIEW_RESULT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     identity: IdentitySnapshot
     tap_open: TapOpen
     tap_close: TapClose
     identity_delta: IdentityDelta
     report_ack: ReportAck
     scrape_review_result: ScrapeReviewResult
-    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ...) -> None: ...
+    certificate: CertificateIssued
+    trust_bundle: TrustBundle
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., trust_bundle: _Optional[_Union[TrustBundle, _Mapping]] = ...) -> None: ...
 
 class TapFilter(_message.Message):
     __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")

@@ -254,6 +254,9 @@ def test_list_then_watch_events(cluster: FakeCluster, api_server: dict) -> None:
             await eventually(lambda: len(reg.pods()) == 11)
             assert reg.pod("emojivoto", "web-5f7c9d8b6-x2vqm").workload == WorkloadRef("emojivoto", "deployment",
                                                                                         "web")
+            # The workload identity (SPIFFE .../sa/<this>) as both sources deliver it (api.workloads).
+            assert reg.pod("emojivoto", "web-5f7c9d8b6-x2vqm").service_account == "web"
+            assert reg.pod("emojivoto", "db-0").service_account == "default"
             assert {n.name for n in reg.nodes()} == {"node-1", "node-2"}
             assert reg.synced
 
