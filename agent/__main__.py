@@ -29,6 +29,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         route_metrics=not args.no_route_metrics, max_routes=args.max_routes,
         report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
         log_level=args.log_level, health_file=args.health_file, cert_dir=args.cert_dir,
+        mtls=args.mtls,
     )
 
 
@@ -71,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-dir", default="", metavar="DIR",
                    help="obtain a workload certificate (SPIFFE ID) for every pod of this node from the "
                         "controller; keys and certificates are kept in DIR (root only, tmpfs)")
+    p.add_argument("--mtls", action="store_true",
+                   help="send cross-node pod connections agent to agent over mTLS with the pods' workload "
+                        "certificates, and terminate the ones arriving (port 15008); needs --cert-dir")
     p.add_argument("--log-level", default="info")
     p.add_argument("--health-file", default="",
                    help="write ready/not-ready here every second, for the pod's exec probes")
@@ -80,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.mtls and not args.cert_dir:
+        parser().error("--mtls needs --cert-dir (the workload certificates it speaks with)")
     config = build_config(args)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s %(name)s %(message)s")

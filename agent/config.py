@@ -47,5 +47,8 @@ class AgentConfig:
     tap_max_rps: float = 100.0
     # Workload certificates (agent/certs.py): kept in this root-only directory on the node; "" = none.
     cert_dir: str = ""
+    # Node-to-node mTLS (agent/tunnel.py): cross-node pod connections over TLS with the pods'
+    # workload certificates; needs cert_dir. Off by default (first version, docs/architecture.md).
+    mtls: bool = False
     health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)
     log_level: str = "info"

@@ -102,6 +102,8 @@ def movable(conn: Connection, frozen: bool = False) -> str | None:
     """The mode the connection moves in (TCP, HTTP1, HTTP2), or None if it cannot move now.
     `frozen`: it is ours already (checked again just before it is sent)."""
     mode = conn.mode
+    if conn.mtls is not None:
+        return None  # the TLS session's state lives in this process (agent/tunnel.py): it drains here
     if mode is None and not conn.opened and conn.meta is not None and not conn.finished \
             and conn.frozen == frozen and conn.detect_timer is None:
         if conn.client is None or conn.up is None or conn.client_lost or conn.up_lost:

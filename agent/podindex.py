@@ -168,6 +168,9 @@ class PodIndex:
     def __len__(self) -> int:
         return len(self._owner)
 
+    def pod_by_uid(self, uid: str) -> pb.Pod | None:
+        return self._pods.get(uid)
+
     def local_pod_uids(self) -> list[str]:
         """The uids of this node's pods that own an address: the pods it holds certificates for."""
         return sorted({o.uid for o in self._owner.values() if o.local})

@@ -82,6 +82,7 @@ class WorkerContext:
         self.count_retry: Callable[[str, str], None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
+        self.tunnel: Any = None  # agent.tunnel.Tunnel with --mtls: cross-node connections over mTLS
         # Draining beside a newer agent (agent/handover.py): a mode calls this where its connection
         # could be handed over (HTTP/1: the last response ended, no request begun).
         self.at_boundary: Callable[[Connection], None] | None = None
@@ -109,12 +110,14 @@ class Connection(asyncio.Protocol):
         "drain_requested",
         "error",
         "finished",
+        "forced_original",
         "frozen",
         "linger_timer",
         "lingering",
         "load",
         "meta",
         "mode",
+        "mtls",
         "obs",
         "opened",
         "paused_for_connect",
@@ -164,6 +167,10 @@ class Connection(asyncio.Protocol):
         self.slow = False              # counted as slow by admission (first request late)
         self.load = _NOBODY            # this connection's source's time in the worker (fairness.py)
         self.throttled = False         # reading paused: the source spent its time budget
+        # mTLS (agent/tunnel.py): the peer's verified SPIFFE ID — the client's on an inbound
+        # tunnel, the server's on an outbound one; None when the connection is not mTLS.
+        self.mtls: str | None = None
+        self.forced_original: tuple[str, int] | None = None  # the target a tunnel's CONNECT named
 
     # -- accept ----------------------------------------------------------------------------
 
@@ -182,7 +189,13 @@ class Connection(asyncio.Protocol):
             self.finished = True
             transport.abort()
             return
-        original, _natted = original_destination(sock)
+        if self.forced_original is not None:
+            original = self.forced_original
+        else:
+            original, _natted = original_destination(sock)
+            if ctx.tunnel is not None and ctx.tunnel.is_tunnel(self.direction, original):
+                ctx.tunnel.accept(self, transport, peer, original, lambda: Connection(ctx, self.direction))
+                return
         if original[1] in ctx.listen_ports:
             # Dialled the agent's own ports (nodeIP:4140 from a pod or the node): proxying would
             # dial ourselves, again and again. Capture never redirects these ports (the plan skips
@@ -276,11 +289,16 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
-            sock, destination = await self._dial(peer, destination)
-            if ctx.learn_endpoint is not None and self.meta is not None \
-                    and destination == self.meta.original_destination:
-                self._learn_endpoint(sock, destination)
-            await loop.create_connection(lambda: _Upstream(self), sock=sock)
+            plan = ctx.tunnel.plan(peer, destination) if ctx.tunnel is not None and self.direction == "outbound" \
+                else None
+            # Through an mTLS tunnel (agent/tunnel.py) when planned and the far node takes it.
+            if plan is None or not await ctx.tunnel.open(self, peer, destination, plan, _Upstream,
+                                                         ctx.config.connect_timeout_s):
+                sock, destination = await self._dial(peer, destination)
+                if ctx.learn_endpoint is not None and self.meta is not None \
+                        and destination == self.meta.original_destination:
+                    self._learn_endpoint(sock, destination)
+                await loop.create_connection(lambda: _Upstream(self), sock=sock)
         except (OSError, TimeoutError) as exc:
             if sock is not None:
                 sock.close()

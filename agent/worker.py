@@ -82,6 +82,11 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     for ctx in (outbound, inbound):
         ctx.identity_gate = tele.identity_gate
     outbound.learn_endpoint = tele.learn_endpoint
+    if config.mtls:
+        from nodemesh.agent.certs import CertReader
+        from nodemesh.agent.tunnel import Tunnel
+
+        outbound.tunnel = inbound.tunnel = Tunnel(tele.index, CertReader(config.cert_dir))
     outbound.count_retry = tele.count_endpoint_retry
 
     def mesh_config(mesh: pb.MeshConfig) -> None:

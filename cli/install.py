@@ -49,6 +49,11 @@ _as_pods_option = click.option(
     help="With --sandbox: apply these manifests to the sandbox and let its kubelet run them (controller "
          "pod, agent DaemonSet, the sandbox's API server), as on Kubernetes, instead of node processes.")
 
+_mtls_option = click.option(
+    "--mtls", is_flag=True,
+    help="With --sandbox (node processes): cross-node pod traffic agent to agent over mTLS with the pods' "
+         "workload certificates (first version, opt-in; docs/architecture.md).")
+
 
 @click.command()
 @_set_option
@@ -56,15 +61,19 @@ _as_pods_option = click.option(
 @_sandbox_option
 @_name_option
 @_as_pods_option
-def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None, as_pods: bool) -> None:
+@_mtls_option
+def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None, as_pods: bool,
+            mtls: bool) -> None:
     """Print the Kubernetes manifests that install nodemesh (pipe them to `kubectl apply -f -`)."""
     values = _values(sets)
     if as_pods and not sandbox:
         raise click.UsageError("--as-pods goes with --sandbox")
+    if mtls and (not sandbox or as_pods):
+        raise click.UsageError("--mtls goes with --sandbox (node processes) in this version")
     if sandbox:
         from nodemesh.cli.sandbox_install import install_sandbox
 
-        address = install_sandbox(name=name, as_pods=as_pods, sets=sets)
+        address = install_sandbox(name=name, as_pods=as_pods, sets=sets, mtls=mtls)
         click.echo(f"nodemesh installed on the sandbox; controller at {address}")
         return
     click.echo(_render(values, addon), nl=False)

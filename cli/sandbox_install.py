@@ -86,9 +86,11 @@ def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
 
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
-                    sets: tuple[str, ...] = ()) -> str:
+                    sets: tuple[str, ...] = (), mtls: bool = False) -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
-    key=value, as for `nodemesh install`) apply with `as_pods` only."""
+    key=value, as for `nodemesh install`) apply with `as_pods` only. The controller is the mesh's
+    CA (root in `<state>/workload-ca`) and every agent holds its pods' workload certificates
+    (`<state>/certs/<node>`); `mtls`: cross-node pod traffic goes agent to agent over mTLS."""
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
     if as_pods:
@@ -114,12 +116,14 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     sb.start_node_process(nodes[0].name, CONTROLLER_PROCESS, [
         py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
         "--listen", "0.0.0.0", "--token-file", str(token_path), "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+        "--ca-dir", str(state_dir / "workload-ca"),
     ], env=env)
     for node in nodes:
         sb.start_node_process(node.name, agent_process(node.name), [
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--controller", controller, "--token-file", str(token_path), "--controller-ca", str(pki.ca),
-            "--workers", str(workers),
+            "--workers", str(workers), "--cert-dir", str(state_dir / "certs" / node.name),
+            *(["--mtls"] if mtls else []),
         ], env=env)
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])

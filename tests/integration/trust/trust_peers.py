@@ -3,9 +3,10 @@
   http1-server PORT   HTTP/1.1: answers 200 with `Set-Cookie: sid=<secret>` (the secret is the
                       request's `?secret=` value, so the test knows what must never show)
   grpc-server PORT    gRPC service `trust.Echo/Ping` (raw bytes echoed), over HTTP/2
-  capture SECONDS PORT OUT
-                      every TCP payload to or from PORT on every interface of this network
-                      namespace (AF_PACKET, as tcpdump would see it), for SECONDS, written to OUT
+  capture SECONDS PORT OUT [IFACE]
+                      every TCP payload to or from PORT (0: any) on every interface of this network
+                      namespace, or only IFACE (AF_PACKET, as tcpdump would see it), for SECONDS,
+                      written to OUT
   garp IFACE IP        one gratuitous ARP (sender = target = IP, broadcast) from IFACE, as a
                       pod taking over an address announces it
   get-from SRC URL N   N HTTP GETs to URL from source address SRC (2 s timeout each); prints JSON
@@ -116,11 +117,13 @@ def get_from(src: str, url: str, n: int) -> None:
     print(json.dumps({"ok": ok, "failed": failed}), flush=True)
 
 
-def capture(seconds: float, port: int, out: str) -> None:
+def capture(seconds: float, port: int, out: str, iface: str = "") -> None:
     import socket
     import struct
 
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    if iface:
+        sock.bind((iface, 0))
     sock.settimeout(0.2)
     end = time.monotonic() + seconds
     payload = bytearray()
@@ -137,7 +140,7 @@ def capture(seconds: float, port: int, out: str) -> None:
         ihl = (frame[14] & 0x0F) * 4
         tcp = 14 + ihl
         sport, dport = struct.unpack("!HH", frame[tcp:tcp + 4])
-        if port not in (sport, dport):
+        if port and port not in (sport, dport):
             continue
         data = frame[tcp + (frame[tcp + 12] >> 4) * 4:]
         total = struct.unpack("!H", frame[16:18])[0]
@@ -161,7 +164,7 @@ if __name__ == "__main__":
     elif mode == "get-from":
         get_from(args[0], args[1], int(args[2]))
     elif mode == "capture":
-        capture(float(args[0]), int(args[1]), args[2])
+        capture(float(args[0]), int(args[1]), args[2], *args[3:4])
     elif mode == "client":
         client(args[0], args[1], args[2], float(args[3]))
     else:

@@ -1,0 +1,153 @@
+"""Node-to-node mTLS (issue 13, item 2; `install --sandbox --mtls`): a marker sent cross-node never
+crosses the underlay in clear.
+
+A cluster of its own (the package's shared one runs without --mtls): `client` (ServiceAccount
+`client`) on node1, `web` (ServiceAccount `web`, HTTP/1 server echoing the query's secret in a
+Set-Cookie) on node2. Each agent holds its pods' workload certificates (agent/certs.py). An
+AF_PACKET capture bound to node2's underlay interface (the node-to-node link, as tcpdump -i
+would see it) records every TCP payload while the client sends requests carrying a marker in the
+path and a header, to the pod IP and to the Service: the client gets every answer (with
+the marker echoed back), the capture holds TLS records to port 15008 and no byte of the marker in
+either direction. The receiving agent's log names the client's SPIFFE ID (it verified the
+certificate, not the address).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nodemesh.cli.sandbox_install import agent_process, install_sandbox, uninstall_sandbox
+from nodemesh.sandbox.cluster import Sandbox
+from nodemesh.sandbox.testing import running_sandbox
+from trust_harness import PEERS, PY
+
+NS = "mt"
+MARKER = "MARKER-7f3a91c2-plaintext"
+
+CLIENT = f"""
+import http.client, json, sys
+ok = failed = echoed = 0
+for host in sys.argv[1:]:
+    for i in range(20):
+        try:
+            c = http.client.HTTPConnection(host, 8080, timeout=3)
+            c.request("GET", "/?secret={MARKER}-" + str(i), headers={{"X-Marker": "{MARKER}-header"}})
+            r = c.getresponse()
+            r.read()
+            ok += r.status == 200
+            echoed += "{MARKER}" in (r.getheader("Set-Cookie") or "")
+            c.close()
+        except OSError as exc:
+            failed += 1
+            print(repr(exc), file=sys.stderr)
+print(json.dumps({{"ok": ok, "failed": failed, "echoed": echoed}}))
+"""
+
+
+def manifest() -> str:
+    def deploy(name: str, node: str, argv: list[str], port: int | None) -> str:
+        ports = f"\n        ports:\n        - {{containerPort: {port}}}" if port else ""
+        return f"""
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {name}, namespace: {NS}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      serviceAccountName: {name}
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers:
+      - name: {name}
+        command: {json.dumps(argv)}{ports}
+"""
+    return "---".join([
+        f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n",
+        deploy("web", "node2", [PY, PEERS, "http1-server", "8080"], 8080),
+        (f"\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n"
+         f"  selector: {{app: web}}\n  ports:\n  - {{port: 8080, targetPort: 8080}}\n"),
+        deploy("client", "node1", ["sleep", "infinity"], None),
+    ])
+
+
+@pytest.fixture(scope="module")
+def mtls_cluster() -> Iterator[Sandbox]:
+    with running_sandbox(nodes=2, cni="bridge", manifests=[manifest()], timeout=90) as sb:
+        install_sandbox(sb.name, timeout=90, progress=lambda msg: None, mtls=True)
+        try:
+            yield sb
+        finally:
+            with contextlib.suppress(Exception):
+                uninstall_sandbox(sb.name)
+
+
+def pod(sb: Sandbox, app: str) -> dict:
+    (p,) = [p for p in sb.pods(NS) if p["metadata"]["labels"].get("app") == app]
+    return p
+
+
+def underlay_interface(sb: Sandbox, node: str) -> str:
+    """The node's interface holding its InternalIP: its end of the node-to-node link."""
+    out = sb.node_exec(node, ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f" {sb.node(node).ip}/" in line:
+            return line.split()[1].split("@")[0]
+    raise AssertionError(f"no interface with {sb.node(node).ip} on {node}: {out}")
+
+
+def agent_logs(sb: Sandbox) -> str:
+    return "\n".join(sb.node_process_log(n, agent_process(n)).read_text()[-3000:] for n in ("node1", "node2"))
+
+
+def wait_for_certificates(sb: Sandbox, timeout: float = 30.0) -> None:
+    state = Path(sb.state_dir)
+    wanted = [(pod(sb, "client"), "node1"), (pod(sb, "web"), "node2")]
+    deadline = time.monotonic() + timeout
+    while not all((state / "certs" / node / f"{p['metadata']['uid']}.crt").exists() for p, node in wanted):
+        assert time.monotonic() < deadline, "workload certificates not issued"
+        time.sleep(0.2)
+
+
+def test_trust_mtls_marker_never_crosses_the_underlay_in_clear(mtls_cluster: Sandbox, tmp_path: Path) -> None:
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    web_ip = pod(sb, "web")["status"]["podIP"]
+    svc_ip = next(s for s in sb.objects().of_kind("Service")
+                  if s["metadata"]["name"] == "web" and s["metadata"]["namespace"] == NS)["spec"]["clusterIP"]
+    iface = underlay_interface(sb, "node2")
+    out = tmp_path / "underlay.bin"
+    cap = subprocess.Popen(["ip", "netns", "exec", sb.node("node2").netns, PY, PEERS, "capture", "12", "0",
+                            str(out), iface], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+        res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT, web_ip, svc_ip],
+                             capture_output=True, text=True, timeout=150, check=False)
+    finally:
+        stdout, err = cap.communicate(timeout=60)
+    assert res.returncode == 0, (res.stderr, agent_logs(sb))
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result == {"ok": 40, "failed": 0, "echoed": 40}, (result, res.stderr[-2000:], agent_logs(sb))
+    assert cap.returncode == 0, err
+    data = out.read_bytes()
+    assert int(stdout.strip()) > 40 and len(data) > 5000, (stdout, len(data))  # the traffic was seen
+    assert MARKER.encode() not in data, "the marker crossed the node-to-node link in clear"
+    assert b"HTTP/1.1" not in data and b"X-Marker" not in data  # no plaintext HTTP at all
+    assert data.count(b"\x17\x03\x03") >= 40  # TLS application-data records
+    # The receiving agent verified the client's certificate: its workload identity, by name.
+    log = sb.node_process_log("node2", agent_process("node2")).read_text()
+    assert "event=mtls_refused" not in log, log[-3000:]
