@@ -41,6 +41,9 @@ class ConnectionMeta:
     # Taken over from a draining agent (agent/handover.py): opened there, so not counted as a new
     # connection here (tcp_open_total); it joins this agent's open connections.
     adopted: bool = False
+    # mTLS (agent/tunnel.py): the peer's SPIFFE ID from its verified certificate (inbound: the
+    # client's, outbound: the server's); None when the connection is not inside a tunnel.
+    mtls: str | None = None
 
 
 @dataclass(slots=True)

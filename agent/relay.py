@@ -242,7 +242,7 @@ class Connection(asyncio.Protocol):
         self.meta = ConnectionMeta(
             conn_id=ctx.next_id(), direction=self.direction, source=(peer[0], peer[1]),
             original_destination=original, destination=destination, started=held_since or time.monotonic(),
-            first_bytes_at=held_since if self.pending else 0.0,
+            first_bytes_at=held_since if self.pending else 0.0, mtls=self.mtls,
         )
         ctx.live.add(self)
         fairness.opened(load, self)

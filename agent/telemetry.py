@@ -564,6 +564,7 @@ class WorkerTelemetry:
             destination=peer_message(meta.destination[0], meta.destination[1], req.conn.dst),
             node=self.config.node,
             time_ms=int(time.time() * 1000),
+            **_tls_fields(meta.mtls, direction),
         )
 
     def _tap_request(self, req: _Req) -> None:
@@ -603,3 +604,10 @@ class WorkerTelemetry:
                 response_bytes=end.response_bytes,
             ))
             self._emit(ev)
+
+
+def _tls_fields(mtls: str | None, direction: str) -> dict[str, Any]:
+    """A tap event's mTLS fields: the identity verified is the client's on the inbound side."""
+    if mtls is None:
+        return {}
+    return {"tls": True, "client_id" if direction == "inbound" else "server_id": mtls}

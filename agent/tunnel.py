@@ -225,6 +225,8 @@ class _TunnelUpstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
             self.conn.mtls = self.tunnel.check_server(transport, self.plan)
+            if self.conn.meta is not None:
+                self.conn.meta.mtls = self.conn.mtls
         except ssl.SSLError as exc:
             self.refused = str(exc)
             self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")

@@ -209,7 +209,7 @@ GRPC_CODE_NAMES = (
     "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange",
     "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated",
 )
-TLS_STATUS = "no_identity"  # nodemesh has no mTLS yet: every peer is plaintext
+TLS_STATUS = "no_identity"  # plaintext: the connection did not cross nodes inside an mTLS tunnel
 
 
 def grpc_code_name(code: int) -> str:
@@ -241,8 +241,14 @@ def tap_line(event: pb.TapEvent, wide: bool = False) -> str:
     flow = (
         f"proxy={proxy_direction(event.direction)} "
         f"src={format_addr(event.source.ip, event.source.port)} "
-        f"dst={format_addr(event.destination.ip, event.destination.port)} tls={TLS_STATUS}"
+        f"dst={format_addr(event.destination.ip, event.destination.port)} "
+        f"tls={'true' if event.tls else TLS_STATUS}"
     )
+    # The identity the agent verified from a certificate (agent/tunnel.py), as Linkerd's tap -o wide.
+    if event.client_id:
+        flow += f" client_id={event.client_id}"
+    if event.server_id:
+        flow += f" server_id={event.server_id}"
     rid = event.request_id
     kind = event.WhichOneof("event")
     if kind == "request_init":

@@ -445,7 +445,7 @@ class ResponseEnd(_message.Message):
     def __init__(self, has_grpc_status: _Optional[bool] = ..., grpc_status: _Optional[int] = ..., reset_error: _Optional[str] = ..., since_request_init_us: _Optional[int] = ..., response_bytes: _Optional[int] = ...) -> None: ...
 
 class TapEvent(_message.Message):
-    __slots__ = ("tap_id", "request_id", "direction", "source", "destination", "node", "time_ms", "request_init", "response_init", "response_end")
+    __slots__ = ("tap_id", "request_id", "direction", "source", "destination", "node", "time_ms", "request_init", "response_init", "response_end", "tls", "client_id", "server_id")
     TAP_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
@@ -456,6 +456,9 @@ class TapEvent(_message.Message):
     REQUEST_INIT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_INIT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_END_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     tap_id: str
     request_id: str
     direction: str
@@ -466,7 +469,10 @@ class TapEvent(_message.Message):
     request_init: RequestInit
     response_init: ResponseInit
     response_end: ResponseEnd
-    def __init__(self, tap_id: _Optional[str] = ..., request_id: _Optional[str] = ..., direction: _Optional[str] = ..., source: _Optional[_Union[Peer, _Mapping]] = ..., destination: _Optional[_Union[Peer, _Mapping]] = ..., node: _Optional[str] = ..., time_ms: _Optional[int] = ..., request_init: _Optional[_Union[RequestInit, _Mapping]] = ..., response_init: _Optional[_Union[ResponseInit, _Mapping]] = ..., response_end: _Optional[_Union[ResponseEnd, _Mapping]] = ...) -> None: ...
+    tls: bool
+    client_id: str
+    server_id: str
+    def __init__(self, tap_id: _Optional[str] = ..., request_id: _Optional[str] = ..., direction: _Optional[str] = ..., source: _Optional[_Union[Peer, _Mapping]] = ..., destination: _Optional[_Union[Peer, _Mapping]] = ..., node: _Optional[str] = ..., time_ms: _Optional[int] = ..., request_init: _Optional[_Union[RequestInit, _Mapping]] = ..., response_init: _Optional[_Union[ResponseInit, _Mapping]] = ..., response_end: _Optional[_Union[ResponseEnd, _Mapping]] = ..., tls: _Optional[bool] = ..., client_id: _Optional[str] = ..., server_id: _Optional[str] = ...) -> None: ...
 
 class TapRequest(_message.Message):
     __slots__ = ("filter",)

@@ -8,14 +8,15 @@ AF_PACKET capture bound to node2's underlay interface (the node-to-node link, as
 would see it) records every TCP payload while the client sends requests carrying a marker in the
 path and a header, to the pod IP and to the Service: the client gets every answer (with
 the marker echoed back), the capture holds TLS records to port 15008 and no byte of the marker in
-either direction. The receiving agent's log names the client's SPIFFE ID (it verified the
-certificate, not the address).
+either direction. `nodemesh tap` shows tls=true with the identities the agents verified from the
+certificates: the client's on node2's inbound side, the server's on node1's outbound side.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 from nodemesh.cli.sandbox_install import agent_process, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import running_sandbox
+from nodemesh.sandbox.testing import TapStream, running_sandbox
 from trust_harness import PEERS, PY
 
 NS = "mt"
@@ -148,6 +149,34 @@ def test_trust_mtls_marker_never_crosses_the_underlay_in_clear(mtls_cluster: San
     assert MARKER.encode() not in data, "the marker crossed the node-to-node link in clear"
     assert b"HTTP/1.1" not in data and b"X-Marker" not in data  # no plaintext HTTP at all
     assert data.count(b"\x17\x03\x03") >= 40  # TLS application-data records
-    # The receiving agent verified the client's certificate: its workload identity, by name.
     log = sb.node_process_log("node2", agent_process("node2")).read_text()
     assert "event=mtls_refused" not in log, log[-3000:]
+
+
+def test_trust_mtls_tap_shows_the_verified_identities(mtls_cluster: Sandbox) -> None:
+    """`nodemesh tap deploy/web`: the inbound side names the client's SPIFFE ID (from its
+    certificate), the outbound side the server's; both say tls=true."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    env = {k: v for k, v in os.environ.items() if k not in ("NODEMESH_CONTROLLER", "NODEMESH_TOKEN")}
+    env["NODEMESH_SANDBOX"] = sb.name
+    # A tap of a workload opens on the nodes running it: web's (inbound) on node2, client's
+    # (outbound) on node1.
+    taps = {app: TapStream([PY, "-m", "nodemesh", "tap", f"deploy/{app}", "-n", NS], env) for app in ("web", "client")}
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    web_ip = pod(sb, "web")["status"]["podIP"]
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT, web_ip], capture_output=True,
+                           text=True, timeout=60, check=False)
+            if any("proxy=in " in x for x in taps["web"].snapshot()) \
+                    and any("proxy=out" in x for x in taps["client"].snapshot()):
+                break
+    finally:
+        stopped = {app: t.stop() for app, t in taps.items()}
+    inbound = [x for x in taps["web"].snapshot() if "proxy=in " in x]
+    outbound = [x for x in taps["client"].snapshot() if "proxy=out" in x]
+    assert inbound and outbound, (stopped, taps["web"].snapshot()[:5], taps["client"].snapshot()[:5])
+    assert all("tls=true client_id=spiffe://cluster.local/ns/mt/sa/client" in x for x in inbound), inbound[:5]
+    assert all("tls=true server_id=spiffe://cluster.local/ns/mt/sa/web" in x for x in outbound), outbound[:5]
