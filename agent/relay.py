@@ -10,6 +10,7 @@ what happens to the bytes; this module owns the lifecycle, flow control and half
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
@@ -194,6 +195,8 @@ class Connection(asyncio.Protocol):
         else:
             original, _natted = original_destination(sock)
             if ctx.tunnel is not None and ctx.tunnel.is_tunnel(self.direction, original):
+                with contextlib.suppress(OSError):  # the handshake's small flights must not wait for ACKs
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 ctx.tunnel.accept(self, transport, peer, original, lambda: Connection(ctx, self.direction))
                 return
         if original[1] in ctx.listen_ports:

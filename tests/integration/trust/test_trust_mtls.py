@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodemesh.cli.sandbox_install import agent_process, install_sandbox, uninstall_sandbox
+from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, agent_process, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import TapStream, running_sandbox
 from trust_harness import PEERS, PY
@@ -88,7 +89,8 @@ spec:
 @pytest.fixture(scope="module")
 def mtls_cluster() -> Iterator[Sandbox]:
     with running_sandbox(nodes=2, cni="bridge", manifests=[manifest()], timeout=90) as sb:
-        install_sandbox(sb.name, timeout=90, progress=lambda msg: None, mtls=True)
+        # 8 s certificates: renewed every ~4 s, so the tests below run across several renewals.
+        install_sandbox(sb.name, timeout=90, progress=lambda msg: None, mtls=True, cert_ttl_s=8.0)
         try:
             yield sb
         finally:
@@ -180,3 +182,67 @@ def test_trust_mtls_tap_shows_the_verified_identities(mtls_cluster: Sandbox) -> 
     assert inbound and outbound, (stopped, taps["web"].snapshot()[:5], taps["client"].snapshot()[:5])
     assert all("tls=true client_id=spiffe://cluster.local/ns/mt/sa/client" in x for x in inbound), inbound[:5]
     assert all("tls=true server_id=spiffe://cluster.local/ns/mt/sa/web" in x for x in outbound), outbound[:5]
+
+
+ROTATION_LOAD = r"""
+import http.client, json, sys, time
+ok = failed = 0
+errors = []
+end = time.monotonic() + float(sys.argv[2])
+keep = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)
+while time.monotonic() < end:
+    for fresh in (True, False):
+        try:
+            c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5) if fresh else keep
+            c.request("GET", "/?secret=rotation")
+            r = c.getresponse()
+            r.read()
+            ok += r.status == 200
+            failed += r.status != 200
+            if fresh:
+                c.close()
+        except OSError as exc:
+            failed += 1
+            errors.append(repr(exc))
+    time.sleep(0.02)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
+"""
+
+
+def test_trust_mtls_certificate_and_root_rotation_under_load_fail_nothing(mtls_cluster: Sandbox) -> None:
+    """Requests on new connections (a handshake each) and on one kept-alive tunnel, for 20 s,
+    while the 8 s leaves renew (~4 s) and the controller's root is rotated (SIGHUP): 0 failures,
+    and the leaves in use afterwards chain to the new root."""
+    from cryptography import x509
+
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    state = Path(sb.state_dir)
+    web = pod(sb, "web")
+    leaf = state / "certs" / "node2" / f"{web['metadata']['uid']}.crt"
+    first_leaf = leaf.read_bytes()
+    root_before = (state / "workload-ca" / "workload-ca.crt").read_bytes()
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    load = subprocess.Popen(["ip", "netns", "exec", client_ns, PY, "-c", ROTATION_LOAD, web["status"]["podIP"], "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6)
+        pid = sb.node_process_pid(CONTROLLER_PROCESS)
+        assert pid, "controller not running"
+        os.kill(pid, signal.SIGHUP)  # rotate the workload root mid-load
+        out, err = load.communicate(timeout=90)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["failed"] == 0 and result["ok"] > 100, (result, err[-1000:], agent_logs(sb))
+    root_after = (state / "workload-ca" / "workload-ca.crt").read_bytes()
+    assert root_after != root_before
+    assert leaf.read_bytes() != first_leaf  # renewed during the load
+    deadline = time.monotonic() + 15
+    while x509.load_pem_x509_certificate(leaf.read_bytes()).issuer != \
+            x509.load_pem_x509_certificate(root_after).subject:
+        assert time.monotonic() < deadline, "leaf not moved to the new root"
+        time.sleep(0.5)
+    bundle = x509.load_pem_x509_certificates((state / "certs" / "node1" / "trust-bundle.pem").read_bytes())
+    assert len(bundle) == 2  # old and new root, while old leaves may still be in use
