@@ -8,7 +8,8 @@ AF_PACKET capture bound to node2's underlay interface (the node-to-node link, as
 would see it) records every TCP payload while the client sends requests carrying a marker in the
 path and a header, to the pod IP and to the Service: the client gets every answer (with
 the marker echoed back), the capture holds TLS records to port 15008 and no byte of the marker in
-either direction. `nodemesh tap` shows tls=true with the identities the agents verified from the
+either direction — while a control marker sent to a server in a namespace the mesh does not
+capture (kube-system, same node, same link) is in the capture in clear. `nodemesh tap` shows tls=true with the identities the agents verified from the
 certificates: the client's on node2's inbound side, the server's on node1's outbound side.
 """
 
@@ -31,6 +32,7 @@ from trust_harness import PEERS, PY
 
 NS = "mt"
 MARKER = "MARKER-7f3a91c2-plaintext"
+CONTROL = "CONTROL-55be0d17-plaintext"
 
 CLIENT = f"""
 import http.client, json, sys
@@ -53,16 +55,16 @@ print(json.dumps({{"ok": ok, "failed": failed, "echoed": echoed}}))
 
 
 def manifest() -> str:
-    def deploy(name: str, node: str, argv: list[str], port: int | None) -> str:
+    def deploy(name: str, node: str, argv: list[str], port: int | None, ns: str = NS) -> str:
         ports = f"\n        ports:\n        - {{containerPort: {port}}}" if port else ""
         return f"""
 apiVersion: v1
 kind: ServiceAccount
-metadata: {{name: {name}, namespace: {NS}}}
+metadata: {{name: {name}, namespace: {ns}}}
 ---
 apiVersion: apps/v1
 kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
+metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
 spec:
   replicas: 1
   selector:
@@ -83,6 +85,9 @@ spec:
         (f"\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n"
          f"  selector: {{app: web}}\n  ports:\n  - {{port: 8080, targetPort: 8080}}\n"),
         deploy("client", "node1", ["sleep", "infinity"], None),
+        # The control: a server in a namespace the mesh does not capture (kube-system), on node2:
+        # the client's requests to it cross the same link in plaintext, so the capture must see them.
+        deploy("plain", "node2", [PY, PEERS, "http1-server", "8080"], 8080, ns="kube-system"),
     ])
 
 
@@ -129,6 +134,7 @@ def test_trust_mtls_marker_never_crosses_the_underlay_in_clear(mtls_cluster: San
     sb = mtls_cluster
     wait_for_certificates(sb)
     web_ip = pod(sb, "web")["status"]["podIP"]
+    (plain,) = [p for p in sb.pods("kube-system") if p["metadata"]["labels"].get("app") == "plain"]
     svc_ip = next(s for s in sb.objects().of_kind("Service")
                   if s["metadata"]["name"] == "web" and s["metadata"]["namespace"] == NS)["spec"]["clusterIP"]
     iface = underlay_interface(sb, "node2")
@@ -140,6 +146,8 @@ def test_trust_mtls_marker_never_crosses_the_underlay_in_clear(mtls_cluster: San
         client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
         res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT, web_ip, svc_ip],
                              capture_output=True, text=True, timeout=150, check=False)
+        control = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT.replace(MARKER, CONTROL),
+                                  plain["status"]["podIP"]], capture_output=True, text=True, timeout=150, check=False)
     finally:
         stdout, err = cap.communicate(timeout=60)
     assert res.returncode == 0, (res.stderr, agent_logs(sb))
@@ -148,8 +156,13 @@ def test_trust_mtls_marker_never_crosses_the_underlay_in_clear(mtls_cluster: San
     assert cap.returncode == 0, err
     data = out.read_bytes()
     assert int(stdout.strip()) > 40 and len(data) > 5000, (stdout, len(data))  # the traffic was seen
+    # The capture does see plaintext when there is some: the control's marker, sent to a pod the
+    # mesh does not capture, is there.
+    assert json.loads(control.stdout.strip().splitlines()[-1])["ok"] == 20, control.stderr[-1000:]
+    assert CONTROL.encode() in data, "the capture missed the control's plaintext: it proves nothing"
     assert MARKER.encode() not in data, "the marker crossed the node-to-node link in clear"
-    assert b"HTTP/1.1" not in data and b"X-Marker" not in data  # no plaintext HTTP at all
+    # No plaintext HTTP but the control's (the mesh's own links are TLS too: controller, tunnels).
+    assert data.count(b"X-Marker") == data.count(CONTROL.encode() + b"-header")
     assert data.count(b"\x17\x03\x03") >= 40  # TLS application-data records
     log = sb.node_process_log("node2", agent_process("node2")).read_text()
     assert "event=mtls_refused" not in log, log[-3000:]
