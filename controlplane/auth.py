@@ -52,6 +52,7 @@ METHOD_ROLES = {"Connect": "agent", "StatSummary": "stats", "Edges": "stats", "R
 ROLES = frozenset(METHOD_ROLES.values())
 TAP_GROUP = "tap.nodemesh.io"  # RBAC: verb `watch` on this group's <type>s (resource "*" for all types)
 TAP_VERB = "watch"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"  # set on projected tokens bound to a pod
 
 
 class AuthError(Exception):
@@ -70,6 +71,9 @@ class Principal:
 
     username: str
     groups: tuple[str, ...] = ()
+    # The node of the pod the token was issued to (a projected token's `node-name` extra,
+    # Kubernetes >= 1.30): an agent with it may speak only for that node (workload certificates).
+    node: str = ""
 
 
 class Authenticator(Protocol):
@@ -374,7 +378,8 @@ class TokenReviewAuthenticator:
         if not granted & set(self.audiences):
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN,
                             f"TokenReview: audiences {sorted(granted)} do not include {list(self.audiences)}")
-        return Principal(status.user.username, tuple(status.user.groups or ()))
+        node = ((status.user.extra or {}).get(NODE_NAME_EXTRA) or [""])[0]
+        return Principal(status.user.username, tuple(status.user.groups or ()), node)
 
 
 async def review_scrape(authenticator: Authenticator, token: str) -> tuple[bool, bool, str]:

@@ -412,14 +412,21 @@ class Controller:
             agg.record(key, t=t, latency=d.buckets, latency_bounds=bounds if bounds != BOUNDS else BOUNDS,
                        latency_sum=d.sum)
 
-    async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.ControllerMessage]:
+    async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage],
+                          node: str = "") -> AsyncIterator[pb.ControllerMessage]:
         """The Connect stream: hello first, then reports/status/tap events in, identity and
-        tap commands out. Raises ValueError when the first message is not a hello."""
+        tap commands out. Raises ValueError when the first message is not a hello, and
+        PermissionError when `node` (the node the caller's token is bound to; "" = not bound) is
+        not the node the hello speaks for: certificates are issued for the hello's node's pods."""
         first = await anext(messages, None)
         if first is None:
             return
         if first.WhichOneof("msg") != "hello" or not first.hello.agent_id:
             raise ValueError("the first message on Connect must be an AgentHello with an agent_id")
+        if node and first.hello.node != node:
+            log.warning("event=agent_node_mismatch token_node=%s hello_node=%s", node, first.hello.node)
+            raise PermissionError(f"this token was issued to a pod on node {node}: it cannot speak for node "
+                                  f"{first.hello.node or '<none>'}")
         session = self.agent_connected(first.hello)
         # First: what we hold of this agent's increment reports. It tells the agent we take
         # increments, and where to resume (0 from a controller that never heard of it: its whole

@@ -27,9 +27,21 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControllerMessage]:
+        node = ""
+        if self.authenticator is not None:
+            # Which node this token may speak for (TokenReview: the pod it was issued to); the
+            # interceptor admitted the caller, this (cached) answer names the node.
+            try:
+                principal = await self.authenticator.authenticate(
+                    bearer_token(context.invocation_metadata()) or "", "Connect")
+            except AuthError as exc:
+                await context.abort(exc.code, exc.message)
+            node = principal.node
         try:
-            async for msg in self.controller.serve_agent(request_iterator):
+            async for msg in self.controller.serve_agent(request_iterator, node=node):
                 yield msg
+        except PermissionError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 

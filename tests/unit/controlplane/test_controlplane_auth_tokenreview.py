@@ -276,3 +276,42 @@ def test_controlplane_auth_tokenreview_through_a_grpc_server(api_client: client.
             await server.stop(None)
 
     run(main())
+
+
+def test_controlplane_auth_tokenreview_agent_bound_to_its_node(api_client: client.ApiClient) -> None:
+    """An agent's projected token names the node of the pod it was issued to (`node-name` extra):
+    its Connect stream may speak only for that node — so it gets workload certificates only for
+    that node's pods (controlplane/certify.py). A hello for another node is refused."""
+    from nodemesh.controlplane.config import ControllerConfig
+    from nodemesh.controlplane.controller import Controller
+    from nodemesh.controlplane.server import start_grpc_server
+
+    async def connect(port: int, node: str) -> pb.ControllerMessage:
+        async def hello():  # type: ignore[no-untyped-def]
+            yield pb.AgentMessage(hello=pb.AgentHello(agent_id=f"{node}/1/1", node=node))
+            await asyncio.sleep(5)
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = pb_grpc.ControllerStub(ch).Connect(hello(), metadata=(("authorization", "Bearer agent-token"),))
+            async for msg in call:
+                call.cancel()
+                return msg
+        raise AssertionError("no message")
+
+    async def main() -> None:
+        auth = TokenReviewAuthenticator(api_client, [AUDIENCE])
+        assert (await auth.authenticate("agent-token", "Connect")).node == "node-a"
+        assert (await auth.authenticate("cli-token", "StatSummary")).node == ""  # not bound to a pod
+        controller = Controller(ControllerConfig(source="sandbox"))
+        server, port = await start_grpc_server(controller, "127.0.0.1", 0, auth)
+        try:
+            assert (await connect(port, "node-a")).HasField("report_ack")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await connect(port, "node-b")
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "issued to a pod on node node-a" in (err.value.details() or "")
+            assert not any(s.node == "node-b" for s in controller.sessions.values())
+        finally:
+            await server.stop(None)
+
+    run(main())
