@@ -199,6 +199,11 @@ class Connection(asyncio.Protocol):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 ctx.tunnel.accept(self, transport, peer, original, lambda: Connection(ctx, self.direction))
                 return
+            if ctx.tunnel is not None and ctx.tunnel.refuse_plaintext(self.direction, peer, original):
+                self.finished = True
+                set_reset_on_close(sock)
+                transport.abort()
+                return
         if original[1] in ctx.listen_ports:
             # Dialled the agent's own ports (nodeIP:4140 from a pod or the node): proxying would
             # dial ourselves, again and again. Capture never redirects these ports (the plan skips

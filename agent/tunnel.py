@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import ssl
 import time
@@ -111,25 +112,47 @@ class Tunnel:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ outbound (source node)
+    def required(self, ip: str) -> bool:
+        """Is `ip` a pod of a namespace that takes cross-node connections only over mTLS?"""
+        owner = self.index.owner(ip)
+        required = self.index.config.mtls_required_namespaces
+        return bool(required) and owner is not None and owner.labels[0] in required
+
     def plan(self, source: tuple[str, int], destination: tuple[str, int]) -> Plan | None:
         """Tunnel this connection? Only local pod → pod of another node, in a captured namespace,
-        with a certificate for the source pod on this node."""
+        with a certificate for the source pod on this node. Raises ConnectionRefusedError when it
+        cannot be tunnelled but the destination's namespace requires mTLS (fail closed)."""
         index = self.index
         dst = index.owner(destination[0])
         if dst is None or dst.local:
             return None
         src = index.owner(source[0])
         if src is None or not src.local:
+            self._no_tunnel(destination, "source_not_a_local_pod")
             return None
         dst_pod = index.pod_by_uid(dst.uid)
         if dst_pod is None or index.uncaptured(dst_pod.namespace):
-            self.stats.count(self.stats.fallback, "destination_not_captured")
+            self._no_tunnel(destination, "destination_not_captured")
             return None
         context = self.certs.context(src.uid, server=False)
         if context is None:
-            self.stats.count(self.stats.fallback, "no_certificate")
+            self._no_tunnel(destination, "no_certificate")
             return None
         return Plan(context, (dst_pod.namespace, dst_pod.service_account or "default"))
+
+    def _no_tunnel(self, destination: tuple[str, int], reason: str) -> None:
+        if self.required(destination[0]):
+            self.stats.count(self.stats.refused, f"required:{reason}")
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"mTLS required by the destination's namespace: {reason}")
+        self.stats.count(self.stats.fallback, reason)
+
+    def refuse_plaintext(self, direction: str, peer: tuple[str, int], original: tuple[str, int]) -> bool:
+        """A plaintext connection from another node to a pod of a namespace requiring mTLS."""
+        if direction != "inbound" or not self.required(original[0]):
+            return False
+        self.stats.count(self.stats.refused, "plaintext_to_required")
+        log.info("event=mtls_refused src=%s:%d reason=plaintext_to_required dst=%s:%d", *peer, *original)
+        return True
 
     def check_server(self, transport: asyncio.BaseTransport, plan: Plan) -> str:
         """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError."""
@@ -162,7 +185,7 @@ class Tunnel:
                                          ssl_handshake_timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except (OSError, TimeoutError) as exc:
             sock.close()
-            if proto and proto[0].refused:
+            if (proto and proto[0].refused) or self.required(destination[0]):
                 raise
             self.stats.count(self.stats.fallback, "no_tunnel")
             log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])

@@ -57,5 +57,6 @@ class ControllerConfig:
     ca_secret: str = ""                         # NAMESPACE/NAME
     trust_domain: str = "cluster.local"
     workload_cert_ttl_s: float = 24 * 3600.0
+    mtls_required_namespaces: tuple[str, ...] = ()  # fail closed: cross-node only over mTLS (agents' --mtls)
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
     grafana_url: str = ""

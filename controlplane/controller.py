@@ -188,7 +188,8 @@ class Controller:
         return pb.MeshConfig(opaque_ports=list(c.opaque_ports), excluded_namespaces=list(c.excluded_namespaces),
                              tap_max_rps=c.tap_max_rps, tap_redact_headers=list(c.tap_redact_headers),
                              tap_show_headers=list(c.tap_show_headers), tap_redact_query=c.tap_redact_query,
-                             routes=workload_routes(self.registry))
+                             routes=workload_routes(self.registry),
+                             mtls_required_namespaces=list(c.mtls_required_namespaces))
 
     def refresh_identity(self) -> IdentityFeed:
         """Bring the identity feed up to the registry (a new version only when something an agent

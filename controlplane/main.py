@@ -163,6 +163,9 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
                     help="the SPIFFE trust domain of workload identities")
     ca.add_argument("--workload-cert-ttl", type=float, default=ControllerConfig.workload_cert_ttl_s, metavar="S",
                     help="lifetime of a workload certificate in seconds (agents renew at half of it)")
+    ca.add_argument("--mtls-required-namespaces", default="", metavar="NS,...",
+                    help="pods of these namespaces take cross-node connections only over mTLS (agents with "
+                         "--mtls): no plaintext fallback, plaintext from another node reset")
     auth.add_argument("--insecure-open-api", action="store_true",
                       help="serve without authentication on a non-loopback address (trusted networks only)")
     a = p.parse_args(argv)
@@ -190,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
         tls_cert=a.tls_cert, tls_key=a.tls_key,
         ca_dir=a.ca_dir, ca_secret=a.ca_secret, trust_domain=a.trust_domain,
-        workload_cert_ttl_s=a.workload_cert_ttl,
+        workload_cert_ttl_s=a.workload_cert_ttl, mtls_required_namespaces=_csv(a.mtls_required_namespaces),
     )
 
 

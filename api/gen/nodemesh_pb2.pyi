@@ -239,7 +239,7 @@ class ScrapeReviewResult(_message.Message):
     def __init__(self, id: _Optional[int] = ..., allowed: _Optional[bool] = ..., unavailable: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MeshConfig(_message.Message):
-    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query", "routes")
+    __slots__ = ("opaque_ports", "excluded_namespaces", "tap_max_rps", "tap_redact_headers", "tap_show_headers", "tap_redact_query", "routes", "mtls_required_namespaces")
     OPAQUE_PORTS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     TAP_MAX_RPS_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,7 @@ class MeshConfig(_message.Message):
     TAP_SHOW_HEADERS_FIELD_NUMBER: _ClassVar[int]
     TAP_REDACT_QUERY_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    MTLS_REQUIRED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     opaque_ports: _containers.RepeatedScalarFieldContainer[int]
     excluded_namespaces: _containers.RepeatedScalarFieldContainer[str]
     tap_max_rps: float
@@ -254,7 +255,8 @@ class MeshConfig(_message.Message):
     tap_show_headers: _containers.RepeatedScalarFieldContainer[str]
     tap_redact_query: bool
     routes: _containers.RepeatedCompositeFieldContainer[WorkloadRoutes]
-    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ..., tap_redact_headers: _Optional[_Iterable[str]] = ..., tap_show_headers: _Optional[_Iterable[str]] = ..., tap_redact_query: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[WorkloadRoutes, _Mapping]]] = ...) -> None: ...
+    mtls_required_namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, opaque_ports: _Optional[_Iterable[int]] = ..., excluded_namespaces: _Optional[_Iterable[str]] = ..., tap_max_rps: _Optional[float] = ..., tap_redact_headers: _Optional[_Iterable[str]] = ..., tap_show_headers: _Optional[_Iterable[str]] = ..., tap_redact_query: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[WorkloadRoutes, _Mapping]]] = ..., mtls_required_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RouteRule(_message.Message):
     __slots__ = ("name", "method", "path", "path_type", "grpc", "grpc_service", "grpc_method")

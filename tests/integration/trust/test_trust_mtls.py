@@ -88,6 +88,8 @@ spec:
         # The control: a server in a namespace the mesh does not capture (kube-system), on node2:
         # the client's requests to it cross the same link in plaintext, so the capture must see them.
         deploy("plain", "node2", [PY, PEERS, "http1-server", "8080"], 8080, ns="kube-system"),
+        "\napiVersion: v1\nkind: Namespace\nmetadata: {name: mt2}\n",
+        deploy("web2", "node2", [PY, PEERS, "http1-server", "8080"], 8080, ns="mt2"),
     ])
 
 
@@ -95,7 +97,9 @@ spec:
 def mtls_cluster() -> Iterator[Sandbox]:
     with running_sandbox(nodes=2, cni="bridge", manifests=[manifest()], timeout=90) as sb:
         # 8 s certificates: renewed every ~4 s, so the tests below run across several renewals.
-        install_sandbox(sb.name, timeout=90, progress=lambda msg: None, mtls=True, cert_ttl_s=8.0)
+        # Namespace mt requires mTLS (fail closed); mt2 does not.
+        install_sandbox(sb.name, timeout=90, progress=lambda msg: None, mtls=True, cert_ttl_s=8.0,
+                        mtls_required=(NS,))
         try:
             yield sb
         finally:
@@ -259,3 +263,42 @@ def test_trust_mtls_certificate_and_root_rotation_under_load_fail_nothing(mtls_c
         time.sleep(0.5)
     bundle = x509.load_pem_x509_certificates((state / "certs" / "node1" / "trust-bundle.pem").read_bytes())
     assert len(bundle) == 2  # old and new root, while old leaves may still be in use
+
+
+HOST_GET = r"""
+import http.client, json, sys
+ok = failed = 0
+for i in range(5):
+    try:
+        c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=3)
+        c.request("GET", "/")
+        ok += c.getresponse().status == 200
+        c.close()
+    except OSError:
+        failed += 1
+print(json.dumps({"ok": ok, "failed": failed}))
+"""
+
+
+def test_trust_mtls_required_namespace_refuses_plaintext_from_another_node(mtls_cluster: Sandbox) -> None:
+    """Namespace `mt` requires mTLS: a process on node1 that is no pod (no certificate, never
+    tunnelled) reaching `web` on node2 in plaintext is reset by node2's agent; the same to `web2`
+    (namespace mt2, captured, not required) gets through — fail-open stays the default."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    web_ip = pod(sb, "web")["status"]["podIP"]
+    (web2,) = [p for p in sb.pods("mt2") if p["metadata"]["labels"].get("app") == "web2"]
+
+    def from_node1(ip: str) -> dict:
+        res = sb.node_exec("node1", [PY, "-c", HOST_GET, ip], capture_output=True, text=True, timeout=60)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    assert from_node1(web2["status"]["podIP"]) == {"ok": 5, "failed": 0}
+    assert from_node1(web_ip) == {"ok": 0, "failed": 5}
+    log = sb.node_process_log("node2", agent_process("node2")).read_text()
+    assert "reason=plaintext_to_required" in log
+    # ... while the meshed client pod, tunnelled, still reaches it.
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", HOST_GET, web_ip], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"ok": 5, "failed": 0}
