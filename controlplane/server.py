@@ -35,15 +35,15 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     async def StatSummary(self, request: pb.StatRequest,
                           context: grpc.aio.ServicerContext) -> pb.StatResponse:
-        return self.controller.stat(request)
+        return await self.controller.answer_stat(request)
 
     async def Edges(self, request: pb.EdgesRequest,
                     context: grpc.aio.ServicerContext) -> pb.EdgesResponse:
-        return self.controller.edges(request)
+        return await self.controller.answer_edges(request)
 
     async def Routes(self, request: pb.RoutesRequest,
                      context: grpc.aio.ServicerContext) -> pb.RoutesResponse:
-        return self.controller.routes(request)
+        return await self.controller.answer_routes(request)
 
     async def Check(self, request: pb.CheckRequest,
                     context: grpc.aio.ServicerContext) -> pb.CheckResponse:

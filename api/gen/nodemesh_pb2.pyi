@@ -431,19 +431,21 @@ class TapRequest(_message.Message):
     def __init__(self, filter: _Optional[_Union[TapFilter, _Mapping]] = ...) -> None: ...
 
 class StatRequest(_message.Message):
-    __slots__ = ("selector", "all_namespaces", "to", "window_seconds", "label_selector")
+    __slots__ = ("selector", "all_namespaces", "to", "window_seconds", "label_selector", "backend")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ALL_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     selector: Resource
     all_namespaces: bool
     to: Resource
     window_seconds: int
     label_selector: str
-    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., label_selector: _Optional[str] = ..., **kwargs) -> None: ...
+    backend: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., label_selector: _Optional[str] = ..., backend: _Optional[str] = ..., **kwargs) -> None: ...
 
 class StatRow(_message.Message):
     __slots__ = ("resource", "meshed_pods", "total_pods", "status", "has_traffic", "success_count", "failure_count", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "tcp_open_connections", "tcp_read_bytes_rate", "tcp_write_bytes_rate", "has_tcp")
@@ -488,14 +490,16 @@ class StatResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[StatRow, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class EdgesRequest(_message.Message):
-    __slots__ = ("selector", "all_namespaces", "window_seconds")
+    __slots__ = ("selector", "all_namespaces", "window_seconds", "backend")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ALL_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     selector: Resource
     all_namespaces: bool
     window_seconds: int
-    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., window_seconds: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class Edge(_message.Message):
     __slots__ = ("src", "dst", "client_id", "server_id", "no_identity_msg")
@@ -520,14 +524,16 @@ class EdgesResponse(_message.Message):
     def __init__(self, edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RoutesRequest(_message.Message):
-    __slots__ = ("selector", "to", "window_seconds")
+    __slots__ = ("selector", "to", "window_seconds", "backend")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     selector: Resource
     to: Resource
     window_seconds: int
-    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class RouteRow(_message.Message):
     __slots__ = ("route", "service", "destination", "has_traffic", "success_count", "failure_count", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "request_count")
