@@ -70,11 +70,10 @@ def test_faults_idle_connections_10k(faults: Faults, route: str, tmp_path: Path)
               f"failed={out['failed']} after_idle_failed={out['after_idle_failed']} "
               f"open_seconds={out['open_seconds']} worker_fds={fds} nofile={limits} pss_kb before={before} "
               f"held={held} after={after} bytes_per_idle_connection={per_conn} given_back={given_back}")
-        # Every connection that opened works, before and after idling. Connects that time out are
-        # the known capture defect (docs/agent.md, Known gaps: REDIRECT folds every destination of a
-        # pod onto one agent address, so a source port the pod still uses towards another server,
-        # or one an agent socket of an earlier test still holds, meets that socket; seen after the
-        # fairness floods, 178-259 of 10,150): held to 3 % and printed, not hidden.
+        # Every connection that opened works, before and after idling. Connects that time out are a
+        # known defect (docs/agent.md, Known gaps, "Connect timeouts after floods": SYNs meeting a
+        # socket that still holds their tuple, seen after the fairness floods, 178-259 of 10,150;
+        # cause not found): held to 3 % and printed, not hidden.
         # A colliding SYN's challenge ACK draws the client's RST, which resets the connection the
         # tuple belonged to: a few of the open ones then fail their second echo (10 seen).
         timeouts = out["failed"].get("timeout", 0)

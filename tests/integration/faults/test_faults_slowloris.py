@@ -46,10 +46,9 @@ def test_faults_slowloris_answered_and_costs_only_its_pod(faults: Faults, attack
           f"ended_p50_s={out['ended_p50_s']} ended_max_s={out['ended_max_s']} shed_slow_metric={shed:.0f} | "
           f"other pod alone rps={alone['rps']} during rps={during['rps']} ratio={ratio:.2f} "
           f"failed alone={alone['failed']} during={during['failed']}")
-    # Every connection that connected was answered 408. A connect that times out is the known
-    # capture defect (docs/agent.md, Known gaps: REDIRECT folds every destination of a pod onto one
-    # agent address, so a source port still in use or held by an agent socket towards another server
-    # meets that socket and its SYN gets challenge ACKs; 1-6 of 2,000 seen). Held to 1 %, not hidden.
+    # Every connection that connected was answered 408. A connect that times out is a known defect
+    # (docs/agent.md, Known gaps, "Connect timeouts after floods": its SYN meets a socket that still
+    # holds the tuple and gets challenge ACKs; 1-6 of 2,000 seen). Held to 1 %, not hidden.
     connect_failed = sum(v for k, v in out["ends"].items() if k.startswith("connect_"))
     answered = {k: v for k, v in out["ends"].items() if not k.startswith("connect_")}
     assert answered == {"HTTP/1.1 408 Request Timeout": SLOW - connect_failed}, out
