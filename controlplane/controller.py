@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 from nodemesh.api import tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -483,25 +484,21 @@ class Controller:
 
     # The API's entry points: the backend a request names (or the controller's default) answers.
     async def answer_stat(self, req: pb.StatRequest) -> pb.StatResponse:
-        try:
-            store, now = await self._store(req.backend, promstore.PEER, req.window_seconds)
-        except statmod.StatError as exc:
-            return pb.StatResponse(error=str(exc))
-        return self.stat(req, now, store)
+        return await self._answer(req, promstore.PEER, self.stat, pb.StatResponse)
 
     async def answer_edges(self, req: pb.EdgesRequest) -> pb.EdgesResponse:
-        try:
-            store, now = await self._store(req.backend, promstore.PEER, req.window_seconds)
-        except statmod.StatError as exc:
-            return pb.EdgesResponse(error=str(exc))
-        return self.edges(req, now, store)
+        return await self._answer(req, promstore.PEER, self.edges, pb.EdgesResponse)
 
     async def answer_routes(self, req: pb.RoutesRequest) -> pb.RoutesResponse:
+        return await self._answer(req, promstore.ROUTE, self.routes, pb.RoutesResponse)
+
+    async def _answer(self, req: Any, family: promstore.Family, ask: Callable[..., Any],
+                      response: Callable[..., Any]) -> Any:
         try:
-            store, now = await self._store(req.backend, promstore.ROUTE, req.window_seconds)
+            store, now = await self._store(req.backend, family, req.window_seconds)
         except statmod.StatError as exc:
-            return pb.RoutesResponse(error=str(exc))
-        return self.routes(req, now, store)
+            return response(error=str(exc))
+        return ask(req, now, store)
 
     async def _store(self, backend: str, family: promstore.Family,
                      window_seconds: int) -> tuple[SeriesStore | None, float | None]:

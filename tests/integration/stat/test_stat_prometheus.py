@@ -22,7 +22,7 @@ import pytest
 import yaml
 from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.testing import running_sandbox
-from stat_harness import NS, Mesh, Record, broken_records, bucket_of, traffic_manifest, wait_until
+from stat_harness import NS, Mesh, broken_records, bucket_of, traffic_manifest, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -75,17 +75,6 @@ def _targets_up(prom: str) -> int:
     return sum(1 for t in body["data"]["activeTargets"] if t["health"] == "up")
 
 
-def _run_clients(mesh: Mesh, tmp_path: Path) -> list[Record]:
-    ip = mesh.service_ip("server")
-    procs = {}
-    for client in ("client1", "client2"):
-        out = tmp_path / f"prom-{client}.json"
-        procs[client] = (out, mesh.loadgen(mesh.pod(client), out, "http", "--target", f"{ip}:80",
-                                           "--host", f"server.{NS}", "--rate", str(RATE),
-                                           "--duration", str(RUN_S)))
-    return [r for out, p in procs.values() for r in Mesh.wait_records(p, out, RUN_S + 30)]
-
-
 def _same(what: str, memory: dict, prom: dict, problems: list[str], lines: list[str]) -> None:
     lines.append(f"{what}: success {memory['success']}/{prom['success']} rps {memory['rps']}/{prom['rps']} "
                  f"p50 {memory['latency_ms_p50']}/{prom['latency_ms_p50']} "
@@ -102,7 +91,7 @@ def _same(what: str, memory: dict, prom: dict, problems: list[str], lines: list[
 
 def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) -> None:
     started = time.time()
-    records = _run_clients(mesh, tmp_path)
+    records = [r for recs in mesh.run_clients(tmp_path, RUN_S, "prom", RATE).values() for r in recs]
     assert records and not broken_records(records), mesh.explain_broken(records)
     total = len(records)
     wait_until(lambda: mesh.responses_seen("server", 60) >= total, 20, f"{total} responses counted")
