@@ -34,6 +34,8 @@ def edges(
         response = ctl.unary("Edges", request)
     if response.error:
         raise CliError(response.error)
+    if response.warning:
+        click.echo(f"warning: {response.warning}", err=True)
     found = list(response.edges)
     if output == "json":
         click.echo(render.edges_json(found), nl=False)

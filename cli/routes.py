@@ -45,6 +45,8 @@ def routes(resource: str, namespace: str, to: str | None, to_namespace: str | No
         response = ctl.unary("Routes", request)
     if response.error:
         raise CliError(response.error)
+    if response.warning:
+        click.echo(f"warning: {response.warning}", err=True)
     rows = list(response.rows)
     if output == "json":
         click.echo(render.routes_json(rows), nl=False)

@@ -54,12 +54,16 @@ def stat(
         label_selector=label_selector,
     )
     rows = []
+    warnings: list[str] = []
     with connect(client) as ctl:
         for request in requests:
             request.backend = backend or ""
             response = ctl.unary("StatSummary", request)
             if response.error:
                 raise CliError(response.error)
+            if response.warning and response.warning not in warnings:
+                warnings.append(response.warning)
+                click.echo(f"warning: {response.warning}", err=True)
             rows.extend(response.rows)
 
     if output == "json":

@@ -498,7 +498,15 @@ class Controller:
             store, now = await self._store(req.backend, family, req.window_seconds)
         except statmod.StatError as exc:
             return response(error=str(exc))
-        return ask(req, now, store)
+        answer = ask(req, now, store)
+        if isinstance(store, promstore.Snapshot) and not answer.error:
+            ready = len({s.node for s in self.sessions.values() if s.ready})
+            if store.agents_scraped < ready:
+                # Numbers from Prometheus are only as complete as its scrapes: say so, never silently.
+                answer.warning = (f"Prometheus holds current metrics of {store.agents_scraped} of the {ready} "
+                                  f"agents connected: traffic through the others is missing (check its scrape "
+                                  f"targets and their credential)")
+        return answer
 
     async def _store(self, backend: str, family: promstore.Family,
                      window_seconds: int) -> tuple[SeriesStore | None, float | None]:

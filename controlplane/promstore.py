@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 from nodemesh.api.model import (
     PEER_LABELS,
+    REPORT_HISTORY_BYTES,
     REQUEST_TOTAL,
     RESPONSE_LATENCY_MS,
     RESPONSE_TOTAL,
@@ -199,12 +200,19 @@ def parse_vector(body: dict[str, Any]) -> Vector:
     return out
 
 
-class Snapshot:
-    """Totals fetched for one window at one time, answering as an `Aggregator` does for stat/routes."""
+# A gauge every agent exports, without labels: how many agents Prometheus holds a current sample of.
+AGENTS_SCRAPED = f"count({REPORT_HISTORY_BYTES})"
 
-    def __init__(self, window_s: float, by_key: dict[SeriesKey, Totals]) -> None:
+
+class Snapshot:
+    """Totals fetched for one window at one time, answering as an `Aggregator` does for stat/routes.
+    `agents_scraped`: how many agents' metrics Prometheus holds now (fewer than the controller
+    sees connected: the rows miss their traffic, and the caller is told so)."""
+
+    def __init__(self, window_s: float, by_key: dict[SeriesKey, Totals], agents_scraped: int = 0) -> None:
         self.window_s = window_s
         self._by_key = by_key
+        self.agents_scraped = agents_scraped
 
     def totals_by_key(self, window_s: float, now: float | None = None,
                       where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
@@ -233,11 +241,12 @@ class PrometheusStore:
     async def snapshot(self, family: Family, window_s: int, now: float) -> Snapshot:
         asked = queries(family, window_s)
         try:
-            replies = await asyncio.wait_for(
-                asyncio.gather(*(self.query(q, now) for q in asked.values())), self.timeout_s)
+            *replies, agents = await asyncio.wait_for(
+                asyncio.gather(*(self.query(q, now) for q in (*asked.values(), AGENTS_SCRAPED))), self.timeout_s)
         except TimeoutError:
             raise PrometheusError(f"{self.url} did not answer within {self.timeout_s:g}s") from None
-        return Snapshot(window_s, totals_from(family, window_s, dict(zip(asked, replies))))
+        return Snapshot(window_s, totals_from(family, window_s, dict(zip(asked, replies))),
+                        agents_scraped=int(sum(v for _, v in agents)))
 
     async def query(self, expr: str, at: float) -> Vector:
         if self._session is None:

@@ -12,8 +12,11 @@ percentage points, RPS within 2 %, each latency quantile in the same Linkerd buc
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +115,7 @@ def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) 
         for backend in ("memory", "prometheus"):
             out = mesh.cli(*args, "-n", NS, "-t", WINDOW, "-o", "json", "--backend", backend)
             assert out.returncode == 0, f"{what} --backend {backend}: {out.stderr}"
+            assert "warning" not in out.stderr, out.stderr
             rows = [r for r in json.loads(out.stdout) if r["name"] == name and r["kind"] == kind]
             assert len(rows) == 1, f"{what} --backend {backend}: {out.stdout}"
             answers[backend] = rows[0]
@@ -136,6 +140,34 @@ def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) 
                     _same(f"routes deploy/server {route}", row, prom[route], problems, lines)
     print("\n".join(lines))
     assert not problems, "\n".join(problems)
+
+
+def test_stat_prometheus_backend_warns_when_it_misses_an_agent(mesh: Mesh) -> None:
+    """Numbers from Prometheus are only as complete as its scrapes: with one agent no longer
+    scraped, the rows still come, and stderr says what is missing."""
+    state = Path(mesh.sb.state_dir)
+    config = yaml.safe_load((state / "prometheus.yml").read_text())
+    nodes = mesh.sb.nodes()
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"{nodes[0].ip}:4191"]}]
+    (state / "prometheus.yml").write_text(yaml.safe_dump(config))
+    pid = mesh.sb.node_process_pid(PROCESS)
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)  # reload: the dropped target's series are marked stale at once
+    prom = f"http://{nodes[0].ip}:{PROM_PORT}"
+    wait_until(lambda: _count_agents(prom) == 1, 30, "Prometheus holding one agent's metrics")
+    for args in (["stat", "deploy"], ["edges", "deploy"], ["routes", "deploy/server"]):
+        out = mesh.cli(*args, "-n", NS, "--backend", "prometheus")
+        assert out.returncode == 0, out.stderr
+        assert "warning: Prometheus holds current metrics of 1 of the 2 agents connected" in out.stderr, out.stderr
+        memory = mesh.cli(*args, "-n", NS, "--backend", "memory")
+        assert "warning" not in memory.stderr, memory.stderr
+
+
+def _count_agents(prom: str) -> int:
+    query = urllib.parse.urlencode({"query": "count(nodemesh_report_history_bytes)"})
+    with urllib.request.urlopen(f"{prom}/api/v1/query?{query}", timeout=2) as resp:
+        result = json.load(resp)["data"]["result"]
+    return int(float(result[0]["value"][1])) if result else 0
 
 
 def test_stat_prometheus_backend_errors_are_one_clear_line(mesh: Mesh) -> None:
