@@ -14,7 +14,7 @@ series evicted and seen again is a new incarnation counting from 0 with a new `c
 controller's contract (api/proto/nodemesh.proto, `Series`).
 
 The parent exports the node's series two ways: Prometheus text through a custom prometheus-client
-Collector (`SnapshotCollector`, in `metrics_export` so that workers, which only count, never import
+Collector (`metrics_export.SnapshotCollector`, a module of its own so that workers, which only count, never import
 prometheus-client), and `Series` messages for the controller's MetricsReport. Names and label sets
 are the contract in `api/model.py`.
 """
@@ -454,12 +454,3 @@ _INCREMENTAL = frozenset(name for name, (kind, _, _) in METRICS.items() if kind 
 def _le(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
-
-def __getattr__(name: str) -> object:
-    # `from nodemesh.agent.metrics import SnapshotCollector` still works, importing prometheus-client
-    # only when someone asks for the collector (the parent's admin server, tests), never in workers.
-    if name == "SnapshotCollector":
-        from nodemesh.agent.metrics_export import SnapshotCollector
-
-        return SnapshotCollector
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,8 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
-from nodemesh.agent.metrics import METRICS, SnapshotCollector
+from nodemesh.agent.metrics import METRICS
+from nodemesh.agent.metrics_export import SnapshotCollector
 from nodemesh.api import model
 from nodemesh.cli import observability as obs
 from nodemesh.cli.manifest import CONTROLLER_AUDIENCE, render_daemonset
