@@ -496,8 +496,8 @@ class Receiver:
             conn.opened = True
             conn.obs = ctx.observer.connection_open(meta)
             conn.mode = ctx.mode_factory(kind, conn)
-        if kind == HTTP1:
-            conn.mode.exchange.ordinal = state["ordinal"]  # type: ignore[attr-defined]
+        if kind == HTTP1 and isinstance(conn.mode, Http1Mode):
+            conn.mode.exchange.ordinal = state["ordinal"]
         elif kind == HTTP2:
             self._adopt_streams(conn, state["relay"])
         client_sock.setblocking(False)

@@ -84,13 +84,11 @@ class Http2Mode:
                 self._send_to_client(goaway_frame(self.relay.max_client_stream))
                 if not self.relay.streams:
                     self.conn.close_both()
-            elif kind == http2.CLIENT_PROTOCOL_ERROR:
+            elif kind == http2.CLIENT_PROTOCOL_ERROR or kind == http2.UPSTREAM_PROTOCOL_ERROR:
                 # Transparency: the frames go to the server as they are, and it answers them (nginx:
                 # GOAWAY with its own error code). The agent only stops following the connection;
-                # the streams it was following end with the error it saw.
-                self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
-            elif kind == http2.UPSTREAM_PROTOCOL_ERROR:
-                self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
+                # the streams it was following end with the error it saw (arg: its error code).
+                self._end_all(http2.error_name(arg if isinstance(arg, int) else 1))  # 1: PROTOCOL_ERROR
 
     def _end_all(self, error: str) -> None:
         now = time.monotonic()

@@ -302,7 +302,7 @@ class NodeStore:
         self.pending: Snapshot = {}
         self.track_pending = False  # set when a controller link takes them (else they would pile up)
         self.evicted = 0
-        self.overflowed = 0
+        self.overflowed: float = 0  # requests folded into [other] (snapshot numbers are floats)
 
     def add(self, delta: Snapshot) -> None:
         now = self._clock()
@@ -421,7 +421,8 @@ class NodeStore:
         if dropped:
             self.evicted += dropped
             ev = self.series[SERIES_EVICTED]
-            ev[()] = ev.get((), 0) + dropped
+            was = ev.get((), 0)
+            ev[()] = (0 if isinstance(was, list) else was) + dropped  # a counter: never a list
             live: dict[Labels, set[str]] = {}
             routes: dict[Labels, set[str]] = {}
             for name in METRICS:

@@ -254,10 +254,11 @@ class ControllerLink:
         if box is None or not self.connected:
             raise ConnectionError("no controller link")
         self._review_ids += 1
+        rid = self._review_ids
         fut: asyncio.Future[pb.ScrapeReviewResult] = asyncio.get_running_loop().create_future()
-        self._reviews[self._review_ids] = fut
-        fut.add_done_callback(lambda _f, rid=self._review_ids: self._reviews.pop(rid, None))
-        box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=self._review_ids, token=token)))
+        self._reviews[rid] = fut
+        fut.add_done_callback(lambda _f: self._reviews.pop(rid, None))
+        box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=rid, token=token)))
         return fut
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

@@ -324,7 +324,7 @@ class WorkerTelemetry:
                 from nodemesh.agent.conntrack import ConntrackLookup
 
                 self._conntrack = ConntrackLookup()
-            endpoint = self._conntrack.endpoint(local, dialled)
+            endpoint: tuple[str, int] | None = self._conntrack.endpoint(local, dialled)
         except OSError as exc:
             lookups[("failed",)] = lookups.get(("failed",), 0) + 1
             if not self._conntrack_warned:

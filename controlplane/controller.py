@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -475,11 +475,11 @@ class Controller:
     def check(self) -> pb.CheckResponse:
         now = time.time()
         by_node: dict[str, AgentSession] = {}
-        for s in self.sessions.values():
-            cur = by_node.get(s.node)
+        for agent in self.sessions.values():
+            cur = by_node.get(agent.node)
             # During a rolling update two agents share a node: report the ready, newer one.
-            if cur is None or (s.ready, s.connected_at) > (cur.ready, cur.connected_at):
-                by_node[s.node] = s
+            if cur is None or (agent.ready, agent.connected_at) > (cur.ready, cur.connected_at):
+                by_node[agent.node] = agent
         nodes = sorted({n.name for n in self.registry.nodes()} | set(by_node))
         resp = pb.CheckResponse(controller_version=self.version, time_ms=int(now * 1000))
         for name in nodes:
@@ -557,7 +557,7 @@ class Controller:
             raise TapLimitError(f"{len(self._taps)} taps are open, the most this controller allows "
                                 f"(--tap-max-taps {self.config.tap_max_taps}): close one and retry")
 
-    async def tap(self, flt: pb.TapFilter) -> AsyncIterator[pb.TapEvent]:
+    async def tap(self, flt: pb.TapFilter) -> AsyncGenerator[pb.TapEvent, None]:
         """Merged TapEvents for `flt` until the caller stops iterating (closing the tap on every
         agent). Raises StatError for a bad filter before anything is opened."""
         self.validate_tap(flt)
