@@ -348,10 +348,7 @@ class Handover:
         ctx.forget(conn)
         client.abort()  # drops our fd only: the successor holds the socket
         up.abort()
-        conn.mode = None
-        conn.client = None
-        conn.up = None
-        conn.obs = None
+        conn.detach()
 
     def defers(self, conn: Connection) -> bool:
         """Whether drain.py should hold back this connection's own drain for a while: an HTTP/2

@@ -11,23 +11,20 @@ classification stops.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from nodemesh.agent import http2
 from nodemesh.agent.http2 import H2Classifier, H2Stream, goaway_frame, ping_frame
 from nodemesh.agent.observe import RequestEnd, RequestHead
-
-if TYPE_CHECKING:
-    from nodemesh.agent.relay import Connection
+from nodemesh.agent.seam import ModeHost
 
 
 class Http2Mode:
     __slots__ = ("conn", "drain_state", "inject", "observer", "protocol", "relay")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ModeHost) -> None:
         self.conn = conn
         self.protocol = "http2"
-        self.observer = conn.ctx.observer
+        self.observer = conn.observer
         self.relay = H2Classifier()
         self.inject: list[bytes] = []   # frames for the client, waiting for a frame boundary
         self.drain_state = 0            # 0 running, 1 first GOAWAY+PING sent, 2 final GOAWAY sent
@@ -36,7 +33,7 @@ class Http2Mode:
         events = self.relay.feed_client(data)
         if events:
             self._handle(events)
-        self.conn.up.write(data)  # type: ignore[union-attr]
+        self.conn.send_upstream(data)
 
     def upstream_data(self, data: bytes) -> None:
         server = self.relay.server
@@ -44,16 +41,15 @@ class Http2Mode:
             server.boundary_at = -1
             server.mark_boundary = True
         events = self.relay.feed_server(data)
-        client = self.conn.client
         if self.inject and server.boundary_at >= 0:
             at = server.boundary_at
             server.boundary_at = -1
             frames = b"".join(self.inject)
             self.inject = []
-            client.write(data[:at] + frames + data[at:])  # type: ignore[union-attr]
+            self.conn.send_client(data[:at] + frames + data[at:])
             self.conn.write_bytes += len(frames)
         else:
-            client.write(data)  # type: ignore[union-attr]
+            self.conn.send_client(data)
         if events:
             self._handle(events)
 
