@@ -36,20 +36,18 @@ class Http2Mode:
         self.conn.send_upstream(data)
 
     def upstream_data(self, data: bytes) -> None:
-        server = self.relay.server
-        if self.inject:
-            server.boundary_at = -1
-            server.mark_boundary = True
-        events = self.relay.feed_server(data)
-        if self.inject and server.boundary_at >= 0:
-            at = server.boundary_at
-            server.boundary_at = -1
-            frames = b"".join(self.inject)
-            self.inject = []
-            self.conn.send_client(data[:at] + frames + data[at:])
-            self.conn.write_bytes += len(frames)
-        else:
+        if not self.inject:
+            events = self.relay.feed_server(data)
             self.conn.send_client(data)
+        else:
+            events, at = self.relay.feed_server_to_boundary(data)
+            if at >= 0:
+                frames = b"".join(self.inject)
+                self.inject = []
+                self.conn.send_client(data[:at] + frames + data[at:])
+                self.conn.write_bytes += len(frames)
+            else:
+                self.conn.send_client(data)
         if events:
             self._handle(events)
 

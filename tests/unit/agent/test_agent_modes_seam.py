@@ -177,3 +177,28 @@ def test_modes_seam_tcp_passes_bytes_both_ways(tel: WorkerTelemetry) -> None:
     mode.client_data(b"\x16\x03\x01 hello")
     mode.upstream_data(b"\x16\x03\x03 world")
     assert h.take(h.upstream) == b"\x16\x03\x01 hello" and h.take(h.client) == b"\x16\x03\x03 world"
+
+
+def test_modes_seam_http2_goaway_waits_for_a_frame_boundary_of_the_server(tel: WorkerTelemetry) -> None:
+    h = host(tel, "http2")
+    mode = Http2Mode(h)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "voting"), (":path", "/")],
+                        end_stream=True)
+    mode.client_data(client.data_to_send())
+    server.receive_data(h.take(h.upstream))
+    server.initiate_connection()
+    server.send_headers(1, [(":status", "200")])
+    server.send_data(1, b"x" * 100, end_stream=True)
+    out = server.data_to_send()
+    cut = len(out) - 40  # inside the DATA frame
+    mode.upstream_data(out[:cut])
+    mode.drain()
+    assert h.take(h.client) == out[:cut]  # mid-frame: the GOAWAY waits
+    mode.upstream_data(out[cut:])
+    got = h.take(h.client)
+    assert got[:40] == out[cut:]  # the frame ends first, then ours
+    assert [type(f) for f in _frames(got[40:])] == [GoAwayFrame, PingFrame]
+    assert sum(tel.metrics.response_total.values()) == 1 and not h.closed
