@@ -45,9 +45,12 @@ class ModeHost(Protocol):
     frozen: bool             # being handed over to a newer agent: nothing may close it
     read_bytes: int          # client bytes read so far (the relay counts them)
     write_bytes: int         # bytes written to the client so far (a mode adds what it injects)
-    # Forward bytes as they came (counted by the relay where they were read).
-    send_upstream: Callable[[bytes], None]
-    send_client: Callable[[bytes], None]
+
+    # Bytes forwarded as they came (the relay counts them where they were read). Methods here; in
+    # relay.Connection, attributes holding each transport's bound `write`.
+    def send_upstream(self, data: bytes) -> None: ...
+
+    def send_client(self, data: bytes) -> None: ...
 
     @property
     def header_timeout_s(self) -> float:
