@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nodemesh.api.model import LATENCY_BUCKETS_MS, PEER_LABELS
 
@@ -202,6 +203,14 @@ def rebin_index(bounds: Sequence[float]) -> list[int]:
             cached.append(idx)
         _rebin_cache[key] = cached
     return cached
+
+
+class SeriesStore(Protocol):
+    """What stat, edges and routes read: the `Aggregator` here, or a Prometheus snapshot
+    (controlplane/promstore.py)."""
+
+    def totals_by_key(self, window_s: float, now: float | None = None,
+                      where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]: ...
 
 
 class Aggregator:

@@ -40,15 +40,15 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     async def StatSummary(self, request: pb.StatRequest,
                           context: Context[pb.StatRequest, pb.StatResponse]) -> pb.StatResponse:
-        return self.controller.stat(request)
+        return await self.controller.answer_stat(request)
 
     async def Edges(self, request: pb.EdgesRequest,
                     context: Context[pb.EdgesRequest, pb.EdgesResponse]) -> pb.EdgesResponse:
-        return self.controller.edges(request)
+        return await self.controller.answer_edges(request)
 
     async def Routes(self, request: pb.RoutesRequest,
                      context: Context[pb.RoutesRequest, pb.RoutesResponse]) -> pb.RoutesResponse:
-        return self.controller.routes(request)
+        return await self.controller.answer_routes(request)
 
     async def Check(self, request: pb.CheckRequest,
                     context: Context[pb.CheckRequest, pb.CheckResponse]) -> pb.CheckResponse:
