@@ -318,7 +318,7 @@ class KubePortForward:
             raise CliError(f"cannot list controller pods in namespace {CONTROLLER_NAMESPACE} of {where}: "
                            f"{_one_line(exc)}") from None
         for pod in pods.items:
-            if pod.status and pod.status.phase == "Running":
+            if pod.status and pod.status.phase == "Running" and pod.metadata:
                 return str(pod.metadata.name)
         raise CliError(
             f"no running controller pod ({CONTROLLER_LABEL}) in namespace {CONTROLLER_NAMESPACE} of {where}: "

@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 from nodemesh.api import tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -44,6 +44,9 @@ from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.routeconfig import workload_routes
 from nodemesh.controlplane.sources import ClusterSource
 from nodemesh.controlplane.tap import TapSession
+
+# What the API's stat-like calls answer: each carries `error` and `warning`.
+_Answer = TypeVar("_Answer", pb.StatResponse, pb.EdgesResponse, pb.RoutesResponse)
 
 log = logging.getLogger("nodemesh.controlplane")
 
@@ -492,8 +495,9 @@ class Controller:
     async def answer_routes(self, req: pb.RoutesRequest) -> pb.RoutesResponse:
         return await self._answer(req, promstore.ROUTE, self.routes, pb.RoutesResponse)
 
-    async def _answer(self, req: Any, family: promstore.Family, ask: Callable[..., Any],
-                      response: Callable[..., Any]) -> Any:
+    async def _answer(self, req: Any, family: promstore.Family,
+                      ask: Callable[[Any, float | None, SeriesStore | None], _Answer],
+                      response: Callable[..., _Answer]) -> _Answer:
         try:
             store, now = await self._store(req.backend, family, req.window_seconds)
         except statmod.StatError as exc:
@@ -529,11 +533,11 @@ class Controller:
     def check(self) -> pb.CheckResponse:
         now = time.time()
         by_node: dict[str, AgentSession] = {}
-        for s in self.sessions.values():
-            cur = by_node.get(s.node)
+        for agent in self.sessions.values():
+            cur = by_node.get(agent.node)
             # During a rolling update two agents share a node: report the ready, newer one.
-            if cur is None or (s.ready, s.connected_at) > (cur.ready, cur.connected_at):
-                by_node[s.node] = s
+            if cur is None or (agent.ready, agent.connected_at) > (cur.ready, cur.connected_at):
+                by_node[agent.node] = agent
         nodes = sorted({n.name for n in self.registry.nodes()} | set(by_node))
         resp = pb.CheckResponse(controller_version=self.version, time_ms=int(now * 1000))
         for name in nodes:
@@ -611,7 +615,7 @@ class Controller:
             raise TapLimitError(f"{len(self._taps)} taps are open, the most this controller allows "
                                 f"(--tap-max-taps {self.config.tap_max_taps}): close one and retry")
 
-    async def tap(self, flt: pb.TapFilter) -> AsyncIterator[pb.TapEvent]:
+    async def tap(self, flt: pb.TapFilter) -> AsyncGenerator[pb.TapEvent, None]:
         """Merged TapEvents for `flt` until the caller stops iterating (closing the tap on every
         agent). Raises StatError for a bad filter before anything is opened."""
         self.validate_tap(flt)

@@ -309,8 +309,8 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
             continue
         if not req.all_namespaces:
             # An edge belongs to a namespace when either end lives there.
-            ns_of = (lambda e: e[2]) if type_ == "namespace" else (lambda e: e[0])
-            if namespace not in (ns_of(pair[0]), ns_of(pair[1])):
+            at = 2 if type_ == "namespace" else 0  # a namespace's name, else a resource's namespace
+            if namespace not in (pair[0][at], pair[1][at]):
                 continue
         if req.selector.name and req.selector.name not in (pair[0][2], pair[1][2]):
             continue
