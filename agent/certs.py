@@ -224,7 +224,8 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     if ssl_object is None:
         return ""
     cert = ssl_object.getpeercert()
-    for kind, value in (cert or {}).get("subjectAltName", ()):
-        if kind == "URI" and value.startswith("spiffe://"):
-            return str(value)
+    for entry in (cert or {}).get("subjectAltName", ()):
+        kind, value = entry[0], entry[1]
+        if kind == "URI" and isinstance(value, str) and value.startswith("spiffe://"):
+            return value
     return ""

@@ -43,7 +43,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from nodemesh.agent.certs import CertReader, peer_identity
 from nodemesh.api import spiffe
@@ -218,7 +218,7 @@ class Tunnel:
         shim = _TlsServerShim(self, transport, context, peer, original, make_connection)
         transport.set_protocol(shim)
 
-    def _refuse(self, transport: asyncio.BaseTransport, peer: tuple[str, int], reason: str, detail: str = "") -> None:
+    def _refuse(self, transport: asyncio.Transport, peer: tuple[str, int], reason: str, detail: str = "") -> None:
         self.stats.count(self.stats.refused, reason)
         log.info("event=mtls_refused src=%s:%d reason=%s detail=%r", peer[0], peer[1], reason, detail)
         transport.abort()
@@ -253,9 +253,9 @@ class _TunnelUpstream(asyncio.Protocol):
         except ssl.SSLError as exc:
             self.refused = str(exc)
             self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
-        transport.write(self.head)  # type: ignore[attr-defined]
+        cast(asyncio.Transport, transport).write(self.head)
         # From here the relay's protocol gets the transport's events directly.
         transport.set_protocol(self.inner)
         self.inner.connection_made(transport)

@@ -81,6 +81,10 @@ class InstallValues:
     tapRedactQuery: bool = False                        # redact query-string values
     drainGraceSeconds: int = 30
     podCidrs: tuple[str, ...] = ()                      # empty: each node's spec.podCIDRs
+    # stat/edges/routes from Prometheus (controlplane/promstore.py): the controller's --prometheus-url
+    # (e.g. http://nodemesh-prometheus.nodemesh.svc:9090 with `--addon prometheus`) and default backend.
+    prometheusUrl: str = ""
+    statBackend: str = "memory"
 
     def mesh_config(self) -> dict[str, Any]:
         """The document the processes read with `--config` (the ConfigMap's config.yaml)."""
@@ -186,6 +190,15 @@ def _convert(key: str, text: str) -> Any:
         return tuple(_check_cidr(key, c) for c in _parse_list(text))
     if key == "drainGraceSeconds":
         return _parse_int(key, text, 0, 3600)
+    if key == "prometheusUrl":
+        url = text.strip()
+        if url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ManifestError(f"prometheusUrl: expected http(s)://host:port, got {text!r}")
+        return url
+    if key == "statBackend":
+        if text not in ("memory", "prometheus"):
+            raise ManifestError("statBackend: expected memory or prometheus")
+        return text
     raise AssertionError(key)
 
 
@@ -203,7 +216,10 @@ def apply_sets(values: InstallValues, assignments: list[str] | tuple[str, ...]) 
         if key not in SETTABLE_KEYS:
             raise ManifestError(f"--set {key}: unknown key (known: {', '.join(SETTABLE_KEYS)})")
         changes[key] = _convert(key, text)
-    return replace(values, **changes)
+    result = replace(values, **changes)
+    if result.statBackend == "prometheus" and not result.prometheusUrl:
+        raise ManifestError("statBackend=prometheus needs prometheusUrl")
+    return result
 
 
 # ---------------------------------------------------------------------------- YAML dumping
@@ -445,6 +461,8 @@ def _controller_args(v: InstallValues) -> list[str]:
         # them with TokenReview (docs/controlplane.md "Authentication").
         "--token-review",
         "--token-audience", CONTROLLER_AUDIENCE,
+        *(["--prometheus-url", v.prometheusUrl] if v.prometheusUrl else []),
+        *(["--stat-backend", v.statBackend] if v.statBackend != "memory" else []),
     ]
 
 

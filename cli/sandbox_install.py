@@ -84,13 +84,20 @@ def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
     return sb
 
 
+def _stat_backend_args(sets: tuple[str, ...]) -> list[str]:
+    values = apply_sets(InstallValues(), sets)
+    return [*(["--prometheus-url", values.prometheusUrl] if values.prometheusUrl else []),
+            *(["--stat-backend", values.statBackend] if values.statBackend != "memory" else [])]
+
+
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
                     sets: tuple[str, ...] = (), mtls: bool = False, cert_ttl_s: float = 0.0,
                     mtls_required: tuple[str, ...] = ()) -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
-    key=value, as for `nodemesh install`) apply with `as_pods` only. The controller is the mesh's
-    CA (root in `<state>/workload-ca`) and every agent holds its pods' workload certificates
+    key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl and
+    statBackend do (the controller's stat backend, controlplane/promstore.py). The controller is the
+    mesh's CA (root in `<state>/workload-ca`) and every agent holds its pods' workload certificates
     (`<state>/certs/<node>`); `mtls`: cross-node pod traffic goes agent to agent over mTLS;
     `cert_ttl_s` (tests): the workload certificates' lifetime instead of the controller's 24 h;
     `mtls_required`: namespaces taking cross-node connections only over mTLS (fail closed)."""
@@ -119,6 +126,7 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     sb.start_node_process(nodes[0].name, CONTROLLER_PROCESS, [
         py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
         "--listen", "0.0.0.0", "--token-file", str(token_path), "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+        *_stat_backend_args(sets),
         "--ca-dir", str(state_dir / "workload-ca"),
         *(["--workload-cert-ttl", str(cert_ttl_s)] if cert_ttl_s else []),
         *(["--mtls-required-namespaces", ",".join(mtls_required)] if mtls_required else []),

@@ -60,3 +60,8 @@ class ControllerConfig:
     mtls_required_namespaces: tuple[str, ...] = ()  # fail closed: cross-node only over mTLS (agents' --mtls)
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
     grafana_url: str = ""
+    # Where stat/edges/routes are answered from (controlplane/promstore.py): "memory" (the agents'
+    # reports, kept here) or "prometheus" (PromQL against prometheus_url); a request may ask for either.
+    stat_backend: str = "memory"
+    prometheus_url: str = ""
+    prometheus_timeout_s: float = 10.0
