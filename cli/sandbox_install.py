@@ -53,6 +53,7 @@ from nodemesh.cli.manifest import (
     dump_documents,
 )
 from nodemesh.redirector.plan import hook_present
+from nodemesh.sandbox import cgroups
 
 CONTROLLER_PROCESS = "nodemesh-controller"
 TOKEN_FILE = "controller.token"
@@ -86,12 +87,16 @@ def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
 
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
-                    sets: tuple[str, ...] = ()) -> str:
+                    sets: tuple[str, ...] = (), capture: str = "iptables") -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
-    key=value, as for `nodemesh install`) apply with `as_pods` only."""
+    key=value, as for `nodemesh install`) apply with `as_pods` only. `capture="ebpf"`: outbound
+    capture by cgroup/connect4 programs in each pod's cgroup (redirector/ebpf.py; the sandbox's
+    per-node cgroup and bpffs directories, sandbox/cgroups.py)."""
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
     if as_pods:
+        if capture != "iptables":
+            sets = (*sets, f"capture={capture}")
         return _install_as_pods(sb, workers, timeout, say, sets)
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
@@ -115,19 +120,30 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
         py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
         "--listen", "0.0.0.0", "--token-file", str(token_path), "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
     ], env=env)
+    def node_env(node: Any) -> dict[str, str] | None:
+        if capture != "ebpf":
+            return env
+        return {**(env or {}), "NODEMESH_BPF_DIR": cgroups.node_bpf_dir(sb.name, node.name)}
+
+    def capture_args(node: Any) -> list[str]:
+        if capture != "ebpf":
+            return []
+        return ["--capture", "ebpf", "--bpf-dir", cgroups.node_bpf_dir(sb.name, node.name),
+                "--cgroup-root", str(cgroups.node_cgroup(sb.name, node.name))]
+
     for node in nodes:
         sb.start_node_process(node.name, agent_process(node.name), [
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--controller", controller, "--token-file", str(token_path), "--controller-ca", str(pki.ca),
             "--workers", str(workers),
-        ], env=env)
+        ], env=node_env(node))
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])
     for node in nodes:
         sb.start_node_process(node.name, redirector_process(node.name), [
             py, "-m", "nodemesh.redirector", "run", "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
-            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--agent-heartbeat",
-        ], env=env)
+            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--agent-heartbeat", *capture_args(node),
+        ], env=node_env(node))
     write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
     # `nodemesh dashboard` reads this beside controller.addr: the controller serves it on 8084.
     write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)
