@@ -211,6 +211,8 @@ class ControllerLink:
     def _status_message(self) -> pb.AgentMessage:
         return pb.AgentMessage(status=pb.AgentStatus(ready=self.node.ready,
                                                      capture_installed=self.node.capture_installed,
+                                                     capture_mode=self.node.capture_mode[0],
+                                                     capture_mode_reason=self.node.capture_mode[1],
                                                      time_ms=int(time.time() * 1000)))
 
     def _hello_message(self) -> pb.AgentMessage:

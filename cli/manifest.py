@@ -647,16 +647,20 @@ def _init_fail_open(v: InstallValues) -> dict[str, Any]:
     # kernel (a restarted node, a killed redirector) go unless an agent is ready with its identity
     # (a rolling update's old one). Otherwise they capture pods while nothing serves the agent's
     # ports, and the mesh's own pods before any agent can name them (issue 11, item 2).
+    # eBPF capture: a pinned capture left switched on is switched off the same way (no compile).
+    ebpf_args = ["--capture", "ebpf", "--bpf-dir", EBPF_BPF_DIR] if v.capture == "ebpf" else []
+    ebpf_mounts = [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"}] \
+        if v.capture == "ebpf" else []
     return {
         "name": "fail-open",
         "image": v.image,
         "imagePullPolicy": v.imagePullPolicy,
         "command": ["python", "-m", "nodemesh.redirector", "fail-open",
-                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"],
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", *ebpf_args],
         "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
         "securityContext": _security_context(_redirector_capabilities(v), 0),
         "volumeMounts": [{"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+                         {"name": "tmp", "mountPath": "/tmp"}, *ebpf_mounts],
     }
 
 
@@ -820,7 +824,8 @@ def render_daemonset(values: InstallValues | None = None) -> str:
     return dump_documents(
         daemonset_documents(v),
         _header("the mesh (namespace, RBAC, config, controller, agent DaemonSet)",
-                "nodemesh install > manifests/daemonset.yaml"),
+                "nodemesh install --capture ebpf > manifests/daemonset-ebpf.yaml" if v.capture == "ebpf"
+                else "nodemesh install > manifests/daemonset.yaml"),
     )
 
 
