@@ -275,12 +275,12 @@ class EbpfCapture:
 
         text = program_text(self.bpf_dir)
         try:
-            b = BPF(text=text, cflags=["-w"])
-            fns = {"nm_connect4": b.load_func("nm_connect4", BPF.CGROUP_SOCK_ADDR,
+            b = BPF(text=text.encode(), cflags=["-w"])
+            fns = {"nm_connect4": b.load_func(b"nm_connect4", BPF.CGROUP_SOCK_ADDR,
                                              attach_type=ATTACH_CONNECT4),
-                   "nm_connect6": b.load_func("nm_connect6", BPF.CGROUP_SOCK_ADDR,
+                   "nm_connect6": b.load_func(b"nm_connect6", BPF.CGROUP_SOCK_ADDR,
                                              attach_type=ATTACH_CONNECT6),
-                   "nm_sockops": b.load_func("nm_sockops", BPF.SOCK_OPS)}
+                   "nm_sockops": b.load_func(b"nm_sockops", BPF.SOCK_OPS)}
         except Exception as exc:
             raise EbpfError(f"loading the programs failed: {exc}") from exc
         from bcc.libbcc import lib

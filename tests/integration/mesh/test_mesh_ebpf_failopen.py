@@ -8,7 +8,8 @@ node: the client's node is the one whose agent dies); then every agent process o
 (`agent`), or those and its redirector (`agent+redirector`: nobody of ours left on the node) get
 SIGKILL. The sandbox restarts them (1 s back-off).
 
-Printed: the gap from the kill to the end of the first request that started after it and succeeded,
+Printed: the gap from the kill to the first new connection established (then served) after it, and
+to the first answer,
 the failed requests that started after the kill (and their errors), the requests in flight at the
 kill (they die with the processes that carried them: not failed connects), and that the node is
 captured again afterwards (the agent counts requests again). Asserted: the issue's 100 ms for new
@@ -111,7 +112,9 @@ def test_mesh_ebpf_kill_agent_new_connections_go_direct_within_100ms(mesh: Mesh,
     in_flight = [r for r in records if r["t"] < killed and not r["ok"]]
     first_ok = next((r for r in after if r["ok"]), None)
     assert first_ok is not None, ("no request succeeded after the kill", len(after), after[:3])
-    gap = first_ok["t"] + first_ok["dt"] - killed
+    # The issue's measure: kill -> the first new connection that was established and then served.
+    gap = min(r["t"] + r["tc"] - killed for r in after if r["ok"])
+    answered = first_ok["t"] + first_ok["dt"] - killed
     window = max((r["t"] - killed for r in failed), default=0.0)
     errors: dict[str, int] = {}
     for r in failed:
@@ -120,7 +123,7 @@ def test_mesh_ebpf_kill_agent_new_connections_go_direct_within_100ms(mesh: Mesh,
     counted = _outbound_requests(mesh, node) if _wait(lambda: mesh.scrape(node), 30) else 0.0
     log = mesh.sb.node_process_log(node, redirector_process(node)).read_text(errors="replace")
     print(f"\nebpf kill -9 {what} on {node}: gap kill -> first successful new connection {gap * 1000:.1f} ms "
-          f"(it started {(first_ok['t'] - killed) * 1000:.1f} ms after the kill, took {first_ok['dt'] * 1000:.0f} ms); "
+          f"(first answered {answered * 1000:.1f} ms after the kill); "
           f"failed after the kill {len(failed)} of {len(after)} (last started {window * 1000:.1f} ms after the kill; "
           f"errors {errors}); in flight at the kill and failed {len(in_flight)}")
     print("redirector:", [ln.split(" component=redirector ")[-1][:120] for ln in log.splitlines()
@@ -138,3 +141,32 @@ def test_mesh_ebpf_kill_agent_new_connections_go_direct_within_100ms(mesh: Mesh,
         return _outbound_requests(mesh, node) > before_after
 
     assert _wait(captured_again, 40.0), "the node was not captured again after the agent restarted"
+
+
+def test_mesh_ebpf_uninstall_leaves_no_program_map_or_pin(mesh: Mesh) -> None:
+    """`nodemesh uninstall --sandbox`: every node's pins gone, no program attached to any pod cgroup,
+    and the programs and maps that were attached freed by the kernel. (Runs last in this module.)"""
+    import json as _json
+
+    from nodemesh.cli.sandbox_install import uninstall_sandbox
+
+    def bpftool(*args: str) -> Any:
+        res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=False)
+        return _json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else None
+
+    pod_dirs = [Path(d) for n in mesh.nodes for d in cgroups.node_cgroup(mesh.sb.name, n).glob("pod*")]
+    prog_ids = {p["id"] for d in pod_dirs for p in bpftool("cgroup", "show", str(d)) or []}
+    assert prog_ids, "no program attached before the uninstall"
+    map_ids = {m for pid in prog_ids for m in (bpftool("prog", "show", "id", str(pid)) or {}).get("map_ids", [])}
+    uninstall_sandbox(mesh.sb.name, progress=lambda _m: None)
+    for n in mesh.nodes:
+        assert not os.path.exists(cgroups.node_bpf_dir(mesh.sb.name, n)), n
+    assert not [(d, bpftool("cgroup", "show", str(d))) for d in pod_dirs if bpftool("cgroup", "show", str(d))]
+    deadline = time.monotonic() + 10
+    while True:
+        left = ({p["id"] for p in bpftool("prog", "show") or []} & prog_ids,
+                {m["id"] for m in bpftool("map", "show") or []} & map_ids)
+        if not any(left) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not any(left), left
