@@ -8,6 +8,8 @@ import socket
 import struct
 from typing import Any
 
+from nodemesh.agent.capture import ebpf_original_destination
+
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP_TRANSPARENT = 19           # linux/in.h
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: bind() takes the address, connect() picks the port
@@ -94,8 +96,6 @@ def original_destination(sock: Any) -> tuple[tuple[str, int], bool]:
     try:
         # eBPF capture first (agent/capture.py): there the pod dialled us directly, and conntrack
         # would answer with our own address.
-        from nodemesh.agent.capture import ebpf_original_destination
-
         peer = sock.getpeername()
         via_ebpf = ebpf_original_destination(peer[0], peer[1])
         if via_ebpf is not None:

@@ -62,6 +62,10 @@ ebpf_setup() {
   local kver debs=(python3-bpfcc) headers="" build
   kver=$(uname -r)
   build="/lib/modules/$kver/build"
+  # Package lists may be stale when everything above was installed already.
+  if [ ! -e "$build/include" ] || ! dpkg-query -W -f='${Status}' python3-bpfcc 2>/dev/null | grep -q "ok installed"; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+  fi
   if [ ! -e "$build/include" ]; then
     if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
       headers="linux-headers-$kver"
@@ -73,6 +77,7 @@ ebpf_setup() {
             split(v,p,/[.+-]/); d=(w[1]-p[1])*1000000+(w[2]-p[2])*1000+(w[3]-p[3]);
             if (d<0) d=-d*10; print d, $0}' | sort -n | head -1 | cut -d' ' -f2 || true)
     fi
+    # (Debian's headers package depends on its kernel image: installed, never booted here.)
     [ -n "$headers" ] && debs+=("$headers")
   fi
   local need=()
