@@ -210,18 +210,23 @@ def _pids(cgroup: Path) -> list[int]:
         return []
 
 
-def pod_cgroups(root: Path, networks: tuple[str, ...]) -> dict[Path, str]:
+def pod_cgroups(root: Path, networks: tuple[str, ...], node_ip: str) -> dict[Path, str]:
     """Pod cgroups under `root` and the pod IP of each: the highest directories whose processes
-    live in a network namespace with an address in `networks` (hostNetwork pods, the agent among
-    them, have none and are never captured). A pod directory without processes of its own (a real
-    kubelet's, with one directory per container below) is searched below."""
+    live in a network namespace with an address in `networks` and without the node's IP. hostNetwork
+    pods — the agent among them — live in the node's namespace, which holds the node IP (and, on a
+    bridge CNI, the bridge's gateway address inside the pod CIDR): never captured, or the agent's
+    own upstream connects would come back to it. A pod directory without processes of its own (a
+    real kubelet's, with one directory per container below) is searched below."""
     nets = [ipaddress.IPv4Network(n) for n in networks]
     found: dict[Path, str] = {}
 
     def visit(d: Path, depth: int) -> None:
         pids = _pids(d) if d != root else []
         for pid in pids[:3]:
-            for ip in sorted(netns_ipv4(pid)):
+            addresses = netns_ipv4(pid)
+            if node_ip in addresses:
+                return   # the node's own namespace: a hostNetwork pod
+            for ip in sorted(addresses):
                 if any(ipaddress.IPv4Address(ip) in n for n in nets):
                     found[d] = ip
                     return
@@ -335,7 +340,7 @@ class EbpfCapture:
         """Attach to every pod cgroup not excluded, detach from excluded ones; forget pods gone.
         True if anything changed."""
         excluded = set(excluded)
-        pods = pod_cgroups(Path(self.cgroup_root), self.networks)
+        pods = pod_cgroups(Path(self.cgroup_root), self.networks, self.node_ip)
         changed = False
         for path, ip in pods.items():
             want = ip not in excluded

@@ -67,6 +67,15 @@ def node_bpf_dir(cluster: str, node: str) -> str:
     return f"{BPFFS_MOUNT}/{cluster}-{node}"
 
 
+def node_paths(cluster: str, node: str) -> dict[str, Path]:
+    """A node's own /sys/fs/bpf and /sys/fs/cgroup, for hostPath volumes of its pods (the DaemonSet's
+    eBPF capture mounts): its bpffs directory and its pods' cgroup directory."""
+    bpf = Path(f"{BPFFS_MOUNT}/{cluster}-{node}-host")
+    if _mounted(BPFFS_MOUNT) == "bpf":
+        bpf.mkdir(parents=True, exist_ok=True)
+    return {"/sys/fs/bpf": bpf, "/sys/fs/cgroup": node_cgroup(cluster, node)}
+
+
 def prepare_pod(cluster: str, node: str, uid: str) -> Path | None:
     """The pod's cgroup directory, created; None without a cgroup2 mount."""
     if _mounted(CGROUP2_MOUNT) != "cgroup2":
@@ -82,6 +91,16 @@ def prepare_pod(cluster: str, node: str, uid: str) -> Path | None:
 def join_argv(cgroup: Path, argv: list[str]) -> list[str]:
     """`argv`, started by a shell that first moves itself into `cgroup` (so does what it execs)."""
     return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *argv]
+
+
+def remove_bpf_dirs(cluster: str) -> None:
+    """The cluster's (empty) directories in the sandbox bpffs; pins left in one keep it."""
+    root = Path(BPFFS_MOUNT)
+    if not root.is_dir():
+        return
+    for d in root.glob(f"{cluster}-*"):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def remove_tree(path: Path) -> None:

@@ -179,6 +179,7 @@ class Sandbox:
                     shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(self.state.dir, ignore_errors=True)
         cgroups.remove_tree(cgroups.cluster_cgroup(self.name))
+        cgroups.remove_bpf_dirs(self.name)
         release_index(self.state_root, self.name)
 
     # ------------------------------------------------------------------------- kubelet

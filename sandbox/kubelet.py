@@ -331,7 +331,7 @@ class Kubelet:
         pod_dir = self.state.pod_workdir(ns, name)
         automount = spec.get("automountServiceAccountToken", True) is not False
         setup = PodSetup(ns, name, spec.get("serviceAccountName", "default"), pod_dir,
-                         podspec.pod_volumes(pod, pod_dir),
+                         podspec.pod_volumes(pod, pod_dir, cgroups.node_paths(self.cluster, node["name"])),
                          pod_dir / "serviceaccount" / "kubeconfig" if automount else None)
         # Every pod gets KUBECONFIG (the file exists once the sandbox runs an API server): setting it
         # only then would change the env, and restart every pod, when the API server is installed.

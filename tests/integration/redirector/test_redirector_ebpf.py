@@ -2,9 +2,10 @@
 by bcc, pinned in a bpffs of the test's own, attached to a cgroup v2 directory of the test's own
 holding a process in a network namespace of the test's own.
 
-The namespace holds three addresses of one /24 (the "pod CIDR"): a server on .3 answers `direct`,
-the "agent" on .1:4140 answers `agent` plus the original destination it reads back the way the
-agent does (agent/capture.py). A client in the cgroup dials the server:
+Two namespaces joined by a veth, addresses of one /24 (the "pod CIDR"): the "pod" (.2) and the
+"node" (.1, the node IP; a server on .3 there answers `direct`, the "agent" on .1:4140 answers
+`agent` plus the original destination it reads back the way the agent does, agent/capture.py).
+A client in the pod's cgroup dials the server:
 - with an agent listener in the sockmap and capture switched on, it reaches the agent, which learns
   the server's address; the source port the client's kernel chose is unique to that connection;
 - with the switch off (the redirector's fail-open) it reaches the server directly;
@@ -60,6 +61,7 @@ def _bpftool(*args: str) -> object:
 def kernel(tmp_path: Path) -> Iterator[dict[str, str]]:
     tag = uuid.uuid4().hex[:6]
     ns = f"nmebpf-{tag}"
+    node_ns = f"nmebpfn-{tag}"
     third = int(tag[:2], 16) % 200 + 20
     net = f"10.251.{third}"
     bpffs = f"/run/nmebpf-{tag}"
@@ -70,21 +72,32 @@ def kernel(tmp_path: Path) -> Iterator[dict[str, str]]:
     os.makedirs(bpffs)
     subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    sleeper = None
+    subprocess.run(["ip", "netns", "add", node_ns], check=True)
+    sleeper = host_sleeper = None
     try:
-        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{net}.1/32", "dev", "lo"],
-                    ["ip", "addr", "add", f"{net}.2/32", "dev", "lo"], ["ip", "addr", "add", f"{net}.3/32", "dev", "lo"]):
-            subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "veth0",
+                        "netns", node_ns], check=True)
+        for where, cmd in ((ns, "link set lo up"), (ns, f"addr add {net}.2/24 dev eth0"), (ns, "link set eth0 up"),
+                           (node_ns, "link set lo up"), (node_ns, f"addr add {net}.1/24 dev veth0"),
+                           (node_ns, f"addr add {net}.3/32 dev lo"), (node_ns, "link set veth0 up")):
+            subprocess.run(["ip", "-n", where, *cmd.split()], check=True)
         # A process of the "pod": how the redirector finds the pod's cgroup and its IP.
         sleeper = subprocess.Popen(cgroups.join_argv(pod_cg, ["ip", "netns", "exec", ns, "sleep", "600"]))
-        yield {"ns": ns, "net": net, "bpf_dir": f"{bpffs}/node", "cg_root": str(cg_root), "pod_cg": str(pod_cg)}
+        # A hostNetwork pod: in the node's namespace (node IP, and an address in the pod CIDR as a
+        # bridge's gateway has): never captured, or the agent's own connects would loop.
+        (cg_root / "hostpod").mkdir()
+        host_sleeper = subprocess.Popen(cgroups.join_argv(cg_root / "hostpod",
+                                                          ["ip", "netns", "exec", node_ns, "sleep", "600"]))
+        yield {"ns": ns, "node_ns": node_ns, "net": net, "bpf_dir": f"{bpffs}/node", "cg_root": str(cg_root), "pod_cg": str(pod_cg)}
     finally:
-        if sleeper is not None:
-            sleeper.kill()
-            sleeper.wait()
+        for proc in (sleeper, host_sleeper):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
         with contextlib.suppress(OSError):
             ebpf.EbpfCapture(f"{net}.1", 4140, (f"{net}.0/24",), (), f"{bpffs}/node", str(cg_root)).remove()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "netns", "del", node_ns], check=False)
         subprocess.run(["umount", bpffs], check=False)
         os.rmdir(bpffs)
         cgroups.remove_tree(cg_root)
@@ -136,11 +149,11 @@ def test_redirector_ebpf_connect4_redirects_fails_open_and_removes_cleanly(kerne
     k = kernel
     net = k["net"]
     monkeypatch.setenv("NODEMESH_BPF_DIR", k["bpf_dir"])
-    server = _Server(_listen(k["ns"], f"{net}.3", 8080), "direct")
+    server = _Server(_listen(k["node_ns"], f"{net}.3", 8080), "direct")
     server.start()
     lines: list[str] = []
     config = CaptureConfig(node_ip=f"{net}.1", pod_cidrs=(f"{net}.0/24",), capture="ebpf")
-    chosen, redirector = ebpf_mode.choose(config, Redirector(Netfilter(netns=k["ns"])), k["bpf_dir"], k["cg_root"],
+    chosen, redirector = ebpf_mode.choose(config, Redirector(Netfilter(netns=k["node_ns"])), k["bpf_dir"], k["cg_root"],
                                           lambda event, **f: lines.append(f"{event} {f}"))
     assert chosen.capture == "ebpf", lines
     assert isinstance(redirector, ebpf_mode.EbpfRedirector)
@@ -151,7 +164,7 @@ def test_redirector_ebpf_connect4_redirects_fails_open_and_removes_cleanly(kerne
     # No agent listener in the sockmap yet: direct, though capture is switched on.
     assert [a for _p, a in _dial(k)] == ["direct"]
 
-    agent_sock = _listen(k["ns"], f"{net}.1", 4140)
+    agent_sock = _listen(k["node_ns"], f"{net}.1", 4140)
     agent = _Server(agent_sock, "agent", k["bpf_dir"])
     agent.start()
     fd = bpfsys.obj_get(f"{k['bpf_dir']}/nm_agent")
