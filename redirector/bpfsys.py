@@ -1,11 +1,13 @@
-"""The few bpf(2) calls the agent makes on the eBPF capture's pinned maps, with ctypes.
+"""The few bpf(2) calls on the eBPF capture's pinned objects, with ctypes.
 
 The redirector loads and attaches the programs with bcc (redirector/ebpf.py). The agent only opens
 two pinned maps and reads or writes single elements: the pod-side tuple -> original destination
 map (one lookup per accepted connection) and the sockmap holding its listening sockets (the
 liveness the connect4 program checks). bcc would bring libbcc and LLVM into every agent process
 (~100 MB mapped per worker) for those four calls, so they are made here directly: pure standard
-library, like redirector/heartbeat.py, which the agent imports for the same reason.
+library, like redirector/heartbeat.py, which the agent imports for the same reason. The redirector
+uses bcc only to compile and load; pinning, attaching and detaching are these calls too, so removal
+works on a node where bcc no longer imports.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import struct
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
 BPF_ANY = 0
 
 _SYSCALL = {"x86_64": 321, "aarch64": 280, "arm64": 280}.get(platform.machine())
@@ -50,6 +55,33 @@ def obj_get(path: str) -> int:
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into("=QII", attr, 0, ctypes.addressof(name), 0, 0)
     return _bpf(BPF_OBJ_GET, attr)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=QII", attr, 0, ctypes.addressof(name), fd, 0)
+    _bpf(BPF_OBJ_PIN, attr)
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    """Attach a program to a cgroup (directory fd). EEXIST: already attached there."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
+    _bpf(BPF_PROG_ATTACH, attr)
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> bool:
+    """Detach that program from that cgroup; False when it was not attached there."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, 0)
+    try:
+        _bpf(BPF_PROG_DETACH, attr)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 def _elem_attr(fd: int, key: bytes, value: ctypes.Array | None, flags: int = 0) -> tuple[ctypes.Array, ...]:

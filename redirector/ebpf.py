@@ -288,12 +288,11 @@ class EbpfCapture:
                    "nm_sockops": b.load_func(b"nm_sockops", BPF.SOCK_OPS)}
         except Exception as exc:
             raise EbpfError(f"loading the programs failed: {exc}") from exc
-        from bcc.libbcc import lib
-
         for name, fn in fns.items():
-            pin = self._prog_pin(name)
-            if lib.bpf_obj_pin(fn.fd, pin.encode()) != 0:
-                raise EbpfError(f"pinning {pin} failed")
+            try:
+                bpfsys.obj_pin(fn.fd, self._prog_pin(name))
+            except OSError as exc:
+                raise EbpfError(f"pinning {self._prog_pin(name)} failed: {exc}") from exc
         self.prog_fds = {name: bpfsys.obj_get(self._prog_pin(name)) for name, _ in PROGS}
         b.cleanup()
         self._remove_stale_programs()
@@ -360,18 +359,18 @@ class EbpfCapture:
         return changed
 
     def _attach(self, path: Path) -> bool:
-        from bcc.libbcc import lib
-
         try:
             cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             return False
         try:
             for name, kind in PROGS:
-                res = lib.bpf_prog_attach(self.prog_fds[name], cg, kind, BPF_F_ALLOW_MULTI)
-                if res != 0 and -res != errno.EEXIST:
-                    self.log("ebpf_attach_failed", cgroup=str(path), program=name, error=os.strerror(-res))
-                    return False
+                try:
+                    bpfsys.prog_attach(self.prog_fds[name], cg, kind, BPF_F_ALLOW_MULTI)
+                except OSError as exc:
+                    if exc.errno != errno.EEXIST:   # EEXIST: attached by an earlier redirector
+                        self.log("ebpf_attach_failed", cgroup=str(path), program=name, error=exc.strerror)
+                        return False
         finally:
             os.close(cg)
         return True
@@ -410,14 +409,14 @@ class EbpfCapture:
 
 
 def _detach_one(prog_fd: int, path: Path, kind: int) -> None:
-    from bcc.libbcc import lib
-
     try:
         cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
     try:
-        lib.bpf_prog_detach2(prog_fd, cg, kind)   # ENOENT: not attached there
+        bpfsys.prog_detach(prog_fd, cg, kind)   # False: not attached there
+    except OSError:
+        pass
     finally:
         os.close(cg)
 

@@ -79,7 +79,8 @@ def choose(config: CaptureConfig, inner: Redirector, bpf_dir: str, cgroup_root: 
     log("capture_mode", mode="iptables", fallback_from="ebpf", reason=found.reason)
     # Whatever an earlier eBPF redirector left (pins, attachments) must not stay half alive.
     try:
-        capture.remove()
-    except OSError:
-        pass
+        if capture.remove():
+            log("ebpf_removed", reason="fallback", bpf_dir=bpf_dir)
+    except OSError as exc:
+        log("ebpf_remove_failed", error=str(exc))
     return replace(config, capture="iptables"), inner
