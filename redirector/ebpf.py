@@ -210,17 +210,24 @@ def _pids(cgroup: Path) -> list[int]:
         return []
 
 
-def pod_cgroups(root: Path, networks: tuple[str, ...], node_ip: str) -> dict[Path, str]:
+def pod_cgroups(root: Path, networks: tuple[str, ...], node_ip: str,
+                known: dict[Path, str] | None = None) -> dict[Path, str]:
     """Pod cgroups under `root` and the pod IP of each: the highest directories whose processes
     live in a network namespace with an address in `networks` and without the node's IP. hostNetwork
     pods — the agent among them — live in the node's namespace, which holds the node IP (and, on a
     bridge CNI, the bridge's gateway address inside the pod CIDR): never captured, or the agent's
     own upstream connects would come back to it. A pod directory without processes of its own (a
-    real kubelet's, with one directory per container below) is searched below."""
+    real kubelet's, with one directory per container below) is searched below. `known` pods (found
+    before: the runner polls every 250 ms) are taken as they are while their directory exists,
+    without reading their namespace again."""
     nets = [ipaddress.IPv4Network(n) for n in networks]
     found: dict[Path, str] = {}
+    known = known or {}
 
     def visit(d: Path, depth: int) -> None:
+        if d in known:
+            found[d] = known[d]
+            return
         pids = _pids(d) if d != root else []
         for pid in pids[:3]:
             addresses = netns_ipv4(pid)
@@ -339,7 +346,7 @@ class EbpfCapture:
         """Attach to every pod cgroup not excluded, detach from excluded ones; forget pods gone.
         True if anything changed."""
         excluded = set(excluded)
-        pods = pod_cgroups(Path(self.cgroup_root), self.networks, self.node_ip)
+        pods = pod_cgroups(Path(self.cgroup_root), self.networks, self.node_ip, self.attached)
         changed = False
         for path, ip in pods.items():
             want = ip not in excluded

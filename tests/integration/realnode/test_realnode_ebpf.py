@@ -95,8 +95,10 @@ def test_realnode_ebpf_kill_agent_fails_open_at_once(mesh: RealNode, tmp_path: P
     gap = min((r["t"] + r["tc"] - killed for r in after if r["ok"]), default=float("inf"))
     window = max((r["t"] - killed for r in failed), default=0.0)
     print(f"\nDaemonSet, ebpf, kill -9 agent on {node}: first new connection {gap * 1000:.1f} ms after the kill; "
-          f"failed {len(failed)} of {len(after)} (last started {window * 1000:.1f} ms after the kill)")
-    assert gap <= MAX_GAP_S
+          f"failed {len(failed)} of {len(after)} (last started {window * 1000:.1f} ms after the kill; "
+          f"first attempt {(after[0]['t'] - killed) * 1000:.1f} ms after it)")
+    stall = after[0]["t"] - killed   # the load generator's own delay to its first attempt (see the mesh test)
+    assert gap - stall <= MAX_GAP_S, (gap, stall)
     assert window <= MAX_GAP_S, failed[-5:]
     # The restarted agent registers its listener again: captured (and counted) again.
     before = _outbound(mesh, node)
