@@ -348,10 +348,7 @@ class Handover:
         ctx.forget(conn)
         client.abort()  # drops our fd only: the successor holds the socket
         up.abort()
-        conn.mode = None
-        conn.client = None
-        conn.up = None
-        conn.obs = None
+        conn.detach()
 
     def defers(self, conn: Connection) -> bool:
         """Whether drain.py should hold back this connection's own drain for a while: an HTTP/2
@@ -496,8 +493,8 @@ class Receiver:
             conn.opened = True
             conn.obs = ctx.observer.connection_open(meta)
             conn.mode = ctx.mode_factory(kind, conn)
-        if kind == HTTP1:
-            conn.mode.exchange.ordinal = state["ordinal"]  # type: ignore[attr-defined]
+        if kind == HTTP1 and isinstance(conn.mode, Http1Mode):
+            conn.mode.exchange.ordinal = state["ordinal"]
         elif kind == HTTP2:
             self._adopt_streams(conn, state["relay"])
         client_sock.setblocking(False)

@@ -328,7 +328,7 @@ class Http1Exchange:
             return self.feed_request(data), data, False
         ends = head_terminators(self._req_tail, data)
         self._req_tail = (self._req_tail + data)[-3:]
-        out = []
+        out: list[bytes] = []
         consumed = 0
         for piece in _split(data, ends):
             marked = self._closing_req

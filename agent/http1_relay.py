@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from nodemesh.agent import http1
 from nodemesh.agent.http1 import Http1Exchange, Http1Request
 from nodemesh.agent.observe import RequestEnd, RequestHead
-
-if TYPE_CHECKING:
-    from nodemesh.agent.relay import Connection
+from nodemesh.agent.seam import ModeHost
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
 DRAIN_IDLE_CHECK_S = 0.5
@@ -37,10 +34,10 @@ class Http1Mode:
         "idle_timer", "observer", "opaque", "protocol",
     )
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ModeHost) -> None:
         self.conn = conn
         self.protocol = "http1"
-        self.observer = conn.ctx.observer
+        self.observer = conn.observer
         self.exchange = Http1Exchange()
         self.opaque = False            # upgraded (101) or the server stopped speaking HTTP/1
         self.client_opaque = False     # the client sent what we cannot parse: its bytes pass untouched
@@ -58,7 +55,7 @@ class Http1Mode:
         if self.hold or self.error_status:
             return
         if self.opaque or self.client_opaque:
-            conn.up.write(data)  # type: ignore[union-attr]
+            conn.send_upstream(data)
             return
         x = self.exchange
         if self.closing:
@@ -71,13 +68,12 @@ class Http1Mode:
         if events:
             self._handle(events)
         if out:
-            conn.up.write(out)  # type: ignore[union-attr]
+            conn.send_upstream(out)
         if self.client_opaque:
             return
         if x.head_pending:
             if self.head_timer is None:
-                self.head_timer = asyncio.get_running_loop().call_later(
-                    conn.ctx.config.header_timeout_s, self._head_timeout)
+                self.head_timer = conn.call_later(conn.header_timeout_s, self._head_timeout)
         elif self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -85,7 +81,7 @@ class Http1Mode:
     # -- upstream -> client ------------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> None:
-        self.conn.client.write(data)  # type: ignore[union-attr]
+        self.conn.send_client(data)
         if self.opaque:
             return
         events = self.exchange.feed_response(data)
@@ -114,9 +110,9 @@ class Http1Mode:
                     None, None, req.request_bytes, req.response_bytes, time.monotonic()))
                 if self.error_status and not self.exchange.awaiting:
                     self._answer_error()
-                elif self.conn.ctx.at_boundary is not None and self.exchange.idle:
-                    # Draining beside a newer agent: between requests, the connection can move.
-                    self.conn.ctx.at_boundary(self.conn)
+                elif self.exchange.idle:
+                    # Between requests: draining beside a newer agent, the connection can move here.
+                    self.conn.at_boundary()
             elif kind == http1.UPGRADED:
                 self.opaque = True
                 self._cancel_timers()
@@ -158,7 +154,7 @@ class Http1Mode:
             return
         self.closing = True
         self.idle_mark = self.conn.read_bytes
-        self.idle_timer = asyncio.get_running_loop().call_later(DRAIN_IDLE_CHECK_S, self._drain_idle_check)
+        self.idle_timer = self.conn.call_later(DRAIN_IDLE_CHECK_S, self._drain_idle_check)
 
     def _drain_idle_check(self) -> None:
         # A keep-alive connection on which the client sent nothing for a whole check period is
@@ -169,7 +165,7 @@ class Http1Mode:
             conn.close_both()
             return
         self.idle_mark = conn.read_bytes
-        self.idle_timer = asyncio.get_running_loop().call_later(DRAIN_IDLE_CHECK_S, self._drain_idle_check)
+        self.idle_timer = conn.call_later(DRAIN_IDLE_CHECK_S, self._drain_idle_check)
 
     def _cancel_timers(self) -> None:
         if self.head_timer is not None:

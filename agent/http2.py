@@ -468,6 +468,16 @@ class H2Classifier:
             self.events.append((UPSTREAM_PROTOCOL_ERROR, exc.code))
         return self._take()
 
+    def feed_server_to_boundary(self, data: bytes) -> tuple[list[Event], int]:
+        """`feed_server`, and the offset in `data` of the first frame boundary (-1: none in it):
+        where frames of the agent's own may go to the client between the server's (drain)."""
+        server = self.server
+        server.boundary_at = -1
+        server.mark_boundary = True   # the walker notes the first boundary it passes, then clears it
+        events = self.feed_server(data)
+        at, server.boundary_at = server.boundary_at, -1
+        return events, at
+
     # -- called by the direction walkers ------------------------------------------------------
 
     def client_headers(self, sid: int, headers: list[tuple[str, str]], end_stream: bool) -> None:

@@ -11,23 +11,20 @@ classification stops.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from nodemesh.agent import http2
 from nodemesh.agent.http2 import H2Classifier, H2Stream, goaway_frame, ping_frame
 from nodemesh.agent.observe import RequestEnd, RequestHead
-
-if TYPE_CHECKING:
-    from nodemesh.agent.relay import Connection
+from nodemesh.agent.seam import ModeHost
 
 
 class Http2Mode:
     __slots__ = ("conn", "drain_state", "inject", "observer", "protocol", "relay")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ModeHost) -> None:
         self.conn = conn
         self.protocol = "http2"
-        self.observer = conn.ctx.observer
+        self.observer = conn.observer
         self.relay = H2Classifier()
         self.inject: list[bytes] = []   # frames for the client, waiting for a frame boundary
         self.drain_state = 0            # 0 running, 1 first GOAWAY+PING sent, 2 final GOAWAY sent
@@ -36,24 +33,21 @@ class Http2Mode:
         events = self.relay.feed_client(data)
         if events:
             self._handle(events)
-        self.conn.up.write(data)  # type: ignore[union-attr]
+        self.conn.send_upstream(data)
 
     def upstream_data(self, data: bytes) -> None:
-        server = self.relay.server
-        if self.inject:
-            server.boundary_at = -1
-            server.mark_boundary = True
-        events = self.relay.feed_server(data)
-        client = self.conn.client
-        if self.inject and server.boundary_at >= 0:
-            at = server.boundary_at
-            server.boundary_at = -1
-            frames = b"".join(self.inject)
-            self.inject = []
-            client.write(data[:at] + frames + data[at:])  # type: ignore[union-attr]
-            self.conn.write_bytes += len(frames)
+        if not self.inject:
+            events = self.relay.feed_server(data)
+            self.conn.send_client(data)
         else:
-            client.write(data)  # type: ignore[union-attr]
+            events, at = self.relay.feed_server_to_boundary(data)
+            if at >= 0:
+                frames = b"".join(self.inject)
+                self.inject = []
+                self.conn.send_client(data[:at] + frames + data[at:])
+                self.conn.write_bytes += len(frames)
+            else:
+                self.conn.send_client(data)
         if events:
             self._handle(events)
 
@@ -84,13 +78,11 @@ class Http2Mode:
                 self._send_to_client(goaway_frame(self.relay.max_client_stream))
                 if not self.relay.streams:
                     self.conn.close_both()
-            elif kind == http2.CLIENT_PROTOCOL_ERROR:
+            elif kind == http2.CLIENT_PROTOCOL_ERROR or kind == http2.UPSTREAM_PROTOCOL_ERROR:
                 # Transparency: the frames go to the server as they are, and it answers them (nginx:
                 # GOAWAY with its own error code). The agent only stops following the connection;
-                # the streams it was following end with the error it saw.
-                self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
-            elif kind == http2.UPSTREAM_PROTOCOL_ERROR:
-                self._end_all(http2.error_name(int(arg)))  # type: ignore[arg-type]
+                # the streams it was following end with the error it saw (arg: its error code).
+                self._end_all(http2.error_name(arg if isinstance(arg, int) else 1))  # 1: PROTOCOL_ERROR
 
     def _end_all(self, error: str) -> None:
         now = time.monotonic()

@@ -114,9 +114,9 @@ def snapshot_from_objects(objects: ClusterObjects) -> pb.IdentitySnapshot:
                 pm = _meta(pod)
                 if pm.get("namespace", "default") != ns or not _selector_matches(selector, pm.get("labels") or {}):
                     continue
-                ip = (pod.get("status") or {}).get("podIP")
-                if ip and by_ip.get(ip) is pod:
-                    eps.append(pb.Endpoint(ip=ip, ready=pod_ready(pod), pod=pm.get("name", ""),
+                pod_ip = (pod.get("status") or {}).get("podIP")
+                if pod_ip and by_ip.get(pod_ip) is pod:
+                    eps.append(pb.Endpoint(ip=pod_ip, ready=pod_ready(pod), pod=pm.get("name", ""),
                                            node=(pod.get("spec") or {}).get("nodeName", "")))
         out.endpoints.extend(eps)
         for p in spec.get("ports") or []:
@@ -143,7 +143,7 @@ def _named_pod_port(port_name: str, eps: list[pb.Endpoint], by_ip: dict[str, Obj
 class IdentityFileSource:
     """Polls the sandbox's objects.json and hands a fresh snapshot to `on_snapshot` on every change."""
 
-    def __init__(self, state_dir: str, on_snapshot: Callable[[pb.IdentitySnapshot], None],
+    def __init__(self, state_dir: str, on_snapshot: Callable[[pb.IdentitySnapshot], object],
                  poll_s: float = 0.5) -> None:
         # identity_file names the sandbox state dir (holding objects.json) or the file itself.
         self._path: Path = Path(state_dir) if state_dir.endswith(".json") else objects_path(state_dir)

@@ -14,7 +14,7 @@ series evicted and seen again is a new incarnation counting from 0 with a new `c
 controller's contract (api/proto/nodemesh.proto, `Series`).
 
 The parent exports the node's series two ways: Prometheus text through a custom prometheus-client
-Collector (`SnapshotCollector`, in `metrics_export` so that workers, which only count, never import
+Collector (`metrics_export.SnapshotCollector`, a module of its own so that workers, which only count, never import
 prometheus-client), and `Series` messages for the controller's MetricsReport. Names and label sets
 are the contract in `api/model.py`.
 """
@@ -302,7 +302,7 @@ class NodeStore:
         self.pending: Snapshot = {}
         self.track_pending = False  # set when a controller link takes them (else they would pile up)
         self.evicted = 0
-        self.overflowed = 0
+        self.overflowed: float = 0  # requests folded into [other] (snapshot numbers are floats)
 
     def add(self, delta: Snapshot) -> None:
         now = self._clock()
@@ -421,7 +421,8 @@ class NodeStore:
         if dropped:
             self.evicted += dropped
             ev = self.series[SERIES_EVICTED]
-            ev[()] = ev.get((), 0) + dropped
+            was = ev.get((), 0)
+            ev[()] = (0 if isinstance(was, list) else was) + dropped  # a counter: never a list
             live: dict[Labels, set[str]] = {}
             routes: dict[Labels, set[str]] = {}
             for name in METRICS:
@@ -454,12 +455,3 @@ _INCREMENTAL = frozenset(name for name, (kind, _, _) in METRICS.items() if kind 
 def _le(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
-
-def __getattr__(name: str) -> object:
-    # `from nodemesh.agent.metrics import SnapshotCollector` still works, importing prometheus-client
-    # only when someone asks for the collector (the parent's admin server, tests), never in workers.
-    if name == "SnapshotCollector":
-        from nodemesh.agent.metrics_export import SnapshotCollector
-
-        return SnapshotCollector
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,20 +29,21 @@ class SnapshotCollector(Collector):
         les = [_le(b) for b in self._bounds] + ["+Inf"]
         for name, (kind, label_names, help_text) in ALL_METRICS.items():
             series = snap.get(name, {})
-            if kind == COUNTER:
-                fam: Metric = CounterMetricFamily(name, help_text, labels=label_names)
+            if kind in (COUNTER, GAUGE):
+                flat = (CounterMetricFamily if kind == COUNTER else GaugeMetricFamily)(
+                    name, help_text, labels=label_names)
                 for key, value in series.items():
-                    fam.add_metric(list(key), value)  # type: ignore[arg-type]
-            elif kind == GAUGE:
-                fam = GaugeMetricFamily(name, help_text, labels=label_names)
-                for key, value in series.items():
-                    fam.add_metric(list(key), value)  # type: ignore[arg-type]
-            else:
-                fam = HistogramMetricFamily(name, help_text, labels=label_names)
-                for key, value in series.items():
-                    cumulative, running = [], 0.0
-                    for le, count in zip(les, value[:-1]):  # type: ignore[index]
-                        running += count
-                        cumulative.append((le, running))
-                    fam.add_metric(list(key), cumulative, sum_value=value[-1])  # type: ignore[index]
+                    if not isinstance(value, list):  # always so for counters and gauges
+                        flat.add_metric(list(key), value)
+                yield flat
+                continue
+            fam = HistogramMetricFamily(name, help_text, labels=label_names)
+            for key, value in series.items():
+                if not isinstance(value, list):  # a histogram's value: bucket counts, then the sum
+                    continue
+                cumulative, running = [], 0.0
+                for le, count in zip(les, value[:-1]):
+                    running += count
+                    cumulative.append((le, running))
+                fam.add_metric(list(key), cumulative, sum_value=value[-1])
             yield fam

@@ -219,6 +219,8 @@ class NodeTelemetry:
         if gauge:
             mine = self._worker_gauges.setdefault(index, {})
             for key, value in gauge.items():
+                if isinstance(value, list):  # a gauge is a number (Snapshot's values include histograms)
+                    continue
                 total = mine.get(key, 0) + value
                 if total:
                     mine[key] = total

@@ -18,9 +18,9 @@ changed and the ClusterIPs whose service changed — so the telemetry re-resolve
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from nodemesh.agent.identity import snapshot_from_objects
 from nodemesh.api.clusterstate import ClusterObjects
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import UNKNOWN_KIND, UNKNOWN_NAMESPACE, PodIdentity, WorkloadRef
@@ -110,10 +110,6 @@ class PodIndex:
     def owner(self, ip: str) -> Owner | None:
         return self._owner.get(ip)
 
-    def lookup(self, ip: str) -> PodIdentity | None:
-        owner = self._owner.get(ip)
-        return None if owner is None else owner.identity
-
     def peer_labels(self, ip: str) -> PeerLabels:
         """(namespace, kind, name, pod) for metric labels; an unknown IP is kind `unknown`, name = IP."""
         owner = self._owner.get(ip)
@@ -162,9 +158,6 @@ class PodIndex:
         """IPs of this node's pods whose namespace is excluded from capture (served on /capture)."""
         return sorted(ip for ip, o in self._owner.items() if o.local and self.uncaptured(o.labels[0]))
 
-    def pods(self) -> Iterable[PodIdentity]:
-        return (o.identity for o in self._owner.values())
-
     def __len__(self) -> int:
         return len(self._owner)
 
@@ -189,8 +182,6 @@ class PodIndex:
         if isinstance(message, bytes):
             message = pb.IdentitySnapshot.FromString(message)
         elif isinstance(message, ClusterObjects):
-            from nodemesh.agent.identity import snapshot_from_objects  # identity imports us
-
             message = snapshot_from_objects(message)
         elif isinstance(message, pb.ControllerMessage):
             which = message.WhichOneof("msg")

@@ -4,7 +4,8 @@
 destination, picks the endpoint, and starts the upstream connect at once (so a server that
 speaks first is heard) while protocol detection waits for the client's first bytes. Once the
 protocol is known a *mode* (tcp.TcpMode, http1_relay.Http1Mode, http2_relay.Http2Mode) owns
-what happens to the bytes; this module owns the lifecycle, flow control and half-close.
+what happens to the bytes, seeing the connection only as a `seam.ModeHost`; this module owns the
+lifecycle, flow control and half-close.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from nodemesh.agent.admission import SHED_SLOW, Admission, capacity_for
 from nodemesh.agent.config import AgentConfig
@@ -25,6 +26,7 @@ from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.fairness import BYTES_PER_WORK_SHIFT, MAX_HELD, SourceLoad
 from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
+from nodemesh.agent.seam import Mode, ModeHost, not_connected
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
 
 log = logging.getLogger("nodemesh.agent.relay")
@@ -38,18 +40,6 @@ LINGER_S = 2.0   # after an answer of our own: how long to read (and drop) what 
 _NOBODY = SourceLoad("")   # a connection's source before it is accepted: time spent there is nobody's
 
 
-class Mode(Protocol):
-    protocol: str
-
-    def client_data(self, data: bytes) -> None: ...
-
-    def upstream_data(self, data: bytes) -> None: ...
-
-    def drain(self) -> None: ...
-
-    def close(self, upstream_clean: bool) -> None: ...
-
-
 def looks_like_h2_server_preface(data: bytes) -> bool:
     """A SETTINGS frame on stream 0: what an HTTP/2 server writes first."""
     return len(data) >= 9 and data[3] == 4 and data[5:9] == b"\0\0\0\0" and data[4] in (0, 1)
@@ -59,7 +49,7 @@ class WorkerContext:
     """What every connection of a worker shares: config, observer, endpoint picker, live set."""
 
     def __init__(self, config: AgentConfig, observer: Observer, picker: EndpointPicker,
-                 mode_factory: Callable[[str, Connection], Mode], admission: Admission | None = None) -> None:
+                 mode_factory: Callable[[str, ModeHost], Mode], admission: Admission | None = None) -> None:
         self.config = config
         # Shared by the worker's listeners (their connections take fds from the same limit).
         self.admission = admission if admission is not None else Admission(capacity_for(1 << 20))
@@ -116,11 +106,14 @@ class Connection(asyncio.Protocol):
         "meta",
         "mode",
         "obs",
+        "observer",
         "opened",
         "paused_for_connect",
         "pending",
         "pending_len",
         "read_bytes",
+        "send_client",
+        "send_upstream",
         "shed",
         "slow",
         "throttled",
@@ -138,7 +131,11 @@ class Connection(asyncio.Protocol):
         self.up: asyncio.Transport | None = None
         self.mode: Mode | None = None
         self.meta: ConnectionMeta | None = None
+        self.observer = ctx.observer
         self.obs: Any = None
+        # The mode's way to forward bytes (seam.ModeHost): each transport's own write, once connected.
+        self.send_client: Callable[[bytes], None] = not_connected
+        self.send_upstream: Callable[[bytes], None] = not_connected
         self.pending: list[bytes] = []
         self.pending_len = 0
         self.read_bytes = 0
@@ -170,6 +167,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.client = transport
+        self.send_client = transport.write
         if self.meta is not None:
             return  # taken over from a draining agent: accepted there (agent/handover.py)
         ctx = self.ctx
@@ -426,11 +424,35 @@ class Connection(asyncio.Protocol):
         elif self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
 
+    # -- what a mode may do (seam.ModeHost) ----------------------------------------------------
+
     def head_arrived(self) -> None:
         """The first request head is complete (called by the HTTP/1 mode): no longer slow."""
         if self.slow:
             self.slow = False
             self.ctx.admission.unmark_slow(self.meta.source[0])  # type: ignore[union-attr]
+
+    @property
+    def header_timeout_s(self) -> float:
+        return self.ctx.config.header_timeout_s
+
+    def at_boundary(self) -> None:
+        if self.ctx.at_boundary is not None:
+            self.ctx.at_boundary(self)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+    def detach(self) -> None:
+        """Drop the references that make cycles (transport <-> protocol, mode <-> connection) so
+        reference counting frees the connection at once: left to the cycle collector, whose full
+        passes are rare in a worker with many long-lived objects, 9,000 closed connections still
+        held ~30 MB. At its end, or once handed over (handover.py)."""
+        self.mode = None
+        self.client = None
+        self.up = None
+        self.send_client = self.send_upstream = not_connected
+        self.obs = None
 
     def _answer_shed(self, protocol: str) -> None:
         """Refused by admission: 503 for HTTP/1 (408 for a slow head), GOAWAY ENHANCE_YOUR_CALM for
@@ -641,6 +663,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self.up = transport
+        self.send_upstream = transport.write
         if self.mode is not None:
             self._flush_pending()
         if self.paused_for_connect and self.client is not None:
@@ -774,13 +797,7 @@ class Connection(asyncio.Protocol):
         ctx.admission.release(meta.source[0])
         self.load.conns.discard(self)
         ctx.forget(self)
-        # Break the cycles (transport <-> protocol, mode <-> connection) so reference counting frees
-        # the connection now: left to the cycle collector, whose full passes are rare in a worker
-        # with many long-lived objects, 9,000 closed connections still held ~30 MB.
-        self.mode = None
-        self.client = None
-        self.up = None
-        self.obs = None
+        self.detach()
         self.connect_task = None
         self.pending = []
         self.up_pending = []

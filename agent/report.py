@@ -27,15 +27,16 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.history import Entry, ReportRing
-from nodemesh.agent.metrics import to_series
+from nodemesh.agent.metrics import NodeStore, to_series
+from nodemesh.agent.podindex import PodIndex
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import (
@@ -46,8 +47,29 @@ from nodemesh.api.model import (
     REPORT_HISTORY_SECONDS,
 )
 
-if TYPE_CHECKING:
-    from nodemesh.agent.node import NodeTelemetry
+
+class ReportedNode(Protocol):
+    """What the controller link needs of the node's telemetry (`node.NodeTelemetry` is the one).
+
+    A protocol, not an import: `node` imports this module (lazily, only when a controller is set), so
+    importing `node` back here would make the two a loop.
+    """
+
+    agent_id: str
+    start_time_ms: int
+    ready: bool
+    capture_installed: bool
+    capture_mode: tuple[str, str]     # (mode, reason): agent/capture.py ebpf_capture_state
+    reported_at: float | None
+    store: NodeStore
+    index: PodIndex
+
+    def apply_identity(self, message: pb.IdentitySnapshot | pb.IdentityDelta | pb.ControllerMessage) -> bool: ...
+    def open_tap(self, tap_id: str, filt: pb.TapFilter) -> None: ...
+    def close_tap(self, tap_id: str) -> None: ...
+    def close_all_taps(self) -> None: ...
+    def add_tap_sink(self, sink: Callable[[pb.TapEvent], None]) -> None: ...
+    def remove_tap_sink(self, sink: Callable[[pb.TapEvent], None]) -> None: ...
 
 log = logging.getLogger("nodemesh.agent.report")
 
@@ -74,7 +96,7 @@ def _loopback(address: str) -> bool:
 
 
 class ControllerLink:
-    def __init__(self, config: AgentConfig, node: NodeTelemetry, *, backoff_base_s: float = 0.25,
+    def __init__(self, config: AgentConfig, node: ReportedNode, *, backoff_base_s: float = 0.25,
                  backoff_max_s: float = 10.0) -> None:
         self.config = config
         self.node = node
@@ -235,10 +257,11 @@ class ControllerLink:
         if box is None or not self.connected:
             raise ConnectionError("no controller link")
         self._review_ids += 1
+        rid = self._review_ids
         fut: asyncio.Future[pb.ScrapeReviewResult] = asyncio.get_running_loop().create_future()
-        self._reviews[self._review_ids] = fut
-        fut.add_done_callback(lambda _f, rid=self._review_ids: self._reviews.pop(rid, None))
-        box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=self._review_ids, token=token)))
+        self._reviews[rid] = fut
+        fut.add_done_callback(lambda _f: self._reviews.pop(rid, None))
+        box.put_nowait(pb.AgentMessage(scrape_review=pb.ScrapeReview(id=rid, token=token)))
         return fut
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

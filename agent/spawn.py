@@ -135,7 +135,7 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), capture_stdout: 
     (unless `quiet_stderr`), stdout (unless `capture_stdout`) and exactly the fds in `pass_fds`;
     its signal mask is empty and SIGPIPE/SIGXFSZ are back to their defaults. Raises OSError
     (FileNotFoundError when the program is not installed)."""
-    actions: list[tuple[int, ...]] = []
+    actions: list[tuple[int, int, int] | tuple[int, int, str, int, int]] = []
     # dup2 onto itself clears close-on-exec (POSIX.1-2024; glibc >= 2.29, musl): the fd stays, same number.
     actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]
     read_end = write_end = None

@@ -121,7 +121,7 @@ def listeners_on(port: int) -> int:
 async def _read_ready(fd: int) -> bytes:
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    loop.add_reader(fd, lambda: None if readable.done() else readable.set_result(None))
     try:
         await asyncio.wait_for(readable, READY_TIMEOUT_S)
         return os.read(fd, 64)  # b"" (EOF) if the worker died before it was ready

@@ -6,24 +6,21 @@ there too (write_eof on one side when the other sends FIN).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nodemesh.agent.relay import Connection
+from nodemesh.agent.seam import ModeHost
 
 
 class TcpMode:
     __slots__ = ("conn", "protocol")
 
-    def __init__(self, conn: Connection, protocol: str = "tcp") -> None:
+    def __init__(self, conn: ModeHost, protocol: str = "tcp") -> None:
         self.conn = conn
         self.protocol = protocol
 
     def client_data(self, data: bytes) -> None:
-        self.conn.up.write(data)  # type: ignore[union-attr]
+        self.conn.send_upstream(data)
 
     def upstream_data(self, data: bytes) -> None:
-        self.conn.client.write(data)  # type: ignore[union-attr]
+        self.conn.send_client(data)
 
     def drain(self) -> None:
         # An opaque stream has no safe point we could know of: it runs until the grace ends.

@@ -144,7 +144,6 @@ class WorkerTelemetry:
         self._end = child_end
         self._link: workerlink.Link | None = None
         self._task: asyncio.Task[None] | None = None
-        self.tap_sink: Any = None  # optional callable(pb.TapEvent), used when there is no link (tests)
         self._live: set[_Conn] = set()
         self._waits: dict[str, list[_Wait]] = {}
         self._local_nets = _networks(config.pod_cidrs)
@@ -175,16 +174,6 @@ class WorkerTelemetry:
             self.send_snapshot()
             await self._link.drain()
             self._link.close()
-
-    async def wait_identity(self, timeout: float = 2.0) -> bool:
-        """Wait (bounded) for the first identity snapshot, so early requests aren't all `unknown`.
-
-        The parent sends it right after attach_worker; call this after start() and before accepting.
-        """
-        deadline = time.monotonic() + timeout
-        while not self.index.generation and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        return bool(self.index.generation)
 
     def send_snapshot(self) -> None:
         """Hand the parent what was counted since the last time (kept if the link cannot take it)."""
@@ -232,8 +221,6 @@ class WorkerTelemetry:
     def _emit(self, event: pb.TapEvent) -> None:
         if self._link is not None:
             self._link.send((workerlink.MSG_TAP_EVENT, event.SerializeToString()))
-        elif self.tap_sink is not None:
-            self.tap_sink(event)
 
     # ------------------------------------------------------------------ identity
     def apply_identity(self, message: pb.ControllerMessage | pb.IdentitySnapshot | pb.IdentityDelta) -> bool:
@@ -337,7 +324,7 @@ class WorkerTelemetry:
                 from nodemesh.agent.conntrack import ConntrackLookup
 
                 self._conntrack = ConntrackLookup()
-            endpoint = self._conntrack.endpoint(local, dialled)
+            endpoint: tuple[str, int] | None = self._conntrack.endpoint(local, dialled)
         except OSError as exc:
             lookups[("failed",)] = lookups.get(("failed",), 0) + 1
             if not self._conntrack_warned:

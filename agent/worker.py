@@ -31,15 +31,12 @@ from nodemesh.agent import workerlink
 from nodemesh.agent.admission import Admission, capacity_for
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.drain import drain
-from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.eventlog import JsonlObserver, TeeObserver
 from nodemesh.agent.handover import Handover, Receiver, find_successor
 from nodemesh.agent.housekeeping import Housekeeping
-from nodemesh.agent.inbound import serve_inbound
-from nodemesh.agent.modes import make_mode
+from nodemesh.agent.inbound import inbound_context, serve_inbound
 from nodemesh.agent.observe import Observer
-from nodemesh.agent.outbound import serve_outbound
-from nodemesh.agent.relay import WorkerContext
+from nodemesh.agent.outbound import outbound_context, serve_outbound
 from nodemesh.agent.sockets import listen_socket, raise_fd_limit
 from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -77,12 +74,8 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     nofile = raise_fd_limit()
     admission = Admission(capacity_for(nofile))
     log.info("event=fd_limit index=%d nofile=%d connections=%d", index, nofile, admission.capacity)
-    outbound = WorkerContext(config, observer, EndpointPicker(tele.index), make_mode, admission)
-    inbound = WorkerContext(config, observer, EndpointPicker(None), make_mode, admission)
-    for ctx in (outbound, inbound):
-        ctx.identity_gate = tele.identity_gate
-    outbound.learn_endpoint = tele.learn_endpoint
-    outbound.count_retry = tele.count_endpoint_retry
+    outbound = outbound_context(config, tele, observer, admission)
+    inbound = inbound_context(config, tele, observer, admission)
 
     def mesh_config(mesh: pb.MeshConfig) -> None:
         # The controller's opaque ports replace the --opaque-ports flag (the same list in a

@@ -55,7 +55,7 @@ def meta(obj: Obj) -> Obj:
 def controller_ref(obj: Obj) -> Obj | None:
     """The ownerReference with controller=true; a single reference with no `controller` field at
     all (hand-written objects) counts as it, one that says `controller: false` does not."""
-    refs = meta(obj).get("ownerReferences") or []
+    refs: list[Obj] = meta(obj).get("ownerReferences") or []
     for ref in refs:
         if ref.get("controller"):
             return ref
@@ -100,8 +100,8 @@ def pod_ready(pod: Obj) -> bool:
     status = pod.get("status") or {}
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Ready":
-            return cond.get("status") == "True"
-    return status.get("phase") == "Running"
+            return str(cond.get("status")) == "True"
+    return str(status.get("phase")) == "Running"
 
 
 def pod_finished(pod: Obj) -> bool:

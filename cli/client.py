@@ -102,6 +102,13 @@ class ClientConfig:
         )
 
 
+# stat, edges and routes: which store answers (controlplane/promstore.py); unset, the controller's default.
+backend_option = click.option(
+    "--backend", type=click.Choice(("memory", "prometheus")), default=None,
+    help="Answer from the controller's memory or from Prometheus (PromQL over the agents' metrics; "
+         "needs a controller started with --prometheus-url). Default: the controller's --stat-backend.")
+
+
 def controller_options(func: F) -> F:
     """The flags that choose the cluster (and the credentials) for every verb that talks to the
     controller; the command receives them as one `client: ClientConfig`."""
@@ -311,7 +318,7 @@ class KubePortForward:
             raise CliError(f"cannot list controller pods in namespace {CONTROLLER_NAMESPACE} of {where}: "
                            f"{_one_line(exc)}") from None
         for pod in pods.items:
-            if pod.status and pod.status.phase == "Running":
+            if pod.status and pod.status.phase == "Running" and pod.metadata:
                 return str(pod.metadata.name)
         raise CliError(
             f"no running controller pod ({CONTROLLER_LABEL}) in namespace {CONTROLLER_NAMESPACE} of {where}: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 from nodemesh.cli import render
-from nodemesh.cli.client import ClientConfig, CliError, connect, controller_options
+from nodemesh.cli.client import ClientConfig, CliError, backend_option, connect, controller_options
 from nodemesh.cli.query import DEFAULT_NAMESPACE, DEFAULT_WINDOW, build_edges_request
 from nodemesh.cli.stat import check_output
 
@@ -17,10 +17,11 @@ OUTPUTS = ("table", "wide", "json")
 @click.option("-A", "--all-namespaces", is_flag=True, help="Edges in every namespace.")
 @click.option("-t", "--time-window", default=DEFAULT_WINDOW, show_default=True, help="Window, 10s to 1h.")
 @click.option("-o", "--output", default="table", show_default=True, help="table, wide or json.")
+@backend_option
 @controller_options
 def edges(
     resource: str, namespace: str, all_namespaces: bool, time_window: str, output: str,
-    client: ClientConfig,
+    backend: str | None, client: ClientConfig,
 ) -> None:
     """Caller -> callee edges between resources of one type (deploy, po, sts, ...)."""
     output = check_output(output, OUTPUTS)
@@ -28,10 +29,13 @@ def edges(
         raise CliError("you must specify a resource type (e.g. deploy, po)")
     request = build_edges_request(resource, namespace=namespace, all_namespaces=all_namespaces,
                                   window=time_window)
+    request.backend = backend or ""
     with connect(client) as ctl:
         response = ctl.unary("Edges", request)
     if response.error:
         raise CliError(response.error)
+    if response.warning:
+        click.echo(f"warning: {response.warning}", err=True)
     found = list(response.edges)
     if output == "json":
         click.echo(render.edges_json(found), nl=False)

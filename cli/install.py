@@ -36,7 +36,7 @@ _set_option = click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE",
     help="Override a value (repeatable): image, namespace, imagePullPolicy, agentWorkers, logLevel, "
          "capturedNamespaces, excludedNamespaces, skippedPorts, opaquePorts, tapMaxRps, tapMaxTaps, tapRedactHeaders, tapShowHeaders, tapRedactQuery, "
-         "drainGraceSeconds. Lists are comma-separated.",
+         "drainGraceSeconds, prometheusUrl, statBackend. Lists are comma-separated.",
 )
 _addon_option = click.option(
     "--addon", type=click.Choice(ADDONS), default=None,

@@ -18,7 +18,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from nodemesh.api.model import (
@@ -85,6 +85,10 @@ class InstallValues:
     # the mounts and capabilities the programs need (_ebpf_*), and falls back to iptables by itself
     # on a node that cannot run them.
     capture: str = "iptables"
+    # stat/edges/routes from Prometheus (controlplane/promstore.py): the controller's --prometheus-url
+    # (e.g. http://nodemesh-prometheus.nodemesh.svc:9090 with `--addon prometheus`) and default backend.
+    prometheusUrl: str = ""
+    statBackend: str = "memory"
 
     def mesh_config(self) -> dict[str, Any]:
         """The document the processes read with `--config` (the ConfigMap's config.yaml)."""
@@ -194,6 +198,15 @@ def _convert(key: str, text: str) -> Any:
         if text not in ("iptables", "ebpf"):
             raise ManifestError("capture: expected iptables or ebpf")
         return text
+    if key == "prometheusUrl":
+        url = text.strip()
+        if url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ManifestError(f"prometheusUrl: expected http(s)://host:port, got {text!r}")
+        return url
+    if key == "statBackend":
+        if text not in ("memory", "prometheus"):
+            raise ManifestError("statBackend: expected memory or prometheus")
+        return text
     raise AssertionError(key)
 
 
@@ -211,7 +224,10 @@ def apply_sets(values: InstallValues, assignments: list[str] | tuple[str, ...]) 
         if key not in SETTABLE_KEYS:
             raise ManifestError(f"--set {key}: unknown key (known: {', '.join(SETTABLE_KEYS)})")
         changes[key] = _convert(key, text)
-    return replace(values, **changes)
+    result = replace(values, **changes)
+    if result.statBackend == "prometheus" and not result.prometheusUrl:
+        raise ManifestError("statBackend=prometheus needs prometheusUrl")
+    return result
 
 
 # ---------------------------------------------------------------------------- YAML dumping
@@ -453,6 +469,8 @@ def _controller_args(v: InstallValues) -> list[str]:
         # them with TokenReview (docs/controlplane.md "Authentication").
         "--token-review",
         "--token-audience", CONTROLLER_AUDIENCE,
+        *(["--prometheus-url", v.prometheusUrl] if v.prometheusUrl else []),
+        *(["--stat-backend", v.statBackend] if v.statBackend != "memory" else []),
     ]
 
 
@@ -730,9 +748,10 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
     if v.capture == "ebpf":
         redirector_args += ["--capture", "ebpf", "--bpf-dir", EBPF_BPF_DIR, "--cgroup-root", EBPF_CGROUP_ROOT]
         redirector_mounts += _ebpf_redirector_mounts()
-        agent["volumeMounts"].append({"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True,
-                                      "mountPropagation": "HostToContainer"})
-        agent["env"].append({"name": "NODEMESH_BPF_DIR", "value": EBPF_BPF_DIR})
+        agent["volumeMounts"] = [*cast(list[dict[str, Any]], agent["volumeMounts"]),
+                                 {"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True,
+                                  "mountPropagation": "HostToContainer"}]
+        agent["env"] = [*cast(list[dict[str, Any]], agent["env"]), {"name": "NODEMESH_BPF_DIR", "value": EBPF_BPF_DIR}]
     redirector = {
         "name": "redirector",
         "image": v.image,

@@ -10,8 +10,6 @@ adds the `node` target label (manifests/prometheus.yaml shows how).
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
 from typing import Any
 
 from nodemesh.api import model
@@ -43,9 +41,6 @@ UIDS = {
     "workload": "nodemesh-workload",
     "agent": "nodemesh-agent",
 }
-# Labels Prometheus (with manifests/prometheus.yaml's relabeling) puts on every scraped series.
-TARGET_LABELS = ("job", "instance", "node", "pod")
-PROCESS_METRICS = ("process_cpu_seconds_total", "process_resident_memory_bytes")
 
 
 # ---------------------------------------------------------------------------- PromQL building
@@ -436,91 +431,6 @@ def dashboards() -> dict[str, dict[str, Any]]:
 
 def dashboard_json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
-# ---------------------------------------------------------------------------- queries, for tests
-
-def dashboard_queries() -> Iterator[tuple[str, str, str]]:
-    """(dashboard file, where, PromQL or label_values(...)) for every query of every dashboard."""
-    for filename, dash in dashboards().items():
-        for panel in dash["panels"]:
-            for target in panel.get("targets", []):
-                yield filename, f"panel {panel['id']} {panel['title']!r} {target['refId']}", target["expr"]
-        for var in dash["templating"]["list"]:
-            if var["type"] == "query":
-                yield filename, f"variable {var['name']}", var["query"]["query"]
-
-
-_GRAFANA_VAR = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_.:]*\}|[A-Za-z_][A-Za-z0-9_]*)")
-_LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.*),\s*(?P<label>[A-Za-z_][A-Za-z0-9_]*)\)$")
-
-
-def substitute_grafana_variables(expr: str) -> str:
-    """What Prometheus receives: Grafana's interval variables become durations, the others values."""
-    def one(m: re.Match[str]) -> str:
-        name = m.group(1).strip("{}")
-        return "5m" if name.startswith("__") and name.endswith(("interval", "range")) else "value"
-
-    return _GRAFANA_VAR.sub(one, expr)
-
-
-def query_names(expr: str) -> tuple[set[str], set[str]]:
-    """(metric names, label names) a dashboard query uses, from promql-parser's AST.
-
-    `label_values(SELECTOR, LABEL)` (a Grafana variable query) is checked as SELECTOR plus LABEL.
-    Raises ValueError when the PromQL does not parse.
-    """
-    import promql_parser  # a test dependency: only the checks need it
-
-    text = substitute_grafana_variables(expr)
-    extra_labels: set[str] = set()
-    m = _LABEL_VALUES.match(text)
-    if m:
-        text, extra_labels = m.group("selector"), {m.group("label")}
-    ast = promql_parser.parse(text)
-    metrics: set[str] = set()
-    label_names: set[str] = set(extra_labels)
-
-    def visit(node: Any) -> None:
-        if isinstance(node, promql_parser.VectorSelector):
-            if node.name:
-                metrics.add(node.name)
-            label_names.update(mt.name for mt in node.matchers.matchers if mt.name != "__name__")
-        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
-            label_names.update(node.modifier.labels)
-        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
-            matching = node.modifier.matching
-            if matching is not None:
-                label_names.update(matching.labels)
-
-    promql_parser.walk(ast, visit)
-    return metrics, label_names
-
-
-def dashboard_metric_names() -> set[str]:
-    """Every metric name the dashboards query (for a check against a real agent /metrics scrape)."""
-    names: set[str] = set()
-    for _, _, expr in dashboard_queries():
-        names |= query_names(expr)[0]
-    return names
-
-
-def exported_metric_names() -> set[str]:
-    """The series names an agent's /metrics may carry, per the api/model.py contract."""
-    counters_gauges = {model.REQUEST_TOTAL, model.RESPONSE_TOTAL, model.TCP_OPEN_TOTAL, model.TCP_CLOSE_TOTAL,
-                       model.TCP_OPEN_CONNECTIONS, model.TCP_READ_BYTES_TOTAL, model.TCP_WRITE_BYTES_TOTAL,
-                       model.CAPTURE_INSTALLED, model.ROUTE_REQUEST_TOTAL, model.ROUTE_RESPONSE_TOTAL}
-    histograms = {model.RESPONSE_LATENCY_MS, model.TCP_CONNECTION_DURATION_MS, model.ROUTE_RESPONSE_LATENCY_MS}
-    names = set(counters_gauges) | set(PROCESS_METRICS)
-    for h in histograms:
-        names |= {f"{h}_bucket", f"{h}_sum", f"{h}_count"}
-    # `up` is Prometheus' own per-target series, there for every scrape target.
-    return names | {"up"}
-
-
-def exported_label_names() -> set[str]:
-    return (set(model.PEER_LABELS) | set(model.RESPONSE_LABELS) | set(model.ROUTE_LABELS)
-            | set(model.ROUTE_RESPONSE_LABELS) | {"le"} | set(TARGET_LABELS))
 
 
 # ---------------------------------------------------------------------------- manifests

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 from nodemesh.cli import render
-from nodemesh.cli.client import ClientConfig, CliError, connect, controller_options
+from nodemesh.cli.client import ClientConfig, CliError, backend_option, connect, controller_options
 from nodemesh.cli.query import DEFAULT_NAMESPACE, DEFAULT_WINDOW, build_routes_request
 from nodemesh.cli.stat import OUTPUTS, check_output
 
@@ -23,9 +23,10 @@ from nodemesh.cli.stat import OUTPUTS, check_output
 @click.option("-t", "--time-window", default=DEFAULT_WINDOW, show_default=True,
               help="Window of the statistics, 10s to 1h (e.g. 10s, 1m, 90s, 1h).")
 @click.option("-o", "--output", default="table", show_default=True, help="table, wide or json.")
+@backend_option
 @controller_options
 def routes(resource: str, namespace: str, to: str | None, to_namespace: str | None, time_window: str,
-           output: str, client: ClientConfig) -> None:
+           output: str, backend: str | None, client: ClientConfig) -> None:
     """Per-route traffic of a workload (deploy, sts, ds, job) or a service: no configuration needed.
 
     \b
@@ -39,10 +40,13 @@ def routes(resource: str, namespace: str, to: str | None, to_namespace: str | No
     output = check_output(output, OUTPUTS)
     request = build_routes_request(resource, namespace=namespace, to=to, to_namespace=to_namespace,
                                    window=time_window)
+    request.backend = backend or ""
     with connect(client) as ctl:
         response = ctl.unary("Routes", request)
     if response.error:
         raise CliError(response.error)
+    if response.warning:
+        click.echo(f"warning: {response.warning}", err=True)
     rows = list(response.rows)
     if output == "json":
         click.echo(render.routes_json(rows), nl=False)

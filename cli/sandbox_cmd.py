@@ -101,7 +101,7 @@ def status(name: str, output: str) -> None:
     click.echo(f"sandbox {name}: {'up' if st['up'] else 'DEGRADED (' + st['phase'] + ')'}  cni={st['cni']}  "
                f"kubelet pid={st['kubelet_pid'] or '-'}  state={st['state_dir']}")
     click.echo(f"host link {st['host_link']} {st['host_ip']}")
-    rows = [("NODE", "NETNS", "INTERNAL-IP", "POD-CIDR", "BRIDGE")]
+    rows: list[tuple[str, ...]] = [("NODE", "NETNS", "INTERNAL-IP", "POD-CIDR", "BRIDGE")]
     rows += [(n["name"], n["netns"], n["ip"], n["pod_cidr"], n["bridge"] or "<none>") for n in st["nodes"]]
     _table(rows)
     click.echo(f"pods: {st['pods_ready']}/{st['pods']} ready")

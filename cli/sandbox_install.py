@@ -85,13 +85,20 @@ def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
     return sb
 
 
+def _stat_backend_args(sets: tuple[str, ...]) -> list[str]:
+    values = apply_sets(InstallValues(), sets)
+    return [*(["--prometheus-url", values.prometheusUrl] if values.prometheusUrl else []),
+            *(["--stat-backend", values.statBackend] if values.statBackend != "memory" else [])]
+
+
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
                     sets: tuple[str, ...] = (), capture: str = "iptables") -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
-    key=value, as for `nodemesh install`) apply with `as_pods` only. `capture="ebpf"`: outbound
-    capture by cgroup/connect4 programs in each pod's cgroup (redirector/ebpf.py; the sandbox's
-    per-node cgroup and bpffs directories, sandbox/cgroups.py)."""
+    key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl and
+    statBackend do (the controller's stat backend, controlplane/promstore.py). `capture="ebpf"`:
+    outbound capture by cgroup/connect4 programs in each pod's cgroup (redirector/ebpf.py; the
+    sandbox's per-node cgroup and bpffs directories, sandbox/cgroups.py)."""
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
     if as_pods:
@@ -119,7 +126,9 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     sb.start_node_process(nodes[0].name, CONTROLLER_PROCESS, [
         py, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(state_dir),
         "--listen", "0.0.0.0", "--token-file", str(token_path), "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+        *_stat_backend_args(sets),
     ], env=env)
+
     def node_env(node: Any) -> dict[str, str] | None:
         if capture != "ebpf":
             return env

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 from nodemesh.cli import render
-from nodemesh.cli.client import ClientConfig, CliError, connect, controller_options
+from nodemesh.cli.client import ClientConfig, CliError, backend_option, connect, controller_options
 from nodemesh.cli.query import DEFAULT_NAMESPACE, DEFAULT_WINDOW, build_stat_requests
 
 OUTPUTS = ("table", "wide", "json")
@@ -32,11 +32,12 @@ def check_output(value: str, allowed: tuple[str, ...]) -> str:
               help="Window of the statistics, 10s to 1h (e.g. 10s, 1m, 90s, 1h).")
 @click.option("-l", "--selector", "label_selector", default="", help="Label selector (kubectl syntax).")
 @click.option("-o", "--output", default="table", show_default=True, help="table, wide or json.")
+@backend_option
 @controller_options
 def stat(
     resources: tuple[str, ...], namespace: str, all_namespaces: bool, from_: str | None,
     from_namespace: str | None, to: str | None, to_namespace: str | None, time_window: str,
-    label_selector: str, output: str, client: ClientConfig,
+    label_selector: str, output: str, backend: str | None, client: ClientConfig,
 ) -> None:
     """Traffic statistics of resources: deploy, sts, ds, job, rs, po, svc, ns, or all.
 
@@ -53,11 +54,16 @@ def stat(
         label_selector=label_selector,
     )
     rows = []
+    warnings: list[str] = []
     with connect(client) as ctl:
         for request in requests:
+            request.backend = backend or ""
             response = ctl.unary("StatSummary", request)
             if response.error:
                 raise CliError(response.error)
+            if response.warning and response.warning not in warnings:
+                warnings.append(response.warning)
+                click.echo(f"warning: {response.warning}", err=True)
             rows.extend(response.rows)
 
     if output == "json":

@@ -13,7 +13,7 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import click
@@ -48,7 +48,7 @@ def tap_filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return controller_options(func)
 
 
-def events(ctl: Controller, request: pb.TapRequest, stop: threading.Event) -> Iterator[pb.TapEvent | None]:
+def events(ctl: Controller, request: pb.TapRequest, stop: threading.Event) -> Generator[pb.TapEvent | None]:
     """Tap events read on a helper thread, so the main thread stays free for Ctrl-C and timers.
 
     Yields None every `tick` while idle (callers refresh displays then) and returns when the

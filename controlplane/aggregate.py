@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nodemesh.api.model import LATENCY_BUCKETS_MS, PEER_LABELS
 
@@ -24,8 +25,9 @@ BOUNDS: tuple[float, ...] = tuple(float(b) for b in LATENCY_BUCKETS_MS)
 N_LATENCY = len(BOUNDS) + 1  # + the +Inf bucket
 
 
-def series_key(labels: dict[str, str] | object) -> SeriesKey:
-    get = labels.get  # type: ignore[attr-defined]
+def series_key(labels: Mapping[str, str]) -> SeriesKey:
+    """A report's labels (a dict, or a Series' protobuf map) as the aggregator's key."""
+    get = labels.get
     return tuple(get(name, "") for name in PEER_LABELS)
 
 
@@ -203,6 +205,14 @@ def rebin_index(bounds: Sequence[float]) -> list[int]:
     return cached
 
 
+class SeriesStore(Protocol):
+    """What stat, edges and routes read: the `Aggregator` here, or a Prometheus snapshot
+    (controlplane/promstore.py)."""
+
+    def totals_by_key(self, window_s: float, now: float | None = None,
+                      where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]: ...
+
+
 class Aggregator:
     def __init__(self, retention_s: int = 3600, clock: Callable[[], float] = time.time) -> None:
         self.retention_s = retention_s
@@ -282,11 +292,11 @@ class Aggregator:
             # Agents keep a closed peer's gauge at 0 forever: zero open connections is not TCP
             # activity, or every peer ever seen would stay in edges and --from/--to rows.
             if sum(live) > 0:
-                tot = out.get(key)
-                if tot is None:
-                    tot = out[key] = Totals(window_s)
-                tot.open_connections = sum(live)
-                tot.has_gauge = True
+                gauged = out.get(key)
+                if gauged is None:
+                    gauged = out[key] = Totals(window_s)
+                gauged.open_connections = sum(live)
+                gauged.has_gauge = True
         return out
 
     def totals(self, window_s: float, now: float | None = None,

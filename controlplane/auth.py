@@ -406,9 +406,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._suppressed: dict[str, int] = {}
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED, nothing to protect
             return handler
@@ -437,11 +438,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     exc.code.name, exc.reason, self._suppressed.pop(key, 0))
 
 
-def _refusal(handler: grpc.RpcMethodHandler, exc: AuthError, method: str,
-             on_refused: Callable[[AuthError, str, str], None]) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler[Any, Any], exc: AuthError, method: str,
+             on_refused: Callable[[AuthError, str, str], None]) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same shape as `handler` that aborts the call with `exc`."""
 
-    async def abort(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def abort(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         on_refused(exc, method, context.peer())
         await context.abort(exc.code, exc.message)
 

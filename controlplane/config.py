@@ -54,3 +54,8 @@ class ControllerConfig:
     tls_key: str = ""
     # Base URL of a Grafana holding manifests/grafana/; the dashboard's workload page links to it.
     grafana_url: str = ""
+    # Where stat/edges/routes are answered from (controlplane/promstore.py): "memory" (the agents'
+    # reports, kept here) or "prometheus" (PromQL against prometheus_url); a request may ask for either.
+    stat_backend: str = "memory"
+    prometheus_url: str = ""
+    prometheus_timeout_s: float = 10.0

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any, TypeVar
 
 from nodemesh.api import tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -31,9 +32,10 @@ from nodemesh.api.model import (
     TCP_READ_BYTES_TOTAL,
     TCP_WRITE_BYTES_TOTAL,
 )
+from nodemesh.controlplane import promstore
 from nodemesh.controlplane import routes as routesmod
 from nodemesh.controlplane import stat as statmod
-from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
+from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, SeriesStore, series_key
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta
 from nodemesh.controlplane.identityfeed import IdentityFeed
@@ -42,6 +44,9 @@ from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.routeconfig import workload_routes
 from nodemesh.controlplane.sources import ClusterSource
 from nodemesh.controlplane.tap import TapSession
+
+# What the API's stat-like calls answer: each carries `error` and `warning`.
+_Answer = TypeVar("_Answer", pb.StatResponse, pb.EdgesResponse, pb.RoutesResponse)
 
 log = logging.getLogger("nodemesh.controlplane")
 
@@ -117,6 +122,9 @@ class Controller:
         # Route series apart (controlplane/routes.py): route cardinality never reaches `stat`.
         self.route_aggregator = Aggregator(retention_s=config.retention_s)
         self.route_cap = routesmod.RouteCap(config.max_routes)
+        # `--backend prometheus` (controlplane/promstore.py): the same questions, answered by PromQL.
+        self.prometheus = (promstore.PrometheusStore(config.prometheus_url, config.prometheus_timeout_s)
+                           if config.prometheus_url else None)
         self.metrics = ControllerMetrics()
         self.started_ms = int(time.time() * 1000)
         self.version = controller_version()
@@ -162,6 +170,8 @@ class Controller:
             session.outbox.put_nowait(_CLOSE)
         if self.source is not None:
             await self.source.stop()
+        if self.prometheus is not None:
+            await self.prometheus.close()
 
     @property
     def ready(self) -> bool:
@@ -461,27 +471,75 @@ class Controller:
             captured_namespaces=set(self.captured_namespaces()),
         )
 
-    def stat(self, req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
+    def stat(self, req: pb.StatRequest, now: float | None = None,
+             store: SeriesStore | None = None) -> pb.StatResponse:
         started = time.perf_counter()
         try:
-            return statmod.stat_summary(self.registry, self.aggregator, self.mesh_view(), req, now)
+            return statmod.stat_summary(self.registry, store or self.aggregator, self.mesh_view(), req, now)
         finally:
             self.metrics.stat_latency.observe(time.perf_counter() - started)
 
-    def edges(self, req: pb.EdgesRequest, now: float | None = None) -> pb.EdgesResponse:
-        return statmod.edges(self.registry, self.aggregator, req, now)
+    def edges(self, req: pb.EdgesRequest, now: float | None = None,
+              store: SeriesStore | None = None) -> pb.EdgesResponse:
+        return statmod.edges(self.registry, store or self.aggregator, req, now)
 
-    def routes(self, req: pb.RoutesRequest, now: float | None = None) -> pb.RoutesResponse:
-        return routesmod.route_summary(self.registry, self.route_aggregator, req, now)
+    def routes(self, req: pb.RoutesRequest, now: float | None = None,
+               store: SeriesStore | None = None) -> pb.RoutesResponse:
+        return routesmod.route_summary(self.registry, store or self.route_aggregator, req, now)
+
+    # The API's entry points: the backend a request names (or the controller's default) answers.
+    async def answer_stat(self, req: pb.StatRequest) -> pb.StatResponse:
+        return await self._answer(req, promstore.PEER, self.stat, pb.StatResponse)
+
+    async def answer_edges(self, req: pb.EdgesRequest) -> pb.EdgesResponse:
+        return await self._answer(req, promstore.PEER, self.edges, pb.EdgesResponse)
+
+    async def answer_routes(self, req: pb.RoutesRequest) -> pb.RoutesResponse:
+        return await self._answer(req, promstore.ROUTE, self.routes, pb.RoutesResponse)
+
+    async def _answer(self, req: Any, family: promstore.Family,
+                      ask: Callable[[Any, float | None, SeriesStore | None], _Answer],
+                      response: Callable[..., _Answer]) -> _Answer:
+        try:
+            store, now = await self._store(req.backend, family, req.window_seconds)
+        except statmod.StatError as exc:
+            return response(error=str(exc))
+        answer = ask(req, now, store)
+        if isinstance(store, promstore.Snapshot) and not answer.error:
+            ready = len({s.node for s in self.sessions.values() if s.ready})
+            if store.agents_scraped < ready:
+                # Numbers from Prometheus are only as complete as its scrapes: say so, never silently.
+                answer.warning = (f"Prometheus holds current metrics of {store.agents_scraped} of the {ready} "
+                                  f"agents connected: traffic through the others is missing (check its scrape "
+                                  f"targets and their credential)")
+        return answer
+
+    async def _store(self, backend: str, family: promstore.Family,
+                     window_seconds: int) -> tuple[SeriesStore | None, float | None]:
+        """None (the in-memory aggregators) or a Prometheus snapshot of `family` over the window."""
+        backend = backend or self.config.stat_backend
+        if backend == promstore.MEMORY:
+            return None, None
+        if backend != promstore.PROMETHEUS:
+            raise statmod.StatError(f"unknown backend {backend!r}: expected one of {', '.join(promstore.BACKENDS)}")
+        if self.prometheus is None:
+            raise statmod.StatError("the prometheus backend is not configured: start the controller with "
+                                    "--prometheus-url (nodemesh install --prometheus sets it)")
+        window = statmod.check_window(int(window_seconds))
+        now = time.time()
+        try:
+            return await self.prometheus.snapshot(family, window, now), now
+        except promstore.PrometheusError as exc:
+            raise statmod.StatError(f"prometheus backend: {exc}") from None
 
     def check(self) -> pb.CheckResponse:
         now = time.time()
         by_node: dict[str, AgentSession] = {}
-        for s in self.sessions.values():
-            cur = by_node.get(s.node)
+        for agent in self.sessions.values():
+            cur = by_node.get(agent.node)
             # During a rolling update two agents share a node: report the ready, newer one.
-            if cur is None or (s.ready, s.connected_at) > (cur.ready, cur.connected_at):
-                by_node[s.node] = s
+            if cur is None or (agent.ready, agent.connected_at) > (cur.ready, cur.connected_at):
+                by_node[agent.node] = agent
         nodes = sorted({n.name for n in self.registry.nodes()} | set(by_node))
         resp = pb.CheckResponse(controller_version=self.version, time_ms=int(now * 1000))
         for name in nodes:
@@ -560,7 +618,7 @@ class Controller:
             raise TapLimitError(f"{len(self._taps)} taps are open, the most this controller allows "
                                 f"(--tap-max-taps {self.config.tap_max_taps}): close one and retry")
 
-    async def tap(self, flt: pb.TapFilter) -> AsyncIterator[pb.TapEvent]:
+    async def tap(self, flt: pb.TapFilter) -> AsyncGenerator[pb.TapEvent, None]:
         """Merged TapEvents for `flt` until the caller stops iterating (closing the tap on every
         agent). Raises StatError for a bad filter before anything is opened."""
         self.validate_tap(flt)

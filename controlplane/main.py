@@ -131,6 +131,13 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--grafana-url", default="", metavar="URL",
                    help="Grafana base URL (with manifests/grafana/ loaded): the dashboard links workloads to it")
+    p.add_argument("--stat-backend", choices=("memory", "prometheus"), default=ControllerConfig.stat_backend,
+                   help="where stat/edges/routes are answered from when a request does not say")
+    p.add_argument("--prometheus-url", default="", metavar="URL",
+                   help="Prometheus scraping the agents (e.g. http://prometheus.nodemesh.svc:9090): "
+                        "enables --backend prometheus")
+    p.add_argument("--prometheus-timeout", type=float, default=ControllerConfig.prometheus_timeout_s,
+                   metavar="SECONDS", help="longest wait for Prometheus' answers to one request")
     auth = p.add_argument_group("authentication of the gRPC API (docs/controlplane.md)")
     auth.add_argument("--token-file", default="", metavar="PATH",
                       help="accept the bearer token in this file (re-read when it changes); the sandbox's mode")
@@ -158,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         p.error("--source sandbox needs --state-dir")
     if a.token_file and a.token_review:
         p.error("--token-file and --token-review are exclusive: pick one")
+    if a.stat_backend == "prometheus" and not a.prometheus_url:
+        p.error("--stat-backend prometheus needs --prometheus-url")
     if a.token_review and a.source != "kubernetes":
         p.error("--token-review needs --source kubernetes (the sandbox uses --token-file)")
     return ControllerConfig(
@@ -176,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
         token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
+        stat_backend=a.stat_backend, prometheus_url=a.prometheus_url,
+        prometheus_timeout_s=a.prometheus_timeout,
         tls_cert=a.tls_cert, tls_key=a.tls_key,
     )
 

@@ -64,8 +64,8 @@ def workload_routes(registry: WorkloadRegistry) -> list[pb.WorkloadRoutes]:
             parsed = _gateway_rules(route, grpc=kind == GRPC_ROUTE)
             if not parsed:
                 continue
-            for svc in _parent_services(route):
-                for key in behind.get(svc, ()):
+            for parent in _parent_services(route):
+                for key in behind.get(parent, ()):
                     rules.setdefault(key, []).extend(parsed)
     return [pb.WorkloadRoutes(workload=pb.Resource(namespace=ns, type=type_, name=name), rules=r)
             for (ns, type_, name), r in sorted(rules.items())]

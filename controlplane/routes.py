@@ -31,7 +31,7 @@ from nodemesh.api.model import (
     UNKNOWN_KIND,
     is_automatic_route,
 )
-from nodemesh.controlplane.aggregate import Aggregator, SeriesKey, Totals
+from nodemesh.controlplane.aggregate import SeriesKey, SeriesStore, Totals
 from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.stat import (
     WORKLOAD_TYPES,
@@ -82,7 +82,7 @@ class RouteCap:
         self._seen = live
 
 
-def route_summary(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.RoutesRequest,
+def route_summary(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.RoutesRequest,
                   now: float | None = None) -> pb.RoutesResponse:
     try:
         return pb.RoutesResponse(rows=_rows(registry, aggregator, req, now))
@@ -121,7 +121,7 @@ def _side(side: str, namespace: str, type_: str, name: str) -> Predicate:
     return lambda k: k[ns_i] == namespace and k[kind_i] == type_ and k[name_i] == name
 
 
-def _rows(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.RoutesRequest,
+def _rows(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.RoutesRequest,
           now: float | None) -> list[pb.RouteRow]:
     window = check_window(int(req.window_seconds))
     default_ns = req.selector.namespace or "default"

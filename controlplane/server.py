@@ -20,13 +20,18 @@ from nodemesh.controlplane.tap import tap_scope
 
 log = logging.getLogger("nodemesh.controlplane.server")
 
+# A servicer's call context, typed by its request and response messages.
+Context = grpc.aio.ServicerContext
+
+
 class ControllerServicer(pb_grpc.ControllerServicer):
     def __init__(self, controller: Controller, authenticator: Authenticator | None = None) -> None:
         self.controller = controller
         self.authenticator = authenticator
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ControllerMessage]:
+                      context: Context[pb.AgentMessage, pb.ControllerMessage],
+                      ) -> AsyncIterator[pb.ControllerMessage]:
         try:
             async for msg in self.controller.serve_agent(request_iterator):
                 yield msg
@@ -34,23 +39,23 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def StatSummary(self, request: pb.StatRequest,
-                          context: grpc.aio.ServicerContext) -> pb.StatResponse:
-        return self.controller.stat(request)
+                          context: Context[pb.StatRequest, pb.StatResponse]) -> pb.StatResponse:
+        return await self.controller.answer_stat(request)
 
     async def Edges(self, request: pb.EdgesRequest,
-                    context: grpc.aio.ServicerContext) -> pb.EdgesResponse:
-        return self.controller.edges(request)
+                    context: Context[pb.EdgesRequest, pb.EdgesResponse]) -> pb.EdgesResponse:
+        return await self.controller.answer_edges(request)
 
     async def Routes(self, request: pb.RoutesRequest,
-                     context: grpc.aio.ServicerContext) -> pb.RoutesResponse:
-        return self.controller.routes(request)
+                     context: Context[pb.RoutesRequest, pb.RoutesResponse]) -> pb.RoutesResponse:
+        return await self.controller.answer_routes(request)
 
     async def Check(self, request: pb.CheckRequest,
-                    context: grpc.aio.ServicerContext) -> pb.CheckResponse:
+                    context: Context[pb.CheckRequest, pb.CheckResponse]) -> pb.CheckResponse:
         return self.controller.check()
 
     async def Tap(self, request: pb.TapRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TapEvent]:
+                  context: Context[pb.TapRequest, pb.TapEvent]) -> AsyncIterator[pb.TapEvent]:
         try:
             self.controller.validate_tap(request.filter)
         except StatError as exc:

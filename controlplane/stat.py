@@ -21,7 +21,7 @@ from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import Requirement
 from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
-from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, Totals
+from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, SeriesStore, Totals
 from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
 
 DEFAULT_WINDOW_S = 60
@@ -123,7 +123,7 @@ def _check_namespace(registry: WorkloadRegistry, namespace: str) -> None:
         raise StatError(f'namespace "{namespace}" not found')
 
 
-def stat_summary(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView,
+def stat_summary(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView,
                  req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
     try:
         return pb.StatResponse(rows=_stat_rows(registry, aggregator, mesh, req, now))
@@ -150,7 +150,7 @@ def _selector_type(selector: pb.Resource, supported: frozenset[str], verb: str) 
     return type_
 
 
-def _stat_rows(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView, req: pb.StatRequest,
+def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView, req: pb.StatRequest,
                now: float | None) -> list[pb.StatRow]:
     type_ = _selector_type(req.selector, STAT_TYPES, "stat")
     window = check_window(int(req.window_seconds))
@@ -185,7 +185,7 @@ def _stat_rows(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshVie
     return rows
 
 
-def _rows_for(registry: WorkloadRegistry, aggregator: Aggregator, mesh: MeshView, type_: str,
+def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView, type_: str,
               resources: list[ResourceInfo], src: tuple[str, str, str] | None,
               dst: tuple[str, str, str] | None, window: int, now: float | None) -> list[pb.StatRow]:
     # The side of each series that a row stands for, and the filter every series must pass.
@@ -283,7 +283,7 @@ def _row(r: ResourceInfo, type_: str, totals: Totals, mesh: MeshView) -> pb.Stat
 
 
 # ------------------------------------------------------------------ Edges
-def edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesRequest,
+def edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesRequest,
           now: float | None = None) -> pb.EdgesResponse:
     try:
         return pb.EdgesResponse(edges=_edges(registry, aggregator, req, now))
@@ -291,7 +291,7 @@ def edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesReque
         return pb.EdgesResponse(error=str(exc))
 
 
-def _edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesRequest,
+def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesRequest,
            now: float | None) -> list[pb.Edge]:
     type_ = _selector_type(req.selector, EDGE_TYPES, "edges")
     window = check_window(int(req.window_seconds))
@@ -309,8 +309,8 @@ def _edges(registry: WorkloadRegistry, aggregator: Aggregator, req: pb.EdgesRequ
             continue
         if not req.all_namespaces:
             # An edge belongs to a namespace when either end lives there.
-            ns_of = (lambda e: e[2]) if type_ == "namespace" else (lambda e: e[0])
-            if namespace not in (ns_of(pair[0]), ns_of(pair[1])):
+            at = 2 if type_ == "namespace" else 0  # a namespace's name, else a resource's namespace
+            if namespace not in (pair[0][at], pair[1][at]):
                 continue
         if req.selector.name and req.selector.name not in (pair[0][2], pair[1][2]):
             continue

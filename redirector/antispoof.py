@@ -91,7 +91,7 @@ def discover(ipr: Any, pod_cidrs: Iterable[str]) -> tuple[list[Binding], set[str
     nets = [n for n in nets if n.version == 4]
 
     def ours(ip: str | None) -> bool:
-        return bool(ip) and any(ipaddress.ip_address(ip) in n for n in nets)
+        return ip is not None and ip != "" and any(ipaddress.ip_address(ip) in n for n in nets)
 
     links = {link["index"]: link for link in ipr.get_links()}
     names = {i: link.get_attr("IFLA_IFNAME") for i, link in links.items()}

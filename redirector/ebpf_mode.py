@@ -14,19 +14,18 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from nodemesh.redirector import ebpf
-from nodemesh.redirector.apply import Netfilter, Redirector
+from nodemesh.redirector.apply import Redirector
 from nodemesh.redirector.config import CaptureConfig
 from nodemesh.redirector.plan import Plan
 
 
-class EbpfRedirector:
+class EbpfRedirector(Redirector):
+    """A Redirector (the runner drives it as one) whose capture switch is also the eBPF one."""
+
     def __init__(self, inner: Redirector, capture: ebpf.EbpfCapture) -> None:
+        super().__init__(inner.nf)
         self.inner = inner
         self.ebpf = capture
-
-    @property
-    def nf(self) -> Netfilter:
-        return self.inner.nf
 
     def apply(self, plan: Plan, capture: bool = True) -> bool:
         changed = self.inner.apply(plan, capture)
@@ -60,7 +59,7 @@ class EbpfRedirector:
 
 
 def choose(config: CaptureConfig, inner: Redirector, bpf_dir: str, cgroup_root: str,
-           log: Callable[..., None]) -> tuple[CaptureConfig, Redirector | EbpfRedirector]:
+           log: Callable[..., None]) -> tuple[CaptureConfig, Redirector]:
     """The capture this node can run: eBPF when asked and possible, else iptables (logged once)."""
     if config.capture != "ebpf":
         return config, inner

@@ -110,7 +110,7 @@ class FailOpenRunner:
         self.synced_once = False       # an excluded list from a synced agent was seen (see step)
         self.adopted = False           # capturing with hooks found at start, plan not ours yet
         self.waiting_logged = False
-        self._presence = None
+        self._presence: socket.socket | None = None
         self._agent_links: dict[str, socket.socket] = {}
         self._dead_agents: set[str] = set()
         self._stop = threading.Event()

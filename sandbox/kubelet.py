@@ -513,7 +513,7 @@ class Kubelet:
                     self.dirty = True  # a deleted pod's container is gone: record it terminated
             elif not hasattr(p, "_nm_killed_at"):
                 p._nm_killed_at = time.monotonic()  # type: ignore[attr-defined]
-            elif time.monotonic() - p._nm_killed_at > getattr(p, "_nm_grace", 3.0):  # type: ignore[attr-defined]
+            elif time.monotonic() - p._nm_killed_at > getattr(p, "_nm_grace", 3.0):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
 

@@ -127,6 +127,14 @@ def create_node(cluster: str, plan: AddressPlan, k: int, cni: str, all_nodes: li
         "net.ipv4.ip_forward": "1",
         "net.ipv4.conf.all.rp_filter": "0",
         "net.ipv4.conf.default.rp_filter": "0",
+        # What kube-proxy sets on every node at start (its `conntrack` config defaults:
+        # tcpEstablishedTimeout 24h, tcpCloseWaitTimeout 1h). The kernel's own close_wait timeout
+        # is 60 s: a connection one side half-closed longer than that leaves conntrack while both
+        # sockets live on, and a new connection NATed onto the same tuple then meets the old
+        # socket (SYN challenge ACKs, connect delays) — a node without kube-proxy's values is not
+        # what the mesh meets in a cluster.
+        "net.netfilter.nf_conntrack_tcp_timeout_established": "86400",
+        "net.netfilter.nf_conntrack_tcp_timeout_close_wait": "3600",
     }
     cidr = plan.pod_cidr(k)
     bridge = None

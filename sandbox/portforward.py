@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from pathlib import Path
@@ -76,7 +77,7 @@ class Forwarder:
 
 
 async def serve(fwd: Forwarder, host: str, ports: list[int]) -> None:
-    servers = [await asyncio.start_server(lambda r, w, p=port: fwd.handle(p, r, w), host, port, reuse_address=True)
+    servers = [await asyncio.start_server(functools.partial(fwd.handle, port), host, port, reuse_address=True)
                for port in ports]
     log.info("event=port_forward_listening host=%s ports=%s", host, ports)
     stop = asyncio.Event()

@@ -435,19 +435,21 @@ class TapRequest(_message.Message):
     def __init__(self, filter: _Optional[_Union[TapFilter, _Mapping]] = ...) -> None: ...
 
 class StatRequest(_message.Message):
-    __slots__ = ("selector", "all_namespaces", "to", "window_seconds", "label_selector")
+    __slots__ = ("selector", "all_namespaces", "to", "window_seconds", "label_selector", "backend")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ALL_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     selector: Resource
     all_namespaces: bool
     to: Resource
     window_seconds: int
     label_selector: str
-    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., label_selector: _Optional[str] = ..., **kwargs) -> None: ...
+    backend: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., label_selector: _Optional[str] = ..., backend: _Optional[str] = ..., **kwargs) -> None: ...
 
 class StatRow(_message.Message):
     __slots__ = ("resource", "meshed_pods", "total_pods", "status", "has_traffic", "success_count", "failure_count", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "tcp_open_connections", "tcp_read_bytes_rate", "tcp_write_bytes_rate", "has_tcp")
@@ -484,22 +486,26 @@ class StatRow(_message.Message):
     def __init__(self, resource: _Optional[_Union[Resource, _Mapping]] = ..., meshed_pods: _Optional[int] = ..., total_pods: _Optional[int] = ..., status: _Optional[str] = ..., has_traffic: _Optional[bool] = ..., success_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., rps: _Optional[float] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ..., latency_ms_p99: _Optional[float] = ..., tcp_open_connections: _Optional[float] = ..., tcp_read_bytes_rate: _Optional[float] = ..., tcp_write_bytes_rate: _Optional[float] = ..., has_tcp: _Optional[bool] = ...) -> None: ...
 
 class StatResponse(_message.Message):
-    __slots__ = ("rows", "error")
+    __slots__ = ("rows", "error", "warning")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[StatRow]
     error: str
-    def __init__(self, rows: _Optional[_Iterable[_Union[StatRow, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    warning: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[StatRow, _Mapping]]] = ..., error: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class EdgesRequest(_message.Message):
-    __slots__ = ("selector", "all_namespaces", "window_seconds")
+    __slots__ = ("selector", "all_namespaces", "window_seconds", "backend")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ALL_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     selector: Resource
     all_namespaces: bool
     window_seconds: int
-    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., window_seconds: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class Edge(_message.Message):
     __slots__ = ("src", "dst", "client_id", "server_id", "no_identity_msg")
@@ -516,22 +522,26 @@ class Edge(_message.Message):
     def __init__(self, src: _Optional[_Union[Resource, _Mapping]] = ..., dst: _Optional[_Union[Resource, _Mapping]] = ..., client_id: _Optional[str] = ..., server_id: _Optional[str] = ..., no_identity_msg: _Optional[str] = ...) -> None: ...
 
 class EdgesResponse(_message.Message):
-    __slots__ = ("edges", "error")
+    __slots__ = ("edges", "error", "warning")
     EDGES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     edges: _containers.RepeatedCompositeFieldContainer[Edge]
     error: str
-    def __init__(self, edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    warning: str
+    def __init__(self, edges: _Optional[_Iterable[_Union[Edge, _Mapping]]] = ..., error: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class RoutesRequest(_message.Message):
-    __slots__ = ("selector", "to", "window_seconds")
+    __slots__ = ("selector", "to", "window_seconds", "backend")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     selector: Resource
     to: Resource
     window_seconds: int
-    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., to: _Optional[_Union[Resource, _Mapping]] = ..., window_seconds: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class RouteRow(_message.Message):
     __slots__ = ("route", "service", "destination", "has_traffic", "success_count", "failure_count", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "request_count")
@@ -560,12 +570,14 @@ class RouteRow(_message.Message):
     def __init__(self, route: _Optional[str] = ..., service: _Optional[str] = ..., destination: _Optional[_Union[Resource, _Mapping]] = ..., has_traffic: _Optional[bool] = ..., success_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., rps: _Optional[float] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ..., latency_ms_p99: _Optional[float] = ..., request_count: _Optional[int] = ...) -> None: ...
 
 class RoutesResponse(_message.Message):
-    __slots__ = ("rows", "error")
+    __slots__ = ("rows", "error", "warning")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[RouteRow]
     error: str
-    def __init__(self, rows: _Optional[_Iterable[_Union[RouteRow, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    warning: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[RouteRow, _Mapping]]] = ..., error: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
     __slots__ = ()

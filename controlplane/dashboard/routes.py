@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.rows import stat_row_json
 from nodemesh.controlplane import webauth
 from nodemesh.controlplane.auth import AuthError
 from nodemesh.controlplane.controller import Controller, TapLimitError
@@ -107,7 +108,7 @@ def _stat_payload(controller: Controller, reqs: list[pb.StatRequest]) -> dict[st
     now = time.time()
     rows = views.stat_rows(controller, reqs, now)
     return {"time_ms": int(now * 1000), "window_s": reqs[0].window_seconds,
-            "rows": [views.stat_row_json(r) for r in rows]}
+            "rows": [stat_row_json(r) for r in rows]}
 
 
 def _sse(event: str, data: Any) -> bytes:

@@ -71,7 +71,8 @@ def _peer_rows(controller: Controller, me: pb.Resource, window_s: int,
     if resp.error:
         raise ApiError(resp.error, _error_status(resp.error))
     mine = (me.namespace, me.type, me.name)
-    callers, callees = [], []
+    callers: list[dict[str, Any]] = []
+    callees: list[dict[str, Any]] = []
     for edge in resp.edges:
         src = (edge.src.namespace, edge.src.type, edge.src.name)
         dst = (edge.dst.namespace, edge.dst.type, edge.dst.name)

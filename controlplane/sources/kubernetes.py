@@ -29,7 +29,7 @@ from typing import Any
 
 import urllib3
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from nodemesh.controlplane.registry import WATCHED_KINDS, WorkloadRegistry
 from nodemesh.controlplane.sources import ClusterSource
 

@@ -129,7 +129,7 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             node.attach_worker(0, parent_end)
             await worker.start()
             # Identity flows controller -> node -> worker.
-            await wait_for(lambda: worker.index.lookup(VOTING) is not None, what="identity at the worker")
+            await wait_for(lambda: worker.index.owner(VOTING) is not None, what="identity at the worker")
             assert worker.index.peer_labels(VOTING)[2] == "voting"
             hello = ctl.of("hello")[0].hello
             assert hello.node == "node-1" and hello.agent_id == node.agent_id
@@ -260,7 +260,7 @@ def test_report_accepts_an_identity_snapshot_over_4mib() -> None:
         node = NodeTelemetry(cfg)
         try:
             await node.start()
-            await wait_for(lambda: node.index.lookup("10.100.195.79") is not None, timeout=30,
+            await wait_for(lambda: node.index.owner("10.100.195.79") is not None, timeout=30,
                            what="the big identity at the agent")
             assert node.controller_link.connects == 1
         finally:

@@ -50,7 +50,8 @@ def test_identity_file_capture_endpoint_and_reload(tmp_path: Path) -> None:
             await node.start()
             node.attach_worker(0, parent_end)
             await worker.start()
-            assert await worker.wait_identity(5)
+            await wait_for(lambda: asyncio.sleep(0, result=worker.index.generation > 0), timeout=5,
+                           what="first identity at the worker")
             assert worker.index.peer_labels("10.244.1.5")[1:3] == ("deployment", "web")
             assert worker.index.service_endpoints("10.96.0.10", 80) == [("10.244.1.5", 8080)]
             base = f"http://127.0.0.1:{node.admin.port}"
@@ -68,7 +69,7 @@ def test_identity_file_capture_endpoint_and_reload(tmp_path: Path) -> None:
                     "10.244.1.20", "10.244.1.21", "10.244.1.30"]
 
             await wait_for(reloaded, what="/capture after reload")
-            await wait_for(lambda: asyncio.sleep(0, result=worker.index.lookup("10.244.1.30") is not None),
+            await wait_for(lambda: asyncio.sleep(0, result=worker.index.owner("10.244.1.30") is not None),
                            what="reloaded identity at the worker")
             # close_admin (drain start): the admin port stops answering.
             node.close_admin()

@@ -37,7 +37,10 @@ def worker_main(cfg: AgentConfig, end: ChannelEnd, index: int, n: int, wait_tap:
     async def main() -> None:
         tel = WorkerTelemetry(cfg, end, index)
         await tel.start()
-        assert await tel.wait_identity(10)
+        deadline = time.monotonic() + 10  # the parent sends the identity right after attach_worker
+        while not tel.index.generation:
+            assert time.monotonic() < deadline, "no identity from the parent"
+            await asyncio.sleep(0.01)
         if wait_tap:
             while not tel.taps.taps:
                 await asyncio.sleep(0.01)

@@ -35,7 +35,7 @@ def faults(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """A cluster of its own (not the package's shared one): run right after the connect storms
     (32,000 connects leaving their TIME_WAIT and conntrack entries), the cross-node caller's count came
     out a few hundred short in 2 of 3 full runs (the server's side exact), never alone. Not proven why;
-    the suspect is the capture's folded tuples after the storms (docs/agent.md, Known gaps). Counting
+    perhaps the connect timeouts after floods (docs/agent.md, Known gaps). Counting
     across a controller restart is what this row checks, on nodes that start clean."""
     with faults_cluster(request.param, tmp_path_factory.mktemp(f"faults-controller-{request.param}")) as f:
         yield f

@@ -70,17 +70,15 @@ def test_faults_idle_connections_10k(faults: Faults, route: str, tmp_path: Path)
               f"failed={out['failed']} after_idle_failed={out['after_idle_failed']} "
               f"open_seconds={out['open_seconds']} worker_fds={fds} nofile={limits} pss_kb before={before} "
               f"held={held} after={after} bytes_per_idle_connection={per_conn} given_back={given_back}")
-        # Every connection that opened works, before and after idling. Connects that time out are
-        # the known capture defect (docs/agent.md, Known gaps: REDIRECT folds every destination of a
-        # pod onto one agent address, so a source port the pod still uses towards another server,
-        # or one an agent socket of an earlier test still holds, meets that socket; seen after the
-        # fairness floods, 178-259 of 10,150): held to 3 % and printed, not hidden.
-        # A colliding SYN's challenge ACK draws the client's RST, which resets the connection the
-        # tuple belonged to: a few of the open ones then fail their second echo (10 seen).
+        # Every connection opens and works, before and after idling. 178-259 of 10,150 connects
+        # timed out here (and a few open ones were reset) while the sandbox nodes had the kernel's
+        # 60 s conntrack close_wait: a pod's reused source port was NATed onto an agent socket
+        # conntrack had forgotten (docs/agent.md, Known gaps). With kube-proxy's 3600 s: 0 of 10,150,
+        # routed sandbox, same-node and cross-node. A margin of 0.1 % for a loaded machine, printed.
         timeouts = out["failed"].get("timeout", 0)
-        assert set(out["failed"]) <= {"timeout"} and timeouts <= 0.03 * IDLE, out
+        assert set(out["failed"]) <= {"timeout"} and timeouts <= 0.001 * IDLE, out
         assert out["open"] == IDLE - timeouts, out
-        assert set(out["after_idle_failed"]) <= {"reset"} and sum(out["after_idle_failed"].values()) <= 0.01 * IDLE, out
+        assert set(out["after_idle_failed"]) <= {"reset"} and sum(out["after_idle_failed"].values()) <= 0.001 * IDLE, out
     hard = nofile_hard()
     (_, _, held1, after1), (_, _, _, after2) = rounds
     for n in nodes:

@@ -97,9 +97,11 @@ def test_exited_container_restarts_with_backoff_and_counts(cluster: Sandbox) -> 
     # the delay before restart n is base * 2^(n-1): 1 s, 2 s, 4 s (plus the run time of `sh`)
     times = {c: t for c, t in seen}
     first, gap1, gap2 = times[1] - times[0], times[2] - times[1], times[3] - times[2]
-    assert 0.9 < first < 2.0, seen
-    assert 1.9 < gap1 < 3.0, seen
-    assert 3.9 < gap2 < 5.0, seen
+    # Lower bounds prove the back-off; the upper ones leave 1.6 s for `sh` and the kubelet's poll on
+    # a busy machine (2.04 s seen for the first on a loaded 2-core run) and still tell 1, 2, 4 apart.
+    assert 0.9 < first < 2.6, seen
+    assert 1.9 < gap1 < 3.6, seen
+    assert 3.9 < gap2 < 5.6, seen
     assert "waiting" in statuses
     log = cluster.logs("default", next(p["metadata"]["name"] for p in cluster.pods("default")
                                        if p["metadata"]["name"].startswith("crasher-")))

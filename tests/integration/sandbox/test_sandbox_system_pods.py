@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -82,6 +83,7 @@ review = client.AuthenticationV1Api().create_token_review(client.V1TokenReview(
     spec=client.V1TokenReviewSpec(token=sys.argv[1], audiences=["aud1"])))
 out["review"] = [review.status.authenticated, review.status.user.username if review.status.user else None]
 rv = v1.list_namespace().metadata.resource_version
+print("watching", flush=True)  # the test adds the namespace only now: a later one is what it watches for
 for event in watch.Watch().stream(v1.list_namespace, resource_version=rv, timeout_seconds=20):
     if event["object"].metadata.name == "late":
         out["watched"] = event["type"]
@@ -147,7 +149,10 @@ def test_sandbox_api_server_serves_the_kubernetes_client(sb: Sandbox) -> None:
     proc = subprocess.Popen(["ip", "netns", "exec", sb.pod_netns("shop", client), PY, "-c", CLIENT, token],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KUBECONFIG": str(kubeconfig)})
-    time.sleep(3)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)   # imports and three calls first: slow when busy
+    first = proc.stdout.readline() if ready else ""
+    assert first.strip() == "watching", (first, proc.poll())
     sb.apply(text="apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n")
     out, err = proc.communicate(timeout=40)
     assert proc.returncode == 0, err[-2000:]

@@ -145,6 +145,17 @@ class Mesh:
                 *args, "--out", str(out)]
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
+    def run_clients(self, tmp_path: Path, duration: float, tag: str, rate: float) -> dict[str, list[Record]]:
+        """Both clients against the `server` ClusterIP at `rate` for `duration`; their records."""
+        ip = self.service_ip("server")
+        procs = {}
+        for client in ("client1", "client2"):
+            out = tmp_path / f"{tag}-{client}.json"
+            procs[client] = (out, self.loadgen(self.pod(client), out, "http", "--target", f"{ip}:80",
+                                               "--host", f"server.{NS}", "--rate", str(rate),
+                                               "--duration", str(duration)))
+        return {c: Mesh.wait_records(p, out, duration + 30) for c, (out, p) in procs.items()}
+
     @staticmethod
     def wait_records(proc: subprocess.Popen[bytes], out: Path, timeout: float) -> list[Record]:
         try:

@@ -21,7 +21,6 @@ from stat_harness import (
     NS,
     Check,
     Mesh,
-    Record,
     StatAnswer,
     broken_records,
     count_ended,
@@ -47,25 +46,13 @@ def mesh() -> Iterator[Mesh]:
         yield m
 
 
-def run_clients(mesh: Mesh, tmp_path: Path, duration: float, tag: str) -> dict[str, list[Record]]:
-    """Both clients against the `server` ClusterIP at RATE for `duration`; their records."""
-    ip = mesh.service_ip("server")
-    procs = {}
-    for client in ("client1", "client2"):
-        out = tmp_path / f"{tag}-{client}.json"
-        procs[client] = (out, mesh.loadgen(mesh.pod(client), out, "http", "--target", f"{ip}:80",
-                                           "--host", f"server.{NS}", "--rate", str(RATE),
-                                           "--duration", str(duration)))
-    return {c: Mesh.wait_records(p, out, duration + 30) for c, (out, p) in procs.items()}
-
-
 # ---------------------------------------------------------------------------- must-show 1
 def test_stat_matches_what_the_clients_saw(mesh: Mesh, tmp_path: Path) -> None:
     server_pods = [p["metadata"]["name"] for p in mesh.pods_of("server")]
     node_of = {p: mesh.node_of(p) for p in [*server_pods, mesh.pod("client1"), mesh.pod("client2")]}
     assert sorted(node_of[p] for p in server_pods) == ["node1", "node2"], node_of
 
-    records = run_clients(mesh, tmp_path, RUN_S, "accuracy")
+    records = mesh.run_clients(tmp_path, RUN_S, "accuracy", RATE)
     everything = [r for recs in records.values() for r in recs]
     assert not broken_records(everything), mesh.explain_broken(everything)
     first_start = min(r["start"] for r in everything)

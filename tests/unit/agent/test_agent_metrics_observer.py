@@ -6,13 +6,13 @@ import pytest
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.metrics import (
     METRICS,
-    SnapshotCollector,
     classify,
     from_series,
     merge,
     to_series,
     without_gauges,
 )
+from nodemesh.agent.metrics_export import SnapshotCollector
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.api.gen import nodemesh_pb2 as pb

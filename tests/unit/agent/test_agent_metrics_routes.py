@@ -5,7 +5,8 @@ in the worker and again in the node's store, and left out entirely when route me
 from __future__ import annotations
 
 from nodemesh.agent.config import AgentConfig
-from nodemesh.agent.metrics import NodeStore, SnapshotCollector, from_series, to_series
+from nodemesh.agent.metrics import NodeStore, from_series, to_series
+from nodemesh.agent.metrics_export import SnapshotCollector
 from nodemesh.agent.observe import ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.api.gen import nodemesh_pb2 as pb

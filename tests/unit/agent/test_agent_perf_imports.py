@@ -35,8 +35,10 @@ def test_agent_entry_point_is_lean_until_the_workers_are_forked() -> None:
     assert heavy == [], heavy
 
 
-def test_metrics_collector_still_importable_from_metrics() -> None:
-    loaded = _modules_after("from nodemesh.agent.metrics import SnapshotCollector\nassert SnapshotCollector")
+def test_metrics_counts_without_prometheus_and_the_collector_brings_it() -> None:
+    # metrics_export imports metrics, never the other way round (no import loop, no lazy attribute).
+    assert "prometheus_client" not in _modules_after("import nodemesh.agent.metrics")
+    loaded = _modules_after("from nodemesh.agent.metrics_export import SnapshotCollector\nassert SnapshotCollector")
     assert "prometheus_client" in loaded
 
 

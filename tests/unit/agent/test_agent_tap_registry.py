@@ -92,7 +92,7 @@ def test_token_bucket_caps_and_refills() -> None:
 
 def events_for(tel: WorkerTelemetry, n: int) -> list[pb.TapEvent]:
     got: list[pb.TapEvent] = []
-    tel.tap_sink = got.append
+    tel._emit = got.append  # type: ignore[method-assign]  # in place of the link to the parent
     meta = ConnectionMeta(7, "outbound", ("10.244.1.5", 41000), ("10.96.0.9", 80), ("10.244.2.7", 8080),
                           "http1", started=time.monotonic())
     c = tel.connection_open(meta)

@@ -93,8 +93,8 @@ def cluster() -> ClusterObjects:
 def test_owner_resolution_and_unknown_ips() -> None:
     idx = PodIndex("node-1")
     idx.update(cluster())
-    web = idx.lookup("10.244.1.5")
-    assert web is not None and (web.workload.kind, web.workload.name, web.pod) == (
+    web = idx.owner("10.244.1.5")
+    assert web is not None and (web.identity.workload.kind, web.identity.workload.name, web.identity.pod) == (
         "deployment", "web", "web-6d9f7c-aaaaa")
     assert idx.peer_labels("10.244.2.7") == ("emojivoto", "deployment", "emoji", "emoji-5c7b8d-bbbbb")
     assert idx.peer_labels("10.244.1.9")[1:3] == ("statefulset", "voting")
@@ -103,7 +103,7 @@ def test_owner_resolution_and_unknown_ips() -> None:
     assert idx.peer_labels("10.244.1.20")[1:3] == ("daemonset", "coredns")
     assert idx.peer_labels("10.244.1.21")[1:3] == ("job", "migrate")
     # Host-network pods don't claim their node's address; unknown IPs are labelled by address.
-    assert idx.lookup("192.168.50.1") is None
+    assert idx.owner("192.168.50.1") is None
     assert idx.peer_labels("192.168.50.1") == ("", "unknown", "192.168.50.1", "")
     assert idx.resource_version == "7"
 
@@ -138,7 +138,7 @@ def test_update_from_snapshot_bytes_replaces_everything() -> None:
     snap.pods.append(pb.Pod(ip="10.244.2.50", namespace="a", name="p", node="node-2",
                             owner=pb.Resource(namespace="a", type="deployment", name="d")))
     idx.update(snap)
-    assert idx.lookup("10.244.2.7") is None and idx.service_of("10.96.0.10", 80) == ""
+    assert idx.owner("10.244.2.7") is None and idx.service_of("10.96.0.10", 80) == ""
     assert idx.peer_labels("10.244.2.50") == ("a", "deployment", "d", "p")
 
 

@@ -138,5 +138,5 @@ def test_removed_pods_and_services_go_away_on_the_agent() -> None:
     assert agent.service_endpoints("10.96.0.10", 80) == [(a.ip, 8080), (b.ip, 8080)]
     feed.update(snap([a]))
     changes = agent.update(feed.message_for(1, agent.version))  # type: ignore[arg-type]
-    assert agent.lookup(b.ip) is None and agent.service_endpoints("10.96.0.10", 80) is None
+    assert agent.owner(b.ip) is None and agent.service_endpoints("10.96.0.10", 80) is None
     assert changes.ips == {b.ip} and changes.cluster_ips == {"10.96.0.10"}

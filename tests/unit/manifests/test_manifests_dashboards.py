@@ -12,23 +12,113 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import promql_parser
 import pytest
 import yaml
-from nodemesh.agent.metrics import METRICS, SnapshotCollector
+from nodemesh.agent.metrics import METRICS
+from nodemesh.agent.metrics_export import SnapshotCollector
 from nodemesh.api import model
 from nodemesh.cli import observability as obs
 from nodemesh.cli.manifest import CONTROLLER_AUDIENCE, render_daemonset
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+# ---------------------------------------------------------------------------- the dashboards' queries
+
+# Labels Prometheus (with manifests/prometheus.yaml's relabeling) puts on every scraped series.
+TARGET_LABELS = ("job", "instance", "node", "pod")
+PROCESS_METRICS = ("process_cpu_seconds_total", "process_resident_memory_bytes")
+
+
+def dashboard_queries() -> Iterator[tuple[str, str, str]]:
+    """(dashboard file, where, PromQL or label_values(...)) for every query of every dashboard."""
+    for filename, dash in obs.dashboards().items():
+        for panel in dash["panels"]:
+            for target in panel.get("targets", []):
+                yield filename, f"panel {panel['id']} {panel['title']!r} {target['refId']}", target["expr"]
+        for var in dash["templating"]["list"]:
+            if var["type"] == "query":
+                yield filename, f"variable {var['name']}", var["query"]["query"]
+
+
+_GRAFANA_VAR = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_.:]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+_LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.*),\s*(?P<label>[A-Za-z_][A-Za-z0-9_]*)\)$")
+
+
+def substitute_grafana_variables(expr: str) -> str:
+    """What Prometheus receives: Grafana's interval variables become durations, the others values."""
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1).strip("{}")
+        return "5m" if name.startswith("__") and name.endswith(("interval", "range")) else "value"
+
+    return _GRAFANA_VAR.sub(one, expr)
+
+
+def query_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) a dashboard query uses, from promql-parser's AST.
+
+    `label_values(SELECTOR, LABEL)` (a Grafana variable query) is checked as SELECTOR plus LABEL.
+    Raises ValueError when the PromQL does not parse.
+    """
+    text = substitute_grafana_variables(expr)
+    extra_labels: set[str] = set()
+    m = _LABEL_VALUES.match(text)
+    if m:
+        text, extra_labels = m.group("selector"), {m.group("label")}
+    ast = promql_parser.parse(text)
+    metrics: set[str] = set()
+    label_names: set[str] = set(extra_labels)
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            if node.name:
+                metrics.add(node.name)
+            label_names.update(mt.name for mt in node.matchers.matchers if mt.name != "__name__")
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            label_names.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            matching = node.modifier.matching
+            if matching is not None:
+                label_names.update(matching.labels)
+
+    promql_parser.walk(ast, visit)
+    return metrics, label_names
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every metric name the dashboards query (for a check against a real agent /metrics scrape)."""
+    names: set[str] = set()
+    for _, _, expr in dashboard_queries():
+        names |= query_names(expr)[0]
+    return names
+
+
+def exported_metric_names() -> set[str]:
+    """The series names an agent's /metrics may carry, per the api/model.py contract."""
+    counters_gauges = {model.REQUEST_TOTAL, model.RESPONSE_TOTAL, model.TCP_OPEN_TOTAL, model.TCP_CLOSE_TOTAL,
+                       model.TCP_OPEN_CONNECTIONS, model.TCP_READ_BYTES_TOTAL, model.TCP_WRITE_BYTES_TOTAL,
+                       model.CAPTURE_INSTALLED, model.ROUTE_REQUEST_TOTAL, model.ROUTE_RESPONSE_TOTAL}
+    histograms = {model.RESPONSE_LATENCY_MS, model.TCP_CONNECTION_DURATION_MS, model.ROUTE_RESPONSE_LATENCY_MS}
+    names = set(counters_gauges) | set(PROCESS_METRICS)
+    for h in histograms:
+        names |= {f"{h}_bucket", f"{h}_sum", f"{h}_count"}
+    # `up` is Prometheus' own per-target series, there for every scrape target.
+    return names | {"up"}
+
+
+def exported_label_names() -> set[str]:
+    return (set(model.PEER_LABELS) | set(model.RESPONSE_LABELS) | set(model.ROUTE_LABELS)
+            | set(model.ROUTE_RESPONSE_LABELS) | {"le"} | set(TARGET_LABELS))
+
+
 REPO = Path(__file__).resolve().parents[3]
 GRAFANA_DIR = REPO / "manifests" / "grafana"
 REGEN = os.environ.get("NODEMESH_REGEN_MANIFESTS") == "1"
-QUERIES = list(obs.dashboard_queries())
+QUERIES = list(dashboard_queries())
 # Series the agent process itself exports (not per-peer): prometheus-client's process collector
 # and the capture-state gauge. `up` is Prometheus' own per-target series.
 AGENT_SELF = {"process_cpu_seconds_total", "process_resident_memory_bytes", model.CAPTURE_INSTALLED}
@@ -68,26 +158,26 @@ def test_manifests_dashboards_have_queries() -> None:
 @pytest.mark.parametrize("filename, where, expr", QUERIES, ids=[f"{q[0]}:{q[1]}" for q in QUERIES])
 def test_manifests_query_parses_and_uses_only_exported_names(filename: str, where: str, expr: str) -> None:
     try:
-        metrics, label_names = obs.query_names(expr)
+        metrics, label_names = query_names(expr)
     except ValueError as exc:
         pytest.fail(f"{filename} {where}: PromQL does not parse: {exc}\n{expr}")
     assert metrics, f"{filename} {where}: no metric selected"
-    unknown = metrics - obs.exported_metric_names()
+    unknown = metrics - exported_metric_names()
     assert not unknown, f"{filename} {where}: metrics agents do not export: {unknown}"
-    unknown_labels = label_names - obs.exported_label_names()
+    unknown_labels = label_names - exported_label_names()
     assert not unknown_labels, f"{filename} {where}: labels agents do not export: {unknown_labels}"
 
 
 def test_manifests_query_check_catches_bad_queries() -> None:
     # The checker itself must be able to fail: a misspelt metric, an unknown label, a syntax error.
-    metrics, label_names = obs.query_names('sum by (dst_nmae) (rate(request_totl{direction="inbound"}[5m]))')
+    metrics, label_names = query_names('sum by (dst_nmae) (rate(request_totl{direction="inbound"}[5m]))')
     assert metrics == {"request_totl"} and label_names == {"dst_nmae", "direction"}
-    assert not metrics <= obs.exported_metric_names()
+    assert not metrics <= exported_metric_names()
     with pytest.raises(ValueError):
-        obs.query_names("sum(rate(request_total[5m])")
-    assert obs.query_names('label_values(request_total{dst_namespace="$namespace"}, dst_name)') == (
+        query_names("sum(rate(request_total[5m])")
+    assert query_names('label_values(request_total{dst_namespace="$namespace"}, dst_name)') == (
         {"request_total"}, {"dst_namespace", "dst_name"})
-    assert obs.query_names("a / on (node) group_left b")[1] == {"node"}
+    assert query_names("a / on (node) group_left b")[1] == {"node"}
 
 
 def _aggregations(expr: str) -> list[Any]:
@@ -97,7 +187,7 @@ def _aggregations(expr: str) -> list[Any]:
         if isinstance(node, promql_parser.AggregateExpr):
             found.append(node)
 
-    promql_parser.walk(promql_parser.parse(obs.substitute_grafana_variables(expr)), visit)
+    promql_parser.walk(promql_parser.parse(substitute_grafana_variables(expr)), visit)
     return found
 
 
@@ -139,12 +229,12 @@ def test_manifests_dashboard_names_appear_in_a_real_agent_scrape() -> None:
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
         for sample in family.samples:
             scraped.setdefault(sample.name, set()).update(sample.labels)
-    wanted = obs.dashboard_metric_names() - AGENT_SELF - {"up"}
+    wanted = dashboard_metric_names() - AGENT_SELF - {"up"}
     assert wanted <= set(scraped), f"dashboards query series the agent does not export: {wanted - set(scraped)}"
-    assert obs.dashboard_metric_names() & AGENT_SELF <= obs.exported_metric_names()
-    scraped_labels = set().union(*scraped.values()) | set(obs.TARGET_LABELS)
+    assert dashboard_metric_names() & AGENT_SELF <= exported_metric_names()
+    scraped_labels = set().union(*scraped.values()) | set(TARGET_LABELS)
     for filename, where, expr in QUERIES:
-        metrics, label_names = obs.query_names(expr)
+        metrics, label_names = query_names(expr)
         if metrics & AGENT_SELF or metrics == {"up"}:
             continue
         assert label_names <= scraped_labels, f"{filename} {where}: {label_names - scraped_labels}"

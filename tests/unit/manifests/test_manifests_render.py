@@ -239,3 +239,17 @@ def test_manifests_captured_namespaces_and_tap_limit_reach_the_controller() -> N
     assert default.captured_namespaces == () and default.tap_max_taps == 10
     chosen = controller_config(["capturedNamespaces=emojivoto,shop", "tapMaxTaps=3"])
     assert chosen.captured_namespaces == ("emojivoto", "shop") and chosen.tap_max_taps == 3
+    assert (default.prometheus_url, default.stat_backend) == ("", "memory")
+    url = "http://nodemesh-prometheus.nodemesh.svc:9090"
+    prom = controller_config([f"prometheusUrl={url}", "statBackend=prometheus"])
+    assert (prom.prometheus_url, prom.stat_backend) == (url, "prometheus")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["statBackend=prometheus"], "needs prometheusUrl"),
+    (["prometheusUrl=nodemesh-prometheus:9090"], r"expected http\(s\)://host:port"),
+    (["statBackend=mongo"], "expected memory or prometheus"),
+])
+def test_manifests_stat_backend_sets_are_checked(sets: list[str], message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        apply_sets(InstallValues(), sets)

@@ -1,0 +1,185 @@
+"""Issue 16 item 3: `stat`, `edges` and `routes` answered from Prometheus (`--backend prometheus`) give
+the numbers the in-memory controller gives, for the same traffic, in the same run.
+
+The real Debian `prometheus` server runs in node1's network namespace (beside the controller, which
+asks it at 127.0.0.1) and scrapes both agents' `:4191/metrics` every 500 ms with the sandbox's
+credential. Two clients send the stat harness's known mix (one server replica per node, every 5th
+request a designed 500, a fixed mix of sleeps) for 20 s; then each question is asked of both
+backends over a window that holds the whole run. Tolerances (the issue's): success within 0.5
+percentage points, RPS within 2 %, each latency quantile in the same Linkerd bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox
+from nodemesh.sandbox.testing import running_sandbox
+from stat_harness import NS, Mesh, broken_records, bucket_of, traffic_manifest, wait_until
+
+pytestmark = pytest.mark.root
+
+PROM_PORT = 19090
+PROCESS = "prometheus"
+RATE = 20.0
+RUN_S = 20.0
+SPAN_S = 45.0     # ask when the series are this old: Prometheus extrapolates by up to a scrape / span
+WINDOW = "1m"
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    assert shutil.which("prometheus"), "Debian's prometheus package is installed by scripts/bootstrap.sh --test"
+    with running_sandbox(nodes=2, manifests=[traffic_manifest()], timeout=60) as sb:
+        controller = install_sandbox(sb.name, timeout=60, progress=lambda msg: None,
+                                     sets=(f"prometheusUrl=http://127.0.0.1:{PROM_PORT}",))
+        state = Path(sb.state_dir)
+        token = (state / TOKEN_FILE).read_text().split()[0]
+        cred = state / "prometheus.token"
+        cred.write_text(token)
+        cred.chmod(0o600)
+        nodes = sb.nodes()
+        config = {
+            "global": {"scrape_interval": "500ms", "scrape_timeout": "450ms"},
+            "scrape_configs": [{
+                "job_name": "nodemesh-agent",
+                "authorization": {"type": "Bearer", "credentials_file": str(cred)},
+                "static_configs": [{"targets": [f"{n.ip}:4191" for n in nodes]}],
+            }],
+        }
+        (state / "prometheus.yml").write_text(yaml.safe_dump(config))
+        sb.start_node_process(nodes[0].name, PROCESS, [
+            "prometheus", f"--config.file={state / 'prometheus.yml'}",
+            f"--storage.tsdb.path={state / 'prometheus-data'}",
+            f"--web.listen-address=0.0.0.0:{PROM_PORT}", "--log.level=warn",
+        ])
+        m = Mesh(sb, controller, (state / TOKEN_FILE).read_text().strip())
+        prom = f"http://{nodes[0].ip}:{PROM_PORT}"
+        wait_until(lambda: _targets_up(prom) == len(nodes), 60, "prometheus scraping both agents")
+        try:
+            yield m
+        finally:
+            sb.stop_node_process(nodes[0].name, PROCESS)
+
+
+def _targets_up(prom: str) -> int:
+    with urllib.request.urlopen(f"{prom}/api/v1/targets", timeout=2) as resp:
+        body = json.load(resp)
+    return sum(1 for t in body["data"]["activeTargets"] if t["health"] == "up")
+
+
+def _same(what: str, memory: dict, prom: dict, problems: list[str], lines: list[str]) -> None:
+    lines.append(f"{what}: success {memory['success']}/{prom['success']} rps {memory['rps']}/{prom['rps']} "
+                 f"p50 {memory['latency_ms_p50']}/{prom['latency_ms_p50']} "
+                 f"p99 {memory['latency_ms_p99']}/{prom['latency_ms_p99']} (memory/prometheus)")
+    if memory["success"] is None or prom["success"] is None or abs(memory["success"] - prom["success"]) > 0.005:
+        problems.append(f"{what}: success {memory['success']} vs {prom['success']}")
+    if not memory["rps"] or prom["rps"] is None or abs(prom["rps"] - memory["rps"]) > 0.02 * memory["rps"]:
+        problems.append(f"{what}: rps {memory['rps']} vs {prom['rps']}")
+    for key in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99"):
+        if memory[key] is None or prom[key] is None or bucket_of(memory[key]) != bucket_of(prom[key]):
+            problems.append(f"{what}: {key} {memory[key]} (bucket {bucket_of(memory[key] or 0)}) vs "
+                            f"{prom[key]} (bucket {bucket_of(prom[key] or 0)})")
+
+
+def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) -> None:
+    started = time.time()
+    records = [r for recs in mesh.run_clients(tmp_path, RUN_S, "prom", RATE).values() for r in recs]
+    assert records and not broken_records(records), mesh.explain_broken(records)
+    total = len(records)
+    wait_until(lambda: mesh.responses_seen("server", 60) >= total, 20, f"{total} responses counted")
+    # The series were born when the run began; ask once they have a long history of scrapes.
+    time.sleep(max(0.0, started + SPAN_S - time.time()))
+
+    queries = {
+        "stat deploy/server": (["stat", "deploy/server"], "server", "deployment"),
+        "stat deploy --from client1": (["stat", "deploy", "--from", "deploy/client1"], "server", "deployment"),
+        "stat deploy --to server (client2)": (["stat", "deploy", "--to", "deploy/server"], "client2", "deployment"),
+        "stat svc (server)": (["stat", "svc"], "server", "service"),
+        "stat ns": (["stat", "ns", NS, "-n", NS], NS, "namespace"),
+    }
+    problems: list[str] = []
+    lines: list[str] = []
+    for what, (args, name, kind) in queries.items():
+        answers = {}
+        for backend in ("memory", "prometheus"):
+            out = mesh.cli(*args, "-n", NS, "-t", WINDOW, "-o", "json", "--backend", backend)
+            assert out.returncode == 0, f"{what} --backend {backend}: {out.stderr}"
+            assert "warning" not in out.stderr, out.stderr
+            rows = [r for r in json.loads(out.stdout) if r["name"] == name and r["kind"] == kind]
+            assert len(rows) == 1, f"{what} --backend {backend}: {out.stdout}"
+            answers[backend] = rows[0]
+        _same(what, answers["memory"], answers["prometheus"], problems, lines)
+
+    for args, key in ((["edges", "deploy"], lambda e: (e["src"], e["dst"])),
+                      (["routes", "deploy/server"], lambda r: r["route"])):
+        got = {}
+        for backend in ("memory", "prometheus"):
+            out = mesh.cli(*args, "-n", NS, "-t", WINDOW, "-o", "json", "--backend", backend)
+            assert out.returncode == 0, f"{' '.join(args)} --backend {backend}: {out.stderr}"
+            got[backend] = json.loads(out.stdout)
+        lines.append(f"{' '.join(args)}: memory {got['memory']} / prometheus {got['prometheus']}")
+        if args[0] == "edges":
+            assert sorted(map(str, map(key, got["memory"]))) == sorted(map(str, map(key, got["prometheus"]))), lines[-1]
+        else:
+            memory = {key(r): r for r in got["memory"]}
+            prom = {key(r): r for r in got["prometheus"]}
+            assert memory.keys() == prom.keys(), lines[-1]
+            for route, row in memory.items():
+                if row.get("rps"):
+                    _same(f"routes deploy/server {route}", row, prom[route], problems, lines)
+    print("\n".join(lines))
+    assert not problems, "\n".join(problems)
+
+
+def test_stat_prometheus_backend_warns_when_it_misses_an_agent(mesh: Mesh) -> None:
+    """Numbers from Prometheus are only as complete as its scrapes: with one agent no longer
+    scraped, the rows still come, and stderr says what is missing."""
+    state = Path(mesh.sb.state_dir)
+    config = yaml.safe_load((state / "prometheus.yml").read_text())
+    nodes = mesh.sb.nodes()
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"{nodes[0].ip}:4191"]}]
+    (state / "prometheus.yml").write_text(yaml.safe_dump(config))
+    pid = mesh.sb.node_process_pid(PROCESS)
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)  # reload: the dropped target's series are marked stale at once
+    prom = f"http://{nodes[0].ip}:{PROM_PORT}"
+    wait_until(lambda: _count_agents(prom) == 1, 30, "Prometheus holding one agent's metrics")
+    for args in (["stat", "deploy"], ["edges", "deploy"], ["routes", "deploy/server"]):
+        out = mesh.cli(*args, "-n", NS, "--backend", "prometheus")
+        assert out.returncode == 0, out.stderr
+        assert "warning: Prometheus holds current metrics of 1 of the 2 agents connected" in out.stderr, out.stderr
+        memory = mesh.cli(*args, "-n", NS, "--backend", "memory")
+        assert "warning" not in memory.stderr, memory.stderr
+
+
+def _count_agents(prom: str) -> int:
+    query = urllib.parse.urlencode({"query": "count(nodemesh_report_history_bytes)"})
+    with urllib.request.urlopen(f"{prom}/api/v1/query?{query}", timeout=2) as resp:
+        result = json.load(resp)["data"]["result"]
+    return int(float(result[0]["value"][1])) if result else 0
+
+
+def test_stat_prometheus_backend_errors_are_one_clear_line(mesh: Mesh) -> None:
+    bad = mesh.cli("stat", "deploy", "-n", NS, "--backend", "nosuch")
+    assert bad.returncode != 0 and "nosuch" in bad.stderr
+    # Prometheus down: the answer is an error naming it, quickly, and the memory backend still answers.
+    node = mesh.sb.nodes()[0].name
+    mesh.sb.stop_node_process(node, PROCESS)
+    t0 = time.monotonic()
+    down = mesh.cli("stat", "deploy", "-n", NS, "--backend", "prometheus")
+    took = time.monotonic() - t0
+    assert down.returncode != 0, down.stdout
+    assert "prometheus backend" in down.stderr and f"127.0.0.1:{PROM_PORT}" in down.stderr, down.stderr
+    assert took < 15, took
+    assert mesh.cli("stat", "deploy", "-n", NS, "--backend", "memory").returncode == 0

@@ -1,0 +1,114 @@
+"""The Prometheus store's pure parts (PromQL asked, replies turned into Totals) and the controller's
+backend choice and errors. The equality with the in-memory store on real traffic, with the real
+Prometheus server, is tests/integration/stat/test_stat_prometheus.py."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import promql_parser
+import pytest
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import PEER_LABELS
+from nodemesh.controlplane import promstore
+from nodemesh.controlplane.aggregate import BOUNDS, N_LATENCY
+from nodemesh.controlplane.config import ControllerConfig
+from nodemesh.controlplane.controller import Controller
+
+LABELS = {name: "" for name in PEER_LABELS} | {
+    "direction": "inbound", "dst_namespace": "ns", "dst_kind": "deployment", "dst_name": "web"}
+KEY = tuple(LABELS[name] for name in PEER_LABELS)
+
+
+def test_promstore_queries_sum_by_every_label_over_the_window() -> None:
+    q = promstore.queries(promstore.PEER, 60)
+    by = ", ".join(PEER_LABELS)
+    assert q["requests"].startswith(f"sum by ({by}) (increase(request_total[60s])) + ")
+    # a series born in the window adds its first value (increase() starts at the first sample)
+    assert "(min_over_time(request_total[60s]) unless request_total offset 60s)" in q["requests"]
+    assert f"sum by ({by}, classification) (increase(response_total[60s]))" in q["responses"]
+    assert f"sum by ({by}, le) (increase(response_latency_ms_bucket[60s]))" in q["latency"]
+    assert q["open_connections"] == f"sum by ({by}) (last_over_time(tcp_open_connections[60s]))"
+    assert set(q) >= {"tcp_open", "tcp_close", "read_bytes", "write_bytes", "latency_sum"}
+    route = promstore.queries(promstore.ROUTE, 10)
+    assert "route_response_latency_ms_bucket[10s]" in route["latency"] and "open_connections" not in route
+    for expr in (*q.values(), *route.values()):
+        promql_parser.parse(expr)  # the real grammar (Prometheus' own parser, ported)
+
+
+def test_promstore_totals_from_replies() -> None:
+    def cum(le: str, v: float) -> tuple[dict[str, str], float]:
+        return ({**LABELS, "le": le}, v)
+
+    answers = {
+        "requests": [(LABELS, 100.0)],
+        "responses": [({**LABELS, "classification": "success"}, 80.0),
+                      ({**LABELS, "classification": "failure"}, 20.0)],
+        # cumulative, as Prometheus keeps histograms: 10 at <=1 ms, 90 more at <=10 ms, 0 beyond
+        "latency": [cum("1", 10.0), cum("2", 10.0), cum("5", 10.0), cum("10", 100.0), cum("+Inf", 100.0)],
+        "latency_sum": [(LABELS, 700.0)],
+        "read_bytes": [(LABELS, 5000.0)],
+        "open_connections": [(LABELS, 3.0)],
+    }
+    by_key = promstore.totals_from(promstore.PEER, 60, answers)
+    tot = by_key[KEY]
+    assert (tot.requests, tot.success, tot.failure, tot.read_bytes) == (100, 80, 20, 5000)
+    assert tot.open_connections == 3 and tot.has_gauge
+    assert len(tot.latency) == N_LATENCY and sum(tot.latency) == 100
+    assert tot.latency[BOUNDS.index(1)] == 10 and tot.latency[BOUNDS.index(10)] == 90
+    assert 1 < tot.quantile(0.5) <= 10
+
+
+def test_promstore_series_that_did_not_move_are_left_out_as_memory_has_no_bucket_for_them() -> None:
+    other = {**LABELS, "dst_name": "idle"}
+    by_key = promstore.totals_from(promstore.PEER, 60, {
+        "requests": [(LABELS, 1.0), (other, 0.0)], "open_connections": [(other, 0.0)]})
+    assert list(by_key) == [KEY]
+
+
+def test_promstore_per_bucket_handles_missing_bounds_and_extrapolation_noise() -> None:
+    counts = promstore.per_bucket([(1.0, 2.0), (10.0, 5.0), (math.inf, 6.0)])
+    assert counts[BOUNDS.index(1)] == 2 and counts[BOUNDS.index(2)] == 0
+    assert counts[BOUNDS.index(10)] == 3 and counts[-1] == 1
+    # increase() extrapolates each bucket on its own: a higher bucket may come out a hair lower.
+    assert min(promstore.per_bucket([(1.0, 5.0), (2.0, 4.9), (math.inf, 5.0)])) >= 0
+
+
+def test_promstore_parse_vector_rejects_what_is_not_an_instant_vector() -> None:
+    ok = {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"a": "1"}, "value": [1.0, "2.5"]}, {"metric": {}, "value": [1.0, "NaN"]}]}}
+    assert promstore.parse_vector(ok) == [({"a": "1"}, 2.5)]
+    with pytest.raises(promstore.PrometheusError, match="bad_data: parse error"):
+        promstore.parse_vector({"status": "error", "errorType": "bad_data", "error": "parse error"})
+    with pytest.raises(promstore.PrometheusError, match="expected a vector"):
+        promstore.parse_vector({"status": "success", "data": {"resultType": "matrix", "result": []}})
+
+
+def _stat(controller: Controller, backend: str, window_s: int = 0) -> pb.StatResponse:
+    req = pb.StatRequest(selector=pb.Resource(type="deployment"), all_namespaces=True, backend=backend,
+                         window_seconds=window_s)
+
+    async def ask() -> pb.StatResponse:
+        try:
+            return await controller.answer_stat(req)
+        finally:
+            await controller.stop()
+
+    return asyncio.run(ask())
+
+
+def test_controller_backend_choice_and_errors() -> None:
+    memory = Controller(ControllerConfig())
+    assert not _stat(memory, "").error and not _stat(memory, "memory").error
+    assert "unknown backend 'mongo'" in _stat(memory, "mongo").error
+    assert "--prometheus-url" in _stat(memory, "prometheus").error
+    # A Prometheus nobody listens on: one line naming it, at once (a refused connect).
+    down = Controller(ControllerConfig(prometheus_url="http://127.0.0.1:9", prometheus_timeout_s=5))
+    t0 = time.monotonic()
+    err = _stat(down, "prometheus").error
+    assert err.startswith("prometheus backend: cannot query http://127.0.0.1:9"), err
+    assert time.monotonic() - t0 < 5
+    # The window is checked before anything is asked.
+    assert "too short" in _stat(down, "prometheus", window_s=5).error
