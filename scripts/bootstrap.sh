@@ -17,6 +17,7 @@ if [ "$want_test" = 1 ]; then
   apt_packages+=(ruby shellcheck)  # lint the Vagrantfile (ruby -c) and the shell scripts
   apt_packages+=(chromium)  # the dashboard's browser test (Playwright drives it; never `playwright install`)
   apt_packages+=(debootstrap buildah)  # tests/integration/image: build the Dockerfile without Docker
+  apt_packages+=(bpftool)  # the eBPF tests check what is attached, loaded and freed
   apt_packages+=(prometheus)  # the stat backend equality test scrapes the sandbox agents with the real server
 fi
 
