@@ -1,7 +1,7 @@
 # One image for every nodemesh process: the agent, the redirector, the controller and the CLI.
 #
 #   docker build -t nodemesh:0.1.0 .                            # iptables capture (default)
-#   docker build --build-arg WITH_BCC=1 -t nodemesh:0.1.0 .     # plus python3-bpfcc (eBPF tooling; capture uses iptables)
+#   docker build --build-arg WITH_BCC=1 -t nodemesh:0.1.0 .     # plus python3-bpfcc: `install --capture ebpf`
 #
 # Debian's own Python (bookworm: 3.11) in a venv at /opt/nodemesh, and every Python dependency
 # installed from a wheel (--only-binary=:all:): the image has no compiler and never needs one. A
@@ -43,8 +43,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv iptables ebtables iproute2 conntrack \
  && rm -rf /var/lib/apt/lists/*
 
-# Optional eBPF layer: bcc's Python module is Debian's (python3-bpfcc, built for this python3),
-# linked into the venv below.
+# Optional eBPF layer (`nodemesh install --capture ebpf`, redirector/ebpf.py): bcc's Python module
+# is Debian's (python3-bpfcc, built for this python3), linked into the venv below. The kernel
+# headers bcc compiles against are the node's (/lib/modules, /usr/src mounted read-only by the
+# DaemonSet): an image cannot know the node's kernel. Without bcc the redirector falls back to
+# iptables capture and logs why.
 RUN if [ "$WITH_BCC" = "1" ]; then \
       apt-get update \
       && apt-get install -y --no-install-recommends python3-bpfcc \

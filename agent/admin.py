@@ -5,7 +5,7 @@
           the controller accepts for Metrics (agent/scrapeauth.py): else 401/403 (503: can't check)
 /ready    200 once the agent serves traffic, 503 otherwise (and from drain start)   - open (kubelet)
 /live     200 while the event loop answers                                        - open (kubelet)
-/capture  {"excluded_ips": [...], "synced": bool}: this node's pod IPs the redirector must not capture,
+/capture  {"excluded_ips": [...], "synced": bool, "capture_mode": "iptables"|"ebpf", "capture_mode_reason": str}: this node's pod IPs the redirector must not capture,
           and whether that list is real yet (the agent has had its identity since it started): a
           redirector installs capture only from a synced list (docs/architecture.md, "The mesh
           never depends on itself")                                   - the node's own addresses only
@@ -388,8 +388,11 @@ class AdminServer:
         if path == "/live":
             return 200, TEXT, b"live\n"
         if path == "/capture":
+            from nodemesh.agent.capture import ebpf_capture_state
+
             return 200, "application/json", json.dumps({"excluded_ips": self._excluded_ips(),
-                                                        "synced": self._identity_synced()}).encode()
+                                                        "synced": self._identity_synced(),
+                                                        **ebpf_capture_state()}).encode()
         if path == "/identity":
             return 200, "application/json", json.dumps(self._identity()).encode()
         return 404, TEXT, b"404: Not Found\n"

@@ -52,6 +52,7 @@ class NodeTelemetry:
         self.index = PodIndex(config.node)
         self.ready = False
         self.capture_installed = False
+        self.capture_mode = ("", "")   # (mode, reason): agent/capture.py ebpf_capture_state
         self._links: dict[int, workerlink.Link] = {}
         self.store = NodeStore(idle_s=config.series_idle_s, max_authorities=config.max_authorities,
                                max_routes=config.max_routes)
@@ -165,7 +166,7 @@ class NodeTelemetry:
     async def _watch_capture(self) -> None:
         """Read (never write) whether the redirector's capture is in place, for `nodemesh check`
         and the nodemesh_capture_installed gauge. The redirector owns the rules."""
-        from nodemesh.agent.capture import capture_active  # not redirector.apply: see agent/capture.py
+        from nodemesh.agent.capture import capture_active, ebpf_capture_state  # not redirector.apply
 
         while True:
             try:
@@ -175,6 +176,11 @@ class NodeTelemetry:
                 log.debug("event=capture_check_failed error=%s", exc)
             if installed is not None:  # a failed read says nothing: keep what we knew
                 self.set_capture_installed(installed)
+            state = ebpf_capture_state()
+            mode = (state["capture_mode"], state["capture_mode_reason"])
+            if mode != self.capture_mode:
+                log.info("event=capture_mode mode=%s reason=%r", *mode)
+                self.capture_mode = mode
             await asyncio.sleep(CAPTURE_CHECK_INTERVAL_S)
 
     # ------------------------------------------------------------------ workers

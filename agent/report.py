@@ -59,6 +59,7 @@ class ReportedNode(Protocol):
     start_time_ms: int
     ready: bool
     capture_installed: bool
+    capture_mode: tuple[str, str]     # (mode, reason): agent/capture.py ebpf_capture_state
     reported_at: float | None
     store: NodeStore
     index: PodIndex
@@ -234,6 +235,8 @@ class ControllerLink:
     def _status_message(self) -> pb.AgentMessage:
         return pb.AgentMessage(status=pb.AgentStatus(ready=self.node.ready,
                                                      capture_installed=self.node.capture_installed,
+                                                     capture_mode=self.node.capture_mode[0],
+                                                     capture_mode_reason=self.node.capture_mode[1],
                                                      time_ms=int(time.time() * 1000)))
 
     def _hello_message(self) -> pb.AgentMessage:

@@ -8,6 +8,8 @@ import socket
 import struct
 from typing import Any
 
+from nodemesh.agent.capture import ebpf_original_destination
+
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP_TRANSPARENT = 19           # linux/in.h
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: bind() takes the address, connect() picks the port
@@ -87,9 +89,19 @@ def listen_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket
 def original_destination(sock: Any) -> tuple[tuple[str, int], bool]:
     """(address the client dialled, True if it came from a NAT entry).
 
-    With a nat REDIRECT/DNAT rule conntrack knows the pre-NAT destination (SO_ORIGINAL_DST);
+    With eBPF capture the pod's kernel recorded it (agent/capture.py, read first); with a nat
+    REDIRECT/DNAT rule conntrack knows the pre-NAT destination (SO_ORIGINAL_DST);
     with TPROXY (no NAT entry) the accepted socket's own address is the original destination.
     """
+    try:
+        # eBPF capture first (agent/capture.py): there the pod dialled us directly, and conntrack
+        # would answer with our own address.
+        peer = sock.getpeername()
+        via_ebpf = ebpf_original_destination(peer[0], peer[1])
+        if via_ebpf is not None:
+            return via_ebpf, True
+    except (OSError, IndexError):
+        pass
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = int.from_bytes(raw[2:4], "big")

@@ -177,6 +177,11 @@ class Supervisor:
 
         self._presence = await announce()
         start_kernel_heartbeat(lambda: node.ready and node.identity_synced())  # not ready from SIGTERM on
+        # eBPF capture's liveness: our outbound listeners in the connect4 program's sockmap.
+        from nodemesh.agent.capture import EbpfPresence
+
+        EbpfPresence(lambda: node.ready and node.identity_synced(),
+                     lambda: {i: pair[0] for i, pair in self._listeners.items()}).start()
         if self.config.health_file:
             self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(
                 self.config.health_file, lambda: "ready" if node.ready and node.identity_synced() else "not-ready"))

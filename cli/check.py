@@ -46,6 +46,12 @@ def controller_steps(resp: pb.CheckResponse, client_version: str) -> list[CheckS
         "agent is not (fail-open); see the redirector's and the agent's logs on that node",
     ))
 
+    # Which capture runs on each node and why (issue 14): iptables, or eBPF (cgroup/connect4); a node
+    # asked for eBPF that fell back says so here (the redirector's log has the probe's reason).
+    for n in nodes:
+        if n.agent_connected and n.capture_mode:
+            steps.append(CheckStep(f"{n.node}: capture mode {n.capture_mode} ({n.capture_mode_reason})", True))
+
     versions = []
     if resp.controller_version != client_version:
         versions.append(f"controller {resp.controller_version or '?'} != client {client_version}")

@@ -62,9 +62,14 @@ _mtls_option = click.option(
 @_name_option
 @_as_pods_option
 @_mtls_option
+@click.option("--capture", type=click.Choice(("iptables", "ebpf")), default="iptables",
+              help="Outbound capture: iptables nat rules (default), or eBPF cgroup/connect4 programs "
+                   "(bcc; falls back to iptables where the node cannot run them). Same as --set capture=.")
 def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None, as_pods: bool,
-            mtls: bool) -> None:
+            mtls: bool, capture: str) -> None:
     """Print the Kubernetes manifests that install nodemesh (pipe them to `kubectl apply -f -`)."""
+    if capture != "iptables":
+        sets = (*sets, f"capture={capture}")
     values = _values(sets)
     if as_pods and not sandbox:
         raise click.UsageError("--as-pods goes with --sandbox")
@@ -73,7 +78,7 @@ def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str |
     if sandbox:
         from nodemesh.cli.sandbox_install import install_sandbox
 
-        address = install_sandbox(name=name, as_pods=as_pods, sets=sets, mtls=mtls)
+        address = install_sandbox(name=name, as_pods=as_pods, sets=sets, mtls=mtls, capture=values.capture)
         click.echo(f"nodemesh installed on the sandbox; controller at {address}")
         return
     click.echo(_render(values, addon), nl=False)

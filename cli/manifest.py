@@ -18,7 +18,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from nodemesh.api.model import (
@@ -81,6 +81,10 @@ class InstallValues:
     tapRedactQuery: bool = False                        # redact query-string values
     drainGraceSeconds: int = 30
     podCidrs: tuple[str, ...] = ()                      # empty: each node's spec.podCIDRs
+    # Outbound capture: iptables, or ebpf (cgroup/connect4 via bcc; redirector/ebpf.py). ebpf adds
+    # the mounts and capabilities the programs need (_ebpf_*), and falls back to iptables by itself
+    # on a node that cannot run them.
+    capture: str = "iptables"
     # stat/edges/routes from Prometheus (controlplane/promstore.py): the controller's --prometheus-url
     # (e.g. http://nodemesh-prometheus.nodemesh.svc:9090 with `--addon prometheus`) and default backend.
     prometheusUrl: str = ""
@@ -190,6 +194,10 @@ def _convert(key: str, text: str) -> Any:
         return tuple(_check_cidr(key, c) for c in _parse_list(text))
     if key == "drainGraceSeconds":
         return _parse_int(key, text, 0, 3600)
+    if key == "capture":
+        if text not in ("iptables", "ebpf"):
+            raise ManifestError("capture: expected iptables or ebpf")
+        return text
     if key == "prometheusUrl":
         url = text.strip()
         if url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
@@ -548,13 +556,42 @@ def _controller(v: InstallValues) -> list[dict[str, Any]]:
 def _agent_capabilities(v: InstallValues) -> list[str]:
     # NET_ADMIN: IP_TRANSPARENT upstream sockets (keep the calling pod's source IP) and the
     # policy routing that returns their replies. NET_RAW: transparent/raw socket options.
-    return ["NET_ADMIN", "NET_RAW"]
+    # eBPF capture: BPF, for bpf(2) on the pinned maps (the agent reads original destinations and
+    # puts its listeners in the sockmap; kernels with unprivileged BPF off refuse any bpf(2) without it).
+    return ["NET_ADMIN", "NET_RAW", *(["BPF"] if v.capture == "ebpf" else [])]
 
 
 def _redirector_capabilities(v: InstallValues) -> list[str]:
     # NET_ADMIN + NET_RAW: iptables/ebtables (netlink and the raw socket iptables-legacy uses) and
-    # the policy-routing rule.
-    return ["NET_ADMIN", "NET_RAW"]
+    # the policy-routing rule. eBPF capture: BPF (load, pin) + PERFMON (the programs hold socket
+    # pointers from the sockmap); NET_ADMIN already covers attaching cgroup programs.
+    return ["NET_ADMIN", "NET_RAW", *(["BPF", "PERFMON"] if v.capture == "ebpf" else [])]
+
+
+# eBPF capture on a real node: programs and maps pinned in the host's bpffs (they outlive the
+# redirector: a dead agent fails open in the kernel with nobody left), pod cgroups read from the
+# host's cgroup v2 hierarchy (attached there, read-only mount: attaching is a bpf(2) call on the
+# directory), and the kernel headers bcc compiles against (the node's /lib/modules and /usr/src).
+EBPF_BPF_DIR = "/sys/fs/bpf/nodemesh"
+EBPF_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _ebpf_volumes() -> list[dict[str, Any]]:
+    return [
+        {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
+        {"name": "cgroup2", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}},
+        {"name": "modules", "hostPath": {"path": "/lib/modules", "type": "Directory"}},
+        {"name": "usr-src", "hostPath": {"path": "/usr/src", "type": "Directory"}},
+    ]
+
+
+def _ebpf_redirector_mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+        {"name": "cgroup2", "mountPath": "/sys/fs/cgroup", "readOnly": True},
+        {"name": "modules", "mountPath": "/lib/modules", "readOnly": True},
+        {"name": "usr-src", "mountPath": "/usr/src", "readOnly": True},
+    ]
 
 
 # The init container that writes this node's pod CIDR(s) where the agent and the redirector read
@@ -628,16 +665,20 @@ def _init_fail_open(v: InstallValues) -> dict[str, Any]:
     # kernel (a restarted node, a killed redirector) go unless an agent is ready with its identity
     # (a rolling update's old one). Otherwise they capture pods while nothing serves the agent's
     # ports, and the mesh's own pods before any agent can name them (issue 11, item 2).
+    # eBPF capture: a pinned capture left switched on is switched off the same way (no compile).
+    ebpf_args = ["--capture", "ebpf", "--bpf-dir", EBPF_BPF_DIR] if v.capture == "ebpf" else []
+    ebpf_mounts = [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"}] \
+        if v.capture == "ebpf" else []
     return {
         "name": "fail-open",
         "image": v.image,
         "imagePullPolicy": v.imagePullPolicy,
         "command": ["python", "-m", "nodemesh.redirector", "fail-open",
-                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"],
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", *ebpf_args],
         "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
         "securityContext": _security_context(_redirector_capabilities(v), 0),
         "volumeMounts": [{"name": "xtables-lock", "mountPath": "/run/xtables.lock"},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+                         {"name": "tmp", "mountPath": "/tmp"}, *ebpf_mounts],
     }
 
 
@@ -704,6 +745,13 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
     redirector_args += ["--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--grace", "2", "--agent-heartbeat",
                         # the return path stays while the agent drains, then the pod's grace ends
                         "--shutdown-wait", str(v.drainGraceSeconds + REDIRECTOR_WAIT_MARGIN_S)]
+    if v.capture == "ebpf":
+        redirector_args += ["--capture", "ebpf", "--bpf-dir", EBPF_BPF_DIR, "--cgroup-root", EBPF_CGROUP_ROOT]
+        redirector_mounts += _ebpf_redirector_mounts()
+        agent["volumeMounts"] = [*cast(list[dict[str, Any]], agent["volumeMounts"]),
+                                 {"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True,
+                                  "mountPropagation": "HostToContainer"}]
+        agent["env"] = [*cast(list[dict[str, Any]], agent["env"]), {"name": "NODEMESH_BPF_DIR", "value": EBPF_BPF_DIR}]
     redirector = {
         "name": "redirector",
         "image": v.image,
@@ -735,6 +783,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
+        *(_ebpf_volumes() if v.capture == "ebpf" else []),
     ]
     pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
     return {
@@ -794,7 +843,8 @@ def render_daemonset(values: InstallValues | None = None) -> str:
     return dump_documents(
         daemonset_documents(v),
         _header("the mesh (namespace, RBAC, config, controller, agent DaemonSet)",
-                "nodemesh install > manifests/daemonset.yaml"),
+                "nodemesh install --capture ebpf > manifests/daemonset-ebpf.yaml" if v.capture == "ebpf"
+                else "nodemesh install > manifests/daemonset.yaml"),
     )
 
 

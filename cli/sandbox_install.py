@@ -53,6 +53,7 @@ from nodemesh.cli.manifest import (
     dump_documents,
 )
 from nodemesh.redirector.plan import hook_present
+from nodemesh.sandbox import cgroups
 
 CONTROLLER_PROCESS = "nodemesh-controller"
 TOKEN_FILE = "controller.token"
@@ -93,17 +94,21 @@ def _stat_backend_args(sets: tuple[str, ...]) -> list[str]:
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
                     sets: tuple[str, ...] = (), mtls: bool = False, cert_ttl_s: float = 0.0,
-                    mtls_required: tuple[str, ...] = ()) -> str:
+                    mtls_required: tuple[str, ...] = (), capture: str = "iptables") -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
     key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl and
     statBackend do (the controller's stat backend, controlplane/promstore.py). The controller is the
     mesh's CA (root in `<state>/workload-ca`) and every agent holds its pods' workload certificates
     (`<state>/certs/<node>`); `mtls`: cross-node pod traffic goes agent to agent over mTLS;
     `cert_ttl_s` (tests): the workload certificates' lifetime instead of the controller's 24 h;
-    `mtls_required`: namespaces taking cross-node connections only over mTLS (fail closed)."""
+    `mtls_required`: namespaces taking cross-node connections only over mTLS (fail closed).
+    `capture="ebpf"`: outbound capture by cgroup/connect4 programs in each pod's cgroup
+    (redirector/ebpf.py; the sandbox's per-node cgroup and bpffs directories, sandbox/cgroups.py)."""
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
     if as_pods:
+        if capture != "iptables":
+            sets = (*sets, f"capture={capture}")
         return _install_as_pods(sb, workers, timeout, say, sets)
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
@@ -131,20 +136,32 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
         *(["--workload-cert-ttl", str(cert_ttl_s)] if cert_ttl_s else []),
         *(["--mtls-required-namespaces", ",".join(mtls_required)] if mtls_required else []),
     ], env=env)
+
+    def node_env(node: Any) -> dict[str, str] | None:
+        if capture != "ebpf":
+            return env
+        return {**(env or {}), "NODEMESH_BPF_DIR": cgroups.node_bpf_dir(sb.name, node.name)}
+
+    def capture_args(node: Any) -> list[str]:
+        if capture != "ebpf":
+            return []
+        return ["--capture", "ebpf", "--bpf-dir", cgroups.node_bpf_dir(sb.name, node.name),
+                "--cgroup-root", str(cgroups.node_cgroup(sb.name, node.name))]
+
     for node in nodes:
         sb.start_node_process(node.name, agent_process(node.name), [
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--controller", controller, "--token-file", str(token_path), "--controller-ca", str(pki.ca),
             "--workers", str(workers), "--cert-dir", str(state_dir / "certs" / node.name),
             *(["--mtls"] if mtls else []),
-        ], env=env)
+        ], env=node_env(node))
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])
     for node in nodes:
         sb.start_node_process(node.name, redirector_process(node.name), [
             py, "-m", "nodemesh.redirector", "run", "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
-            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--agent-heartbeat",
-        ], env=env)
+            "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--agent-heartbeat", *capture_args(node),
+        ], env=node_env(node))
     write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
     # `nodemesh dashboard` reads this beside controller.addr: the controller serves it on 8084.
     write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)

@@ -89,6 +89,7 @@ class AgentSession:
     last_report: float = 0.0
     ready: bool = False
     capture_installed: bool = False
+    capture_mode: tuple[str, str] = ("", "")     # (mode, reason) as the agent reports it
     clock_skew_ms: int = 0
     reports: int = 0
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
@@ -269,6 +270,7 @@ class Controller:
         elif which == "status":
             session.ready = msg.status.ready
             session.capture_installed = msg.status.capture_installed
+            session.capture_mode = (msg.status.capture_mode, msg.status.capture_mode_reason)
             if msg.status.time_ms:
                 session.clock_skew_ms = msg.status.time_ms - int(time.time() * 1000)
         elif which == "identity_resync":
@@ -580,6 +582,7 @@ class Controller:
                 node=name, agent_connected=connected, agent_ready=s.ready,
                 capture_installed=s.capture_installed, agent_version=s.version,
                 last_report_age_ms=age_ms, clock_skew_ms=s.clock_skew_ms,
+                capture_mode=s.capture_mode[0], capture_mode_reason=s.capture_mode[1],
             ))
         return resp
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+from nodemesh.redirector import ebpf, ebpf_mode
 from nodemesh.redirector.antispoof import AntiSpoof
 from nodemesh.redirector.apply import ApplyError, Netfilter, Redirector, detect_backend, detect_eb_backend
 from nodemesh.redirector.config import (
@@ -53,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--agent-heartbeat", action="store_true",
                         help="capture only while the agent beats (/proc/net/xt_recent): the rules fail "
                              "open by themselves when the agent dies or hangs, with no redirector left")
+    common.add_argument("--capture", choices=("iptables", "ebpf"), default="iptables",
+                        help="how pods' outbound TCP reaches the agent: iptables nat rules, or cgroup/connect4 "
+                             "programs in each pod's cgroup (bcc; falls back to iptables, logged, when the "
+                             "node cannot run them). Inbound capture is iptables either way")
+    common.add_argument("--bpf-dir", default=ebpf.DEFAULT_BPF_DIR,
+                        help="--capture ebpf: where programs and maps are pinned (on a bpffs)")
+    common.add_argument("--cgroup-root", default=ebpf.DEFAULT_CGROUP_ROOT,
+                        help="--capture ebpf: the cgroup v2 directory holding the node's pod cgroups")
     common.add_argument("--backend", choices=("auto", "nft", "legacy"), default="auto",
                         help="iptables backend (auto: the one holding the node's rules)")
     common.add_argument("--netns", default=None, help="act inside this named network namespace")
@@ -100,6 +110,7 @@ def _capture_config(args: argparse.Namespace, required: bool = True) -> CaptureC
         ignore_marks=tuple(args.ignore_mark), mechanism=args.mechanism, transparent_mark=args.mark,
         route_table=args.route_table, rule_priority=args.rule_priority,
         bridge_replies=not args.no_bridge_replies, agent_heartbeat=args.agent_heartbeat,
+        capture=args.capture,
     )
 
 
@@ -164,6 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(render_dry_run(build_plan(config)))
             return 0
         redirector = _redirector(args)
+        if args.verb == "remove":
+            # Whatever the mode asked now: an eBPF capture left pinned goes too (no compile needed).
+            if os.path.isdir(args.bpf_dir):
+                gone = ebpf.EbpfCapture(config.node_ip, config.outbound_port, config.networks, (),
+                                        args.bpf_dir, args.cgroup_root).remove()
+                log("removed_ebpf", changed=str(gone).lower(), bpf_dir=args.bpf_dir)
+        elif args.verb == "fail-open":
+            if ebpf.read_enabled(args.bpf_dir):   # no compile at pod start: switch the pinned one off
+                ebpf.EbpfCapture(config.node_ip, config.outbound_port, config.networks, (),
+                                 args.bpf_dir, args.cgroup_root).set_enabled(False)
+                log("capture_removed", reason="pod_start", mode="ebpf", fail_open="true")
+        else:
+            config, redirector = ebpf_mode.choose(config, redirector, args.bpf_dir, args.cgroup_root, log)
         if args.verb == "apply":
             changed = redirector.apply(build_plan(config))
             log("applied", changed=str(changed).lower(), backend=redirector.nf.backend)

@@ -9,6 +9,7 @@ from typing import Literal
 from nodemesh.api.model import ADMIN_PORT, CONNTRACK_ZONE, INBOUND_PORT, OUTBOUND_PORT
 
 Mechanism = Literal["dnat", "tproxy"]
+CaptureMode = Literal["iptables", "ebpf"]
 
 # A single mark bit clear of kube-proxy's (0x4000 masquerade, 0x8000 drop), Calico's default mask
 # (0xffff0000) and Cilium's magic marks (0x0f00). Configurable for clusters that use it.
@@ -56,6 +57,9 @@ class CaptureConfig:
     # The DaemonSet and `install --sandbox` turn it on; off, a stand-in agent that does not beat
     # is captured as before.
     agent_heartbeat: bool = False
+    # How pods' outbound connections reach the agent: iptables (nat PREROUTING, the default) or
+    # ebpf (cgroup/connect4 in each pod's cgroup, redirector/ebpf.py; inbound stays iptables).
+    capture: CaptureMode = "iptables"
 
     def __post_init__(self) -> None:
         try:
@@ -73,6 +77,10 @@ class CaptureConfig:
             raise ConfigError("at least one pod CIDR is needed: capture works from the pod CIDR")
         if self.mechanism not in ("dnat", "tproxy"):
             raise ConfigError(f"unknown mechanism {self.mechanism!r} (dnat or tproxy)")
+        if self.capture not in ("iptables", "ebpf"):
+            raise ConfigError(f"unknown capture {self.capture!r} (iptables or ebpf)")
+        if self.capture == "ebpf" and self.mechanism != "dnat":
+            raise ConfigError("--capture ebpf takes inbound with dnat only (no tproxy)")
         if not 0 < self.conntrack_zone < 65536:
             raise ConfigError(f"invalid conntrack zone {self.conntrack_zone} (1-65535)")
         for port in (self.outbound_port, self.inbound_port, self.admin_port, *(self.skip_ports or ())):

@@ -243,9 +243,11 @@ def build_plan(config: CaptureConfig) -> Plan:
         # SILENCE_S (dead, hung) and pods go direct, even with no redirector left to act.
         rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-p tcp {heartbeat.recent_match()}", "-j RETURN",
                           "no heartbeat from the agent: fail open"))
-    for cidr in config.networks:
-        rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-s {cidr} -p tcp", f"-j {CHAIN_OUTBOUND}",
-                          "TCP leaving a local pod is outbound"))
+    if config.capture == "iptables":
+        # With --capture ebpf the pods' own connect() goes to the agent (redirector/ebpf.py).
+        for cidr in config.networks:
+            rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-s {cidr} -p tcp", f"-j {CHAIN_OUTBOUND}",
+                              "TCP leaving a local pod is outbound"))
     for cidr in config.networks:
         rules.append(Rule(capture_table, CHAIN_PREROUTING, f"-d {cidr} -p tcp", f"-j {CHAIN_INBOUND}",
                           "TCP arriving for a local pod is inbound"))

@@ -223,6 +223,8 @@ class FailOpenRunner:
                 self.last_asserted = now
                 if self.redirector.apply(self.plan, capture=True):
                     self.log("capture_restored", reason="rules_missing")
+            elif (sync_pods := getattr(self.redirector, "sync_pods", None)) is not None:
+                sync_pods(self.excluded)   # eBPF capture: programs into new pods' cgroups every poll
         elif self.capturing and ((gone := state == "refused" and not self._agents_alive())
                                  or now - self.last_ready > self.config.grace_s):
             # Gone: the admin port refuses and no agent process is alive on the node (killed,
@@ -236,7 +238,8 @@ class FailOpenRunner:
 
     def run(self) -> None:
         self.log("started", agent_admin=self.config.agent_admin, grace_s=self.config.grace_s,
-                 mechanism=self.config.capture.mechanism, backend=self.redirector.nf.backend)
+                 mechanism=self.config.capture.mechanism, capture=self.config.capture.capture,
+                 backend=self.redirector.nf.backend)
         if self.redirector.nf.netns is None:  # presence is per netns: only where we run
             try:
                 self._presence = presence.register(presence.REDIRECTOR)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api import clusterstate
-from nodemesh.sandbox import kubeproxy, naming, netlink, objects
+from nodemesh.sandbox import cgroups, kubeproxy, naming, netlink, objects
 from nodemesh.sandbox.addressing import AddressPlan, allocate
 from nodemesh.sandbox.manifests import Manifest, ManifestError, load_file, load_text
 from nodemesh.sandbox.netlink import NodeInfo
@@ -178,6 +178,8 @@ class Sandbox:
                 if d.name.startswith(naming.netns_prefix(self.name)):
                     shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(self.state.dir, ignore_errors=True)
+        cgroups.remove_tree(cgroups.cluster_cgroup(self.name))
+        cgroups.remove_bpf_dirs(self.name)
         release_index(self.state_root, self.name)
 
     # ------------------------------------------------------------------------- kubelet
@@ -543,9 +545,15 @@ class Sandbox:
         return naming.pod_netns(self.name, namespace, pod)
 
     def exec(self, namespace: str, pod: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-        """Run argv inside the pod's netns (its hosts file applies). kwargs go to subprocess.run."""
+        """Run argv inside the pod's netns (its hosts file applies) and, like `kubectl exec`, its
+        cgroup (sandbox/cgroups.py: eBPF capture attaches there). kwargs go to subprocess.run."""
         check = kwargs.pop("check", False)
-        return subprocess.run(["ip", "netns", "exec", self.pod_netns(namespace, pod), *argv], check=check, **kwargs)
+        full = ["ip", "netns", "exec", self.pod_netns(namespace, pod), *argv]
+        p = self.pod(namespace, pod)
+        cgroup = cgroups.pod_cgroup(self.name, p["spec"].get("nodeName", ""), p["metadata"]["uid"])
+        if cgroup.is_dir():
+            full = cgroups.join_argv(cgroup, full)
+        return subprocess.run(full, check=check, **kwargs)
 
     def node_exec(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         check = kwargs.pop("check", False)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodemesh.sandbox import kubeproxy, naming, objects, podspec, tokens
+from nodemesh.sandbox import cgroups, kubeproxy, naming, objects, podspec, tokens
 from nodemesh.sandbox.manifests import resolve_container_port
 from nodemesh.sandbox.netlink import socket_in_netns
 from nodemesh.sandbox.proctools import kill_all, pids_in_netns
@@ -331,7 +331,7 @@ class Kubelet:
         pod_dir = self.state.pod_workdir(ns, name)
         automount = spec.get("automountServiceAccountToken", True) is not False
         setup = PodSetup(ns, name, spec.get("serviceAccountName", "default"), pod_dir,
-                         podspec.pod_volumes(pod, pod_dir),
+                         podspec.pod_volumes(pod, pod_dir, cgroups.node_paths(self.cluster, node["name"])),
                          pod_dir / "serviceaccount" / "kubeconfig" if automount else None)
         # Every pod gets KUBECONFIG (the file exists once the sandbox runs an API server): setting it
         # only then would change the env, and restart every pod, when the API server is installed.
@@ -470,10 +470,16 @@ class Kubelet:
             log.error("event=prepare_failed key=%s error=%r", c.key, exc)
         c.cwd.mkdir(parents=True, exist_ok=True)
         c.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["ip", "netns", "exec", c.netns, *c.argv]
+        if c.pod_uid and c.node:
+            # Every pod in a cgroup v2 directory of its own, as a real kubelet does (sandbox/cgroups.py).
+            cgroup = cgroups.prepare_pod(self.cluster, c.node, c.pod_uid)
+            if cgroup is not None:
+                argv = cgroups.join_argv(cgroup, argv)
         with open(c.log_path, "ab") as logf:
             try:
                 c.proc = subprocess.Popen(
-                    ["ip", "netns", "exec", c.netns, *c.argv], env=c.env, cwd=c.cwd, stdin=subprocess.DEVNULL,
+                    argv, env=c.env, cwd=c.cwd, stdin=subprocess.DEVNULL,
                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             except OSError as exc:
@@ -761,6 +767,9 @@ class Kubelet:
     # ----------------------------------------------------------------------------- loop
     async def run(self) -> None:
         self._kill_leftovers()
+        problem = cgroups.ensure_mounts()
+        if problem:
+            log.warning("event=pod_cgroups_unavailable reason=%r effect=no_ebpf_capture", problem)
         self.boots = dict(self.state.infra().get("node_boots") or {})  # restarts asked before we ran
         while not self.stopping:
             mt = self._mtimes()

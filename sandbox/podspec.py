@@ -37,12 +37,17 @@ class Volume:
     host_path: Path           # where it lives on this machine
 
 
-def pod_volumes(pod: dict[str, Any], pod_dir: Path) -> dict[str, Volume]:
+def pod_volumes(pod: dict[str, Any], pod_dir: Path, node_paths: dict[str, Path] | None = None) -> dict[str, Volume]:
+    """`node_paths`: hostPath paths that are the node's own in the sandbox (a node's bpffs and pod
+    cgroups, sandbox/cgroups.py), not this machine's."""
     out: dict[str, Volume] = {}
     for v in pod["spec"].get("volumes") or []:
         kind = next(k for k in ("emptyDir", "configMap", "projected", "hostPath") if k in v)
         spec = v[kind] or {}
-        host = Path(spec["path"]) if kind == "hostPath" else pod_dir / "volumes" / v["name"]
+        if kind == "hostPath":
+            host = (node_paths or {}).get(spec["path"].rstrip("/")) or Path(spec["path"])
+        else:
+            host = pod_dir / "volumes" / v["name"]
         out[v["name"]] = Volume(v["name"], kind, spec, host)
     return out
 

@@ -104,14 +104,18 @@ class AgentHello(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., node_ip: _Optional[str] = ..., pod_cidrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("ready", "capture_installed", "time_ms")
+    __slots__ = ("ready", "capture_installed", "time_ms", "capture_mode", "capture_mode_reason")
     READY_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_INSTALLED_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_MODE_REASON_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     capture_installed: bool
     time_ms: int
-    def __init__(self, ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., time_ms: _Optional[int] = ...) -> None: ...
+    capture_mode: str
+    capture_mode_reason: str
+    def __init__(self, ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., time_ms: _Optional[int] = ..., capture_mode: _Optional[str] = ..., capture_mode_reason: _Optional[str] = ...) -> None: ...
 
 class Series(_message.Message):
     __slots__ = ("name", "labels", "value", "bucket_counts", "sum", "created_ms")
@@ -632,7 +636,7 @@ class CheckRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeCheck(_message.Message):
-    __slots__ = ("node", "agent_connected", "agent_ready", "capture_installed", "agent_version", "last_report_age_ms", "clock_skew_ms")
+    __slots__ = ("node", "agent_connected", "agent_ready", "capture_installed", "agent_version", "last_report_age_ms", "clock_skew_ms", "capture_mode", "capture_mode_reason")
     NODE_FIELD_NUMBER: _ClassVar[int]
     AGENT_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     AGENT_READY_FIELD_NUMBER: _ClassVar[int]
@@ -640,6 +644,8 @@ class NodeCheck(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_REPORT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_SKEW_MS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_MODE_REASON_FIELD_NUMBER: _ClassVar[int]
     node: str
     agent_connected: bool
     agent_ready: bool
@@ -647,7 +653,9 @@ class NodeCheck(_message.Message):
     agent_version: str
     last_report_age_ms: int
     clock_skew_ms: int
-    def __init__(self, node: _Optional[str] = ..., agent_connected: _Optional[bool] = ..., agent_ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., agent_version: _Optional[str] = ..., last_report_age_ms: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ...) -> None: ...
+    capture_mode: str
+    capture_mode_reason: str
+    def __init__(self, node: _Optional[str] = ..., agent_connected: _Optional[bool] = ..., agent_ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., agent_version: _Optional[str] = ..., last_report_age_ms: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ..., capture_mode: _Optional[str] = ..., capture_mode_reason: _Optional[str] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
     __slots__ = ("controller_version", "nodes", "time_ms")

@@ -11,6 +11,7 @@ the wrong workload fails the test as an unexpected series.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections import Counter
@@ -29,15 +30,20 @@ from mesh_harness import (
     mesh_cluster,
     without_bytes,
 )
+from nodemesh.api.model import ADMIN_PORT
+from nodemesh.cli.sandbox_install import redirector_process
 
 pytestmark = pytest.mark.root
 
 Path_ = tuple[Pod, str, int, str]  # (client pod, host to dial, port, dst_service label expected outbound)
 
 
-@pytest.fixture(scope="module", params=["bridge", "routed"])
+@pytest.fixture(scope="module", params=["bridge", "routed", "bridge-ebpf", "routed-ebpf"])
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    with mesh_cluster(request.param, tmp_path_factory.mktemp(f"mesh-{request.param}")) as m:
+    """Both CNI styles, each with outbound capture by iptables and by eBPF (issue 14: every mode
+    passes the same tests with the same metrics)."""
+    cni, _, capture = request.param.partition("-")
+    with mesh_cluster(cni, tmp_path_factory.mktemp(f"mesh-{request.param}"), capture or "iptables") as m:
         yield m
 
 
@@ -264,6 +270,19 @@ def test_mesh_agents_healthy(mesh: Mesh) -> None:
     while not all(re.search(r"^nodemesh_capture_installed 1\.0$", mesh.scrape(n), re.MULTILINE) for n in mesh.nodes):
         assert time.monotonic() < deadline, {n: mesh.scrape(n)[-200:] for n in mesh.nodes}
         time.sleep(0.25)
+    for node in mesh.nodes.values():
+        # Which capture ran, as the agent reports it (`/capture`, for `nodemesh check`): the eBPF
+        # runs really were eBPF (no silent fallback), with programs in the client pods' cgroups.
+        res = mesh.sb.node_exec(node.name, ["curl", "-sf", f"http://127.0.0.1:{ADMIN_PORT}/capture"],
+                                capture_output=True, text=True, timeout=10)
+        answer = json.loads(res.stdout)
+        assert answer["capture_mode"] == mesh.capture, answer
+    if mesh.capture == "ebpf":
+        for node in mesh.nodes:
+            log = mesh.sb.node_process_log(node, redirector_process(node)).read_text(errors="replace")
+            assert "event=capture_mode mode=ebpf" in log, log[-2000:]
+            attached = set(re.findall(r"event=ebpf_attached cgroup=\S+ pod_ip=(\S+)", log))
+            assert {c.ip for c in mesh.pods["client"] if c.node == node} <= attached, (attached, log[-2000:])
     status = mesh.sb.status()["node_processes"]
     assert status and all(p.get("restarts", 0) == 0 for p in status.values()), status
     for name, proc in status.items():

@@ -4,7 +4,8 @@
 
 Request i starts at start + i/rate whatever happened to earlier ones, each on a new connection
 (HTTP/1.0, so a ClusterIP spreads them and every request is a new capture decision). One JSON line
-per request is appended to FILE as soon as it ends: {"t": start (epoch s), "dt": seconds, "ok": bool,
+per request is appended to FILE as soon as it ends: {"t": start (epoch s), "dt": seconds, "tc": seconds
+to connected (when it connected), "ok": bool,
 "status": int, "error": "refused" | "reset" | "timeout" | ..., "body": first 64 bytes}.
 """
 
@@ -37,6 +38,7 @@ async def one(host: str, port: int, path: str, vhost: str, timeout: float) -> di
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
+            record["tc"] = round(time.time() - t0, 4)   # connected (handshake done)
             writer.write(f"GET {path} HTTP/1.0\r\nHost: {vhost}\r\nUser-Agent: realnode-load\r\n\r\n".encode())
             data = await reader.read()
         head, _, body = data.partition(b"\r\n\r\n")

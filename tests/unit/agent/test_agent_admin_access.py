@@ -7,6 +7,7 @@ real socket plays the pod; the real pod case is tests/integration/trust/test_tru
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import uvloop
@@ -47,8 +48,14 @@ def test_agent_admin_access_by_path_and_caller(local: bool) -> None:
             for path in ("/ready", "/live"):
                 assert (await get(server.port, path))[0] == 200
             status, _, body = await get(server.port, "/capture")
-            assert (status, body) == ((200, b'{"excluded_ips": ["10.0.0.9"], "synced": true}') if local
-                                      else (403, b"/capture is only for this node's own processes\n"))
+            if local:
+                assert status == 200
+                answer = json.loads(body)
+                assert answer["excluded_ips"] == ["10.0.0.9"] and answer["synced"] is True
+                assert answer["capture_mode"] == "iptables"   # no eBPF capture pinned in this test
+                assert "no eBPF capture pinned" in answer["capture_mode_reason"]
+            else:
+                assert (status, body) == (403, b"/capture is only for this node's own processes\n")
             for path in ("/metrics", "/identity"):
                 status, head, body = await get(server.port, path)
                 if local:

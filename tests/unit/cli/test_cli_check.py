@@ -40,6 +40,17 @@ def test_cli_check_fail_names_the_broken_part(controller: Served) -> None:
     assert "    node-3: capture not installed" in result.stdout
 
 
+def test_cli_check_says_which_capture_runs_on_each_node_and_why(controller: Served) -> None:
+    controller.fake.check = pb.CheckResponse(controller_version=__version__, nodes=[
+        _node("node-1", capture_mode="ebpf", capture_mode_reason="connect4 programs pinned at /sys/fs/bpf/nodemesh, enabled"),
+        _node("node-2", capture_mode="iptables", capture_mode_reason="no eBPF capture pinned at /sys/fs/bpf/nodemesh"),
+    ])
+    result = controller.run("check")
+    assert result.exit_code == 0, result.output
+    assert "\u2713 node-1: capture mode ebpf (connect4 programs pinned at /sys/fs/bpf/nodemesh, enabled)" in result.stdout
+    assert "\u2713 node-2: capture mode iptables (no eBPF capture pinned at /sys/fs/bpf/nodemesh)" in result.stdout
+
+
 def test_cli_check_unreachable_controller() -> None:
     # a port nobody listens on: bind then close, on loopback
     with socket.create_server(("127.0.0.1", 0)) as s:

@@ -50,6 +50,52 @@ def test_manifests_install_with_defaults_equals_committed_daemonset() -> None:
     )
 
 
+DAEMONSET_EBPF = REPO / "manifests" / "daemonset-ebpf.yaml"
+
+
+def test_manifests_install_capture_ebpf_equals_committed_daemonset_ebpf() -> None:
+    result = CliRunner().invoke(cli, ["install", "--capture", "ebpf"])
+    assert result.exit_code == 0, result.output
+    if REGEN:
+        DAEMONSET_EBPF.write_text(result.output)
+    assert result.output == DAEMONSET_EBPF.read_text(), (
+        "manifests/daemonset-ebpf.yaml is stale: regenerate with NODEMESH_REGEN_MANIFESTS=1"
+    )
+    assert CliRunner().invoke(cli, ["install", "--set", "capture=ebpf"]).output == result.output
+
+
+def test_manifests_capture_ebpf_adds_exactly_the_bpf_privileges_and_mounts() -> None:
+    """Issue 14 item 4: eBPF capture adds CAP_BPF (+ PERFMON for the redirector, which loads the
+    programs), the host's bpffs (pins outlive the pod), its cgroup v2 tree (read-only: attaching is a
+    bpf(2) call) and the kernel headers bcc compiles against; nothing else changes."""
+    plain = _find(_docs(render_daemonset(InstallValues())), "DaemonSet")["spec"]["template"]["spec"]
+    ebpf = _find(_docs(render_daemonset(InstallValues(capture="ebpf"))), "DaemonSet")["spec"]["template"]["spec"]
+    assert not any(c["securityContext"].get("privileged") for c in ebpf["containers"])
+
+    def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {i["name"]: i for i in items}
+
+    added_volumes = {k: v for k, v in by_name(ebpf["volumes"]).items() if k not in by_name(plain["volumes"])}
+    assert {k: v["hostPath"]["path"] for k, v in added_volumes.items()} == {
+        "bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup", "modules": "/lib/modules", "usr-src": "/usr/src"}
+    containers = by_name(ebpf["containers"]) | by_name(ebpf["initContainers"])
+    before = by_name(plain["containers"]) | by_name(plain["initContainers"])
+    expected_caps = {"agent": ["BPF"], "redirector": ["BPF", "PERFMON"], "fail-open": ["BPF", "PERFMON"]}
+    expected_mounts = {"agent": {"bpffs"}, "redirector": {"bpffs", "cgroup2", "modules", "usr-src"},
+                       "fail-open": {"bpffs"}}
+    for name, c in containers.items():
+        old = before[name]
+        caps = c["securityContext"].get("capabilities", {}).get("add", [])
+        old_caps = old["securityContext"].get("capabilities", {}).get("add", [])
+        assert [x for x in caps if x not in old_caps] == expected_caps.get(name, []), name
+        mounts = {m["name"] for m in c.get("volumeMounts", [])} - {m["name"] for m in old.get("volumeMounts", [])}
+        assert mounts == expected_mounts.get(name, set()), name
+        read_only = {m["name"]: m.get("readOnly", False) for m in c.get("volumeMounts", [])}
+        assert all(read_only[m] for m in mounts if m in ("cgroup2", "modules", "usr-src")), name
+    assert "--capture" in containers["redirector"]["args"]
+    assert {"name": "NODEMESH_BPF_DIR", "value": "/sys/fs/bpf/nodemesh"} in containers["agent"]["env"]
+
+
 def test_manifests_uninstall_prints_the_same_objects_for_kubectl_delete() -> None:
     result = CliRunner().invoke(cli, ["uninstall"])
     assert result.exit_code == 0, result.output
