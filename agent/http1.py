@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 import httptools
+from nodemesh.agent.observe import ALL_HEADERS, HeadersGate
 
 MAX_HEAD_BYTES = 64 * 1024           # request/response head (line + headers); more: 431 / opaque
 MAX_UNPARSED_AFTER_UPGRADE = 64 * 1024
@@ -203,31 +204,30 @@ class _RequestSide:
 
 
 class _ResponseSide:
-    """httptools callbacks for the server -> client direction."""
+    """httptools callbacks for the server -> client direction, headers not wanted.
 
-    __slots__ = ("head_bytes", "informational", "req", "x")
+    No `on_header`: httptools then neither calls back nor builds name/value bytes per header, and
+    nothing is accumulated (so no head bound is needed here). _ResponseSideHeaders adds it; the
+    exchange swaps which one its parser is bound to between responses (see feed_response)."""
+
+    __slots__ = ("head_bytes", "in_message", "informational", "req", "x")
+    headers = False
 
     def __init__(self, exchange: Http1Exchange) -> None:
         self.x = exchange
         self.req: Http1Request | None = None
         self.head_bytes = 0
         self.informational = False
+        self.in_message = False          # a response has begun and not ended
 
     def on_message_begin(self) -> None:
         self.head_bytes = 0
         self.informational = False
         self.req = None
+        self.in_message = True
 
     def on_status(self, status: bytes) -> None:
         self.head_bytes += len(status)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise HeadTooLarge
-        x = self.x
-        if x.awaiting:
-            x.awaiting[0].response_headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         x = self.x
@@ -256,16 +256,33 @@ class _ResponseSide:
             self.req.response_bytes += len(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         if self.informational:
             return
         self.x.finish_response()
 
 
+class _ResponseSideHeaders(_ResponseSide):
+    """The response side while headers are wanted (a tap is open): collects them, bounded."""
+
+    __slots__ = ()
+    headers = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+        x = self.x
+        if x.awaiting:
+            x.awaiting[0].response_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+
 class Http1Exchange:
     """Classifies one HTTP/1 connection, both directions."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, gate: HeadersGate = ALL_HEADERS) -> None:
         self.clock = clock
+        self.gate = gate                               # are header lists wanted (a tap open)?
         self.events: list[Event] = []
         self.ordinal = 0
         self.awaiting: deque[Http1Request] = deque()   # heads sent, responses not complete
@@ -276,7 +293,7 @@ class Http1Exchange:
         self.failed = False                            # the server stopped speaking HTTP/1: opaque
         self.client_failed = False                     # the client did: its side is not classified
         self._req_side = _RequestSide(self)
-        self._resp_side = _ResponseSide(self)
+        self._resp_side = (_ResponseSideHeaders if gate.headers_wanted else _ResponseSide)(self)
         self.req_parser = request_parser(self._req_side)
         self.resp_parser = response_parser(self._resp_side)
         self._req_tail = b""
@@ -377,6 +394,13 @@ class Http1Exchange:
     def feed_response(self, data: bytes) -> list[Event]:
         if self.upgraded or self.failed:
             return _NO_EVENTS
+        side = self._resp_side
+        if side.headers is not self.gate.headers_wanted and not side.in_message:
+            # A tap opened (or the last one closed): between responses, rebind the parser to the
+            # side that does (not) collect headers. A response already begun keeps its side, so
+            # when a tap opens mid-response that one response shows no headers in the tap.
+            self._resp_side = (_ResponseSideHeaders if self.gate.headers_wanted else _ResponseSide)(self)
+            self.resp_parser = response_parser(self._resp_side)
         if not self._needs_split():
             self._feed_response_piece(data)
             self._resp_tail = data[-3:]
