@@ -138,7 +138,7 @@ def _split(data: bytes, ends: list[int]) -> list[bytes]:
 class _RequestSide:
     """httptools callbacks for the client -> server direction."""
 
-    __slots__ = ("completed", "field", "head_bytes", "head_fed", "req", "x")
+    __slots__ = ("collect", "completed", "field", "head_bytes", "head_fed", "req", "x")
 
     def __init__(self, exchange: Http1Exchange) -> None:
         self.x = exchange
@@ -147,6 +147,7 @@ class _RequestSide:
         self.head_fed = 0
         self.completed = False   # a message ended in the read being fed
         self.field = b""
+        self.collect = True      # this request's headers are wanted (decided at its first byte)
 
     def on_message_begin(self) -> None:
         x = self.x
@@ -154,6 +155,7 @@ class _RequestSide:
         self.req = Http1Request(x.ordinal)
         self.head_bytes = 0
         self.head_fed = 0
+        self.collect = x.gate.headers_wanted
         x.head_pending = True
 
     def on_url(self, url: bytes) -> None:
@@ -166,7 +168,13 @@ class _RequestSide:
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             raise HeadTooLarge
-        self.req.headers.append((name.decode("latin-1"), value.decode("latin-1")))  # type: ignore
+        req = self.req
+        assert req is not None
+        if self.collect:
+            req.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        elif len(name) == 4 and not req.authority and name.lower() == b"host":
+            # No tap open: of all the headers only Host (the authority label) is decoded.
+            req.authority = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         x = self.x
@@ -174,10 +182,11 @@ class _RequestSide:
         assert req is not None
         req.method = x.req_parser.get_method().decode("ascii")
         req.started = x.clock()
-        for name, value in req.headers:
-            if len(name) == 4 and name.lower() == "host":
-                req.authority = value
-                break
+        if self.collect:
+            for name, value in req.headers:
+                if len(name) == 4 and name.lower() == "host":
+                    req.authority = value
+                    break
         if req.method == "CONNECT":
             req.authority = req.authority or req.path
             req.upgrade = True

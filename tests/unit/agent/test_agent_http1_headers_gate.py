@@ -29,11 +29,26 @@ def _one(x: Http1Exchange, req: bytes = REQ, resp: bytes = RESP) -> http1.Http1R
     return r
 
 
-def test_no_tap_no_response_headers_but_authority_and_status() -> None:
+def test_no_tap_no_headers_but_authority_and_status() -> None:
     taps = TapRegistry()
     x = _exchange(taps)
     r = _one(x)
-    assert (r.authority, r.status, r.response_bytes, r.response_headers) == ("voting", 200, 2, [])
+    assert (r.authority, r.status, r.response_bytes, r.response_headers, r.headers) == ("voting", 200, 2, [], [])
+    # Only the first Host counts, in any case, as when headers are collected.
+    r = _one(x, b"GET / HTTP/1.1\r\nhOsT: first\r\nX-Long: 1\r\nHost: second\r\n\r\n")
+    assert r.authority == "first" and r.headers == []
+    taps.open("t", pb.TapFilter())
+    r = _one(x, b"GET / HTTP/1.1\r\nhOsT: first\r\nX-Long: 1\r\nHost: second\r\n\r\n")
+    assert r.authority == "first" and len(r.headers) == 3
+
+
+def test_a_huge_request_head_is_bounded_with_or_without_a_tap() -> None:
+    taps = TapRegistry()
+    for _ in range(2):
+        x = _exchange(taps)
+        huge = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 20000 + b"\r\n"
+        assert x.feed_request(huge) == [(http1.CLIENT_ERROR, 431)]
+        taps.open("t", pb.TapFilter())
 
 
 def test_tap_opened_between_responses_shows_the_next_response_headers() -> None:
