@@ -196,6 +196,8 @@ class _RequestSide:
             req.closes = True
         x.head_pending = False
         x.awaiting.append(req)
+        if req.method == "HEAD" or req.method == "CONNECT":
+            x.split_pending += 1
         x.events.append((REQUEST_HEAD, req))
         x.head_done_in_piece = True
 
@@ -295,6 +297,7 @@ class Http1Exchange:
         self.events: list[Event] = []
         self.ordinal = 0
         self.awaiting: deque[Http1Request] = deque()   # heads sent, responses not complete
+        self.split_pending = 0                         # of those, HEAD/CONNECT (see module doc)
         self.head_pending = False                      # a request head has begun, not ended
         self.head_done_in_piece = False
         self.reset_response_after_piece = False
@@ -410,7 +413,7 @@ class Http1Exchange:
             # when a tap opens mid-response that one response shows no headers in the tap.
             self._resp_side = (_ResponseSideHeaders if self.gate.headers_wanted else _ResponseSide)(self)
             self.resp_parser = response_parser(self._resp_side)
-        if not self._needs_split():
+        if not self.split_pending:
             self._feed_response_piece(data)
             self._resp_tail = data[-3:]
             return self._take()
@@ -430,12 +433,6 @@ class Http1Exchange:
                     self._become_opaque()
                     break
         return self._take()
-
-    def _needs_split(self) -> bool:
-        for req in self.awaiting:
-            if req.method == "HEAD" or req.method == "CONNECT":
-                return True
-        return False
 
     def _feed_response_piece(self, piece: bytes) -> bool:
         try:
@@ -458,6 +455,8 @@ class Http1Exchange:
         if not self.awaiting:
             return
         req = self.awaiting.popleft()
+        if req.method == "HEAD" or req.method == "CONNECT":
+            self.split_pending -= 1
         req.response_done = True
         if req.upgrade and not self.upgraded and req.status != 101:
             # The server declined the upgrade: the client keeps speaking HTTP/1.
@@ -501,6 +500,7 @@ class Http1Exchange:
         if cur is not None and cur not in unfinished and cur.started:
             unfinished.append(cur)
         self.awaiting.clear()
+        self.split_pending = 0
         return unfinished
 
     @property
