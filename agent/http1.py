@@ -210,7 +210,7 @@ class _RequestSide:
         req.request_done = True
         self.req = None
         self.completed = True
-        if req.done:
+        if req.response_done:      # req.done (the request side just ended)
             self.x.events.append((EXCHANGE_END, req))
 
 
@@ -236,9 +236,6 @@ class _ResponseSide:
         self.informational = False
         self.req = None
         self.in_message = True
-
-    def on_status(self, status: bytes) -> None:
-        self.head_bytes += len(status)
 
     def on_headers_complete(self) -> None:
         x = self.x
@@ -278,6 +275,9 @@ class _ResponseSideHeaders(_ResponseSide):
 
     __slots__ = ()
     headers = True
+
+    def on_status(self, status: bytes) -> None:
+        self.head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
@@ -344,7 +344,11 @@ class Http1Exchange:
                 if side.head_fed > MAX_HEAD_BYTES:
                     self.client_failed = True
                     self.events.append((CLIENT_ERROR, 431))
-        return self._take()
+        events = self.events   # self._take(), inlined
+        if not events:
+            return _NO_EVENTS
+        self.events = []
+        return events
 
     def feed_request_closing(self, data: bytes) -> tuple[list[Event], bytes, bool]:
         """Like feed_request, for a draining agent: the next request head completed here gets
@@ -414,9 +418,17 @@ class Http1Exchange:
             self._resp_side = (_ResponseSideHeaders if self.gate.headers_wanted else _ResponseSide)(self)
             self.resp_parser = response_parser(self._resp_side)
         if not self.split_pending:
-            self._feed_response_piece(data)
+            # The common case, inlined (calls are most of the per-request cost; see docs/bench.md).
+            try:
+                self.resp_parser.feed_data(data)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+                self._response_parse_failed(exc)
             self._resp_tail = data[-3:]
-            return self._take()
+            events = self.events
+            if not events:
+                return _NO_EVENTS
+            self.events = []
+            return events
         ends = head_terminators(self._resp_tail, data)
         self._resp_tail = (self._resp_tail + data)[-3:]
         start = 0
@@ -437,19 +449,20 @@ class Http1Exchange:
     def _feed_response_piece(self, piece: bytes) -> bool:
         try:
             self.resp_parser.feed_data(piece)
-        except httptools.HttpParserUpgrade:
-            if self.resp_parser.get_status_code() == 101 and self._upgrade_wait:
-                # llhttp already ended the 101 message (EXCHANGE_END is out); the rest is opaque.
-                if self.awaiting and self.awaiting[0].status == 101:
-                    self.finish_response()
-                self._become_opaque()
-            else:
-                self._upstream_error()
-            return False
-        except httptools.HttpParserError:
-            self._upstream_error()
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            self._response_parse_failed(exc)
             return False
         return True
+
+    def _response_parse_failed(self, exc: Exception) -> None:
+        if (isinstance(exc, httptools.HttpParserUpgrade) and self.resp_parser.get_status_code() == 101
+                and self._upgrade_wait):
+            # llhttp already ended the 101 message (EXCHANGE_END is out); the rest is opaque.
+            if self.awaiting and self.awaiting[0].status == 101:
+                self.finish_response()
+            self._become_opaque()
+        else:
+            self._upstream_error()
 
     def finish_response(self) -> None:
         if not self.awaiting:
@@ -461,7 +474,7 @@ class Http1Exchange:
         if req.upgrade and not self.upgraded and req.status != 101:
             # The server declined the upgrade: the client keeps speaking HTTP/1.
             self._resume_after_declined_upgrade()
-        if req.done:
+        if req.request_done:       # req.done (the response side just ended)
             self.events.append((EXCHANGE_END, req))
 
     def _resume_after_declined_upgrade(self) -> None:
