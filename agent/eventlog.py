@@ -10,10 +10,20 @@ import json
 import os
 from typing import Any
 
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer, RequestEnd, RequestHead
+from nodemesh.agent.observe import (
+    NO_HEADERS,
+    ConnectionEnd,
+    ConnectionMeta,
+    HeadersGate,
+    Observer,
+    RequestEnd,
+    RequestHead,
+)
 
 
 class JsonlObserver:
+    headers_gate: HeadersGate = NO_HEADERS  # it writes no headers
+
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._pid = os.getpid()
@@ -52,12 +62,24 @@ class JsonlObserver:
                      "request_bytes": end.request_bytes, "response_bytes": end.response_bytes})
 
 
+class _EitherGate:
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: HeadersGate, b: HeadersGate) -> None:
+        self.a, self.b = a, b
+
+    @property
+    def headers_wanted(self) -> bool:
+        return self.a.headers_wanted or self.b.headers_wanted
+
+
 class TeeObserver:
     """Reports to two observers; handles are pairs."""
 
     def __init__(self, first: Observer, second: Observer) -> None:
         self.a = first
         self.b = second
+        self.headers_gate: HeadersGate = _EitherGate(first.headers_gate, second.headers_gate)
 
     def connection_open(self, meta: ConnectionMeta) -> Any:
         return (self.a.connection_open(meta), self.b.connection_open(meta))

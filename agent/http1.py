@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 import httptools
+from nodemesh.agent.observe import ALL_HEADERS, HeadersGate
 
 MAX_HEAD_BYTES = 64 * 1024           # request/response head (line + headers); more: 431 / opaque
 MAX_UNPARSED_AFTER_UPGRADE = 64 * 1024
@@ -137,7 +138,7 @@ def _split(data: bytes, ends: list[int]) -> list[bytes]:
 class _RequestSide:
     """httptools callbacks for the client -> server direction."""
 
-    __slots__ = ("completed", "field", "head_bytes", "head_fed", "req", "x")
+    __slots__ = ("collect", "completed", "field", "head_bytes", "head_fed", "req", "x")
 
     def __init__(self, exchange: Http1Exchange) -> None:
         self.x = exchange
@@ -146,6 +147,7 @@ class _RequestSide:
         self.head_fed = 0
         self.completed = False   # a message ended in the read being fed
         self.field = b""
+        self.collect = True      # this request's headers are wanted (decided at its first byte)
 
     def on_message_begin(self) -> None:
         x = self.x
@@ -153,6 +155,7 @@ class _RequestSide:
         self.req = Http1Request(x.ordinal)
         self.head_bytes = 0
         self.head_fed = 0
+        self.collect = x.gate.headers_wanted
         x.head_pending = True
 
     def on_url(self, url: bytes) -> None:
@@ -165,7 +168,13 @@ class _RequestSide:
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             raise HeadTooLarge
-        self.req.headers.append((name.decode("latin-1"), value.decode("latin-1")))  # type: ignore
+        req = self.req
+        assert req is not None
+        if self.collect:
+            req.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        elif len(name) == 4 and not req.authority and name.lower() == b"host":
+            # No tap open: of all the headers only Host (the authority label) is decoded.
+            req.authority = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         x = self.x
@@ -173,10 +182,11 @@ class _RequestSide:
         assert req is not None
         req.method = x.req_parser.get_method().decode("ascii")
         req.started = x.clock()
-        for name, value in req.headers:
-            if len(name) == 4 and name.lower() == "host":
-                req.authority = value
-                break
+        if self.collect:
+            for name, value in req.headers:
+                if len(name) == 4 and name.lower() == "host":
+                    req.authority = value
+                    break
         if req.method == "CONNECT":
             req.authority = req.authority or req.path
             req.upgrade = True
@@ -186,6 +196,8 @@ class _RequestSide:
             req.closes = True
         x.head_pending = False
         x.awaiting.append(req)
+        if req.method == "HEAD" or req.method == "CONNECT":
+            x.split_pending += 1
         x.events.append((REQUEST_HEAD, req))
         x.head_done_in_piece = True
 
@@ -198,36 +210,32 @@ class _RequestSide:
         req.request_done = True
         self.req = None
         self.completed = True
-        if req.done:
+        if req.response_done:      # req.done (the request side just ended)
             self.x.events.append((EXCHANGE_END, req))
 
 
 class _ResponseSide:
-    """httptools callbacks for the server -> client direction."""
+    """httptools callbacks for the server -> client direction, headers not wanted.
 
-    __slots__ = ("head_bytes", "informational", "req", "x")
+    No `on_header`: httptools then neither calls back nor builds name/value bytes per header, and
+    nothing is accumulated (so no head bound is needed here). _ResponseSideHeaders adds it; the
+    exchange swaps which one its parser is bound to between responses (see feed_response)."""
+
+    __slots__ = ("head_bytes", "in_message", "informational", "req", "x")
+    headers = False
 
     def __init__(self, exchange: Http1Exchange) -> None:
         self.x = exchange
         self.req: Http1Request | None = None
         self.head_bytes = 0
         self.informational = False
+        self.in_message = False          # a response has begun and not ended
 
     def on_message_begin(self) -> None:
         self.head_bytes = 0
         self.informational = False
         self.req = None
-
-    def on_status(self, status: bytes) -> None:
-        self.head_bytes += len(status)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise HeadTooLarge
-        x = self.x
-        if x.awaiting:
-            x.awaiting[0].response_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self.in_message = True
 
     def on_headers_complete(self) -> None:
         x = self.x
@@ -256,19 +264,40 @@ class _ResponseSide:
             self.req.response_bytes += len(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         if self.informational:
             return
         self.x.finish_response()
 
 
+class _ResponseSideHeaders(_ResponseSide):
+    """The response side while headers are wanted (a tap is open): collects them, bounded."""
+
+    __slots__ = ()
+    headers = True
+
+    def on_status(self, status: bytes) -> None:
+        self.head_bytes += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+        x = self.x
+        if x.awaiting:
+            x.awaiting[0].response_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+
 class Http1Exchange:
     """Classifies one HTTP/1 connection, both directions."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, gate: HeadersGate = ALL_HEADERS) -> None:
         self.clock = clock
+        self.gate = gate                               # are header lists wanted (a tap open)?
         self.events: list[Event] = []
         self.ordinal = 0
         self.awaiting: deque[Http1Request] = deque()   # heads sent, responses not complete
+        self.split_pending = 0                         # of those, HEAD/CONNECT (see module doc)
         self.head_pending = False                      # a request head has begun, not ended
         self.head_done_in_piece = False
         self.reset_response_after_piece = False
@@ -276,7 +305,7 @@ class Http1Exchange:
         self.failed = False                            # the server stopped speaking HTTP/1: opaque
         self.client_failed = False                     # the client did: its side is not classified
         self._req_side = _RequestSide(self)
-        self._resp_side = _ResponseSide(self)
+        self._resp_side = (_ResponseSideHeaders if gate.headers_wanted else _ResponseSide)(self)
         self.req_parser = request_parser(self._req_side)
         self.resp_parser = response_parser(self._resp_side)
         self._req_tail = b""
@@ -315,7 +344,11 @@ class Http1Exchange:
                 if side.head_fed > MAX_HEAD_BYTES:
                     self.client_failed = True
                     self.events.append((CLIENT_ERROR, 431))
-        return self._take()
+        events = self.events   # self._take(), inlined
+        if not events:
+            return _NO_EVENTS
+        self.events = []
+        return events
 
     def feed_request_closing(self, data: bytes) -> tuple[list[Event], bytes, bool]:
         """Like feed_request, for a draining agent: the next request head completed here gets
@@ -377,10 +410,25 @@ class Http1Exchange:
     def feed_response(self, data: bytes) -> list[Event]:
         if self.upgraded or self.failed:
             return _NO_EVENTS
-        if not self._needs_split():
-            self._feed_response_piece(data)
+        side = self._resp_side
+        if side.headers is not self.gate.headers_wanted and not side.in_message:
+            # A tap opened (or the last one closed): between responses, rebind the parser to the
+            # side that does (not) collect headers. A response already begun keeps its side, so
+            # when a tap opens mid-response that one response shows no headers in the tap.
+            self._resp_side = (_ResponseSideHeaders if self.gate.headers_wanted else _ResponseSide)(self)
+            self.resp_parser = response_parser(self._resp_side)
+        if not self.split_pending:
+            # The common case, inlined (calls are most of the per-request cost; see docs/bench.md).
+            try:
+                self.resp_parser.feed_data(data)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+                self._response_parse_failed(exc)
             self._resp_tail = data[-3:]
-            return self._take()
+            events = self.events
+            if not events:
+                return _NO_EVENTS
+            self.events = []
+            return events
         ends = head_terminators(self._resp_tail, data)
         self._resp_tail = (self._resp_tail + data)[-3:]
         start = 0
@@ -398,38 +446,35 @@ class Http1Exchange:
                     break
         return self._take()
 
-    def _needs_split(self) -> bool:
-        for req in self.awaiting:
-            if req.method == "HEAD" or req.method == "CONNECT":
-                return True
-        return False
-
     def _feed_response_piece(self, piece: bytes) -> bool:
         try:
             self.resp_parser.feed_data(piece)
-        except httptools.HttpParserUpgrade:
-            if self.resp_parser.get_status_code() == 101 and self._upgrade_wait:
-                # llhttp already ended the 101 message (EXCHANGE_END is out); the rest is opaque.
-                if self.awaiting and self.awaiting[0].status == 101:
-                    self.finish_response()
-                self._become_opaque()
-            else:
-                self._upstream_error()
-            return False
-        except httptools.HttpParserError:
-            self._upstream_error()
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            self._response_parse_failed(exc)
             return False
         return True
+
+    def _response_parse_failed(self, exc: Exception) -> None:
+        if (isinstance(exc, httptools.HttpParserUpgrade) and self.resp_parser.get_status_code() == 101
+                and self._upgrade_wait):
+            # llhttp already ended the 101 message (EXCHANGE_END is out); the rest is opaque.
+            if self.awaiting and self.awaiting[0].status == 101:
+                self.finish_response()
+            self._become_opaque()
+        else:
+            self._upstream_error()
 
     def finish_response(self) -> None:
         if not self.awaiting:
             return
         req = self.awaiting.popleft()
+        if req.method == "HEAD" or req.method == "CONNECT":
+            self.split_pending -= 1
         req.response_done = True
         if req.upgrade and not self.upgraded and req.status != 101:
             # The server declined the upgrade: the client keeps speaking HTTP/1.
             self._resume_after_declined_upgrade()
-        if req.done:
+        if req.request_done:       # req.done (the response side just ended)
             self.events.append((EXCHANGE_END, req))
 
     def _resume_after_declined_upgrade(self) -> None:
@@ -468,6 +513,7 @@ class Http1Exchange:
         if cur is not None and cur not in unfinished and cur.started:
             unfinished.append(cur)
         self.awaiting.clear()
+        self.split_pending = 0
         return unfinished
 
     @property

@@ -16,7 +16,7 @@ import time
 
 from nodemesh.agent import http1
 from nodemesh.agent.http1 import Http1Exchange, Http1Request
-from nodemesh.agent.observe import RequestEnd, RequestHead
+from nodemesh.agent.observe import ALL_HEADERS, RequestEnd, RequestHead
 from nodemesh.agent.seam import ModeHost
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
@@ -38,7 +38,8 @@ class Http1Mode:
         self.conn = conn
         self.protocol = "http1"
         self.observer = conn.observer
-        self.exchange = Http1Exchange()
+        # An observer that declares no gate (a test's recorder) gets every header, as before.
+        self.exchange = Http1Exchange(gate=getattr(conn.observer, "headers_gate", ALL_HEADERS))
         self.opaque = False            # upgraded (101) or the server stopped speaking HTTP/1
         self.client_opaque = False     # the client sent what we cannot parse: its bytes pass untouched
         self.closing = False           # draining: add Connection: close to the next request

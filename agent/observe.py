@@ -83,7 +83,30 @@ class ConnectionEnd:
     handed_over: bool = False
 
 
+class HeadersGate(Protocol):
+    """Whether anything could read header lists now (an open tap). While not, the HTTP/1 path
+    neither decodes nor collects them: most of the per-request Python work (agent/http1.py)."""
+
+    @property
+    def headers_wanted(self) -> bool: ...
+
+
+class _Gate:
+    __slots__ = ("headers_wanted",)
+
+    def __init__(self, wanted: bool) -> None:
+        self.headers_wanted = wanted
+
+
+ALL_HEADERS: HeadersGate = _Gate(True)   # parsers used on their own (tests, tools): collect all
+NO_HEADERS: HeadersGate = _Gate(False)
+
+
 class Observer(Protocol):
+    # Read by the HTTP/1 classifier at each message start (attribute reads only, no call).
+    @property
+    def headers_gate(self) -> HeadersGate: ...
+
     def connection_open(self, meta: ConnectionMeta) -> Any: ...
 
     def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None: ...

@@ -103,26 +103,31 @@ class Tap:
 
 
 class TapRegistry:
-    """Open taps of one process. `taps` is the dict the hot path checks for truthiness."""
+    """Open taps of one process. `taps` is the dict the hot path checks for truthiness; the
+    registry is also the telemetry's observe.HeadersGate: headers are wanted while a tap is open."""
 
     def __init__(self, default_max_rps: float = 100.0) -> None:
         self.taps: dict[str, Tap] = {}
+        self.headers_wanted = False
         self.default_max_rps = default_max_rps
 
     def open(self, tap_id: str, filt: pb.TapFilter) -> Tap:
         tap = Tap(tap_id, filt, self.default_max_rps)
         # Replace the dict rather than mutate it, so an iteration in progress is never disturbed.
         self.taps = {**self.taps, tap_id: tap}
+        self.headers_wanted = True
         return tap
 
     def close(self, tap_id: str) -> Tap | None:
         taps = dict(self.taps)
         tap = taps.pop(tap_id, None)
         self.taps = taps
+        self.headers_wanted = bool(taps)
         return tap
 
     def close_all(self) -> None:
         self.taps = {}
+        self.headers_wanted = False
 
     def match(self, src: PeerLabels, dst: PeerLabels, service: str, head: RequestHead,
               directions: tuple[str, ...]) -> list[tuple[Tap, str]] | None:

@@ -140,6 +140,7 @@ class WorkerTelemetry:
         self.routes = RouteTables(config.max_routes) if config.route_metrics else None
         self._routes_reset_at = time.monotonic()
         self.taps = TapRegistry(config.tap_max_rps)
+        self.headers_gate = self.taps  # headers are decoded only while a tap is open (observe.py)
         self.redaction = redact.DEFAULT  # the mesh config's, once an identity brings one
         self._end = child_end
         self._link: workerlink.Link | None = None

@@ -16,13 +16,15 @@ import uvloop
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.modes import make_mode
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
+from nodemesh.agent.observe import ALL_HEADERS, ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.relay import Connection, WorkerContext
 from nodemesh.agent.sockets import listen_socket
 
 
 class Recorder:
     """Observer that keeps what it was told, in order."""
+
+    headers_gate = ALL_HEADERS
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []

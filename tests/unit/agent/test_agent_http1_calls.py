@@ -1,0 +1,45 @@
+"""Regression check on the HTTP/1.1 hot path's cost, by count, not time (issue 18).
+
+`tests/bench/http1_micro.py` feeds Http1Mode a keep-alive request and its response (5+5 headers)
+through the real WorkerTelemetry and counts Python and C calls per request with sys.setprofile.
+Counts do not depend on machine load, so they can be asserted: a change that adds work per request
+shows here. The ceilings are the counts measured when they were set (docs/bench.md "Hot path
+steps"); lower them when a step wins, raise them only with a reason written there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from types import ModuleType
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "http1_micro.py"
+
+NO_TAP_PY, NO_TAP_C = 35, 39     # no tap open: headers neither decoded nor collected
+TAP_PY_MAX = 45                  # a tap open (matching no request): every header collected
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("http1_micro", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_calls_per_request_without_a_tap() -> None:
+    bench = _bench()
+    mode = bench.setup(tap=False)
+    bench.count_calls(mode, 10)                 # warm: first request, caches
+    counts = bench.count_calls(mode, 200)
+    assert round(counts["py_calls"]) <= NO_TAP_PY, counts   # (sys.setprofile itself: 1 per run)
+    assert round(counts["c_calls"]) <= NO_TAP_C, counts
+
+
+def test_calls_per_request_with_a_tap_open_still_collect_headers() -> None:
+    bench = _bench()
+    mode = bench.setup(tap=True)
+    bench.count_calls(mode, 10)
+    counts = bench.count_calls(mode, 200)
+    # More than without (the headers are decoded, 10 on_header calls at least), bounded above.
+    assert NO_TAP_PY < round(counts["py_calls"]) <= TAP_PY_MAX, counts
