@@ -35,7 +35,7 @@ from nodemesh.controlplane import routes as routesmod
 from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, series_key
 from nodemesh.controlplane.config import ControllerConfig
-from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta
+from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta, SeriesRefs
 from nodemesh.controlplane.identityfeed import IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
@@ -91,6 +91,7 @@ class AgentSession:
     identity_resyncs: int = 0
     stale_taps_closed: set[str] = field(default_factory=set)
     ack_queued: bool = False
+    series_refs: SeriesRefs = field(default_factory=dict)  # this stream's Series.ref table
 
     def send(self, msg: pb.ControllerMessage) -> None:
         self.outbox.put_nowait(msg)
@@ -291,7 +292,8 @@ class Controller:
     def ack_message(self, agent_id: str) -> pb.ControllerMessage:
         entry = self._counters.get(agent_id)
         return pb.ControllerMessage(report_ack=pb.ReportAck(seq=entry[0].stored_seq if entry else 0,
-                                                            controller_epoch=self.identity.epoch))
+                                                            controller_epoch=self.identity.epoch,
+                                                            series_refs=True))
 
     def counters_for(self, agent_id: str, start_time_ms: int) -> AgentCounters:
         entry = self._counters.get(agent_id)
@@ -317,7 +319,8 @@ class Controller:
             # One interval's counts, filed in the second they were counted (not the second they
             # arrived: a replay after a restart brings minutes of history); once per seq.
             gaps = counters.gaps
-            deltas = counters.ingest_increments(report.series, report.seq, n_buckets=len(bounds) + 1)
+            deltas = counters.ingest_increments(report.series, report.seq, n_buckets=len(bounds) + 1,
+                                                refs=session.series_refs, key_of=series_key)
             if deltas is None:
                 self.metrics.reports_duplicate.inc()
                 session.queue_ack()
@@ -355,7 +358,7 @@ class Controller:
             if name in _ROUTE_FAMILIES:
                 self._record_route(d, bounds, t)
                 continue
-            key = series_key(d.labels)
+            key = d.key or series_key(d.labels)
             if name == RESPONSE_TOTAL:
                 if d.labels.get("classification") == "failure":
                     agg.record(key, t=t, failure=d.value)
@@ -391,9 +394,12 @@ class Controller:
             agg.record(key, t=t, latency=d.buckets, latency_bounds=bounds if bounds != BOUNDS else BOUNDS,
                        latency_sum=d.sum)
 
-    async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.ControllerMessage]:
+    async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage],
+                          encoded: bool = False) -> AsyncIterator[pb.ControllerMessage | bytes]:
         """The Connect stream: hello first, then reports/status/tap events in, identity and
-        tap commands out. Raises ValueError when the first message is not a hello."""
+        tap commands out. Raises ValueError when the first message is not a hello.
+        `encoded`: identity messages come out serialized (bytes), encoded once for every agent
+        at the same version (server.py sends bytes as they are)."""
         first = await anext(messages, None)
         if first is None:
             return
@@ -432,11 +438,19 @@ class Controller:
                         # _identity_once_synced sends it when the source has synced.
                         continue
                     feed = self.refresh_identity()
-                    message = feed.message_for(session.identity_epoch, session.identity_version)
-                    if message is None:
-                        continue
+                    if encoded:
+                        enc = feed.encoded_message_for(session.identity_epoch, session.identity_version)
+                        if enc is None:
+                            continue
+                        message: pb.ControllerMessage | bytes = enc[0]
+                        snapshot = enc[1]
+                    else:
+                        msg = feed.message_for(session.identity_epoch, session.identity_version)
+                        if msg is None:
+                            continue
+                        message, snapshot = msg, msg.HasField("identity")
                     session.identity_epoch, session.identity_version = feed.epoch, feed.version
-                    if message.HasField("identity"):
+                    if snapshot:
                         self.metrics.identity_snapshots.inc()
                     else:
                         self.metrics.identity_deltas.inc()

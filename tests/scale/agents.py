@@ -36,6 +36,23 @@ CONNECT = "/nodemesh.v1.Controller/Connect"
 _TAG_IDENTITY, _TAG_DELTA, _TAG_ACK, _TAG_TAP_OPEN, _TAG_TAP_CLOSE = 0x0A, 0x22, 0x2A, 0x12, 0x1A
 
 
+def _serialize(msg: pb.AgentMessage | bytes) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def _metrics_message(report: bytes) -> bytes:
+    """AgentMessage{metrics = report}, encoded: field 2, length-delimited."""
+    n, size = len(report), bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            size.append(byte | 0x80)
+        else:
+            size.append(byte)
+            return b"\x12" + bytes(size) + report
+
+
 class SimAgent:
     def __init__(self, spec: dict, node: str, traffic: NodeTraffic, parse_all: bool) -> None:
         self.spec = spec
@@ -55,6 +72,7 @@ class SimAgent:
         self.errors: list[str] = []
         self.outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
         self.increments = False
+        self.encoded: tuple[bytes, list[bytes]] | None = None  # this stream's report series
 
     async def requests(self):
         yield pb.AgentMessage(hello=pb.AgentHello(agent_id=self.agent_id, node=self.node, version="sim",
@@ -73,11 +91,14 @@ class SimAgent:
         while not stop.is_set():
             if self.increments:
                 self.seq += 1
-                series = self.traffic.interval(pb) + self.traffic.gauges(pb)
-                report = pb.MetricsReport(agent_id=self.agent_id, seq=self.seq, time_ms=int(time.time() * 1000),
-                                          latency_bounds_ms=list(LATENCY_BUCKETS_MS), series=series, increments=True)
+                first, variants = self.encoded or ((b"", [b""]))
+                series = first if self.seq == 1 else variants[self.seq % len(variants)]
+                # A MetricsReport is its fields' encodings in any order: the header, then the
+                # series encoded once (cluster.NodeTraffic.encoded_intervals).
+                head = pb.MetricsReport(agent_id=self.agent_id, seq=self.seq, time_ms=int(time.time() * 1000),
+                                        latency_bounds_ms=list(LATENCY_BUCKETS_MS), increments=True)
                 self.sent[self.seq] = time.time()
-                self.outbox.put_nowait(pb.AgentMessage(metrics=report))
+                self.outbox.put_nowait(_metrics_message(head.SerializeToString() + series))
                 self.outbox.put_nowait(pb.AgentMessage(status=pb.AgentStatus(
                     ready=True, capture_installed=True, time_ms=int(time.time() * 1000))))
                 for tap_id in self.taps:
@@ -98,6 +119,8 @@ class SimAgent:
             ack = pb.ControllerMessage.FromString(data).report_ack
             if not self.increments:
                 self.increments = True  # the controller takes increments: report from seq 1
+                refs = getattr(ack, "series_refs", False) and not self.spec.get("no_refs")  # older controllers: no refs
+                self.encoded = self.traffic.encoded_intervals(pb, refs)
             for seq in [s for s in self.sent if s <= ack.seq]:
                 self.latencies.append(now - self.sent.pop(seq))
             self.acked = max(self.acked, ack.seq)
@@ -122,7 +145,7 @@ class SimAgent:
         spec = self.spec
         async with grpc.aio.secure_channel(spec["addr"], creds, options=[
                 *GRPC_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", spec["tls_name"])]) as ch:
-            connect = ch.stream_stream(CONNECT, request_serializer=pb.AgentMessage.SerializeToString,
+            connect = ch.stream_stream(CONNECT, request_serializer=_serialize,
                                        response_deserializer=lambda b: b)
             call = connect(self.requests(), metadata=(("authorization", f"Bearer {spec['token']}"),))
             ticker = asyncio.create_task(self.tick(stop))

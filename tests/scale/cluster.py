@@ -167,28 +167,50 @@ class NodeTraffic:
                 self.series.append(peer_labels(cluster, "outbound", src, dst))
             if cluster.pods[dst].node == node:
                 self.series.append(peer_labels(cluster, "inbound", src, dst))
-        self.requests = 0
 
-    def interval(self, pb) -> list:
-        """One interval's increment series (the agent's `to_series(store.take_pending())`)."""
-        out = []
+    VARIANTS = 5
+
+    def encoded_intervals(self, pb, refs: bool) -> tuple[bytes, list[bytes]]:
+        """The node's report series, encoded once (the harness must not drown the machine it
+        measures): (the first report's series, defining every ref when `refs`), and
+        `VARIANTS` intervals' series that the agent cycles through. Each interval holds the
+        pairs active in it (5 series each: requests, responses, latency histogram, bytes read
+        and written) and every gauge, as a live report does."""
+        table: dict | None = {} if refs else None
+        first = self._encode(pb, table, active=1.0)
+        variants = [self._encode(pb, table, self.active) for _ in range(self.VARIANTS)]
+        return first, variants
+
+    def _encode(self, pb, table: dict | None, active: float) -> bytes:
         rng = self.rng
-        n_lat = len(LATENCY_BUCKETS_MS)
-        for labels in self.series:
-            if rng.random() >= self.active:
+        n_lat = len(LATENCY_BUCKETS_MS) + 1  # + the +Inf bucket
+        out = []
+        for i, labels in enumerate(self.series):
+            if rng.random() >= active:
                 continue
             n = rng.randint(1, 5)
-            self.requests += n
             buckets = [0] * n_lat
             buckets[rng.randint(3, 11)] = n
-            resp = dict(labels, status_code="200", grpc_status="", classification="success", error="")
-            out.append(pb.Series(name=REQUEST_TOTAL, labels=labels, value=float(n)))
-            out.append(pb.Series(name=RESPONSE_TOTAL, labels=resp, value=float(n)))
-            out.append(pb.Series(name=RESPONSE_LATENCY_MS, labels=labels, bucket_counts=buckets, sum=12.0 * n))
-            out.append(pb.Series(name=TCP_READ_BYTES_TOTAL, labels=labels, value=300.0 * n))
-            out.append(pb.Series(name=TCP_WRITE_BYTES_TOTAL, labels=labels, value=900.0 * n))
-        return out
+            out.append(self._series(pb, table, REQUEST_TOTAL, i, labels, value=float(n)))
+            out.append(self._series(pb, table, RESPONSE_TOTAL, i, labels, value=float(n), response=True))
+            out.append(self._series(pb, table, RESPONSE_LATENCY_MS, i, labels, bucket_counts=buckets,
+                                    sum=12.0 * n))
+            out.append(self._series(pb, table, TCP_READ_BYTES_TOTAL, i, labels, value=300.0 * n))
+            out.append(self._series(pb, table, TCP_WRITE_BYTES_TOTAL, i, labels, value=900.0 * n))
+        out += [self._series(pb, table, TCP_OPEN_CONNECTIONS, i, labels, value=1.0)
+                for i, labels in enumerate(self.series)]
+        return pb.MetricsReport(series=out).SerializeToString()
 
-    def gauges(self, pb) -> list:
-        """The live report's gauges: one open connection per pair ever seen (the agent sends all)."""
-        return [pb.Series(name=TCP_OPEN_CONNECTIONS, labels=labels, value=1.0) for labels in self.series]
+    @staticmethod
+    def _series(pb, refs: dict | None, name: str, i: int, labels: dict, response: bool = False, **values):
+        """One series as the agent link sends it: with its labels, or (series refs,
+        agent/seriesrefs.py) labels and a new ref the first time on a stream, the ref after."""
+        if response:
+            labels = dict(labels, status_code="200", grpc_status="", classification="success", error="")
+        if refs is None:
+            return pb.Series(name=name, labels=labels, **values)
+        ref = refs.get((name, i))
+        if ref is not None:
+            return pb.Series(name=name, ref=ref, **values)
+        ref = refs[(name, i)] = len(refs) + 1
+        return pb.Series(name=name, labels=labels, ref=ref, **values)

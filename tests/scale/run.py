@@ -148,7 +148,7 @@ class Run:
             spec = {"addr": f"127.0.0.1:{self.grpc_port}", "tls_name": "127.0.0.1", "token": self.token,
                     "ca": self.ca, "nodes": self.n, "pods": self.p, "fanout": self.args.fanout,
                     "active": self.args.active, "interval": 1.0, "my_nodes": mine,
-                    "parse_all": self.args.parse_all, "ramp_s": self.args.ramp / max(1, len(mine))}
+                    "parse_all": self.args.parse_all, "no_refs": self.args.no_refs, "ramp_s": self.args.ramp / max(1, len(mine))}
             spec_path, out = self.dir / f"agents-{w}.json", self.dir / f"agents-{w}.out.json"
             spec_path.write_text(json.dumps(spec))
             self.outs.append(out)
@@ -246,6 +246,8 @@ class Run:
                 up = sum(1 for n in ch.nodes if n.agent_connected and 0 <= n.last_report_age_ms < 5000)
                 if up >= self.n:
                     break
+                if int(time.time() - t0) % 10 == 0:
+                    self.say(f"connecting: {up}/{self.n} agents reporting after {time.time() - t0:.0f} s")
                 time.sleep(1)
             f["connect_s"] = time.time() - t0
             f["agents_reporting"] = up
@@ -260,6 +262,8 @@ class Run:
             r1 = self.metric("nodemesh_controller_reports_received_total")
             f["controller_cores"] = (c1 - c0) / (w1 - w0)
             f["reports_per_s"] = (r1 - r0) / (w1 - w0)
+            # CPU per report: what the controller spends, whatever share of the shared machine it got.
+            f["cpu_ms_per_report"] = (c1 - c0) / max(1.0, r1 - r0) * 1e3
             f["rss_mb"], _ = self.watch.mem_mb()
             f["series_tracked"] = self.metric("nodemesh_controller_series_tracked")
             self.say(f"steady: {f['controller_cores']:.2f} cores, {f['rss_mb']:.0f} MB, "
@@ -293,6 +297,9 @@ class Run:
         f["agents"] = len(results)
         f["agents_connected"] = sum(1 for r in results if r["connected_at"])
         f["agent_errors"] = sum(len(r["errors"]) for r in results)
+        log = (self.dir / "controller.log").read_text()
+        f["controller_rejected_reports"] = log.count("event=report_series_rejected")
+        f["controller_errors"] = log.count("level=ERROR")
         f["reports_sent"] = sum(r["reports_sent"] for r in results)
         f["reports_acked"] = sum(r["acked"] for r in results)
         lat = [x for r in results for x in r["latencies"]]
@@ -317,7 +324,8 @@ class Run:
 
 COLUMNS = [
     ("nodes", "N", "{:.0f}"), ("pods", "pods", "{:.0f}"), ("agents_reporting", "agents", "{:.0f}"),
-    ("controller_cores", "cores", "{:.2f}"), ("rss_mb_end", "RSS MB", "{:.0f}"),
+    ("controller_cores", "cores", "{:.2f}"), ("reports_per_s", "reports/s", "{:.0f}"),
+    ("cpu_ms_per_report", "CPU ms/report", "{:.2f}"), ("rss_mb_end", "RSS MB", "{:.0f}"),
     ("series_tracked", "series", "{:.0f}"),
     ("ingest_p50_ms", "ingest p50", "{:.0f}"), ("ingest_p99_ms", "ingest p99", "{:.0f}"),
     ("fanout_one_max_ms", "1-pod fanout", "{:.0f}"), ("fanout_500_max_ms", "500-pod fanout", "{:.0f}"),
@@ -353,6 +361,7 @@ def main() -> None:
     p.add_argument("--connect-timeout", type=float, default=300)
     p.add_argument("--fanout-wait", type=float, default=4)
     p.add_argument("--parse-all", action="store_true", help="agents parse every identity message")
+    p.add_argument("--no-refs", action="store_true", help="agents send labels with every series")
     p.add_argument("--json", default="", help="write the figures here")
     args = p.parse_args()
     rows = []

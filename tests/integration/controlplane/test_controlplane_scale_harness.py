@@ -19,12 +19,12 @@ def test_scale_harness_small_run(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "tests" / "scale" / "run.py"), "--nodes", "5", "--pods", "20",
          "--duration", "3", "--warmup", "1", "--queries", "3", "--taps", "1", "--fanout-wait", "2",
          "--ramp", "0.5", "--parse-all", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, env=dict(os.environ))
+        check=False, capture_output=True, text=True, timeout=240, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (f,) = json.loads(out.read_text())
     print(proc.stdout)
     assert f["agents"] == f["agents_connected"] == f["agents_reporting"] == 5
-    assert f["agent_errors"] == 0
+    assert f["agent_errors"] == f["controller_rejected_reports"] == f["controller_errors"] == 0
     # Every report the agents sent was acknowledged, and the controller counted each once.
     assert f["reports_sent"] >= 5 * 4
     assert f["reports_acked"] == f["reports_sent"]
