@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -378,7 +379,9 @@ class Controller:
             elif name == TCP_WRITE_BYTES_TOTAL:
                 agg.record(key, t=t, write_bytes=d.value)
             elif name == TCP_OPEN_CONNECTIONS:
-                agg.set_gauge(key, session.agent_id, d.value, t=t)
+                # A ref'd gauge is sent when it changes (agent/seriesrefs.py): it holds until the
+                # stream ends (agent_disconnected drops the agent's gauges), not for a window.
+                agg.set_gauge(key, session.agent_id, d.value, t=math.inf if d.key is not None else t)
 
     def _record_route(self, d: SeriesDelta, bounds: tuple[float, ...], t: float) -> None:
         agg = self.route_aggregator

@@ -33,6 +33,9 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS, LATENCY_BUCKETS_MS
 
 CONNECT = "/nodemesh.v1.Controller/Connect"
+# Messages queued on a stream the controller does not read fast enough before the simulated
+# agent stops producing reports (a real agent's history ring would replay them later).
+MAX_BACKLOG = 20
 _TAG_IDENTITY, _TAG_DELTA, _TAG_ACK, _TAG_TAP_OPEN, _TAG_TAP_CLOSE = 0x0A, 0x22, 0x2A, 0x12, 0x1A
 
 
@@ -68,6 +71,7 @@ class SimAgent:
         self.identity: list[tuple[float, str, int, int]] = []  # (time, kind, bytes, pods or -1)
         self.taps: dict[str, float] = {}
         self.tap_events = 0
+        self.skipped = 0   # intervals not sent: the stream was MAX_BACKLOG messages behind
         self.connected_at = 0.0
         self.errors: list[str] = []
         self.outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
@@ -89,7 +93,9 @@ class SimAgent:
         interval = self.spec["interval"]
         await asyncio.sleep(interval * (hash(self.node) % 1000) / 1000)  # agents' phases differ
         while not stop.is_set():
-            if self.increments:
+            if self.increments and self.outbox.qsize() > MAX_BACKLOG:
+                self.skipped += 1  # the controller is not taking them: do not grow without bound
+            elif self.increments:
                 self.seq += 1
                 first, variants = self.encoded or ((b"", [b""]))
                 series = first if self.seq == 1 else variants[self.seq % len(variants)]
@@ -177,7 +183,7 @@ class SimAgent:
 
     def result(self) -> dict:
         return {"node": self.node, "agent_id": self.agent_id, "connected_at": self.connected_at,
-                "reports_sent": self.seq, "acked": self.acked, "unacked": len(self.sent),
+                "reports_sent": self.seq, "skipped": self.skipped, "acked": self.acked, "unacked": len(self.sent),
                 "latencies": self.latencies, "identity": self.identity, "tap_events": self.tap_events,
                 "errors": self.errors}
 

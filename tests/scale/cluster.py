@@ -175,13 +175,14 @@ class NodeTraffic:
         measures): (the first report's series, defining every ref when `refs`), and
         `VARIANTS` intervals' series that the agent cycles through. Each interval holds the
         pairs active in it (5 series each: requests, responses, latency histogram, bytes read
-        and written) and every gauge, as a live report does."""
+        and written) and every gauge, as a live report does (with refs: gauges that changed)."""
         table: dict | None = {} if refs else None
-        first = self._encode(pb, table, active=1.0)
-        variants = [self._encode(pb, table, self.active) for _ in range(self.VARIANTS)]
+        first = self._encode(pb, table, active=1.0, gauges=True)
+        # With refs, an unchanged gauge is not sent again (agent/seriesrefs.py).
+        variants = [self._encode(pb, table, self.active, gauges=not refs) for _ in range(self.VARIANTS)]
         return first, variants
 
-    def _encode(self, pb, table: dict | None, active: float) -> bytes:
+    def _encode(self, pb, table: dict | None, active: float, gauges: bool) -> bytes:
         rng = self.rng
         n_lat = len(LATENCY_BUCKETS_MS) + 1  # + the +Inf bucket
         out = []
@@ -197,8 +198,9 @@ class NodeTraffic:
                                     sum=12.0 * n))
             out.append(self._series(pb, table, TCP_READ_BYTES_TOTAL, i, labels, value=300.0 * n))
             out.append(self._series(pb, table, TCP_WRITE_BYTES_TOTAL, i, labels, value=900.0 * n))
-        out += [self._series(pb, table, TCP_OPEN_CONNECTIONS, i, labels, value=1.0)
-                for i, labels in enumerate(self.series)]
+        if gauges:
+            out += [self._series(pb, table, TCP_OPEN_CONNECTIONS, i, labels, value=1.0)
+                    for i, labels in enumerate(self.series)]
         return pb.MetricsReport(series=out).SerializeToString()
 
     @staticmethod

@@ -302,6 +302,7 @@ class Run:
         f["controller_errors"] = log.count("level=ERROR")
         f["reports_sent"] = sum(r["reports_sent"] for r in results)
         f["reports_acked"] = sum(r["acked"] for r in results)
+        f["intervals_skipped_backlog"] = sum(r.get("skipped", 0) for r in results)
         lat = [x for r in results for x in r["latencies"]]
         f["ingest_p50_ms"] = pct(lat, .5) * 1e3 if lat else None
         f["ingest_p99_ms"] = pct(lat, .99) * 1e3 if lat else None

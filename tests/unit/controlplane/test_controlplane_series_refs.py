@@ -24,7 +24,7 @@ def test_agent_table_sends_labels_once_per_stream_and_the_controller_resolves_th
     got = []
     for seq in (1, 2, 3):
         r = report(seq, pb.Series(name=REQUEST_TOTAL, labels=LABELS, value=seq),
-                   pb.Series(name=TCP_OPEN_CONNECTIONS, labels=LABELS, value=1),
+                   pb.Series(name=TCP_OPEN_CONNECTIONS, labels=LABELS, value=seq),
                    pb.Series(name=REQUEST_TOTAL, labels=OTHER, value=10 * seq))
         table.compact(r)
         wire = pb.MetricsReport.FromString(r.SerializeToString())
@@ -34,7 +34,7 @@ def test_agent_table_sends_labels_once_per_stream_and_the_controller_resolves_th
     # Every report resolves to the same labels and values as if the labels had been sent.
     for seq, deltas in enumerate(got, start=1):
         assert [(d.name, d.labels, d.value, d.gauge) for d in deltas] == [
-            (REQUEST_TOTAL, LABELS, seq, False), (TCP_OPEN_CONNECTIONS, LABELS, 1, True),
+            (REQUEST_TOTAL, LABELS, seq, False), (TCP_OPEN_CONNECTIONS, LABELS, seq, True),
             (REQUEST_TOTAL, OTHER, 10 * seq, False)]
         assert deltas[0].key == series_key(LABELS) and deltas[2].key == series_key(OTHER)
     assert counters.rejected == 0 and len(refs) == 3
@@ -68,3 +68,15 @@ def test_encoded_identity_messages_equal_the_messages_and_are_shared() -> None:
         assert pb.ControllerMessage.FromString(enc) == msg and is_snapshot == msg.HasField("identity")
     assert feed.encoded_message_for(0, 0)[0] is feed.encoded_message_for(9, 1)[0]  # encoded once
     assert feed.encoded_message_for(5, feed.version) is None
+
+
+def test_unchanged_gauges_are_not_sent_again_on_a_stream() -> None:
+    table = SeriesRefTable()
+    sent = []
+    for value in (2, 2, 0, 0, 3):
+        r = report(1, pb.Series(name=TCP_OPEN_CONNECTIONS, labels=LABELS, value=value),
+                   pb.Series(name=REQUEST_TOTAL, labels=LABELS, value=1))
+        table.compact(r)
+        sent.append([(s.name, s.value) for s in r.series])
+    assert [len(x) for x in sent] == [2, 1, 2, 1, 2]
+    assert [v for x in sent for n, v in x if n == TCP_OPEN_CONNECTIONS] == [2, 0, 3]
