@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,25 @@ SKEW_CORRECT_MS = 1000
 MAX_SCRAPE_REVIEWS = 256  # scrapers' credential checks in flight for all agents
 # token -> (allowed, could not be checked now, message): controlplane/auth.review_scrape
 ScrapeReviewer = Callable[[str], Awaitable[tuple[bool, bool, str]]]
+
+
+_CLASSIFICATION: dict[str, dict[str, str]] = {}  # shared {"classification": c} dicts
+
+
+def _resolve_ref(name: str, labels: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...] | None]:
+    """What a series ref keeps (deltas.SeriesRefs), once per ref: for the peer families the
+    aggregator key (label values interned: the same names recur in thousands of keys) and the
+    one label _record reads; route series keep their labels (route_key reads several)."""
+    if name in _ROUTE_FAMILIES:
+        return labels, None
+    key = tuple(sys.intern(v) for v in series_key(labels))
+    c = labels.get("classification", "")
+    kept = _CLASSIFICATION.get(c)
+    if kept is None:
+        kept = {"classification": c} if c else {}
+        if len(_CLASSIFICATION) < 16:  # success, failure, "": an agent's odd values are not kept
+            _CLASSIFICATION[c] = kept
+    return kept, key
 
 
 def controller_version() -> str:
@@ -321,7 +341,7 @@ class Controller:
             # arrived: a replay after a restart brings minutes of history); once per seq.
             gaps = counters.gaps
             deltas = counters.ingest_increments(report.series, report.seq, n_buckets=len(bounds) + 1,
-                                                refs=session.series_refs, key_of=series_key)
+                                                refs=session.series_refs, resolve=_resolve_ref)
             if deltas is None:
                 self.metrics.reports_duplicate.inc()
                 session.queue_ack()

@@ -66,7 +66,7 @@ class SeriesDelta:
 # Series refs (api/proto/nodemesh.proto, Series.ref): per agent stream, ref -> (labels, aggregator
 # key), defined by the first series carrying the ref with its labels. Bounded: a stream defining
 # more refs than this sends them unresolved (rejected), which a well-behaved agent never does.
-SeriesRefs = dict[int, tuple[dict[str, str], tuple[str, ...]]]
+SeriesRefs = dict[int, tuple[dict[str, str], tuple[str, ...] | None]]
 MAX_SERIES_REFS = 200_000
 
 
@@ -166,11 +166,14 @@ class AgentCounters:
 
     def ingest_increments(self, series: Iterable[object], seq: int, n_buckets: int | None = None,
                           refs: SeriesRefs | None = None,
-                          key_of: Callable[[dict[str, str]], tuple[str, ...]] | None = None,
+                          resolve: Callable[[str, dict[str, str]], tuple[dict[str, str], tuple[str, ...] | None]]
+                          | None = None,
                           ) -> list[SeriesDelta] | None:
         """One increment report's series as deltas, or None when its seq was already stored.
         `refs`: the stream's series refs (None: refs not taken, labels are read as sent);
-        `key_of(labels)`: the aggregator key, computed once per ref and handed on in `key`."""
+        `resolve(name, labels) -> (labels kept, aggregator key or None)`: run once per ref; what it
+        keeps is what every later report of the ref hands on (the controller keeps only what it
+        reads: a ref's labels held whole cost ~2 KB each, 3.5 GB for 1,000 nodes' refs)."""
         if seq <= self.stored_seq:
             self.duplicates += 1
             return None
@@ -191,9 +194,8 @@ class AgentCounters:
                     if not labels or len(refs) >= MAX_SERIES_REFS:
                         self.rejected += 1  # a ref never defined: nothing says whose series it is
                         continue
-                    entry = refs[ref] = (labels, key_of(labels) if key_of is not None else ())
+                    entry = refs[ref] = resolve(name, labels) if resolve is not None else (labels, None)
                 labels, key = entry
-                key = key or None
             counts = tuple(s.bucket_counts)  # type: ignore[attr-defined]  # uint64: ints already
             number = float(s.sum if counts else s.value)  # type: ignore[attr-defined]
             if not math.isfinite(number) or number < 0 or (counts and n_buckets and len(counts) != n_buckets):

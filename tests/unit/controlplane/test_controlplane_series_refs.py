@@ -6,6 +6,7 @@ from nodemesh.agent.seriesrefs import SeriesRefTable
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import REQUEST_TOTAL, TCP_OPEN_CONNECTIONS
 from nodemesh.controlplane.aggregate import series_key
+from nodemesh.controlplane.controller import _resolve_ref
 from nodemesh.controlplane.deltas import AgentCounters
 from nodemesh.controlplane.identityfeed import IdentityFeed
 
@@ -30,12 +31,12 @@ def test_agent_table_sends_labels_once_per_stream_and_the_controller_resolves_th
         wire = pb.MetricsReport.FromString(r.SerializeToString())
         assert [bool(s.labels) for s in wire.series] == ([True] * 3 if seq == 1 else [False] * 3)
         assert len({s.ref for s in wire.series}) == 3
-        got.append(counters.ingest_increments(wire.series, wire.seq, refs=refs, key_of=series_key))
+        got.append(counters.ingest_increments(wire.series, wire.seq, refs=refs, resolve=_resolve_ref))
     # Every report resolves to the same labels and values as if the labels had been sent.
     for seq, deltas in enumerate(got, start=1):
-        assert [(d.name, d.labels, d.value, d.gauge) for d in deltas] == [
-            (REQUEST_TOTAL, LABELS, seq, False), (TCP_OPEN_CONNECTIONS, LABELS, seq, True),
-            (REQUEST_TOTAL, OTHER, 10 * seq, False)]
+        assert [(d.name, d.key, d.value, d.gauge) for d in deltas] == [
+            (REQUEST_TOTAL, series_key(LABELS), seq, False), (TCP_OPEN_CONNECTIONS, series_key(LABELS), seq, True),
+            (REQUEST_TOTAL, series_key(OTHER), 10 * seq, False)]
         assert deltas[0].key == series_key(LABELS) and deltas[2].key == series_key(OTHER)
     assert counters.rejected == 0 and len(refs) == 3
 
