@@ -102,9 +102,7 @@ class Totals:
         self.failure += b.failure
         self.requests += b.requests
         if b.latency is not None:
-            lat = self.latency
-            for i, c in enumerate(b.latency):
-                lat[i] += c
+            self.latency = [a + c for a, c in zip(self.latency, b.latency)]
         self.latency_sum += b.latency_sum
         self.tcp_open += b.tcp_open
         self.tcp_close += b.tcp_close
@@ -117,9 +115,7 @@ class Totals:
         self.failure -= b.failure
         self.requests -= b.requests
         if b.latency is not None:
-            lat = self.latency
-            for i, c in enumerate(b.latency):
-                lat[i] -= c
+            self.latency = [a - c for a, c in zip(self.latency, b.latency)]
         self.latency_sum -= b.latency_sum
         self.tcp_open -= b.tcp_open
         self.tcp_close -= b.tcp_close
@@ -127,16 +123,15 @@ class Totals:
         self.write_bytes -= b.write_bytes
 
     def copy(self) -> Totals:
-        t = Totals(self.window_s)
-        t.merge(self)
-        return t
+        return Totals(self.window_s, self.success, self.failure, self.requests, self.latency.copy(),
+                      self.latency_sum, self.tcp_open, self.tcp_close, self.read_bytes, self.write_bytes,
+                      self.open_connections, self.has_gauge)
 
     def merge(self, other: Totals) -> None:
         self.success += other.success
         self.failure += other.failure
         self.requests += other.requests
-        for i, c in enumerate(other.latency):
-            self.latency[i] += c
+        self.latency = [a + c for a, c in zip(self.latency, other.latency)]
         self.latency_sum += other.latency_sum
         self.tcp_open += other.tcp_open
         self.tcp_close += other.tcp_close
