@@ -180,12 +180,17 @@ class Run:
     def check(self) -> pb.CheckResponse:
         return self.stub.Check(pb.CheckRequest(), metadata=self.md, timeout=30)
 
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=30) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith((name + " ", name + "{")):
-                    return float(line.rsplit(" ", 1)[1])
-        return float("nan")
+    def metric(self, name: str) -> float | None:
+        """A controller metric from /metrics; None when the controller did not answer in 60 s
+        (its loop blocked: a figure in itself, noted in `metric_timeouts`)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=60) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith((name + " ", name + "{")):
+                        return float(line.rsplit(" ", 1)[1])
+        except OSError:
+            self.figures["metric_timeouts"] = self.figures.get("metric_timeouts", 0) + 1
+        return None
 
     def timed(self, call, n: int) -> list[float]:
         out = []
@@ -242,7 +247,10 @@ class Run:
             deadline = time.time() + self.args.connect_timeout
             up = 0
             while time.time() < deadline and any(a.poll() is None for a in self.agent_procs):
-                ch = self.check()
+                try:
+                    ch = self.check()
+                except grpc.RpcError:  # the controller's loop is blocked: keep waiting
+                    continue
                 up = sum(1 for n in ch.nodes if n.agent_connected and 0 <= n.last_report_age_ms < 5000)
                 if up >= self.n:
                     break
@@ -261,15 +269,19 @@ class Run:
             c1, w1 = self.watch.cpu_s(), time.time()
             r1 = self.metric("nodemesh_controller_reports_received_total")
             f["controller_cores"] = (c1 - c0) / (w1 - w0)
-            f["reports_per_s"] = (r1 - r0) / (w1 - w0)
-            # CPU per report: what the controller spends, whatever share of the shared machine it got.
-            f["cpu_ms_per_report"] = (c1 - c0) / max(1.0, r1 - r0) * 1e3
+            if r0 is not None and r1 is not None:
+                f["reports_per_s"] = (r1 - r0) / (w1 - w0)
+                # CPU per report: what the controller spent, whatever share of the machine it got.
+                f["cpu_ms_per_report"] = (c1 - c0) / max(1.0, r1 - r0) * 1e3
             f["rss_mb"], _ = self.watch.mem_mb()
             f["series_tracked"] = self.metric("nodemesh_controller_series_tracked")
             self.say(f"steady: {f['controller_cores']:.2f} cores, {f['rss_mb']:.0f} MB, "
-                     f"{f['reports_per_s']:.0f} reports/s")
+                     f"{f.get('reports_per_s') or 0:.0f} reports/s")
             # 3. stat, 4. tap
-            self.stat_latencies()
+            try:
+                self.stat_latencies()
+            except grpc.RpcError as exc:
+                self.say(f"stat failed: {exc.code().name}")
             self.tap_latency()
             # 5. identity fan-out: one pod, then 500 pods
             t_one = self.roll([0], generation=1)
