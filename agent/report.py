@@ -37,6 +37,7 @@ from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.history import Entry, ReportRing
 from nodemesh.agent.metrics import NodeStore, to_series
 from nodemesh.agent.podindex import PodIndex
+from nodemesh.agent.seriesrefs import SeriesRefTable
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import (
@@ -111,6 +112,7 @@ class ControllerLink:
         self.mode: str | None = None         # per stream: _INCREMENTS or _LEGACY, once the controller spoke
         self.controller_epoch = 0            # of the controller whose ReportAck we last had
         self.replayed = 0                    # entries sent again after a (re)connect, for tests and logs
+        self._series_refs: SeriesRefTable | None = None  # this stream's, when its controller takes refs
         self._task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[Outgoing] | None = None
@@ -205,6 +207,8 @@ class ControllerLink:
             if ack.controller_epoch != self.controller_epoch:
                 log.info("event=controller_instance epoch=%d acked=%d", ack.controller_epoch, ack.seq)
             self.controller_epoch = ack.controller_epoch
+            # It may also take series refs: labels once per stream (agent/seriesrefs.py).
+            self._series_refs = SeriesRefTable() if ack.series_refs else None
             self.ring.ack(ack.seq)
             lacking = self.ring.since(ack.seq)
             if lacking and lacking[0].seq > ack.seq + 1:
@@ -309,6 +313,9 @@ class ControllerLink:
             if msg.WhichOneof("msg") == "metrics":
                 # Series changed before this report may be evicted once it is out (node.evict).
                 self.node.reported_at = time.monotonic()
+                refs = self._series_refs
+                if refs is not None and msg.metrics.increments:
+                    refs.compact(msg.metrics)  # a copy (live) or decoded from the ring: ours
             yield msg
 
     async def _run(self) -> None:
@@ -330,6 +337,7 @@ class ControllerLink:
                 self.connected = False
                 self._outbox = None
                 self.mode = None
+                self._series_refs = None  # refs live as long as their stream
                 pending: list[asyncio.Future[Any]] = [*self._reviews.values(), *self._csrs.values()]
                 for fut in pending:  # asked on this stream: never answered now
                     if not fut.done():

@@ -104,21 +104,36 @@ class Totals:
         self.failure += b.failure
         self.requests += b.requests
         if b.latency is not None:
-            lat = self.latency
-            for i, c in enumerate(b.latency):
-                lat[i] += c
+            self.latency = [a + c for a, c in zip(self.latency, b.latency)]
         self.latency_sum += b.latency_sum
         self.tcp_open += b.tcp_open
         self.tcp_close += b.tcp_close
         self.read_bytes += b.read_bytes
         self.write_bytes += b.write_bytes
 
+    def sub_bucket(self, b: Bucket) -> None:
+        """A bucket leaving a sliding window (counts are integers: exact)."""
+        self.success -= b.success
+        self.failure -= b.failure
+        self.requests -= b.requests
+        if b.latency is not None:
+            self.latency = [a - c for a, c in zip(self.latency, b.latency)]
+        self.latency_sum -= b.latency_sum
+        self.tcp_open -= b.tcp_open
+        self.tcp_close -= b.tcp_close
+        self.read_bytes -= b.read_bytes
+        self.write_bytes -= b.write_bytes
+
+    def copy(self) -> Totals:
+        return Totals(self.window_s, self.success, self.failure, self.requests, self.latency.copy(),
+                      self.latency_sum, self.tcp_open, self.tcp_close, self.read_bytes, self.write_bytes,
+                      self.open_connections, self.has_gauge)
+
     def merge(self, other: Totals) -> None:
         self.success += other.success
         self.failure += other.failure
         self.requests += other.requests
-        for i, c in enumerate(other.latency):
-            self.latency[i] += c
+        self.latency = [a + c for a, c in zip(self.latency, other.latency)]
         self.latency_sum += other.latency_sum
         self.tcp_open += other.tcp_open
         self.tcp_close += other.tcp_close
@@ -188,6 +203,65 @@ class _History:
         return b
 
 
+class _Window:
+    """Per-key totals of one window width over [end - width, end), kept up to date: a record
+    into a second inside it is added here too, and when `end` moves the seconds entering are
+    added and those leaving subtracted (`Aggregator._by_sec`). So a query costs the keys it
+    returns, not every key times every second of the window."""
+
+    __slots__ = ("buckets", "end", "totals", "used", "width", "window_s")
+
+    def __init__(self, window_s: float, end: int, used: float) -> None:
+        self.window_s = window_s
+        self.width = int(window_s)
+        self.end = end
+        self.used = used
+        self.totals: dict[SeriesKey, Totals] = {}
+        self.buckets: dict[SeriesKey, int] = {}   # buckets of the key inside the window
+
+    def add(self, key: SeriesKey, b: Bucket) -> None:
+        t = self.totals.get(key)
+        if t is None:
+            t = self.totals[key] = Totals(self.window_s)
+            self.buckets[key] = 0
+        t.add_bucket(b)
+        self.buckets[key] += 1
+
+    def remove(self, key: SeriesKey, b: Bucket) -> None:
+        t = self.totals.get(key)
+        if t is None:
+            return
+        n = self.buckets[key] - 1
+        if n <= 0:
+            del self.totals[key], self.buckets[key]
+        else:
+            self.buckets[key] = n
+            t.sub_bucket(b)
+
+
+def _add(target: Bucket | Totals, success: float, failure: float, requests: float,
+         latency: Sequence[float] | None, index: list[int] | None, latency_sum: float, tcp_open: float,
+         tcp_close: float, read_bytes: float, write_bytes: float) -> None:
+    target.success += success
+    target.failure += failure
+    target.requests += requests
+    if latency is not None:
+        if target.latency is None:
+            target.latency = [0.0] * N_LATENCY
+        lat = target.latency
+        for i, count in enumerate(latency):
+            if count:
+                lat[index[i] if index is not None else i] += count
+        target.latency_sum += latency_sum
+    target.tcp_open += tcp_open
+    target.tcp_close += tcp_close
+    target.read_bytes += read_bytes
+    target.write_bytes += write_bytes
+
+
+MAX_WINDOWS = 8          # window widths kept sliding at once
+WINDOW_IDLE_S = 120.0    # a width nobody asked for this long stops being kept
+
 _rebin_cache: dict[tuple[float, ...], list[int]] = {}
 
 
@@ -220,6 +294,9 @@ class Aggregator:
         self._history: dict[SeriesKey, _History] = {}
         # key -> reporter (agent id) -> (time, value): open connections are a gauge per agent.
         self._gauges: dict[SeriesKey, dict[str, tuple[float, float]]] = {}
+        # second -> the buckets of that second (key, bucket): what enters and leaves a sliding window
+        self._by_sec: dict[int, list[tuple[SeriesKey, Bucket]]] = {}
+        self._windows: dict[float, _Window] = {}
 
     def __len__(self) -> int:
         return len(self._history)
@@ -233,22 +310,26 @@ class Aggregator:
         hist = self._history.get(key)
         if hist is None:
             hist = self._history[key] = _History()
+        n = len(hist.buckets)
         b = hist.at(sec)
-        b.success += success
-        b.failure += failure
-        b.requests += requests
-        if latency is not None:
-            if b.latency is None:
-                b.latency = [0.0] * N_LATENCY
-            index = rebin_index(latency_bounds) if latency_bounds is not BOUNDS else None
-            for i, count in enumerate(latency):
-                if count:
-                    b.latency[index[i] if index is not None else i] += count
-            b.latency_sum += latency_sum
-        b.tcp_open += tcp_open
-        b.tcp_close += tcp_close
-        b.read_bytes += read_bytes
-        b.write_bytes += write_bytes
+        created = len(hist.buckets) > n
+        if created:
+            self._by_sec.setdefault(sec, []).append((key, b))
+        index = rebin_index(latency_bounds) if latency is not None and latency_bounds is not BOUNDS else None
+        _add(b, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close, read_bytes,
+             write_bytes)
+        for w in self._windows.values():
+            # A second already inside a kept window (a report that crossed a second boundary, a
+            # replay): the window's totals take it now; a later second enters when `end` moves.
+            if w.end - w.width <= sec < w.end:
+                tot = w.totals.get(key)
+                if tot is None:
+                    tot = w.totals[key] = Totals(w.window_s)
+                    w.buckets[key] = 0
+                if created:
+                    w.buckets[key] += 1
+                _add(tot, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close,
+                     read_bytes, write_bytes)
 
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
         self._gauges.setdefault(key, {})[reporter] = (self.clock() if t is None else t, value)
@@ -270,21 +351,18 @@ class Aggregator:
         bucket already holds this second's report depends on the report's phase, and counting it
         while dividing by the full window read rates up to 1/window low (11 % at 10 s). Complete
         seconds each hold one report of a steadily reporting agent; the price is that traffic
-        shows up in stats at most one second later."""
+        shows up in stats at most one second later.
+
+        The Totals returned are the kept window's (`_Window`): read them, merge them into your
+        own, never change them."""
         now = self.clock() if now is None else now
         end = int(now)  # exclusive
-        first = end - int(window_s)
-        out: dict[SeriesKey, Totals] = {}
-        for key, hist in self._history.items():
-            if hist.last_sec < first or (where is not None and not where(key)):
-                continue
-            tot = Totals(window_s)
-            for sec, b in reversed(hist.buckets):
-                if sec < first:
-                    break
-                if sec < end:
-                    tot.add_bucket(b)
-            out[key] = tot
+        window = self._window(window_s, end, now)
+        if window is not None:
+            totals = window.totals
+            out = dict(totals) if where is None else {k: t for k, t in totals.items() if where(k)}
+        else:
+            out = self._scan(window_s, end, where)
         for key, per in self._gauges.items():
             if where is not None and not where(key):
                 continue
@@ -293,11 +371,56 @@ class Aggregator:
             # activity, or every peer ever seen would stay in edges and --from/--to rows.
             if sum(live) > 0:
                 gauged = out.get(key)
-                if gauged is None:
-                    gauged = out[key] = Totals(window_s)
+                gauged = out[key] = gauged.copy() if gauged is not None else Totals(window_s)
                 gauged.open_connections = sum(live)
                 gauged.has_gauge = True
         return out
+
+    def _scan(self, window_s: float, end: int, where: Callable[[SeriesKey], bool] | None) -> dict[SeriesKey, Totals]:
+        """The window summed from every key's buckets (a query about a moment the kept windows
+        have moved past)."""
+        first = end - int(window_s)
+        out: dict[SeriesKey, Totals] = {}
+        for key, hist in self._history.items():
+            if hist.last_sec < first or (where is not None and not where(key)):
+                continue
+            tot = Totals(window_s)
+            n = 0
+            for sec, b in reversed(hist.buckets):
+                if sec < first:
+                    break
+                if sec < end:
+                    tot.add_bucket(b)
+                    n += 1
+            if n:
+                out[key] = tot
+        return out
+
+    def _window(self, window_s: float, end: int, now: float) -> _Window | None:
+        """The kept window of this width, moved to `end`; None when `end` is behind it."""
+        w = self._windows.get(window_s)
+        if w is not None and end < w.end:
+            return None
+        width = int(window_s)
+        if w is None or end - w.end >= width:
+            if w is None and len(self._windows) >= MAX_WINDOWS:
+                del self._windows[min(self._windows, key=lambda k: self._windows[k].used)]
+            w = self._windows[window_s] = _Window(window_s, end, now)
+            by_sec = self._by_sec
+            for sec in range(end - width, end):
+                for key, b in by_sec.get(sec, ()):
+                    w.add(key, b)
+        else:
+            by_sec = self._by_sec
+            for sec in range(w.end, end):                   # entering
+                for key, b in by_sec.get(sec, ()):
+                    w.add(key, b)
+            for sec in range(w.end - width, end - width):   # leaving
+                for key, b in by_sec.get(sec, ()):
+                    w.remove(key, b)
+            w.end = end
+        w.used = now
+        return w
 
     def totals(self, window_s: float, now: float | None = None,
                where: Callable[[SeriesKey], bool] | None = None) -> Totals:
@@ -310,6 +433,10 @@ class Aggregator:
         """Forget buckets older than the retention, and keys left empty; returns keys dropped."""
         now = self.clock() if now is None else now
         oldest = int(now) - self.retention_s
+        for sec in [s for s in self._by_sec if s < oldest]:
+            del self._by_sec[sec]
+        for width in [k for k, w in self._windows.items() if w.used < now - WINDOW_IDLE_S]:
+            del self._windows[width]
         dropped = 0
         for key in list(self._history):
             buckets = self._history[key].buckets

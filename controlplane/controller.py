@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, SeriesStore, ser
 from nodemesh.controlplane.ca import WorkloadCA
 from nodemesh.controlplane.certify import certify, trust_bundle
 from nodemesh.controlplane.config import ControllerConfig
-from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta
+from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta, SeriesRefs
 from nodemesh.controlplane.identityfeed import IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
@@ -61,6 +63,25 @@ SKEW_CORRECT_MS = 1000
 MAX_SCRAPE_REVIEWS = 256  # scrapers' credential checks in flight for all agents
 # token -> (allowed, could not be checked now, message): controlplane/auth.review_scrape
 ScrapeReviewer = Callable[[str], Awaitable[tuple[bool, bool, str]]]
+
+
+_CLASSIFICATION: dict[str, dict[str, str]] = {}  # shared {"classification": c} dicts
+
+
+def _resolve_ref(name: str, labels: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...] | None]:
+    """What a series ref keeps (deltas.SeriesRefs), once per ref: for the peer families the
+    aggregator key (label values interned: the same names recur in thousands of keys) and the
+    one label _record reads; route series keep their labels (route_key reads several)."""
+    if name in _ROUTE_FAMILIES:
+        return labels, None
+    key = tuple(sys.intern(v) for v in series_key(labels))
+    c = labels.get("classification", "")
+    kept = _CLASSIFICATION.get(c)
+    if kept is None:
+        kept = {"classification": c} if c else {}
+        if len(_CLASSIFICATION) < 16:  # success, failure, "": an agent's odd values are not kept
+            _CLASSIFICATION[c] = kept
+    return kept, key
 
 
 def controller_version() -> str:
@@ -99,6 +120,7 @@ class AgentSession:
     identity_resyncs: int = 0
     stale_taps_closed: set[str] = field(default_factory=set)
     ack_queued: bool = False
+    series_refs: SeriesRefs = field(default_factory=dict)  # this stream's Series.ref table
 
     def send(self, msg: pb.ControllerMessage) -> None:
         self.outbox.put_nowait(msg)
@@ -325,7 +347,8 @@ class Controller:
     def ack_message(self, agent_id: str) -> pb.ControllerMessage:
         entry = self._counters.get(agent_id)
         return pb.ControllerMessage(report_ack=pb.ReportAck(seq=entry[0].stored_seq if entry else 0,
-                                                            controller_epoch=self.identity.epoch))
+                                                            controller_epoch=self.identity.epoch,
+                                                            series_refs=True))
 
     def counters_for(self, agent_id: str, start_time_ms: int) -> AgentCounters:
         entry = self._counters.get(agent_id)
@@ -351,7 +374,8 @@ class Controller:
             # One interval's counts, filed in the second they were counted (not the second they
             # arrived: a replay after a restart brings minutes of history); once per seq.
             gaps = counters.gaps
-            deltas = counters.ingest_increments(report.series, report.seq, n_buckets=len(bounds) + 1)
+            deltas = counters.ingest_increments(report.series, report.seq, n_buckets=len(bounds) + 1,
+                                                refs=session.series_refs, resolve=_resolve_ref)
             if deltas is None:
                 self.metrics.reports_duplicate.inc()
                 session.queue_ack()
@@ -389,7 +413,7 @@ class Controller:
             if name in _ROUTE_FAMILIES:
                 self._record_route(d, bounds, t)
                 continue
-            key = series_key(d.labels)
+            key = d.key or series_key(d.labels)
             if name == RESPONSE_TOTAL:
                 if d.labels.get("classification") == "failure":
                     agg.record(key, t=t, failure=d.value)
@@ -409,7 +433,9 @@ class Controller:
             elif name == TCP_WRITE_BYTES_TOTAL:
                 agg.record(key, t=t, write_bytes=d.value)
             elif name == TCP_OPEN_CONNECTIONS:
-                agg.set_gauge(key, session.agent_id, d.value, t=t)
+                # A ref'd gauge is sent when it changes (agent/seriesrefs.py): it holds until the
+                # stream ends (agent_disconnected drops the agent's gauges), not for a window.
+                agg.set_gauge(key, session.agent_id, d.value, t=math.inf if d.key is not None else t)
 
     def _record_route(self, d: SeriesDelta, bounds: tuple[float, ...], t: float) -> None:
         agg = self.route_aggregator
@@ -426,11 +452,13 @@ class Controller:
                        latency_sum=d.sum)
 
     async def serve_agent(self, messages: AsyncIterator[pb.AgentMessage],
-                          node: str = "") -> AsyncIterator[pb.ControllerMessage]:
+                          node: str = "", encoded: bool = False) -> AsyncIterator[pb.ControllerMessage | bytes]:
         """The Connect stream: hello first, then reports/status/tap events in, identity and
         tap commands out. Raises ValueError when the first message is not a hello, and
         PermissionError when `node` (the node the caller's token is bound to; "" = not bound) is
-        not the node the hello speaks for: certificates are issued for the hello's node's pods."""
+        not the node the hello speaks for: certificates are issued for the hello's node's pods.
+        `encoded`: identity messages come out serialized (bytes), encoded once for every agent
+        at the same version (server.py sends bytes as they are)."""
         first = await anext(messages, None)
         if first is None:
             return
@@ -473,11 +501,19 @@ class Controller:
                         # _identity_once_synced sends it when the source has synced.
                         continue
                     feed = self.refresh_identity()
-                    message = feed.message_for(session.identity_epoch, session.identity_version)
-                    if message is None:
-                        continue
+                    if encoded:
+                        enc = feed.encoded_message_for(session.identity_epoch, session.identity_version)
+                        if enc is None:
+                            continue
+                        message: pb.ControllerMessage | bytes = enc[0]
+                        snapshot = enc[1]
+                    else:
+                        msg = feed.message_for(session.identity_epoch, session.identity_version)
+                        if msg is None:
+                            continue
+                        message, snapshot = msg, msg.HasField("identity")
                     session.identity_epoch, session.identity_version = feed.epoch, feed.version
-                    if message.HasField("identity"):
+                    if snapshot:
                         self.metrics.identity_snapshots.inc()
                     else:
                         self.metrics.identity_deltas.inc()

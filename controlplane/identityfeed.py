@@ -56,6 +56,9 @@ class IdentityFeed:
         self._history_entries_max = max_history_entries
         self._history_entries = 0
         self._snapshot: pb.IdentitySnapshot | None = None
+        # Encoded messages of the current version, by the version an agent holds (0: snapshot):
+        # a thousand agents at the same version get the same bytes, encoded once.
+        self._encoded: dict[int, tuple[bytes, bool]] = {}
 
     # ------------------------------------------------------------------ input
     def update(self, snap: pb.IdentitySnapshot) -> bool:
@@ -85,6 +88,7 @@ class IdentityFeed:
         self._pods, self._services, self._config, self._namespaces = pods, services, config, namespaces
         self.version = change.version
         self._snapshot = None
+        self._encoded.clear()
         self._history.append(change)
         self._history_entries += change.size()
         while self._history and (len(self._history) > self._history_max
@@ -141,6 +145,28 @@ class IdentityFeed:
             delta.namespaces_changed = True
             delta.captured_namespaces.extend(namespaces)
         return delta
+
+    def encoded_message_for(self, epoch: int, version: int) -> tuple[bytes, bool] | None:
+        """`message_for`, serialized (bytes, is_snapshot): built and encoded once per (version
+        held, current version) however many agents ask — a 50,000-pod snapshot is megabytes,
+        and encoding it per agent was most of a controller's work when agents connect."""
+        if epoch == self.epoch and version == self.version:
+            return None
+        held = version if epoch == self.epoch else 0
+        cached = self._encoded.get(held)
+        if cached is None:
+            if len(self._encoded) >= 64:
+                self._encoded.clear()
+            delta = self.delta_since(held) if held else None
+            if delta is None:  # holds nothing of ours, or is behind the history: the snapshot
+                cached = self._encoded.get(0)
+                if cached is None:
+                    cached = self._encoded[0] = (
+                        pb.ControllerMessage(identity=self.snapshot()).SerializeToString(), True)
+            else:
+                cached = (pb.ControllerMessage(identity_delta=delta).SerializeToString(), False)
+            self._encoded[held] = cached
+        return cached
 
     def message_for(self, epoch: int, version: int) -> pb.ControllerMessage | None:
         """What an agent holding (epoch, version) needs: None when it is current, else a delta,

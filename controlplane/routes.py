@@ -145,7 +145,7 @@ def _rows(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.RoutesReq
         row_id = (_service(key, names), key[_ROUTE])
         have = grouped.get(row_id)
         if have is None:
-            grouped[row_id] = (totals, key)
+            grouped[row_id] = (totals.copy(), key)  # merged into below: not the aggregator's own
         else:
             have[0].merge(totals)
     for service in {s for s, _ in grouped}:

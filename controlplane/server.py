@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -43,8 +44,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 await context.abort(exc.code, exc.message)
             node = principal.node
         try:
-            async for msg in self.controller.serve_agent(request_iterator, node=node):
-                yield msg
+            async for msg in self.controller.serve_agent(request_iterator, node=node, encoded=True):
+                yield msg  # type: ignore[misc]  # bytes: encoded once for every agent (_encode)
         except PermissionError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
@@ -93,6 +94,38 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             await events.aclose()
 
 
+def _encode(msg: pb.ControllerMessage | bytes) -> bytes:
+    """Connect's response serializer: identity messages arrive already encoded (the same bytes
+    for every agent at the same version), the rest as messages."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def add_servicer(servicer: ControllerServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with Connect's responses serialized by `_encode`."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Connect": grpc.stream_stream_rpc_method_handler(
+            servicer.Connect, request_deserializer=pb.AgentMessage.FromString, response_serializer=_encode),
+        "StatSummary": grpc.unary_unary_rpc_method_handler(
+            servicer.StatSummary, request_deserializer=pb.StatRequest.FromString,
+            response_serializer=pb.StatResponse.SerializeToString),
+        "Edges": grpc.unary_unary_rpc_method_handler(
+            servicer.Edges, request_deserializer=pb.EdgesRequest.FromString,
+            response_serializer=pb.EdgesResponse.SerializeToString),
+        "Routes": grpc.unary_unary_rpc_method_handler(
+            servicer.Routes, request_deserializer=pb.RoutesRequest.FromString,
+            response_serializer=pb.RoutesResponse.SerializeToString),
+        "Tap": grpc.unary_stream_rpc_method_handler(
+            servicer.Tap, request_deserializer=pb.TapRequest.FromString,
+            response_serializer=pb.TapEvent.SerializeToString),
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check, request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials | None:
     """TLS for the API from PEM files (`--tls-cert`/`--tls-key`); None when neither is given.
     Read once at start: a new certificate takes a restart (agents and the CLI reconnect)."""
@@ -123,7 +156,7 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
                                       ("grpc.keepalive_time_ms", 20_000),
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])
-    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, authenticator), server)
+    add_servicer(ControllerServicer(controller, authenticator), server)
     addr = f"{host}:{port}"
     bound = server.add_secure_port(addr, credentials) if credentials is not None else server.add_insecure_port(addr)
     if bound == 0:

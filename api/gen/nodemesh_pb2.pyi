@@ -118,7 +118,7 @@ class AgentStatus(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., time_ms: _Optional[int] = ..., capture_mode: _Optional[str] = ..., capture_mode_reason: _Optional[str] = ...) -> None: ...
 
 class Series(_message.Message):
-    __slots__ = ("name", "labels", "value", "bucket_counts", "sum", "created_ms")
+    __slots__ = ("name", "labels", "value", "bucket_counts", "sum", "created_ms", "ref")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,13 +132,15 @@ class Series(_message.Message):
     BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SUM_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.ScalarMap[str, str]
     value: float
     bucket_counts: _containers.RepeatedScalarFieldContainer[int]
     sum: float
     created_ms: int
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    ref: int
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., created_ms: _Optional[int] = ..., ref: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
     __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series", "increments", "replayed")
@@ -345,12 +347,14 @@ class TapClose(_message.Message):
     def __init__(self, tap_id: _Optional[str] = ...) -> None: ...
 
 class ReportAck(_message.Message):
-    __slots__ = ("seq", "controller_epoch")
+    __slots__ = ("seq", "controller_epoch", "series_refs")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SERIES_REFS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     controller_epoch: int
-    def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ...) -> None: ...
+    series_refs: bool
+    def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., series_refs: _Optional[bool] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result", "certificate", "trust_bundle")

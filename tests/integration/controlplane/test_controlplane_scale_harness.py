@@ -1,0 +1,38 @@
+"""The scale harness (tests/scale/run.py) at N=5, so it cannot rot: its figures must describe
+what happened — every agent connected and reporting, every report acknowledged and counted by
+the controller, the identity holding every pod, stat rows for every deployment with traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_scale_harness_small_run(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scale" / "run.py"), "--nodes", "5", "--pods", "20",
+         "--duration", "3", "--warmup", "1", "--queries", "3", "--taps", "1", "--fanout-wait", "2",
+         "--ramp", "0.5", "--parse-all", "--json", str(out)],
+        check=False, capture_output=True, text=True, timeout=240, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (f,) = json.loads(out.read_text())
+    print(proc.stdout)
+    assert f["agents"] == f["agents_connected"] == f["agents_reporting"] == 5
+    assert f["agent_errors"] == f["controller_rejected_reports"] == f["controller_errors"] == 0
+    # Every report the agents sent was acknowledged, and the controller counted each once.
+    assert f["reports_sent"] >= 5 * 4
+    assert f["reports_acked"] == f["reports_sent"]
+    assert f["reports_received_total"] == f["reports_sent"]
+    assert f["snapshot_pods"] == 100                      # the identity holds the whole cluster
+    assert f["identity_snapshots_total"] == 5             # one per agent, then deltas only
+    assert f["fanout_one_agents"] == f["fanout_500_agents"] == 5
+    assert f["stat_deploy_rows"] == 10 and f["stat_deploy_rows_with_traffic"] == 10
+    assert f["stat_po_rows"] == 10
+    assert 0 < f["controller_cores"] < 2.5 and f["rss_mb_end"] > 10
+    assert f["ingest_p50_ms"] is not None and f["tap_open_p50_ms"] is not None

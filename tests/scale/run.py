@@ -1,0 +1,390 @@
+"""The controller's scale harness (issue 16): N simulated agents against a real controller.
+
+    python3 tests/scale/run.py --nodes 10,100,500,1000 --pods 50 [--json OUT]
+
+For each N: a synthetic cluster of N nodes x P pods (tests/scale/cluster.py) recorded as the
+sandbox records it; a real controller process started as `nodemesh install --sandbox` starts it
+(`--source sandbox`, `--token-file`, TLS); N simulated agents (tests/scale/agents.py: real gRPC
+clients, the agent's protocol, its 1 s report cadence) spread over a few client processes. Then,
+in order:
+
+1. connect: until every agent has its identity snapshot;
+2. steady state (`--duration` s): the controller's CPU (utime + stime from /proc, in cores) and
+   RSS; report ingest latency = report sent -> the ReportAck covering it, as the agents saw it;
+3. `stat deploy -A` and `stat po -n ns-0`, `--queries` each, through the gRPC API the CLI calls,
+   with the CLI's request (p50/p99);
+4. tap open latency: Tap on one deployment until its first event (agents answer a TapOpen with
+   an event right away);
+5. identity fan-out: one pod replaced, then a 500-pod rollout; time from the objects file's write
+   to every agent holding a message of the new version (p50 and max over agents).
+
+Numbers, not pass/fail: the machine is shared, repeat the ones you compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cluster import Cluster
+from nodemesh.api.certs import write_controller_pki
+from nodemesh.api.clusterstate import ClusterObjects, write_objects
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
+
+AGENTS_PER_PROCESS = 250
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProcWatch:
+    """CPU seconds and RSS of one process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def mem_mb(self) -> tuple[float, float]:
+        rss = hwm = 0.0
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) / 1024
+        return rss, hwm
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+class Run:
+    def __init__(self, nodes: int, pods: int, args: argparse.Namespace) -> None:
+        self.n, self.p, self.args = nodes, pods, args
+        self.dir = Path(tempfile.mkdtemp(prefix=f"nmscale-{nodes}-"))
+        self.cluster = Cluster(nodes, pods, args.fanout)
+        self.rv = 1
+        self.procs: list[subprocess.Popen] = []
+        self.figures: dict = {"nodes": nodes, "pods_per_node": pods, "pods": nodes * pods,
+                              "fanout": args.fanout, "active": args.active}
+
+    def say(self, msg: str) -> None:
+        print(f"[N={self.n}] {msg}", file=sys.stderr, flush=True)
+
+    def write_cluster(self) -> float:
+        self.rv += 1
+        write_objects(self.dir, ClusterObjects(self.rv, self.cluster.objects()))
+        return time.time()
+
+    # ------------------------------------------------------------------ processes
+    def start_controller(self) -> None:
+        token = secrets.token_urlsafe(32)
+        (self.dir / "controller.token").write_text(token + "\n")
+        self.token = token
+        pki = write_controller_pki(self.dir, ["127.0.0.1"])
+        self.ca = str(pki.ca)
+        self.grpc_port, self.web_port = free_port(), free_port()
+        self.write_cluster()
+        log = open(self.dir / "controller.log", "w")  # noqa: SIM115 - the child's, for its life
+        self.controller = subprocess.Popen(
+            [sys.executable, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(self.dir),
+             "--listen", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--web-port", str(self.web_port),
+             "--token-file", str(self.dir / "controller.token"), "--tls-cert", str(pki.cert),
+             "--tls-key", str(pki.key)],
+            stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(self.controller)
+        self.watch = ProcWatch(self.controller.pid)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.controller.poll() is not None:
+                raise RuntimeError(f"controller exited: {(self.dir / 'controller.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("controller not ready in 60 s")
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(self.ca).read_bytes())
+        self.channel = grpc.secure_channel(f"127.0.0.1:{self.grpc_port}", creds, options=GRPC_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.ControllerStub(self.channel)
+        self.md = (("authorization", f"Bearer {token}"),)
+
+    def start_agents(self) -> None:
+        k = max(1, -(-self.n // AGENTS_PER_PROCESS))
+        self.outs = []
+        for w in range(k):
+            mine = list(range(w, self.n, k))
+            spec = {"addr": f"127.0.0.1:{self.grpc_port}", "tls_name": "127.0.0.1", "token": self.token,
+                    "ca": self.ca, "nodes": self.n, "pods": self.p, "fanout": self.args.fanout,
+                    "active": self.args.active, "interval": 1.0, "my_nodes": mine,
+                    "parse_all": self.args.parse_all, "no_refs": self.args.no_refs, "ramp_s": self.args.ramp / max(1, len(mine))}
+            spec_path, out = self.dir / f"agents-{w}.json", self.dir / f"agents-{w}.out.json"
+            spec_path.write_text(json.dumps(spec))
+            self.outs.append(out)
+            log = open(self.dir / f"agents-{w}.log", "w")  # noqa: SIM115 - the child's, for its life
+            self.procs.append(subprocess.Popen([sys.executable, str(HERE / "agents.py"), "--spec", str(spec_path),
+                                                "--out", str(out)], stdout=subprocess.DEVNULL, stderr=log))
+        self.agent_procs = self.procs[1:]
+
+    def stop_agents(self) -> list[dict]:
+        for p in self.agent_procs:
+            p.send_signal(signal.SIGTERM)
+        results = []
+        for p, out in zip(self.agent_procs, self.outs):
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            if out.exists():
+                results.extend(json.loads(out.read_text()))
+        return results
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    # ------------------------------------------------------------------ questions
+    def check(self) -> pb.CheckResponse:
+        return self.stub.Check(pb.CheckRequest(), metadata=self.md, timeout=30)
+
+    def metric(self, name: str) -> float | None:
+        """A controller metric from /metrics; None when the controller did not answer in 60 s
+        (its loop blocked: a figure in itself, noted in `metric_timeouts`)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=60) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith((name + " ", name + "{")):
+                        return float(line.rsplit(" ", 1)[1])
+        except OSError:
+            self.figures["metric_timeouts"] = self.figures.get("metric_timeouts", 0) + 1
+        return None
+
+    def timed(self, call, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - t)
+        return out
+
+    def stat_latencies(self) -> None:
+        q = self.args.queries
+        deploy = pb.StatRequest(selector=pb.Resource(type="deployment"), all_namespaces=True)
+        pods = pb.StatRequest(selector=pb.Resource(type="pod", namespace="ns-0"))
+        rows = {}
+
+        def stat(req: pb.StatRequest, what: str) -> None:
+            resp = self.stub.StatSummary(req, metadata=self.md, timeout=120)
+            rows[what] = (len(resp.rows), sum(1 for r in resp.rows if r.has_traffic))
+        d = self.timed(lambda: stat(deploy, "deploy"), q)
+        p = self.timed(lambda: stat(pods, "pods"), q)
+        f = self.figures
+        f["stat_deploy_A_p50_ms"], f["stat_deploy_A_p99_ms"] = pct(d, .5) * 1e3, pct(d, .99) * 1e3
+        f["stat_po_n_p50_ms"], f["stat_po_n_p99_ms"] = pct(p, .5) * 1e3, pct(p, .99) * 1e3
+        f["stat_deploy_rows"], f["stat_deploy_rows_with_traffic"] = rows["deploy"]
+        f["stat_po_rows"], f["stat_po_rows_with_traffic"] = rows["pods"]
+
+    def tap_latency(self) -> None:
+        out = []
+        for i in range(self.args.taps):
+            ns, dep = self.cluster.deployment_of(i)
+            req = pb.TapRequest(filter=pb.TapFilter(target=pb.Resource(type="deployment", namespace=ns, name=dep)))
+            t = time.perf_counter()
+            call = self.stub.Tap(req, metadata=self.md, timeout=30)
+            try:
+                next(iter(call))
+                out.append(time.perf_counter() - t)
+            except grpc.RpcError as exc:
+                self.say(f"tap failed: {exc.code().name} {exc.details()}")
+            finally:
+                call.cancel()
+            time.sleep(0.3)
+        self.figures["tap_open_p50_ms"] = pct(out, .5) * 1e3 if out else None
+        self.figures["tap_open_max_ms"] = max(out) * 1e3 if out else None
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        f = self.figures
+        try:
+            self.start_controller()
+            t0 = time.time()
+            cpu0 = self.watch.cpu_s()
+            self.start_agents()
+            # 1. every agent connected and holding its identity (Check: connected + reporting)
+            deadline = time.time() + self.args.connect_timeout
+            up = 0
+            while time.time() < deadline and any(a.poll() is None for a in self.agent_procs):
+                try:
+                    ch = self.check()
+                except grpc.RpcError:  # the controller's loop is blocked: keep waiting
+                    continue
+                up = sum(1 for n in ch.nodes if n.agent_connected and 0 <= n.last_report_age_ms < 5000)
+                if up >= self.n:
+                    break
+                if int(time.time() - t0) % 10 == 0:
+                    self.say(f"connecting: {up}/{self.n} agents reporting after {time.time() - t0:.0f} s")
+                time.sleep(1)
+            f["connect_s"] = time.time() - t0
+            f["agents_reporting"] = up
+            f["connect_cpu_s"] = self.watch.cpu_s() - cpu0
+            self.say(f"{up}/{self.n} agents reporting after {f['connect_s']:.1f} s")
+            time.sleep(self.args.warmup)
+            # 2. steady state
+            c0, w0 = self.watch.cpu_s(), time.time()
+            r0 = self.metric("nodemesh_controller_reports_received_total")
+            time.sleep(self.args.duration)
+            c1, w1 = self.watch.cpu_s(), time.time()
+            r1 = self.metric("nodemesh_controller_reports_received_total")
+            f["controller_cores"] = (c1 - c0) / (w1 - w0)
+            if r0 is not None and r1 is not None:
+                f["reports_per_s"] = (r1 - r0) / (w1 - w0)
+                # CPU per report: what the controller spent, whatever share of the machine it got.
+                f["cpu_ms_per_report"] = (c1 - c0) / max(1.0, r1 - r0) * 1e3
+            f["rss_mb"], _ = self.watch.mem_mb()
+            f["series_tracked"] = self.metric("nodemesh_controller_series_tracked")
+            self.say(f"steady: {f['controller_cores']:.2f} cores, {f['rss_mb']:.0f} MB, "
+                     f"{f.get('reports_per_s') or 0:.0f} reports/s")
+            # 3. stat, 4. tap
+            try:
+                self.stat_latencies()
+            except grpc.RpcError as exc:
+                self.say(f"stat failed: {exc.code().name}")
+            self.tap_latency()
+            # 5. identity fan-out: one pod, then 500 pods
+            t_one = self.roll([0], generation=1)
+            time.sleep(self.args.fanout_wait)
+            t_roll = self.roll(list(range(1, 1 + min(500, self.n * self.p - 1))), generation=2)
+            time.sleep(self.args.fanout_wait * 2)
+            f["rss_mb_end"], f["rss_hwm_mb"] = self.watch.mem_mb()
+            f["reports_received_total"] = self.metric("nodemesh_controller_reports_received_total")
+            f["identity_snapshots_total"] = self.metric("nodemesh_controller_identity_snapshots_total")
+            f["identity_deltas_total"] = self.metric("nodemesh_controller_identity_deltas_total")
+            results = self.stop_agents()
+            time.sleep(0.5)
+            f["reports_received_total"] = self.metric("nodemesh_controller_reports_received_total")
+            self.summarize(results, t_one, t_roll)
+        finally:
+            self.cleanup()
+        return f
+
+    def roll(self, pods: list[int], generation: int) -> float:
+        self.cluster.roll(pods, generation)
+        return self.write_cluster()
+
+    def summarize(self, results: list[dict], t_one: float, t_roll: float) -> None:
+        f = self.figures
+        f["agents"] = len(results)
+        f["agents_connected"] = sum(1 for r in results if r["connected_at"])
+        f["agent_errors"] = sum(len(r["errors"]) for r in results)
+        log = (self.dir / "controller.log").read_text()
+        f["controller_rejected_reports"] = log.count("event=report_series_rejected")
+        f["controller_errors"] = log.count("level=ERROR")
+        f["reports_sent"] = sum(r["reports_sent"] for r in results)
+        f["reports_acked"] = sum(r["acked"] for r in results)
+        f["intervals_skipped_backlog"] = sum(r.get("skipped", 0) for r in results)
+        lat = [x for r in results for x in r["latencies"]]
+        f["ingest_p50_ms"] = pct(lat, .5) * 1e3 if lat else None
+        f["ingest_p99_ms"] = pct(lat, .99) * 1e3 if lat else None
+        snaps = [m for r in results for m in r["identity"] if m[1] == "snapshot"]
+        f["snapshot_bytes"] = max((m[2] for m in snaps), default=0)
+        f["snapshot_pods"] = max((m[3] for m in snaps), default=-1)
+        for name, t in (("fanout_one", t_one), ("fanout_500", t_roll)):
+            per = []
+            sizes = []
+            for r in results:
+                after = [m for m in r["identity"] if m[0] >= t]
+                if after:
+                    per.append(after[0][0] - t)
+                    sizes.append(after[0][2])
+            f[f"{name}_agents"] = len(per)
+            f[f"{name}_p50_ms"] = pct(per, .5) * 1e3 if per else None
+            f[f"{name}_max_ms"] = max(per) * 1e3 if per else None
+            f[f"{name}_msg_bytes"] = max(sizes, default=0)
+
+
+COLUMNS = [
+    ("nodes", "N", "{:.0f}"), ("pods", "pods", "{:.0f}"), ("agents_reporting", "agents", "{:.0f}"),
+    ("controller_cores", "cores", "{:.2f}"), ("reports_per_s", "reports/s", "{:.0f}"),
+    ("cpu_ms_per_report", "CPU ms/report", "{:.2f}"), ("rss_mb_end", "RSS MB", "{:.0f}"),
+    ("series_tracked", "series", "{:.0f}"),
+    ("ingest_p50_ms", "ingest p50", "{:.0f}"), ("ingest_p99_ms", "ingest p99", "{:.0f}"),
+    ("fanout_one_max_ms", "1-pod fanout", "{:.0f}"), ("fanout_500_max_ms", "500-pod fanout", "{:.0f}"),
+    ("stat_deploy_A_p50_ms", "deploy -A p50", "{:.0f}"), ("stat_deploy_A_p99_ms", "deploy -A p99", "{:.0f}"),
+    ("stat_po_n_p50_ms", "po -n p50", "{:.0f}"), ("stat_po_n_p99_ms", "po -n p99", "{:.0f}"),
+    ("tap_open_p50_ms", "tap open p50", "{:.0f}"),
+]
+
+
+def table(rows: list[dict]) -> str:
+    head = [c[1] for c in COLUMNS]
+    body = [[(fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-") for k, _, fmt in COLUMNS]
+            for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines) + "\n(ms; cores = controller CPU seconds per second in steady state; fan-out = " \
+        "objects file written -> every agent holds the new version)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", default="10,100,500,1000", help="comma-separated N values")
+    p.add_argument("--pods", type=int, default=50, help="pods per node")
+    p.add_argument("--fanout", type=int, default=3, help="deployments each pod calls")
+    p.add_argument("--active", type=float, default=0.2,
+                   help="probability a caller->callee pair sees requests in a given second")
+    p.add_argument("--duration", type=float, default=15, help="steady-state seconds measured")
+    p.add_argument("--warmup", type=float, default=5)
+    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--taps", type=int, default=3)
+    p.add_argument("--ramp", type=float, default=5.0, help="seconds over which agents connect")
+    p.add_argument("--connect-timeout", type=float, default=300)
+    p.add_argument("--fanout-wait", type=float, default=4)
+    p.add_argument("--parse-all", action="store_true", help="agents parse every identity message")
+    p.add_argument("--no-refs", action="store_true", help="agents send labels with every series")
+    p.add_argument("--json", default="", help="write the figures here")
+    args = p.parse_args()
+    rows = []
+    for n in [int(x) for x in args.nodes.split(",")]:
+        rows.append(Run(n, args.pods, args).run())
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    print("\ncommand:", " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
