@@ -56,7 +56,10 @@ def test_identity_file_capture_endpoint_and_reload(tmp_path: Path) -> None:
             assert worker.index.service_endpoints("10.96.0.10", 80) == [("10.244.1.5", 8080)]
             base = f"http://127.0.0.1:{node.admin.port}"
             status, raw = await get(base + "/capture")
-            assert status == 200 and json.loads(raw) == {"excluded_ips": ["10.244.1.20", "10.244.1.21"], "synced": True}
+            body = json.loads(raw)
+            assert status == 200 and {k: body[k] for k in ("excluded_ips", "synced")} == {
+                "excluded_ips": ["10.244.1.20", "10.244.1.21"], "synced": True}
+            assert body["capture_mode"] == "iptables", body  # no eBPF capture pinned here (agent/capture.py)
 
             # The sandbox records a change: a new namespace opted out, with a pod on this node.
             objs.resource_version += 1
