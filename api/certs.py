@@ -25,14 +25,16 @@ def _name(common_name: str):  # type: ignore[no-untyped-def]
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def generate_ca(common_name: str = "nodemesh controller CA", days: int = 3650) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) of a new self-signed CA that can sign server certificates."""
+def generate_ca(common_name: str = "nodemesh controller CA", days: int = 3650,
+                now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM) of a new self-signed CA that can sign certificates: the
+    controller's server CA here, the workload root in controlplane/ca.py."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
     name = _name(common_name)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nodemesh.api.certs import generate_ca
 from nodemesh.api.spiffe import SpiffeId
 
 log = logging.getLogger("nodemesh.controlplane.ca")
@@ -128,26 +129,9 @@ class SecretRootStore:
             self._api.replace_namespaced_secret(self.name, self.namespace, body)
 
 
-def _root_name(generation: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nodemesh"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"nodemesh workload root {generation}")])
-
-
 def new_root(now: datetime.datetime, days: int = ROOT_DAYS) -> RootMaterial:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _root_name(now.strftime("%Y%m%dT%H%M%SZ"))
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return RootMaterial(cert.public_bytes(serialization.Encoding.PEM),
-                        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    cert, key = generate_ca(f"nodemesh workload root {now.strftime('%Y%m%dT%H%M%SZ')}", days, now)
+    return RootMaterial(cert, key)
 
 
 def split_pem(bundle: bytes) -> list[x509.Certificate]:
