@@ -589,7 +589,7 @@ class Controller:
             raise statmod.StatError(f"unknown backend {backend!r}: expected one of {', '.join(promstore.BACKENDS)}")
         if self.prometheus is None:
             raise statmod.StatError("the prometheus backend is not configured: start the controller with "
-                                    "--prometheus-url (nodemesh install --prometheus sets it)")
+                                    "--prometheus-url (nodemesh install --set prometheusUrl=URL sets it)")
         window = statmod.check_window(int(window_seconds))
         now = time.time()
         try:
