@@ -121,6 +121,12 @@ class _PinnedMap:
 _tuples = _PinnedMap("nm_tuple")
 
 
+def ebpf_capture_pinned() -> bool:
+    """Is there an eBPF capture's tuple map to ask? False on an iptables node (the open is retried
+    at most every _REOPEN_S), so the accept path skips the peer lookup there."""
+    return _tuples.get() is not None
+
+
 def ebpf_original_destination(peer_ip: str, peer_port: int) -> tuple[str, int] | None:
     """Where the pod at (peer_ip, peer_port) connected before connect4 sent it to us, read once
     (the entry is deleted: the map stays small and a reused port finds only its own entry)."""

@@ -8,7 +8,7 @@ import socket
 import struct
 from typing import Any
 
-from nodemesh.agent.capture import ebpf_original_destination
+from nodemesh.agent.capture import ebpf_capture_pinned, ebpf_original_destination
 
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 IP_TRANSPARENT = 19           # linux/in.h
@@ -93,15 +93,16 @@ def original_destination(sock: Any) -> tuple[tuple[str, int], bool]:
     REDIRECT/DNAT rule conntrack knows the pre-NAT destination (SO_ORIGINAL_DST);
     with TPROXY (no NAT entry) the accepted socket's own address is the original destination.
     """
-    try:
-        # eBPF capture first (agent/capture.py): there the pod dialled us directly, and conntrack
-        # would answer with our own address.
-        peer = sock.getpeername()
-        via_ebpf = ebpf_original_destination(peer[0], peer[1])
-        if via_ebpf is not None:
-            return via_ebpf, True
-    except (OSError, IndexError):
-        pass
+    if ebpf_capture_pinned():
+        try:
+            # eBPF capture first (agent/capture.py): there the pod dialled us directly, and
+            # conntrack would answer with our own address.
+            peer = sock.getpeername()
+            via_ebpf = ebpf_original_destination(peer[0], peer[1])
+            if via_ebpf is not None:
+                return via_ebpf, True
+        except (OSError, IndexError):
+            pass
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = int.from_bytes(raw[2:4], "big")
