@@ -75,8 +75,13 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> bool:
     """Detach that program from that cgroup; False when it was not attached there."""
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, 0)
+    return _unless_absent(BPF_PROG_DETACH, attr)
+
+
+def _unless_absent(cmd: int, attr: ctypes.Array) -> bool:
+    """Run the command; False when the kernel says what it names is not there (ENOENT)."""
     try:
-        _bpf(BPF_PROG_DETACH, attr)
+        _bpf(cmd, attr)
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return False
@@ -96,13 +101,7 @@ def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The element's value, or None when the key is absent."""
     value = ctypes.create_string_buffer(value_size)
     attr, _kbuf = _elem_attr(fd, key, value)
-    try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
-    except BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return value.raw
+    return value.raw if _unless_absent(BPF_MAP_LOOKUP_ELEM, attr) else None
 
 
 def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
@@ -114,10 +113,4 @@ def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
 def delete(fd: int, key: bytes) -> bool:
     """True if the key was there."""
     attr, _kbuf = _elem_attr(fd, key, None)
-    try:
-        _bpf(BPF_MAP_DELETE_ELEM, attr)
-    except BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _unless_absent(BPF_MAP_DELETE_ELEM, attr)

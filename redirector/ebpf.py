@@ -83,19 +83,26 @@ static __always_inline int agent_listening(void) {
     return 0;
 }
 
-int nm_connect4(struct bpf_sock_addr *ctx) {
-    if (ctx->type != 1 /* SOCK_STREAM */) return 1;
+/* The config to redirect to when this connect to `dip` (network order) goes to the agent, the
+   original destination filed under the socket's cookie for sock_ops; NULL: let it go direct. */
+static __always_inline struct nm_conf *nm_redirect(struct bpf_sock_addr *ctx, u32 dip) {
     u32 z = 0;
     struct nm_conf *c = nm_conf.lookup(&z);
-    if (!c || !c->enabled) return 1;
-    u32 dip = ctx->user_ip4;
-    if (dip == c->agent_ip || (dip & 0xff) == 127 || dip == 0) return 1;
+    if (!c || !c->enabled) return 0;
+    if (dip == c->agent_ip || (dip & 0xff) == 127 || dip == 0) return 0;
     u32 port = bpf_ntohs((u16)ctx->user_port);
-    if (nm_skip.lookup(&port)) return 1;
-    if (!agent_listening()) return 1;
+    if (nm_skip.lookup(&port)) return 0;
+    if (!agent_listening()) return 0;
     u64 cookie = bpf_get_socket_cookie(ctx);
     struct nm_dst d = {.ip = dip, .port = port};
     nm_orig.update(&cookie, &d);
+    return c;
+}
+
+int nm_connect4(struct bpf_sock_addr *ctx) {
+    if (ctx->type != 1 /* SOCK_STREAM */) return 1;
+    struct nm_conf *c = nm_redirect(ctx, ctx->user_ip4);
+    if (!c) return 1;
     ctx->user_ip4 = c->agent_ip;
     ctx->user_port = c->agent_port;
     return 1;
@@ -107,17 +114,8 @@ int nm_connect4(struct bpf_sock_addr *ctx) {
 int nm_connect6(struct bpf_sock_addr *ctx) {
     if (ctx->type != 1 /* SOCK_STREAM */) return 1;
     if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 || ctx->user_ip6[2] != bpf_htonl(0xffff)) return 1;
-    u32 z = 0;
-    struct nm_conf *c = nm_conf.lookup(&z);
-    if (!c || !c->enabled) return 1;
-    u32 dip = ctx->user_ip6[3];
-    if (dip == c->agent_ip || (dip & 0xff) == 127 || dip == 0) return 1;
-    u32 port = bpf_ntohs((u16)ctx->user_port);
-    if (nm_skip.lookup(&port)) return 1;
-    if (!agent_listening()) return 1;
-    u64 cookie = bpf_get_socket_cookie(ctx);
-    struct nm_dst d = {.ip = dip, .port = port};
-    nm_orig.update(&cookie, &d);
+    struct nm_conf *c = nm_redirect(ctx, ctx->user_ip6[3]);
+    if (!c) return 1;
     ctx->user_ip6[3] = c->agent_ip;
     ctx->user_port = c->agent_port;
     return 1;
