@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -256,8 +255,6 @@ async def _until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
     return True
 
 
-del socket
-
 
 async def http_server() -> asyncio.Server:
     """Answers every request head with a tiny 200 (keep-alive)."""
@@ -392,3 +389,71 @@ def test_an_unexpected_error_in_the_upstream_connect_fails_the_connection_instea
             up.close()
 
     run(scenario)
+
+
+def _leak_scenario(make: Callable[[WorkerContext], Connection], monkeypatch: Any = None,
+                   dial: Any = None) -> None:
+    """20 connections through `make`'s Connection; every one must end: closed once, nothing live,
+    no admission slot held."""
+    async def scenario() -> None:
+        up = await echo_server()
+        upstream = up.sockets[0].getsockname()[:2]
+        server, _, ctx, rec = await start(upstream, Admission(64))
+        server.close()
+        listener = listen_socket("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        ctx.picker = EndpointPicker(_Index(("127.0.0.1", port), upstream))
+        if dial is not None:
+            monkeypatch.setattr(Connection, "_dial", dial)
+        server = await asyncio.get_running_loop().create_server(lambda: make(ctx), sock=listener)
+        clients = []
+        try:
+            for _ in range(20):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"\x00opaque")
+                clients.append(writer)
+                if dial is not None:
+                    await asyncio.sleep(0.02)
+                    writer.transport.abort()  # gone while the agent connects upstream
+            assert await _until(lambda: len(rec.closes) == 20 and not ctx.live, 5.0), (len(rec.closes), len(ctx.live))
+            assert ctx.admission.open == 0
+        finally:
+            server.close()
+            up.close()
+            for w in clients:
+                w.transport.abort()
+
+    run(scenario)
+
+
+def test_a_connect_cancelled_before_it_started_still_finishes_the_connection() -> None:
+    """Closing both sides in the very callback that created the upstream connect task cancels the
+    task before its first step, which then never runs its body (nor its handlers): the connection
+    stayed `connecting` for good — never finished, counted open, its admission slot held."""
+    class CloseAtOnce(Connection):
+        __slots__ = ()
+
+        def _accepted(self, peer: tuple[str, int], original: tuple[str, int], held_since: float) -> None:
+            super()._accepted(peer, original, held_since)
+            assert self.connect_task is not None  # created, not started
+            self.close_both()
+
+    _leak_scenario(lambda ctx: CloseAtOnce(ctx, "outbound"))
+
+
+def test_a_connect_that_completes_as_the_client_leaves_still_finishes_the_connection(monkeypatch: Any) -> None:
+    """Python 3.11's wait_for returns the result of a connect that completed together with the
+    cancel, swallowing the cancel. Here the dial ignores the cancel outright: the connection must
+    still end once its connect is done (the upstream it opens for a client already gone is closed,
+    and that close finishes it)."""
+    real_dial = Connection._dial
+
+    async def dial_ignoring_cancel(self: Connection, peer: tuple[str, int],
+                                   destination: tuple[str, int]) -> Any:
+        try:
+            await asyncio.sleep(0.1)
+        except asyncio.CancelledError:
+            pass  # as wait_for does when the connect completed at the same moment
+        return await real_dial(self, peer, destination)
+
+    _leak_scenario(lambda ctx: Connection(ctx, "outbound"), monkeypatch, dial_ignoring_cancel)
