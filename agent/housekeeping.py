@@ -7,6 +7,11 @@
 - **Fairness**: each tick hands the lag to `admission.fairness` (fairness.py), which sets every
   source's time budget for the next tick; the sources whose throttle lifts get their connections
   resumed and their held new connections let go on.
+- **Stuck connections**: every `SWEEP_EVERY_TICKS` the worker's live connections are checked for
+  one that should have finished and has not (client gone, upstream gone or never there, no connect
+  under way): `Connection.reap_if_stuck` finishes it and logs `event=connection_reaped` with its
+  state — a safety net for state-machine bugs, so a bug costs a log line, not a connection counted
+  open for the agent's life. O(live connections) every 5 s: ~1 ms per 10,000.
 - **Memory**: when the connections held fell by at least `TRIM_MIN_DROP` and to half their peak
   since the last trim, and have stopped falling (checked every second), `malloc_trim(0)` gives the allocator's free pages back to the system.
   Without it, 9,000 idle connections (+33 MB PSS) left the worker at +33 MB after they closed;
@@ -21,6 +26,8 @@ import asyncio
 import ctypes
 import logging
 import time
+from collections.abc import Iterable, Sized
+from typing import Protocol
 
 from nodemesh.agent.admission import Admission
 from nodemesh.agent.fairness import TICK_S as FAIRNESS_TICK_S
@@ -31,6 +38,15 @@ TICK_S = FAIRNESS_TICK_S  # budgets (fairness.py) are per tick
 OVERLOAD_LAG_S = 0.05
 TRIM_EVERY_TICKS = 10
 TRIM_MIN_DROP = 1000
+SWEEP_EVERY_TICKS = 50
+
+
+class _Reapable(Protocol):
+    def reap_if_stuck(self) -> bool: ...
+
+
+class _Live(Iterable[_Reapable], Sized, Protocol):
+    """A worker context's live connections (relay.WorkerContext.live)."""
 
 
 def _malloc_trim() -> object | None:
@@ -41,8 +57,10 @@ def _malloc_trim() -> object | None:
 
 
 class Housekeeping:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, live: tuple[_Live, ...] = ()) -> None:
         self.admission = admission
+        self.live = live   # the worker contexts' live connections, swept for stuck ones
+        self.reaped = 0
         self.task: asyncio.Task[None] | None = None
         self.late_ticks = 0
         self.trims = 0
@@ -66,6 +84,17 @@ class Housekeeping:
             tick += 1
             if tick % TRIM_EVERY_TICKS == 0:
                 self.maybe_trim()
+            if tick % SWEEP_EVERY_TICKS == 0:
+                self.sweep()
+
+    def sweep(self) -> int:
+        """Finish connections that should have finished (Connection.reap_if_stuck)."""
+        reaped = 0
+        for live in self.live:
+            if len(live):
+                reaped += sum(1 for conn in list(live) if conn.reap_if_stuck())
+        self.reaped += reaped
+        return reaped
 
     def lag(self, lag_s: float) -> None:
         adm = self.admission

@@ -354,6 +354,26 @@ class Connection(asyncio.Protocol):
             self.connect_task = None
             asyncio.get_running_loop().call_soon(self._maybe_finish)  # as _connect's handler would, later
 
+    def reap_if_stuck(self) -> bool:
+        """Housekeeping's safety net (housekeeping.py, every few seconds): a connection whose
+        client is gone and whose upstream is gone or never came, with no connect under way, should
+        have finished; if it has not (a state-machine bug: the connect task cancelled before it ran
+        was one), finish it now, loudly, instead of holding its count, endpoint and admission slot
+        for good. True when it was stuck and is finished now."""
+        if self.finished or not self.client_lost or self.meta is None:
+            return False
+        task = self.connect_task
+        if self.connecting and task is not None and not task.done():
+            return False  # a connect, or its cancellation, still under way
+        if self.up is not None and not self.up_lost:
+            return False  # the upstream's close is still to be delivered
+        log.warning("event=connection_reaped conn_id=%d direction=%s connecting=%s task=%s opened=%s mode=%s "
+                    "error=%s", self.meta.conn_id, self.direction, self.connecting,
+                    "none" if task is None else "done", self.opened, type(self.mode).__name__, self.error)
+        self.connecting = False
+        self._maybe_finish()
+        return self.finished
+
     async def _dial(self, peer: tuple[str, int], destination: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
         """A socket connected to `destination`, and the address it is connected to. When the agent
         chose this endpoint for a Service address and the connect fails (refused, unreachable,

@@ -90,7 +90,7 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
             ctx.opaque_ports = ports
 
     tele.on_mesh_config.append(mesh_config)
-    housekeeping = Housekeeping(admission)
+    housekeeping = Housekeeping(admission, (outbound.live, inbound.live))
     housekeeping.start()
     out_sock, in_sock = listeners or (listen_socket(config.listen_host, config.outbound_port),
                                       listen_socket(config.listen_host, config.inbound_port))

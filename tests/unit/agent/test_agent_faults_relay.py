@@ -13,6 +13,7 @@ import uvloop
 from nodemesh.agent.admission import Admission
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.endpoints import EndpointPicker
+from nodemesh.agent.housekeeping import Housekeeping
 from nodemesh.agent.modes import make_mode
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.relay import Connection, WorkerContext
@@ -457,3 +458,60 @@ def test_a_connect_that_completes_as_the_client_leaves_still_finishes_the_connec
         return await real_dial(self, peer, destination)
 
     _leak_scenario(lambda ctx: Connection(ctx, "outbound"), monkeypatch, dial_ignoring_cancel)
+
+
+def test_housekeeping_reaps_a_stuck_connection_and_leaves_live_ones_alone(monkeypatch: Any) -> None:
+    """The safety net under the state machine: with the cancel-before-start fix taken out again (a
+    stand-in for the next such bug), connections closed in the callback that created their connect
+    task stay stuck; housekeeping's sweep finishes them (counted closed, admission slots back), and
+    leaves a live relayed connection alone."""
+    def cancel_only(self: Connection) -> None:  # the old behaviour: cancel, nothing else
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+
+    monkeypatch.setattr(Connection, "_cancel_connect", cancel_only)
+
+    class CloseAtOnce(Connection):
+        __slots__ = ()
+
+        def _accepted(self, peer: tuple[str, int], original: tuple[str, int], held_since: float) -> None:
+            super()._accepted(peer, original, held_since)
+            if self.meta is not None and self.meta.conn_id <= 10:  # the first ten: closed at once
+                self.close_both()
+
+    async def scenario() -> None:
+        up = await echo_server()
+        upstream = up.sockets[0].getsockname()[:2]
+        server, _, ctx, rec = await start(upstream, Admission(64))
+        server.close()
+        listener = listen_socket("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        ctx.picker = EndpointPicker(_Index(("127.0.0.1", port), upstream))
+        server = await asyncio.get_running_loop().create_server(lambda: CloseAtOnce(ctx, "outbound"), sock=listener)
+        live, closed = [], 10
+        try:
+            for i in range(closed + 3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if i < closed:
+                    await _until(lambda n=i + 1: len(ctx.live) == n)
+                    writer.transport.abort()
+                else:
+                    live.append((reader, writer))
+            await asyncio.sleep(0.3)
+            assert len(ctx.live) == closed + len(live), "the stand-in bug no longer leaks: the test proves nothing"
+            hk = Housekeeping(ctx.admission, (ctx.live,))
+            assert hk.sweep() == closed
+            await asyncio.sleep(0.05)
+            assert len(ctx.live) == len(live) and len(rec.closes) == closed
+            assert hk.sweep() == 0
+            for reader, writer in live:  # still relayed
+                writer.write(b"\x00ping")
+                assert await asyncio.wait_for(reader.readexactly(5), 3) == b"\x00ping"
+        finally:
+            server.close()
+            up.close()
+            for _, w in live:
+                w.transport.abort()
+            await _until(lambda: not ctx.live, 3.0)  # the echo server's handlers end before the loop does
+
+    run(scenario)
