@@ -294,6 +294,9 @@ class Aggregator:
         self._history: dict[SeriesKey, _History] = {}
         # key -> reporter (agent id) -> (time, value): open connections are a gauge per agent.
         self._gauges: dict[SeriesKey, dict[str, tuple[float, float]]] = {}
+        # key -> the reporters whose gauge for it is > 0. Agents keep a closed peer's gauge at 0
+        # forever, so most keys of a long-running cluster are all zeros: a query walks only these.
+        self._open: dict[SeriesKey, set[str]] = {}
         # second -> the buckets of that second (key, bucket): what enters and leaves a sliding window
         self._by_sec: dict[int, list[tuple[SeriesKey, Bucket]]] = {}
         self._windows: dict[float, _Window] = {}
@@ -333,6 +336,17 @@ class Aggregator:
 
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
         self._gauges.setdefault(key, {})[reporter] = (self.clock() if t is None else t, value)
+        if value > 0:
+            self._open.setdefault(key, set()).add(reporter)
+        else:
+            self._not_open(key, reporter)
+
+    def _not_open(self, key: SeriesKey, reporter: str) -> None:
+        reporters = self._open.get(key)
+        if reporters is not None:
+            reporters.discard(reporter)
+            if not reporters:
+                del self._open[key]
 
     def drop_reporter(self, reporter: str) -> None:
         """An agent went away: its open-connection gauges no longer describe anything."""
@@ -341,6 +355,8 @@ class Aggregator:
             per.pop(reporter, None)
             if not per:
                 del self._gauges[key]
+        for key in list(self._open):
+            self._not_open(key, reporter)
 
     def totals_by_key(self, window_s: float, now: float | None = None,
                       where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
@@ -363,10 +379,11 @@ class Aggregator:
             out = dict(totals) if where is None else {k: t for k, t in totals.items() if where(k)}
         else:
             out = self._scan(window_s, end, where)
-        for key, per in self._gauges.items():
+        gauges, since = self._gauges, now - window_s
+        for key in self._open:
             if where is not None and not where(key):
                 continue
-            live = [v for ts, v in per.values() if ts >= now - window_s]
+            live = [v for ts, v in gauges[key].values() if ts >= since]
             # Agents keep a closed peer's gauge at 0 forever: zero open connections is not TCP
             # activity, or every peer ever seen would stay in edges and --from/--to rows.
             if sum(live) > 0:
@@ -449,6 +466,7 @@ class Aggregator:
             per = self._gauges[key]
             for reporter in [r for r, (ts, _) in per.items() if ts < oldest]:
                 del per[reporter]
+                self._not_open(key, reporter)
             if not per:
                 del self._gauges[key]
         return dropped

@@ -88,6 +88,27 @@ def test_open_connections_is_latest_gauge_summed_over_agents() -> None:
     assert agg.totals(10, now=200).open_connections == 0  # not reported within the window
 
 
+def test_a_gauge_back_at_zero_leaves_the_rows_and_a_later_open_returns() -> None:
+    """Queries walk only keys some agent reports > 0 open connections for (most keys of a long-lived
+    cluster are peers closed long ago, kept at 0): a key goes out of that set and comes back."""
+    agg = Aggregator()
+    agg.set_gauge(KEY, "agent-a", 2, t=100)
+    agg.set_gauge(KEY, "agent-b", 0, t=100)
+    agg.set_gauge(OTHER, "agent-a", 0, t=100)
+    assert set(agg.totals_by_key(60, now=101)) == {KEY}
+    agg.set_gauge(KEY, "agent-a", 0, t=101)
+    assert agg.totals_by_key(60, now=102) == {}
+    agg.set_gauge(OTHER, "agent-b", 4, t=102)
+    got = agg.totals_by_key(60, now=103)
+    assert set(got) == {OTHER} and got[OTHER].open_connections == 4
+    agg.drop_reporter("agent-b")
+    assert agg.totals_by_key(60, now=103) == {}
+    agg.set_gauge(KEY, "agent-a", 1, t=0)
+    agg.prune(now=4000)  # past retention: the gauge and its open mark go
+    agg.set_gauge(KEY, "agent-b", 0, t=4000)
+    assert agg.totals_by_key(60, now=4001) == {}
+
+
 def test_retention_prunes_old_buckets_and_idle_keys() -> None:
     agg = Aggregator(retention_s=3600)
     agg.record(KEY, t=0, success=1)
