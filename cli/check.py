@@ -52,6 +52,19 @@ def controller_steps(resp: pb.CheckResponse, client_version: str) -> list[CheckS
         if n.agent_connected and n.capture_mode:
             steps.append(CheckStep(f"{n.node}: capture mode {n.capture_mode} ({n.capture_mode_reason})", True))
 
+    # Where `stat` answers from by default (issue 16): memory, or a Prometheus that must answer and
+    # hold every agent's metrics for its numbers to be whole. An older controller says nothing here.
+    if resp.stat_backend == "prometheus":
+        steps.append(CheckStep(
+            f"stat backend prometheus ({resp.stat_backend_url}): {resp.stat_backend_detail}", resp.stat_backend_ok,
+            () if resp.stat_backend_ok else (resp.stat_backend_detail,),
+            "stat, edges, routes and the dashboard answer from this Prometheus: check that it runs, that the "
+            "controller reaches it, and that it scrapes every agent's :4191/metrics with its credential "
+            "(nodemesh install --addon prometheus ships that scrape config)",
+        ))
+    elif resp.stat_backend:
+        steps.append(CheckStep(f"stat backend {resp.stat_backend}", True))
+
     versions = []
     if resp.controller_version != client_version:
         versions.append(f"controller {resp.controller_version or '?'} != client {client_version}")

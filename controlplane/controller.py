@@ -630,6 +630,25 @@ class Controller:
             ))
         return resp
 
+    async def answer_check(self) -> pb.CheckResponse:
+        """check(), and the default stat backend: Prometheus asked (bounded by its timeout) whether
+        it answers and how many agents' metrics it holds."""
+        resp = self.check()
+        resp.stat_backend = self.config.stat_backend
+        if self.config.stat_backend != promstore.PROMETHEUS or self.prometheus is None:
+            resp.stat_backend_ok = True
+            return resp
+        resp.stat_backend_url = self.prometheus.url
+        ready = len({s.node for s in self.sessions.values() if s.ready})
+        try:
+            scraped = await self.prometheus.agents_scraped(time.time())
+        except promstore.PrometheusError as exc:
+            resp.stat_backend_detail = str(exc)
+            return resp
+        resp.stat_backend_ok = scraped >= ready
+        resp.stat_backend_detail = f"holds metrics of {scraped} of the {ready} ready agents"
+        return resp
+
     def agents(self) -> list[AgentSession]:
         return sorted(self.sessions.values(), key=lambda s: (s.node, s.agent_id))
 

@@ -248,6 +248,14 @@ class PrometheusStore:
         return Snapshot(window_s, totals_from(family, window_s, dict(zip(asked, replies))),
                         agents_scraped=int(sum(v for _, v in agents)))
 
+    async def agents_scraped(self, now: float) -> int:
+        """How many agents' metrics Prometheus holds now (PrometheusError when it does not answer)."""
+        try:
+            agents = await asyncio.wait_for(self.query(AGENTS_SCRAPED, now), self.timeout_s)
+        except TimeoutError:
+            raise PrometheusError(f"{self.url} did not answer within {self.timeout_s:g}s") from None
+        return int(sum(v for _, v in agents))
+
     async def query(self, expr: str, at: float) -> Vector:
         if self._session is None:
             headers = {"Authorization": f"Bearer {self.bearer_token}"} if self.bearer_token else {}

@@ -65,7 +65,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     async def Check(self, request: pb.CheckRequest,
                     context: Context[pb.CheckRequest, pb.CheckResponse]) -> pb.CheckResponse:
-        return self.controller.check()
+        return await self.controller.answer_check()
 
     async def Tap(self, request: pb.TapRequest,
                   context: Context[pb.TapRequest, pb.TapEvent]) -> AsyncIterator[pb.TapEvent]:

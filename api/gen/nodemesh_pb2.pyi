@@ -662,11 +662,19 @@ class NodeCheck(_message.Message):
     def __init__(self, node: _Optional[str] = ..., agent_connected: _Optional[bool] = ..., agent_ready: _Optional[bool] = ..., capture_installed: _Optional[bool] = ..., agent_version: _Optional[str] = ..., last_report_age_ms: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ..., capture_mode: _Optional[str] = ..., capture_mode_reason: _Optional[str] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
-    __slots__ = ("controller_version", "nodes", "time_ms")
+    __slots__ = ("controller_version", "nodes", "time_ms", "stat_backend", "stat_backend_url", "stat_backend_ok", "stat_backend_detail")
     CONTROLLER_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    STAT_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STAT_BACKEND_URL_FIELD_NUMBER: _ClassVar[int]
+    STAT_BACKEND_OK_FIELD_NUMBER: _ClassVar[int]
+    STAT_BACKEND_DETAIL_FIELD_NUMBER: _ClassVar[int]
     controller_version: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeCheck]
     time_ms: int
-    def __init__(self, controller_version: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeCheck, _Mapping]]] = ..., time_ms: _Optional[int] = ...) -> None: ...
+    stat_backend: str
+    stat_backend_url: str
+    stat_backend_ok: bool
+    stat_backend_detail: str
+    def __init__(self, controller_version: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeCheck, _Mapping]]] = ..., time_ms: _Optional[int] = ..., stat_backend: _Optional[str] = ..., stat_backend_url: _Optional[str] = ..., stat_backend_ok: _Optional[bool] = ..., stat_backend_detail: _Optional[str] = ...) -> None: ...

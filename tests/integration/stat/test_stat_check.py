@@ -37,8 +37,10 @@ def test_stat_check_names_the_stopped_agent(mesh: Mesh) -> None:
     res = mesh.cli("check")
     ok, bad = marks(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
-    # controller, agents, capture, the capture mode of each of the 2 nodes, versions, clock skew
-    assert not bad and len(ok) == 7, res.stdout
+    # controller, agents, capture, the capture mode of each of the 2 nodes, the stat backend,
+    # versions, clock skew
+    assert not bad and len(ok) == 8, res.stdout
+    assert "\u2713 stat backend memory" in ok, res.stdout
     assert "controller reachable" in ok[0]
     assert [ln for ln in ok if "capture mode iptables" in ln] == [ok[3], ok[4]], res.stdout
 

@@ -146,6 +146,10 @@ def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) 
     page = _dashboard(mesh, "/api/workload", namespace=NS, type="deploy", name="server", window=WINDOW)
     _same("dashboard /api/workload deploy/server", memory_server, page["stat"], problems, lines)
     assert {c["peer"]["name"] for c in page["callers"]} == {"client1", "client2"}, page["callers"]
+    check = mesh.cli("check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert (f"\u2713 stat backend prometheus (http://127.0.0.1:{PROM_PORT}): holds metrics of 2 of the 2 ready "
+            f"agents") in check.stdout, check.stdout
 
     for args, key in ((["edges", "deploy"], lambda e: (e["src"], e["dst"])),
                       (["routes", "deploy/server"], lambda r: r["route"])):
@@ -192,6 +196,11 @@ def test_stat_prometheus_backend_warns_when_it_misses_an_agent(mesh: Mesh) -> No
                          ("/api/workload", {"type": "deploy", "namespace": NS, "name": "server"})):
         body = _dashboard(mesh, path, **params)
         assert "Prometheus holds current metrics of 1 of the 2 agents connected" in body["warning"], body
+    # And `nodemesh check` fails on it, naming what is missing.
+    check = mesh.cli("check")
+    assert check.returncode == 1, check.stdout
+    assert f"\u00d7 stat backend prometheus (http://127.0.0.1:{PROM_PORT}): holds metrics of 1 of the 2 ready " \
+           f"agents" in check.stdout, check.stdout
 
 
 def _count_agents(prom: str) -> int:
@@ -214,3 +223,6 @@ def test_stat_prometheus_backend_errors_are_one_clear_line(mesh: Mesh) -> None:
     assert "prometheus backend" in down.stderr and f"127.0.0.1:{PROM_PORT}" in down.stderr, down.stderr
     assert took < 15, took
     assert mesh.cli("stat", "deploy", "-n", NS, "--backend", "memory").returncode == 0
+    check = mesh.cli("check")
+    assert check.returncode == 1 and "\u00d7 stat backend prometheus" in check.stdout, check.stdout
+    assert f"127.0.0.1:{PROM_PORT}" in check.stdout.split("\u00d7 stat backend prometheus", 1)[1], check.stdout

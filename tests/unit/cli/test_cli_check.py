@@ -51,6 +51,31 @@ def test_cli_check_says_which_capture_runs_on_each_node_and_why(controller: Serv
     assert "\u2713 node-2: capture mode iptables (no eBPF capture pinned at /sys/fs/bpf/nodemesh)" in result.stdout
 
 
+def test_cli_check_says_where_stat_answers_from_and_fails_on_a_prometheus_missing_agents(controller: Served) -> None:
+    nodes = [_node("node-1"), _node("node-2")]
+    controller.fake.check = pb.CheckResponse(controller_version=__version__, nodes=nodes, stat_backend="memory",
+                                             stat_backend_ok=True)
+    result = controller.run("check")
+    assert result.exit_code == 0 and "\u2713 stat backend memory\n" in result.stdout, result.output
+
+    url = "http://prometheus.monitoring:9090"
+    controller.fake.check = pb.CheckResponse(
+        controller_version=__version__, nodes=nodes, stat_backend="prometheus", stat_backend_url=url,
+        stat_backend_ok=True, stat_backend_detail="holds metrics of 2 of the 2 ready agents")
+    result = controller.run("check")
+    assert result.exit_code == 0, result.output
+    assert f"\u2713 stat backend prometheus ({url}): holds metrics of 2 of the 2 ready agents" in result.stdout
+
+    controller.fake.check = pb.CheckResponse(
+        controller_version=__version__, nodes=nodes, stat_backend="prometheus", stat_backend_url=url,
+        stat_backend_ok=False, stat_backend_detail="holds metrics of 1 of the 2 ready agents")
+    result = controller.run("check")
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("\u00d7 stat backend prometheus"))
+    assert lines[at + 1] == "    holds metrics of 1 of the 2 ready agents" and lines[at + 2].startswith("    hint: ")
+
+
 def test_cli_check_unreachable_controller() -> None:
     # a port nobody listens on: bind then close, on loopback
     with socket.create_server(("127.0.0.1", 0)) as s:
