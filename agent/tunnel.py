@@ -99,6 +99,7 @@ class TunnelStats:
 class Plan:
     context: ssl.SSLContext
     expected: tuple[str, str]    # (namespace, service account) the server's certificate must name
+    server_id: str               # that identity as a SPIFFE ID (the connection's labels until verified)
 
 
 class Tunnel:
@@ -110,6 +111,9 @@ class Tunnel:
         self.stats = TunnelStats()
         self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        # The mesh's trust domain, learned from the identities verified (the agent is not told
+        # it): names the server a connection is planned to reach before its handshake.
+        self.trust_domain = spiffe.DEFAULT_TRUST_DOMAIN
 
     # ------------------------------------------------------------------ outbound (source node)
     def required(self, ip: str) -> bool:
@@ -138,7 +142,12 @@ class Tunnel:
         if context is None:
             self._no_tunnel(destination, "no_certificate")
             return None
-        return Plan(context, (dst_pod.namespace, dst_pod.service_account or "default"))
+        expected = (dst_pod.namespace, dst_pod.service_account or "default")
+        try:
+            server_id = str(spiffe.workload_id(self.trust_domain, *expected))
+        except ValueError:
+            server_id = f"{spiffe.SCHEME}{self.trust_domain}/ns/{expected[0]}/sa/{expected[1]}"
+        return Plan(context, expected, server_id)
 
     def _no_tunnel(self, destination: tuple[str, int], reason: str) -> None:
         if self.required(destination[0]):
@@ -157,11 +166,16 @@ class Tunnel:
     def check_server(self, transport: asyncio.BaseTransport, plan: Plan) -> str:
         """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError."""
         seen = peer_identity(transport.get_extra_info("ssl_object"))
+        self._learn_trust_domain(seen)
         if _names(seen) != plan.expected:
             raise ssl.SSLError(f"tunnel server is {seen or 'anonymous'}, expected ns/{plan.expected[0]}/sa/"
                                f"{plan.expected[1]}")
         self.stats.originated += 1
         return seen
+
+    def _learn_trust_domain(self, spiffe_id: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.trust_domain = spiffe.parse(spiffe_id).trust_domain
 
     async def open(self, conn: Connection, peer: tuple[str, int], destination: tuple[str, int], plan: Plan,
                    upstream: Callable[[Connection], asyncio.Protocol], timeout_s: float) -> bool:
@@ -230,6 +244,7 @@ class Tunnel:
         src_pod = self.index.pod_by_uid(src.uid) if src is not None else None
         if src_pod is None:
             return False
+        self._learn_trust_domain(client_id)
         return _names(client_id) == (src_pod.namespace, src_pod.service_account or "default")
 
     async def stop(self) -> None:
@@ -247,10 +262,9 @@ class _TunnelUpstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
-            self.conn.mtls = self.tunnel.check_server(transport, self.plan)
-            if self.conn.meta is not None:
-                self.conn.meta.mtls = self.conn.mtls
+            self.conn.secured(self.tunnel.check_server(transport, self.plan))
         except ssl.SSLError as exc:
+            self.conn.secured(None)
             self.refused = str(exc)
             self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
             cast(asyncio.Transport, transport).abort()

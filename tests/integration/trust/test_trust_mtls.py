@@ -302,3 +302,47 @@ def test_trust_mtls_required_namespace_refuses_plaintext_from_another_node(mtls_
     res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", HOST_GET, web_ip], capture_output=True,
                          text=True, timeout=60, check=False)
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"ok": 5, "failed": 0}
+
+
+def edges_json(sb: Sandbox, *args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NODEMESH_CONTROLLER", "NODEMESH_TOKEN")}
+    env["NODEMESH_SANDBOX"] = sb.name
+    res = subprocess.run([PY, "-m", "nodemesh", "edges", *args, "-o", "json"], env=env, capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_trust_mtls_edges_show_identities_and_which_edges_are_secured(mtls_cluster: Sandbox) -> None:
+    """`nodemesh edges deploy -n mt`: client -> web crossed nodes inside mTLS tunnels, so it is
+    secured and names both identities the agents verified from certificates (the client's by
+    node2's agent, the server's by node1's); client -> plain (kube-system, not captured, same
+    link) went in plaintext: not secured, with the reason. The table says the same."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    (plain,) = [p for p in sb.pods("kube-system") if p["metadata"]["labels"].get("app") == "plain"]
+    deadline = time.monotonic() + 45
+    while True:
+        res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT, pod(sb, "web")["status"]["podIP"],
+                              plain["status"]["podIP"]], capture_output=True, text=True, timeout=90, check=False)
+        assert json.loads(res.stdout.strip().splitlines()[-1])["ok"] == 40, res.stderr[-1000:]
+        found = {(e["src"], e["dst"]): e for e in edges_json(sb, "deploy", "-n", NS)}
+        if ("client", "web") in found and ("client", "plain") in found or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    web, plain_edge = found.get(("client", "web")), found.get(("client", "plain"))
+    assert web is not None and plain_edge is not None, found
+    assert web == {"src": "client", "src_namespace": NS, "dst": "web", "dst_namespace": NS, "secured": True,
+                   "client_id": f"spiffe://cluster.local/ns/{NS}/sa/client",
+                   "server_id": f"spiffe://cluster.local/ns/{NS}/sa/web", "no_tls_reason": ""}, web
+    assert not plain_edge["secured"] and plain_edge["client_id"] == plain_edge["server_id"] == "", plain_edge
+    assert plain_edge["no_tls_reason"].startswith("not mTLS"), plain_edge
+    env = {k: v for k, v in os.environ.items() if k not in ("NODEMESH_CONTROLLER", "NODEMESH_TOKEN")}
+    env["NODEMESH_SANDBOX"] = sb.name
+    table = subprocess.run([PY, "-m", "nodemesh", "edges", "deploy", "-n", NS, "-o", "wide"], env=env,
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = {tuple(line.split()[:2]): line.split() for line in table.splitlines()[1:]}
+    assert rows[("client", "web")][4:7] == ["yes", f"spiffe://cluster.local/ns/{NS}/sa/client",
+                                             f"spiffe://cluster.local/ns/{NS}/sa/web"], table
+    assert rows[("client", "plain")][4] == "no", table
