@@ -29,8 +29,16 @@ per connection (ECDSA P-256, ~1 RTT before the first byte). Measured: docs/bench
 
 Fail-open stays the default: a source pod without a certificate yet, a destination namespace that
 is not captured, or a tunnel that cannot be set up (no mTLS agent on B's node: refused) falls
-back to a plaintext connection, counted. Half-close does not cross the tunnel (TLS transports
-cannot write EOF; the connection closes when both directions are done).
+back to a plaintext connection, counted.
+
+Half-close crosses the tunnel: the end of one direction is TLS 1.3's `close_notify`, which closes
+only its sender's write side (RFC 8446 §6.1: the peer may keep sending), and the TCP FIN follows
+once both directions are done. So a client that shuts down its write side still reads the
+server's whole answer, and the server learns of the EOF. The signal is an authenticated record
+inside the session — an attacker on the path cannot forge or truncate it: a bare TCP FIN is not
+it. Both ends are therefore sans-IO TLS (`TlsSession` over memory BIOs) on plain transports:
+asyncio's (and uvloop's) SSL transports cannot write EOF and answer a received close_notify by
+closing both directions.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -163,9 +172,9 @@ class Tunnel:
         log.info("event=mtls_refused src=%s:%d reason=plaintext_to_required dst=%s:%d", *peer, *original)
         return True
 
-    def check_server(self, transport: asyncio.BaseTransport, plan: Plan) -> str:
+    def check_server(self, ssl_object: ssl.SSLObject, plan: Plan) -> str:
         """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError."""
-        seen = peer_identity(transport.get_extra_info("ssl_object"))
+        seen = peer_identity(ssl_object)
         self._learn_trust_domain(seen)
         if _names(seen) != plan.expected:
             raise ssl.SSLError(f"tunnel server is {seen or 'anonymous'}, expected ns/{plan.expected[0]}/sa/"
@@ -186,26 +195,25 @@ class Tunnel:
 
         loop = asyncio.get_running_loop()
         sock, _transparent = upstream_socket(peer[0] if conn.ctx.transparent_ok else None, 0)
-        proto: list[_TunnelUpstream] = []
-
-        def factory() -> asyncio.Protocol:
-            p = _TunnelUpstream(conn, upstream(conn), self, plan, connect_head(destination))
-            proto.append(p)
-            return p
-
+        done: asyncio.Future[None] = loop.create_future()
+        done.add_done_callback(_consume)
+        proto = _TunnelUpstream(conn, upstream(conn), self, plan, connect_head(destination), done)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (destination[0], TUNNEL_PORT)), timeout_s)
-            await loop.create_connection(factory, sock=sock, ssl=plan.context, server_hostname=TUNNEL_SNI,
-                                         ssl_handshake_timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
+            with contextlib.suppress(OSError):  # the handshake's small flights must not wait for ACKs
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.create_connection(lambda: proto, sock=sock)
+            await asyncio.wait_for(asyncio.shield(done), min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except (OSError, TimeoutError) as exc:
-            sock.close()
-            if (proto and proto[0].refused) or self.required(destination[0]):
+            if proto.raw is not None:
+                proto.raw.abort()
+            else:
+                sock.close()
+            if proto.refused or self.required(destination[0]):
                 raise
             self.stats.count(self.stats.fallback, "no_tunnel")
             log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
             return False
-        if proto[0].refused:
-            raise ssl.SSLError(proto[0].refused)
         return True
 
     # ------------------------------------------------------------------ inbound (destination node)
@@ -253,30 +261,99 @@ class Tunnel:
 
 
 class _TunnelUpstream(asyncio.Protocol):
-    """The upstream side of a tunnel: checks the server's certificate, writes the CONNECT head,
-    then behaves as the relay's own upstream protocol (`inner`)."""
+    """The upstream side of a tunnel (source node): a sans-IO TLS client on the plain TCP
+    transport. Handshake, check the server's certificate, write the CONNECT head; then the
+    relay's own upstream protocol (`inner`) gets the plaintext and writes through a
+    `TlsTransport` (so it can half-close)."""
 
-    def __init__(self, conn: Connection, inner: asyncio.Protocol, tunnel: Tunnel, plan: Plan, head: bytes) -> None:
-        self.conn, self.inner, self.tunnel, self.plan, self.head = conn, inner, tunnel, plan, head
+    def __init__(self, conn: Connection, inner: asyncio.Protocol, tunnel: Tunnel, plan: Plan, head: bytes,
+                 done: asyncio.Future[None]) -> None:
+        self.conn, self.inner, self.tunnel, self.plan, self.head, self.done = conn, inner, tunnel, plan, head, done
+        self.tls = TlsSession(plan.context, server_side=False, server_hostname=TUNNEL_SNI)
+        self.raw: asyncio.Transport | None = None
+        self.wrapped: TlsTransport | None = None
         self.refused = ""
+        self.eof = False
+        self.error: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = cast(asyncio.Transport, transport)
+        self.raw.write(self.tls.start())
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        if self.raw is not None:
+            self.raw.abort()
+
+    def data_received(self, data: bytes) -> None:
+        raw = self.raw
+        assert raw is not None
+        handshaking = not self.tls.handshaken
         try:
-            self.conn.secured(self.tunnel.check_server(transport, self.plan))
+            plain, closed = self.tls.receive(data)
         except ssl.SSLError as exc:
-            self.conn.secured(None)
-            self.refused = str(exc)
-            self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
-            cast(asyncio.Transport, transport).abort()
+            if self.wrapped is None:
+                self._fail(exc)
+            else:
+                self.error = exc
+                raw.abort()
             return
-        cast(asyncio.Transport, transport).write(self.head)
-        # From here the relay's protocol gets the transport's events directly.
-        transport.set_protocol(self.inner)
-        self.inner.connection_made(transport)
+        out = self.tls.output()
+        if out:
+            raw.write(out)
+        if handshaking:
+            if not self.tls.handshaken:
+                return
+            try:
+                self.conn.secured(self.tunnel.check_server(self.tls.obj, self.plan))
+            except ssl.SSLError as exc:
+                self.conn.secured(None)
+                self.refused = str(exc)
+                self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
+                self._fail(exc)
+                return
+            raw.write(self.tls.send(self.head))
+            self.wrapped = TlsTransport(raw, self.tls, self.inner)
+            if not self.done.done():
+                self.done.set_result(None)
+            self.inner.connection_made(self.wrapped)
+        if plain:
+            self.inner.data_received(plain)
+        if closed:
+            self._eof()
+
+    def _eof(self) -> None:
+        if not self.eof and self.wrapped is not None:
+            self.eof = True
+            self.inner.eof_received()
+
+    def eof_received(self) -> bool | None:
+        if self.wrapped is None:
+            self._fail(ConnectionResetError(errno.ECONNRESET, "tunnel closed during its handshake"))
+            return False
+        self._eof()  # a FIN without close_notify: the far agent is gone; what came is all there is
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.refused:
-            self.inner.connection_lost(exc)
+        if self.wrapped is None:
+            self._fail(exc or ConnectionResetError(errno.ECONNRESET, "tunnel closed during its handshake"))
+            return
+        self.inner.connection_lost(exc or self.error)
+
+    def pause_writing(self) -> None:
+        if self.wrapped is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.wrapped is not None:
+            self.inner.resume_writing()
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """A handshake that failed after its opener stopped waiting (timeout): nothing to report."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _names(spiffe_id: str) -> tuple[str, str] | None:
@@ -287,14 +364,23 @@ def _names(spiffe_id: str) -> tuple[str, str] | None:
     return parsed.namespace, parsed.service_account
 
 
-class TlsServer:
-    """A TLS server over memory BIOs (sans-IO): bytes in, plaintext out; plaintext in, bytes out."""
+class TlsSession:
+    """One end of a TLS session over memory BIOs (sans-IO): bytes in, plaintext out; plaintext in,
+    bytes out. `shut()` ends what this end sends (close_notify) and keeps reading."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, server_side: bool = True, server_hostname: str | None = None) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
         self.handshaken = False
+        self.shut_down = False   # close_notify sent: nothing more may be written
+
+    def start(self) -> bytes:
+        """A client's first flight (ClientHello)."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.obj.do_handshake()
+        return self.outgoing.read()
 
     def receive(self, data: bytes) -> tuple[bytes, bool]:
         """(plaintext, peer closed the TLS session). Raises ssl.SSLError on a failed handshake or a
@@ -329,11 +415,19 @@ class TlsServer:
     def output(self) -> bytes:
         return self.outgoing.read()
 
-    def close(self) -> bytes:
-        """close_notify, to send before the TCP FIN."""
-        with contextlib.suppress(ssl.SSLError, ValueError):
-            self.obj.unwrap()
+    def shut(self) -> bytes:
+        """close_notify: the end of this direction (TLS 1.3 half-close; the peer may still send,
+        and we still read). Idempotent."""
+        if not self.shut_down:
+            self.shut_down = True
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                self.obj.unwrap()
         return self.outgoing.read()
+
+    close = shut  # before the TCP FIN
+
+
+TlsServer = TlsSession  # the destination agent's end (server_side=True is the default)
 
 
 class _TlsServerShim(asyncio.Protocol):
@@ -344,11 +438,12 @@ class _TlsServerShim(asyncio.Protocol):
                  original: tuple[str, int], make_connection: Callable[[], Connection]) -> None:
         self.tunnel, self.raw, self.peer, self.original = tunnel, raw, peer, original
         self.make_connection = make_connection
-        self.tls = TlsServer(context)
+        self.tls = TlsSession(context, server_side=True)
         self.conn: Connection | None = None
         self.client_id = ""
         self.head = b""
         self.done = False
+        self.eof = False  # the client's end of stream delivered (close_notify, or a bare FIN)
         self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT_S + HEAD_TIMEOUT_S, self._timeout)
 
@@ -401,8 +496,8 @@ class _TlsServerShim(asyncio.Protocol):
             conn, plain = self.conn, rest
         if plain and not conn.finished:  # type: ignore[union-attr]
             conn.data_received(plain)  # type: ignore[union-attr]
-        if closed and not conn.finished:  # type: ignore[union-attr]
-            conn.eof_received()  # type: ignore[union-attr]
+        if closed:
+            self._eof()
 
     def _start(self, target: tuple[str, int]) -> None:
         if self.timer is not None:
@@ -415,11 +510,18 @@ class _TlsServerShim(asyncio.Protocol):
         self.conn = conn
         conn.connection_made(TlsTransport(self.raw, self.tls, conn))
 
+    def _eof(self) -> None:
+        """The client's end of stream (its close_notify: a half-close, we keep writing)."""
+        if not self.eof and self.conn is not None and not self.conn.finished:
+            self.eof = True
+            self.conn.eof_received()
+
     def eof_received(self) -> bool | None:
         if self.conn is None:
             self._fail("bad_head", "closed before its head")
             return False
-        return self.conn.eof_received()
+        self._eof()  # a bare FIN (no close_notify): the source agent is gone; what came is all
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -438,25 +540,27 @@ class _TlsServerShim(asyncio.Protocol):
 
 
 class TlsTransport(asyncio.Transport):
-    """What the Connection writes to on a terminated tunnel: the raw transport, with writes
-    encrypted. TLS has no half-close: `can_write_eof()` is False (the relay then closes instead)."""
+    """What the relay writes to on either end of a tunnel: the raw transport, with writes
+    encrypted. `write_eof()` is close_notify (the TCP connection stays open for the other
+    direction); `close()` sends it unless sent, then the FIN."""
 
-    def __init__(self, raw: asyncio.Transport, tls: TlsServer, protocol: asyncio.BaseProtocol) -> None:
+    def __init__(self, raw: asyncio.Transport, tls: TlsSession, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
         self.raw, self.tls, self.protocol = raw, tls, protocol
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if data and not self.raw.is_closing():
+        if data and not self.raw.is_closing() and not self.tls.shut_down:
             self.raw.write(self.tls.send(bytes(data)))
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
-        return False
+        return True
 
     def write_eof(self) -> None:
-        raise NotImplementedError("TLS has no half-close")
+        if not self.raw.is_closing():
+            self.raw.write(self.tls.shut())
 
     def close(self) -> None:
         if not self.raw.is_closing():

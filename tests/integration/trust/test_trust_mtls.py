@@ -85,6 +85,8 @@ spec:
         (f"\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n"
          f"  selector: {{app: web}}\n  ports:\n  - {{port: 8080, targetPort: 8080}}\n"),
         deploy("client", "node1", ["sleep", "infinity"], None),
+        # Server-first and half-close, on node2 (namespace mt requires mTLS: no plaintext path).
+        deploy("halfclose", "node2", [PY, PEERS, "halfclose-server", "7000"], 7000),
         # The control: a server in a namespace the mesh does not capture (kube-system), on node2:
         # the client's requests to it cross the same link in plaintext, so the capture must see them.
         deploy("plain", "node2", [PY, PEERS, "http1-server", "8080"], 8080, ns="kube-system"),
@@ -346,3 +348,23 @@ def test_trust_mtls_edges_show_identities_and_which_edges_are_secured(mtls_clust
     assert rows[("client", "web")][4:7] == ["yes", f"spiffe://cluster.local/ns/{NS}/sa/client",
                                              f"spiffe://cluster.local/ns/{NS}/sa/web"], table
     assert rows[("client", "plain")][4] == "no", table
+
+
+def test_trust_mtls_half_close_crosses_the_tunnel(mtls_cluster: Sandbox) -> None:
+    """A server-first peer on node2 that answers only after the client's EOF: the client on node1
+    reads the greeting, sends 100 kB, shuts down its write side, and reads the server's whole
+    answer (digest of what it sent + 300 kB) to EOF, through the mTLS tunnel (namespace mt requires
+    it: a plaintext connection would be refused). The tunnel carries each direction's end as
+    TLS close_notify (agent/tunnel.py)."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    ip = pod(sb, "halfclose")["status"]["podIP"]
+    log_path = sb.node_process_log("node2", agent_process("node2"))
+    before = len(log_path.read_text())
+    res = subprocess.run(["ip", "netns", "exec", client_ns, PY, PEERS, "halfclose-client", ip, "7000", "10"],
+                         capture_output=True, text=True, timeout=150, check=False)
+    assert res.returncode == 0, (res.stderr[-2000:], agent_logs(sb))
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result == {"ok": 10, "problems": []}, (result, agent_logs(sb))
+    assert "event=mtls_refused" not in log_path.read_text()[before:]

@@ -123,3 +123,39 @@ def test_agent_tunnel_tls_server_relays_both_ways(tmp_path: Path) -> None:
         client.unwrap()  # sends close_notify, waits for the server's
     plain, closed = server.receive(cout.read())
     assert (plain, closed) == (b"", True)
+
+
+def test_agent_tunnel_close_notify_is_a_half_close(tmp_path: Path) -> None:
+    """Both ends sans-IO (TlsSession, as the two agents run them): the client's shut() (its
+    close_notify) reaches the server as the end of the client's stream, and the server still
+    sends its whole answer, which the client still reads; then the server's close_notify ends it.
+    Writing after one's own shut() sends nothing."""
+    from nodemesh.agent.tunnel import TUNNEL_SNI, TlsSession
+
+    ca = WorkloadCA(FileRootStore(tmp_path / "ca"), "mesh.test")
+    issue(ca, tmp_path / "n2", "uid-web", "web")
+    issue(ca, tmp_path / "n1", "uid-client", "client")
+    server = TlsSession(CertReader(tmp_path / "n2").context("uid-web", server=True))  # type: ignore[arg-type]
+    client = TlsSession(CertReader(tmp_path / "n1").context("uid-client", server=False),  # type: ignore[arg-type]
+                        server_side=False, server_hostname=TUNNEL_SNI)
+    to_server = client.start()
+    for _ in range(10):
+        _, closed = server.receive(to_server)
+        assert not closed
+        plain, closed = client.receive(server.output())
+        assert plain == b"" and not closed
+        to_server = client.output()
+        if client.handshaken and server.handshaken and not to_server:
+            break
+    assert client.handshaken and server.handshaken
+    assert peer_identity(client.obj) == "spiffe://mesh.test/ns/ns/sa/web"
+
+    to_server = client.send(b"request") + client.shut()
+    plain, closed = server.receive(to_server)
+    assert (plain, closed) == (b"request", True)
+    answer = b"x" * 100_000  # several records
+    plain, closed = client.receive(server.send(answer))
+    assert (plain, closed) == (answer, False)
+    plain, closed = client.receive(server.shut())
+    assert (plain, closed) == (b"", True)
+    assert client.shut() == b""  # idempotent: its close_notify went already
