@@ -25,7 +25,15 @@ identity cryptographically per connection instead of trusting what another node 
 
 This version opens one TLS connection per proxied connection (no HTTP/2 multiplexing of
 connections over one tunnel per node pair, as the issue asks for eventually): a TLS 1.3 handshake
-per connection (ECDSA P-256, ~1 RTT before the first byte). Measured: docs/bench.md.
+per connection (ECDSA P-256, ~1 RTT before the first byte). A source pod's next connection to the
+same destination pod **resumes** the session (a TLS 1.3 ticket the far agent issued, kept here per
+(source pod, destination pod) for at most SESSION_TTL_S): no certificate signature or chain check
+on either side, about half the handshake's CPU (measured: docs/bench.md "mTLS"). Identity holds:
+a resumed session carries the certificates verified at its full handshake (the receiver checks
+the client's SPIFFE ID against the source address every time), and a renewed certificate on
+either side ends resumption (the cache is keyed by this side's context; the far side's new context
+cannot read tickets of its old one). A ticket is only readable by the agent process (worker) that
+issued it: with several workers, a connection landing on another worker does a full handshake.
 
 Fail-open stays the default: a source pod without a certificate yet, a destination namespace that
 is not captured, or a tunnel that cannot be set up (no mTLS agent on B's node: refused) falls
@@ -66,6 +74,8 @@ log = logging.getLogger("nodemesh.agent.tunnel")
 TUNNEL_PORT = 15008
 TUNNEL_SNI = "tunnel.nodemesh.invalid"  # any name: identity is checked on the URI SAN, not the host name
 HANDSHAKE_TIMEOUT_S = 5.0
+SESSION_TTL_S = 300.0      # a resumable session is kept at most this long (certificates rotate anyway)
+MAX_SESSIONS = 4096        # (source pod, destination pod) pairs remembered per worker
 HEAD_TIMEOUT_S = 5.0
 MAX_HEAD = 1024
 
@@ -96,6 +106,7 @@ class TunnelStats:
     """Counted per worker, logged; the relay's own metrics count the connections themselves."""
 
     originated: int = 0          # outbound connections sent through a tunnel
+    resumed: int = 0             # of which resumed a TLS session (no full handshake)
     terminated: int = 0          # inbound tunnels accepted (identity verified)
     fallback: dict[str, int] = field(default_factory=dict)   # outbound sent in plaintext, by reason
     refused: dict[str, int] = field(default_factory=dict)    # inbound tunnels refused, by reason
@@ -109,6 +120,8 @@ class Plan:
     context: ssl.SSLContext
     expected: tuple[str, str]    # (namespace, service account) the server's certificate must name
     server_id: str               # that identity as a SPIFFE ID (the connection's labels until verified)
+    pair: tuple[str, str] = ("", "")        # (source pod uid, destination pod uid): the session cache's key
+    session: ssl.SSLSession | None = None   # a session to resume, when one is cached for the pair
 
 
 class Tunnel:
@@ -123,6 +136,8 @@ class Tunnel:
         # The mesh's trust domain, learned from the identities verified (the agent is not told
         # it): names the server a connection is planned to reach before its handshake.
         self.trust_domain = spiffe.DEFAULT_TRUST_DOMAIN
+        # Resumable sessions: (src uid, dst uid) -> (the client context it belongs to, session, expiry).
+        self._sessions: dict[tuple[str, str], tuple[ssl.SSLContext, ssl.SSLSession, float]] = {}
 
     # ------------------------------------------------------------------ outbound (source node)
     def required(self, ip: str) -> bool:
@@ -156,7 +171,26 @@ class Tunnel:
             server_id = str(spiffe.workload_id(self.trust_domain, *expected))
         except ValueError:
             server_id = f"{spiffe.SCHEME}{self.trust_domain}/ns/{expected[0]}/sa/{expected[1]}"
-        return Plan(context, expected, server_id)
+        pair = (src.uid, dst.uid)
+        return Plan(context, expected, server_id, pair, self._session_for(pair, context))
+
+    def _session_for(self, pair: tuple[str, str], context: ssl.SSLContext) -> ssl.SSLSession | None:
+        hit = self._sessions.get(pair)
+        if hit is None:
+            return None
+        if hit[0] is not context or hit[2] < self.clock():
+            del self._sessions[pair]  # our certificate was renewed, or it is old: a full handshake
+            return None
+        return hit[1]
+
+    def keep_session(self, plan: Plan, session: ssl.SSLSession | None) -> None:
+        """A ticket arrived on a tunnel of `plan`: the pair's next connection may resume it."""
+        if session is None or not session.has_ticket:
+            return
+        sessions = self._sessions
+        if plan.pair not in sessions and len(sessions) >= MAX_SESSIONS:
+            sessions.pop(next(iter(sessions)))  # the oldest entry (insertion order)
+        sessions[plan.pair] = (plan.context, session, self.clock() + SESSION_TTL_S)
 
     def _no_tunnel(self, destination: tuple[str, int], reason: str) -> None:
         if self.required(destination[0]):
@@ -269,7 +303,8 @@ class _TunnelUpstream(asyncio.Protocol):
     def __init__(self, conn: Connection, inner: asyncio.Protocol, tunnel: Tunnel, plan: Plan, head: bytes,
                  done: asyncio.Future[None]) -> None:
         self.conn, self.inner, self.tunnel, self.plan, self.head, self.done = conn, inner, tunnel, plan, head, done
-        self.tls = TlsSession(plan.context, server_side=False, server_hostname=TUNNEL_SNI)
+        self.tls = TlsSession(plan.context, server_side=False, server_hostname=TUNNEL_SNI, session=plan.session)
+        self.ticket_kept = False
         self.raw: asyncio.Transport | None = None
         self.wrapped: TlsTransport | None = None
         self.refused = ""
@@ -313,11 +348,19 @@ class _TunnelUpstream(asyncio.Protocol):
                 self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
                 self._fail(exc)
                 return
+            if self.tls.obj.session_reused:
+                self.tunnel.stats.resumed += 1
             raw.write(self.tls.send(self.head))
             self.wrapped = TlsTransport(raw, self.tls, self.inner)
             if not self.done.done():
                 self.done.set_result(None)
             self.inner.connection_made(self.wrapped)
+        if not self.ticket_kept and not handshaking:
+            # TLS 1.3 tickets come after the handshake, with the server's first records.
+            session = self.tls.obj.session
+            if session is not None and session.has_ticket:
+                self.ticket_kept = True
+                self.tunnel.keep_session(self.plan, session)
         if plain:
             self.inner.data_received(plain)
         if closed:
@@ -368,11 +411,12 @@ class TlsSession:
     """One end of a TLS session over memory BIOs (sans-IO): bytes in, plaintext out; plaintext in,
     bytes out. `shut()` ends what this end sends (close_notify) and keeps reading."""
 
-    def __init__(self, context: ssl.SSLContext, server_side: bool = True, server_hostname: str | None = None) -> None:
+    def __init__(self, context: ssl.SSLContext, server_side: bool = True, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
-                                    server_hostname=server_hostname)
+                                    server_hostname=server_hostname, session=session)
         self.handshaken = False
         self.shut_down = False   # close_notify sent: nothing more may be written
 
