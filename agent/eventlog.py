@@ -42,6 +42,9 @@ class JsonlObserver:
     def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
         self._write({"ev": "endpoint", "conn": conn, "endpoint": list(endpoint)})
 
+    def connection_secured(self, conn: Any, peer_id: str | None) -> None:
+        self._write({"ev": "secured", "conn": conn, "peer_id": peer_id})
+
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
         self._write({"ev": "close", "conn": conn, "read_bytes": end.read_bytes,
                      "write_bytes": end.write_bytes, "error": end.error,
@@ -87,6 +90,10 @@ class TeeObserver:
     def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None:
         self.a.connection_endpoint(conn[0], endpoint)
         self.b.connection_endpoint(conn[1], endpoint)
+
+    def connection_secured(self, conn: Any, peer_id: str | None) -> None:
+        self.a.connection_secured(conn[0], peer_id)
+        self.b.connection_secured(conn[1], peer_id)
 
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
         self.a.connection_close(conn[0], end)

@@ -8,6 +8,7 @@ called on the worker's event loop thread and must be cheap: no I/O, no locks, no
 Lifecycle, per accepted connection:
     conn = observer.connection_open(meta)             # once, after the upstream is chosen
     observer.connection_endpoint(conn, (ip, port))    # optional: the real endpoint, learned later
+    observer.connection_secured(conn, peer_id)        # optional: its mTLS tunnel state changed
     for every request on it (HTTP/1 keep-alive, every HTTP/2 stream):
         req = observer.request_start(conn, RequestHead)
         observer.response_start(req, status, headers)  # may be skipped (reset before headers)
@@ -110,6 +111,8 @@ class Observer(Protocol):
     def connection_open(self, meta: ConnectionMeta) -> Any: ...
 
     def connection_endpoint(self, conn: Any, endpoint: tuple[str, int]) -> None: ...
+
+    def connection_secured(self, conn: Any, peer_id: str | None) -> None: ...
 
     def connection_close(self, conn: Any, end: ConnectionEnd) -> None: ...
 

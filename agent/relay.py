@@ -266,14 +266,37 @@ class Connection(asyncio.Protocol):
                 self._after_wait()  # held (identity, throttle) with reading paused: read its first bytes now
             return
         ctx.picker.acquire(destination)
+        plan = None
+        if ctx.tunnel is not None and self.direction == "outbound":
+            # Decided now, not in _connect: the connection's series carry the tunnel's identity
+            # labels from their first count (agent/tunnel.py; fallback moves them back).
+            try:
+                plan = ctx.tunnel.plan(peer, destination)
+            except ConnectionRefusedError:  # mTLS required by the destination, and not possible
+                self.error = "connect: ECONNREFUSED"
+                self._upstream_failed()
+                return
+            if plan is not None:
+                self.mtls = self.meta.mtls = plan.server_id
         if original[1] in ctx.opaque_ports:
             self._decide(Detection(TCP))
         else:
             self.detect_timer = loop.call_later(ctx.config.detect_timeout_s, self._detect_timeout)
         self.connecting = True
-        self.connect_task = loop.create_task(self._connect(peer, destination))
+        self.connect_task = loop.create_task(self._connect(peer, destination, plan))
         if held_since:
             self._after_wait()
+
+    def secured(self, peer_id: str | None) -> None:
+        """The connection's mTLS peer (agent/tunnel.py) is `peer_id` (None: not in a tunnel after
+        all); telemetry moves its series if it had counted them already."""
+        self.mtls = peer_id
+        meta = self.meta
+        if meta is None or meta.mtls == peer_id:
+            return
+        meta.mtls = peer_id
+        if self.opened and self.obs is not None:
+            self.ctx.observer.connection_secured(self.obs, peer_id)
 
     def _refuse_self_dial(self, peer: tuple[str, int], original: tuple[str, int]) -> None:
         log.debug("event=refused_self_dial src=%s:%s dst=%s:%s", peer[0], peer[1], *original)
@@ -291,16 +314,16 @@ class Connection(asyncio.Protocol):
         if self.client_eof:
             self.eof_received()
 
-    async def _connect(self, peer: tuple[str, int], destination: tuple[str, int]) -> None:
+    async def _connect(self, peer: tuple[str, int], destination: tuple[str, int], plan: Any = None) -> None:
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
-            plan = ctx.tunnel.plan(peer, destination) if ctx.tunnel is not None and self.direction == "outbound" \
-                else None
             # Through an mTLS tunnel (agent/tunnel.py) when planned and the far node takes it.
             if plan is None or not await ctx.tunnel.open(self, peer, destination, plan, _Upstream,
                                                          ctx.config.connect_timeout_s):
+                if plan is not None:
+                    self.secured(None)  # fell back to plaintext (fail-open)
                 sock, destination = await self._dial(peer, destination)
                 if ctx.learn_endpoint is not None and self.meta is not None \
                         and destination == self.meta.original_destination:

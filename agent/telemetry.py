@@ -40,7 +40,7 @@ from nodemesh.agent.podindex import Changes, IdentityGap, Owner, PeerLabels, Pod
 from nodemesh.agent.routes import RouteTable, RouteTables, rules_from_config
 from nodemesh.agent.tap import Tap, TapRegistry, peer_message
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.model import UNKNOWN_KIND
+from nodemesh.api.model import NO_TLS, UNKNOWN_KIND, tls_labels
 
 log = logging.getLogger("nodemesh.agent.telemetry")
 
@@ -55,7 +55,7 @@ class _Conn:
     prefixes the tcp series were counted under (so open/close/gauge agree)."""
 
     __slots__ = ("at_ms", "bases", "directions", "dst", "dst_uid", "keys", "keys_for", "meta", "route_bases",
-                 "route_keys", "route_table", "service", "src", "src_uid", "tcp_keys")
+                 "route_keys", "route_table", "service", "src", "src_uid", "tcp_keys", "tls")
 
     def __init__(self, meta: ConnectionMeta, at_ms: int) -> None:
         self.meta = meta
@@ -68,8 +68,9 @@ class _Conn:
         self.bases: tuple[tuple[str, ...], ...] = ()  # one label prefix per direction recorded
         self.directions: tuple[str, ...] = ()
         self.tcp_keys: tuple[tuple[str, ...], ...] = ()
-        # Request label keys for the last (authority, protocol): keep-alive requests reuse them.
-        self.keys_for: tuple[str, str] | None = None
+        self.tls: tuple[str, str, str] = NO_TLS  # the tls, client_id, server_id labels (PEER_LABELS' last)
+        # Request label keys for the last (authority, protocol, tls labels): keep-alive requests reuse them.
+        self.keys_for: tuple[str, ...] | None = None
         self.keys: tuple[tuple[str, ...], ...] = ()
         # Route series (agent/routes.py): one label prefix per direction, the destination
         # workload's route table, and the keys per route seen on this connection.
@@ -369,7 +370,9 @@ class WorkerTelemetry:
             bases = ()
         conn.bases = bases
         conn.directions = tuple(b[0] for b in bases)
-        conn.tcp_keys = tuple(b + ("", meta.protocol) for b in bases)
+        # Same-node connections never enter a tunnel: meta.mtls is None, both views say NO_TLS.
+        conn.tls = tls = tls_labels(meta.mtls, meta.direction)
+        conn.tcp_keys = tuple(b + ("", meta.protocol, *tls) for b in bases)
         conn.keys_for = None
         if self.routes is not None:
             self._bind_routes(conn)
@@ -456,6 +459,12 @@ class WorkerTelemetry:
         conn.meta.endpoint = endpoint
         self._rebind(conn)
 
+    def connection_secured(self, conn: _Conn, peer_id: str | None) -> None:
+        """The connection's tunnel state (`meta.mtls`, already set) changed after it was opened:
+        an outbound tunnel fell back to plaintext, or its server named another trust domain than
+        assumed. Its series move, as when identity changes."""
+        self._rebind(conn)
+
     def connection_close(self, conn: _Conn, end: ConnectionEnd) -> None:
         self._live.discard(conn)
         m = self.metrics
@@ -474,7 +483,7 @@ class WorkerTelemetry:
                 m.observe(m.tcp_duration, key, duration_ms)
 
     def request_start(self, conn: _Conn, head: RequestHead) -> _Req:
-        suffix = (head.authority, conn.meta.protocol)
+        suffix = (head.authority, conn.meta.protocol, *conn.tls)
         if suffix == conn.keys_for:
             keys = conn.keys
         else:

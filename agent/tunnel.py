@@ -25,12 +25,28 @@ identity cryptographically per connection instead of trusting what another node 
 
 This version opens one TLS connection per proxied connection (no HTTP/2 multiplexing of
 connections over one tunnel per node pair, as the issue asks for eventually): a TLS 1.3 handshake
-per connection (ECDSA P-256, ~1 RTT before the first byte). Measured: docs/bench.md.
+per connection (ECDSA P-256, ~1 RTT before the first byte). A source pod's next connection to the
+same destination pod **resumes** the session (a TLS 1.3 ticket the far agent issued, kept here per
+(source pod, destination pod) for at most SESSION_TTL_S): no certificate signature or chain check
+on either side, about half the handshake's CPU (measured: docs/bench.md "mTLS"). Identity holds:
+a resumed session carries the certificates verified at its full handshake (the receiver checks
+the client's SPIFFE ID against the source address every time), and a renewed certificate on
+either side ends resumption (the cache is keyed by this side's context; the far side's new context
+cannot read tickets of its old one). A ticket is only readable by the agent process (worker) that
+issued it: with several workers, a connection landing on another worker does a full handshake.
 
 Fail-open stays the default: a source pod without a certificate yet, a destination namespace that
 is not captured, or a tunnel that cannot be set up (no mTLS agent on B's node: refused) falls
-back to a plaintext connection, counted. Half-close does not cross the tunnel (TLS transports
-cannot write EOF; the connection closes when both directions are done).
+back to a plaintext connection, counted.
+
+Half-close crosses the tunnel: the end of one direction is TLS 1.3's `close_notify`, which closes
+only its sender's write side (RFC 8446 §6.1: the peer may keep sending), and the TCP FIN follows
+once both directions are done. So a client that shuts down its write side still reads the
+server's whole answer, and the server learns of the EOF. The signal is an authenticated record
+inside the session — an attacker on the path cannot forge or truncate it: a bare TCP FIN is not
+it. Both ends are therefore sans-IO TLS (`TlsSession` over memory BIOs) on plain transports:
+asyncio's (and uvloop's) SSL transports cannot write EOF and answer a received close_notify by
+closing both directions.
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -57,6 +74,8 @@ log = logging.getLogger("nodemesh.agent.tunnel")
 TUNNEL_PORT = 15008
 TUNNEL_SNI = "tunnel.nodemesh.invalid"  # any name: identity is checked on the URI SAN, not the host name
 HANDSHAKE_TIMEOUT_S = 5.0
+SESSION_TTL_S = 300.0      # a resumable session is kept at most this long (certificates rotate anyway)
+MAX_SESSIONS = 4096        # (source pod, destination pod) pairs remembered per worker
 HEAD_TIMEOUT_S = 5.0
 MAX_HEAD = 1024
 
@@ -87,6 +106,7 @@ class TunnelStats:
     """Counted per worker, logged; the relay's own metrics count the connections themselves."""
 
     originated: int = 0          # outbound connections sent through a tunnel
+    resumed: int = 0             # of which resumed a TLS session (no full handshake)
     terminated: int = 0          # inbound tunnels accepted (identity verified)
     fallback: dict[str, int] = field(default_factory=dict)   # outbound sent in plaintext, by reason
     refused: dict[str, int] = field(default_factory=dict)    # inbound tunnels refused, by reason
@@ -99,6 +119,9 @@ class TunnelStats:
 class Plan:
     context: ssl.SSLContext
     expected: tuple[str, str]    # (namespace, service account) the server's certificate must name
+    server_id: str               # that identity as a SPIFFE ID (the connection's labels until verified)
+    pair: tuple[str, str] = ("", "")        # (source pod uid, destination pod uid): the session cache's key
+    session: ssl.SSLSession | None = None   # a session to resume, when one is cached for the pair
 
 
 class Tunnel:
@@ -110,6 +133,11 @@ class Tunnel:
         self.stats = TunnelStats()
         self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        # The mesh's trust domain, learned from the identities verified (the agent is not told
+        # it): names the server a connection is planned to reach before its handshake.
+        self.trust_domain = spiffe.DEFAULT_TRUST_DOMAIN
+        # Resumable sessions: (src uid, dst uid) -> (the client context it belongs to, session, expiry).
+        self._sessions: dict[tuple[str, str], tuple[ssl.SSLContext, ssl.SSLSession, float]] = {}
 
     # ------------------------------------------------------------------ outbound (source node)
     def required(self, ip: str) -> bool:
@@ -138,7 +166,31 @@ class Tunnel:
         if context is None:
             self._no_tunnel(destination, "no_certificate")
             return None
-        return Plan(context, (dst_pod.namespace, dst_pod.service_account or "default"))
+        expected = (dst_pod.namespace, dst_pod.service_account or "default")
+        try:
+            server_id = str(spiffe.workload_id(self.trust_domain, *expected))
+        except ValueError:
+            server_id = f"{spiffe.SCHEME}{self.trust_domain}/ns/{expected[0]}/sa/{expected[1]}"
+        pair = (src.uid, dst.uid)
+        return Plan(context, expected, server_id, pair, self._session_for(pair, context))
+
+    def _session_for(self, pair: tuple[str, str], context: ssl.SSLContext) -> ssl.SSLSession | None:
+        hit = self._sessions.get(pair)
+        if hit is None:
+            return None
+        if hit[0] is not context or hit[2] < self.clock():
+            del self._sessions[pair]  # our certificate was renewed, or it is old: a full handshake
+            return None
+        return hit[1]
+
+    def keep_session(self, plan: Plan, session: ssl.SSLSession | None) -> None:
+        """A ticket arrived on a tunnel of `plan`: the pair's next connection may resume it."""
+        if session is None or not session.has_ticket:
+            return
+        sessions = self._sessions
+        if plan.pair not in sessions and len(sessions) >= MAX_SESSIONS:
+            sessions.pop(next(iter(sessions)))  # the oldest entry (insertion order)
+        sessions[plan.pair] = (plan.context, session, self.clock() + SESSION_TTL_S)
 
     def _no_tunnel(self, destination: tuple[str, int], reason: str) -> None:
         if self.required(destination[0]):
@@ -154,14 +206,19 @@ class Tunnel:
         log.info("event=mtls_refused src=%s:%d reason=plaintext_to_required dst=%s:%d", *peer, *original)
         return True
 
-    def check_server(self, transport: asyncio.BaseTransport, plan: Plan) -> str:
+    def check_server(self, ssl_object: ssl.SSLObject, plan: Plan) -> str:
         """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError."""
-        seen = peer_identity(transport.get_extra_info("ssl_object"))
+        seen = peer_identity(ssl_object)
+        self._learn_trust_domain(seen)
         if _names(seen) != plan.expected:
             raise ssl.SSLError(f"tunnel server is {seen or 'anonymous'}, expected ns/{plan.expected[0]}/sa/"
                                f"{plan.expected[1]}")
         self.stats.originated += 1
         return seen
+
+    def _learn_trust_domain(self, spiffe_id: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.trust_domain = spiffe.parse(spiffe_id).trust_domain
 
     async def open(self, conn: Connection, peer: tuple[str, int], destination: tuple[str, int], plan: Plan,
                    upstream: Callable[[Connection], asyncio.Protocol], timeout_s: float) -> bool:
@@ -172,26 +229,25 @@ class Tunnel:
 
         loop = asyncio.get_running_loop()
         sock, _transparent = upstream_socket(peer[0] if conn.ctx.transparent_ok else None, 0)
-        proto: list[_TunnelUpstream] = []
-
-        def factory() -> asyncio.Protocol:
-            p = _TunnelUpstream(conn, upstream(conn), self, plan, connect_head(destination))
-            proto.append(p)
-            return p
-
+        done: asyncio.Future[None] = loop.create_future()
+        done.add_done_callback(_consume)
+        proto = _TunnelUpstream(conn, upstream(conn), self, plan, connect_head(destination), done)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (destination[0], TUNNEL_PORT)), timeout_s)
-            await loop.create_connection(factory, sock=sock, ssl=plan.context, server_hostname=TUNNEL_SNI,
-                                         ssl_handshake_timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
+            with contextlib.suppress(OSError):  # the handshake's small flights must not wait for ACKs
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.create_connection(lambda: proto, sock=sock)
+            await asyncio.wait_for(asyncio.shield(done), min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except (OSError, TimeoutError) as exc:
-            sock.close()
-            if (proto and proto[0].refused) or self.required(destination[0]):
+            if proto.raw is not None:
+                proto.raw.abort()
+            else:
+                sock.close()
+            if proto.refused or self.required(destination[0]):
                 raise
             self.stats.count(self.stats.fallback, "no_tunnel")
             log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
             return False
-        if proto[0].refused:
-            raise ssl.SSLError(proto[0].refused)
         return True
 
     # ------------------------------------------------------------------ inbound (destination node)
@@ -230,6 +286,7 @@ class Tunnel:
         src_pod = self.index.pod_by_uid(src.uid) if src is not None else None
         if src_pod is None:
             return False
+        self._learn_trust_domain(client_id)
         return _names(client_id) == (src_pod.namespace, src_pod.service_account or "default")
 
     async def stop(self) -> None:
@@ -238,31 +295,108 @@ class Tunnel:
 
 
 class _TunnelUpstream(asyncio.Protocol):
-    """The upstream side of a tunnel: checks the server's certificate, writes the CONNECT head,
-    then behaves as the relay's own upstream protocol (`inner`)."""
+    """The upstream side of a tunnel (source node): a sans-IO TLS client on the plain TCP
+    transport. Handshake, check the server's certificate, write the CONNECT head; then the
+    relay's own upstream protocol (`inner`) gets the plaintext and writes through a
+    `TlsTransport` (so it can half-close)."""
 
-    def __init__(self, conn: Connection, inner: asyncio.Protocol, tunnel: Tunnel, plan: Plan, head: bytes) -> None:
-        self.conn, self.inner, self.tunnel, self.plan, self.head = conn, inner, tunnel, plan, head
+    def __init__(self, conn: Connection, inner: asyncio.Protocol, tunnel: Tunnel, plan: Plan, head: bytes,
+                 done: asyncio.Future[None]) -> None:
+        self.conn, self.inner, self.tunnel, self.plan, self.head, self.done = conn, inner, tunnel, plan, head, done
+        self.tls = TlsSession(plan.context, server_side=False, server_hostname=TUNNEL_SNI, session=plan.session)
+        self.ticket_kept = False
+        self.raw: asyncio.Transport | None = None
+        self.wrapped: TlsTransport | None = None
         self.refused = ""
+        self.eof = False
+        self.error: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = cast(asyncio.Transport, transport)
+        self.raw.write(self.tls.start())
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        if self.raw is not None:
+            self.raw.abort()
+
+    def data_received(self, data: bytes) -> None:
+        raw = self.raw
+        assert raw is not None
+        handshaking = not self.tls.handshaken
         try:
-            self.conn.mtls = self.tunnel.check_server(transport, self.plan)
-            if self.conn.meta is not None:
-                self.conn.meta.mtls = self.conn.mtls
+            plain, closed = self.tls.receive(data)
         except ssl.SSLError as exc:
-            self.refused = str(exc)
-            self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
-            cast(asyncio.Transport, transport).abort()
+            if self.wrapped is None:
+                self._fail(exc)
+            else:
+                self.error = exc
+                raw.abort()
             return
-        cast(asyncio.Transport, transport).write(self.head)
-        # From here the relay's protocol gets the transport's events directly.
-        transport.set_protocol(self.inner)
-        self.inner.connection_made(transport)
+        out = self.tls.output()
+        if out:
+            raw.write(out)
+        if handshaking:
+            if not self.tls.handshaken:
+                return
+            try:
+                self.conn.secured(self.tunnel.check_server(self.tls.obj, self.plan))
+            except ssl.SSLError as exc:
+                self.conn.secured(None)
+                self.refused = str(exc)
+                self.tunnel.stats.count(self.tunnel.stats.fallback, "server_identity")
+                self._fail(exc)
+                return
+            if self.tls.obj.session_reused:
+                self.tunnel.stats.resumed += 1
+            raw.write(self.tls.send(self.head))
+            self.wrapped = TlsTransport(raw, self.tls, self.inner)
+            if not self.done.done():
+                self.done.set_result(None)
+            self.inner.connection_made(self.wrapped)
+        if not self.ticket_kept and not handshaking:
+            # TLS 1.3 tickets come after the handshake, with the server's first records.
+            session = self.tls.obj.session
+            if session is not None and session.has_ticket:
+                self.ticket_kept = True
+                self.tunnel.keep_session(self.plan, session)
+        if plain:
+            self.inner.data_received(plain)
+        if closed:
+            self._eof()
+
+    def _eof(self) -> None:
+        if not self.eof and self.wrapped is not None:
+            self.eof = True
+            self.inner.eof_received()
+
+    def eof_received(self) -> bool | None:
+        if self.wrapped is None:
+            self._fail(ConnectionResetError(errno.ECONNRESET, "tunnel closed during its handshake"))
+            return False
+        self._eof()  # a FIN without close_notify: the far agent is gone; what came is all there is
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.refused:
-            self.inner.connection_lost(exc)
+        if self.wrapped is None:
+            self._fail(exc or ConnectionResetError(errno.ECONNRESET, "tunnel closed during its handshake"))
+            return
+        self.inner.connection_lost(exc or self.error)
+
+    def pause_writing(self) -> None:
+        if self.wrapped is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.wrapped is not None:
+            self.inner.resume_writing()
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """A handshake that failed after its opener stopped waiting (timeout): nothing to report."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _names(spiffe_id: str) -> tuple[str, str] | None:
@@ -273,14 +407,24 @@ def _names(spiffe_id: str) -> tuple[str, str] | None:
     return parsed.namespace, parsed.service_account
 
 
-class TlsServer:
-    """A TLS server over memory BIOs (sans-IO): bytes in, plaintext out; plaintext in, bytes out."""
+class TlsSession:
+    """One end of a TLS session over memory BIOs (sans-IO): bytes in, plaintext out; plaintext in,
+    bytes out. `shut()` ends what this end sends (close_notify) and keeps reading."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, server_side: bool = True, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname, session=session)
         self.handshaken = False
+        self.shut_down = False   # close_notify sent: nothing more may be written
+
+    def start(self) -> bytes:
+        """A client's first flight (ClientHello)."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.obj.do_handshake()
+        return self.outgoing.read()
 
     def receive(self, data: bytes) -> tuple[bytes, bool]:
         """(plaintext, peer closed the TLS session). Raises ssl.SSLError on a failed handshake or a
@@ -315,11 +459,19 @@ class TlsServer:
     def output(self) -> bytes:
         return self.outgoing.read()
 
-    def close(self) -> bytes:
-        """close_notify, to send before the TCP FIN."""
-        with contextlib.suppress(ssl.SSLError, ValueError):
-            self.obj.unwrap()
+    def shut(self) -> bytes:
+        """close_notify: the end of this direction (TLS 1.3 half-close; the peer may still send,
+        and we still read). Idempotent."""
+        if not self.shut_down:
+            self.shut_down = True
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                self.obj.unwrap()
         return self.outgoing.read()
+
+    close = shut  # before the TCP FIN
+
+
+TlsServer = TlsSession  # the destination agent's end (server_side=True is the default)
 
 
 class _TlsServerShim(asyncio.Protocol):
@@ -330,11 +482,12 @@ class _TlsServerShim(asyncio.Protocol):
                  original: tuple[str, int], make_connection: Callable[[], Connection]) -> None:
         self.tunnel, self.raw, self.peer, self.original = tunnel, raw, peer, original
         self.make_connection = make_connection
-        self.tls = TlsServer(context)
+        self.tls = TlsSession(context, server_side=True)
         self.conn: Connection | None = None
         self.client_id = ""
         self.head = b""
         self.done = False
+        self.eof = False  # the client's end of stream delivered (close_notify, or a bare FIN)
         self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT_S + HEAD_TIMEOUT_S, self._timeout)
 
@@ -387,8 +540,8 @@ class _TlsServerShim(asyncio.Protocol):
             conn, plain = self.conn, rest
         if plain and not conn.finished:  # type: ignore[union-attr]
             conn.data_received(plain)  # type: ignore[union-attr]
-        if closed and not conn.finished:  # type: ignore[union-attr]
-            conn.eof_received()  # type: ignore[union-attr]
+        if closed:
+            self._eof()
 
     def _start(self, target: tuple[str, int]) -> None:
         if self.timer is not None:
@@ -401,11 +554,18 @@ class _TlsServerShim(asyncio.Protocol):
         self.conn = conn
         conn.connection_made(TlsTransport(self.raw, self.tls, conn))
 
+    def _eof(self) -> None:
+        """The client's end of stream (its close_notify: a half-close, we keep writing)."""
+        if not self.eof and self.conn is not None and not self.conn.finished:
+            self.eof = True
+            self.conn.eof_received()
+
     def eof_received(self) -> bool | None:
         if self.conn is None:
             self._fail("bad_head", "closed before its head")
             return False
-        return self.conn.eof_received()
+        self._eof()  # a bare FIN (no close_notify): the source agent is gone; what came is all
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -424,25 +584,27 @@ class _TlsServerShim(asyncio.Protocol):
 
 
 class TlsTransport(asyncio.Transport):
-    """What the Connection writes to on a terminated tunnel: the raw transport, with writes
-    encrypted. TLS has no half-close: `can_write_eof()` is False (the relay then closes instead)."""
+    """What the relay writes to on either end of a tunnel: the raw transport, with writes
+    encrypted. `write_eof()` is close_notify (the TCP connection stays open for the other
+    direction); `close()` sends it unless sent, then the FIN."""
 
-    def __init__(self, raw: asyncio.Transport, tls: TlsServer, protocol: asyncio.BaseProtocol) -> None:
+    def __init__(self, raw: asyncio.Transport, tls: TlsSession, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
         self.raw, self.tls, self.protocol = raw, tls, protocol
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if data and not self.raw.is_closing():
+        if data and not self.raw.is_closing() and not self.tls.shut_down:
             self.raw.write(self.tls.send(bytes(data)))
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
-        return False
+        return True
 
     def write_eof(self) -> None:
-        raise NotImplementedError("TLS has no half-close")
+        if not self.raw.is_closing():
+            self.raw.write(self.tls.shut())
 
     def close(self) -> None:
         if not self.raw.is_closing():

@@ -180,12 +180,25 @@ TCP_CONNECTION_DURATION_MS = "tcp_connection_duration_ms"  # histogram, LATENCY_
 # Labels on every series: who called whom, as seen in which direction. `*_kind` is a canonical
 # type (deployment, statefulset, daemonset, job, pod) or UNKNOWN_KIND with `*_name` = the IP.
 # `dst_service` is "name.namespace" when the caller dialled a Service ClusterIP, else "".
+# mTLS (agent/tunnel.py), as Linkerd's proxy labels: `tls` is "true" when the connection crossed
+# nodes inside an mTLS tunnel, else ""; then `client_id` (inbound side) or `server_id` (outbound
+# side) is the peer's SPIFFE ID from its verified certificate. `nodemesh edges` reads them.
 PEER_LABELS = (
     "direction",
     "src_namespace", "src_kind", "src_name", "src_pod",
     "dst_namespace", "dst_kind", "dst_name", "dst_pod",
     "dst_service", "authority", "protocol",
+    "tls", "client_id", "server_id",
 )
+NO_TLS = ("", "", "")  # the tls, client_id, server_id labels of a connection outside any tunnel
+
+
+def tls_labels(peer_id: str | None, direction: str) -> tuple[str, str, str]:
+    """(tls, client_id, server_id) for a connection whose verified peer is `peer_id` (None: no
+    tunnel): the inbound side verified its client, the outbound side its server."""
+    if peer_id is None:
+        return NO_TLS
+    return ("true", peer_id, "") if direction == "inbound" else ("true", "", peer_id)
 RESPONSE_LABELS = ("status_code", "grpc_status", "classification", "error")
 
 # Per-route families (agent/routes.py names the route): Linkerd's `route_*` proxy metrics, kept apart

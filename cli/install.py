@@ -51,8 +51,8 @@ _as_pods_option = click.option(
 
 _mtls_option = click.option(
     "--mtls", is_flag=True,
-    help="With --sandbox (node processes): cross-node pod traffic agent to agent over mTLS with the pods' "
-         "workload certificates (first version, opt-in; docs/architecture.md).")
+    help="Cross-node pod traffic agent to agent over mTLS with the pods' workload certificates (opt-in; "
+         "docs/architecture.md). Same as --set mtls=true; with --sandbox, node processes only.")
 
 
 @click.command()
@@ -73,8 +73,11 @@ def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str |
     values = _values(sets)
     if as_pods and not sandbox:
         raise click.UsageError("--as-pods goes with --sandbox")
-    if mtls and (not sandbox or as_pods):
-        raise click.UsageError("--mtls goes with --sandbox (node processes) in this version")
+    if mtls and as_pods:
+        raise click.UsageError("--mtls goes with --sandbox (node processes) in this version, not --as-pods")
+    if mtls and not sandbox:
+        sets = (*sets, "mtls=true")
+        values = _values(sets)
     if sandbox:
         from nodemesh.cli.sandbox_install import install_sandbox
 

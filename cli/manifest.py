@@ -89,6 +89,11 @@ class InstallValues:
     # (e.g. http://nodemesh-prometheus.nodemesh.svc:9090 with `--addon prometheus`) and default backend.
     prometheusUrl: str = ""
     statBackend: str = "memory"
+    # Node-to-node mTLS (issue 13; docs/architecture.md): the controller is the workload CA (its
+    # root in the Secret WORKLOAD_CA_SECRET, made on first start), agents keep their pods' keys in
+    # a memory emptyDir and tunnel cross-node pod traffic. Namespaces listed take no plaintext.
+    mtls: bool = False
+    mtlsRequiredNamespaces: tuple[str, ...] = ()
 
     def mesh_config(self) -> dict[str, Any]:
         """The document the processes read with `--config` (the ConfigMap's config.yaml)."""
@@ -188,8 +193,10 @@ def _convert(key: str, text: str) -> Any:
         if bad:
             raise ManifestError(f"{key}: {bad[0]!r} is not a header name")
         return names
-    if key == "tapRedactQuery":
+    if key in ("tapRedactQuery", "mtls"):
         return _parse_bool(key, text)
+    if key == "mtlsRequiredNamespaces":
+        return tuple(_check_namespace(key, n) for n in _parse_list(text))
     if key == "podCidrs":
         return tuple(_check_cidr(key, c) for c in _parse_list(text))
     if key == "drainGraceSeconds":
@@ -471,7 +478,39 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--token-audience", CONTROLLER_AUDIENCE,
         *(["--prometheus-url", v.prometheusUrl] if v.prometheusUrl else []),
         *(["--stat-backend", v.statBackend] if v.statBackend != "memory" else []),
+        *(["--ca-secret", f"{v.namespace}/{WORKLOAD_CA_SECRET}"] if v.mtls else []),
+        *(["--mtls-required-namespaces", _csv(v.mtlsRequiredNamespaces)] if v.mtls and v.mtlsRequiredNamespaces
+          else []),
     ]
+
+
+WORKLOAD_CA_SECRET = "nodemesh-workload-ca"
+CERT_DIR = "/run/nodemesh-certs"
+
+
+def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
+    """With mtls: the controller keeps the workload root in one Secret of its namespace (creates it
+    on first start, rewrites it at rotation) and may touch no other Secret."""
+    if not v.mtls:
+        return []
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(f"{CONTROLLER_NAME}-workload-ca", v.namespace, "controller"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [WORKLOAD_CA_SECRET],
+             "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},  # (create cannot name one)
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(f"{CONTROLLER_NAME}-workload-ca", v.namespace, "controller"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{CONTROLLER_NAME}-workload-ca"},
+        "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_NAME, "namespace": v.namespace}],
+    }
+    return [role, binding]
 
 
 def _number(x: float) -> str:
@@ -699,6 +738,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
             "--opaque-ports", _csv(config["opaquePorts"]),
             "--log-level", v.logLevel,
             "--health-file", HEALTH_FILE,
+            *(["--cert-dir", CERT_DIR, "--mtls"] if v.mtls else []),
         ],
         "env": _downward_env(),
         # No `ports:` on purpose: with hostNetwork every containerPort is a hostPort, and the
@@ -728,6 +768,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
             {"name": "controller-token", "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": "run", "mountPath": "/run/nodemesh"},
             {"name": "tmp", "mountPath": "/tmp"},
+            *([{"name": "workload-certs", "mountPath": CERT_DIR}] if v.mtls else []),
         ],
     }
     redirector_mounts: list[dict[str, Any]] = [
@@ -784,6 +825,8 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
         *(_ebpf_volumes() if v.capture == "ebpf" else []),
+        # The pods' private keys: memory only, never on the node's disk, gone with the pod.
+        *([{"name": "workload-certs", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}] if v.mtls else []),
     ]
     pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
     return {
@@ -832,6 +875,7 @@ def daemonset_documents(v: InstallValues) -> list[dict[str, Any]]:
         *_controller_rbac(v),
         *_tap_rbac(v),
         *_agent_rbac(v),
+        *_ca_secret_rbac(v),
         _config_map(v),
         *_controller(v),
         _daemonset(v),

@@ -351,12 +351,15 @@ def _edge_sort_key(edge: pb.Edge) -> tuple[str, str, str, str]:
 
 
 def edges_table(edges: Sequence[pb.Edge], wide: bool = False) -> str:
-    columns = [Column("SRC"), Column("DST"), Column("SRC_NS"), Column("DST_NS")]
+    """Linkerd's `viz edges` columns: SECURED says whether all of the edge that crossed nodes did
+    so inside mTLS; -o wide adds the verified identities and, when not secured, why."""
+    columns = [Column("SRC"), Column("DST"), Column("SRC_NS"), Column("DST_NS"), Column("SECURED")]
     if wide:
         columns += [Column("CLIENT_ID"), Column("SERVER_ID"), Column("MSG")]
     rows = []
     for e in sorted(edges, key=_edge_sort_key):
-        cells = [e.src.name, e.dst.name, e.src.namespace or MISSING, e.dst.namespace or MISSING]
+        cells = [e.src.name, e.dst.name, e.src.namespace or MISSING, e.dst.namespace or MISSING,
+                 "yes" if e.secured else "no"]
         if wide:
             cells += [e.client_id or MISSING, e.server_id or MISSING, e.no_identity_msg or MISSING]
         rows.append(cells)
@@ -368,7 +371,8 @@ def edges_json(edges: Sequence[pb.Edge]) -> str:
         {
             "src": e.src.name, "src_namespace": e.src.namespace,
             "dst": e.dst.name, "dst_namespace": e.dst.namespace,
-            "client_id": e.client_id, "server_id": e.server_id, "no_tls_reason": e.no_identity_msg,
+            "secured": e.secured, "client_id": e.client_id, "server_id": e.server_id,
+            "no_tls_reason": e.no_identity_msg,
         }
         for e in sorted(edges, key=_edge_sort_key)
     ]

@@ -298,7 +298,7 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
     namespace = req.selector.namespace or "default"
     if not req.all_namespaces and type_ != "namespace":
         _check_namespace(registry, namespace)
-    seen: set[tuple[tuple[str, str, str], tuple[str, str, str]]] = set()
+    seen: dict[tuple[tuple[str, str, str], tuple[str, str, str]], _EdgeTls] = {}
     for key, totals in aggregator.totals_by_key(window, now).items():
         if not totals.has_traffic and not totals.has_tcp:
             continue
@@ -314,11 +314,67 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
                 continue
         if req.selector.name and req.selector.name not in (pair[0][2], pair[1][2]):
             continue
-        seen.add(pair)  # type: ignore[arg-type]
-    return [pb.Edge(src=pb.Resource(namespace=s[0], type=s[1], name=s[2]),
-                    dst=pb.Resource(namespace=d[0], type=d[1], name=d[2]),
-                    no_identity_msg="no identities yet")
+        edge = seen.get(pair)  # type: ignore[arg-type]
+        if edge is None:
+            edge = seen[pair] = _EdgeTls()  # type: ignore[index]
+        edge.add(registry, key)
+    return [seen[(s, d)].edge(pb.Resource(namespace=s[0], type=s[1], name=s[2]),
+                              pb.Resource(namespace=d[0], type=d[1], name=d[2]))
             for s, d in sorted(seen)]
+
+
+_TLS, _CLIENT_ID, _SERVER_ID = LABEL_INDEX["tls"], LABEL_INDEX["client_id"], LABEL_INDEX["server_id"]
+
+
+class _EdgeTls:
+    """What an edge's series say about mTLS (Linkerd's `edges`): the identities verified — the
+    client's by the callee's agent (inbound series' client_id), the server's by the caller's
+    (outbound series' server_id) — and whether any of its traffic crossed nodes in plaintext.
+    Same-node traffic never leaves the agent (no tunnel, nothing on the network)."""
+
+    __slots__ = ("client_ids", "plaintext", "same_node", "server_ids")
+
+    def __init__(self) -> None:
+        self.client_ids: set[str] = set()
+        self.server_ids: set[str] = set()
+        self.plaintext = False   # a series that crossed nodes (or may have) outside a tunnel
+        self.same_node = False
+
+    def add(self, registry: WorkloadRegistry, key: SeriesKey) -> None:
+        if key[_TLS] == "true":
+            if key[_CLIENT_ID]:
+                self.client_ids.add(key[_CLIENT_ID])
+            if key[_SERVER_ID]:
+                self.server_ids.add(key[_SERVER_ID])
+        elif _same_node(registry, key):
+            self.same_node = True
+        else:
+            self.plaintext = True
+
+    def edge(self, src: pb.Resource, dst: pb.Resource) -> pb.Edge:
+        secured = bool(self.client_ids or self.server_ids) and not self.plaintext
+        if secured:
+            msg = ""
+        elif self.client_ids or self.server_ids:
+            msg = "partly plaintext: some connections crossed nodes outside mTLS"
+        elif self.plaintext:
+            msg = "not mTLS: crossed nodes in plaintext (mTLS off, no certificate yet, or fail-open)"
+        else:
+            msg = "same node: never left the node's agent"
+        return pb.Edge(src=src, dst=dst, client_id=",".join(sorted(self.client_ids)),
+                       server_id=",".join(sorted(self.server_ids)), no_identity_msg=msg, secured=secured)
+
+
+def _same_node(registry: WorkloadRegistry, key: SeriesKey) -> bool:
+    """Both ends are pods the registry places on one node (so the agent relayed it locally)."""
+    nodes = []
+    for side in ("src", "dst"):
+        pod = key[LABEL_INDEX[f"{side}_pod"]]
+        rec = registry.pod(key[LABEL_INDEX[f"{side}_namespace"]], pod) if pod else None
+        if rec is None or not rec.node:
+            return False
+        nodes.append(rec.node)
+    return nodes[0] == nodes[1]
 
 
 def _end(registry: WorkloadRegistry, key: SeriesKey, side: str, type_: str) -> tuple[str, str, str] | None:

@@ -564,18 +564,20 @@ class EdgesRequest(_message.Message):
     def __init__(self, selector: _Optional[_Union[Resource, _Mapping]] = ..., all_namespaces: _Optional[bool] = ..., window_seconds: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class Edge(_message.Message):
-    __slots__ = ("src", "dst", "client_id", "server_id", "no_identity_msg")
+    __slots__ = ("src", "dst", "client_id", "server_id", "no_identity_msg", "secured")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     NO_IDENTITY_MSG_FIELD_NUMBER: _ClassVar[int]
+    SECURED_FIELD_NUMBER: _ClassVar[int]
     src: Resource
     dst: Resource
     client_id: str
     server_id: str
     no_identity_msg: str
-    def __init__(self, src: _Optional[_Union[Resource, _Mapping]] = ..., dst: _Optional[_Union[Resource, _Mapping]] = ..., client_id: _Optional[str] = ..., server_id: _Optional[str] = ..., no_identity_msg: _Optional[str] = ...) -> None: ...
+    secured: bool
+    def __init__(self, src: _Optional[_Union[Resource, _Mapping]] = ..., dst: _Optional[_Union[Resource, _Mapping]] = ..., client_id: _Optional[str] = ..., server_id: _Optional[str] = ..., no_identity_msg: _Optional[str] = ..., secured: _Optional[bool] = ...) -> None: ...
 
 class EdgesResponse(_message.Message):
     __slots__ = ("edges", "error", "warning")

@@ -87,7 +87,9 @@ def _peer_rows(controller: Controller, me: pb.Resource, window_s: int, now: floa
             got = controller.stat(req, now, store)
             if got.error or not got.rows:
                 continue  # the peer left the registry, or only TCP without a row: nothing to show
-            out.append({"peer": _resource_json(peer), "stat": stat_row_json(got.rows[0])})
+            out.append({"peer": _resource_json(peer), "stat": stat_row_json(got.rows[0]),
+                        "tls": {"secured": edge.secured, "client_id": edge.client_id,
+                                "server_id": edge.server_id, "msg": edge.no_identity_msg}})
     key = lambda e: (e["peer"]["namespace"], e["peer"]["name"])
     return sorted(callers, key=key), sorted(callees, key=key)
 

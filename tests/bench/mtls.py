@@ -8,7 +8,8 @@ installed), mesh without mTLS, mesh with `--mtls`. Each phase runs two loads:
   keepalive  RATE req/s over CONNS keep-alive connections (open loop, tests/bench/openloop.py):
              the data path's cost (one tunnel per connection, opened once)
   newconn    NEW_RATE req/s, a new connection per request: the handshake's cost (mTLS: one
-             TLS 1.3 handshake, ECDSA P-256, per connection — this version does not multiplex)
+             TLS 1.3 tunnel per connection — no multiplexing — whose handshake is a full one,
+             ECDSA P-256, for the pod pair's first and a resumed one after: agent/tunnel.py)
 
 Reported: p50/p99 (ms), errors, and the agents' CPU seconds (both nodes, parent + workers) per
 1000 requests. Run as root:  python3 tests/bench/mtls.py [--rate 1000] [--seconds 10]

@@ -20,6 +20,10 @@ function edgeColumns() {
     {key: "p50", label: "P50", num: true, value: (e) => e.stat.latency_ms_p50, render: (e) => fmtMs(e.stat.latency_ms_p50)},
     {key: "p95", label: "P95", num: true, value: (e) => e.stat.latency_ms_p95, render: (e) => fmtMs(e.stat.latency_ms_p95)},
     {key: "p99", label: "P99", num: true, value: (e) => e.stat.latency_ms_p99, render: (e) => fmtMs(e.stat.latency_ms_p99)},
+    // `nodemesh edges -o wide`: mTLS across nodes, the identities verified, or why not.
+    {key: "secured", label: "mTLS", value: (e) => (e.tls.secured ? "yes" : "no"),
+      render: (e) => h("span", {title: e.tls.secured ? `${e.tls.client_id} -> ${e.tls.server_id}` : e.tls.msg},
+        e.tls.secured ? "yes" : "no")},
   ];
 }
 

@@ -85,6 +85,8 @@ spec:
         (f"\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n"
          f"  selector: {{app: web}}\n  ports:\n  - {{port: 8080, targetPort: 8080}}\n"),
         deploy("client", "node1", ["sleep", "infinity"], None),
+        # Server-first and half-close, on node2 (namespace mt requires mTLS: no plaintext path).
+        deploy("halfclose", "node2", [PY, PEERS, "halfclose-server", "7000"], 7000),
         # The control: a server in a namespace the mesh does not capture (kube-system), on node2:
         # the client's requests to it cross the same link in plaintext, so the capture must see them.
         deploy("plain", "node2", [PY, PEERS, "http1-server", "8080"], 8080, ns="kube-system"),
@@ -302,3 +304,67 @@ def test_trust_mtls_required_namespace_refuses_plaintext_from_another_node(mtls_
     res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", HOST_GET, web_ip], capture_output=True,
                          text=True, timeout=60, check=False)
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"ok": 5, "failed": 0}
+
+
+def edges_json(sb: Sandbox, *args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NODEMESH_CONTROLLER", "NODEMESH_TOKEN")}
+    env["NODEMESH_SANDBOX"] = sb.name
+    res = subprocess.run([PY, "-m", "nodemesh", "edges", *args, "-o", "json"], env=env, capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_trust_mtls_edges_show_identities_and_which_edges_are_secured(mtls_cluster: Sandbox) -> None:
+    """`nodemesh edges deploy -n mt`: client -> web crossed nodes inside mTLS tunnels, so it is
+    secured and names both identities the agents verified from certificates (the client's by
+    node2's agent, the server's by node1's); client -> plain (kube-system, not captured, same
+    link) went in plaintext: not secured, with the reason. The table says the same."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    (plain,) = [p for p in sb.pods("kube-system") if p["metadata"]["labels"].get("app") == "plain"]
+    deadline = time.monotonic() + 45
+    while True:
+        res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT, pod(sb, "web")["status"]["podIP"],
+                              plain["status"]["podIP"]], capture_output=True, text=True, timeout=90, check=False)
+        assert json.loads(res.stdout.strip().splitlines()[-1])["ok"] == 40, res.stderr[-1000:]
+        found = {(e["src"], e["dst"]): e for e in edges_json(sb, "deploy", "-n", NS)}
+        if ("client", "web") in found and ("client", "plain") in found or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    web, plain_edge = found.get(("client", "web")), found.get(("client", "plain"))
+    assert web is not None and plain_edge is not None, found
+    assert web == {"src": "client", "src_namespace": NS, "dst": "web", "dst_namespace": NS, "secured": True,
+                   "client_id": f"spiffe://cluster.local/ns/{NS}/sa/client",
+                   "server_id": f"spiffe://cluster.local/ns/{NS}/sa/web", "no_tls_reason": ""}, web
+    assert not plain_edge["secured"] and plain_edge["client_id"] == plain_edge["server_id"] == "", plain_edge
+    assert plain_edge["no_tls_reason"].startswith("not mTLS"), plain_edge
+    env = {k: v for k, v in os.environ.items() if k not in ("NODEMESH_CONTROLLER", "NODEMESH_TOKEN")}
+    env["NODEMESH_SANDBOX"] = sb.name
+    table = subprocess.run([PY, "-m", "nodemesh", "edges", "deploy", "-n", NS, "-o", "wide"], env=env,
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = {tuple(line.split()[:2]): line.split() for line in table.splitlines()[1:]}
+    assert rows[("client", "web")][4:7] == ["yes", f"spiffe://cluster.local/ns/{NS}/sa/client",
+                                             f"spiffe://cluster.local/ns/{NS}/sa/web"], table
+    assert rows[("client", "plain")][4] == "no", table
+
+
+def test_trust_mtls_half_close_crosses_the_tunnel(mtls_cluster: Sandbox) -> None:
+    """A server-first peer on node2 that answers only after the client's EOF: the client on node1
+    reads the greeting, sends 100 kB, shuts down its write side, and reads the server's whole
+    answer (digest of what it sent + 300 kB) to EOF, through the mTLS tunnel (namespace mt requires
+    it: a plaintext connection would be refused). The tunnel carries each direction's end as
+    TLS close_notify (agent/tunnel.py)."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    ip = pod(sb, "halfclose")["status"]["podIP"]
+    log_path = sb.node_process_log("node2", agent_process("node2"))
+    before = len(log_path.read_text())
+    res = subprocess.run(["ip", "netns", "exec", client_ns, PY, PEERS, "halfclose-client", ip, "7000", "10"],
+                         capture_output=True, text=True, timeout=150, check=False)
+    assert res.returncode == 0, (res.stderr[-2000:], agent_logs(sb))
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result == {"ok": 10, "problems": []}, (result, agent_logs(sb))
+    assert "event=mtls_refused" not in log_path.read_text()[before:]

@@ -117,6 +117,62 @@ def get_from(src: str, url: str, n: int) -> None:
     print(json.dumps({"ok": ok, "failed": failed}), flush=True)
 
 
+ANSWER_TAIL = 300_000  # bytes of the answer after its digest line: more than one TLS record, many segments
+
+
+def halfclose_server(port: int) -> None:
+    """Server-first, then half-close: greets on accept, reads until the client's EOF, then
+    answers (sha256 and length of what it read, then ANSWER_TAIL bytes) and closes. A proxy that
+    loses the client's half-close leaves it waiting; one that closes on it cuts the answer."""
+    import hashlib
+    import socket
+    import threading
+
+    def serve(c: socket.socket) -> None:
+        with c:
+            c.sendall(b"HELLO server-first\n")
+            got = bytearray()
+            while chunk := c.recv(65536):
+                got += chunk
+            c.sendall(b"%s %d\n" % (hashlib.sha256(got).hexdigest().encode(), len(got)) + b"A" * ANSWER_TAIL)
+
+    srv = socket.create_server(("0.0.0.0", port), backlog=64, reuse_port=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def halfclose_client(host: str, port: int, n: int) -> None:
+    """n connections: read the greeting, send 100 kB, shut down the write side, read to EOF."""
+    import hashlib
+    import json
+    import os
+    import socket
+
+    ok = 0
+    problems = []
+    for i in range(n):
+        sent = os.urandom(100_000)
+        try:
+            with socket.create_connection((host, port), timeout=10) as s:
+                greeting = s.makefile("rb").readline()
+                s.sendall(sent)
+                s.shutdown(socket.SHUT_WR)
+                answer = bytearray()
+                while chunk := s.recv(65536):
+                    answer += chunk
+        except OSError as exc:
+            problems.append(f"{i}: {exc!r}")
+            continue
+        head, _, tail = bytes(answer).partition(b"\n")
+        want = b"%s %d" % (hashlib.sha256(sent).hexdigest().encode(), len(sent))
+        if greeting == b"HELLO server-first\n" and head == want and tail == b"A" * ANSWER_TAIL:
+            ok += 1
+        else:
+            problems.append(f"{i}: greeting={greeting!r} head={head[:80]!r} tail={len(tail)}")
+    print(json.dumps({"ok": ok, "problems": problems[:5]}), flush=True)
+
+
 def capture(seconds: float, port: int, out: str, iface: str = "") -> None:
     import socket
     import struct
@@ -165,6 +221,10 @@ if __name__ == "__main__":
         get_from(args[0], args[1], int(args[2]))
     elif mode == "capture":
         capture(float(args[0]), int(args[1]), args[2], *args[3:4])
+    elif mode == "halfclose-server":
+        halfclose_server(int(args[0]))
+    elif mode == "halfclose-client":
+        halfclose_client(args[0], int(args[1]), int(args[2]))
     elif mode == "client":
         client(args[0], args[1], args[2], float(args[3]))
     else:

@@ -11,7 +11,7 @@ def key(authority: str = "", src: str = "web", dst: str = "api", protocol: str =
     labels = {"direction": "outbound", "src_namespace": "ns", "src_kind": "deployment", "src_name": src,
               "src_pod": f"{src}-1", "dst_namespace": "ns", "dst_kind": "deployment", "dst_name": dst,
               "dst_pod": f"{dst}-1", "dst_service": "", "authority": authority, "protocol": protocol}
-    return tuple(labels[n] for n in PEER_LABELS)
+    return tuple(labels.get(n, "") for n in PEER_LABELS)  # no mTLS: tls, client_id, server_id ""
 
 
 class Clock:

@@ -225,3 +225,30 @@ def test_prometheus_text_parses_back(tel: WorkerTelemetry) -> None:
     gauge = fams["tcp_open_connections"]
     assert gauge.type == "gauge" and all(s.value == 0 for s in gauge.samples)
     assert {s.labels["error"] for s in fams["tcp_close"].samples} == {""}
+
+
+def test_mtls_connections_carry_the_verified_identity_labels(tel: WorkerTelemetry) -> None:
+    """A tunnelled connection's series say tls="true" and the peer the agent verified: the client
+    on the inbound side, the server on the outbound side (what `nodemesh edges` reads). An
+    outbound tunnel that falls back to plaintext after its first counts moves its open gauge."""
+    voting_id = "spiffe://cluster.local/ns/emojivoto/sa/voting"
+    meta = ConnectionMeta(1, "outbound", (WEB, 40000), (VOTING, 8080), (VOTING, 8080), "http1", started=100.0,
+                          mtls=voting_id)
+    c = tel.connection_open(meta)
+    request(tel, c, status=200)
+    by_name = [dict(zip(PEER_LABELS, k)) for k in tel.metrics.request_total]
+    assert [(d["tls"], d["client_id"], d["server_id"]) for d in by_name] == [("true", "", voting_id)]
+    # Fell back (the far node had no tunnel): the connection is plaintext from here on.
+    meta.mtls = None
+    tel.connection_secured(c, None)
+    request(tel, c, status=200, sid=2)
+    gauges = {dict(zip(PEER_LABELS, k))["tls"]: v for k, v in tel.metrics.tcp_open_connections.items()}
+    assert gauges == {"true": 0, "": 1}
+    assert sorted(dict(zip(PEER_LABELS, k))["tls"] for k in tel.metrics.request_total) == ["", "true"]
+
+    web_id = "spiffe://cluster.local/ns/emojivoto/sa/web"
+    inbound = tel.connection_open(ConnectionMeta(2, "inbound", (VOTING, 40001), (WEB, 8080), (WEB, 8080), "http1",
+                                                 started=100.0, mtls=web_id))
+    request(tel, inbound, status=200)
+    inb = [dict(zip(PEER_LABELS, k)) for k in tel.metrics.request_total if k[0] == "inbound"]
+    assert [(d["tls"], d["client_id"], d["server_id"]) for d in inb] == [("true", web_id, "")]

@@ -5,6 +5,7 @@ certificate of another workload is refused, a certificate from another CA fails 
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def handshake(client_ctx: ssl.SSLContext, server: TlsServer) -> ssl.SSLObject:
     raise AssertionError("handshake did not finish")
 
 
-def index() -> PodIndex:
-    idx = PodIndex("node2")
+def index(this_node: str = "node2") -> PodIndex:
+    idx = PodIndex(this_node)
     snap = pb.IdentitySnapshot(resource_version="1")
     for name, ip, node, sa in (("client", CLIENT_IP, "node1", "client"), ("web", WEB_IP, "node2", "web")):
         snap.pods.append(pb.Pod(ip=ip, ips=[ip], namespace="ns", name=f"{name}-1", node=node, uid=f"uid-{name}",
@@ -123,3 +124,87 @@ def test_agent_tunnel_tls_server_relays_both_ways(tmp_path: Path) -> None:
         client.unwrap()  # sends close_notify, waits for the server's
     plain, closed = server.receive(cout.read())
     assert (plain, closed) == (b"", True)
+
+
+def test_agent_tunnel_close_notify_is_a_half_close(tmp_path: Path) -> None:
+    """Both ends sans-IO (TlsSession, as the two agents run them): the client's shut() (its
+    close_notify) reaches the server as the end of the client's stream, and the server still
+    sends its whole answer, which the client still reads; then the server's close_notify ends it.
+    Writing after one's own shut() sends nothing."""
+    from nodemesh.agent.tunnel import TUNNEL_SNI, TlsSession
+
+    ca = WorkloadCA(FileRootStore(tmp_path / "ca"), "mesh.test")
+    issue(ca, tmp_path / "n2", "uid-web", "web")
+    issue(ca, tmp_path / "n1", "uid-client", "client")
+    server = TlsSession(CertReader(tmp_path / "n2").context("uid-web", server=True))  # type: ignore[arg-type]
+    client = TlsSession(CertReader(tmp_path / "n1").context("uid-client", server=False),  # type: ignore[arg-type]
+                        server_side=False, server_hostname=TUNNEL_SNI)
+    to_server = client.start()
+    for _ in range(10):
+        _, closed = server.receive(to_server)
+        assert not closed
+        plain, closed = client.receive(server.output())
+        assert plain == b"" and not closed
+        to_server = client.output()
+        if client.handshaken and server.handshaken and not to_server:
+            break
+    assert client.handshaken and server.handshaken
+    assert peer_identity(client.obj) == "spiffe://mesh.test/ns/ns/sa/web"
+
+    to_server = client.send(b"request") + client.shut()
+    plain, closed = server.receive(to_server)
+    assert (plain, closed) == (b"request", True)
+    answer = b"x" * 100_000  # several records
+    plain, closed = client.receive(server.send(answer))
+    assert (plain, closed) == (answer, False)
+    plain, closed = client.receive(server.shut())
+    assert (plain, closed) == (b"", True)
+    assert client.shut() == b""  # idempotent: its close_notify went already
+
+
+def test_agent_tunnel_resumes_a_session_per_pod_pair(tmp_path: Path) -> None:
+    """The source agent's next tunnel between the same two pods resumes the session the far side
+    issued a ticket for: a resumed handshake, and both sides still see the identities verified at
+    the full one. A renewed client certificate (a new context) or an expired entry: no resumption."""
+    from nodemesh.agent.tunnel import SESSION_TTL_S, TUNNEL_SNI, TlsSession
+
+    ca = WorkloadCA(FileRootStore(tmp_path / "ca"), "mesh.test")
+    issue(ca, tmp_path / "n2", "uid-web", "web")
+    issue(ca, tmp_path / "n1", "uid-client", "client")
+    (tmp_path / "n1" / "uid-web.crt").symlink_to(tmp_path / "n2" / "uid-web.crt")  # the index needs no key here
+    now = [1000.0]
+    tunnel = Tunnel(index("node1"), CertReader(tmp_path / "n1"), clock=lambda: now[0])
+    server_ctx = CertReader(tmp_path / "n2").context("uid-web", server=True)
+
+    def connect() -> tuple[TlsSession, TlsSession]:
+        plan = tunnel.plan((CLIENT_IP, 40000), (WEB_IP, 8080))
+        assert plan is not None
+        planned.append(plan.server_id)
+        client = TlsSession(plan.context, server_side=False, server_hostname=TUNNEL_SNI, session=plan.session)
+        server = TlsSession(server_ctx)  # type: ignore[arg-type]
+        out = client.start()
+        while not (client.handshaken and server.handshaken) or out:
+            server.receive(out)
+            client.receive(server.output())
+            out = client.output()
+        assert tunnel.check_server(client.obj, plan) == "spiffe://mesh.test/ns/ns/sa/web"
+        assert peer_identity(server.obj) == "spiffe://mesh.test/ns/ns/sa/client"
+        client.receive(server.send(b"first answer"))  # its tickets ride along
+        tunnel.keep_session(plan, client.obj.session)
+        return client, server
+
+    planned: list[str] = []
+    first, _ = connect()
+    assert not first.obj.session_reused
+    second, server = connect()
+    assert second.obj.session_reused and server.obj.session_reused
+    # The connection's labels name the server before its handshake: the default trust domain until
+    # one was verified, then the mesh's (learned from the first handshake).
+    assert planned == ["spiffe://cluster.local/ns/ns/sa/web", "spiffe://mesh.test/ns/ns/sa/web"]
+    assert tunnel.plan((CLIENT_IP, 40000), (WEB_IP, 8080)).session is not None  # type: ignore[union-attr]
+    now[0] += SESSION_TTL_S + 1
+    assert tunnel.plan((CLIENT_IP, 40000), (WEB_IP, 8080)).session is None  # type: ignore[union-attr]
+    connect()
+    issue(ca, tmp_path / "n1", "uid-client", "client")  # renewed: CertReader makes a new context
+    os.utime(tmp_path / "n1" / "uid-client.crt", ns=(1, 1))
+    assert tunnel.plan((CLIENT_IP, 40000), (WEB_IP, 8080)).session is None  # type: ignore[union-attr]

@@ -13,7 +13,11 @@ def _edge(src: str, dst: str, ns: str = "emojivoto", dst_ns: str | None = None, 
                    dst=pb.Resource(namespace=dst_ns or ns, type=kind, name=dst), no_identity_msg="no_identity")
 
 
-EDGES = [_edge("web", "voting"), _edge("vote-bot", "web"), _edge("web", "emoji"),
+SECURED = pb.Edge(src=pb.Resource(namespace="emojivoto", type="deployment", name="web"),
+                 dst=pb.Resource(namespace="emojivoto", type="deployment", name="emoji"), secured=True,
+                 client_id="spiffe://cluster.local/ns/emojivoto/sa/web",
+                 server_id="spiffe://cluster.local/ns/emojivoto/sa/emoji")
+EDGES = [_edge("web", "voting"), _edge("vote-bot", "web"), SECURED,
          pb.Edge(src=pb.Resource(type="unknown", name="10.0.2.15"),
                  dst=pb.Resource(namespace="emojivoto", type="deployment", name="web"))]
 
@@ -41,7 +45,10 @@ def test_cli_edges_json(controller: Served) -> None:
     assert_golden("edges_json", result.stdout)
     data = json.loads(result.stdout)
     assert {"src": "vote-bot", "src_namespace": "emojivoto", "dst": "web", "dst_namespace": "emojivoto",
-            "client_id": "", "server_id": "", "no_tls_reason": "no_identity"} in data
+            "secured": False, "client_id": "", "server_id": "", "no_tls_reason": "no_identity"} in data
+    assert {"src": "web", "src_namespace": "emojivoto", "dst": "emoji", "dst_namespace": "emojivoto",
+            "secured": True, "client_id": "spiffe://cluster.local/ns/emojivoto/sa/web",
+            "server_id": "spiffe://cluster.local/ns/emojivoto/sa/emoji", "no_tls_reason": ""} in data
     assert controller.fake.requests[0].all_namespaces
 
 

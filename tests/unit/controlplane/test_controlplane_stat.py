@@ -202,3 +202,40 @@ def test_check_reports_each_node(controller: Controller) -> None:
     assert nodes["node-1"].agent_connected and nodes["node-1"].agent_ready and nodes["node-1"].capture_installed
     assert nodes["node-2"].agent_connected and not nodes["node-2"].agent_ready
     assert nodes["node-1"].agent_version == "0.1.0" and 0 <= nodes["node-1"].last_report_age_ms < 60_000
+
+
+def _edge_tls(c: Controller) -> dict[tuple[str, str], pb.Edge]:
+    resp = c.edges(pb.EdgesRequest(selector=pb.Resource(namespace=NS, type="deploy"), window_seconds=60))
+    assert resp.error == ""
+    return {(e.src.name, e.dst.name): e for e in resp.edges}
+
+
+def test_edges_plaintext_cross_node_and_same_node_are_not_secured(controller: Controller) -> None:
+    edges = _edge_tls(controller)
+    cross = edges[("web", "voting")]
+    assert not cross.secured and (cross.client_id, cross.server_id) == ("", "")
+    assert cross.no_identity_msg.startswith("not mTLS")
+    same = edges[("web", "emoji")]  # both pods on node-1: the agent relayed it locally
+    assert not same.secured and same.no_identity_msg.startswith("same node")
+
+
+def test_edges_show_the_identities_each_side_verified(controller: Controller) -> None:
+    """web (node-1) -> voting (node-2) over mTLS: node-1's outbound series name the server's
+    SPIFFE ID, node-2's inbound series the client's; the edge is secured with both."""
+    c = Controller(ControllerConfig(), registry=controller.registry)
+    start = c.started_ms + 1000
+    n1 = c.agent_connected(pb.AgentHello(agent_id="a1", node="node-1", version="0.1.0", start_time_ms=start))
+    n2 = c.agent_connected(pb.AgentHello(agent_id="a2", node="node-2", version="0.1.0", start_time_ms=start))
+    web_id, voting_id = (f"spiffe://cluster.local/ns/{NS}/sa/{sa}" for sa in ("web", "voting"))
+    out = {**peer("outbound", "web", "voting", "voting-svc"), "tls": "true", "server_id": voting_id}
+    inb = {**peer("inbound", "web", "voting", "voting-svc"), "tls": "true", "client_id": web_id}
+    now = time.time()
+    c.ingest_report(n1, pb.MetricsReport(agent_id="a1", seq=1, series=series_for(out, 10, 0, 5.0)), now=now - 5)
+    c.ingest_report(n2, pb.MetricsReport(agent_id="a2", seq=1, series=series_for(inb, 10, 0, 5.0)), now=now - 5)
+    edge = _edge_tls(c)[("web", "voting")]
+    assert (edge.secured, edge.client_id, edge.server_id, edge.no_identity_msg) == (True, web_id, voting_id, "")
+    # Then a connection falls back to plaintext (fail-open): the edge is only partly secured.
+    c.ingest_report(n1, pb.MetricsReport(agent_id="a1", seq=2, series=series_for(
+        peer("outbound", "web", "voting", "voting-svc"), 1, 0, 5.0)), now=now - 4)
+    edge = _edge_tls(c)[("web", "voting")]
+    assert not edge.secured and edge.client_id == web_id and edge.no_identity_msg.startswith("partly plaintext")

@@ -240,3 +240,37 @@ def test_manifests_node_sysctls_init_container_parses() -> None:
     python, flag, module, *rest = init["command"]
     assert (python, flag, module) == ("python", "-m", "nodemesh.redirector")
     assert _parser().parse_args(rest).verb == "sysctls"
+
+
+def test_manifests_mtls_renders_the_ca_the_certificates_and_the_tunnel(tmp_path: Path) -> None:
+    """`nodemesh install --mtls` (= --set mtls=true): the controller keeps the workload root in its
+    Secret (a Role for that Secret only), the agents keep their pods' keys in a memory emptyDir and
+    tunnel; the flags parse with the real parsers. Off by default (the committed manifests)."""
+    from click.testing import CliRunner
+    from nodemesh.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["install", "--mtls", "--set", "mtlsRequiredNamespaces=payments,shop"])
+    assert out.exit_code == 0, out.output
+    docs = [d for d in yaml.safe_load_all(out.output) if d]
+    values = apply_sets(InstallValues(), ["mtls=true", "mtlsRequiredNamespaces=payments,shop"])
+    assert out.output == render_daemonset(values)
+    controller = _container(_pod_spec("Deployment", values), "controller")
+    config = controller_args(controller["args"])
+    assert config.ca_secret == "nodemesh/nodemesh-workload-ca"
+    assert config.mtls_required_namespaces == ("payments", "shop")
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "nodemesh-controller-workload-ca"]
+    assert role["metadata"]["namespace"] == "nodemesh"
+    assert {"resources": ["secrets"], "resourceNames": ["nodemesh-workload-ca"], "verbs": ["get", "update"],
+            "apiGroups": [""]} in role["rules"]
+    assert any(d["kind"] == "RoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"] for d in docs)
+
+    cidrs = tmp_path / "pod-cidrs"
+    cidrs.write_text("10.42.1.0/24")
+    spec = _pod_spec("DaemonSet", values)
+    agent = agent_config(agent_parser().parse_args(_run_wrapper(_container(spec, "agent"), cidrs)))
+    assert agent.mtls and agent.cert_dir == manifest.CERT_DIR
+    assert {"name": "workload-certs", "mountPath": manifest.CERT_DIR} in _container(spec, "agent")["volumeMounts"]
+    assert {"name": "workload-certs", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}} in spec["volumes"]
+
+    default = render_daemonset()
+    assert "--mtls" not in default and "workload-ca" not in default and "workload-certs" not in default
