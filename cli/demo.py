@@ -94,7 +94,7 @@ def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None
     `before_install(sandbox)` runs once the app serves and before the mesh is installed (the
     end-to-end test checks there that the app works and fails as designed without the mesh).
     """
-    from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
+    from nodemesh.manifests.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
     from nodemesh.sandbox.cluster import Sandbox
 
     sb = Sandbox(name)

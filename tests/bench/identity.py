@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.workloads import pod_ips, pod_uid
-from nodemesh.cli.sandbox_install import install_sandbox
+from nodemesh.manifests.sandbox_install import install_sandbox
 from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
 
 NS = "idbench"

@@ -113,7 +113,7 @@ spec:
 
 
 def agent_pids(sb) -> list[int]:  # type: ignore[no-untyped-def]
-    from nodemesh.cli.sandbox_install import agent_process
+    from nodemesh.manifests.sandbox_install import agent_process
 
     pids: list[int] = []
     for node in ("node1", "node2"):
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--conns", type=int, default=20)
     args = ap.parse_args()
-    from nodemesh.cli.sandbox_install import install_sandbox, uninstall_sandbox
+    from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
     from nodemesh.sandbox.testing import running_sandbox
 
     results: dict[str, dict] = {}

@@ -38,7 +38,7 @@ import pytest
 import yaml
 from nodemesh.api.model import CONTROLLER_WEB_PORT
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from playwright.sync_api import Page

@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
-from nodemesh.cli.sandbox_install import agent_process, install_sandbox, redirector_process, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import (
+    agent_process,
+    install_sandbox,
+    redirector_process,
+    uninstall_sandbox,
+)
 from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import agent_admin_request, running_sandbox

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.model import ADMIN_PORT
-from nodemesh.cli.sandbox_install import install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
 from prometheus_client.parser import text_string_to_metric_families

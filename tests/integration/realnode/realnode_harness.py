@@ -25,8 +25,8 @@ from typing import Any
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.cli.client import ClientConfig, CliError, connect
-from nodemesh.cli.manifest import InstallValues, apply_sets, dump_documents
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, sandbox_documents
+from nodemesh.manifests.render import InstallValues, apply_sets, dump_documents
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, sandbox_documents
 from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox import naming
 from nodemesh.sandbox.cluster import Sandbox

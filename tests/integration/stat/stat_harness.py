@@ -26,7 +26,7 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import LATENCY_BUCKETS_MS
 from nodemesh.cli.client import controller_channel, sandbox_ca
-from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
+from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
 from nodemesh.sandbox.testing import TapStream, running_sandbox

@@ -25,7 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, agent_process, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import (
+    CONTROLLER_PROCESS,
+    agent_process,
+    install_sandbox,
+    uninstall_sandbox,
+)
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import TapStream, running_sandbox
 from trust_harness import PEERS, PY

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from nodemesh.cli.sandbox_install import install_sandbox, redirector_process, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import install_sandbox, redirector_process, uninstall_sandbox
 from nodemesh.redirector.apply import strip_save
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import agent_admin_request, running_sandbox

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import TapStream, running_sandbox
 

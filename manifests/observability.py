@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from nodemesh.api import model
-from nodemesh.cli.manifest import (
+from nodemesh.manifests.render import (
     CONTROLLER_AUDIENCE,
     VERSION,
     dump_documents,

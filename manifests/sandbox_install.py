@@ -43,7 +43,7 @@ from nodemesh.cli.client import (
     write_sandbox_address,
 )
 from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
-from nodemesh.cli.manifest import (
+from nodemesh.manifests.render import (
     CLI_NAME,
     CONTROLLER_AUDIENCE,
     CONTROLLER_NAME,
