@@ -37,8 +37,8 @@ from typing import Any, Self
 import pytest
 import yaml
 from nodemesh.api.model import CONTROLLER_WEB_PORT
-from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE
 from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandboxfiles import DASHBOARD_ADDR_FILE
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from playwright.sync_api import Page
