@@ -23,7 +23,7 @@ from nodemesh.manifests.render import (
     to_yaml,
 )
 
-SOURCE = "cli/observability.py"  # named in the rendered files' header
+SOURCE = "manifests/observability.py"  # named in the rendered files' header
 RATE = "$__rate_interval"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 AGENT_JOB = "nodemesh-agent"

@@ -42,13 +42,13 @@ CONTROLLER_NAME = "nodemesh-controller"
 AGENT_NAME = "nodemesh-agent"
 CLI_NAME = "nodemesh-cli"
 TAP_ROLE = "nodemesh-tap"
-TAP_API_GROUP = "tap.nodemesh.io"  # controlplane/auth.py TAP_GROUP (cli/ may not import controlplane/)
+TAP_API_GROUP = "tap.nodemesh.io"  # controlplane/auth.py TAP_GROUP (the installer may not import controlplane/)
 # Margin on top of the agent's drain grace for the redirector to fail open and the process to exit.
 TERMINATION_MARGIN_S = 15
 # The redirector keeps the return path this much longer than the agent's drain (inside the margin above).
 REDIRECTOR_WAIT_MARGIN_S = 5
 
-# The agent's defaults (agent/config.py DEFAULT_OPAQUE_PORTS; cli/ may not import agent/, a test
+# The agent's defaults (agent/config.py DEFAULT_OPAQUE_PORTS; the installer may not import agent/, a test
 # keeps the two equal): server-speaks-first protocols that protocol detection would stall on.
 DEFAULT_OPAQUE_PORTS: tuple[int, ...] = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
 
@@ -257,7 +257,7 @@ def dump_documents(docs: list[dict[str, Any]], header: str) -> str:
     return header + "---\n" + body
 
 
-def header(what: str, command: str, source: str = "cli/manifest.py") -> str:
+def header(what: str, command: str, source: str = "manifests/render.py") -> str:
     """The two comment lines on top of every rendered file: what it is, and how to make it again."""
     return (
         f"# nodemesh {VERSION}: {what}\n"

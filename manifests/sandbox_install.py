@@ -208,7 +208,7 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
 
 
 def sandbox_documents(values: InstallValues) -> list[dict[str, Any]]:
-    """The Kubernetes install (cli/manifest.py) as the sandbox's kubelet runs it. Everything is
+    """The Kubernetes install (manifests/render.py) as the sandbox's kubelet runs it. Everything is
     as rendered for a cluster except: the controller reads its API server from the kubeconfig the
     sandbox gives every pod (`$(KUBECONFIG)`), not from the in-cluster configuration, whose fixed
     paths and TLS the sandbox cannot provide."""
