@@ -89,24 +89,10 @@ asyncio.run(main())
 
 
 def manifest() -> str:
+    from nodemesh.sandbox.testing import deployment
+
     def deploy(name: str, node: str, argv: list[str]) -> str:
-        return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node}}}
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-"""
+        return deployment(name, NS, argv, node=node)
     return "---".join([f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n",
                        deploy("web", "node2", [PY, "-c", SERVER, "8080"]),
                        deploy("load", "node1", ["sleep", "infinity"])])

@@ -22,7 +22,7 @@ from typing import Any
 from nodemesh.api.model import ADMIN_PORT
 from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, deployment, running_sandbox
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -67,28 +67,8 @@ http {{
 
 
 def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1) -> str:
-    port_list = ", ".join(f"{{containerPort: {p}}}" for p in ports)
     # Every container learns its pod name (the downward API), as whoami answers with it.
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
-        ports: [{port_list}]
-"""
+    return deployment(name, NS, argv, ports=ports, replicas=replicas, pod_name_env=True)
 
 
 def _service(name: str, ports: list[tuple[int, int]]) -> str:

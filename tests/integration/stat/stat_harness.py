@@ -29,7 +29,7 @@ from nodemesh.cli.client import controller_channel, sandbox_ca
 from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
-from nodemesh.sandbox.testing import TapStream, running_sandbox
+from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox
 
 HERE = Path(__file__).resolve().parent
 HTTP_SERVER = HERE / "stat_httpserver.py"
@@ -42,26 +42,8 @@ Record = dict[str, Any]
 
 # ---------------------------------------------------------------------------- manifests
 def _deployment(name: str, replicas: int, argv: list[str], port: int | None) -> str:
-    ports = f"\n        ports:\n        - {{containerPort: {port}, name: main}}" if port else ""
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-        env:
-        - name: POD_NAME
-          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}{ports}
-"""
+    return deployment(name, NS, argv, ports=[("main", port)] if port else [], replicas=replicas,
+                      pod_name_env=True)
 
 
 def _service(name: str, port: int) -> str:
