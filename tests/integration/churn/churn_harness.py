@@ -19,9 +19,6 @@ from typing import Any
 
 from nodemesh.sandbox import testing
 from nodemesh.sandbox.testing import agent_admin_request
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stat"))
-
 from stat_harness import Mesh, bucket_of, true_quantile
 
 HERE = Path(__file__).resolve().parent

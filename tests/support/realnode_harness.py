@@ -33,7 +33,7 @@ from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.state import read_json
 from nodemesh.sandbox.testing import deployment, running_sandbox
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "integration" / "realnode"  # its load script
 LOAD = HERE / "realnode_load.py"
 PY = sys.executable
 MESH_NS = "nodemesh"

@@ -31,7 +31,7 @@ from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
 from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "integration" / "stat"  # its servers and load generator
 HTTP_SERVER = HERE / "stat_httpserver.py"
 GRPC_SERVER = HERE / "stat_grpcserver.py"
 LOADGEN = HERE / "stat_loadgen.py"
