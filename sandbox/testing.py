@@ -176,6 +176,25 @@ def deployment(name: str, namespace: str, command: Sequence[str], *, ports: Sequ
     return "\n" + yaml.safe_dump(doc, sort_keys=False, width=1_000_000)
 
 
+def service(name: str, namespace: str, ports: Sequence[tuple[int, int | str] | tuple[str, int, int | str]], *,
+            selector: Mapping[str, str] | None = None, cluster_ip: str | None = None,
+            annotations: Mapping[str, str] | None = None) -> str:
+    """A ClusterIP Service in front of `deployment(name, ...)`'s pods (selector default `app: <name>`).
+    `ports`: (port, targetPort) or (its name, port, targetPort); targetPort a number or a container
+    port's name. A document as `deployment()` writes one."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    spec: dict[str, Any] = {}
+    if cluster_ip:
+        spec["clusterIP"] = cluster_ip
+    spec["selector"] = dict(selector or {"app": name})
+    spec["ports"] = [{"port": p[0], "targetPort": p[1]} if len(p) == 2
+                     else {"name": p[0], "port": p[1], "targetPort": p[2]} for p in ports]
+    doc = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+    return "\n" + yaml.safe_dump(doc, sort_keys=False, width=1_000_000)
+
+
 def unique_name() -> str:
     return "t" + secrets.token_hex(4)
 

@@ -29,7 +29,7 @@ from nodemesh.cli.client import controller_channel, sandbox_ca
 from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
-from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox
+from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox, service
 
 HERE = Path(__file__).resolve().parents[1] / "integration" / "stat"  # its servers and load generator
 HTTP_SERVER = HERE / "stat_httpserver.py"
@@ -47,15 +47,7 @@ def _deployment(name: str, replicas: int, argv: list[str], port: int | None) -> 
 
 
 def _service(name: str, port: int) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: main}}
-"""
+    return service(name, NS, [(port, "main")])
 
 
 def traffic_manifest() -> str:

@@ -41,16 +41,7 @@ def deployment(ns: str, name: str, replicas: int, argv: list[str], port: int | N
 
 
 def service(ns: str, name: str, port: int, cluster_ip: str) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  clusterIP: {cluster_ip}
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: main}}
-"""
+    return testing.service(name, ns, [(port, "main")], cluster_ip=cluster_ip)
 
 
 def http_server(ns: str, name: str, replicas: int, version: str = "1") -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from nodemesh.api.model import ADMIN_PORT
 from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import agent_admin_request, deployment, running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, deployment, running_sandbox, service
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -72,17 +72,7 @@ def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1)
 
 
 def _service(name: str, ports: list[tuple[int, int]]) -> str:
-    port_list = ", ".join(f"{{name: p{p}, port: {p}, targetPort: {t}}}" for p, t in ports)
-    return f"""
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  selector: {{app: {name}}}
-  ports: [{port_list}]
-"""
+    return service(name, NS, [(f"p{p}", p, t) for p, t in ports])
 
 
 ALL_SERVERS = ("nginx", "grpc", "bulk", "ws", "banner", "whoami")

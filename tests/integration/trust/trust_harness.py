@@ -18,7 +18,7 @@ from typing import Any
 
 from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox
+from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox, service
 
 PY = sys.executable
 PEERS = str(Path(__file__).with_name("trust_peers.py"))
@@ -30,15 +30,7 @@ def _deployment(name: str, argv: list[str], port: int | None, node: str | None =
 
 
 def _service(name: str, port: int) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: {port}}}
-"""
+    return service(name, NS, [(port, port)])
 
 
 def manifest() -> str:

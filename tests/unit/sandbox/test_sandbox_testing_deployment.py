@@ -1,4 +1,4 @@
-"""sandbox/testing.py's Deployment builder: the one the integration tests' apps are written with."""
+"""sandbox/testing.py's Deployment and Service builders: the integration tests' apps are written with them."""
 
 from __future__ import annotations
 
@@ -47,3 +47,20 @@ def test_deployment_defaults_are_bare_and_documents_join_with_separators() -> No
     assert docs[1]["spec"]["selector"] == {"matchLabels": {"pod": "b"}}
     assert docs[1]["spec"]["template"]["metadata"]["labels"] == {"pod": "b", "app": "shared"}
     assert docs[1]["spec"]["template"]["spec"]["hostNetwork"] is True
+
+
+def test_service_in_front_of_a_deployment() -> None:
+    from nodemesh.sandbox.testing import service
+
+    text = service("web", "shop", [("http", 80, "main"), ("p81", 81, 8081)], cluster_ip="10.96.0.9",
+                   annotations={"nodemesh.io/routes": '[{"name": "x"}]'})
+    (m,) = load_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---" + text, "t")[1:]
+    assert (m.kind, m.name) == ("Service", "web")
+    doc = _doc(text)
+    assert doc["metadata"]["annotations"] == {"nodemesh.io/routes": '[{"name": "x"}]'}
+    assert doc["spec"] == {"clusterIP": "10.96.0.9", "selector": {"app": "web"},
+                           "ports": [{"name": "http", "port": 80, "targetPort": "main"},
+                                     {"name": "p81", "port": 81, "targetPort": 8081}]}
+    # One port needs no name; the selector can be other labels.
+    assert _doc(service("db", "shop", [(5432, 5432)], selector={"pod": "db-0"}))["spec"] == {
+        "selector": {"pod": "db-0"}, "ports": [{"port": 5432, "targetPort": 5432}]}
