@@ -1,32 +1,28 @@
 """What the controller's loopback tests share: a real controller (`config_for`: the sandbox source
-over a recorded cluster, see the `state_dir` fixture in conftest.py), fake agents that are real
-gRPC clients of Controller.Connect (`FakeAgent`), their report labels, and waiting helpers."""
+over a recorded cluster, see the `state_dir` fixture in conftest.py), the labels of the fake
+agents' reports (the agents: tests/support/controller_feed.py), and waiting helpers."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
+from controller_feed import PODS, peer
 from nodemesh.api.clusterstate import ClusterObjects, write_objects
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.main import RunningController
 
 TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
-NS = "emojivoto"
-EMOJI_POD = "emoji-6b8f4c7d9-k8s7p"
+EMOJI_POD = PODS["emoji"]
 
 
 def labels(direction: str = "inbound") -> dict[str, str]:
-    return {"direction": direction, "src_namespace": NS, "src_kind": "deployment", "src_name": "web",
-            "src_pod": "web-5f7c9d8b6-x2vqm", "dst_namespace": NS, "dst_kind": "deployment", "dst_name": "emoji",
-            "dst_pod": EMOJI_POD, "dst_service": f"emoji-svc.{NS}", "authority": "emoji-svc:8080",
-            "protocol": "http2"}
+    """web -> emoji, as dialled by its short name."""
+    return {**peer(direction, "web", "emoji", "emoji-svc"), "authority": "emoji-svc:8080"}
 
 
 def report(agent_id: str, seq: int, success: float, failure: float = 0) -> pb.AgentMessage:
@@ -36,49 +32,6 @@ def report(agent_id: str, seq: int, success: float, failure: float = 0) -> pb.Ag
         pb.Series(name="response_total", labels={**base, "classification": "success"}, value=success),
         pb.Series(name="response_total", labels={**base, "classification": "failure"}, value=failure),
     ]))
-
-
-class FakeAgent:
-    """A real gRPC client speaking the agent's side of Controller.Connect."""
-
-    def __init__(self, port: int, agent_id: str, node: str, start_time_ms: int) -> None:
-        self.agent_id, self.node = agent_id, node
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.ControllerStub(self.channel)
-        self.outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
-        self.received: list[pb.ControllerMessage] = []
-        self.outbox.put_nowait(pb.AgentMessage(hello=pb.AgentHello(
-            agent_id=agent_id, node=node, version="0.1.0", start_time_ms=start_time_ms)))
-        self.outbox.put_nowait(pb.AgentMessage(status=pb.AgentStatus(
-            ready=True, capture_installed=True, time_ms=int(time.time() * 1000))))
-        self.call = self.stub.Connect(self._messages())
-        self.reader = asyncio.create_task(self._read())
-
-    async def _messages(self) -> AsyncIterator[pb.AgentMessage]:
-        while True:
-            msg = await self.outbox.get()
-            if msg is None:
-                return
-            yield msg
-
-    async def _read(self) -> None:
-        try:
-            async for msg in self.call:
-                self.received.append(msg)
-        except grpc.aio.AioRpcError:
-            pass
-
-    def send(self, msg: pb.AgentMessage) -> None:
-        self.outbox.put_nowait(msg)
-
-    def of(self, which: str) -> list[Any]:
-        return [getattr(m, which) for m in self.received if m.WhichOneof("msg") == which]
-
-    async def close(self) -> None:
-        self.outbox.put_nowait(None)
-        self.call.cancel()
-        await asyncio.gather(self.reader, return_exceptions=True)
-        await self.channel.close()
 
 
 async def eventually(cond: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:

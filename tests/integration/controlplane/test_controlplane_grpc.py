@@ -15,11 +15,10 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from controller_feed import NS, FakeAgent
 from controller_link import (
     EMOJI_POD,
-    NS,
     TESTDATA,
-    FakeAgent,
     config_for,
     eventually,
     report,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from controller_link import FakeAgent, config_for, eventually, labels, reports_from, run
+from controller_feed import FakeAgent
+from controller_link import config_for, eventually, labels, reports_from, run
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.main import start
 

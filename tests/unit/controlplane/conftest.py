@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 
 import pytest
-from controller_testkit import TESTDATA, peer, series_for
+from controller_feed import peer, recorded_registry, series_for
+from controller_testkit import TESTDATA
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
-from nodemesh.controlplane.registry import WATCHED_KINDS, WorkloadRegistry
 
 
 @pytest.fixture
 def controller() -> Controller:
-    objects = json.loads(TESTDATA.read_text())["items"]
-    reg = WorkloadRegistry()
-    for kind in WATCHED_KINDS:
-        reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
-    c = Controller(ControllerConfig(), registry=reg)
+    c = Controller(ControllerConfig(), registry=recorded_registry(TESTDATA))
     start = c.started_ms + 1000  # agents started after the controller: first reports are all new
     node1 = c.agent_connected(pb.AgentHello(agent_id="agent-1", node="node-1", version="0.1.0",
                                             start_time_ms=start))

@@ -6,7 +6,8 @@ import contextlib
 import time
 
 # The synthetic cluster and its reports (the `controller` fixture: conftest.py).
-from controller_testkit import NS, peer, series_for, stat
+from controller_feed import NS, peer, series_for
+from controller_testkit import stat
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.controller import Controller
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from controller_testkit import NS, PODS, stat
+from controller_feed import NS, PODS
+from controller_testkit import stat
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.controller import Controller
 
