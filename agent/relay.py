@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import itertools
 import logging
 import socket
@@ -336,6 +337,23 @@ class Connection(asyncio.Protocol):
         finally:
             self.connect_task = None  # done: don't keep the finished task and its frame per connection
 
+    def _cancel_connect(self) -> None:
+        """Stop the upstream connect, if one is under way. A task cancelled before its first step
+        never runs its body (CancelledError is thrown in at the coroutine's first line, outside
+        _connect's handlers), so its cleanup — not connecting any more, finish — is done here:
+        otherwise `connecting` stays set and _maybe_finish never finishes the connection — counted
+        open for good, its endpoint and admission slot never released (a mode that closes both
+        sides in the callback that created the task, a client gone in the same loop iteration)."""
+        task = self.connect_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:  # type: ignore[arg-type]
+            self.connecting = False
+            self.up_lost = True
+            self.connect_task = None
+            asyncio.get_running_loop().call_soon(self._maybe_finish)  # as _connect's handler would, later
+
     async def _dial(self, peer: tuple[str, int], destination: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
         """A socket connected to `destination`, and the address it is connected to. When the agent
         chose this endpoint for a Service address and the connect fails (refused, unreachable,
@@ -447,8 +465,8 @@ class Connection(asyncio.Protocol):
         self.ctx.picker.release(self.meta.destination)  # type: ignore[union-attr]
         if self.up is not None and not self.up_lost:
             self.up.abort()
-        elif self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        else:
+            self._cancel_connect()
 
     # -- what a mode may do (seam.ModeHost) ----------------------------------------------------
 
@@ -507,8 +525,8 @@ class Connection(asyncio.Protocol):
         a reset instead of their 408). nginx's lingering_close, for the same reason."""
         if self.up is not None and not self.up_lost:
             self.up.close()
-        elif self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        else:
+            self._cancel_connect()
         client = self.client
         if client is None or self.client_lost or client.is_closing():
             return
@@ -665,8 +683,7 @@ class Connection(asyncio.Protocol):
             return
         if exc is not None and self.error is None:
             self.error = type(exc).__name__
-        if self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        self._cancel_connect()
         if self.up is not None and not self.up_lost:
             if exc is not None:
                 self.up.abort()
@@ -771,16 +788,16 @@ class Connection(asyncio.Protocol):
             self.client.close()
         if self.up is not None and not self.up_lost:
             self.up.close()
-        elif self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        else:
+            self._cancel_connect()
 
     def abort_both(self) -> None:
         if self.client is not None and not self.client_lost:
             self.client.abort()
         if self.up is not None and not self.up_lost:
             self.up.abort()
-        elif self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        else:
+            self._cancel_connect()
 
     def drain(self) -> None:
         """The agent is shutting down: let this connection end at its next safe point."""

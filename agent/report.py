@@ -80,6 +80,12 @@ except PackageNotFoundError:  # run from a copy, not installed as a distribution
     AGENT_VERSION = "0.0.0"
 
 _TAP_QUEUE_MAX = 10_000
+# Reports queued on a stream and not yet taken by it. A controller that stops reading (stuck, or too
+# slow: gRPC's flow control parks the request iterator) would otherwise grow the outbox by a report
+# and a status every interval for as long as it stays connected, memory the ring's bounds never see.
+# Past this, new intervals stay only in the ring (bounded by age and bytes) and go out from there,
+# oldest first, once the stream takes its backlog: nothing counted twice, nothing held twice.
+_REPORTS_QUEUED_MAX = 10
 _LEGACY, _INCREMENTS = "cumulative", "increments"  # what the controller of this stream takes
 # What the stream sends: messages, history entries (decompressed only as the stream takes them, so
 # a replay of minutes holds one report in memory at a time, not all of them), None = half-close.
@@ -116,6 +122,9 @@ class ControllerLink:
         self._task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[Outgoing] | None = None
+        self.reports_queued = 0              # report messages in the outbox, not yet taken by the stream
+        self._behind_after: int | None = None  # entries above this seq wait in the ring (outbox full)
+        self.reports_held_back = 0           # intervals kept out of a full outbox, for tests and logs
         self._stopping = False
         self._reviews: dict[int, asyncio.Future[pb.ScrapeReviewResult]] = {}  # ScrapeReview id -> answer
         self._review_ids = 0
@@ -141,9 +150,10 @@ class ControllerLink:
         entry = self._close_interval()  # the last counts go into the ring whatever happens next
         if self._outbox is not None and self.connected:
             if self.mode == _INCREMENTS:
-                self._outbox.put_nowait(self._live_message(entry))
+                self._catch_up(self._outbox)
+                self._put_report(self._outbox, self._live_message(entry))
             elif self.mode == _LEGACY:
-                self._outbox.put_nowait(self._metrics_message())
+                self._put_report(self._outbox, self._metrics_message())
             self._outbox.put_nowait(None)  # ends the request stream: a clean half-close
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._task), 2.0)  # type: ignore[arg-type]
@@ -190,14 +200,42 @@ class ControllerLink:
                 log.exception("event=report_interval_failed")
                 continue
             box = self._outbox
-            if box is None or not self.connected:
+            if box is None or not self.connected or self.mode is None:
+                continue
+            if self.reports_queued >= _REPORTS_QUEUED_MAX:
+                self._hold_back(entry)
                 continue
             if self.mode == _INCREMENTS:
-                box.put_nowait(self._live_message(entry))
-                box.put_nowait(self._status_message())
-            elif self.mode == _LEGACY:
-                box.put_nowait(self._metrics_message())
-                box.put_nowait(self._status_message())
+                self._catch_up(box)
+                self._put_report(box, self._live_message(entry))
+            else:  # _LEGACY: each report is the whole count, the newest replaces any held back
+                self._behind_after = None
+                self._put_report(box, self._metrics_message())
+            box.put_nowait(self._status_message())
+
+    def _put_report(self, box: asyncio.Queue[Outgoing], msg: pb.AgentMessage | Entry) -> None:
+        self.reports_queued += 1
+        box.put_nowait(msg)
+
+    def _hold_back(self, entry: pb.MetricsReport) -> None:
+        """The stream has not taken what is queued: this interval waits in the ring."""
+        self.reports_held_back += 1
+        if self._behind_after is None:
+            self._behind_after = entry.seq - 1
+            log.warning("event=report_backlog queued=%d seq=%d: the controller is not reading; intervals "
+                        "wait in the history ring", self.reports_queued, entry.seq)
+
+    def _catch_up(self, box: asyncio.Queue[Outgoing]) -> None:
+        """Intervals held back while the outbox was full go out first, from the ring, oldest first
+        (those the ring evicted meanwhile are counted there as dropped)."""
+        after = self._behind_after
+        if after is None:
+            return
+        self._behind_after = None
+        held = self.ring.since(after)[:-1]  # the newest is the live entry, sent with the gauges
+        for old in held:
+            self._put_report(box, old)
+        log.info("event=report_backlog_cleared sending=%d from_seq=%d", len(held), after + 1)
 
     def _on_ack(self, ack: pb.ReportAck) -> None:
         if self.mode is None:
@@ -217,7 +255,7 @@ class ControllerLink:
             if box is None:
                 return
             for entry in lacking:
-                box.put_nowait(entry)
+                self._put_report(box, entry)
             self.replayed += len(lacking)
             if lacking:
                 log.info("event=report_replay entries=%d first_seq=%d last_seq=%d acked=%d", len(lacking),
@@ -311,6 +349,7 @@ class ControllerLink:
                 report.replayed = True
                 msg = pb.AgentMessage(metrics=report)
             if msg.WhichOneof("msg") == "metrics":
+                self.reports_queued = max(0, self.reports_queued - 1)
                 # Series changed before this report may be evicted once it is out (node.evict).
                 self.node.reported_at = time.monotonic()
                 refs = self._series_refs
@@ -336,6 +375,8 @@ class ControllerLink:
             finally:
                 self.connected = False
                 self._outbox = None
+                self.reports_queued = 0  # that stream's queue is gone: the next ack replays from the ring
+                self._behind_after = None
                 self.mode = None
                 self._series_refs = None  # refs live as long as their stream
                 pending: list[asyncio.Future[Any]] = [*self._reviews.values(), *self._csrs.values()]
@@ -413,7 +454,7 @@ class ControllerLink:
             # A controller from before increments opens with the identity: cumulative reports.
             self.mode = _LEGACY
             log.info("event=controller_takes_cumulative addr=%s", self.config.controller)
-            self._outbox.put_nowait(self._metrics_message())
+            self._put_report(self._outbox, self._metrics_message())
         if which in ("identity", "identity_delta"):
             if not self.node.apply_identity(msg) and self._outbox is not None:
                 index = self.node.index

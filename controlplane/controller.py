@@ -566,22 +566,30 @@ class Controller:
                       ask: Callable[[Any, float | None, SeriesStore | None], _Answer],
                       response: Callable[..., _Answer]) -> _Answer:
         try:
-            store, now = await self._store(req.backend, family, req.window_seconds)
+            store, now = await self.store_for(req.backend, family, req.window_seconds)
         except statmod.StatError as exc:
             return response(error=str(exc))
         answer = ask(req, now, store)
-        if isinstance(store, promstore.Snapshot) and not answer.error:
-            ready = len({s.node for s in self.sessions.values() if s.ready})
-            if store.agents_scraped < ready:
-                # Numbers from Prometheus are only as complete as its scrapes: say so, never silently.
-                answer.warning = (f"Prometheus holds current metrics of {store.agents_scraped} of the {ready} "
-                                  f"agents connected: traffic through the others is missing (check its scrape "
-                                  f"targets and their credential)")
+        if not answer.error:
+            answer.warning = self.store_warning(store)
         return answer
 
-    async def _store(self, backend: str, family: promstore.Family,
-                     window_seconds: int) -> tuple[SeriesStore | None, float | None]:
-        """None (the in-memory aggregators) or a Prometheus snapshot of `family` over the window."""
+    def store_warning(self, store: SeriesStore | None) -> str:
+        """What a caller must be told about numbers from `store` ("" when nothing)."""
+        if not isinstance(store, promstore.Snapshot):
+            return ""
+        ready = len({s.node for s in self.sessions.values() if s.ready})
+        if store.agents_scraped >= ready:
+            return ""
+        # Numbers from Prometheus are only as complete as its scrapes: say so, never silently.
+        return (f"Prometheus holds current metrics of {store.agents_scraped} of the {ready} agents connected: "
+                f"traffic through the others is missing (check its scrape targets and their credential)")
+
+    async def store_for(self, backend: str, family: promstore.Family,
+                        window_seconds: int) -> tuple[SeriesStore | None, float | None]:
+        """None (the in-memory aggregators) or a Prometheus snapshot of `family` over the window.
+        `backend` "" is the controller's default (`--stat-backend`): the API's callers name one,
+        the dashboard always takes the default."""
         backend = backend or self.config.stat_backend
         if backend == promstore.MEMORY:
             return None, None

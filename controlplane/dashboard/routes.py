@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.rows import stat_row_json
-from nodemesh.controlplane import webauth
+from nodemesh.controlplane import promstore, webauth
 from nodemesh.controlplane.auth import AuthError
 from nodemesh.controlplane.controller import Controller, TapLimitError
 from nodemesh.controlplane.dashboard import views
@@ -104,11 +104,14 @@ def stat_requests(query: dict[str, str]) -> list[pb.StatRequest]:
     return out
 
 
-def _stat_payload(controller: Controller, reqs: list[pb.StatRequest]) -> dict[str, object]:
-    now = time.time()
-    rows = views.stat_rows(controller, reqs, now)
+async def _stat_payload(controller: Controller, reqs: list[pb.StatRequest]) -> dict[str, object]:
+    """Rows from the controller's default backend (`--stat-backend`), as `nodemesh stat` gets them;
+    `warning`: what that backend says about their completeness ("" when nothing)."""
+    store, at = await controller.store_for("", promstore.PEER, reqs[0].window_seconds)
+    now = time.time() if at is None else at
+    rows = views.stat_rows(controller, reqs, now, store)
     return {"time_ms": int(now * 1000), "window_s": reqs[0].window_seconds,
-            "rows": [stat_row_json(r) for r in rows]}
+            "rows": [stat_row_json(r) for r in rows], "warning": controller.store_warning(store)}
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -146,7 +149,7 @@ class Dashboard:
 
     async def get_stat(self, request: web.Request) -> web.StreamResponse:
         reqs = stat_requests(dict(request.query))
-        return _json(_stat_payload(self.controller, reqs))
+        return _json(await _stat_payload(self.controller, reqs))
 
     async def get_workload(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -160,7 +163,9 @@ class Dashboard:
         step = parse_int(q.get("step"), "step", 60, 10, 600)
         if views.SERIES_RANGE_S % step:
             raise ApiError(f"step {step} must divide {views.SERIES_RANGE_S}")
-        return _json(views.workload(self.controller, me, window, step, self.grafana_url))
+        peer_store, at = await self.controller.store_for("", promstore.PEER, window)
+        route_store, _ = await self.controller.store_for("", promstore.ROUTE, window)
+        return _json(views.workload(self.controller, me, window, step, self.grafana_url, at, peer_store, route_store))
 
     async def get_grafana(self, request: web.Request) -> web.StreamResponse:
         check_keys(request.query, ())
@@ -173,7 +178,7 @@ class Dashboard:
         interval = parse_int(query.pop("interval", None), "interval", int(STREAM_INTERVAL_S), 1, 60)
         query.setdefault("type", ",".join(OVERVIEW_TYPES))
         reqs = stat_requests(query)
-        first = _stat_payload(self.controller, reqs)  # a bad request is a 4xx, not a broken stream
+        first = await _stat_payload(self.controller, reqs)  # a bad request is a 4xx, not a broken stream
         resp = await _open_stream(request)
         self.open_streams += 1
         try:
@@ -182,10 +187,13 @@ class Dashboard:
                 await resp.write(_sse("stat", payload))
                 await asyncio.sleep(interval)
                 try:
-                    payload = _stat_payload(self.controller, reqs)
+                    payload = await _stat_payload(self.controller, reqs)
                 except ApiError as exc:  # e.g. the namespace was deleted meanwhile
                     await resp.write(_sse("error", {"error": exc.message}))
                     break
+                except StatError as exc:  # the backend failed this once (Prometheus away): say so, go on
+                    await resp.write(_sse("warning", {"error": str(exc)}))
+                    continue
         except (ConnectionError, asyncio.CancelledError):
             pass  # the browser went away
         finally:

@@ -1,9 +1,11 @@
 """What the dashboard's JSON API answers, computed through the controller's own Python API.
 
 Stat rows come from `Controller.stat` and edges from `Controller.edges` — the very calls the gRPC
-StatSummary/Edges methods make — so a row here equals `nodemesh stat -o json` for the same window.
-Time series sum the aggregator's one-second buckets per step with the controller's own `Totals`
-math (success rate, rate, histogram quantiles).
+StatSummary/Edges methods make — over the store the controller answers from by default
+(`--stat-backend`: its memory, or a Prometheus snapshot the route fetched), so a row here equals
+`nodemesh stat -o json` for the same window. Time series sum the in-memory aggregator's one-second
+buckets per step with the controller's own `Totals` math (success rate, rate, histogram quantiles),
+whatever the backend.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from urllib.parse import urlencode
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
 from nodemesh.api.rows import json_number, route_row_json, stat_row_json
-from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, Totals
+from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, SeriesStore, Totals
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard.params import ApiError
 from nodemesh.controlplane.routes import ROUTE_TYPES
@@ -38,12 +40,12 @@ def _error_status(message: str) -> int:
 
 
 def stat_rows(controller: Controller, requests: Sequence[pb.StatRequest],
-              now: float | None = None) -> list[pb.StatRow]:
+              now: float | None = None, store: SeriesStore | None = None) -> list[pb.StatRow]:
     """One StatSummary per request (as the CLI sends one per resource type), rows merged and
     ordered as `stat -o json` orders them: by type, then namespace, then name."""
     rows: list[pb.StatRow] = []
     for req in requests:
-        resp = controller.stat(req, now)
+        resp = controller.stat(req, now, store)
         if resp.error:
             raise ApiError(resp.error, _error_status(resp.error))
         rows.extend(resp.rows)
@@ -62,12 +64,12 @@ def _resource_json(res: pb.Resource) -> dict[str, str]:
             "short": SHORT_TYPE.get(res.type, res.type), "name": res.name}
 
 
-def _peer_rows(controller: Controller, me: pb.Resource, window_s: int,
-               now: float | None) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def _peer_rows(controller: Controller, me: pb.Resource, window_s: int, now: float | None,
+               store: SeriesStore | None) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """Callers and callees of `me`: the peers `edges` names, each with the stat row of that edge
     (`stat TYPE/PEER --to ME` for a caller, `stat TYPE/PEER --from ME` for a callee)."""
     resp = controller.edges(pb.EdgesRequest(selector=pb.Resource(type="all"), all_namespaces=True,
-                                            window_seconds=window_s), now)
+                                            window_seconds=window_s), now, store)
     if resp.error:
         raise ApiError(resp.error, _error_status(resp.error))
     mine = (me.namespace, me.type, me.name)
@@ -82,7 +84,7 @@ def _peer_rows(controller: Controller, me: pb.Resource, window_s: int,
             req = pb.StatRequest(selector=pb.Resource(namespace=peer.namespace, type=peer.type, name=peer.name),
                                  window_seconds=window_s)
             getattr(req, side).CopyFrom(me)
-            got = controller.stat(req, now)
+            got = controller.stat(req, now, store)
             if got.error or not got.rows:
                 continue  # the peer left the registry, or only TCP without a row: nothing to show
             out.append({"peer": _resource_json(peer), "stat": stat_row_json(got.rows[0])})
@@ -145,31 +147,36 @@ def grafana_workload_url(base: str, me: pb.Resource) -> str | None:
     return f"{base.rstrip('/')}/d/{GRAFANA_WORKLOAD_UID}/{GRAFANA_WORKLOAD_UID}?{query}"
 
 
-def routes(controller: Controller, me: pb.Resource, window_s: int, now: float | None = None) -> list[dict[str, Any]]:
+def routes(controller: Controller, me: pb.Resource, window_s: int, now: float | None = None,
+           store: SeriesStore | None = None) -> list[dict[str, Any]]:
     """`nodemesh routes TYPE/NAME -o json` for the page: the routes `me` serves (its inbound view;
     a Service's: what its callers sent it). Pods have none of their own (route series are per
     workload): an empty list, not an error."""
     if me.type not in ROUTE_TYPES:
         return []
-    resp = controller.routes(pb.RoutesRequest(selector=me, window_seconds=window_s), now)
+    resp = controller.routes(pb.RoutesRequest(selector=me, window_seconds=window_s), now, store)
     if resp.error:
         raise ApiError(resp.error, _error_status(resp.error))
     return [route_row_json(r) for r in resp.rows]
 
 
 def workload(controller: Controller, me: pb.Resource, window_s: int, step_s: int, grafana_base: str,
-             now: float | None = None) -> dict[str, object]:
-    (row,) = stat_rows(controller, [pb.StatRequest(selector=me, window_seconds=window_s)], now)
-    callers, callees = _peer_rows(controller, me, window_s, now)
+             now: float | None = None, peer_store: SeriesStore | None = None,
+             route_store: SeriesStore | None = None) -> dict[str, object]:
+    """The workload page. `peer_store`/`route_store`: the snapshots the controller's backend gave
+    (None: its memory), fetched for `now`."""
+    (row,) = stat_rows(controller, [pb.StatRequest(selector=me, window_seconds=window_s)], now, peer_store)
+    callers, callees = _peer_rows(controller, me, window_s, now, peer_store)
     return {
         "resource": _resource_json(me),
         "window_s": window_s,
         "stat": stat_row_json(row),
         "callers": callers,
         "callees": callees,
-        "routes": routes(controller, me, window_s, now),
+        "routes": routes(controller, me, window_s, now, route_store),
         "pods": _pods(controller, me),
         "series": time_series(controller, me, step_s, now=now),
+        "warning": controller.store_warning(peer_store),
         "grafana_url": grafana_workload_url(grafana_base, me),
     }
 

@@ -25,8 +25,9 @@ import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import LATENCY_BUCKETS_MS
-from nodemesh.cli.client import controller_channel, sandbox_ca
+from nodemesh.cli.client import controller_channel
 from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
+from nodemesh.manifests.sandboxfiles import sandbox_ca
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
 from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox, service

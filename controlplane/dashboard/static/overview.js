@@ -27,8 +27,10 @@ export class Overview {
     this.source = null;
     this.list = h("div", {className: "namespaces"});
     this.empty = h("p", {className: "empty"}, "Waiting for the controller…");
+    // What the stat backend says about the rows (Prometheus missing agents, or away this time).
+    this.warning = h("p", {className: "error warning", hidden: ""});
     root.append(h("section", {className: "overview", id: "overview"},
-      h("h1", {}, "Workloads"), this.empty, this.list));
+      h("h1", {}, "Workloads"), this.warning, this.empty, this.list));
   }
 
   start() {
@@ -54,14 +56,21 @@ export class Overview {
     source.addEventListener("stat", (ev) => {
       const data = JSON.parse(ev.data);
       this.render(data.rows);
+      this.showWarning(data.warning);
       const t = new Date(data.time_ms).toLocaleTimeString();
       this.ui.setLive("on", `live · ${data.window_s}s window · ${t}`);
       this.root.dataset.updated = String(data.time_ms);
     });
+    source.addEventListener("warning", (ev) => this.showWarning(JSON.parse(ev.data).error));
     source.addEventListener("error", (ev) => {
       if (ev.data) this.empty.textContent = JSON.parse(ev.data).error;
       this.ui.setLive("off", "reconnecting…");
     });
+  }
+
+  showWarning(text) {
+    this.warning.textContent = text || "";
+    this.warning.hidden = !text;
   }
 
   render(rows) {

@@ -96,7 +96,9 @@ export class WorkloadPage {
     try {
       const data = await getJSON("/api/workload", {...this.target, window: this.ui.window});
       if (this.stopped) return;
-      this.error.hidden = true;
+      // The stat backend's word on these numbers (Prometheus missing agents), else no banner.
+      this.error.textContent = data.warning || "";
+      this.error.hidden = !data.warning;
       this.render(data);
       this.ui.setLive("on", `every ${REFRESH_MS / 1000}s · ${data.window_s}s window · ${new Date().toLocaleTimeString()}`);
     } catch (err) {

@@ -304,7 +304,21 @@ class Faults:
             if all(self.metric_sum(n, "tcp_open_connections") == 0 for n in self.nodes):
                 return
             time.sleep(0.5)
-        raise AssertionError({n: self.metric_sum(n, "tcp_open_connections") for n in self.nodes})
+        raise AssertionError(self.open_connections_report())
+
+    def open_connections_report(self) -> str:
+        """What is still open, for a failure message: the agents' non-zero open-connection series
+        (who to whom) and the node's TCP sockets that are not listeners or TIME_WAIT (their state,
+        timers and owning process), so a leak names itself."""
+        lines = []
+        for n in self.nodes:
+            series = [f"  {s.labels} = {s.value:g}"
+                      for family in text_string_to_metric_families(self.scrape(n)) for s in family.samples
+                      if s.name == "tcp_open_connections" and s.value]
+            sockets = self.node_run(n, ["ss", "-Htanpo", "state", "all", "exclude", "listening",
+                                        "exclude", "time-wait"])
+            lines += [f"{n}: open series", *series, f"{n}: sockets", sockets]
+        return "\n".join(lines)
 
 
 def _wait_for(pred: Any, timeout: float, what: str) -> None:

@@ -7,6 +7,10 @@ credential. Two clients send the stat harness's known mix (one server replica pe
 request a designed 500, a fixed mix of sleeps) for 20 s; then each question is asked of both
 backends over a window that holds the whole run. Tolerances (the issue's): success within 0.5
 percentage points, RPS within 2 %, each latency quantile in the same Linkerd bucket.
+
+The controller is installed with `statBackend=prometheus`, so the dashboard (which asks the
+controller's default backend) answers from Prometheus too: its rows agree, and its warning shows
+when Prometheus misses an agent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nodemesh.api.model import CONTROLLER_WEB_PORT
 from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from stat_harness import NS, Mesh, broken_records, bucket_of, traffic_manifest, wait_until
@@ -42,7 +47,7 @@ def mesh() -> Iterator[Mesh]:
     assert shutil.which("prometheus"), "Debian's prometheus package is installed by scripts/bootstrap.sh --test"
     with running_sandbox(nodes=2, manifests=[traffic_manifest()], timeout=60) as sb:
         controller = install_sandbox(sb.name, timeout=60, progress=lambda msg: None,
-                                     sets=(f"prometheusUrl=http://127.0.0.1:{PROM_PORT}",))
+                                     sets=(f"prometheusUrl=http://127.0.0.1:{PROM_PORT}", "statBackend=prometheus"))
         state = Path(sb.state_dir)
         token = (state / TOKEN_FILE).read_text().split()[0]
         cred = state / "prometheus.token"
@@ -76,6 +81,15 @@ def _targets_up(prom: str) -> int:
     with urllib.request.urlopen(f"{prom}/api/v1/targets", timeout=2) as resp:
         body = json.load(resp)
     return sum(1 for t in body["data"]["activeTargets"] if t["health"] == "up")
+
+
+def _dashboard(mesh: Mesh, path: str, **params: str) -> dict:
+    """The controller's dashboard JSON API, as a script calls it (bearer token)."""
+    host = mesh.controller.rsplit(":", 1)[0]
+    url = f"http://{host}:{CONTROLLER_WEB_PORT}{path}?{urllib.parse.urlencode(params)}"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {mesh.token.split()[0]}"})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        return json.load(resp)
 
 
 def _same(what: str, memory: dict, prom: dict, problems: list[str], lines: list[str]) -> None:
@@ -120,6 +134,18 @@ def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) 
             assert len(rows) == 1, f"{what} --backend {backend}: {out.stdout}"
             answers[backend] = rows[0]
         _same(what, answers["memory"], answers["prometheus"], problems, lines)
+        if what == "stat deploy/server":
+            server_row = answers
+
+    # The dashboard asks the controller's default backend (prometheus here): the same rows.
+    api = _dashboard(mesh, "/api/stat", type="deploy", namespace=NS, window=WINDOW)
+    assert not api["warning"], api
+    (row,) = [r for r in api["rows"] if r["name"] == "server"]
+    memory_server = server_row["memory"]
+    _same("dashboard /api/stat deploy/server", memory_server, row, problems, lines)
+    page = _dashboard(mesh, "/api/workload", namespace=NS, type="deploy", name="server", window=WINDOW)
+    _same("dashboard /api/workload deploy/server", memory_server, page["stat"], problems, lines)
+    assert {c["peer"]["name"] for c in page["callers"]} == {"client1", "client2"}, page["callers"]
 
     for args, key in ((["edges", "deploy"], lambda e: (e["src"], e["dst"])),
                       (["routes", "deploy/server"], lambda r: r["route"])):
@@ -161,6 +187,11 @@ def test_stat_prometheus_backend_warns_when_it_misses_an_agent(mesh: Mesh) -> No
         assert "warning: Prometheus holds current metrics of 1 of the 2 agents connected" in out.stderr, out.stderr
         memory = mesh.cli(*args, "-n", NS, "--backend", "memory")
         assert "warning" not in memory.stderr, memory.stderr
+    # The dashboard answers from the controller's default backend (prometheus): it says so too.
+    for path, params in (("/api/stat", {"type": "deploy", "namespace": NS}),
+                         ("/api/workload", {"type": "deploy", "namespace": NS, "name": "server"})):
+        body = _dashboard(mesh, path, **params)
+        assert "Prometheus holds current metrics of 1 of the 2 agents connected" in body["warning"], body
 
 
 def _count_agents(prom: str) -> int:

@@ -132,7 +132,10 @@ def test_admin_ready_answers_while_a_big_metrics_renders() -> None:
             assert len(lengths) == 1 and lengths.pop() > 4_000_000   # one render, shared by the 3 scrapes
             print(f"/metrics render {render_s:.2f} s; /ready worst {worst * 1000:.0f} ms over {probes} probes")
             assert render_s > 0.3 and probes >= 5       # the render really took a while
-            assert worst < 0.25, worst                  # well inside the redirector's 500 ms
+            # Well inside the redirector's 500 ms on a quiet machine; on a loaded one (the render
+            # itself slowed 10x by other processes) scheduling alone delays a probe, so the bound
+            # is also relative: a render that held the loop would make one probe wait ~all of it.
+            assert worst < max(0.25, render_s / 5), (worst, render_s)
             for _, w in (*conns, (probe_r, probe_w)):
                 w.close()
         finally:

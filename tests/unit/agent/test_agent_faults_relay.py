@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
-from loopback_relay import Recorder, echo_server, run, serve, start, wait_until
+from loopback_relay import LoopIndex, Recorder, echo_server, run, serve, start, wait_until
 from nodemesh.agent.admission import Admission
+from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.observe import RequestHead
-from nodemesh.agent.relay import Connection
+from nodemesh.agent.relay import Connection, WorkerContext
+from nodemesh.agent.sockets import listen_socket
 
 GOAWAY, SETTINGS = 7, 4
 
@@ -179,7 +181,6 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
     run(scenario)
 
 
-del socket
 
 
 async def http_server() -> asyncio.Server:
@@ -309,3 +310,71 @@ def test_an_unexpected_error_in_the_upstream_connect_fails_the_connection_instea
             up.close()
 
     run(scenario)
+
+
+def _leak_scenario(make: Callable[[WorkerContext], Connection], monkeypatch: Any = None,
+                   dial: Any = None) -> None:
+    """20 connections through `make`'s Connection; every one must end: closed once, nothing live,
+    no admission slot held."""
+    async def scenario() -> None:
+        up = await echo_server()
+        upstream = up.sockets[0].getsockname()[:2]
+        server, _, ctx, rec = await start(upstream, Admission(64))
+        server.close()
+        listener = listen_socket("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        ctx.picker = EndpointPicker(LoopIndex(("127.0.0.1", port), upstream))
+        if dial is not None:
+            monkeypatch.setattr(Connection, "_dial", dial)
+        server = await asyncio.get_running_loop().create_server(lambda: make(ctx), sock=listener)
+        clients = []
+        try:
+            for _ in range(20):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"\x00opaque")
+                clients.append(writer)
+                if dial is not None:
+                    await asyncio.sleep(0.02)
+                    writer.transport.abort()  # gone while the agent connects upstream
+            assert await wait_until(lambda: len(rec.closes) == 20 and not ctx.live, 5.0), (len(rec.closes), len(ctx.live))
+            assert ctx.admission.open == 0
+        finally:
+            server.close()
+            up.close()
+            for w in clients:
+                w.transport.abort()
+
+    run(scenario)
+
+
+def test_a_connect_cancelled_before_it_started_still_finishes_the_connection() -> None:
+    """Closing both sides in the very callback that created the upstream connect task cancels the
+    task before its first step, which then never runs its body (nor its handlers): the connection
+    stayed `connecting` for good — never finished, counted open, its admission slot held."""
+    class CloseAtOnce(Connection):
+        __slots__ = ()
+
+        def _accepted(self, peer: tuple[str, int], original: tuple[str, int], held_since: float) -> None:
+            super()._accepted(peer, original, held_since)
+            assert self.connect_task is not None  # created, not started
+            self.close_both()
+
+    _leak_scenario(lambda ctx: CloseAtOnce(ctx, "outbound"))
+
+
+def test_a_connect_that_completes_as_the_client_leaves_still_finishes_the_connection(monkeypatch: Any) -> None:
+    """Python 3.11's wait_for returns the result of a connect that completed together with the
+    cancel, swallowing the cancel. Here the dial ignores the cancel outright: the connection must
+    still end once its connect is done (the upstream it opens for a client already gone is closed,
+    and that close finishes it)."""
+    real_dial = Connection._dial
+
+    async def dial_ignoring_cancel(self: Connection, peer: tuple[str, int],
+                                   destination: tuple[str, int]) -> Any:
+        try:
+            await asyncio.sleep(0.1)
+        except asyncio.CancelledError:
+            pass  # as wait_for does when the connect completed at the same moment
+        return await real_dial(self, peer, destination)
+
+    _leak_scenario(lambda ctx: Connection(ctx, "outbound"), monkeypatch, dial_ignoring_cancel)
