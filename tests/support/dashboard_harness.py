@@ -24,6 +24,7 @@ from nodemesh.api.clusterstate import ClusterObjects, write_objects
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.main import RunningController, start
+from waiting import eventually
 
 TESTDATA = Path(__file__).resolve().parents[1] / "unit" / "dashboard" / "testdata" / "cluster.json"
 IPS = {"web": "10.244.1.5", "emoji": "10.244.1.6", "voting": "10.244.2.8", "vote-bot": "10.244.1.9"}
@@ -118,7 +119,7 @@ class ControllerThread:
             self.running = await start(self.config)
             for node, ready in (("node-1", True), ("node-2", True)):
                 self.agents[node] = FakeAgent(self.running.grpc_port, f"agent-{node}", node, ready)
-            await wait_for(lambda: len(self.running.controller.sessions) == 2  # type: ignore[union-attr]
+            await eventually(lambda: len(self.running.controller.sessions) == 2  # type: ignore[union-attr]
                            and self.running.controller.ready)  # type: ignore[union-attr]
         self.call(go())
         return self
@@ -141,7 +142,7 @@ class ControllerThread:
             for _ in range(rounds):
                 for a in self.agents.values():
                     a.report_traffic()
-            await wait_for(lambda: all(c.sessions[a.agent_id].reports >= a.seq for a in self.agents.values()))
+            await eventually(lambda: all(c.sessions[a.agent_id].reports >= a.seq for a in self.agents.values()))
             await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
         self.call(go())
 
@@ -149,7 +150,7 @@ class ControllerThread:
         agent = self.agents[node]
 
         async def go() -> str:
-            await wait_for(lambda: bool(agent.open_taps()), timeout)
+            await eventually(lambda: bool(agent.open_taps()), timeout)
             return agent.open_taps()[-1]
         return self.call(go(), timeout + 5)
 
@@ -169,11 +170,3 @@ class ControllerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)

@@ -34,14 +34,6 @@ def report(agent_id: str, seq: int, success: float, failure: float = 0) -> pb.Ag
     ]))
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def reports_from(running: RunningController | None, agent_id: str) -> int:
     session = running.controller.sessions.get(agent_id) if running else None
     return session.reports if session else -1

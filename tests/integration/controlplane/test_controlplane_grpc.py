@@ -20,7 +20,6 @@ from controller_link import (
     EMOJI_POD,
     TESTDATA,
     config_for,
-    eventually,
     report,
     reports_from,
     run,
@@ -29,6 +28,7 @@ from controller_link import (
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.controlplane.main import RunningController, start
+from waiting import eventually
 
 
 async def stat_emoji(port: int, **extra: Any) -> pb.StatResponse:

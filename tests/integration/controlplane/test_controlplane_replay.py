@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from controller_link import config_for, eventually, run
+from controller_link import config_for, run
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.node import NodeTelemetry
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
@@ -27,6 +27,7 @@ from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.agent.workerlink import make_channel
 from nodemesh.controlplane.main import RunningController, start
 from nodemesh.controlplane.server import start_grpc_server
+from waiting import eventually
 
 WEB, VOTING = "10.244.1.5", "10.244.2.7"
 

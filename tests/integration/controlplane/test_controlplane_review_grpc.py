@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 from controller_feed import FakeAgent
-from controller_link import config_for, eventually, labels, reports_from, run
+from controller_link import config_for, labels, reports_from, run
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.main import start
+from waiting import eventually
 
 
 def test_a_report_larger_than_grpc_default_4mb_is_accepted(state_dir: Path) -> None:
