@@ -8,7 +8,7 @@ import os
 
 from setuptools import setup
 
-ROOMS = ("api", "agent", "redirector", "controlplane", "cli", "sandbox", "demo")
+ROOMS = ("api", "agent", "redirector", "controlplane", "manifests", "cli", "sandbox", "demo")
 
 
 def room_packages() -> list[str]:
@@ -23,5 +23,7 @@ def room_packages() -> list[str]:
 
 setup(
     packages=room_packages(),
-    package_data={"": ["*.proto", "*.yml", "*.yaml", "*.json", "*.html", "*.js", "*.css", "*.golden", "*.c"]},
+    # The installer's golden YAML and Grafana dashboards ship beside the code that renders them.
+    package_data={"": ["*.proto", "*.yml", "*.yaml", "*.json", "*.html", "*.js", "*.css", "*.golden", "*.c"],
+                  "nodemesh.manifests": ["grafana/*.json"]},
 )

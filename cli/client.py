@@ -32,16 +32,16 @@ from typing import Any, TypeVar
 
 import click
 import grpc
+from nodemesh.api import channel
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.api.model import CONTROLLER_GRPC_PORT, GRPC_CHANNEL_OPTIONS
+from nodemesh.api.model import CONTROLLER_GRPC_PORT
 from nodemesh.cli.kubecontext import KubeConfigError, KubeContext, current_context
+from nodemesh.manifests.sandboxfiles import CONTROLLER_ADDR_FILE, first_token, hostport, sandbox_ca
+from nodemesh.manifests.sandboxfiles import TOKEN_FILE as CONTROLLER_TOKEN_FILE
 
 log = logging.getLogger("nodemesh.cli")
 
 DEFAULT_SANDBOX_ROOT = Path("/run/nodemesh/sandbox")
-CONTROLLER_ADDR_FILE = "controller.addr"
-CONTROLLER_TOKEN_FILE = "controller.token"
-CONTROLLER_CA_FILE = "controller-ca.crt"  # beside controller.addr when the controller speaks TLS (api/certs.py)  # beside controller.addr (cli/sandbox_install.py TOKEN_FILE)
 DEFAULT_SANDBOX = "nodemesh"  # nodemesh.sandbox.naming.DEFAULT_CLUSTER (not imported: pyroute2 is heavy)
 CONTROLLER_NAMESPACE = "nodemesh"
 CONTROLLER_LABEL = "app=nodemesh-controller"
@@ -168,16 +168,6 @@ def sandbox_address_file(root: Path, cluster: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def write_sandbox_address(state_dir: Path, host: str, port: int) -> Path:
-    """Record where a sandbox's controller listens (for `nodemesh install --sandbox`): atomically,
-    so a concurrent `nodemesh stat` never reads half an address. Remove the file on teardown."""
-    path = Path(state_dir) / CONTROLLER_ADDR_FILE
-    tmp = path.with_name(f".{CONTROLLER_ADDR_FILE}.{os.getpid()}")
-    tmp.write_text(f"{_grpc_address(host, port)}\n")
-    os.replace(tmp, path)
-    return path
-
-
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where the controller is, and how we learned it (named in errors)."""
@@ -218,7 +208,7 @@ def resolve_target(config: ClientConfig) -> Target:
 
 def _direct(address: str, origin: str) -> Target:
     host, port = parse_hostport(address, origin)
-    return Target(_grpc_address(host, port), origin)
+    return Target(hostport(host, port), origin)
 
 
 def _kube_context(config: ClientConfig) -> KubeContext | None:
@@ -254,20 +244,8 @@ def _sandbox_at(path: Path, why: str) -> Target:
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     host, port = parse_hostport(text, str(path))
-    return Target(_grpc_address(host, port), f"sandbox state {path}; {why}", _sandbox_token(path.parent),
+    return Target(hostport(host, port), f"sandbox state {path}; {why}", _sandbox_token(path.parent),
                   sandbox_dir=path.parent, ca=sandbox_ca(path.parent))
-
-
-def first_token(text: str) -> str:
-    """The token a client sends from a token file: its first word (a controller's token file may
-    list more tokens, each with its roles: docs/controlplane.md)."""
-    return next(iter(text.split()), "")
-
-
-def sandbox_ca(state_dir: str | Path) -> Path | None:
-    """The CA of a sandbox controller that speaks TLS (`nodemesh install --sandbox` wrote it)."""
-    ca = Path(state_dir) / CONTROLLER_CA_FILE
-    return ca if ca.is_file() else None
 
 
 def _sandbox_token(state_dir: Path) -> str | None:
@@ -277,10 +255,6 @@ def _sandbox_token(state_dir: Path) -> str | None:
         return first_token((state_dir / CONTROLLER_TOKEN_FILE).read_text()) or None
     except OSError:
         return None
-
-
-def _grpc_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---------------------------------------------------------------------------- Kubernetes port-forward
@@ -385,15 +359,11 @@ def _splice(a: Any, b: Any) -> None:
 
 
 def controller_channel(address: str, ca: str | Path | None) -> grpc.Channel:
-    """TLS verified with `ca` when there is one (the token then travels encrypted), else plaintext."""
-    if ca is None:
-        return grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+    """api/channel.py's channel, an unreadable CA one user-facing line."""
     try:
-        roots = Path(ca).read_bytes()
+        return channel.controller_channel(address, ca)
     except OSError as exc:
         raise CliError(f"cannot read the controller's CA {ca}: {exc.strerror}") from None
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots),
-                               options=GRPC_CHANNEL_OPTIONS)
 
 
 class Controller:

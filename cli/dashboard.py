@@ -9,10 +9,8 @@ port to the controller pod's 8084 through the Kubernetes API, and keeps forwardi
 
 from __future__ import annotations
 
-import os
 import time
 import webbrowser
-from pathlib import Path
 from urllib.parse import quote
 
 import click
@@ -27,19 +25,9 @@ from nodemesh.cli.client import (
     parse_hostport,
     resolve_target,
 )
+from nodemesh.manifests.sandboxfiles import DASHBOARD_ADDR_FILE
 
-DASHBOARD_ADDR_FILE = "dashboard.addr"
 DEFAULT_LOCAL_PORT = 50750  # Linkerd's `viz dashboard` port: a stable URL across runs
-
-
-def write_dashboard_address(state_dir: Path, host: str, port: int = CONTROLLER_WEB_PORT) -> Path:
-    """For installers whose controller serves the dashboard elsewhere than controller host:8084:
-    record `host:port` beside controller.addr (atomically). Remove it on teardown."""
-    path = Path(state_dir) / DASHBOARD_ADDR_FILE
-    tmp = path.with_name(f".{DASHBOARD_ADDR_FILE}.{os.getpid()}")
-    tmp.write_text(f"[{host}]:{port}\n" if ":" in host else f"{host}:{port}\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _url(host: str, port: int, fragment: str, token: str | None = None) -> str:

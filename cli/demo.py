@@ -19,7 +19,8 @@ from typing import Any
 import click
 import yaml
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.cli.client import ClientConfig, CliError, connect, first_token, sandbox_ca
+from nodemesh.cli.client import ClientConfig, CliError, connect
+from nodemesh.manifests.sandboxfiles import TOKEN_FILE, first_token, sandbox_ca
 
 DEMO_CLUSTER = "nodemesh"
 DEMO_NAMESPACE = "emojivoto"
@@ -94,7 +95,7 @@ def run_demo(name: str = DEMO_CLUSTER, nodes: int = 2, rate: float | None = None
     `before_install(sandbox)` runs once the app serves and before the mesh is installed (the
     end-to-end test checks there that the app works and fails as designed without the mesh).
     """
-    from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
+    from nodemesh.manifests.sandbox_install import agent_process, install_sandbox
     from nodemesh.sandbox.cluster import Sandbox
 
     sb = Sandbox(name)

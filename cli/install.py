@@ -5,13 +5,13 @@
     nodemesh install --addon prometheus | kubectl apply -f -
     nodemesh uninstall | kubectl delete -f -
 
-With `--sandbox` the local network-namespace cluster is changed instead (nodemesh.cli.sandbox_install).
+With `--sandbox` the local network-namespace cluster is changed instead (nodemesh.manifests.sandbox_install).
 """
 
 from __future__ import annotations
 
 import click
-from nodemesh.cli.manifest import InstallValues, ManifestError, apply_sets, render_daemonset
+from nodemesh.manifests.render import InstallValues, ManifestError, apply_sets, render_daemonset
 
 ADDONS = ("prometheus", "grafana")
 
@@ -27,7 +27,7 @@ def _render(values: InstallValues, addon: str | None) -> str:
     if addon is None:
         return render_daemonset(values)
     # Imported here: the dashboards are only built when someone asks for them.
-    from nodemesh.cli import observability
+    from nodemesh.manifests import observability
 
     return observability.render_addon(addon, values.namespace)
 
@@ -79,7 +79,7 @@ def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str |
         sets = (*sets, "mtls=true")
         values = _values(sets)
     if sandbox:
-        from nodemesh.cli.sandbox_install import install_sandbox
+        from nodemesh.manifests.sandbox_install import install_sandbox
 
         address = install_sandbox(name=name, as_pods=as_pods, sets=sets, mtls=mtls, capture=values.capture)
         click.echo(f"nodemesh installed on the sandbox; controller at {address}")
@@ -100,7 +100,7 @@ def uninstall(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str
     """
     values = _values(sets)
     if sandbox:
-        from nodemesh.cli.sandbox_install import uninstall_sandbox
+        from nodemesh.manifests.sandbox_install import uninstall_sandbox
 
         uninstall_sandbox(name=name)
         return

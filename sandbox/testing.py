@@ -20,6 +20,8 @@ the same time; teardown runs even when the test fails or setup dies half-way.
 WHOAMI_APP is a ready-made manifest: namespace `shop`, Deployment `web` (2 replicas of a tiny
 HTTP server on :8080 answering with its pod name), Service `web` (port 80 -> http), and a
 Deployment `client` running `sleep infinity` to exec from. FETCH is a curl-less HTTP client.
+`deployment(...)` writes one Deployment the way the tests' apps need it (ports named or not, the
+pod's name in POD_NAME, a ServiceAccount, a node to pin to, hostNetwork, ...).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import signal
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from nodemesh.sandbox.cluster import Sandbox
 
 # ---------------------------------------------------------------------------- shared manifests
@@ -119,6 +122,77 @@ FETCH = (
     "for url in sys.argv[1:]:\n"
     "    print(urllib.request.urlopen(url, timeout=3).read().decode())\n"
 )
+
+
+# One Deployment, as the tests' apps write it: `deployment("web", "shop", ["python3", "srv.py"],
+# ports=[("main", 8080)], pod_name_env=True)`. YAML text, one document without a separator (it
+# starts with a newline, as the tests' own documents do: `"---".join(docs)` makes the file).
+Port = int | tuple[str, int]  # a containerPort, or (its name, the port)
+
+
+def deployment(name: str, namespace: str, command: Sequence[str], *, ports: Sequence[Port] = (),
+               replicas: int = 1, labels: Mapping[str, str] | None = None,
+               selector: Mapping[str, str] | None = None, container: str | None = None,
+               pod_name_env: bool = False, env: Mapping[str, str] | None = None,
+               node: str | None = None, service_account: str | None = None, host_network: bool = False,
+               readiness_tcp: bool = False, pod_annotations: Mapping[str, str] | None = None) -> str:
+    """A Deployment of one container running `command`. Its pods are labelled `selector` (default
+    `app: <name>`) plus `labels`; `pod_name_env` gives the container its pod's name as `POD_NAME`
+    (the downward API), `env` more variables; `node` pins the pods (nodeSelector on the hostname);
+    `readiness_tcp` adds a TCP readiness probe of the first port, every second (without it the
+    sandbox kubelet's default readiness applies)."""
+    match = dict(selector or {"app": name})
+    c: dict[str, Any] = {"name": container or name, "command": list(command)}
+    variables: list[dict[str, Any]] = []
+    if pod_name_env:
+        variables.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    variables += [{"name": k, "value": v} for k, v in (env or {}).items()]
+    if variables:
+        c["env"] = variables
+    if ports:
+        c["ports"] = [{"containerPort": p} if isinstance(p, int) else {"containerPort": p[1], "name": p[0]}
+                      for p in ports]
+    if readiness_tcp:
+        first = ports[0]
+        c["readinessProbe"] = {"tcpSocket": {"port": first if isinstance(first, int) else first[0]},
+                               "periodSeconds": 1}
+    pod: dict[str, Any] = {}
+    if host_network:
+        pod["hostNetwork"] = True
+    if service_account:
+        pod["serviceAccountName"] = service_account
+    if node:
+        pod["nodeSelector"] = {"kubernetes.io/hostname": node}
+    pod["containers"] = [c]
+    template: dict[str, Any] = {"labels": {**match, **(labels or {})}}
+    if pod_annotations:
+        template["annotations"] = dict(pod_annotations)
+    doc = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(match)},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": match},
+                 "template": {"metadata": template, "spec": pod}},
+    }
+    return "\n" + yaml.safe_dump(doc, sort_keys=False, width=1_000_000)
+
+
+def service(name: str, namespace: str, ports: Sequence[tuple[int, int | str] | tuple[str, int, int | str]], *,
+            selector: Mapping[str, str] | None = None, cluster_ip: str | None = None,
+            annotations: Mapping[str, str] | None = None) -> str:
+    """A ClusterIP Service in front of `deployment(name, ...)`'s pods (selector default `app: <name>`).
+    `ports`: (port, targetPort) or (its name, port, targetPort); targetPort a number or a container
+    port's name. A document as `deployment()` writes one."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    spec: dict[str, Any] = {}
+    if cluster_ip:
+        spec["clusterIP"] = cluster_ip
+    spec["selector"] = dict(selector or {"app": name})
+    spec["ports"] = [{"port": p[0], "targetPort": p[1]} if len(p) == 2
+                     else {"name": p[0], "port": p[1], "targetPort": p[2]} for p in ports]
+    doc = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+    return "\n" + yaml.safe_dump(doc, sort_keys=False, width=1_000_000)
 
 
 def unique_name() -> str:

@@ -91,21 +91,9 @@ http {{
 
 
 def _deployment(name: str, command: list[str], port: int | None, replicas: int = 1) -> str:
-    ports = f"\n        ports: [{{containerPort: {port}}}]" if port else ""
-    return f"""---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(command)}{ports}
-"""
+    from nodemesh.sandbox.testing import deployment  # lazily, as the rest of the sandbox (pyroute2)
+
+    return "---" + deployment(name, NS, command, ports=[port] if port else [], replicas=replicas)
 
 
 def manifests(workdir: Path) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent / "support")]  # bench.py; the test inputs (tests/support)
 import bench
 
 PEERS = str(HERE.parent / "integration" / "faults" / "faults_peers.py")
@@ -150,8 +150,7 @@ class FaultBench:
     def transparency(self, direct: dict[str, tuple[str, str]] | None) -> dict[str, Any]:
         """Raw payloads to nginx from the client on nginx's node; meshed answers are compared with
         the direct ones of the same run (Date headers aside)."""
-        sys.path.insert(0, str(HERE.parent / "integration" / "faults"))
-        from test_faults_transparency import HTTP1, HTTP2, _normalize  # the same 17 inputs as the test
+        from transparency_inputs import HTTP1, HTTP2, normalize  # the same 17 inputs as the test
 
         client = self.place.same("nginx")
         answers: dict[str, tuple[str, str]] = {}
@@ -160,7 +159,7 @@ class FaultBench:
             res = self.sb.exec(NS, client, [PY, PEERS, "raw", self.place.server_ip["nginx"], str(port), "-", "2"],
                                input=payload.hex(), capture_output=True, text=True, timeout=60)
             out = json.loads(res.stdout.strip().splitlines()[-1])
-            answers[case] = (_normalize(bytes.fromhex(out["got"])).hex(), out["end"])
+            answers[case] = (normalize(bytes.fromhex(out["got"])).hex(), out["end"])
         result: dict[str, Any] = {"answers": answers}
         if direct is not None:
             differ = [c for c in answers if answers[c] != direct[c]]

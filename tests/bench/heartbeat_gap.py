@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "realnode"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))  # tests/support, as pytest has it
 
 from nodemesh.redirector.heartbeat import SILENCE_S
 from realnode_harness import PY, realnode_mesh, wait_for

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.workloads import pod_ips, pod_uid
-from nodemesh.cli.sandbox_install import install_sandbox
-from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
+from nodemesh.manifests.sandbox_install import install_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, deployment, running_sandbox
 
 NS = "idbench"
 
@@ -46,20 +46,8 @@ def manifest(n: int, name: str) -> str:
     docs = [f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"]
     for k in range(math.ceil(n / 100)):
         replicas = min(100, n - 100 * k)
-        docs.append(f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}-{k}, namespace: {NS}}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}-{k}}}}}
-  template:
-    metadata: {{labels: {{app: {name}-{k}, burst: {name}}}}}
-    spec:
-      containers:
-      - name: c
-        command: ["sleep", "infinity"]
-""")
+        docs.append(deployment(f"{name}-{k}", NS, ["sleep", "infinity"], replicas=replicas,
+                               labels={"burst": name}, container="c"))
     return "---".join(docs)
 
 

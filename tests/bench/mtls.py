@@ -90,31 +90,17 @@ asyncio.run(main())
 
 
 def manifest() -> str:
+    from nodemesh.sandbox.testing import deployment
+
     def deploy(name: str, node: str, argv: list[str]) -> str:
-        return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node}}}
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-"""
+        return deployment(name, NS, argv, node=node)
     return "---".join([f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n",
                        deploy("web", "node2", [PY, "-c", SERVER, "8080"]),
                        deploy("load", "node1", ["sleep", "infinity"])])
 
 
 def agent_pids(sb) -> list[int]:  # type: ignore[no-untyped-def]
-    from nodemesh.cli.sandbox_install import agent_process
+    from nodemesh.manifests.sandbox_install import agent_process
 
     pids: list[int] = []
     for node in ("node1", "node2"):
@@ -149,7 +135,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--conns", type=int, default=20)
     args = ap.parse_args()
-    from nodemesh.cli.sandbox_install import install_sandbox, uninstall_sandbox
+    from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
     from nodemesh.sandbox.testing import running_sandbox
 
     results: dict[str, dict] = {}

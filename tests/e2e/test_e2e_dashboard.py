@@ -36,15 +36,6 @@ from typing import Any, Self
 
 import pytest
 import yaml
-from nodemesh.api.model import CONTROLLER_WEB_PORT
-from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
-from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import running_sandbox
-from playwright.sync_api import Page
-
-# The Playwright helpers live beside the loopback browser test (no __init__.py in test folders).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "dashboard"))
 from dashboard_browser import (
     METRIC_KEYS,
     browser_page,
@@ -58,6 +49,12 @@ from dashboard_browser import (
     wait_overview_update,
     workload_edges,
 )
+from nodemesh.api.model import CONTROLLER_WEB_PORT
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandboxfiles import DASHBOARD_ADDR_FILE
+from nodemesh.sandbox.cluster import Sandbox
+from nodemesh.sandbox.testing import running_sandbox
+from playwright.sync_api import Page
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "demo" / "emojivoto.yml"

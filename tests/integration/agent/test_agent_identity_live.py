@@ -30,11 +30,9 @@ from agent_traffic_net import (
     topology,
     wait_for,
 )
+from clusterobjects import namespace, pod
 from nodemesh.api.clusterstate import ClusterObjects, write_objects
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "unit" / "agent"))
-from test_agent_telemetry_podindex import namespace, pod
 
 pytestmark = pytest.mark.root
 

@@ -22,6 +22,7 @@ from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.agent.workerlink import make_channel
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
+from waiting import eventually
 
 WEB, VOTING = "10.244.1.5", "10.244.2.7"
 
@@ -87,14 +88,6 @@ async def start_server(ctl: FakeController, port: int) -> grpc.aio.Server:
     return server
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def do_requests(tel: WorkerTelemetry, n: int, conn_id: int) -> None:
     meta = ConnectionMeta(conn_id, "outbound", (WEB, 40000 + conn_id), (VOTING, 8080), (VOTING, 8080), "http1",
                           started=time.monotonic())
@@ -129,7 +122,7 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             node.attach_worker(0, parent_end)
             await worker.start()
             # Identity flows controller -> node -> worker.
-            await wait_for(lambda: worker.index.owner(VOTING) is not None, what="identity at the worker")
+            await eventually(lambda: worker.index.owner(VOTING) is not None, what="identity at the worker")
             assert worker.index.peer_labels(VOTING)[2] == "voting"
             hello = ctl.of("hello")[0].hello
             assert hello.node == "node-1" and hello.agent_id == node.agent_id
@@ -137,7 +130,7 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             assert ctl.metadata[0].get("authorization") == "Bearer s3cret"
 
             do_requests(worker, 12, conn_id=1)
-            await wait_for(lambda: ctl.request_totals() and ctl.request_totals()[-1][2] == 12, what="12 reported")
+            await eventually(lambda: ctl.request_totals() and ctl.request_totals()[-1][2] == 12, what="12 reported")
             last = ctl.of("metrics")[-1].metrics
             assert list(last.latency_bounds_ms)[:3] == [1.0, 2.0, 3.0]
             failures = sum(s.value for s in last.series if s.name == "response_total"
@@ -148,19 +141,19 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             status = ctl.of("status")[-1].status
             assert status.ready is False and abs(status.time_ms - time.time() * 1000) < 5000
             node.set_ready(True)
-            await wait_for(lambda: ctl.of("status")[-1].status.ready, what="ready status")
+            await eventually(lambda: ctl.of("status")[-1].status.ready, what="ready status")
 
             # Controller dies: traffic keeps being counted; nothing waits.
             await server.stop(0)
             server = None
-            await wait_for(lambda: node.controller_link.connected is False, what="disconnect noticed")
+            await eventually(lambda: node.controller_link.connected is False, what="disconnect noticed")
             t0 = time.monotonic()
             do_requests(worker, 8, conn_id=2)
             assert time.monotonic() - t0 < 0.5
             await asyncio.sleep(0.5)
             server = await start_server(ctl, port)
-            await wait_for(lambda: ctl.sessions == 2, what="reconnect")
-            await wait_for(lambda: ctl.request_totals()[-1][2] == 20, what="20 reported after reconnect")
+            await eventually(lambda: ctl.sessions == 2, what="reconnect")
+            await eventually(lambda: ctl.request_totals()[-1][2] == 20, what="20 reported after reconnect")
             hellos = ctl.of("hello")
             assert len(hellos) == 2 and hellos[1].hello.agent_id == node.agent_id  # same process, same id
             totals = ctl.request_totals()
@@ -173,17 +166,17 @@ def test_report_reconnect_monotonic_and_tap(tmp_path: Path) -> None:
             flt = pb.TapFilter(target=pb.Resource(namespace="emojivoto", type="deployment", name="web"),
                                max_rps=1000)
             await ctl.down.put(pb.ControllerMessage(tap_open=pb.TapOpen(tap_id="tap-9", filter=flt)))
-            await wait_for(lambda: bool(worker.taps.taps), what="tap open at the worker")
+            await eventually(lambda: bool(worker.taps.taps), what="tap open at the worker")
             do_requests(worker, 4, conn_id=3)
-            await wait_for(lambda: len(ctl.of("tap_event")) == 12, what="12 tap events")
+            await eventually(lambda: len(ctl.of("tap_event")) == 12, what="12 tap events")
             evs = [m.tap_event for m in ctl.of("tap_event")]
             assert {e.tap_id for e in evs} == {"tap-9"}
             assert [e.WhichOneof("event") for e in evs[:3]] == ["request_init", "response_init", "response_end"]
             assert evs[0].request_id == "3:1"  # worker 0: no prefix and evs[0].destination.owner.name == "voting"
             await ctl.down.put(pb.ControllerMessage(tap_close=pb.TapClose(tap_id="tap-9")))
-            await wait_for(lambda: not worker.taps.taps, what="tap closed at the worker")
+            await eventually(lambda: not worker.taps.taps, what="tap closed at the worker")
             do_requests(worker, 4, conn_id=4)
-            await wait_for(lambda: ctl.request_totals()[-1][2] == 28, what="28 reported")
+            await eventually(lambda: ctl.request_totals()[-1][2] == 28, what="28 reported")
             assert len(ctl.of("tap_event")) == 12
         finally:
             await worker.stop()
@@ -209,10 +202,10 @@ def test_controller_down_from_the_start_counts_accumulate() -> None:
             node.attach_worker(0, parent_end)
             await worker.start()
             do_requests(worker, 7, conn_id=1)
-            await wait_for(lambda: sum(node.snapshot()["request_total"].values()) == 7, what="merged at node")
+            await eventually(lambda: sum(node.snapshot()["request_total"].values()) == 7, what="merged at node")
             await asyncio.sleep(0.6)  # several failed connection attempts
             server = await start_server(ctl, port)
-            await wait_for(lambda: bool(ctl.request_totals()) and ctl.request_totals()[-1][2] == 7,
+            await eventually(lambda: bool(ctl.request_totals()) and ctl.request_totals()[-1][2] == 7,
                            timeout=15, what="first report after the controller appears")
             assert ctl.of("hello")[0].hello.agent_id == node.agent_id
         finally:
@@ -260,7 +253,7 @@ def test_report_accepts_an_identity_snapshot_over_4mib() -> None:
         node = NodeTelemetry(cfg)
         try:
             await node.start()
-            await wait_for(lambda: node.index.owner("10.100.195.79") is not None, timeout=30,
+            await eventually(lambda: node.index.owner("10.100.195.79") is not None, timeout=30,
                            what="the big identity at the agent")
             assert node.controller_link.connects == 1
         finally:

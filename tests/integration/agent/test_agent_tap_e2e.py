@@ -16,9 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from nodemesh.api.gen import nodemesh_pb2 as pb
-
-sys.path.insert(0, str(Path(__file__).parent))
 from agent_traffic_net import (
     CLIENT_IP,
     SERVER_IP,
@@ -27,6 +24,7 @@ from agent_traffic_net import (
     topology,
     wait_port,
 )
+from nodemesh.api.gen import nodemesh_pb2 as pb
 
 CTL_PORT = 18085
 

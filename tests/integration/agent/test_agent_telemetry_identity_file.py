@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from clusterobjects import cluster, namespace, pod
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.node import NodeTelemetry
 from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.agent.workerlink import make_channel
 from nodemesh.api.clusterstate import write_objects
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "unit" / "agent"))
-from test_agent_telemetry_podindex import cluster, namespace, pod
 
 
 async def get(url: str) -> tuple[int, bytes]:

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodemesh.sandbox import testing
 from nodemesh.sandbox.testing import agent_admin_request
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stat"))
-
 from stat_harness import Mesh, bucket_of, true_quantile
 
 HERE = Path(__file__).resolve().parent
@@ -38,41 +36,12 @@ def namespace(ns: str) -> str:
 
 def deployment(ns: str, name: str, replicas: int, argv: list[str], port: int | None = None,
                env: dict[str, str] | None = None, annotations: dict[str, str] | None = None) -> str:
-    ports = f"\n        ports:\n        - {{containerPort: {port}, name: main}}" if port else ""
-    extra_env = "".join(f"\n        - {{name: {k}, value: {json.dumps(v)}}}" for k, v in (env or {}).items())
-    notes = f"\n      annotations: {json.dumps(annotations)}" if annotations else ""
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}{notes}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-        env:
-        - name: POD_NAME
-          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}{extra_env}{ports}
-"""
+    return testing.deployment(name, ns, argv, ports=[("main", port)] if port else [], replicas=replicas,
+                              pod_name_env=True, env=env, pod_annotations=annotations)
 
 
 def service(ns: str, name: str, port: int, cluster_ip: str) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  clusterIP: {cluster_ip}
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: main}}
-"""
+    return testing.service(name, ns, [(port, "main")], cluster_ip=cluster_ip)
 
 
 def http_server(ns: str, name: str, replicas: int, version: str = "1") -> str:

@@ -51,8 +51,9 @@ from churn_harness import (
 )
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.cli.client import controller_channel, sandbox_ca
-from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
+from nodemesh.cli.client import controller_channel
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, agent_process, install_sandbox
+from nodemesh.manifests.sandboxfiles import sandbox_ca
 from nodemesh.sandbox import lifecycle, objects
 from nodemesh.sandbox.testing import running_sandbox
 from stat_harness import Mesh

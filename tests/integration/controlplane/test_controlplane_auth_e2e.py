@@ -31,10 +31,10 @@ from nodemesh.agent.report import ControllerLink
 from nodemesh.api.clusterstate import ClusterObjects, write_objects
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.cli.client import write_sandbox_address
 from nodemesh.controlplane.auth import MISSING_TOKEN
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.main import RunningController, start
+from nodemesh.manifests.sandboxfiles import write_controller_address
 
 TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
 SANDBOX = "authbox"
@@ -92,7 +92,7 @@ def test_controlplane_auth_cli_refused_then_finds_the_sandbox_token(tmp_path: Pa
             assert_one_error_line(await nodemesh(tmp_path, "stat", "deploy", "-n", "emojivoto", "--controller", addr),
                                   f"Error: the controller refused our credentials: {MISSING_TOKEN}\n")
             # The sandbox's address file with a wrong explicit token: the user's token wins, and fails.
-            write_sandbox_address(state, "127.0.0.1", running.grpc_port)
+            write_controller_address(state, "127.0.0.1", running.grpc_port)
             assert_one_error_line(await nodemesh(tmp_path, "stat", "deploy", "-n", "emojivoto",
                                                  NODEMESH_TOKEN="not-the-token"),
                                   "invalid token (check NODEMESH_TOKEN/--token-file)")

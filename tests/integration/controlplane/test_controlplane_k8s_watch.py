@@ -14,7 +14,6 @@ import json
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +25,7 @@ from kubernetes import client
 from nodemesh.api.model import WorkloadRef
 from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.sources.kubernetes import KubernetesSource
+from waiting import eventually
 
 TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
 PATHS = {
@@ -226,14 +226,6 @@ def source_for(port: int) -> KubernetesSource:
     cfg = client.Configuration()
     cfg.host = f"http://127.0.0.1:{port}"
     return KubernetesSource(cfg, watch_timeout_s=60, backoff_initial_s=0.05, backoff_max_s=0.5)
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def obj_named(cluster: FakeCluster, kind: str, name: str) -> dict[str, Any]:

@@ -15,24 +15,20 @@ worker counted, each count in the second it was counted.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
+from controller_link import config_for, run
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.node import NodeTelemetry
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.agent.workerlink import make_channel
-from nodemesh.api.clusterstate import ClusterObjects, write_objects
-from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.main import RunningController, start
 from nodemesh.controlplane.server import start_grpc_server
+from waiting import eventually
 
-TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
 WEB, VOTING = "10.244.1.5", "10.244.2.7"
 
 
@@ -40,25 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    write_objects(tmp_path, ClusterObjects(1, json.loads(TESTDATA.read_text())["items"]))
-    return tmp_path
-
-
-def controller_config(state_dir: Path, port: int) -> ControllerConfig:
-    return ControllerConfig(source="sandbox", state_dir=str(state_dir), grpc_port=port, web_port=0,
-                            identity_debounce_s=0.05, sandbox_poll_s=0.1)
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Counted:
@@ -114,14 +91,10 @@ async def agent(port: int) -> tuple[NodeTelemetry, WorkerTelemetry]:
     return node, worker
 
 
-def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro_fn(), 90))
-
-
 def test_controller_restart_gets_the_whole_history_back(state_dir: Path) -> None:
     async def body() -> None:
         port = free_port()
-        running: RunningController | None = await start(controller_config(state_dir, port))
+        running: RunningController | None = await start(config_for(state_dir, port))
         node, worker = await agent(port)
         counted = Counted(worker)
         try:
@@ -143,7 +116,7 @@ def test_controller_restart_gets_the_whole_history_back(state_dir: Path) -> None
             for _ in range(4):
                 counted.requests(10)
                 await asyncio.sleep(0.7)
-            running = await start(controller_config(state_dir, port))
+            running = await start(config_for(state_dir, port))
             t_back = time.time()
             await eventually(lambda: link.connected and link.controller_epoch not in (0, first_epoch),
                              what="reconnected to the new controller")
@@ -172,13 +145,13 @@ def test_controller_restart_gets_the_whole_history_back(state_dir: Path) -> None
             if running is not None:
                 await running.stop()
 
-    run(body)
+    run(body, timeout=90)
 
 
 def test_reconnect_to_the_same_controller_sends_only_what_it_lacks(state_dir: Path) -> None:
     async def body() -> None:
         port = free_port()
-        running = await start(controller_config(state_dir, port))
+        running = await start(config_for(state_dir, port))
         node, worker = await agent(port)
         counted = Counted(worker)
         server = running.grpc_server
@@ -210,4 +183,4 @@ def test_reconnect_to_the_same_controller_sends_only_what_it_lacks(state_dir: Pa
             running.grpc_server = server
             await running.stop()
 
-    run(body)
+    run(body, timeout=90)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from controller_feed import FakeAgent
+from controller_link import config_for, labels, reports_from, run
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.main import start
-from test_controlplane_grpc import FakeAgent, config_for, eventually, labels, reports_from, run, state_dir  # noqa: F401
+from waiting import eventually
 
 
-def test_a_report_larger_than_grpc_default_4mb_is_accepted(state_dir: Path) -> None:  # noqa: F811
+def test_a_report_larger_than_grpc_default_4mb_is_accepted(state_dir: Path) -> None:
     # Agents report every series they ever saw (cumulative, one message): a node with ~1500
     # peer pairs over a day of rollouts passes gRPC's default 4 MiB receive limit, and the
     # controller then refused every report of that node (the stream broke, reconnected, broke).

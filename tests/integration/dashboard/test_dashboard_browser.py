@@ -142,6 +142,6 @@ def test_dashboard_browser_overview_workload_tap(controller: ControllerThread) -
 
 
 async def _wait_closed(controller: ControllerThread, tap_id: str) -> None:
-    from dashboard_harness import wait_for
+    from waiting import eventually
     agent = controller.agents["node-1"]
-    await wait_for(lambda: tap_id in {c.tap_id for c in agent.of("tap_close")}, 10)
+    await eventually(lambda: tap_id in {c.tap_id for c in agent.of("tap_close")}, 10)

@@ -15,10 +15,11 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from dashboard_harness import NS, ControllerThread, tap_request, wait_for
+from dashboard_harness import NS, ControllerThread, tap_request
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.cli.render import stat_json
+from waiting import eventually
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_dashboard_tap_over_grpc_agent_and_close(controller: ControllerThread) -
                     block, buf = buf.split(b"\n\n", 1)
                     lines = block.decode().split("\n")
                     if lines[0] == "event: open":
-                        await wait_for(lambda: bool(agent.open_taps()))
+                        await eventually(lambda: bool(agent.open_taps()))
                         (tap_id,) = agent.open_taps()
                         for m in tap_request(tap_id, "3:1", "/api/list") + tap_request(tap_id, "3:2", "/x", 503):
                             agent.send(m)
@@ -96,6 +97,6 @@ def test_dashboard_tap_over_grpc_agent_and_close(controller: ControllerThread) -
     assert events[0]["path"] == "/api/list" and events[4]["http_status"] == 503
     (opened,) = agent.of("tap_open")
     assert opened.filter.authority == "web-svc.emojivoto:8080" and opened.filter.max_rps == 100
-    controller.call(wait_for(lambda: [c.tap_id for c in agent.of("tap_close")] == [opened.tap_id], 10))
+    controller.call(eventually(lambda: [c.tap_id for c in agent.of("tap_close")] == [opened.tap_id], 10))
     assert controller.run(lambda: controller.running.controller._taps) == {}  # type: ignore[union-attr]
     assert controller.agents["node-2"].of("tap_open") == []  # web runs on node-1 only

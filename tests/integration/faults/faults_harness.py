@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
-from nodemesh.cli.sandbox_install import agent_process, install_sandbox, redirector_process, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import (
+    agent_process,
+    install_sandbox,
+    redirector_process,
+    uninstall_sandbox,
+)
 from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, deployment, running_sandbox
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -71,28 +76,7 @@ http {{
 
 def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1,
                 labels: dict[str, str] | None = None, node: str | None = None) -> str:
-    port_list = ", ".join(f"{{containerPort: {p}}}" for p in ports)
-    labels = {"app": name, **(labels or {})}
-    pin = f"\n      nodeSelector: {{kubernetes.io/hostname: {node}}}" if node else ""
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {json.dumps(labels)}
-    spec:{pin}
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-        ports: [{port_list}]
-"""
+    return deployment(name, NS, argv, ports=ports, replicas=replicas, labels=labels, node=node)
 
 
 def manifests(nginx_conf: Path) -> str:

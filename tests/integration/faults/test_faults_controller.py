@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from faults_harness import NS, Faults, faults_cluster
-from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS
+from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS
 from nodemesh.sandbox.proctools import alive
 
 pytestmark = pytest.mark.root

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from faults_harness import Faults
-from nodemesh.cli.sandbox_install import agent_process
+from nodemesh.manifests.sandbox_install import agent_process
 
 pytestmark = pytest.mark.root
 

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from faults_harness import Faults
 from nodemesh.api.model import ADMIN_PORT
-from nodemesh.cli.sandbox_install import redirector_process
+from nodemesh.manifests.sandbox_install import redirector_process
 from nodemesh.sandbox.testing import agent_admin_request
 
 pytestmark = pytest.mark.root

@@ -29,7 +29,7 @@ from nodemesh.api.model import (
     TCP_OPEN_TOTAL,
     TCP_READ_BYTES_TOTAL,
 )
-from nodemesh.cli.sandbox_install import agent_process
+from nodemesh.manifests.sandbox_install import agent_process
 
 pytestmark = pytest.mark.root
 

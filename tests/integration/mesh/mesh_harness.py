@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from nodemesh.api.model import ADMIN_PORT
-from nodemesh.cli.sandbox_install import install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
+from nodemesh.sandbox.testing import agent_admin_request, deployment, running_sandbox, service
 from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
@@ -67,42 +67,12 @@ http {{
 
 
 def _deployment(name: str, argv: list[str], ports: list[int], replicas: int = 1) -> str:
-    port_list = ", ".join(f"{{containerPort: {p}}}" for p in ports)
     # Every container learns its pod name (the downward API), as whoami answers with it.
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
-        ports: [{port_list}]
-"""
+    return deployment(name, NS, argv, ports=ports, replicas=replicas, pod_name_env=True)
 
 
 def _service(name: str, ports: list[tuple[int, int]]) -> str:
-    port_list = ", ".join(f"{{name: p{p}, port: {p}, targetPort: {t}}}" for p, t in ports)
-    return f"""
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: {NS}
-spec:
-  selector: {{app: {name}}}
-  ports: [{port_list}]
-"""
+    return service(name, NS, [(f"p{p}", p, t) for p, t in ports])
 
 
 ALL_SERVERS = ("nginx", "grpc", "bulk", "ws", "banner", "whoami")

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 from mesh_harness import NS, Mesh, mesh_cluster, parse_counters
-from nodemesh.cli.sandbox_install import agent_process, redirector_process
+from nodemesh.manifests.sandbox_install import agent_process, redirector_process
 from nodemesh.sandbox import cgroups
 
 pytestmark = pytest.mark.root
@@ -152,7 +152,7 @@ def test_mesh_ebpf_uninstall_leaves_no_program_map_or_pin(mesh: Mesh) -> None:
     and the programs and maps that were attached freed by the kernel. (Runs last in this module.)"""
     import json as _json
 
-    from nodemesh.cli.sandbox_install import uninstall_sandbox
+    from nodemesh.manifests.sandbox_install import uninstall_sandbox
 
     def bpftool(*args: str) -> Any:
         res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=False)

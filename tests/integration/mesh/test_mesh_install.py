@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from mesh_harness import KEY_LABELS, NS, PEERS, PY, Mesh, manifests, write_nginx
-from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, agent_process, redirector_process
+from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, agent_process, redirector_process
 from nodemesh.redirector.apply import strip_save
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import running_sandbox

@@ -31,7 +31,7 @@ from mesh_harness import (
     without_bytes,
 )
 from nodemesh.api.model import ADMIN_PORT
-from nodemesh.cli.sandbox_install import redirector_process
+from nodemesh.manifests.sandbox_install import redirector_process
 
 pytestmark = pytest.mark.root
 

@@ -107,7 +107,7 @@ def test_realnode_ebpf_kill_agent_fails_open_at_once(mesh: RealNode, tmp_path: P
 
 
 def test_realnode_ebpf_uninstall_leaves_no_pin(mesh: RealNode) -> None:
-    from nodemesh.cli.sandbox_install import uninstall_sandbox
+    from nodemesh.manifests.sandbox_install import uninstall_sandbox
 
     pins = [Path(cgroups.node_paths(mesh.sb.name, n)["/sys/fs/bpf"]) / "nodemesh" for n in mesh.nodes]
     assert all(p.is_dir() for p in pins), pins

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from nodemesh.cli.sandbox_install import agent_process
+from nodemesh.manifests.sandbox_install import agent_process
 from stat_harness import Mesh, meshed_sandbox, wait_until
 
 pytestmark = pytest.mark.root

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from nodemesh.api.model import CONTROLLER_WEB_PORT
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from stat_harness import NS, Mesh, broken_records, bucket_of, traffic_manifest, wait_until
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from nodemesh.api.model import ADMIN_PORT
-from nodemesh.sandbox.testing import agent_admin_request
+from nodemesh.sandbox.testing import agent_admin_request, deployment, service
 from stat_harness import HTTP_SERVER, NS, Mesh, bucket_of, meshed_sandbox, true_quantile, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -37,42 +37,16 @@ def routes_manifest() -> str:
     annotation = json.dumps([{"name": "orders", "path": "/api/orders", "type": "prefix"}])
 
     def deploy(name: str, argv: list[str], port: int | None) -> str:
-        ports = f"\n        ports:\n        - {{containerPort: {port}, name: main}}" if port else ""
-        return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}{ports}
-"""
+        return deployment(name, NS, argv, ports=[("main", port)] if port else [])
 
-    def service(name: str, port: int, annotations: str = "") -> str:
-        return f"""
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: {NS}{annotations}
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: main}}
-"""
+    def svc(name: str, port: int, annotations: dict[str, str] | None = None) -> str:
+        return service(name, NS, [(port, "main")], annotations=annotations)
 
-    ann = f"\n  annotations:\n    nodemesh.io/routes: '{annotation}'"
+    ann = {"nodemesh.io/routes": annotation}
     return "---".join([
         f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n",
-        deploy("votes", [py, str(GRPC_SERVER)], 9090), service("votes", 9090),
-        deploy("idsrv", [py, str(HTTP_SERVER)], 8080), service("idsrv", 80, ann),
+        deploy("votes", [py, str(GRPC_SERVER)], 9090), svc("votes", 9090),
+        deploy("idsrv", [py, str(HTTP_SERVER)], 8080), svc("idsrv", 80, ann),
         deploy("caller", ["sleep", "infinity"], None),
     ])
 

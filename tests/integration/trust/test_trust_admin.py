@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from nodemesh.cli.sandbox_install import redirector_process
+from nodemesh.manifests.sandbox_install import redirector_process
 from nodemesh.redirector.plan import hook_present
 from trust_harness import PY, Trust
 

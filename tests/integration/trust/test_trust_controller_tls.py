@@ -16,7 +16,7 @@ import urllib.request
 
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
-from nodemesh.cli.sandbox_install import TOKEN_FILE, agent_process
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, agent_process
 from trust_harness import PEERS, PY, Trust
 
 

@@ -25,9 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, agent_process, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import (
+    CONTROLLER_PROCESS,
+    agent_process,
+    install_sandbox,
+    uninstall_sandbox,
+)
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import TapStream, running_sandbox
+from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox
 from trust_harness import PEERS, PY
 
 NS = "mt"
@@ -56,29 +61,9 @@ print(json.dumps({{"ok": ok, "failed": failed, "echoed": echoed}}))
 
 def manifest() -> str:
     def deploy(name: str, node: str, argv: list[str], port: int | None, ns: str = NS) -> str:
-        ports = f"\n        ports:\n        - {{containerPort: {port}}}" if port else ""
-        return f"""
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: {name}, namespace: {ns}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      serviceAccountName: {name}
-      nodeSelector: {{kubernetes.io/hostname: {node}}}
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}{ports}
-"""
+        account = f"\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+        return account + "---" + deployment(name, ns, argv, ports=[port] if port else [], node=node,
+                                            service_account=name)
     return "---".join([
         f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n",
         deploy("web", "node2", [PY, PEERS, "http1-server", "8080"], 8080),

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from nodemesh.cli.sandbox_install import install_sandbox, redirector_process, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import install_sandbox, redirector_process, uninstall_sandbox
 from nodemesh.redirector.apply import strip_save
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.testing import agent_admin_request, running_sandbox
@@ -28,11 +28,8 @@ ATTACKS = 6
 
 
 def manifest() -> str:
-    on_node1 = {"kubernetes.io/hostname": "node1"}
-
     def pinned(name: str) -> str:
-        doc = _deployment(name, ["sleep", "infinity"], None)
-        return doc.replace("    spec:\n", f"    spec:\n      nodeSelector: {json.dumps(on_node1)}\n", 1)
+        return _deployment(name, ["sleep", "infinity"], None, node="node1")
 
     return "---".join([f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n",
                        _deployment("web", [PY, PEERS, "http1-server", "8080"], 8080), _service("web", 8080),

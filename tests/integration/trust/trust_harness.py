@@ -8,7 +8,6 @@ auth), and always tears it all down. `Trust` runs programs inside pods and the r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -17,45 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, uninstall_sandbox
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import TapStream, running_sandbox
+from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox, service
 
 PY = sys.executable
 PEERS = str(Path(__file__).with_name("trust_peers.py"))
 NS = "rt"
 
 
-def _deployment(name: str, argv: list[str], port: int | None) -> str:
-    ports = f"\n        ports:\n        - {{containerPort: {port}}}" if port else ""
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}{ports}
-"""
+def _deployment(name: str, argv: list[str], port: int | None, node: str | None = None) -> str:
+    return deployment(name, NS, argv, ports=[port] if port else [], node=node)
 
 
 def _service(name: str, port: int) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: {port}}}
-"""
+    return service(name, NS, [(port, port)])
 
 
 def manifest() -> str:

@@ -9,13 +9,10 @@ import asyncio
 import socket
 from typing import Any
 
+from loopback_relay import Recorder, echo_server, run, serve, wait_until
 from nodemesh.agent.admission import Admission
-from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.endpoints import EndpointPicker
-from nodemesh.agent.modes import make_mode
-from nodemesh.agent.relay import Connection, WorkerContext
-from nodemesh.agent.sockets import listen_socket
-from test_agent_faults_relay import Recorder, _until, echo_server, run
+from nodemesh.agent.relay import WorkerContext
 
 Endpoint = tuple[str, int]
 
@@ -62,15 +59,10 @@ def _silent_endpoint() -> tuple[Endpoint, list[socket.socket]]:
 
 
 async def _start(endpoints: list[Endpoint], **config: Any) -> tuple[asyncio.Server, int, WorkerContext, list[Any]]:
-    sock = listen_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3, workers=1,
-                      **config)
-    ctx = WorkerContext(cfg, _Recorder(), EndpointPicker(_Service(("127.0.0.1", port), endpoints)), make_mode,
-                        Admission(1000))
+    server, port, ctx = await serve(_Recorder(), lambda listen: _Service(listen, endpoints), Admission(1000),
+                                    **config)
     retries: list[Any] = []
     ctx.count_retry = lambda via, outcome: retries.append((via, outcome))
-    server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
     return server, port, ctx, retries
 
 
@@ -97,7 +89,7 @@ def test_a_refused_endpoint_is_retried_on_another_and_then_avoided() -> None:
             # live one; then it is suspect and not picked again.
             assert retries and set(retries) == {("endpoint", "connected")}, retries
             assert dead in ctx.picker.suspect and len(retries) <= 2, retries
-            assert await _until(lambda: not ctx.live and not ctx.picker.open)
+            assert await wait_until(lambda: not ctx.live and not ctx.picker.open)
         finally:
             server.close()
             up.close()
@@ -122,7 +114,7 @@ def test_a_silent_endpoint_is_retried_within_one_connect_timeout() -> None:
             assert 0.4 <= took < 1.0, took          # waited half the budget, not the whole of it
             assert retries == [("endpoint", "connected")], retries
             assert ctx.observer.endpoints in ([], [live])  # the observer hears of it if it was open
-            assert await _until(lambda: not ctx.live)
+            assert await wait_until(lambda: not ctx.live)
         finally:
             server.close()
             up.close()

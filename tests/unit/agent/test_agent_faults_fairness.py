@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from loopback_relay import echo_server, run, start, wait_until
 from nodemesh.agent.admission import Admission
 from nodemesh.agent.fairness import (
     CONNECTION_WORK,
@@ -18,7 +19,6 @@ from nodemesh.agent.fairness import (
     Fairness,
 )
 from nodemesh.agent.housekeeping import Housekeeping
-from test_agent_faults_relay import _until, echo_server, run, start
 
 
 def _spend(f: Fairness, **work: int) -> None:
@@ -127,7 +127,7 @@ def test_a_throttled_source_waits_for_the_tick_while_another_runs() -> None:
             aggressor = fairness.load_for("127.0.0.2")
             aggressor.budget = 0.0                      # as a contended tick would set it
             aw.write(b"a2\n")   # this read spends past it: throttled, both sides paused (no echo back)
-            assert await _until(lambda: aggressor.throttled)
+            assert await wait_until(lambda: aggressor.throttled)
             assert all(c.throttled for c in aggressor.conns)
             aw.write(b"a3\n")
             held_r, held_w = await _open("127.0.0.2", port)
@@ -142,7 +142,7 @@ def test_a_throttled_source_waits_for_the_tick_while_another_runs() -> None:
             assert not aggressor.throttled and len(ctx.live) == 3
             for w in (aw, bw, held_w):
                 w.close()
-            assert await _until(lambda: not ctx.live)
+            assert await wait_until(lambda: not ctx.live)
             assert all(not load.conns for load in fairness.loads.values())
         finally:
             server.close()

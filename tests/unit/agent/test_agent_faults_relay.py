@@ -6,82 +6,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import uvloop
+from loopback_relay import LoopIndex, Recorder, echo_server, run, serve, start, wait_until
 from nodemesh.agent.admission import Admission
-from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.housekeeping import Housekeeping
-from nodemesh.agent.modes import make_mode
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
+from nodemesh.agent.observe import RequestHead
 from nodemesh.agent.relay import Connection, WorkerContext
 from nodemesh.agent.sockets import listen_socket
 
 GOAWAY, SETTINGS = 7, 4
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.closes: list[str | None] = []
-        self.protocols: list[str] = []
-
-    def connection_open(self, meta: ConnectionMeta) -> Any:
-        self.protocols.append(meta.protocol)
-        return meta
-
-    def connection_close(self, conn: Any, end: ConnectionEnd) -> None:
-        self.closes.append(end.error)
-
-    def request_start(self, conn: Any, head: RequestHead) -> Any:
-        return head
-
-    def response_start(self, req: Any, status: int, headers: list[tuple[str, str]], at: float) -> None:
-        pass
-
-    def request_end(self, req: Any, end: RequestEnd) -> None:
-        pass
-
-
-class _Index:
-    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
-        self.listen, self.upstream = listen, upstream
-
-    def service_endpoints(self, ip: str, port: int) -> list[tuple[str, int]] | None:
-        return [self.upstream] if (ip, port) == self.listen else None
-
-
-async def start(upstream: tuple[str, int], admission: Admission, **config: Any) -> tuple[asyncio.Server, int,
-                                                                                         WorkerContext, Recorder]:
-    sock = listen_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3, workers=1,
-                      **config)
-    rec = Recorder()
-    ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), upstream)), make_mode, admission)
-    server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
-    return server, port, ctx, rec
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    errors: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        await scenario()
-
-    uvloop.run(main())
-    assert not errors, errors
-
-
-async def echo_server() -> asyncio.Server:
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(65536):
-            w.write(data)
-        w.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
 async def sink_server() -> asyncio.Server:
@@ -115,7 +51,7 @@ def test_shed_http1_gets_503_and_is_counted() -> None:
             got = await read_all(reader)
             assert got.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), got
             writer.close()
-            assert await _until(lambda: rec.closes == ["shed: capacity"]), rec.closes
+            assert await wait_until(lambda: rec.closes == ["shed: capacity"]), rec.closes
             assert rec.protocols == ["http1"] and not ctx.live and not ctx.picker.open
             assert ctx.admission.open == 16
         finally:
@@ -137,7 +73,7 @@ def test_shed_http2_gets_settings_and_goaway_enhance_your_calm() -> None:
             last, code = struct.unpack(">LL", got[18:26])
             assert (last, code) == (0, 0xB), got
             writer.close()
-            assert await _until(lambda: rec.closes == ["shed: capacity"])
+            assert await wait_until(lambda: rec.closes == ["shed: capacity"])
         finally:
             server.close()
             up.close()
@@ -158,7 +94,7 @@ def test_shed_opaque_tcp_gets_a_reset() -> None:
             except ConnectionResetError:
                 pass
             writer.close()
-            assert await _until(lambda: rec.closes == ["shed: capacity"])
+            assert await wait_until(lambda: rec.closes == ["shed: capacity"])
         finally:
             server.close()
             up.close()
@@ -186,7 +122,7 @@ def test_slowloris_gets_408_at_the_header_timeout_not_an_opaque_relay() -> None:
             assert got.startswith(b"HTTP/1.1 408 "), got
             assert 0.6 <= took < 2.0, took   # detection at 0.2 s, then the 0.6 s header timeout
             writer.close()
-            assert await _until(lambda: rec.closes != [])
+            assert await wait_until(lambda: rec.closes != [])
             assert rec.protocols == ["http1"] and ctx.admission.slow == {}
         finally:
             server.close()
@@ -212,9 +148,9 @@ def test_a_source_past_its_slow_cap_gets_408_at_the_detection_timeout() -> None:
             assert ctx.admission.slow == {"127.0.0.1": 2}
             for _, w in conns:
                 w.close()
-            assert await _until(lambda: len(rec.closes) == 3)
+            assert await wait_until(lambda: len(rec.closes) == 3)
             assert rec.closes.count("shed: slow") == 1, rec.closes
-            assert await _until(lambda: ctx.admission.slow == {} and ctx.admission.open == 0)
+            assert await wait_until(lambda: ctx.admission.slow == {} and ctx.admission.open == 0)
         finally:
             server.close()
             up.close()
@@ -230,11 +166,11 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
         try:
             for payload in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00opaque"):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                await _until(lambda: len(ctx.live) == 1)
+                await wait_until(lambda: len(ctx.live) == 1)
                 writer.write(payload)
                 await asyncio.wait_for(reader.read(len(payload)), 3)
                 writer.close()
-                await _until(lambda: not ctx.live)
+                await wait_until(lambda: not ctx.live)
             await asyncio.sleep(0.05)
             # Connection has __slots__ and no weakref slot: look for survivors among tracked objects.
             assert [o for o in gc.get_objects() if isinstance(o, Connection) and o.ctx is ctx] == []
@@ -245,15 +181,6 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
 
     run(scenario)
 
-
-async def _until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 
@@ -286,14 +213,8 @@ def test_a_client_silent_past_the_detection_timeout_is_still_detected_when_it_sp
     node's load) is not settled as opaque TCP for its silence: its requests are still counted."""
     async def scenario() -> None:
         up = await http_server()
-        sock = listen_socket("127.0.0.1", 0)
-        port = sock.getsockname()[1]
         rec = Requests()
-        cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3, workers=1,
-                          detect_timeout_s=0.2)
-        ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), up.sockets[0].getsockname()[:2])),
-                            make_mode, Admission(1000))
-        server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
+        server, port, _ = await serve(rec, up.sockets[0].getsockname()[:2], Admission(1000), detect_timeout_s=0.2)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             await asyncio.sleep(0.6)  # three detection timeouts of silence
@@ -303,7 +224,7 @@ def test_a_client_silent_past_the_detection_timeout_is_still_detected_when_it_sp
                 assert got.endswith(b"ok"), got
             assert rec.protocols == ["http1"] and rec.requests == ["/a", "/b"], (rec.protocols, rec.requests)
             writer.close()
-            assert await _until(lambda: rec.closes != [])
+            assert await wait_until(lambda: rec.closes != [])
         finally:
             server.close()
             up.close()
@@ -354,7 +275,7 @@ def test_a_server_that_speaks_first_is_relayed_as_tcp_at_once() -> None:
             writer.write(b"EHLO me\r\n")
             assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 2) == b"EHLO me\r\n"
             writer.close()
-            assert await _until(lambda: rec.closes != [])
+            assert await wait_until(lambda: rec.closes != [])
         finally:
             server.close()
             up.close()
@@ -383,7 +304,7 @@ def test_an_unexpected_error_in_the_upstream_connect_fails_the_connection_instea
                 got = b"reset"
             assert got == b"reset", got
             writer.close()
-            assert await _until(lambda: rec.closes == ["connect: RuntimeError"]), rec.closes
+            assert await wait_until(lambda: rec.closes == ["connect: RuntimeError"]), rec.closes
             assert not ctx.live and ctx.admission.open == 0
         finally:
             server.close()
@@ -403,7 +324,7 @@ def _leak_scenario(make: Callable[[WorkerContext], Connection], monkeypatch: Any
         server.close()
         listener = listen_socket("127.0.0.1", 0)
         port = listener.getsockname()[1]
-        ctx.picker = EndpointPicker(_Index(("127.0.0.1", port), upstream))
+        ctx.picker = EndpointPicker(LoopIndex(("127.0.0.1", port), upstream))
         if dial is not None:
             monkeypatch.setattr(Connection, "_dial", dial)
         server = await asyncio.get_running_loop().create_server(lambda: make(ctx), sock=listener)
@@ -416,7 +337,7 @@ def _leak_scenario(make: Callable[[WorkerContext], Connection], monkeypatch: Any
                 if dial is not None:
                     await asyncio.sleep(0.02)
                     writer.transport.abort()  # gone while the agent connects upstream
-            assert await _until(lambda: len(rec.closes) == 20 and not ctx.live, 5.0), (len(rec.closes), len(ctx.live))
+            assert await wait_until(lambda: len(rec.closes) == 20 and not ctx.live, 5.0), (len(rec.closes), len(ctx.live))
             assert ctx.admission.open == 0
         finally:
             server.close()
@@ -486,14 +407,14 @@ def test_housekeeping_reaps_a_stuck_connection_and_leaves_live_ones_alone(monkey
         server.close()
         listener = listen_socket("127.0.0.1", 0)
         port = listener.getsockname()[1]
-        ctx.picker = EndpointPicker(_Index(("127.0.0.1", port), upstream))
+        ctx.picker = EndpointPicker(LoopIndex(("127.0.0.1", port), upstream))
         server = await asyncio.get_running_loop().create_server(lambda: CloseAtOnce(ctx, "outbound"), sock=listener)
         live, closed = [], 10
         try:
             for i in range(closed + 3):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 if i < closed:
-                    await _until(lambda n=i + 1: len(ctx.live) == n)
+                    await wait_until(lambda n=i + 1: len(ctx.live) == n)
                     writer.transport.abort()
                 else:
                     live.append((reader, writer))
@@ -512,6 +433,6 @@ def test_housekeeping_reaps_a_stuck_connection_and_leaves_live_ones_alone(monkey
             up.close()
             for _, w in live:
                 w.transport.abort()
-            await _until(lambda: not ctx.live, 3.0)  # the echo server's handlers end before the loop does
+            await wait_until(lambda: not ctx.live, 3.0)  # the echo server's handlers end before the loop does
 
     run(scenario)

@@ -8,16 +8,12 @@ import socket
 import uuid
 from typing import Any
 
+from loopback_relay import run, serve, wait_until
 from nodemesh.agent import handover
-from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.drain import drain
-from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.handover import Handover, Receiver, Successor
-from nodemesh.agent.modes import make_mode
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
-from nodemesh.agent.relay import Connection, WorkerContext
-from nodemesh.agent.sockets import listen_socket
-from test_agent_relay_loopback import _Index, run, wait_until
+from nodemesh.agent.relay import WorkerContext
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -50,12 +46,8 @@ class Recorder:
 
 
 async def _proxy(upstream: tuple[str, int]) -> tuple[asyncio.Server, int, WorkerContext, Recorder]:
-    sock = listen_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3, workers=1)
     rec = Recorder()
-    ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), upstream)), make_mode)
-    server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
+    server, port, ctx = await serve(rec, upstream)
     return server, port, ctx, rec
 
 

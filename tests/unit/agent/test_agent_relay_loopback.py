@@ -9,16 +9,11 @@ import gc
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import uvloop
-from nodemesh.agent.config import AgentConfig
-from nodemesh.agent.endpoints import EndpointPicker
-from nodemesh.agent.modes import make_mode
+from loopback_relay import run, serve, wait_until
 from nodemesh.agent.observe import ALL_HEADERS, ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
-from nodemesh.agent.relay import Connection, WorkerContext
-from nodemesh.agent.sockets import listen_socket
+from nodemesh.agent.relay import WorkerContext
 
 
 class Recorder:
@@ -50,49 +45,15 @@ class Recorder:
         return [e for e in self.events if e[0] == kind]
 
 
-class _Index:
-    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
-        self.listen, self.upstream = listen, upstream
-
-    def service_endpoints(self, ip: str, port: int) -> list[tuple[str, int]] | None:
-        return [self.upstream] if (ip, port) == self.listen else None
-
-
 class Proxy:
     def __init__(self, server: asyncio.Server, port: int, ctx: WorkerContext, rec: Recorder) -> None:
         self.server, self.port, self.ctx, self.rec = server, port, ctx, rec
 
 
 async def start_proxy(upstream: tuple[str, int], **config: Any) -> Proxy:
-    sock = listen_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    cfg = AgentConfig(node="n", transparent=False, outbound_port=1, inbound_port=2, admin_port=3,
-                      workers=1, **config)
     rec = Recorder()
-    ctx = WorkerContext(cfg, rec, EndpointPicker(_Index(("127.0.0.1", port), upstream)), make_mode)
-    server = await asyncio.get_running_loop().create_server(lambda: Connection(ctx, "outbound"), sock=sock)
+    server, port, ctx = await serve(rec, upstream, **config)
     return Proxy(server, port, ctx, rec)
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    """Run on uvloop (what the workers run) and fail on any exception the loop swallowed."""
-    errors: list[dict[str, Any]] = []
-
-    async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        await scenario()
-
-    uvloop.run(main())
-    assert not errors, errors
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def _open_fds() -> int:

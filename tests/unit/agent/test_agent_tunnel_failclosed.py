@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from loopback_relay import run, start, wait_until
 from nodemesh.agent.admission import Admission
 from nodemesh.agent.certs import CertReader
 from nodemesh.agent.podindex import PodIndex
 from nodemesh.agent.tunnel import Tunnel
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from test_agent_faults_relay import _until, run, start
 
 CLIENT_IP, WEB_IP = "127.0.0.1", "127.0.0.2"   # the client pod (this node), the server pod (another node)
 
@@ -55,7 +55,7 @@ def _scenario(tmp_path: Path, required: list[str]) -> tuple[bytes | None, int, l
             except ConnectionResetError:
                 got = None
             writer.close()
-            assert await _until(lambda: not ctx.live)
+            assert await wait_until(lambda: not ctx.live)
             result.update(got=got, accepted=accepted, closes=rec.closes, tunnel=tunnel)
         finally:
             server.close()

@@ -127,10 +127,10 @@ def test_cli_client_no_address_anywhere(tmp_path: Path) -> None:
 
 
 def test_cli_client_sandbox_address_roundtrip(tmp_path: Path) -> None:
-    from nodemesh.cli.client import write_sandbox_address
+    from nodemesh.manifests.sandboxfiles import write_controller_address
 
     (tmp_path / "nodemesh").mkdir()
-    path = write_sandbox_address(tmp_path / "nodemesh", "10.200.0.2", 8085)
+    path = write_controller_address(tmp_path / "nodemesh", "10.200.0.2", 8085)
     assert path.read_text() == "10.200.0.2:8085\n"
     target = resolve_target(ClientConfig.from_cli(None, None, {"NODEMESH_SANDBOX_ROOT": str(tmp_path),
                                                                 "HOME": str(tmp_path)}))

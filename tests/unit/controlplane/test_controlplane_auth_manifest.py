@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from nodemesh.cli.manifest import render_daemonset
 from nodemesh.controlplane.auth import AccessPolicy
 from nodemesh.controlplane.main import parse_args
+from nodemesh.manifests.render import render_daemonset
 
 
 def _docs() -> list[dict[str, Any]]:

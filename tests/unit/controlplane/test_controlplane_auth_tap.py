@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from kubernetes import client
 from nodemesh.api.clusterstate import ClusterObjects, write_objects
-from nodemesh.cli.manifest import InstallValues, daemonset_documents
 from nodemesh.controlplane.auth import (
     AccessPolicy,
     AuthError,
@@ -27,6 +26,7 @@ from nodemesh.controlplane.auth import (
     TokenReviewAuthenticator,
     tap_resource,
 )
+from nodemesh.manifests.render import InstallValues, daemonset_documents
 from nodemesh.sandbox import rbac, tokens
 from nodemesh.sandbox.apiserver import ApiServer
 

@@ -13,11 +13,11 @@ import copy
 import json
 from pathlib import Path
 
+from controller_testkit import Stream, settle
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.registry import WATCHED_KINDS, WorkloadRegistry
 from nodemesh.controlplane.sources import ClusterSource
-from test_controlplane_report_acks import Stream, settle
 
 TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
+from controller_testkit import Stream, settle
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import PEER_LABELS
 from nodemesh.controlplane.aggregate import Aggregator
@@ -63,41 +63,6 @@ def test_report_time_is_the_agents_second_corrected_for_a_bad_clock_and_never_ah
     assert Controller.report_time(s, r, now=1_000_010.0) == 999_995.5
     s.clock_skew_ms = 0
     assert Controller.report_time(s, r, now=999_990.0) == 999_990.0  # never in our future
-
-
-class Stream:
-    """One agent stream into Controller.serve_agent (no gRPC: the servicer is a thin layer)."""
-
-    def __init__(self, controller: Controller, agent_id: str = "node-1/7/1") -> None:
-        self.inbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
-        self.received: list[pb.ControllerMessage] = []
-        self.inbox.put_nowait(pb.AgentMessage(hello=pb.AgentHello(agent_id=agent_id, node="node-1",
-                                                                  start_time_ms=1)))
-        self.task = asyncio.create_task(self._pump(controller.serve_agent(self._messages())))
-
-    async def _messages(self):  # type: ignore[no-untyped-def]
-        while (msg := await self.inbox.get()) is not None:
-            yield msg
-
-    async def _pump(self, stream) -> None:  # type: ignore[no-untyped-def]
-        async for msg in stream:
-            self.received.append(msg)
-
-    def send(self, report: pb.MetricsReport) -> None:
-        self.inbox.put_nowait(pb.AgentMessage(metrics=report))
-
-    def acks(self) -> list[int]:
-        return [m.report_ack.seq for m in self.received if m.HasField("report_ack")]
-
-    async def close(self) -> None:
-        self.inbox.put_nowait(None)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self.task, 2)
-
-
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0.005)
 
 
 def test_serve_agent_acknowledges_dedupes_and_files_history_in_place() -> None:

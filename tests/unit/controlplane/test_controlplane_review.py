@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import time
 
+# The synthetic cluster and its reports (the `controller` fixture: conftest.py).
+from controller_feed import NS, peer, series_for
+from controller_testkit import stat
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.controller import Controller
-
-# The synthetic cluster and its reports: the `controller` fixture of the stat tests.
-from test_controlplane_stat import NS, controller, peer, series_for, stat  # noqa: F401
 
 
 def _idle_reports(c: Controller, now: float, seconds: int) -> None:
@@ -28,7 +28,7 @@ def _idle_reports(c: Controller, now: float, seconds: int) -> None:
         c.ingest_report(session, pb.MetricsReport(agent_id="agent-1", seq=2 + i, series=series), now=now + i)
 
 
-def test_closed_connections_do_not_keep_old_edges_and_peers_alive(controller: Controller) -> None:  # noqa: F811
+def test_closed_connections_do_not_keep_old_edges_and_peers_alive(controller: Controller) -> None:
     # Traffic happened ~5 s ago; then two idle minutes. A zero open-connection gauge is not traffic.
     now = time.time()
     _idle_reports(controller, now, 120)
@@ -62,16 +62,16 @@ def _labels() -> dict[str, str]:
     return peer("inbound", "web", "voting", "voting-svc")
 
 
-def test_report_with_an_oversized_histogram_is_skipped_not_fatal(controller: Controller) -> None:  # noqa: F811
+def test_report_with_an_oversized_histogram_is_skipped_not_fatal(controller: Controller) -> None:
     _stream_survives(controller, [pb.Series(name="response_latency_ms", labels=_labels(), bucket_counts=[1] * 40)])
 
 
-def test_report_with_histogram_longer_than_its_bounds_is_skipped(controller: Controller) -> None:  # noqa: F811
+def test_report_with_histogram_longer_than_its_bounds_is_skipped(controller: Controller) -> None:
     _stream_survives(controller, [pb.Series(name="response_latency_ms", labels={**_labels(), "authority": "x"},
                                             bucket_counts=[1] * 10)], bounds=[1.0, 5.0, 10.0, 100.0])
 
 
-def test_report_with_nan_or_negative_counters_is_skipped(controller: Controller) -> None:  # noqa: F811
+def test_report_with_nan_or_negative_counters_is_skipped(controller: Controller) -> None:
     bad = [pb.Series(name="response_total", labels={**_labels(), "authority": "nan", "classification": "success"},
                      value=float("nan")),
            pb.Series(name="response_total", labels={**_labels(), "authority": "neg", "classification": "success"},

@@ -2,87 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import time
-from pathlib import Path
 
 import pytest
+from controller_feed import NS, PODS, peer, series_for
+from controller_testkit import stat
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.controlplane.aggregate import BOUNDS, N_LATENCY
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
-from nodemesh.controlplane.registry import WATCHED_KINDS, WorkloadRegistry
-
-TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
-NS = "emojivoto"
-PODS = {
-    "web": "web-5f7c9d8b6-x2vqm", "emoji": "emoji-6b8f4c7d9-k8s7p", "voting": "voting-74d9c8f6b5-h6wnb",
-    "vote-bot": "vote-bot-7c4d8b5f9-p2lkd",
-}
-
-
-def peer(direction: str, src: str, dst: str, service: str) -> dict[str, str]:
-    return {"direction": direction, "src_namespace": NS, "src_kind": "deployment", "src_name": src,
-            "src_pod": PODS[src], "dst_namespace": NS, "dst_kind": "deployment", "dst_name": dst,
-            "dst_pod": PODS[dst], "dst_service": f"{service}.{NS}", "authority": f"{service}.{NS}:8080",
-            "protocol": "http2"}
-
-
-def series_for(labels: dict[str, str], success: int, failure: int, bound_ms: float) -> list[pb.Series]:
-    counts = [0] * N_LATENCY
-    counts[BOUNDS.index(bound_ms)] = success + failure
-    return [
-        pb.Series(name="request_total", labels=labels, value=success + failure),
-        pb.Series(name="response_total", labels={**labels, "classification": "success", "status_code": "200"},
-                  value=success),
-        pb.Series(name="response_total", labels={**labels, "classification": "failure", "status_code": "500"},
-                  value=failure),
-        pb.Series(name="response_latency_ms", labels=labels, bucket_counts=counts, sum=0.0),
-        pb.Series(name="tcp_open_connections", labels=labels, value=2),
-        pb.Series(name="tcp_read_bytes_total", labels=labels, value=6000),
-    ]
-
-
-@pytest.fixture
-def controller() -> Controller:
-    objects = json.loads(TESTDATA.read_text())["items"]
-    reg = WorkloadRegistry()
-    for kind in WATCHED_KINDS:
-        reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
-    c = Controller(ControllerConfig(), registry=reg)
-    start = c.started_ms + 1000  # agents started after the controller: first reports are all new
-    node1 = c.agent_connected(pb.AgentHello(agent_id="agent-1", node="node-1", version="0.1.0",
-                                            start_time_ms=start))
-    node2 = c.agent_connected(pb.AgentHello(agent_id="agent-2", node="node-2", version="0.1.0",
-                                            start_time_ms=start))
-    c.agent_message(node1, pb.AgentMessage(status=pb.AgentStatus(ready=True, capture_installed=True)))
-    # node-2's agent is connected but not ready: its pods are not meshed.
-    now = time.time()
-    # Same node (node-1): web -> emoji and vote-bot -> web are seen once, recorded both ways.
-    # Cross node: web (node-1) -> voting (node-2): outbound on node-1, inbound on node-2.
-    node1_series = []
-    for direction in ("outbound", "inbound"):
-        node1_series += series_for(peer(direction, "web", "emoji", "emoji-svc"), 540, 60, 20.0)
-        node1_series += series_for(peer(direction, "vote-bot", "web", "web-svc"), 120, 0, 5.0)
-    node1_series += series_for(peer("outbound", "web", "voting", "voting-svc"), 300, 0, 100.0)
-    c.ingest_report(node1, pb.MetricsReport(agent_id="agent-1", seq=1, series=node1_series), now=now - 5)
-    c.ingest_report(node2, pb.MetricsReport(
-        agent_id="agent-2", seq=1, series=series_for(peer("inbound", "web", "voting", "voting-svc"), 300, 0, 100.0)),
-        now=now - 5)
-    return c
-
-
-def stat(c: Controller, type_: str, name: str = "", *, frm: tuple[str, str] | None = None,
-         to: tuple[str, str] | None = None, window: int = 60, ns: str = NS, all_ns: bool = False,
-         labels: str = "") -> pb.StatResponse:
-    req = pb.StatRequest(selector=pb.Resource(namespace=ns, type=type_, name=name), window_seconds=window,
-                         all_namespaces=all_ns, label_selector=labels)
-    if frm:
-        getattr(req, "from").CopyFrom(pb.Resource(namespace=NS, type=frm[0], name=frm[1]))
-    if to:
-        req.to.CopyFrom(pb.Resource(namespace=NS, type=to[0], name=to[1]))
-    return c.stat(req)
 
 
 def rows(resp: pb.StatResponse) -> dict[str, pb.StatRow]:

@@ -4,7 +4,6 @@ synthetic agent reports through its own ingestion path (`agent_connected`, `inge
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import controller_feed
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from controller_feed import NS, PODS, peer, recorded_registry
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.cli.render import routes_json
 from nodemesh.cli.render import stat_row_json as cli_stat_row_json
@@ -22,34 +23,14 @@ from nodemesh.controlplane.aggregate import BOUNDS, N_LATENCY
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard import add_routes, views
-from nodemesh.controlplane.registry import WATCHED_KINDS, WorkloadRegistry
 from nodemesh.controlplane.web import build_app
 
 TESTDATA = Path(__file__).parent / "testdata" / "cluster.json"
 REPO = Path(__file__).resolve().parents[3]
-NS = "emojivoto"
-PODS = {"web": "web-5f7c9d8b6-x2vqm", "emoji": "emoji-6b8f4c7d9-k8s7p", "voting": "voting-74d9c8f6b5-h6wnb",
-        "vote-bot": "vote-bot-7c4d8b5f9-p2lkd"}
-
-
-def peer(direction: str, src: str, dst: str, service: str) -> dict[str, str]:
-    return {"direction": direction, "src_namespace": NS, "src_kind": "deployment", "src_name": src,
-            "src_pod": PODS[src], "dst_namespace": NS, "dst_kind": "deployment", "dst_name": dst,
-            "dst_pod": PODS[dst], "dst_service": f"{service}.{NS}", "authority": f"{service}.{NS}:8080",
-            "protocol": "http2"}
 
 
 def series_for(labels: dict[str, str], success: int, failure: int, bound_ms: float) -> list[pb.Series]:
-    counts = [0] * N_LATENCY
-    counts[BOUNDS.index(bound_ms)] = success + failure
-    return [
-        pb.Series(name="request_total", labels=labels, value=success + failure),
-        pb.Series(name="response_total", labels={**labels, "classification": "success"}, value=success),
-        pb.Series(name="response_total", labels={**labels, "classification": "failure"}, value=failure),
-        pb.Series(name="response_latency_ms", labels=labels, bucket_counts=counts, sum=0.0),
-        pb.Series(name="tcp_open_connections", labels=labels, value=2),
-        pb.Series(name="tcp_read_bytes_total", labels=labels, value=6000),
-    ]
+    return controller_feed.series_for(labels, success, failure, bound_ms, status_codes=False)
 
 
 def route_series(method: str, success: int, failure: int) -> list[pb.Series]:
@@ -78,11 +59,7 @@ def node1_series(scale: int) -> list[pb.Series]:
 
 @pytest.fixture
 def controller() -> Controller:
-    objects = json.loads(TESTDATA.read_text())["items"]
-    reg = WorkloadRegistry()
-    for kind in WATCHED_KINDS:
-        reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
-    c = Controller(ControllerConfig(tap_max_rps=50), registry=reg)
+    c = Controller(ControllerConfig(tap_max_rps=50), registry=recorded_registry(TESTDATA))
     # Fed relative to this test's start, not the module's import: a long session must not age the
     # "5 s ago" traffic out of a 10 s window before the API is asked.
     now = c.test_fed_at = time.time()  # type: ignore[attr-defined]

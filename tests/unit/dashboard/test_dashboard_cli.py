@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from nodemesh.cli import dashboard as dash
-from nodemesh.cli.client import write_sandbox_address
 from nodemesh.cli.main import cli
+from nodemesh.manifests.sandboxfiles import write_controller_address, write_dashboard_address
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -40,10 +40,10 @@ def test_dashboard_url_from_controller_flag_and_env(no_sandbox: Path) -> None:
 def test_dashboard_url_from_sandbox_state(no_sandbox: Path) -> None:
     state = no_sandbox / "nodemesh"
     state.mkdir()
-    write_sandbox_address(state, "10.99.0.2", 8085)
+    write_controller_address(state, "10.99.0.2", 8085)
     assert run(["--show", "url"])[:2] == (0, "http://10.99.0.2:8084/\n")
     # An installer that serves the dashboard elsewhere says so beside controller.addr.
-    dash.write_dashboard_address(state, "10.99.0.2", 18084)
+    write_dashboard_address(state, "10.99.0.2", 18084)
     assert run(["--show", "url"])[:2] == (0, "http://10.99.0.2:18084/\n")
     # --controller wins over the sandbox (and its dashboard.addr).
     assert run(["--controller", "127.0.0.1:8085", "--show", "url"])[1] == "http://127.0.0.1:8084/\n"
@@ -76,7 +76,7 @@ def test_dashboard_url_signs_in_with_the_token(no_sandbox: Path) -> None:
     which keeps the token in a cookie for the page (controlplane/webauth.py)."""
     state = no_sandbox / "nodemesh"
     state.mkdir()
-    write_sandbox_address(state, "10.99.0.2", 8085)
+    write_controller_address(state, "10.99.0.2", 8085)
     (state / "controller.token").write_text("s3cret/+=\n")
     code, out, _ = run(["deploy/web", "-n", "emojivoto", "--show", "url"])
     assert (code, out) == (0, "http://10.99.0.2:8084/login?token=s3cret%2F%2B%3D#/workload/emojivoto/deployment/web\n")

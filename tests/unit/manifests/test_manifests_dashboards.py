@@ -22,8 +22,8 @@ import yaml
 from nodemesh.agent.metrics import METRICS
 from nodemesh.agent.metrics_export import SnapshotCollector
 from nodemesh.api import model
-from nodemesh.cli import observability as obs
-from nodemesh.cli.manifest import CONTROLLER_AUDIENCE, render_daemonset
+from nodemesh.manifests import observability as obs
+from nodemesh.manifests.render import CONTROLLER_AUDIENCE, render_daemonset
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from nodemesh.agent.__main__ import build_config as agent_config
 from nodemesh.agent.__main__ import parser as agent_parser
-from nodemesh.cli import manifest
-from nodemesh.cli.manifest import InstallValues, apply_sets, render_daemonset
 from nodemesh.controlplane.main import parse_args as controller_args
+from nodemesh.manifests import render as manifest
+from nodemesh.manifests.render import InstallValues, apply_sets, render_daemonset
 from nodemesh.redirector.cli import _capture_config, _parser
 
 NODE_ENV = {"NODE_NAME": "node-a", "NODE_IP": "192.0.2.10"}

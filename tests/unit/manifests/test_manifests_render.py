@@ -15,9 +15,9 @@ import yaml
 from click.testing import CliRunner
 from nodemesh.agent.config import DEFAULT_OPAQUE_PORTS as AGENT_OPAQUE_PORTS
 from nodemesh.agent.config import AgentConfig
-from nodemesh.cli import manifest
 from nodemesh.cli.main import cli
-from nodemesh.cli.manifest import InstallValues, ManifestError, apply_sets, render_daemonset
+from nodemesh.manifests import render as manifest
+from nodemesh.manifests.render import InstallValues, ManifestError, apply_sets, render_daemonset
 
 REPO = Path(__file__).resolve().parents[3]
 DAEMONSET = REPO / "manifests" / "daemonset.yaml"

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from nodemesh.cli.manifest import InstallValues, apply_sets, render_daemonset
+from nodemesh.manifests.render import InstallValues, apply_sets, render_daemonset
 
 REPO = Path(__file__).resolve().parents[3]
 OLDEST_SUPPORTED = "1.29"

@@ -87,7 +87,7 @@ def test_daemonset_validation(doc: str, needle: str) -> None:
 
 
 def test_the_install_manifests_validate() -> None:
-    from nodemesh.cli.manifest import render_daemonset
+    from nodemesh.manifests.render import render_daemonset
 
     kinds = {m.kind for m in load_text(render_daemonset())}
     assert kinds == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment",

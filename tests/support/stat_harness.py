@@ -25,13 +25,14 @@ import grpc
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import LATENCY_BUCKETS_MS
-from nodemesh.cli.client import controller_channel, sandbox_ca
-from nodemesh.cli.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
+from nodemesh.cli.client import controller_channel
+from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
+from nodemesh.manifests.sandboxfiles import sandbox_ca
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.proctools import alive
-from nodemesh.sandbox.testing import TapStream, running_sandbox
+from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox, service
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "integration" / "stat"  # its servers and load generator
 HTTP_SERVER = HERE / "stat_httpserver.py"
 GRPC_SERVER = HERE / "stat_grpcserver.py"
 LOADGEN = HERE / "stat_loadgen.py"
@@ -42,38 +43,12 @@ Record = dict[str, Any]
 
 # ---------------------------------------------------------------------------- manifests
 def _deployment(name: str, replicas: int, argv: list[str], port: int | None) -> str:
-    ports = f"\n        ports:\n        - {{containerPort: {port}, name: main}}" if port else ""
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: {NS}, labels: {{app: {name}}}}}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: {name}}}
-  template:
-    metadata:
-      labels: {{app: {name}}}
-    spec:
-      containers:
-      - name: {name}
-        command: {json.dumps(argv)}
-        env:
-        - name: POD_NAME
-          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}{ports}
-"""
+    return deployment(name, NS, argv, ports=[("main", port)] if port else [], replicas=replicas,
+                      pod_name_env=True)
 
 
 def _service(name: str, port: int) -> str:
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  selector: {{app: {name}}}
-  ports:
-  - {{port: {port}, targetPort: main}}
-"""
+    return service(name, NS, [(port, "main")])
 
 
 def traffic_manifest() -> str:

@@ -25,15 +25,15 @@ from typing import Any
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.cli.client import ClientConfig, CliError, connect
-from nodemesh.cli.manifest import InstallValues, apply_sets, dump_documents
-from nodemesh.cli.sandbox_install import TOKEN_FILE, install_sandbox, sandbox_documents
+from nodemesh.manifests.render import InstallValues, apply_sets, dump_documents
+from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox, sandbox_documents
 from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox import naming
 from nodemesh.sandbox.cluster import Sandbox
 from nodemesh.sandbox.state import read_json
-from nodemesh.sandbox.testing import running_sandbox
+from nodemesh.sandbox.testing import deployment, running_sandbox
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "integration" / "realnode"  # its load script
 LOAD = HERE / "realnode_load.py"
 PY = sys.executable
 MESH_NS = "nodemesh"
@@ -54,26 +54,9 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever(
 
 def _deployment(name: str, node: str, argv: list[str], port: int | None, labels: dict[str, str],
                 host_network: bool = False) -> str:
-    probe = f"""
-        ports: [{{containerPort: {port}, name: http}}]
-        readinessProbe: {{tcpSocket: {{port: http}}, periodSeconds: 1}}""" if port else ""
-    return f"""---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}, namespace: rn}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{pod: {name}}}}}
-  template:
-    metadata: {{labels: {json.dumps({**labels, "pod": name})}}}
-    spec:
-      hostNetwork: {str(host_network).lower()}
-      nodeSelector: {{kubernetes.io/hostname: {node}}}
-      containers:
-      - name: main
-        command: {json.dumps(argv)}
-        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]{probe}
-"""
+    return "---" + deployment(name, "rn", argv, ports=[("http", port)] if port else [], selector={"pod": name},
+                              labels=labels, container="main", pod_name_env=True, node=node,
+                              host_network=host_network, readiness_tcp=bool(port))
 
 
 def app_manifest(nodes: int) -> str:

@@ -13,15 +13,17 @@ import json
 from typing import Any
 
 from nodemesh.api import model
-from nodemesh.cli.manifest import (
+from nodemesh.manifests.render import (
     CONTROLLER_AUDIENCE,
-    VERSION,
     dump_documents,
+    header,
     labels,
+    meta,
     selector_labels,
     to_yaml,
 )
 
+SOURCE = "manifests/observability.py"  # named in the rendered files' header
 RATE = "$__rate_interval"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 AGENT_JOB = "nodemesh-agent"
@@ -485,10 +487,6 @@ def prometheus_config(namespace: str) -> dict[str, Any]:
     }
 
 
-def _meta(name: str, namespace: str, component: str) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": labels(component)}
-
-
 def _nonroot(user: int, read_only: bool) -> dict[str, Any]:
     return {"privileged": False, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": read_only,
             "runAsNonRoot": True, "runAsUser": user, "runAsGroup": user, "capabilities": {"drop": ["ALL"]}}
@@ -501,7 +499,7 @@ def _deployment(name: str, namespace: str, component: str, pod_spec: dict[str, A
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(name, namespace, component),
+        "metadata": meta(name, namespace, component),
         "spec": {
             "replicas": 1,
             # The data lives in an emptyDir: never two writers.
@@ -520,7 +518,7 @@ def _service(name: str, namespace: str, component: str, port: int) -> dict[str, 
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(name, namespace, component),
+        "metadata": meta(name, namespace, component),
         "spec": {"type": "ClusterIP", "selector": selector_labels(component),
                  "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
     }
@@ -528,17 +526,17 @@ def _service(name: str, namespace: str, component: str, port: int) -> dict[str, 
 
 def prometheus_documents(namespace: str) -> list[dict[str, Any]]:
     config = to_yaml(prometheus_config(namespace))
-    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(PROMETHEUS_NAME, namespace, "prometheus"),
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(PROMETHEUS_NAME, namespace, "prometheus"),
           "automountServiceAccountToken": True}
     # Discovery only looks at pods in the mesh's namespace: a Role there, not a ClusterRole.
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": _meta(PROMETHEUS_NAME, namespace, "prometheus"),
+            "metadata": meta(PROMETHEUS_NAME, namespace, "prometheus"),
             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": _meta(PROMETHEUS_NAME, namespace, "prometheus"),
+               "metadata": meta(PROMETHEUS_NAME, namespace, "prometheus"),
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": PROMETHEUS_NAME},
                "subjects": [{"kind": "ServiceAccount", "name": PROMETHEUS_NAME, "namespace": namespace}]}
-    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(PROMETHEUS_NAME, namespace, "prometheus"),
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(PROMETHEUS_NAME, namespace, "prometheus"),
           "data": {"prometheus.yml": config}}
     container = {
         "name": "prometheus",
@@ -578,7 +576,7 @@ def grafana_documents(namespace: str) -> list[dict[str, Any]]:
     boards = {name: dashboard_json(d) for name, d in dashboards().items()}
 
     def cm(name: str, data: dict[str, str]) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, namespace, "grafana"),
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(name, namespace, "grafana"),
                 "data": data}
 
     container = {
@@ -628,16 +626,12 @@ def grafana_documents(namespace: str) -> list[dict[str, Any]]:
 
 def render_addon(addon: str, namespace: str = "nodemesh") -> str:
     if addon == "prometheus":
-        return dump_documents(prometheus_documents(namespace), _header(
+        return dump_documents(prometheus_documents(namespace), header(
             "Prometheus scraping the agents (apply after daemonset.yaml)",
-            "nodemesh install --addon prometheus > manifests/prometheus.yaml"))
+            "nodemesh install --addon prometheus > manifests/prometheus.yaml", SOURCE))
     if addon == "grafana":
-        return dump_documents(grafana_documents(namespace), _header(
+        return dump_documents(grafana_documents(namespace), header(
             "Grafana with the nodemesh dashboards (needs prometheus.yaml)",
-            "nodemesh install --addon grafana > manifests/grafana.yaml"))
+            "nodemesh install --addon grafana > manifests/grafana.yaml", SOURCE))
     raise ValueError(f"unknown addon {addon!r}")
 
-
-def _header(what: str, command: str) -> str:
-    return (f"# nodemesh {VERSION}: {what}\n"
-            f"# Generated by `{command}` (cli/observability.py); do not edit by hand.\n")

@@ -30,20 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import grpc
 from nodemesh.api.certs import CA_FILE, CERT_FILE, KEY_FILE, ControllerPki, write_controller_pki
+from nodemesh.api.channel import controller_channel
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_PORT
-from nodemesh.cli.client import (
-    CONTROLLER_ADDR_FILE,
-    ClientConfig,
-    CliError,
-    connect,
-    first_token,
-    sandbox_ca,
-    write_sandbox_address,
-)
-from nodemesh.cli.dashboard import DASHBOARD_ADDR_FILE, write_dashboard_address
-from nodemesh.cli.manifest import (
+from nodemesh.manifests.render import (
     CLI_NAME,
     CONTROLLER_AUDIENCE,
     CONTROLLER_NAME,
@@ -52,11 +45,19 @@ from nodemesh.cli.manifest import (
     daemonset_documents,
     dump_documents,
 )
+from nodemesh.manifests.sandboxfiles import (
+    CONTROLLER_ADDR_FILE,
+    DASHBOARD_ADDR_FILE,
+    TOKEN_FILE,
+    first_token,
+    sandbox_ca,
+    write_controller_address,
+    write_dashboard_address,
+)
 from nodemesh.redirector.plan import hook_present
 from nodemesh.sandbox import cgroups
 
 CONTROLLER_PROCESS = "nodemesh-controller"
-TOKEN_FILE = "controller.token"
 PORT_FORWARD_PROCESS = "nodemesh-port-forward"
 # What --as-pods applied (uninstall deletes exactly this).
 PODS_MANIFEST_FILE = "nodemesh-install.yaml"
@@ -162,9 +163,7 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
             py, "-m", "nodemesh.redirector", "run", "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", "--agent-heartbeat", *capture_args(node),
         ], env=node_env(node))
-    write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
-    # `nodemesh dashboard` reads this beside controller.addr: the controller serves it on 8084.
-    write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)
+    _write_addresses(state_dir, controller_host)
     _wait(lambda: _mesh_healthy(controller, token_path, {n.name for n in nodes}), timeout,
           "capture installed and agents reporting",
           [sb.node_process_log(nodes[0].name, CONTROLLER_PROCESS)]
@@ -209,7 +208,7 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
 
 
 def sandbox_documents(values: InstallValues) -> list[dict[str, Any]]:
-    """The Kubernetes install (cli/manifest.py) as the sandbox's kubelet runs it. Everything is
+    """The Kubernetes install (manifests/render.py) as the sandbox's kubelet runs it. Everything is
     as rendered for a cluster except: the controller reads its API server from the kubeconfig the
     sandbox gives every pod (`$(KUBECONFIG)`), not from the in-cluster configuration, whose fixed
     paths and TLS the sandbox cannot provide."""
@@ -250,8 +249,7 @@ def _install_as_pods(sb: Any, workers: int, timeout: float, say: Callable[[str],
         "--namespace", values.namespace, "--selector", f"app={CONTROLLER_NAME}", "--listen", controller_host,
         "--port", str(CONTROLLER_GRPC_PORT), "--port", str(CONTROLLER_WEB_PORT),
     ])
-    write_sandbox_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
-    write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)
+    _write_addresses(state_dir, controller_host)
     controller = f"{controller_host}:{CONTROLLER_GRPC_PORT}"
     _wait(lambda: _mesh_healthy(controller, token_path, {n.name for n in nodes}), timeout,
           "controller, agents and capture ready", [Path(sb.state_dir) / "logs"])
@@ -313,15 +311,22 @@ _READY_PROBE = (
 )
 
 
+def _write_addresses(state_dir: Path, controller_host: str) -> None:
+    """Where the CLI finds the controller (gRPC) and `nodemesh dashboard` its web port."""
+    write_controller_address(state_dir, controller_host, CONTROLLER_GRPC_PORT)
+    write_dashboard_address(state_dir, controller_host, CONTROLLER_WEB_PORT)
+
+
 def _mesh_healthy(controller: str, token_path: Path, nodes: set[str]) -> bool:
-    ca = sandbox_ca(token_path.parent)
-    config = ClientConfig(controller=controller, token=first_token(token_path.read_text()), timeout_s=2.0,
-                          ca_file=str(ca) if ca else None)
-    try:
-        with connect(config) as api:
-            resp = api.unary("Check", pb.CheckRequest())
-    except CliError:
-        return False
+    """The controller's `Check` (what `nodemesh check` asks): every node's agent connected, ready,
+    and its capture installed."""
+    token = first_token(token_path.read_text())
+    with controller_channel(controller, sandbox_ca(token_path.parent)) as channel:
+        try:
+            resp = pb_grpc.ControllerStub(channel).Check(
+                pb.CheckRequest(), timeout=2.0, metadata=(("authorization", f"Bearer {token}"),))
+        except grpc.RpcError:
+            return False
     healthy = {n.node for n in resp.nodes if n.agent_connected and n.agent_ready and n.capture_installed}
     return nodes <= healthy
 

@@ -12,50 +12,27 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
+import controller_feed
+from controller_feed import NS, PODS, series_for
+from controller_feed import peer as peer_labels
 from nodemesh.api.clusterstate import ClusterObjects, write_objects
 from nodemesh.api.gen import nodemesh_pb2 as pb
-from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
-from nodemesh.controlplane.aggregate import BOUNDS, N_LATENCY
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.main import RunningController, start
+from waiting import eventually
 
-TESTDATA = Path(__file__).resolve().parents[2] / "unit" / "dashboard" / "testdata" / "cluster.json"
-NS = "emojivoto"
-PODS = {"web": "web-5f7c9d8b6-x2vqm", "emoji": "emoji-6b8f4c7d9-k8s7p", "voting": "voting-74d9c8f6b5-h6wnb",
-        "vote-bot": "vote-bot-7c4d8b5f9-p2lkd"}
+TESTDATA = Path(__file__).resolve().parents[1] / "unit" / "dashboard" / "testdata" / "cluster.json"
 IPS = {"web": "10.244.1.5", "emoji": "10.244.1.6", "voting": "10.244.2.8", "vote-bot": "10.244.1.9"}
 NODE_OF = {"web": "node-1", "emoji": "node-1", "voting": "node-2", "vote-bot": "node-1"}
 SERVICE_OF = {"web": "web-svc", "emoji": "emoji-svc", "voting": "voting-svc"}
 # (caller, callee, successes per report, failures per report, latency bucket upper bound in ms)
 TRAFFIC = (("vote-bot", "web", 10, 0, 5.0), ("web", "emoji", 18, 2, 20.0), ("web", "voting", 8, 2, 100.0))
 T = TypeVar("T")
-
-
-def labels(direction: str, src: str, dst: str) -> dict[str, str]:
-    return {"direction": direction, "src_namespace": NS, "src_kind": "deployment", "src_name": src,
-            "src_pod": PODS[src], "dst_namespace": NS, "dst_kind": "deployment", "dst_name": dst,
-            "dst_pod": PODS[dst], "dst_service": f"{SERVICE_OF[dst]}.{NS}",
-            "authority": f"{SERVICE_OF[dst]}.{NS}:8080", "protocol": "http1"}
-
-
-def series(lbl: dict[str, str], success: int, failure: int, bound_ms: float) -> list[pb.Series]:
-    counts = [0] * N_LATENCY
-    counts[BOUNDS.index(bound_ms)] = success + failure
-    return [
-        pb.Series(name="request_total", labels=lbl, value=success + failure),
-        pb.Series(name="response_total", labels={**lbl, "classification": "success", "status_code": "200"},
-                  value=success),
-        pb.Series(name="response_total", labels={**lbl, "classification": "failure", "status_code": "500"},
-                  value=failure),
-        pb.Series(name="response_latency_ms", labels=lbl, bucket_counts=counts, sum=0.0),
-        pb.Series(name="tcp_open_connections", labels=lbl, value=1),
-    ]
 
 
 def traffic_report(node: str, agent_id: str, seq: int) -> pb.AgentMessage:
@@ -65,7 +42,8 @@ def traffic_report(node: str, agent_id: str, seq: int) -> pb.AgentMessage:
     for src, dst, ok, bad, bound in TRAFFIC:
         for direction, who in (("outbound", src), ("inbound", dst)):
             if NODE_OF[who] == node:
-                out += series(labels(direction, src, dst), ok * seq, bad * seq, bound)
+                out += series_for(peer_labels(direction, src, dst, SERVICE_OF[dst], "http1"), ok * seq, bad * seq, bound,
+                                  open_connections=1, read_bytes=None)
     return pb.AgentMessage(metrics=pb.MetricsReport(agent_id=agent_id, seq=seq, time_ms=int(time.time() * 1000),
                                                     series=out))
 
@@ -94,52 +72,20 @@ def tap_request(tap_id: str, request_id: str, path: str, status: int = 200, meth
     ]
 
 
-class FakeAgent:
-    """A real gRPC client speaking the agent's side of Controller.Connect."""
+class FakeAgent(controller_feed.FakeAgent):
+    """A fake agent (tests/support/controller_feed.py) that reports TRAFFIC and lists its open taps."""
 
     def __init__(self, port: int, agent_id: str, node: str, ready: bool = True) -> None:
-        self.agent_id, self.node = agent_id, node
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
-        self.received: list[pb.ControllerMessage] = []
+        super().__init__(port, agent_id, node, ready=ready)
         self.seq = 0
-        self.send(pb.AgentMessage(hello=pb.AgentHello(agent_id=agent_id, node=node, version="0.1.0",
-                                                      start_time_ms=int(time.time() * 1000) + 1000)))
-        self.send(pb.AgentMessage(status=pb.AgentStatus(ready=ready, capture_installed=ready,
-                                                        time_ms=int(time.time() * 1000))))
-        self.call = pb_grpc.ControllerStub(self.channel).Connect(self._messages())
-        self.reader = asyncio.create_task(self._read())
-
-    async def _messages(self) -> AsyncIterator[pb.AgentMessage]:
-        while (msg := await self.outbox.get()) is not None:
-            yield msg
-
-    async def _read(self) -> None:
-        try:
-            async for msg in self.call:
-                self.received.append(msg)
-        except grpc.aio.AioRpcError:
-            pass
-
-    def send(self, msg: pb.AgentMessage) -> None:
-        self.outbox.put_nowait(msg)
 
     def report_traffic(self) -> None:
         self.seq += 1
         self.send(traffic_report(self.node, self.agent_id, self.seq))
 
-    def of(self, which: str) -> list[Any]:
-        return [getattr(m, which) for m in self.received if m.WhichOneof("msg") == which]
-
     def open_taps(self) -> list[str]:
         closed = {c.tap_id for c in self.of("tap_close")}
         return [o.tap_id for o in self.of("tap_open") if o.tap_id not in closed]
-
-    async def close(self) -> None:
-        self.outbox.put_nowait(None)
-        self.call.cancel()
-        await asyncio.gather(self.reader, return_exceptions=True)
-        await self.channel.close()
 
 
 def write_cluster(state_dir: Path) -> None:
@@ -173,7 +119,7 @@ class ControllerThread:
             self.running = await start(self.config)
             for node, ready in (("node-1", True), ("node-2", True)):
                 self.agents[node] = FakeAgent(self.running.grpc_port, f"agent-{node}", node, ready)
-            await wait_for(lambda: len(self.running.controller.sessions) == 2  # type: ignore[union-attr]
+            await eventually(lambda: len(self.running.controller.sessions) == 2  # type: ignore[union-attr]
                            and self.running.controller.ready)  # type: ignore[union-attr]
         self.call(go())
         return self
@@ -196,7 +142,7 @@ class ControllerThread:
             for _ in range(rounds):
                 for a in self.agents.values():
                     a.report_traffic()
-            await wait_for(lambda: all(c.sessions[a.agent_id].reports >= a.seq for a in self.agents.values()))
+            await eventually(lambda: all(c.sessions[a.agent_id].reports >= a.seq for a in self.agents.values()))
             await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
         self.call(go())
 
@@ -204,7 +150,7 @@ class ControllerThread:
         agent = self.agents[node]
 
         async def go() -> str:
-            await wait_for(lambda: bool(agent.open_taps()), timeout)
+            await eventually(lambda: bool(agent.open_taps()), timeout)
             return agent.open_taps()[-1]
         return self.call(go(), timeout + 5)
 
@@ -224,11 +170,3 @@ class ControllerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)

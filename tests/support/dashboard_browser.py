@@ -22,7 +22,7 @@ from playwright.sync_api import Page, sync_playwright
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parents[3] / "artifacts" / "dashboard"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "dashboard"
 METRIC_KEYS = ("meshed", "success", "rps", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
                "tcp_open_connections")
 _COLUMN_OF = {"name": "name", "meshed": "meshed", "success": "success", "rps": "rps",
