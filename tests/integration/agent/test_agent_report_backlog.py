@@ -16,16 +16,11 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from agent_telemetry import count_requests, loopback_agent_config, start_agent
 from nodemesh.agent import report as report_mod
-from nodemesh.agent.config import AgentConfig
-from nodemesh.agent.node import NodeTelemetry
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
-from nodemesh.agent.telemetry import WorkerTelemetry
-from nodemesh.agent.workerlink import make_channel
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 
-WEB, VOTING = "10.244.1.5", "10.244.2.7"
 INTERVAL_S = 0.05
 
 
@@ -53,18 +48,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def count(worker: WorkerTelemetry, n: int, conn_id: int) -> None:
-    meta = ConnectionMeta(conn_id, "outbound", (WEB, 40000 + conn_id), (VOTING, 8080), (VOTING, 8080), "http1",
-                          started=time.monotonic())
-    c = worker.connection_open(meta)
-    for i in range(n):
-        t0 = time.monotonic()
-        r = worker.request_start(c, RequestHead("GET", "http", "voting:8080", f"/v/{i}", stream_id=i + 1, started=t0))
-        worker.response_start(r, 200, [], t0 + 0.001)
-        worker.request_end(r, RequestEnd(response_bytes=3, ended=t0 + 0.002))
-    worker.connection_close(c, ConnectionEnd(read_bytes=10, write_bytes=5, ended=time.monotonic()))
-
-
 def test_a_controller_that_stops_reading_costs_the_agent_a_bounded_outbox() -> None:
     async def body() -> None:
         port = free_port()
@@ -73,14 +56,7 @@ def test_a_controller_that_stops_reading_costs_the_agent_a_bounded_outbox() -> N
         pb_grpc.add_ControllerServicer_to_server(controller, server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        cfg = AgentConfig(node="node-1", admin_host="127.0.0.1", admin_port=0, controller=f"127.0.0.1:{port}",
-                          report_interval_s=INTERVAL_S, workers=1, watch_capture=False)
-        node = NodeTelemetry(cfg)
-        parent_end, child_end = make_channel()
-        worker = WorkerTelemetry(cfg, child_end, worker_index=0)
-        await node.start()
-        node.attach_worker(0, parent_end)
-        await worker.start()
+        node, worker = await start_agent(loopback_agent_config(port, INTERVAL_S, watch_capture=False))
         link = node.controller_link
         assert link is not None
         try:
@@ -92,7 +68,7 @@ def test_a_controller_that_stops_reading_costs_the_agent_a_bounded_outbox() -> N
             # bound the outbox would hold ~60 reports and ~60 statuses.
             peak = 0
             for i in range(60):
-                count(worker, 3, i + 1)
+                count_requests(worker, 3, i + 1)
                 await asyncio.sleep(INTERVAL_S)
                 peak = max(peak, link.reports_queued)
             assert link.reports_held_back > 0, "the window never filled: the test proves nothing"

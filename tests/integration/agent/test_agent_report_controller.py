@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from agent_telemetry import count_requests
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.node import NodeTelemetry
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.telemetry import WorkerTelemetry
 from nodemesh.agent.workerlink import make_channel
 from nodemesh.api.gen import nodemesh_pb2 as pb
@@ -89,16 +89,7 @@ async def start_server(ctl: FakeController, port: int) -> grpc.aio.Server:
 
 
 def do_requests(tel: WorkerTelemetry, n: int, conn_id: int) -> None:
-    meta = ConnectionMeta(conn_id, "outbound", (WEB, 40000 + conn_id), (VOTING, 8080), (VOTING, 8080), "http1",
-                          started=time.monotonic())
-    c = tel.connection_open(meta)
-    for i in range(n):
-        t0 = time.monotonic()
-        r = tel.request_start(c, RequestHead("GET", "http", "voting:8080", f"/v/{i}", stream_id=i + 1,
-                                             started=t0))
-        tel.response_start(r, 200 if i % 4 else 500, [], t0 + 0.001)
-        tel.request_end(r, RequestEnd(response_bytes=3, ended=t0 + 0.002))
-    tel.connection_close(c, ConnectionEnd(read_bytes=100 * n, write_bytes=50 * n, ended=time.monotonic()))
+    count_requests(tel, n, conn_id, status=lambda i: 200 if i % 4 else 500, read_bytes=100 * n, write_bytes=50 * n)
 
 
 def run(coro_fn: Callable[[], Awaitable[None]]) -> None:

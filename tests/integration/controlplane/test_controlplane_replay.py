@@ -19,17 +19,13 @@ import socket
 import time
 from pathlib import Path
 
+from agent_telemetry import count_requests, loopback_agent_config, start_agent
 from controller_link import config_for, run
-from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.node import NodeTelemetry
-from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.telemetry import WorkerTelemetry
-from nodemesh.agent.workerlink import make_channel
 from nodemesh.controlplane.main import RunningController, start
 from nodemesh.controlplane.server import start_grpc_server
 from waiting import eventually
-
-WEB, VOTING = "10.244.1.5", "10.244.2.7"
 
 
 def free_port() -> int:
@@ -48,16 +44,7 @@ class Counted:
 
     def requests(self, n: int) -> None:
         self._conn += 1
-        meta = ConnectionMeta(self._conn, "outbound", (WEB, 40000 + self._conn), (VOTING, 8080), (VOTING, 8080),
-                              "http1", started=time.monotonic())
-        c = self.worker.connection_open(meta)
-        for i in range(n):
-            t0 = time.monotonic()
-            r = self.worker.request_start(c, RequestHead("GET", "http", "voting:8080", f"/v/{i}", stream_id=i + 1,
-                                                         started=t0))
-            self.worker.response_start(r, 200 if i % 5 else 503, [], t0 + 0.001)
-            self.worker.request_end(r, RequestEnd(response_bytes=3, ended=t0 + 0.002))
-        self.worker.connection_close(c, ConnectionEnd(read_bytes=10, write_bytes=5, ended=time.monotonic()))
+        count_requests(self.worker, n, self._conn, status=lambda i: 200 if i % 5 else 503)
         self.batches.append((time.time(), n))
 
     @property
@@ -80,15 +67,7 @@ def assert_filed_when_counted(running: RunningController, counted: Counted) -> N
 
 
 async def agent(port: int) -> tuple[NodeTelemetry, WorkerTelemetry]:
-    cfg = AgentConfig(node="node-1", admin_host="127.0.0.1", admin_port=0, controller=f"127.0.0.1:{port}",
-                      report_interval_s=0.2, workers=1, watch_capture=False)
-    node = NodeTelemetry(cfg)
-    parent_end, child_end = make_channel()
-    worker = WorkerTelemetry(cfg, child_end, worker_index=0)
-    await node.start()
-    node.attach_worker(0, parent_end)
-    await worker.start()
-    return node, worker
+    return await start_agent(loopback_agent_config(port, watch_capture=False))
 
 
 def test_controller_restart_gets_the_whole_history_back(state_dir: Path) -> None:

@@ -313,21 +313,29 @@ def test_an_unexpected_error_in_the_upstream_connect_fails_the_connection_instea
     run(scenario)
 
 
+async def _relay_of(make: Callable[[WorkerContext], Connection]) -> tuple[asyncio.Server, asyncio.Server, int,
+                                                                        WorkerContext, Recorder]:
+    """An echo server behind a loopback relay whose connections `make` builds: (echo server, relay
+    server, relay port, its context, its recorder)."""
+    up = await echo_server()
+    upstream = up.sockets[0].getsockname()[:2]
+    server, _, ctx, rec = await start(upstream, Admission(64))
+    server.close()
+    listener = listen_socket("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    ctx.picker = EndpointPicker(LoopIndex(("127.0.0.1", port), upstream))
+    server = await asyncio.get_running_loop().create_server(lambda: make(ctx), sock=listener)
+    return up, server, port, ctx, rec
+
+
 def _leak_scenario(make: Callable[[WorkerContext], Connection], monkeypatch: Any = None,
                    dial: Any = None) -> None:
     """20 connections through `make`'s Connection; every one must end: closed once, nothing live,
     no admission slot held."""
     async def scenario() -> None:
-        up = await echo_server()
-        upstream = up.sockets[0].getsockname()[:2]
-        server, _, ctx, rec = await start(upstream, Admission(64))
-        server.close()
-        listener = listen_socket("127.0.0.1", 0)
-        port = listener.getsockname()[1]
-        ctx.picker = EndpointPicker(LoopIndex(("127.0.0.1", port), upstream))
         if dial is not None:
             monkeypatch.setattr(Connection, "_dial", dial)
-        server = await asyncio.get_running_loop().create_server(lambda: make(ctx), sock=listener)
+        up, server, port, ctx, rec = await _relay_of(make)
         clients = []
         try:
             for _ in range(20):
@@ -401,14 +409,7 @@ def test_housekeeping_reaps_a_stuck_connection_and_leaves_live_ones_alone(monkey
                 self.close_both()
 
     async def scenario() -> None:
-        up = await echo_server()
-        upstream = up.sockets[0].getsockname()[:2]
-        server, _, ctx, rec = await start(upstream, Admission(64))
-        server.close()
-        listener = listen_socket("127.0.0.1", 0)
-        port = listener.getsockname()[1]
-        ctx.picker = EndpointPicker(LoopIndex(("127.0.0.1", port), upstream))
-        server = await asyncio.get_running_loop().create_server(lambda: CloseAtOnce(ctx, "outbound"), sock=listener)
+        up, server, port, ctx, rec = await _relay_of(lambda ctx: CloseAtOnce(ctx, "outbound"))
         live, closed = [], 10
         try:
             for i in range(closed + 3):
