@@ -109,7 +109,8 @@ int nm_accel_sockops(struct bpf_sock_ops *skops) {
         k.pod_ip = lip; k.pod_port = lport; k.peer_ip = rip; k.peer_port = rport; k.side = SIDE_POD;
     }
     nm_taint.delete(&k);                   /* a reused tuple starts clean */
-    if (nm_pairs.sock_hash_update(skops, &k, BPF_NOEXIST) == 0) count(3, 1);
+    int filed = nm_pairs.sock_hash_update(skops, &k, BPF_NOEXIST);
+    if (filed == 0) count(3, 1);
     return 1;
 }
 
@@ -129,7 +130,8 @@ int nm_accel_msg(struct sk_msg_md *msg) {
     if (!c || !c->enabled || nm_taint.lookup(&self)) return SK_PASS;
     peer = self;
     peer.side = self.side == SIDE_POD ? SIDE_AGENT : SIDE_POD;
-    if (nm_pairs.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) != SK_PASS) {
+    int verdict = nm_pairs.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+    if (verdict != SK_PASS) {
         u32 one = 1;                       /* sent on the stack: this direction stays there */
         nm_taint.update(&self, &one);
         count(2, 1);
