@@ -214,9 +214,13 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
         for f in redirectors:
             f.result()
     for node in nodes:
-        if _rules_left(sb, node.name):
+        # A killed redirector's eBPF pins (capture's, acceleration's) go with its rules.
+        bpf_dir = cgroups.node_bpf_dir(sb.name, node.name)
+        if _rules_left(sb, node.name) or os.path.isdir(bpf_dir) or os.path.isdir(bpf_dir + "-sockmap"):
             sb.node_exec(node.name, [sys.executable, "-m", "nodemesh.redirector", "remove", "--node-ip", node.ip,
-                                     "--pod-cidr", node.pod_cidr], check=True, capture_output=True, timeout=30)
+                                     "--pod-cidr", node.pod_cidr, "--bpf-dir", bpf_dir,
+                                     "--cgroup-root", str(cgroups.node_cgroup(sb.name, node.name))],
+                         check=True, capture_output=True, timeout=30)
     sb.stop_node_process(nodes[0].name, CONTROLLER_PROCESS)
     (Path(sb.state_dir) / CONTROLLER_ADDR_FILE).unlink(missing_ok=True)
     (Path(sb.state_dir) / DASHBOARD_ADDR_FILE).unlink(missing_ok=True)
