@@ -65,11 +65,16 @@ _mtls_option = click.option(
 @click.option("--capture", type=click.Choice(("iptables", "ebpf")), default="iptables",
               help="Outbound capture: iptables nat rules (default), or eBPF cgroup/connect4 programs "
                    "(bcc; falls back to iptables where the node cannot run them). Same as --set capture=.")
+@click.option("--accelerate", type=click.Choice(("none", "sockmap")), default="none",
+              help="sockmap: the pod<->agent hop on a node goes socket to socket (sock_ops + sk_msg), "
+                   "opt-in: docs/bench.md has the figures, docs/redirector.md the caveats. Same as --set accelerate=.")
 def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str | None, as_pods: bool,
-            mtls: bool, capture: str) -> None:
+            mtls: bool, capture: str, accelerate: str) -> None:
     """Print the Kubernetes manifests that install nodemesh (pipe them to `kubectl apply -f -`)."""
     if capture != "iptables":
         sets = (*sets, f"capture={capture}")
+    if accelerate != "none":
+        sets = (*sets, f"accelerate={accelerate}")
     values = _values(sets)
     if as_pods and not sandbox:
         raise click.UsageError("--as-pods goes with --sandbox")
@@ -81,7 +86,8 @@ def install(sets: tuple[str, ...], addon: str | None, sandbox: bool, name: str |
     if sandbox:
         from nodemesh.manifests.sandbox_install import install_sandbox
 
-        address = install_sandbox(name=name, as_pods=as_pods, sets=sets, mtls=mtls, capture=values.capture)
+        address = install_sandbox(name=name, as_pods=as_pods, sets=sets, mtls=mtls, capture=values.capture,
+                                  accelerate=values.accelerate)
         click.echo(f"nodemesh installed on the sandbox; controller at {address}")
         return
     click.echo(_render(values, addon), nl=False)

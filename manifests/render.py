@@ -85,6 +85,9 @@ class InstallValues:
     # the mounts and capabilities the programs need (_ebpf_*), and falls back to iptables by itself
     # on a node that cannot run them.
     capture: str = "iptables"
+    # sockmap: the redirector also loads redirector/sockmap.py (opt-in, docs/bench.md); needs the
+    # redirector's eBPF mounts and capabilities whatever the capture.
+    accelerate: str = "none"
     # stat/edges/routes from Prometheus (controlplane/promstore.py): the controller's --prometheus-url
     # (e.g. http://nodemesh-prometheus.nodemesh.svc:9090 with `--addon prometheus`) and default backend.
     prometheusUrl: str = ""
@@ -201,6 +204,10 @@ def _convert(key: str, text: str) -> Any:
         return tuple(_check_cidr(key, c) for c in _parse_list(text))
     if key == "drainGraceSeconds":
         return _parse_int(key, text, 0, 3600)
+    if key == "accelerate":
+        if text not in ("none", "sockmap"):
+            raise ManifestError("accelerate: expected none or sockmap")
+        return text
     if key == "capture":
         if text not in ("iptables", "ebpf"):
             raise ManifestError("capture: expected iptables or ebpf")
@@ -606,7 +613,8 @@ def _redirector_capabilities(v: InstallValues) -> list[str]:
     # NET_ADMIN + NET_RAW: iptables/ebtables (netlink and the raw socket iptables-legacy uses) and
     # the policy-routing rule. eBPF capture: BPF (load, pin) + PERFMON (the programs hold socket
     # pointers from the sockmap); NET_ADMIN already covers attaching cgroup programs.
-    return ["NET_ADMIN", "NET_RAW", *(["BPF", "PERFMON"] if v.capture == "ebpf" else [])]
+    uses_bpf = v.capture == "ebpf" or v.accelerate == "sockmap"
+    return ["NET_ADMIN", "NET_RAW", *(["BPF", "PERFMON"] if uses_bpf else [])]
 
 
 # eBPF capture on a real node: programs and maps pinned in the host's bpffs (they outlive the
@@ -795,6 +803,12 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                                  {"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True,
                                   "mountPropagation": "HostToContainer"}]
         agent["env"] = [*cast(list[dict[str, Any]], agent["env"]), {"name": "NODEMESH_BPF_DIR", "value": EBPF_BPF_DIR}]
+    if v.accelerate == "sockmap":
+        # Attached at the cgroup root: every pod of the node and the agent's own pod are below it.
+        redirector_args += ["--accelerate", "sockmap"]
+        if v.capture != "ebpf":
+            redirector_args += ["--bpf-dir", EBPF_BPF_DIR, "--cgroup-root", EBPF_CGROUP_ROOT]
+            redirector_mounts += _ebpf_redirector_mounts()
     redirector = {
         "name": "redirector",
         "image": v.image,
@@ -826,7 +840,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
-        *(_ebpf_volumes() if v.capture == "ebpf" else []),
+        *(_ebpf_volumes() if v.capture == "ebpf" or v.accelerate == "sockmap" else []),
         # The pods' private keys: memory only, never on the node's disk, gone with the pod.
         *([{"name": "workload-certs", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}] if v.mtls else []),
     ]

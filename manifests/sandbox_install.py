@@ -95,7 +95,8 @@ def _stat_backend_args(sets: tuple[str, ...]) -> list[str]:
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
                     sets: tuple[str, ...] = (), mtls: bool = False, cert_ttl_s: float = 0.0,
-                    mtls_required: tuple[str, ...] = (), capture: str = "iptables") -> str:
+                    mtls_required: tuple[str, ...] = (), capture: str = "iptables",
+                    accelerate: str = "none") -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
     key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl and
     statBackend do (the controller's stat backend, controlplane/promstore.py). The controller is the
@@ -104,12 +105,17 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     `cert_ttl_s` (tests): the workload certificates' lifetime instead of the controller's 24 h;
     `mtls_required`: namespaces taking cross-node connections only over mTLS (fail closed).
     `capture="ebpf"`: outbound capture by cgroup/connect4 programs in each pod's cgroup
-    (redirector/ebpf.py; the sandbox's per-node cgroup and bpffs directories, sandbox/cgroups.py)."""
+    (redirector/ebpf.py; the sandbox's per-node cgroup and bpffs directories, sandbox/cgroups.py).
+    `accelerate="sockmap"`: redirector/sockmap.py on every node; the agent then runs in a cgroup
+    below the node's (`<node>/agent`), as a DaemonSet pod sits below kubepods, so the sock_ops
+    program attached at the node's cgroup sees its sockets too."""
     say = progress or (lambda msg: click.echo(msg, err=True))
     sb = _sandbox(name)
     if as_pods:
         if capture != "iptables":
             sets = (*sets, f"capture={capture}")
+        if accelerate != "none":
+            sets = (*sets, f"accelerate={accelerate}")
         return _install_as_pods(sb, workers, timeout, say, sets)
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
@@ -144,18 +150,27 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
         return {**(env or {}), "NODEMESH_BPF_DIR": cgroups.node_bpf_dir(sb.name, node.name)}
 
     def capture_args(node: Any) -> list[str]:
-        if capture != "ebpf":
-            return []
-        return ["--capture", "ebpf", "--bpf-dir", cgroups.node_bpf_dir(sb.name, node.name),
-                "--cgroup-root", str(cgroups.node_cgroup(sb.name, node.name))]
+        where = ["--bpf-dir", cgroups.node_bpf_dir(sb.name, node.name),
+                 "--cgroup-root", str(cgroups.node_cgroup(sb.name, node.name))]
+        return [*(["--capture", "ebpf"] if capture == "ebpf" else []),
+                *(["--accelerate", accelerate] if accelerate != "none" else []),
+                *(where if capture == "ebpf" or accelerate != "none" else [])]
+
+    def in_node_cgroup(node: Any, argv: list[str]) -> list[str]:
+        if accelerate == "none":
+            return argv
+        path = cgroups.prepare_pod(sb.name, node.name, "-agent")
+        if path is None:
+            return argv   # no cgroup2 mount: the redirector's probe turns acceleration off
+        return cgroups.join_argv(path, argv)
 
     for node in nodes:
-        sb.start_node_process(node.name, agent_process(node.name), [
+        sb.start_node_process(node.name, agent_process(node.name), in_node_cgroup(node, [
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--controller", controller, "--token-file", str(token_path), "--controller-ca", str(pki.ca),
             "--workers", str(workers), "--cert-dir", str(state_dir / "certs" / node.name),
             *(["--mtls"] if mtls else []),
-        ], env=node_env(node))
+        ]), env=node_env(node))
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])
     for node in nodes:
@@ -198,9 +213,13 @@ def uninstall_sandbox(name: str | None = None, progress: Callable[[str], None] |
         for f in redirectors:
             f.result()
     for node in nodes:
-        if _rules_left(sb, node.name):
+        # A killed redirector's eBPF pins (capture's, acceleration's) go with its rules.
+        bpf_dir = cgroups.node_bpf_dir(sb.name, node.name)
+        if _rules_left(sb, node.name) or os.path.isdir(bpf_dir) or os.path.isdir(bpf_dir + "-sockmap"):
             sb.node_exec(node.name, [sys.executable, "-m", "nodemesh.redirector", "remove", "--node-ip", node.ip,
-                                     "--pod-cidr", node.pod_cidr], check=True, capture_output=True, timeout=30)
+                                     "--pod-cidr", node.pod_cidr, "--bpf-dir", bpf_dir,
+                                     "--cgroup-root", str(cgroups.node_cgroup(sb.name, node.name))],
+                         check=True, capture_output=True, timeout=30)
     sb.stop_node_process(nodes[0].name, CONTROLLER_PROCESS)
     (Path(sb.state_dir) / CONTROLLER_ADDR_FILE).unlink(missing_ok=True)
     (Path(sb.state_dir) / DASHBOARD_ADDR_FILE).unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from nodemesh.api.model import ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
-from nodemesh.redirector import ebpf, ebpf_mode
+from nodemesh.redirector import ebpf, ebpf_mode, sockmap, sockmap_mode
 from nodemesh.redirector.antispoof import AntiSpoof
 from nodemesh.redirector.apply import ApplyError, Netfilter, Redirector, detect_backend, detect_eb_backend
 from nodemesh.redirector.config import (
@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="how pods' outbound TCP reaches the agent: iptables nat rules, or cgroup/connect4 "
                              "programs in each pod's cgroup (bcc; falls back to iptables, logged, when the "
                              "node cannot run them). Inbound capture is iptables either way")
+    common.add_argument("--accelerate", choices=("none", "sockmap"), default="none",
+                        help="sockmap: sock_ops + sk_msg programs carry the local hop between a pod and the "
+                             "agent socket to socket, past the TCP/IP stack (opt-in: docs/redirector.md "
+                             "says what it costs and where it is unsafe). Off, logged, where the kernel refuses")
     common.add_argument("--bpf-dir", default=ebpf.DEFAULT_BPF_DIR,
                         help="--capture ebpf: where programs and maps are pinned (on a bpffs)")
     common.add_argument("--cgroup-root", default=ebpf.DEFAULT_CGROUP_ROOT,
@@ -181,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gone = ebpf.EbpfCapture(config.node_ip, config.outbound_port, config.networks, (),
                                         args.bpf_dir, args.cgroup_root).remove()
                 log("removed_ebpf", changed=str(gone).lower(), bpf_dir=args.bpf_dir)
+            if sockmap.pinned(args.bpf_dir):
+                gone = sockmap.SockmapAccel(config.node_ip, config.outbound_port, config.networks[0], False,
+                                            args.bpf_dir, args.cgroup_root).remove()
+                log("removed_sockmap", changed=str(gone).lower(), bpf_dir=sockmap.accel_dir(args.bpf_dir))
         elif args.verb == "fail-open":
             if ebpf.read_enabled(args.bpf_dir):   # no compile at pod start: switch the pinned one off
                 ebpf.EbpfCapture(config.node_ip, config.outbound_port, config.networks, (),
@@ -188,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log("capture_removed", reason="pod_start", mode="ebpf", fail_open="true")
         else:
             config, redirector = ebpf_mode.choose(config, redirector, args.bpf_dir, args.cgroup_root, log)
+            if args.verb == "run":
+                redirector = sockmap_mode.choose(config, redirector, args.accelerate, args.bpf_dir,
+                                                 args.cgroup_root, log)
         if args.verb == "apply":
             changed = redirector.apply(build_plan(config))
             log("applied", changed=str(changed).lower(), backend=redirector.nf.backend)

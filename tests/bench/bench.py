@@ -42,11 +42,14 @@ class BenchConfig:
     grpc_concurrency: int = 32  # in-flight RPCs at saturation
     bulk_mb: int = 1024
     agent_workers: int | None = None  # None: the agent's default (one per usable CPU)
+    # Meshed columns, each a capture (+ acceleration) of the redirector: "iptables", "ebpf",
+    # "ebpf+sockmap", "iptables+sockmap". The first is the "meshed" column of the main table.
+    modes: tuple[str, ...] = ("iptables",)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True), repr=False)
 
     @classmethod
     def make(cls, quick: bool = False, duration: float | None = None, bulk_mb: int | None = None,
-             agent_workers: int | None = None) -> BenchConfig:
+             agent_workers: int | None = None, modes: tuple[str, ...] = ("iptables",)) -> BenchConfig:
         cfg = cls(duration=2.5, warmup=0.5, bulk_mb=256) if quick else cls()
         if duration is not None:
             cfg.duration = duration
@@ -54,7 +57,16 @@ class BenchConfig:
         if bulk_mb is not None:
             cfg.bulk_mb = bulk_mb
         cfg.agent_workers = agent_workers
+        for mode in modes:
+            capture, _, accel = mode.partition("+")
+            if capture not in ("iptables", "ebpf") or accel not in ("", "sockmap"):
+                raise ValueError(f"unknown mode {mode!r} (iptables, ebpf, ebpf+sockmap, iptables+sockmap)")
+        cfg.modes = tuple(modes)
         return cfg
+
+    @property
+    def uses_bpf(self) -> bool:
+        return any(m != "iptables" for m in self.modes)
 
 
 def node_env() -> dict[str, str]:
@@ -177,6 +189,8 @@ class Bench:
         self.agent_roots: dict[str, int] = {}  # node -> agent parent pid, while meshed
         self.agent_args: list[str] = []        # more agent flags (tests/bench/routes.py: --no-route-metrics)
         self.results: dict[str, Any] = {"direct": {}, "meshed": {}}
+        self.results.update({mode_key(m): {} for m in cfg.modes[1:]})
+        self.mode = ""                         # the meshed mode capturing now ("": direct)
 
     # ---- running things in pods
     def _json_in_pod(self, pod: str, argv: list[str], timeout: float) -> dict[str, Any]:
@@ -281,10 +295,18 @@ class Bench:
     def start_agents(self, timeout: float = 60.0) -> None:
         workers = ["--workers", str(self.cfg.agent_workers)] if self.cfg.agent_workers else []
         for n in self.nodes:
-            self.sb.start_node_process(n.name, self._agent_name(n.name), [
-                PY, "-m", "nodemesh.agent", "--node", n.name, "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers, *self.agent_args],
-                env=node_env())
+            argv = [PY, "-m", "nodemesh.agent", "--node", n.name, "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
+                    "--identity-file", str(self.sb.state_dir), "--drain-grace", "2", *workers, *self.agent_args]
+            env = node_env()
+            if self.cfg.uses_bpf:
+                # As `install --sandbox` runs it with eBPF modes: the pinned maps' directory, and a
+                # cgroup below the node's (the sockmap programs' attach point), as a DaemonSet pod.
+                from nodemesh.sandbox import cgroups
+
+                env["NODEMESH_BPF_DIR"] = cgroups.node_bpf_dir(self.sb.name, n.name)
+                cg = cgroups.prepare_pod(self.sb.name, n.name, "-agent")
+                argv = cgroups.join_argv(cg, argv) if cg is not None else argv
+            self.sb.start_node_process(n.name, self._agent_name(n.name), argv, env=env)
         self._wait(lambda: all(self._ready(n.name) for n in self.nodes), timeout, "agents /ready",
                    [self.sb.node_process_log(n.name, self._agent_name(n.name)) for n in self.nodes])
         for n in self.nodes:
@@ -293,10 +315,31 @@ class Bench:
                 raise RuntimeError(f"agent on {n.name} is not running")
             self.agent_roots[n.name] = pid
 
-    def capture(self, on: bool, timeout: float = 30.0) -> None:
+    def capture(self, on: bool, timeout: float = 60.0, mode: str = "iptables") -> None:
         """Start the redirectors (they install capture once the agent is ready) or stop them (SIGTERM:
-        they remove every rule), and wait until the nat hook is there / gone on both nodes."""
+        they remove every rule and eBPF program), and wait until the nat hook is there / gone on
+        both nodes (eBPF capture keeps the inbound nat hook), and an eBPF mode really runs."""
         from nodemesh.redirector.plan import hook_present
+        from nodemesh.sandbox import cgroups
+
+        capture, _, accel = mode.partition("+")
+
+        def mode_args(node: str) -> list[str]:
+            if mode == "iptables":
+                return []
+            return ["--capture", capture, *(["--accelerate", accel] if accel else []),
+                    "--bpf-dir", cgroups.node_bpf_dir(self.sb.name, node),
+                    "--cgroup-root", str(cgroups.node_cgroup(self.sb.name, node))]
+
+        def mode_running(node: str) -> bool:
+            log = self.sb.node_process_log(node, f"bench-redirector-{node}")
+            text = log.read_text(errors="replace") if log.exists() else ""
+            ok = capture != "ebpf" or "event=capture_mode mode=ebpf" in text
+            if accel:
+                ok = ok and "event=accelerate mode=sockmap" in text
+            if "fallback_from=ebpf" in text or "event=accelerate mode=none" in text:
+                raise RuntimeError(f"{mode} refused on {node}:\n{text[-1500:]}")
+            return ok
 
         def hooked(node: str) -> bool:
             return hook_present(self.sb.node_exec(node, ["iptables-save", "-t", "nat"], capture_output=True,
@@ -304,14 +347,28 @@ class Bench:
 
         for n in self.nodes:
             if on:
+                log = self.sb.node_process_log(n.name, f"bench-redirector-{n.name}")
+                if log.exists():   # mode_running reads this start's lines only
+                    log.write_text("")
                 self.sb.start_node_process(n.name, f"bench-redirector-{n.name}", [
                     PY, "-m", "nodemesh.redirector", "run", "--node-ip", n.ip, "--pod-cidr", n.pod_cidr,
-                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}"], env=node_env())
+                    "--agent-admin", f"http://127.0.0.1:{ADMIN_PORT}", *mode_args(n.name)], env=node_env())
             else:
-                self.sb.stop_node_process(n.name, f"bench-redirector-{n.name}")
-        self._wait(lambda: all(hooked(n.name) == on for n in self.nodes), timeout,
+                self.sb.stop_node_process(n.name, f"bench-redirector-{n.name}", timeout=30.0)
+        self._wait(lambda: all(hooked(n.name) == on and (not on or mode_running(n.name)) for n in self.nodes),
+                   timeout,
                    f"capture {'installed' if on else 'removed'}",
                    [self.sb.node_process_log(n.name, f"bench-redirector-{n.name}") for n in self.nodes])
+
+    def switch(self, mode: str) -> None:
+        """Capture as `mode` ("": none, direct) from whatever captures now."""
+        if mode == self.mode:
+            return
+        if self.mode:
+            self.capture(False, mode=self.mode)
+        if mode:
+            self.capture(True, mode=mode)
+        self.mode = mode
 
     def _ready(self, node: str) -> bool:
         try:
@@ -365,26 +422,83 @@ class Bench:
         r["agent_pss_idle_by_process_mb"] = {n: {str(p): round(procstat.pss_mb([p]), 1) for p in pids}
                                              for n, pids in r["agent_pids"].items()}
         with procstat.RssSampler(list(self.agent_roots.values())) as sampler:
-            captured = False
-            for name, app, run in self.scenarios():
-                # Alternate the order (direct, meshed | meshed, direct | ...): one capture switch per
-                # scenario, and a slow drift of the machine's load does not always favour one mode.
-                for mode in (("meshed", "direct") if captured else ("direct", "meshed")):
-                    if (mode == "meshed") != captured:
-                        captured = mode == "meshed"
-                        self.capture(captured)
-                    c.log(f"bench: {name}: {mode} ...")
-                    r[mode][name] = self._accounted(run, app, meshed=captured)
+            order = ["", *c.modes]   # "": direct
+            for i, (name, app, run) in enumerate(self.scenarios()):
+                # Snake through the modes (direct, iptables, ebpf | ebpf, iptables, direct | ...): one
+                # switch fewer per scenario, and a slow drift of the machine's load does not always
+                # favour one mode.
+                for mode in (order if i % 2 == 0 else order[::-1]):
+                    self.switch(mode)
+                    key = "direct" if not mode else ("meshed" if mode == c.modes[0] else mode_key(mode))
+                    c.log(f"bench: {name}: {mode or 'direct'} ...")
+                    r[key][name] = self._accounted(run, app, meshed=bool(mode))
         r["agent_rss_loaded_mb"] = {n: round(sampler.max_by_root[root], 1) for n, root in self.agent_roots.items()}
         r["agent_pss_loaded_mb"] = {n: round(sampler.max_pss_by_root[root], 1)
                                     for n, root in self.agent_roots.items()}
         r["agent_requests_seen"] = self.agent_requests_seen()
         r["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         r["figures"] = figures(r)
+        r["figures_by_mode"] = {mode: mode_figures(r["direct"], r["meshed" if i == 0 else mode_key(mode)])
+                                for i, mode in enumerate(c.modes)}
         return r
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def mode_key(mode: str) -> str:
+    """Where a meshed mode other than the first keeps its results ("meshed" holds the first)."""
+    return f"meshed:{mode}"
+
+
+def mode_figures(d: dict[str, Any], m: dict[str, Any]) -> dict[str, float]:
+    """One meshed mode against direct: what the side-by-side mode table shows."""
+    f: dict[str, float] = {}
+    for s in ("http_fixed_cross", "http_fixed_same"):
+        for q in ("p50", "p99"):
+            f[f"{s}_added_{q}_ms"] = round(m[s][f"{q}_ms"] - d[s][f"{q}_ms"], 4)
+    for s in ("http_sat_cross", "http_sat_same", "grpc_sat"):
+        f[f"{s}_ratio"] = round(m[s]["rps"] / d[s]["rps"], 3) if d[s]["rps"] else 0.0
+    for s in ("http_sat_cross", "http_sat_same", "http_fixed_same"):
+        cpu = m[s]["cpu"]
+        f[f"{s}_agent_cpu_s_per_1000"] = m[s].get("agent_cpu_s_per_1000", 0.0)
+        f[f"{s}_agent_kernel_share"] = round(cpu["agent_sys_cpu_s"] / cpu["agent_cpu_s"], 3) if cpu["agent_cpu_s"] else 0.0
+    f["bulk_mb_s"] = m["bulk"]["mb_per_s"]
+    f["bulk_ratio"] = round(m["bulk"]["mb_per_s"] / d["bulk"]["mb_per_s"], 3) if d["bulk"]["mb_per_s"] else 0.0
+    f["errors"] = sum(int(m[s].get("errors") or 0) for s in m)
+    return f
+
+
+def render_modes(r: dict[str, Any]) -> list[str]:
+    """The meshed modes side by side (issue 14): one column per capture mode, same run."""
+    modes = r["config"]["modes"]
+    cols = {mode: r["figures_by_mode"][mode] for mode in modes}
+    rate = int(r["config"]["http_rate"])
+    rows = [(f"added p50 ms, HTTP/1.1 {rate} rps cross", "http_fixed_cross_added_p50_ms", "{:+.3f}"),
+            (f"added p99 ms, HTTP/1.1 {rate} rps cross", "http_fixed_cross_added_p99_ms", "{:+.3f}"),
+            (f"added p50 ms, HTTP/1.1 {rate} rps same node", "http_fixed_same_added_p50_ms", "{:+.3f}"),
+            (f"added p99 ms, HTTP/1.1 {rate} rps same node", "http_fixed_same_added_p99_ms", "{:+.3f}"),
+            ("saturation ratio, HTTP/1.1 cross", "http_sat_cross_ratio", "{:.2f}"),
+            ("saturation ratio, HTTP/1.1 same node", "http_sat_same_ratio", "{:.2f}"),
+            ("saturation ratio, gRPC unary", "grpc_sat_ratio", "{:.2f}"),
+            ("agent CPU-s/1000 req, HTTP sat same node", "http_sat_same_agent_cpu_s_per_1000", "{:.4f}"),
+            ("  kernel share", "http_sat_same_agent_kernel_share", "{:.0%}"),
+            ("agent CPU-s/1000 req, HTTP sat cross", "http_sat_cross_agent_cpu_s_per_1000", "{:.4f}"),
+            ("  kernel share", "http_sat_cross_agent_kernel_share", "{:.0%}"),
+            (f"agent CPU-s/1000 req, HTTP {rate} rps same", "http_fixed_same_agent_cpu_s_per_1000", "{:.4f}"),
+            ("  kernel share", "http_fixed_same_agent_kernel_share", "{:.0%}"),
+            ("bulk TCP cross-node MB/s", "bulk_mb_s", "{:.0f}"),
+            ("  vs direct", "bulk_ratio", "{:.2f}"),
+            ("failed requests (all scenarios)", "errors", "{:d}")]
+    w0 = max(len(label) for label, _k, _f in rows)
+    widths = [max(12, len(mode)) for mode in modes]
+    out = ["capture modes side by side (each against the same direct runs):",
+           "  " + "".ljust(w0) + "  " + "  ".join(mode.rjust(w) for mode, w in zip(modes, widths, strict=True))]
+    for label, key, fmt in rows:
+        cells = [fmt.format(int(cols[mode][key]) if fmt == "{:d}" else cols[mode][key]).rjust(w)
+                 for mode, w in zip(modes, widths, strict=True)]
+        out.append("  " + label.ljust(w0) + "  " + "  ".join(cells))
+    return out
+
+
 def figures(r: dict[str, Any]) -> dict[str, float]:
     """The headline numbers, flat (what the table, the JSON and the smoke test read)."""
     d, m = r["direct"], r["meshed"]
@@ -489,6 +603,9 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"  {s:16s} {mode:6s} {cpu['machine_busy_cores']:7.2f} {cpu['client_cpu_s'] / w:7.2f} "
                          f"{cpu['server_cpu_s'] / w:7.2f} {cpu['agent_cpu_s'] / w:7.2f} "
                          f"{cpu['others_busy_cores']:7.2f}")
+    if len(c.get("modes", ())) > 1:
+        lines.append("")
+        lines.extend(render_modes(r))
     lines.append(f"load average at start {' '.join(r['loadavg_start'])}, at end {' '.join(r['loadavg_end'])}")
     warn = _warnings(r)
     if warn:

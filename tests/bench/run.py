@@ -1,6 +1,7 @@
 """nodemesh benchmark: direct vs meshed on a 2-node sandbox, in one run (root required).
 
     python3 tests/bench/run.py [--quick] [--duration S] [--json OUT] [--bulk-mb N] [--workers N] [--name NAME]
+                               [--modes iptables,ebpf,ebpf+sockmap]
 
 Prints a table of raw numbers and meshed/direct ratios (never pass/fail); docs/bench.md explains
 every figure. The sandbox is always torn down, also on Ctrl-C, SIGTERM or failure.
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bulk-mb", type=int, help="MiB sent by the bulk TCP scenario (default 1024; quick 256)")
     ap.add_argument("--workers", type=int, help="agent worker processes per node (default: the agent's own)")
     ap.add_argument("--name", help="sandbox name (default: a unique one); it is always removed at the end")
+    ap.add_argument("--modes", default="iptables,ebpf,ebpf+sockmap",
+                    help="meshed columns, comma-separated: iptables, ebpf, ebpf+sockmap, iptables+sockmap "
+                         "(default: the first three, side by side; the first is the main table's 'meshed')")
     ap.add_argument("--json", metavar="OUT", help="also write every raw result and the figures as JSON")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, _sigterm)
     cfg = bench.BenchConfig.make(quick=args.quick, duration=args.duration, bulk_mb=args.bulk_mb,
-                                 agent_workers=args.workers)
+                                 agent_workers=args.workers, modes=tuple(m for m in args.modes.split(",") if m))
     t0 = time.monotonic()
     try:
         results = bench.run_bench(cfg, name=args.name)

@@ -170,9 +170,11 @@ def describe(delta: Counter[Key]) -> str:
 class Mesh:
     """The running sandbox + mesh, and what the tests need to drive and observe it."""
 
-    def __init__(self, sb: Sandbox, workdir: Path, cni: str, capture: str = "iptables") -> None:
+    def __init__(self, sb: Sandbox, workdir: Path, cni: str, capture: str = "iptables",
+                 accelerate: str = "none") -> None:
         self.sb = sb
         self.capture = capture
+        self.accelerate = accelerate
         self.workdir = workdir
         self.cni = cni
         self.nodes = {n.name: n for n in sb.nodes()}
@@ -300,15 +302,15 @@ def bytes_of(delta: Counter[Key], metric: str) -> dict[tuple[str, str], int]:
 
 
 @contextlib.contextmanager
-def mesh_cluster(cni: str, workdir: Path, capture: str = "iptables") -> Iterator[Mesh]:
+def mesh_cluster(cni: str, workdir: Path, capture: str = "iptables", accelerate: str = "none") -> Iterator[Mesh]:
     """The sandbox with the peers running and the mesh installed (outbound capture by iptables
     or eBPF); always uninstalled and torn down."""
     conf = write_nginx(workdir)
     with running_sandbox(nodes=2, cni=cni, manifests=[manifests(conf)], timeout=90,
                          backoff=(1.0, 5.0)) as sb:
         try:
-            install_sandbox(sb.name, timeout=60, progress=lambda _msg: None, capture=capture)
-            yield Mesh(sb, workdir, cni, capture)
+            install_sandbox(sb.name, timeout=60, progress=lambda _msg: None, capture=capture, accelerate=accelerate)
+            yield Mesh(sb, workdir, cni, capture, accelerate)
         finally:
             with contextlib.suppress(Exception):
                 uninstall_sandbox(sb.name, progress=lambda _msg: None)

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from mesh_harness import NS, Mesh, mesh_cluster, parse_counters
 from nodemesh.manifests.sandbox_install import agent_process, redirector_process
+from nodemesh.redirector import sockmap
 from nodemesh.sandbox import cgroups
 
 pytestmark = pytest.mark.root
@@ -41,9 +42,13 @@ MAX_GAP_S = 0.35     # the issue's 100 ms, with a margin for a loaded 2-core mac
 LOAD = Path(__file__).resolve().parents[1] / "realnode" / "realnode_load.py"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    with mesh_cluster("bridge", tmp_path_factory.mktemp("ebpf-failopen"), "ebpf") as m:
+@pytest.fixture(scope="module", params=["ebpf", "ebpf-sockmap"])
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """eBPF capture, and the same with sockmap acceleration: a killed agent's accelerated sockets
+    leave the sockhash with it, and fail-open stays the capture's (issue 14 item 2)."""
+    _capture, _, accelerate = request.param.partition("-")
+    with mesh_cluster("bridge", tmp_path_factory.mktemp(f"failopen-{request.param}"), "ebpf",
+                      accelerate or "none") as m:
         yield m
 
 
@@ -122,7 +127,7 @@ def test_mesh_ebpf_kill_agent_new_connections_go_direct_within_100ms(mesh: Mesh,
     # The node is captured again once the restarted agent is ready and registered.
     counted = _outbound_requests(mesh, node) if _wait(lambda: mesh.scrape(node), 30) else 0.0
     log = mesh.sb.node_process_log(node, redirector_process(node)).read_text(errors="replace")
-    print(f"\nebpf kill -9 {what} on {node}: gap kill -> first successful new connection {gap * 1000:.1f} ms "
+    print(f"\nebpf{'+sockmap' if mesh.accelerate == 'sockmap' else ''} kill -9 {what} on {node}: gap kill -> first successful new connection {gap * 1000:.1f} ms "
           f"(first answered {answered * 1000:.1f} ms after the kill; first attempt {(after[0]['t'] - killed) * 1000:.1f} ms); "
           f"failed after the kill {len(failed)} of {len(after)} (last started {window * 1000:.1f} ms after the kill; "
           f"errors {errors}); in flight at the kill and failed {len(in_flight)}")
@@ -159,12 +164,18 @@ def test_mesh_ebpf_uninstall_leaves_no_program_map_or_pin(mesh: Mesh) -> None:
         return _json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else None
 
     pod_dirs = [Path(d) for n in mesh.nodes for d in cgroups.node_cgroup(mesh.sb.name, n).glob("pod*")]
-    prog_ids = {p["id"] for d in pod_dirs for p in bpftool("cgroup", "show", str(d)) or []}
+    # sockmap acceleration attaches once at the node's directory (the agent's and the pods' parent).
+    pod_dirs += [cgroups.node_cgroup(mesh.sb.name, n) for n in mesh.nodes]
+    attached = [p for d in pod_dirs for p in bpftool("cgroup", "show", str(d)) or []]
+    prog_ids = {p["id"] for p in attached}
     assert prog_ids, "no program attached before the uninstall"
+    if mesh.accelerate == "sockmap":
+        assert "nm_accel_sockops" in {p["name"] for p in attached}, attached
     map_ids = {m for pid in prog_ids for m in (bpftool("prog", "show", "id", str(pid)) or {}).get("map_ids", [])}
     uninstall_sandbox(mesh.sb.name, progress=lambda _m: None)
     for n in mesh.nodes:
         assert not os.path.exists(cgroups.node_bpf_dir(mesh.sb.name, n)), n
+        assert not os.path.exists(sockmap.accel_dir(cgroups.node_bpf_dir(mesh.sb.name, n))), n
     assert not [(d, bpftool("cgroup", "show", str(d))) for d in pod_dirs if bpftool("cgroup", "show", str(d))]
     deadline = time.monotonic() + 10
     while True:

@@ -253,3 +253,35 @@ def test_manifests_captured_namespaces_and_tap_limit_reach_the_controller() -> N
 def test_manifests_stat_backend_sets_are_checked(sets: list[str], message: str) -> None:
     with pytest.raises(ManifestError, match=message):
         apply_sets(InstallValues(), sets)
+
+
+def test_manifests_accelerate_sockmap_adds_the_redirector_bpf_privileges_only() -> None:
+    """Issue 14 item 2: `--accelerate sockmap` is the redirector's (it loads and attaches the
+    programs; the agent never touches their maps): with iptables capture the redirector gets what
+    eBPF capture gives it, the agent nothing; with eBPF capture only the flag is added."""
+    plain = _find(_docs(render_daemonset(InstallValues())), "DaemonSet")["spec"]["template"]["spec"]
+    accel = _find(_docs(render_daemonset(InstallValues(accelerate="sockmap"))), "DaemonSet")["spec"]["template"]["spec"]
+    ebpf = _find(_docs(render_daemonset(InstallValues(capture="ebpf"))), "DaemonSet")["spec"]["template"]["spec"]
+    both = _find(_docs(render_daemonset(InstallValues(capture="ebpf", accelerate="sockmap"))),
+                 "DaemonSet")["spec"]["template"]["spec"]
+
+    def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {i["name"]: i for i in items}
+
+    a, p = by_name(accel["containers"]), by_name(plain["containers"])
+    assert a["agent"] == p["agent"]
+    assert a["redirector"]["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"]
+    assert {m["name"] for m in a["redirector"]["volumeMounts"]} - {m["name"] for m in p["redirector"]["volumeMounts"]} \
+        == {"bpffs", "cgroup2", "modules", "usr-src"}
+    args = a["redirector"]["args"]
+    assert args[args.index("--accelerate") + 1] == "sockmap" and "--capture" not in args
+    assert "--cgroup-root" in args and "--bpf-dir" in args
+    b, e = by_name(both["containers"]), by_name(ebpf["containers"])
+    assert b["agent"] == e["agent"]
+    assert [x for x in b["redirector"]["args"] if x not in e["redirector"]["args"]] == ["--accelerate", "sockmap"]
+    assert both["volumes"] == ebpf["volumes"]
+    result = CliRunner().invoke(cli, ["install", "--accelerate", "sockmap"])
+    assert result.exit_code == 0, result.output
+    assert result.output == CliRunner().invoke(cli, ["install", "--set", "accelerate=sockmap"]).output
+    with pytest.raises(ManifestError, match="accelerate: expected none or sockmap"):
+        apply_sets(InstallValues(), ["accelerate=splice"])
