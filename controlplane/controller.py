@@ -60,6 +60,7 @@ _ROUTE_FAMILIES = frozenset((ROUTE_REQUEST_TOTAL, ROUTE_RESPONSE_TOTAL, ROUTE_RE
 _ACK = object()       # outbox marker: acknowledge the increment reports stored (coalesces)
 # An agent clock this far off ours is corrected by the measured skew when filing its reports.
 SKEW_CORRECT_MS = 1000
+CHECK_BACKEND_TIMEOUT_S = 1.0  # Check asks the stat backend within this (a healthy Prometheus: milliseconds)
 MAX_SCRAPE_REVIEWS = 256  # scrapers' credential checks in flight for all agents
 # token -> (allowed, could not be checked now, message): controlplane/auth.review_scrape
 ScrapeReviewer = Callable[[str], Awaitable[tuple[bool, bool, str]]]
@@ -631,8 +632,10 @@ class Controller:
         return resp
 
     async def answer_check(self) -> pb.CheckResponse:
-        """check(), and the default stat backend: Prometheus asked (bounded by its timeout) whether
-        it answers and how many agents' metrics it holds."""
+        """check(), and the default stat backend: Prometheus asked whether it answers and how many
+        agents' metrics it holds — within CHECK_BACKEND_TIMEOUT_S, so a Prometheus that hangs makes
+        `check` (and the install's health wait, which asks Check with a 2 s deadline) say so
+        instead of timing out itself."""
         resp = self.check()
         resp.stat_backend = self.config.stat_backend
         if self.config.stat_backend != promstore.PROMETHEUS or self.prometheus is None:
@@ -641,7 +644,7 @@ class Controller:
         resp.stat_backend_url = self.prometheus.url
         ready = len({s.node for s in self.sessions.values() if s.ready})
         try:
-            scraped = await self.prometheus.agents_scraped(time.time())
+            scraped = await self.prometheus.agents_scraped(time.time(), CHECK_BACKEND_TIMEOUT_S)
         except promstore.PrometheusError as exc:
             resp.stat_backend_detail = str(exc)
             return resp

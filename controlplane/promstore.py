@@ -248,12 +248,14 @@ class PrometheusStore:
         return Snapshot(window_s, totals_from(family, window_s, dict(zip(asked, replies))),
                         agents_scraped=int(sum(v for _, v in agents)))
 
-    async def agents_scraped(self, now: float) -> int:
-        """How many agents' metrics Prometheus holds now (PrometheusError when it does not answer)."""
+    async def agents_scraped(self, now: float, timeout_s: float | None = None) -> int:
+        """How many agents' metrics Prometheus holds now (PrometheusError when it does not answer
+        within `timeout_s`, default the store's timeout)."""
+        timeout_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         try:
-            agents = await asyncio.wait_for(self.query(AGENTS_SCRAPED, now), self.timeout_s)
+            agents = await asyncio.wait_for(self.query(AGENTS_SCRAPED, now), timeout_s)
         except TimeoutError:
-            raise PrometheusError(f"{self.url} did not answer within {self.timeout_s:g}s") from None
+            raise PrometheusError(f"{self.url} did not answer within {timeout_s:g}s") from None
         return int(sum(v for _, v in agents))
 
     async def query(self, expr: str, at: float) -> Vector:

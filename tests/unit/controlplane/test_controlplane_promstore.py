@@ -112,3 +112,31 @@ def test_controller_backend_choice_and_errors() -> None:
     assert time.monotonic() - t0 < 5
     # The window is checked before anything is asked.
     assert "too short" in _stat(down, "prometheus", window_s=5).error
+
+
+def test_check_names_a_prometheus_that_hangs_within_a_second() -> None:
+    """`nodemesh check` (and the sandbox install's health wait: Check with a 2 s deadline) must not
+    wait out the backend's 10 s query timeout: a Prometheus that accepts and never answers is
+    reported within CHECK_BACKEND_TIMEOUT_S, the node checks still answered."""
+    import socket
+
+    from nodemesh.controlplane.controller import CHECK_BACKEND_TIMEOUT_S
+
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # accepts (backlog), never reads or answers
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        controller = Controller(ControllerConfig(prometheus_url=url, stat_backend="prometheus",
+                                                 prometheus_timeout_s=10))
+
+        async def ask() -> tuple[pb.CheckResponse, float]:
+            t0 = time.monotonic()
+            try:
+                return await controller.answer_check(), time.monotonic() - t0
+            finally:
+                await controller.stop()
+
+        resp, took = asyncio.run(ask())
+    assert resp.stat_backend == "prometheus" and resp.stat_backend_url == url and not resp.stat_backend_ok
+    assert resp.stat_backend_detail == f"{url} did not answer within {CHECK_BACKEND_TIMEOUT_S:g}s", resp
+    assert took < CHECK_BACKEND_TIMEOUT_S + 2, took
+    memory = Controller(ControllerConfig())
+    assert memory.check().nodes == [] and asyncio.run(memory.answer_check()).stat_backend_ok
