@@ -388,11 +388,12 @@ class AdminServer:
         if path == "/live":
             return 200, TEXT, b"live\n"
         if path == "/capture":
-            from nodemesh.agent.capture import ebpf_capture_state
+            from nodemesh.agent.capture import ebpf_capture_state, sockmap_stats
 
             return 200, "application/json", json.dumps({"excluded_ips": self._excluded_ips(),
                                                         "synced": self._identity_synced(),
-                                                        **ebpf_capture_state()}).encode()
+                                                        **ebpf_capture_state(),
+                                                        "sockmap": sockmap_stats()}).encode()
         if path == "/identity":
             return 200, "application/json", json.dumps(self._identity()).encode()
         return 404, TEXT, b"404: Not Found\n"

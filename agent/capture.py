@@ -226,8 +226,24 @@ def ebpf_capture_state() -> dict[str, str]:
 
     where = bpf_dir()
     if read_enabled(where):
-        return {"capture_mode": "ebpf", "capture_mode_reason": f"connect4 programs pinned at {where}, enabled"}
-    if os.path.exists(f"{where.rstrip('/')}/nm_conf"):
-        return {"capture_mode": "iptables",
-                "capture_mode_reason": f"eBPF capture pinned at {where} but switched off (failed open)"}
-    return {"capture_mode": "iptables", "capture_mode_reason": f"no eBPF capture pinned at {where}"}
+        state = {"capture_mode": "ebpf", "capture_mode_reason": f"connect4 programs pinned at {where}, enabled"}
+    elif os.path.exists(f"{where.rstrip('/')}/nm_conf"):
+        state = {"capture_mode": "iptables",
+                 "capture_mode_reason": f"eBPF capture pinned at {where} but switched off (failed open)"}
+    else:
+        state = {"capture_mode": "iptables", "capture_mode_reason": f"no eBPF capture pinned at {where}"}
+    if sockmap_stats(where) is not None:
+        state["capture_mode_reason"] += "; sockmap acceleration on"
+    return state
+
+
+def sockmap_stats(where: str | None = None) -> dict[str, int] | None:
+    """`--accelerate sockmap`'s counters as the redirector's programs keep them (redirected sends
+    and bytes, sends through the stack, sockets filed); None when it is not pinned (or not
+    readable from here: a manifest agent has no bpffs)."""
+    from nodemesh.redirector.sockmap import read_stats  # bpf(2) only: no bcc in the agent
+
+    try:
+        return read_stats(bpf_dir() if where is None else where)
+    except OSError:
+        return None

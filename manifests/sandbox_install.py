@@ -145,8 +145,8 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
     ], env=env)
 
     def node_env(node: Any) -> dict[str, str] | None:
-        if capture != "ebpf":
-            return env
+        if capture != "ebpf" and accelerate == "none":
+            return env  # the agent reads the pins (/capture, check) only when there are some
         return {**(env or {}), "NODEMESH_BPF_DIR": cgroups.node_bpf_dir(sb.name, node.name)}
 
     def capture_args(node: Any) -> list[str]:

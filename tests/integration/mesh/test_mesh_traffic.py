@@ -285,6 +285,10 @@ def test_mesh_agents_healthy(mesh: Mesh) -> None:
                                 capture_output=True, text=True, timeout=10)
         answer = json.loads(res.stdout)
         assert answer["capture_mode"] == mesh.capture, answer
+        # And whether sockmap acceleration runs, with its counters (check prints the reason).
+        accelerated = mesh.accelerate == "sockmap"
+        assert answer["capture_mode_reason"].endswith("; sockmap acceleration on") == accelerated, answer
+        assert (answer["sockmap"] is not None and answer["sockmap"]["redirected_bytes"] > 0) == accelerated, answer
     if mesh.capture == "ebpf":
         for node in mesh.nodes:
             log = mesh.sb.node_process_log(node, redirector_process(node)).read_text(errors="replace")
