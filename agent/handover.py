@@ -505,6 +505,7 @@ class Receiver:
             # The client first: bytes it sends before the upstream transport exists wait in
             # `pending` (relay.py); the other way round, upstream bytes would have nowhere to go.
             await loop.connect_accepted_socket(lambda: conn, sock=client_sock)
+            client_sock.detach()  # the transport owns the fd (relay.py _connect: never close it twice)
         except OSError as exc:
             client_sock.close()
             up_sock.close()
@@ -515,6 +516,7 @@ class Receiver:
             return
         try:
             await loop.create_connection(lambda: _Upstream(conn), sock=up_sock)
+            up_sock.detach()
         except OSError as exc:
             up_sock.close()
             conn.upstream_lost(exc)

@@ -329,6 +329,14 @@ class Connection(asyncio.Protocol):
                         and destination == self.meta.original_destination:
                     self._learn_endpoint(sock, destination)
                 await loop.create_connection(lambda: _Upstream(self), sock=sock)
+                # The transport owns the fd now (libuv closes it with the transport). Our socket
+                # object must never close it too: uvloop attaches it to the transport only once the
+                # connection is made, and an upstream reset in between left it owning a number
+                # libuv had already closed — collected later, it closed whatever the kernel had
+                # given that number since (another connection's socket: "File descriptor N is
+                # used by transport", EBADF in connection_made, connections counted open for good,
+                # and libuv aborting under connect storms against resetting upstreams).
+                sock.detach()
         except (OSError, TimeoutError) as exc:
             if sock is not None:
                 sock.close()

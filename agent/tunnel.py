@@ -237,6 +237,7 @@ class Tunnel:
             with contextlib.suppress(OSError):  # the handshake's small flights must not wait for ACKs
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.create_connection(lambda: proto, sock=sock)
+            sock.detach()  # the transport owns the fd now (relay.py _connect: never close it twice)
             await asyncio.wait_for(asyncio.shield(done), min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except (OSError, TimeoutError) as exc:
             if proto.raw is not None:
