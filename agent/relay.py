@@ -352,11 +352,11 @@ class Connection(asyncio.Protocol):
             self._maybe_finish()
             raise
         except Exception as exc:  # noqa: BLE001 - anything else must fail this connection, never leak it
-            # Seen once under a storm of connect timeouts: uvloop refused a new socket's fd with
-            # `RuntimeError: File descriptor N is used by transport` (its bookkeeping still held a
-            # transport for that number; a known uvloop defect, MagicStack/uvloop#653, which
-            # aiohappyeyeballs also catches). Uncaught, the task died and its connection stayed open
-            # for good — counted in tcp_open_connections, never answered.
+            # Seen under connect storms: uvloop refused a new socket's fd with `RuntimeError: File
+            # descriptor N is used by transport` (its bookkeeping still held a transport for that
+            # number; aiohappyeyeballs catches the same, MagicStack/uvloop#653). Here the cause was
+            # our own socket object closing an fd a second time (the detach() above); this stays
+            # for any other way in. Uncaught, the task died and its connection stayed open for good.
             log.warning("event=upstream_connect_error error=%r", exc)
             if sock is not None:
                 sock.close()
