@@ -25,12 +25,12 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bpf_objects import bpftool, left_after_removal
 from nodemesh.redirector import bpfsys, ebpf, ebpf_mode
 from nodemesh.redirector.apply import Netfilter, Redirector
 from nodemesh.redirector.config import CaptureConfig
@@ -50,11 +50,6 @@ for _ in range(int(sys.argv[2])):
     s.close()
 print(json.dumps(out))
 """
-
-
-def _bpftool(*args: str) -> object:
-    res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=False)
-    return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else None
 
 
 @pytest.fixture
@@ -190,10 +185,10 @@ def test_redirector_ebpf_connect4_redirects_fails_open_and_removes_cleanly(kerne
     assert [a for _p, a in _dial(k)] == ["direct"]
 
     # Removal: nothing left attached, pinned or loaded.
-    attached = _bpftool("cgroup", "show", k["pod_cg"]) or []
+    attached = bpftool("cgroup", "show", k["pod_cg"]) or []
     prog_ids = {p["id"] for p in attached}
     assert {p["name"] for p in attached} >= {"nm_connect4", "nm_connect6", "nm_sockops"}, attached
-    map_ids = {m for pid in prog_ids for m in ((_bpftool("prog", "show", "id", str(pid)) or {}).get("map_ids", []))}
+    map_ids = {m for pid in prog_ids for m in ((bpftool("prog", "show", "id", str(pid)) or {}).get("map_ids", []))}
     assert map_ids
     redirector.remove(build_plan(chosen))
     # The "agent" (this process) holds the tuple map open, as an agent does until it exits with the
@@ -202,15 +197,9 @@ def test_redirector_ebpf_connect4_redirects_fails_open_and_removes_cleanly(kerne
 
     capture._tuples.reset()
     assert not os.path.exists(k["bpf_dir"])
-    assert not _bpftool("cgroup", "show", k["pod_cg"])
+    assert not bpftool("cgroup", "show", k["pod_cg"])
     # The kernel frees programs and maps in deferred work once the last reference is gone.
-    deadline = time.monotonic() + 5
-    while True:
-        left = ({p["id"] for p in _bpftool("prog", "show") or []} & prog_ids,
-                {m["id"]: m.get("name") for m in _bpftool("map", "show") or [] if m["id"] in map_ids})
-        if not any(left) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    left = left_after_removal(prog_ids, set(map_ids))
     assert not any(left), left
     server.sock.close()
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bpf_objects import bpftool, left_after_removal
 from nodemesh.redirector import sockmap, sockmap_mode
 from nodemesh.redirector.apply import Netfilter, Redirector
 from nodemesh.redirector.config import CaptureConfig
@@ -71,11 +72,6 @@ for i in range(int(sys.argv[3])):
     out.append([got[:64].decode() == hashlib.sha256(data).hexdigest(), bytes(got[64:]) == want_body, len(got)])
 print(json.dumps(out))
 """
-
-
-def _bpftool(*args: str) -> object:
-    res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=False)
-    return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else None
 
 
 @pytest.fixture
@@ -160,22 +156,16 @@ def test_redirector_sockmap_carries_bulk_both_ways_in_order_and_removes_cleanly(
     assert stats["redirected_bytes"] >= 3 * BODY, stats
 
     # Removal: nothing left attached, pinned or loaded.
-    attached = _bpftool("cgroup", "show", k["cg_root"]) or []
+    attached = bpftool("cgroup", "show", k["cg_root"]) or []
     prog_ids = {p["id"] for p in attached}
     assert {p["name"] for p in attached} == {"nm_accel_sockops"}, attached
-    map_ids = {m for pid in prog_ids for m in ((_bpftool("prog", "show", "id", str(pid)) or {}).get("map_ids", []))}
+    map_ids = {m for pid in prog_ids for m in ((bpftool("prog", "show", "id", str(pid)) or {}).get("map_ids", []))}
     assert map_ids
     accel = sockmap.SockmapAccel(f"{k['net']}.1", 4140, f"{k['net']}.0/24", True, k["bpf_dir"], k["cg_root"])
     assert accel.remove()
     assert not os.path.exists(sockmap.accel_dir(k["bpf_dir"]))
-    assert not _bpftool("cgroup", "show", k["cg_root"])
-    deadline = time.monotonic() + 5
-    while True:
-        left = ({p["id"] for p in _bpftool("prog", "show") or []} & prog_ids,
-                {m["id"]: m.get("name") for m in _bpftool("map", "show") or [] if m["id"] in map_ids})
-        if not any(left) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    assert not bpftool("cgroup", "show", k["cg_root"])
+    left = left_after_removal(prog_ids, set(map_ids))
     assert not any(left), left
     # And the same traffic still works on the plain stack afterwards.
     assert _pod_bulk(k, 1) == [[True, True, 64 + BODY // 32 * 32]]
