@@ -315,7 +315,7 @@ class EbpfCapture:
         for entry in os.listdir(self.bpf_dir):
             for name, kind in PROGS:
                 if entry.startswith(name + "_") and entry not in current:
-                    self._detach_everywhere(os.path.join(self.bpf_dir, entry), kind)
+                    detach_everywhere(os.path.join(self.bpf_dir, entry), self.cgroup_root, kind)
                     os.unlink(os.path.join(self.bpf_dir, entry))
 
     def _configure(self) -> None:
@@ -384,17 +384,6 @@ class EbpfCapture:
         for name, kind in PROGS:
             _detach_one(self.prog_fds[name], path, kind)
 
-    def _detach_everywhere(self, pin: str, kind: int) -> None:
-        try:
-            fd = bpfsys.obj_get(pin)
-        except bpfsys.BpfError:
-            return
-        try:
-            for d, _dirs, _files in os.walk(self.cgroup_root):
-                _detach_one(fd, Path(d), kind)
-        finally:
-            os.close(fd)
-
     # ----------------------------------------------------------------------------- removal
     def remove(self) -> bool:
         """Detach our programs from every cgroup under the root, unpin programs and maps, remove
@@ -407,10 +396,24 @@ class EbpfCapture:
             pin = os.path.join(self.bpf_dir, entry)
             for name, kind in PROGS:
                 if entry.startswith(name + "_"):
-                    self._detach_everywhere(pin, kind)
+                    detach_everywhere(pin, self.cgroup_root, kind)
             os.unlink(pin)
         os.rmdir(self.bpf_dir)
         return True
+
+
+def detach_everywhere(pin: str, cgroup_root: str | Path, kind: int) -> None:
+    """Detach the program pinned at `pin` from every cgroup under `cgroup_root` (capture's
+    connect programs, acceleration's sock_ops: an earlier version's, or ours at removal)."""
+    try:
+        fd = bpfsys.obj_get(pin)
+    except bpfsys.BpfError:
+        return
+    try:
+        for d, _dirs, _files in os.walk(cgroup_root):
+            _detach_one(fd, Path(d), kind)
+    finally:
+        os.close(fd)
 
 
 def _detach_one(prog_fd: int, path: Path, kind: int) -> None:

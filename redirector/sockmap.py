@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodemesh.redirector import bpfsys
-from nodemesh.redirector.ebpf import BPF_F_ALLOW_MULTI, Probe
+from nodemesh.redirector.ebpf import BPF_F_ALLOW_MULTI, Probe, detach_everywhere
 from nodemesh.redirector.ebpf import probe as capture_probe
 
 ATTACH_SOCK_OPS = 3          # BPF_CGROUP_SOCK_OPS
@@ -279,7 +279,7 @@ class SockmapAccel:
         entries = sorted(os.listdir(self.dir))
         for entry in entries:
             if entry.startswith("nm_accel_sockops_"):
-                _detach_everywhere(os.path.join(self.dir, entry), self.cgroup_root)
+                detach_everywhere(os.path.join(self.dir, entry), self.cgroup_root, ATTACH_SOCK_OPS)
         if "nm_aconf" in entries:
             try:
                 fd = bpfsys.obj_get(self._pin("nm_aconf"))
@@ -296,27 +296,6 @@ class SockmapAccel:
             os.unlink(os.path.join(self.dir, entry))
         os.rmdir(self.dir)
         return True
-
-
-def _detach_everywhere(pin: str, cgroup_root: str) -> None:
-    try:
-        fd = bpfsys.obj_get(pin)
-    except bpfsys.BpfError:
-        return
-    try:
-        for d, _dirs, _files in os.walk(cgroup_root):
-            try:
-                cg = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            try:
-                bpfsys.prog_detach(fd, cg, ATTACH_SOCK_OPS)
-            except OSError:
-                pass
-            finally:
-                os.close(cg)
-    finally:
-        os.close(fd)
 
 
 def read_stats(bpf_dir: str) -> dict[str, int] | None:
