@@ -531,9 +531,13 @@ class Controller:
     def captured_namespaces(self) -> list[str]:
         return self.registry.captured_namespaces(self.config.excluded_namespaces, self.config.captured_namespaces)
 
+    def ready_nodes(self) -> set[str]:
+        """Nodes with a ready agent connected."""
+        return {s.node for s in self.sessions.values() if s.ready}
+
     def mesh_view(self) -> statmod.MeshView:
         return statmod.MeshView(
-            ready_nodes={s.node for s in self.sessions.values() if s.ready},
+            ready_nodes=self.ready_nodes(),
             captured_namespaces=set(self.captured_namespaces()),
         )
 
@@ -579,7 +583,7 @@ class Controller:
         """What a caller must be told about numbers from `store` ("" when nothing)."""
         if not isinstance(store, promstore.Snapshot):
             return ""
-        ready = len({s.node for s in self.sessions.values() if s.ready})
+        ready = len(self.ready_nodes())
         if store.agents_scraped >= ready:
             return ""
         # Numbers from Prometheus are only as complete as its scrapes: say so, never silently.
@@ -642,7 +646,7 @@ class Controller:
             resp.stat_backend_ok = True
             return resp
         resp.stat_backend_url = self.prometheus.url
-        ready = len({s.node for s in self.sessions.values() if s.ready})
+        ready = len(self.ready_nodes())
         try:
             scraped = await self.prometheus.agents_scraped(time.time(), CHECK_BACKEND_TIMEOUT_S)
         except promstore.PrometheusError as exc:
