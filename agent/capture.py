@@ -232,7 +232,9 @@ def ebpf_capture_state() -> dict[str, str]:
                  "capture_mode_reason": f"eBPF capture pinned at {where} but switched off (failed open)"}
     else:
         state = {"capture_mode": "iptables", "capture_mode_reason": f"no eBPF capture pinned at {where}"}
-    if sockmap_stats(where) is not None:
+    from nodemesh.redirector.sockmap import accel_dir
+
+    if os.path.exists(f"{accel_dir(where)}/nm_stats"):  # a stat, not the counters: this runs every few seconds
         state["capture_mode_reason"] += "; sockmap acceleration on"
     return state
 
