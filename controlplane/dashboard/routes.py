@@ -163,8 +163,8 @@ class Dashboard:
         step = parse_int(q.get("step"), "step", 60, 10, 600)
         if views.SERIES_RANGE_S % step:
             raise ApiError(f"step {step} must divide {views.SERIES_RANGE_S}")
-        peer_store, at = await self.controller.store_for("", promstore.PEER, window)
-        route_store, _ = await self.controller.store_for("", promstore.ROUTE, window)
+        (peer_store, at), (route_store, _) = await asyncio.gather(  # two Prometheus snapshots at once
+            self.controller.store_for("", promstore.PEER, window), self.controller.store_for("", promstore.ROUTE, window))
         return _json(views.workload(self.controller, me, window, step, self.grafana_url, at, peer_store, route_store))
 
     async def get_grafana(self, request: web.Request) -> web.StreamResponse:
