@@ -29,7 +29,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         route_metrics=not args.no_route_metrics, max_routes=args.max_routes,
         report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
         log_level=args.log_level, health_file=args.health_file, cert_dir=args.cert_dir,
-        mtls=args.mtls,
+        mtls=args.mtls, splice=not args.no_splice,
     )
 
 
@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                    help="distinct authority label values per workload; more are counted as [other]")
     p.add_argument("--max-routes", type=int, default=AgentConfig.max_routes,
                    help="distinct routes (rt_route) per destination workload; more are counted as [other]")
+    p.add_argument("--no-splice", action="store_true",
+                   help="relay opaque TCP through Python instead of splice(2) (agent/splice.py)")
     p.add_argument("--no-route-metrics", action="store_true",
                    help="no per-route series (route_request_total, ...): `nodemesh routes` shows nothing")
     p.add_argument("--cert-dir", default="", metavar="DIR",

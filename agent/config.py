@@ -50,5 +50,8 @@ class AgentConfig:
     # Node-to-node mTLS (agent/tunnel.py): cross-node pod connections over TLS with the pods'
     # workload certificates; needs cert_dir. Off by default (first version, docs/architecture.md).
     mtls: bool = False
+    # Opaque TCP relayed by splice(2) socket → pipe → socket (agent/splice.py) instead of copies
+    # through Python; off: every byte goes through the transports as before.
+    splice: bool = True
     health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)
     log_level: str = "info"

@@ -16,6 +16,7 @@ import errno
 import inspect
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
 from nodemesh.agent.seam import Mode, ModeHost, not_connected
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
+from nodemesh.agent.splice import HAVE_SPLICE, Splice
+from nodemesh.agent.tcp import TcpMode
 
 log = logging.getLogger("nodemesh.agent.relay")
 
@@ -121,6 +124,7 @@ class Connection(asyncio.Protocol):
         "send_upstream",
         "shed",
         "slow",
+        "splice",
         "throttled",
         "up",
         "up_eof",
@@ -170,6 +174,7 @@ class Connection(asyncio.Protocol):
         # tunnel, the server's on an outbound one; None when the connection is not mTLS.
         self.mtls: str | None = None
         self.forced_original: tuple[str, int] | None = None  # the target a tunnel's CONNECT named
+        self.splice: Splice | None = None  # opaque TCP moved by the kernel (agent/splice.py), once taken over
 
     # -- accept ----------------------------------------------------------------------------
 
@@ -549,6 +554,74 @@ class Connection(asyncio.Protocol):
         self.send_client = self.send_upstream = not_connected
         self.obs = None
 
+    # -- opaque TCP by splice(2) (agent/splice.py) -----------------------------------------------
+
+    def try_splice(self) -> bool:
+        """Hand this opaque TCP connection's sockets to a `Splice` if it can go now: nothing of it
+        held here (pending bytes, write buffers), no half-close yet, not mTLS, not being handed
+        over, fds to spare. True: not yet, ask again after the next chunk; False: done, or never."""
+        if self.splice is not None or not self.ctx.config.splice or not HAVE_SPLICE:
+            return False
+        if self.mtls is not None or self.frozen or self.finished or self.shed or self.lingering \
+                or self.client_lost or self.up_lost or self.client_eof or self.up_eof or self.client_shut:
+            return False
+        client, up = self.client, self.up
+        if client is None or up is None:
+            return up is None and self.connecting   # the upstream is still connecting
+        if client.get_extra_info("sslcontext") is not None or up.get_extra_info("sslcontext") is not None:
+            return False
+        if self.pending or self.up_pending or self.paused_for_connect:
+            return True
+        if client.get_write_buffer_size() or up.get_write_buffer_size():
+            return True
+        admission = self.ctx.admission
+        if admission.open * 3 > admission.capacity:
+            return False   # a spliced connection holds 6 fds, not 2 (admission.capacity_for counts 2)
+        cdup = udup = None
+        try:
+            cdup = socket.socket(fileno=os.dup(client.get_extra_info("socket").fileno()))
+            udup = socket.socket(fileno=os.dup(up.get_extra_info("socket").fileno()))
+            sp = Splice(asyncio.get_running_loop(), cdup, udup, self._spliced, self._splice_ended)
+        except OSError as exc:
+            log.debug("event=splice_unavailable error=%r", exc)
+            for dup in (cdup, udup):
+                if dup is not None:
+                    dup.close()
+            return False
+        # The transports give up their sockets: no more callbacks into this connection, and
+        # closing them closes their fds (and libuv's epoll entries); the duplicates are the
+        # Splice's alone. Nothing was buffered in them (checked above), so nothing is lost.
+        for transport in (client, up):
+            transport.pause_reading()
+            transport.set_protocol(_Released())
+            transport.abort()
+        self.client = self.up = None
+        self.send_client = self.send_upstream = not_connected
+        self.splice = sp
+        sp.start(paused=self.throttled)
+        return False
+
+    def _spliced(self, from_up: bool, n: int) -> bool:
+        """Bytes a Splice moved: counted as the copying path counts them, and the source's work."""
+        if from_up:
+            self.write_bytes += n
+        else:
+            self.read_bytes += n
+        load = self.load
+        load.work += 1 + (n >> BYTES_PER_WORK_SHIFT)
+        if load.work > load.budget:
+            self.over_budget(load)
+        return not self.throttled
+
+    def _splice_ended(self, error: str | None, upstream_side: bool) -> None:
+        if error is not None and self.error is None:
+            self.error = f"upstream: {error}" if upstream_side else error
+        if error is None:
+            self.client_eof = self.up_eof = True
+        self.client_lost = self.up_lost = True
+        self.splice = None
+        self._maybe_finish()
+
     def _answer_shed(self, protocol: str) -> None:
         """Refused by admission: 503 for HTTP/1 (408 for a slow head), GOAWAY ENHANCE_YOUR_CALM for
         HTTP/2 (after an empty SETTINGS, as a server starts), a reset for anything else."""
@@ -651,6 +724,9 @@ class Connection(asyncio.Protocol):
         if self.throttled or self.lingering:
             return  # (lingering: our answer is out and what the client sends must be read and dropped)
         self.throttled = True
+        if self.splice is not None:
+            self.splice.pause()
+            return
         client, up = self.client, self.up
         if client is not None and not self.client_lost and not client.is_closing():
             client.pause_reading()
@@ -665,6 +741,9 @@ class Connection(asyncio.Protocol):
         self.throttled = False
         if self.frozen:
             return  # being handed over (handover.py): it resumes, or not, there
+        if self.splice is not None:
+            self.splice.resume()
+            return
         client, up = self.client, self.up
         client_ok = client is not None and not self.client_lost and not client.is_closing()
         up_ok = up is not None and not self.up_lost and not up.is_closing()
@@ -766,6 +845,8 @@ class Connection(asyncio.Protocol):
                 self.client.resume_reading()
         if self.throttled:
             transport.pause_reading()
+        if isinstance(self.mode, TcpMode) and self.mode.spliceable:
+            self.mode.spliceable = self.try_splice()
 
     def upstream_data(self, data: bytes) -> None:
         self.write_bytes += len(data)
@@ -835,6 +916,9 @@ class Connection(asyncio.Protocol):
             self.client.write(data)
 
     def close_both(self) -> None:
+        if self.splice is not None:
+            self.splice.close(None, False)
+            return
         if self.client is not None and not self.client_lost:
             self.client.close()
         if self.up is not None and not self.up_lost:
@@ -843,6 +927,9 @@ class Connection(asyncio.Protocol):
             self._cancel_connect()
 
     def abort_both(self) -> None:
+        if self.splice is not None:
+            self.splice.close(None, False)
+            return
         if self.client is not None and not self.client_lost:
             self.client.abort()
         if self.up is not None and not self.up_lost:
@@ -900,6 +987,12 @@ class Connection(asyncio.Protocol):
 def _backed_up(transport: asyncio.Transport) -> bool:
     """More buffered for writing than the low-water mark: its peer's reading stays paused."""
     return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
+
+
+class _Released(asyncio.Protocol):
+    """What a transport whose socket a Splice took over calls: nothing of the connection."""
+
+    __slots__ = ()
 
 
 class _Upstream(asyncio.Protocol):

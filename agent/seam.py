@@ -69,6 +69,11 @@ class ModeHost(Protocol):
     def close_both(self) -> None:
         """Close both sides (what is buffered is still written)."""
 
+    def try_splice(self) -> bool:
+        """Opaque TCP: move the sockets to the kernel (agent/splice.py) if possible now. True:
+        ask again later; False: done or never."""
+        ...
+
     def linger_close(self) -> None:
         """Our own answer is out: drop the upstream, read and drop what the client still sends."""
 

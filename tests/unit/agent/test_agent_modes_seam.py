@@ -63,6 +63,9 @@ class Host:
     def close_both(self) -> None:
         self.closed = True
 
+    def try_splice(self) -> bool:
+        return False   # no sockets to hand to the kernel (agent/splice.py)
+
     def linger_close(self) -> None:
         self.lingering = True
 
