@@ -115,6 +115,8 @@ def movable(conn: Connection, frozen: bool = False) -> str | None:
         return UNDETECTED
     if mode is None or conn.finished or conn.frozen != frozen or not conn.opened or conn.meta is None:
         return None
+    if conn.splice is not None:   # opaque TCP moved by the kernel (agent/splice.py)
+        return TCP if conn.splice.movable() and not conn.client_lost and not conn.up_lost else None
     if conn.client is None or conn.up is None or conn.client_lost or conn.up_lost:
         return None
     # Half-closed, answering for itself, or bytes still held here: not a state the new side rebuilds.
@@ -213,8 +215,9 @@ class Successor:
         message = encode(conn, kind)
         if len(message) > MAX_MESSAGE:
             return False  # an HTTP/2 header block of a megabyte mid-flight: drained instead
-        fds = [conn.client.get_extra_info("socket").fileno(),  # type: ignore[union-attr]
-               conn.up.get_extra_info("socket").fileno()]       # type: ignore[union-attr]
+        fds = conn.splice.fds() if conn.splice is not None else [
+            conn.client.get_extra_info("socket").fileno(),  # type: ignore[union-attr]
+            conn.up.get_extra_info("socket").fileno()]       # type: ignore[union-attr]
         try:
             socket.send_fds(self.sock, [message], fds)
         except OSError as exc:
@@ -225,6 +228,13 @@ class Successor:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _flushed(conn: Connection) -> bool:
+    """Nothing of a frozen connection is held here any more: its write buffers (or pipes) are empty."""
+    if conn.splice is not None:
+        return conn.splice.buffered() == 0
+    return conn.client.get_write_buffer_size() == 0 and conn.up.get_write_buffer_size() == 0  # type: ignore[union-attr]
 
 
 class _Gone(asyncio.Protocol):
@@ -269,8 +279,11 @@ class Handover:
         if retry is not None and time.monotonic() < retry:
             return
         conn.frozen = True
-        conn.client.pause_reading()  # type: ignore[union-attr]
-        conn.up.pause_reading()      # type: ignore[union-attr]
+        if conn.splice is not None:
+            conn.splice.pause()      # the pipes still empty into the sockets
+        else:
+            conn.client.pause_reading()  # type: ignore[union-attr]
+            conn.up.pause_reading()      # type: ignore[union-attr]
         self.freezing[conn] = (kind, time.monotonic())
 
     def sweep(self) -> None:
@@ -278,11 +291,11 @@ class Handover:
         self._offer_all()
         now = time.monotonic()
         for conn, (kind, since) in list(self.freezing.items()):
-            if conn.finished or conn.client_lost or conn.up_lost or conn.client is None or conn.up is None:
+            if conn.finished or conn.client_lost or conn.up_lost \
+                    or (conn.splice is None and (conn.client is None or conn.up is None)):
                 del self.freezing[conn]  # it ended meanwhile, on its own
                 continue
-            if conn.client.get_write_buffer_size() == 0 and conn.up.get_write_buffer_size() == 0 \
-                    and not self.successor.broken:
+            if _flushed(conn) and not self.successor.broken:
                 del self.freezing[conn]
                 kind = movable(conn, frozen=True) or ""  # the drain may have written meanwhile (GOAWAY)
                 if kind and self.successor.send(conn, kind):
@@ -316,6 +329,10 @@ class Handover:
     def _thaw(conn: Connection) -> None:
         """Not moved after all: reading resumes where flow control allows it (drain goes on)."""
         conn.frozen = False
+        if conn.splice is not None:
+            if not conn.throttled:
+                conn.splice.resume()
+            return
         client, up = conn.client, conn.up
         if client is None or up is None:
             return
@@ -329,10 +346,12 @@ class Handover:
         """The sockets are the successor's now: close our references (the kernel sockets stay
         open, theirs) and forget the connection, counting it as handed over, not closed."""
         ctx, meta = conn.ctx, conn.meta
-        client, up = conn.client, conn.up
-        assert meta is not None and client is not None and up is not None
-        client.set_protocol(_Gone())
-        up.set_protocol(_Gone())
+        client, up, spliced = conn.client, conn.up, conn.splice
+        assert meta is not None
+        if spliced is None:
+            assert client is not None and up is not None
+            client.set_protocol(_Gone())
+            up.set_protocol(_Gone())
         conn.finished = True
         if isinstance(conn.mode, Http2Mode):
             conn.mode.relay.streams.clear()  # they go on (and end) over there, not "connection closed"
@@ -348,8 +367,12 @@ class Handover:
         ctx.admission.release(meta.source[0])
         conn.load.conns.discard(conn)
         ctx.forget(conn)
-        client.abort()  # drops our fd only: the successor holds the socket
-        up.abort()
+        if spliced is not None:
+            conn.splice = None
+            spliced.release()   # closes our duplicates only: the successor holds the sockets
+        else:
+            client.abort()  # type: ignore[union-attr]  # drops our fd only: the successor holds the socket
+            up.abort()      # type: ignore[union-attr]
         conn.detach()
 
     def defers(self, conn: Connection) -> bool:

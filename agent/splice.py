@@ -15,10 +15,11 @@ in each direction after the pipe is empty (shutdown SHUT_WR), the connection clo
 directions ended; an upstream reset answered with a reset to the client, a client reset closing the
 upstream; `close_both`/`abort_both` (drain's end, a throttled source) close here.
 
-Not kept: handing a spliced connection over to a newer agent (handover.py): `movable()` sees no
-transports and says no, so a spliced connection drains like an undetected one — it runs until the
-drain grace ends, then is aborted (drain.py). mTLS connections are never spliced (TLS needs the
-bytes; agent/tunnel.py).
+Handing over to a newer agent (handover.py) works as for a copied connection: frozen means reading
+paused on both sides while the pipes empty (the writers go on); once both are empty the duplicates
+are sent and `release` closes ours; the successor adopts it as opaque TCP on transports and splices
+it again after its first chunk. A half-closed one is not movable (as before) and drains. mTLS
+connections are never spliced (TLS needs the bytes; agent/tunnel.py).
 
 fd ownership (see tests/unit/agent/test_agent_relay_fd_ownership.py): the sockets are dup()ed and
 the Splice owns the duplicates, the transports are closed (their fds, and libuv's epoll entries for
@@ -232,12 +233,7 @@ class Splice:
         if self.ended:
             return
         self.ended = True
-        for fd in self._readers:
-            self.loop.remove_reader(fd)
-        for fd in self._writers:
-            self.loop.remove_writer(fd)
-        self._readers.clear()
-        self._writers.clear()
+        self._unregister()
         if error is not None and upstream_side:
             with contextlib.suppress(OSError):
                 self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -246,6 +242,33 @@ class Splice:
         self.client.close()
         self.up.close()
         self.on_end(error, upstream_side)
+
+    def movable(self) -> bool:
+        """Could be handed over (handover.py): running, neither direction half-closed."""
+        return not self.ended and not (self.c2u.eof or self.u2c.eof or self.c2u.shut or self.u2c.shut)
+
+    def fds(self) -> list[int]:
+        return [self.client.fileno(), self.up.fileno()]
+
+    def release(self) -> None:
+        """Handed over (handover.py): the successor holds the sockets now. Ours are closed without
+        a word (no shutdown, no reset); the connection's end is the hand-over's, not `on_end`."""
+        if self.ended:
+            return
+        self.ended = True
+        self._unregister()
+        self.c2u.close()
+        self.u2c.close()
+        self.client.close()
+        self.up.close()
+
+    def _unregister(self) -> None:
+        for fd in self._readers:
+            self.loop.remove_reader(fd)
+        for fd in self._writers:
+            self.loop.remove_writer(fd)
+        self._readers.clear()
+        self._writers.clear()
 
     def buffered(self) -> int:
         """Bytes in the pipes now (what the agent holds for this connection)."""
