@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+import bench
 
 
 def _restart_agents(b: bench.Bench, flags: list[str]) -> None:
@@ -35,7 +36,17 @@ def _restart_agents(b: bench.Bench, flags: list[str]) -> None:
     time.sleep(1.0)
 
 
-def run(rounds: int, mb: int, variants: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+def _perf(b: bench.Bench, out: Path) -> subprocess.Popen[bytes]:
+    """perf record (call graphs) of every agent process while the meshed run goes."""
+    import procstat
+
+    pids = [p for root in b.agent_roots.values() for p in procstat.tree_pids(root)]
+    return subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", str(out), "-p", ",".join(map(str, pids))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(rounds: int, mb: int, variants: list[tuple[str, list[str]]],
+        perf_dir: Path | None = None) -> list[dict[str, Any]]:
     from nodemesh.sandbox.testing import running_sandbox
 
     cfg = bench.BenchConfig.make(quick=True, bulk_mb=mb)
@@ -51,7 +62,11 @@ def run(rounds: int, mb: int, variants: list[tuple[str, list[str]]]) -> list[dic
                     b.switch("")
                     direct = b._accounted(b.bulk, "bulk", meshed=False)
                     b.switch("iptables")
+                    prof = _perf(b, perf_dir / f"{name}-{r}.data") if perf_dir is not None else None
                     meshed = b._accounted(b.bulk, "bulk", meshed=True)
+                    if prof is not None:
+                        prof.send_signal(2)
+                        prof.wait(30)
                     gb = meshed["bytes"] / 1e9
                     row = {"round": r, "variant": name, "direct_mb_s": direct["mb_per_s"],
                            "meshed_mb_s": meshed["mb_per_s"],
@@ -86,6 +101,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mb", type=int, default=512)
+    ap.add_argument("--perf", metavar="DIR", help="perf record the agents during each meshed run into DIR")
     ap.add_argument("--variants", default="splice=;copy=--no-splice",
                     help="name=agent flags, ';'-separated (flags space-separated)")
     args = ap.parse_args()
@@ -93,7 +109,10 @@ def main() -> int:
         print("error: run as root (network namespaces)", file=sys.stderr)
         return 1
     variants = [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.variants.split(";") if v]
-    rows = run(args.rounds, args.mb, variants)
+    perf_dir = Path(args.perf) if args.perf else None
+    if perf_dir is not None:
+        perf_dir.mkdir(parents=True, exist_ok=True)
+    rows = run(args.rounds, args.mb, variants, perf_dir)
     print(summary(rows))
     return 0
 
