@@ -370,6 +370,9 @@ class Connection(asyncio.Protocol):
             self._upstream_failed()
         else:
             self.connecting = False
+            # Both sides may have ended while create_connection was returning (a Splice taken
+            # over in upstream_made ends at once on a reset): _maybe_finish skipped it then.
+            self._maybe_finish()
         finally:
             self.connect_task = None  # done: don't keep the finished task and its frame per connection
 
