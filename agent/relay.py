@@ -31,7 +31,7 @@ from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
 from nodemesh.agent.seam import Mode, ModeHost, not_connected
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
-from nodemesh.agent.splice import HAVE_SPLICE, Splice
+from nodemesh.agent.splice import HAVE_SPLICE, Splice, sockmap_accelerated
 from nodemesh.agent.tcp import TcpMode
 
 log = logging.getLogger("nodemesh.agent.relay")
@@ -580,6 +580,8 @@ class Connection(asyncio.Protocol):
         admission = self.ctx.admission
         if admission.open * 3 > admission.capacity:
             return False   # a spliced connection holds 6 fds, not 2 (admission.capacity_for counts 2)
+        if sockmap_accelerated():
+            return False   # the pod<->agent hop's bytes bypass the TCP receive queue (splice.py)
         cdup = udup = None
         try:
             cdup = socket.socket(fileno=os.dup(client.get_extra_info("socket").fileno()))

@@ -49,6 +49,24 @@ _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 
 
+_accel_marker: str | None = None
+
+
+def sockmap_accelerated() -> bool:
+    """`--accelerate sockmap` is pinned on this node (redirector/sockmap.py). Its sk_msg program
+    puts a pod's sends straight into the agent socket's BPF ingress queue, which only recvmsg
+    reads: splice(2) reads the TCP receive queue and would wait for bytes that never come there
+    (seen: the mesh tests' bulk and banner connections hung with `ebpf+sockmap`). So while it is
+    on, nothing is spliced. One stat per connection about to be spliced (a path cached once)."""
+    global _accel_marker
+    if _accel_marker is None:
+        from nodemesh.agent.capture import bpf_dir
+        from nodemesh.redirector.sockmap import accel_dir
+
+        _accel_marker = f"{accel_dir(bpf_dir())}/nm_stats"
+    return os.path.exists(_accel_marker)
+
+
 def pipe_size_limit() -> int:
     try:
         return int(Path("/proc/sys/fs/pipe-max-size").read_text())
