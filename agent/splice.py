@@ -77,7 +77,7 @@ def pipe_size_limit() -> int:
 class _Direction:
     """One way: `src` socket → pipe → `dst` socket."""
 
-    __slots__ = ("capacity", "dst", "eof", "in_pipe", "pr", "pw", "shut", "src")
+    __slots__ = ("capacity", "dst", "eof", "full", "in_pipe", "pr", "pw", "shut", "src")
 
     def __init__(self, src: int, dst: int, size: int) -> None:
         self.src, self.dst = src, dst
@@ -92,6 +92,11 @@ class _Direction:
         self.in_pipe = 0       # bytes in the pipe now
         self.eof = False       # src sent FIN
         self.shut = False      # FIN passed on to dst (after the pipe emptied)
+        # The pipe refused more (EAGAIN with bytes in it): its slots are pages, and socket data
+        # comes in fragments, so it can be full below `capacity` bytes. Reading waits for the next
+        # write to dst: with the reader armed the level-triggered poll would spin on a readable
+        # source while a slow receiver keeps the pipe full.
+        self.full = False
 
     def close(self) -> None:
         for fd in (self.pr, self.pw):
@@ -148,7 +153,7 @@ class Splice:
         """Register exactly the interest this direction has now."""
         if self.ended:
             return
-        want_read = not d.eof and not self.paused and d.in_pipe < d.capacity
+        want_read = not d.eof and not self.paused and not d.full and d.in_pipe < d.capacity
         cb_read = self._on_readable_c if d is self.c2u else self._on_readable_u
         if want_read and d.src not in self._readers:
             self._readers.add(d.src)
@@ -186,6 +191,9 @@ class Splice:
             n = os.splice(d.src, d.pw, d.capacity - d.in_pipe, flags=_FLAGS)
         except OSError as exc:
             if exc.errno in _AGAIN:
+                if d.in_pipe:
+                    d.full = True
+                    self._arm(d)
                 return
             self._failed(exc, from_up)
             return
@@ -213,6 +221,7 @@ class Splice:
             if n == 0:
                 break
             d.in_pipe -= n
+            d.full = False
         if d.eof and not d.in_pipe and not d.shut:
             d.shut = True
             try:

@@ -17,6 +17,7 @@ import pytest
 from loopback_relay import run, serve, wait_until
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.relay import Connection, WorkerContext
+from nodemesh.agent.splice import Splice
 
 MB = 1 << 20
 SPLICE = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
@@ -212,7 +213,7 @@ def test_client_reset_closes_upstream(use_splice: bool) -> None:
 
 
 @pytest.mark.parametrize("use_splice", SPLICE)
-def test_slow_reader_bounds_what_the_agent_holds(use_splice: bool) -> None:
+def test_slow_reader_bounds_what_the_agent_holds(use_splice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server writes 64 MiB as fast as it can, the client reads nothing for a while: the
     server must block (the agent passes the backpressure on); with splice, the agent holds at
     most its pipes. Then everything arrives intact."""
@@ -235,8 +236,20 @@ def test_slow_reader_bounds_what_the_agent_holds(use_splice: bool) -> None:
         r, w = await asyncio.open_connection("127.0.0.1", port, limit=MB)
         w.transport.set_write_buffer_limits(0)
         w.write(b"\x00")
-        await asyncio.sleep(1.0)          # not reading
+        await asyncio.sleep(0.5)          # not reading: the pipe and the socket buffers fill
+        reads = [0]
+        real_read = Splice._read
+
+        def counted(self: Splice, d: Any, from_up: bool) -> None:
+            reads[0] += 1
+            real_read(self, d, from_up)
+
+        monkeypatch.setattr(Splice, "_read", counted)
+        await asyncio.sleep(0.5)
         stalled = sent[0]
+        # Stalled, the agent must not spin on a readable source whose pipe is full (a level-
+        # triggered poll would call it thousands of times a second).
+        assert reads[0] < 50, reads
         held = [c.splice.buffered() for c in spliced(ctx)]
         print(f"slow reader: server wrote {stalled / MB:.0f} MiB before blocking, agent pipes hold {held}")
         assert stalled < 32 * MB          # socket buffers + the agent's bound, far from all 64 MiB
