@@ -53,5 +53,6 @@ class AgentConfig:
     # Opaque TCP relayed by splice(2) socket → pipe → socket (agent/splice.py) instead of copies
     # through Python; off: every byte goes through the transports as before.
     splice: bool = True
+    splice_after_bytes: int = 1 << 20           # only connections that moved this much (bulk) are spliced
     health_file: str = ""                       # `ready`/`not-ready`, rewritten every second (pod-local probes)
     log_level: str = "info"

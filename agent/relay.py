@@ -31,7 +31,7 @@ from nodemesh.agent.http2 import goaway_frame, settings_frame
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, Observer
 from nodemesh.agent.seam import Mode, ModeHost, not_connected
 from nodemesh.agent.sockets import original_destination, set_reset_on_close, upstream_socket
-from nodemesh.agent.splice import HAVE_SPLICE, Splice, sockmap_accelerated
+from nodemesh.agent.splice import HAVE_SPLICE, MAX_SPLICED, Splice, sockmap_accelerated
 from nodemesh.agent.tcp import TcpMode
 
 log = logging.getLogger("nodemesh.agent.relay")
@@ -571,12 +571,16 @@ class Connection(asyncio.Protocol):
         client, up = self.client, self.up
         if client is None or up is None:
             return up is None and self.connecting   # the upstream is still connecting
-        if client.get_extra_info("sslcontext") is not None or up.get_extra_info("sslcontext") is not None:
-            return False
+        if self.read_bytes + self.write_bytes < self.ctx.config.splice_after_bytes:
+            return True   # not bulk (yet): a pipe pair is not worth its pages (splice.py)
         if self.pending or self.up_pending or self.paused_for_connect:
             return True
+        if Splice.live >= MAX_SPLICED:
+            return True   # ask again after the next chunk: one may have ended
         if client.get_write_buffer_size() or up.get_write_buffer_size():
             return True
+        if client.get_extra_info("sslcontext") is not None or up.get_extra_info("sslcontext") is not None:
+            return False
         admission = self.ctx.admission
         if admission.open * 3 > admission.capacity:
             return False   # a spliced connection holds 6 fds, not 2 (admission.capacity_for counts 2)

@@ -44,6 +44,14 @@ HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 PIPE_SIZE = 256 * 1024     # asked per direction; bounded by /proc/sys/fs/pipe-max-size
+# Pipes are charged at their full size against the user's pipe pages (pipe-user-pages-soft,
+# 16,384 pages by default), and the agent's user (root) is shared with every root process of the
+# node, pods included: past the soft limit each new pipe of that user gets 8 KiB. So a worker
+# splices at most this many connections at once (2 pipes of 64 pages each: 4,096 pages), and only
+# connections that carry bulk (relay.Connection.try_splice: after `splice_after_bytes`); the
+# rest stay on the copying path.
+MAX_SPLICED = 16
+MIN_PIPE = 64 * 1024       # a pipe the kernel made smaller (the soft limit reached): no splice
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -89,6 +97,9 @@ class _Direction:
             pass   # over the user's pipe pages (pipe-user-pages-soft): the default size still works
         with contextlib.suppress(OSError):
             self.capacity = fcntl.fcntl(self.pw, F_GETPIPE_SZ)
+        if self.capacity < MIN_PIPE:
+            self.close()
+            raise OSError(errno.ENOBUFS, f"pipe of {self.capacity} bytes: the user's pipe pages are spent")
         self.in_pipe = 0       # bytes in the pipe now
         self.eof = False       # src sent FIN
         self.shut = False      # FIN passed on to dst (after the pipe emptied)
@@ -123,6 +134,8 @@ class Splice:
         "up",
     )
 
+    live = 0   # Splices running in this process (at most MAX_SPLICED)
+
     def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, up: socket.socket,
                  on_bytes: Callable[[bool, int], bool], on_end: Callable[[str | None, bool], None],
                  pipe_size: int = PIPE_SIZE) -> None:
@@ -139,6 +152,7 @@ class Splice:
             raise
         self.paused = False
         self.ended = False
+        Splice.live += 1
         self._readers: set[int] = set()
         self._writers: set[int] = set()
 
@@ -260,6 +274,7 @@ class Splice:
         if self.ended:
             return
         self.ended = True
+        Splice.live -= 1
         self._unregister()
         if error is not None and upstream_side:
             with contextlib.suppress(OSError):
@@ -283,6 +298,7 @@ class Splice:
         if self.ended:
             return
         self.ended = True
+        Splice.live -= 1
         self._unregister()
         self.c2u.close()
         self.u2c.close()

@@ -47,7 +47,9 @@ class Recorder:
 
 async def _proxy(upstream: tuple[str, int]) -> tuple[asyncio.Server, int, WorkerContext, Recorder]:
     rec = Recorder()
-    server, port, ctx = await serve(rec, upstream)
+    # splice_after_bytes=0: an opaque connection is spliced (agent/splice.py) after its first
+    # chunk, so its hand-over is the spliced one's.
+    server, port, ctx = await serve(rec, upstream, splice_after_bytes=0)
     return server, port, ctx, rec
 
 

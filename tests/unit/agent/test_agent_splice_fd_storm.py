@@ -94,7 +94,7 @@ async def _storm() -> dict[str, object]:
             Obs.closes += 1
 
     up = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
-    server, port, ctx = await serve(Obs(), up.sockets[0].getsockname()[:2], splice=True)
+    server, port, ctx = await serve(Obs(), up.sockets[0].getsockname()[:2], splice=True, splice_after_bytes=0)
     # Counted with the listeners open (libuv's first listen opens /dev/null for good: its EMFILE
     # reserve); the listeners close at the end, so after ≤ before.
     fds_before = _fds()

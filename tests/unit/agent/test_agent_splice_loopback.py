@@ -84,6 +84,7 @@ def test_large_transfer_both_ways_identical_and_counted(use_splice: bool) -> Non
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
+        # The default threshold (splice_after_bytes, 1 MiB): bulk is spliced once past it.
         server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(up_bytes)
@@ -133,7 +134,7 @@ def test_server_half_closes_first_client_keeps_sending(use_splice: bool) -> None
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
-        server, port, _ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice)
+        server, port, _ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice, splice_after_bytes=0)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"\x00")
         got = await asyncio.wait_for(_read_all(r), 30)   # until the server's FIN reaches us
@@ -165,7 +166,7 @@ def test_upstream_reset_reaches_client_as_reset(use_splice: bool) -> None:
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
-        server, port, _ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice)
+        server, port, _ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice, splice_after_bytes=0)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(pattern(5, 2 * MB))
         with pytest.raises(ConnectionResetError):
@@ -195,7 +196,7 @@ def test_client_reset_closes_upstream(use_splice: bool) -> None:
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
-        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice)
+        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice, splice_after_bytes=0)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"\x00" * 1000)
         await r.readexactly(MB)
@@ -232,7 +233,7 @@ def test_slow_reader_bounds_what_the_agent_holds(use_splice: bool, monkeypatch: 
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
-        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice)
+        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice, splice_after_bytes=0)
         r, w = await asyncio.open_connection("127.0.0.1", port, limit=MB)
         w.transport.set_write_buffer_limits(0)
         w.write(b"\x00")
@@ -279,7 +280,7 @@ def test_throttle_pauses_a_spliced_connection_and_resumes_it() -> None:
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
-        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=True)
+        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=True, splice_after_bytes=0)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"\x00")
         assert await wait_until(lambda: len(spliced(ctx)) == 1)
@@ -314,7 +315,7 @@ def test_abort_both_ends_a_spliced_connection() -> None:
 
         up = await asyncio.start_server(handle, "127.0.0.1", 0)
         obs = Ends()
-        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=True)
+        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=True, splice_after_bytes=0)
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(b"\x00abc")
         assert await wait_until(lambda: len(spliced(ctx)) == 1)
@@ -329,3 +330,43 @@ def test_abort_both_ends_a_spliced_connection() -> None:
         up.close()
 
     run(scenario)
+
+
+def test_small_connections_are_not_spliced_and_the_count_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below splice_after_bytes a connection stays on the copying path (a pipe pair costs pages
+    of the user's pipe budget); above it, at most MAX_SPLICED at once per process."""
+    from nodemesh.agent import relay
+
+    monkeypatch.setattr(relay, "MAX_SPLICED", 2)
+
+    async def scenario() -> None:
+        up = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        obs = Ends()
+        server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice_after_bytes=256 * 1024)
+        small = await asyncio.open_connection("127.0.0.1", port)
+        small[1].write(b"\x00" * 1000)
+        assert await small[0].readexactly(1000) == b"\x00" * 1000
+        await asyncio.sleep(0.1)
+        assert not spliced(ctx)
+        bulk = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for r, w in bulk:
+            w.write(pattern(9, MB))
+            assert await asyncio.wait_for(r.readexactly(MB), 10) == pattern(9, MB)
+        assert len(spliced(ctx)) == 2 and Splice.live == 2
+        for r, w in [small, *bulk]:
+            w.write_eof()
+            await asyncio.wait_for(r.read(), 5)
+            w.close()
+        assert await wait_until(lambda: len(obs.ends) == 4)
+        assert Splice.live == 0 and all(e.error is None for e in obs.ends)
+        server.close()
+        up.close()
+
+    run(scenario)
+
+
+async def _echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+    w.close()
