@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,15 @@ def _install_as_pods(sb: Any, workers: int, timeout: float, say: Callable[[str],
     from nodemesh.sandbox import tokens
 
     values = apply_sets(InstallValues(agentWorkers=workers), sets)
+    # The controller's self-provisioned TLS (on by default for Kubernetes) writes a Secret and a
+    # ConfigMap and the agents mount that ConfigMap: the sandbox's API server serves recorded
+    # objects read-only and its kubelet does not refresh ConfigMap volumes, so --as-pods runs the
+    # manifest with controllerTls=false (docs/sandbox.md); node processes use --tls-cert instead.
+    if any(s.replace(" ", "").lower() in ("controllertls=true", "controllertls=1") for s in sets):
+        raise InstallError("--as-pods cannot run the controller's self-provisioned TLS (controllerTls=true): "
+                           "the sandbox's API server keeps no Secret a pod writes; use node processes "
+                           "(nodemesh install --sandbox), which serve the controller over TLS")
+    values = replace(values, controllerTls=False)
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
     sb.ensure_api_server(timeout=timeout)
