@@ -147,6 +147,8 @@ def provision_ca(secret: NamedObject, publish: NamedObject | None, now: datetime
             current = publish.read()
             if publish.data(current).get(CA_CERT_KEY) == ca.cert_pem or publish.write(current, {CA_CERT_KEY: ca.cert_pem}):
                 break
+        else:
+            raise ServingTLSError(f"{publish.kind} {publish.namespace}/{publish.name} keeps changing under us")
         log.info("event=controller_ca_published configmap=%s/%s", publish.namespace, publish.name)
     return ca
 
