@@ -37,7 +37,13 @@ from nodemesh.api import channel
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import CONTROLLER_GRPC_PORT
 from nodemesh.cli.kubecontext import KubeConfigError, KubeContext, current_context
-from nodemesh.manifests.sandboxfiles import CONTROLLER_ADDR_FILE, first_token, hostport, sandbox_ca
+from nodemesh.manifests.sandboxfiles import (
+    CONTROLLER_ADDR_FILE,
+    first_token,
+    hostport,
+    sandbox_ca,
+    sandbox_server_name,
+)
 from nodemesh.manifests.sandboxfiles import TOKEN_FILE as CONTROLLER_TOKEN_FILE
 
 log = logging.getLogger("nodemesh.cli")
@@ -252,7 +258,7 @@ def _sandbox_at(path: Path, why: str) -> Target:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     host, port = parse_hostport(text, str(path))
     return Target(hostport(host, port), f"sandbox state {path}; {why}", _sandbox_token(path.parent),
-                  sandbox_dir=path.parent, ca=sandbox_ca(path.parent))
+                  sandbox_dir=path.parent, ca=sandbox_ca(path.parent), server_name=sandbox_server_name(path.parent))
 
 
 def _sandbox_token(state_dir: Path) -> str | None:

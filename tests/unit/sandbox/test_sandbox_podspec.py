@@ -89,10 +89,9 @@ def test_daemonset_validation(doc: str, needle: str) -> None:
 def test_the_install_manifests_validate() -> None:
     from nodemesh.manifests.render import InstallValues, render_daemonset
 
-    # As `install --sandbox --as-pods` renders them: without the controller's self-provisioned TLS,
-    # whose Secret the sandbox does not keep (manifests/sandbox_install.py, docs/sandbox.md).
+    # As `install --sandbox --as-pods` renders them by default: without the controller's own TLS.
     kinds = {m.kind for m in load_text(render_daemonset(InstallValues(controllerTls=False)))}
     assert kinds == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment",
                      "Service", "DaemonSet"}
-    with pytest.raises(ManifestError, match="unknown kind 'Secret'"):
-        load_text(render_daemonset())
+    # The default (controllerTls): the controller's TLS Secret and CA ConfigMap, and its Role.
+    assert {m.kind for m in load_text(render_daemonset())} == kinds | {"Secret", "Role", "RoleBinding"}
