@@ -3,7 +3,7 @@
 created empty, through the sandbox's API server; the agents, hostNetwork DaemonSet pods that only
 have the ConfigMap mounted (`optional`, refreshed by the kubelet), verify the controller with it and
 connect (the install waits for every node's agent connected, ready and capturing, over TLS); the
-CLI verifies it under the Service's name; plaintext is refused."""
+CLI verifies it under the Service's name; a re-apply keeps the CA; plaintext is refused."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def test_realnode_controller_tls_agents_verify_the_published_ca() -> None:
         res = subprocess.run([sys.executable, "-m", "nodemesh", "check", "--sandbox"], capture_output=True,
                              text=True, env=env, timeout=60, check=False)
         assert res.returncode == 0, res.stdout + res.stderr
+
+        # `kubectl apply` of the install again keeps the CA the controller wrote (data is not in the manifest).
+        mesh.apply_install()
+        again = mesh.sb.objects()
+        assert next(o for o in again.of_kind("Secret") if o["metadata"]["name"] == "nodemesh-controller-tls")["data"] \
+            == secret["data"]
+        assert next(o for o in again.of_kind("ConfigMap")
+                    if o["metadata"]["name"] == "nodemesh-controller-ca")["data"] == ca_map["data"]
 
         # Plaintext to the controller's port is not spoken.
         with grpc.insecure_channel(mesh.controller) as channel:
