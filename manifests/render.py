@@ -549,10 +549,13 @@ def controller_ca_volume() -> dict[str, Any]:
 
 
 def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
-    """With mtls: the controller keeps the workload root in one Secret of its namespace (creates it
-    on first start, rewrites it at rotation) and may touch no other Secret."""
+    """With mtls: the controller keeps the workload root in one Secret of its namespace, shipped
+    empty here (as the controller's TLS Secret: RBAC cannot narrow `create` to one name), filled on
+    first start and rewritten at rotation; it may get and update that Secret and touch no other."""
     if not v.mtls:
         return []
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta(WORKLOAD_CA_SECRET, v.namespace, "controller"),
+              "type": "Opaque"}
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -560,7 +563,6 @@ def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
         "rules": [
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [WORKLOAD_CA_SECRET],
              "verbs": ["get", "update"]},
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},  # (create cannot name one)
         ],
     }
     binding = {
@@ -570,7 +572,7 @@ def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{CONTROLLER_NAME}-workload-ca"},
         "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_NAME, "namespace": v.namespace}],
     }
-    return [role, binding]
+    return [secret, role, binding]
 
 
 def _https(v: InstallValues) -> dict[str, str]:

@@ -261,8 +261,12 @@ def test_manifests_mtls_renders_the_ca_the_certificates_and_the_tunnel(tmp_path:
     assert config.mtls_required_namespaces == ("payments", "shop")
     (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "nodemesh-controller-workload-ca"]
     assert role["metadata"]["namespace"] == "nodemesh"
-    assert {"resources": ["secrets"], "resourceNames": ["nodemesh-workload-ca"], "verbs": ["get", "update"],
-            "apiGroups": [""]} in role["rules"]
+    # get/update on that one name and nothing else: the Secret ships empty, so no `create`
+    # (which RBAC cannot narrow to a name) is granted.
+    assert role["rules"] == [{"resources": ["secrets"], "resourceNames": ["nodemesh-workload-ca"],
+                              "verbs": ["get", "update"], "apiGroups": [""]}]
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "nodemesh-workload-ca"]
+    assert secret["metadata"]["namespace"] == "nodemesh" and "data" not in secret
     assert any(d["kind"] == "RoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"] for d in docs)
 
     cidrs = tmp_path / "pod-cidrs"
