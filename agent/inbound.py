@@ -37,6 +37,7 @@ def inbound_context(config: AgentConfig, tele: WorkerTelemetry, observer: Observ
     """What the inbound connections of a worker share: no endpoint choice, the identity gate."""
     ctx = WorkerContext(config, observer, EndpointPicker(None), make_mode, admission)
     ctx.identity_gate = tele.identity_gate
+    ctx.count_splice = tele.count_splice
     return ctx
 
 

@@ -48,6 +48,7 @@ from nodemesh.api.model import (
     ROUTE_RESPONSE_LATENCY_MS,
     ROUTE_RESPONSE_TOTAL,
     SERIES_EVICTED,
+    SPLICE_DECISIONS,
     TCP_CLOSE_TOTAL,
     TCP_CONNECTION_DURATION_MS,
     TCP_OPEN_CONNECTIONS,
@@ -92,6 +93,9 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     TUNNEL_EVENTS: (COUNTER, ("event", "reason"),
                     ("mTLS tunnels: originated, resumed (no full handshake), terminated (inbound, identity "
                      "verified), fallback (sent in plaintext, by reason), refused (by reason).")),
+    SPLICE_DECISIONS: (COUNTER, ("outcome",),
+                       ("Bulk opaque TCP connections moved by splice(2) (spliced), or kept on the copying "
+                        "path and why (fds, sockmap, unavailable).")),
     SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
     REPORT_HISTORY_BYTES: (GAUGE, (), "Bytes held by the report history (increments kept for the controller)."),
     REPORT_HISTORY_SECONDS: (GAUGE, (), "Age of the oldest interval in the report history, in seconds."),
@@ -139,6 +143,7 @@ class MetricsStore:
         "route_latency",
         "route_request_total",
         "route_response_total",
+        "splice_decisions",
         "tcp_close_total",
         "tcp_duration",
         "tcp_open_connections",
@@ -164,6 +169,7 @@ class MetricsStore:
         self.endpoint_lookups: dict[Labels, int] = {}
         self.endpoint_retries: dict[Labels, int] = {}
         self.tunnel_events: dict[Labels, int] = {}
+        self.splice_decisions: dict[Labels, int] = {}
         self.route_request_total: dict[Labels, int] = {}
         self.route_response_total: dict[Labels, int] = {}
         self.route_latency: dict[Labels, list[float]] = {}
@@ -217,6 +223,7 @@ _STORE_FIELDS: tuple[tuple[str, str], ...] = (
     (ENDPOINT_LOOKUPS, "endpoint_lookups"),
     (ENDPOINT_RETRIES, "endpoint_retries"),
     (TUNNEL_EVENTS, "tunnel_events"),
+    (SPLICE_DECISIONS, "splice_decisions"),
     (ROUTE_REQUEST_TOTAL, "route_request_total"),
     (ROUTE_RESPONSE_TOTAL, "route_response_total"),
     (ROUTE_RESPONSE_LATENCY_MS, "route_latency"),

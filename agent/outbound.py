@@ -40,6 +40,7 @@ def outbound_context(config: AgentConfig, tele: WorkerTelemetry, observer: Obser
     ctx.identity_gate = tele.identity_gate
     ctx.learn_endpoint = tele.learn_endpoint
     ctx.count_retry = tele.count_endpoint_retry
+    ctx.count_splice = tele.count_splice
     return ctx
 
 

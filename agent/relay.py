@@ -75,6 +75,9 @@ class WorkerContext:
         # `count_retry(via, outcome)`: a failed upstream connect retried (relay._dial), via another
         # "endpoint" or the "service" address as dialled; outcome "connected" or "failed".
         self.count_retry: Callable[[str, str], None] | None = None
+        # `count_splice(outcome)`: a bulk opaque connection handed to splice(2) ("spliced"), or
+        # kept on the copying path ("fds", "sockmap", "unavailable"); agent/splice.py.
+        self.count_splice: Callable[[str], None] | None = None
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
         self.tunnel: Any = None  # agent.tunnel.Tunnel with --mtls: cross-node connections over mTLS
@@ -582,9 +585,14 @@ class Connection(asyncio.Protocol):
         if client.get_extra_info("sslcontext") is not None or up.get_extra_info("sslcontext") is not None:
             return False
         admission = self.ctx.admission
+        count = self.ctx.count_splice
         if admission.open * 3 > admission.capacity:
+            if count is not None:
+                count("fds")
             return False   # a spliced connection holds 6 fds, not 2 (admission.capacity_for counts 2)
         if sockmap_accelerated():
+            if count is not None:
+                count("sockmap")
             return False   # the pod<->agent hop's bytes bypass the TCP receive queue (splice.py)
         cdup = udup = None
         try:
@@ -593,10 +601,14 @@ class Connection(asyncio.Protocol):
             sp = Splice(asyncio.get_running_loop(), cdup, udup, self._spliced, self._splice_ended)
         except OSError as exc:
             log.debug("event=splice_unavailable error=%r", exc)
+            if count is not None:
+                count("unavailable")
             for dup in (cdup, udup):
                 if dup is not None:
                     dup.close()
             return False
+        if count is not None:
+            count("spliced")
         # The transports give up their sockets: no more callbacks into this connection, and
         # closing them closes their fds (and libuv's epoll entries); the duplicates are the
         # Splice's alone. Nothing was buffered in them (checked above), so nothing is lost.

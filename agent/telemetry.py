@@ -339,6 +339,11 @@ class WorkerTelemetry:
         lookups[("found",)] = lookups.get(("found",), 0) + 1
         return endpoint
 
+    def count_splice(self, outcome: str) -> None:
+        """A bulk opaque connection's splice decision (relay.try_splice; nodemesh_splice_decisions_total)."""
+        decisions = self.metrics.splice_decisions
+        decisions[(outcome,)] = decisions.get((outcome,), 0) + 1
+
     def count_tunnel(self, event: str, reason: str) -> None:
         """An mTLS tunnel event (agent/tunnel.py; nodemesh_tunnel_events_total)."""
         events = self.metrics.tunnel_events

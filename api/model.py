@@ -241,6 +241,9 @@ ENDPOINT_LOOKUPS = "nodemesh_endpoint_lookups_total"  # {outcome=found|none|fail
 ENDPOINT_RETRIES = "nodemesh_endpoint_retries_total"  # {via=endpoint|service, outcome=connected|failed}:
                                                     # an upstream connect to an endpoint the agent chose
                                                     # failed and was tried once more
+SPLICE_DECISIONS = "nodemesh_splice_decisions_total"  # {outcome=spliced|fds|sockmap|unavailable}: a bulk
+                                                    # opaque TCP connection moved by splice(2), or kept on
+                                                    # the copying path and why (agent/splice.py)
 TUNNEL_EVENTS = "nodemesh_tunnel_events_total"    # {event=originated|resumed|terminated|fallback|refused,
                                                     # reason}: the node's mTLS tunnels (agent/tunnel.py);
                                                     # reason is empty for the first three

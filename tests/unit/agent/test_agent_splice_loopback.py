@@ -86,6 +86,8 @@ def test_large_transfer_both_ways_identical_and_counted(use_splice: bool) -> Non
         obs = Ends()
         # The default threshold (splice_after_bytes, 1 MiB): bulk is spliced once past it.
         server, port, ctx = await serve(obs, up.sockets[0].getsockname()[:2], splice=use_splice)
+        decisions: list[str] = []
+        ctx.count_splice = decisions.append   # the worker's telemetry: nodemesh_splice_decisions_total
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(up_bytes)
         seen: list[int] = []
@@ -109,6 +111,7 @@ def test_large_transfer_both_ways_identical_and_counted(use_splice: bool) -> Non
         assert (end.read_bytes, end.write_bytes, end.error) == (len(up_bytes), len(down_bytes) + 32, None)
         assert obs.protocols == ["tcp"]
         assert (max(seen) == 1) is use_splice   # it really was spliced (or really not)
+        assert decisions == (["spliced"] if use_splice else [])
         assert not ctx.live
         server.close()
         up.close()
