@@ -334,6 +334,30 @@ class Aggregator:
                 _add(tot, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close,
                      read_bytes, write_bytes)
 
+    # ------------------------------------------------------------- batch ingest (columns)
+    def windows_at(self, sec: int) -> list[_Window]:
+        """The kept windows that already hold second `sec` (a record into it must reach them)."""
+        return [w for w in self._windows.values() if w.end - w.width <= sec < w.end]
+
+    def bucket_at(self, key: SeriesKey, sec: int) -> Bucket:
+        """The key's bucket of second `sec`, to add to in place: only when no kept window holds
+        `sec` (`windows_at` empty; else `add_bucket`, which keeps them up to date)."""
+        hist = self._history.get(key)
+        if hist is None:
+            hist = self._history[key] = _History()
+        n = len(hist.buckets)
+        b = hist.at(sec)
+        if len(hist.buckets) > n:
+            self._by_sec.setdefault(sec, []).append((key, b))
+        return b
+
+    def add_bucket(self, key: SeriesKey, sec: int, d: Bucket) -> None:
+        """Add a bucket of deltas `d` to the key's bucket of second `sec` and to the kept windows
+        holding it (what `record` does for one series)."""
+        self.record(key, t=sec, success=d.success, failure=d.failure, requests=d.requests, latency=d.latency,
+                    latency_sum=d.latency_sum, tcp_open=d.tcp_open, tcp_close=d.tcp_close, read_bytes=d.read_bytes,
+                    write_bytes=d.write_bytes)
+
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
         self._gauges.setdefault(key, {})[reporter] = (self.clock() if t is None else t, value)
         if value > 0:
