@@ -32,6 +32,7 @@ def ingest_columns(agg: Aggregator, refs: SeriesRefs, cols: Columns, sec: int, r
     until its stream ends, as a ref'd gauge is). Returns (series rejected, the series left for
     the per-series path). `n_buckets`: counts per histogram (api/columns.decode checked them);
     `native_bounds`: the report's histograms use our buckets (else they are rebinned there)."""
+    sec = agg.filed_second(sec)  # an old replay: its minute's bucket
     windows = agg.windows_at(sec)
     # Usually no kept window holds the report's second yet: add straight into the buckets. Else
     # collect the report's deltas per key, then add them (and to those windows) once per key.
