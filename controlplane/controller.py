@@ -157,9 +157,10 @@ class Controller:
         self.config = config
         self.source = source
         self.registry = registry or WorkloadRegistry()
-        self.aggregator = Aggregator(retention_s=config.retention_s)
+        self.aggregator = Aggregator(retention_s=config.retention_s, downsample_after_s=config.downsample_after_s)
         # Route series apart (controlplane/routes.py): route cardinality never reaches `stat`.
-        self.route_aggregator = Aggregator(retention_s=config.retention_s)
+        self.route_aggregator = Aggregator(retention_s=config.retention_s,
+                                           downsample_after_s=config.downsample_after_s)
         self.route_cap = routesmod.RouteCap(config.max_routes)
         # `--backend prometheus` (controlplane/promstore.py): the same questions, answered by PromQL.
         self.prometheus = (promstore.PrometheusStore(config.prometheus_url, config.prometheus_timeout_s)
@@ -626,6 +627,9 @@ class Controller:
         the dashboard always takes the default."""
         backend = backend or self.config.stat_backend
         if backend == promstore.MEMORY:
+            if int(window_seconds) > self.config.retention_s:
+                raise statmod.StatError(f"time window {int(window_seconds)}s is longer than this controller keeps "
+                                        f"(--retention {self.config.retention_s}s)")
             return None, None
         if backend != promstore.PROMETHEUS:
             raise statmod.StatError(f"unknown backend {backend!r}: expected one of {', '.join(promstore.BACKENDS)}")

@@ -3,9 +3,14 @@ windows answer the same totals as the per-second buckets they replaced."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import pytest
+from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.aggregate import N_LATENCY, Aggregator, Totals
+from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.main import parse_args
 
 T0 = 1_700_000_040  # a minute boundary
 KEYS = [("inbound", f"p{i}") for i in range(5)]
@@ -20,8 +25,9 @@ def traffic(seed: int = 1, seconds: int = 1800) -> list[tuple[int, tuple[str, ..
                 lat = [0] * N_LATENCY
                 lat[rng.randrange(N_LATENCY)] = rng.randint(1, 4)
                 out.append((sec, key, {"success": rng.randint(0, 5), "failure": rng.randint(0, 1),
-                                           "requests": rng.randint(1, 6), "latency": lat, "latency_sum": rng.random() * 50,
-                                           "read_bytes": rng.randint(0, 999), "tcp_open": rng.randint(0, 1)}))
+                                       "requests": rng.randint(1, 6), "latency": lat,
+                                       "latency_sum": rng.random() * 50, "read_bytes": rng.randint(0, 999),
+                                       "tcp_open": rng.randint(0, 1)}))
     return out
 
 
@@ -104,3 +110,23 @@ def test_retention_drops_minute_buckets_too() -> None:
     agg.prune(now=T0 + 700)
     assert agg._history[KEYS[0]].coarse
     assert agg.prune(now=T0 + 1300) == 1 and len(agg) == 0
+
+
+def test_retention_and_downsample_flags_reach_the_store_and_bound_the_window() -> None:
+    base = ["--state-dir", "/nonexistent"]
+    config = parse_args([*base, "--retention", "900", "--downsample-after", "300"])
+    assert (config.retention_s, config.downsample_after_s) == (900, 300)
+    assert parse_args([*base, "--downsample-after", "0"]).downsample_after_s == 0
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--retention", "7200"])
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--retention", "600", "--downsample-after", "900"])
+    c = Controller(config)
+    assert (c.aggregator.retention_s, c.aggregator.downsample_after_s) == (900, 300)
+    assert c.route_aggregator.downsample_after_s == 300
+    long = asyncio.run(c.answer_stat(pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True,
+                                                    window_seconds=1800)))
+    assert "--retention 900s" in long.error
+    short = asyncio.run(c.answer_stat(pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True,
+                                                     window_seconds=600)))
+    assert not short.error
