@@ -11,6 +11,7 @@ latency quantiles from the merged histogram, as Prometheus' `histogram_quantile`
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -262,6 +263,21 @@ def _add(target: Bucket | Totals, success: float, failure: float, requests: floa
     target.tcp_close += tcp_close
     target.read_bytes += read_bytes
     target.write_bytes += write_bytes
+
+
+def _merge(target: Bucket, b: Bucket) -> None:
+    """Add bucket `b` into `target` (downsampling)."""
+    target.success += b.success
+    target.failure += b.failure
+    target.requests += b.requests
+    if b.latency is not None:
+        lat = target.latency
+        target.latency = b.latency.copy() if lat is None else list(map(operator.add, lat, b.latency))
+        target.latency_sum += b.latency_sum
+    target.tcp_open += b.tcp_open
+    target.tcp_close += b.tcp_close
+    target.read_bytes += b.read_bytes
+    target.write_bytes += b.write_bytes
 
 
 MAX_WINDOWS = 8          # window widths kept sliding at once
@@ -532,24 +548,21 @@ class Aggregator:
                 hist = history.get(key)
                 if hist is None:
                     continue
-                coarse = hist.coarse
-                if coarse and coarse[-1][0] == csec:
-                    cb = coarse[-1][1]
-                else:
-                    cb = Bucket()
-                    coarse.append((csec, cb))
-                    made.append((csec, key, cb))
-                    hist.last_sec = max(hist.last_sec, csec)
-                _add(cb, b.success, b.failure, b.requests, b.latency, None, b.latency_sum, b.tcp_open, b.tcp_close,
-                     b.read_bytes, b.write_bytes)
                 fine = hist.buckets
                 if fine and fine[0][1] is b:
                     fine.popleft()
                 else:
                     fine.remove((sec, b))
-                for w in windows:
+                for w in windows:  # before b changes: it may become its minute's bucket
                     if w.end - w.width <= sec < w.end:
                         w.remove(key, b)
+                coarse = hist.coarse
+                if coarse and coarse[-1][0] == csec:
+                    _merge(coarse[-1][1], b)
+                else:
+                    coarse.append((csec, b))  # the minute's first second becomes its bucket
+                    made.append((csec, key, b))
+                    hist.last_sec = max(hist.last_sec, csec)
                 merged += 1
         for csec, key, cb in made:
             by_sec.setdefault(csec, []).append((key, cb))

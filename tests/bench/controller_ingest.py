@@ -8,6 +8,7 @@ replays `--reports` intervals of `--nodes` agents from bytes through `Controller
 report, the controller's RSS growth, and the keys held.
 
     python3 tests/bench/controller_ingest.py --nodes 50 --pods 50 --reports 20 [--encoding refs|columns|labels]
+        [--downsample-after 600|0]  (a --reports past 600 shows downsampling's memory)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--encoding", choices=("labels", "refs", "columns"), default="refs")
     p.add_argument("--active", type=float, default=0.2)
     p.add_argument("--profile", default="")
+    p.add_argument("--downsample-after", type=int, default=600, help="seconds; 0: never")
     a = p.parse_args()
     cluster = Cluster(a.nodes, a.pods, 3)
     pairs = cluster.calls()
@@ -60,25 +62,28 @@ def main() -> None:
         traffic = NodeTraffic(cluster, cluster.node_names[i], pairs, a.active, seed=i)
         extra = {"columns": True} if a.encoding == "columns" else {}
         streams.append(traffic.encoded_intervals(pb, a.encoding != "labels", **extra))
-    c = Controller(ControllerConfig())
+    c = Controller(ControllerConfig(downsample_after_s=a.downsample_after))
     start = c.started_ms + 1000
     sessions = [c.agent_connected(pb.AgentHello(agent_id=f"a{i}", node=cluster.node_names[i],
                                                 start_time_ms=start)) for i in range(a.nodes)]
     gc.collect()
     rss0 = rss_mb()
     now = time.time()
-    messages = []
-    for seq in range(1, a.reports + 1):
-        for i in range(a.nodes):
-            first, variants = streams[i]
-            body = first if seq == 1 else variants[seq % len(variants)]
-            head = pb.MetricsReport(agent_id=f"a{i}", seq=seq, time_ms=int((now + seq) * 1000),
-                                    latency_bounds_ms=list(LATENCY_BUCKETS_MS), increments=True)
-            messages.append((i, seq, head.SerializeToString() + body))
+
+    def messages():  # type: ignore[no-untyped-def]
+        for seq in range(1, a.reports + 1):
+            for i in range(a.nodes):
+                first, variants = streams[i]
+                body = first if seq == 1 else variants[seq % len(variants)]
+                head = pb.MetricsReport(agent_id=f"a{i}", seq=seq, time_ms=int((now + seq) * 1000),
+                                        latency_bounds_ms=list(LATENCY_BUCKETS_MS), increments=True)
+                yield i, seq, head.SerializeToString() + body
+
     series = {1: 0, 2: 0}
     cpu = {1: 0.0, 2: 0.0}   # 1: the first report of each stream (defines refs), 2: the others
+    prune_cpu = 0.0
     prof = cProfile.Profile() if a.profile else None
-    for i, seq, data in messages:
+    for i, seq, data in messages():
         phase = 1 if seq == 1 else 2
         t0 = time.process_time()
         if prof and phase == 2:
@@ -89,16 +94,23 @@ def main() -> None:
             prof.disable()
         cpu[phase] += time.process_time() - t0
         series[phase] += n_series(report)
+        if i == a.nodes - 1 and seq % 10 == 0:  # the controller's housekeeping, every 10 s
+            t0 = time.process_time()
+            c.aggregator.prune(now=now + seq + 0.9)
+            prune_cpu += time.process_time() - t0
+    gc.collect()
     rss1 = rss_mb()
     n2 = a.nodes * (a.reports - 1)
     print(f"encoding={a.encoding} nodes={a.nodes} reports={a.reports} keys={len(c.aggregator)}")
     print(f"steady: {series[2] / n2:.0f} series/report  {cpu[2] / n2 * 1000:.2f} ms/report  "
           f"{cpu[2] / max(series[2], 1) * 1e6:.2f} us/series")
     print(f"first:  {series[1] / a.nodes:.0f} series/report  {cpu[1] / a.nodes * 1000:.2f} ms/report")
-    print(f"rss: {rss0:.0f} -> {rss1:.0f} MB")
-    t0 = time.process_time()
-    c.aggregator.totals_by_key(60, now=now + a.reports + 1)
-    print(f"totals_by_key(60): {(time.process_time() - t0) * 1000:.1f} ms")
+    buckets = sum(len(h.buckets) + len(h.coarse) for h in c.aggregator._history.values())
+    print(f"rss: {rss0:.0f} -> {rss1:.0f} MB  buckets={buckets}  prune+downsample CPU {prune_cpu:.2f} s")
+    for window in (60, 3600):
+        t0 = time.process_time()
+        c.aggregator.totals_by_key(window, now=now + a.reports + 1)
+        print(f"totals_by_key({window}) first: {(time.process_time() - t0) * 1000:.1f} ms")
     if prof:
         prof.dump_stats(a.profile)
         pstats.Stats(a.profile).sort_stats("tottime").print_stats(15)
