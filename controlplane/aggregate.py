@@ -535,40 +535,47 @@ class Aggregator:
             prev = min(by_sec, default=new)
             prev -= prev % COARSE_S
         windows = [w for w in self._windows.values() if w.end - w.width < new and w.end > prev]
-        made: list[tuple[int, SeriesKey, Bucket]] = []
-        merged = 0
         history = self._history
         self._coarse_before = new
-        for sec in range(prev, new):
-            entries = by_sec.pop(sec, None)
-            if not entries:
-                continue
-            csec = sec - sec % COARSE_S + COARSE_S // 2
-            for key, b in entries:
+        merged = 0
+        for minute in range(prev, new, COARSE_S):
+            csec = minute + COARSE_S // 2
+            per_key: dict[SeriesKey, list[tuple[int, Bucket]]] = {}
+            for sec in range(minute, minute + COARSE_S):
+                for key, b in by_sec.pop(sec, ()):
+                    per_key.setdefault(key, []).append((sec, b))
+            for key, seconds in per_key.items():
                 hist = history.get(key)
                 if hist is None:
                     continue
                 fine = hist.buckets
-                if fine and fine[0][1] is b:
-                    fine.popleft()
-                else:
-                    fine.remove((sec, b))
-                for w in windows:  # before b changes: it may become its minute's bucket
-                    if w.end - w.width <= sec < w.end:
-                        w.remove(key, b)
-                coarse = hist.coarse
-                if coarse and coarse[-1][0] == csec:
-                    _merge(coarse[-1][1], b)
-                else:
-                    coarse.append((csec, b))  # the minute's first second becomes its bucket
-                    made.append((csec, key, b))
-                    hist.last_sec = max(hist.last_sec, csec)
-                merged += 1
-        for csec, key, cb in made:
-            by_sec.setdefault(csec, []).append((key, cb))
-            for w in windows:
-                if w.end - w.width <= csec < w.end:
-                    w.add(key, cb)
+                for sec, b in seconds:
+                    if fine and fine[0][1] is b:
+                        fine.popleft()
+                    else:
+                        fine.remove((sec, b))
+                merged += len(seconds)
+                partial = []
+                for w in windows:
+                    lo, hi = w.end - w.width, w.end
+                    if lo <= minute and minute + COARSE_S <= hi:
+                        # The whole minute is inside: same sums, one bucket instead of several.
+                        w.buckets[key] -= len(seconds) - 1
+                    elif lo < minute + COARSE_S and hi > minute:
+                        for sec, b in seconds:  # before the buckets change (the first becomes the minute's)
+                            if lo <= sec < hi:
+                                w.remove(key, b)
+                        partial.append(w)
+                # Minutes are merged whole, once, oldest first: this minute is the key's newest.
+                cb = seconds[0][1]  # the minute's first second becomes its bucket
+                hist.coarse.append((csec, cb))
+                by_sec.setdefault(csec, []).append((key, cb))
+                hist.last_sec = max(hist.last_sec, csec)
+                for _, b in seconds[1:]:
+                    _merge(cb, b)
+                for w in partial:
+                    if w.end - w.width <= csec < w.end:
+                        w.add(key, cb)
         return merged
 
     def prune(self, now: float | None = None) -> int:
