@@ -22,6 +22,8 @@ tcp_close_total. Sans-IO: counts in, decisions out; relay.py acts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nodemesh.agent.fairness import TICK_S, Fairness
 
 SHED_CAPACITY = "capacity"
@@ -41,8 +43,8 @@ def capacity_for(nofile: int) -> int:
 class Admission:
     """Per worker (shared by its outbound and inbound listeners)."""
 
-    __slots__ = ("by_source", "capacity", "fairness", "high_water", "max_slow", "open", "overloaded", "peak",
-                 "slow")
+    __slots__ = ("by_source", "capacity", "fairness", "high_water", "max_slow", "on_busy", "open", "overloaded",
+                 "peak", "slow")
 
     def __init__(self, capacity: int, max_slow: int = DEFAULT_MAX_SLOW) -> None:
         self.capacity = capacity
@@ -54,6 +56,9 @@ class Admission:
         self.slow: dict[str, int] = {}
         self.overloaded = False
         self.fairness = Fairness(TICK_S)      # the worker's time per source (fairness.py)
+        # Called when the first connection arrives at an idle worker (housekeeping.py: back to its
+        # fast tick at once instead of at the end of its idle one).
+        self.on_busy: Callable[[], None] | None = None
 
     def admit(self, source: str) -> str | None:
         """None to take the connection, else the reason to shed it. Counts it either way
@@ -61,6 +66,8 @@ class Admission:
         n = self.open + 1
         self.open = n
         self.peak = max(self.peak, n)
+        if n == 1 and self.on_busy is not None:
+            self.on_busy()
         by_source = self.by_source
         mine = by_source.get(source, 0)
         by_source[source] = mine + 1

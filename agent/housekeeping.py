@@ -3,7 +3,12 @@
 - **Overload**: a timer due every `TICK_S` measures how late it runs (the loop's lag: how long
   ready callbacks wait). Lag over `OVERLOAD_LAG_S` on two ticks in a row sets
   `admission.overloaded` (admission.py then sheds new connections from sources holding more than
-  their share); two on-time ticks clear it. Ten timer callbacks a second cost nothing measurable.
+  their share); two on-time ticks clear it.
+- **Idle**: a worker holding no connection, with nothing overloaded, throttled or tracked by
+  fairness, has nothing for that tick to do: it ticks every `IDLE_TICK_S` instead (the memory
+  check only), and the first connection admitted (`admission.on_busy`) brings the fast tick back at
+  once. Measured (issue 18, docs/bench.md): a wake-up costs this 2-vCPU VM ~0.1 ms of CPU, so the
+  ten fast ticks a second were ~1.5 ms of CPU per second per idle worker.
 - **Fairness**: each tick hands the lag to `admission.fairness` (fairness.py), which sets every
   source's time budget for the next tick; the sources whose throttle lifts get their connections
   resumed and their held new connections let go on.
@@ -35,6 +40,7 @@ from nodemesh.agent.fairness import TICK_S as FAIRNESS_TICK_S
 log = logging.getLogger("nodemesh.agent.housekeeping")
 
 TICK_S = FAIRNESS_TICK_S  # budgets (fairness.py) are per tick
+IDLE_TICK_S = 1.0         # = TRIM_EVERY_TICKS fast ticks: the memory check keeps its pace
 OVERLOAD_LAG_S = 0.05
 TRIM_EVERY_TICKS = 10
 TRIM_MIN_DROP = 1000
@@ -67,17 +73,52 @@ class Housekeeping:
         self.last_open = 0
         self.last_cpu = time.thread_time()
         self._trim = _malloc_trim()
+        self.idle_ticks = 0
+        self._woken: asyncio.Future[None] | None = None
 
     def start(self) -> None:
+        self.admission.on_busy = self.wake
         self.task = asyncio.get_running_loop().create_task(self._run())
 
+    def idle(self) -> bool:
+        """Nothing for a fast tick to watch: no connection held (or live), no overload or
+        contention being tracked, no source known to fairness."""
+        adm = self.admission
+        fairness = adm.fairness
+        return (adm.open == 0 and not adm.overloaded and self.late_ticks == 0 and not fairness.engaged
+                and not fairness.loads and not any(len(live) for live in self.live))
+
+    def wake(self) -> None:
+        """A connection arrived: end an idle tick now."""
+        woken = self._woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
+
+    async def _idle_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        woken = self._woken = loop.create_future()
+        timer = loop.call_later(IDLE_TICK_S, self.wake)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            self._woken = None
+        self.idle_ticks += 1
+        self.last_cpu = time.thread_time()  # the idle stretch is no fast tick's CPU (fairness)
+
     def stop(self) -> None:
+        if self.admission.on_busy == self.wake:
+            self.admission.on_busy = None
         if self.task is not None:
             self.task.cancel()
 
     async def _run(self) -> None:
         tick = 0
         while True:
+            if self.idle():
+                await self._idle_tick()
+                self.maybe_trim()
+                continue
             due = time.monotonic() + TICK_S
             await asyncio.sleep(TICK_S)
             self.lag(time.monotonic() - due)

@@ -54,6 +54,7 @@ from nodemesh.api.model import (
     TCP_OPEN_TOTAL,
     TCP_READ_BYTES_TOTAL,
     TCP_WRITE_BYTES_TOTAL,
+    TUNNEL_EVENTS,
     is_automatic_route,
 )
 
@@ -88,6 +89,9 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ENDPOINT_LOOKUPS: (COUNTER, ("outcome",), "Conntrack lookups of the pod kube-proxy chose behind an address."),
     ENDPOINT_RETRIES: (COUNTER, ("via", "outcome"),
                        "Failed upstream connects to a chosen endpoint, tried once more (another endpoint or the Service)."),
+    TUNNEL_EVENTS: (COUNTER, ("event", "reason"),
+                    ("mTLS tunnels: originated, resumed (no full handshake), terminated (inbound, identity "
+                     "verified), fallback (sent in plaintext, by reason), refused (by reason).")),
     SERIES_EVICTED: (COUNTER, (), "Idle series dropped (retain-idle)."),
     REPORT_HISTORY_BYTES: (GAUGE, (), "Bytes held by the report history (increments kept for the controller)."),
     REPORT_HISTORY_SECONDS: (GAUGE, (), "Age of the oldest interval in the report history, in seconds."),
@@ -141,6 +145,7 @@ class MetricsStore:
         "tcp_open_total",
         "tcp_read_bytes",
         "tcp_write_bytes",
+        "tunnel_events",
     )
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
@@ -158,6 +163,7 @@ class MetricsStore:
         self.identity_corrections: dict[Labels, int] = {}
         self.endpoint_lookups: dict[Labels, int] = {}
         self.endpoint_retries: dict[Labels, int] = {}
+        self.tunnel_events: dict[Labels, int] = {}
         self.route_request_total: dict[Labels, int] = {}
         self.route_response_total: dict[Labels, int] = {}
         self.route_latency: dict[Labels, list[float]] = {}
@@ -210,6 +216,7 @@ _STORE_FIELDS: tuple[tuple[str, str], ...] = (
     (IDENTITY_CORRECTIONS, "identity_corrections"),
     (ENDPOINT_LOOKUPS, "endpoint_lookups"),
     (ENDPOINT_RETRIES, "endpoint_retries"),
+    (TUNNEL_EVENTS, "tunnel_events"),
     (ROUTE_REQUEST_TOTAL, "route_request_total"),
     (ROUTE_RESPONSE_TOTAL, "route_response_total"),
     (ROUTE_RESPONSE_LATENCY_MS, "route_latency"),

@@ -339,6 +339,11 @@ class WorkerTelemetry:
         lookups[("found",)] = lookups.get(("found",), 0) + 1
         return endpoint
 
+    def count_tunnel(self, event: str, reason: str) -> None:
+        """An mTLS tunnel event (agent/tunnel.py; nodemesh_tunnel_events_total)."""
+        events = self.metrics.tunnel_events
+        events[(event, reason)] = events.get((event, reason), 0) + 1
+
     def count_endpoint_retry(self, via: str, outcome: str) -> None:
         """relay._dial retried a failed connect (nodemesh_endpoint_retries_total)."""
         retries = self.metrics.endpoint_retries

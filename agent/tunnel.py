@@ -103,16 +103,28 @@ def parse_head(data: bytes) -> tuple[tuple[str, int] | None, bytes, str]:
 
 @dataclass
 class TunnelStats:
-    """Counted per worker, logged; the relay's own metrics count the connections themselves."""
+    """Counted per worker, and handed to `sink` (the worker's telemetry: the agent's
+    `nodemesh_tunnel_events_total{event,reason}` on /metrics); the relay's own metrics count the
+    connections themselves."""
 
     originated: int = 0          # outbound connections sent through a tunnel
     resumed: int = 0             # of which resumed a TLS session (no full handshake)
     terminated: int = 0          # inbound tunnels accepted (identity verified)
     fallback: dict[str, int] = field(default_factory=dict)   # outbound sent in plaintext, by reason
     refused: dict[str, int] = field(default_factory=dict)    # inbound tunnels refused, by reason
+    sink: Callable[[str, str], None] | None = None
+
+    def add(self, event: str) -> None:
+        """originated, resumed or terminated: one more."""
+        setattr(self, event, getattr(self, event) + 1)
+        if self.sink is not None:
+            self.sink(event, "")
 
     def count(self, table: dict[str, int], reason: str) -> None:
+        """A fallback or a refusal, by reason."""
         table[reason] = table.get(reason, 0) + 1
+        if self.sink is not None:
+            self.sink("fallback" if table is self.fallback else "refused", reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +139,11 @@ class Plan:
 class Tunnel:
     """A worker's mTLS: which outbound connections to tunnel, and the inbound tunnel terminator."""
 
-    def __init__(self, index: PodIndex, certs: CertReader, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, index: PodIndex, certs: CertReader, clock: Callable[[], float] = time.monotonic,
+                 sink: Callable[[str, str], None] | None = None) -> None:
         self.index = index
         self.certs = certs
-        self.stats = TunnelStats()
+        self.stats = TunnelStats(sink=sink)
         self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
         # The mesh's trust domain, learned from the identities verified (the agent is not told
@@ -213,7 +226,7 @@ class Tunnel:
         if _names(seen) != plan.expected:
             raise ssl.SSLError(f"tunnel server is {seen or 'anonymous'}, expected ns/{plan.expected[0]}/sa/"
                                f"{plan.expected[1]}")
-        self.stats.originated += 1
+        self.stats.add("originated")
         return seen
 
     def _learn_trust_domain(self, spiffe_id: str) -> None:
@@ -350,7 +363,7 @@ class _TunnelUpstream(asyncio.Protocol):
                 self._fail(exc)
                 return
             if self.tls.obj.session_reused:
-                self.tunnel.stats.resumed += 1
+                self.tunnel.stats.add("resumed")
             raw.write(self.tls.send(self.head))
             self.wrapped = TlsTransport(raw, self.tls, self.inner)
             if not self.done.done():
@@ -548,7 +561,7 @@ class _TlsServerShim(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.tunnel.stats.terminated += 1
+        self.tunnel.stats.add("terminated")
         conn = self.make_connection()
         conn.forced_original = target
         conn.mtls = self.client_id

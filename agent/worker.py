@@ -80,7 +80,8 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
         from nodemesh.agent.certs import CertReader
         from nodemesh.agent.tunnel import Tunnel
 
-        outbound.tunnel = inbound.tunnel = Tunnel(tele.index, CertReader(config.cert_dir))
+        outbound.tunnel = inbound.tunnel = Tunnel(tele.index, CertReader(config.cert_dir),
+                                                     sink=tele.count_tunnel)
 
     def mesh_config(mesh: pb.MeshConfig) -> None:
         # The controller's opaque ports replace the --opaque-ports flag (the same list in a

@@ -50,8 +50,11 @@ def generate_ca(common_name: str = "nodemesh controller CA", days: int = 3650,
                               serialization.NoEncryption()))
 
 
-def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, hosts: list[str], days: int = 365) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) for a TLS server known by `hosts` (DNS names or IPs)."""
+def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, hosts: list[str], days: int = 365,
+                      lifetime_s: float | None = None,
+                      now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM) for a TLS server known by `hosts` (DNS names or IPs),
+    valid `days` (or `lifetime_s` seconds: the controller's renewed certificate) from `now`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -68,10 +71,11 @@ def issue_server_cert(ca_cert_pem: bytes, ca_key_pem: bytes, hosts: list[str], d
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    now = datetime.datetime.now(datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
+    life = datetime.timedelta(seconds=lifetime_s) if lifetime_s is not None else datetime.timedelta(days=days)
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + life)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

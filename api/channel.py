@@ -13,10 +13,15 @@ import grpc
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
 
 
-def controller_channel(address: str, ca: str | Path | None) -> grpc.Channel:
-    """A channel to `address`; an unreadable `ca` raises OSError (the caller says it its way)."""
-    if ca is None:
+def controller_channel(address: str, ca: str | Path | None, server_name: str | None = None,
+                       roots: bytes | None = None) -> grpc.Channel:
+    """A channel to `address`; an unreadable `ca` raises OSError (the caller says it its way).
+    `roots` (PEM) instead of a file: the CA read from the cluster (cli/client.py). `server_name`:
+    the name the certificate must carry when `address` is not it (a port-forward on 127.0.0.1
+    verifies the controller under its Service's name)."""
+    if ca is None and roots is None:
         return grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
-    roots = Path(ca).read_bytes()
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots),
-                               options=GRPC_CHANNEL_OPTIONS)
+    if roots is None:
+        roots = Path(str(ca)).read_bytes()
+    options = [*GRPC_CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=options)

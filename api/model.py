@@ -241,6 +241,9 @@ ENDPOINT_LOOKUPS = "nodemesh_endpoint_lookups_total"  # {outcome=found|none|fail
 ENDPOINT_RETRIES = "nodemesh_endpoint_retries_total"  # {via=endpoint|service, outcome=connected|failed}:
                                                     # an upstream connect to an endpoint the agent chose
                                                     # failed and was tried once more
+TUNNEL_EVENTS = "nodemesh_tunnel_events_total"    # {event=originated|resumed|terminated|fallback|refused,
+                                                    # reason}: the node's mTLS tunnels (agent/tunnel.py);
+                                                    # reason is empty for the first three
 SERIES_EVICTED = "nodemesh_series_evicted_total"    # idle series dropped (retain-idle)
 LABEL_OVERFLOW = "nodemesh_label_overflow_total"    # {label}: values folded into OTHER_LABEL_VALUE
                                                     # (label="authority", or "rt_route" for the route cap)

@@ -24,6 +24,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -36,7 +37,13 @@ from nodemesh.api import channel
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import CONTROLLER_GRPC_PORT
 from nodemesh.cli.kubecontext import KubeConfigError, KubeContext, current_context
-from nodemesh.manifests.sandboxfiles import CONTROLLER_ADDR_FILE, first_token, hostport, sandbox_ca
+from nodemesh.manifests.sandboxfiles import (
+    CONTROLLER_ADDR_FILE,
+    first_token,
+    hostport,
+    sandbox_ca,
+    sandbox_server_name,
+)
 from nodemesh.manifests.sandboxfiles import TOKEN_FILE as CONTROLLER_TOKEN_FILE
 
 log = logging.getLogger("nodemesh.cli")
@@ -45,6 +52,10 @@ DEFAULT_SANDBOX_ROOT = Path("/run/nodemesh/sandbox")
 DEFAULT_SANDBOX = "nodemesh"  # nodemesh.sandbox.naming.DEFAULT_CLUSTER (not imported: pyroute2 is heavy)
 CONTROLLER_NAMESPACE = "nodemesh"
 CONTROLLER_LABEL = "app=nodemesh-controller"
+# manifests/render.py CONTROLLER_CA_CONFIGMAP / CONTROLLER_NAME: where the controller publishes its
+# CA, and the Service whose name its certificate carries (controlplane/servingtls.py).
+CONTROLLER_CA_CONFIGMAP = "nodemesh-controller-ca"
+CONTROLLER_SERVICE_NAME = f"nodemesh-controller.{CONTROLLER_NAMESPACE}.svc"
 DEFAULT_TIMEOUT_S = 10.0
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -178,6 +189,8 @@ class Target:
     sandbox_dir: Path | None = None      # a sandbox's state directory
     kube: KubeContext | None = None      # reach it through this kube context
     ca: Path | None = None               # the sandbox controller's CA (TLS), when it has one
+    ca_pem: bytes | None = None          # the CA the cluster publishes (ConfigMap), port-forward path
+    server_name: str | None = None       # the name the controller's certificate carries, when not the address
 
 
 NO_CLUSTER_HINT = ("use --context NAME (or `kubectl config use-context NAME`), --sandbox after "
@@ -245,7 +258,7 @@ def _sandbox_at(path: Path, why: str) -> Target:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     host, port = parse_hostport(text, str(path))
     return Target(hostport(host, port), f"sandbox state {path}; {why}", _sandbox_token(path.parent),
-                  sandbox_dir=path.parent, ca=sandbox_ca(path.parent))
+                  sandbox_dir=path.parent, ca=sandbox_ca(path.parent), server_name=sandbox_server_name(path.parent))
 
 
 def _sandbox_token(state_dir: Path) -> str | None:
@@ -264,7 +277,11 @@ class KubePortForward:
     """A local TCP listener on 127.0.0.1 whose connections are tunnelled to the controller pod's
     gRPC port through the Kubernetes API (what `kubectl port-forward` does), so grpc can dial it."""
 
-    def __init__(self, context: KubeContext, remote_port: int = CONTROLLER_GRPC_PORT, local_port: int = 0) -> None:
+    def __init__(self, context: KubeContext, remote_port: int = CONTROLLER_GRPC_PORT, local_port: int = 0,
+                 originate_tls: bool = False) -> None:
+        """`originate_tls` (the dashboard): the local side stays plain HTTP for the browser, and each
+        tunnelled connection speaks TLS to the pod, verified with the published CA under the
+        Service's name (nothing changes when the install has no controller TLS)."""
         try:
             from kubernetes import client, config  # heavy import: only on this path
         except ImportError as exc:  # pragma: no cover - kubernetes is a hard dependency
@@ -278,6 +295,9 @@ class KubePortForward:
         self._core = client.CoreV1Api(api)
         self._remote_port = remote_port
         self.pod = self._find_pod()
+        self._tls: ssl.SSLContext | None = None
+        if originate_tls and (pem := self.controller_ca()) is not None:
+            self._tls = ssl.create_default_context(cadata=pem.decode())
         self._listener = socket.create_server(("127.0.0.1", local_port))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._closed = threading.Event()
@@ -299,6 +319,12 @@ class KubePortForward:
             "is nodemesh installed there? (nodemesh install | kubectl apply -f -; for the local sandbox: --sandbox)"
         )
 
+    def controller_ca(self) -> bytes | None:
+        """The controller's CA certificate from the ConfigMap it publishes (servingtls.py); None
+        when the install runs without TLS (no ConfigMap). Published but still empty (the controller
+        has not started yet) or unreadable: one line saying so."""
+        return published_controller_ca(self._core, f"kube context {self.context.name}")
+
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
@@ -316,6 +342,10 @@ class KubePortForward:
                 ports=str(self._remote_port),
             )
             remote = forward.socket(self._remote_port)
+            if self._tls is not None:
+                remote.settimeout(DEFAULT_TIMEOUT_S)
+                remote = self._tls.wrap_socket(remote, server_hostname=CONTROLLER_SERVICE_NAME)
+                remote.settimeout(None)
         except Exception as exc:  # noqa: BLE001 - the grpc call reports UNAVAILABLE to the user
             log.debug("event=portforward_failed pod=%s error=%r", self.pod, exc)
             conn.close()
@@ -331,6 +361,29 @@ class KubePortForward:
         self._listener.close()
 
 
+def published_controller_ca(core: Any, where: str) -> bytes | None:
+    """`ca.crt` of ConfigMap nodemesh-controller-ca through `core` (a CoreV1Api); see
+    KubePortForward.controller_ca."""
+    from kubernetes.client import ApiException
+
+    name = f"configmap {CONTROLLER_NAMESPACE}/{CONTROLLER_CA_CONFIGMAP}"
+    try:
+        cm = core.read_namespaced_config_map(CONTROLLER_CA_CONFIGMAP, CONTROLLER_NAMESPACE,
+                                             _request_timeout=DEFAULT_TIMEOUT_S)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None  # installed with controllerTls=false: plaintext, as before
+        raise CliError(f"cannot read the controller's CA ({name} of {where}): {_one_line(exc)} "
+                       "(or set NODEMESH_CONTROLLER_CA to its file)") from None
+    except Exception as exc:  # noqa: BLE001 - any transport error is one line
+        raise CliError(f"cannot read the controller's CA ({name} of {where}): {_one_line(exc)}") from None
+    pem = (cm.data or {}).get("ca.crt", "")
+    if "BEGIN CERTIFICATE" not in pem:
+        raise CliError(f"the controller has not published its CA yet ({name} of {where} has no ca.crt): "
+                       "is the controller running? (kubectl -n nodemesh logs deploy/nodemesh-controller)")
+    return str(pem).encode()
+
+
 def _one_line(exc: BaseException) -> str:
     """An exception from the kubernetes client as one short line (ApiException's str has headers)."""
     status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
@@ -341,13 +394,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _splice(a: Any, b: Any) -> None:
-    """Copy bytes both ways until either side closes."""
+    """Copy bytes both ways until either side closes. A TLS side (the dashboard's forward) is read
+    without blocking: a readable TLS socket may carry only TLS housekeeping (TLS 1.3 session tickets),
+    and a blocking read would then wait for data while the other direction stalls behind it."""
     peers = {a: b, b: a}
     while True:
-        readable, _, _ = select.select(list(peers), [], [], 1.0)
+        # A TLS side may hold decrypted bytes its socket no longer signals: read those first.
+        readable = [s for s in peers if isinstance(s, ssl.SSLSocket) and s.pending()]
+        if not readable:
+            readable, _, _ = select.select(list(peers), [], [], 1.0)
         for sock in readable:
             try:
-                data = sock.recv(65536)
+                data = _recv(sock)
+                if data is None:
+                    continue
                 if not data:
                     return
                 peers[sock].sendall(data)
@@ -355,13 +415,27 @@ def _splice(a: Any, b: Any) -> None:
                 return
 
 
+def _recv(sock: Any) -> bytes | None:
+    """What `sock` has (b"": closed); None: a TLS socket had no application data yet."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return bytes(sock.recv(65536))
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536)
+    except ssl.SSLWantReadError:
+        return None
+    finally:
+        sock.setblocking(True)  # sendall to it blocks as a plain socket's does
+
+
 # ---------------------------------------------------------------------------- the connection
 
 
-def controller_channel(address: str, ca: str | Path | None) -> grpc.Channel:
+def controller_channel(address: str, ca: str | Path | None, server_name: str | None = None,
+                       roots: bytes | None = None) -> grpc.Channel:
     """api/channel.py's channel, an unreadable CA one user-facing line."""
     try:
-        return channel.controller_channel(address, ca)
+        return channel.controller_channel(address, ca, server_name, roots)
     except OSError as exc:
         raise CliError(f"cannot read the controller's CA {ca}: {exc.strerror}") from None
 
@@ -374,7 +448,9 @@ class Controller:
         self.config = config
         self._forward = forward
         assert target.address is not None, "a kube target is connected through its port-forward first"
-        self.channel = controller_channel(target.address, config.ca_file or target.ca)
+        # NODEMESH_CONTROLLER_CA wins over the CA the sandbox or the cluster publishes.
+        self.channel = controller_channel(target.address, config.ca_file or target.ca, target.server_name,
+                                          None if config.ca_file else target.ca_pem)
         self.stub = pb_grpc.ControllerStub(self.channel)
         token = config.token or target.token
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
@@ -424,7 +500,15 @@ def connect(config: ClientConfig) -> Iterator[Controller]:
     forward = None
     if target.kube is not None:
         forward = KubePortForward(target.kube)
-        target = replace(target, address=forward.address,
+        # TLS through the tunnel too, verified under the Service's name (the certificate does not
+        # name 127.0.0.1); the CA from the cluster unless NODEMESH_CONTROLLER_CA names one.
+        try:
+            ca_pem = None if config.ca_file else forward.controller_ca()
+        except CliError:
+            forward.close()
+            raise
+        target = replace(target, address=forward.address, ca_pem=ca_pem,
+                         server_name=CONTROLLER_SERVICE_NAME if (ca_pem or config.ca_file) else None,
                          origin=f"port-forward to pod {CONTROLLER_NAMESPACE}/{forward.pod}, "
                                 f"kube context {target.kube.name}")
     controller = Controller(target, config, forward)

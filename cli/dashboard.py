@@ -85,7 +85,9 @@ def dashboard(resource: str | None, namespace: str, show: str, port: int, client
         _present(dashboard_url(target, client, fragment)[0], show)
         return
     try:
-        forward = KubePortForward(target.kube, remote_port=CONTROLLER_WEB_PORT, local_port=port)
+        # The pod's web port speaks TLS (its own CA, the ConfigMap): the forward originates it, so
+        # the browser talks plain HTTP to 127.0.0.1 only.
+        forward = KubePortForward(target.kube, remote_port=CONTROLLER_WEB_PORT, local_port=port, originate_tls=True)
     except OSError as exc:
         raise CliError(f"cannot listen on 127.0.0.1:{port} for the port-forward: {exc.strerror} "
                        "(choose another with --port)") from None

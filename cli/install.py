@@ -29,14 +29,15 @@ def _render(values: InstallValues, addon: str | None) -> str:
     # Imported here: the dashboards are only built when someone asks for them.
     from nodemesh.manifests import observability
 
-    return observability.render_addon(addon, values.namespace)
+    return observability.render_addon(addon, values.namespace, values.controllerTls)
 
 
 _set_option = click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE",
     help="Override a value (repeatable): image, namespace, imagePullPolicy, agentWorkers, logLevel, "
          "capturedNamespaces, excludedNamespaces, skippedPorts, opaquePorts, tapMaxRps, tapMaxTaps, tapRedactHeaders, tapShowHeaders, tapRedactQuery, "
-         "drainGraceSeconds, prometheusUrl, statBackend. Lists are comma-separated.",
+         "drainGraceSeconds, prometheusUrl, statBackend, controllerTls (default true: TLS on the controller's ports), "
+         "mtls, mtlsRequiredNamespaces. Lists are comma-separated.",
 )
 _addon_option = click.option(
     "--addon", type=click.Choice(ADDONS), default=None,

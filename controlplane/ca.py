@@ -85,10 +85,17 @@ class FileRootStore:
             os.replace(tmp, path)
 
 
+class RootTaken(RuntimeError):
+    """Another controller filled the root store first (its root is the one to use)."""
+
+
 class SecretRootStore:
-    """The root in a Kubernetes Secret (`ca.crt`, `ca.key`, `previous.pem`), created on first
-    start. Two controllers starting at once: the second's create fails with 409 and it reads the
-    first's. Needs get/create/update on that one Secret (the install's Role)."""
+    """The root in a Kubernetes Secret (`ca.crt`, `ca.key`, `previous.pem`). The install ships the
+    Secret empty (`nodemesh install --mtls`), so the controller needs get/update on that one name
+    and no `create` (RBAC cannot narrow it to a name); a Secret that does not exist is created
+    (an install that did not ship it, with its own grant). Every write carries the version read:
+    two controllers starting at once — the second's update gets 409, and `RootTaken` when the
+    first filled the root meanwhile (it is then read, not overwritten)."""
 
     def __init__(self, api_client: Any, namespace: str, name: str) -> None:
         from kubernetes import client
@@ -118,15 +125,30 @@ class SecretRootStore:
         c = self._client
         data = {k: base64.b64encode(v).decode() for k, v in
                 (("ca.crt", material.cert_pem), ("ca.key", material.key_pem), ("previous.pem", material.previous_pem))}
-        body = c.V1Secret(metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace,
-                                                  labels={"app.kubernetes.io/part-of": "nodemesh"}),
-                          type="Opaque", data=data)
         try:
-            self._api.create_namespaced_secret(self.namespace, body)
+            current = self._api.read_namespaced_secret(self.name, self.namespace)
         except c.ApiException as exc:
-            if exc.status != 409:
+            if exc.status != 404:
                 raise
-            self._api.replace_namespaced_secret(self.name, self.namespace, body)
+            body = c.V1Secret(metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace,
+                                                      labels={"app.kubernetes.io/part-of": "nodemesh"}),
+                              type="Opaque", data=data)
+            try:
+                self._api.create_namespaced_secret(self.namespace, body)
+                return
+            except c.ApiException as exc2:
+                if exc2.status != 409:
+                    raise
+                raise RootTaken(f"secret {self.namespace}/{self.name} was created meanwhile") from None
+        first = not (current.data or {}).get("ca.key")
+        fill: dict[str, bytes | str] = dict(data)
+        current.data = fill   # metadata (resourceVersion, kubectl's annotation, labels) kept as read
+        try:
+            self._api.replace_namespaced_secret(self.name, self.namespace, current)
+        except c.ApiException as exc:
+            if exc.status == 409 and first:
+                raise RootTaken(f"secret {self.namespace}/{self.name} was filled meanwhile") from None
+            raise
 
 
 def new_root(now: datetime.datetime, days: int = ROOT_DAYS) -> RootMaterial:
@@ -159,8 +181,15 @@ class WorkloadCA:
         material = store.load()
         if material is None:
             material = new_root(clock())
-            store.save(material)
-            log.info("event=workload_root_created trust_domain=%s", trust_domain)
+            try:
+                store.save(material)
+                log.info("event=workload_root_created trust_domain=%s", trust_domain)
+            except RootTaken as exc:
+                taken = store.load()   # another controller made the root first: use theirs
+                if taken is None:
+                    raise RuntimeError(f"{exc}, but holds no root") from None
+                material = taken
+                log.info("event=workload_root_adopted trust_domain=%s", trust_domain)
         self._use(material)
 
     def _use(self, material: RootMaterial) -> None:

@@ -54,6 +54,14 @@ class ControllerConfig:
     insecure_open_api: bool = False             # allow no auth on a non-loopback address
     tls_cert: str = ""                          # PEM files: the gRPC port speaks TLS (tokens never in clear)
     tls_key: str = ""
+    # Or the controller provisions its own TLS identity (controlplane/servingtls.py): its CA kept in
+    # this Secret (NAMESPACE/NAME), the CA certificate published in this ConfigMap, a serving
+    # certificate for tls_hosts (default: the Service's names in auth_namespace) renewed before
+    # expiry; both ports (gRPC and web) then speak TLS.
+    tls_ca_secret: str = ""
+    tls_ca_configmap: str = ""
+    tls_hosts: tuple[str, ...] = ()
+    tls_cert_ttl_s: float = 7 * 24 * 3600.0
     # Workload certificates (controlplane/ca.py): the CA's root in a directory or a Secret; none: no CA.
     ca_dir: str = ""
     ca_secret: str = ""                         # NAMESPACE/NAME

@@ -643,6 +643,22 @@ class Controller:
         except promstore.PrometheusError as exc:
             raise statmod.StatError(f"prometheus backend: {exc}") from None
 
+    async def steps_for(self, backend: str, family: promstore.Family, step_s: int, range_s: int,
+                        matchers: dict[str, str]) -> list[tuple[int, SeriesStore]] | None:
+        """None (the in-memory aggregators' one-second buckets) or, from Prometheus, one snapshot
+        per `step_s` over the last `range_s` seconds, oldest first: a time series as `store_for`
+        gives one window. `matchers` narrow what Prometheus sums (label equalities)."""
+        backend = backend or self.config.stat_backend
+        if backend == promstore.MEMORY:
+            return None
+        if self.prometheus is None or backend != promstore.PROMETHEUS:
+            await self.store_for(backend, family, step_s)   # the same clear error as a stat's
+            return None
+        try:
+            return list(await self.prometheus.steps(family, step_s, int(time.time()), range_s // step_s, matchers))
+        except promstore.PrometheusError as exc:
+            raise statmod.StatError(f"prometheus backend: {exc}") from None
+
     def check(self) -> pb.CheckResponse:
         now = time.time()
         by_node: dict[str, AgentSession] = {}

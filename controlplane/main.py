@@ -18,10 +18,13 @@ from nodemesh.controlplane.ca import build_ca
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.server import server_credentials, start_grpc_server
+from nodemesh.controlplane.servingtls import ServingIdentity, build_serving_identity, service_hosts
 from nodemesh.controlplane.sources import ClusterSource
 from nodemesh.controlplane.web import build_app
 
 log = logging.getLogger("nodemesh.controlplane")
+
+CONTROLLER_SERVICE = "nodemesh-controller"  # the install's Service: the serving certificate's default names
 
 
 def build_source(config: ControllerConfig) -> ClusterSource:
@@ -45,8 +48,12 @@ class RunningController:
     grpc_port: int
     web_runner: web.AppRunner
     web_port: int
+    serving: ServingIdentity | None = None       # --tls-ca-secret: the renewed serving certificate
+    renewals: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
+        if self.renewals is not None:
+            self.renewals.cancel()
         await self.grpc_server.stop(grace=1.0)
         await self.web_runner.cleanup()
         await self.controller.stop()
@@ -90,8 +97,9 @@ async def start(config: ControllerConfig, source: ClusterSource | None = None,
     controller = Controller(config, source if source is not None else build_source(config))
     controller.ca = build_ca(config.trust_domain, config.workload_cert_ttl_s, config.ca_dir, config.ca_secret,
                              config.kubeconfig)
+    serving = serving_identity(config)
     await controller.start()
-    credentials = server_credentials(config.tls_cert, config.tls_key)
+    credentials = serving.grpc_credentials() if serving else server_credentials(config.tls_cert, config.tls_key)
     if credentials is None and authenticator is not None and not _is_loopback(config.listen):
         log.warning("event=grpc_plaintext listen=%s warning='bearer tokens cross the network in clear: "
                     "pass --tls-cert/--tls-key'", config.listen)
@@ -99,11 +107,30 @@ async def start(config: ControllerConfig, source: ClusterSource | None = None,
                                                      credentials)
     runner = web.AppRunner(build_app(controller, authenticator), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen, config.web_port)
+    site = web.TCPSite(runner, config.listen, config.web_port,
+                       ssl_context=serving.ssl_context if serving is not None else None)
     await site.start()
     web_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    log.info("event=controller_started grpc_port=%d web_port=%d source=%s", grpc_port, web_port, config.source)
-    return RunningController(controller, grpc_server, grpc_port, runner, web_port)
+    log.info("event=controller_started grpc_port=%d web_port=%d source=%s tls=%s", grpc_port, web_port,
+             config.source, "self-provisioned" if serving else ("grpc" if credentials else "off"))
+    renewals = asyncio.create_task(serving.run_renewals()) if serving is not None else None
+    return RunningController(controller, grpc_server, grpc_port, runner, web_port, serving, renewals)
+
+
+def serving_identity(config: ControllerConfig) -> ServingIdentity | None:
+    """--tls-ca-secret: the controller's own CA (Secret) and serving certificate, the CA published
+    in --tls-ca-configmap (controlplane/servingtls.py); None otherwise."""
+    if not config.tls_ca_secret:
+        if config.tls_ca_configmap or config.tls_hosts:
+            raise ValueError("--tls-ca-configmap and --tls-hosts go with --tls-ca-secret")
+        return None
+    if config.tls_cert or config.tls_key:
+        raise ValueError("--tls-ca-secret and --tls-cert/--tls-key are exclusive: pick one")
+    if config.source != "kubernetes":
+        raise ValueError("--tls-ca-secret needs --source kubernetes (the sandbox uses --tls-cert/--tls-key)")
+    hosts = config.tls_hosts or service_hosts(CONTROLLER_SERVICE, config.auth_namespace)
+    return build_serving_identity(config.tls_ca_secret, config.tls_ca_configmap, hosts, config.tls_cert_ttl_s,
+                                  config.kubeconfig)
 
 
 def parse_args(argv: list[str] | None = None) -> ControllerConfig:
@@ -166,6 +193,16 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     auth.add_argument("--tls-cert", default="", metavar="PEM",
                       help="serve the gRPC API over TLS with this certificate (agents and the CLI verify it)")
     auth.add_argument("--tls-key", default="", metavar="PEM", help="the key of --tls-cert")
+    auth.add_argument("--tls-ca-secret", default="", metavar="NAMESPACE/NAME",
+                      help="provision our own TLS (gRPC and web ports): the CA kept in this Secret (made on first "
+                           "start), a serving certificate renewed before expiry (--source kubernetes)")
+    auth.add_argument("--tls-ca-configmap", default="", metavar="NAMESPACE/NAME",
+                      help="with --tls-ca-secret: publish the CA certificate (ca.crt) here for agents and the CLI")
+    auth.add_argument("--tls-hosts", default="", metavar="NAME,...",
+                      help="with --tls-ca-secret: names in the serving certificate (default: the Service "
+                           f"{CONTROLLER_SERVICE}'s names in $POD_NAMESPACE)")
+    auth.add_argument("--tls-cert-ttl", type=float, default=ControllerConfig.tls_cert_ttl_s, metavar="S",
+                      help="with --tls-ca-secret: serving certificate lifetime in seconds (renewed at 2/3)")
     ca = p.add_argument_group("workload certificates (docs/controlplane.md)")
     ca.add_argument("--ca-dir", default="", metavar="DIR",
                     help="be the mesh's CA, its root kept in DIR (made on first start)")
@@ -193,6 +230,14 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         p.error("--downsample-after must be 0 (never) or between 60 seconds and --retention")
     if a.token_review and a.source != "kubernetes":
         p.error("--token-review needs --source kubernetes (the sandbox uses --token-file)")
+    if a.tls_ca_secret and (a.tls_cert or a.tls_key):
+        p.error("--tls-ca-secret and --tls-cert/--tls-key are exclusive: pick one")
+    if a.tls_ca_secret and a.source != "kubernetes":
+        p.error("--tls-ca-secret needs --source kubernetes (the sandbox uses --tls-cert/--tls-key)")
+    if (a.tls_ca_configmap or a.tls_hosts) and not a.tls_ca_secret:
+        p.error("--tls-ca-configmap and --tls-hosts go with --tls-ca-secret")
+    if a.tls_cert_ttl <= 0:
+        p.error("--tls-cert-ttl must be positive")
     return ControllerConfig(
         source=a.source, state_dir=a.state_dir, kubeconfig="" if a.in_cluster else a.kubeconfig,
         listen=a.listen, grpc_port=a.grpc_port, web_port=a.web_port,
@@ -212,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
         stat_backend=a.stat_backend, prometheus_url=a.prometheus_url,
         prometheus_timeout_s=a.prometheus_timeout,
-        tls_cert=a.tls_cert, tls_key=a.tls_key,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca_secret=a.tls_ca_secret, tls_ca_configmap=a.tls_ca_configmap,
+        tls_hosts=_csv(a.tls_hosts), tls_cert_ttl_s=a.tls_cert_ttl,
         ca_dir=a.ca_dir, ca_secret=a.ca_secret, trust_domain=a.trust_domain,
         workload_cert_ttl_s=a.workload_cert_ttl, mtls_required_namespaces=_csv(a.mtls_required_namespaces),
     )

@@ -89,21 +89,34 @@ def increase(counter: str, by: str, window_s: int) -> str:
     return f"sum by ({by}) (increase({counter}{rng})) + sum by ({by}) ({born}) or sum by ({by}) (increase({counter}{rng}))"
 
 
-def queries(family: Family, window_s: int) -> dict[str, str]:
-    """What to ask Prometheus, by the Totals field each answer fills."""
+def queries(family: Family, window_s: int, matchers: dict[str, str] | None = None) -> dict[str, str]:
+    """What to ask Prometheus, by the Totals field each answer fills. `matchers`: label equalities
+    every series must have (narrows what Prometheus sums; the caller still filters exactly)."""
     by = ", ".join(family.labels)
     rng = f"[{int(window_s)}s]"
+    sel = selector(matchers or {})
     out = {
-        "requests": increase(family.requests, by, window_s),
-        "responses": increase(family.responses, f"{by}, classification", window_s),
-        "latency": increase(f"{family.latency}_bucket", f"{by}, le", window_s),
-        "latency_sum": increase(f"{family.latency}_sum", by, window_s),
+        "requests": increase(family.requests + sel, by, window_s),
+        "responses": increase(family.responses + sel, f"{by}, classification", window_s),
+        "latency": increase(f"{family.latency}_bucket{sel}", f"{by}, le", window_s),
+        "latency_sum": increase(f"{family.latency}_sum{sel}", by, window_s),
     }
     for field_name, counter in family.tcp:
-        out[field_name] = increase(counter, by, window_s)
+        out[field_name] = increase(counter + sel, by, window_s)
     if family.gauge:
-        out["open_connections"] = f"sum by ({by}) (last_over_time({family.gauge}{rng}))"
+        out["open_connections"] = f"sum by ({by}) (last_over_time({family.gauge}{sel}{rng}))"
     return out
+
+
+def selector(matchers: dict[str, str]) -> str:
+    """`{a="x",b="y"}` (PromQL string escapes), or "" for no matchers."""
+    if not matchers:
+        return ""
+    return "{" + ",".join(f'{name}="{_escape(value)}"' for name, value in sorted(matchers.items())) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 Vector = list[tuple[dict[str, str], float]]
@@ -200,6 +213,24 @@ def parse_vector(body: dict[str, Any]) -> Vector:
     return out
 
 
+def parse_matrix(body: dict[str, Any]) -> dict[int, Vector]:
+    """A range query's reply (/api/v1/query_range) as one vector per evaluation time (whole
+    seconds: the steps asked for are); PrometheusError on anything else."""
+    if body.get("status") != "success":
+        raise PrometheusError(f"{body.get('errorType', 'error')}: {body.get('error', 'no status in reply')}")
+    data = body.get("data") or {}
+    if data.get("resultType") != "matrix":
+        raise PrometheusError(f"expected a matrix, got {data.get('resultType')!r}")
+    out: dict[int, Vector] = {}
+    for series in data.get("result", ()):
+        metric = series.get("metric", {})
+        for at, text in series.get("values", ()):
+            value = float(text)
+            if not math.isnan(value):
+                out.setdefault(round(float(at)), []).append((metric, value))
+    return out
+
+
 # A gauge every agent exports, without labels: how many agents Prometheus holds a current sample of.
 AGENTS_SCRAPED = f"count({REPORT_HISTORY_BYTES})"
 
@@ -248,6 +279,24 @@ class PrometheusStore:
         return Snapshot(window_s, totals_from(family, window_s, dict(zip(asked, replies))),
                         agents_scraped=int(sum(v for _, v in agents)))
 
+    async def steps(self, family: Family, step_s: int, end: int, count: int,
+                    matchers: dict[str, str] | None = None) -> list[tuple[int, Snapshot]]:
+        """`count` consecutive windows of `step_s` ending at `end` (oldest first), each a Snapshot
+        of that step alone: one range query per Totals field (the dashboard's sparklines)."""
+        asked = queries(family, step_s, matchers)
+        start = end - (count - 1) * step_s
+        try:
+            replies = await asyncio.wait_for(
+                asyncio.gather(*(self.query_range(q, start, end, step_s) for q in asked.values())), self.timeout_s)
+        except TimeoutError:
+            raise PrometheusError(f"{self.url} did not answer within {self.timeout_s:g}s") from None
+        by_field = dict(zip(asked, replies))
+        out = []
+        for at in range(start, end + 1, step_s):
+            answers = {name: matrix.get(at, []) for name, matrix in by_field.items()}
+            out.append((at, Snapshot(step_s, totals_from(family, step_s, answers))))
+        return out
+
     async def agents_scraped(self, now: float, timeout_s: float | None = None) -> int:
         """How many agents' metrics Prometheus holds now (PrometheusError when it does not answer
         within `timeout_s`, default the store's timeout)."""
@@ -259,12 +308,18 @@ class PrometheusStore:
         return int(sum(v for _, v in agents))
 
     async def query(self, expr: str, at: float) -> Vector:
+        return parse_vector(await self._get("/api/v1/query", {"query": expr, "time": f"{at:.3f}"}))
+
+    async def query_range(self, expr: str, start: int, end: int, step_s: int) -> dict[int, Vector]:
+        return parse_matrix(await self._get("/api/v1/query_range", {
+            "query": expr, "start": str(start), "end": str(end), "step": f"{step_s}s"}))
+
+    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         if self._session is None:
             headers = {"Authorization": f"Bearer {self.bearer_token}"} if self.bearer_token else {}
             self._session = aiohttp.ClientSession(headers=headers)
         try:
-            async with self._session.get(f"{self.url}/api/v1/query",
-                                         params={"query": expr, "time": f"{at:.3f}"}) as resp:
+            async with self._session.get(f"{self.url}{path}", params=params) as resp:
                 try:
                     body = await resp.json(content_type=None)
                 except ValueError:
@@ -273,4 +328,4 @@ class PrometheusStore:
             raise PrometheusError(f"cannot query {self.url}: {exc}") from None
         if not isinstance(body, dict):
             raise PrometheusError(f"{self.url} answered {type(body).__name__}, not a query result")
-        return parse_vector(body)
+        return body

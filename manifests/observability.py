@@ -15,6 +15,10 @@ from typing import Any
 from nodemesh.api import model
 from nodemesh.manifests.render import (
     CONTROLLER_AUDIENCE,
+    CONTROLLER_CA_DIR,
+    CONTROLLER_CA_KEY,
+    CONTROLLER_NAME,
+    controller_ca_volume,
     dump_documents,
     header,
     labels,
@@ -437,7 +441,7 @@ def dashboard_json(obj: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- manifests
 
-def prometheus_config(namespace: str) -> dict[str, Any]:
+def prometheus_config(namespace: str, controller_tls: bool = True) -> dict[str, Any]:
     def pods(component: str) -> dict[str, Any]:
         return {
             "role": "pod",
@@ -475,6 +479,11 @@ def prometheus_config(namespace: str) -> dict[str, Any]:
             {
                 "job_name": CONTROLLER_JOB,
                 "kubernetes_sd_configs": [pods("controller")],
+                # The controller's web port speaks TLS (its own CA, published in a ConfigMap the
+                # pod mounts): verified under the Service's name, as the targets are pod IPs.
+                **({"scheme": "https", "tls_config": {
+                    "ca_file": f"{CONTROLLER_CA_DIR}/{CONTROLLER_CA_KEY}",
+                    "server_name": f"{CONTROLLER_NAME}.{namespace}.svc"}} if controller_tls else {}),
                 "relabel_configs": [
                     running,
                     {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "web",
@@ -524,8 +533,8 @@ def _service(name: str, namespace: str, component: str, port: int) -> dict[str, 
     }
 
 
-def prometheus_documents(namespace: str) -> list[dict[str, Any]]:
-    config = to_yaml(prometheus_config(namespace))
+def prometheus_documents(namespace: str, controller_tls: bool = True) -> list[dict[str, Any]]:
+    config = to_yaml(prometheus_config(namespace, controller_tls))
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(PROMETHEUS_NAME, namespace, "prometheus"),
           "automountServiceAccountToken": True}
     # Discovery only looks at pods in the mesh's namespace: a Role there, not a ClusterRole.
@@ -551,7 +560,9 @@ def prometheus_documents(namespace: str) -> list[dict[str, Any]]:
         "securityContext": _nonroot(65534, True),
         "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus", "readOnly": True},
                          {"name": "data", "mountPath": "/prometheus"},
-                         {"name": "scrape-token", "mountPath": SCRAPE_TOKEN_DIR, "readOnly": True}],
+                         {"name": "scrape-token", "mountPath": SCRAPE_TOKEN_DIR, "readOnly": True},
+                         *([{"name": "controller-ca", "mountPath": CONTROLLER_CA_DIR, "readOnly": True}]
+                           if controller_tls else [])],
     }
     # The token the agents' /metrics asks for: checked by the controller with a TokenReview
     # (`--token-review-scrapers`, default this ServiceAccount); one hour, rotated by the kubelet.
@@ -559,7 +570,8 @@ def prometheus_documents(namespace: str) -> list[dict[str, Any]]:
         "audience": SCRAPE_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}
     pod_spec = {"serviceAccountName": PROMETHEUS_NAME, "containers": [container],
                 "volumes": [{"name": "config", "configMap": {"name": PROMETHEUS_NAME}},
-                            {"name": "data", "emptyDir": {"sizeLimit": "2Gi"}}, token]}
+                            {"name": "data", "emptyDir": {"sizeLimit": "2Gi"}}, token,
+                            *([controller_ca_volume()] if controller_tls else [])]}
     return [sa, role, binding, cm, _deployment(PROMETHEUS_NAME, namespace, "prometheus", pod_spec, config),
             _service(PROMETHEUS_NAME, namespace, "prometheus", PROMETHEUS_PORT)]
 
@@ -624,9 +636,10 @@ def grafana_documents(namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def render_addon(addon: str, namespace: str = "nodemesh") -> str:
+def render_addon(addon: str, namespace: str = "nodemesh", controller_tls: bool = True) -> str:
+    """`controller_tls`: the mesh's controllerTls (Prometheus scrapes the controller over TLS)."""
     if addon == "prometheus":
-        return dump_documents(prometheus_documents(namespace), header(
+        return dump_documents(prometheus_documents(namespace, controller_tls), header(
             "Prometheus scraping the agents (apply after daemonset.yaml)",
             "nodemesh install --addon prometheus > manifests/prometheus.yaml", SOURCE))
     if addon == "grafana":

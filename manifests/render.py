@@ -97,6 +97,10 @@ class InstallValues:
     # a memory emptyDir and tunnel cross-node pod traffic. Namespaces listed take no plaintext.
     mtls: bool = False
     mtlsRequiredNamespaces: tuple[str, ...] = ()
+    # TLS on the controller's gRPC (8085) and web (8084) ports (issue 13 item 4): the controller
+    # keeps its CA in the Secret CONTROLLER_TLS_SECRET and publishes the CA certificate in the
+    # ConfigMap CONTROLLER_CA_CONFIGMAP, which agents (and Prometheus, the CLI) verify it with.
+    controllerTls: bool = True
 
     def mesh_config(self) -> dict[str, Any]:
         """The document the processes read with `--config` (the ConfigMap's config.yaml)."""
@@ -196,7 +200,7 @@ def _convert(key: str, text: str) -> Any:
         if bad:
             raise ManifestError(f"{key}: {bad[0]!r} is not a header name")
         return names
-    if key in ("tapRedactQuery", "mtls"):
+    if key in ("tapRedactQuery", "mtls", "controllerTls"):
         return _parse_bool(key, text)
     if key == "mtlsRequiredNamespaces":
         return tuple(_check_namespace(key, n) for n in _parse_list(text))
@@ -487,6 +491,10 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--token-audience", CONTROLLER_AUDIENCE,
         *(["--prometheus-url", v.prometheusUrl] if v.prometheusUrl else []),
         *(["--stat-backend", v.statBackend] if v.statBackend != "memory" else []),
+        # Its own TLS on both ports: CA in a Secret (made on first start), CA certificate in a
+        # ConfigMap, serving certificate for the Service's names renewed in memory (servingtls.py).
+        *(["--tls-ca-secret", f"{v.namespace}/{CONTROLLER_TLS_SECRET}",
+           "--tls-ca-configmap", f"{v.namespace}/{CONTROLLER_CA_CONFIGMAP}"] if v.controllerTls else []),
         *(["--ca-secret", f"{v.namespace}/{WORKLOAD_CA_SECRET}"] if v.mtls else []),
         *(["--mtls-required-namespaces", _csv(v.mtlsRequiredNamespaces)] if v.mtls and v.mtlsRequiredNamespaces
           else []),
@@ -495,13 +503,59 @@ def _controller_args(v: InstallValues) -> list[str]:
 
 WORKLOAD_CA_SECRET = "nodemesh-workload-ca"
 CERT_DIR = "/run/nodemesh-certs"
+CONTROLLER_TLS_SECRET = "nodemesh-controller-tls"   # the controller's serving CA (key included)
+CONTROLLER_CA_CONFIGMAP = "nodemesh-controller-ca"  # its certificate alone, `ca.crt`, for everyone
+CONTROLLER_CA_DIR = "/etc/nodemesh-controller-ca"
+CONTROLLER_CA_KEY = "ca.crt"
+
+
+def _controller_tls_objects(v: InstallValues) -> list[dict[str, Any]]:
+    """The Secret and the ConfigMap the controller fills on first start, created empty here so
+    that it needs no `create` (which RBAC cannot narrow to one name): only get/update on these
+    two by name. `kubectl apply` again leaves their data alone (it is not in the manifest);
+    `kubectl delete -f` removes them, and a reinstall makes a new CA."""
+    if not v.controllerTls:
+        return []
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta(CONTROLLER_TLS_SECRET, v.namespace, "controller"),
+              "type": "Opaque"}
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": meta(CONTROLLER_CA_CONFIGMAP, v.namespace, "controller")}
+    role_name = f"{CONTROLLER_NAME}-tls"
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": meta(role_name, v.namespace, "controller"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [CONTROLLER_TLS_SECRET],
+             "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [CONTROLLER_CA_CONFIGMAP],
+             "verbs": ["get", "update"]},
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta(role_name, v.namespace, "controller"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_NAME, "namespace": v.namespace}],
+    }
+    return [secret, config_map, role, binding]
+
+
+def controller_ca_volume() -> dict[str, Any]:
+    """The published CA certificate as a volume: optional, so a pod starts before the controller
+    wrote it (the agent waits for the file, re-read at every connect; the kubelet updates it)."""
+    return {"name": "controller-ca", "configMap": {"name": CONTROLLER_CA_CONFIGMAP, "optional": True}}
 
 
 def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
-    """With mtls: the controller keeps the workload root in one Secret of its namespace (creates it
-    on first start, rewrites it at rotation) and may touch no other Secret."""
+    """With mtls: the controller keeps the workload root in one Secret of its namespace, shipped
+    empty here (as the controller's TLS Secret: RBAC cannot narrow `create` to one name), filled on
+    first start and rewritten at rotation; it may get and update that Secret and touch no other."""
     if not v.mtls:
         return []
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta(WORKLOAD_CA_SECRET, v.namespace, "controller"),
+              "type": "Opaque"}
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -509,7 +563,6 @@ def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
         "rules": [
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [WORKLOAD_CA_SECRET],
              "verbs": ["get", "update"]},
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},  # (create cannot name one)
         ],
     }
     binding = {
@@ -519,7 +572,12 @@ def _ca_secret_rbac(v: InstallValues) -> list[dict[str, Any]]:
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{CONTROLLER_NAME}-workload-ca"},
         "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_NAME, "namespace": v.namespace}],
     }
-    return [role, binding]
+    return [secret, role, binding]
+
+
+def _https(v: InstallValues) -> dict[str, str]:
+    # The kubelet's HTTPS probes do not verify the certificate (Kubernetes' documented behaviour).
+    return {"scheme": "HTTPS"} if v.controllerTls else {}
 
 
 def _number(x: float) -> str:
@@ -539,12 +597,12 @@ def _controller(v: InstallValues) -> list[dict[str, Any]]:
         ],
         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": "web"},
+            "httpGet": {"path": "/ready", "port": "web", **_https(v)},
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/live", "port": "web"},
+            "httpGet": {"path": "/live", "port": "web", **_https(v)},
             "initialDelaySeconds": 10,
             "periodSeconds": 10,
             "failureThreshold": 3,
@@ -743,6 +801,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
             "--node-ip", "$(NODE_IP)",
             "--controller", controller_address(v),
             "--token-file", f"{TOKEN_DIR}/token",
+            *(["--controller-ca", f"{CONTROLLER_CA_DIR}/{CONTROLLER_CA_KEY}"] if v.controllerTls else []),
             "--workers", str(v.agentWorkers),
             "--drain-grace", str(v.drainGraceSeconds),
             "--opaque-ports", _csv(config["opaquePorts"]),
@@ -776,6 +835,8 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
         "volumeMounts": [
             _config_volume_mount(),
             {"name": "controller-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            *([{"name": "controller-ca", "mountPath": CONTROLLER_CA_DIR, "readOnly": True}] if v.controllerTls
+              else []),
             {"name": "run", "mountPath": "/run/nodemesh"},
             {"name": "tmp", "mountPath": "/tmp"},
             *([{"name": "workload-certs", "mountPath": CERT_DIR}] if v.mtls else []),
@@ -837,6 +898,7 @@ def _daemonset(v: InstallValues) -> dict[str, Any]:
                 }],
             },
         },
+        *([controller_ca_volume()] if v.controllerTls else []),
         {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
@@ -892,6 +954,7 @@ def daemonset_documents(v: InstallValues) -> list[dict[str, Any]]:
         *_tap_rbac(v),
         *_agent_rbac(v),
         *_ca_secret_rbac(v),
+        *_controller_tls_objects(v),
         _config_map(v),
         *_controller(v),
         _daemonset(v),

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from nodemesh.api.model import ADMIN_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_WEB_
 from nodemesh.manifests.render import (
     CLI_NAME,
     CONTROLLER_AUDIENCE,
+    CONTROLLER_CA_CONFIGMAP,
     CONTROLLER_NAME,
     InstallValues,
     apply_sets,
@@ -48,9 +50,11 @@ from nodemesh.manifests.render import (
 from nodemesh.manifests.sandboxfiles import (
     CONTROLLER_ADDR_FILE,
     DASHBOARD_ADDR_FILE,
+    SERVER_NAME_FILE,
     TOKEN_FILE,
     first_token,
     sandbox_ca,
+    sandbox_server_name,
     write_controller_address,
     write_dashboard_address,
 )
@@ -247,12 +251,16 @@ def _install_as_pods(sb: Any, workers: int, timeout: float, say: Callable[[str],
     from nodemesh.sandbox import tokens
 
     values = apply_sets(InstallValues(agentWorkers=workers), sets)
+    # The controller's self-provisioned TLS (on by default for Kubernetes) is opt-in here, with
+    # `--set controllerTls=true`: the existing --as-pods tests and tools speak plaintext to it.
+    explicit_tls = any(a.replace(" ", "").lower() in ("controllertls=true", "controllertls=1") for a in sets)
+    values = replace(values, controllerTls=explicit_tls)
     nodes = sb.nodes()
     state_dir = Path(sb.state_dir)
     sb.ensure_api_server(timeout=timeout)
     # The manifest's controller serves the API without TLS in the sandbox (no in-cluster PKI
     # here, docs/sandbox.md): a CA left by a node-process install would make clients expect TLS.
-    for name in (CA_FILE, CERT_FILE, KEY_FILE):
+    for name in (CA_FILE, CERT_FILE, KEY_FILE, SERVER_NAME_FILE):
         (state_dir / name).unlink(missing_ok=True)
     text = dump_documents(sandbox_documents(values), "# nodemesh install --sandbox --as-pods\n")
     (state_dir / PODS_MANIFEST_FILE).write_text(text)
@@ -270,11 +278,27 @@ def _install_as_pods(sb: Any, workers: int, timeout: float, say: Callable[[str],
     ])
     _write_addresses(state_dir, controller_host)
     controller = f"{controller_host}:{CONTROLLER_GRPC_PORT}"
+    if values.controllerTls:
+        # The CA the controller published (what the CLI reads from the ConfigMap on a cluster),
+        # for the CLI and the check below; the certificate names the Service, not node1's address.
+        _wait(lambda: _published_ca(sb, values.namespace, state_dir), timeout, "the controller's CA published",
+              [state_dir / "logs"])
     _wait(lambda: _mesh_healthy(controller, token_path, {n.name for n in nodes}), timeout,
           "controller, agents and capture ready", [Path(sb.state_dir) / "logs"])
     say(f"nodemesh installed on sandbox {sb.name} as pods: controller {controller} (port-forward), "
         f"{len(nodes)} agents")
     return controller
+
+
+def _published_ca(sb: Any, namespace: str, state_dir: Path) -> bool:
+    cm = next((o for o in sb.objects().of_kind("ConfigMap") if o["metadata"]["name"] == CONTROLLER_CA_CONFIGMAP
+               and o["metadata"].get("namespace") == namespace), None)
+    pem = ((cm or {}).get("data") or {}).get("ca.crt", "")
+    if "BEGIN CERTIFICATE" not in pem:
+        return False
+    (state_dir / CA_FILE).write_text(pem)
+    (state_dir / SERVER_NAME_FILE).write_text(f"{CONTROLLER_NAME}.{namespace}.svc\n")
+    return True
 
 
 def _uninstall_pods(sb: Any) -> None:
@@ -291,7 +315,7 @@ def _uninstall_pods(sb: Any) -> None:
             sb.node_exec(node.name, [sys.executable, "-m", "nodemesh.redirector", "remove", "--node-ip", node.ip,
                                      "--pod-cidr", node.pod_cidr], check=True, capture_output=True, timeout=30)
     sb.stop_node_process(nodes[0].name, PORT_FORWARD_PROCESS)
-    for name in (CONTROLLER_ADDR_FILE, DASHBOARD_ADDR_FILE, PODS_MANIFEST_FILE):
+    for name in (CONTROLLER_ADDR_FILE, DASHBOARD_ADDR_FILE, PODS_MANIFEST_FILE, CA_FILE, SERVER_NAME_FILE):
         (state_dir / name).unlink(missing_ok=True)
 
 
@@ -340,7 +364,7 @@ def _mesh_healthy(controller: str, token_path: Path, nodes: set[str]) -> bool:
     """The controller's `Check` (what `nodemesh check` asks): every node's agent connected, ready,
     and its capture installed."""
     token = first_token(token_path.read_text())
-    with controller_channel(controller, sandbox_ca(token_path.parent)) as channel:
+    with controller_channel(controller, sandbox_ca(token_path.parent), sandbox_server_name(token_path.parent)) as channel:
         try:
             resp = pb_grpc.ControllerStub(channel).Check(
                 pb.CheckRequest(), timeout=2.0, metadata=(("authorization", f"Bearer {token}"),))

@@ -16,6 +16,9 @@ DASHBOARD_ADDR_FILE = "dashboard.addr"
 TOKEN_FILE = "controller.token"
 # The controller's CA when it speaks TLS (api/certs.py CA_FILE, written by write_controller_pki).
 CA_FILE = "controller-ca.crt"
+# The name the controller's certificate carries when it is not the address in controller.addr
+# (`--as-pods` with controllerTls=true: the certificate names the Service, the address is a node's).
+SERVER_NAME_FILE = "controller.servername"
 
 
 def hostport(host: str, port: int) -> str:
@@ -52,3 +55,11 @@ def sandbox_ca(state_dir: str | Path) -> Path | None:
     """The CA of a sandbox controller that speaks TLS (`nodemesh install --sandbox` wrote it)."""
     ca = Path(state_dir) / CA_FILE
     return ca if ca.is_file() else None
+
+
+def sandbox_server_name(state_dir: str | Path) -> str | None:
+    """The TLS server name to verify the sandbox's controller under, when it is not its address."""
+    try:
+        return (Path(state_dir) / SERVER_NAME_FILE).read_text().strip() or None
+    except OSError:
+        return None

@@ -14,12 +14,15 @@ What it serves, from `<state>/objects.json` (read-only; the sandbox's `apply` an
        -> a list (resourceVersion = the store's), or with ?watch=true a chunked stream of
        ADDED/MODIFIED/DELETED events after ?resourceVersion (410 Expired when that is older than
        this process), BOOKMARKs with allowWatchBookmarks, ended after ?timeoutSeconds
-  GET  /api/v1/nodes/NAME, /api/v1/namespaces/NS/{pods,services}/NAME
+  GET  /api/v1/nodes/NAME, /api/v1/namespaces/NS/{pods,services,configmaps,secrets}/NAME
+  PUT  /api/v1/namespaces/NS/{configmaps,secrets}/NAME: an update, as the controller fills the TLS
+       Secret and CA ConfigMap the install created (controlplane/servingtls.py): 409 Conflict when
+       metadata.resourceVersion is not the stored one, written into objects.json under the state lock
   POST /apis/authentication.k8s.io/v1/tokenreviews (tokens of sandbox/tokens.py)
   POST /apis/authorization.k8s.io/v1/subjectaccessreviews (resourceAttributes, answered from the
        recorded ClusterRoles/Roles and their bindings: sandbox/rbac.py)
   GET  /healthz /readyz /livez /version
-Plain HTTP, no authentication or RBAC on reads (the sandbox is one machine's root); TokenReview is
+Plain HTTP, no authentication or RBAC on reads and updates (the sandbox is one machine's root); TokenReview is
 and SubjectAccessReview are the real checks the mesh depends on. Changes are found by polling the file (50 ms).
 """
 
@@ -56,6 +59,7 @@ LIST_PATHS = {
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
 }
 Key = tuple[str, str, str]  # kind, namespace, name
+WRITABLE = {"configmaps": "ConfigMap", "secrets": "Secret"}
 
 
 def _key(obj: dict[str, Any]) -> Key:
@@ -149,6 +153,7 @@ class ApiServer:
             app.router.add_get(path, self.list_or_watch)
         app.router.add_get("/api/v1/nodes/{name}", self.get_node)
         app.router.add_get("/api/v1/namespaces/{ns}/{resource}/{name}", self.get_namespaced)
+        app.router.add_put("/api/v1/namespaces/{ns}/{resource}/{name}", self.replace_namespaced)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self.token_review)
         app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self.access_review)
         for path in ("/healthz", "/readyz", "/livez"):
@@ -232,13 +237,41 @@ class ApiServer:
         return web.json_response(obj)
 
     async def get_namespaced(self, request: web.Request) -> web.Response:
-        kinds = {"pods": "Pod", "services": "Service", "configmaps": "ConfigMap", "serviceaccounts": "ServiceAccount"}
+        kinds = {"pods": "Pod", "services": "Service", "configmaps": "ConfigMap", "serviceaccounts": "ServiceAccount",
+                 "secrets": "Secret"}
         kind = kinds.get(request.match_info["resource"])
         name = request.match_info["name"]
         obj = self.store.objects.get((kind, request.match_info["ns"], name)) if kind else None
         if obj is None:
             return _status(404, "NotFound", f'{request.match_info["resource"]} "{name}" not found')
         return web.json_response(obj)
+
+    async def replace_namespaced(self, request: web.Request) -> web.Response:
+        from nodemesh.sandbox.state import ClusterState
+
+        resource, ns, name = request.match_info["resource"], request.match_info["ns"], request.match_info["name"]
+        kind = WRITABLE.get(resource)
+        if kind is None:
+            return _status(405, "MethodNotAllowed", f"the sandbox's API server updates only {', '.join(WRITABLE)}")
+        try:
+            body = await request.json()
+            meta = body["metadata"]
+            assert isinstance(meta, dict) and meta.get("name") == name
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return _status(400, "BadRequest", f"the body must be a {kind} named {name!r}")
+        with ClusterState(self.store.state_dir).objects_txn() as objs:
+            current = objs.get(kind, ns, name)
+            if current is None:
+                return _status(404, "NotFound", f'{resource} "{name}" not found')
+            if meta.get("resourceVersion") != current["metadata"].get("resourceVersion"):
+                return _status(409, "Conflict", f'Operation cannot be fulfilled on {resource} "{name}": the object '
+                               "has been modified; please apply your changes to the latest version and try again")
+            body.update({"kind": kind, "apiVersion": "v1"})
+            meta["namespace"] = ns
+            meta.pop("resourceVersion", None)
+            stored = objs.put(body)
+        self.store.load()  # a read right after the write sees it
+        return web.json_response(stored)
 
     async def token_review(self, request: web.Request) -> web.Response:
         try:

@@ -47,8 +47,9 @@ KIND_LABELS = {"Namespace": "namespace", "Deployment": "deployment.apps", "Daemo
                "Service": "service", "ConfigMap": "configmap", "ServiceAccount": "serviceaccount",
                "ClusterRole": "clusterrole.rbac.authorization.k8s.io",
                "ClusterRoleBinding": "clusterrolebinding.rbac.authorization.k8s.io",
-               "Role": "role.rbac.authorization.k8s.io", "RoleBinding": "rolebinding.rbac.authorization.k8s.io"}
-RECORDED_KINDS = ("ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+               "Role": "role.rbac.authorization.k8s.io", "RoleBinding": "rolebinding.rbac.authorization.k8s.io",
+               "Secret": "secret"}
+RECORDED_KINDS = ("ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Secret")
 # On an old DaemonSet pod: the pod replacing it; the kubelet deletes the old one once that one is Ready.
 REPLACED_BY = "sandbox.nodemesh.io/replaced-by"
 BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -230,7 +231,7 @@ class Sandbox:
         try:
             with self.state.objects_txn() as objs:
                 self._check_against_state(objs, manifests)
-                order = {"Namespace": 0, "ConfigMap": 1, "ServiceAccount": 1, "ClusterRole": 1,
+                order = {"Namespace": 0, "ConfigMap": 1, "Secret": 1, "ServiceAccount": 1, "ClusterRole": 1,
                          "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "Service": 2}
                 for m in sorted(manifests, key=lambda m: order.get(m.kind, 3)):
                     if m.kind == "Namespace":
@@ -295,7 +296,12 @@ class Sandbox:
 
     def _apply_recorded(self, objs: Objects, m: Manifest) -> str:
         existing = objs.get(m.kind, m.namespace, m.name)
-        stored = objs.put(objects.recorded_object(m.body))
+        body = objects.recorded_object(m.body)
+        if existing is not None and m.kind in ("ConfigMap", "Secret") and "data" not in m.body and "data" in existing:
+            # `kubectl apply` leaves what the manifest never set: the data a controller wrote into
+            # the object the install created empty (the controller's TLS Secret and CA ConfigMap).
+            body["data"] = existing["data"]
+        stored = objs.put(body)
         return _verb(f"{KIND_LABELS[m.kind]}/{m.name}", existing, stored)
 
     def _new_pod(self, objs: Objects, plan: AddressPlan, node: NodeInfo, namespace: str, owner_name: str,

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ class Probe:
     period: float = READY_PROBE_PERIOD
     timeout: float = 1.0
     failure_threshold: int = 3
+    scheme: str = "HTTP"  # httpGet: HTTPS is TLS without verifying the certificate, as a kubelet does
 
 
 @dataclass
@@ -178,6 +180,7 @@ def probe_of(container: dict[str, Any]) -> Probe | None:
         assert port is not None  # validated at apply
         return Probe(
             kind="http" if "httpGet" in spec else "tcp", port=port, path=handler.get("path", "/"),
+            scheme=str(handler.get("scheme", "HTTP")).upper(),
             initial_delay=float(spec.get("initialDelaySeconds", 0)),
             period=float(spec.get("periodSeconds", READY_PROBE_PERIOD)),
             timeout=float(spec.get("timeoutSeconds", 1)),
@@ -198,8 +201,16 @@ async def run_probe(ns: str, ip: str, probe: Probe) -> bool:
             if probe.kind == "tcp":
                 return True
             req = f"GET {probe.path} HTTP/1.0\r\nHost: {ip}:{probe.port}\r\nUser-Agent: kube-probe/1.30\r\n\r\n"
-            await loop.sock_sendall(sock, req.encode())
-            head = await loop.sock_recv(sock, 64)
+            if probe.scheme == "HTTPS":
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=ip)
+                writer.write(req.encode())
+                head = await reader.read(64)
+                writer.close()
+            else:
+                await loop.sock_sendall(sock, req.encode())
+                head = await loop.sock_recv(sock, 64)
             parts = head.split(b" ", 2)
             return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
     except (OSError, TimeoutError):
@@ -317,6 +328,11 @@ class Kubelet:
             if c.setup is not None:
                 try:
                     self._write_kubeconfig(c.setup)
+                    # ConfigMap volumes follow their ConfigMap while the pod runs, as a kubelet's
+                    # sync does (an agent waits for the controller's CA to appear there).
+                    for vol in c.setup.volumes.values():
+                        if vol.kind == "configMap" and vol.host_path.is_dir():
+                            _write_config_map(vol, c.setup.namespace, current)
                 except OSError as exc:
                     log.error("event=kubeconfig_failed key=%s error=%r", c.key, exc)
         for name, count in (infra.get("node_boots") or {}).items():
@@ -386,10 +402,7 @@ class Kubelet:
             vol.host_path.mkdir(parents=True, exist_ok=True)
             if vol.kind == "configMap":
                 objs = objs or self.state.objects()
-                cm = next((o for o in objs.of_kind("ConfigMap") if o["metadata"]["name"] == vol.spec["name"]
-                           and o["metadata"].get("namespace") == setup.namespace), None)
-                for key, text in ((cm or {}).get("data") or {}).items():
-                    (vol.host_path / key).write_text(text)
+                _write_config_map(vol, setup.namespace, objs)
             elif vol.kind == "projected":
                 for source in vol.spec.get("sources") or []:
                     sat = source["serviceAccountToken"]
@@ -803,6 +816,21 @@ class Kubelet:
         pids = [c.proc.pid for c in self.containers.values() if c.proc is not None]
         pids += [p.pid for p in self.dying if p.poll() is None]
         kill_all(pids, grace=2.0)
+
+
+def _write_config_map(vol: Any, namespace: str, objs: Any) -> None:
+    """A configMap volume's files from the ConfigMap (none while it is missing: `optional`); each
+    written by rename when it changed, so a reader never sees half a file."""
+    cm = next((o for o in objs.of_kind("ConfigMap") if o["metadata"]["name"] == vol.spec["name"]
+               and o["metadata"].get("namespace") == namespace), None)
+    for key, text in ((cm or {}).get("data") or {}).items():
+        path = vol.host_path / key
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_text() == text:
+                continue
+        tmp = path.with_name(f".{key}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def _stop_due(pod: dict[str, Any]) -> bool | float:

@@ -19,14 +19,14 @@ import yaml
 from nodemesh.sandbox.naming import is_dns_label, is_dns_subdomain
 
 SUPPORTED = {("v1", "Namespace"), ("apps/v1", "Deployment"), ("v1", "Service"), ("apps/v1", "DaemonSet"),
-             ("v1", "ConfigMap"), ("v1", "ServiceAccount"),
+             ("v1", "ConfigMap"), ("v1", "ServiceAccount"), ("v1", "Secret"),
              ("rbac.authorization.k8s.io/v1", "ClusterRole"),
              ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
              ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")}
 # Kinds without a namespace.
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 # Kinds the sandbox only records (no controller acts on them; RBAC is not enforced).
-RECORDED_ONLY = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+RECORDED_ONLY = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Secret"}
 WORKLOADS = {"Deployment", "DaemonSet"}
 VOLUME_TYPES = ("emptyDir", "configMap", "projected", "hostPath")
 

@@ -163,9 +163,11 @@ class Dashboard:
         step = parse_int(q.get("step"), "step", 60, 10, 600)
         if views.SERIES_RANGE_S % step:
             raise ApiError(f"step {step} must divide {views.SERIES_RANGE_S}")
-        (peer_store, at), (route_store, _) = await asyncio.gather(  # two Prometheus snapshots at once
-            self.controller.store_for("", promstore.PEER, window), self.controller.store_for("", promstore.ROUTE, window))
-        return _json(views.workload(self.controller, me, window, step, self.grafana_url, at, peer_store, route_store))
+        (peer_store, at), (route_store, _), steps = await asyncio.gather(  # the Prometheus queries at once
+            self.controller.store_for("", promstore.PEER, window), self.controller.store_for("", promstore.ROUTE, window),
+            self.controller.steps_for("", promstore.PEER, step, views.SERIES_RANGE_S, views.series_matchers(me)))
+        return _json(views.workload(self.controller, me, window, step, self.grafana_url, at, peer_store, route_store,
+                                    steps))
 
     async def get_grafana(self, request: web.Request) -> web.StreamResponse:
         check_keys(request.query, ())

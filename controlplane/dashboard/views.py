@@ -3,15 +3,15 @@
 Stat rows come from `Controller.stat` and edges from `Controller.edges` — the very calls the gRPC
 StatSummary/Edges methods make — over the store the controller answers from by default
 (`--stat-backend`: its memory, or a Prometheus snapshot the route fetched), so a row here equals
-`nodemesh stat -o json` for the same window. Time series sum the in-memory aggregator's one-second
-buckets per step with the controller's own `Totals` math (success rate, rate, histogram quantiles),
-whatever the backend.
+`nodemesh stat -o json` for the same window. Time series come from the same backend: the in-memory
+aggregator's one-second buckets summed per step, or one Prometheus snapshot per step (range
+queries); either way the controller's own `Totals` math (success rate, rate, histogram quantiles).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -114,22 +114,33 @@ def row_predicate(controller: Controller, me: pb.Resource) -> Callable[[SeriesKe
     return lambda k: k[_DIR] == direction and match(k)
 
 
+def series_matchers(me: pb.Resource) -> dict[str, str]:
+    """Label equalities every series of `me`'s row has (`row_predicate` decides exactly): what a
+    Prometheus range query can narrow to before the controller filters."""
+    if me.type == "service":
+        return {"direction": "outbound", "dst_service": f"{me.name}.{me.namespace}"}
+    return {"direction": "inbound", "dst_namespace": me.namespace}
+
+
 def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: int = SERIES_RANGE_S,
-                now: float | None = None) -> dict[str, object]:
+                now: float | None = None,
+                steps: Sequence[tuple[int, SeriesStore]] | None = None) -> dict[str, object]:
     """Success rate, RPS and latency quantiles per `step_s` over the last `range_s` seconds,
-    oldest first; a step without responses has nulls (a gap, not a zero)."""
+    oldest first; a step without responses has nulls (a gap, not a zero). `steps`: one store per
+    step (the controller's `steps_for`, Prometheus); None: the in-memory buckets."""
     now = time.time() if now is None else now
     where = row_predicate(controller, me)
-    keys = {k for k in controller.aggregator.keys() if where(k)}  # noqa: SIM118 - not a dict
-    steps = range_s // step_s
-    end = int(now)
+    if steps is None:
+        keys = {k for k in controller.aggregator.keys() if where(k)}  # noqa: SIM118 - not a dict
+        where = keys.__contains__
+        store: SeriesStore = controller.aggregator if keys else _EMPTY
+        end = int(now)
+        steps = [(end - i * step_s, store) for i in range(range_s // step_s - 1, -1, -1)]
     points = []
-    for i in range(steps - 1, -1, -1):
-        step_end = end - i * step_s
+    for step_end, store in steps:
         tot = Totals(step_s)
-        if keys:
-            for t in controller.aggregator.totals_by_key(step_s, step_end, keys.__contains__).values():
-                tot.merge(t)
+        for t in store.totals_by_key(step_s, step_end, where).values():
+            tot.merge(t)
         has = tot.has_traffic
         points.append({
             "t": step_end,
@@ -140,6 +151,20 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
             "p99": json_number(tot.quantile(0.99) or 0.0) if has else None,
         })
     return {"step_s": step_s, "range_s": range_s, "points": points}
+
+
+class _Empty:
+    """A store with nothing in it (a resource without series: no bucket walk per step)."""
+
+    def totals_by_key(self, window_s: float, now: float | None = None,
+                      where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
+        return {}
+
+    def keys(self) -> Iterable[SeriesKey]:
+        return ()
+
+
+_EMPTY = _Empty()
 
 
 def grafana_workload_url(base: str, me: pb.Resource) -> str | None:
@@ -164,9 +189,10 @@ def routes(controller: Controller, me: pb.Resource, window_s: int, now: float | 
 
 def workload(controller: Controller, me: pb.Resource, window_s: int, step_s: int, grafana_base: str,
              now: float | None = None, peer_store: SeriesStore | None = None,
-             route_store: SeriesStore | None = None) -> dict[str, object]:
-    """The workload page. `peer_store`/`route_store`: the snapshots the controller's backend gave
-    (None: its memory), fetched for `now`."""
+             route_store: SeriesStore | None = None,
+             steps: Sequence[tuple[int, SeriesStore]] | None = None) -> dict[str, object]:
+    """The workload page. `peer_store`/`route_store`/`steps`: the snapshots the controller's
+    backend gave (None: its memory), fetched for `now`."""
     (row,) = stat_rows(controller, [pb.StatRequest(selector=me, window_seconds=window_s)], now, peer_store)
     callers, callees = _peer_rows(controller, me, window_s, now, peer_store)
     return {
@@ -177,7 +203,7 @@ def workload(controller: Controller, me: pb.Resource, window_s: int, step_s: int
         "callees": callees,
         "routes": routes(controller, me, window_s, now, route_store),
         "pods": _pods(controller, me),
-        "series": time_series(controller, me, step_s, now=now),
+        "series": time_series(controller, me, step_s, now=now, steps=steps),
         "warning": controller.store_warning(peer_store),
         "grafana_url": grafana_workload_url(grafana_base, me),
     }

@@ -117,7 +117,7 @@ def test_get_pods_json_and_table(cluster: Sandbox) -> None:
 
 
 BAD = {
-    "unknown kind": ("apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n", "unknown kind"),
+    "unknown kind": ("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: x}\n", "unknown kind"),
     "no command": (("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n"
                    "  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers: [{name: c, image: nginx}]\n"),
                    "no command"),

@@ -146,6 +146,22 @@ def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) 
     page = _dashboard(mesh, "/api/workload", namespace=NS, type="deploy", name="server", window=WINDOW)
     _same("dashboard /api/workload deploy/server", memory_server, page["stat"], problems, lines)
     assert {c["peer"]["name"] for c in page["callers"]} == {"client1", "client2"}, page["callers"]
+    # Its sparklines come from Prometheus too (range queries, one snapshot per step): the steps
+    # add up to the requests the run sent, at the run's success rate.
+    step = 10
+    spark = _dashboard(mesh, "/api/workload", namespace=NS, type="deploy", name="server", window=WINDOW,
+                       step=str(step))["series"]
+    moved = [p for p in spark["points"] if p["rps"]]
+    counted = sum(p["rps"] * step for p in moved)
+    ok = sum(p["rps"] * step * p["success"] for p in moved)
+    lines.append(f"dashboard sparklines (prometheus, {step}s steps): {len(moved)} steps with traffic, "
+                 f"{counted:.0f} requests of {total}, success {ok / counted if counted else None}")
+    # increase() extrapolates each step at both its edges (here +2.6 % over 3 steps of 10 s,
+    # scrapes every 500 ms): a per-step tolerance wider than the one-window stat's 2 %.
+    if not moved or abs(counted - total) > 0.08 * total:
+        problems.append(f"sparklines: {counted:.0f} requests counted over the steps, {total} sent ({spark})")
+    elif abs(ok / counted - memory_server["success"]) > 0.01:
+        problems.append(f"sparklines: success {ok / counted} vs {memory_server['success']}")
     check = mesh.cli("check")
     assert check.returncode == 0, check.stdout + check.stderr
     assert (f"\u2713 stat backend prometheus (http://127.0.0.1:{PROM_PORT}): holds metrics of 2 of the 2 ready "

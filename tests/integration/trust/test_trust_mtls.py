@@ -21,10 +21,12 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nodemesh.api.model import ADMIN_PORT
 from nodemesh.manifests.sandbox_install import (
     CONTROLLER_PROCESS,
     agent_process,
@@ -32,7 +34,8 @@ from nodemesh.manifests.sandbox_install import (
     uninstall_sandbox,
 )
 from nodemesh.sandbox.cluster import Sandbox
-from nodemesh.sandbox.testing import TapStream, deployment, running_sandbox
+from nodemesh.sandbox.testing import TapStream, agent_admin_request, deployment, running_sandbox
+from prometheus_client.parser import text_string_to_metric_families
 from trust_harness import PEERS, PY
 
 NS = "mt"
@@ -157,6 +160,25 @@ def test_trust_mtls_marker_never_crosses_the_underlay_in_clear(mtls_cluster: San
     assert data.count(b"\x17\x03\x03") >= 40  # TLS application-data records
     log = sb.node_process_log("node2", agent_process("node2")).read_text()
     assert "event=mtls_refused" not in log, log[-3000:]
+    # The agents count their tunnels on /metrics: node1 originated the client's connections to
+    # web through tunnels, node2 terminated them; none refused.
+    events = {n: tunnel_events(sb, n) for n in ("node1", "node2")}
+    assert events["node1"].get(("originated", ""), 0) >= 1, events
+    assert events["node2"].get(("terminated", ""), 0) >= events["node1"][("originated", "")], events
+    assert not any(event == "refused" for event, _ in events["node2"]), events
+
+
+def tunnel_events(sb: Sandbox, node: str) -> dict[tuple[str, str], float]:
+    """nodemesh_tunnel_events_total on a node's agent, by (event, reason)."""
+    url = f"http://{sb.node(node).ip}:{ADMIN_PORT}/metrics"
+    with urllib.request.urlopen(agent_admin_request(sb.state_dir, url), timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nodemesh_tunnel_events_total":
+                out[(sample.labels["event"], sample.labels["reason"])] = sample.value
+    return out
 
 
 def test_trust_mtls_tap_shows_the_verified_identities(mtls_cluster: Sandbox) -> None:

@@ -45,7 +45,9 @@ def _scenario(tmp_path: Path, required: list[str]) -> tuple[bytes | None, int, l
 
         up = await asyncio.start_server(handle, WEB_IP, 0)
         server, port, ctx, rec = await start(up.sockets[0].getsockname()[:2], Admission(1000))
-        tunnel = Tunnel(_index(required), CertReader(tmp_path))  # no certificates on this node
+        events: list[tuple[str, str]] = []
+        tunnel = Tunnel(_index(required), CertReader(tmp_path),  # no certificates on this node
+                        sink=lambda event, reason: events.append((event, reason)))
         ctx.tunnel = tunnel
         try:
             reader, writer = await asyncio.open_connection(CLIENT_IP, port)
@@ -56,12 +58,15 @@ def _scenario(tmp_path: Path, required: list[str]) -> tuple[bytes | None, int, l
                 got = None
             writer.close()
             assert await wait_until(lambda: not ctx.live)
-            result.update(got=got, accepted=accepted, closes=rec.closes, tunnel=tunnel)
+            result.update(got=got, accepted=accepted, closes=rec.closes, tunnel=tunnel, events=events)
         finally:
             server.close()
             up.close()
 
     run(scenario)
+    # What the worker's telemetry is handed (nodemesh_tunnel_events_total) is what the stats count.
+    want = [("refused", "required:no_certificate")] if required else [("fallback", "no_certificate")]
+    assert result["events"] == want, result["events"]
     return result["got"], result["accepted"], result["closes"], result["tunnel"]  # type: ignore[return-value]
 
 

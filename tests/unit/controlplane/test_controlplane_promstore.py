@@ -140,3 +140,31 @@ def test_check_names_a_prometheus_that_hangs_within_a_second() -> None:
     assert took < CHECK_BACKEND_TIMEOUT_S + 2, took
     memory = Controller(ControllerConfig())
     assert memory.check().nodes == [] and asyncio.run(memory.answer_check()).stat_backend_ok
+
+
+def test_promstore_queries_narrowed_by_matchers_parse_and_escape() -> None:
+    """The dashboard's sparklines ask range queries narrowed to the workload's direction and
+    namespace (or service): every metric of every query carries the matchers, escaped."""
+    matchers = {"direction": "inbound", "dst_namespace": 'we"ird\\ns'}
+    q = promstore.queries(promstore.PEER, 60, matchers)
+    sel = '{direction="inbound",dst_namespace="we\\"ird\\\\ns"}'
+    assert promstore.selector(matchers) == sel
+    assert f"increase(request_total{sel}[60s])" in q["requests"]
+    assert f"request_total{sel} offset 60s" in q["requests"]
+    assert f"increase(response_latency_ms_bucket{sel}[60s])" in q["latency"]
+    assert f"last_over_time(tcp_open_connections{sel}[60s])" in q["open_connections"]
+    for expr in q.values():
+        assert expr.count(sel) >= 1, expr
+        promql_parser.parse(expr)
+    assert promstore.selector({}) == "" and promstore.queries(promstore.PEER, 60, {}) == promstore.queries(promstore.PEER, 60)
+
+
+def test_promstore_parse_matrix_one_vector_per_step() -> None:
+    ok = {"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {"a": "1"}, "values": [[1000.0, "2"], [1010.0, "3"], [1020.0, "NaN"]]},
+        {"metric": {"a": "2"}, "values": [[1010.0, "4"]]}]}}
+    assert promstore.parse_matrix(ok) == {1000: [({"a": "1"}, 2.0)], 1010: [({"a": "1"}, 3.0), ({"a": "2"}, 4.0)]}
+    with pytest.raises(promstore.PrometheusError, match="expected a matrix"):
+        promstore.parse_matrix({"status": "success", "data": {"resultType": "vector", "result": []}})
+    with pytest.raises(promstore.PrometheusError, match="bad_data"):
+        promstore.parse_matrix({"status": "error", "errorType": "bad_data", "error": "x"})

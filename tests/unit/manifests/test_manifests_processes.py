@@ -20,6 +20,7 @@ import yaml
 from nodemesh.agent.__main__ import build_config as agent_config
 from nodemesh.agent.__main__ import parser as agent_parser
 from nodemesh.controlplane.main import parse_args as controller_args
+from nodemesh.controlplane.servingtls import service_hosts
 from nodemesh.manifests import render as manifest
 from nodemesh.manifests.render import InstallValues, apply_sets, render_daemonset
 from nodemesh.redirector.cli import _capture_config, _parser
@@ -260,8 +261,12 @@ def test_manifests_mtls_renders_the_ca_the_certificates_and_the_tunnel(tmp_path:
     assert config.mtls_required_namespaces == ("payments", "shop")
     (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "nodemesh-controller-workload-ca"]
     assert role["metadata"]["namespace"] == "nodemesh"
-    assert {"resources": ["secrets"], "resourceNames": ["nodemesh-workload-ca"], "verbs": ["get", "update"],
-            "apiGroups": [""]} in role["rules"]
+    # get/update on that one name and nothing else: the Secret ships empty, so no `create`
+    # (which RBAC cannot narrow to a name) is granted.
+    assert role["rules"] == [{"resources": ["secrets"], "resourceNames": ["nodemesh-workload-ca"],
+                              "verbs": ["get", "update"], "apiGroups": [""]}]
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "nodemesh-workload-ca"]
+    assert secret["metadata"]["namespace"] == "nodemesh" and "data" not in secret
     assert any(d["kind"] == "RoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"] for d in docs)
 
     cidrs = tmp_path / "pod-cidrs"
@@ -274,3 +279,53 @@ def test_manifests_mtls_renders_the_ca_the_certificates_and_the_tunnel(tmp_path:
 
     default = render_daemonset()
     assert "--mtls" not in default and "workload-ca" not in default and "workload-certs" not in default
+
+
+def test_manifests_controller_tls_is_on_by_default_with_minimal_rbac(tmp_path: Path) -> None:
+    """The committed manifest: the controller provisions its own TLS (CA in the Secret, its
+    certificate in the ConfigMap; both shipped empty, so the Role grants only get/update on those
+    two names and no create), probes its web port over HTTPS; agents mount the ConfigMap
+    (optional) and verify the controller with it. `--set controllerTls=false` removes all of it."""
+    docs = [d for d in yaml.safe_load_all(render_daemonset()) if d]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert secret["metadata"]["name"] == manifest.CONTROLLER_TLS_SECRET and "data" not in secret
+    ca_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == manifest.CONTROLLER_CA_CONFIGMAP)
+    assert "data" not in ca_map
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "nodemesh-controller-tls"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["nodemesh-controller-tls"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["nodemesh-controller-ca"],
+         "verbs": ["get", "update"]}]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "nodemesh-controller-tls"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nodemesh-controller", "namespace": "nodemesh"}]
+    # Nothing else of the mesh may create or write Secrets or ConfigMaps.
+    for doc in docs:
+        for rule in doc.get("rules", []):
+            if {"secrets", "configmaps"} & set(rule["resources"]):
+                assert doc is role and "create" not in rule["verbs"] and rule.get("resourceNames")
+
+    controller = _container(_pod_spec("Deployment"), "controller")
+    config = controller_args(controller["args"])
+    assert (config.tls_ca_secret, config.tls_ca_configmap) == ("nodemesh/nodemesh-controller-tls",
+                                                               "nodemesh/nodemesh-controller-ca")
+    assert not config.tls_cert and not config.tls_hosts  # names: the Service's in $POD_NAMESPACE
+    assert controller["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert controller["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+    cidrs = tmp_path / "pod-cidrs"
+    cidrs.write_text("10.42.1.0/24")
+    spec = _pod_spec("DaemonSet")
+    agent = agent_config(agent_parser().parse_args(_run_wrapper(_container(spec, "agent"), cidrs)))
+    assert agent.controller_ca == f"{manifest.CONTROLLER_CA_DIR}/ca.crt"
+    assert {"name": "controller-ca", "mountPath": manifest.CONTROLLER_CA_DIR, "readOnly": True} in \
+        _container(spec, "agent")["volumeMounts"]
+    assert {"name": "controller-ca", "configMap": {"name": "nodemesh-controller-ca", "optional": True}} in spec["volumes"]
+    # The agent dials the Service by a name the serving certificate carries.
+    host = agent.controller.rsplit(":", 1)[0]
+    assert host in service_hosts("nodemesh-controller", "nodemesh")
+
+    off = render_daemonset(apply_sets(InstallValues(), ["controllerTls=false"]))
+    assert "nodemesh-controller-tls" not in off and "controller-ca" not in off and "HTTPS" not in off
+    moved = render_daemonset(apply_sets(InstallValues(), ["namespace=mesh-system"]))
+    assert "mesh-system/nodemesh-controller-tls" in moved and "mesh-system/nodemesh-controller-ca" in moved

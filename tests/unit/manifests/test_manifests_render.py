@@ -133,7 +133,7 @@ def test_manifests_set_namespace_moves_every_namespaced_object_and_reference() -
     agent = _container(docs, "DaemonSet", "agent")
     controller_arg = agent["args"][agent["args"].index("--controller") + 1]
     assert controller_arg == "nodemesh-controller.mesh-system.svc.cluster.local:8085"
-    config = yaml.safe_load(_find(docs, "ConfigMap")["data"]["config.yaml"])
+    config = yaml.safe_load(_find(docs, "ConfigMap", "nodemesh-config")["data"]["config.yaml"])
     assert "mesh-system" in config["excludedNamespaces"]  # the mesh never captures itself
     text = render_daemonset(apply_sets(InstallValues(), ["namespace=mesh-system"]))
     assert "namespace: nodemesh\n" not in text and ".nodemesh.svc" not in text
@@ -147,7 +147,7 @@ def test_manifests_set_config_keys_land_in_the_configmap_and_roll_the_pods() -> 
         "tapRedactHeaders=X-Api-Key", "tapRedactQuery=true",
     ])
     docs = _docs(render_daemonset(values))
-    config = yaml.safe_load(_find(docs, "ConfigMap")["data"]["config.yaml"])
+    config = yaml.safe_load(_find(docs, "ConfigMap", "nodemesh-config")["data"]["config.yaml"])
     assert config == {
         "capturedNamespaces": ["emojivoto"],
         "excludedNamespaces": ["kube-system", "monitoring", "nodemesh"],

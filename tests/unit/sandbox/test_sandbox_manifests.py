@@ -47,7 +47,7 @@ def test_list_kind_is_unwrapped() -> None:
 
 
 @pytest.mark.parametrize(("text", "needle"), [
-    ("apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n", "unknown kind 'Secret'"),
+    ("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: x}\n", "unknown kind 'PersistentVolumeClaim'"),
     ("apiVersion: v1\nkind: Deployment\nmetadata: {name: x}\n", "unknown kind 'Deployment' (apiVersion v1)"),
     (DEPLOY.replace("        command: [python3, -m, http.server]\n", ""), "has no command"),
     (DEPLOY.replace("ports: [{containerPort: 8000, name: http}]",
@@ -101,7 +101,7 @@ def test_invalid_yaml_names_the_line_and_the_problem() -> None:
 
 def test_second_bad_document_rejects_the_whole_file() -> None:
     with pytest.raises(ManifestError, match="document 2"):
-        load_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Secret\n"
+        load_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\n"
                   "metadata: {name: s}\n")
 
 

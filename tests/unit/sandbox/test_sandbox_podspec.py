@@ -87,8 +87,64 @@ def test_daemonset_validation(doc: str, needle: str) -> None:
 
 
 def test_the_install_manifests_validate() -> None:
-    from nodemesh.manifests.render import render_daemonset
+    from nodemesh.manifests.render import InstallValues, render_daemonset
 
-    kinds = {m.kind for m in load_text(render_daemonset())}
+    # As `install --sandbox --as-pods` renders them by default: without the controller's own TLS.
+    kinds = {m.kind for m in load_text(render_daemonset(InstallValues(controllerTls=False)))}
     assert kinds == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment",
                      "Service", "DaemonSet"}
+    # The default (controllerTls): the controller's TLS Secret and CA ConfigMap, and its Role.
+    assert {m.kind for m in load_text(render_daemonset())} == kinds | {"Secret", "Role", "RoleBinding"}
+
+
+def test_api_server_updates_configmaps_and_secrets_as_the_controller_fills_them(tmp_path: Path) -> None:
+    """PUT of a Secret/ConfigMap (the controller's TLS objects, controlplane/servingtls.py) through the
+    real kubernetes client: written into objects.json with a new resourceVersion, a stale one is 409,
+    a missing object 404; provisioning twice gives the same CA."""
+    import asyncio
+    import base64
+
+    from aiohttp import web
+    from kubernetes import client
+    from nodemesh.controlplane.servingtls import NamedObject, provision_ca
+    from nodemesh.sandbox.apiserver import ApiServer
+    from nodemesh.sandbox.state import ClusterState
+
+    state = ClusterState(tmp_path)
+    with state.objects_txn() as objs:
+        objs.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tls", "namespace": "nodemesh"},
+                  "type": "Opaque"})
+        objs.put({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ca", "namespace": "nodemesh"}})
+
+    async def main() -> None:
+        server = ApiServer(tmp_path)
+        server.store.load()
+        runner = web.AppRunner(server.app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        api = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}"))
+        loop = asyncio.get_running_loop()
+        try:
+            secret, cm = NamedObject(api, "Secret", "nodemesh", "tls"), NamedObject(api, "ConfigMap", "nodemesh", "ca")
+            first = await loop.run_in_executor(None, provision_ca, secret, cm)
+            stored = state.objects()
+            tls = next(o for o in stored.of_kind("Secret") if o["metadata"]["name"] == "tls")
+            assert base64.b64decode(tls["data"]["ca.crt"]) == first.cert_pem
+            assert next(o for o in stored.of_kind("ConfigMap"))["data"] == {"ca.crt": first.cert_pem.decode()}
+            again = await loop.run_in_executor(None, provision_ca, secret, cm)
+            assert again == first
+            stale = await loop.run_in_executor(None, secret.read)
+            stale.metadata.resource_version = "1"
+            assert await loop.run_in_executor(None, secret.write, stale, {"x": b"y"}) is False  # 409
+            api_core = client.CoreV1Api(api)
+            with pytest.raises(client.ApiException) as err:
+                await loop.run_in_executor(None, api_core.replace_namespaced_secret, "nope", "nodemesh",
+                                           client.V1Secret(metadata=client.V1ObjectMeta(name="nope")))
+            assert err.value.status == 404
+        finally:
+            api.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
