@@ -245,8 +245,9 @@ class ControllerLink:
             if ack.controller_epoch != self.controller_epoch:
                 log.info("event=controller_instance epoch=%d acked=%d", ack.controller_epoch, ack.seq)
             self.controller_epoch = ack.controller_epoch
-            # It may also take series refs: labels once per stream (agent/seriesrefs.py).
-            self._series_refs = SeriesRefTable() if ack.series_refs else None
+            # It may also take series refs: labels once per stream, and then the series as
+            # packed columns (agent/seriesrefs.py).
+            self._series_refs = SeriesRefTable(columns=ack.series_columns) if ack.series_refs else None
             self.ring.ack(ack.seq)
             lacking = self.ring.since(ack.seq)
             if lacking and lacking[0].seq > ack.seq + 1:

@@ -8,10 +8,15 @@ The table lives as long as the stream (a new stream, a new controller: labels ag
 bounded: past `limit` series the rest go out whole, without a ref. On a stream with refs a gauge
 (`tcp_open_connections`: the live reports carry every one, every second) is sent only when its
 value changed; the controller holds a ref'd gauge's last value until the stream ends.
+
+When the controller's ReportAck also says `series_columns`, the series of refs already defined
+leave `series` altogether: their refs and values go as packed arrays in `MetricsReport.columns`
+(api/columns.py), which the controller reads with a few C-level calls per report.
 """
 
 from __future__ import annotations
 
+from nodemesh.api.columns import Columns
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import TCP_OPEN_CONNECTIONS
 
@@ -19,8 +24,9 @@ MAX_REFS = 100_000
 
 
 class SeriesRefTable:
-    def __init__(self, limit: int = MAX_REFS) -> None:
+    def __init__(self, limit: int = MAX_REFS, columns: bool = False) -> None:
         self.limit = limit
+        self.columns = columns  # the controller takes MetricsReport.columns
         self._refs: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._gauges: dict[int, float] = {}  # ref -> the gauge value last sent on this stream
 
@@ -32,6 +38,8 @@ class SeriesRefTable:
         leave out gauges whose value this stream already carried (the controller holds a ref'd
         gauge's last value until the stream ends)."""
         refs, gauges = self._refs, self._gauges
+        cols = Columns() if self.columns else None
+        n_buckets = len(report.latency_bounds_ms) + 1
         keep = []
         for s in report.series:
             key = (s.name, tuple(sorted(s.labels.items())))
@@ -41,6 +49,17 @@ class SeriesRefTable:
                     if gauges.get(ref) == s.value:
                         continue  # unchanged: not sent again
                     gauges[ref] = s.value
+                if cols is not None:
+                    counts = s.bucket_counts
+                    if not counts:
+                        cols.refs.append(ref)
+                        cols.values.append(s.value)
+                        continue
+                    if len(counts) == n_buckets:
+                        cols.hist_refs.append(ref)
+                        cols.hist_sums.append(s.sum)
+                        cols.hist_counts.extend(counts)
+                        continue
                 s.ClearField("labels")
                 s.ref = ref
             elif len(refs) < self.limit:
@@ -52,3 +71,5 @@ class SeriesRefTable:
         if len(keep) < len(report.series):
             del report.series[:]
             report.series.extend(keep)
+        if cols:
+            report.columns.CopyFrom(cols.to_proto())

@@ -11,6 +11,7 @@ latency quantiles from the merged histogram, as Prometheus' `histogram_quantile`
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -176,18 +177,23 @@ class Totals:
 
 
 class _History:
-    __slots__ = ("buckets", "last_sec")
+    """A key's buckets: `buckets` one per second with traffic, newest last; `coarse` one per
+    minute for the seconds older than the aggregator's downsampling horizon, each filed at its
+    minute's middle second (see Aggregator.downsample), all older than every per-second bucket."""
+
+    __slots__ = ("buckets", "coarse", "last_sec")
 
     def __init__(self) -> None:
         self.buckets: deque[tuple[int, Bucket]] = deque()
+        self.coarse: deque[tuple[int, Bucket]] = deque()
         self.last_sec = -1
 
-    def at(self, sec: int) -> Bucket:
-        buckets = self.buckets
+    def at(self, sec: int, coarse: bool = False) -> Bucket:
+        buckets = self.coarse if coarse else self.buckets
         if not buckets or sec > buckets[-1][0]:
             b = Bucket()
             buckets.append((sec, b))
-            self.last_sec = sec
+            self.last_sec = max(self.last_sec, sec)
             return b
         if sec == buckets[-1][0]:
             return buckets[-1][1]
@@ -259,6 +265,21 @@ def _add(target: Bucket | Totals, success: float, failure: float, requests: floa
     target.write_bytes += write_bytes
 
 
+def _merge(target: Bucket, b: Bucket) -> None:
+    """Add bucket `b` into `target` (downsampling)."""
+    target.success += b.success
+    target.failure += b.failure
+    target.requests += b.requests
+    if b.latency is not None:
+        lat = target.latency
+        target.latency = b.latency.copy() if lat is None else list(map(operator.add, lat, b.latency))
+        target.latency_sum += b.latency_sum
+    target.tcp_open += b.tcp_open
+    target.tcp_close += b.tcp_close
+    target.read_bytes += b.read_bytes
+    target.write_bytes += b.write_bytes
+
+
 MAX_WINDOWS = 8          # window widths kept sliding at once
 WINDOW_IDLE_S = 120.0    # a width nobody asked for this long stops being kept
 
@@ -287,10 +308,21 @@ class SeriesStore(Protocol):
                       where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]: ...
 
 
+COARSE_S = 60               # a downsampled bucket's width
+DOWNSAMPLE_AFTER_S = 600    # per-second buckets older than this are merged into minute buckets
+
+
 class Aggregator:
-    def __init__(self, retention_s: int = 3600, clock: Callable[[], float] = time.time) -> None:
+    """`retention_s`: how long buckets are kept. `downsample_after_s` (0: never): per-second
+    buckets older than this are merged into one bucket per minute (`downsample`), which bounds
+    memory by keys × (this + retention / 60) instead of keys × retention."""
+
+    def __init__(self, retention_s: int = 3600, clock: Callable[[], float] = time.time,
+                 downsample_after_s: int = DOWNSAMPLE_AFTER_S) -> None:
         self.retention_s = retention_s
         self.clock = clock
+        self.downsample_after_s = downsample_after_s
+        self._coarse_before = -(1 << 62)  # seconds before this are filed in minute buckets
         self._history: dict[SeriesKey, _History] = {}
         # key -> reporter (agent id) -> (time, value): open connections are a gauge per agent.
         self._gauges: dict[SeriesKey, dict[str, tuple[float, float]]] = {}
@@ -308,14 +340,16 @@ class Aggregator:
                requests: float = 0, latency: Sequence[float] | None = None, latency_bounds: Sequence[float] = BOUNDS,
                latency_sum: float = 0, tcp_open: float = 0, tcp_close: float = 0, read_bytes: float = 0,
                write_bytes: float = 0) -> None:
-        """Add deltas observed at time `t` (default: now) to the key's bucket for that second."""
-        sec = int(self.clock() if t is None else t)
+        """Add deltas observed at time `t` (default: now) to the key's bucket for that second (or
+        its minute's, past the downsampling horizon: a replay of old history)."""
+        sec = self.filed_second(int(self.clock() if t is None else t))
         hist = self._history.get(key)
         if hist is None:
             hist = self._history[key] = _History()
-        n = len(hist.buckets)
-        b = hist.at(sec)
-        created = len(hist.buckets) > n
+        coarse = sec < self._coarse_before
+        n = len(hist.coarse if coarse else hist.buckets)
+        b = hist.at(sec, coarse)
+        created = len(hist.coarse if coarse else hist.buckets) > n
         if created:
             self._by_sec.setdefault(sec, []).append((key, b))
         index = rebin_index(latency_bounds) if latency is not None and latency_bounds is not BOUNDS else None
@@ -333,6 +367,37 @@ class Aggregator:
                     w.buckets[key] += 1
                 _add(tot, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close,
                      read_bytes, write_bytes)
+
+    # ------------------------------------------------------------- batch ingest (columns)
+    def windows_at(self, sec: int) -> list[_Window]:
+        """The kept windows that already hold second `sec` (a record into it must reach them)."""
+        return [w for w in self._windows.values() if w.end - w.width <= sec < w.end]
+
+    def filed_second(self, sec: int) -> int:
+        """The second a record of second `sec` is filed at: itself, or past the downsampling
+        horizon the middle second of its minute (where that minute's bucket is)."""
+        return sec if sec >= self._coarse_before else sec - sec % COARSE_S + COARSE_S // 2
+
+    def bucket_at(self, key: SeriesKey, sec: int) -> Bucket:
+        """The key's bucket of second `sec` (a `filed_second`), to add to in place: only when no
+        kept window holds `sec` (`windows_at` empty; else `add_bucket`, which keeps them up to
+        date)."""
+        hist = self._history.get(key)
+        if hist is None:
+            hist = self._history[key] = _History()
+        coarse = sec < self._coarse_before
+        n = len(hist.coarse if coarse else hist.buckets)
+        b = hist.at(sec, coarse)
+        if len(hist.coarse if coarse else hist.buckets) > n:
+            self._by_sec.setdefault(sec, []).append((key, b))
+        return b
+
+    def add_bucket(self, key: SeriesKey, sec: int, d: Bucket) -> None:
+        """Add a bucket of deltas `d` to the key's bucket of second `sec` and to the kept windows
+        holding it (what `record` does for one series)."""
+        self.record(key, t=sec, success=d.success, failure=d.failure, requests=d.requests, latency=d.latency,
+                    latency_sum=d.latency_sum, tcp_open=d.tcp_open, tcp_close=d.tcp_close, read_bytes=d.read_bytes,
+                    write_bytes=d.write_bytes)
 
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
         self._gauges.setdefault(key, {})[reporter] = (self.clock() if t is None else t, value)
@@ -403,12 +468,13 @@ class Aggregator:
                 continue
             tot = Totals(window_s)
             n = 0
-            for sec, b in reversed(hist.buckets):
-                if sec < first:
-                    break
-                if sec < end:
-                    tot.add_bucket(b)
-                    n += 1
+            for buckets in (hist.buckets, hist.coarse):
+                for sec, b in reversed(buckets):
+                    if sec < first:
+                        break
+                    if sec < end:
+                        tot.add_bucket(b)
+                        n += 1
             if n:
                 out[key] = tot
         return out
@@ -446,20 +512,91 @@ class Aggregator:
             total.merge(t)
         return total
 
+    def downsample(self, now: float | None = None) -> int:
+        """Merge the per-second buckets of whole minutes older than `downsample_after_s` into one
+        bucket per key and minute, filed at the minute's middle second; returns buckets merged.
+
+        A window counts a minute bucket when its middle second is inside the window, so a window
+        reaching past the horizon (longer than `downsample_after_s`) has its far edge rounded to
+        the nearest minute; windows within it are answered from per-second buckets as before, and
+        a window covering whole minutes gets exactly the same sums. Kept windows holding merged
+        seconds trade them for the minute buckets now inside them (their totals stay those of a
+        fresh sum)."""
+        if not self.downsample_after_s:
+            return 0
+        now = self.clock() if now is None else now
+        horizon = int(now) - self.downsample_after_s
+        new = horizon - horizon % COARSE_S
+        by_sec = self._by_sec
+        prev = self._coarse_before
+        if new <= prev:
+            return 0
+        if prev < 0:
+            prev = min(by_sec, default=new)
+            prev -= prev % COARSE_S
+        windows = [w for w in self._windows.values() if w.end - w.width < new and w.end > prev]
+        history = self._history
+        self._coarse_before = new
+        merged = 0
+        for minute in range(prev, new, COARSE_S):
+            csec = minute + COARSE_S // 2
+            per_key: dict[SeriesKey, list[tuple[int, Bucket]]] = {}
+            for sec in range(minute, minute + COARSE_S):
+                for key, b in by_sec.pop(sec, ()):
+                    per_key.setdefault(key, []).append((sec, b))
+            for key, seconds in per_key.items():
+                hist = history.get(key)
+                if hist is None:
+                    continue
+                fine = hist.buckets
+                for sec, b in seconds:
+                    if fine and fine[0][1] is b:
+                        fine.popleft()
+                    else:
+                        fine.remove((sec, b))
+                merged += len(seconds)
+                partial = []
+                for w in windows:
+                    lo, hi = w.end - w.width, w.end
+                    if lo <= minute and minute + COARSE_S <= hi:
+                        # The whole minute is inside: same sums, one bucket instead of several.
+                        w.buckets[key] -= len(seconds) - 1
+                    elif lo < minute + COARSE_S and hi > minute:
+                        for sec, b in seconds:  # before the buckets change (the first becomes the minute's)
+                            if lo <= sec < hi:
+                                w.remove(key, b)
+                        partial.append(w)
+                # Minutes are merged whole, once, oldest first: this minute is the key's newest.
+                cb = seconds[0][1]  # the minute's first second becomes its bucket
+                hist.coarse.append((csec, cb))
+                by_sec.setdefault(csec, []).append((key, cb))
+                hist.last_sec = max(hist.last_sec, csec)
+                for _, b in seconds[1:]:
+                    _merge(cb, b)
+                for w in partial:
+                    if w.end - w.width <= csec < w.end:
+                        w.add(key, cb)
+        return merged
+
     def prune(self, now: float | None = None) -> int:
-        """Forget buckets older than the retention, and keys left empty; returns keys dropped."""
+        """Forget buckets older than the retention, and keys left empty, and downsample what
+        is past the horizon; returns keys dropped."""
         now = self.clock() if now is None else now
         oldest = int(now) - self.retention_s
         for sec in [s for s in self._by_sec if s < oldest]:
             del self._by_sec[sec]
         for width in [k for k, w in self._windows.items() if w.used < now - WINDOW_IDLE_S]:
             del self._windows[width]
+        self.downsample(now)
         dropped = 0
         for key in list(self._history):
-            buckets = self._history[key].buckets
+            hist = self._history[key]
+            buckets, coarse = hist.buckets, hist.coarse
+            while coarse and coarse[0][0] < oldest:
+                coarse.popleft()
             while buckets and buckets[0][0] < oldest:
                 buckets.popleft()
-            if not buckets:
+            if not buckets and not coarse:
                 del self._history[key]
                 dropped += 1
         for key in list(self._gauges):

@@ -32,8 +32,10 @@ class ControllerConfig:
     tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
     identity_debounce_s: float = 0.05
-    # How long per-second buckets are kept; the longest stat window is 1 h.
+    # How long buckets are kept (--retention; the longest stat window is 1 h), and after how long
+    # per-second buckets are merged into minute buckets (--downsample-after; 0: never).
     retention_s: int = 3600
+    downsample_after_s: int = 600
     # Routes per destination workload across all agents (each agent caps its own: --max-routes).
     max_routes: int = 100
     # An agent whose last report is older than this is reported as not connected by Check.

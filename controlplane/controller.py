@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, TypeVar
 
+from nodemesh.api import columns as columnsmod
 from nodemesh.api import tapfilter
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import (
@@ -40,8 +41,9 @@ from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, SeriesStore, series_key
 from nodemesh.controlplane.ca import WorkloadCA
 from nodemesh.controlplane.certify import certify, trust_bundle
+from nodemesh.controlplane.columns import ingest_columns
 from nodemesh.controlplane.config import ControllerConfig
-from nodemesh.controlplane.deltas import AgentCounters, SeriesDelta, SeriesRefs
+from nodemesh.controlplane.deltas import AgentCounters, RefEntry, SeriesDelta, SeriesRefs
 from nodemesh.controlplane.identityfeed import IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
@@ -69,12 +71,20 @@ ScrapeReviewer = Callable[[str], Awaitable[tuple[bool, bool, str]]]
 _CLASSIFICATION: dict[str, dict[str, str]] = {}  # shared {"classification": c} dicts
 
 
-def _resolve_ref(name: str, labels: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...] | None]:
+# The aggregator Bucket field each peer family's values add to (controlplane/columns.py: what
+# _record does per series, decided once per ref).
+_SLOTS = {REQUEST_TOTAL: "requests", RESPONSE_LATENCY_MS: "latency", TCP_OPEN_TOTAL: "tcp_open",
+          TCP_CLOSE_TOTAL: "tcp_close", TCP_READ_BYTES_TOTAL: "read_bytes", TCP_WRITE_BYTES_TOTAL: "write_bytes",
+          TCP_OPEN_CONNECTIONS: "gauge"}
+
+
+def _resolve_ref(name: str, labels: dict[str, str]) -> RefEntry:
     """What a series ref keeps (deltas.SeriesRefs), once per ref: for the peer families the
-    aggregator key (label values interned: the same names recur in thousands of keys) and the
-    one label _record reads; route series keep their labels (route_key reads several)."""
+    aggregator key (label values interned: the same names recur in thousands of keys), the one
+    label _record reads and the Bucket field its column values add to; route series keep their
+    labels (route_key reads several) and go through _record."""
     if name in _ROUTE_FAMILIES:
-        return labels, None
+        return RefEntry(labels, None, name)
     key = tuple(sys.intern(v) for v in series_key(labels))
     c = labels.get("classification", "")
     kept = _CLASSIFICATION.get(c)
@@ -82,7 +92,11 @@ def _resolve_ref(name: str, labels: dict[str, str]) -> tuple[dict[str, str], tup
         kept = {"classification": c} if c else {}
         if len(_CLASSIFICATION) < 16:  # success, failure, "": an agent's odd values are not kept
             _CLASSIFICATION[c] = kept
-    return kept, key
+    if name == RESPONSE_TOTAL:
+        slot = "failure" if c == "failure" else "success"
+    else:
+        slot = _SLOTS.get(name, "")
+    return RefEntry(kept, key, name, slot)
 
 
 def controller_version() -> str:
@@ -143,9 +157,10 @@ class Controller:
         self.config = config
         self.source = source
         self.registry = registry or WorkloadRegistry()
-        self.aggregator = Aggregator(retention_s=config.retention_s)
+        self.aggregator = Aggregator(retention_s=config.retention_s, downsample_after_s=config.downsample_after_s)
         # Route series apart (controlplane/routes.py): route cardinality never reaches `stat`.
-        self.route_aggregator = Aggregator(retention_s=config.retention_s)
+        self.route_aggregator = Aggregator(retention_s=config.retention_s,
+                                           downsample_after_s=config.downsample_after_s)
         self.route_cap = routesmod.RouteCap(config.max_routes)
         # `--backend prometheus` (controlplane/promstore.py): the same questions, answered by PromQL.
         self.prometheus = (promstore.PrometheusStore(config.prometheus_url, config.prometheus_timeout_s)
@@ -349,7 +364,7 @@ class Controller:
         entry = self._counters.get(agent_id)
         return pb.ControllerMessage(report_ack=pb.ReportAck(seq=entry[0].stored_seq if entry else 0,
                                                             controller_epoch=self.identity.epoch,
-                                                            series_refs=True))
+                                                            series_refs=True, series_columns=True))
 
     def counters_for(self, agent_id: str, start_time_ms: int) -> AgentCounters:
         entry = self._counters.get(agent_id)
@@ -389,6 +404,8 @@ class Controller:
                 self.metrics.reports_replayed.inc()
             t = self.report_time(session, report, now)
             session.queue_ack()
+            if report.HasField("columns"):
+                deltas += self._record_columns(session, counters, report.columns, bounds, t)
         else:
             deltas = counters.ingest(report.series, report.seq, n_buckets=len(bounds) + 1)
             t = now
@@ -396,6 +413,19 @@ class Controller:
         if counters.rejected > rejected:
             log.warning("event=report_series_rejected agent_id=%s count=%d reason=malformed", session.agent_id,
                         counters.rejected - rejected)
+
+    def _record_columns(self, session: AgentSession, counters: AgentCounters, block: pb.SeriesColumns,
+                        bounds: tuple[float, ...], t: float) -> list[SeriesDelta]:
+        """A report's series columns into the aggregator (controlplane/columns.py); returns the
+        series it leaves to _record (routes, histograms to rebin)."""
+        cols = columnsmod.decode(block, len(bounds) + 1)
+        if cols is None:
+            counters.rejected += columnsmod.series_count(block)
+            return []
+        rejected, slow = ingest_columns(self.aggregator, session.series_refs, cols, int(t), session.agent_id,
+                                        len(bounds) + 1, bounds == BOUNDS)
+        counters.rejected += rejected
+        return slow
 
     @staticmethod
     def report_time(session: AgentSession, report: pb.MetricsReport, now: float) -> float:
@@ -597,6 +627,9 @@ class Controller:
         the dashboard always takes the default."""
         backend = backend or self.config.stat_backend
         if backend == promstore.MEMORY:
+            if int(window_seconds) > self.config.retention_s:
+                raise statmod.StatError(f"time window {int(window_seconds)}s is longer than this controller keeps "
+                                        f"(--retention {self.config.retention_s}s)")
             return None, None
         if backend != promstore.PROMETHEUS:
             raise statmod.StatError(f"unknown backend {backend!r}: expected one of {', '.join(promstore.BACKENDS)}")

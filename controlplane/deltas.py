@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from nodemesh.api.model import TCP_OPEN_CONNECTIONS
 
@@ -63,10 +64,19 @@ class SeriesDelta:
     key: tuple[str, ...] | None = None         # the aggregator's key, when known (series refs)
 
 
-# Series refs (api/proto/nodemesh.proto, Series.ref): per agent stream, ref -> (labels, aggregator
-# key), defined by the first series carrying the ref with its labels. Bounded: a stream defining
-# more refs than this sends them unresolved (rejected), which a well-behaved agent never does.
-SeriesRefs = dict[int, tuple[dict[str, str], tuple[str, ...] | None]]
+class RefEntry(NamedTuple):
+    """What a stream's series ref stands for (resolved once, when the ref is defined)."""
+
+    labels: dict[str, str]          # the labels kept (the controller keeps only what it reads)
+    key: tuple[str, ...] | None     # the aggregator key, when the controller resolved one
+    name: str                       # the series' family: columns carry refs without names
+    slot: str = ""                  # the aggregator field a column value adds to ("": via SeriesDelta)
+
+
+# Series refs (api/proto/nodemesh.proto, Series.ref): per agent stream, ref -> RefEntry, defined
+# by the first series carrying the ref with its labels. Bounded: a stream defining more refs than
+# this sends them unresolved (rejected), which a well-behaved agent never does.
+SeriesRefs = dict[int, RefEntry]
 MAX_SERIES_REFS = 200_000
 
 
@@ -164,22 +174,27 @@ class AgentCounters:
                 self.forgotten += 1
         return out
 
-    def ingest_increments(self, series: Iterable[object], seq: int, n_buckets: int | None = None,
-                          refs: SeriesRefs | None = None,
-                          resolve: Callable[[str, dict[str, str]], tuple[dict[str, str], tuple[str, ...] | None]]
-                          | None = None,
-                          ) -> list[SeriesDelta] | None:
-        """One increment report's series as deltas, or None when its seq was already stored.
-        `refs`: the stream's series refs (None: refs not taken, labels are read as sent);
-        `resolve(name, labels) -> (labels kept, aggregator key or None)`: run once per ref; what it
-        keeps is what every later report of the ref hands on (the controller keeps only what it
-        reads: a ref's labels held whole cost ~2 KB each, 3.5 GB for 1,000 nodes' refs)."""
+    def take_seq(self, seq: int) -> bool:
+        """An increment report's seq: False when it was already stored (a duplicate)."""
         if seq <= self.stored_seq:
             self.duplicates += 1
-            return None
+            return False
         if self.stored_seq and seq > self.stored_seq + 1:
             self.gaps += seq - self.stored_seq - 1
         self.stored_seq = seq
+        return True
+
+    def ingest_increments(self, series: Iterable[object], seq: int, n_buckets: int | None = None,
+                          refs: SeriesRefs | None = None,
+                          resolve: Callable[[str, dict[str, str]], RefEntry] | None = None,
+                          ) -> list[SeriesDelta] | None:
+        """One increment report's series as deltas, or None when its seq was already stored.
+        `refs`: the stream's series refs (None: refs not taken, labels are read as sent);
+        `resolve(name, labels) -> RefEntry`: run once per ref; what it
+        keeps is what every later report of the ref hands on (the controller keeps only what it
+        reads: a ref's labels held whole cost ~2 KB each, 3.5 GB for 1,000 nodes' refs)."""
+        if not self.take_seq(seq):
+            return None
         out: list[SeriesDelta] = []
         for s in series:
             name: str = s.name  # type: ignore[attr-defined]
@@ -194,8 +209,8 @@ class AgentCounters:
                     if not labels or len(refs) >= MAX_SERIES_REFS:
                         self.rejected += 1  # a ref never defined: nothing says whose series it is
                         continue
-                    entry = refs[ref] = resolve(name, labels) if resolve is not None else (labels, None)
-                labels, key = entry
+                    entry = refs[ref] = resolve(name, labels) if resolve is not None else RefEntry(labels, None, name)
+                labels, key = entry[0], entry[1]
             counts = tuple(s.bucket_counts)  # type: ignore[attr-defined]  # uint64: ints already
             number = float(s.sum if counts else s.value)  # type: ignore[attr-defined]
             if not math.isfinite(number) or number < 0 or (counts and n_buckets and len(counts) != n_buckets):

@@ -143,7 +143,7 @@ class Series(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., created_ms: _Optional[int] = ..., ref: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
-    __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series", "increments", "replayed")
+    __slots__ = ("agent_id", "seq", "time_ms", "latency_bounds_ms", "series", "increments", "replayed", "columns")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class MetricsReport(_message.Message):
     SERIES_FIELD_NUMBER: _ClassVar[int]
     INCREMENTS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     seq: int
     time_ms: int
@@ -158,7 +159,22 @@ class MetricsReport(_message.Message):
     series: _containers.RepeatedCompositeFieldContainer[Series]
     increments: bool
     replayed: bool
-    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., latency_bounds_ms: _Optional[_Iterable[float]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., increments: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    columns: SeriesColumns
+    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_ms: _Optional[int] = ..., latency_bounds_ms: _Optional[_Iterable[float]] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., increments: _Optional[bool] = ..., replayed: _Optional[bool] = ..., columns: _Optional[_Union[SeriesColumns, _Mapping]] = ...) -> None: ...
+
+class SeriesColumns(_message.Message):
+    __slots__ = ("refs", "values", "hist_refs", "hist_sums", "hist_counts")
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    HIST_REFS_FIELD_NUMBER: _ClassVar[int]
+    HIST_SUMS_FIELD_NUMBER: _ClassVar[int]
+    HIST_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    refs: bytes
+    values: bytes
+    hist_refs: bytes
+    hist_sums: bytes
+    hist_counts: bytes
+    def __init__(self, refs: _Optional[bytes] = ..., values: _Optional[bytes] = ..., hist_refs: _Optional[bytes] = ..., hist_sums: _Optional[bytes] = ..., hist_counts: _Optional[bytes] = ...) -> None: ...
 
 class IdentityResync(_message.Message):
     __slots__ = ("epoch", "version", "reason")
@@ -347,14 +363,16 @@ class TapClose(_message.Message):
     def __init__(self, tap_id: _Optional[str] = ...) -> None: ...
 
 class ReportAck(_message.Message):
-    __slots__ = ("seq", "controller_epoch", "series_refs")
+    __slots__ = ("seq", "controller_epoch", "series_refs", "series_columns")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SERIES_REFS_FIELD_NUMBER: _ClassVar[int]
+    SERIES_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     controller_epoch: int
     series_refs: bool
-    def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., series_refs: _Optional[bool] = ...) -> None: ...
+    series_columns: bool
+    def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., series_refs: _Optional[bool] = ..., series_columns: _Optional[bool] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result", "certificate", "trust_bundle")

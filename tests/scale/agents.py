@@ -126,7 +126,8 @@ class SimAgent:
             if not self.increments:
                 self.increments = True  # the controller takes increments: report from seq 1
                 refs = getattr(ack, "series_refs", False) and not self.spec.get("no_refs")  # older controllers: no refs
-                self.encoded = self.traffic.encoded_intervals(pb, refs)
+                columns = refs and getattr(ack, "series_columns", False) and not self.spec.get("no_columns")
+                self.encoded = self.traffic.encoded_intervals(pb, refs, columns=columns)
             for seq in [s for s in self.sent if s <= ack.seq]:
                 self.latencies.append(now - self.sent.pop(seq))
             self.acked = max(self.acked, ack.seq)

@@ -170,19 +170,21 @@ class NodeTraffic:
 
     VARIANTS = 5
 
-    def encoded_intervals(self, pb, refs: bool) -> tuple[bytes, list[bytes]]:
+    def encoded_intervals(self, pb, refs: bool, columns: bool = False) -> tuple[bytes, list[bytes]]:
         """The node's report series, encoded once (the harness must not drown the machine it
         measures): (the first report's series, defining every ref when `refs`), and
         `VARIANTS` intervals' series that the agent cycles through. Each interval holds the
         pairs active in it (5 series each: requests, responses, latency histogram, bytes read
-        and written) and every gauge, as a live report does (with refs: gauges that changed)."""
+        and written) and every gauge, as a live report does (with refs: gauges that changed;
+        with `columns`, when the controller takes them: series already ref'd as packed columns)."""
         table: dict | None = {} if refs else None
-        first = self._encode(pb, table, active=1.0, gauges=True)
+        first = self._encode(pb, table, active=1.0, gauges=True, columns=columns)
         # With refs, an unchanged gauge is not sent again (agent/seriesrefs.py).
-        variants = [self._encode(pb, table, self.active, gauges=not refs) for _ in range(self.VARIANTS)]
+        variants = [self._encode(pb, table, self.active, gauges=not refs, columns=columns)
+                    for _ in range(self.VARIANTS)]
         return first, variants
 
-    def _encode(self, pb, table: dict | None, active: float, gauges: bool) -> bytes:
+    def _encode(self, pb, table: dict | None, active: float, gauges: bool, columns: bool = False) -> bytes:
         rng = self.rng
         n_lat = len(LATENCY_BUCKETS_MS) + 1  # + the +Inf bucket
         out = []
@@ -201,6 +203,20 @@ class NodeTraffic:
         if gauges:
             out += [self._series(pb, table, TCP_OPEN_CONNECTIONS, i, labels, value=1.0)
                     for i, labels in enumerate(self.series)]
+        if columns:  # as agent/seriesrefs.py sends them: ref'd series leave `series` for columns
+            from nodemesh.api.columns import Columns
+            cols, kept = Columns(), []
+            for s in out:
+                if s.labels or not s.ref:
+                    kept.append(s)
+                elif s.bucket_counts:
+                    cols.hist_refs.append(s.ref)
+                    cols.hist_sums.append(s.sum)
+                    cols.hist_counts.extend(s.bucket_counts)
+                else:
+                    cols.refs.append(s.ref)
+                    cols.values.append(s.value)
+            return pb.MetricsReport(series=kept, columns=cols.to_proto() if cols else None).SerializeToString()
         return pb.MetricsReport(series=out).SerializeToString()
 
     @staticmethod

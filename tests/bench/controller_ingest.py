@@ -1,0 +1,120 @@
+"""In-process replay of simulated agents' reports into the controller (no gRPC, one loop).
+
+The quiet way to measure the controller's ingest on a busy machine (docs/scale.md): the scale
+harness's synthetic cluster (tests/scale/cluster.py) encodes each node's report series once, as
+the agent link sends them (series refs, or columns when the controller offers them), and this
+replays `--reports` intervals of `--nodes` agents from bytes through `Controller.ingest_report`
+(the decode included), timing CPU with `time.process_time`. Prints CPU µs per series, ms per
+report, the controller's RSS growth, and the keys held.
+
+    python3 tests/bench/controller_ingest.py --nodes 50 --pods 50 --reports 20 [--encoding refs|columns|labels]
+        [--downsample-after 600|0]  (a --reports past 600 shows downsampling's memory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scale"))
+from cluster import Cluster, NodeTraffic
+from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.api.model import LATENCY_BUCKETS_MS
+from nodemesh.controlplane.config import ControllerConfig
+from nodemesh.controlplane.controller import Controller
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def n_series(report: pb.MetricsReport) -> int:
+    n = len(report.series)
+    cols = getattr(report, "columns", None)
+    if cols is not None:
+        n += len(cols.refs) // 4 + len(cols.hist_refs) // 4
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--nodes", type=int, default=50)
+    p.add_argument("--pods", type=int, default=50)
+    p.add_argument("--reports", type=int, default=20)
+    p.add_argument("--encoding", choices=("labels", "refs", "columns"), default="refs")
+    p.add_argument("--active", type=float, default=0.2)
+    p.add_argument("--profile", default="")
+    p.add_argument("--downsample-after", type=int, default=600, help="seconds; 0: never")
+    a = p.parse_args()
+    cluster = Cluster(a.nodes, a.pods, 3)
+    pairs = cluster.calls()
+    streams = []
+    for i in range(a.nodes):
+        traffic = NodeTraffic(cluster, cluster.node_names[i], pairs, a.active, seed=i)
+        extra = {"columns": True} if a.encoding == "columns" else {}
+        streams.append(traffic.encoded_intervals(pb, a.encoding != "labels", **extra))
+    c = Controller(ControllerConfig(downsample_after_s=a.downsample_after))
+    start = c.started_ms + 1000
+    sessions = [c.agent_connected(pb.AgentHello(agent_id=f"a{i}", node=cluster.node_names[i],
+                                                start_time_ms=start)) for i in range(a.nodes)]
+    gc.collect()
+    rss0 = rss_mb()
+    now = time.time()
+
+    def messages():  # type: ignore[no-untyped-def]
+        for seq in range(1, a.reports + 1):
+            for i in range(a.nodes):
+                first, variants = streams[i]
+                body = first if seq == 1 else variants[seq % len(variants)]
+                head = pb.MetricsReport(agent_id=f"a{i}", seq=seq, time_ms=int((now + seq) * 1000),
+                                        latency_bounds_ms=list(LATENCY_BUCKETS_MS), increments=True)
+                yield i, seq, head.SerializeToString() + body
+
+    series = {1: 0, 2: 0}
+    cpu = {1: 0.0, 2: 0.0}   # 1: the first report of each stream (defines refs), 2: the others
+    prune_cpu = 0.0
+    prof = cProfile.Profile() if a.profile else None
+    for i, seq, data in messages():
+        phase = 1 if seq == 1 else 2
+        t0 = time.process_time()
+        if prof and phase == 2:
+            prof.enable()
+        report = pb.MetricsReport.FromString(data)
+        c.ingest_report(sessions[i], report, now=now + seq + 0.5)
+        if prof and phase == 2:
+            prof.disable()
+        cpu[phase] += time.process_time() - t0
+        series[phase] += n_series(report)
+        if i == a.nodes - 1 and seq % 10 == 0:  # the controller's housekeeping, every 10 s
+            t0 = time.process_time()
+            c.aggregator.prune(now=now + seq + 0.9)
+            prune_cpu += time.process_time() - t0
+    gc.collect()
+    rss1 = rss_mb()
+    n2 = a.nodes * (a.reports - 1)
+    print(f"encoding={a.encoding} nodes={a.nodes} reports={a.reports} keys={len(c.aggregator)}")
+    print(f"steady: {series[2] / n2:.0f} series/report  {cpu[2] / n2 * 1000:.2f} ms/report  "
+          f"{cpu[2] / max(series[2], 1) * 1e6:.2f} us/series")
+    print(f"first:  {series[1] / a.nodes:.0f} series/report  {cpu[1] / a.nodes * 1000:.2f} ms/report")
+    buckets = sum(len(h.buckets) + len(h.coarse) for h in c.aggregator._history.values())
+    print(f"rss: {rss0:.0f} -> {rss1:.0f} MB  buckets={buckets}  prune+downsample CPU {prune_cpu:.2f} s")
+    for window in (60, 3600):
+        t0 = time.process_time()
+        c.aggregator.totals_by_key(window, now=now + a.reports + 1)
+        print(f"totals_by_key({window}) first: {(time.process_time() - t0) * 1000:.1f} ms")
+    if prof:
+        prof.dump_stats(a.profile)
+        pstats.Stats(a.profile).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
