@@ -244,9 +244,9 @@ class Controller:
         """Bring the identity feed up to the registry (a new version only when something an agent
         is told changed: status-only writes on Deployments, Nodes or Pods cost no push)."""
         if self._identity_version != self.registry.version:
-            snap = self.registry.identity_snapshot(self.mesh_config(), self.config.captured_namespaces)
+            entries = self.registry.identity_entries(self.mesh_config(), self.config.captured_namespaces)
             self._identity_version = self.registry.version
-            self.identity.update(snap)
+            self.identity.update_entries(entries)
         return self.identity
 
     def identity_message(self) -> pb.ControllerMessage:

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
+from nodemesh.controlplane.registry import IdentityEntries
 
 PodKey = str                    # uid
 ServiceKey = tuple[str, str]    # (namespace, name)
@@ -62,12 +63,18 @@ class IdentityFeed:
 
     # ------------------------------------------------------------------ input
     def update(self, snap: pb.IdentitySnapshot) -> bool:
-        """Take the registry's current snapshot; True when it changed anything agents hold."""
-        self._resource_version = snap.resource_version
-        pods = {p.uid or f"{p.namespace}/{p.name}": p.SerializeToString(deterministic=True) for p in snap.pods}
-        services = {(s.namespace, s.name): s.SerializeToString(deterministic=True) for s in snap.services}
-        config = snap.config.SerializeToString(deterministic=True)
-        namespaces = tuple(snap.captured_namespaces)
+        """Take a whole snapshot; True when it changed anything agents hold."""
+        return self.update_entries(IdentityEntries(
+            snap.resource_version,
+            {p.uid or f"{p.namespace}/{p.name}": p.SerializeToString(deterministic=True) for p in snap.pods},
+            {(s.namespace, s.name): s.SerializeToString(deterministic=True) for s in snap.services},
+            snap.config.SerializeToString(deterministic=True), tuple(snap.captured_namespaces)))
+
+    def update_entries(self, entries: IdentityEntries) -> bool:
+        """Take the registry's identity as serialized entries (`WorkloadRegistry.identity_entries`:
+        only changed pods are re-serialized there); True when it changed anything agents hold."""
+        self._resource_version = entries.resource_version
+        pods, services, config, namespaces = entries.pods, entries.services, entries.config, entries.namespaces
         change = _Change(self.version + 1)
         for key, data in pods.items():
             if self._pods.get(key) != data:

@@ -118,3 +118,41 @@ def test_events_add_modify_delete_and_listeners(registry: WorkloadRegistry, obje
     assert len(calls) == 2
     registry.replace("Pod", [])
     assert registry.pods() == []
+
+
+def test_incremental_derivation_follows_the_pod_and_its_replicaset(objects: list[dict]) -> None:
+    """Records are rebuilt only for pods whose object or ReplicaSet changed (a 50,000-pod cluster
+    re-derived every pod on every change), and every change still shows: a pod's status, and an
+    owner change that only its ReplicaSet says."""
+    reg = WorkloadRegistry()
+    for kind in WATCHED_KINDS:
+        reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
+    name = "web-5f7c9d8b6-x2vqm"
+    before = {p.name: p for p in reg.pods()}
+    entries = reg.identity_entries(pb.MeshConfig())
+    pod = copy.deepcopy(reg.get("Pod", "emojivoto", name))
+    pod["metadata"]["resourceVersion"] = "999"
+    pod["metadata"]["labels"]["extra"] = "1"
+    reg.apply("MODIFIED", pod)
+    after = {p.name: p for p in reg.pods()}
+    assert after[name] is not before[name] and after[name].labels["extra"] == "1"
+    assert all(after[n] is before[n] for n in before if n != name)   # the others: the same records
+    again = reg.identity_entries(pb.MeshConfig())
+    uid = after[name].uid
+    assert again.pods[uid] != entries.pods[uid]
+    assert all(again.pods[u] is entries.pods[u] for u in entries.pods if u != uid)   # not re-serialized
+    assert again.pods == reg_from_scratch(reg).identity_entries(pb.MeshConfig()).pods
+    # The ReplicaSet loses its Deployment owner: the pod (unchanged) now belongs to the ReplicaSet.
+    rs = copy.deepcopy(reg.get("ReplicaSet", "emojivoto", "web-5f7c9d8b6"))
+    del rs["metadata"]["ownerReferences"]
+    rs["metadata"]["resourceVersion"] = "1000"
+    reg.apply("MODIFIED", rs)
+    assert reg.pod("emojivoto", name).workload == WorkloadRef("emojivoto", "replicaset", "web-5f7c9d8b6")
+    assert [(p.name, p.workload) for p in reg.pods()] == [(p.name, p.workload) for p in reg_from_scratch(reg).pods()]
+
+
+def reg_from_scratch(reg: WorkloadRegistry) -> WorkloadRegistry:
+    fresh = WorkloadRegistry()
+    for kind in WATCHED_KINDS:
+        fresh.replace(kind, [copy.deepcopy(o) for o in reg.objects(kind)])
+    return fresh
