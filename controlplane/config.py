@@ -73,5 +73,9 @@ class ControllerConfig:
     # Where stat/edges/routes are answered from (controlplane/promstore.py): "memory" (the agents'
     # reports, kept here) or "prometheus" (PromQL against prometheus_url); a request may ask for either.
     stat_backend: str = "memory"
+    # False (--no-ingest): the controller keeps no metrics of its own — agents' reports are
+    # acknowledged and dropped, every stat/edges/routes answer and the dashboard come from
+    # Prometheus (stat_backend "prometheus"): a cluster past one controller's ingest (scale.md).
+    ingest: bool = True
     prometheus_url: str = ""
     prometheus_timeout_s: float = 10.0

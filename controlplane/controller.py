@@ -128,6 +128,7 @@ class AgentSession:
     capture_mode: tuple[str, str] = ("", "")     # (mode, reason) as the agent reports it
     clock_skew_ms: int = 0
     reports: int = 0
+    dropped_seq: int = 0      # --no-ingest: the last increment report acknowledged without storing it
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     identity_queued: bool = False
     identity_epoch: int = 0                    # the identity (epoch, version) this agent was last sent
@@ -362,7 +363,11 @@ class Controller:
 
     def ack_message(self, agent_id: str) -> pb.ControllerMessage:
         entry = self._counters.get(agent_id)
-        return pb.ControllerMessage(report_ack=pb.ReportAck(seq=entry[0].stored_seq if entry else 0,
+        seq = entry[0].stored_seq if entry else 0
+        if not self.config.ingest:
+            session = self.sessions.get(agent_id)
+            seq = session.dropped_seq if session is not None else 0
+        return pb.ControllerMessage(report_ack=pb.ReportAck(seq=seq,
                                                             controller_epoch=self.identity.epoch,
                                                             series_refs=True, series_columns=True))
 
@@ -383,6 +388,12 @@ class Controller:
         session.last_report = now
         session.reports += 1
         self.metrics.reports_received.inc()
+        if not self.config.ingest:
+            # --no-ingest: Prometheus holds the metrics; acknowledge so the agent frees its history.
+            if report.increments and report.seq > session.dropped_seq:
+                session.dropped_seq = report.seq
+                session.queue_ack()
+            return
         counters = self.counters_for(session.agent_id, session.start_time_ms)
         bounds = tuple(report.latency_bounds_ms) or BOUNDS
         rejected = counters.rejected
@@ -627,6 +638,9 @@ class Controller:
         the dashboard always takes the default."""
         backend = backend or self.config.stat_backend
         if backend == promstore.MEMORY:
+            if not self.config.ingest:
+                raise statmod.StatError("the memory backend is off: this controller keeps no metrics (--no-ingest); "
+                                        "ask --backend prometheus")
             if int(window_seconds) > self.config.retention_s:
                 raise statmod.StatError(f"time window {int(window_seconds)}s is longer than this controller keeps "
                                         f"(--retention {self.config.retention_s}s)")

@@ -168,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
                    help="Grafana base URL (with manifests/grafana/ loaded): the dashboard links workloads to it")
     p.add_argument("--stat-backend", choices=("memory", "prometheus"), default=ControllerConfig.stat_backend,
                    help="where stat/edges/routes are answered from when a request does not say")
+    p.add_argument("--no-ingest", dest="ingest", action="store_false",
+                   help="keep no metrics here: acknowledge the agents' reports and drop them; every answer comes "
+                        "from Prometheus (needs --stat-backend prometheus)")
     p.add_argument("--prometheus-url", default="", metavar="URL",
                    help="Prometheus scraping the agents (e.g. http://prometheus.nodemesh.svc:9090): "
                         "enables --backend prometheus")
@@ -224,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         p.error("--token-file and --token-review are exclusive: pick one")
     if a.stat_backend == "prometheus" and not a.prometheus_url:
         p.error("--stat-backend prometheus needs --prometheus-url")
+    if not a.ingest and a.stat_backend != "prometheus":
+        p.error("--no-ingest needs --stat-backend prometheus (the controller then keeps no metrics to answer from)")
     if not 60 <= a.retention <= 3600:
         p.error("--retention must be between 60 and 3600 seconds")
     if a.downsample_after and not 60 <= a.downsample_after <= a.retention:
@@ -255,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         token_review_agents=_csv(a.token_review_agents), token_review_readers=_csv(a.token_review_readers),
         token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
-        stat_backend=a.stat_backend, prometheus_url=a.prometheus_url,
+        stat_backend=a.stat_backend, ingest=a.ingest, prometheus_url=a.prometheus_url,
         prometheus_timeout_s=a.prometheus_timeout,
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca_secret=a.tls_ca_secret, tls_ca_configmap=a.tls_ca_configmap,
         tls_hosts=_csv(a.tls_hosts), tls_cert_ttl_s=a.tls_cert_ttl,

@@ -92,6 +92,9 @@ class InstallValues:
     # (e.g. http://nodemesh-prometheus.nodemesh.svc:9090 with `--addon prometheus`) and default backend.
     prometheusUrl: str = ""
     statBackend: str = "memory"
+    # false: the controller keeps no metrics of its own (--no-ingest), Prometheus answers all
+    # (needs statBackend=prometheus): a cluster past one controller's ingest (docs/scale.md).
+    ingest: bool = True
     # Node-to-node mTLS (issue 13; docs/architecture.md): the controller is the workload CA (its
     # root in the Secret WORKLOAD_CA_SECRET, made on first start), agents keep their pods' keys in
     # a memory emptyDir and tunnel cross-node pod traffic. Namespaces listed take no plaintext.
@@ -200,7 +203,7 @@ def _convert(key: str, text: str) -> Any:
         if bad:
             raise ManifestError(f"{key}: {bad[0]!r} is not a header name")
         return names
-    if key in ("tapRedactQuery", "mtls", "controllerTls"):
+    if key in ("tapRedactQuery", "mtls", "controllerTls", "ingest"):
         return _parse_bool(key, text)
     if key == "mtlsRequiredNamespaces":
         return tuple(_check_namespace(key, n) for n in _parse_list(text))
@@ -245,6 +248,8 @@ def apply_sets(values: InstallValues, assignments: list[str] | tuple[str, ...]) 
     result = replace(values, **changes)
     if result.statBackend == "prometheus" and not result.prometheusUrl:
         raise ManifestError("statBackend=prometheus needs prometheusUrl")
+    if not result.ingest and result.statBackend != "prometheus":
+        raise ManifestError("ingest=false needs statBackend=prometheus (the controller then keeps no metrics)")
     return result
 
 
@@ -491,6 +496,7 @@ def _controller_args(v: InstallValues) -> list[str]:
         "--token-audience", CONTROLLER_AUDIENCE,
         *(["--prometheus-url", v.prometheusUrl] if v.prometheusUrl else []),
         *(["--stat-backend", v.statBackend] if v.statBackend != "memory" else []),
+        *(["--no-ingest"] if not v.ingest else []),
         # Its own TLS on both ports: CA in a Secret (made on first start), CA certificate in a
         # ConfigMap, serving certificate for the Service's names renewed in memory (servingtls.py).
         *(["--tls-ca-secret", f"{v.namespace}/{CONTROLLER_TLS_SECRET}",

@@ -168,3 +168,26 @@ def test_promstore_parse_matrix_one_vector_per_step() -> None:
         promstore.parse_matrix({"status": "success", "data": {"resultType": "vector", "result": []}})
     with pytest.raises(promstore.PrometheusError, match="bad_data"):
         promstore.parse_matrix({"status": "error", "errorType": "bad_data", "error": "x"})
+
+
+def test_controller_without_ingest_acknowledges_reports_keeps_nothing_and_refuses_memory(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--no-ingest (a cluster past one controller's ingest, docs/scale.md): an agent's increment
+    reports are acknowledged (its history is freed) and dropped; the memory backend is refused with
+    one line; the flag needs the Prometheus backend."""
+    from nodemesh.controlplane.main import parse_args
+
+    base = ["--state-dir", "/nonexistent"]
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--no-ingest"])
+    assert "--no-ingest needs --stat-backend prometheus" in capsys.readouterr().err
+    config = parse_args([*base, "--no-ingest", "--stat-backend", "prometheus", "--prometheus-url", "http://127.0.0.1:9"])
+    assert not config.ingest
+    controller = Controller(config)
+    session = controller.agent_connected(pb.AgentHello(agent_id="a1", node="node1"))
+    report = pb.MetricsReport(increments=True, seq=7, time_ms=int(time.time() * 1000))
+    report.series.add(name="request_total", value=5, labels={n: "x" for n in PEER_LABELS})
+    controller.ingest_report(session, report)
+    assert len(controller.aggregator) == 0 and not list(controller.aggregator.keys())
+    assert controller.ack_message("a1").report_ack.seq == 7 and session.reports == 1
+    assert "this controller keeps no metrics (--no-ingest)" in _stat(controller, "memory").error

@@ -242,13 +242,16 @@ def test_manifests_captured_namespaces_and_tap_limit_reach_the_controller() -> N
     assert (default.prometheus_url, default.stat_backend) == ("", "memory")
     url = "http://nodemesh-prometheus.nodemesh.svc:9090"
     prom = controller_config([f"prometheusUrl={url}", "statBackend=prometheus"])
-    assert (prom.prometheus_url, prom.stat_backend) == (url, "prometheus")
+    assert (prom.prometheus_url, prom.stat_backend) == (url, "prometheus") and prom.ingest and default.ingest
+    only = controller_config([f"prometheusUrl={url}", "statBackend=prometheus", "ingest=false"])
+    assert (only.stat_backend, only.ingest) == ("prometheus", False)   # --no-ingest, parsed by the controller
 
 
 @pytest.mark.parametrize("sets, message", [
     (["statBackend=prometheus"], "needs prometheusUrl"),
     (["prometheusUrl=nodemesh-prometheus:9090"], r"expected http\(s\)://host:port"),
     (["statBackend=mongo"], "expected memory or prometheus"),
+    (["ingest=false"], "ingest=false needs statBackend=prometheus"),
 ])
 def test_manifests_stat_backend_sets_are_checked(sets: list[str], message: str) -> None:
     with pytest.raises(ManifestError, match=message):
