@@ -93,7 +93,8 @@ def _sandbox(name: str | None):  # -> Sandbox, imported lazily (pyroute2)
 def _stat_backend_args(sets: tuple[str, ...]) -> list[str]:
     values = apply_sets(InstallValues(), sets)
     return [*(["--prometheus-url", values.prometheusUrl] if values.prometheusUrl else []),
-            *(["--stat-backend", values.statBackend] if values.statBackend != "memory" else [])]
+            *(["--stat-backend", values.statBackend] if values.statBackend != "memory" else []),
+            *(["--no-ingest"] if not values.ingest else [])]
 
 
 def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 30.0,
@@ -102,8 +103,8 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
                     mtls_required: tuple[str, ...] = (), capture: str = "iptables",
                     accelerate: str = "none") -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
-    key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl and
-    statBackend do (the controller's stat backend, controlplane/promstore.py). The controller is the
+    key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl,
+    statBackend and ingest do (the controller's stat backend, controlplane/promstore.py). The controller is the
     mesh's CA (root in `<state>/workload-ca`) and every agent holds its pods' workload certificates
     (`<state>/certs/<node>`); `mtls`: cross-node pod traffic goes agent to agent over mTLS;
     `cert_ttl_s` (tests): the workload certificates' lifetime instead of the controller's 24 h;

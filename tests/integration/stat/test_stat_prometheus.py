@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from nodemesh.api.model import CONTROLLER_WEB_PORT
-from nodemesh.manifests.sandbox_install import TOKEN_FILE, install_sandbox
+from nodemesh.manifests.sandbox_install import CONTROLLER_PROCESS, TOKEN_FILE, install_sandbox
 from nodemesh.sandbox.testing import running_sandbox
 from stat_harness import NS, Mesh, broken_records, bucket_of, traffic_manifest, wait_until
 
@@ -186,6 +186,49 @@ def test_stat_prometheus_backend_agrees_with_memory(mesh: Mesh, tmp_path: Path) 
                     _same(f"routes deploy/server {route}", row, prom[route], problems, lines)
     print("\n".join(lines))
     assert not problems, "\n".join(problems)
+
+
+def test_stat_prometheus_controller_without_ingest_answers_from_prometheus_alone(mesh: Mesh) -> None:
+    """`--no-ingest` (ingest=false): the controller keeps no metrics — the agents' reports are
+    acknowledged (their history stays short) and dropped — and still answers stat and the
+    dashboard, from Prometheus; `--backend memory` is one clear line."""
+    sb = mesh.sb
+    node = sb.nodes()[0].name
+    sets = (f"prometheusUrl=http://127.0.0.1:{PROM_PORT}", "statBackend=prometheus")
+    sb.stop_node_process(node, CONTROLLER_PROCESS)
+    install_sandbox(sb.name, timeout=60, progress=lambda msg: None, sets=(*sets, "ingest=false"))
+    try:
+        prom = f"http://{sb.nodes()[0].ip}:{PROM_PORT}"
+        out = mesh.cli("stat", "deploy/server", "-n", NS, "-t", "5m", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        (row,) = json.loads(out.stdout)
+        assert row["rps"] and row["success"] is not None, row            # the earlier traffic, from Prometheus
+        memory = mesh.cli("stat", "deploy", "-n", NS, "--backend", "memory")
+        assert memory.returncode != 0 and "this controller keeps no metrics (--no-ingest)" in memory.stderr, \
+            (memory.stdout, memory.stderr)
+        page = _dashboard(mesh, "/api/workload", namespace=NS, type="deploy", name="server", window="5m")
+        assert page["stat"]["rps"] and any(p["rps"] for p in page["series"]["points"]), page["stat"]
+        # The agents' reports arrive and are acknowledged (the seq: unit test), and nothing is kept.
+        wait_until(lambda: _controller_metric(mesh, "nodemesh_controller_reports_received_total") >= 4, 20,
+                   "reports arriving at the controller")
+        assert _controller_metric(mesh, "nodemesh_controller_series_tracked") == 0
+        assert _query(prom, "count(nodemesh_report_history_dropped_total > 0)") is None   # none lost unacked
+    finally:
+        sb.stop_node_process(node, CONTROLLER_PROCESS)
+        install_sandbox(sb.name, timeout=60, progress=lambda msg: None, sets=sets)
+
+
+def _controller_metric(mesh: Mesh, name: str) -> float:
+    host = mesh.controller.rsplit(":", 1)[0]
+    with urllib.request.urlopen(f"http://{host}:{CONTROLLER_WEB_PORT}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0].split("{")[0] == name)
+
+
+def _query(prom: str, expr: str) -> float | None:
+    with urllib.request.urlopen(f"{prom}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=5) as resp:
+        result = json.load(resp)["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
 
 
 def test_stat_prometheus_backend_warns_when_it_misses_an_agent(mesh: Mesh) -> None:
