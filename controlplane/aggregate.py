@@ -343,15 +343,7 @@ class Aggregator:
         """Add deltas observed at time `t` (default: now) to the key's bucket for that second (or
         its minute's, past the downsampling horizon: a replay of old history)."""
         sec = self.filed_second(int(self.clock() if t is None else t))
-        hist = self._history.get(key)
-        if hist is None:
-            hist = self._history[key] = _History()
-        coarse = sec < self._coarse_before
-        n = len(hist.coarse if coarse else hist.buckets)
-        b = hist.at(sec, coarse)
-        created = len(hist.coarse if coarse else hist.buckets) > n
-        if created:
-            self._by_sec.setdefault(sec, []).append((key, b))
+        b, created = self._bucket(key, sec)
         index = rebin_index(latency_bounds) if latency is not None and latency_bounds is not BOUNDS else None
         _add(b, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close, read_bytes,
              write_bytes)
@@ -382,15 +374,21 @@ class Aggregator:
         """The key's bucket of second `sec` (a `filed_second`), to add to in place: only when no
         kept window holds `sec` (`windows_at` empty; else `add_bucket`, which keeps them up to
         date)."""
+        return self._bucket(key, sec)[0]
+
+    def _bucket(self, key: SeriesKey, sec: int) -> tuple[Bucket, bool]:
+        """The key's bucket of filed second `sec`, and whether it was created now (then indexed
+        by second, for pruning and downsampling)."""
         hist = self._history.get(key)
         if hist is None:
             hist = self._history[key] = _History()
         coarse = sec < self._coarse_before
         n = len(hist.coarse if coarse else hist.buckets)
         b = hist.at(sec, coarse)
-        if len(hist.coarse if coarse else hist.buckets) > n:
+        created = len(hist.coarse if coarse else hist.buckets) > n
+        if created:
             self._by_sec.setdefault(sec, []).append((key, b))
-        return b
+        return b, created
 
     def add_bucket(self, key: SeriesKey, sec: int, d: Bucket) -> None:
         """Add a bucket of deltas `d` to the key's bucket of second `sec` and to the kept windows

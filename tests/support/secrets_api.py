@@ -135,6 +135,17 @@ def empty_object(res: str, name: str) -> dict[str, Any]:
     return ApiServer._stored(obj, res)
 
 
+def write_kubeconfig(path: Path, port: int, token: str) -> Path:
+    """A kubeconfig for an API server on loopback `port`, authenticating with `token`."""
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": token}}],
+    }))
+    return path
+
+
 @contextmanager
 def api_server(tmp_path: Path, objects: list[tuple[str, str]]) -> Iterator[Path]:
     """Serve `objects` ((resource, name): "secrets"/"configmaps"), each as the install ships it
@@ -145,13 +156,7 @@ def api_server(tmp_path: Path, objects: list[tuple[str, str]]) -> Iterator[Path]
     ApiServer.race = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), ApiServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    path = tmp_path / "kubeconfig"
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
-        "users": [{"name": "u", "user": {"token": "controller-sa-token"}}],
-    }))
+    path = write_kubeconfig(tmp_path / "kubeconfig", server.server_port, "controller-sa-token")
     try:
         yield path
     finally:

@@ -34,6 +34,7 @@ from nodemesh.cli.client import (
     published_controller_ca,
 )
 from nodemesh.controlplane.servingtls import ServingCA, ServingIdentity, service_hosts
+from secrets_api import write_kubeconfig
 
 
 class ConfigMapApi(BaseHTTPRequestHandler):
@@ -57,12 +58,7 @@ class ConfigMapApi(BaseHTTPRequestHandler):
 def core(tmp_path: Path) -> Iterator[client.CoreV1Api]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), ConfigMapApi)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
-        "users": [{"name": "u", "user": {"token": "admin"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.server_port, "admin")
     try:
         yield client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
     finally:
