@@ -334,8 +334,12 @@ class FailOpenRunner:
         if self.redirector.nf.netns is not None:
             return None
         deadline = self.clock() + self.config.handover_wait_s
+        me = presence.address(presence.REDIRECTOR)
         while True:
-            peers = presence.present(presence.REDIRECTOR)
+            # Never ourselves: our own socket, closed a moment ago, can still be listed while a
+            # short-lived child forked before the close holds it (seen: rules "handed over" to our
+            # own pid and left on the node after the last redirector's SIGTERM).
+            peers = [p for p in presence.present(presence.REDIRECTOR) if p != me]
             if peers:
                 return peers[0]
             if len(presence.present(presence.AGENT)) < 2 or self.clock() >= deadline:

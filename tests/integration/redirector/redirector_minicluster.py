@@ -197,12 +197,14 @@ def wait_listening(ns: str, port: int, timeout: float = 10) -> None:
     raise TimeoutError(f"nothing listening on :{port} in {ns}")
 
 
-def assert_same(before: str, after: str) -> None:
-    """Byte-for-byte equality, failing with a readable diff."""
+def assert_same(before: str, after: str, *logs: Path) -> None:
+    """Byte-for-byte equality, failing with a readable diff (and the tails of `logs`: what the
+    redirectors said about their shutdown)."""
     import difflib
     diff = "\n".join(difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after",
                                           lineterm=""))
-    assert before == after, diff
+    tails = "".join(f"\n--- {p.name} (tail)\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    assert before == after, diff + tails
 
 
 def read_records(path: Path) -> list[dict]:

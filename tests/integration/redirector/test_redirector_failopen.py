@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+from nodemesh.redirector import presence
 from redirector_minicluster import NODE_IP, POD_CIDR, MiniCluster, assert_same, read_records
 
 pytestmark = pytest.mark.root
@@ -68,7 +69,7 @@ def test_redirector_fail_open_and_resume(mini_cluster: MiniCluster) -> None:
     assert log.count("event=capture_installed") == 2, log
     assert log.count("event=capture_updated") == 2, log
     # SIGTERM removed everything the runner installed.
-    assert_same(before, cl.snapshot(1))
+    assert_same(before, cl.snapshot(1), cl.workdir / "runner.log")
 
 
 def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -> None:
@@ -93,6 +94,9 @@ def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -
         # The new one alone may have made the dial captured: SIGTERM before the old one's handler is
         # installed would kill it (-15) instead of testing its shutdown.
         _wait(lambda: "event=started" in (cl.workdir / "old.log").read_text(), 10)
+        # As in a DaemonSet rolling update (the new pod is up before the old one is stopped): both
+        # redirectors announce themselves on the node before the old one gets SIGTERM.
+        _wait(lambda: len(presence.present(presence.REDIRECTOR, cl.nodes[1])) == 2, 10)
         cl.stop(old, signal.SIGTERM)
         assert old.returncode == 0
         # At once, with no second of direct traffic: the old one left the rules in place.
@@ -102,7 +106,7 @@ def test_redirector_rolling_update_restores_capture(mini_cluster: MiniCluster) -
         cl.stop(standin, signal.SIGTERM)
     assert "event=capture_handed_over" in (cl.workdir / "old.log").read_text()
     assert "event=capture_restored" not in (cl.workdir / "new.log").read_text()
-    assert_same(before, cl.snapshot(1))  # and the last one out removed everything
+    assert_same(before, cl.snapshot(1), cl.workdir / "old.log", cl.workdir / "new.log")  # the last one out removed everything
 
 
 BEATER = """
