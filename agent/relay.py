@@ -77,7 +77,7 @@ class WorkerContext:
         self.count_retry: Callable[[str, str], None] | None = None
         # `count_splice(outcome)`: a bulk opaque connection handed to splice(2) ("spliced"), or
         # kept on the copying path ("fds", "sockmap", "unavailable"); agent/splice.py.
-        self.count_splice: Callable[[str], None] | None = None
+        self.count_splice: Callable[[str], None] = _uncounted
         self._ids = itertools.count(1)
         self.on_idle: Callable[[], None] | None = None  # drain: called when live becomes empty
         self.tunnel: Any = None  # agent.tunnel.Tunnel with --mtls: cross-node connections over mTLS
@@ -587,12 +587,10 @@ class Connection(asyncio.Protocol):
         admission = self.ctx.admission
         count = self.ctx.count_splice
         if admission.open * 3 > admission.capacity:
-            if count is not None:
-                count("fds")
+            count("fds")
             return False   # a spliced connection holds 6 fds, not 2 (admission.capacity_for counts 2)
         if sockmap_accelerated():
-            if count is not None:
-                count("sockmap")
+            count("sockmap")
             return False   # the pod<->agent hop's bytes bypass the TCP receive queue (splice.py)
         cdup = udup = None
         try:
@@ -601,14 +599,12 @@ class Connection(asyncio.Protocol):
             sp = Splice(asyncio.get_running_loop(), cdup, udup, self._spliced, self._splice_ended)
         except OSError as exc:
             log.debug("event=splice_unavailable error=%r", exc)
-            if count is not None:
-                count("unavailable")
+            count("unavailable")
             for dup in (cdup, udup):
                 if dup is not None:
                     dup.close()
             return False
-        if count is not None:
-            count("spliced")
+        count("spliced")
         # The transports give up their sockets: no more callbacks into this connection, and
         # closing them closes their fds (and libuv's epoll entries); the duplicates are the
         # Splice's alone. Nothing was buffered in them (checked above), so nothing is lost.
@@ -1003,6 +999,10 @@ class Connection(asyncio.Protocol):
         self.connect_task = None
         self.pending = []
         self.up_pending = []
+
+
+def _uncounted(outcome: str) -> None:
+    """A context's splice decisions when nobody counts them (tests, tools)."""
 
 
 def _backed_up(transport: asyncio.Transport) -> bool:
