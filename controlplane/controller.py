@@ -645,17 +645,22 @@ class Controller:
                 raise statmod.StatError(f"time window {int(window_seconds)}s is longer than this controller keeps "
                                         f"(--retention {self.config.retention_s}s)")
             return None, None
+        prometheus = self._prometheus(backend)
+        window = statmod.check_window(int(window_seconds))
+        now = time.time()
+        try:
+            return await prometheus.snapshot(family, window, now), now
+        except promstore.PrometheusError as exc:
+            raise statmod.StatError(f"prometheus backend: {exc}") from None
+
+    def _prometheus(self, backend: str) -> promstore.PrometheusStore:
+        """The store a request naming `backend` (not memory) is answered from, or its one-line error."""
         if backend != promstore.PROMETHEUS:
             raise statmod.StatError(f"unknown backend {backend!r}: expected one of {', '.join(promstore.BACKENDS)}")
         if self.prometheus is None:
             raise statmod.StatError("the prometheus backend is not configured: start the controller with "
                                     "--prometheus-url (nodemesh install --set prometheusUrl=URL sets it)")
-        window = statmod.check_window(int(window_seconds))
-        now = time.time()
-        try:
-            return await self.prometheus.snapshot(family, window, now), now
-        except promstore.PrometheusError as exc:
-            raise statmod.StatError(f"prometheus backend: {exc}") from None
+        return self.prometheus
 
     async def steps_for(self, backend: str, family: promstore.Family, step_s: int, range_s: int,
                         matchers: dict[str, str]) -> list[tuple[int, SeriesStore]] | None:
@@ -665,11 +670,9 @@ class Controller:
         backend = backend or self.config.stat_backend
         if backend == promstore.MEMORY:
             return None
-        if self.prometheus is None or backend != promstore.PROMETHEUS:
-            await self.store_for(backend, family, step_s)   # the same clear error as a stat's
-            return None
+        prometheus = self._prometheus(backend)
         try:
-            return list(await self.prometheus.steps(family, step_s, int(time.time()), range_s // step_s, matchers))
+            return list(await prometheus.steps(family, step_s, int(time.time()), range_s // step_s, matchers))
         except promstore.PrometheusError as exc:
             raise statmod.StatError(f"prometheus backend: {exc}") from None
 
