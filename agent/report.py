@@ -131,6 +131,7 @@ class ControllerLink:
         self._csrs: dict[int, asyncio.Future[pb.CertificateIssued]] = {}  # CSR id -> answer
         self.on_trust_bundle: Callable[[bytes], None] | None = None  # agent/certs.py, when it runs
         self._plaintext_warned = False
+        self._ca_missing = False  # --controller-ca not there yet: said once, not at every retry
 
     def start(self) -> None:
         self.node.add_tap_sink(self._on_tap_event)
@@ -369,6 +370,16 @@ class ControllerLink:
             except grpc.aio.AioRpcError as exc:  # the controller is away, or refused us
                 log.info("event=controller_disconnected addr=%s code=%s details=%r", self.config.controller,
                          exc.code().name, exc.details())
+            except FileNotFoundError as exc:
+                if exc.filename != self.config.controller_ca:
+                    log.info("event=controller_disconnected addr=%s error=%r", self.config.controller, exc)
+                elif not self._ca_missing:
+                    # Expected right after an install: the CA ConfigMap ships empty and the
+                    # controller fills it on its first start; the kubelet then projects the file.
+                    self._ca_missing = True
+                    log.warning("event=controller_ca_missing path=%s detail='waiting for the controller to "
+                                "publish its CA (ConfigMap nodemesh-controller-ca); no plaintext fallback'",
+                                exc.filename)
             except (OSError, grpc.RpcError) as exc:
                 log.info("event=controller_disconnected addr=%s error=%r", self.config.controller, exc)
             except Exception:  # a bug here must not end reporting for the agent's life
@@ -405,6 +416,9 @@ class ControllerLink:
             return grpc.aio.insecure_channel(self.config.controller, options=GRPC_CHANNEL_OPTIONS)
         with open(ca, "rb") as f:  # OSError: this attempt fails, the link retries with backoff
             roots = f.read()
+        if self._ca_missing:
+            self._ca_missing = False
+            log.info("event=controller_ca_found path=%s", ca)
         return grpc.aio.secure_channel(self.config.controller, grpc.ssl_channel_credentials(root_certificates=roots),
                                        options=GRPC_CHANNEL_OPTIONS)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import socket
 import ssl
 import time
@@ -136,7 +137,8 @@ async def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> N
 
 
 def test_controlplane_serving_tls_agents_verify_the_published_ca_and_renewal_keeps_streams(
-        kubeconfig: Path, tmp_path: Path) -> None:
+        kubeconfig: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nodemesh.agent")
     token_file = tmp_path / "agent.token"
     token_file.write_text(TOKEN + "\n")
     right_ca, wrong_ca = tmp_path / "published-ca.crt", tmp_path / "wrong-ca.crt"
@@ -193,9 +195,15 @@ def test_controlplane_serving_tls_agents_verify_the_published_ca_and_renewal_kee
             # connects once the kubelet writes the file.
             assert bad.controller_link.connects == 0 and not bad.controller_link.connected
             assert late.controller_link.connects == 0
+            # Said once, as what it is (not a FileNotFoundError at every retry), and no plaintext.
+            missing = [r for r in caplog.records if "event=controller_ca_missing" in r.getMessage()]
+            assert len(missing) == 1 and missing[0].levelno == logging.WARNING, missing
+            assert str(missing_ca) in missing[0].getMessage()
+            assert not [r for r in caplog.records if "FileNotFoundError" in r.getMessage()]
             missing_ca.parent.mkdir()
             missing_ca.write_text(published_ca())
             await _wait(lambda: late.controller_link.connects == 1, "the agent that waited for its CA file")
+            assert any(f"event=controller_ca_found path={missing_ca}" in r.getMessage() for r in caplog.records)
             assert bad.controller_link.connects == 0
         finally:
             for node in agents:
