@@ -273,7 +273,77 @@ def _sandbox_token(state_dir: Path) -> str | None:
 # ---------------------------------------------------------------------------- Kubernetes port-forward
 
 
-class KubePortForward:
+class LocalForward:
+    """A local TCP listener on 127.0.0.1 whose connections are each carried to the controller by
+    `_remote()` (a subclass's), optionally wrapped in TLS verified with `tls` under `server_name`:
+    the local side stays plain for a browser or grpc on loopback only."""
+
+    def __init__(self, local_port: int, tls: ssl.SSLContext | None, server_name: str | None) -> None:
+        self._tls = tls
+        self._server_name = server_name
+        self._listener = socket.create_server(("127.0.0.1", local_port))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept_loop, name="nodemesh-forward", daemon=True).start()
+
+    def _remote(self) -> Any:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pump, args=(conn,), daemon=True).start()
+
+    def _pump(self, conn: socket.socket) -> None:
+        try:
+            remote = self._remote()
+            if self._tls is not None:
+                remote.settimeout(DEFAULT_TIMEOUT_S)
+                remote = self._tls.wrap_socket(remote, server_hostname=self._server_name)
+                remote.settimeout(None)
+        except Exception as exc:  # noqa: BLE001 - the client (grpc, the browser) sees the close
+            log.debug("event=forward_failed to=%s error=%r", self, exc)
+            conn.close()
+            return
+        try:
+            _splice(conn, remote)
+        finally:
+            conn.close()
+            remote.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+
+class TlsForward(LocalForward):
+    """The dashboard of a controller reached directly (a sandbox, --controller) whose web port
+    speaks TLS with its own CA: the browser talks plain HTTP to 127.0.0.1, each connection goes on
+    as TLS to `address`, verified with the CA the CLI already trusts (never a browser warning to
+    click through, never an unverified hop off the machine)."""
+
+    def __init__(self, address: str, origin: str, ca: str | Path | None, ca_pem: bytes | None,
+                 server_name: str | None, local_port: int = 0) -> None:
+        host, port = parse_hostport(address, origin)
+        self._target = (host, port)
+        try:
+            tls = (ssl.create_default_context(cadata=ca_pem.decode()) if ca_pem is not None
+                   else ssl.create_default_context(cafile=str(ca)))
+        except OSError as exc:
+            raise CliError(f"cannot read the controller's CA {ca}: {exc.strerror}") from None
+        super().__init__(local_port, tls, server_name or host)
+
+    def _remote(self) -> Any:
+        return socket.create_connection(self._target, timeout=DEFAULT_TIMEOUT_S)
+
+    def __str__(self) -> str:
+        return hostport(*self._target)
+
+
+class KubePortForward(LocalForward):
     """A local TCP listener on 127.0.0.1 whose connections are tunnelled to the controller pod's
     gRPC port through the Kubernetes API (what `kubectl port-forward` does), so grpc can dial it."""
 
@@ -295,13 +365,10 @@ class KubePortForward:
         self._core = client.CoreV1Api(api)
         self._remote_port = remote_port
         self.pod = self._find_pod()
-        self._tls: ssl.SSLContext | None = None
+        tls: ssl.SSLContext | None = None
         if originate_tls and (pem := self.controller_ca()) is not None:
-            self._tls = ssl.create_default_context(cadata=pem.decode())
-        self._listener = socket.create_server(("127.0.0.1", local_port))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._closed = threading.Event()
-        threading.Thread(target=self._accept_loop, name="nodemesh-portforward", daemon=True).start()
+            tls = ssl.create_default_context(cadata=pem.decode())
+        super().__init__(local_port, tls, CONTROLLER_SERVICE_NAME)
 
     def _find_pod(self) -> str:
         where = f"kube context {self.context.name} ({self.context.server})"
@@ -325,40 +392,17 @@ class KubePortForward:
         has not started yet) or unreadable: one line saying so."""
         return published_controller_ca(self._core, f"kube context {self.context.name}")
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._pump, args=(conn,), daemon=True).start()
-
-    def _pump(self, conn: socket.socket) -> None:
+    def _remote(self) -> Any:
         from kubernetes.stream import portforward
 
-        try:
-            forward = portforward(
-                self._core.connect_get_namespaced_pod_portforward, self.pod, CONTROLLER_NAMESPACE,
-                ports=str(self._remote_port),
-            )
-            remote = forward.socket(self._remote_port)
-            if self._tls is not None:
-                remote.settimeout(DEFAULT_TIMEOUT_S)
-                remote = self._tls.wrap_socket(remote, server_hostname=CONTROLLER_SERVICE_NAME)
-                remote.settimeout(None)
-        except Exception as exc:  # noqa: BLE001 - the grpc call reports UNAVAILABLE to the user
-            log.debug("event=portforward_failed pod=%s error=%r", self.pod, exc)
-            conn.close()
-            return
-        try:
-            _splice(conn, remote)
-        finally:
-            conn.close()
-            remote.close()
+        forward = portforward(
+            self._core.connect_get_namespaced_pod_portforward, self.pod, CONTROLLER_NAMESPACE,
+            ports=str(self._remote_port),
+        )
+        return forward.socket(self._remote_port)
 
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
+    def __str__(self) -> str:
+        return f"pod {CONTROLLER_NAMESPACE}/{self.pod}:{self._remote_port}"
 
 
 def published_controller_ca(core: Any, where: str) -> bytes | None:

@@ -5,6 +5,10 @@ Where the dashboard is: the controller every verb would talk to (cli/client.py: 
 running sandbox), on the web port 8084 — or, in a sandbox, the `dashboard.addr` file beside
 `controller.addr` when the installer wrote one. Through a kube context it port-forwards a local
 port to the controller pod's 8084 through the Kubernetes API, and keeps forwarding until Ctrl-C.
+A controller reached directly whose web port speaks TLS (a CA is known for it: the sandbox's
+`controller-ca.crt`, NODEMESH_CONTROLLER_CA) gets the same local forward, originating TLS verified
+with that CA: the browser always talks plain HTTP to 127.0.0.1 and never meets a certificate it
+cannot verify.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from nodemesh.cli.client import (
     ClientConfig,
     CliError,
     KubePortForward,
+    LocalForward,
     Target,
+    TlsForward,
     controller_options,
+    hostport,
     parse_hostport,
     resolve_target,
 )
@@ -40,17 +47,23 @@ def _url(host: str, port: int, fragment: str, token: str | None = None) -> str:
     return f"http://{netloc}/{fragment}"
 
 
-def dashboard_url(target: Target, config: ClientConfig, fragment: str = "") -> tuple[str, str]:
-    """(URL, where it came from) of a controller reached directly (not through a kube context)."""
+def web_address(target: Target) -> tuple[str, int, str]:
+    """(host, port, where it came from) of the web port of a controller reached directly (not
+    through a kube context)."""
     assert target.address is not None
-    token = config.token or target.token
     if target.sandbox_dir is not None:
         side = target.sandbox_dir / DASHBOARD_ADDR_FILE
         if side.is_file():
             host, port = parse_hostport(side.read_text(), str(side))
-            return _url(host, port, fragment, token), f"sandbox state {side}"
+            return host, port, f"sandbox state {side}"
     host, _ = parse_hostport(target.address, target.origin)
-    return _url(host, CONTROLLER_WEB_PORT, fragment, token), target.origin
+    return host, CONTROLLER_WEB_PORT, target.origin
+
+
+def dashboard_url(target: Target, config: ClientConfig, fragment: str = "") -> tuple[str, str]:
+    """(URL, where it came from) of a controller reached directly whose web port is plain HTTP."""
+    host, port, origin = web_address(target)
+    return _url(host, port, fragment, config.token or target.token), origin
 
 
 def workload_fragment(resource: str | None, namespace: str) -> str:
@@ -81,22 +94,33 @@ def dashboard(resource: str | None, namespace: str, show: str, port: int, client
     """
     fragment = workload_fragment(resource, namespace)
     target = resolve_target(client)
-    if target.kube is None:
-        _present(dashboard_url(target, client, fragment)[0], show)
-        return
+    forward: LocalForward
+    ca = client.ca_file or target.ca
     try:
-        # The pod's web port speaks TLS (its own CA, the ConfigMap): the forward originates it, so
-        # the browser talks plain HTTP to 127.0.0.1 only.
-        forward = KubePortForward(target.kube, remote_port=CONTROLLER_WEB_PORT, local_port=port, originate_tls=True)
+        if target.kube is not None:
+            # The pod's web port speaks TLS (its own CA, the ConfigMap): the forward originates it,
+            # so the browser talks plain HTTP to 127.0.0.1 only.
+            forward = KubePortForward(target.kube, remote_port=CONTROLLER_WEB_PORT, local_port=port,
+                                      originate_tls=True)
+            where = f"pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT} (kube context {target.kube.name})"
+        elif ca is not None or target.ca_pem is not None:
+            # A controller reached directly whose web port speaks TLS with its own CA (a sandbox
+            # installed with controllerTls=true, or NODEMESH_CONTROLLER_CA): the same local forward,
+            # so no browser is shown a certificate it cannot verify.
+            host, web_port, origin = web_address(target)
+            forward = TlsForward(hostport(host, web_port), origin, ca, None if client.ca_file else target.ca_pem,
+                                 target.server_name, local_port=port)
+            where = f"{hostport(host, web_port)} over TLS verified with {ca or 'the published CA'}"
+        else:
+            _present(dashboard_url(target, client, fragment)[0], show)
+            return
     except OSError as exc:
         raise CliError(f"cannot listen on 127.0.0.1:{port} for the port-forward: {exc.strerror} "
                        "(choose another with --port)") from None
     host, local = parse_hostport(forward.address, "port-forward")
     try:
-        _present(_url(host, local, fragment, client.token), show)
-        click.echo(f"Port-forwarding to pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT} "
-                   f"(kube context {target.kube.name}); "
-                   "press Ctrl-C to stop.", err=True)
+        _present(_url(host, local, fragment, client.token or target.token), show)
+        click.echo(f"Forwarding to {where}; press Ctrl-C to stop.", err=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

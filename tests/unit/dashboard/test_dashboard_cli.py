@@ -4,10 +4,17 @@ KubePortForward (tested by the CLI room) pointed at port 8084."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import ssl
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from nodemesh.api.certs import write_controller_pki
 from nodemesh.cli import dashboard as dash
 from nodemesh.cli.main import cli
 from nodemesh.manifests.sandboxfiles import write_controller_address, write_dashboard_address
@@ -82,3 +89,73 @@ def test_dashboard_url_signs_in_with_the_token(no_sandbox: Path) -> None:
     assert (code, out) == (0, "http://10.99.0.2:8084/login?token=s3cret%2F%2B%3D#/workload/emojivoto/deployment/web\n")
     code, out, _ = run(["--controller", "127.0.0.1:8085", "--show", "url"], env={"NODEMESH_TOKEN": "tok"})
     assert (code, out) == (0, "http://127.0.0.1:8084/login?token=tok\n")
+
+
+def test_dashboard_of_a_tls_sandbox_is_forwarded_and_verified(no_sandbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox installed with controllerTls=true: its web port speaks TLS with the sandbox's own
+    CA. The browser gets http://127.0.0.1:PORT (never a certificate it cannot verify) and each
+    connection goes on as TLS verified with controller-ca.crt; a server with another CA is refused."""
+    state = no_sandbox / "nodemesh"
+    state.mkdir()
+    pki = write_controller_pki(state, ["127.0.0.1"])
+    served: list[str] = []
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served.append(self.path)
+            body = b"the dashboard"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.cert, pki.key)
+    web.socket = context.wrap_socket(web.socket, server_side=True)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    write_controller_address(state, "127.0.0.1", 8085)
+    write_dashboard_address(state, "127.0.0.1", web.server_address[1])
+    fetched: list[tuple[str, int, bytes]] = []
+
+    def browse(_seconds: float) -> None:
+        """What a browser does with the printed URL while the command forwards (then Ctrl-C)."""
+        url = printed[-1]
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            fetched.append((url, resp.status, resp.read()))
+        raise KeyboardInterrupt
+
+    printed: list[str] = []
+    monkeypatch.setattr(dash.time, "sleep", browse)
+    monkeypatch.setattr(dash.webbrowser, "open", lambda url: printed.append(url) or True)
+    try:
+        code, _, err = run(["--port", "0"])
+        assert code == 0, err
+        ((url, status, body),) = fetched
+        assert url.startswith("http://127.0.0.1:") and status == 200 and body == b"the dashboard", fetched
+        assert f"127.0.0.1:{web.server_address[1]} over TLS verified with {pki.ca}" in err
+        assert served  # it reached the TLS server
+
+        # The same page behind a certificate of another CA: the forward refuses it (the browser
+        # sees the connection closed), nothing is served.
+        (no_sandbox / "other").mkdir()
+        other = write_controller_pki(no_sandbox / "other", ["127.0.0.1"])
+        context.load_cert_chain(other.cert, other.key)
+        served.clear()
+        fetched.clear()
+
+        def browse_refused(_seconds: float) -> None:
+            with pytest.raises((urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected)):
+                urllib.request.urlopen(printed[-1], timeout=5)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(dash.time, "sleep", browse_refused)
+        code, _, err = run(["--port", "0"])
+        assert code == 0, err
+        assert not served
+    finally:
+        web.shutdown()
+        web.server_close()
