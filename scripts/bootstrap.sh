@@ -13,7 +13,7 @@ apt_packages=(iptables ebtables conntrack iproute2 procps kmod psmisc)
 # A fresh machine's python3 may have no pip yet (Debian ships it as a separate package).
 python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 if [ "$want_test" = 1 ]; then
-  apt_packages+=(nginx-light wrk nghttp2-client curl netcat-openbsd)
+  apt_packages+=(nginx-light libnginx-mod-stream wrk nghttp2-client curl netcat-openbsd)
   apt_packages+=(ruby shellcheck)  # lint the Vagrantfile (ruby -c) and the shell scripts
   apt_packages+=(chromium)  # the dashboard's browser test (Playwright drives it; never `playwright install`)
   apt_packages+=(debootstrap buildah)  # tests/integration/image: build the Dockerfile without Docker
