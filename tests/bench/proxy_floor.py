@@ -13,6 +13,10 @@ one at a time, interleaved over rounds (order reversed every other round):
   direct          no proxy: the connection is routed through (what the others add to)
   nodemesh        the agent, one worker (`python3 -m nodemesh.agent --workers 1`): HTTP/1.1
                   detected, parsed, counted per request
+  nodemesh-tcp    the same agent told port 80 is opaque (`--opaque-ports 80`): its relay, capture
+                  and per-connection accounting without HTTP parsing or per-request telemetry
+                  (not in the default list: --proxies nodemesh,nodemesh-tcp,...)
+  nodemesh@DIR    the agent imported from DIR (a folder holding `nodemesh/`): A/B of two trees
   nginx-l7        nginx, one worker, `proxy_pass` to the server with upstream keep-alive: a C HTTP
                   proxy that parses every request and response
   nginx-l4        nginx `stream` proxy (if its module is installed): C, bytes only
@@ -197,14 +201,18 @@ def set_redirect(t: Topology, on: bool) -> None:
 
 def start_proxy(kind: str, t: Topology, tmp: Path) -> list[int]:
     """Start `kind` in the proxy namespace; the pids whose CPU is the proxy's."""
-    if kind == "nodemesh":
+    base, _, tree = kind.partition("@")
+    if base in ("nodemesh", "nodemesh-tcp"):
         # As the agent tests start it (agent_traffic_net.start_agent) but without --event-log,
         # which writes a JSON line per request event: a debugging aid a node does not run.
+        # `nodemesh@DIR`: the agent from another tree (DIR/nodemesh), for A/B of a change.
         log = tmp / f"agent-{time.monotonic_ns()}.log"
+        env = {**os.environ, "PYTHONPATH": tree} if tree else None
         with open(log, "wb") as err:
             proc = t.exec(t.agent, sys.executable, "-m", "nodemesh.agent", "--node", "n1", "--node-ip",
                           AGENT_CLIENT_SIDE, "--pod-cidr", "10.201.1.0/24", "--workers", "1",
-                          "--log-level", "info", stdout=subprocess.DEVNULL, stderr=err)
+                          "--log-level", "info", *(["--opaque-ports", "80"] if base == "nodemesh-tcp" else []),
+                          stdout=subprocess.DEVNULL, stderr=err, env=env)
         deadline = time.monotonic() + 30
         while "event=agent_ready" not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
