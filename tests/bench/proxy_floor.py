@@ -1,6 +1,7 @@
 """What any user-space proxy costs per request at a fixed rate on this machine (issue 18's floor).
 
     sudo python3 tests/bench/proxy_floor.py [--rate 1000] [--seconds 8] [--conns 20] [--rounds 3] [--json OUT]
+    sudo python3 tests/bench/proxy_floor.py --load sat|bulk ...   # saturation / bulk ratios to direct
 
 Issue 18 asks for <= 0.05 agent CPU-s per 1000 HTTP/1.1 requests at a fixed 1000 rps; the agent
 costs ~0.18 on this VM, and the profile says most of it is the two wake-ups per request (one for
@@ -238,20 +239,48 @@ def run_load(t: Topology, args: argparse.Namespace, pids: list[int]) -> dict[str
     tree = [p for root in pids for p in procstat.tree_pids(root)]
     cpu0, k0 = procstat.cpu_split(tree) if tree else (0.0, 0.0)
     ns0, sw0 = schedstat_ns(tree), switches(tree)
-    res = t.run(t.client, sys.executable, "-c", LOAD, str(HERE), SERVER_IP, str(args.rate), str(args.seconds),
-                str(args.conns), timeout=args.seconds + 120, check=False)
+    if args.load == "fixed":
+        res = t.run(t.client, sys.executable, "-c", LOAD, str(HERE), SERVER_IP, str(args.rate), str(args.seconds),
+                    str(args.conns), timeout=args.seconds + 120, check=False)
+    else:  # wrk, closed loop: as many requests as the path takes (sat), or the 3 MB file (bulk)
+        path, conns = ("/", "50") if args.load == "sat" else ("/big.bin", "2")
+        res = t.run(t.client, "wrk", "-t1", "-c", conns, "-d", f"{args.seconds:g}s", f"http://{SERVER_IP}{path}",
+                    timeout=args.seconds + 120, check=False)
     ns1, sw1 = schedstat_ns(tree), switches(tree)
     cpu1, k1 = procstat.cpu_split(tree) if tree else (0.0, 0.0)
     if res.returncode != 0:
         raise SystemExit(f"load failed: {res.stderr[-2000:]}")
-    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = (json.loads(res.stdout.strip().splitlines()[-1]) if args.load == "fixed"
+                           else _wrk(res.stdout, args.seconds))
     total = max(int(out["total_requests"]), 1)
     cpu = (ns1 - ns0) / 1e9
     out["proxy_cpu_s_per_1k_req"] = round(cpu / total * 1000, 4)
+    out["proxy_cores"] = round(cpu / args.seconds, 3)
     ticks = (cpu1 - cpu0) + (k1 - k0)
     out["kernel_share"] = round((k1 - k0) / ticks, 2) if ticks > 0 else None
     out["wakeups_per_req"] = round((sw1 - sw0) / total, 2)
     out["processes"] = len(tree)
+    return out
+
+
+def _wrk(text: str, seconds: float) -> dict[str, Any]:
+    """wrk's summary as the fixed-rate rows' fields (+ MB/s)."""
+    out: dict[str, Any] = {"late": 0, "p50_ms": 0.0, "p99_ms": 0.0}
+    for line in text.splitlines():
+        words = line.split()
+        if "requests in" in line:
+            out["total_requests"] = int(words[0])
+        elif line.startswith("Requests/sec:"):
+            out["rps"] = float(words[1])
+        elif line.startswith("Transfer/sec:"):
+            value, unit = float(words[1][:-2]), words[1][-2:]
+            out["mb_s"] = round(value * {"KB": 1 / 1024, "MB": 1.0, "GB": 1024.0}.get(unit, 1 / 1024 / 1024), 1)
+        elif line.strip().startswith("Latency") and len(words) >= 2:
+            v = words[1]
+            out["p50_ms"] = float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") \
+                else float(v[:-1]) * 1000  # wrk's mean, not p50: closed loop has no fixed schedule
+    out.setdefault("total_requests", 0)
+    out["requests"] = out["total_requests"]
     return out
 
 
@@ -262,6 +291,9 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--proxies", default="nodemesh,nginx-l7,nginx-l4,python-l4")
+    ap.add_argument("--load", choices=("fixed", "sat", "bulk"), default="fixed",
+                    help="fixed: --rate over --conns keep-alive connections (default); sat: wrk -c50 "
+                         "closed loop, requests/s; bulk: wrk -c2 on a 3 MB file, MB/s")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -314,6 +346,19 @@ def main() -> None:
         # wake-up then served several, and CPU per request reads low. Such runs measure nothing.
         print(f"# WARNING: up to {late:.0%} of requests were sent late: the machine is too busy for this bench",
               file=sys.stderr)
+    if args.load != "fixed":
+        field = "rps" if args.load == "sat" else "mb_s"
+        print(f"\n{'proxy':<20} {field + ' (each round)':<34} {'of direct (each round)':<26} proxy cores")
+        directs = {r["round"]: r[field] for r in rows if r["proxy"] == "direct"}
+        for kind in ["direct", *proxies]:
+            mine = [r for r in rows if r["proxy"] == kind]
+            vals = " ".join(f"{r.get(field, 0):.0f}" for r in mine)
+            ratio = " ".join(f"{r.get(field, 0) / max(directs.get(r['round'], 1), 1e-9):.2f}" for r in mine)
+            cores = " ".join(f"{r['proxy_cores']:.2f}" for r in mine)
+            print(f"{kind:<20} {vals:<34} {ratio:<26} {cores}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     print(f"\n{'proxy':<10} {'CPU-s/1000 req (each round)':<30} {'wakeups/req':>11} {'kernel':>7} "
           f"{'added p50 ms':>13} {'added p99 ms':>13}")
     for kind in ["direct", *proxies]:
