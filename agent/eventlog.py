@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from nodemesh.agent.observe import (
-    NO_HEADERS,
+    ALL_HEADERS,
     ConnectionEnd,
     ConnectionMeta,
     HeadersGate,
@@ -22,7 +22,9 @@ from nodemesh.agent.observe import (
 
 
 class JsonlObserver:
-    headers_gate: HeadersGate = NO_HEADERS  # it writes no headers
+    # It writes no headers, but it writes body byte counts, which the HTTP/1 classifier keeps
+    # only while details are wanted (agent/http1.py): a debugging aid may pay for them.
+    headers_gate: HeadersGate = ALL_HEADERS
 
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

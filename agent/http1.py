@@ -201,8 +201,8 @@ class _RequestSide:
         x.events.append((REQUEST_HEAD, req))
         x.head_done_in_piece = True
 
-    def on_body(self, body: bytes) -> None:
-        self.req.request_bytes += len(body)  # type: ignore[union-attr]
+    # No on_body while nobody looks (see _ResponseSide): _RequestSideCounting counts the body.
+    counts_body = False
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -212,6 +212,17 @@ class _RequestSide:
         self.completed = True
         if req.response_done:      # req.done (the request side just ended)
             self.x.events.append((EXCHANGE_END, req))
+
+
+class _RequestSideCounting(_RequestSide):
+    """The request side while a tap is open or the event log writes: counts the body's bytes
+    (request_bytes, which only they show)."""
+
+    __slots__ = ()
+    counts_body = True
+
+    def on_body(self, body: bytes) -> None:
+        self.req.request_bytes += len(body)  # type: ignore[union-attr]
 
 
 class _ResponseSide:
@@ -259,9 +270,9 @@ class _ResponseSide:
             # No body follows; the head ended exactly at this piece's end (see module doc).
             x.reset_response_after_piece = True
 
-    def on_body(self, body: bytes) -> None:
-        if self.req is not None:
-            self.req.response_bytes += len(body)
+    # No on_body here: httptools copies every body chunk into a bytes object for it, and calls
+    # Python per chunk (a bulk download's whole body). The count it kept (response_bytes) is
+    # shown only by tap and the event log, which want headers too: _ResponseSideHeaders counts.
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -271,7 +282,8 @@ class _ResponseSide:
 
 
 class _ResponseSideHeaders(_ResponseSide):
-    """The response side while headers are wanted (a tap is open): collects them, bounded."""
+    """The response side while headers are wanted (a tap is open, or the event log): collects
+    them, bounded, and counts the body's bytes."""
 
     __slots__ = ()
     headers = True
@@ -286,6 +298,10 @@ class _ResponseSideHeaders(_ResponseSide):
         x = self.x
         if x.awaiting:
             x.awaiting[0].response_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        if self.req is not None:
+            self.req.response_bytes += len(body)
 
 
 class Http1Exchange:
@@ -304,7 +320,7 @@ class Http1Exchange:
         self.upgraded = False                          # opaque from now on: stop feeding
         self.failed = False                            # the server stopped speaking HTTP/1: opaque
         self.client_failed = False                     # the client did: its side is not classified
-        self._req_side = _RequestSide(self)
+        self._req_side = (_RequestSideCounting if gate.headers_wanted else _RequestSide)(self)
         self._resp_side = (_ResponseSideHeaders if gate.headers_wanted else _ResponseSide)(self)
         self.req_parser = request_parser(self._req_side)
         self.resp_parser = response_parser(self._resp_side)
@@ -324,6 +340,11 @@ class Http1Exchange:
             self._hold(data)
             return self._take()
         side = self._req_side
+        if side.counts_body is not self.gate.headers_wanted and side.req is None:
+            # A tap opened (or the last one closed): between requests, rebind the parser to the
+            # side that does (not) count body bytes, as feed_response does for its side.
+            side = self._req_side = (_RequestSideCounting if self.gate.headers_wanted else _RequestSide)(self)
+            self.req_parser = request_parser(side)
         side.completed = False
         try:
             self.req_parser.feed_data(data)

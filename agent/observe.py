@@ -85,8 +85,9 @@ class ConnectionEnd:
 
 
 class HeadersGate(Protocol):
-    """Whether anything could read header lists now (an open tap). While not, the HTTP/1 path
-    neither decodes nor collects them: most of the per-request Python work (agent/http1.py)."""
+    """Whether anything could read a request's details now: header lists and body byte counts
+    (an open tap; the event log). While not, the HTTP/1 path neither decodes nor collects headers
+    (most of the per-request Python work) and hands no body chunk to Python (agent/http1.py)."""
 
     @property
     def headers_wanted(self) -> bool: ...

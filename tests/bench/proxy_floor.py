@@ -348,14 +348,17 @@ def main() -> None:
               file=sys.stderr)
     if args.load != "fixed":
         field = "rps" if args.load == "sat" else "mb_s"
-        print(f"\n{'proxy':<20} {field + ' (each round)':<34} {'of direct (each round)':<26} proxy cores")
+        unit = "CPU ms/1000 req" if args.load == "sat" else "CPU ms/MB"
+        print(f"\n{'proxy':<20} {field + ' (each round)':<34} {'of direct (each round)':<26} {'proxy cores':<18} {unit}")
         directs = {r["round"]: r[field] for r in rows if r["proxy"] == "direct"}
         for kind in ["direct", *proxies]:
             mine = [r for r in rows if r["proxy"] == kind]
             vals = " ".join(f"{r.get(field, 0):.0f}" for r in mine)
             ratio = " ".join(f"{r.get(field, 0) / max(directs.get(r['round'], 1), 1e-9):.2f}" for r in mine)
             cores = " ".join(f"{r['proxy_cores']:.2f}" for r in mine)
-            print(f"{kind:<20} {vals:<34} {ratio:<26} {cores}")
+            per = " ".join(f"{r['proxy_cores'] * 1000 / max(r.get(field, 0), 1e-9) * (1000 if args.load == 'sat' else 1):.2f}"
+                           for r in mine)
+            print(f"{kind:<20} {vals:<34} {ratio:<26} {cores:<18} {per}")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return

@@ -33,13 +33,16 @@ def test_no_tap_no_headers_but_authority_and_status() -> None:
     taps = TapRegistry()
     x = _exchange(taps)
     r = _one(x)
-    assert (r.authority, r.status, r.response_bytes, r.response_headers, r.headers) == ("voting", 200, 2, [], [])
+    # Nor the response's body bytes (only tap and the event log show them): no Python call and
+    # no copy per body chunk while nobody looks.
+    assert (r.authority, r.status, r.response_bytes, r.response_headers, r.headers) == ("voting", 200, 0, [], [])
     # Only the first Host counts, in any case, as when headers are collected.
     r = _one(x, b"GET / HTTP/1.1\r\nhOsT: first\r\nX-Long: 1\r\nHost: second\r\n\r\n")
     assert r.authority == "first" and r.headers == []
     taps.open("t", pb.TapFilter())
     r = _one(x, b"GET / HTTP/1.1\r\nhOsT: first\r\nX-Long: 1\r\nHost: second\r\n\r\n")
     assert r.authority == "first" and len(r.headers) == 3
+    assert r.response_bytes == 2 and r.response_headers  # a tap open: counted and collected
 
 
 def test_a_huge_request_head_is_bounded_with_or_without_a_tap() -> None:
@@ -97,3 +100,35 @@ def test_a_huge_response_head_is_bounded_only_while_collected() -> None:
     x = _exchange(taps)
     x.feed_request(REQ)
     assert [k for k, _ in x.feed_response(big)] == [http1.UPSTREAM_ERROR]
+
+
+def test_body_bytes_counted_only_while_a_tap_looks_and_the_switch_waits_for_a_boundary() -> None:
+    """Body byte counts (request_bytes, response_bytes) are shown only by tap and the event log;
+    without them no body chunk reaches Python (httptools copies every chunk it hands to on_body:
+    a bulk HTTP download cost 3x the CPU per MB with it, docs/bench.md). A tap opening switches
+    the parser sides between messages, never inside one."""
+    post = b"POST /up HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\n\r\nhello"
+    taps = TapRegistry()
+    x = _exchange(taps)
+    r = _one(x, post)
+    assert (r.request_bytes, r.response_bytes, r.request_done) == (0, 0, True)
+    # Half a request, then a tap opens: this request stays uncounted, the next one is counted.
+    head = x.feed_request(post[:-3])
+    assert head[0][0] == http1.REQUEST_HEAD
+    taps.open("t", pb.TapFilter())
+    x.feed_request(post[-3:])
+    half = head[0][1]
+    assert isinstance(half, http1.Http1Request)
+    x.feed_response(RESP)
+    assert (half.request_bytes, half.request_done) == (0, True)
+    r = _one(x, post)
+    assert (r.request_bytes, r.response_bytes) == (5, 2)
+    # The last tap closes: back to not counting, same connection, keep-alive intact.
+    taps.close("t")
+    r = _one(x, post)
+    assert (r.request_bytes, r.response_bytes, r.status) == (0, 0, 200)
+    # Chunked bodies too (the parser still follows them to find the next message).
+    taps.open("t2", pb.TapFilter())
+    chunked = b"POST /c HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    r = _one(x, chunked)
+    assert r.request_bytes == 5 and r.request_done
