@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from nodemesh.agent.certs import CertReader, peer_identity
+from nodemesh.agent.mux import MUX_ALPN, Carrier, ClientCarrier, ServerCarrier
 from nodemesh.api import spiffe
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ SESSION_TTL_S = 300.0      # a resumable session is kept at most this long (cert
 MAX_SESSIONS = 4096        # (source pod, destination pod) pairs remembered per worker
 HEAD_TIMEOUT_S = 5.0
 MAX_HEAD = 1024
+NO_MUX_TTL_S = 300.0      # a pair whose far agent took no carrier uses per-connection tunnels this long
 
 
 def connect_head(destination: tuple[str, int]) -> bytes:
@@ -112,6 +114,9 @@ class TunnelStats:
     terminated: int = 0          # inbound tunnels accepted (identity verified)
     fallback: dict[str, int] = field(default_factory=dict)   # outbound sent in plaintext, by reason
     refused: dict[str, int] = field(default_factory=dict)    # inbound tunnels refused, by reason
+    # Multiplexed carriers (agent/mux.py): carrier_opened, carrier_accepted, carrier_closed by
+    # reason, mux_unsupported (the far agent speaks only the per-connection protocol).
+    events: dict[tuple[str, str], int] = field(default_factory=dict)
     sink: Callable[[str, str], None] | None = None
 
     def add(self, event: str) -> None:
@@ -119,6 +124,12 @@ class TunnelStats:
         setattr(self, event, getattr(self, event) + 1)
         if self.sink is not None:
             self.sink(event, "")
+
+    def note(self, event: str, reason: str = "") -> None:
+        """A carrier event (agent/mux.py)."""
+        self.events[(event, reason)] = self.events.get((event, reason), 0) + 1
+        if self.sink is not None:
+            self.sink(event, reason)
 
     def count(self, table: dict[str, int], reason: str) -> None:
         """A fallback or a refusal, by reason."""
@@ -140,8 +151,15 @@ class Tunnel:
     """A worker's mTLS: which outbound connections to tunnel, and the inbound tunnel terminator."""
 
     def __init__(self, index: PodIndex, certs: CertReader, clock: Callable[[], float] = time.monotonic,
-                 sink: Callable[[str, str], None] | None = None) -> None:
+                 sink: Callable[[str, str], None] | None = None, *, mux: bool = False,
+                 port: int = TUNNEL_PORT) -> None:
         self.index = index
+        # Multiplexed carriers (agent/mux.py) for what this side originates; `certs` must then
+        # offer MUX_ALPN (CertReader(alpn=...)), which is also what makes the inbound side take them.
+        self.mux = mux
+        self.port = port
+        self.carriers: dict[tuple[str, str], list[ClientCarrier]] = {}
+        self._no_mux: dict[tuple[str, str], float] = {}   # pairs whose far agent chose no MUX_ALPN, until
         self.certs = certs
         self.stats = TunnelStats(sink=sink)
         self.clock = clock
@@ -219,14 +237,16 @@ class Tunnel:
         log.info("event=mtls_refused src=%s:%d reason=plaintext_to_required dst=%s:%d", *peer, *original)
         return True
 
-    def check_server(self, ssl_object: ssl.SSLObject, plan: Plan) -> str:
-        """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError."""
+    def check_server(self, ssl_object: ssl.SSLObject, plan: Plan, count: bool = True) -> str:
+        """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError. `count`: one
+        more connection originated (a carrier's handshake counts its streams instead)."""
         seen = peer_identity(ssl_object)
         self._learn_trust_domain(seen)
         if _names(seen) != plan.expected:
             raise ssl.SSLError(f"tunnel server is {seen or 'anonymous'}, expected ns/{plan.expected[0]}/sa/"
                                f"{plan.expected[1]}")
-        self.stats.add("originated")
+        if count:
+            self.stats.add("originated")
         return seen
 
     def _learn_trust_domain(self, spiffe_id: str) -> None:
@@ -240,13 +260,18 @@ class Tunnel:
         plaintext (fail-open). Raises ssl.SSLError when the server is not who it must be."""
         from nodemesh.agent.sockets import upstream_socket
 
+        if self.mux and self._no_mux.get(plan.pair, 0.0) < self.clock():
+            opened = await self._open_stream(conn, peer, destination, plan, upstream, timeout_s)
+            if opened is not None:
+                return opened
+            # The far agent speaks only the per-connection protocol: a tunnel of its own, below.
         loop = asyncio.get_running_loop()
         sock, _transparent = upstream_socket(peer[0] if conn.ctx.transparent_ok else None, 0)
         done: asyncio.Future[None] = loop.create_future()
         done.add_done_callback(_consume)
         proto = _TunnelUpstream(conn, upstream(conn), self, plan, connect_head(destination), done)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (destination[0], TUNNEL_PORT)), timeout_s)
+            await asyncio.wait_for(loop.sock_connect(sock, (destination[0], self.port)), timeout_s)
             with contextlib.suppress(OSError):  # the handshake's small flights must not wait for ACKs
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.create_connection(lambda: proto, sock=sock)
@@ -264,10 +289,68 @@ class Tunnel:
             return False
         return True
 
+    async def _open_stream(self, conn: Connection, peer: tuple[str, int], destination: tuple[str, int], plan: Plan,
+                           upstream: Callable[[Connection], asyncio.Protocol], timeout_s: float) -> bool | None:
+        """`conn`'s upstream as a stream on the pair's carrier (agent/mux.py), opening one if
+        none is usable. True: connected; False: no tunnel there (fall back, as `open`); None: the
+        far agent did not choose MUX_ALPN (the caller opens a per-connection tunnel)."""
+        source_ip = peer[0] if conn.ctx.transparent_ok else None
+        for _attempt in range(2):
+            carrier = self._carrier(plan, source_ip, destination[0], timeout_s)
+            carrier.pending += 1
+            try:
+                await asyncio.wait_for(asyncio.shield(carrier.ready), timeout_s + HANDSHAKE_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                if carrier.refused:
+                    conn.secured(None)
+                if carrier.refused or self.required(destination[0]):
+                    raise
+                self.stats.count(self.stats.fallback, "no_tunnel")
+                log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
+                return False
+            finally:
+                carrier.pending -= 1
+            if not carrier.mux:
+                self._no_mux[plan.pair] = self.clock() + NO_MUX_TTL_S
+                self.stats.note("mux_unsupported")
+                return None
+            if carrier.closed:
+                continue  # lost while this opener waited (far agent restarting): once more, on a new one
+            conn.secured(carrier.peer_id)
+            self.stats.add("originated")
+            carrier.open_stream(destination[1], upstream(conn), destination)
+            return True
+        raise ConnectionResetError(errno.ECONNRESET, "tunnel carrier lost while opening")
+
+    def _carrier(self, plan: Plan, source_ip: str | None, destination_ip: str, timeout_s: float) -> ClientCarrier:
+        """The pair's carrier with room for one more stream, made with the current certificate;
+        carriers made with an older one take no new streams (they drain). None: a new one, dialling."""
+        carriers = self.carriers.setdefault(plan.pair, [])
+        for carrier in list(carriers):
+            if carrier.context is not plan.context:
+                carrier.drain()   # our certificate (or the trust bundle) was renewed since
+        for carrier in carriers:
+            if carrier.usable and carrier.context is plan.context:
+                return carrier
+        carrier = ClientCarrier(self, plan)
+        carrier.on_closed = self._carrier_closed
+        carriers.append(carrier)
+        task = asyncio.get_running_loop().create_task(carrier.dial(source_ip, destination_ip, self.port, timeout_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return carrier
+
+    def _carrier_closed(self, carrier: Carrier) -> None:
+        assert isinstance(carrier, ClientCarrier)
+        carriers = self.carriers.get(carrier.plan.pair)
+        if carriers is not None and carrier in carriers:
+            carriers.remove(carrier)
+            if not carriers:
+                del self.carriers[carrier.plan.pair]
+
     # ------------------------------------------------------------------ inbound (destination node)
-    @staticmethod
-    def is_tunnel(direction: str, original: tuple[str, int]) -> bool:
-        return direction == "inbound" and original[1] == TUNNEL_PORT
+    def is_tunnel(self, direction: str, original: tuple[str, int]) -> bool:
+        return direction == "inbound" and original[1] == self.port
 
     def accept(self, conn: Connection, transport: asyncio.Transport, peer: tuple[str, int],
                original: tuple[str, int], make_connection: Callable[[], Connection]) -> None:
@@ -285,7 +368,7 @@ class Tunnel:
             self._refuse(transport, peer, "no_certificate" if dst is not None and dst.local else "not_a_local_pod",
                          original[0])
             return
-        shim = _TlsServerShim(self, transport, context, peer, original, make_connection)
+        shim = _TlsServerShim(self, transport, context, peer, original, make_connection, dst.uid)  # type: ignore[union-attr]
         transport.set_protocol(shim)
 
     def _refuse(self, transport: asyncio.Transport, peer: tuple[str, int], reason: str, detail: str = "") -> None:
@@ -306,6 +389,9 @@ class Tunnel:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for carriers in list(self.carriers.values()):
+            for carrier in list(carriers):
+                carrier.close("stopping")
 
 
 class _TunnelUpstream(asyncio.Protocol):
@@ -493,9 +579,10 @@ class _TlsServerShim(asyncio.Protocol):
     decrypts for the Connection (which writes through `TlsTransport`)."""
 
     def __init__(self, tunnel: Tunnel, raw: asyncio.Transport, context: ssl.SSLContext, peer: tuple[str, int],
-                 original: tuple[str, int], make_connection: Callable[[], Connection]) -> None:
+                 original: tuple[str, int], make_connection: Callable[[], Connection], pod_uid: str = "") -> None:
         self.tunnel, self.raw, self.peer, self.original = tunnel, raw, peer, original
         self.make_connection = make_connection
+        self.context, self.pod_uid = context, pod_uid
         self.tls = TlsSession(context, server_side=True)
         self.conn: Connection | None = None
         self.client_id = ""
@@ -535,6 +622,9 @@ class _TlsServerShim(asyncio.Protocol):
                 self._fail("identity_mismatch", f"{client_id or 'anonymous'} from {self.peer[0]}")
                 return
             self.client_id = client_id
+            if self.tls.obj.selected_alpn_protocol() == MUX_ALPN:
+                self._carry(plain, closed)
+                return
         conn = self.conn
         if conn is None:
             self.head += plain
@@ -556,6 +646,19 @@ class _TlsServerShim(asyncio.Protocol):
             conn.data_received(plain)  # type: ignore[union-attr]
         if closed:
             self._eof()
+
+    def _carry(self, plain: bytes, closed: bool) -> None:
+        """The client chose the multiplexed protocol: the socket is a carrier (agent/mux.py) now,
+        its streams inbound connections of their own, all with the identity verified here."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.tunnel.stats.note("carrier_accepted")
+        carrier = ServerCarrier(self.tunnel, self.raw, self.tls, self.context, self.client_id, self.original[0],
+                                self.pod_uid, self.make_connection)
+        self.raw.set_protocol(carrier)
+        carrier.received(plain, closed)
 
     def _start(self, target: tuple[str, int]) -> None:
         if self.timer is not None:
