@@ -91,8 +91,10 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ENDPOINT_RETRIES: (COUNTER, ("via", "outcome"),
                        "Failed upstream connects to a chosen endpoint, tried once more (another endpoint or the Service)."),
     TUNNEL_EVENTS: (COUNTER, ("event", "reason"),
-                    ("mTLS tunnels: originated, resumed (no full handshake), terminated (inbound, identity "
-                     "verified), fallback (sent in plaintext, by reason), refused (by reason).")),
+                    ("mTLS tunnels: originated (outbound connections tunnelled: streams or tunnels), resumed "
+                     "(no full handshake), terminated (inbound, identity verified), fallback (sent in plaintext, "
+                     "by reason), refused (by reason), carrier_opened, carrier_accepted, carrier_closed (by "
+                     "reason), mux_unsupported (the far agent takes per-connection tunnels only).")),
     SPLICE_DECISIONS: (COUNTER, ("outcome",),
                        ("Bulk opaque TCP connections moved by splice(2) (spliced), or kept on the copying "
                         "path and why (fds, sockmap, unavailable).")),

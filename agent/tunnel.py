@@ -12,8 +12,9 @@ destination agent receives it on :4143 with original destination port 15008 and 
   owning the source address (`ns/<ns>/sa/<sa>`): a pod that spoofs another's address has no
   certificate for it, and a certificate for one workload cannot speak from another's address.
   Mismatch, or no certificate: the connection is reset and counted.
-* the first bytes inside TLS are an HTTP/1.1 `CONNECT <B_IP>:<port> HTTP/1.1` head (HBONE's
-  request, without HTTP/2): the port B was dialled on. The agent does not wait for an answer
+* the first bytes inside a per-connection tunnel are an HTTP/1.1 `CONNECT <B_IP>:<port> HTTP/1.1`
+  head (HBONE's request, without HTTP/2): the port B was dialled on (a carrier's stream opens with
+  an OPEN frame instead, below). The agent does not wait for an answer
   (no extra round trip); a failed upstream on B's side closes the tunnel.
 * after the head, the destination agent treats the plaintext as any inbound connection (protocol
   detection, HTTP classification, counting) and relays it to B as usual.
@@ -23,11 +24,42 @@ choice too): the identity a receiver accepts is then one the CA bound to the sou
 node, so a compromised node can speak only as the pods it runs, and the receiver verifies
 identity cryptographically per connection instead of trusting what another node asserts.
 
-This version opens one TLS connection per proxied connection (no HTTP/2 multiplexing of
-connections over one tunnel per node pair, as the issue asks for eventually): a TLS 1.3 handshake
-per connection (ECDSA P-256, ~1 RTT before the first byte). A source pod's next connection to the
-same destination pod **resumes** the session (a TLS 1.3 ticket the far agent issued, kept here per
-(source pod, destination pod) for at most SESSION_TTL_S): no certificate signature or chain check
+Connections are multiplexed (agent/mux.py, the default; `--no-tunnel-mux` turns it off): the
+TLS session above is a *carrier* per (source pod, destination pod), negotiated with ALPN
+`nodemesh-mux/1`, and each proxied connection is a *stream* on it — an OPEN frame naming the
+target port instead of the CONNECT head, DATA, FIN per direction, RST, and per-stream credit
+(WINDOW) so one slow reader stalls only its own stream. A new connection between two pods that
+already have a carrier costs one frame instead of a TLS handshake and a TCP connection. Identity
+is unchanged: the carrier's handshake is the one described above, from the source pod's address
+with its certificate, verified by the receiver against the pod owning that address once per
+carrier; every stream on it is that pod's, and the receiver counts and taps each stream as the
+inbound connection it is, with that identity. Why per pod pair and not per node pair (as
+ztunnel's HBONE pools per source identity and destination node): the certificate presented must
+name the source workload — one carrier per node pair would need a node certificate plus an
+asserted identity per stream, which a compromised node could forge for any pod; and per
+destination *pod* keeps the inbound capture unchanged (the carrier is dialled to the pod's own
+address, captured on its node like any connection to it). The carriers are:
+
+* pooled per pair in the source worker (`Tunnel.carriers`), at most `mux.MAX_STREAMS` streams
+  each — past that a second carrier is opened for the pair (no waiting);
+* closed after `mux.IDLE_S` without a stream (close_notify, then FIN); the destination reaps one
+  left idle `mux.SERVER_IDLE_S`;
+* retired on certificate renewal: a carrier made with a context that is no longer the source
+  pod's current one takes no new stream and closes after its last (`drained`); when the
+  destination pod's certificate was renewed, its agent answers the next OPEN with GOAWAY (the
+  stream is still served) and the source does the same. So no connection fails across a rotation;
+* lost as a per-connection tunnel is: a TCP reset, a FIN without close_notify, a TLS error or a
+  framing error resets every stream on it (each connection ends as today's tunnel loss ends one),
+  and the pair's next connection opens a new carrier.
+
+Compatibility: an agent without the multiplexer (or with `--no-tunnel-mux`) does not choose the
+ALPN; the source then closes that session (the old agent logs it as refused `bad_head`), notes
+`mux_unsupported`, and uses per-connection tunnels to that pod pair for `NO_MUX_TTL_S`. A new
+agent still takes per-connection tunnels (a client offering no ALPN) exactly as before.
+Per-connection tunnels, when used: a TLS 1.3 handshake per connection (ECDSA P-256, ~1 RTT before
+the first byte); a source pod's next connection to the same destination pod **resumes** the
+session (a TLS 1.3 ticket the far agent issued, kept here per (source pod, destination pod) for at
+most SESSION_TTL_S; carriers resume from the same cache): no certificate signature or chain check
 on either side, about half the handshake's CPU (measured: docs/bench.md "mTLS"). Identity holds:
 a resumed session carries the certificates verified at its full handshake (the receiver checks
 the client's SPIFFE ID against the source address every time), and a renewed certificate on

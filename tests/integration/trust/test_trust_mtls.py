@@ -375,3 +375,32 @@ def test_trust_mtls_half_close_crosses_the_tunnel(mtls_cluster: Sandbox) -> None
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result == {"ok": 10, "problems": []}, (result, agent_logs(sb))
     assert "event=mtls_refused" not in log_path.read_text()[before:]
+
+
+def test_trust_mtls_connections_of_one_pod_pair_share_one_carrier(mtls_cluster: Sandbox) -> None:
+    """20 new connections from `client` to `web` (a request each) ride ONE multiplexed carrier
+    (agent/mux.py): node1's agent counts 20 more tunnelled connections (`originated`) and exactly
+    one more carrier, node2's one more carrier accepted and 20 more terminated. The 8 s leaves
+    renew every ~4 s and a renewal moves new streams to a new carrier, so a burst that straddles
+    one (2 carriers) or finds the last burst's carrier still current (0) is tried again."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    web_ip = pod(sb, "web")["status"]["podIP"]
+    seen = []
+    for _ in range(6):
+        before = {n: tunnel_events(sb, n) for n in ("node1", "node2")}
+        res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", CLIENT, web_ip], capture_output=True,
+                             text=True, timeout=90, check=False)
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == {"ok": 20, "failed": 0, "echoed": 20}, res.stderr
+        after = {n: tunnel_events(sb, n) for n in ("node1", "node2")}
+
+        got = tuple(after[node].get((event, ""), 0) - before[node].get((event, ""), 0)
+                    for node, event in (("node1", "originated"), ("node1", "carrier_opened"),
+                                        ("node2", "terminated"), ("node2", "carrier_accepted")))
+        seen.append(got)
+        if got == (20, 1, 20, 1):
+            return
+        assert got[0] == got[2] == 20, seen   # every connection tunnelled, each a stream
+        time.sleep(4.5)                       # a renewal will have passed: the next burst opens one
+    raise AssertionError(f"no burst of 20 on exactly one new carrier: {seen}")
