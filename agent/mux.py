@@ -56,6 +56,9 @@ MAX_CREDIT = (1 << 31) - 1
 STREAM_HIGH = 64 * 1024          # a stream's bytes waiting for credit before its writer is paused
 STREAM_LOW = 16 * 1024
 MAX_STREAMS = 128                # concurrent streams per carrier; more: another carrier (pool)
+# What a destination holds per carrier before refusing OPENs (RST, counted): more than the source
+# opens, since a stream the source has finished (its FIN out) may still be live here a moment.
+SERVER_MAX_STREAMS = 4 * MAX_STREAMS
 IDLE_S = 30.0                    # a source's carrier with no stream closes after this
 SERVER_IDLE_S = 600.0            # the destination reaps a carrier left idle this long (its source gone quiet)
 MAX_STREAM_ID = 0xFFFFFFFF
@@ -360,6 +363,8 @@ class Carrier(asyncio.Protocol):
         """Take no new streams; close once the last one ends."""
         if self.draining or self.closed:
             return
+        log.info("event=carrier_draining peer=%s streams=%d pending=%d", self.peer_id or "?", len(self.streams),
+                 self.pending)
         self.draining = True
         if not self.streams and not self.pending:
             self.close("drained")
@@ -561,9 +566,19 @@ class ClientCarrier(Carrier):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport  # type: ignore[assignment]
+        if self.closed:   # retired while it was dialling
+            self.raw.abort()  # type: ignore[union-attr]
+            return
         self.raw.write(self.tls.start())  # type: ignore[union-attr]
 
+    def _end(self, reason: str, exc: Exception) -> None:
+        super()._end(reason, exc)
+        if not self.ready.done():   # retired (drain, stop) before its handshake finished
+            self.ready.set_exception(exc)
+
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         if self.ready.done():
             super().data_received(data)
             self._keep_ticket()
@@ -635,7 +650,7 @@ class ServerCarrier(Carrier):
 
     def on_open(self, sid: int, port: int) -> None:
         stats = self.tunnel.stats
-        if len(self.streams) >= MAX_STREAMS:
+        if len(self.streams) >= SERVER_MAX_STREAMS:
             stats.count(stats.refused, "too_many_streams")
             self.send_frame(RST, sid)
             return
@@ -654,6 +669,8 @@ class ServerCarrier(Carrier):
             # Our certificate was renewed (or this agent drains): the source opens its next streams
             # on a new carrier; this one finishes what it carries.
             self.goaway_sent = True
+            log.info("event=carrier_goaway peer=%s reason=%s", self.peer_id,
+                     "draining" if conn.ctx.draining else "certificate_renewed")
             self.send_frame(GOAWAY, 0)
 
 

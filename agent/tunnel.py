@@ -357,10 +357,12 @@ class Tunnel:
     def _carrier(self, plan: Plan, source_ip: str | None, destination_ip: str, timeout_s: float) -> ClientCarrier:
         """The pair's carrier with room for one more stream, made with the current certificate;
         carriers made with an older one take no new streams (they drain). None: a new one, dialling."""
-        carriers = self.carriers.setdefault(plan.pair, [])
-        for carrier in list(carriers):
-            if carrier.context is not plan.context:
+        for carrier in list(self.carriers.get(plan.pair, ())):
+            if carrier.context is not plan.context and not carrier.draining:
+                log.info("event=carrier_retired pair=%s/%s reason=certificate_renewed", *plan.pair)
                 carrier.drain()   # our certificate (or the trust bundle) was renewed since
+        # (Fetched after the drains: a drained carrier closing took the pair's list with it.)
+        carriers = self.carriers.setdefault(plan.pair, [])
         for carrier in carriers:
             if carrier.usable and carrier.context is plan.context:
                 return carrier

@@ -401,7 +401,9 @@ def test_agent_tunnel_mux_renewed_certificate_moves_new_streams(tmp_path: Path) 
         ca = WorkloadCA(FileRootStore(tmp_path / "ca"), "mesh.test")
         issue(ca, tmp_path / "n1", "uid-client", "client")
         os.utime(tmp_path / "n1" / "uid-client.crt", ns=(1, 1))
-        assert await roundtrip(m, b"two") == b"two"
+        # Ten at once: all on ONE new carrier (the pool's list must survive the old one closing).
+        got = await asyncio.gather(*(roundtrip(m, b"two %d" % i) for i in range(10)))
+        assert got == [b"two %d" % i for i in range(10)]
         assert m.count(m.src_events, "carrier_opened") == 2
         w1.write(b"still")
         assert await r1.readexactly(5) == b"still"   # the old carrier still carries it
@@ -413,7 +415,14 @@ def test_agent_tunnel_mux_renewed_certificate_moves_new_streams(tmp_path: Path) 
         assert await wait_until(lambda: m.count(m.src_events, "carrier_closed", "drained") == 2, 5), m.src_events
         assert await roundtrip(m, b"four") == b"four"
         assert m.count(m.src_events, "carrier_opened") == 3
-        assert m.src_rec.closes == [None] * 4
+        # Renewed again while the current carrier is idle: retired (closed at once) by the first
+        # of ten concurrent connections, which all share the one carrier made for them.
+        issue(ca, tmp_path / "n1", "uid-client", "client")
+        os.utime(tmp_path / "n1" / "uid-client.crt", ns=(3, 3))
+        got = await asyncio.gather(*(roundtrip(m, b"five %d" % i) for i in range(10)))
+        assert got == [b"five %d" % i for i in range(10)]
+        assert m.count(m.src_events, "carrier_opened") == 4 and len(m.carriers()) == 1
+        assert m.src_rec.closes == [None] * 23
         await teardown(m)
 
     run(scenario)
