@@ -454,3 +454,24 @@ def test_agent_tunnel_mux_accepts_per_connection_tunnels_of_an_old_agent(tmp_pat
         await teardown(m)
 
     run(scenario)
+
+
+def test_agent_tunnel_mux_a_full_carrier_opens_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_STREAMS streams per carrier (4 here): ten connections held open at once use
+    three carriers; each still carries its own bytes."""
+    monkeypatch.setattr(mux, "MAX_STREAMS", 4)
+
+    async def scenario() -> None:
+        m = await mesh(tmp_path)
+        conns = await asyncio.gather(*(m.connect() for _ in range(10)))
+        for i, (r, w) in enumerate(conns):
+            w.write(b"%d\n" % i)
+        for i, (r, _w) in enumerate(conns):
+            assert await asyncio.wait_for(r.readline(), 5) == b"%d\n" % i
+        assert sorted(len(c.streams) for c in m.carriers()) == [2, 4, 4]
+        assert m.count(m.src_events, "carrier_opened") == 3 and m.count(m.dst_events, "carrier_accepted") == 3
+        for _r, w in conns:
+            w.close()
+        await teardown(m)
+
+    run(scenario)
