@@ -457,7 +457,7 @@ class Carrier(asyncio.Protocol):
             self.frames(plain)
         if closed and not self.closed:
             # The far agent ended the session (close_notify): streams still on it are lost.
-            self.close("peer_closed", reset=True)
+            self.close("peer_closed")
 
     def eof_received(self) -> bool | None:
         self.lose("lost", ConnectionResetError(errno.ECONNRESET, "carrier ended without close_notify"))
@@ -482,8 +482,8 @@ class Carrier(asyncio.Protocol):
         log.warning("event=mux_protocol_error peer=%s detail=%r", self.peer_id or "?", detail[:160])
         self.lose("protocol_error", ConnectionResetError(errno.ECONNRESET, f"tunnel protocol error: {detail}"))
 
-    def close(self, reason: str, reset: bool = False) -> None:
-        """End the carrier in order (close_notify, FIN); its streams (none, unless `reset`) are reset."""
+    def close(self, reason: str) -> None:
+        """End the carrier in order (close_notify, FIN); streams still on it (normally none) are reset."""
         if self.closed:
             return
         raw = self.raw

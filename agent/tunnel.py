@@ -343,7 +343,10 @@ class Tunnel:
             finally:
                 carrier.pending -= 1
             if not carrier.mux:
-                self._no_mux[plan.pair] = self.clock() + NO_MUX_TTL_S
+                no_mux = self._no_mux
+                if plan.pair not in no_mux and len(no_mux) >= MAX_SESSIONS:
+                    no_mux.pop(next(iter(no_mux)))  # the oldest entry (insertion order)
+                no_mux[plan.pair] = self.clock() + NO_MUX_TTL_S
                 self.stats.note("mux_unsupported")
                 return None
             if carrier.closed:
