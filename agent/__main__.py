@@ -29,7 +29,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         route_metrics=not args.no_route_metrics, max_routes=args.max_routes,
         report_history_s=args.report_history, report_history_max_bytes=int(args.report_history_max_mb * (1 << 20)),
         log_level=args.log_level, health_file=args.health_file, cert_dir=args.cert_dir,
-        mtls=args.mtls, splice=not args.no_splice,
+        mtls=args.mtls, tunnel_mux=not args.no_tunnel_mux, splice=not args.no_splice,
     )
 
 
@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mtls", action="store_true",
                    help="send cross-node pod connections agent to agent over mTLS with the pods' workload "
                         "certificates, and terminate the ones arriving (port 15008); needs --cert-dir")
+    p.add_argument("--no-tunnel-mux", action="store_true",
+                   help="with --mtls: one TLS session per cross-node connection instead of streams multiplexed "
+                        "on one session per pod pair (agent/mux.py); multiplexed carriers are then refused too")
     p.add_argument("--log-level", default="info")
     p.add_argument("--health-file", default="",
                    help="write ready/not-ready here every second, for the pod's exec probes")

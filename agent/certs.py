@@ -181,8 +181,11 @@ class CertReader:
     a host name, so host-name checking is off.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], alpn: tuple[str, ...] = ()) -> None:
         self.directory = Path(directory)
+        # ALPN protocols every context offers (client) or accepts (server): agent/mux.py's
+        # MUX_ALPN when the agent multiplexes its tunnels.
+        self.alpn = alpn
         self._cache: dict[tuple[str, bool], tuple[tuple[int, ...], ssl.SSLContext]] = {}
 
     def _stamp(self, *paths: Path) -> tuple[int, ...] | None:
@@ -205,6 +208,8 @@ class CertReader:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if self.alpn:
+            ctx.set_alpn_protocols(list(self.alpn))
         try:
             ctx.load_cert_chain(crt, key)
             ctx.load_verify_locations(cafile=bundle)

@@ -50,6 +50,9 @@ class AgentConfig:
     # Node-to-node mTLS (agent/tunnel.py): cross-node pod connections over TLS with the pods'
     # workload certificates; needs cert_dir. Off by default (first version, docs/architecture.md).
     mtls: bool = False
+    # With mtls: cross-node connections are streams multiplexed on one TLS session per (source
+    # pod, destination pod) (agent/mux.py); off: a TLS session per connection (and none accepted).
+    tunnel_mux: bool = True
     # Opaque TCP relayed by splice(2) socket → pipe → socket (agent/splice.py) instead of copies
     # through Python; off: every byte goes through the transports as before.
     splice: bool = True

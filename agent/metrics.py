@@ -91,8 +91,8 @@ SELF_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ENDPOINT_RETRIES: (COUNTER, ("via", "outcome"),
                        "Failed upstream connects to a chosen endpoint, tried once more (another endpoint or the Service)."),
     TUNNEL_EVENTS: (COUNTER, ("event", "reason"),
-                    ("mTLS tunnels: originated, resumed (no full handshake), terminated (inbound, identity "
-                     "verified), fallback (sent in plaintext, by reason), refused (by reason).")),
+                    ("mTLS tunnels: originated, resumed, terminated, fallback, refused, carrier_opened, "
+                     "carrier_accepted, carrier_closed, mux_unsupported (docs/agent-telemetry.md).")),
     SPLICE_DECISIONS: (COUNTER, ("outcome",),
                        ("Bulk opaque TCP connections moved by splice(2) (spliced), or kept on the copying "
                         "path and why (fds, sockmap, unavailable).")),

@@ -12,8 +12,9 @@ destination agent receives it on :4143 with original destination port 15008 and 
   owning the source address (`ns/<ns>/sa/<sa>`): a pod that spoofs another's address has no
   certificate for it, and a certificate for one workload cannot speak from another's address.
   Mismatch, or no certificate: the connection is reset and counted.
-* the first bytes inside TLS are an HTTP/1.1 `CONNECT <B_IP>:<port> HTTP/1.1` head (HBONE's
-  request, without HTTP/2): the port B was dialled on. The agent does not wait for an answer
+* the first bytes inside a per-connection tunnel are an HTTP/1.1 `CONNECT <B_IP>:<port> HTTP/1.1`
+  head (HBONE's request, without HTTP/2): the port B was dialled on (a carrier's stream opens with
+  an OPEN frame instead, below). The agent does not wait for an answer
   (no extra round trip); a failed upstream on B's side closes the tunnel.
 * after the head, the destination agent treats the plaintext as any inbound connection (protocol
   detection, HTTP classification, counting) and relays it to B as usual.
@@ -23,11 +24,42 @@ choice too): the identity a receiver accepts is then one the CA bound to the sou
 node, so a compromised node can speak only as the pods it runs, and the receiver verifies
 identity cryptographically per connection instead of trusting what another node asserts.
 
-This version opens one TLS connection per proxied connection (no HTTP/2 multiplexing of
-connections over one tunnel per node pair, as the issue asks for eventually): a TLS 1.3 handshake
-per connection (ECDSA P-256, ~1 RTT before the first byte). A source pod's next connection to the
-same destination pod **resumes** the session (a TLS 1.3 ticket the far agent issued, kept here per
-(source pod, destination pod) for at most SESSION_TTL_S): no certificate signature or chain check
+Connections are multiplexed (agent/mux.py, the default; `--no-tunnel-mux` turns it off): the
+TLS session above is a *carrier* per (source pod, destination pod), negotiated with ALPN
+`nodemesh-mux/1`, and each proxied connection is a *stream* on it — an OPEN frame naming the
+target port instead of the CONNECT head, DATA, FIN per direction, RST, and per-stream credit
+(WINDOW) so one slow reader stalls only its own stream. A new connection between two pods that
+already have a carrier costs one frame instead of a TLS handshake and a TCP connection. Identity
+is unchanged: the carrier's handshake is the one described above, from the source pod's address
+with its certificate, verified by the receiver against the pod owning that address once per
+carrier; every stream on it is that pod's, and the receiver counts and taps each stream as the
+inbound connection it is, with that identity. Why per pod pair and not per node pair (as
+ztunnel's HBONE pools per source identity and destination node): the certificate presented must
+name the source workload — one carrier per node pair would need a node certificate plus an
+asserted identity per stream, which a compromised node could forge for any pod; and per
+destination *pod* keeps the inbound capture unchanged (the carrier is dialled to the pod's own
+address, captured on its node like any connection to it). The carriers are:
+
+* pooled per pair in the source worker (`Tunnel.carriers`), at most `mux.MAX_STREAMS` streams
+  each — past that a second carrier is opened for the pair (no waiting);
+* closed after `mux.IDLE_S` without a stream (close_notify, then FIN); the destination reaps one
+  left idle `mux.SERVER_IDLE_S`;
+* retired on certificate renewal: a carrier made with a context that is no longer the source
+  pod's current one takes no new stream and closes after its last (`drained`); when the
+  destination pod's certificate was renewed, its agent answers the next OPEN with GOAWAY (the
+  stream is still served) and the source does the same. So no connection fails across a rotation;
+* lost as a per-connection tunnel is: a TCP reset, a FIN without close_notify, a TLS error or a
+  framing error resets every stream on it (each connection ends as today's tunnel loss ends one),
+  and the pair's next connection opens a new carrier.
+
+Compatibility: an agent without the multiplexer (or with `--no-tunnel-mux`) does not choose the
+ALPN; the source then closes that session (the old agent logs it as refused `bad_head`), notes
+`mux_unsupported`, and uses per-connection tunnels to that pod pair for `NO_MUX_TTL_S`. A new
+agent still takes per-connection tunnels (a client offering no ALPN) exactly as before.
+Per-connection tunnels, when used: a TLS 1.3 handshake per connection (ECDSA P-256, ~1 RTT before
+the first byte); a source pod's next connection to the same destination pod **resumes** the
+session (a TLS 1.3 ticket the far agent issued, kept here per (source pod, destination pod) for at
+most SESSION_TTL_S; carriers resume from the same cache): no certificate signature or chain check
 on either side, about half the handshake's CPU (measured: docs/bench.md "mTLS"). Identity holds:
 a resumed session carries the certificates verified at its full handshake (the receiver checks
 the client's SPIFFE ID against the source address every time), and a renewed certificate on
@@ -63,6 +95,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from nodemesh.agent.certs import CertReader, peer_identity
+from nodemesh.agent.mux import MUX_ALPN, Carrier, ClientCarrier, ServerCarrier
 from nodemesh.api import spiffe
 
 if TYPE_CHECKING:
@@ -78,6 +111,7 @@ SESSION_TTL_S = 300.0      # a resumable session is kept at most this long (cert
 MAX_SESSIONS = 4096        # (source pod, destination pod) pairs remembered per worker
 HEAD_TIMEOUT_S = 5.0
 MAX_HEAD = 1024
+NO_MUX_TTL_S = 300.0      # a pair whose far agent took no carrier uses per-connection tunnels this long
 
 
 def connect_head(destination: tuple[str, int]) -> bytes:
@@ -112,6 +146,9 @@ class TunnelStats:
     terminated: int = 0          # inbound tunnels accepted (identity verified)
     fallback: dict[str, int] = field(default_factory=dict)   # outbound sent in plaintext, by reason
     refused: dict[str, int] = field(default_factory=dict)    # inbound tunnels refused, by reason
+    # Multiplexed carriers (agent/mux.py): carrier_opened, carrier_accepted, carrier_closed by
+    # reason, mux_unsupported (the far agent speaks only the per-connection protocol).
+    events: dict[tuple[str, str], int] = field(default_factory=dict)
     sink: Callable[[str, str], None] | None = None
 
     def add(self, event: str) -> None:
@@ -119,6 +156,12 @@ class TunnelStats:
         setattr(self, event, getattr(self, event) + 1)
         if self.sink is not None:
             self.sink(event, "")
+
+    def note(self, event: str, reason: str = "") -> None:
+        """A carrier event (agent/mux.py)."""
+        self.events[(event, reason)] = self.events.get((event, reason), 0) + 1
+        if self.sink is not None:
+            self.sink(event, reason)
 
     def count(self, table: dict[str, int], reason: str) -> None:
         """A fallback or a refusal, by reason."""
@@ -140,8 +183,15 @@ class Tunnel:
     """A worker's mTLS: which outbound connections to tunnel, and the inbound tunnel terminator."""
 
     def __init__(self, index: PodIndex, certs: CertReader, clock: Callable[[], float] = time.monotonic,
-                 sink: Callable[[str, str], None] | None = None) -> None:
+                 sink: Callable[[str, str], None] | None = None, *, mux: bool = False,
+                 port: int = TUNNEL_PORT) -> None:
         self.index = index
+        # Multiplexed carriers (agent/mux.py) for what this side originates; `certs` must then
+        # offer MUX_ALPN (CertReader(alpn=...)), which is also what makes the inbound side take them.
+        self.mux = mux
+        self.port = port
+        self.carriers: dict[tuple[str, str], list[ClientCarrier]] = {}
+        self._no_mux: dict[tuple[str, str], float] = {}   # pairs whose far agent chose no MUX_ALPN, until
         self.certs = certs
         self.stats = TunnelStats(sink=sink)
         self.clock = clock
@@ -219,14 +269,16 @@ class Tunnel:
         log.info("event=mtls_refused src=%s:%d reason=plaintext_to_required dst=%s:%d", *peer, *original)
         return True
 
-    def check_server(self, ssl_object: ssl.SSLObject, plan: Plan) -> str:
-        """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError."""
+    def check_server(self, ssl_object: ssl.SSLObject, plan: Plan, count: bool = True) -> str:
+        """The server's SPIFFE ID if it is the one planned, else raise ssl.SSLError. `count`: one
+        more connection originated (a carrier's handshake counts its streams instead)."""
         seen = peer_identity(ssl_object)
         self._learn_trust_domain(seen)
         if _names(seen) != plan.expected:
             raise ssl.SSLError(f"tunnel server is {seen or 'anonymous'}, expected ns/{plan.expected[0]}/sa/"
                                f"{plan.expected[1]}")
-        self.stats.add("originated")
+        if count:
+            self.stats.add("originated")
         return seen
 
     def _learn_trust_domain(self, spiffe_id: str) -> None:
@@ -240,13 +292,18 @@ class Tunnel:
         plaintext (fail-open). Raises ssl.SSLError when the server is not who it must be."""
         from nodemesh.agent.sockets import upstream_socket
 
+        if self.mux and self._no_mux.get(plan.pair, 0.0) < self.clock():
+            opened = await self._open_stream(conn, peer, destination, plan, upstream, timeout_s)
+            if opened is not None:
+                return opened
+            # The far agent speaks only the per-connection protocol: a tunnel of its own, below.
         loop = asyncio.get_running_loop()
         sock, _transparent = upstream_socket(peer[0] if conn.ctx.transparent_ok else None, 0)
         done: asyncio.Future[None] = loop.create_future()
         done.add_done_callback(_consume)
         proto = _TunnelUpstream(conn, upstream(conn), self, plan, connect_head(destination), done)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (destination[0], TUNNEL_PORT)), timeout_s)
+            await asyncio.wait_for(loop.sock_connect(sock, (destination[0], self.port)), timeout_s)
             with contextlib.suppress(OSError):  # the handshake's small flights must not wait for ACKs
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.create_connection(lambda: proto, sock=sock)
@@ -264,10 +321,73 @@ class Tunnel:
             return False
         return True
 
+    async def _open_stream(self, conn: Connection, peer: tuple[str, int], destination: tuple[str, int], plan: Plan,
+                           upstream: Callable[[Connection], asyncio.Protocol], timeout_s: float) -> bool | None:
+        """`conn`'s upstream as a stream on the pair's carrier (agent/mux.py), opening one if
+        none is usable. True: connected; False: no tunnel there (fall back, as `open`); None: the
+        far agent did not choose MUX_ALPN (the caller opens a per-connection tunnel)."""
+        source_ip = peer[0] if conn.ctx.transparent_ok else None
+        for _attempt in range(2):
+            carrier = self._carrier(plan, source_ip, destination[0], timeout_s)
+            carrier.pending += 1
+            try:
+                await asyncio.wait_for(asyncio.shield(carrier.ready), timeout_s + HANDSHAKE_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                if carrier.refused:
+                    conn.secured(None)
+                if carrier.refused or self.required(destination[0]):
+                    raise
+                self.stats.count(self.stats.fallback, "no_tunnel")
+                log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
+                return False
+            finally:
+                carrier.pending -= 1
+            if not carrier.mux:
+                no_mux = self._no_mux
+                if plan.pair not in no_mux and len(no_mux) >= MAX_SESSIONS:
+                    no_mux.pop(next(iter(no_mux)))  # the oldest entry (insertion order)
+                no_mux[plan.pair] = self.clock() + NO_MUX_TTL_S
+                self.stats.note("mux_unsupported")
+                return None
+            if carrier.closed:
+                continue  # lost while this opener waited (far agent restarting): once more, on a new one
+            conn.secured(carrier.peer_id)
+            self.stats.add("originated")
+            carrier.open_stream(destination[1], upstream(conn), destination)
+            return True
+        raise ConnectionResetError(errno.ECONNRESET, "tunnel carrier lost while opening")
+
+    def _carrier(self, plan: Plan, source_ip: str | None, destination_ip: str, timeout_s: float) -> ClientCarrier:
+        """The pair's carrier with room for one more stream, made with the current certificate;
+        carriers made with an older one take no new streams (they drain). None: a new one, dialling."""
+        for carrier in list(self.carriers.get(plan.pair, ())):
+            if carrier.context is not plan.context and not carrier.draining:
+                log.info("event=carrier_retired pair=%s/%s reason=certificate_renewed", *plan.pair)
+                carrier.drain()   # our certificate (or the trust bundle) was renewed since
+        # (Fetched after the drains: a drained carrier closing took the pair's list with it.)
+        carriers = self.carriers.setdefault(plan.pair, [])
+        for carrier in carriers:
+            if carrier.usable and carrier.context is plan.context:
+                return carrier
+        carrier = ClientCarrier(self, plan)
+        carrier.on_closed = self._carrier_closed
+        carriers.append(carrier)
+        task = asyncio.get_running_loop().create_task(carrier.dial(source_ip, destination_ip, self.port, timeout_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return carrier
+
+    def _carrier_closed(self, carrier: Carrier) -> None:
+        assert isinstance(carrier, ClientCarrier)
+        carriers = self.carriers.get(carrier.plan.pair)
+        if carriers is not None and carrier in carriers:
+            carriers.remove(carrier)
+            if not carriers:
+                del self.carriers[carrier.plan.pair]
+
     # ------------------------------------------------------------------ inbound (destination node)
-    @staticmethod
-    def is_tunnel(direction: str, original: tuple[str, int]) -> bool:
-        return direction == "inbound" and original[1] == TUNNEL_PORT
+    def is_tunnel(self, direction: str, original: tuple[str, int]) -> bool:
+        return direction == "inbound" and original[1] == self.port
 
     def accept(self, conn: Connection, transport: asyncio.Transport, peer: tuple[str, int],
                original: tuple[str, int], make_connection: Callable[[], Connection]) -> None:
@@ -285,7 +405,7 @@ class Tunnel:
             self._refuse(transport, peer, "no_certificate" if dst is not None and dst.local else "not_a_local_pod",
                          original[0])
             return
-        shim = _TlsServerShim(self, transport, context, peer, original, make_connection)
+        shim = _TlsServerShim(self, transport, context, peer, original, make_connection, dst.uid)  # type: ignore[union-attr]
         transport.set_protocol(shim)
 
     def _refuse(self, transport: asyncio.Transport, peer: tuple[str, int], reason: str, detail: str = "") -> None:
@@ -306,6 +426,9 @@ class Tunnel:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for carriers in list(self.carriers.values()):
+            for carrier in list(carriers):
+                carrier.close("stopping")
 
 
 class _TunnelUpstream(asyncio.Protocol):
@@ -493,9 +616,10 @@ class _TlsServerShim(asyncio.Protocol):
     decrypts for the Connection (which writes through `TlsTransport`)."""
 
     def __init__(self, tunnel: Tunnel, raw: asyncio.Transport, context: ssl.SSLContext, peer: tuple[str, int],
-                 original: tuple[str, int], make_connection: Callable[[], Connection]) -> None:
+                 original: tuple[str, int], make_connection: Callable[[], Connection], pod_uid: str = "") -> None:
         self.tunnel, self.raw, self.peer, self.original = tunnel, raw, peer, original
         self.make_connection = make_connection
+        self.context, self.pod_uid = context, pod_uid
         self.tls = TlsSession(context, server_side=True)
         self.conn: Connection | None = None
         self.client_id = ""
@@ -535,6 +659,9 @@ class _TlsServerShim(asyncio.Protocol):
                 self._fail("identity_mismatch", f"{client_id or 'anonymous'} from {self.peer[0]}")
                 return
             self.client_id = client_id
+            if self.tls.obj.selected_alpn_protocol() == MUX_ALPN:
+                self._carry(plain, closed)
+                return
         conn = self.conn
         if conn is None:
             self.head += plain
@@ -556,6 +683,19 @@ class _TlsServerShim(asyncio.Protocol):
             conn.data_received(plain)  # type: ignore[union-attr]
         if closed:
             self._eof()
+
+    def _carry(self, plain: bytes, closed: bool) -> None:
+        """The client chose the multiplexed protocol: the socket is a carrier (agent/mux.py) now,
+        its streams inbound connections of their own, all with the identity verified here."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.tunnel.stats.note("carrier_accepted")
+        carrier = ServerCarrier(self.tunnel, self.raw, self.tls, self.context, self.client_id, self.original[0],
+                                self.pod_uid, self.make_connection)
+        self.raw.set_protocol(carrier)
+        carrier.received(plain, closed)
 
     def _start(self, target: tuple[str, int]) -> None:
         if self.timer is not None:

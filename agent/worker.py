@@ -78,10 +78,12 @@ async def serve(config: AgentConfig, index: int, channel_fd: int | None, event_l
     inbound = inbound_context(config, tele, observer, admission)
     if config.mtls:
         from nodemesh.agent.certs import CertReader
+        from nodemesh.agent.mux import MUX_ALPN
         from nodemesh.agent.tunnel import Tunnel
 
-        outbound.tunnel = inbound.tunnel = Tunnel(tele.index, CertReader(config.cert_dir),
-                                                     sink=tele.count_tunnel)
+        alpn = (MUX_ALPN,) if config.tunnel_mux else ()
+        outbound.tunnel = inbound.tunnel = Tunnel(tele.index, CertReader(config.cert_dir, alpn=alpn),
+                                                     sink=tele.count_tunnel, mux=config.tunnel_mux)
 
     def mesh_config(mesh: pb.MeshConfig) -> None:
         # The controller's opaque ports replace the --opaque-ports flag (the same list in a

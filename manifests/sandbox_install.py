@@ -101,14 +101,15 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
                     progress: Callable[[str], None] | None = None, *, as_pods: bool = False,
                     sets: tuple[str, ...] = (), mtls: bool = False, cert_ttl_s: float = 0.0,
                     mtls_required: tuple[str, ...] = (), capture: str = "iptables",
-                    accelerate: str = "none") -> str:
+                    accelerate: str = "none", tunnel_mux: bool = True) -> str:
     """Install the mesh on a running sandbox; returns the controller's host:port. `sets` (--set
     key=value, as for `nodemesh install`) apply with `as_pods`; without it only prometheusUrl,
     statBackend and ingest do (the controller's stat backend, controlplane/promstore.py). The controller is the
     mesh's CA (root in `<state>/workload-ca`) and every agent holds its pods' workload certificates
     (`<state>/certs/<node>`); `mtls`: cross-node pod traffic goes agent to agent over mTLS;
     `cert_ttl_s` (tests): the workload certificates' lifetime instead of the controller's 24 h;
-    `mtls_required`: namespaces taking cross-node connections only over mTLS (fail closed).
+    `mtls_required`: namespaces taking cross-node connections only over mTLS (fail closed);
+    `tunnel_mux=False`: the agents' `--no-tunnel-mux` (a TLS session per connection, agent/mux.py).
     `capture="ebpf"`: outbound capture by cgroup/connect4 programs in each pod's cgroup
     (redirector/ebpf.py; the sandbox's per-node cgroup and bpffs directories, sandbox/cgroups.py).
     `accelerate="sockmap"`: redirector/sockmap.py on every node; the agent then runs in a cgroup
@@ -174,7 +175,7 @@ def install_sandbox(name: str | None = None, workers: int = 1, timeout: float = 
             py, "-m", "nodemesh.agent", "--node", node.name, "--node-ip", node.ip, "--pod-cidr", node.pod_cidr,
             "--controller", controller, "--token-file", str(token_path), "--controller-ca", str(pki.ca),
             "--workers", str(workers), "--cert-dir", str(state_dir / "certs" / node.name),
-            *(["--mtls"] if mtls else []),
+            *(["--mtls"] if mtls else []), *(["--no-tunnel-mux"] if mtls and not tunnel_mux else []),
         ]), env=node_env(node))
     _wait(lambda: all(_agent_ready(sb, n.name) for n in nodes), timeout,
           "agents ready", [sb.node_process_log(n.name, agent_process(n.name)) for n in nodes])

@@ -2,17 +2,20 @@
 
 A 2-node sandbox: `web` (an HTTP/1.1 server, asyncio + httptools-free: the stdlib's
 ThreadingHTTPServer is too slow at 1000 rps on this machine, so a tiny asyncio server) on node2,
-the load generator in a pod on node1. Three phases on the same cluster: direct (no mesh
-installed), mesh without mTLS, mesh with `--mtls`. Each phase runs two loads:
+the load generator in a pod on node1. Four phases on the same cluster: direct (no mesh
+installed), mesh without mTLS, mesh with `--mtls` (connections multiplexed as streams on one
+carrier per pod pair, agent/mux.py: the default), and mesh with `--mtls --no-tunnel-mux` (a TLS
+session per connection). Each phase runs two loads:
 
   keepalive  RATE req/s over CONNS keep-alive connections (open loop, tests/bench/openloop.py):
              the data path's cost (one tunnel per connection, opened once)
-  newconn    NEW_RATE req/s, a new connection per request: the handshake's cost (mTLS: one
-             TLS 1.3 tunnel per connection — no multiplexing — whose handshake is a full one,
-             ECDSA P-256, for the pod pair's first and a resumed one after: agent/tunnel.py)
+  newconn    NEW_RATE req/s, a new connection per request: the tunnel's setup cost (mux: a
+             stream's OPEN frame on the pod pair's carrier; per-connection: a TLS 1.3 handshake,
+             a full one for the pod pair's first and a resumed one after: agent/tunnel.py)
 
 Reported: p50/p99 (ms), errors, and the agents' CPU seconds (both nodes, parent + workers) per
 1000 requests. Run as root:  python3 tests/bench/mtls.py [--rate 1000] [--seconds 10]
+[--phases direct,mesh,mesh+mtls,mesh+mtls-perconn] [--repeat N: the mTLS phases N times, interleaved]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from procstat import cpu_seconds, tree_pids
 
 NS = "mb"
+PHASES = ("direct", "mesh", "mesh+mtls", "mesh+mtls-perconn")
 PY = sys.executable
 
 SERVER = r"""
@@ -134,7 +138,15 @@ def main() -> None:
     ap.add_argument("--new-rate", type=float, default=200.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--conns", type=int, default=20)
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    ap.add_argument("--repeat", type=int, default=1, help="run the mTLS phases this many times, alternating")
     args = ap.parse_args()
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        ap.error(f"unknown phases: {sorted(unknown)}")
+    order = [p for p in phases if not p.startswith("mesh+mtls")] + \
+        [p for _ in range(args.repeat) for p in phases if p.startswith("mesh+mtls")]
     from nodemesh.manifests.sandbox_install import install_sandbox, uninstall_sandbox
     from nodemesh.sandbox.testing import running_sandbox
 
@@ -142,21 +154,23 @@ def main() -> None:
     with running_sandbox(nodes=2, cni="bridge", manifests=[manifest()], timeout=90) as sb:
         (web,) = [p for p in sb.pods(NS) if p["metadata"]["labels"]["app"] == "web"]
         web_ip = web["status"]["podIP"]
-        for phase in ("direct", "mesh", "mesh+mtls"):
+        for i, phase in enumerate(order):
             if phase != "direct":
-                install_sandbox(sb.name, timeout=90, progress=lambda m: None, mtls=phase == "mesh+mtls")
+                install_sandbox(sb.name, timeout=90, progress=lambda m: None, mtls=phase.startswith("mesh+mtls"),
+                                tunnel_mux=phase != "mesh+mtls-perconn")
                 time.sleep(3)  # certificates issued, capture in place
+            run = phase if order.count(phase) == 1 else f"{phase} #{order[:i + 1].count(phase)}"
             try:
-                results[f"{phase} keepalive"] = run_load(sb, web_ip, args.rate, args.seconds, args.conns, False)
-                results[f"{phase} newconn"] = run_load(sb, web_ip, args.new_rate, args.seconds, args.conns, True)
+                results[f"{run} keepalive"] = run_load(sb, web_ip, args.rate, args.seconds, args.conns, False)
+                results[f"{run} newconn"] = run_load(sb, web_ip, args.new_rate, args.seconds, args.conns, True)
             finally:
                 if phase != "direct":
                     with contextlib.suppress(Exception):
                         uninstall_sandbox(sb.name, progress=lambda m: None)
     cols = ("rps", "errors", "p50_ms", "p99_ms", "agent_cpu_s_per_1k_req")
-    print(f"{'run':26}" + "".join(f"{c:>24}" for c in cols))
+    print(f"{'run':36}" + "".join(f"{c:>24}" for c in cols))
     for name, r in results.items():
-        print(f"{name:26}" + "".join(f"{r[c]:>24}" for c in cols))
+        print(f"{name:36}" + "".join(f"{r[c]:>24}" for c in cols))
     print(json.dumps(results))
 
 

@@ -375,3 +375,72 @@ def test_trust_mtls_half_close_crosses_the_tunnel(mtls_cluster: Sandbox) -> None
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result == {"ok": 10, "problems": []}, (result, agent_logs(sb))
     assert "event=mtls_refused" not in log_path.read_text()[before:]
+
+
+BURST = r"""
+import http.client, json, sys, threading
+ok = []
+def one(i):
+    try:
+        c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)
+        c.request("GET", "/?secret=burst-" + str(i))
+        r = c.getresponse()
+        r.read()
+        ok.append(r.status == 200)
+        c.close()
+    except OSError as exc:
+        print(repr(exc), file=sys.stderr)
+threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"ok": sum(ok), "failed": 20 - sum(ok)}))
+"""
+
+
+def test_trust_mtls_connections_of_one_pod_pair_share_one_carrier(mtls_cluster: Sandbox) -> None:
+    """20 concurrent new connections from `client` to `web` (a request each) ride ONE multiplexed carrier
+    (agent/mux.py): node1's agent counts 20 more tunnelled connections (`originated`) and exactly
+    one more carrier, node2's one more carrier accepted and 20 more terminated. The 8 s leaves
+    renew every ~4 s (client's and web's: a renewal every ~2 s) and a renewal moves new streams to
+    a new carrier, so a burst that straddles one (2 carriers) or finds the last burst's carrier
+    still current (0) is tried again."""
+    sb = mtls_cluster
+    wait_for_certificates(sb)
+    client_ns = sb.pod_netns(NS, pod(sb, "client")["metadata"]["name"])
+    web_ip = pod(sb, "web")["status"]["podIP"]
+    def settled() -> dict[str, dict[tuple[str, str], float]]:
+        """Both agents' counters once they stopped moving (workers report to the parent, which
+        serves /metrics, every second or so)."""
+        last = None
+        for _ in range(20):
+            now = {n: tunnel_events(sb, n) for n in ("node1", "node2")}
+            if now == last:
+                return now
+            last = now
+            time.sleep(1.2)
+        raise AssertionError(f"tunnel counters never settled: {last}")
+
+    seen = []
+    for _ in range(6):
+        before = settled()
+        res = subprocess.run(["ip", "netns", "exec", client_ns, PY, "-c", BURST, web_ip], capture_output=True,
+                             text=True, timeout=90, check=False)
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == {"ok": 20, "failed": 0}, res.stderr
+        after = settled()
+
+        got = tuple(after[node].get((event, ""), 0) - before[node].get((event, ""), 0)
+                    for node, event in (("node1", "originated"), ("node1", "carrier_opened"),
+                                        ("node2", "terminated"), ("node2", "carrier_accepted")))
+        seen.append((*got, {f"{n}:{e}:{r}": after[n][(e, r)] - before[n].get((e, r), 0)
+                            for n in after for (e, r) in after[n] if e.startswith("carrier")
+                            and after[n][(e, r)] != before[n].get((e, r), 0)}))
+        if got == (20, 1, 20, 1):
+            return
+        assert got[0] == got[2] == 20, seen   # every connection tunnelled, each a stream
+        time.sleep(4.5)                       # a renewal will have passed: the next burst opens one
+    logs = [line for n in ("node1", "node2")
+            for line in sb.node_process_log(n, agent_process(n)).read_text().splitlines()
+            if "event=carrier" in line]
+    raise AssertionError(f"no burst of 20 on exactly one new carrier: {seen}\n" + "\n".join(logs[-60:]))
