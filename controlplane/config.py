@@ -32,6 +32,9 @@ class ControllerConfig:
     tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
     identity_debounce_s: float = 0.05
+    # Send a big identity message zlib-compressed to agents whose hello offers it (identityfeed.py);
+    # False: plain to every agent, as controllers before it.
+    identity_compression: bool = True
     # How long buckets are kept (--retention; the longest stat window is 1 h), and after how long
     # per-second buckets are merged into minute buckets (--downsample-after; 0: never).
     retention_s: int = 3600

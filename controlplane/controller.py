@@ -44,7 +44,7 @@ from nodemesh.controlplane.certify import certify, trust_bundle
 from nodemesh.controlplane.columns import ingest_columns
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.deltas import AgentCounters, RefEntry, SeriesDelta, SeriesRefs
-from nodemesh.controlplane.identityfeed import IdentityFeed
+from nodemesh.controlplane.identityfeed import ZLIB, IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.routeconfig import workload_routes
@@ -134,6 +134,7 @@ class AgentSession:
     identity_epoch: int = 0                    # the identity (epoch, version) this agent was last sent
     identity_version: int = 0
     identity_resyncs: int = 0
+    identity_encodings: frozenset[str] = frozenset()  # what its hello offered (and we use): {"zlib"}
     stale_taps_closed: set[str] = field(default_factory=set)
     ack_queued: bool = False
     series_refs: SeriesRefs = field(default_factory=dict)  # this stream's Series.ref table
@@ -278,6 +279,8 @@ class Controller:
         session = AgentSession(agent_id=hello.agent_id, node=hello.node, version=hello.version,
                                start_time_ms=hello.start_time_ms, node_ip=hello.node_ip,
                                pod_cidrs=list(hello.pod_cidrs))
+        if self.config.identity_compression:
+            session.identity_encodings = frozenset(hello.identity_encodings) & {ZLIB}
         old = self.sessions.get(hello.agent_id)
         if old is not None:
             old.outbox.put_nowait(_CLOSE)  # the agent reconnected; the old stream is dead to it
@@ -544,7 +547,8 @@ class Controller:
                         continue
                     feed = self.refresh_identity()
                     if encoded:
-                        enc = feed.encoded_message_for(session.identity_epoch, session.identity_version)
+                        enc = feed.encoded_message_for(session.identity_epoch, session.identity_version,
+                                                       session.identity_encodings)
                         if enc is None:
                             continue
                         message: pb.ControllerMessage | bytes = enc[0]
