@@ -27,18 +27,17 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import time
-from pathlib import Path
-
-import random
 import zlib
+from pathlib import Path
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cluster import Cluster, NodeTraffic
+from cluster import Cluster, NodeTraffic, pairs_by_node
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS, LATENCY_BUCKETS_MS
 
@@ -91,6 +90,20 @@ class SimAgent:
         self.increments = False
         self.first_pending = True   # this stream's first report defines its series refs (labels)
         self.encoded: tuple[bytes, list[bytes]] | None = None  # this stream's report series
+        self._encodings: dict[tuple[bool, bool], tuple[bytes, list[bytes]]] = {}
+
+    def encoded_for(self, refs: bool, columns: bool) -> tuple[bytes, list[bytes]]:
+        """The node's report series for what the controller takes, encoded once per agent (a
+        new stream numbers its refs from 1 again: the same bytes)."""
+        key = (refs, columns)
+        if key not in self._encodings:
+            self._encodings[key] = self.traffic.encoded_intervals(pb, refs, columns=columns)
+        return self._encodings[key]
+
+    def prepare(self) -> None:
+        """Encode, before connecting, what a current controller will take (refs and columns)."""
+        refs = not self.spec.get("no_refs")
+        self.encoded_for(refs, refs and not self.spec.get("no_columns"))
 
     async def requests(self):
         yield pb.AgentMessage(hello=pb.AgentHello(
@@ -143,7 +156,7 @@ class SimAgent:
                 self.increments = True  # the controller takes increments: report from seq 1
                 refs = getattr(ack, "series_refs", False) and not self.spec.get("no_refs")  # older controllers: no refs
                 columns = refs and getattr(ack, "series_columns", False) and not self.spec.get("no_columns")
-                self.encoded = self.traffic.encoded_intervals(pb, refs, columns=columns)
+                self.encoded = self.encoded_for(bool(refs), bool(columns))
             for seq in [s for s in self.sent if s <= ack.seq]:
                 self.latencies.append(now - self.sent.pop(seq))
             self.acked = max(self.acked, ack.seq)
@@ -243,14 +256,21 @@ class SimAgent:
 
 async def main_async(spec: dict, out: str) -> None:
     cluster = Cluster(spec["nodes"], spec["pods"], spec["fanout"])
-    pairs = cluster.calls()
+    pairs = pairs_by_node(cluster, cluster.calls())
     mine = spec["my_nodes"]
     creds = grpc.ssl_channel_credentials(root_certificates=Path(spec["ca"]).read_bytes())
     agents = [SimAgent(spec, cluster.node_names[i],
-                       NodeTraffic(cluster, cluster.node_names[i], pairs, spec["active"], seed=i),
+                       NodeTraffic(cluster, cluster.node_names[i], pairs.get(cluster.node_names[i], []),
+                                   spec["active"], seed=i),
                        parse_all=spec.get("parse_all", False) or k == 0)
               for k, i in enumerate(mine)]
     del pairs
+    for a in agents:
+        a.prepare()
+    # Ready: the harness starts its connect clock when every client process is (spec["go"]).
+    Path(out + ".ready").touch()
+    while not os.path.exists(spec["go"]):
+        await asyncio.sleep(0.05)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -158,7 +158,8 @@ class Run:
                     "ca": self.ca, "nodes": self.n, "pods": self.p, "fanout": self.args.fanout,
                     "active": self.args.active, "interval": 1.0, "my_nodes": mine,
                     "parse_all": self.args.parse_all, "no_refs": self.args.no_refs,
-                    "no_compression": self.args.no_compression, "ramp_s": self.args.ramp / max(1, len(mine))}
+                    "no_compression": self.args.no_compression, "ramp_s": self.args.ramp / max(1, len(mine)),
+                    "go": str(self.dir / "agents.go")}
             spec_path, out = self.dir / f"agents-{w}.json", self.dir / f"agents-{w}.out.json"
             spec_path.write_text(json.dumps(spec))
             self.outs.append(out)
@@ -167,6 +168,16 @@ class Run:
                                                 "--out", str(out)], stdout=subprocess.DEVNULL, stderr=log))
         self.agent_procs = self.procs[1:]
         self.agent_watches = [ProcWatch(p.pid) for p in self.agent_procs]
+        # Each client process builds its agents' traffic first (seconds to a minute at N=1000 on
+        # a busy machine); the connect clock starts when all of them are ready.
+        t = time.time()
+        while not all(Path(str(out) + ".ready").exists() for out in self.outs):
+            if any(p.poll() is not None for p in self.agent_procs):
+                raise RuntimeError("a simulated-agent process exited before it was ready")
+            time.sleep(0.2)
+        self.figures["agents_setup_s"] = time.time() - t
+        self.figures["agents_setup_cpu_s"] = self.agents_cpu_s()
+        (self.dir / "agents.go").touch()
 
     def agents_cpu_s(self) -> float:
         """CPU seconds of every simulated-agent process so far (exited ones: their last reading)."""
@@ -262,9 +273,10 @@ class Run:
         f = self.figures
         try:
             self.start_controller()
+            f["rss_mb_ready"], _ = self.watch.mem_mb()   # the cluster listed, no agent yet
+            self.start_agents()   # returns when every client process is ready to connect
             t0 = time.time()
             cpu0 = self.watch.cpu_s()
-            self.start_agents()
             f["loadavg_start"] = os.getloadavg()[0]
             # 1. every agent connected and holding its identity (Check: connected + reporting)
             deadline = time.time() + self.args.connect_timeout
@@ -283,8 +295,9 @@ class Run:
             f["connect_s"] = time.time() - t0
             f["agents_reporting"] = up
             f["connect_cpu_s"] = self.watch.cpu_s() - cpu0
-            f["agents_connect_cpu_s"] = self.agents_cpu_s()
+            f["agents_connect_cpu_s"] = self.agents_cpu_s() - f["agents_setup_cpu_s"]
             f["loadavg_connect"] = os.getloadavg()[0]
+            f["rss_mb_connected"], _ = self.watch.mem_mb()
             self.say(f"{up}/{self.n} agents reporting after {f['connect_s']:.1f} s (CPU s: controller "
                      f"{f['connect_cpu_s']:.0f}, agents {f['agents_connect_cpu_s']:.0f}; load {f['loadavg_connect']:.1f})")
             time.sleep(self.args.warmup)
@@ -382,7 +395,7 @@ COLUMNS = [
     ("stat_po_n_p50_ms", "po -n p50", "{:.0f}"), ("stat_po_n_p99_ms", "po -n p99", "{:.0f}"),
     ("tap_open_p50_ms", "tap open p50", "{:.0f}"),
     ("connect_cpu_s", "connect CPU s ctl", "{:.0f}"), ("agents_connect_cpu_s", "agents", "{:.0f}"),
-    ("agents_cores", "agent cores", "{:.2f}"), ("snapshot_wire_bytes", "snapshot MB", "{:.1f}", 1e-6),
+    ("agents_cores", "agent cores", "{:.2f}"), ("snapshot_wire_bytes", "snapshot MB", "{:.2f}", 1e-6),
     ("stream_ends", "streams ended", "{:.0f}"),
     ("loadavg_connect", "load", "{:.1f}"),
 ]
@@ -397,7 +410,7 @@ def table(rows: list[dict]) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines) + "\n(ms; cores = controller CPU seconds per second in steady state; fan-out = " \
         "objects file written -> every agent holds the new version; connect CPU s = CPU seconds of the " \
-        "controller / of every simulated agent from the first agent started to the end of the connect phase)"
+        "controller / of every simulated-agent process from the agents starting to connect (their setup done) to the end of the connect phase; snapshot MB = as sent (compressed when it was))"
 
 
 def main() -> None:
