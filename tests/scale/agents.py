@@ -106,13 +106,14 @@ class SimAgent:
         self.encoded_for(refs, refs and not self.spec.get("no_columns"))
 
     async def requests(self):
+        outbox = self.outbox   # this stream's: a stream opened again gets a new one
         yield pb.AgentMessage(hello=pb.AgentHello(
             agent_id=self.agent_id, node=self.node, version="sim", start_time_ms=self.start_ms,
             node_ip="10.250.0.1", identity_encodings=[] if self.spec.get("no_compression") else ["zlib"]))
         yield pb.AgentMessage(status=pb.AgentStatus(ready=True, capture_installed=True,
                                                     time_ms=int(time.time() * 1000)))
         while True:
-            msg = await self.outbox.get()
+            msg = await outbox.get()
             if msg is None:
                 return
             yield msg
@@ -239,6 +240,7 @@ class SimAgent:
             finally:
                 ticker.cancel()
                 stopper.cancel()
+                self.outbox.put_nowait(None)   # ends this stream's request iterator
                 call.cancel()
 
     async def _read(self, call) -> None:
