@@ -177,6 +177,7 @@ class Controller:
         self._identity_version = -1  # the registry version the feed last took
         self._push_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._ingest_queue: asyncio.Queue[tuple[AgentSession, pb.MetricsReport]] | None = None
         self.registry.add_listener(self._registry_changed)
         # Answers agents' ScrapeReviews (may this token read an agent's /metrics?); None: no
         # authentication configured (dev mode), every scraper is allowed.
@@ -514,6 +515,9 @@ class Controller:
             raise PermissionError(f"this token was issued to a pod on node {node}: it cannot speak for node "
                                   f"{first.hello.node or '<none>'}")
         session = self.agent_connected(first.hello)
+        if self._ingest_queue is None and self.config.ingest and self.config.ingest_turn_ms > 0:
+            self._ingest_queue = asyncio.Queue(max(1, self.config.ingest_queue))
+            self._tasks.append(asyncio.create_task(self._ingest_loop(self._ingest_queue), name="controller-ingest"))
         # First: what we hold of this agent's increment reports. It tells the agent we take
         # increments, and where to resume (0 from a controller that never heard of it: its whole
         # history). An agent from before increments ignores it and reports cumulative values.
@@ -522,6 +526,10 @@ class Controller:
         async def read() -> None:
             try:
                 async for msg in messages:
+                    if self._ingest_queue is not None and msg.WhichOneof("msg") == "metrics":
+                        session.last_seen = time.time()
+                        await self._ingest_queue.put((session, msg.metrics))  # full: waits
+                        continue
                     self.agent_message(session, msg)
             except Exception as exc:  # noqa: BLE001 - any stream failure ends the session; the agent reconnects
                 log.info("event=agent_stream_error agent_id=%s error=%r", session.agent_id, str(exc)[:200])
@@ -571,6 +579,27 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self.agent_disconnected(session)
+
+    async def _ingest_loop(self, queue: asyncio.Queue[tuple[AgentSession, pb.MetricsReport]]) -> None:
+        """The streams' reports, in arrival order, at most `ingest_turn_ms` of them per loop turn:
+        a thousand streams each ingesting its report in the same turn made turns of a second, and
+        gRPC's new streams, identity sends and taps waited that long for each step."""
+        budget = self.config.ingest_turn_ms / 1000
+        while True:
+            item = await queue.get()
+            started = time.perf_counter()
+            while True:
+                session, report = item
+                if self.sessions.get(session.agent_id) is session:  # a closed stream's: its ring replays it
+                    try:
+                        self.ingest_report(session, report)
+                    except Exception as exc:  # noqa: BLE001 - as a stream's own failure: that session ends
+                        log.info("event=agent_stream_error agent_id=%s error=%r", session.agent_id, str(exc)[:200])
+                        session.outbox.put_nowait(_CLOSE)
+                if queue.empty() or time.perf_counter() - started >= budget:
+                    break
+                item = queue.get_nowait()
+            await asyncio.sleep(0)
 
     # ------------------------------------------------------------------ questions
     def captured_namespaces(self) -> list[str]:

@@ -127,7 +127,8 @@ class Run:
              "--token-file", str(self.dir / "controller.token"), "--tls-cert", str(pki.cert),
              "--tls-key", str(pki.key),
              *(["--no-ingest", "--stat-backend", "prometheus", "--prometheus-url", f"http://127.0.0.1:{free_port()}"]
-               if self.args.no_ingest else [])],
+               if self.args.no_ingest else []),
+             *(["--ingest-turn-ms", str(self.args.ingest_turn_ms)] if self.args.ingest_turn_ms is not None else [])],
             stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(self.controller)
         self.watch = ProcWatch(self.controller.pid)
@@ -431,6 +432,8 @@ def main() -> None:
     p.add_argument("--no-refs", action="store_true", help="agents send labels with every series")
     p.add_argument("--no-ingest", action="store_true",
                    help="controller with --no-ingest (acks reports, stores nothing; stat is refused)")
+    p.add_argument("--ingest-turn-ms", type=float, default=None,
+                   help="the controller's --ingest-turn-ms (default: the controller's default; 0: inline)")
     p.add_argument("--no-compression", action="store_true",
                    help="agents do not offer compressed identity in their hello (as agents before it)")
     p.add_argument("--json", default="", help="write the figures here")
