@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
@@ -42,6 +43,7 @@ from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import (
     GRPC_CHANNEL_OPTIONS,
+    GRPC_MAX_MESSAGE_BYTES,
     LATENCY_BUCKETS_MS,
     REPORT_HISTORY_BYTES,
     REPORT_HISTORY_DROPPED,
@@ -92,6 +94,36 @@ _LEGACY, _INCREMENTS = "cumulative", "increments"  # what the controller of this
 Outgoing = pb.AgentMessage | Entry | None
 
 
+# Identity encodings the agent offers in its hello: a controller that knows them sends a big
+# snapshot compressed (ControllerMessage.identity_compressed, ~10x smaller); an older one ignores them.
+IDENTITY_ENCODINGS = ("zlib",)
+
+
+def inflate_identity(c: pb.CompressedIdentity, limit: int = GRPC_MAX_MESSAGE_BYTES) -> pb.ControllerMessage:
+    """The identity or identity_delta message a CompressedIdentity holds. Raises ValueError for an
+    encoding we did not offer, data that is not zlib or is cut short, more than `limit` bytes (or
+    than its own `size`) once inflated, or anything but an identity message inside."""
+    if c.encoding not in IDENTITY_ENCODINGS:
+        raise ValueError(f"identity encoding {c.encoding!r} was not offered")
+    bound = min(limit, c.size) if c.size else limit
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(c.data, bound + 1)
+    except zlib.error as exc:
+        raise ValueError(f"compressed identity does not inflate: {exc}") from None
+    if len(data) > bound or inflater.unconsumed_tail:
+        raise ValueError(f"compressed identity inflates past {bound} bytes")
+    if not inflater.eof:
+        raise ValueError("compressed identity is cut short")
+    try:
+        msg = pb.ControllerMessage.FromString(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, whatever the runtime
+        raise ValueError(f"compressed identity does not parse: {exc}") from None
+    if msg.WhichOneof("msg") not in ("identity", "identity_delta"):
+        raise ValueError(f"compressed identity holds {msg.WhichOneof('msg')!r}, not an identity")
+    return msg
+
+
 def _loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
@@ -132,6 +164,8 @@ class ControllerLink:
         self.on_trust_bundle: Callable[[bytes], None] | None = None  # agent/certs.py, when it runs
         self._plaintext_warned = False
         self._ca_missing = False  # --controller-ca not there yet: said once, not at every retry
+        self.identity_refused = 0            # compressed identity messages that did not decode
+        self.identity_inflated = 0           # compressed identity messages applied, for tests and logs
 
     def start(self) -> None:
         self.node.add_tap_sink(self._on_tap_event)
@@ -287,7 +321,8 @@ class ControllerLink:
         c = self.config
         return pb.AgentMessage(hello=pb.AgentHello(
             agent_id=self.node.agent_id, node=c.node, version=AGENT_VERSION,
-            start_time_ms=self.node.start_time_ms, node_ip=c.node_ip, pod_cidrs=list(c.pod_cidrs)))
+            start_time_ms=self.node.start_time_ms, node_ip=c.node_ip, pod_cidrs=list(c.pod_cidrs),
+            identity_encodings=IDENTITY_ENCODINGS))
 
     def _on_tap_event(self, event: pb.TapEvent) -> None:
         box = self._outbox
@@ -470,6 +505,16 @@ class ControllerLink:
             self.mode = _LEGACY
             log.info("event=controller_takes_cumulative addr=%s", self.config.controller)
             self._put_report(self._outbox, self._metrics_message())
+        if which == "identity_compressed":
+            try:
+                msg = inflate_identity(msg.identity_compressed)
+            except ValueError as exc:
+                # Keep what we hold: asking again would bring the same bytes back.
+                self.identity_refused += 1
+                log.warning("event=identity_refused addr=%s error=%s", self.config.controller, exc)
+                return
+            self.identity_inflated += 1
+            which = msg.WhichOneof("msg")
         if which in ("identity", "identity_delta"):
             if not self.node.apply_identity(msg) and self._outbox is not None:
                 index = self.node.index

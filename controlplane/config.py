@@ -32,6 +32,15 @@ class ControllerConfig:
     tap_max_taps: int = 10                      # concurrent taps; more are refused (RESOURCE_EXHAUSTED)
     # Identity pushes are coalesced: a rollout touches many objects in a burst.
     identity_debounce_s: float = 0.05
+    # Send a big identity message zlib-compressed to agents whose hello offers it (identityfeed.py);
+    # False: plain to every agent, as controllers before it.
+    identity_compression: bool = True
+    # Reports are ingested by one task, at most this many ms of it per event-loop turn, fed by a
+    # bounded queue (a full queue holds the agents' streams back: gRPC flow control, their rings).
+    # So a store that cannot keep up delays acks, not new agents' streams, identity or taps
+    # (docs/scale.md, fourth stop). 0: each stream ingests its reports inline, as before.
+    ingest_turn_ms: float = 20.0
+    ingest_queue: int = 2000
     # How long buckets are kept (--retention; the longest stat window is 1 h), and after how long
     # per-second buckets are merged into minute buckets (--downsample-after; 0: never).
     retention_s: int = 3600

@@ -44,7 +44,7 @@ from nodemesh.controlplane.certify import certify, trust_bundle
 from nodemesh.controlplane.columns import ingest_columns
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.deltas import AgentCounters, RefEntry, SeriesDelta, SeriesRefs
-from nodemesh.controlplane.identityfeed import IdentityFeed
+from nodemesh.controlplane.identityfeed import ZLIB, IdentityFeed
 from nodemesh.controlplane.metrics import ControllerMetrics
 from nodemesh.controlplane.registry import WorkloadRegistry
 from nodemesh.controlplane.routeconfig import workload_routes
@@ -134,6 +134,7 @@ class AgentSession:
     identity_epoch: int = 0                    # the identity (epoch, version) this agent was last sent
     identity_version: int = 0
     identity_resyncs: int = 0
+    identity_encodings: frozenset[str] = frozenset()  # what its hello offered (and we use): {"zlib"}
     stale_taps_closed: set[str] = field(default_factory=set)
     ack_queued: bool = False
     series_refs: SeriesRefs = field(default_factory=dict)  # this stream's Series.ref table
@@ -176,6 +177,7 @@ class Controller:
         self._identity_version = -1  # the registry version the feed last took
         self._push_handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._ingest_queue: asyncio.Queue[tuple[AgentSession, pb.MetricsReport]] | None = None
         self.registry.add_listener(self._registry_changed)
         # Answers agents' ScrapeReviews (may this token read an agent's /metrics?); None: no
         # authentication configured (dev mode), every scraper is allowed.
@@ -278,6 +280,8 @@ class Controller:
         session = AgentSession(agent_id=hello.agent_id, node=hello.node, version=hello.version,
                                start_time_ms=hello.start_time_ms, node_ip=hello.node_ip,
                                pod_cidrs=list(hello.pod_cidrs))
+        if self.config.identity_compression:
+            session.identity_encodings = frozenset(hello.identity_encodings) & {ZLIB}
         old = self.sessions.get(hello.agent_id)
         if old is not None:
             old.outbox.put_nowait(_CLOSE)  # the agent reconnected; the old stream is dead to it
@@ -511,6 +515,9 @@ class Controller:
             raise PermissionError(f"this token was issued to a pod on node {node}: it cannot speak for node "
                                   f"{first.hello.node or '<none>'}")
         session = self.agent_connected(first.hello)
+        if self._ingest_queue is None and self.config.ingest and self.config.ingest_turn_ms > 0:
+            self._ingest_queue = asyncio.Queue(max(1, self.config.ingest_queue))
+            self._tasks.append(asyncio.create_task(self._ingest_loop(self._ingest_queue), name="controller-ingest"))
         # First: what we hold of this agent's increment reports. It tells the agent we take
         # increments, and where to resume (0 from a controller that never heard of it: its whole
         # history). An agent from before increments ignores it and reports cumulative values.
@@ -519,6 +526,10 @@ class Controller:
         async def read() -> None:
             try:
                 async for msg in messages:
+                    if self._ingest_queue is not None and msg.WhichOneof("msg") == "metrics":
+                        session.last_seen = time.time()
+                        await self._ingest_queue.put((session, msg.metrics))  # full: waits
+                        continue
                     self.agent_message(session, msg)
             except Exception as exc:  # noqa: BLE001 - any stream failure ends the session; the agent reconnects
                 log.info("event=agent_stream_error agent_id=%s error=%r", session.agent_id, str(exc)[:200])
@@ -544,7 +555,8 @@ class Controller:
                         continue
                     feed = self.refresh_identity()
                     if encoded:
-                        enc = feed.encoded_message_for(session.identity_epoch, session.identity_version)
+                        enc = feed.encoded_message_for(session.identity_epoch, session.identity_version,
+                                                       session.identity_encodings)
                         if enc is None:
                             continue
                         message: pb.ControllerMessage | bytes = enc[0]
@@ -567,6 +579,27 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self.agent_disconnected(session)
+
+    async def _ingest_loop(self, queue: asyncio.Queue[tuple[AgentSession, pb.MetricsReport]]) -> None:
+        """The streams' reports, in arrival order, at most `ingest_turn_ms` of them per loop turn:
+        a thousand streams each ingesting its report in the same turn made turns of a second, and
+        gRPC's new streams, identity sends and taps waited that long for each step."""
+        budget = self.config.ingest_turn_ms / 1000
+        while True:
+            item = await queue.get()
+            started = time.perf_counter()
+            while True:
+                session, report = item
+                if self.sessions.get(session.agent_id) is session:  # a closed stream's: its ring replays it
+                    try:
+                        self.ingest_report(session, report)
+                    except Exception as exc:  # noqa: BLE001 - as a stream's own failure: that session ends
+                        log.info("event=agent_stream_error agent_id=%s error=%r", session.agent_id, str(exc)[:200])
+                        session.outbox.put_nowait(_CLOSE)
+                if queue.empty() or time.perf_counter() - started >= budget:
+                    break
+                item = queue.get_nowait()
+            await asyncio.sleep(0)
 
     # ------------------------------------------------------------------ questions
     def captured_namespaces(self) -> list[str]:

@@ -9,6 +9,12 @@ what an agent holding `version` needs: nothing, one delta composed of every chan
 bounded history), or a full snapshot when that history no longer reaches back (or the agent holds
 nothing, or another epoch).
 
+What goes on the wire is encoded once per (version held, version) and the same bytes go to every
+agent (`encoded_message_for`); a snapshot's bytes are the entries' bytes concatenated (protobuf's
+repeated fields are their elements' encodings one after another), not a message built and
+serialized. Agents that offer "zlib" in their hello get a big message as CompressedIdentity,
+compressed once per version too (a 50,000-pod snapshot: ~11 MB plain, see docs/scale.md).
+
 The epoch is random per controller process: versions of a restarted controller mean nothing to
 an agent that held the previous one's, and the agent's delta check (epoch and base_version must
 match what it holds) makes it ask for a full snapshot instead of applying a delta to the wrong
@@ -18,6 +24,7 @@ base.
 from __future__ import annotations
 
 import random
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,6 +33,31 @@ from nodemesh.controlplane.registry import IdentityEntries
 
 PodKey = str                    # uid
 ServiceKey = tuple[str, str]    # (namespace, name)
+
+ZLIB = "zlib"
+# Identity messages smaller than this go plain even to agents that take zlib: a delta of a few
+# pods gains little, and compressing it per version would cost more than it saves.
+COMPRESS_MIN_BYTES = 32 * 1024
+COMPRESS_LEVEL = 6   # 50,000 pods: ~11 MB -> ~1 MB (level 1: ~1.5 MB); measured in docs/scale.md
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint (a length prefix of a length-delimited field)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: bytes, data: bytes) -> bytes:
+    return tag + _varint(len(data)) + data
+
+
+# Length-delimited field keys: (field number << 3) | 2.
+_SNAPSHOT_PODS, _SNAPSHOT_SERVICES, _SNAPSHOT_CONFIG = b"\x12", b"\x1a", b"\x22"
+_MESSAGE_IDENTITY = b"\x0a"
 
 
 @dataclass(slots=True)
@@ -60,6 +92,7 @@ class IdentityFeed:
         # Encoded messages of the current version, by the version an agent holds (0: snapshot):
         # a thousand agents at the same version get the same bytes, encoded once.
         self._encoded: dict[int, tuple[bytes, bool]] = {}
+        self._compressed: dict[int, bytes] = {}   # the same, as ControllerMessage.identity_compressed
 
     # ------------------------------------------------------------------ input
     def update(self, snap: pb.IdentitySnapshot) -> bool:
@@ -96,6 +129,7 @@ class IdentityFeed:
         self.version = change.version
         self._snapshot = None
         self._encoded.clear()
+        self._compressed.clear()
         self._history.append(change)
         self._history_entries += change.size()
         while self._history and (len(self._history) > self._history_max
@@ -153,10 +187,25 @@ class IdentityFeed:
             delta.captured_namespaces.extend(namespaces)
         return delta
 
-    def encoded_message_for(self, epoch: int, version: int) -> tuple[bytes, bool] | None:
+    def snapshot_bytes(self) -> bytes:
+        """ControllerMessage{identity: the snapshot}, serialized: the held entries' bytes
+        concatenated after the header, no Pod message built (parsing 50,000 pods into a snapshot
+        to serialize them again cost ~0.5 s and ~100 MB per version)."""
+        head = pb.IdentitySnapshot(resource_version=self._resource_version, epoch=self.epoch,
+                                   version=self.version, captured_namespaces=self._namespaces)
+        parts = [head.SerializeToString(), _field(_SNAPSHOT_CONFIG, self._config)]
+        parts.extend(_field(_SNAPSHOT_PODS, b) for b in self._pods.values())
+        parts.extend(_field(_SNAPSHOT_SERVICES, b) for b in self._services.values())
+        body = b"".join(parts)
+        return _MESSAGE_IDENTITY + _varint(len(body)) + body
+
+    def encoded_message_for(self, epoch: int, version: int,
+                            encodings: frozenset[str] = frozenset()) -> tuple[bytes, bool] | None:
         """`message_for`, serialized (bytes, is_snapshot): built and encoded once per (version
         held, current version) however many agents ask — a 50,000-pod snapshot is megabytes,
-        and encoding it per agent was most of a controller's work when agents connect."""
+        and encoding it per agent was most of a controller's work when agents connect. With
+        "zlib" in `encodings` (the agent's hello offered it) a message of COMPRESS_MIN_BYTES or
+        more comes as ControllerMessage.identity_compressed, compressed once per version too."""
         if epoch == self.epoch and version == self.version:
             return None
         held = version if epoch == self.epoch else 0
@@ -164,16 +213,23 @@ class IdentityFeed:
         if cached is None:
             if len(self._encoded) >= 64:
                 self._encoded.clear()
+                self._compressed.clear()
             delta = self.delta_since(held) if held else None
             if delta is None:  # holds nothing of ours, or is behind the history: the snapshot
                 cached = self._encoded.get(0)
                 if cached is None:
-                    cached = self._encoded[0] = (
-                        pb.ControllerMessage(identity=self.snapshot()).SerializeToString(), True)
+                    cached = self._encoded[0] = (self.snapshot_bytes(), True)
             else:
                 cached = (pb.ControllerMessage(identity_delta=delta).SerializeToString(), False)
             self._encoded[held] = cached
-        return cached
+        if ZLIB not in encodings or len(cached[0]) < COMPRESS_MIN_BYTES:
+            return cached
+        key = 0 if cached[1] else held   # every agent that needs the snapshot shares one
+        compressed = self._compressed.get(key)
+        if compressed is None:
+            compressed = self._compressed[key] = pb.ControllerMessage(identity_compressed=pb.CompressedIdentity(
+                encoding=ZLIB, data=zlib.compress(cached[0], COMPRESS_LEVEL), size=len(cached[0]))).SerializeToString()
+        return compressed, cached[1]
 
     def message_for(self, epoch: int, version: int) -> pb.ControllerMessage | None:
         """What an agent holding (epoch, version) needs: None when it is current, else a delta,

@@ -94,6 +94,10 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             await events.aclose()
 
 
+# How long gRPC keeps a call our event loop has not taken yet (seconds).
+UNREQUESTED_WAIT_S = 600
+
+
 def _encode(msg: pb.ControllerMessage | bytes) -> bytes:
     """Connect's response serializer: identity messages arrive already encoded (the same bytes
     for every agent at the same version), the rest as messages."""
@@ -154,6 +158,11 @@ async def start_grpc_server(controller: Controller, host: str, port: int,
                              # 4 MiB would stop a busy node's stats (api/model.py).
                              options=[*GRPC_CHANNEL_OPTIONS,
                                       ("grpc.keepalive_time_ms", 20_000),
+                                      # A stream gRPC received but our loop has not yet taken waits
+                                      # here, not 30 s (gRPC's default) and then CANCELLED: at 1,000
+                                      # agents connecting at once, most streams were cancelled so and
+                                      # came back after a backoff, again and again (docs/scale.md).
+                                      ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_WAIT_S),
                                       ("grpc.http2.max_pings_without_data", 0),
                                       ("grpc.keepalive_permit_without_calls", 1)])
     add_servicer(ControllerServicer(controller, authenticator), server)

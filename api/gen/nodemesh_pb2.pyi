@@ -88,20 +88,22 @@ class Service(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., cluster_ip: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("agent_id", "node", "version", "start_time_ms", "node_ip", "pod_cidrs")
+    __slots__ = ("agent_id", "node", "version", "start_time_ms", "node_ip", "pod_cidrs", "identity_encodings")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     START_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     POD_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     node: str
     version: str
     start_time_ms: int
     node_ip: str
     pod_cidrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., node_ip: _Optional[str] = ..., pod_cidrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    identity_encodings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., start_time_ms: _Optional[int] = ..., node_ip: _Optional[str] = ..., pod_cidrs: _Optional[_Iterable[str]] = ..., identity_encodings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("ready", "capture_installed", "time_ms", "capture_mode", "capture_mode_reason")
@@ -348,6 +350,16 @@ class IdentityDelta(_message.Message):
     captured_namespaces: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, epoch: _Optional[int] = ..., base_version: _Optional[int] = ..., version: _Optional[int] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., removed_pods: _Optional[_Iterable[str]] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., removed_services: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ..., config: _Optional[_Union[MeshConfig, _Mapping]] = ..., namespaces_changed: _Optional[bool] = ..., captured_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class CompressedIdentity(_message.Message):
+    __slots__ = ("encoding", "data", "size")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    encoding: str
+    data: bytes
+    size: int
+    def __init__(self, encoding: _Optional[str] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
 class TapOpen(_message.Message):
     __slots__ = ("tap_id", "filter")
     TAP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -375,12 +387,13 @@ class ReportAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., controller_epoch: _Optional[int] = ..., series_refs: _Optional[bool] = ..., series_columns: _Optional[bool] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "scrape_review_result", "certificate", "trust_bundle")
+    __slots__ = ("identity", "tap_open", "tap_close", "identity_delta", "report_ack", "identity_compressed", "scrape_review_result", "certificate", "trust_bundle")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TAP_OPEN_FIELD_NUMBER: _ClassVar[int]
     TAP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_DELTA_FIELD_NUMBER: _ClassVar[int]
     REPORT_ACK_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     SCRAPE_REVIEW_RESULT_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
@@ -389,10 +402,11 @@ class ControllerMessage(_message.Message):
     tap_close: TapClose
     identity_delta: IdentityDelta
     report_ack: ReportAck
+    identity_compressed: CompressedIdentity
     scrape_review_result: ScrapeReviewResult
     certificate: CertificateIssued
     trust_bundle: TrustBundle
-    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., trust_bundle: _Optional[_Union[TrustBundle, _Mapping]] = ...) -> None: ...
+    def __init__(self, identity: _Optional[_Union[IdentitySnapshot, _Mapping]] = ..., tap_open: _Optional[_Union[TapOpen, _Mapping]] = ..., tap_close: _Optional[_Union[TapClose, _Mapping]] = ..., identity_delta: _Optional[_Union[IdentityDelta, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ..., identity_compressed: _Optional[_Union[CompressedIdentity, _Mapping]] = ..., scrape_review_result: _Optional[_Union[ScrapeReviewResult, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., trust_bundle: _Optional[_Union[TrustBundle, _Mapping]] = ...) -> None: ...
 
 class TapFilter(_message.Message):
     __slots__ = ("target", "to", "method", "path_prefix", "authority", "scheme", "max_rps")

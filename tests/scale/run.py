@@ -18,7 +18,13 @@ in order:
 5. identity fan-out: one pod replaced, then a 500-pod rollout; time from the objects file's write
    to every agent holding a message of the new version (p50 and max over agents).
 
-Numbers, not pass/fail: the machine is shared, repeat the ones you compare.
+Numbers, not pass/fail: the machine is shared, repeat the ones you compare. The simulated agents
+share the machine with the controller: their CPU (every client process, /proc) is reported beside
+the controller's, for the connect phase and the steady state, with the load average, so a figure
+held back by the simulator rather than the controller shows as such.
+
+`--no-ingest`: the controller runs `--no-ingest --stat-backend prometheus` (it acknowledges reports
+and stores nothing) with a Prometheus URL nobody answers: `stat` is refused, the rest is measured.
 """
 
 from __future__ import annotations
@@ -94,7 +100,8 @@ class Run:
         self.rv = 1
         self.procs: list[subprocess.Popen] = []
         self.figures: dict = {"nodes": nodes, "pods_per_node": pods, "pods": nodes * pods,
-                              "fanout": args.fanout, "active": args.active}
+                              "fanout": args.fanout, "active": args.active, "ingest": not args.no_ingest,
+                              "identity_compression": not args.no_compression}
 
     def say(self, msg: str) -> None:
         print(f"[N={self.n}] {msg}", file=sys.stderr, flush=True)
@@ -118,7 +125,10 @@ class Run:
             [sys.executable, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(self.dir),
              "--listen", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--web-port", str(self.web_port),
              "--token-file", str(self.dir / "controller.token"), "--tls-cert", str(pki.cert),
-             "--tls-key", str(pki.key)],
+             "--tls-key", str(pki.key),
+             *(["--no-ingest", "--stat-backend", "prometheus", "--prometheus-url", f"http://127.0.0.1:{free_port()}"]
+               if self.args.no_ingest else []),
+             *(["--ingest-turn-ms", str(self.args.ingest_turn_ms)] if self.args.ingest_turn_ms is not None else [])],
             stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(self.controller)
         self.watch = ProcWatch(self.controller.pid)
@@ -148,7 +158,9 @@ class Run:
             spec = {"addr": f"127.0.0.1:{self.grpc_port}", "tls_name": "127.0.0.1", "token": self.token,
                     "ca": self.ca, "nodes": self.n, "pods": self.p, "fanout": self.args.fanout,
                     "active": self.args.active, "interval": 1.0, "my_nodes": mine,
-                    "parse_all": self.args.parse_all, "no_refs": self.args.no_refs, "ramp_s": self.args.ramp / max(1, len(mine))}
+                    "parse_all": self.args.parse_all, "no_refs": self.args.no_refs,
+                    "no_compression": self.args.no_compression, "ramp_s": self.args.ramp / max(1, len(mine)),
+                    "go": str(self.dir / "agents.go")}
             spec_path, out = self.dir / f"agents-{w}.json", self.dir / f"agents-{w}.out.json"
             spec_path.write_text(json.dumps(spec))
             self.outs.append(out)
@@ -156,6 +168,28 @@ class Run:
             self.procs.append(subprocess.Popen([sys.executable, str(HERE / "agents.py"), "--spec", str(spec_path),
                                                 "--out", str(out)], stdout=subprocess.DEVNULL, stderr=log))
         self.agent_procs = self.procs[1:]
+        self.agent_watches = [ProcWatch(p.pid) for p in self.agent_procs]
+        # Each client process builds its agents' traffic first (seconds to a minute at N=1000 on
+        # a busy machine); the connect clock starts when all of them are ready.
+        t = time.time()
+        while not all(Path(str(out) + ".ready").exists() for out in self.outs):
+            if any(p.poll() is not None for p in self.agent_procs):
+                raise RuntimeError("a simulated-agent process exited before it was ready")
+            time.sleep(0.2)
+        self.figures["agents_setup_s"] = time.time() - t
+        self.figures["agents_setup_cpu_s"] = self.agents_cpu_s()
+        (self.dir / "agents.go").touch()
+
+    def agents_cpu_s(self) -> float:
+        """CPU seconds of every simulated-agent process so far (exited ones: their last reading)."""
+        total = 0.0
+        for w in self.agent_watches:
+            try:
+                w.last = w.cpu_s()
+            except OSError:
+                pass
+            total += getattr(w, "last", 0.0)
+        return total
 
     def stop_agents(self) -> list[dict]:
         for p in self.agent_procs:
@@ -240,9 +274,11 @@ class Run:
         f = self.figures
         try:
             self.start_controller()
+            f["rss_mb_ready"], _ = self.watch.mem_mb()   # the cluster listed, no agent yet
+            self.start_agents()   # returns when every client process is ready to connect
             t0 = time.time()
             cpu0 = self.watch.cpu_s()
-            self.start_agents()
+            f["loadavg_start"] = os.getloadavg()[0]
             # 1. every agent connected and holding its identity (Check: connected + reporting)
             deadline = time.time() + self.args.connect_timeout
             up = 0
@@ -260,15 +296,20 @@ class Run:
             f["connect_s"] = time.time() - t0
             f["agents_reporting"] = up
             f["connect_cpu_s"] = self.watch.cpu_s() - cpu0
-            self.say(f"{up}/{self.n} agents reporting after {f['connect_s']:.1f} s")
+            f["agents_connect_cpu_s"] = self.agents_cpu_s() - f["agents_setup_cpu_s"]
+            f["loadavg_connect"] = os.getloadavg()[0]
+            f["rss_mb_connected"], _ = self.watch.mem_mb()
+            self.say(f"{up}/{self.n} agents reporting after {f['connect_s']:.1f} s (CPU s: controller "
+                     f"{f['connect_cpu_s']:.0f}, agents {f['agents_connect_cpu_s']:.0f}; load {f['loadavg_connect']:.1f})")
             time.sleep(self.args.warmup)
             # 2. steady state
-            c0, w0 = self.watch.cpu_s(), time.time()
+            c0, w0, a0 = self.watch.cpu_s(), time.time(), self.agents_cpu_s()
             r0 = self.metric("nodemesh_controller_reports_received_total")
             time.sleep(self.args.duration)
-            c1, w1 = self.watch.cpu_s(), time.time()
+            c1, w1, a1 = self.watch.cpu_s(), time.time(), self.agents_cpu_s()
             r1 = self.metric("nodemesh_controller_reports_received_total")
             f["controller_cores"] = (c1 - c0) / (w1 - w0)
+            f["agents_cores"] = (a1 - a0) / (w1 - w0)
             if r0 is not None and r1 is not None:
                 f["reports_per_s"] = (r1 - r0) / (w1 - w0)
                 # CPU per report: what the controller spent, whatever share of the machine it got.
@@ -282,6 +323,7 @@ class Run:
                 self.stat_latencies()
             except grpc.RpcError as exc:
                 self.say(f"stat failed: {exc.code().name}")
+                f["stat_error"] = f"{exc.code().name}: {(exc.details() or '')[:200]}"
             self.tap_latency()
             # 5. identity fan-out: one pod, then 500 pods
             t_one = self.roll([0], generation=1)
@@ -289,6 +331,7 @@ class Run:
             t_roll = self.roll(list(range(1, 1 + min(500, self.n * self.p - 1))), generation=2)
             time.sleep(self.args.fanout_wait * 2)
             f["rss_mb_end"], f["rss_hwm_mb"] = self.watch.mem_mb()
+            f["loadavg_end"] = os.getloadavg()[0]
             f["reports_received_total"] = self.metric("nodemesh_controller_reports_received_total")
             f["identity_snapshots_total"] = self.metric("nodemesh_controller_identity_snapshots_total")
             f["identity_deltas_total"] = self.metric("nodemesh_controller_identity_deltas_total")
@@ -320,7 +363,14 @@ class Run:
         f["ingest_p99_ms"] = pct(lat, .99) * 1e3 if lat else None
         snaps = [m for r in results for m in r["identity"] if m[1] == "snapshot"]
         f["snapshot_bytes"] = max((m[2] for m in snaps), default=0)
+        f["snapshot_wire_bytes"] = max((m[5] for m in snaps), default=0)   # compressed, when it was
+        f["snapshot_encodings"] = sorted({m[6] or "plain" for m in snaps})
         f["snapshot_pods"] = max((m[3] for m in snaps), default=-1)
+        # Streams that ended before the harness stopped them (the agent opened them again).
+        ends = [(t, status) for r in results for t, status in r.get("stream_ends", [])]
+        f["stream_ends"] = len(ends)
+        f["stream_end_statuses"] = {s: sum(1 for _, x in ends if x == s) for s in sorted({x for _, x in ends})}
+        f["agents_reconnected"] = sum(1 for r in results if r.get("streams", 1) > 1)
         for name, t in (("fanout_one", t_one), ("fanout_500", t_roll)):
             per = []
             sizes = []
@@ -345,18 +395,23 @@ COLUMNS = [
     ("stat_deploy_A_p50_ms", "deploy -A p50", "{:.0f}"), ("stat_deploy_A_p99_ms", "deploy -A p99", "{:.0f}"),
     ("stat_po_n_p50_ms", "po -n p50", "{:.0f}"), ("stat_po_n_p99_ms", "po -n p99", "{:.0f}"),
     ("tap_open_p50_ms", "tap open p50", "{:.0f}"),
+    ("connect_cpu_s", "connect CPU s ctl", "{:.0f}"), ("agents_connect_cpu_s", "agents", "{:.0f}"),
+    ("agents_cores", "agent cores", "{:.2f}"), ("snapshot_wire_bytes", "snapshot MB", "{:.2f}", 1e-6),
+    ("stream_ends", "streams ended", "{:.0f}"),
+    ("loadavg_connect", "load", "{:.1f}"),
 ]
 
 
 def table(rows: list[dict]) -> str:
     head = [c[1] for c in COLUMNS]
-    body = [[(fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-") for k, _, fmt in COLUMNS]
-            for r in rows]
+    body = [[(c[2].format(r[c[0]] * (c[3] if len(c) > 3 else 1)) if isinstance(r.get(c[0]), (int, float)) else "-")
+             for c in COLUMNS] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines) + "\n(ms; cores = controller CPU seconds per second in steady state; fan-out = " \
-        "objects file written -> every agent holds the new version)"
+        "objects file written -> every agent holds the new version; connect CPU s = CPU seconds of the " \
+        "controller / of every simulated-agent process from the agents starting to connect (their setup done) to the end of the connect phase; snapshot MB = as sent (compressed when it was))"
 
 
 def main() -> None:
@@ -375,6 +430,12 @@ def main() -> None:
     p.add_argument("--fanout-wait", type=float, default=4)
     p.add_argument("--parse-all", action="store_true", help="agents parse every identity message")
     p.add_argument("--no-refs", action="store_true", help="agents send labels with every series")
+    p.add_argument("--no-ingest", action="store_true",
+                   help="controller with --no-ingest (acks reports, stores nothing; stat is refused)")
+    p.add_argument("--ingest-turn-ms", type=float, default=None,
+                   help="the controller's --ingest-turn-ms (default: the controller's default; 0: inline)")
+    p.add_argument("--no-compression", action="store_true",
+                   help="agents do not offer compressed identity in their hello (as agents before it)")
     p.add_argument("--json", default="", help="write the figures here")
     args = p.parse_args()
     rows = []

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_scale_harness_small_run(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "scale" / "run.py"), "--nodes", "5", "--pods", "20",
+        [sys.executable, str(ROOT / "tests" / "scale" / "run.py"), "--nodes", "5", "--pods", "50",
          "--duration", "3", "--warmup", "1", "--queries", "3", "--taps", "1", "--fanout-wait", "2",
          "--ramp", "0.5", "--parse-all", "--json", str(out)],
         check=False, capture_output=True, text=True, timeout=240, env=dict(os.environ))
@@ -29,10 +29,14 @@ def test_scale_harness_small_run(tmp_path: Path) -> None:
     assert f["reports_sent"] >= 5 * 4
     assert f["reports_acked"] == f["reports_sent"]
     assert f["reports_received_total"] == f["reports_sent"]
-    assert f["snapshot_pods"] == 100                      # the identity holds the whole cluster
+    assert f["snapshot_pods"] == 250                      # the identity holds the whole cluster
     assert f["identity_snapshots_total"] == 5             # one per agent, then deltas only
+    # The agents offer zlib: the snapshot (~60 KB) came compressed, the small deltas plain.
+    assert f["snapshot_encodings"] == ["zlib"] and 0 < f["snapshot_wire_bytes"] < f["snapshot_bytes"] / 3
+    assert f["stream_ends"] == 0 and f["agents_reconnected"] == 0
+    assert f["agents_connect_cpu_s"] >= 0 and f["agents_cores"] >= 0 and f["rss_mb_ready"] > 10
     assert f["fanout_one_agents"] == f["fanout_500_agents"] == 5
-    assert f["stat_deploy_rows"] == 10 and f["stat_deploy_rows_with_traffic"] == 10
-    assert f["stat_po_rows"] == 10
+    assert f["stat_deploy_rows"] == 25 and f["stat_deploy_rows_with_traffic"] == 25
+    assert f["stat_po_rows"] == 30
     assert 0 < f["controller_cores"] < 2.5 and f["rss_mb_end"] > 10
     assert f["ingest_p50_ms"] is not None and f["tap_open_p50_ms"] is not None
