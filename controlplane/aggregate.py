@@ -105,7 +105,7 @@ class Totals:
         self.failure += b.failure
         self.requests += b.requests
         if b.latency is not None:
-            self.latency = [a + c for a, c in zip(self.latency, b.latency)]
+            self.latency = list(map(operator.add, self.latency, b.latency))
         self.latency_sum += b.latency_sum
         self.tcp_open += b.tcp_open
         self.tcp_close += b.tcp_close
@@ -118,7 +118,7 @@ class Totals:
         self.failure -= b.failure
         self.requests -= b.requests
         if b.latency is not None:
-            self.latency = [a - c for a, c in zip(self.latency, b.latency)]
+            self.latency = list(map(operator.sub, self.latency, b.latency))
         self.latency_sum -= b.latency_sum
         self.tcp_open -= b.tcp_open
         self.tcp_close -= b.tcp_close
@@ -415,6 +415,21 @@ class Aggregator:
         hist = self._history.get(key)
         if hist is None:
             hist = self._history[key] = _History()
+        buckets = hist.buckets
+        if buckets and sec >= self._coarse_before:  # the usual case: this second, or the next
+            last_sec, last = buckets[-1]
+            if sec == last_sec:
+                return last, False
+            if sec > last_sec:
+                b = Bucket()
+                buckets.append((sec, b))
+                hist.last_sec = sec  # past the newest 1 s bucket: past every bucket the key has
+                entries = self._by_sec.get(sec)
+                if entries is None:
+                    self._by_sec[sec] = [(key, b)]
+                else:
+                    entries.append((key, b))
+                return b, True
         coarse = sec < self._coarse_before
         n = len(hist.coarse if coarse else hist.buckets)
         b = hist.at(sec, coarse)
