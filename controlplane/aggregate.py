@@ -6,6 +6,8 @@ second that saw traffic (sparse: quiet seconds cost nothing), for `retention_s` 
 with no traffic for longer than that is dropped, which bounds memory by the traffic of the last
 hour. A query sums the buckets of any window (10 s .. 1 h) and derives rates, success rate and
 latency quantiles from the merged histogram, as Prometheus' `histogram_quantile` does.
+Complete minutes are also kept summed per key (`Aggregator.seal`): a window's first build and
+downsampling take them whole instead of second by second.
 """
 
 from __future__ import annotations
