@@ -141,19 +141,21 @@ def test_a_fresh_window_takes_sealed_minutes_whole(monkeypatch: pytest.MonkeyPat
             agg.record(key, t=sec + 0.5, success=1, requests=1)
     agg.prune(now=T0 + 1200.5)
     assert len(agg._minutes) >= 18
-    adds = []
-    original = aggregate._Window.add
+    summed: list[int] = []
+    original = aggregate._sum_into
 
-    def counting(self: aggregate._Window, key: SeriesKey, b: aggregate.Bucket, n: int = 1) -> None:
-        adds.append(n)
-        original(self, key, b, n)
+    def counting(target: aggregate.Bucket | Totals, buckets: list[aggregate.Bucket]) -> None:
+        if isinstance(target, Totals):
+            summed.append(len(buckets))
+        original(target, buckets)
 
-    monkeypatch.setattr(aggregate._Window, "add", counting)
+    monkeypatch.setattr(aggregate, "_sum_into", counting)
     t = agg.totals_by_key(3600, now=T0 + 1200.5)
     assert {k: v.success for k, v in t.items()} == dict.fromkeys(keys, 1200.0)
     # the minutes' sums plus the seconds of the partial minutes at both ends, not 1,200 per key
-    assert len(adds) < len(keys) * (len(agg._minutes) + 2 * COARSE_S), len(adds)
-    assert sum(adds) == len(keys) * 1200   # each stands for its seconds (they leave one by one)
+    assert len(summed) == len(keys) and sum(summed) < len(keys) * (len(agg._minutes) + 2 * COARSE_S), summed
+    # each sum stands for its seconds (they leave the window one by one)
+    assert agg._windows[3600].buckets == dict.fromkeys(keys, 1200)
 
 
 def test_a_kept_hour_forgets_what_the_retention_pruned() -> None:
