@@ -440,21 +440,6 @@ class Aggregator:
         hist = self._history.get(key)
         if hist is None:
             hist = self._history[key] = _History()
-        buckets = hist.buckets
-        if buckets and sec >= self._coarse_before:  # the usual case: this second, or the next
-            last_sec, last = buckets[-1]
-            if sec == last_sec:
-                return last, False
-            if sec > last_sec:
-                b = Bucket()
-                buckets.append((sec, b))
-                hist.last_sec = sec  # past the newest 1 s bucket: past every bucket the key has
-                entries = self._by_sec.get(sec)
-                if entries is None:
-                    self._by_sec[sec] = [(key, b)]
-                else:
-                    entries.append((key, b))
-                return b, True
         coarse = sec < self._coarse_before
         n = len(hist.coarse if coarse else hist.buckets)
         b = hist.at(sec, coarse)
