@@ -645,6 +645,7 @@ class Aggregator:
             return 0
         now = self.clock() if now is None else now
         horizon = int(now) - self.downsample_after_s
+        oldest = int(now) - self.retention_s
         new = horizon - horizon % COARSE_S
         by_sec = self._by_sec
         prev = self._coarse_before
@@ -669,7 +670,10 @@ class Aggregator:
                 merged += self._drop_seconds(minute, csec, sealed or {}, windows)
                 continue
             per_key: dict[SeriesKey, list[tuple[int, Bucket]]] = {}
-            for sec in range(minute, minute + COARSE_S):
+            # Seconds past the retention (--downsample-after = --retention) are not merged: their
+            # buckets may be pruned already; only a lagging kept window still holds them, and
+            # they leave it one by one through the index.
+            for sec in range(max(minute, oldest), minute + COARSE_S):
                 for key, b in by_sec.pop(sec, ()):
                     per_key.setdefault(key, []).append((sec, b))
             for key, seconds in per_key.items():

@@ -169,3 +169,20 @@ def test_a_kept_hour_forgets_what_the_retention_pruned() -> None:
             agg.prune(now=sec + 0.9)
         if sec % 25 == 0 and sec > T0 + 3700:
             assert agg.totals_by_key(3600, now=sec + 0.95)[key].success == 3600
+
+
+@pytest.mark.parametrize("retention_s", [600, 660])
+def test_downsampling_at_the_retention_edge(retention_s: int) -> None:
+    """`--downsample-after` may equal `--retention`: minutes reach the horizon as their seconds
+    leave the retention, while a lagging kept window still holds them."""
+    agg = Aggregator(retention_s=retention_s, clock=lambda: 0.0, downsample_after_s=600)
+    naive = Naive()
+    key = ("inbound", "p")
+    for sec in range(T0, T0 + 2000):
+        agg.record(key, t=sec + 0.5, success=1, requests=1)
+        naive.events.append((sec, key, {"success": 1.0, "requests": 1.0}, [0] * N_LATENCY, 0.0))
+        if sec % 10 == 0:
+            agg.prune(now=sec + 0.9)
+        if sec % 25 == 0:
+            for width in (60, 600):
+                same(agg.totals_by_key(width, now=sec + 0.95), naive.totals(agg, width, sec + 0.95), f"{width} {sec}")
