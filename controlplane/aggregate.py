@@ -6,6 +6,8 @@ second that saw traffic (sparse: quiet seconds cost nothing), for `retention_s` 
 with no traffic for longer than that is dropped, which bounds memory by the traffic of the last
 hour. A query sums the buckets of any window (10 s .. 1 h) and derives rates, success rate and
 latency quantiles from the merged histogram, as Prometheus' `histogram_quantile` does.
+Complete minutes are also kept summed per key (`Aggregator.seal`): a window's first build and
+downsampling take them whole instead of second by second.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Protocol
 
 from nodemesh.api.model import LATENCY_BUCKETS_MS, PEER_LABELS
@@ -105,7 +108,7 @@ class Totals:
         self.failure += b.failure
         self.requests += b.requests
         if b.latency is not None:
-            self.latency = [a + c for a, c in zip(self.latency, b.latency)]
+            self.latency = list(map(operator.add, self.latency, b.latency))
         self.latency_sum += b.latency_sum
         self.tcp_open += b.tcp_open
         self.tcp_close += b.tcp_close
@@ -118,7 +121,7 @@ class Totals:
         self.failure -= b.failure
         self.requests -= b.requests
         if b.latency is not None:
-            self.latency = [a - c for a, c in zip(self.latency, b.latency)]
+            self.latency = list(map(operator.sub, self.latency, b.latency))
         self.latency_sum -= b.latency_sum
         self.tcp_open -= b.tcp_open
         self.tcp_close -= b.tcp_close
@@ -225,13 +228,14 @@ class _Window:
         self.totals: dict[SeriesKey, Totals] = {}
         self.buckets: dict[SeriesKey, int] = {}   # buckets of the key inside the window
 
-    def add(self, key: SeriesKey, b: Bucket) -> None:
+    def add(self, key: SeriesKey, b: Bucket, n: int = 1) -> None:
+        """Add bucket `b`, standing for `n` of the key's buckets (a sealed minute: its seconds)."""
         t = self.totals.get(key)
         if t is None:
             t = self.totals[key] = Totals(self.window_s)
             self.buckets[key] = 0
         t.add_bucket(b)
-        self.buckets[key] += 1
+        self.buckets[key] += n
 
     def remove(self, key: SeriesKey, b: Bucket) -> None:
         t = self.totals.get(key)
@@ -243,6 +247,17 @@ class _Window:
         else:
             self.buckets[key] = n
             t.sub_bucket(b)
+
+
+class _Sealed:
+    """A key's seconds of one complete minute merged (`Aggregator._seal`): `bucket` their sum,
+    `n` how many 1 s buckets it stands for."""
+
+    __slots__ = ("bucket", "n")
+
+    def __init__(self) -> None:
+        self.bucket = Bucket()
+        self.n = 0
 
 
 def _add(target: Bucket | Totals, success: float, failure: float, requests: float,
@@ -280,6 +295,28 @@ def _merge(target: Bucket, b: Bucket) -> None:
     target.write_bytes += b.write_bytes
 
 
+_COUNTERS = tuple((name, operator.attrgetter(name)) for name in (
+    "success", "failure", "requests", "latency_sum", "tcp_open", "tcp_close", "read_bytes", "write_bytes"))
+_LATENCY = operator.attrgetter("latency")
+
+
+def _sum_into(target: Bucket | Totals, buckets: list[Bucket]) -> None:
+    """`target` (fresh) becomes the sum of `buckets`, field by field in C loops (what `_merge` or
+    `Totals.add_bucket` of each in turn gives, in the same order; ~3 µs a bucket instead of ~4).
+    A Totals' histogram counts are floats, a Bucket's stay what they were (ints from columns)."""
+    for name, get in _COUNTERS:
+        setattr(target, name, sum(map(get, buckets), 0.0))
+    lats = [lat for lat in map(_LATENCY, buckets) if lat is not None]
+    if not lats:
+        return
+    if isinstance(target, Totals):
+        target.latency = list(map(sum, zip(*lats), repeat(0.0)))
+    elif len(lats) == 1:
+        target.latency = lats[0].copy()
+    else:
+        target.latency = list(map(sum, zip(*lats)))
+
+
 MAX_WINDOWS = 8          # window widths kept sliding at once
 WINDOW_IDLE_S = 120.0    # a width nobody asked for this long stops being kept
 
@@ -309,6 +346,7 @@ class SeriesStore(Protocol):
 
 
 COARSE_S = 60               # a downsampled bucket's width
+SEAL_AFTER_S = 5            # a minute is sealed (its seconds merged per key) once this much past its end
 DOWNSAMPLE_AFTER_S = 600    # per-second buckets older than this are merged into minute buckets
 
 
@@ -332,6 +370,13 @@ class Aggregator:
         # second -> the buckets of that second (key, bucket): what enters and leaves a sliding window
         self._by_sec: dict[int, list[tuple[SeriesKey, Bucket]]] = {}
         self._windows: dict[float, _Window] = {}
+        # Sealed minutes: minute start -> key -> its 1 s buckets of that minute merged, for the
+        # complete minutes in [_sealed_lo, _sealed_before) (not yet downsampled; a late record
+        # into one is added to its sum too). A window's first build takes whole minutes from
+        # here, and downsampling a sealed minute only drops its seconds.
+        self._minutes: dict[int, dict[SeriesKey, _Sealed]] = {}
+        self._sealed_lo = -(1 << 62)
+        self._sealed_before = -(1 << 62)
 
     def __len__(self) -> int:
         return len(self._history)
@@ -347,6 +392,15 @@ class Aggregator:
         index = rebin_index(latency_bounds) if latency is not None and latency_bounds is not BOUNDS else None
         _add(b, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close, read_bytes,
              write_bytes)
+        if self._sealed_lo <= sec < self._sealed_before:  # a late record into a sealed minute
+            minute = sec - sec % COARSE_S
+            sealed = self._minutes.setdefault(minute, {})
+            m = sealed.get(key)
+            if m is None:
+                m = sealed[key] = _Sealed()
+            m.n += created
+            _add(m.bucket, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close,
+                 read_bytes, write_bytes)
         for w in self._windows.values():
             # A second already inside a kept window (a report that crossed a second boundary, a
             # replay): the window's totals take it now; a later second enters when `end` moves.
@@ -361,9 +415,13 @@ class Aggregator:
                      read_bytes, write_bytes)
 
     # ------------------------------------------------------------- batch ingest (columns)
-    def windows_at(self, sec: int) -> list[_Window]:
-        """The kept windows that already hold second `sec` (a record into it must reach them)."""
-        return [w for w in self._windows.values() if w.end - w.width <= sec < w.end]
+    def in_place(self, sec: int) -> bool:
+        """May a batch add into `bucket_at(key, sec)` in place? Not when a kept window already
+        holds second `sec` or its minute is sealed: those sums must see the record too
+        (`add_bucket` keeps them)."""
+        if self._sealed_lo <= sec < self._sealed_before:
+            return False
+        return not any(w.end - w.width <= sec < w.end for w in self._windows.values())
 
     def filed_second(self, sec: int) -> int:
         """The second a record of second `sec` is filed at: itself, or past the downsampling
@@ -371,8 +429,8 @@ class Aggregator:
         return sec if sec >= self._coarse_before else sec - sec % COARSE_S + COARSE_S // 2
 
     def bucket_at(self, key: SeriesKey, sec: int) -> Bucket:
-        """The key's bucket of second `sec` (a `filed_second`), to add to in place: only when no
-        kept window holds `sec` (`windows_at` empty; else `add_bucket`, which keeps them up to
+        """The key's bucket of second `sec` (a `filed_second`), to add to in place: only when
+        `in_place(sec)` (else `add_bucket`, which keeps the windows and sealed minutes up to
         date)."""
         return self._bucket(key, sec)[0]
 
@@ -487,10 +545,36 @@ class Aggregator:
             if w is None and len(self._windows) >= MAX_WINDOWS:
                 del self._windows[min(self._windows, key=lambda k: self._windows[k].used)]
             w = self._windows[window_s] = _Window(window_s, end, now)
-            by_sec = self._by_sec
-            for sec in range(end - width, end):
+            by_sec, minutes = self._by_sec, self._minutes
+            lo, sealed_end = self._sealed_lo, min(end, self._sealed_before)
+            per_key: dict[SeriesKey, list[Bucket]] = {}
+            counts = w.buckets
+            sec = end - width
+            while sec < end:
+                if sec % COARSE_S == 0 and lo <= sec and sec + COARSE_S <= sealed_end:
+                    # a whole sealed minute: its keys' sums, not its seconds
+                    for key, m in minutes.get(sec, {}).items():
+                        got = per_key.get(key)
+                        if got is None:
+                            per_key[key] = [m.bucket]
+                            counts[key] = m.n
+                        else:
+                            got.append(m.bucket)
+                            counts[key] += m.n
+                    sec += COARSE_S
+                    continue
                 for key, b in by_sec.get(sec, ()):
-                    w.add(key, b)
+                    got = per_key.get(key)
+                    if got is None:
+                        per_key[key] = [b]
+                        counts[key] = 1
+                    else:
+                        got.append(b)
+                        counts[key] += 1
+                sec += 1
+            for key, got in per_key.items():  # each key's sum field by field, in C loops
+                tot = w.totals[key] = Totals(window_s)
+                _sum_into(tot, got)
         else:
             by_sec = self._by_sec
             for sec in range(w.end, end):                   # entering
@@ -510,6 +594,43 @@ class Aggregator:
             total.merge(t)
         return total
 
+    def seal(self, now: float | None = None) -> int:
+        """Merge, per key, the 1 s buckets of each minute that ended `SEAL_AFTER_S` ago into that
+        minute's sum (`_minutes`); returns buckets merged. Each second is merged once; a record
+        arriving later into a sealed minute is added to its sum as well (`record`)."""
+        now = self.clock() if now is None else now
+        target = int(now) - SEAL_AFTER_S
+        target -= target % COARSE_S
+        start = max(self._sealed_before, self._sealed_lo, self._coarse_before)
+        if start <= -(1 << 61):  # nothing sealed yet: from the oldest second held
+            start = min((s for s in self._by_sec if s >= self._coarse_before), default=target)
+            start -= start % COARSE_S
+        if target <= start:
+            return 0
+        if self._sealed_before < start:
+            self._sealed_lo = start
+        by_sec, minutes = self._by_sec, self._minutes
+        merged = 0
+        for minute in range(start, target, COARSE_S):
+            per_key: dict[SeriesKey, list[Bucket]] = {}
+            for sec in range(minute, minute + COARSE_S):
+                for key, b in by_sec.get(sec, ()):
+                    seconds = per_key.get(key)
+                    if seconds is None:
+                        per_key[key] = [b]
+                    else:
+                        seconds.append(b)
+            if not per_key:
+                continue
+            sealed = minutes[minute] = {}
+            for key, seconds in per_key.items():
+                m = sealed[key] = _Sealed()
+                m.n = len(seconds)
+                _sum_into(m.bucket, seconds)
+                merged += m.n
+        self._sealed_before = target
+        return merged
+
     def downsample(self, now: float | None = None) -> int:
         """Merge the per-second buckets of whole minutes older than `downsample_after_s` into one
         bucket per key and minute, filed at the minute's middle second; returns buckets merged.
@@ -524,6 +645,7 @@ class Aggregator:
             return 0
         now = self.clock() if now is None else now
         horizon = int(now) - self.downsample_after_s
+        oldest = int(now) - self.retention_s
         new = horizon - horizon % COARSE_S
         by_sec = self._by_sec
         prev = self._coarse_before
@@ -536,10 +658,22 @@ class Aggregator:
         history = self._history
         self._coarse_before = new
         merged = 0
+        sealed_lo, sealed_before = self._sealed_lo, self._sealed_before
         for minute in range(prev, new, COARSE_S):
             csec = minute + COARSE_S // 2
+            sealed = self._minutes.pop(minute, None)
+            if sealed_lo <= minute and minute + COARSE_S <= sealed_before and not any(
+                    w.end - w.width < minute + COARSE_S and w.end > minute
+                    and not (w.end - w.width <= minute and minute + COARSE_S <= w.end) for w in windows):
+                # Sealed, and no kept window's edge inside it: its sums are the minute's buckets;
+                # the seconds are dropped.
+                merged += self._drop_seconds(minute, csec, sealed or {}, windows)
+                continue
             per_key: dict[SeriesKey, list[tuple[int, Bucket]]] = {}
-            for sec in range(minute, minute + COARSE_S):
+            # Seconds past the retention (--downsample-after = --retention) are not merged: their
+            # buckets may be pruned already; only a lagging kept window still holds them, and
+            # they leave it one by one through the index.
+            for sec in range(max(minute, oldest), minute + COARSE_S):
                 for key, b in by_sec.pop(sec, ()):
                     per_key.setdefault(key, []).append((sec, b))
             for key, seconds in per_key.items():
@@ -574,6 +708,32 @@ class Aggregator:
                 for w in partial:
                     if w.end - w.width <= csec < w.end:
                         w.add(key, cb)
+        self._sealed_lo = max(self._sealed_lo, new)
+        return merged
+
+    def _drop_seconds(self, minute: int, csec: int, sealed: dict[SeriesKey, _Sealed], windows: list[_Window]) -> int:
+        """Downsample a sealed minute no kept window's edge is inside: each key's sum becomes its
+        minute bucket, its seconds go. A window holding the whole minute keeps its totals (the
+        same sums) and counts one bucket for the key instead of `n`."""
+        by_sec, history = self._by_sec, self._history
+        for sec in range(minute, minute + COARSE_S):
+            by_sec.pop(sec, None)
+        end = minute + COARSE_S
+        inside = [w for w in windows if w.end - w.width <= minute and end <= w.end]
+        merged = 0
+        for key, m in sealed.items():
+            hist = history.get(key)
+            if hist is None:
+                continue
+            fine = hist.buckets
+            while fine and fine[0][0] < end:  # older minutes are gone already: these are this one's
+                fine.popleft()
+            merged += m.n
+            for w in inside:
+                w.buckets[key] -= m.n - 1
+            hist.coarse.append((csec, m.bucket))
+            by_sec.setdefault(csec, []).append((key, m.bucket))
+            hist.last_sec = max(hist.last_sec, csec)
         return merged
 
     def prune(self, now: float | None = None) -> int:
@@ -581,10 +741,20 @@ class Aggregator:
         is past the horizon; returns keys dropped."""
         now = self.clock() if now is None else now
         oldest = int(now) - self.retention_s
-        for sec in [s for s in self._by_sec if s < oldest]:
-            del self._by_sec[sec]
         for width in [k for k, w in self._windows.items() if w.used < now - WINDOW_IDLE_S]:
             del self._windows[width]
+        # A kept window last moved before now still holds seconds older than the retention: their
+        # index stays until it slides past them (it subtracts what leaves through `_by_sec`; an
+        # entry gone before that was counted in a 1 h window forever).
+        index_oldest = min([oldest, *(w.end - w.width for w in self._windows.values())])
+        for sec in [s for s in self._by_sec if s < index_oldest]:
+            del self._by_sec[sec]
+        if self._sealed_lo < oldest:  # a minute some of whose seconds are gone is no longer sealed
+            first = oldest + (-oldest) % COARSE_S
+            for minute in [m for m in self._minutes if m < first]:
+                del self._minutes[minute]
+            self._sealed_lo = first
+        self.seal(now)
         self.downsample(now)
         dropped = 0
         for key in list(self._history):

@@ -33,10 +33,11 @@ def ingest_columns(agg: Aggregator, refs: SeriesRefs, cols: Columns, sec: int, r
     the per-series path). `n_buckets`: counts per histogram (api/columns.decode checked them);
     `native_bounds`: the report's histograms use our buckets (else they are rebinned there)."""
     sec = agg.filed_second(sec)  # an old replay: its minute's bucket
-    windows = agg.windows_at(sec)
-    # Usually no kept window holds the report's second yet: add straight into the buckets. Else
-    # collect the report's deltas per key, then add them (and to those windows) once per key.
-    bucket = _fresh if windows else agg.bucket_at
+    batch = not agg.in_place(sec)
+    # Usually no kept window holds the report's second yet, nor is its minute sealed: add straight
+    # into the buckets. Else collect the report's deltas per key, then add them (and to those
+    # windows and that minute's sums) once per key.
+    bucket = _fresh if batch else agg.bucket_at
     cur: dict[SeriesKey, Bucket] = {}
     rejected = 0
     slow: list[SeriesDelta] = []
@@ -81,7 +82,7 @@ def ingest_columns(agg: Aggregator, refs: SeriesRefs, cols: Columns, sec: int, r
             b.latency_sum += total
         else:
             slow.append(SeriesDelta(e[2], e[0], buckets=tuple(chunk), sum=total, key=e[1]))
-    if windows:
+    if batch:
         for key, d in cur.items():
             agg.add_bucket(key, sec, d)
     return rejected, slow

@@ -82,6 +82,7 @@ def main() -> None:
     series = {1: 0, 2: 0}
     cpu = {1: 0.0, 2: 0.0}   # 1: the first report of each stream (defines refs), 2: the others
     prune_cpu = 0.0
+    steady_prune, steady_from = 0.0, a.downsample_after + 120  # past the horizon: seal + downsample
     prof = cProfile.Profile() if a.profile else None
     for i, seq, data in messages():
         phase = 1 if seq == 1 else 2
@@ -98,6 +99,8 @@ def main() -> None:
             t0 = time.process_time()
             c.aggregator.prune(now=now + seq + 0.9)
             prune_cpu += time.process_time() - t0
+            if seq > steady_from:
+                steady_prune += time.process_time() - t0
     gc.collect()
     rss1 = rss_mb()
     n2 = a.nodes * (a.reports - 1)
@@ -107,6 +110,9 @@ def main() -> None:
     print(f"first:  {series[1] / a.nodes:.0f} series/report  {cpu[1] / a.nodes * 1000:.2f} ms/report")
     buckets = sum(len(h.buckets) + len(h.coarse) for h in c.aggregator._history.values())
     print(f"rss: {rss0:.0f} -> {rss1:.0f} MB  buckets={buckets}  prune+downsample CPU {prune_cpu:.2f} s")
+    if a.reports > steady_from + 60:
+        minutes = (a.reports - steady_from) / 60
+        print(f"prune past the horizon: {steady_prune / minutes * 1000:.0f} ms CPU per minute of traffic")
     for window in (60, 3600):
         t0 = time.process_time()
         c.aggregator.totals_by_key(window, now=now + a.reports + 1)
