@@ -126,14 +126,17 @@ uvloop.install()
 asyncio.run(main())
 """
 
-NGINX_L7 = """
+# One worker process, in the foreground, its files in {dir}: both nginx proxies.
+NGINX_PROCESS = """
 user root;
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
-http {{
+"""
+
+NGINX_L7 = NGINX_PROCESS + """http {{
     access_log off;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
@@ -154,15 +157,7 @@ http {{
 }}
 """
 
-NGINX_L4 = """
-load_module {module};
-user root;
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-stream {{
+NGINX_L4 = "load_module {module};" + NGINX_PROCESS + """stream {{
     server {{ listen 0.0.0.0:{port}; proxy_pass {server}:80; }}
 }}
 """

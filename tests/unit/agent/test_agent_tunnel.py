@@ -10,12 +10,12 @@ import ssl
 from pathlib import Path
 
 import pytest
-from nodemesh.agent.certs import CertReader, make_key_and_csr, peer_identity
+from nodemesh.agent.certs import CertReader, peer_identity
 from nodemesh.agent.podindex import PodIndex
 from nodemesh.agent.tunnel import TlsServer, Tunnel, connect_head, parse_head
-from nodemesh.api import spiffe
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.ca import FileRootStore, WorkloadCA
+from workload_certs import issue
 
 CLIENT_IP, WEB_IP = "10.244.1.5", "10.244.2.7"
 
@@ -28,14 +28,6 @@ def test_agent_tunnel_connect_head() -> None:
     assert parse_head(b"GET / HTTP/1.1\r\n\r\n")[2] == "not a CONNECT head"
     assert parse_head(b"CONNECT x:y HTTP/1.1\r\n\r\n")[2] == "bad CONNECT target"
     assert parse_head(b"A" * 2000)[2] == "tunnel head too long"
-
-
-def issue(ca: WorkloadCA, directory: Path, name: str, sa: str) -> None:
-    key, csr = make_key_and_csr()
-    directory.mkdir(exist_ok=True)
-    (directory / f"{name}.key").write_bytes(key)
-    (directory / f"{name}.crt").write_bytes(ca.sign(csr, spiffe.workload_id("mesh.test", "ns", sa)).certificate_pem)
-    (directory / "trust-bundle.pem").write_bytes(ca.bundle_pem())
 
 
 def handshake(client_ctx: ssl.SSLContext, server: TlsServer) -> ssl.SSLObject:

@@ -22,7 +22,7 @@ import pytest
 from loopback_relay import LoopIndex, Recorder, run, serve, wait_until
 from nodemesh.agent import mux
 from nodemesh.agent.admission import Admission
-from nodemesh.agent.certs import CertReader, make_key_and_csr
+from nodemesh.agent.certs import CertReader
 from nodemesh.agent.config import AgentConfig
 from nodemesh.agent.endpoints import EndpointPicker
 from nodemesh.agent.modes import make_mode
@@ -30,20 +30,12 @@ from nodemesh.agent.podindex import PodIndex
 from nodemesh.agent.relay import Connection, WorkerContext
 from nodemesh.agent.sockets import listen_socket
 from nodemesh.agent.tunnel import TUNNEL_SNI, Tunnel
-from nodemesh.api import spiffe
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.ca import FileRootStore, WorkloadCA
+from workload_certs import issue
 
 CLIENT_IP, WEB_IP = "127.0.0.1", "127.0.0.2"
 PAIR = ("uid-client", "uid-web")
-
-
-def issue(ca: WorkloadCA, directory: Path, uid: str, sa: str) -> None:
-    key, csr = make_key_and_csr()
-    directory.mkdir(exist_ok=True)
-    (directory / f"{uid}.key").write_bytes(key)
-    (directory / f"{uid}.crt").write_bytes(ca.sign(csr, spiffe.workload_id("mesh.test", "ns", sa)).certificate_pem)
-    (directory / "trust-bundle.pem").write_bytes(ca.bundle_pem())
 
 
 def index(this_node: str) -> PodIndex:
