@@ -7,8 +7,10 @@ pod owning the source address) but negotiated with ALPN `nodemesh-mux/1`. Inside
 connection is a *stream*: frames of an 8-byte header (stream id u32, type u8, flags u8 = 0,
 payload length u16) and a payload of at most 65,535 bytes.
 
-  OPEN    (source → destination) a new stream; payload: the target port (u16). Data may follow
-          at once (no round trip); the target address is the carrier's destination pod.
+  OPEN    (source → destination) a new stream; payload: the target port (u16), then the source
+          pod's own port of the connection (u16; 0: unknown), so the destination counts and taps
+          the stream as from the pod's real port, not the carrier's. Data may follow at once (no
+          round trip); the target address is the carrier's destination pod.
   DATA    bytes of one direction of one stream.
   FIN     the end of one direction (half-close); the other keeps flowing.
   RST     the stream is reset (either side); the other streams are untouched.
@@ -63,6 +65,7 @@ IDLE_S = 30.0                    # a source's carrier with no stream closes afte
 SERVER_IDLE_S = 600.0            # the destination reaps a carrier left idle this long (its source gone quiet)
 MAX_STREAM_ID = 0xFFFFFFFF
 _U16 = struct.Struct("!H")
+_PORTS = struct.Struct("!HH")    # OPEN: target port, source port
 _U32 = struct.Struct("!I")
 
 
@@ -88,9 +91,11 @@ _NO_SOCKET = _NoSocket()
 class Stream(asyncio.Transport):
     """One proxied connection on a carrier, as the relay sees a transport."""
 
-    def __init__(self, carrier: Carrier, sid: int, protocol: asyncio.Protocol, sockname: tuple[str, int]) -> None:
+    def __init__(self, carrier: Carrier, sid: int, protocol: asyncio.Protocol, sockname: tuple[str, int],
+                 peername: tuple[str, int] | None = None) -> None:
         super().__init__()
         self.carrier, self.id, self.protocol, self.sockname = carrier, sid, protocol, sockname
+        self.peername = peername       # the source pod's (address, port) of this stream, when known
         self.credit = WINDOW_SIZE      # what we may still send
         self.window = WINDOW_SIZE      # what the peer may still send us
         self.out = bytearray()         # written beyond the credit
@@ -178,6 +183,8 @@ class Stream(asyncio.Transport):
             return _NO_SOCKET
         if name == "sockname":
             return self.sockname   # the target the stream was opened to, as a captured accept's local address
+        if name == "peername" and self.peername is not None:
+            return self.peername   # the carrier's source address, the connection's own port
         if name == "ssl_object":
             return self.carrier.tls.obj
         if name == "peercert":
@@ -324,14 +331,15 @@ class Carrier(asyncio.Protocol):
         return not self.closed and not self.draining and len(self.streams) + self.pending < MAX_STREAMS \
             and self.highest < MAX_STREAM_ID
 
-    def open_stream(self, port: int, protocol: asyncio.Protocol, target: tuple[str, int]) -> Stream:
-        """Source side: a new stream to `port` on the destination pod; the protocol is told
-        connection_made before this returns."""
+    def open_stream(self, port: int, protocol: asyncio.Protocol, target: tuple[str, int],
+                    source_port: int = 0) -> Stream:
+        """Source side: a new stream to `port` on the destination pod, for the source pod's
+        connection from `source_port`; the protocol is told connection_made before this returns."""
         self.highest += 1
         stream = Stream(self, self.highest, protocol, target)
         self.streams[stream.id] = stream
         self._cancel_idle()
-        self.send_frame(OPEN, stream.id, _U16.pack(port))
+        self.send_frame(OPEN, stream.id, _PORTS.pack(port, source_port))
         protocol.connection_made(stream)
         if self.write_paused:
             stream.update_writing()
@@ -418,10 +426,11 @@ class Carrier(asyncio.Protocol):
         elif kind == OPEN:
             if self.client:
                 raise MuxError("OPEN from the destination side")
-            if len(payload) != 2 or sid <= self.highest:
+            if len(payload) not in (2, 4) or sid <= self.highest:
                 raise MuxError(f"bad OPEN of stream {sid} (last opened {self.highest})")
             self.highest = sid
-            self.on_open(sid, _U16.unpack(payload)[0])
+            port, source_port = _PORTS.unpack(payload) if len(payload) == 4 else (_U16.unpack(payload)[0], 0)
+            self.on_open(sid, port, source_port)
         elif kind == GOAWAY:
             if not self.client or sid or payload:
                 raise MuxError("bad GOAWAY")
@@ -435,7 +444,7 @@ class Carrier(asyncio.Protocol):
             raise MuxError(f"frame for stream {sid}, never opened")
         return stream
 
-    def on_open(self, sid: int, port: int) -> None:
+    def on_open(self, sid: int, port: int, source_port: int = 0) -> None:
         raise MuxError("OPEN on a source-side carrier")
 
     # ---------------------------------------------------------------- the TLS transport
@@ -648,7 +657,7 @@ class ServerCarrier(Carrier):
         self.goaway_sent = False
         self._arm_idle()
 
-    def on_open(self, sid: int, port: int) -> None:
+    def on_open(self, sid: int, port: int, source_port: int = 0) -> None:
         stats = self.tunnel.stats
         if len(self.streams) >= SERVER_MAX_STREAMS:
             stats.count(stats.refused, "too_many_streams")
@@ -658,7 +667,8 @@ class ServerCarrier(Carrier):
         conn = self.make_connection()
         conn.forced_original = (self.target_ip, port)
         conn.mtls = self.peer_id
-        stream = Stream(self, sid, conn, (self.target_ip, port))
+        peer = self.raw.get_extra_info("peername") if source_port and self.raw is not None else None
+        stream = Stream(self, sid, conn, (self.target_ip, port), (peer[0], source_port) if peer else None)
         self.streams[sid] = stream
         self._cancel_idle()
         conn.connection_made(stream)

@@ -353,7 +353,7 @@ class Tunnel:
                 continue  # lost while this opener waited (far agent restarting): once more, on a new one
             conn.secured(carrier.peer_id)
             self.stats.add("originated")
-            carrier.open_stream(destination[1], upstream(conn), destination)
+            carrier.open_stream(destination[1], upstream(conn), destination, peer[1])
             return True
         raise ConnectionResetError(errno.ECONNRESET, "tunnel carrier lost while opening")
 

@@ -176,6 +176,11 @@ def test_agent_tunnel_mux_streams_carry_the_verified_identities(tmp_path: Path) 
         w.write(b"x")
         assert await r.readexactly(1) == b"x"
         seen = [(c.direction, c.mtls) for c in (*m.src_ctx.live, *m.dst_ctx.live)]
+        # The destination counts (and taps) the stream as from the client's own port, carried in
+        # OPEN, not from the carrier's port.
+        (inbound,) = m.dst_ctx.live
+        client_port = w.get_extra_info("sockname")[1]
+        assert inbound.meta.source[1] == client_port != m.carriers()[0].raw.get_extra_info("sockname")[1]
         w.close()
         assert sorted(seen) == [("inbound", "spiffe://mesh.test/ns/ns/sa/client"),
                                 ("outbound", "spiffe://mesh.test/ns/ns/sa/web")]
@@ -307,6 +312,7 @@ GARBAGE: list[tuple[str, Callable[[int], bytes]]] = [
     ("flags", lambda port: mux.HEAD.pack(1, mux.OPEN, 7, 2) + struct.pack("!H", port)),
     ("data before open", lambda port: mux.HEAD.pack(5, mux.DATA, 0, 3) + b"abc"),
     ("short open", lambda port: mux.HEAD.pack(1, mux.OPEN, 0, 1) + b"x"),
+    ("open of 3 bytes", lambda port: mux.HEAD.pack(1, mux.OPEN, 0, 3) + struct.pack("!H", port) + b"x"),
     ("window of zero", lambda port: mux.HEAD.pack(1, mux.OPEN, 0, 2) + struct.pack("!H", port)
      + mux.HEAD.pack(1, mux.WINDOW, 0, 4) + b"\0\0\0\0"),
     ("stream 0", lambda port: mux.HEAD.pack(0, mux.FIN, 0, 0)),
