@@ -322,25 +322,43 @@ class LocalForward:
 class TlsForward(LocalForward):
     """The dashboard of a controller reached directly (a sandbox, --controller) whose web port
     speaks TLS with its own CA: the browser talks plain HTTP to 127.0.0.1, each connection goes on
-    as TLS to `address`, verified with the CA the CLI already trusts (never a browser warning to
+    as TLS to `target`, verified with the CA the CLI already trusts (never a browser warning to
     click through, never an unverified hop off the machine)."""
 
-    def __init__(self, address: str, origin: str, ca: str | Path | None, ca_pem: bytes | None,
-                 server_name: str | None, local_port: int = 0) -> None:
-        host, port = parse_hostport(address, origin)
-        self._target = (host, port)
-        try:
-            tls = (ssl.create_default_context(cadata=ca_pem.decode()) if ca_pem is not None
-                   else ssl.create_default_context(cafile=str(ca)))
-        except OSError as exc:
-            raise CliError(f"cannot read the controller's CA {ca}: {exc.strerror}") from None
-        super().__init__(local_port, tls, server_name or host)
+    def __init__(self, target: tuple[str, int], tls: ssl.SSLContext, server_name: str, local_port: int = 0) -> None:
+        self._target = target
+        super().__init__(local_port, tls, server_name)
 
     def _remote(self) -> Any:
         return socket.create_connection(self._target, timeout=DEFAULT_TIMEOUT_S)
 
     def __str__(self) -> str:
         return hostport(*self._target)
+
+
+def ca_context(ca: str | Path | None, ca_pem: bytes | None) -> ssl.SSLContext:
+    """A client TLS context trusting the controller's CA (PEM bytes, else the file)."""
+    try:
+        return (ssl.create_default_context(cadata=ca_pem.decode()) if ca_pem is not None
+                else ssl.create_default_context(cafile=str(ca)))
+    except OSError as exc:
+        raise CliError(f"cannot read the controller's CA {ca}: {exc.strerror}") from None
+
+
+def speaks_tls(target: tuple[str, int], tls: ssl.SSLContext, server_name: str) -> bool:
+    """Does `target` answer a TLS handshake (verified with `tls`)? False when it answers in plain
+    HTTP (a ClientHello gets a 400: a sandbox whose controller serves gRPC over TLS and the web
+    port without) or cannot be reached (the URL is printed as is; the browser says why). A TLS
+    server whose certificate `tls` does not verify is an error, never a reason to drop to HTTP."""
+    try:
+        with socket.create_connection(target, timeout=DEFAULT_TIMEOUT_S) as raw, \
+                tls.wrap_socket(raw, server_hostname=server_name):
+            return True
+    except ssl.SSLCertVerificationError as exc:
+        raise CliError(f"the dashboard at {hostport(*target)} presents a certificate the controller's CA does not "
+                       f"verify: {exc.verify_message}") from None
+    except (ssl.SSLError, OSError):
+        return False
 
 
 class KubePortForward(LocalForward):

@@ -27,10 +27,12 @@ from nodemesh.cli.client import (
     LocalForward,
     Target,
     TlsForward,
+    ca_context,
     controller_options,
     hostport,
     parse_hostport,
     resolve_target,
+    speaks_tls,
 )
 from nodemesh.manifests.sandboxfiles import DASHBOARD_ADDR_FILE
 
@@ -103,17 +105,21 @@ def dashboard(resource: str | None, namespace: str, show: str, port: int, client
             forward = KubePortForward(target.kube, remote_port=CONTROLLER_WEB_PORT, local_port=port,
                                       originate_tls=True)
             where = f"pod {CONTROLLER_NAMESPACE}/{forward.pod}:{CONTROLLER_WEB_PORT} (kube context {target.kube.name})"
-        elif ca is not None or target.ca_pem is not None:
-            # A controller reached directly whose web port speaks TLS with its own CA (a sandbox
-            # installed with controllerTls=true, or NODEMESH_CONTROLLER_CA): the same local forward,
-            # so no browser is shown a certificate it cannot verify.
-            host, web_port, origin = web_address(target)
-            forward = TlsForward(hostport(host, web_port), origin, ca, None if client.ca_file else target.ca_pem,
-                                 target.server_name, local_port=port)
-            where = f"{hostport(host, web_port)} over TLS verified with {ca or 'the published CA'}"
         else:
-            _present(dashboard_url(target, client, fragment)[0], show)
-            return
+            host, web_port, _ = web_address(target)
+            tls = ca_context(ca, None if client.ca_file else target.ca_pem) \
+                if ca is not None or target.ca_pem is not None else None
+            name = target.server_name or host
+            if tls is None or not speaks_tls((host, web_port), tls, name):
+                # No CA known, or the CA is the gRPC port's only (a node-process sandbox serves
+                # the web port in plain HTTP): the URL as it is.
+                _present(dashboard_url(target, client, fragment)[0], show)
+                return
+            # The web port speaks TLS with the controller's own CA (a sandbox installed with
+            # controllerTls=true, NODEMESH_CONTROLLER_CA): the same local forward as a cluster's,
+            # so no browser is shown a certificate it cannot verify.
+            forward = TlsForward((host, web_port), tls, name, local_port=port)
+            where = f"{hostport(host, web_port)} over TLS verified with {ca or 'the published CA'}"
     except OSError as exc:
         raise CliError(f"cannot listen on 127.0.0.1:{port} for the port-forward: {exc.strerror} "
                        "(choose another with --port)") from None

@@ -94,7 +94,8 @@ def test_dashboard_url_signs_in_with_the_token(no_sandbox: Path) -> None:
 def test_dashboard_of_a_tls_sandbox_is_forwarded_and_verified(no_sandbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sandbox installed with controllerTls=true: its web port speaks TLS with the sandbox's own
     CA. The browser gets http://127.0.0.1:PORT (never a certificate it cannot verify) and each
-    connection goes on as TLS verified with controller-ca.crt; a server with another CA is refused."""
+    connection goes on as TLS verified with controller-ca.crt; a server with another CA is refused;
+    a web port in plain HTTP beside a TLS gRPC port (the node-process sandbox) gets its URL as is."""
     state = no_sandbox / "nodemesh"
     state.mkdir()
     pki = write_controller_pki(state, ["127.0.0.1"])
@@ -139,23 +140,27 @@ def test_dashboard_of_a_tls_sandbox_is_forwarded_and_verified(no_sandbox: Path, 
         assert f"127.0.0.1:{web.server_address[1]} over TLS verified with {pki.ca}" in err
         assert served  # it reached the TLS server
 
-        # The same page behind a certificate of another CA: the forward refuses it (the browser
-        # sees the connection closed), nothing is served.
+        # The same page behind a certificate of another CA: refused with one line, never a
+        # fallback to plain HTTP, nothing served.
         (no_sandbox / "other").mkdir()
         other = write_controller_pki(no_sandbox / "other", ["127.0.0.1"])
         context.load_cert_chain(other.cert, other.key)
         served.clear()
-        fetched.clear()
-
-        def browse_refused(_seconds: float) -> None:
-            with pytest.raises((urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected)):
-                urllib.request.urlopen(printed[-1], timeout=5)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(dash.time, "sleep", browse_refused)
         code, _, err = run(["--port", "0"])
-        assert code == 0, err
-        assert not served
+        assert code == 1 and "presents a certificate the controller's CA does not verify" in err, err
+        assert not served and len(fetched) == 1
     finally:
         web.shutdown()
         web.server_close()
+
+    # A node-process sandbox: its controller serves gRPC over TLS (the CA file is there) and the web
+    # port in plain HTTP. The command finds the port plain and prints its URL at once, as before.
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        write_dashboard_address(state, "127.0.0.1", plain.server_address[1])
+        monkeypatch.setattr(dash.time, "sleep", lambda _s: pytest.fail("no forward for a plain web port"))
+        assert run(["--show", "url"])[:2] == (0, f"http://127.0.0.1:{plain.server_address[1]}/\n")
+    finally:
+        plain.shutdown()
+        plain.server_close()
