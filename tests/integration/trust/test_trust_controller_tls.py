@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 from hpack.huffman import HuffmanEncoder
@@ -42,10 +43,19 @@ def test_trust_controller_link_carries_no_token_in_clear(trust: Trust, tmp_path)
                               "deploy", "-n", "rt"], env=trust.cli_env(), capture_output=True, text=True, timeout=30,
                              check=False)
         assert res.returncode == 0 and "web" in res.stdout, res.stderr
-        # a scraper's token, which node2's agent sends to the controller to check
+        # a scraper's token, which node2's agent sends to the controller to check — once its link
+        # is back: until the reconnect (the agent's backoff after the cut above) the agent cannot
+        # ask and answers 503 (docs/controlplane.md, scrapes during a controller outage)
         req = urllib.request.Request(f"http://{node2.ip}:4191/metrics", headers={"Authorization": f"Bearer {scraper}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 200
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    assert r.status == 200
+                    break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and time.monotonic() < deadline, (exc.code, exc.read()[:200])
+                time.sleep(0.2)
     finally:
         stdout, err = cap.communicate(timeout=30)
     assert cap.returncode == 0, err
