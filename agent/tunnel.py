@@ -316,8 +316,7 @@ class Tunnel:
                 sock.close()
             if proto.refused or self.required(destination[0]):
                 raise
-            self.stats.count(self.stats.fallback, "no_tunnel")
-            log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
+            self._fell_back(destination, exc)
             return False
         return True
 
@@ -337,8 +336,7 @@ class Tunnel:
                     conn.secured(None)
                 if carrier.refused or self.required(destination[0]):
                     raise
-                self.stats.count(self.stats.fallback, "no_tunnel")
-                log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
+                self._fell_back(destination, exc)
                 return False
             finally:
                 carrier.pending -= 1
@@ -356,6 +354,12 @@ class Tunnel:
             carrier.open_stream(destination[1], upstream(conn), destination, peer[1])
             return True
         raise ConnectionResetError(errno.ECONNRESET, "tunnel carrier lost while opening")
+
+    def _fell_back(self, destination: tuple[str, int], exc: BaseException) -> None:
+        """No tunnel could be set up to `destination`'s node (no mTLS agent there): the caller
+        dials in plaintext (fail-open), counted."""
+        self.stats.count(self.stats.fallback, "no_tunnel")
+        log.debug("event=mtls_fallback dst=%s:%d error=%r", destination[0], destination[1], str(exc)[:120])
 
     def _carrier(self, plan: Plan, source_ip: str | None, destination_ip: str, timeout_s: float) -> ClientCarrier:
         """The pair's carrier with room for one more stream, made with the current certificate;

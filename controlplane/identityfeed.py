@@ -196,8 +196,7 @@ class IdentityFeed:
         parts = [head.SerializeToString(), _field(_SNAPSHOT_CONFIG, self._config)]
         parts.extend(_field(_SNAPSHOT_PODS, b) for b in self._pods.values())
         parts.extend(_field(_SNAPSHOT_SERVICES, b) for b in self._services.values())
-        body = b"".join(parts)
-        return _MESSAGE_IDENTITY + _varint(len(body)) + body
+        return _field(_MESSAGE_IDENTITY, b"".join(parts))
 
     def encoded_message_for(self, epoch: int, version: int,
                             encodings: frozenset[str] = frozenset()) -> tuple[bytes, bool] | None:
