@@ -26,13 +26,16 @@ from __future__ import annotations
 import random
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.controlplane.registry import IdentityEntries
 
 PodKey = str                    # uid
 ServiceKey = tuple[str, str]    # (namespace, name)
+_K = TypeVar("_K", str, tuple[str, str])
 
 ZLIB = "zlib"
 # Identity messages smaller than this go plain even to agents that take zlib: a delta of a few
@@ -93,6 +96,7 @@ class IdentityFeed:
         # a thousand agents at the same version get the same bytes, encoded once.
         self._encoded: dict[int, tuple[bytes, bool]] = {}
         self._compressed: dict[int, bytes] = {}   # the same, as ControllerMessage.identity_compressed
+        self._entries_source, self._entries_generation = 0, 0   # which registry's entries we hold, and when
 
     # ------------------------------------------------------------------ input
     def update(self, snap: pb.IdentitySnapshot) -> bool:
@@ -109,23 +113,35 @@ class IdentityFeed:
         self._resource_version = entries.resource_version
         pods, services, config, namespaces = entries.pods, entries.services, entries.config, entries.namespaces
         change = _Change(self.version + 1)
-        for key, data in pods.items():
-            if self._pods.get(key) != data:
+        hint = entries.changed_since(self._entries_generation) if entries.source == self._entries_source else None
+        self._entries_source, self._entries_generation = entries.source, entries.generation
+        if hint is None:  # first entries, or from another registry: diff everything
+            pod_keys: Iterable[PodKey] = pods.keys() | self._pods.keys()
+            service_keys: Iterable[ServiceKey] = services.keys() | self._services.keys()
+        else:             # only the entries the registry says changed since the ones we hold
+            pod_keys, service_keys = hint
+        for key in pod_keys:
+            data, old = pods.get(key), self._pods.get(key)
+            if old is not data and old != data:
                 change.pods[key] = data
-        for key in self._pods.keys() - pods.keys():
-            change.pods[key] = None
-        for skey, data in services.items():
-            if self._services.get(skey) != data:
-                change.services[skey] = data
-        for skey in self._services.keys() - services.keys():
-            change.services[skey] = None
+        for skey in service_keys:
+            sdata, sold = services.get(skey), self._services.get(skey)
+            if sold is not sdata and sold != sdata:
+                change.services[skey] = sdata
         if config != self._config:
             change.config = config
         if namespaces != self._namespaces:
             change.namespaces = namespaces
         if not change.pods and not change.services and change.config is None and change.namespaces is None:
             return False
-        self._pods, self._services, self._config, self._namespaces = pods, services, config, namespaces
+        # Ours, not the registry's (its dicts go on changing): copied after a full diff, else
+        # only the changed entries applied.
+        if hint is None:
+            self._pods, self._services = dict(pods), dict(services)
+        else:
+            _apply(self._pods, change.pods)
+            _apply(self._services, change.services)
+        self._config, self._namespaces = config, namespaces
         self.version = change.version
         self._snapshot = None
         self._encoded.clear()
@@ -239,3 +255,11 @@ class IdentityFeed:
         if delta is None:
             return pb.ControllerMessage(identity=self.snapshot())
         return pb.ControllerMessage(identity_delta=delta)
+
+
+def _apply(held: dict[_K, bytes], changes: dict[_K, bytes | None]) -> None:
+    for key, data in changes.items():
+        if data is None:
+            held.pop(key, None)
+        else:
+            held[key] = data

@@ -2,13 +2,20 @@
 
 Both cluster sources (Kubernetes and the sandbox) feed the same Kubernetes-shaped JSON objects
 through `apply()` / `replace()`, so nothing downstream can tell them apart. Derived views (pods
-with their owning workload, services with endpoints, captured namespaces) are rebuilt lazily
-after a change: a burst of watch events costs one rebuild, on the first read.
+with their owning workload, services with endpoints, captured namespaces, the identity entries)
+are brought up to date lazily, on the first read after a change, and only for what the change
+touches: an event marks its pod (a ReplicaSet's: the pods it owns; a Service's or an
+EndpointSlice's: its Service; a pod's: the Services of its namespace, whose endpoints or named
+ports may come from it) and the next read rebuilds those. One pod's change at 50,000 pods costs
+milliseconds, not a re-derivation of the cluster (docs/scale.md "Identity derivation").
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import random
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +52,10 @@ WATCHED_KINDS = (
 WORKLOAD_KINDS = {"deployment": "Deployment", "statefulset": "StatefulSet", "daemonset": "DaemonSet",
                   "job": "Job", "replicaset": "ReplicaSet"}
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# How many identity_entries calls' changed keys are kept for the feed's diff (it reads every one).
+IDENTITY_CHANGES_KEPT = 64
+# pods() puts up to this many changed records in place in its sorted list; more: it sorts again
+RESORT_AFTER = 2000
 
 
 @dataclass(slots=True)
@@ -76,13 +87,46 @@ class PodRecord:
 @dataclass(frozen=True, slots=True)
 class IdentityEntries:
     """The identity agents are told, as serialized entries (pods by uid, services by namespace
-    and name, the mesh config), for the identity feed to diff without re-serializing."""
+    and name, the mesh config), for the identity feed to diff without re-serializing. `pods` and
+    `services` are the registry's own dicts, valid until its next change (copying 50,000 entries
+    on every change cost more than the change): a reader that keeps them copies them."""
 
     resource_version: str
     pods: dict[str, bytes]
     services: dict[tuple[str, str], bytes]
     config: bytes
     namespaces: tuple[str, ...]
+    # Which entries changed, for a reader that took an earlier generation of the same registry
+    # (`source`, random per registry) (`changed_since`).
+    source: int = 0
+    generation: int = 0
+    changes: tuple[EntryChange, ...] = ()
+
+    def changed_since(self, generation: int) -> tuple[set[str], set[tuple[str, str]]] | None:
+        """The pod and service entry keys changed after `generation` (one this registry gave):
+        None when the log does not reach back that far (then diff everything)."""
+        if generation <= 0 or generation > self.generation:
+            return None
+        if generation == self.generation:
+            return set(), set()
+        if not self.changes or self.changes[0].generation > generation + 1:
+            return None
+        pods: set[str] = set()
+        services: set[tuple[str, str]] = set()
+        for c in self.changes:
+            if c.generation > generation:
+                pods.update(c.pods)
+                services.update(c.services)
+        return pods, services
+
+
+@dataclass(frozen=True, slots=True)
+class EntryChange:
+    """The entry keys one `identity_entries` call changed (added, re-serialized or removed)."""
+
+    generation: int
+    pods: frozenset[str]
+    services: frozenset[tuple[str, str]]
 
 
 @dataclass(slots=True)
@@ -144,6 +188,21 @@ def _pod_status(pod: Obj) -> str:
     return str(status.get("reason") or status.get("phase") or "Unknown")
 
 
+def _reads_pods(svc: Obj, slices: list[Obj]) -> bool:
+    """Does a Service's record read pod records (`WorkloadRegistry._service_record`)? With no
+    EndpointSlice its endpoints come from the pods its selector matches; a named targetPort the
+    slices do not resolve is looked up on a backing pod."""
+    spec = svc.get("spec") or {}
+    if not slices and spec.get("selector"):
+        return True
+    slice_names = {p.get("name") or "" for s in slices for p in s.get("ports") or [] if p.get("port")}
+    for port in spec.get("ports") or []:
+        target = port.get("targetPort", port.get("port"))
+        if isinstance(target, str) and not target.isdigit() and (port.get("name") or "") not in slice_names:
+            return True
+    return False
+
+
 class WorkloadRegistry:
     """Cluster objects keyed by kind and (namespace, name), plus views derived from them."""
 
@@ -151,16 +210,38 @@ class WorkloadRegistry:
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {k: {} for k in WATCHED_KINDS}
         self._listeners: list[Callable[[], None]] = []
         self.version = 0             # bumped on every effective change
-        self._derived_version = -1
-        self._pods: list[PodRecord] = []
-        self._pods_by_key: dict[tuple[str, str], PodRecord] = {}
-        self._services: list[ServiceRecord] = []
         self._synced_kinds: set[str] = set()
-        # Derivation is incremental where it costs: a pod's record is rebuilt only when its object
-        # or its ReplicaSet's changed (a 50,000-pod cluster re-derived every pod on every change),
-        # and its identity entry (a serialized pb.Pod) only when its record did.
-        self._pod_cache: dict[tuple[str, str], tuple[Obj, Obj | None, PodRecord]] = {}
-        self._pod_entries: dict[tuple[str, str], tuple[PodRecord, bytes]] = {}
+        # Indexes kept at input time (every change passes `_touch`):
+        self._ns_objects: dict[str, int] = {}        # namespace -> namespaced objects in it
+        self._slices_of: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {}  # Service -> its slices
+        # What changed since the last derivation (`_derive` takes these):
+        self._dirty_pods: set[tuple[str, str]] = set()
+        self._dirty_services: set[tuple[str, str]] = set()
+        # Derived, kept up to date by `_derive` for the keys marked dirty:
+        self._derived_version = -1
+        self._pod_records: dict[tuple[str, str], PodRecord] = {}
+        # the pod object and its ReplicaSet object a record was built from (a record reads no other)
+        self._pod_sources: dict[tuple[str, str], tuple[Obj, Obj | None]] = {}
+        self._pods_in: dict[str, dict[tuple[str, str], PodRecord]] = {}   # namespace -> its pods
+        self._rs_pods: dict[tuple[str, str], set[tuple[str, str]]] = {}   # ReplicaSet -> pods naming it
+        self._service_records: dict[tuple[str, str], ServiceRecord] = {}
+        # namespace -> the Services whose record reads its pods (endpoints from a selector with no
+        # EndpointSlice, a named targetPort looked up on a pod): a pod's change re-derives these
+        self._pod_readers: dict[str, set[tuple[str, str]]] = {}
+        self._pods_sorted: list[PodRecord] | None = None   # pods() by (namespace, name)
+        self._pod_keys_sorted: list[tuple[str, str]] = []  # their keys, in the same order
+        self._pods_moved: set[tuple[str, str]] = set()     # records changed since pods() last sorted
+        self._services_sorted: list[ServiceRecord] | None = None
+        # The identity agents are told, as serialized entries, kept per changed record: pods by
+        # uid (pod key -> (entry key, bytes)), services by key.
+        self._identity_dirty_pods: set[tuple[str, str]] = set()
+        self._identity_dirty_services: set[tuple[str, str]] = set()
+        self._pod_entries: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self._identity_pods: dict[str, bytes] = {}
+        self._identity_services: dict[tuple[str, str], bytes] = {}
+        self._identity_source = random.getrandbits(62) or 1
+        self._identity_generation = 0
+        self._identity_changes: deque[EntryChange] = deque(maxlen=IDENTITY_CHANGES_KEPT)
 
     # ------------------------------------------------------------------ input
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -174,19 +255,23 @@ class WorkloadRegistry:
         if store is None:
             return
         key = _key(obj)
+        old = store.get(key)
         if event_type == "DELETED":
-            if store.pop(key, None) is None:
+            if old is None:
                 return
+            del store[key]
+            self._touch(kind, key, old, None)
         else:
-            old = store.get(key)
             if old is not None and _meta(old).get("resourceVersion") == _meta(obj).get("resourceVersion") \
                     and old == obj:
                 return
             store[key] = obj
+            self._touch(kind, key, old, obj)
         self._changed()
 
     def replace(self, kind: str, items: Iterable[Obj]) -> None:
-        """A full list of one kind (initial list, relist after 410): objects absent are gone."""
+        """A full list of one kind (initial list, relist after 410): objects absent are gone.
+        Only the objects that differ from those held count as changed."""
         if kind not in self._objects:
             return
         new = {}
@@ -194,10 +279,46 @@ class WorkloadRegistry:
             obj.setdefault("kind", kind)
             new[_key(obj)] = obj
         self._synced_kinds.add(kind)
-        if new == self._objects[kind]:
-            return
+        old = self._objects[kind]
         self._objects[kind] = new
-        self._changed()
+        changed = False
+        for key, obj in new.items():
+            prev = old.get(key)
+            if prev is None or (prev is not obj and prev != obj):
+                self._touch(kind, key, prev, obj)
+                changed = True
+        for key in old.keys() - new.keys():
+            self._touch(kind, key, old[key], None)
+            changed = True
+        if changed:
+            self._changed()
+
+    def _touch(self, kind: str, key: tuple[str, str], old: Obj | None, new: Obj | None) -> None:
+        """Keep the input-time indexes and mark what the change of one object can alter."""
+        ns = key[0]
+        if kind not in ("Namespace", "Node") and (old is None) != (new is None):
+            n = self._ns_objects.get(ns, 0) + (1 if old is None else -1)
+            if n > 0:
+                self._ns_objects[ns] = n
+            else:
+                self._ns_objects.pop(ns, None)
+        if kind == "Pod":
+            self._dirty_pods.add(key)
+        elif kind == "ReplicaSet":
+            self._dirty_pods.update(self._rs_pods.get(key, ()))
+        elif kind == "Service":
+            self._dirty_services.add(key)
+        elif kind == "EndpointSlice":
+            # a slice belongs to the Service its label names (a relabel moves it: both change)
+            if old is not None and (name := (_meta(old).get("labels") or {}).get(SERVICE_NAME_LABEL)):
+                self._dirty_services.add((ns, name))
+                slices = self._slices_of.get((ns, name), {})
+                slices.pop(key, None)
+                if not slices:
+                    self._slices_of.pop((ns, name), None)
+            if new is not None and (name := (_meta(new).get("labels") or {}).get(SERVICE_NAME_LABEL)):
+                self._dirty_services.add((ns, name))
+                self._slices_of.setdefault((ns, name), {})[key] = new
 
     @property
     def synced(self) -> bool:
@@ -228,53 +349,85 @@ class WorkloadRegistry:
 
     # ------------------------------------------------------------------ derived views
     def _derive(self) -> None:
+        """Rebuild the records marked dirty since the last call (pods first: services read them)."""
         if self._derived_version == self.version:
             return
-        pods: list[PodRecord] = []
-        cache = self._pod_cache
-        fresh: dict[tuple[str, str], tuple[Obj, Obj | None, PodRecord]] = {}
-        replicasets = self._objects["ReplicaSet"]
-        for key, pod in self._objects["Pod"].items():
-            # The only other object a pod's record reads is its ReplicaSet (owner resolution).
-            ref = controller_ref(pod)
-            rs_obj = replicasets.get((key[0], ref.get("name") or "")) \
-                if ref is not None and ref.get("kind") == "ReplicaSet" else None
-            hit = cache.get(key)
-            if hit is not None and (hit[0] is pod or hit[0] == pod) and (hit[1] is rs_obj or hit[1] == rs_obj):
-                fresh[key] = (pod, rs_obj, hit[2])
-                pods.append(hit[2])
-                continue
-            m, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
-            workload, rs = self.resolve_owner(pod)
-            ports = {p["name"]: int(p["containerPort"])
-                     for c in spec.get("containers") or [] for p in c.get("ports") or []
-                     if p.get("name") and p.get("containerPort")}
-            pods.append(PodRecord(
-                namespace=m.get("namespace") or "", name=m.get("name") or "",
-                ip=status.get("podIP") or "", node=spec.get("nodeName") or "",
-                phase=status.get("phase") or "Unknown", status=_pod_status(pod), ready=pod_ready(pod),
-                host_network=bool(spec.get("hostNetwork")), labels=dict(m.get("labels") or {}),
-                workload=workload, replicaset=rs, container_ports=ports,
-                uid=pod_uid(pod), start_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
-                has_identity=pod_has_identity(pod), ips=tuple(pod_ips(pod)),
-                service_account=pod_service_account(pod),
-            ))
-            fresh[key] = (pod, rs_obj, pods[-1])
-        self._pod_cache = fresh
-        pods.sort(key=lambda p: (p.namespace, p.name))
-        self._pods = pods
-        self._pods_by_key = {(p.namespace, p.name): p for p in pods}
-        # EndpointSlices by the Service they belong to, once (a scan of every slice per Service
-        # was O(services x slices): 25 M steps per change at 5,000 Services).
-        slices: dict[tuple[str, str], list[Obj]] = {}
-        for sl in self._objects["EndpointSlice"].values():
-            name = (_meta(sl).get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if name:
-                slices.setdefault((_key(sl)[0], name), []).append(sl)
-        self._services = [self._service_record(svc, slices.get(_key(svc), []))
-                          for svc in self._objects["Service"].values()]
-        self._services.sort(key=lambda s: (s.namespace, s.name))
+        dirty, self._dirty_pods = self._dirty_pods, set()
+        services_dirty, self._dirty_services = self._dirty_services, set()
+        for key in dirty:
+            if self._derive_pod(key):
+                self._pods_moved.add(key)
+                self._identity_dirty_pods.add(key)
+                services_dirty.update(self._pod_readers.get(key[0], ()))
+        for skey in services_dirty:
+            svc = self._objects["Service"].get(skey)
+            old_rec = self._service_records.get(skey)
+            readers = self._pod_readers.setdefault(skey[0], set())
+            readers.discard(skey)
+            if svc is None:
+                if old_rec is None:
+                    continue
+                del self._service_records[skey]
+            else:
+                slices = [sl for _, sl in sorted(self._slices_of.get(skey, {}).items())]  # by name: one order
+                if _reads_pods(svc, slices):
+                    readers.add(skey)
+                rec = self._service_record(svc, slices)
+                if rec == old_rec:
+                    continue
+                self._service_records[skey] = rec
+            self._services_sorted = None
+            self._identity_dirty_services.add(skey)
         self._derived_version = self.version
+
+    def _derive_pod(self, key: tuple[str, str]) -> bool:
+        """Bring one pod's record up to its object (and its ReplicaSet's); True when it changed."""
+        pod = self._objects["Pod"].get(key)
+        ref = controller_ref(pod) if pod is not None else None
+        rs_key = (key[0], ref.get("name") or "") if ref is not None and ref.get("kind") == "ReplicaSet" else None
+        rs_obj = self._objects["ReplicaSet"].get(rs_key) if rs_key is not None else None
+        src = self._pod_sources.get(key)
+        if pod is not None and src is not None and (src[0] is pod or src[0] == pod) \
+                and (src[1] is rs_obj or src[1] == rs_obj):
+            self._pod_sources[key] = (pod, rs_obj)
+            return False
+        old = self._pod_records.pop(key, None)
+        self._pod_sources.pop(key, None)
+        if old is not None:
+            in_ns = self._pods_in[key[0]]
+            del in_ns[key]
+            if not in_ns:
+                del self._pods_in[key[0]]
+            if old.replicaset:
+                owned = self._rs_pods.get((key[0], old.replicaset))
+                if owned is not None:
+                    owned.discard(key)
+                    if not owned:
+                        del self._rs_pods[(key[0], old.replicaset)]
+        if pod is None:
+            return old is not None
+        m, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
+        workload, rs = self.resolve_owner(pod)
+        ports = {p["name"]: int(p["containerPort"])
+                 for c in spec.get("containers") or [] for p in c.get("ports") or []
+                 if p.get("name") and p.get("containerPort")}
+        rec = PodRecord(
+            namespace=m.get("namespace") or "", name=m.get("name") or "",
+            ip=status.get("podIP") or "", node=spec.get("nodeName") or "",
+            phase=status.get("phase") or "Unknown", status=_pod_status(pod), ready=pod_ready(pod),
+            host_network=bool(spec.get("hostNetwork")), labels=dict(m.get("labels") or {}),
+            workload=workload, replicaset=rs, container_ports=ports,
+            uid=pod_uid(pod), start_ms=pod_start_ms(pod), terminating=pod_terminating(pod),
+            has_identity=pod_has_identity(pod), ips=tuple(pod_ips(pod)),
+            service_account=pod_service_account(pod),
+        )
+        self._pod_records[key] = rec
+        self._pod_sources[key] = (pod, rs_obj)
+        self._pods_in.setdefault(key[0], {})[key] = rec
+        if rs_key is not None:
+            # indexed by the ReplicaSet the pod names (held or not): its arrival re-derives the pod
+            self._rs_pods.setdefault(rs_key, set()).add(key)
+        return True
 
     def _service_record(self, svc: Obj, slices: list[Obj]) -> ServiceRecord:
         """`slices`: the EndpointSlices labelled with this Service's name in its namespace."""
@@ -298,8 +451,8 @@ class WorkloadRegistry:
         elif selector:
             # No EndpointSlices recorded (e.g. a minimal sandbox): compute them as the endpoint
             # controller would, from the pods the selector matches.
-            for p in self._pods:
-                if p.namespace == ns and p.ip and p.running and not p.host_network \
+            for p in sorted(self._pods_in.get(ns, {}).values(), key=lambda p: p.name):
+                if p.ip and p.running and not p.host_network \
                         and all(p.labels.get(k) == v for k, v in selector.items()):
                     endpoints.append(EndpointRecord(ip=p.ip, ready=p.ready, pod=p.name, node=p.node))
         endpoints.sort(key=lambda e: e.ip)
@@ -320,22 +473,50 @@ class WorkloadRegistry:
         if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
             return int(target)
         for ep in endpoints:  # a named targetPort: look it up on a backing pod
-            rec = self._pods_by_key.get((ns, ep.pod))
+            rec = self._pod_records.get((ns, ep.pod))
             if rec and target in rec.container_ports:
                 return rec.container_ports[target]
         return int(port.get("port") or 0)
 
     def pods(self) -> list[PodRecord]:
+        """Every pod's record, by namespace and name."""
         self._derive()
-        return self._pods
+        moved, records = self._pods_moved, self._pod_records
+        if self._pods_sorted is None or len(moved) > RESORT_AFTER:
+            self._pod_keys_sorted = sorted(records)
+            self._pods_sorted = [records[k] for k in self._pod_keys_sorted]
+        elif moved:
+            # a few changed: put them in place (a new list: a caller may still hold the old one)
+            keys, out = self._pod_keys_sorted, list(self._pods_sorted)
+            for key in moved:
+                i = bisect.bisect_left(keys, key)
+                rec, present = records.get(key), i < len(keys) and keys[i] == key
+                if rec is None:
+                    if present:
+                        del keys[i], out[i]
+                elif present:
+                    out[i] = rec
+                else:
+                    keys.insert(i, key)
+                    out.insert(i, rec)
+            self._pods_sorted = out
+        moved.clear()
+        return self._pods_sorted
 
     def pod(self, namespace: str, name: str) -> PodRecord | None:
         self._derive()
-        return self._pods_by_key.get((namespace, name))
+        return self._pod_records.get((namespace, name))
 
     def services(self) -> list[ServiceRecord]:
+        """Every Service's record, by namespace and name."""
         self._derive()
-        return self._services
+        if self._services_sorted is None:
+            self._services_sorted = sorted(self._service_records.values(), key=lambda s: (s.namespace, s.name))
+        return self._services_sorted
+
+    def service(self, namespace: str, name: str) -> ServiceRecord | None:
+        self._derive()
+        return self._service_records.get((namespace, name))
 
     def nodes(self) -> list[NodeRecord]:
         out = []
@@ -352,12 +533,7 @@ class WorkloadRegistry:
 
     def namespaces(self) -> dict[str, dict[str, str]]:
         """Every namespace known (objects, or implied by a namespaced object) -> its labels."""
-        out: dict[str, dict[str, str]] = {}
-        for kind, store in self._objects.items():
-            if kind in ("Namespace", "Node"):
-                continue
-            for ns, _ in store:
-                out.setdefault(ns, {})
+        out: dict[str, dict[str, str]] = {ns: {} for ns in self._ns_objects}
         for ns_obj in self._objects["Namespace"].values():
             out[_key(ns_obj)[1]] = dict(_meta(ns_obj).get("labels") or {})
         out.pop("", None)
@@ -377,23 +553,21 @@ class WorkloadRegistry:
         self._derive()
         in_ns = (lambda ns: True) if namespace is None else (lambda ns: ns == namespace)
         out: list[ResourceInfo] = []
+        pods = self.pods() if namespace is None else self._pods_of(namespace)
         if type_ == "namespace":
             for ns, labels in sorted(self.namespaces().items()):
                 if namespace is None or ns == namespace:
-                    out.append(ResourceInfo("", "namespace", ns, labels,
-                                            [p for p in self._pods if p.namespace == ns]))
+                    out.append(ResourceInfo("", "namespace", ns, labels, self._pods_of(ns)))
         elif type_ == "pod":
-            for p in self._pods:
-                if in_ns(p.namespace):
-                    out.append(ResourceInfo(p.namespace, "pod", p.name, p.labels, [p]))
+            out.extend(ResourceInfo(p.namespace, "pod", p.name, p.labels, [p]) for p in pods)
         elif type_ == "service":
-            for s in self._services:
+            for s in self.services():
                 if in_ns(s.namespace):
                     out.append(ResourceInfo(s.namespace, "service", s.name, s.labels, self.service_pods(s)))
         elif type_ in WORKLOAD_KINDS:
             # Pods grouped by owner in one pass (a scan of every pod per workload was O(W x P)).
             owned: dict[tuple[str, str], list[PodRecord]] = {}
-            for p in self._pods:
+            for p in pods:
                 if type_ == "replicaset":
                     owned.setdefault((p.namespace, p.replicaset), []).append(p)
                 elif p.workload.kind == type_:
@@ -407,6 +581,9 @@ class WorkloadRegistry:
         out.sort(key=lambda r: (r.namespace, r.name))
         return out
 
+    def _pods_of(self, namespace: str) -> list[PodRecord]:
+        return sorted(self._pods_in.get(namespace, {}).values(), key=lambda p: p.name)
+
     def resource(self, type_: str, namespace: str, name: str) -> ResourceInfo | None:
         ns = None if type_ == "namespace" else namespace
         for r in self.resources(type_, ns):
@@ -415,12 +592,13 @@ class WorkloadRegistry:
         return None
 
     def service_pods(self, svc: ServiceRecord) -> list[PodRecord]:
-        pods = []
+        self._derive()
+        pods: dict[str, PodRecord] = {}
         for ep in svc.endpoints:
-            rec = self._pods_by_key.get((svc.namespace, ep.pod))
-            if rec is not None and rec not in pods:
-                pods.append(rec)
-        return pods
+            rec = self._pod_records.get((svc.namespace, ep.pod))
+            if rec is not None:
+                pods.setdefault(rec.name, rec)
+        return list(pods.values())
 
     # ------------------------------------------------------------------ identity
     def identity_snapshot(self, config: pb.MeshConfig, captured_only: Iterable[str] = ()) -> pb.IdentitySnapshot:
@@ -434,36 +612,49 @@ class WorkloadRegistry:
         return snap
 
     def identity_entries(self, config: pb.MeshConfig, captured_only: Iterable[str] = ()) -> IdentityEntries:
-        """The identity as serialized entries (what `IdentityFeed.update_entries` diffs): a pod's
-        entry is re-serialized only when its record changed."""
+        """The identity as serialized entries (what `IdentityFeed.update_entries` diffs): only the
+        entries of records changed since the last call are serialized again (pods are keyed by
+        uid, which the API server makes unique)."""
         self._derive()
-        cached = self._pod_entries
-        fresh: dict[tuple[str, str], tuple[PodRecord, bytes]] = {}
-        pods: dict[str, bytes] = {}
-        for p in self._pods:
+        dirty, self._identity_dirty_pods = self._identity_dirty_pods, set()
+        changed_pods: set[str] = set()
+        for key in dirty:
+            old = self._pod_entries.pop(key, None)
+            if old is not None:
+                self._identity_pods.pop(old[0], None)
+                changed_pods.add(old[0])
+            p = self._pod_records.get(key)
             # hostNetwork pods share their node's IP, so the IP names the node, not the pod;
             # finished pods, and terminating ones with every container stopped, may have handed
             # their IP to a new pod already (api.workloads.pod_has_identity).
-            if not p.has_identity:
+            if p is None or not p.has_identity:
                 continue
-            key = (p.namespace, p.name)
-            hit = cached.get(key)
-            if hit is not None and hit[0] is p:
-                data = hit[1]
-            else:
-                data = pb.Pod(
-                    ip=p.ips[0], ips=p.ips, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready,
-                    labels=p.labels, uid=p.uid, start_time_ms=p.start_ms, terminating=p.terminating,
-                    service_account=p.service_account,
-                    owner=pb.Resource(namespace=p.workload.namespace, type=p.workload.kind, name=p.workload.name),
-                ).SerializeToString(deterministic=True)
-            fresh[key] = (p, data)
-            pods[p.uid or f"{p.namespace}/{p.name}"] = data
-        self._pod_entries = fresh
-        services = {(s.namespace, s.name): pb.Service(
-            namespace=s.namespace, name=s.name, cluster_ip=s.cluster_ip,
-            ports=[pb.ServicePort(name=n, port=port, target_port=tp) for n, port, tp in s.ports],
-            endpoints=[pb.Endpoint(ip=e.ip, ready=e.ready, pod=e.pod, node=e.node) for e in s.endpoints],
-        ).SerializeToString(deterministic=True) for s in self._services}
+            data = pb.Pod(
+                ip=p.ips[0], ips=p.ips, namespace=p.namespace, name=p.name, node=p.node, ready=p.ready,
+                labels=p.labels, uid=p.uid, start_time_ms=p.start_ms, terminating=p.terminating,
+                service_account=p.service_account,
+                owner=pb.Resource(namespace=p.workload.namespace, type=p.workload.kind, name=p.workload.name),
+            ).SerializeToString(deterministic=True)
+            entry_key = p.uid or f"{p.namespace}/{p.name}"
+            self._pod_entries[key] = (entry_key, data)
+            self._identity_pods[entry_key] = data
+            changed_pods.add(entry_key)
+        sdirty, self._identity_dirty_services = self._identity_dirty_services, set()
+        for skey in sdirty:
+            s = self._service_records.get(skey)
+            if s is None:
+                self._identity_services.pop(skey, None)
+                continue
+            self._identity_services[skey] = pb.Service(
+                namespace=s.namespace, name=s.name, cluster_ip=s.cluster_ip,
+                ports=[pb.ServicePort(name=n, port=port, target_port=tp) for n, port, tp in s.ports],
+                endpoints=[pb.Endpoint(ip=e.ip, ready=e.ready, pod=e.pod, node=e.node) for e in s.endpoints],
+            ).SerializeToString(deterministic=True)
+        if changed_pods or sdirty:
+            self._identity_generation += 1
+            self._identity_changes.append(EntryChange(self._identity_generation, frozenset(changed_pods),
+                                                      frozenset(sdirty)))
+        pods, services = self._identity_pods, self._identity_services
         return IdentityEntries(str(self.version), pods, services, config.SerializeToString(deterministic=True),
-                               tuple(self.captured_namespaces(config.excluded_namespaces, captured_only)))
+                               tuple(self.captured_namespaces(config.excluded_namespaces, captured_only)),
+                               self._identity_source, self._identity_generation, tuple(self._identity_changes))

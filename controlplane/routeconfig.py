@@ -45,19 +45,18 @@ WorkloadKey = tuple[str, str, str]
 def workload_routes(registry: WorkloadRegistry) -> list[pb.WorkloadRoutes]:
     """Every workload's configured route rules, in a stable order (pushed in MeshConfig)."""
     rules: dict[WorkloadKey, list[pb.RouteRule]] = {}
-    behind = _workloads_behind_services(registry)
 
     for kind in _WORKLOAD_KINDS:
-        for obj in sorted(registry.objects(kind), key=_ns_name):
+        for obj in sorted(_annotated(registry.objects(kind)), key=_ns_name):
             parsed = _annotation_rules(obj)
             if parsed:
                 meta = obj.get("metadata") or {}
                 rules.setdefault((meta.get("namespace", ""), TYPE_OF_KIND[kind], meta.get("name", "")), []) \
                     .extend(parsed)
-    for svc in sorted(registry.objects("Service"), key=_ns_name):
+    for svc in sorted(_annotated(registry.objects("Service")), key=_ns_name):
         parsed = _annotation_rules(svc)
         if parsed:
-            for key in behind.get(_ns_name(svc), ()):
+            for key in _workloads_behind(registry, _ns_name(svc)):
                 rules.setdefault(key, []).extend(parsed)
     for kind in (HTTP_ROUTE, GRPC_ROUTE):
         for route in sorted(registry.objects(kind), key=_ns_name):
@@ -65,7 +64,7 @@ def workload_routes(registry: WorkloadRegistry) -> list[pb.WorkloadRoutes]:
             if not parsed:
                 continue
             for parent in _parent_services(route):
-                for key in behind.get(parent, ()):
+                for key in _workloads_behind(registry, parent):
                     rules.setdefault(key, []).extend(parsed)
     return [pb.WorkloadRoutes(workload=pb.Resource(namespace=ns, type=type_, name=name), rules=r)
             for (ns, type_, name), r in sorted(rules.items())]
@@ -76,12 +75,17 @@ def _ns_name(obj: dict[str, Any]) -> tuple[str, str]:
     return (meta.get("namespace", "") or "", meta.get("name", "") or "")
 
 
-def _workloads_behind_services(registry: WorkloadRegistry) -> dict[tuple[str, str], list[WorkloadKey]]:
-    out: dict[tuple[str, str], list[WorkloadKey]] = {}
-    for svc in registry.services():
-        keys = sorted({(p.workload.namespace, p.workload.kind, p.workload.name) for p in registry.service_pods(svc)})
-        out[(svc.namespace, svc.name)] = keys
-    return out
+def _annotated(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects carrying the routes annotation (every change walks them: keep it a lookup)."""
+    return [o for o in objs if ROUTES_ANNOTATION in ((o.get("metadata") or {}).get("annotations") or {})]
+
+
+def _workloads_behind(registry: WorkloadRegistry, service: tuple[str, str]) -> list[WorkloadKey]:
+    """The workloads whose pods back `service` (namespace, name), sorted; none when unknown."""
+    svc = registry.service(*service)
+    if svc is None:
+        return []
+    return sorted({(p.workload.namespace, p.workload.kind, p.workload.name) for p in registry.service_pods(svc)})
 
 
 def _annotation_rules(obj: dict[str, Any]) -> list[pb.RouteRule]:

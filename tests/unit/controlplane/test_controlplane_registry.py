@@ -129,7 +129,7 @@ def test_incremental_derivation_follows_the_pod_and_its_replicaset(objects: list
         reg.replace(kind, [copy.deepcopy(o) for o in objects if o["kind"] == kind])
     name = "web-5f7c9d8b6-x2vqm"
     before = {p.name: p for p in reg.pods()}
-    entries = reg.identity_entries(pb.MeshConfig())
+    entries = dict(reg.identity_entries(pb.MeshConfig()).pods)   # the registry's dict goes on changing
     pod = copy.deepcopy(reg.get("Pod", "emojivoto", name))
     pod["metadata"]["resourceVersion"] = "999"
     pod["metadata"]["labels"]["extra"] = "1"
@@ -139,8 +139,8 @@ def test_incremental_derivation_follows_the_pod_and_its_replicaset(objects: list
     assert all(after[n] is before[n] for n in before if n != name)   # the others: the same records
     again = reg.identity_entries(pb.MeshConfig())
     uid = after[name].uid
-    assert again.pods[uid] != entries.pods[uid]
-    assert all(again.pods[u] is entries.pods[u] for u in entries.pods if u != uid)   # not re-serialized
+    assert again.pods[uid] != entries[uid]
+    assert all(again.pods[u] is entries[u] for u in entries if u != uid)   # not re-serialized
     assert again.pods == reg_from_scratch(reg).identity_entries(pb.MeshConfig()).pods
     # The ReplicaSet loses its Deployment owner: the pod (unchanged) now belongs to the ReplicaSet.
     rs = copy.deepcopy(reg.get("ReplicaSet", "emojivoto", "web-5f7c9d8b6"))
