@@ -4,7 +4,11 @@
 
 For each N: a synthetic cluster of N nodes x P pods (tests/scale/cluster.py) recorded as the
 sandbox records it; a real controller process started as `nodemesh install --sandbox` starts it
-(`--source sandbox`, `--token-file`, TLS); N simulated agents (tests/scale/agents.py: real gRPC
+(`--token-file`, TLS) that learns the cluster as on a real one (`--source kubernetes`: the real
+`kubernetes` client lists and watches the sandbox's API server, sandbox/apiserver.py, run on
+loopback as its own process, so a change reaches the controller as watch events and the API
+server's own cost is not the controller's; `--source sandbox`: the controller polls and re-reads
+the objects file itself, ~2.4 s of its loop per change at 50,000 pods); N simulated agents (tests/scale/agents.py: real gRPC
 clients, the agent's protocol, its 1 s report cadence) spread over a few client processes. Then,
 in order:
 
@@ -16,7 +20,9 @@ in order:
 4. tap open latency: Tap on one deployment until its first event (agents answer a TapOpen with
    an event right away);
 5. identity fan-out: one pod replaced, then a 500-pod rollout; time from the objects file's write
-   to every agent holding a message of the new version (p50 and max over agents).
+   to every agent holding a message of the new version (p50 and max over agents). With
+   `--source kubernetes` this includes the sandbox API server noticing the write (it polls the
+   file every 50 ms and re-reads it: ~1–2 s at 50,000 pods) before its watch events go out.
 
 Numbers, not pass/fail: the machine is shared, repeat the ones you compare. The simulated agents
 share the machine with the controller: their CPU (every client process, /proc) is reported beside
@@ -52,6 +58,7 @@ from nodemesh.api.clusterstate import ClusterObjects, write_objects
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.gen import nodemesh_pb2_grpc as pb_grpc
 from nodemesh.api.model import GRPC_CHANNEL_OPTIONS
+from nodemesh.sandbox.podspec import kubeconfig
 
 AGENTS_PER_PROCESS = 250
 
@@ -99,9 +106,11 @@ class Run:
         self.cluster = Cluster(nodes, pods, args.fanout)
         self.rv = 1
         self.procs: list[subprocess.Popen] = []
+        self.apiserver: subprocess.Popen | None = None
+        self.apiserver_watch: ProcWatch | None = None
         self.figures: dict = {"nodes": nodes, "pods_per_node": pods, "pods": nodes * pods,
                               "fanout": args.fanout, "active": args.active, "ingest": not args.no_ingest,
-                              "identity_compression": not args.no_compression}
+                              "identity_compression": not args.no_compression, "source": args.source}
 
     def say(self, msg: str) -> None:
         print(f"[N={self.n}] {msg}", file=sys.stderr, flush=True)
@@ -120,9 +129,13 @@ class Run:
         self.ca = str(pki.ca)
         self.grpc_port, self.web_port = free_port(), free_port()
         self.write_cluster()
+        if self.args.source == "kubernetes":
+            source = ["--source", "kubernetes", "--kubeconfig", self.start_apiserver()]
+        else:
+            source = ["--source", "sandbox", "--state-dir", str(self.dir)]
         log = open(self.dir / "controller.log", "w")  # noqa: SIM115 - the child's, for its life
         self.controller = subprocess.Popen(
-            [sys.executable, "-m", "nodemesh.controlplane", "--source", "sandbox", "--state-dir", str(self.dir),
+            [sys.executable, "-m", "nodemesh.controlplane", *source,
              "--listen", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--web-port", str(self.web_port),
              "--token-file", str(self.dir / "controller.token"), "--tls-cert", str(pki.cert),
              "--tls-key", str(pki.key),
@@ -130,7 +143,7 @@ class Run:
                if self.args.no_ingest else []),
              *(["--ingest-turn-ms", str(self.args.ingest_turn_ms)] if self.args.ingest_turn_ms is not None else [])],
             stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(self.controller)
+        self.procs.insert(0, self.controller)
         self.watch = ProcWatch(self.controller.pid)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -150,6 +163,33 @@ class Run:
         self.stub = pb_grpc.ControllerStub(self.channel)
         self.md = (("authorization", f"Bearer {token}"),)
 
+    def start_apiserver(self) -> str:
+        """The sandbox's API server over this cluster's objects file, on loopback; returns the path
+        of a kubeconfig for it."""
+        port = free_port()
+        log = open(self.dir / "apiserver.log", "w")  # noqa: SIM115 - the child's, for its life
+        self.apiserver = subprocess.Popen(
+            [sys.executable, "-m", "nodemesh.sandbox.apiserver", "--state-dir", str(self.dir),
+             "--listen", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(self.apiserver)
+        self.apiserver_watch = ProcWatch(self.apiserver.pid)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.apiserver.poll() is not None:
+                raise RuntimeError(f"API server exited: {(self.dir / 'apiserver.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("API server not ready in 120 s")
+        path = self.dir / "kubeconfig"
+        path.write_text(kubeconfig(f"http://127.0.0.1:{port}", "scale-harness", "default"))
+        return str(path)
+
     def start_agents(self) -> None:
         k = max(1, -(-self.n // AGENTS_PER_PROCESS))
         self.outs = []
@@ -167,7 +207,7 @@ class Run:
             log = open(self.dir / f"agents-{w}.log", "w")  # noqa: SIM115 - the child's, for its life
             self.procs.append(subprocess.Popen([sys.executable, str(HERE / "agents.py"), "--spec", str(spec_path),
                                                 "--out", str(out)], stdout=subprocess.DEVNULL, stderr=log))
-        self.agent_procs = self.procs[1:]
+        self.agent_procs = [p for p in self.procs if p is not self.controller and p is not self.apiserver]
         self.agent_watches = [ProcWatch(p.pid) for p in self.agent_procs]
         # Each client process builds its agents' traffic first (seconds to a minute at N=1000 on
         # a busy machine); the connect clock starts when all of them are ready.
@@ -331,6 +371,8 @@ class Run:
             t_roll = self.roll(list(range(1, 1 + min(500, self.n * self.p - 1))), generation=2)
             time.sleep(self.args.fanout_wait * 2)
             f["rss_mb_end"], f["rss_hwm_mb"] = self.watch.mem_mb()
+            if self.apiserver_watch is not None:   # the API server's work, for the fan-out figures
+                f["apiserver_cpu_s"] = self.apiserver_watch.cpu_s()
             f["loadavg_end"] = os.getloadavg()[0]
             f["reports_received_total"] = self.metric("nodemesh_controller_reports_received_total")
             f["identity_snapshots_total"] = self.metric("nodemesh_controller_identity_snapshots_total")
@@ -430,6 +472,8 @@ def main() -> None:
     p.add_argument("--fanout-wait", type=float, default=4)
     p.add_argument("--parse-all", action="store_true", help="agents parse every identity message")
     p.add_argument("--no-refs", action="store_true", help="agents send labels with every series")
+    p.add_argument("--source", choices=("kubernetes", "sandbox"), default="kubernetes",
+                   help="how the controller learns the cluster (see above; default: kubernetes)")
     p.add_argument("--no-ingest", action="store_true",
                    help="controller with --no-ingest (acks reports, stores nothing; stat is refused)")
     p.add_argument("--ingest-turn-ms", type=float, default=None,

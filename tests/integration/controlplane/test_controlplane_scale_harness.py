@@ -10,19 +10,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_scale_harness_small_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["kubernetes", "sandbox"])
+def test_scale_harness_small_run(tmp_path: Path, source: str) -> None:
+    """`kubernetes`: the controller lists and watches the sandbox API server through the real
+    client (the harness's default); `sandbox`: it reads the objects file itself."""
     out = tmp_path / "scale.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scale" / "run.py"), "--nodes", "5", "--pods", "50",
          "--duration", "3", "--warmup", "1", "--queries", "3", "--taps", "1", "--fanout-wait", "2",
-         "--ramp", "0.5", "--parse-all", "--json", str(out)],
+         "--ramp", "0.5", "--parse-all", "--source", source, "--json", str(out)],
         check=False, capture_output=True, text=True, timeout=240, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (f,) = json.loads(out.read_text())
     print(proc.stdout)
+    assert f["source"] == source
+    assert (f.get("apiserver_cpu_s", 0) > 0) == (source == "kubernetes")
     assert f["agents"] == f["agents_connected"] == f["agents_reporting"] == 5
     assert f["agent_errors"] == f["controller_rejected_reports"] == f["controller_errors"] == 0
     # Every report the agents sent was acknowledged, and the controller counted each once.
