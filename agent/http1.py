@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 import httptools
-from nodemesh.agent.observe import ALL_HEADERS, HeadersGate
+from nodemesh.agent.observe import ALL_HEADERS, HeadersGate, RequestHead
 
 MAX_HEAD_BYTES = 64 * 1024           # request/response head (line + headers); more: 431 / opaque
 MAX_UNPARSED_AFTER_UPGRADE = 64 * 1024
@@ -64,36 +64,37 @@ def response_parser(side: object) -> httptools.HttpResponseParser:
     return parser
 
 
-class Http1Request:
-    """One request/response pair on a connection."""
+class Http1Request(RequestHead):
+    """One request/response pair on a connection; also the RequestHead the observer is given
+    (one object per request instead of two: docs/bench.md "Hot path steps", step 6). Equality and
+    hashing are by identity, as for any request, not the dataclass's field comparison."""
 
     __slots__ = (
-        "authority",
         "closes",
-        "headers",
-        "method",
         "obs",
-        "ordinal",
-        "path",
         "request_bytes",
         "request_done",
         "response_at",
         "response_bytes",
         "response_done",
         "response_headers",
-        "started",
-        "status",
         "upgrade",
     )
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __init__(self, ordinal: int) -> None:
-        self.ordinal = ordinal
+        # RequestHead's fields, set here (its generated __init__ would be one more call):
         self.method = ""
-        self.path = ""
+        self.scheme = "http"
         self.authority = ""
-        self.headers: list[tuple[str, str]] = []
+        self.path = ""
+        self.headers = []
+        self.grpc = False
+        self.stream_id = ordinal           # the ordinal of the request on the connection
         self.started = 0.0
-        self.status = 0
+        self.adopted = False
+        self.status = 0                    # the response's status, once its head arrived
         self.response_headers: list[tuple[str, str]] = []
         self.response_at = 0.0
         self.request_bytes = 0
@@ -101,8 +102,12 @@ class Http1Request:
         self.request_done = False
         self.response_done = False
         self.upgrade = False          # asked for Upgrade (or is CONNECT)
-        self.obs: object = None       # the Observer's handle, owned by the relay
+        self.obs: object = None       # the Observer's handle, owned by the relay (None once ended)
         self.closes = False           # the server will close after this response
+
+    @property
+    def ordinal(self) -> int:
+        return self.stream_id
 
     @property
     def done(self) -> bool:

@@ -16,11 +16,16 @@ import time
 
 from nodemesh.agent import http1
 from nodemesh.agent.http1 import Http1Exchange, Http1Request
-from nodemesh.agent.observe import ALL_HEADERS, RequestEnd, RequestHead
+from nodemesh.agent.observe import ALL_HEADERS, RequestEnd
 from nodemesh.agent.seam import ModeHost
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
 DRAIN_IDLE_CHECK_S = 0.5
+
+
+# An exchange that ended cleanly with no body bytes counted (the body is counted only while a tap
+# or the event log looks): one shared RequestEnd, `ended` 0.0 = now (observe.RequestEnd).
+_CLEAN_END = RequestEnd()
 
 
 def error_response(status: int) -> bytes:
@@ -99,16 +104,15 @@ class Http1Mode:
                 if self.conn.slow:
                     self.conn.head_arrived()
                 req: Http1Request = arg  # type: ignore[assignment]
-                req.obs = observer.request_start(self.conn.obs, RequestHead(
-                    req.method, "http", req.authority, req.path, req.headers, False, req.ordinal,
-                    req.started))
+                req.obs = observer.request_start(self.conn.obs, req)  # it is its own RequestHead
             elif kind == http1.RESPONSE_HEAD:
                 req = arg  # type: ignore[assignment]
                 observer.response_start(req.obs, req.status, req.response_headers, req.response_at)
             elif kind == http1.EXCHANGE_END:
                 req = arg  # type: ignore[assignment]
-                observer.request_end(req.obs, RequestEnd(
-                    None, None, req.request_bytes, req.response_bytes, time.monotonic()))
+                observer.request_end(req.obs, RequestEnd(None, None, req.request_bytes, req.response_bytes)
+                                     if req.request_bytes or req.response_bytes else _CLEAN_END)
+                req.obs = None  # the observer's handle may hold req (its head): no cycle left behind
                 if self.error_status and not self.exchange.awaiting:
                     self._answer_error()
                 elif self.exchange.idle:
@@ -138,6 +142,7 @@ class Http1Mode:
         for req in self.exchange.close():
             self.observer.request_end(req.obs, RequestEnd(
                 None, "protocol error", req.request_bytes, req.response_bytes, now))
+            req.obs = None
         self.opaque = True
         self._cancel_timers()
 
@@ -184,3 +189,4 @@ class Http1Mode:
             clean = upstream_clean and req.status != 0 and req.request_done
             self.observer.request_end(req.obs, RequestEnd(
                 None, None if clean else "connection closed", req.request_bytes, req.response_bytes, now))
+            req.obs = None

@@ -15,8 +15,8 @@ from types import ModuleType
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "http1_micro.py"
 
-NO_TAP_PY, NO_TAP_C = 34, 38     # no tap open: headers neither decoded nor collected
-TAP_PY_MAX = 45                  # a tap open (matching no request): every header collected
+NO_TAP_PY, NO_TAP_C = 29, 37     # no tap open: headers neither decoded nor collected
+TAP_PY_MAX = 41                  # a tap open (matching no request): every header collected
 
 
 def _bench() -> ModuleType:
