@@ -325,9 +325,9 @@ class Http1Exchange:
         self.upgraded = False                          # opaque from now on: stop feeding
         self.failed = False                            # the server stopped speaking HTTP/1: opaque
         self.client_failed = False                     # the client did: its side is not classified
-        self._req_side = (_RequestSideCounting if gate.headers_wanted else _RequestSide)(self)
+        self.req_side = (_RequestSideCounting if gate.headers_wanted else _RequestSide)(self)
         self._resp_side = (_ResponseSideHeaders if gate.headers_wanted else _ResponseSide)(self)
-        self.req_parser = request_parser(self._req_side)
+        self.req_parser = request_parser(self.req_side)
         self.resp_parser = response_parser(self._resp_side)
         self._req_tail = b""
         self._resp_tail = b""
@@ -344,11 +344,11 @@ class Http1Exchange:
         if self._upgrade_wait:
             self._hold(data)
             return self._take()
-        side = self._req_side
+        side = self.req_side
         if side.counts_body is not self.gate.headers_wanted and side.req is None:
             # A tap opened (or the last one closed): between requests, rebind the parser to the
             # side that does (not) count body bytes, as feed_response does for its side.
-            side = self._req_side = (_RequestSideCounting if self.gate.headers_wanted else _RequestSide)(self)
+            side = self.req_side = (_RequestSideCounting if self.gate.headers_wanted else _RequestSide)(self)
             self.req_parser = request_parser(side)
         side.completed = False
         try:
@@ -508,12 +508,12 @@ class Http1Exchange:
             return
         self._upgrade_wait = False
         held, self._held, self._held_len = self._held, [], 0
-        self.req_parser = request_parser(self._req_side)
-        cur = self._req_side.req
+        self.req_parser = request_parser(self.req_side)
+        cur = self.req_side.req
         if cur is not None:
             # The upgrade request itself: llhttp skipped its body; call it complete.
             cur.request_done = True
-            self._req_side.req = None
+            self.req_side.req = None
         for chunk in held:
             try:
                 self.req_parser.feed_data(chunk)
@@ -535,7 +535,7 @@ class Http1Exchange:
     def close(self) -> list[Http1Request]:
         """The connection ended: the requests that never completed (head seen, not done)."""
         unfinished = list(self.awaiting)
-        cur = self._req_side.req
+        cur = self.req_side.req
         if cur is not None and cur not in unfinished and cur.started:
             unfinished.append(cur)
         self.awaiting.clear()
@@ -545,7 +545,7 @@ class Http1Exchange:
     @property
     def idle(self) -> bool:
         """No request in flight and none begun: a safe moment to close a keep-alive connection."""
-        return not self.awaiting and not self.head_pending and self._req_side.req is None
+        return not self.awaiting and not self.head_pending and self.req_side.req is None
 
     def _take(self) -> list[Event]:
         if not self.events:

@@ -15,6 +15,7 @@ import asyncio
 import time
 
 from nodemesh.agent import http1
+from nodemesh.agent.fairness import BYTES_PER_WORK_SHIFT
 from nodemesh.agent.http1 import Http1Exchange, Http1Request
 from nodemesh.agent.observe import ALL_HEADERS, RequestEnd
 from nodemesh.agent.seam import ModeHost
@@ -53,6 +54,11 @@ class Http1Mode:
         self.head_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_mark = -1
+
+    def reader_protocols(self, client: asyncio.Protocol,
+                         upstream: asyncio.Protocol) -> tuple[asyncio.Protocol, asyncio.Protocol]:
+        """seam.DirectReads: the transports read into this mode from now on."""
+        return _ClientReads(self, client), _UpstreamReads(self, upstream)
 
     # -- client -> upstream ------------------------------------------------------------------
 
@@ -115,8 +121,9 @@ class Http1Mode:
                 req.obs = None  # the observer's handle may hold req (its head): no cycle left behind
                 if self.error_status and not self.exchange.awaiting:
                     self._answer_error()
-                elif self.exchange.idle:
-                    # Between requests: draining beside a newer agent, the connection can move here.
+                elif not (x := self.exchange).awaiting and not x.head_pending and x.req_side.req is None:
+                    # Idle (Http1Exchange.idle, inlined): between requests, draining beside a newer
+                    # agent, the connection can move here.
                     self.conn.at_boundary()
             elif kind == http1.UPGRADED:
                 self.opaque = True
@@ -190,3 +197,94 @@ class Http1Mode:
             self.observer.request_end(req.obs, RequestEnd(
                 None, None if clean else "connection closed", req.request_bytes, req.response_bytes, now))
             req.obs = None
+
+
+class _ClientReads(asyncio.Protocol):
+    """The client transport's protocol once the relay handed reads to the mode (seam.DirectReads):
+    Connection.data_received's accounting and Http1Mode.client_data's common case in one call
+    (docs/bench.md "Hot path steps", step 8). Everything else goes to the connection."""
+
+    __slots__ = ("conn", "mode", "proto")
+
+    def __init__(self, mode: Http1Mode, proto: asyncio.Protocol) -> None:
+        self.mode = mode
+        self.conn = mode.conn
+        self.proto = proto
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        n = len(data)
+        load = conn.load
+        load.work += 1 + (n >> BYTES_PER_WORK_SHIFT)   # fairness.py: what the worker spends on it
+        if load.work > load.budget:
+            conn.over_budget(load)   # pauses reading after this read; this one is handled below
+        conn.read_bytes += n
+        mode = self.mode
+        if mode.hold or mode.error_status or mode.opaque or mode.client_opaque or mode.closing:
+            mode.client_data(data)
+            return
+        # Http1Mode.client_data, its common case inlined:
+        x = mode.exchange
+        events = x.feed_request(data)
+        if events:
+            mode._handle(events)
+        conn.send_upstream(data)
+        if mode.client_opaque:
+            return
+        if x.head_pending:
+            if mode.head_timer is None:
+                mode.head_timer = conn.call_later(conn.header_timeout_s, mode._head_timeout)
+        elif mode.head_timer is not None:
+            mode.head_timer.cancel()
+            mode.head_timer = None
+
+    def eof_received(self) -> bool | None:
+        return self.proto.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
+
+class _UpstreamReads(asyncio.Protocol):
+    """The upstream transport's protocol once the relay handed reads to the mode: the relay's
+    _Upstream.data_received (its accounting) and Http1Mode.upstream_data in one call."""
+
+    __slots__ = ("conn", "mode", "proto")
+
+    def __init__(self, mode: Http1Mode, proto: asyncio.Protocol) -> None:
+        self.mode = mode
+        self.conn = mode.conn
+        self.proto = proto
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        n = len(data)
+        conn.write_bytes += n
+        conn.send_client(data)
+        mode = self.mode
+        if not mode.opaque:
+            events = mode.exchange.feed_response(data)
+            if events:
+                mode._handle(events)
+        load = conn.load
+        load.work += 1 + (n >> BYTES_PER_WORK_SHIFT)
+        if load.work > load.budget:
+            conn.over_budget(load)
+
+    def eof_received(self) -> bool | None:
+        return self.proto.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
