@@ -42,6 +42,7 @@ from nodemesh.agent.routes import RouteTable, RouteTables, rules_from_config
 from nodemesh.agent.tap import Tap, TapRegistry, peer_message
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import NO_TLS, UNKNOWN_KIND, tls_labels
+from nodemesh.api.model import OTHER_LABEL_VALUE as OTHER_ROUTE
 
 log = logging.getLogger("nodemesh.agent.telemetry")
 
@@ -510,7 +511,9 @@ class WorkerTelemetry:
         req = _Req(conn, head, keys, started)
         table = conn.route_table
         if table is not None and conn.route_bases:
-            route = table.route(head.method, head.path, head.grpc)
+            route = table.cache.get((head.method, head.path))   # RouteTable.route's hit, inlined
+            if route is None or route is OTHER_ROUTE:
+                route = table.route(head.method, head.path, head.grpc)
             rkeys = conn.route_keys.get(route)
             if rkeys is None:
                 rkeys = conn.route_keys[route] = tuple(b + (route,) for b in conn.route_bases)

@@ -18,9 +18,9 @@ import uvloop
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "http1_micro.py"
 RELAY_BENCH = BENCH.with_name("http1_relay_calls.py")
 
-NO_TAP_PY, NO_TAP_C = 28, 37     # no tap open: headers neither decoded nor collected
-TAP_PY_MAX = 40                  # a tap open (matching no request): every header collected
-RELAY_PY = 24                    # end to end on loopback, from the transports' callbacks on
+NO_TAP_PY, NO_TAP_C = 27, 37     # no tap open: headers neither decoded nor collected
+TAP_PY_MAX = 39                  # a tap open (matching no request): every header collected
+RELAY_PY = 23                    # end to end on loopback, from the transports' callbacks on
 
 
 def _bench(path: pathlib.Path = BENCH) -> ModuleType:
