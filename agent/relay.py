@@ -722,7 +722,9 @@ class Connection(asyncio.Protocol):
         """A mode that reads from the transports itself (seam.DirectReads, HTTP/1) gets them now
         that both sides are there and nothing is pending: one Python call per read instead of
         two (docs/bench.md "Hot path steps", step 8). Only transports still reading into this
-        connection and its plain _Upstream (not a tunnel's, not a released one)."""
+        connection and its plain _Upstream. A tunnel's TLS layer hands its plaintext to the
+        connection (or its _Upstream) itself, not through the transport's protocol: those reads
+        keep taking this connection's path, which stays complete for them."""
         mode, client, up = self.mode, self.client, self.up
         take = getattr(mode, "reader_protocols", None)
         if take is None or client is None or up is None or self.pending or self.up_pending or self.frozen \
