@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 import httptools
-from nodemesh.agent.observe import ALL_HEADERS, HeadersGate
+from nodemesh.agent.observe import ALL_HEADERS, HeadersGate, RequestHead
 
 MAX_HEAD_BYTES = 64 * 1024           # request/response head (line + headers); more: 431 / opaque
 MAX_UNPARSED_AFTER_UPGRADE = 64 * 1024
@@ -64,36 +64,37 @@ def response_parser(side: object) -> httptools.HttpResponseParser:
     return parser
 
 
-class Http1Request:
-    """One request/response pair on a connection."""
+class Http1Request(RequestHead):
+    """One request/response pair on a connection; also the RequestHead the observer is given
+    (one object per request instead of two: docs/bench.md "Hot path steps", step 6). Equality and
+    hashing are by identity, as for any request, not the dataclass's field comparison."""
 
     __slots__ = (
-        "authority",
         "closes",
-        "headers",
-        "method",
         "obs",
-        "ordinal",
-        "path",
         "request_bytes",
         "request_done",
         "response_at",
         "response_bytes",
         "response_done",
         "response_headers",
-        "started",
-        "status",
         "upgrade",
     )
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __init__(self, ordinal: int) -> None:
-        self.ordinal = ordinal
+        # RequestHead's fields, set here (its generated __init__ would be one more call):
         self.method = ""
-        self.path = ""
+        self.scheme = "http"
         self.authority = ""
-        self.headers: list[tuple[str, str]] = []
+        self.path = ""
+        self.headers = []
+        self.grpc = False
+        self.stream_id = ordinal           # the ordinal of the request on the connection
         self.started = 0.0
-        self.status = 0
+        self.adopted = False
+        self.status = 0                    # the response's status, once its head arrived
         self.response_headers: list[tuple[str, str]] = []
         self.response_at = 0.0
         self.request_bytes = 0
@@ -101,8 +102,12 @@ class Http1Request:
         self.request_done = False
         self.response_done = False
         self.upgrade = False          # asked for Upgrade (or is CONNECT)
-        self.obs: object = None       # the Observer's handle, owned by the relay
+        self.obs: object = None       # the Observer's handle, owned by the relay (None once ended)
         self.closes = False           # the server will close after this response
+
+    @property
+    def ordinal(self) -> int:
+        return self.stream_id
 
     @property
     def done(self) -> bool:
@@ -320,9 +325,9 @@ class Http1Exchange:
         self.upgraded = False                          # opaque from now on: stop feeding
         self.failed = False                            # the server stopped speaking HTTP/1: opaque
         self.client_failed = False                     # the client did: its side is not classified
-        self._req_side = (_RequestSideCounting if gate.headers_wanted else _RequestSide)(self)
+        self.req_side = (_RequestSideCounting if gate.headers_wanted else _RequestSide)(self)
         self._resp_side = (_ResponseSideHeaders if gate.headers_wanted else _ResponseSide)(self)
-        self.req_parser = request_parser(self._req_side)
+        self.req_parser = request_parser(self.req_side)
         self.resp_parser = response_parser(self._resp_side)
         self._req_tail = b""
         self._resp_tail = b""
@@ -339,11 +344,11 @@ class Http1Exchange:
         if self._upgrade_wait:
             self._hold(data)
             return self._take()
-        side = self._req_side
+        side = self.req_side
         if side.counts_body is not self.gate.headers_wanted and side.req is None:
             # A tap opened (or the last one closed): between requests, rebind the parser to the
             # side that does (not) count body bytes, as feed_response does for its side.
-            side = self._req_side = (_RequestSideCounting if self.gate.headers_wanted else _RequestSide)(self)
+            side = self.req_side = (_RequestSideCounting if self.gate.headers_wanted else _RequestSide)(self)
             self.req_parser = request_parser(side)
         side.completed = False
         try:
@@ -503,12 +508,12 @@ class Http1Exchange:
             return
         self._upgrade_wait = False
         held, self._held, self._held_len = self._held, [], 0
-        self.req_parser = request_parser(self._req_side)
-        cur = self._req_side.req
+        self.req_parser = request_parser(self.req_side)
+        cur = self.req_side.req
         if cur is not None:
             # The upgrade request itself: llhttp skipped its body; call it complete.
             cur.request_done = True
-            self._req_side.req = None
+            self.req_side.req = None
         for chunk in held:
             try:
                 self.req_parser.feed_data(chunk)
@@ -530,7 +535,7 @@ class Http1Exchange:
     def close(self) -> list[Http1Request]:
         """The connection ended: the requests that never completed (head seen, not done)."""
         unfinished = list(self.awaiting)
-        cur = self._req_side.req
+        cur = self.req_side.req
         if cur is not None and cur not in unfinished and cur.started:
             unfinished.append(cur)
         self.awaiting.clear()
@@ -540,7 +545,7 @@ class Http1Exchange:
     @property
     def idle(self) -> bool:
         """No request in flight and none begun: a safe moment to close a keep-alive connection."""
-        return not self.awaiting and not self.head_pending and self._req_side.req is None
+        return not self.awaiting and not self.head_pending and self.req_side.req is None
 
     def _take(self) -> list[Event]:
         if not self.events:

@@ -15,12 +15,18 @@ import asyncio
 import time
 
 from nodemesh.agent import http1
+from nodemesh.agent.fairness import BYTES_PER_WORK_SHIFT
 from nodemesh.agent.http1 import Http1Exchange, Http1Request
-from nodemesh.agent.observe import ALL_HEADERS, RequestEnd, RequestHead
+from nodemesh.agent.observe import ALL_HEADERS, RequestEnd
 from nodemesh.agent.seam import ModeHost
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
 DRAIN_IDLE_CHECK_S = 0.5
+
+
+# An exchange that ended cleanly with no body bytes counted (the body is counted only while a tap
+# or the event log looks): one shared RequestEnd, `ended` 0.0 = now (observe.RequestEnd).
+_CLEAN_END = RequestEnd()
 
 
 def error_response(status: int) -> bytes:
@@ -48,6 +54,11 @@ class Http1Mode:
         self.head_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_mark = -1
+
+    def reader_protocols(self, client: asyncio.Protocol,
+                         upstream: asyncio.Protocol) -> tuple[asyncio.Protocol, asyncio.Protocol]:
+        """seam.DirectReads: the transports read into this mode from now on."""
+        return _ClientReads(self, client), _UpstreamReads(self, upstream)
 
     # -- client -> upstream ------------------------------------------------------------------
 
@@ -99,20 +110,20 @@ class Http1Mode:
                 if self.conn.slow:
                     self.conn.head_arrived()
                 req: Http1Request = arg  # type: ignore[assignment]
-                req.obs = observer.request_start(self.conn.obs, RequestHead(
-                    req.method, "http", req.authority, req.path, req.headers, False, req.ordinal,
-                    req.started))
+                req.obs = observer.request_start(self.conn.obs, req)  # it is its own RequestHead
             elif kind == http1.RESPONSE_HEAD:
                 req = arg  # type: ignore[assignment]
                 observer.response_start(req.obs, req.status, req.response_headers, req.response_at)
             elif kind == http1.EXCHANGE_END:
                 req = arg  # type: ignore[assignment]
-                observer.request_end(req.obs, RequestEnd(
-                    None, None, req.request_bytes, req.response_bytes, time.monotonic()))
+                observer.request_end(req.obs, RequestEnd(None, None, req.request_bytes, req.response_bytes)
+                                     if req.request_bytes or req.response_bytes else _CLEAN_END)
+                req.obs = None  # the observer's handle may hold req (its head): no cycle left behind
                 if self.error_status and not self.exchange.awaiting:
                     self._answer_error()
-                elif self.exchange.idle:
-                    # Between requests: draining beside a newer agent, the connection can move here.
+                elif not (x := self.exchange).awaiting and not x.head_pending and x.req_side.req is None:
+                    # Idle (Http1Exchange.idle, inlined): between requests, draining beside a newer
+                    # agent, the connection can move here.
                     self.conn.at_boundary()
             elif kind == http1.UPGRADED:
                 self.opaque = True
@@ -138,6 +149,7 @@ class Http1Mode:
         for req in self.exchange.close():
             self.observer.request_end(req.obs, RequestEnd(
                 None, "protocol error", req.request_bytes, req.response_bytes, now))
+            req.obs = None
         self.opaque = True
         self._cancel_timers()
 
@@ -184,3 +196,95 @@ class Http1Mode:
             clean = upstream_clean and req.status != 0 and req.request_done
             self.observer.request_end(req.obs, RequestEnd(
                 None, None if clean else "connection closed", req.request_bytes, req.response_bytes, now))
+            req.obs = None
+
+
+class _ClientReads(asyncio.Protocol):
+    """The client transport's protocol once the relay handed reads to the mode (seam.DirectReads):
+    Connection.data_received's accounting and Http1Mode.client_data's common case in one call
+    (docs/bench.md "Hot path steps", step 8). Everything else goes to the connection."""
+
+    __slots__ = ("conn", "mode", "proto")
+
+    def __init__(self, mode: Http1Mode, proto: asyncio.Protocol) -> None:
+        self.mode = mode
+        self.conn = mode.conn
+        self.proto = proto
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        n = len(data)
+        load = conn.load
+        load.work += 1 + (n >> BYTES_PER_WORK_SHIFT)   # fairness.py: what the worker spends on it
+        if load.work > load.budget:
+            conn.over_budget(load)   # pauses reading after this read; this one is handled below
+        conn.read_bytes += n
+        mode = self.mode
+        if mode.hold or mode.error_status or mode.opaque or mode.client_opaque or mode.closing:
+            mode.client_data(data)
+            return
+        # Http1Mode.client_data, its common case inlined:
+        x = mode.exchange
+        events = x.feed_request(data)
+        if events:
+            mode._handle(events)
+        conn.send_upstream(data)
+        if mode.client_opaque:
+            return
+        if x.head_pending:
+            if mode.head_timer is None:
+                mode.head_timer = conn.call_later(conn.header_timeout_s, mode._head_timeout)
+        elif mode.head_timer is not None:
+            mode.head_timer.cancel()
+            mode.head_timer = None
+
+    def eof_received(self) -> bool | None:
+        return self.proto.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
+
+class _UpstreamReads(asyncio.Protocol):
+    """The upstream transport's protocol once the relay handed reads to the mode: the relay's
+    _Upstream.data_received (its accounting) and Http1Mode.upstream_data in one call."""
+
+    __slots__ = ("conn", "mode", "proto")
+
+    def __init__(self, mode: Http1Mode, proto: asyncio.Protocol) -> None:
+        self.mode = mode
+        self.conn = mode.conn
+        self.proto = proto
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        n = len(data)
+        conn.write_bytes += n
+        conn.send_client(data)
+        mode = self.mode
+        if not mode.opaque:
+            events = mode.exchange.feed_response(data)
+            if events:
+                mode._handle(events)
+        load = conn.load
+        load.work += 1 + (n >> BYTES_PER_WORK_SHIFT)
+        if load.work > load.budget:
+            conn.over_budget(load)
+
+    def eof_received(self) -> bool | None:
+        return self.proto.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()

@@ -109,6 +109,10 @@ ROUTE_INDEX = ROUTE_LABELS.index("rt_route")
 ROUTE_DST_SLICE = slice(4, 7)  # dst_namespace, dst_kind, dst_name: the route cap's scope
 
 
+# classify()'s answer for a plain HTTP response without errors, per status (telemetry reads it first).
+HTTP_LABELS: dict[int, tuple[str, str, str, str]] = {}
+
+
 def classify(status: int | None, grpc: bool, grpc_status: int | None,
              reset_error: str | None) -> tuple[str, str, str, str]:
     """(status_code, grpc_status, classification, error) labels for one finished request.
@@ -118,6 +122,13 @@ def classify(status: int | None, grpc: bool, grpc_status: int | None,
     HTTP: 5xx is a failure. A reset or connection error before the request completed is a failure
     labelled with the error, unless a grpc-status had already arrived (the RPC had ended).
     """
+    if status is not None and grpc_status is None and not reset_error and not grpc:
+        labels = HTTP_LABELS.get(status)
+        if labels is None:
+            labels = (str(status), "", ("failure" if status >= 500 else "success"), "")
+            if len(HTTP_LABELS) < 1000:  # any int a server sends: bounded
+                HTTP_LABELS[status] = labels
+        return labels
     code = "" if status is None else str(status)
     if grpc_status is not None:
         return code, str(grpc_status), ("failure" if grpc_status != 0 else "success"), ""
@@ -174,10 +185,13 @@ class MetricsStore:
         self.route_response_total: dict[Labels, int] = {}
         self.route_latency: dict[Labels, list[float]] = {}
 
+    def new_buckets(self) -> list[float]:
+        return [0] * (len(self.bounds) + 2)  # buckets, +Inf, then the sum
+
     def observe(self, hist: dict[Labels, list[float]], key: Labels, ms: float) -> None:
         buckets = hist.get(key)
         if buckets is None:
-            buckets = hist[key] = [0] * (len(self.bounds) + 2)  # buckets, +Inf, then the sum
+            buckets = hist[key] = self.new_buckets()
         buckets[bisect_left(self.bounds, ms)] += 1
         buckets[-1] += ms
 

@@ -62,6 +62,8 @@ class RequestHead:
     # agent saw, is set), ended and counted here.
     adopted: bool = False
     status: int = 0
+    # HTTP/1 passes its own request object (http1.Http1Request, a subclass) as the head; an
+    # observer may keep it until request_end, and must not mutate a RequestEnd it is given.
 
 
 @dataclass(slots=True)
@@ -70,7 +72,7 @@ class RequestEnd:
     reset_error: str | None = None    # RST_STREAM/GOAWAY code name, or "connection closed"
     request_bytes: int = 0            # body bytes from the client
     response_bytes: int = 0           # body bytes to the client
-    ended: float = 0.0                # time.monotonic()
+    ended: float = 0.0                # time.monotonic(); 0.0: now (HTTP/1 shares one clean end)
 
 
 @dataclass(slots=True)

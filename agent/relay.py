@@ -706,6 +706,7 @@ class Connection(asyncio.Protocol):
         self.mode = self.ctx.mode_factory(detection.protocol, self)
         if self.up is not None:
             self._flush_pending()
+            self._hand_reads()
         elif self.pending_len >= MAX_DETECT_BYTES and self.client is not None and not self.client_lost:
             # Upstream not there yet: stop reading past one detection buffer until it is. Not
             # before: a paused transport would not notice the client resetting meanwhile.
@@ -716,6 +717,25 @@ class Connection(asyncio.Protocol):
             self.mode.upstream_data(b"".join(held))
         if self.drain_requested:
             self.mode.drain()
+
+    def _hand_reads(self) -> None:
+        """A mode that reads from the transports itself (seam.DirectReads, HTTP/1) gets them now
+        that both sides are there and nothing is pending: one Python call per read instead of
+        two (docs/bench.md "Hot path steps", step 8). Only transports still reading into this
+        connection and its plain _Upstream. A tunnel's TLS layer hands its plaintext to the
+        connection (or its _Upstream) itself, not through the transport's protocol: those reads
+        keep taking this connection's path, which stays complete for them."""
+        mode, client, up = self.mode, self.client, self.up
+        take = getattr(mode, "reader_protocols", None)
+        if take is None or client is None or up is None or self.pending or self.up_pending or self.frozen \
+                or self.lingering or self.client_lost or self.up_lost:
+            return
+        up_proto = up.get_protocol()
+        if client.get_protocol() is not self or type(up_proto) is not _Upstream:
+            return
+        client_reads, up_reads = take(self, up_proto)
+        client.set_protocol(client_reads)
+        up.set_protocol(up_reads)
 
     def _flush_pending(self) -> None:
         if self.pending:
@@ -856,6 +876,7 @@ class Connection(asyncio.Protocol):
         self.send_upstream = transport.write
         if self.mode is not None:
             self._flush_pending()
+            self._hand_reads()
         if self.paused_for_connect and self.client is not None:
             self.paused_for_connect = False
             if not self.throttled:

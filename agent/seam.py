@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from nodemesh.agent.fairness import SourceLoad
 from nodemesh.agent.observe import Observer
 
 
@@ -80,6 +81,25 @@ class ModeHost(Protocol):
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         """A timer on the connection's loop (cancel it with the handle)."""
         ...
+
+    # For a mode that reads from the transports itself (DirectReads): the relay's per-read
+    # accounting, which Connection.data_received and _Upstream.data_received do otherwise.
+    load: SourceLoad         # this connection's source's time in the worker (fairness.py)
+
+    def over_budget(self, load: SourceLoad) -> None:
+        """The source spent its time budget for this tick: pause its connections (fairness.py)."""
+
+
+class DirectReads(Protocol):
+    """Optional for a mode: once the protocol is decided and both sides are connected, the relay
+    points each transport at the protocol objects the mode returns (`transport.set_protocol`), so
+    a read is one Python call into the mode instead of two (the connection's, then the mode's).
+    Those objects do the relay's per-read accounting (read/write bytes, fairness work) themselves
+    and pass every other callback (EOF, loss, flow control) to `client` / `upstream`, the
+    protocols the transports had (docs/agent.md "Relay modes")."""
+
+    def reader_protocols(self, client: asyncio.Protocol,
+                         upstream: asyncio.Protocol) -> tuple[asyncio.Protocol, asyncio.Protocol]: ...
 
 
 def not_connected(data: bytes) -> None:

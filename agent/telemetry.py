@@ -29,18 +29,20 @@ import ipaddress
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
 from nodemesh.agent import redact, workerlink
 from nodemesh.agent.config import AgentConfig
-from nodemesh.agent.metrics import MetricsStore, classify
+from nodemesh.agent.metrics import HTTP_LABELS, MetricsStore, classify
 from nodemesh.agent.observe import ConnectionEnd, ConnectionMeta, RequestEnd, RequestHead
 from nodemesh.agent.podindex import Changes, IdentityGap, Owner, PeerLabels, PodIndex, unknown_labels
 from nodemesh.agent.routes import RouteTable, RouteTables, rules_from_config
 from nodemesh.agent.tap import Tap, TapRegistry, peer_message
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import NO_TLS, UNKNOWN_KIND, tls_labels
+from nodemesh.api.model import OTHER_LABEL_VALUE as OTHER_ROUTE
 
 log = logging.getLogger("nodemesh.agent.telemetry")
 
@@ -69,8 +71,9 @@ class _Conn:
         self.directions: tuple[str, ...] = ()
         self.tcp_keys: tuple[tuple[str, ...], ...] = ()
         self.tls: tuple[str, str, str] = NO_TLS  # the tls, client_id, server_id labels (PEER_LABELS' last)
-        # Request label keys for the last (authority, protocol, tls labels): keep-alive requests reuse them.
-        self.keys_for: tuple[str, ...] | None = None
+        # Request label keys for the last authority: keep-alive requests reuse them. The protocol
+        # is fixed once the connection is open, and a change of its tls labels rebinds (None).
+        self.keys_for: str | None = None
         self.keys: tuple[tuple[str, ...], ...] = ()
         # Route series (agent/routes.py): one label prefix per direction, the destination
         # workload's route table, and the keys per route seen on this connection.
@@ -493,12 +496,13 @@ class WorkerTelemetry:
                 m.observe(m.tcp_duration, key, duration_ms)
 
     def request_start(self, conn: _Conn, head: RequestHead) -> _Req:
-        suffix = (head.authority, conn.meta.protocol, *conn.tls)
-        if suffix == conn.keys_for:
+        authority = head.authority
+        if authority == conn.keys_for:
             keys = conn.keys
         else:
+            suffix = (authority, conn.meta.protocol, *conn.tls)
             keys = conn.keys = tuple(b + suffix for b in conn.bases)
-            conn.keys_for = suffix
+            conn.keys_for = authority
         started = head.started or time.monotonic()
         if conn.meta.first_bytes_at:
             # Its bytes waited for our upstream connection (or our identity hold): the client's
@@ -507,7 +511,9 @@ class WorkerTelemetry:
         req = _Req(conn, head, keys, started)
         table = conn.route_table
         if table is not None and conn.route_bases:
-            route = table.route(head.method, head.path, head.grpc)
+            route = table.cache.get((head.method, head.path))   # RouteTable.route's hit, inlined
+            if route is None or route is OTHER_ROUTE:
+                route = table.route(head.method, head.path, head.grpc)
             rkeys = conn.route_keys.get(route)
             if rkeys is None:
                 rkeys = conn.route_keys[route] = tuple(b + (route,) for b in conn.route_bases)
@@ -535,10 +541,24 @@ class WorkerTelemetry:
         req.status = status
         ms = ((at or time.monotonic()) - req.started) * 1000.0
         m = self.metrics
+        # MetricsStore.observe inlined (one bucket search for all keys; calls are most of the
+        # per-request cost, docs/bench.md "Hot path steps").
+        bucket = bisect_left(m.bounds, ms)
+        hist = m.response_latency
         for key in req.keys:
-            m.observe(m.response_latency, key, ms)
-        for key in req.route_keys:
-            m.observe(m.route_latency, key, ms)
+            buckets = hist.get(key)
+            if buckets is None:
+                buckets = hist[key] = m.new_buckets()
+            buckets[bucket] += 1
+            buckets[-1] += ms
+        if req.route_keys:
+            hist = m.route_latency
+            for key in req.route_keys:
+                buckets = hist.get(key)
+                if buckets is None:
+                    buckets = hist[key] = m.new_buckets()
+                buckets[bucket] += 1
+                buckets[-1] += ms
         if req.taps is not None:
             self._tap_response(req, status, headers, at)
 
@@ -546,7 +566,11 @@ class WorkerTelemetry:
         if req.done:
             return
         req.done = True
-        labels = classify(req.status, req.head.grpc, end.grpc_status, end.reset_error)
+        status = req.status
+        if status is not None and end.grpc_status is None and not end.reset_error and not req.head.grpc:
+            labels = HTTP_LABELS.get(status) or classify(status, False, None, None)  # classify() inlined
+        else:
+            labels = classify(status, req.head.grpc, end.grpc_status, end.reset_error)
         counts = self.metrics.response_total
         for key in req.keys:
             rkey = key + labels

@@ -13,14 +13,18 @@ import importlib.util
 import pathlib
 from types import ModuleType
 
+import uvloop
+
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "http1_micro.py"
+RELAY_BENCH = BENCH.with_name("http1_relay_calls.py")
 
-NO_TAP_PY, NO_TAP_C = 34, 38     # no tap open: headers neither decoded nor collected
-TAP_PY_MAX = 45                  # a tap open (matching no request): every header collected
+NO_TAP_PY, NO_TAP_C = 27, 37     # no tap open: headers neither decoded nor collected
+TAP_PY_MAX = 39                  # a tap open (matching no request): every header collected
+RELAY_PY = 23                    # end to end on loopback, from the transports' callbacks on
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("http1_micro", BENCH)
+def _bench(path: pathlib.Path = BENCH) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -43,3 +47,10 @@ def test_calls_per_request_with_a_tap_open_still_collect_headers() -> None:
     counts = bench.count_calls(mode, 200)
     # More than without (the headers are decoded, 10 on_header calls at least), bounded above.
     assert NO_TAP_PY < round(counts["py_calls"]) <= TAP_PY_MAX, counts
+
+
+def test_agent_calls_per_request_through_the_relay() -> None:
+    # tests/bench/http1_relay_calls.py: a real loopback connection (relay, HTTP/1 readers, mode,
+    # telemetry), counting only the agent's own functions; the relay's share shows here only.
+    counts = uvloop.run(_bench(RELAY_BENCH).measure(200))
+    assert counts["agent_py_calls_per_request"] <= RELAY_PY, counts
