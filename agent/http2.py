@@ -278,10 +278,16 @@ class _Direction:
                             pass  # flow control and priorities are end to end: nothing to follow
                         elif (ftype == HEADERS and flags & END_HEADERS and not flags & (PADDED | PRIORITY_FLAG)
                               and sid and length <= MAX_HEADER_BLOCK):
-                            try:
-                                headers = self.decoder.decode(data[start:pos])
-                            except HPACKError as exc:
-                                raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
+                            block = data[start:pos]
+                            decoder = self.decoder
+                            hit = decoder._cache.get(block)  # CachingDecoder.decode's hit, inlined
+                            if hit is not None and hit[0] == decoder.version:
+                                headers = list(hit[1])
+                            else:
+                                try:
+                                    headers = decoder.decode(block)
+                                except HPACKError as exc:
+                                    raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
                             if self.from_client:
                                 self.relay.client_headers(sid, headers, bool(flags & END_STREAM))
                             else:
