@@ -243,57 +243,69 @@ class _Direction:
             pos += take
             self.preface_left -= take
         unpack_from = _FRAME_HEADER.unpack_from
+        if self.ftype == -1 and not self.hdr and not self.mark_boundary:
+            # Fast path: the frames that are whole in this read (the common case), handled from the
+            # read itself: no header buffer, no payload list, no per-piece state. Those a steady
+            # gRPC call is made of (DATA, WINDOW_UPDATE, one-frame HEADERS) are handled right here,
+            # without a call per frame (docs/bench.md, "HTTP/2 and gRPC steps"); the others by
+            # _whole_frame. A header block left open (CONTINUATION due), a partial frame at the
+            # end, or a boundary to mark (drain): the loop below.
+            relay = self.relay
+            streams = relay.streams
+            from_client = self.from_client
+            decoder = self.decoder
+            cache = decoder._cache
+            while end - pos >= 9 and not self.block_stream:
+                hi, lo, ftype, flags, sid = unpack_from(data, pos)
+                length = (hi << 8) | lo
+                start = pos + 9
+                if end - start < length:
+                    break
+                pos = start + length
+                sid &= 0x7FFFFFFF
+                if ftype == DATA:
+                    if length:
+                        stream = streams.get(sid)
+                        if stream is not None:
+                            n = length - (1 + data[start] if flags & PADDED else 0)
+                            if n > 0:
+                                if from_client:
+                                    stream.request_bytes += n
+                                else:
+                                    stream.response_bytes += n
+                    if flags & END_STREAM:
+                        relay.end_side(sid, from_client)
+                elif ftype == WINDOW_UPDATE or ftype == PRIORITY:
+                    pass  # flow control and priorities are end to end: nothing to follow
+                elif (ftype == HEADERS and flags & END_HEADERS and not flags & (PADDED | PRIORITY_FLAG)
+                      and sid and length <= MAX_HEADER_BLOCK):
+                    block = data[start:pos]
+                    hit = cache.get(block)  # CachingDecoder.decode's hit, inlined
+                    if hit is not None and hit[0] == decoder.version:
+                        headers = list(hit[1])
+                    else:
+                        try:
+                            headers = decoder.decode(block)
+                        except HPACKError as exc:
+                            raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
+                    if from_client:
+                        relay.client_headers(sid, headers, bool(flags & END_STREAM))
+                    else:
+                        relay.server_headers(sid, headers, bool(flags & END_STREAM))
+                else:
+                    self._whole_frame(ftype, flags, sid, length, data, start)
         while pos < end:
             if self.ftype == -1:
                 if self.mark_boundary and not self.hdr:
                     self.mark_boundary = False
                     self.boundary_at = pos
                 if not self.hdr and end - pos >= 9:
-                    # Fast path: a whole frame in this chunk (the common case) is handled from the
-                    # chunk itself: no header buffer, no payload list, no per-piece state. The
-                    # frames of a steady gRPC call (DATA, WINDOW_UPDATE, one-frame HEADERS) are
-                    # handled right here, without a call per frame (docs/bench.md, HTTP/2 steps).
                     hi, lo, ftype, flags, sid = unpack_from(data, pos)
                     length = (hi << 8) | lo
                     if end - pos - 9 >= length:
                         start = pos + 9
                         pos = start + length
-                        sid &= 0x7FFFFFFF
-                        if self.block_stream:
-                            self._whole_frame(ftype, flags, sid, length, data, start)
-                        elif ftype == DATA:
-                            relay = self.relay
-                            if length:
-                                stream = relay.streams.get(sid)
-                                if stream is not None:
-                                    n = length - (1 + data[start] if flags & PADDED else 0)
-                                    if n > 0:
-                                        if self.from_client:
-                                            stream.request_bytes += n
-                                        else:
-                                            stream.response_bytes += n
-                            if flags & END_STREAM:
-                                relay.end_side(sid, self.from_client)
-                        elif ftype == WINDOW_UPDATE or ftype == PRIORITY:
-                            pass  # flow control and priorities are end to end: nothing to follow
-                        elif (ftype == HEADERS and flags & END_HEADERS and not flags & (PADDED | PRIORITY_FLAG)
-                              and sid and length <= MAX_HEADER_BLOCK):
-                            block = data[start:pos]
-                            decoder = self.decoder
-                            hit = decoder._cache.get(block)  # CachingDecoder.decode's hit, inlined
-                            if hit is not None and hit[0] == decoder.version:
-                                headers = list(hit[1])
-                            else:
-                                try:
-                                    headers = decoder.decode(block)
-                                except HPACKError as exc:
-                                    raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
-                            if self.from_client:
-                                self.relay.client_headers(sid, headers, bool(flags & END_STREAM))
-                            else:
-                                self.relay.server_headers(sid, headers, bool(flags & END_STREAM))
-                        else:
-                            self._whole_frame(ftype, flags, sid, length, data, start)
+                        self._whole_frame(ftype, flags, sid & 0x7FFFFFFF, length, data, start)
                         continue
                 need = 9 - len(self.hdr)
                 chunk = data[pos : pos + need]
