@@ -546,7 +546,7 @@ class H2Classifier:
             self.max_client_stream = sid
             stream = H2Stream(sid)
             for name, value in headers:
-                if name[0] == ":":
+                if name[:1] == ":":  # HPACK can carry an empty name: not an IndexError
                     if name == ":method":
                         stream.method = value
                     elif name == ":path":
