@@ -51,6 +51,7 @@ class CachingDecoder:
         self._decoder = Decoder()
         self._table = self._decoder.header_table
         self._dyn = self._table.dynamic_entries
+        # Cleared, never replaced: _Direction.feed holds this dict while it walks a read.
         self._cache: dict[bytes, tuple[int, list[tuple[str, str]]]] = {}
         self.version = 0
 
