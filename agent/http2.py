@@ -51,6 +51,7 @@ class CachingDecoder:
         self._decoder = Decoder()
         self._table = self._decoder.header_table
         self._dyn = self._table.dynamic_entries
+        # Cleared, never replaced: _Direction.feed holds this dict while it walks a read.
         self._cache: dict[bytes, tuple[int, list[tuple[str, str]]]] = {}
         self.version = 0
 
@@ -242,15 +243,65 @@ class _Direction:
             take = min(self.preface_left, end)
             pos += take
             self.preface_left -= take
+        unpack_from = _FRAME_HEADER.unpack_from
+        if self.ftype == -1 and not self.hdr and not self.mark_boundary:
+            # Fast path: the frames that are whole in this read (the common case), handled from the
+            # read itself: no header buffer, no payload list, no per-piece state. Those a steady
+            # gRPC call is made of (DATA, WINDOW_UPDATE, one-frame HEADERS) are handled right here,
+            # without a call per frame (docs/bench.md, "HTTP/2 and gRPC steps"); the others by
+            # _whole_frame. A header block left open (CONTINUATION due), a partial frame at the
+            # end, or a boundary to mark (drain): the loop below.
+            relay = self.relay
+            streams = relay.streams
+            from_client = self.from_client
+            decoder = self.decoder
+            cache = decoder._cache
+            while end - pos >= 9 and not self.block_stream:
+                hi, lo, ftype, flags, sid = unpack_from(data, pos)
+                length = (hi << 8) | lo
+                start = pos + 9
+                if end - start < length:
+                    break
+                pos = start + length
+                sid &= 0x7FFFFFFF
+                if ftype == DATA:
+                    if length:
+                        stream = streams.get(sid)
+                        if stream is not None:
+                            n = length - (1 + data[start] if flags & PADDED else 0)
+                            if n > 0:
+                                if from_client:
+                                    stream.request_bytes += n
+                                else:
+                                    stream.response_bytes += n
+                    if flags & END_STREAM:
+                        relay.end_side(sid, from_client)
+                elif ftype == WINDOW_UPDATE or ftype == PRIORITY:
+                    pass  # flow control and priorities are end to end: nothing to follow
+                elif (ftype == HEADERS and flags & END_HEADERS and not flags & (PADDED | PRIORITY_FLAG)
+                      and sid and length <= MAX_HEADER_BLOCK):
+                    block = data[start:pos]
+                    hit = cache.get(block)  # CachingDecoder.decode's hit, inlined
+                    if hit is not None and hit[0] == decoder.version:
+                        headers = list(hit[1])
+                    else:
+                        try:
+                            headers = decoder.decode(block)
+                        except HPACKError as exc:
+                            raise H2ProtocolError(ErrorCodes.COMPRESSION_ERROR) from exc
+                    if from_client:
+                        relay.client_headers(sid, headers, bool(flags & END_STREAM))
+                    else:
+                        relay.server_headers(sid, headers, bool(flags & END_STREAM))
+                else:
+                    self._whole_frame(ftype, flags, sid, length, data, start)
         while pos < end:
             if self.ftype == -1:
                 if self.mark_boundary and not self.hdr:
                     self.mark_boundary = False
                     self.boundary_at = pos
                 if not self.hdr and end - pos >= 9:
-                    # Fast path: a whole frame in this chunk (the common case) is handled from the
-                    # chunk itself: no header buffer, no payload list, no per-piece state.
-                    hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack_from(data, pos)
+                    hi, lo, ftype, flags, sid = unpack_from(data, pos)
                     length = (hi << 8) | lo
                     if end - pos - 9 >= length:
                         start = pos + 9
@@ -456,7 +507,11 @@ class H2Classifier:
         except H2ProtocolError as exc:
             self.failed = True
             self.events.append((CLIENT_PROTOCOL_ERROR, exc.code))
-        return self._take()
+        events = self.events  # the events so far, handed over (twice per gRPC call)
+        if not events:
+            return _NO_EVENTS
+        self.events = []
+        return events
 
     def feed_server(self, data: bytes) -> list[Event]:
         if self.failed:
@@ -466,7 +521,11 @@ class H2Classifier:
         except H2ProtocolError as exc:
             self.failed = True
             self.events.append((UPSTREAM_PROTOCOL_ERROR, exc.code))
-        return self._take()
+        events = self.events
+        if not events:
+            return _NO_EVENTS
+        self.events = []
+        return events
 
     def feed_server_to_boundary(self, data: bytes) -> tuple[list[Event], int]:
         """`feed_server`, and the offset in `data` of the first frame boundary (-1: none in it):
@@ -488,7 +547,7 @@ class H2Classifier:
             self.max_client_stream = sid
             stream = H2Stream(sid)
             for name, value in headers:
-                if name[0] == ":":
+                if name[:1] == ":":  # HPACK can carry an empty name: not an IndexError
                     if name == ":method":
                         stream.method = value
                     elif name == ":path":
@@ -539,9 +598,9 @@ class H2Classifier:
         else:
             stream.server_ended = True
         # A response that is complete ends the request, even if the client never half-closed
-        # (servers may answer before reading the whole request).
-        if stream.server_ended:
-            self._finish(stream)
+        # (servers may answer before reading the whole request). _finish(), inlined.
+        if stream.server_ended and self.streams.pop(sid, None) is not None:
+            self.events.append((STREAM_END, stream))
 
     def reset(self, sid: int, code: int) -> None:
         stream = self.streams.get(sid)
@@ -604,10 +663,3 @@ class H2Classifier:
         left = list(self.streams.values())
         self.streams.clear()
         return left
-
-    def _take(self) -> list[Event]:
-        if not self.events:
-            return _NO_EVENTS
-        events = self.events
-        self.events = []
-        return events

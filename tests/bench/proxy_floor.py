@@ -2,6 +2,8 @@
 
     sudo python3 tests/bench/proxy_floor.py [--rate 1000] [--seconds 8] [--conns 20] [--rounds 3] [--json OUT]
     sudo python3 tests/bench/proxy_floor.py --load sat|bulk ...   # saturation / bulk ratios to direct
+    sudo python3 tests/bench/proxy_floor.py --load grpc --rate 300 --conns 16 \
+        --proxies nodemesh,nodemesh-tcp,python-l4                    # gRPC unary at a fixed rate
 
 Issue 18 asks for <= 0.05 agent CPU-s per 1000 HTTP/1.1 requests at a fixed 1000 rps; the agent
 costs ~0.18 on this VM, and the profile says most of it is the two wake-ups per request (one for
@@ -29,6 +31,13 @@ connections. Per run: the proxy's CPU seconds per 1000 requests (its processes' 
 /proc/PID/schedstat), kernel share, voluntary context switches per request (the wake-ups), and
 p50/p99 added to the direct run of the same round. Numbers, not pass/fail; a warning when the
 generator itself fell behind (a busy machine batches requests and makes every proxy look cheap).
+
+`--load grpc`: the same rows for gRPC unary instead of HTTP/1.1: the full bench's peers
+(tests/bench/grpcpeer.py, grpcio on both ends) with the server on port 9090 of the server
+namespace and the client as one channel (one HTTP/2 connection) at --rate with --conns RPCs in
+flight at most. The agent classifies it as HTTP/2 (`nodemesh`), or relays it opaque
+(`nodemesh-tcp`, port 9090 opaque); `python-l4` relays to port 9090. grpcio writes requests,
+responses, trailers, WINDOW_UPDATEs and PINGs separately: each is a wake-up for every proxy.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from agent_traffic_net import (
 )
 
 PORT = 4140
+GRPC_PORT = 9090  # --load grpc: tests/bench/grpcpeer.py serves here in the server namespace
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 LOAD = r"""
@@ -92,7 +102,7 @@ asyncio.run(main())
 RELAY = r"""
 import asyncio, sys
 import uvloop
-UP = (sys.argv[1], 80)
+UP = (sys.argv[1], int(sys.argv[3]) if len(sys.argv) > 3 else 80)
 class Side(asyncio.Protocol):
     def __init__(self, peer=None):
         self.peer, self.t, self.pending = peer, None, []
@@ -195,7 +205,7 @@ def set_redirect(t: Topology, on: bool) -> None:
         t.run(t.agent, "iptables", "-t", "nat", "-D", *rule[2:])
 
 
-def start_proxy(kind: str, t: Topology, tmp: Path) -> list[int]:
+def start_proxy(kind: str, t: Topology, tmp: Path, upstream_port: int = 80) -> list[int]:
     """Start `kind` in the proxy namespace; the pids whose CPU is the proxy's."""
     base, _, tree = kind.partition("@")
     if base in ("nodemesh", "nodemesh-tcp"):
@@ -207,7 +217,7 @@ def start_proxy(kind: str, t: Topology, tmp: Path) -> list[int]:
         with open(log, "wb") as err:
             proc = t.exec(t.agent, sys.executable, "-m", "nodemesh.agent", "--node", "n1", "--node-ip",
                           AGENT_CLIENT_SIDE, "--pod-cidr", "10.201.1.0/24", "--workers", "1",
-                          "--log-level", "info", *(["--opaque-ports", "80"] if base == "nodemesh-tcp" else []),
+                          "--log-level", "info", *(["--opaque-ports", str(upstream_port)] if base == "nodemesh-tcp" else []),
                           stdout=subprocess.DEVNULL, stderr=err, env=env)
         deadline = time.monotonic() + 30
         while "event=agent_ready" not in log.read_text(errors="replace"):
@@ -224,8 +234,8 @@ def start_proxy(kind: str, t: Topology, tmp: Path) -> list[int]:
         proc = t.exec(t.agent, "nginx", "-c", str(d / "nginx.conf"), stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL)
     else:
-        proc = t.exec(t.agent, sys.executable, "-c", RELAY, SERVER_IP, str(PORT), stdout=subprocess.DEVNULL,
-                      stderr=subprocess.DEVNULL)
+        proc = t.exec(t.agent, sys.executable, "-c", RELAY, SERVER_IP, str(PORT), str(upstream_port),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(t, t.agent, "127.0.0.1", PORT)
     return [proc.pid]
 
@@ -237,6 +247,10 @@ def run_load(t: Topology, args: argparse.Namespace, pids: list[int]) -> dict[str
     if args.load == "fixed":
         res = t.run(t.client, sys.executable, "-c", LOAD, str(HERE), SERVER_IP, str(args.rate), str(args.seconds),
                     str(args.conns), timeout=args.seconds + 120, check=False)
+    elif args.load == "grpc":
+        res = t.run(t.client, sys.executable, str(HERE / "grpcpeer.py"), "load", "--target",
+                    f"{SERVER_IP}:{GRPC_PORT}", "--rate", str(args.rate), "--duration", str(args.seconds),
+                    "--concurrency", str(args.conns), timeout=args.seconds + 120, check=False)
     else:  # wrk, closed loop: as many requests as the path takes (sat), or the 3 MB file (bulk)
         path, conns = ("/", "50") if args.load == "sat" else ("/big.bin", "2")
         res = t.run(t.client, "wrk", "-t1", "-c", conns, "-d", f"{args.seconds:g}s", f"http://{SERVER_IP}{path}",
@@ -245,7 +259,7 @@ def run_load(t: Topology, args: argparse.Namespace, pids: list[int]) -> dict[str
     cpu1, k1 = procstat.cpu_split(tree) if tree else (0.0, 0.0)
     if res.returncode != 0:
         raise SystemExit(f"load failed: {res.stderr[-2000:]}")
-    out: dict[str, Any] = (json.loads(res.stdout.strip().splitlines()[-1]) if args.load == "fixed"
+    out: dict[str, Any] = (json.loads(res.stdout.strip().splitlines()[-1]) if args.load in ("fixed", "grpc")
                            else _wrk(res.stdout, args.seconds))
     total = max(int(out["total_requests"]), 1)
     cpu = (ns1 - ns0) / 1e9
@@ -286,9 +300,10 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--proxies", default="nodemesh,nginx-l7,nginx-l4,python-l4")
-    ap.add_argument("--load", choices=("fixed", "sat", "bulk"), default="fixed",
+    ap.add_argument("--load", choices=("fixed", "sat", "bulk", "grpc"), default="fixed",
                     help="fixed: --rate over --conns keep-alive connections (default); sat: wrk -c50 "
-                         "closed loop, requests/s; bulk: wrk -c2 on a 3 MB file, MB/s")
+                         "closed loop, requests/s; bulk: wrk -c2 on a 3 MB file, MB/s; grpc: gRPC "
+                         "unary at --rate, --conns in flight on one channel (grpcpeer.py)")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -303,6 +318,12 @@ def main() -> None:
     try:
         with topology() as t:
             start_nginx(t, tmp)
+            upstream_port = 80
+            if args.load == "grpc":
+                t.exec(t.server, sys.executable, str(HERE / "grpcpeer.py"), "serve", "--port", str(GRPC_PORT),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_port(t, t.server, SERVER_IP, GRPC_PORT)
+                upstream_port = GRPC_PORT
             set_redirect(t, False)
             run_load(t, args, [])  # warm-up: the first run's tail is the machine's, not a proxy's
             for rnd in range(args.rounds):
@@ -315,7 +336,7 @@ def main() -> None:
                 for kind in order:
                     set_redirect(t, True)
                     before = len(t.procs)
-                    pids = start_proxy(kind, t, tmp)
+                    pids = start_proxy(kind, t, tmp, upstream_port)
                     time.sleep(1.0)
                     row = run_load(t, args, pids)
                     row.update(proxy=kind, round=rnd,
@@ -341,7 +362,7 @@ def main() -> None:
         # wake-up then served several, and CPU per request reads low. Such runs measure nothing.
         print(f"# WARNING: up to {late:.0%} of requests were sent late: the machine is too busy for this bench",
               file=sys.stderr)
-    if args.load != "fixed":
+    if args.load in ("sat", "bulk"):
         field = "rps" if args.load == "sat" else "mb_s"
         unit = "CPU ms/1000 req" if args.load == "sat" else "CPU ms/MB"
         print(f"\n{'proxy':<20} {field + ' (each round)':<34} {'of direct (each round)':<26} {'proxy cores':<18} {unit}")

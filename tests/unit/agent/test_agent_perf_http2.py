@@ -133,3 +133,54 @@ def test_frame_walker_same_events_whole_or_split(n: int, body: int, pad: int, tr
     assert len([e for e in whole if e[0] == 3]) == n  # every stream ended (STREAM_END)
     assert run(cuts) == whole
     assert run([1]) == whole
+
+
+def test_header_block_in_continuations_then_whole_frames_in_the_same_read() -> None:
+    """The walker's tight loop stops at an open header block; the CONTINUATIONs and the frames after
+    them in the same read are walked as before, fed whole or byte by byte; a CONTINUATION with no
+    block open is still a protocol error."""
+    from nodemesh.agent.detect import H2_PREFACE
+    from nodemesh.agent.http2 import (
+        CLIENT_PROTOCOL_ERROR,
+        CONTINUATION,
+        DATA,
+        END_HEADERS,
+        END_STREAM,
+        HEADERS,
+        REQUEST_HEAD,
+        RESPONSE_HEAD,
+        STREAM_END,
+        WINDOW_UPDATE,
+        H2Classifier,
+        frame,
+    )
+
+    block = Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "svc"),
+                              (":path", "/pkg.Svc/Call"), ("content-type", "application/grpc"),
+                              ("x-long", "v" * 300)])
+    client = (H2_PREFACE + frame(4, 0, 0, b"") + frame(HEADERS, 0, 1, block[:100])
+              + frame(CONTINUATION, 0, 1, block[100:200]) + frame(CONTINUATION, END_HEADERS, 1, block[200:])
+              + frame(WINDOW_UPDATE, 0, 0, b"\x00\x00\x00\x05") + frame(DATA, END_STREAM, 1, b"12345"))
+    server_block = Encoder().encode([(":status", "200"), ("content-type", "application/grpc")])
+    trailers = Encoder()
+    trailers.encode([(":status", "200"), ("content-type", "application/grpc")])
+    server = (frame(4, 0, 0, b"") + frame(HEADERS, END_HEADERS, 1, server_block) + frame(DATA, 0, 1, b"abc")
+              + frame(HEADERS, END_HEADERS | END_STREAM, 1, trailers.encode([("grpc-status", "0")])))
+
+    def run(step: int) -> list[tuple[object, ...]]:
+        relay, events = H2Classifier(), []
+        for data, feed in ((client, relay.feed_client), (server, relay.feed_server)):
+            for pos in range(0, len(data), step):
+                events += feed(data[pos:pos + step])
+        return _summary(events)
+
+    whole = run(len(client) + len(server))
+    assert [e[0] for e in whole] == [REQUEST_HEAD, RESPONSE_HEAD, STREAM_END]
+    assert whole[0][2] == "/pkg.Svc/Call"
+    assert whole[-1][4:7] == (0, 5, 3)          # grpc-status 0; 5 request, 3 response octets
+    assert run(1) == whole
+    assert run(7) == whole
+
+    stray = H2Classifier()
+    events = stray.feed_client(H2_PREFACE + frame(DATA, 0, 1, b"x") + frame(CONTINUATION, END_HEADERS, 1, b""))
+    assert events == [(CLIENT_PROTOCOL_ERROR, 1)]

@@ -213,6 +213,23 @@ def test_http2_bad_hpack_is_compression_error() -> None:
     assert events == [(http2.CLIENT_PROTOCOL_ERROR, 9)]
 
 
+def test_http2_empty_header_name_is_a_header_not_a_crash() -> None:
+    """HPACK can carry a field with an empty name (a literal with a zero-length name): the request is
+    still classified (the server judges it), and the walker does not raise IndexError."""
+    from hpack import Encoder
+
+    block = Encoder().encode([(":method", "GET"), (":path", "/x"), (":authority", "svc")]) \
+        + bytes([0x00, 0x00, 0x01]) + b"v"   # literal without indexing, name "" (0 octets), value "v"
+    relay = H2Classifier()
+    events = relay.feed_client(H2_PREFACE + http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1,
+                                                        block))
+    assert [kind for kind, _ in events] == [http2.REQUEST_HEAD]
+    stream = events[0][1]
+    assert isinstance(stream, http2.H2Stream)
+    assert (stream.method, stream.path, stream.authority) == ("GET", "/x", "svc")
+    assert stream.headers[-1] == ("", "v")
+
+
 def test_endpoint_picker_prefers_less_loaded() -> None:
     class Index:
         def service_endpoints(self, ip: str, port: int) -> list[tuple[str, int]] | None:
