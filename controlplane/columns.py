@@ -2,10 +2,11 @@
 operations per series.
 
 Each ref of the stream was resolved once, when it was defined (`deltas.RefEntry`): its aggregator
-key and the Bucket field its values add to (`slot`: success or failure for a response counter,
+key and the column its values add to (`slot`: success or failure for a response counter,
 requests, latency, tcp_*, read/write bytes, or "gauge"). So the loop per series is: a dict
-lookup, a range check, and an add into the key's bucket of the report's second, fetched once per
-key per report. What the loop does not do goes through the per-series path (`SeriesDelta` into
+lookup, a range check, and three appends to the entries of the report's second
+(`Aggregator.pending`); a report's histograms go in as numpy arrays (their non-zero buckets).
+What the loop does not do goes through the per-series path (`SeriesDelta` into
 Controller._record): route families (their key is capped per route), histograms whose bounds are
 not ours (rebinned there). The numbers are the per-series path's: zero increments are skipped as
 there, negative or non-finite values and unknown refs are rejected.
@@ -14,10 +15,10 @@ there, negative or non-finite values and unknown refs are rejected.
 from __future__ import annotations
 
 import math
-from operator import add
 
+import numpy as np
 from nodemesh.api.columns import Columns
-from nodemesh.controlplane.aggregate import N_LATENCY, Aggregator, Bucket, SeriesKey
+from nodemesh.controlplane.aggregate import COLUMN, LAT0, LATENCY_SUM, N_LATENCY, Aggregator
 from nodemesh.controlplane.deltas import SeriesDelta, SeriesRefs
 
 GAUGE = "gauge"
@@ -32,61 +33,61 @@ def ingest_columns(agg: Aggregator, refs: SeriesRefs, cols: Columns, sec: int, r
     until its stream ends, as a ref'd gauge is). Returns (series rejected, the series left for
     the per-series path). `n_buckets`: counts per histogram (api/columns.decode checked them);
     `native_bounds`: the report's histograms use our buckets (else they are rebinned there)."""
-    sec = agg.filed_second(sec)  # an old replay: its minute's bucket
-    batch = not agg.in_place(sec)
-    # Usually no kept window holds the report's second yet, nor is its minute sealed: add straight
-    # into the buckets. Else collect the report's deltas per key, then add them (and to those
-    # windows and that minute's sums) once per key.
-    bucket = _fresh if batch else agg.bucket_at
-    cur: dict[SeriesKey, Bucket] = {}
+    sec = agg.filed_second(sec)  # an old replay: its minute's
+    p = agg.pending(sec)
+    add_id, add_col, add_val = p.ids.append, p.cols.append, p.vals.append
+    id_of = agg.id_of
     rejected = 0
     slow: list[SeriesDelta] = []
     get = refs.get
-    counters = COUNTER_SLOTS
+    columns = _COLUMNS
     for ref, v in zip(cols.refs, cols.values):
         e = get(ref)
         if e is None or not 0.0 <= v < _INF:
             rejected += 1
             continue
         slot = e[3]
-        if slot in counters:
+        col = columns.get(slot)
+        if col is not None:
             if v:
-                key = e[1]
-                b = cur.get(key)  # type: ignore[arg-type]
-                if b is None:
-                    b = cur[key] = bucket(key, sec)  # type: ignore[index, arg-type]
-                setattr(b, slot, getattr(b, slot) + v)
+                add_id(id_of(e[1]))  # type: ignore[arg-type]
+                add_col(col)
+                add_val(v)
         elif slot == GAUGE:
             agg.set_gauge(e[1], reporter, v, t=_INF)  # type: ignore[arg-type]
         elif v:
             slow.append(SeriesDelta(e[2], e[0], v, key=e[1]))
+    if not cols.hist_refs:
+        return rejected, slow
     fast = native_bounds and n_buckets == N_LATENCY
-    counts = cols.hist_counts
-    for j, (ref, total) in enumerate(zip(cols.hist_refs, cols.hist_sums)):
+    counts = np.frombuffer(cols.hist_counts, dtype=np.uint64).reshape(len(cols.hist_refs), n_buckets) \
+        if n_buckets else np.zeros((len(cols.hist_refs), 0), dtype=np.uint64)
+    any_count = counts.any(axis=1).tolist()
+    rows: list[int] = []   # the histograms taken here: their row in `counts`, their series id
+    row_ids: list[int] = []
+    for j, (ref, total, nonzero) in enumerate(zip(cols.hist_refs, cols.hist_sums, any_count)):
         e = get(ref)
         if e is None or not 0.0 <= total < _INF:
             rejected += 1
             continue
-        chunk = counts[j * n_buckets:(j + 1) * n_buckets]
-        if not any(chunk):
+        if not nonzero:
             continue
         if fast and e[3] == LATENCY:
-            key = e[1]
-            b = cur.get(key)  # type: ignore[arg-type]
-            if b is None:
-                b = cur[key] = bucket(key, sec)  # type: ignore[index, arg-type]
-            lat = b.latency
-            # A new bucket takes the counts as ints: small ints are shared objects in CPython (a
-            # float per zero count cost ~0.5 KB per histogram bucket held for an hour).
-            b.latency = chunk.tolist() if lat is None else list(map(add, lat, chunk))
-            b.latency_sum += total
+            i = id_of(e[1])  # type: ignore[arg-type]
+            rows.append(j)
+            row_ids.append(i)
+            if total:
+                add_id(i)
+                add_col(LATENCY_SUM)
+                add_val(total)
         else:
-            slow.append(SeriesDelta(e[2], e[0], buckets=tuple(chunk), sum=total, key=e[1]))
-    if batch:
-        for key, d in cur.items():
-            agg.add_bucket(key, sec, d)
+            slow.append(SeriesDelta(e[2], e[0], buckets=tuple(counts[j].tolist()), sum=total, key=e[1]))
+    if rows:
+        taken = counts[rows]
+        r, b = np.nonzero(taken)
+        p.chunks.append((np.array(row_ids, dtype=np.int32)[r], (b + LAT0).astype(np.uint8),
+                         taken[r, b].astype(np.float64)))
     return rejected, slow
 
 
-def _fresh(key: SeriesKey, sec: int) -> Bucket:
-    return Bucket()
+_COLUMNS = {slot: COLUMN[slot] for slot in COUNTER_SLOTS}
