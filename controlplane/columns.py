@@ -62,7 +62,7 @@ def ingest_columns(agg: Aggregator, refs: SeriesRefs, cols: Columns, sec: int, r
     fast = native_bounds and n_buckets == N_LATENCY
     counts = np.frombuffer(cols.hist_counts, dtype=np.uint64).reshape(len(cols.hist_refs), n_buckets) \
         if n_buckets else np.zeros((len(cols.hist_refs), 0), dtype=np.uint64)
-    any_count = counts.any(axis=1).tolist()
+    any_count: list[bool] = counts.any(axis=1).tolist()  # type: ignore[assignment]
     rows: list[int] = []   # the histograms taken here: their row in `counts`, their series id
     row_ids: list[int] = []
     for j, (ref, total, nonzero) in enumerate(zip(cols.hist_refs, cols.hist_sums, any_count)):

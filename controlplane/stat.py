@@ -204,8 +204,12 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
     by_key: dict[SeriesKey, Totals] = {}
     grouped: dict[object, Totals] | None
     if row_id is not None and isinstance(aggregator, Aggregator):
-        # Summed by numpy per row over the window's matrix: no Totals per key.
-        grouped = aggregator.totals_by_group(window, now, lambda k: row_id(k) if base(k) else None)
+        # Summed by numpy per row over the window's matrix: no Totals per key. Without --from/--to
+        # the row of a key depends on the key alone: the store keeps it (`token`).
+        rid = row_id
+        token = None if src or dst else ("stat", type_, row_side)
+        wanted = {_row_id(type_, r) for r in resources}
+        grouped = aggregator.totals_by_group(window, now, lambda k: rid(k) if base(k) else None, token, wanted)
     else:
         by_key = aggregator.totals_by_key(window, now, base)
         grouped = _group_by_row(type_, row_side, by_key, window)

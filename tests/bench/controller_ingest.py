@@ -133,7 +133,7 @@ def main() -> None:
         for kind, items in by_kind.items():
             c.registry.replace(kind, items)
         c.registry.mark_synced()
-        ns = sorted(c.registry.namespaces())[0]
+        ns = min(c.registry.namespaces())
         for what, req in (("stat deploy -A", pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)),
                           (f"stat po -n {ns}", pb.StatRequest(selector=pb.Resource(type="po", namespace=ns)))):
             for at in (end, end + 1, end + 2):
