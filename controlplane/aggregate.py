@@ -292,6 +292,7 @@ class Aggregator:
         self._keys: list[SeriesKey | None] = []    # id -> key (None: a free id)
         self._free: list[int] = []
         self._last = np.full(64, _NEVER, dtype=np.int64)   # id -> the last filed second holding it
+        self._gen = np.zeros(64, dtype=np.int32)           # id -> how many times it was freed
         self._pending: dict[int, Pending] = {}
         self._blocks: dict[int, list[_Block]] = {}
         # key -> reporter (agent id) -> (time, value): open connections are a gauge per agent.
@@ -324,9 +325,17 @@ class Aggregator:
                 if i >= len(self._last):
                     last = np.full(2 * len(self._last), _NEVER, dtype=np.int64)
                     last[:i] = self._last
-                    self._last = last
+                    gen = np.zeros(2 * len(self._last), dtype=np.int32)
+                    gen[:i] = self._gen[:i]
+                    self._last, self._gen = last, gen
             self._ids[key] = i
         return i
+
+    def gen(self, ids: np.ndarray) -> np.ndarray:
+        """The ids' generations: an id freed (its key dropped at the retention) gets a new one,
+        so a cached key -> id is known stale."""
+        got: np.ndarray = self._gen[ids]
+        return got
 
     def pending(self, sec: int) -> Pending:
         """The entries of filed second `sec` (a `filed_second`) not frozen yet, to append to."""
@@ -691,6 +700,7 @@ class Aggregator:
             del ids[key]
             keys[i] = None
             self._last[i] = _FREE
+            self._gen[i] += 1
             self._free.append(i)
             dropped += 1
         if dropped:
