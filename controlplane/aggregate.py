@@ -293,6 +293,11 @@ class Aggregator:
         self._free: list[int] = []
         self._last = np.full(64, _NEVER, dtype=np.int64)   # id -> the last filed second holding it
         self._gen = np.zeros(64, dtype=np.int32)           # id -> how many times it was freed
+        # Held gauges (set at t = +inf): per id their sum over reporters and how many reporters
+        # hold one (an id held is never freed); per reporter, id -> its value.
+        self._held = np.zeros(64)
+        self._holders = np.zeros(64, dtype=np.int32)
+        self._held_by: dict[str, dict[int, float]] = {}
         self._pending: dict[int, Pending] = {}
         self._blocks: dict[int, list[_Block]] = {}
         # key -> reporter (agent id) -> (time, value): open connections are a gauge per agent.
@@ -327,7 +332,11 @@ class Aggregator:
                     last[:i] = self._last
                     gen = np.zeros(2 * len(self._last), dtype=np.int32)
                     gen[:i] = self._gen[:i]
-                    self._last, self._gen = last, gen
+                    held = np.zeros(2 * len(self._last))
+                    held[:i] = self._held[:i]
+                    holders = np.zeros(2 * len(self._last), dtype=np.int32)
+                    holders[:i] = self._holders[:i]
+                    self._last, self._gen, self._held, self._holders = last, gen, held, holders
             self._ids[key] = i
         return i
 
@@ -427,6 +436,23 @@ class Aggregator:
                     w.sums.add(b)
 
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
+        """The reporter's open-connection gauge for the key, as of `t`; `t` = +inf: held until
+        the reporter goes (`drop_reporter`; a ref'd gauge, sent when it changes) — kept per
+        series id in arrays, so a query sums them by numpy."""
+        if t == math.inf:
+            i = self.id_of(key)
+            per = self._held_by.setdefault(reporter, {})
+            old = per.pop(i, None)
+            if old is not None:
+                self._held[i] -= old
+                self._holders[i] -= 1
+            if value:
+                per[i] = value
+                self._held[i] += value
+                self._holders[i] += 1
+            if not self._holders[i]:
+                self._held[i] = 0.0   # no rounding residue
+            return
         self._gauges.setdefault(key, {})[reporter] = (self.clock() if t is None else t, value)
         if value > 0:
             self._open.setdefault(key, set()).add(reporter)
@@ -442,6 +468,11 @@ class Aggregator:
 
     def drop_reporter(self, reporter: str) -> None:
         """An agent went away: its open-connection gauges no longer describe anything."""
+        for i, value in self._held_by.pop(reporter, {}).items():
+            self._held[i] -= value
+            self._holders[i] -= 1
+            if not self._holders[i]:
+                self._held[i] = 0.0
         for key in list(self._gauges):
             per = self._gauges[key]
             per.pop(reporter, None)
@@ -492,6 +523,17 @@ class Aggregator:
         """Per key with open connections, their sum over the reporters' latest values within the
         window (agents keep a closed peer's gauge at 0 forever: zero open connections is not TCP
         activity, or every peer ever seen would stay in edges and --from/--to rows)."""
+        out = self._timed_gauges(window_s, now, where)
+        keys, held = self._keys, self._held
+        for i in np.flatnonzero(held[:len(keys)] != 0).tolist():
+            key = keys[i]
+            if key is not None and (where is None or where(key)):
+                out[key] = out.get(key, 0.0) + float(held[i])
+        return {key: live for key, live in out.items() if live > 0}
+
+    def _timed_gauges(self, window_s: float, now: float,
+                      where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, float]:
+        """The gauges set at a time (older agents: every gauge every second), summed per key."""
         out: dict[SeriesKey, float] = {}
         gauges, since = self._gauges, now - window_s
         for key in self._open:
@@ -522,19 +564,36 @@ class Aggregator:
         width = len(groups)
         flat = (g[:, None] * NCOL + np.arange(NCOL)).ravel()
         matrix = np.bincount(flat, weights=sums.m[sel].ravel(), minlength=width * NCOL).reshape(width, NCOL)
+        # The held gauges per group by numpy too: a key's counts when the sum of its reporters' > 0.
+        held = self._held[:rows]
+        hsel = np.flatnonzero((held > 0) & (gid[:rows] >= 0))
+        hg = gid[hsel].astype(np.int64)
+        open_sum = np.bincount(hg, weights=held[hsel], minlength=width)
+        gauged = np.bincount(hg, minlength=width) > 0
         out: dict[object, Totals] = {}
-        for j in np.flatnonzero(np.bincount(g, minlength=width)).tolist():
+        for j in np.flatnonzero((np.bincount(g, minlength=width) > 0) | gauged).tolist():
             name = groups[j]
             if only is None or name in only:
-                out[name] = _totals(window_s, matrix[j].tolist())
-        for key, live in self.gauges(window_s, now).items():
+                t = out[name] = _totals(window_s, matrix[j].tolist())
+                if gauged[j]:
+                    t.open_connections = float(open_sum[j])
+                    t.has_gauge = True
+        # Timed gauges (older agents), and keys holding both kinds: per key, as `gauges` does.
+        timed = self._timed_gauges(window_s, now)
+        ids = self._ids
+        for key, live in timed.items():
             name = group(key)
             if name is None or (only is not None and name not in only):
                 continue
+            i = ids.get(key)
+            both = float(self._held[i]) if i is not None and self._held[i] != 0 else 0.0
             got = out.get(name)
             got = out[name] = got if got is not None else Totals(window_s)
-            got.open_connections += live
-            got.has_gauge = True
+            if both > 0:
+                got.open_connections -= both   # counted above alone: the key's sum is live + both
+            if live + both > 0:
+                got.open_connections += live + both
+                got.has_gauge = True
         return out
 
     def _group_ids(self, group: Callable[[SeriesKey], object], token: Hashable | None,
@@ -688,9 +747,10 @@ class Aggregator:
             del self._blocks[sec]
         self.downsample(now)
         # A key whose last record is older than the retention is dropped, and its id reused, once
-        # no block holds it (a lagging kept window may still hold it: then at a later prune).
+        # no block holds it (a lagging kept window may still hold it: then at a later prune) and
+        # no reporter holds a gauge for it.
         used = len(self._keys)
-        gone = np.flatnonzero(self._last[:used] < index_oldest).tolist()
+        gone = np.flatnonzero((self._last[:used] < index_oldest) & (self._holders[:used] == 0)).tolist()
         dropped = 0
         keys, ids = self._keys, self._ids
         for i in gone:

@@ -4,6 +4,7 @@ key carries nothing of the old one."""
 
 from __future__ import annotations
 
+import math
 import random
 
 from nodemesh.controlplane.aggregate import N_LATENCY, Aggregator, SeriesKey, Totals
@@ -21,6 +22,7 @@ def test_group_sums_equal_merged_key_totals() -> None:
     keys = [("inbound" if k % 3 else "outbound", f"ns{k % 4}", f"w{k % 7}", f"pod-{k}") for k in range(80)]
     keys += [("inbound", "ns9", "w1", f"brief-{k}") for k in range(200)]   # each seen once: dropped, ids reused
     now = 1_000_000.0
+    gauges: dict[tuple[SeriesKey, str], tuple[float, float]] = {}
     for step in range(300):
         now += rng.choice((0.5, 1.0, 1.0, 3.0))
         for _ in range(rng.randint(0, 12)):
@@ -29,12 +31,26 @@ def test_group_sums_equal_merged_key_totals() -> None:
             agg.record(rng.choice(keys[:80]) if rng.random() < 0.9 else keys[80 + step % 200], t=now - rng.choice((0, 1, 1, 4, 40)), success=rng.randint(0, 4),
                        failure=rng.randint(0, 1), requests=rng.randint(0, 4), latency=latency,
                        latency_sum=rng.random() * 9, read_bytes=rng.randint(0, 500))
-        if rng.random() < 0.2:
-            agg.set_gauge(rng.choice(keys), rng.choice("ab"), float(rng.choice((0, 1, 2))), t=now)
+        if rng.random() < 0.3:
+            # timed (older agents) or held until the reporter goes (a ref'd gauge); both kinds on a key
+            key, reporter = rng.choice(keys[:80]), rng.choice("abcd")
+            at = now if reporter in "ab" else math.inf
+            value = float(rng.choice((0, 1, 2)))
+            agg.set_gauge(key, reporter, value, t=at)
+            gauges[(key, reporter)] = (at, value)
+        if rng.random() < 0.01:
+            agg.drop_reporter("c")
+            gauges = {k: g for k, g in gauges.items() if k[1] != "c"}
         if step % 10 == 0:
             agg.prune(now=now)
+            gauges = {k: g for k, g in gauges.items() if g[0] >= int(now) - agg.retention_s}
         if step % 7 == 0:
             for window in (10, 60, 120):
+                want_gauges: dict[SeriesKey, float] = {}
+                for (key, _), (at, value) in gauges.items():
+                    if at >= now - window:
+                        want_gauges[key] = want_gauges.get(key, 0.0) + value
+                assert agg.gauges(window, now) == {k: v for k, v in want_gauges.items() if v > 0}
                 def group(k: SeriesKey) -> object:
                     return (k[1], k[2]) if k[0] == "inbound" and k[2] != "w0" else None
                 want: dict[object, Totals] = {}

@@ -52,8 +52,11 @@ def test_kept_ref_arrays_follow_the_refs_and_the_ids() -> None:
     t = agg.totals_by_key(10, now=1002)
     assert (t[KEY_A].success, t[KEY_A].latency[3], t[KEY_A].latency_sum, t[KEY_A].open_connections) == (2, 2, 12.5, 4)
     assert (t[KEY_B].failure, t[KEY_B].success) == (1, 3)
-    # both keys idle past the retention: dropped, their ids free; a new key takes one of them
-    assert agg.prune(now=1700) == 2
+    # both keys idle past the retention: dropped, their ids free (a's once its gauge is not held
+    # any more); a new key takes one of them
+    assert agg.prune(now=1700) == 1 and KEY_A in list(agg.keys())
+    agg.drop_reporter("ag")
+    assert agg.prune(now=1700) == 1 and not list(agg.keys())
     agg.record(("inbound", "new"), t=1700, requests=1)
     ingest_columns(agg, refs, report({1: 1.0, FAR: 2.0}, {}), 1701, "ag", N_LATENCY, True, cache)
     t = agg.totals_by_key(10, now=1702)
