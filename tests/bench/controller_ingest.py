@@ -86,8 +86,12 @@ def main() -> None:
     prune_cpu = 0.0
     steady_prune, steady_from = 0.0, a.downsample_after + 120  # past the horizon: seal + downsample
     prof = cProfile.Profile() if a.profile else None
+    rss_first = 0.0
     for i, seq, data in messages():
         phase = 1 if seq == 1 else 2
+        if seq == 2 and i == 0:
+            gc.collect()
+            rss_first = rss_mb()   # every stream's refs defined, one second of traffic held
         t0 = time.process_time()
         if prof and phase == 2:
             prof.enable()
@@ -115,7 +119,8 @@ def main() -> None:
         held = f"entries={agg.stored_entries()} ({agg.stored_bytes() / 1e6:.0f} MB)"
     else:                                # a tree with a Bucket per key and second
         held = f"buckets={sum(len(h.buckets) + len(h.coarse) for h in agg._history.values())}"
-    print(f"rss: {rss0:.0f} -> {rss1:.0f} MB  {held}  prune+downsample CPU {prune_cpu:.2f} s")
+    print(f"rss: {rss0:.0f} -> {rss_first:.0f} (refs defined) -> {rss1:.0f} MB  {held}  "
+          f"prune+downsample CPU {prune_cpu:.2f} s")
     if a.reports > steady_from + 60:
         minutes = (a.reports - steady_from) / 60
         print(f"prune past the horizon: {steady_prune / minutes * 1000:.0f} ms CPU per minute of traffic")
