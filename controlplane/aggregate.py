@@ -155,7 +155,7 @@ class Pending:
 
 class _Block:
     """Entries of one filed second (or of one downsampled minute): `ids` (int32), `cols`
-    (uint8), `vals` (float64) side by side — an id may repeat (sums are group sums) — and
+    (uint8), `vals` (float32 when each is exact so, else float64) side by side — an id may repeat (sums are group sums) — and
     `uids` its distinct ids."""
 
     __slots__ = ("cols", "ids", "uids", "vals")
@@ -174,14 +174,27 @@ class _Block:
         return int(self.ids.nbytes + self.cols.nbytes + self.vals.nbytes + self.uids.nbytes)
 
 
-def _merged(blocks: list[_Block]) -> _Block:
-    """One block summing `blocks`: one entry per (id, column) that any of them has."""
+def _compact(ids: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> list[_Block]:
+    """Entries as blocks: those whose value float32 holds exactly (counts, and byte counts below
+    2^24: most of them) with 4-byte values, the others (latency sums) with 8 — no value rounded."""
+    v32 = vals.astype(np.float32)
+    exact = v32 == vals
+    if exact.all():
+        return [_Block(ids, cols, v32)]
+    if not exact.any():
+        return [_Block(ids, cols, vals)]
+    rest = ~exact
+    return [_Block(ids[exact], cols[exact], v32[exact]), _Block(ids[rest], cols[rest], vals[rest])]
+
+
+def _merged(blocks: list[_Block]) -> list[_Block]:
+    """Blocks summing `blocks`: one entry per (id, column) that any of them has."""
     flat = np.concatenate([b.flat() for b in blocks])
-    vals = np.concatenate([b.vals for b in blocks])
+    vals = np.concatenate([b.vals.astype(np.float64) for b in blocks])
     cells, inverse = np.unique(flat, return_inverse=True)
     sums = np.bincount(inverse, weights=vals, minlength=len(cells))
     ids = (cells // NCOL).astype(np.int32)
-    return _Block(ids, (cells % NCOL).astype(np.uint8), sums)
+    return _compact(ids, (cells % NCOL).astype(np.uint8), sums)
 
 
 class _Sums:
@@ -427,13 +440,13 @@ class Aggregator:
                 ids = np.concatenate([x[0] for x in parts])
                 cols = np.concatenate([x[1] for x in parts])
                 vals = np.concatenate([x[2] for x in parts])
-            b = _Block(ids, cols, vals)
-            self._blocks.setdefault(sec, []).append(b)
-            np.maximum.at(last, b.uids, sec)
-            for w in windows:
-                if w.holds(sec):
-                    w.sums.fit(rows)
-                    w.sums.add(b)
+            for b in _compact(ids, cols, vals):
+                self._blocks.setdefault(sec, []).append(b)
+                np.maximum.at(last, b.uids, sec)
+                for w in windows:
+                    if w.holds(sec):
+                        w.sums.fit(rows)
+                        w.sums.add(b)
 
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
         """The reporter's open-connection gauge for the key, as of `t`; `t` = +inf: held until
@@ -709,7 +722,7 @@ class Aggregator:
             if not seconds:
                 continue
             parts = [b for _, bs in seconds for b in bs]
-            m = _merged(parts)
+            ms = _merged(parts)
             merged += sum(len(b.ids) for b in parts)
             for w in windows:
                 lo, hi = w.end - w.width, w.end
@@ -720,16 +733,19 @@ class Aggregator:
                     # The whole minute is inside: the same sums, one block instead of several.
                     for b in parts:
                         sums.n[b.uids] -= 1
-                    sums.n[m.uids] += 1
+                    for m in ms:
+                        sums.n[m.uids] += 1
                     continue
                 for sec, bs in seconds:
                     if lo <= sec < hi:
                         for b in bs:
                             sums.sub(b)
                 if lo <= csec < hi:
-                    sums.add(m)
-            blocks.setdefault(csec, []).append(m)
-            np.maximum.at(self._last, m.uids, csec)
+                    for m in ms:
+                        sums.add(m)
+            blocks.setdefault(csec, []).extend(ms)
+            for m in ms:
+                np.maximum.at(self._last, m.uids, csec)
         return merged
 
     def prune(self, now: float | None = None) -> int:
