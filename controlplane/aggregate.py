@@ -12,6 +12,7 @@ downsampling take them whole instead of second by second.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from array import array
@@ -217,11 +218,12 @@ class _Sums:
             self.m, self.n = m, n
 
     def add(self, b: _Block) -> None:
-        np.add.at(self.m.reshape(-1), b.flat(), b.vals)
+        # float64 weights: ufunc.at's fast path wants the array's dtype (float32: ~10x slower)
+        np.add.at(self.m.reshape(-1), b.flat(), b.vals.astype(np.float64, copy=False))
         self.n[b.uids] += 1
 
     def sub(self, b: _Block) -> None:
-        np.subtract.at(self.m.reshape(-1), b.flat(), b.vals)
+        np.subtract.at(self.m.reshape(-1), b.flat(), b.vals.astype(np.float64, copy=False))
         n = self.n
         n[b.uids] -= 1
         gone = b.uids[n[b.uids] == 0]
@@ -522,8 +524,16 @@ class Aggregator:
             present = np.array([i for i in present.tolist() if where(keys[i])], dtype=np.int64)  # type: ignore[arg-type]
         out: dict[SeriesKey, Totals] = {}
         if len(present):
-            for i, row in zip(present.tolist(), sums.m[present].tolist()):
-                out[keys[i]] = _totals(window_s, row)  # type: ignore[index]
+            # A Totals per key is hundreds of thousands of new objects: the cyclic GC would walk
+            # the whole heap several times while they are made (2/3 of the time at 300,000 keys).
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                for i, row in zip(present.tolist(), sums.m[present].tolist()):
+                    out[keys[i]] = _totals(window_s, row)  # type: ignore[index]
+            finally:
+                if enabled:
+                    gc.enable()
         return out
 
     def _scan(self, window_s: float, end: int, where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
