@@ -1,13 +1,14 @@
 """Time-bucketed aggregation of what agents observed, and the math of windows over it.
 
 Every series key is the tuple of `PEER_LABELS` values (direction, source and destination
-workload and pod, service, authority, protocol). Per key the aggregator keeps one bucket per
-second that saw traffic (sparse: quiet seconds cost nothing), for `retention_s` seconds; a key
-with no traffic for longer than that is dropped, which bounds memory by the traffic of the last
-hour. A query sums the buckets of any window (10 s .. 1 h) and derives rates, success rate and
-latency quantiles from the merged histogram, as Prometheus' `histogram_quantile` does.
-Complete minutes are also kept summed per key (`Aggregator.seal`): a window's first build and
-downsampling take them whole instead of second by second.
+workload and pod, service, authority, protocol). The store is columnar (numpy): each key has a
+small integer id, and each second that saw traffic holds blocks of (id, column, value) entries —
+the counters and latency buckets of `FIELDS`, only non-zero values — for `retention_s` seconds;
+past `downsample_after_s` a minute's blocks are merged into one. A key with no traffic for longer
+than the retention is dropped, which bounds memory by the traffic of the last hour. A query sums
+the blocks of any window (10 s .. 1 h; kept windows slide as seconds pass) and derives rates,
+success rate and latency quantiles from the merged histogram, as Prometheus'
+`histogram_quantile` does.
 """
 
 from __future__ import annotations
