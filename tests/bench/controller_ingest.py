@@ -117,6 +117,11 @@ def main() -> None:
     agg = c.aggregator
     if hasattr(agg, "stored_entries"):   # the columnar store (numpy blocks)
         held = f"entries={agg.stored_entries()} ({agg.stored_bytes() / 1e6:.0f} MB)"
+        minutes = [b for sec, bs in agg._blocks.items() if sec < agg._coarse_before for b in bs]
+        if minutes:
+            n_min = len({sec for sec in agg._blocks if sec < agg._coarse_before})
+            held += (f", of which {n_min} downsampled minutes: {sum(len(b.ids) for b in minutes)} entries "
+                     f"({sum(b.nbytes for b in minutes) / 1e6:.0f} MB)")
     else:                                # a tree with a Bucket per key and second
         held = f"buckets={sum(len(h.buckets) + len(h.coarse) for h in agg._history.values())}"
     print(f"rss: {rss0:.0f} -> {rss_first:.0f} (refs defined) -> {rss1:.0f} MB  {held}  "
