@@ -1,26 +1,27 @@
 """Time-bucketed aggregation of what agents observed, and the math of windows over it.
 
 Every series key is the tuple of `PEER_LABELS` values (direction, source and destination
-workload and pod, service, authority, protocol). Per key the aggregator keeps one bucket per
-second that saw traffic (sparse: quiet seconds cost nothing), for `retention_s` seconds; a key
-with no traffic for longer than that is dropped, which bounds memory by the traffic of the last
-hour. A query sums the buckets of any window (10 s .. 1 h) and derives rates, success rate and
-latency quantiles from the merged histogram, as Prometheus' `histogram_quantile` does.
-Complete minutes are also kept summed per key (`Aggregator.seal`): a window's first build and
-downsampling take them whole instead of second by second.
+workload and pod, service, authority, protocol). The store is columnar (numpy): each key has a
+small integer id, and each second that saw traffic holds blocks of (id, column, value) entries —
+the counters and latency buckets of `FIELDS`, only non-zero values — for `retention_s` seconds;
+past `downsample_after_s` a minute's blocks are merged into one. A key with no traffic for longer
+than the retention is dropped, which bounds memory by the traffic of the last hour. A query sums
+the blocks of any window (10 s .. 1 h; kept windows slide as seconds pass) and derives rates,
+success rate and latency quantiles from the merged histogram, as Prometheus'
+`histogram_quantile` does.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-import operator
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Protocol
 
+import numpy as np
 from nodemesh.api.model import LATENCY_BUCKETS_MS, PEER_LABELS
 
 SeriesKey = tuple[str, ...]
@@ -61,31 +62,6 @@ def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[float
     return float(bounds[-1])
 
 
-class Bucket:
-    __slots__ = (
-        "failure",
-        "latency",
-        "latency_sum",
-        "read_bytes",
-        "requests",
-        "success",
-        "tcp_close",
-        "tcp_open",
-        "write_bytes",
-    )
-
-    def __init__(self) -> None:
-        self.success = 0.0
-        self.failure = 0.0
-        self.requests = 0.0
-        self.latency: list[float] | None = None  # allocated on the first latency observation
-        self.latency_sum = 0.0
-        self.tcp_open = 0.0
-        self.tcp_close = 0.0
-        self.read_bytes = 0.0
-        self.write_bytes = 0.0
-
-
 @dataclass
 class Totals:
     """Sums over a window (and, for the gauge, the latest value in it)."""
@@ -102,31 +78,6 @@ class Totals:
     write_bytes: float = 0.0
     open_connections: float = 0.0
     has_gauge: bool = False
-
-    def add_bucket(self, b: Bucket) -> None:
-        self.success += b.success
-        self.failure += b.failure
-        self.requests += b.requests
-        if b.latency is not None:
-            self.latency = list(map(operator.add, self.latency, b.latency))
-        self.latency_sum += b.latency_sum
-        self.tcp_open += b.tcp_open
-        self.tcp_close += b.tcp_close
-        self.read_bytes += b.read_bytes
-        self.write_bytes += b.write_bytes
-
-    def sub_bucket(self, b: Bucket) -> None:
-        """A bucket leaving a sliding window (counts are integers: exact)."""
-        self.success -= b.success
-        self.failure -= b.failure
-        self.requests -= b.requests
-        if b.latency is not None:
-            self.latency = list(map(operator.sub, self.latency, b.latency))
-        self.latency_sum -= b.latency_sum
-        self.tcp_open -= b.tcp_open
-        self.tcp_close -= b.tcp_close
-        self.read_bytes -= b.read_bytes
-        self.write_bytes -= b.write_bytes
 
     def copy(self) -> Totals:
         return Totals(self.window_s, self.success, self.failure, self.requests, self.latency.copy(),
@@ -179,142 +130,125 @@ class Totals:
         return histogram_quantile(q, BOUNDS, self.latency)
 
 
-class _History:
-    """A key's buckets: `buckets` one per second with traffic, newest last; `coarse` one per
-    minute for the seconds older than the aggregator's downsampling horizon, each filed at its
-    minute's middle second (see Aggregator.downsample), all older than every per-second bucket."""
+# ------------------------------------------------------------------ the store
+# A record is a few (series id, column, value) entries: the columns of a key's sums, in this
+# order, then the latency histogram's buckets. Only non-zero values are entries (sparse).
+FIELDS = ("success", "failure", "requests", "latency_sum", "tcp_open", "tcp_close", "read_bytes", "write_bytes")
+COLUMN = {name: i for i, name in enumerate(FIELDS)}
+LAT0 = len(FIELDS)            # the first latency bucket's column
+NCOL = LAT0 + N_LATENCY
+LATENCY_SUM = COLUMN["latency_sum"]
+_NEVER = -(1 << 62)
+_FREE = 1 << 62               # a free id's `_last`: never older than anything
 
-    __slots__ = ("buckets", "coarse", "last_sec")
+
+class Pending:
+    """A filed second's records not yet frozen into a block: the entries as appended (the
+    columns ingest appends to these arrays directly), and whole chunks of numpy arrays."""
+
+    __slots__ = ("chunks", "cols", "ids", "vals")
 
     def __init__(self) -> None:
-        self.buckets: deque[tuple[int, Bucket]] = deque()
-        self.coarse: deque[tuple[int, Bucket]] = deque()
-        self.last_sec = -1
+        self.ids = array("i")
+        self.cols = array("B")
+        self.vals = array("d")
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def at(self, sec: int, coarse: bool = False) -> Bucket:
-        buckets = self.coarse if coarse else self.buckets
-        if not buckets or sec > buckets[-1][0]:
-            b = Bucket()
-            buckets.append((sec, b))
-            self.last_sec = max(self.last_sec, sec)
-            return b
-        if sec == buckets[-1][0]:
-            return buckets[-1][1]
-        # An earlier second: an agent's history replayed after a reconnect. Usually near the end
-        # (a replay arrives in order), so walk back from there.
-        i = len(buckets) - 1
-        while i > 0 and buckets[i - 1][0] >= sec:
-            i -= 1
-        if buckets[i][0] == sec:
-            return buckets[i][1]
-        b = Bucket()
-        buckets.insert(i, (sec, b))
-        return b
+
+class _Block:
+    """Entries of one filed second (or of one downsampled minute): `ids` (int32), `cols`
+    (uint8), `vals` (float32 when each is exact so, else float64) side by side — an id may repeat (sums are group sums) — and
+    `uids` its distinct ids."""
+
+    __slots__ = ("cols", "ids", "uids", "vals")
+
+    def __init__(self, ids: np.ndarray, cols: np.ndarray, vals: np.ndarray, uids: np.ndarray | None = None) -> None:
+        self.ids, self.cols, self.vals = ids, cols, vals
+        self.uids = np.unique(ids) if uids is None else uids
+
+    def flat(self) -> np.ndarray:
+        """Each entry's position in a row-major (id, column) matrix."""
+        flat: np.ndarray = self.ids.astype(np.int64) * NCOL + self.cols
+        return flat
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.cols.nbytes + self.vals.nbytes + self.uids.nbytes)
+
+
+def _compact(ids: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> list[_Block]:
+    """Entries as blocks: those whose value float32 holds exactly (counts, and byte counts below
+    2^24: most of them) with 4-byte values, the others (latency sums) with 8 — no value rounded."""
+    v32 = vals.astype(np.float32)
+    exact = v32 == vals
+    if exact.all():
+        return [_Block(ids, cols, v32)]
+    if not exact.any():
+        return [_Block(ids, cols, vals)]
+    rest = ~exact
+    return [_Block(ids[exact], cols[exact], v32[exact]), _Block(ids[rest], cols[rest], vals[rest])]
+
+
+def _merged(blocks: list[_Block]) -> list[_Block]:
+    """Blocks summing `blocks`: one entry per (id, column) that any of them has."""
+    flat = np.concatenate([b.flat() for b in blocks])
+    vals = np.concatenate([b.vals.astype(np.float64) for b in blocks])
+    cells, inverse = np.unique(flat, return_inverse=True)
+    sums = np.bincount(inverse, weights=vals, minlength=len(cells))
+    ids = (cells // NCOL).astype(np.int32)
+    return _compact(ids, (cells % NCOL).astype(np.uint8), sums)
+
+
+class _Sums:
+    """Per series id, the sums of a set of blocks (`m`, one row of NCOL per id) and how many of
+    the blocks hold the id (`n`: the id is in an answer while n > 0)."""
+
+    __slots__ = ("m", "n")
+
+    def __init__(self, rows: int) -> None:
+        self.m = np.zeros((rows, NCOL))
+        self.n = np.zeros(rows, dtype=np.int32)
+
+    def fit(self, rows: int) -> None:
+        if rows > len(self.n):
+            grown = max(rows, 2 * len(self.n))
+            m = np.zeros((grown, NCOL))
+            m[:len(self.n)] = self.m
+            n = np.zeros(grown, dtype=np.int32)
+            n[:len(self.n)] = self.n
+            self.m, self.n = m, n
+
+    def add(self, b: _Block) -> None:
+        # float64 weights: ufunc.at's fast path wants the array's dtype (float32: ~10x slower)
+        np.add.at(self.m.reshape(-1), b.flat(), b.vals.astype(np.float64, copy=False))
+        self.n[b.uids] += 1
+
+    def sub(self, b: _Block) -> None:
+        np.subtract.at(self.m.reshape(-1), b.flat(), b.vals.astype(np.float64, copy=False))
+        n = self.n
+        n[b.uids] -= 1
+        gone = b.uids[n[b.uids] == 0]
+        if len(gone):
+            self.m[gone] = 0.0   # no rounding residue of the sums subtracted (latency_sum, bytes)
 
 
 class _Window:
-    """Per-key totals of one window width over [end - width, end), kept up to date: a record
-    into a second inside it is added here too, and when `end` moves the seconds entering are
-    added and those leaving subtracted (`Aggregator._by_sec`). So a query costs the keys it
-    returns, not every key times every second of the window."""
+    """The sums of one window width over [end - width, end), kept up to date: a block of a
+    second inside it is added when it is frozen, and when `end` moves the blocks of the seconds
+    entering are added and those leaving subtracted. Every block filed at a second in
+    [end - width, end) is in `sums`, no other."""
 
-    __slots__ = ("buckets", "end", "totals", "used", "width", "window_s")
+    __slots__ = ("end", "sums", "used", "width", "window_s")
 
-    def __init__(self, window_s: float, end: int, used: float) -> None:
+    def __init__(self, window_s: float, end: int, used: float, rows: int) -> None:
         self.window_s = window_s
         self.width = int(window_s)
         self.end = end
         self.used = used
-        self.totals: dict[SeriesKey, Totals] = {}
-        self.buckets: dict[SeriesKey, int] = {}   # buckets of the key inside the window
+        self.sums = _Sums(rows)
 
-    def add(self, key: SeriesKey, b: Bucket, n: int = 1) -> None:
-        """Add bucket `b`, standing for `n` of the key's buckets (a sealed minute: its seconds)."""
-        t = self.totals.get(key)
-        if t is None:
-            t = self.totals[key] = Totals(self.window_s)
-            self.buckets[key] = 0
-        t.add_bucket(b)
-        self.buckets[key] += n
-
-    def remove(self, key: SeriesKey, b: Bucket) -> None:
-        t = self.totals.get(key)
-        if t is None:
-            return
-        n = self.buckets[key] - 1
-        if n <= 0:
-            del self.totals[key], self.buckets[key]
-        else:
-            self.buckets[key] = n
-            t.sub_bucket(b)
-
-
-class _Sealed:
-    """A key's seconds of one complete minute merged (`Aggregator._seal`): `bucket` their sum,
-    `n` how many 1 s buckets it stands for."""
-
-    __slots__ = ("bucket", "n")
-
-    def __init__(self) -> None:
-        self.bucket = Bucket()
-        self.n = 0
-
-
-def _add(target: Bucket | Totals, success: float, failure: float, requests: float,
-         latency: Sequence[float] | None, index: list[int] | None, latency_sum: float, tcp_open: float,
-         tcp_close: float, read_bytes: float, write_bytes: float) -> None:
-    target.success += success
-    target.failure += failure
-    target.requests += requests
-    if latency is not None:
-        if target.latency is None:
-            target.latency = [0.0] * N_LATENCY
-        lat = target.latency
-        for i, count in enumerate(latency):
-            if count:
-                lat[index[i] if index is not None else i] += count
-        target.latency_sum += latency_sum
-    target.tcp_open += tcp_open
-    target.tcp_close += tcp_close
-    target.read_bytes += read_bytes
-    target.write_bytes += write_bytes
-
-
-def _merge(target: Bucket, b: Bucket) -> None:
-    """Add bucket `b` into `target` (downsampling)."""
-    target.success += b.success
-    target.failure += b.failure
-    target.requests += b.requests
-    if b.latency is not None:
-        lat = target.latency
-        target.latency = b.latency.copy() if lat is None else list(map(operator.add, lat, b.latency))
-        target.latency_sum += b.latency_sum
-    target.tcp_open += b.tcp_open
-    target.tcp_close += b.tcp_close
-    target.read_bytes += b.read_bytes
-    target.write_bytes += b.write_bytes
-
-
-_COUNTERS = tuple((name, operator.attrgetter(name)) for name in (
-    "success", "failure", "requests", "latency_sum", "tcp_open", "tcp_close", "read_bytes", "write_bytes"))
-_LATENCY = operator.attrgetter("latency")
-
-
-def _sum_into(target: Bucket | Totals, buckets: list[Bucket]) -> None:
-    """`target` (fresh) becomes the sum of `buckets`, field by field in C loops (what `_merge` or
-    `Totals.add_bucket` of each in turn gives, in the same order; ~3 µs a bucket instead of ~4).
-    A Totals' histogram counts are floats, a Bucket's stay what they were (ints from columns)."""
-    for name, get in _COUNTERS:
-        setattr(target, name, sum(map(get, buckets), 0.0))
-    lats = [lat for lat in map(_LATENCY, buckets) if lat is not None]
-    if not lats:
-        return
-    if isinstance(target, Totals):
-        target.latency = list(map(sum, zip(*lats), repeat(0.0)))
-    elif len(lats) == 1:
-        target.latency = lats[0].copy()
-    else:
-        target.latency = list(map(sum, zip(*lats)))
+    def holds(self, sec: int) -> bool:
+        return self.end - self.width <= sec < self.end
 
 
 MAX_WINDOWS = 8          # window widths kept sliding at once
@@ -346,116 +280,195 @@ class SeriesStore(Protocol):
 
 
 COARSE_S = 60               # a downsampled bucket's width
-SEAL_AFTER_S = 5            # a minute is sealed (its seconds merged per key) once this much past its end
 DOWNSAMPLE_AFTER_S = 600    # per-second buckets older than this are merged into minute buckets
 
 
+def _totals(window_s: float, row: list[float]) -> Totals:
+    return Totals(window_s, row[0], row[1], row[2], row[LAT0:], row[3], row[4], row[5], row[6], row[7])
+
+
 class Aggregator:
-    """`retention_s`: how long buckets are kept. `downsample_after_s` (0: never): per-second
-    buckets older than this are merged into one bucket per minute (`downsample`), which bounds
-    memory by keys × (this + retention / 60) instead of keys × retention."""
+    """`retention_s`: how long records are kept. `downsample_after_s` (0: never): the seconds
+    older than this are merged into one block per minute (`downsample`), which bounds memory by
+    the entries of (this + retention / 60) seconds instead of retention seconds.
+
+    Storage: each key gets a small integer id (`_ids`); each filed second holds blocks of
+    (id, column, value) entries in numpy arrays (`_blocks`), ~13 bytes per non-zero value
+    instead of a Python object per key and second. A record lands in the second's `Pending`
+    arrays first; `_flush` (at every query and prune) freezes them into a block, adding it to
+    the kept windows holding its second."""
 
     def __init__(self, retention_s: int = 3600, clock: Callable[[], float] = time.time,
                  downsample_after_s: int = DOWNSAMPLE_AFTER_S) -> None:
         self.retention_s = retention_s
         self.clock = clock
         self.downsample_after_s = downsample_after_s
-        self._coarse_before = -(1 << 62)  # seconds before this are filed in minute buckets
-        self._history: dict[SeriesKey, _History] = {}
+        self._coarse_before = _NEVER  # seconds before this are filed at their minute's middle second
+        self._ids: dict[SeriesKey, int] = {}
+        self._keys: list[SeriesKey | None] = []    # id -> key (None: a free id)
+        self._free: list[int] = []
+        self._last = np.full(64, _NEVER, dtype=np.int64)   # id -> the last filed second holding it
+        self._gen = np.zeros(64, dtype=np.int32)           # id -> how many times it was freed
+        # Held gauges (set at t = +inf): per id their sum over reporters and how many reporters
+        # hold one (an id held is never freed); per reporter, id -> its value.
+        self._held = np.zeros(64)
+        self._holders = np.zeros(64, dtype=np.int32)
+        self._held_by: dict[str, dict[int, float]] = {}
+        self._pending: dict[int, Pending] = {}
+        self._blocks: dict[int, list[_Block]] = {}
         # key -> reporter (agent id) -> (time, value): open connections are a gauge per agent.
         self._gauges: dict[SeriesKey, dict[str, tuple[float, float]]] = {}
         # key -> the reporters whose gauge for it is > 0. Agents keep a closed peer's gauge at 0
         # forever, so most keys of a long-running cluster are all zeros: a query walks only these.
         self._open: dict[SeriesKey, set[str]] = {}
-        # second -> the buckets of that second (key, bucket): what enters and leaves a sliding window
-        self._by_sec: dict[int, list[tuple[SeriesKey, Bucket]]] = {}
         self._windows: dict[float, _Window] = {}
-        # Sealed minutes: minute start -> key -> its 1 s buckets of that minute merged, for the
-        # complete minutes in [_sealed_lo, _sealed_before) (not yet downsampled; a late record
-        # into one is added to its sum too). A window's first build takes whole minutes from
-        # here, and downsampling a sealed minute only drops its seconds.
-        self._minutes: dict[int, dict[SeriesKey, _Sealed]] = {}
-        self._sealed_lo = -(1 << 62)
-        self._sealed_before = -(1 << 62)
+        # Group numbers per id of pure key -> group functions (`totals_by_group`'s token), for the
+        # ids below `rows`; `_epoch` counts the prunes that freed ids (an id reused: recompute).
+        self._groupings: dict[Hashable, tuple[np.ndarray, list[object], dict[object, int], int, int, int]] = {}
+        self._epoch = 0
+        self._reused: list[int] = []   # free ids given to a new key since the epoch began
 
     def __len__(self) -> int:
-        return len(self._history)
+        return len(self._ids)
+
+    # ------------------------------------------------------------- ids and entries
+    def id_of(self, key: SeriesKey) -> int:
+        i = self._ids.get(key)
+        if i is None:
+            if self._free:
+                i = self._free.pop()
+                self._keys[i] = key
+                self._last[i] = _NEVER
+                self._reused.append(i)
+            else:
+                i = len(self._keys)
+                self._keys.append(key)
+                if i >= len(self._last):
+                    last = np.full(2 * len(self._last), _NEVER, dtype=np.int64)
+                    last[:i] = self._last
+                    gen = np.zeros(2 * len(self._last), dtype=np.int32)
+                    gen[:i] = self._gen[:i]
+                    held = np.zeros(2 * len(self._last))
+                    held[:i] = self._held[:i]
+                    holders = np.zeros(2 * len(self._last), dtype=np.int32)
+                    holders[:i] = self._holders[:i]
+                    self._last, self._gen, self._held, self._holders = last, gen, held, holders
+            self._ids[key] = i
+        return i
+
+    def gen(self, ids: np.ndarray) -> np.ndarray:
+        """The ids' generations: an id freed (its key dropped at the retention) gets a new one,
+        so a cached key -> id is known stale."""
+        got: np.ndarray = self._gen[ids]
+        return got
+
+    def pending(self, sec: int) -> Pending:
+        """The entries of filed second `sec` (a `filed_second`) not frozen yet, to append to."""
+        p = self._pending.get(sec)
+        if p is None:
+            p = self._pending[sec] = Pending()
+        return p
+
+    def filed_second(self, sec: int) -> int:
+        """The second a record of second `sec` is filed at: itself, or past the downsampling
+        horizon the middle second of its minute (where that minute's block is)."""
+        return sec if sec >= self._coarse_before else sec - sec % COARSE_S + COARSE_S // 2
+
+    def seconds_of(self, key: SeriesKey) -> list[int]:
+        """The filed seconds whose blocks hold `key` (a minute's block: its middle second)."""
+        self._flush()
+        i = self._ids.get(key)
+        return sorted(sec for sec, blocks in self._blocks.items() if any(np.any(b.uids == i) for b in blocks))
+
+    def stored_entries(self) -> int:
+        """Entries held in blocks (what memory grows with)."""
+        self._flush()
+        return sum(len(b.ids) for blocks in self._blocks.values() for b in blocks)
+
+    def stored_bytes(self) -> int:
+        self._flush()
+        return sum(b.nbytes for blocks in self._blocks.values() for b in blocks)
 
     def record(self, key: SeriesKey, *, t: float | None = None, success: float = 0, failure: float = 0,
                requests: float = 0, latency: Sequence[float] | None = None, latency_bounds: Sequence[float] = BOUNDS,
                latency_sum: float = 0, tcp_open: float = 0, tcp_close: float = 0, read_bytes: float = 0,
                write_bytes: float = 0) -> None:
-        """Add deltas observed at time `t` (default: now) to the key's bucket for that second (or
-        its minute's, past the downsampling horizon: a replay of old history)."""
+        """Add deltas observed at time `t` (default: now) to the key's second (or its minute's,
+        past the downsampling horizon: a replay of old history). A record of zeros still puts
+        the key in the windows holding its second."""
         sec = self.filed_second(int(self.clock() if t is None else t))
-        b, created = self._bucket(key, sec)
-        index = rebin_index(latency_bounds) if latency is not None and latency_bounds is not BOUNDS else None
-        _add(b, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close, read_bytes,
-             write_bytes)
-        if self._sealed_lo <= sec < self._sealed_before:  # a late record into a sealed minute
-            minute = sec - sec % COARSE_S
-            sealed = self._minutes.setdefault(minute, {})
-            m = sealed.get(key)
-            if m is None:
-                m = sealed[key] = _Sealed()
-            m.n += created
-            _add(m.bucket, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close,
-                 read_bytes, write_bytes)
-        for w in self._windows.values():
-            # A second already inside a kept window (a report that crossed a second boundary, a
-            # replay): the window's totals take it now; a later second enters when `end` moves.
-            if w.end - w.width <= sec < w.end:
-                tot = w.totals.get(key)
-                if tot is None:
-                    tot = w.totals[key] = Totals(w.window_s)
-                    w.buckets[key] = 0
-                if created:
-                    w.buckets[key] += 1
-                _add(tot, success, failure, requests, latency, index, latency_sum, tcp_open, tcp_close,
-                     read_bytes, write_bytes)
+        p = self.pending(sec)
+        i = self.id_of(key)
+        ids, cols, vals = p.ids, p.cols, p.vals
+        n = len(ids)
+        for col, v in ((0, success), (1, failure), (2, requests), (4, tcp_open), (5, tcp_close), (6, read_bytes),
+                       (7, write_bytes)):
+            if v:
+                ids.append(i)
+                cols.append(col)
+                vals.append(v)
+        if latency is not None:
+            index = rebin_index(latency_bounds) if latency_bounds is not BOUNDS else None
+            for b, count in enumerate(latency):
+                if count:
+                    ids.append(i)
+                    cols.append(LAT0 + (index[b] if index is not None else b))
+                    vals.append(count)
+            if latency_sum:
+                ids.append(i)
+                cols.append(LATENCY_SUM)
+                vals.append(latency_sum)
+        if len(ids) == n:
+            ids.append(i)
+            cols.append(0)
+            vals.append(0.0)
 
-    # ------------------------------------------------------------- batch ingest (columns)
-    def in_place(self, sec: int) -> bool:
-        """May a batch add into `bucket_at(key, sec)` in place? Not when a kept window already
-        holds second `sec` or its minute is sealed: those sums must see the record too
-        (`add_bucket` keeps them)."""
-        if self._sealed_lo <= sec < self._sealed_before:
-            return False
-        return not any(w.end - w.width <= sec < w.end for w in self._windows.values())
-
-    def filed_second(self, sec: int) -> int:
-        """The second a record of second `sec` is filed at: itself, or past the downsampling
-        horizon the middle second of its minute (where that minute's bucket is)."""
-        return sec if sec >= self._coarse_before else sec - sec % COARSE_S + COARSE_S // 2
-
-    def bucket_at(self, key: SeriesKey, sec: int) -> Bucket:
-        """The key's bucket of second `sec` (a `filed_second`), to add to in place: only when
-        `in_place(sec)` (else `add_bucket`, which keeps the windows and sealed minutes up to
-        date)."""
-        return self._bucket(key, sec)[0]
-
-    def _bucket(self, key: SeriesKey, sec: int) -> tuple[Bucket, bool]:
-        """The key's bucket of filed second `sec`, and whether it was created now (then indexed
-        by second, for pruning and downsampling)."""
-        hist = self._history.get(key)
-        if hist is None:
-            hist = self._history[key] = _History()
-        coarse = sec < self._coarse_before
-        n = len(hist.coarse if coarse else hist.buckets)
-        b = hist.at(sec, coarse)
-        created = len(hist.coarse if coarse else hist.buckets) > n
-        if created:
-            self._by_sec.setdefault(sec, []).append((key, b))
-        return b, created
-
-    def add_bucket(self, key: SeriesKey, sec: int, d: Bucket) -> None:
-        """Add a bucket of deltas `d` to the key's bucket of second `sec` and to the kept windows
-        holding it (what `record` does for one series)."""
-        self.record(key, t=sec, success=d.success, failure=d.failure, requests=d.requests, latency=d.latency,
-                    latency_sum=d.latency_sum, tcp_open=d.tcp_open, tcp_close=d.tcp_close, read_bytes=d.read_bytes,
-                    write_bytes=d.write_bytes)
+    def _flush(self) -> None:
+        """Freeze every pending second into a block (added to the kept windows holding it)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        rows = len(self._keys)
+        windows = list(self._windows.values())
+        last = self._last
+        for sec, p in pending.items():
+            parts = [(np.array(p.ids, dtype=np.int32), np.array(p.cols, dtype=np.uint8),
+                      np.array(p.vals, dtype=np.float64))] if len(p.ids) else []
+            parts += p.chunks
+            if not parts:
+                continue
+            if len(parts) == 1:
+                ids, cols, vals = parts[0]
+            else:
+                ids = np.concatenate([x[0] for x in parts])
+                cols = np.concatenate([x[1] for x in parts])
+                vals = np.concatenate([x[2] for x in parts])
+            for b in _compact(ids, cols, vals):
+                self._blocks.setdefault(sec, []).append(b)
+                np.maximum.at(last, b.uids, sec)
+                for w in windows:
+                    if w.holds(sec):
+                        w.sums.fit(rows)
+                        w.sums.add(b)
 
     def set_gauge(self, key: SeriesKey, reporter: str, value: float, t: float | None = None) -> None:
+        """The reporter's open-connection gauge for the key, as of `t`; `t` = +inf: held until
+        the reporter goes (`drop_reporter`; a ref'd gauge, sent when it changes) — kept per
+        series id in arrays, so a query sums them by numpy."""
+        if t == math.inf:
+            i = self.id_of(key)
+            per = self._held_by.setdefault(reporter, {})
+            old = per.pop(i, None)
+            if old is not None:
+                self._held[i] -= old
+                self._holders[i] -= 1
+            if value:
+                per[i] = value
+                self._held[i] += value
+                self._holders[i] += 1
+            if not self._holders[i]:
+                self._held[i] = 0.0   # no rounding residue
+            return
         self._gauges.setdefault(key, {})[reporter] = (self.clock() if t is None else t, value)
         if value > 0:
             self._open.setdefault(key, set()).add(reporter)
@@ -471,6 +484,11 @@ class Aggregator:
 
     def drop_reporter(self, reporter: str) -> None:
         """An agent went away: its open-connection gauges no longer describe anything."""
+        for i, value in self._held_by.pop(reporter, {}).items():
+            self._held[i] -= value
+            self._holders[i] -= 1
+            if not self._holders[i]:
+                self._held[i] = 0.0
         for key in list(self._gauges):
             per = self._gauges[key]
             per.pop(reporter, None)
@@ -479,61 +497,171 @@ class Aggregator:
         for key in list(self._open):
             self._not_open(key, reporter)
 
+    # ------------------------------------------------------------- queries
     def totals_by_key(self, window_s: float, now: float | None = None,
                       where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
-        """Per key, the sums over the last `window_s` *complete* seconds (buckets
-        [int(now) - window, int(now))) plus the latest open-connection gauge within the window.
+        """Per key, the sums over the last `window_s` *complete* seconds ([int(now) - window,
+        int(now))) plus the latest open-connection gauge within the window.
 
-        The second in progress is left out: agents report about once a second, so whether its
-        bucket already holds this second's report depends on the report's phase, and counting it
+        The second in progress is left out: agents report about once a second, so whether it
+        already holds this second's report depends on the report's phase, and counting it
         while dividing by the full window read rates up to 1/window low (11 % at 10 s). Complete
         seconds each hold one report of a steadily reporting agent; the price is that traffic
-        shows up in stats at most one second later.
-
-        The Totals returned are the kept window's (`_Window`): read them, merge them into your
-        own, never change them."""
+        shows up in stats at most one second later. The Totals returned are the caller's."""
         now = self.clock() if now is None else now
-        end = int(now)  # exclusive
-        window = self._window(window_s, end, now)
-        if window is not None:
-            totals = window.totals
-            out = dict(totals) if where is None else {k: t for k, t in totals.items() if where(k)}
-        else:
-            out = self._scan(window_s, end, where)
+        out = self._by_key(self.sums(window_s, now), window_s, where)
+        for key, live in self.gauges(window_s, now, where).items():
+            got = out.get(key)
+            got = out[key] = got if got is not None else Totals(window_s)
+            got.open_connections = live
+            got.has_gauge = True
+        return out
+
+    def _by_key(self, sums: _Sums, window_s: float,
+                where: Callable[[SeriesKey], bool] | None) -> dict[SeriesKey, Totals]:
+        keys = self._keys
+        present = np.flatnonzero(sums.n[:len(keys)] > 0)
+        if where is not None:
+            present = np.array([i for i in present.tolist() if where(keys[i])], dtype=np.int64)  # type: ignore[arg-type]
+        out: dict[SeriesKey, Totals] = {}
+        if len(present):
+            # A Totals per key is hundreds of thousands of new objects: the cyclic GC would walk
+            # the whole heap several times while they are made (2/3 of the time at 300,000 keys).
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                for i, row in zip(present.tolist(), sums.m[present].tolist()):
+                    out[keys[i]] = _totals(window_s, row)  # type: ignore[index]
+            finally:
+                if enabled:
+                    gc.enable()
+        return out
+
+    def _scan(self, window_s: float, end: int, where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
+        """The window summed afresh from the blocks (no gauges): what a kept window must equal."""
+        self._flush()
+        return self._by_key(self._scan_sums(window_s, end), window_s, where)
+
+    def gauges(self, window_s: float, now: float,
+               where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, float]:
+        """Per key with open connections, their sum over the reporters' latest values within the
+        window (agents keep a closed peer's gauge at 0 forever: zero open connections is not TCP
+        activity, or every peer ever seen would stay in edges and --from/--to rows)."""
+        out = self._timed_gauges(window_s, now, where)
+        keys, held = self._keys, self._held
+        for i in np.flatnonzero(held[:len(keys)] != 0).tolist():
+            key = keys[i]
+            if key is not None and (where is None or where(key)):
+                out[key] = out.get(key, 0.0) + float(held[i])
+        return {key: live for key, live in out.items() if live > 0}
+
+    def _timed_gauges(self, window_s: float, now: float,
+                      where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, float]:
+        """The gauges set at a time (older agents: every gauge every second), summed per key."""
+        out: dict[SeriesKey, float] = {}
         gauges, since = self._gauges, now - window_s
         for key in self._open:
             if where is not None and not where(key):
                 continue
-            live = [v for ts, v in gauges[key].values() if ts >= since]
-            # Agents keep a closed peer's gauge at 0 forever: zero open connections is not TCP
-            # activity, or every peer ever seen would stay in edges and --from/--to rows.
-            if sum(live) > 0:
-                gauged = out.get(key)
-                gauged = out[key] = gauged.copy() if gauged is not None else Totals(window_s)
-                gauged.open_connections = sum(live)
-                gauged.has_gauge = True
+            live = sum(v for ts, v in gauges[key].values() if ts >= since)
+            if live > 0:
+                out[key] = live
         return out
 
-    def _scan(self, window_s: float, end: int, where: Callable[[SeriesKey], bool] | None) -> dict[SeriesKey, Totals]:
-        """The window summed from every key's buckets (a query about a moment the kept windows
-        have moved past)."""
-        first = end - int(window_s)
-        out: dict[SeriesKey, Totals] = {}
-        for key, hist in self._history.items():
-            if hist.last_sec < first or (where is not None and not where(key)):
+    def totals_by_group(self, window_s: float, now: float | None, group: Callable[[SeriesKey], object],
+                        token: Hashable | None = None, only: Container[object] | None = None) -> dict[object, Totals]:
+        """Per group (`group(key)`; None: the key is left out), the sums of its keys' totals —
+        what merging `totals_by_key` per group gives — summed by numpy over the window's matrix
+        (`stat deploy -A` over 170,000 keys: no Totals per key). `token`: names `group` when it
+        is a pure function of the key, so each key's group is computed once and kept (until an
+        id is freed); `only`: the groups wanted (the others are not built)."""
+        now = self.clock() if now is None else now
+        sums = self.sums(window_s, now)
+        rows = len(self._keys)
+        gid, groups = self._group_ids(group, token, rows)
+        n = sums.n
+        if len(n) < rows:
+            sums.fit(rows)
+            n = sums.n
+        sel = np.flatnonzero((n[:rows] > 0) & (gid[:rows] >= 0))
+        g = gid[sel].astype(np.int64)
+        width = len(groups)
+        flat = (g[:, None] * NCOL + np.arange(NCOL)).ravel()
+        matrix = np.bincount(flat, weights=sums.m[sel].ravel(), minlength=width * NCOL).reshape(width, NCOL)
+        # The held gauges per group by numpy too: a key's counts when the sum of its reporters' > 0.
+        held = self._held[:rows]
+        hsel = np.flatnonzero((held > 0) & (gid[:rows] >= 0))
+        hg = gid[hsel].astype(np.int64)
+        open_sum = np.bincount(hg, weights=held[hsel], minlength=width)
+        gauged = np.bincount(hg, minlength=width) > 0
+        out: dict[object, Totals] = {}
+        for j in np.flatnonzero((np.bincount(g, minlength=width) > 0) | gauged).tolist():
+            name = groups[j]
+            if only is None or name in only:
+                t = out[name] = _totals(window_s, matrix[j].tolist())
+                if gauged[j]:
+                    t.open_connections = float(open_sum[j])
+                    t.has_gauge = True
+        # Timed gauges (older agents), and keys holding both kinds: per key, as `gauges` does.
+        timed = self._timed_gauges(window_s, now)
+        ids = self._ids
+        for key, live in timed.items():
+            name = group(key)
+            if name is None or (only is not None and name not in only):
                 continue
-            tot = Totals(window_s)
-            n = 0
-            for buckets in (hist.buckets, hist.coarse):
-                for sec, b in reversed(buckets):
-                    if sec < first:
-                        break
-                    if sec < end:
-                        tot.add_bucket(b)
-                        n += 1
-            if n:
-                out[key] = tot
+            i = ids.get(key)
+            both = float(self._held[i]) if i is not None and self._held[i] != 0 else 0.0
+            got = out.get(name)
+            got = out[name] = got if got is not None else Totals(window_s)
+            if both > 0:
+                got.open_connections -= both   # counted above alone: the key's sum is live + both
+            if live + both > 0:
+                got.open_connections += live + both
+                got.has_gauge = True
         return out
+
+    def _group_ids(self, group: Callable[[SeriesKey], object], token: Hashable | None,
+                   rows: int) -> tuple[np.ndarray, list[object]]:
+        """Each id's group number (-1: none), and the groups by number."""
+        cached = self._groupings.get(token) if token is not None else None
+        if cached is None or cached[3] != self._epoch:
+            cached = (np.full(max(rows, 16), -1, dtype=np.int32), [], {}, self._epoch, 0, 0)
+        gid, groups, index, epoch, done, reused = cached
+        if rows > len(gid):
+            grown = np.full(max(rows, 2 * len(gid)), -1, dtype=np.int32)
+            grown[:len(gid)] = gid
+            gid = grown
+        keys = self._keys
+        for i in (*self._reused[reused:], *range(done, rows)):   # ids new to this grouping
+            key = keys[i]
+            name = group(key) if key is not None else None
+            if name is None:
+                continue
+            j = index.get(name)
+            if j is None:
+                j = index[name] = len(groups)
+                groups.append(name)
+            gid[i] = j
+        if token is not None:
+            if len(self._groupings) >= 32 and token not in self._groupings:
+                self._groupings.clear()
+            self._groupings[token] = (gid, groups, index, epoch, rows, len(self._reused))
+        return gid, groups
+
+    def sums(self, window_s: float, now: float) -> _Sums:
+        """The window's sums per id: the kept window's (read them, never change them), or a scan
+        of the blocks for a moment the kept window has moved past."""
+        self._flush()
+        end = int(now)  # exclusive
+        window = self._window(window_s, end, now)
+        return window.sums if window is not None else self._scan_sums(window_s, end)
+
+    def _scan_sums(self, window_s: float, end: int) -> _Sums:
+        sums = _Sums(len(self._keys))
+        for sec in range(end - int(window_s), end):
+            for b in self._blocks.get(sec, ()):
+                sums.add(b)
+        return sums
 
     def _window(self, window_s: float, end: int, now: float) -> _Window | None:
         """The kept window of this width, moved to `end`; None when `end` is behind it."""
@@ -541,48 +669,20 @@ class Aggregator:
         if w is not None and end < w.end:
             return None
         width = int(window_s)
+        blocks = self._blocks
         if w is None or end - w.end >= width:
             if w is None and len(self._windows) >= MAX_WINDOWS:
                 del self._windows[min(self._windows, key=lambda k: self._windows[k].used)]
-            w = self._windows[window_s] = _Window(window_s, end, now)
-            by_sec, minutes = self._by_sec, self._minutes
-            lo, sealed_end = self._sealed_lo, min(end, self._sealed_before)
-            per_key: dict[SeriesKey, list[Bucket]] = {}
-            counts = w.buckets
-            sec = end - width
-            while sec < end:
-                if sec % COARSE_S == 0 and lo <= sec and sec + COARSE_S <= sealed_end:
-                    # a whole sealed minute: its keys' sums, not its seconds
-                    for key, m in minutes.get(sec, {}).items():
-                        got = per_key.get(key)
-                        if got is None:
-                            per_key[key] = [m.bucket]
-                            counts[key] = m.n
-                        else:
-                            got.append(m.bucket)
-                            counts[key] += m.n
-                    sec += COARSE_S
-                    continue
-                for key, b in by_sec.get(sec, ()):
-                    got = per_key.get(key)
-                    if got is None:
-                        per_key[key] = [b]
-                        counts[key] = 1
-                    else:
-                        got.append(b)
-                        counts[key] += 1
-                sec += 1
-            for key, got in per_key.items():  # each key's sum field by field, in C loops
-                tot = w.totals[key] = Totals(window_s)
-                _sum_into(tot, got)
+            w = self._windows[window_s] = _Window(window_s, end, now, 0)
+            w.sums = self._scan_sums(window_s, end)
         else:
-            by_sec = self._by_sec
+            w.sums.fit(len(self._keys))
             for sec in range(w.end, end):                   # entering
-                for key, b in by_sec.get(sec, ()):
-                    w.add(key, b)
+                for b in blocks.get(sec, ()):
+                    w.sums.add(b)
             for sec in range(w.end - width, end - width):   # leaving
-                for key, b in by_sec.get(sec, ()):
-                    w.remove(key, b)
+                for b in blocks.get(sec, ()):
+                    w.sums.sub(b)
             w.end = end
         w.used = now
         return w
@@ -594,179 +694,105 @@ class Aggregator:
             total.merge(t)
         return total
 
-    def seal(self, now: float | None = None) -> int:
-        """Merge, per key, the 1 s buckets of each minute that ended `SEAL_AFTER_S` ago into that
-        minute's sum (`_minutes`); returns buckets merged. Each second is merged once; a record
-        arriving later into a sealed minute is added to its sum as well (`record`)."""
-        now = self.clock() if now is None else now
-        target = int(now) - SEAL_AFTER_S
-        target -= target % COARSE_S
-        start = max(self._sealed_before, self._sealed_lo, self._coarse_before)
-        if start <= -(1 << 61):  # nothing sealed yet: from the oldest second held
-            start = min((s for s in self._by_sec if s >= self._coarse_before), default=target)
-            start -= start % COARSE_S
-        if target <= start:
-            return 0
-        if self._sealed_before < start:
-            self._sealed_lo = start
-        by_sec, minutes = self._by_sec, self._minutes
-        merged = 0
-        for minute in range(start, target, COARSE_S):
-            per_key: dict[SeriesKey, list[Bucket]] = {}
-            for sec in range(minute, minute + COARSE_S):
-                for key, b in by_sec.get(sec, ()):
-                    seconds = per_key.get(key)
-                    if seconds is None:
-                        per_key[key] = [b]
-                    else:
-                        seconds.append(b)
-            if not per_key:
-                continue
-            sealed = minutes[minute] = {}
-            for key, seconds in per_key.items():
-                m = sealed[key] = _Sealed()
-                m.n = len(seconds)
-                _sum_into(m.bucket, seconds)
-                merged += m.n
-        self._sealed_before = target
-        return merged
-
+    # ------------------------------------------------------------- housekeeping
     def downsample(self, now: float | None = None) -> int:
-        """Merge the per-second buckets of whole minutes older than `downsample_after_s` into one
-        bucket per key and minute, filed at the minute's middle second; returns buckets merged.
+        """Merge the seconds of whole minutes older than `downsample_after_s` into one block per
+        minute, filed at the minute's middle second; returns entries merged.
 
-        A window counts a minute bucket when its middle second is inside the window, so a window
-        reaching past the horizon (longer than `downsample_after_s`) has its far edge rounded to
-        the nearest minute; windows within it are answered from per-second buckets as before, and
-        a window covering whole minutes gets exactly the same sums. Kept windows holding merged
-        seconds trade them for the minute buckets now inside them (their totals stay those of a
-        fresh sum)."""
+        A window counts a minute's block when its middle second is inside the window, so a
+        window reaching past the horizon (longer than `downsample_after_s`) has its far edge
+        rounded to the nearest minute (an error of at most 30 s of that minute's traffic);
+        windows within the horizon are answered from seconds as before, and a window covering
+        whole minutes gets exactly the same sums. Kept windows trade the merged seconds they
+        held for the minute's block when its middle second is inside them (their sums stay
+        those of a fresh scan)."""
         if not self.downsample_after_s:
             return 0
         now = self.clock() if now is None else now
+        self._flush()
         horizon = int(now) - self.downsample_after_s
         oldest = int(now) - self.retention_s
         new = horizon - horizon % COARSE_S
-        by_sec = self._by_sec
+        blocks = self._blocks
         prev = self._coarse_before
         if new <= prev:
             return 0
-        if prev < 0:
-            prev = min(by_sec, default=new)
+        if prev <= _NEVER:
+            prev = min(blocks, default=new)
             prev -= prev % COARSE_S
         windows = [w for w in self._windows.values() if w.end - w.width < new and w.end > prev]
-        history = self._history
+        for w in windows:
+            w.sums.fit(len(self._keys))
         self._coarse_before = new
         merged = 0
-        sealed_lo, sealed_before = self._sealed_lo, self._sealed_before
         for minute in range(prev, new, COARSE_S):
             csec = minute + COARSE_S // 2
-            sealed = self._minutes.pop(minute, None)
-            if sealed_lo <= minute and minute + COARSE_S <= sealed_before and not any(
-                    w.end - w.width < minute + COARSE_S and w.end > minute
-                    and not (w.end - w.width <= minute and minute + COARSE_S <= w.end) for w in windows):
-                # Sealed, and no kept window's edge inside it: its sums are the minute's buckets;
-                # the seconds are dropped.
-                merged += self._drop_seconds(minute, csec, sealed or {}, windows)
+            # Seconds past the retention are not merged: only a lagging kept window still holds
+            # them, and they leave it as they are.
+            seconds = [(sec, blocks.pop(sec)) for sec in range(max(minute, oldest), minute + COARSE_S) if sec in blocks]
+            if not seconds:
                 continue
-            per_key: dict[SeriesKey, list[tuple[int, Bucket]]] = {}
-            # Seconds past the retention (--downsample-after = --retention) are not merged: their
-            # buckets may be pruned already; only a lagging kept window still holds them, and
-            # they leave it one by one through the index.
-            for sec in range(max(minute, oldest), minute + COARSE_S):
-                for key, b in by_sec.pop(sec, ()):
-                    per_key.setdefault(key, []).append((sec, b))
-            for key, seconds in per_key.items():
-                hist = history.get(key)
-                if hist is None:
+            parts = [b for _, bs in seconds for b in bs]
+            ms = _merged(parts)
+            merged += sum(len(b.ids) for b in parts)
+            for w in windows:
+                lo, hi = w.end - w.width, w.end
+                if hi <= minute or lo >= minute + COARSE_S:
                     continue
-                fine = hist.buckets
-                for sec, b in seconds:
-                    if fine and fine[0][1] is b:
-                        fine.popleft()
-                    else:
-                        fine.remove((sec, b))
-                merged += len(seconds)
-                partial = []
-                for w in windows:
-                    lo, hi = w.end - w.width, w.end
-                    if lo <= minute and minute + COARSE_S <= hi:
-                        # The whole minute is inside: same sums, one bucket instead of several.
-                        w.buckets[key] -= len(seconds) - 1
-                    elif lo < minute + COARSE_S and hi > minute:
-                        for sec, b in seconds:  # before the buckets change (the first becomes the minute's)
-                            if lo <= sec < hi:
-                                w.remove(key, b)
-                        partial.append(w)
-                # Minutes are merged whole, once, oldest first: this minute is the key's newest.
-                cb = seconds[0][1]  # the minute's first second becomes its bucket
-                hist.coarse.append((csec, cb))
-                by_sec.setdefault(csec, []).append((key, cb))
-                hist.last_sec = max(hist.last_sec, csec)
-                for _, b in seconds[1:]:
-                    _merge(cb, b)
-                for w in partial:
-                    if w.end - w.width <= csec < w.end:
-                        w.add(key, cb)
-        self._sealed_lo = max(self._sealed_lo, new)
-        return merged
-
-    def _drop_seconds(self, minute: int, csec: int, sealed: dict[SeriesKey, _Sealed], windows: list[_Window]) -> int:
-        """Downsample a sealed minute no kept window's edge is inside: each key's sum becomes its
-        minute bucket, its seconds go. A window holding the whole minute keeps its totals (the
-        same sums) and counts one bucket for the key instead of `n`."""
-        by_sec, history = self._by_sec, self._history
-        for sec in range(minute, minute + COARSE_S):
-            by_sec.pop(sec, None)
-        end = minute + COARSE_S
-        inside = [w for w in windows if w.end - w.width <= minute and end <= w.end]
-        merged = 0
-        for key, m in sealed.items():
-            hist = history.get(key)
-            if hist is None:
-                continue
-            fine = hist.buckets
-            while fine and fine[0][0] < end:  # older minutes are gone already: these are this one's
-                fine.popleft()
-            merged += m.n
-            for w in inside:
-                w.buckets[key] -= m.n - 1
-            hist.coarse.append((csec, m.bucket))
-            by_sec.setdefault(csec, []).append((key, m.bucket))
-            hist.last_sec = max(hist.last_sec, csec)
+                sums = w.sums
+                if lo <= minute and minute + COARSE_S <= hi:
+                    # The whole minute is inside: the same sums, one block instead of several.
+                    for b in parts:
+                        sums.n[b.uids] -= 1
+                    for m in ms:
+                        sums.n[m.uids] += 1
+                    continue
+                for sec, bs in seconds:
+                    if lo <= sec < hi:
+                        for b in bs:
+                            sums.sub(b)
+                if lo <= csec < hi:
+                    for m in ms:
+                        sums.add(m)
+            blocks.setdefault(csec, []).extend(ms)
+            for m in ms:
+                np.maximum.at(self._last, m.uids, csec)
         return merged
 
     def prune(self, now: float | None = None) -> int:
-        """Forget buckets older than the retention, and keys left empty, and downsample what
-        is past the horizon; returns keys dropped."""
+        """Forget records older than the retention, and keys left without any, and downsample
+        what is past the horizon; returns keys dropped."""
         now = self.clock() if now is None else now
+        self._flush()
         oldest = int(now) - self.retention_s
         for width in [k for k, w in self._windows.items() if w.used < now - WINDOW_IDLE_S]:
             del self._windows[width]
         # A kept window last moved before now still holds seconds older than the retention: their
-        # index stays until it slides past them (it subtracts what leaves through `_by_sec`; an
-        # entry gone before that was counted in a 1 h window forever).
+        # blocks stay until it slides past them (it subtracts what leaves).
         index_oldest = min([oldest, *(w.end - w.width for w in self._windows.values())])
-        for sec in [s for s in self._by_sec if s < index_oldest]:
-            del self._by_sec[sec]
-        if self._sealed_lo < oldest:  # a minute some of whose seconds are gone is no longer sealed
-            first = oldest + (-oldest) % COARSE_S
-            for minute in [m for m in self._minutes if m < first]:
-                del self._minutes[minute]
-            self._sealed_lo = first
-        self.seal(now)
+        for sec in [s for s in self._blocks if s < index_oldest]:
+            del self._blocks[sec]
         self.downsample(now)
+        # A key whose last record is older than the retention is dropped, and its id reused, once
+        # no block holds it (a lagging kept window may still hold it: then at a later prune) and
+        # no reporter holds a gauge for it.
+        used = len(self._keys)
+        gone = np.flatnonzero((self._last[:used] < index_oldest) & (self._holders[:used] == 0)).tolist()
         dropped = 0
-        for key in list(self._history):
-            hist = self._history[key]
-            buckets, coarse = hist.buckets, hist.coarse
-            while coarse and coarse[0][0] < oldest:
-                coarse.popleft()
-            while buckets and buckets[0][0] < oldest:
-                buckets.popleft()
-            if not buckets and not coarse:
-                del self._history[key]
-                dropped += 1
+        keys, ids = self._keys, self._ids
+        for i in gone:
+            key = keys[i]
+            if key is None:
+                continue
+            del ids[key]
+            keys[i] = None
+            self._last[i] = _FREE
+            self._gen[i] += 1
+            self._free.append(i)
+            dropped += 1
+        if dropped:
+            self._epoch += 1
+            self._reused.clear()
         for key in list(self._gauges):
             per = self._gauges[key]
             for reporter in [r for r, (ts, _) in per.items() if ts < oldest]:
@@ -777,4 +803,4 @@ class Aggregator:
         return dropped
 
     def keys(self) -> Iterable[SeriesKey]:
-        return self._history.keys()
+        return self._ids.keys()

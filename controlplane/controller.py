@@ -41,7 +41,7 @@ from nodemesh.controlplane import stat as statmod
 from nodemesh.controlplane.aggregate import BOUNDS, Aggregator, SeriesStore, series_key
 from nodemesh.controlplane.ca import WorkloadCA
 from nodemesh.controlplane.certify import certify, trust_bundle
-from nodemesh.controlplane.columns import ingest_columns
+from nodemesh.controlplane.columns import RefColumns, ingest_columns
 from nodemesh.controlplane.config import ControllerConfig
 from nodemesh.controlplane.deltas import AgentCounters, RefEntry, SeriesDelta, SeriesRefs
 from nodemesh.controlplane.identityfeed import ZLIB, IdentityFeed
@@ -138,6 +138,7 @@ class AgentSession:
     stale_taps_closed: set[str] = field(default_factory=set)
     ack_queued: bool = False
     series_refs: SeriesRefs = field(default_factory=dict)  # this stream's Series.ref table
+    ref_columns: RefColumns = field(default_factory=RefColumns)  # the same refs as arrays (columns.py)
 
     def send(self, msg: pb.ControllerMessage) -> None:
         self.outbox.put_nowait(msg)
@@ -438,7 +439,7 @@ class Controller:
             counters.rejected += columnsmod.series_count(block)
             return []
         rejected, slow = ingest_columns(self.aggregator, session.series_refs, cols, int(t), session.agent_id,
-                                        len(bounds) + 1, bounds == BOUNDS)
+                                        len(bounds) + 1, bounds == BOUNDS, session.ref_columns)
         counters.rejected += rejected
         return slow
 

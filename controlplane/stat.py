@@ -21,7 +21,7 @@ from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import Requirement
 from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
-from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, SeriesStore, Totals
+from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, SeriesStore, Totals
 from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
 
 DEFAULT_WINDOW_S = 60
@@ -199,9 +199,20 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
         row_side, base = "dst", _direction("outbound")
     else:
         row_side, base = "dst", _direction("inbound")
-    by_key = aggregator.totals_by_key(window, now, base)
     rows = []
-    grouped = _group_by_row(type_, row_side, by_key, window)
+    row_id = _row_id_of(type_, row_side)
+    by_key: dict[SeriesKey, Totals] = {}
+    grouped: dict[object, Totals] | None
+    if row_id is not None and isinstance(aggregator, Aggregator):
+        # Summed by numpy per row over the window's matrix: no Totals per key. Without --from/--to
+        # the row of a key depends on the key alone: the store keeps it (`token`).
+        rid = row_id
+        token = None if src or dst else ("stat", type_, row_side)
+        wanted = {_row_id(type_, r) for r in resources}
+        grouped = aggregator.totals_by_group(window, now, lambda k: rid(k) if base(k) else None, token, wanted)
+    else:
+        by_key = aggregator.totals_by_key(window, now, base)
+        grouped = _group_by_row(type_, row_side, by_key, window)
     for r in resources:
         if grouped is not None:
             totals = grouped.get(_row_id(type_, r), Totals(window))
@@ -224,6 +235,23 @@ def _group_by_row(type_: str, side: str, by_key: dict[SeriesKey, Totals],
     names directly (what `side_predicate` matches one resource at a time: one pass per resource
     made `stat po` on 2000 pods and 10k series take 3.5 s of the controller's only loop).
     None for the types that need the registry (replicaset, a service on the calling side)."""
+    row_id = _row_id_of(type_, side)
+    if row_id is None:
+        return None
+    grouped: dict[object, Totals] = {}
+    for key, t in by_key.items():
+        rid = row_id(key)
+        if rid is not None:
+            tot = grouped.get(rid)
+            if tot is None:
+                tot = grouped[rid] = Totals(window)
+            tot.merge(t)
+    return grouped
+
+
+def _row_id_of(type_: str, side: str) -> Callable[[SeriesKey], object] | None:
+    """The row a key counts in (None: none), for the types whose row a key names directly;
+    None for the types that need the registry (replicaset, a service on the calling side)."""
     ns_i, kind_i = LABEL_INDEX[f"{side}_namespace"], LABEL_INDEX[f"{side}_kind"]
     name_i, pod_i = LABEL_INDEX[f"{side}_name"], LABEL_INDEX[f"{side}_pod"]
     row_id: Callable[[SeriesKey], object]
@@ -237,15 +265,7 @@ def _group_by_row(type_: str, side: str, by_key: dict[SeriesKey, Totals],
         row_id = lambda k: k[_DST_SERVICE] or None
     else:
         return None
-    grouped: dict[object, Totals] = {}
-    for key, t in by_key.items():
-        rid = row_id(key)
-        if rid is not None:
-            tot = grouped.get(rid)
-            if tot is None:
-                tot = grouped[rid] = Totals(window)
-            tot.merge(t)
-    return grouped
+    return row_id
 
 
 def _row_id(type_: str, r: ResourceInfo) -> object:

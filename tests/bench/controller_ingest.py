@@ -9,6 +9,7 @@ report, the controller's RSS growth, and the keys held.
 
     python3 tests/bench/controller_ingest.py --nodes 50 --pods 50 --reports 20 [--encoding refs|columns|labels]
         [--downsample-after 600|0]  (a --reports past 600 shows downsampling's memory)
+        [--stat]  (then `stat deploy -A` / `stat po -n X` CPU, the cluster's objects in the registry)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--active", type=float, default=0.2)
     p.add_argument("--profile", default="")
     p.add_argument("--downsample-after", type=int, default=600, help="seconds; 0: never")
+    p.add_argument("--stat", action="store_true", help="time `stat deploy -A` and `stat po -n X` after the ingest")
     a = p.parse_args()
     cluster = Cluster(a.nodes, a.pods, 3)
     pairs = cluster.calls()
@@ -84,8 +86,12 @@ def main() -> None:
     prune_cpu = 0.0
     steady_prune, steady_from = 0.0, a.downsample_after + 120  # past the horizon: seal + downsample
     prof = cProfile.Profile() if a.profile else None
+    rss_first = 0.0
     for i, seq, data in messages():
         phase = 1 if seq == 1 else 2
+        if seq == 2 and i == 0:
+            gc.collect()
+            rss_first = rss_mb()   # every stream's refs defined, one second of traffic held
         t0 = time.process_time()
         if prof and phase == 2:
             prof.enable()
@@ -108,15 +114,43 @@ def main() -> None:
     print(f"steady: {series[2] / n2:.0f} series/report  {cpu[2] / n2 * 1000:.2f} ms/report  "
           f"{cpu[2] / max(series[2], 1) * 1e6:.2f} us/series")
     print(f"first:  {series[1] / a.nodes:.0f} series/report  {cpu[1] / a.nodes * 1000:.2f} ms/report")
-    buckets = sum(len(h.buckets) + len(h.coarse) for h in c.aggregator._history.values())
-    print(f"rss: {rss0:.0f} -> {rss1:.0f} MB  buckets={buckets}  prune+downsample CPU {prune_cpu:.2f} s")
+    agg = c.aggregator
+    if hasattr(agg, "stored_entries"):   # the columnar store (numpy blocks)
+        held = f"entries={agg.stored_entries()} ({agg.stored_bytes() / 1e6:.0f} MB)"
+        minutes = [b for sec, bs in agg._blocks.items() if sec < agg._coarse_before for b in bs]
+        if minutes:
+            n_min = len({sec for sec in agg._blocks if sec < agg._coarse_before})
+            held += (f", of which {n_min} downsampled minutes: {sum(len(b.ids) for b in minutes)} entries "
+                     f"({sum(b.nbytes for b in minutes) / 1e6:.0f} MB)")
+    else:                                # a tree with a Bucket per key and second
+        held = f"buckets={sum(len(h.buckets) + len(h.coarse) for h in agg._history.values())}"
+    print(f"rss: {rss0:.0f} -> {rss_first:.0f} (refs defined) -> {rss1:.0f} MB  {held}  "
+          f"prune+downsample CPU {prune_cpu:.2f} s")
     if a.reports > steady_from + 60:
         minutes = (a.reports - steady_from) / 60
         print(f"prune past the horizon: {steady_prune / minutes * 1000:.0f} ms CPU per minute of traffic")
+    end = now + a.reports + 1
     for window in (60, 3600):
         t0 = time.process_time()
-        c.aggregator.totals_by_key(window, now=now + a.reports + 1)
+        c.aggregator.totals_by_key(window, now=end)
         print(f"totals_by_key({window}) first: {(time.process_time() - t0) * 1000:.1f} ms")
+    if a.stat:
+        # `stat deploy -A` and `stat po -n X` as the controller answers them (the cluster's objects in
+        # its registry): the 60 s window kept by the call above, then one second later (it slides).
+        by_kind: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+        for o in cluster.objects():
+            by_kind.setdefault(o["kind"], []).append(o)
+        for kind, items in by_kind.items():
+            c.registry.replace(kind, items)
+        c.registry.mark_synced()
+        ns = min(c.registry.namespaces())
+        for what, req in (("stat deploy -A", pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)),
+                          (f"stat po -n {ns}", pb.StatRequest(selector=pb.Resource(type="po", namespace=ns)))):
+            for at in (end, end + 1, end + 2):
+                t0 = time.process_time()
+                resp = c.stat(req, now=at)
+                print(f"{what} at +{at - end:.0f} s: {(time.process_time() - t0) * 1000:.1f} ms CPU, "
+                      f"{len(resp.rows)} rows, {sum(r.has_traffic for r in resp.rows)} with traffic {resp.error}")
     if prof:
         prof.dump_stats(a.profile)
         pstats.Stats(a.profile).sort_stats("tottime").print_stats(15)

@@ -1,4 +1,4 @@
-"""Sealed minutes (Aggregator.seal) change no answer: random traffic over two hours — many keys,
+"""The store's blocks, downsampled minutes and kept windows change no answer: random traffic over two hours — many keys,
 late seconds and replays (some past the downsampling horizon), histograms, gauges, series columns
 added in place or batched, prunes every 10 s — and every window from 10 s to 1 h, built fresh or
 kept sliding, equals a naive sum of the events recorded (each counted at its second, or at its
@@ -13,7 +13,6 @@ from array import array
 import pytest
 from nodemesh.api.columns import Columns
 from nodemesh.api.model import RESPONSE_LATENCY_MS, RESPONSE_TOTAL
-from nodemesh.controlplane import aggregate
 from nodemesh.controlplane.aggregate import COARSE_S, N_LATENCY, Aggregator, SeriesKey, Totals
 from nodemesh.controlplane.columns import ingest_columns
 from nodemesh.controlplane.deltas import RefEntry
@@ -123,7 +122,8 @@ def run(seed: int, downsample_after_s: int, seconds: int = 4800, n_keys: int = 6
                 checked += len(want)
         if rng.random() < 0.02:                   # a window nobody kept: built fresh now
             agg._windows.clear()
-    assert agg._sealed_before > T0 + seconds - 2 * COARSE_S, "minutes were not sealed"
+    if downsample_after_s:
+        assert agg._coarse_before > T0 + seconds - downsample_after_s - 2 * COARSE_S, "minutes were not downsampled"
     return checked
 
 
@@ -132,30 +132,20 @@ def test_windows_over_sealed_minutes_equal_a_naive_sum(seed: int, downsample_aft
     assert run(seed, downsample_after_s) > 3000
 
 
-def test_a_fresh_window_takes_sealed_minutes_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first build of a 1 h window walks the minutes' sums, not their seconds."""
-    agg = Aggregator(retention_s=3600, clock=lambda: 0.0, downsample_after_s=0)
+def test_a_fresh_window_over_downsampled_minutes() -> None:
+    """A minute's block holds one entry per key and column, and a fresh 1 h window over them and
+    the seconds after the horizon is their exact sum."""
+    agg = Aggregator(retention_s=3600, clock=lambda: 0.0, downsample_after_s=120)
     keys = [("inbound", f"p{i}") for i in range(4)]
     for sec in range(T0, T0 + 1200):
         for key in keys:
             agg.record(key, t=sec + 0.5, success=1, requests=1)
     agg.prune(now=T0 + 1200.5)
-    assert len(agg._minutes) >= 18
-    summed: list[int] = []
-    original = aggregate._sum_into
-
-    def counting(target: aggregate.Bucket | Totals, buckets: list[aggregate.Bucket]) -> None:
-        if isinstance(target, Totals):
-            summed.append(len(buckets))
-        original(target, buckets)
-
-    monkeypatch.setattr(aggregate, "_sum_into", counting)
+    # 2 entries per key and second: ~120 s of seconds + ~18 minutes of one entry per key-column
+    assert agg.stored_entries() <= len(keys) * 2 * (3 * COARSE_S + 20)
     t = agg.totals_by_key(3600, now=T0 + 1200.5)
-    assert {k: v.success for k, v in t.items()} == dict.fromkeys(keys, 1200.0)
-    # the minutes' sums plus the seconds of the partial minutes at both ends, not 1,200 per key
-    assert len(summed) == len(keys) and sum(summed) < len(keys) * (len(agg._minutes) + 2 * COARSE_S), summed
-    # each sum stands for its seconds (they leave the window one by one)
-    assert agg._windows[3600].buckets == dict.fromkeys(keys, 1200)
+    assert {k: (v.success, v.requests) for k, v in t.items()} == dict.fromkeys(keys, (1200.0, 1200.0))
+    assert agg.seconds_of(keys[0])[:2] == [T0 - T0 % COARSE_S + 30, T0 - T0 % COARSE_S + 90]
 
 
 def test_a_kept_hour_forgets_what_the_retention_pruned() -> None:
