@@ -199,10 +199,9 @@ class Http1Mode:
             req.obs = None
 
 
-class _ClientReads(asyncio.Protocol):
-    """The client transport's protocol once the relay handed reads to the mode (seam.DirectReads):
-    Connection.data_received's accounting and Http1Mode.client_data's common case in one call
-    (docs/bench.md "Hot path steps", step 8). Everything else goes to the connection."""
+class _Reads(asyncio.Protocol):
+    """A transport's protocol once the relay handed its reads to the mode (seam.DirectReads):
+    `data_received` is the subclass's; everything else goes to the relay's own protocol `proto`."""
 
     __slots__ = ("conn", "mode", "proto")
 
@@ -210,6 +209,25 @@ class _ClientReads(asyncio.Protocol):
         self.mode = mode
         self.conn = mode.conn
         self.proto = proto
+
+    def eof_received(self) -> bool | None:
+        return self.proto.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
+
+class _ClientReads(_Reads):
+    """The client side: Connection.data_received's accounting and Http1Mode.client_data's common
+    case in one call (docs/bench.md "Hot path steps", step 8)."""
+
+    __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -238,29 +256,12 @@ class _ClientReads(asyncio.Protocol):
             mode.head_timer.cancel()
             mode.head_timer = None
 
-    def eof_received(self) -> bool | None:
-        return self.proto.eof_received()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.proto.connection_lost(exc)
+class _UpstreamReads(_Reads):
+    """The upstream side: the relay's _Upstream.data_received (its accounting) and
+    Http1Mode.upstream_data in one call."""
 
-    def pause_writing(self) -> None:
-        self.proto.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.proto.resume_writing()
-
-
-class _UpstreamReads(asyncio.Protocol):
-    """The upstream transport's protocol once the relay handed reads to the mode: the relay's
-    _Upstream.data_received (its accounting) and Http1Mode.upstream_data in one call."""
-
-    __slots__ = ("conn", "mode", "proto")
-
-    def __init__(self, mode: Http1Mode, proto: asyncio.Protocol) -> None:
-        self.mode = mode
-        self.conn = mode.conn
-        self.proto = proto
+    __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -276,15 +277,3 @@ class _UpstreamReads(asyncio.Protocol):
         load.work += 1 + (n >> BYTES_PER_WORK_SHIFT)
         if load.work > load.budget:
             conn.over_budget(load)
-
-    def eof_received(self) -> bool | None:
-        return self.proto.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.proto.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.proto.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.proto.resume_writing()

@@ -145,23 +145,26 @@ class Run:
             stdout=log, stderr=subprocess.STDOUT)
         self.procs.insert(0, self.controller)
         self.watch = ProcWatch(self.controller.pid)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.controller.poll() is not None:
-                raise RuntimeError(f"controller exited: {(self.dir / 'controller.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("controller not ready in 60 s")
+        self.wait_ready("controller", self.controller, f"http://127.0.0.1:{self.web_port}/ready", 60)
         creds = grpc.ssl_channel_credentials(root_certificates=Path(self.ca).read_bytes())
         self.channel = grpc.secure_channel(f"127.0.0.1:{self.grpc_port}", creds, options=GRPC_CHANNEL_OPTIONS)
         self.stub = pb_grpc.ControllerStub(self.channel)
         self.md = (("authorization", f"Bearer {token}"),)
+
+    def wait_ready(self, name: str, proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+        """Until `url` answers 200; the child's log (`<name>.log`) in the error if it exits first."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {(self.dir / f'{name}.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} not ready in {timeout_s:.0f} s")
 
     def start_apiserver(self) -> str:
         """The sandbox's API server over this cluster's objects file, on loopback; returns the path
@@ -173,19 +176,7 @@ class Run:
              "--listen", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(self.apiserver)
         self.apiserver_watch = ProcWatch(self.apiserver.pid)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.apiserver.poll() is not None:
-                raise RuntimeError(f"API server exited: {(self.dir / 'apiserver.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("API server not ready in 120 s")
+        self.wait_ready("apiserver", self.apiserver, f"http://127.0.0.1:{port}/readyz", 120)
         path = self.dir / "kubeconfig"
         path.write_text(kubeconfig(f"http://127.0.0.1:{port}", "scale-harness", "default"))
         return str(path)
