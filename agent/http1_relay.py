@@ -81,11 +81,15 @@ class Http1Mode:
             self._handle(events)
         if out:
             conn.send_upstream(out)
-        if self.client_opaque:
-            return
-        if x.head_pending:
+        if not self.client_opaque and (x.head_pending or self.head_timer is not None):
+            self._sync_head_timer()
+
+    def _sync_head_timer(self) -> None:
+        """The 408 timer runs while a request head is incomplete: armed once when one is pending,
+        cancelled when none is (the common case, a whole head per read, calls nothing)."""
+        if self.exchange.head_pending:
             if self.head_timer is None:
-                self.head_timer = conn.call_later(conn.header_timeout_s, self._head_timeout)
+                self.head_timer = self.conn.call_later(self.conn.header_timeout_s, self._head_timeout)
         elif self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -247,14 +251,8 @@ class _ClientReads(_Reads):
         if events:
             mode._handle(events)
         conn.send_upstream(data)
-        if mode.client_opaque:
-            return
-        if x.head_pending:
-            if mode.head_timer is None:
-                mode.head_timer = conn.call_later(conn.header_timeout_s, mode._head_timeout)
-        elif mode.head_timer is not None:
-            mode.head_timer.cancel()
-            mode.head_timer = None
+        if not mode.client_opaque and (x.head_pending or mode.head_timer is not None):
+            mode._sync_head_timer()
 
 
 class _UpstreamReads(_Reads):
