@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import microkit  # beside this file: the line above finds it
 
 REQ = (b"GET /api/vote?choice=1 HTTP/1.1\r\nHost: voting\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
        b"Accept-Encoding: gzip\r\nX-Request-Id: 4b1f2c\r\n\r\n")
@@ -79,34 +80,8 @@ def one_run(n: int, tap: bool) -> dict[str, float]:
 
 
 def count_calls(mode: Any, n: int = 100) -> dict[str, float]:
-    """Python-level ('call') and C ('c_call') calls per request, by sys.setprofile."""
-    counts = {"call": 0, "c_call": 0}
-
-    def prof(frame: Any, event: str, arg: Any) -> None:
-        if event in counts:
-            counts[event] += 1
-
-    client, upstream = mode.client_data, mode.upstream_data
-    sys.setprofile(prof)
-    for _ in range(n):
-        client(REQ)
-        upstream(RESP)
-    sys.setprofile(None)
-    # The loop's own two calls per iteration are Python calls too; they are the relay's, not ours,
-    # but counted the same way the issue counted (entry into client_data/upstream_data included).
-    return {"py_calls": counts["call"] / n, "c_calls": counts["c_call"] / n}
-
-
-def run_tree(tree: str | None, n: int, tap: bool) -> dict[str, float]:
-    """One run in a subprocess importing nodemesh from `tree` (None: this process's PYTHONPATH)."""
-    env = dict(os.environ)
-    with tempfile.TemporaryDirectory() as root:
-        if tree is not None:
-            os.symlink(os.path.abspath(tree), os.path.join(root, "nodemesh"))
-            env["PYTHONPATH"] = root
-        args = [sys.executable, os.path.abspath(__file__), "--one", str(n)] + (["--tap"] if tap else [])
-        out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """Python-level and C calls per request (microkit.count_calls over `n` requests)."""
+    return microkit.count_calls(mode, [(REQ, RESP)] * n)
 
 
 def main() -> None:
@@ -121,10 +96,7 @@ def main() -> None:
         print(json.dumps(one_run(a.one, a.tap)))
         return
     trees: list[str | None] = list(a.trees) if a.trees else [None]
-    results: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(trees))}
-    for _ in range(a.runs):
-        for i, tree in enumerate(trees):
-            results[i].append(run_tree(tree, a.n, a.tap))
+    results = microkit.compare_trees(__file__, trees, a.runs, ["--one", str(a.n)] + (["--tap"] if a.tap else []))
     for i, tree in enumerate(trees):
         us = [r["us"] for r in results[i]]
         last = results[i][-1]

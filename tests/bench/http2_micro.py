@@ -23,11 +23,12 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import microkit  # beside this file: the line above finds it
 
 REQUEST_HEADERS = [(":path", "/bench.Echo/Unary"), (":authority", "10.244.2.7:9090"), (":method", "POST"),
                    (":scheme", "http"), ("content-type", "application/grpc"), ("te", "trailers"),
@@ -106,34 +107,8 @@ def one_run(n: int) -> dict[str, float]:
 
 
 def count_calls(mode: Any, calls: Calls, n: int = 100) -> dict[str, float]:
-    """Python-level ('call') and C ('c_call') calls per gRPC call, by sys.setprofile (the loop's
-    own two calls into the mode per iteration included, as in http1_micro.py)."""
-    counts = {"call": 0, "c_call": 0}
-
-    def prof(frame: Any, event: str, arg: Any) -> None:
-        if event in counts:
-            counts[event] += 1
-
-    reads = [calls.next() for _ in range(n)]
-    client, upstream = mode.client_data, mode.upstream_data
-    sys.setprofile(prof)
-    for c, s in reads:
-        client(c)
-        upstream(s)
-    sys.setprofile(None)
-    return {"py_calls": counts["call"] / n, "c_calls": counts["c_call"] / n}
-
-
-def run_tree(tree: str | None, n: int) -> dict[str, float]:
-    """One run in a subprocess importing nodemesh from `tree` (None: this process's PYTHONPATH)."""
-    env = dict(os.environ)
-    with tempfile.TemporaryDirectory() as root:
-        if tree is not None:
-            os.symlink(os.path.abspath(tree), os.path.join(root, "nodemesh"))
-            env["PYTHONPATH"] = root
-        args = [sys.executable, os.path.abspath(__file__), "--one", str(n)]
-        out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """Python-level and C calls per gRPC call (microkit.count_calls over the next `n` calls)."""
+    return microkit.count_calls(mode, [calls.next() for _ in range(n)])
 
 
 def main() -> None:
@@ -147,10 +122,7 @@ def main() -> None:
         print(json.dumps(one_run(a.one)))
         return
     trees: list[str | None] = list(a.trees) if a.trees else [None]
-    results: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(trees))}
-    for _ in range(a.runs):
-        for i, tree in enumerate(trees):
-            results[i].append(run_tree(tree, a.n))
+    results = microkit.compare_trees(__file__, trees, a.runs, ["--one", str(a.n)])
     for i, tree in enumerate(trees):
         us = [r["us"] for r in results[i]]
         last = results[i][-1]

@@ -9,30 +9,16 @@ steps"); lower them when a step wins, raise them only with a reason written ther
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-from types import ModuleType
-
 import uvloop
-
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "http1_micro.py"
-RELAY_BENCH = BENCH.with_name("http1_relay_calls.py")
+from benchmods import load_bench
 
 NO_TAP_PY, NO_TAP_C = 27, 37     # no tap open: headers neither decoded nor collected
 TAP_PY_MAX = 39                  # a tap open (matching no request): every header collected
 RELAY_PY = 23                    # end to end on loopback, from the transports' callbacks on
 
 
-def _bench(path: pathlib.Path = BENCH) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_calls_per_request_without_a_tap() -> None:
-    bench = _bench()
+    bench = load_bench("http1_micro")
     mode = bench.setup(tap=False)
     bench.count_calls(mode, 10)                 # warm: first request, caches
     counts = bench.count_calls(mode, 200)
@@ -41,7 +27,7 @@ def test_calls_per_request_without_a_tap() -> None:
 
 
 def test_calls_per_request_with_a_tap_open_still_collect_headers() -> None:
-    bench = _bench()
+    bench = load_bench("http1_micro")
     mode = bench.setup(tap=True)
     bench.count_calls(mode, 10)
     counts = bench.count_calls(mode, 200)
@@ -52,5 +38,5 @@ def test_calls_per_request_with_a_tap_open_still_collect_headers() -> None:
 def test_agent_calls_per_request_through_the_relay() -> None:
     # tests/bench/http1_relay_calls.py: a real loopback connection (relay, HTTP/1 readers, mode,
     # telemetry), counting only the agent's own functions; the relay's share shows here only.
-    counts = uvloop.run(_bench(RELAY_BENCH).measure(200))
+    counts = uvloop.run(load_bench("http1_relay_calls").measure(200))
     assert counts["agent_py_calls_per_request"] <= RELAY_PY, counts

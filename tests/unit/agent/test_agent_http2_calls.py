@@ -11,25 +11,13 @@ raise them only with a reason written there.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-from types import ModuleType
-
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "http2_micro.py"
+from benchmods import load_bench
 
 PY_CALLS, C_CALLS = 26, 40   # per gRPC unary call, the bench's two calls into Http2Mode included
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("http2_micro", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_calls_per_grpc_unary_call() -> None:
-    bench = _bench()
+    bench = load_bench("http2_micro")
     mode, calls = bench.setup()
     bench.count_calls(mode, calls, 10)               # warm: the first call fills the hpack cache
     counts = bench.count_calls(mode, calls, 200)
@@ -39,7 +27,7 @@ def test_calls_per_grpc_unary_call() -> None:
 
 def test_every_call_is_counted_once() -> None:
     """What the counts are of: each call is classified and reaches the metrics exactly once."""
-    bench = _bench()
+    bench = load_bench("http2_micro")
     mode, calls = bench.setup()
     bench.count_calls(mode, calls, 50)
     metrics = mode.observer.metrics
