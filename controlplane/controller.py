@@ -204,6 +204,7 @@ class Controller:
             if not self.source.synced.is_set():
                 self._tasks.append(asyncio.create_task(self._identity_once_synced(), name="controller-synced"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="controller-housekeeping"))
+        self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="controller-loop-lag"))
 
     async def _identity_once_synced(self) -> None:
         """Agents connected before the cluster source's first full list were told nothing (see the
@@ -232,6 +233,16 @@ class Controller:
     @property
     def ready(self) -> bool:
         return self.source is None or self.source.synced.is_set()
+
+    async def _watch_loop_lag(self, period_s: float = 0.1) -> None:
+        """How late the event loop runs what is due (`nodemesh_controller_loop_lag_seconds`):
+        every request, report and identity push waits that long before its first step, so a
+        saturated controller shows here before it shows anywhere else."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period_s
+            await asyncio.sleep(period_s)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
     async def _housekeeping(self) -> None:
         while True:

@@ -31,6 +31,10 @@ class ControllerMetrics:
         self.stat_latency = Histogram("nodemesh_controller_stat_request_seconds",
                                       "Time to answer a StatSummary.", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.loop_lag = Histogram("nodemesh_controller_loop_lag_seconds",
+                                  "How late the controller's event loop ran a timer due every 100 ms "
+                                  "(every request and report waits as long).", registry=r,
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self.identity_snapshots = Counter("nodemesh_controller_identity_snapshots",
                                           "Full identity snapshots sent to agents (stream start, resync).",
                                           registry=r)

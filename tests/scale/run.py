@@ -257,6 +257,38 @@ class Run:
             self.figures["metric_timeouts"] = self.figures.get("metric_timeouts", 0) + 1
         return None
 
+    def histogram(self, name: str) -> tuple[list[tuple[float, float]], float, float] | None:
+        """A controller histogram from /metrics: (cumulative (le, count) buckets, sum, count)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=60) as r:
+                text = r.read().decode()
+        except OSError:
+            self.figures["metric_timeouts"] = self.figures.get("metric_timeouts", 0) + 1
+            return None
+        buckets, total, count = [], 0.0, 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+            elif line.startswith(name + "_sum "):
+                total = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_count "):
+                count = float(line.rsplit(" ", 1)[1])
+        return buckets, total, count
+
+    @staticmethod
+    def histogram_delta(a, b, q: float) -> tuple[float | None, float | None]:
+        """Between two `histogram` reads: the q-quantile's bucket bound (ms; the bucket it falls
+        in, as histogram_quantile would bound it) and the mean (ms)."""
+        if a is None or b is None or b[2] <= a[2]:
+            return None, None
+        n = b[2] - a[2]
+        mean = (b[1] - a[1]) / n * 1e3
+        for (le, cb), (_, ca) in zip(b[0], a[0]):
+            if cb - ca >= q * n:
+                return le * 1e3, mean
+        return None, mean
+
     def timed(self, call, n: int) -> list[float]:
         out = []
         for _ in range(n):
@@ -274,9 +306,16 @@ class Run:
         def stat(req: pb.StatRequest, what: str) -> None:
             resp = self.stub.StatSummary(req, metadata=self.md, timeout=120)
             rows[what] = (len(resp.rows), sum(1 for r in resp.rows if r.has_traffic))
+        name = "nodemesh_controller_stat_request_seconds"
+        h0 = self.histogram(name)
         d = self.timed(lambda: stat(deploy, "deploy"), q)
+        h1 = self.histogram(name)
         p = self.timed(lambda: stat(pods, "pods"), q)
+        h2 = self.histogram(name)
         f = self.figures
+        # The controller's own time per query (inside the handler), beside what the caller waited.
+        f["stat_deploy_A_server_mean_ms"] = self.histogram_delta(h0, h1, .5)[1]
+        f["stat_po_n_server_mean_ms"] = self.histogram_delta(h1, h2, .5)[1]
         f["stat_deploy_A_p50_ms"], f["stat_deploy_A_p99_ms"] = pct(d, .5) * 1e3, pct(d, .99) * 1e3
         f["stat_po_n_p50_ms"], f["stat_po_n_p99_ms"] = pct(p, .5) * 1e3, pct(p, .99) * 1e3
         f["stat_deploy_rows"], f["stat_deploy_rows_with_traffic"] = rows["deploy"]
@@ -336,7 +375,12 @@ class Run:
             # 2. steady state
             c0, w0, a0 = self.watch.cpu_s(), time.time(), self.agents_cpu_s()
             r0 = self.metric("nodemesh_controller_reports_received_total")
+            lag0 = self.histogram("nodemesh_controller_loop_lag_seconds")
             time.sleep(self.args.duration)
+            lag1 = self.histogram("nodemesh_controller_loop_lag_seconds")
+            # How late the controller's loop ran a 100 ms timer (bucket bounds, ms)
+            f["loop_lag_p50_ms"] = self.histogram_delta(lag0, lag1, .5)[0]
+            f["loop_lag_p99_ms"], f["loop_lag_mean_ms"] = self.histogram_delta(lag0, lag1, .99)
             c1, w1, a1 = self.watch.cpu_s(), time.time(), self.agents_cpu_s()
             r1 = self.metric("nodemesh_controller_reports_received_total")
             f["controller_cores"] = (c1 - c0) / (w1 - w0)
@@ -427,7 +471,9 @@ COLUMNS = [
     ("fanout_one_max_ms", "1-pod fanout", "{:.0f}"), ("fanout_500_max_ms", "500-pod fanout", "{:.0f}"),
     ("stat_deploy_A_p50_ms", "deploy -A p50", "{:.0f}"), ("stat_deploy_A_p99_ms", "deploy -A p99", "{:.0f}"),
     ("stat_po_n_p50_ms", "po -n p50", "{:.0f}"), ("stat_po_n_p99_ms", "po -n p99", "{:.0f}"),
+    ("stat_deploy_A_server_mean_ms", "deploy -A in ctl", "{:.0f}"),
     ("tap_open_p50_ms", "tap open p50", "{:.0f}"),
+    ("loop_lag_mean_ms", "loop lag mean", "{:.0f}"), ("loop_lag_p99_ms", "lag p99 <=", "{:.0f}"),
     ("connect_cpu_s", "connect CPU s ctl", "{:.0f}"), ("agents_connect_cpu_s", "agents", "{:.0f}"),
     ("agents_cores", "agent cores", "{:.2f}"), ("snapshot_wire_bytes", "snapshot MB", "{:.2f}", 1e-6),
     ("stream_ends", "streams ended", "{:.0f}"),
@@ -444,7 +490,9 @@ def table(rows: list[dict]) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines) + "\n(ms; cores = controller CPU seconds per second in steady state; fan-out = " \
         "objects file written -> every agent holds the new version; connect CPU s = CPU seconds of the " \
-        "controller / of every simulated-agent process from the agents starting to connect (their setup done) to the end of the connect phase; snapshot MB = as sent (compressed when it was))"
+        "controller / of every simulated-agent process from the agents starting to connect (their setup done) to the end of the connect phase; snapshot MB = as sent (compressed when it was); " \
+        "deploy -A in ctl = the controller's mean time inside the StatSummary handler; loop lag = how late the " \
+        "controller's loop ran a 100 ms timer in steady state, mean and the p99's histogram bucket bound)"
 
 
 def main() -> None:
