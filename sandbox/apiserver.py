@@ -117,6 +117,9 @@ class Store:
             self.oldest_rv = max(self.oldest_rv, events[0][0] - 1)
         self.events.extend(events)
         self.objects, self.rv = new, data.resource_version
+        # When a change's events became watchable: a real API server's write-to-event time is
+        # milliseconds, this file re-read is not (the scale harness measures fan-out from here too).
+        log.info("event=objects_changed rv=%d events=%d at=%.6f", self.rv, len(events), time.time())
         return True
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
