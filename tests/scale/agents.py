@@ -81,6 +81,7 @@ class SimAgent:
         self.identity: list[tuple[float, str, int, int]] = []  # (time, kind, bytes, pods or -1)
         self.taps: dict[str, float] = {}
         self.tap_events = 0
+        self.tap_opens: list[float] = []   # when each TapOpen arrived
         self.skipped = 0   # intervals not sent: the stream was MAX_BACKLOG messages behind
         self.connected_at = 0.0
         self.errors: list[str] = []
@@ -187,6 +188,7 @@ class SimAgent:
         elif tag == _TAG_TAP_OPEN:
             tap_id = pb.ControllerMessage.FromString(data).tap_open.tap_id
             self.taps[tap_id] = now
+            self.tap_opens.append(now)
             self.outbox.put_nowait(self.tap_event(tap_id))  # the agent sees a request right away
         elif tag == _TAG_TAP_CLOSE:
             self.taps.pop(pb.ControllerMessage.FromString(data).tap_close.tap_id, None)
@@ -253,6 +255,7 @@ class SimAgent:
         return {"node": self.node, "agent_id": self.agent_id, "connected_at": self.connected_at,
                 "reports_sent": self.seq, "skipped": self.skipped, "acked": self.acked, "unacked": len(self.sent),
                 "latencies": self.latencies, "identity": self.identity, "tap_events": self.tap_events,
+                "tap_opens": self.tap_opens,
                 "errors": self.errors, "streams": self.streams, "stream_ends": self.stream_ends}
 
 

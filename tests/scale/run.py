@@ -108,6 +108,7 @@ class Run:
         self.procs: list[subprocess.Popen] = []
         self.apiserver: subprocess.Popen | None = None
         self.apiserver_watch: ProcWatch | None = None
+        self.tap_starts: list[float] = []
         self.figures: dict = {"nodes": nodes, "pods_per_node": pods, "pods": nodes * pods,
                               "fanout": args.fanout, "active": args.active, "ingest": not args.no_ingest,
                               "identity_compression": not args.no_compression, "source": args.source}
@@ -330,6 +331,7 @@ class Run:
             ns, dep = self.cluster.deployment_of(i)
             req = pb.TapRequest(filter=pb.TapFilter(target=pb.Resource(type="deployment", namespace=ns, name=dep)))
             t = time.perf_counter()
+            self.tap_starts.append(time.time())
             call = self.stub.Tap(req, metadata=self.md, timeout=30)
             try:
                 next(iter(call))
@@ -459,6 +461,12 @@ class Run:
         f["stream_ends"] = len(ends)
         f["stream_end_statuses"] = {s: sum(1 for _, x in ends if x == s) for s in sorted({x for _, x in ends})}
         f["agents_reconnected"] = sum(1 for r in results if r.get("streams", 1) > 1)
+        # Tap open, split: the call made -> the first agent holding its TapOpen (the controller's
+        # part: authorization, the target's nodes, the send), then -> the caller's first event.
+        opens = sorted(x for r in results for x in r.get("tap_opens", []))
+        at_agent = [next((o - t for o in opens if o >= t), None) for t in self.tap_starts]
+        at_agent = [x for x in at_agent if x is not None]
+        f["tap_open_at_agent_p50_ms"] = pct(at_agent, .5) * 1e3 if at_agent else None
         changes = self.apiserver_changes()
         for name, t in (("fanout_one", t_one), ("fanout_500", t_roll)):
             per = []
