@@ -123,3 +123,26 @@ def test_one_hour_window() -> None:
     for sec in range(0, 3600, 10):
         agg.record(KEY, t=sec, success=36)
     assert agg.totals(3600, now=3599).rps == pytest.approx(3.6)
+
+
+def test_flush_before_freezes_only_the_settled_seconds_and_changes_no_answer() -> None:
+    agg, plain = Aggregator(), Aggregator()
+    for a in (agg, plain):
+        a.record(KEY, t=999.5, success=1)
+        a.totals(60, now=1000.0)  # a kept window, which the flushed blocks must reach too
+        for sec in range(1000, 1010):
+            a.record(KEY, t=sec + 0.5, success=sec - 999, latency=latency(b5=1))
+    agg.flush(1008)
+    assert sorted(agg._pending) == [1008, 1009]   # the unsettled seconds wait
+    assert 1007 in agg._blocks and 1008 not in agg._blocks
+    # A late report for a frozen second, then more of the unsettled ones.
+    for a in (agg, plain):
+        a.record(KEY, t=1003.2, failure=4)
+        a.record(KEY, t=1009.7, success=100)
+    agg.flush(1011)
+    assert not agg._pending
+    for window, now in ((60, 1010.1), (10, 1010.1), (10, 1012.0)):
+        got, want = agg.totals(window, now=now), plain.totals(window, now=now)
+        assert (got.responses, got.success_rate, got.quantile(0.5)) == (want.responses, want.success_rate,
+                                                                          want.quantile(0.5))
+    assert agg.totals(60, now=1010.1).responses == 1 + sum(range(1, 11)) + 4 + 100
