@@ -47,3 +47,15 @@ def test_scale_harness_small_run(tmp_path: Path, source: str) -> None:
     assert f["stat_po_rows"] == 30
     assert 0 < f["controller_cores"] < 2.5 and f["rss_mb_end"] > 10
     assert f["ingest_p50_ms"] is not None and f["tap_open_p50_ms"] is not None
+    # Where the time goes: the loop's lag was sampled (~10 timers a second), stat's time inside the
+    # controller is part of what the caller waited, the tap reached an agent before its event
+    # came back, and the fan-out from the API server's event is part of the fan-out from the write.
+    assert f["loop_lag_mean_ms"] is not None and f["loop_lag_p99_ms"] is not None
+    assert 0 < f["stat_deploy_A_server_mean_ms"] <= f["stat_deploy_A_p99_ms"]   # a mean is at most the slowest
+    assert f["check_p50_ms"] > 0
+    assert 0 < f["tap_open_at_agent_p50_ms"] <= f["tap_open_max_ms"]
+    if source == "kubernetes":
+        assert 0 < f["fanout_one_from_event_max_ms"] < f["fanout_one_max_ms"]
+        assert 0 < f["fanout_500_from_event_max_ms"] < f["fanout_500_max_ms"]
+    else:
+        assert "fanout_one_from_event_max_ms" not in f
