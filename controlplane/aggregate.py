@@ -62,6 +62,40 @@ def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[float
     return float(bounds[-1])
 
 
+def histogram_quantiles(qs: Sequence[float], bounds: Sequence[float], counts: np.ndarray) -> np.ndarray:
+    """`histogram_quantile` for each row of `counts` (rows x (len(bounds) + 1), non-cumulative, last
+    +Inf) and each of `qs`: a (len(qs), rows) array, NaN where a row has no observations. The same
+    float operations in the same order as `histogram_quantile` (running sums left to right), so
+    each value is the one it returns."""
+    counts = np.asarray(counts, dtype=np.float64)
+    rows, width = counts.shape
+    out = np.full((len(qs), rows), np.nan)
+    if rows == 0:
+        return out
+    cum = np.cumsum(counts, axis=1)              # sequential, as `cumulative + count`
+    before = np.zeros_like(cum)
+    before[:, 1:] = cum[:, :-1]
+    total = cum[:, -1]
+    seen = total > 0
+    if width != len(bounds) + 1:
+        raise ValueError(f"{width} buckets for {len(bounds)} bounds")
+    top = float(bounds[-1])
+    upper = np.array([*(float(b) for b in bounds), top])   # the +Inf bucket's: never used
+    lower = np.array([0.0, *(float(b) for b in bounds)])
+    r = np.arange(rows)
+    for k, q in enumerate(qs):
+        rank = q * total
+        hit = (cum >= rank[:, None]) & (counts > 0)
+        i = hit.argmax(axis=1)
+        found = hit[r, i]
+        count = np.where(found, counts[r, i], 1.0)
+        lo, hi = lower[i], upper[i]
+        value = lo + (hi - lo) * (rank - before[r, i]) / count
+        value = np.where(found & (i < len(bounds)), value, top)
+        out[k] = np.where(seen, value, np.nan)
+    return out
+
+
 @dataclass
 class Totals:
     """Sums over a window (and, for the gauge, the latest value in it)."""
@@ -269,6 +303,28 @@ def rebin_index(bounds: Sequence[float]) -> list[int]:
             cached.append(idx)
         _rebin_cache[key] = cached
     return cached
+
+
+@dataclass
+class GroupSums:
+    """The sums of a window per group (`Aggregator.group_sums`): `m` a row of `FIELDS` + latency
+    buckets (NCOL columns) per group in `groups` (`index`: group -> row), the open-connection
+    gauges' sum, whether a gauge counts, and whether the group has anything in the window."""
+
+    window_s: float
+    groups: list[object]
+    index: Mapping[object, int]
+    m: np.ndarray
+    open_connections: np.ndarray
+    has_gauge: np.ndarray
+    present: np.ndarray
+
+    def totals(self, j: int) -> Totals:
+        t = _totals(self.window_s, self.m[j].tolist())
+        if self.has_gauge[j]:
+            t.open_connections = float(self.open_connections[j])
+            t.has_gauge = True
+        return t
 
 
 class SeriesStore(Protocol):
@@ -574,11 +630,24 @@ class Aggregator:
         what merging `totals_by_key` per group gives — summed by numpy over the window's matrix
         (`stat deploy -A` over 170,000 keys: no Totals per key). `token`: names `group` when it
         is a pure function of the key, so each key's group is computed once and kept (until an
-        id is freed); `only`: the groups wanted (the others are not built)."""
+        id is freed); `only`: the groups wanted (the others are not built). `group_sums` gives
+        the same sums as arrays."""
+        got = self.group_sums(window_s, now, group, token)
+        out: dict[object, Totals] = {}
+        for j in np.flatnonzero(got.present).tolist():
+            name = got.groups[j]
+            if only is None or name in only:
+                out[name] = got.totals(j)
+        return out
+
+    def group_sums(self, window_s: float, now: float | None, group: Callable[[SeriesKey], object],
+                   token: Hashable | None = None) -> GroupSums:
+        """`totals_by_group`'s sums as arrays, a row per group of the grouping (those without a
+        key in the window too: `present` says which have one, or a gauge)."""
         now = self.clock() if now is None else now
         sums = self.sums(window_s, now)
         rows = len(self._keys)
-        gid, groups = self._group_ids(group, token, rows)
+        gid, groups, index = self._group_ids(group, token, rows)
         n = sums.n
         if len(n) < rows:
             sums.fit(rows)
@@ -594,35 +663,36 @@ class Aggregator:
         hg = gid[hsel].astype(np.int64)
         open_sum = np.bincount(hg, weights=held[hsel], minlength=width)
         gauged = np.bincount(hg, minlength=width) > 0
-        out: dict[object, Totals] = {}
-        for j in np.flatnonzero((np.bincount(g, minlength=width) > 0) | gauged).tolist():
-            name = groups[j]
-            if only is None or name in only:
-                t = out[name] = _totals(window_s, matrix[j].tolist())
-                if gauged[j]:
-                    t.open_connections = float(open_sum[j])
-                    t.has_gauge = True
+        present = (np.bincount(g, minlength=width) > 0) | gauged
         # Timed gauges (older agents), and keys holding both kinds: per key, as `gauges` does.
         timed = self._timed_gauges(window_s, now)
-        ids = self._ids
-        for key, live in timed.items():
-            name = group(key)
-            if name is None or (only is not None and name not in only):
-                continue
-            i = ids.get(key)
-            both = float(self._held[i]) if i is not None and self._held[i] != 0 else 0.0
-            got = out.get(name)
-            got = out[name] = got if got is not None else Totals(window_s)
-            if both > 0:
-                got.open_connections -= both   # counted above alone: the key's sum is live + both
-            if live + both > 0:
-                got.open_connections += live + both
-                got.has_gauge = True
-        return out
+        if timed:
+            ids = self._ids
+            for key, live in timed.items():
+                name = group(key)
+                if name is None:
+                    continue
+                j = index.get(name)
+                if j is None:   # a key without an id (a timed gauge only): a group of its own
+                    groups, index = [*groups, name], {**index, name: len(groups)}
+                    j = len(groups) - 1
+                    matrix = np.vstack([matrix, np.zeros((1, NCOL))])
+                    open_sum, gauged, present = (np.append(open_sum, 0.0), np.append(gauged, False),
+                                                 np.append(present, False))
+                i = ids.get(key)
+                both = float(self._held[i]) if i is not None and self._held[i] != 0 else 0.0
+                present[j] = True
+                if both > 0:
+                    open_sum[j] -= both   # counted above alone: the key's sum is live + both
+                if live + both > 0:
+                    open_sum[j] += live + both
+                    gauged[j] = True
+        return GroupSums(window_s, groups, index, matrix, open_sum, gauged, present)
 
     def _group_ids(self, group: Callable[[SeriesKey], object], token: Hashable | None,
-                   rows: int) -> tuple[np.ndarray, list[object]]:
-        """Each id's group number (-1: none), and the groups by number."""
+                   rows: int) -> tuple[np.ndarray, list[object], dict[object, int]]:
+        """Each id's group number (-1: none), the groups by number, and the numbers by group
+        (the grouping's own: read them, never change them)."""
         cached = self._groupings.get(token) if token is not None else None
         if cached is None or cached[3] != self._epoch:
             cached = (np.full(max(rows, 16), -1, dtype=np.int32), [], {}, self._epoch, 0, 0)
@@ -646,7 +716,7 @@ class Aggregator:
             if len(self._groupings) >= 32 and token not in self._groupings:
                 self._groupings.clear()
             self._groupings[token] = (gid, groups, index, epoch, rows, len(self._reused))
-        return gid, groups
+        return gid, groups, index
 
     def sums(self, window_s: float, now: float) -> _Sums:
         """The window's sums per id: the kept window's (read them, never change them), or a scan

@@ -17,11 +17,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import Requirement
 from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
-from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, SeriesStore, Totals
+from nodemesh.controlplane.aggregate import (
+    BOUNDS,
+    COLUMN,
+    LABEL_INDEX,
+    LAT0,
+    NCOL,
+    Aggregator,
+    GroupSums,
+    SeriesKey,
+    SeriesStore,
+    Totals,
+    histogram_quantiles,
+)
 from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
 
 DEFAULT_WINDOW_S = 60
@@ -201,18 +214,16 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
         row_side, base = "dst", _direction("inbound")
     rows = []
     row_id = _row_id_of(type_, row_side)
-    by_key: dict[SeriesKey, Totals] = {}
-    grouped: dict[object, Totals] | None
     if row_id is not None and isinstance(aggregator, Aggregator):
-        # Summed by numpy per row over the window's matrix: no Totals per key. Without --from/--to
-        # the row of a key depends on the key alone: the store keeps it (`token`).
+        # Summed by numpy per row over the window's matrix, and the rows' numbers computed over
+        # the grouped matrix: no Totals per key or per row. Without --from/--to the row of a key
+        # depends on the key alone: the store keeps it (`token`).
         rid = row_id
         token = None if src or dst else ("stat", type_, row_side)
-        wanted = {_row_id(type_, r) for r in resources}
-        grouped = aggregator.totals_by_group(window, now, lambda k: rid(k) if base(k) else None, token, wanted)
-    else:
-        by_key = aggregator.totals_by_key(window, now, base)
-        grouped = _group_by_row(type_, row_side, by_key, window)
+        got = aggregator.group_sums(window, now, lambda k: rid(k) if base(k) else None, token)
+        return _rows_of_sums(type_, resources, got, mesh, only_active=bool(src or dst))
+    by_key = aggregator.totals_by_key(window, now, base)
+    grouped = _group_by_row(type_, row_side, by_key, window)
     for r in resources:
         if grouped is not None:
             totals = grouped.get(_row_id(type_, r), Totals(window))
@@ -276,17 +287,66 @@ def _row_id(type_: str, r: ResourceInfo) -> object:
     return (r.namespace, r.name)
 
 
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+def _rows_of_sums(type_: str, resources: list[ResourceInfo], got: GroupSums, mesh: MeshView,
+                  only_active: bool) -> list[pb.StatRow]:
+    """The rows `_row` makes from each resource's `Totals`, computed as arrays over the grouped
+    sums (one row of `got` per resource, zeros for one without any): the same numbers, by the
+    same float operations (`histogram_quantiles` is `histogram_quantile` per row)."""
+    index = got.index
+    width = len(got.groups)
+    pos = np.fromiter((index.get(_row_id(type_, r), width) for r in resources), dtype=np.int64,
+                      count=len(resources))
+    zero = np.zeros(1)
+    m = np.vstack([got.m, np.zeros((1, NCOL))])[pos]
+    gauge = np.append(got.has_gauge, False)[pos]
+    open_c = np.where(gauge, np.append(got.open_connections, zero)[pos], 0.0)
+    w = got.window_s
+    success, failure = m[:, COLUMN["success"]], m[:, COLUMN["failure"]]
+    read, write = m[:, COLUMN["read_bytes"]], m[:, COLUMN["write_bytes"]]
+    responses = success + failure
+    traffic = responses > 0
+    tcp = gauge | (m[:, COLUMN["tcp_open"]] > 0) | (read > 0) | (write > 0)
+    q = np.zeros((len(QUANTILES), len(resources)))
+    if traffic.any():
+        q[:, traffic] = np.nan_to_num(histogram_quantiles(QUANTILES, BOUNDS, m[traffic, LAT0:]), nan=0.0)
+    rows = []
+    for r, s, f, rps, rb, wb, oc, has, has_tcp, p50, p95, p99 in zip(
+            resources, success.tolist(), failure.tolist(), (responses / w).tolist(), (read / w).tolist(),
+            (write / w).tolist(), open_c.tolist(), traffic.tolist(), tcp.tolist(), *q.tolist()):
+        if only_active and not has and not has_tcp:
+            continue
+        meshed, running = _pod_counts(r, mesh)
+        rows.append(pb.StatRow(
+            resource=pb.Resource(namespace=r.namespace, type=type_, name=r.name),
+            meshed_pods=meshed, total_pods=running,
+            status=r.pods[0].status if type_ == "pod" and r.pods else "",
+            has_traffic=has, success_count=round(s), failure_count=round(f), rps=rps,
+            tcp_open_connections=oc, tcp_read_bytes_rate=rb, tcp_write_bytes_rate=wb, has_tcp=has_tcp,
+            latency_ms_p50=p50, latency_ms_p95=p95, latency_ms_p99=p99,
+        ))
+    return rows
+
+
+def _pod_counts(r: ResourceInfo, mesh: MeshView) -> tuple[int, int]:
+    """The resource's running pods that are meshed, and all its running pods."""
+    running = [p for p in r.pods if p.running]
+    meshed = [p for p in running if p.node in mesh.ready_nodes and p.namespace in mesh.captured_namespaces
+              and not p.host_network]
+    return len(meshed), len(running)
+
+
 def _and(a: Predicate, b: Predicate) -> Predicate:
     return lambda k: a(k) and b(k)
 
 
 def _row(r: ResourceInfo, type_: str, totals: Totals, mesh: MeshView) -> pb.StatRow:
-    running = [p for p in r.pods if p.running]
-    meshed = [p for p in running if p.node in mesh.ready_nodes and p.namespace in mesh.captured_namespaces
-              and not p.host_network]
+    meshed, running = _pod_counts(r, mesh)
     row = pb.StatRow(
         resource=pb.Resource(namespace=r.namespace, type=type_, name=r.name),
-        meshed_pods=len(meshed), total_pods=len(running),
+        meshed_pods=meshed, total_pods=running,
         status=r.pods[0].status if type_ == "pod" and r.pods else "",
         has_traffic=totals.has_traffic,
         success_count=round(totals.success), failure_count=round(totals.failure),
