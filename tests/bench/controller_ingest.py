@@ -157,7 +157,7 @@ def main() -> None:
                    (f"stat deploy -n {ns} --to deploy/{deploy}",
                     pb.StatRequest(selector=pb.Resource(type="deploy", namespace=ns), to=me))]
         for what, req in queries:
-            for at in range(end, end + 2 + a.stat_repeat):
+            for at in (end + i for i in range(2 + a.stat_repeat)):
                 t0 = time.process_time()
                 if stat_prof and at > end + 1:
                     stat_prof.enable()
