@@ -21,7 +21,7 @@ import numpy as np
 from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import Requirement
-from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
+from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, PEER_LABELS, RESOURCE_ALIASES, SHORT_TYPE
 from nodemesh.controlplane.aggregate import (
     BOUNDS,
     COLUMN,
@@ -379,9 +379,7 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
     if not req.all_namespaces and type_ != "namespace":
         _check_namespace(registry, namespace)
     seen: dict[tuple[tuple[str, str, str], tuple[str, str, str]], _EdgeTls] = {}
-    for key, totals in aggregator.totals_by_key(window, now).items():
-        if not totals.has_traffic and not totals.has_tcp:
-            continue
+    for key in _active_keys(registry, aggregator, window, now, type_):
         pair = (_end(registry, key, "src", type_), _end(registry, key, "dst", type_))
         if pair[0] is None or pair[1] is None:
             continue  # an unknown/external peer: edges are between resources we can name
@@ -404,6 +402,37 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
 
 
 _TLS, _CLIENT_ID, _SERVER_ID = LABEL_INDEX["tls"], LABEL_INDEX["client_id"], LABEL_INDEX["server_id"]
+# What of a key an edge's end (`_end`) and its mTLS (`_EdgeTls.add`) read: keys alike in these are
+# one edge's, each adding the same.
+_EDGE_LABELS = tuple(LABEL_INDEX[name] for name in (
+    "src_namespace", "src_kind", "src_name", "src_pod", "dst_namespace", "dst_kind", "dst_name", "dst_pod",
+    "tls", "client_id", "server_id"))
+
+
+def _active_keys(registry: WorkloadRegistry, aggregator: SeriesStore, window: int, now: float | None,
+                 type_: str) -> list[SeriesKey]:
+    """The keys with traffic or TCP in the window — from the in-memory store, one per set of keys
+    alike in what edges read (`_EDGE_LABELS`; the others hold ""), summed by numpy: no Totals
+    per key (a group has traffic or TCP when one of its keys has: the sums are of non-negative
+    counts)."""
+    if not isinstance(aggregator, Aggregator):
+        return [key for key, t in aggregator.totals_by_key(window, now).items() if t.has_traffic or t.has_tcp]
+    labels = _EDGE_LABELS
+    got = aggregator.group_sums(window, now, lambda k: tuple(k[i] for i in labels), ("edges",))
+    m = got.m
+    active = got.present & (got.has_gauge | (m[:, COLUMN["success"]] + m[:, COLUMN["failure"]] > 0)
+                            | (m[:, COLUMN["tcp_open"]] > 0) | (m[:, COLUMN["read_bytes"]] > 0)
+                            | (m[:, COLUMN["write_bytes"]] > 0))
+    groups = got.groups
+    return [_edge_key(groups[j]) for j in np.flatnonzero(active).tolist()]  # type: ignore[arg-type]
+
+
+def _edge_key(labels: tuple[str, ...]) -> SeriesKey:
+    """A series key holding `labels` (`_EDGE_LABELS`), "" for the rest."""
+    out = [""] * len(PEER_LABELS)
+    for i, v in zip(_EDGE_LABELS, labels):
+        out[i] = v
+    return tuple(out)
 
 
 class _EdgeTls:

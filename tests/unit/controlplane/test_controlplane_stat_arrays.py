@@ -2,15 +2,19 @@
 `histogram_quantiles`, stat.py's `_rows_of_sums`) equal the per-row computation they replace
 (a `Totals` per row, `histogram_quantile` per quantile, `_row`) value for value, on random data
 with the corner cases: rows without any series, with only TCP, with requests but no responses,
-with observations only in the +Inf bucket, and quantiles landing in the first bucket."""
+with observations only in the +Inf bucket, and quantiles landing in the first bucket; and stat
+and edges over the in-memory store answer what they answer over a store of Totals per key."""
 
 from __future__ import annotations
 
 import math
 import random
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+from controller_feed import NS, PODS, peer, series_for
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import PEER_LABELS, WorkloadRef
 from nodemesh.controlplane.aggregate import (
@@ -22,8 +26,18 @@ from nodemesh.controlplane.aggregate import (
     histogram_quantile,
     histogram_quantiles,
 )
+from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.registry import PodRecord, ResourceInfo
-from nodemesh.controlplane.stat import QUANTILES, MeshView, _row, _row_id, _row_id_of, _rows_of_sums
+from nodemesh.controlplane.stat import (
+    QUANTILES,
+    MeshView,
+    _row,
+    _row_id,
+    _row_id_of,
+    _rows_of_sums,
+    edges,
+    stat_summary,
+)
 
 QS = (0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0)
 
@@ -131,3 +145,47 @@ def test_rows_of_sums_equal_rows_of_totals(seed: int) -> None:
                 assert any(x.has_traffic for x in got) and any(x.has_tcp and not x.has_traffic for x in got)
                 assert any(x.latency_ms_p99 == BOUNDS[-1] for x in got) or window == 10
     assert QUANTILES == (0.5, 0.95, 0.99)
+
+
+class _KeyStore:
+    """The aggregator behind the `SeriesStore` protocol alone: stat and edges take their path of a
+    Totals per key (as over a Prometheus snapshot), the reference the array path must equal."""
+
+    def __init__(self, agg: Aggregator) -> None:
+        self.agg = agg
+
+    def totals_by_key(self, window_s: float, now: float | None = None,
+                      where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]:
+        return self.agg.totals_by_key(window_s, now, where)
+
+
+def test_stat_and_edges_equal_the_totals_per_key_path(controller: Controller) -> None:
+    c = controller
+    now = time.time() + 1
+    extra = series_for(peer("outbound", "vote-bot", "emoji", "emoji-svc"), 7, 1, 3.0)
+    c.ingest_report(c.sessions["agent-1"], pb.MetricsReport(agent_id="agent-1", seq=2, series=extra), now=now - 3)
+    mesh = c.mesh_view()
+    ref = _KeyStore(c.aggregator)
+    peers = [None, ("from", "deploy", "web"), ("to", "deploy", "emoji"), ("to", "svc", "voting-svc"),
+             ("from", "ns", NS), ("to", "po", PODS["emoji"])]
+    for type_ in ("deploy", "po", "svc", "ns", "rs", "all"):
+        for all_ns in (False, True):
+            for side in peers:
+                req = pb.StatRequest(selector=pb.Resource(namespace=NS, type=type_), window_seconds=60,
+                                     all_namespaces=all_ns)
+                if side is not None:
+                    getattr(req, side[0]).CopyFrom(pb.Resource(namespace=NS, type=side[1], name=side[2]))
+                got = stat_summary(c.registry, c.aggregator, mesh, req, now)
+                want = stat_summary(c.registry, ref, mesh, req, now)
+                assert got == want, (type_, all_ns, side)
+    assert any(r.has_traffic for r in stat_summary(c.registry, c.aggregator, mesh, pb.StatRequest(
+        selector=pb.Resource(namespace=NS, type="deploy"), window_seconds=60), now).rows)
+    for type_ in ("deploy", "po", "ns", "rs", "all"):
+        for all_ns in (False, True):
+            for name in ("", "web"):
+                req = pb.EdgesRequest(selector=pb.Resource(namespace=NS, type=type_, name=name), window_seconds=60,
+                                      all_namespaces=all_ns)
+                got_edges = edges(c.registry, c.aggregator, req, now)
+                assert got_edges == edges(c.registry, ref, req, now), (type_, all_ns, name)
+    assert len(edges(c.registry, c.aggregator, pb.EdgesRequest(selector=pb.Resource(type="deploy"),
+                                                               all_namespaces=True), now).edges) >= 3
