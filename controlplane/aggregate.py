@@ -17,7 +17,7 @@ import gc
 import math
 import time
 from array import array
-from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -688,6 +688,32 @@ class Aggregator:
                     open_sum[j] += live + both
                     gauged[j] = True
         return GroupSums(window_s, groups, index, matrix, open_sum, gauged, present)
+
+    def totals_of(self, window_s: float, now: float | None, keys: Collection[SeriesKey]) -> Totals:
+        """The sums of `keys` over the window (and their open-connection gauges): what merging
+        their `totals_by_key` gives — the counts and buckets exactly, the latency sum up to the
+        order of float additions — from the window's blocks, only their entries of these keys
+        (the dashboard's time series: a step per window, without a matrix of every key per step)."""
+        now = self.clock() if now is None else now
+        self._flush()
+        end = int(now)
+        ids = self._ids
+        wanted = [ids[k] for k in keys if k in ids]
+        row = np.zeros(NCOL)
+        if wanted:
+            want = np.zeros(len(self._keys), dtype=bool)
+            want[wanted] = True
+            for sec in range(end - int(window_s), end):
+                for b in self._blocks.get(sec, ()):
+                    sel = want[b.ids]
+                    if sel.any():
+                        row += np.bincount(b.cols[sel], weights=b.vals[sel], minlength=NCOL)
+        total = _totals(window_s, row.tolist())
+        live = self.gauges(window_s, now, keys.__contains__)
+        if live:
+            total.open_connections = sum(live.values())
+            total.has_gauge = True
+        return total
 
     def _group_ids(self, group: Callable[[SeriesKey], object], token: Hashable | None,
                    rows: int) -> tuple[np.ndarray, list[object], dict[object, int]]:

@@ -27,6 +27,7 @@ from nodemesh.controlplane.aggregate import (
     histogram_quantiles,
 )
 from nodemesh.controlplane.controller import Controller
+from nodemesh.controlplane.dashboard import views
 from nodemesh.controlplane.registry import PodRecord, ResourceInfo
 from nodemesh.controlplane.stat import (
     QUANTILES,
@@ -189,3 +190,39 @@ def test_stat_and_edges_equal_the_totals_per_key_path(controller: Controller) ->
                 assert got_edges == edges(c.registry, ref, req, now), (type_, all_ns, name)
     assert len(edges(c.registry, c.aggregator, pb.EdgesRequest(selector=pb.Resource(type="deploy"),
                                                                all_namespaces=True), now).edges) >= 3
+
+
+def test_dashboard_time_series_equal_the_totals_per_key_path(controller: Controller) -> None:
+    c = controller
+    now = time.time() + 1
+    me = pb.Resource(namespace=NS, type="deployment", name="emoji")
+    got = views.time_series(c, me, 10, range_s=120, now=now)
+    end = int(now)
+    ref = _KeyStore(c.aggregator)
+    want = views.time_series(c, me, 10, range_s=120, now=now, steps=[(end - i * 10, ref) for i in range(11, -1, -1)])
+    assert got == want
+    points = got["points"]
+    assert isinstance(points, list) and any(p["rps"] for p in points) and any(p["rps"] is None for p in points)
+
+
+def test_totals_of_equals_merged_key_totals() -> None:
+    rng = random.Random(5)
+    now = 5_000.0
+    agg = Aggregator(retention_s=300, clock=lambda: now, downsample_after_s=60)
+    keys = [_key(direction="inbound", dst_namespace="ns", dst_name=f"d{k % 5}", dst_pod=f"p{k}") for k in range(30)]
+    for _ in range(400):
+        agg.record(rng.choice(keys), t=now - rng.randint(1, 250), success=float(rng.randint(0, 5)),
+                   failure=float(rng.randint(0, 1)), latency=_histogram(rng), read_bytes=float(rng.randint(0, 9)))
+    agg.set_gauge(keys[0], "a", 3.0, t=math.inf)
+    agg.set_gauge(keys[1], "b", 2.0, t=now - 2)
+    agg.prune(now=now)
+    chosen = set(keys[:12])
+    for window, at in ((10, now), (60, now), (120, now - 30), (240, now)):
+        want = Totals(window)
+        for t in agg.totals_by_key(window, at, chosen.__contains__).values():
+            want.merge(t)
+        got = agg.totals_of(window, at, chosen)
+        assert (got.success, got.failure, got.read_bytes, got.latency, got.open_connections, got.has_gauge) == \
+            (want.success, want.failure, want.read_bytes, want.latency, want.open_connections, want.has_gauge)
+        assert got.latency_sum == pytest.approx(want.latency_sum)
+    assert agg.totals_of(60, now, chosen).has_traffic and agg.totals_of(60, now, set()).responses == 0
