@@ -640,14 +640,27 @@ class Aggregator:
                 out[name] = got.totals(j)
         return out
 
+    def grouping(self, group: Callable[[SeriesKey], object],
+                 token: Hashable | None = None) -> tuple[np.ndarray, list[object], Mapping[object, int]]:
+        """Each series id's group number under `group` (-1: none; the array may be longer than
+        the ids), the groups by number and the numbers by group — kept per `token` as
+        `totals_by_group` keeps them. The caller's to read, not to change."""
+        self._flush()
+        return self._group_ids(group, token, len(self._keys))
+
     def group_sums(self, window_s: float, now: float | None, group: Callable[[SeriesKey], object],
-                   token: Hashable | None = None) -> GroupSums:
+                   token: Hashable | None = None,
+                   grouping: tuple[np.ndarray, list[object], Mapping[object, int]] | None = None) -> GroupSums:
         """`totals_by_group`'s sums as arrays, a row per group of the grouping (those without a
-        key in the window too: `present` says which have one, or a gauge)."""
+        key in the window too: `present` says which have one, or a gauge). `grouping`: the ids'
+        groups already known (derived from `grouping`s, as `group` would give them; `group` is
+        then asked only of keys holding a timed gauge)."""
         now = self.clock() if now is None else now
         sums = self.sums(window_s, now)
         rows = len(self._keys)
-        gid, groups, index = self._group_ids(group, token, rows)
+        gid, groups, index = grouping if grouping is not None else self._group_ids(group, token, rows)
+        if len(gid) < rows:
+            raise ValueError("a grouping older than the series ids")
         n = sums.n
         if len(n) < rows:
             sums.fit(rows)
@@ -674,7 +687,7 @@ class Aggregator:
                     continue
                 j = index.get(name)
                 if j is None:   # a key without an id (a timed gauge only): a group of its own
-                    groups, index = [*groups, name], {**index, name: len(groups)}
+                    groups, index = [*groups, name], {**index, name: len(groups)}  # the grouping's: not changed
                     j = len(groups) - 1
                     matrix = np.vstack([matrix, np.zeros((1, NCOL))])
                     open_sum, gauged, present = (np.append(open_sum, 0.0), np.append(gauged, False),

@@ -14,7 +14,7 @@ would be noise); without them every resource of the type gets a row, traffic or 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,11 +216,12 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
     row_id = _row_id_of(type_, row_side)
     if row_id is not None and isinstance(aggregator, Aggregator):
         # Summed by numpy per row over the window's matrix, and the rows' numbers computed over
-        # the grouped matrix: no Totals per key or per row. Without --from/--to the row of a key
-        # depends on the key alone: the store keeps it (`token`).
+        # the grouped matrix: no Totals per key or per row.
         rid = row_id
-        token = None if src or dst else ("stat", type_, row_side)
-        got = aggregator.group_sums(window, now, lambda k: rid(k) if base(k) else None, token)
+        group = lambda k: rid(k) if base(k) else None
+        grouping = _stat_grouping(aggregator, type_, row_side, src or dst, "outbound" if src or dst else
+                                  ("outbound" if type_ == "service" else "inbound"), "src" if src else "dst")
+        got = aggregator.group_sums(window, now, group, grouping=grouping)
         return _rows_of_sums(type_, resources, got, mesh, only_active=bool(src or dst))
     by_key = aggregator.totals_by_key(window, now, base)
     grouped = _group_by_row(type_, row_side, by_key, window)
@@ -238,6 +239,31 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
             continue
         rows.append(_row(r, type_, totals, mesh))
     return rows
+
+
+def _stat_grouping(aggregator: Aggregator, type_: str, row_side: str, peer: tuple[str, str, str] | None,
+                   direction: str, peer_side: str) -> tuple[np.ndarray, list[object], Mapping[object, int]] | None:
+    """Each series id's row (-1: none) as arrays, from groupings the store keeps per key (a
+    key's row id on a side, its direction): the key's row when its direction is `direction`
+    and, with a peer (`--from`/`--to`), its `peer_side` is the peer — which is that side's row
+    id being the peer's, for a named peer of a type whose row a key names. None: a peer the
+    registry decides (a replicaset, a service as caller) or any of a type: ask per key."""
+    row_id = _row_id_of(type_, row_side)
+    assert row_id is not None
+    rows, groups, index = aggregator.grouping(row_id, ("row", type_, row_side))
+    dirs, _, dir_index = aggregator.grouping(lambda k: k[_DIR], ("direction",))
+    n = min(len(rows), len(dirs))
+    keep = dirs[:n] == dir_index.get(direction, -2)
+    if peer is not None:
+        ns, ptype, name = peer
+        peer_id = _row_id_of(ptype, peer_side)
+        if peer_id is None or not name:
+            return None
+        at, _, at_index = aggregator.grouping(peer_id, ("row", ptype, peer_side))
+        n = min(n, len(at))
+        who = _row_id(ptype, ResourceInfo(ns, ptype, name, {}))
+        keep = keep[:n] & (at[:n] == at_index.get(who, -2))
+    return np.where(keep, rows[:n], -1), groups, index
 
 
 def _group_by_row(type_: str, side: str, by_key: dict[SeriesKey, Totals],

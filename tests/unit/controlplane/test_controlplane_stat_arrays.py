@@ -168,7 +168,8 @@ def test_stat_and_edges_equal_the_totals_per_key_path(controller: Controller) ->
     mesh = c.mesh_view()
     ref = _KeyStore(c.aggregator)
     peers = [None, ("from", "deploy", "web"), ("to", "deploy", "emoji"), ("to", "svc", "voting-svc"),
-             ("from", "ns", NS), ("to", "po", PODS["emoji"])]
+             ("from", "ns", NS), ("to", "po", PODS["emoji"]), ("from", "svc", "web-svc"), ("from", "deploy", ""),
+             ("to", "deploy", "nothing-here")]
     for type_ in ("deploy", "po", "svc", "ns", "rs", "all"):
         for all_ns in (False, True):
             for side in peers:
