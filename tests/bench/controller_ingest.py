@@ -9,7 +9,7 @@ report, the controller's RSS growth, and the keys held.
 
     python3 tests/bench/controller_ingest.py --nodes 50 --pods 50 --reports 20 [--encoding refs|columns|labels]
         [--downsample-after 600|0]  (a --reports past 600 shows downsampling's memory)
-        [--stat]  (then `stat deploy -A` / `stat po -n X` / `stat deploy -n X --to deploy/Y` CPU, the
+        [--stat]  (then `stat deploy -A` / `stat po -n X` / `stat deploy -A --to deploy/Y` CPU, the
                    cluster's objects in the registry; then `edges deploy -A` and the dashboard's
                    workload page of deploy/Y)
         [--stat-repeat N]  (N more of each, a second apart)  [--stat-profile FILE]
@@ -154,8 +154,8 @@ def main() -> None:
         me = pb.Resource(namespace=ns, type="deployment", name=deploy)
         queries = [("stat deploy -A", pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)),
                    (f"stat po -n {ns}", pb.StatRequest(selector=pb.Resource(type="po", namespace=ns))),
-                   (f"stat deploy -n {ns} --to deploy/{deploy}",
-                    pb.StatRequest(selector=pb.Resource(type="deploy", namespace=ns), to=me))]
+                   (f"stat deploy -A --to deploy/{deploy}",
+                    pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True, to=me))]
         for what, req in queries:
             for at in (end + i for i in range(2 + a.stat_repeat)):
                 t0 = time.process_time()
