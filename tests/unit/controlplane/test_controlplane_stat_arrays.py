@@ -32,6 +32,7 @@ from nodemesh.controlplane.registry import PodRecord, ResourceInfo
 from nodemesh.controlplane.stat import (
     QUANTILES,
     MeshView,
+    _pod_counts,
     _row,
     _row_id,
     _row_id_of,
@@ -131,7 +132,7 @@ def test_rows_of_sums_equal_rows_of_totals(seed: int) -> None:
                 return rid(k) if k[0] == d else None
 
             got = _rows_of_sums("deployment", resources, agg.group_sums(window, now, group, token=(direction,)),
-                                mesh, only_active)
+                                lambda r: _pod_counts(r, mesh), only_active)
             by_row = agg.totals_by_group(window, now, group)
             want = []
             for r in resources:
