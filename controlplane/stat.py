@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import Requirement
@@ -63,6 +64,7 @@ def parse_label_selector(text: str) -> list[Requirement]:
 
 # ------------------------------------------------------------------ matching keys to resources
 Predicate = Callable[[SeriesKey], bool]
+Rows = RepeatedCompositeFieldContainer[pb.StatRow]   # a StatResponse's rows
 
 
 def side_predicate(registry: WorkloadRegistry, side: str, namespace: str, type_: str, name: str) -> Predicate:
@@ -139,10 +141,12 @@ def _check_namespace(registry: WorkloadRegistry, namespace: str) -> None:
 
 def stat_summary(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView,
                  req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
+    resp = pb.StatResponse()
     try:
-        return pb.StatResponse(rows=_stat_rows(registry, aggregator, mesh, req, now))
+        _stat_rows(registry, aggregator, mesh, req, now, resp.rows)
     except StatError as exc:
         return pb.StatResponse(error=str(exc))
+    return resp
 
 
 def _peer(req_res: pb.Resource, default_ns: str, flag: str) -> tuple[str, str, str] | None:
@@ -165,7 +169,8 @@ def _selector_type(selector: pb.Resource, supported: frozenset[str], verb: str) 
 
 
 def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView, req: pb.StatRequest,
-               now: float | None) -> list[pb.StatRow]:
+               now: float | None, rows: Rows) -> None:
+    """The request's rows, added to `rows` (the response's: built in place, not copied in)."""
     type_ = _selector_type(req.selector, STAT_TYPES, "stat")
     window = check_window(int(req.window_seconds))
     namespace = "" if req.all_namespaces else (req.selector.namespace or "default")
@@ -185,7 +190,6 @@ def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVi
     requirements = parse_label_selector(req.label_selector) if req.label_selector else []
 
     types = ALL_TYPES if type_ == "all" else (type_,)
-    rows: list[pb.StatRow] = []
     for t in types:
         resources = _resources(registry, t, scope)
         if req.selector.name:
@@ -195,13 +199,12 @@ def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVi
                 raise StatError(f'{t} "{req.selector.name}" not found{where}')
         if requirements:
             resources = [r for r in resources if all(q.matches(r.labels) for q in requirements)]
-        rows.extend(_rows_for(registry, aggregator, mesh, t, resources, src, dst, window, now))
-    return rows
+        _rows_for(registry, aggregator, mesh, t, resources, src, dst, window, now, rows)
 
 
 def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView, type_: str,
               resources: list[ResourceInfo], src: tuple[str, str, str] | None,
-              dst: tuple[str, str, str] | None, window: int, now: float | None) -> list[pb.StatRow]:
+              dst: tuple[str, str, str] | None, window: int, now: float | None, out: Rows) -> None:
     # The side of each series that a row stands for, and the filter every series must pass.
     if src:
         row_side = "dst"
@@ -223,7 +226,8 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
         grouping = _stat_grouping(aggregator, type_, row_side, src or dst, "outbound" if src or dst else
                                   ("outbound" if type_ == "service" else "inbound"), "src" if src else "dst")
         got = aggregator.group_sums(window, now, group, grouping=grouping)
-        return _rows_of_sums(type_, resources, got, _counter(registry, mesh), only_active=bool(src or dst))
+        _rows_of_sums(type_, resources, got, _counter(registry, mesh), bool(src or dst), out)
+        return
     by_key = aggregator.totals_by_key(window, now, base)
     grouped = _group_by_row(type_, row_side, by_key, window)
     for r in resources:
@@ -239,7 +243,7 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
         if (src or dst) and not totals.has_traffic and not totals.has_tcp:
             continue
         rows.append(_row(r, type_, totals, mesh))
-    return rows
+    out.extend(rows)
 
 
 def _stat_grouping(aggregator: Aggregator, type_: str, row_side: str, peer: tuple[str, str, str] | None,
@@ -318,7 +322,7 @@ QUANTILES = (0.5, 0.95, 0.99)
 
 
 def _rows_of_sums(type_: str, resources: list[ResourceInfo], got: GroupSums,
-                  count: Callable[[ResourceInfo], tuple[int, int]], only_active: bool) -> list[pb.StatRow]:
+                  count: Callable[[ResourceInfo], tuple[int, int]], only_active: bool, out: Rows) -> None:
     """The rows `_row` makes from each resource's `Totals`, computed as arrays over the grouped
     sums (one row of `got` per resource, zeros for one without any): the same numbers, by the
     same float operations (`histogram_quantiles` is `histogram_quantile` per row)."""
@@ -339,22 +343,20 @@ def _rows_of_sums(type_: str, resources: list[ResourceInfo], got: GroupSums,
     q = np.zeros((len(QUANTILES), len(resources)))
     if traffic.any():
         q[:, traffic] = np.nan_to_num(histogram_quantiles(QUANTILES, BOUNDS, m[traffic, LAT0:]), nan=0.0)
-    rows = []
+    add = out.add
     for r, s, f, rps, rb, wb, oc, has, has_tcp, p50, p95, p99 in zip(
             resources, success.tolist(), failure.tolist(), (responses / w).tolist(), (read / w).tolist(),
             (write / w).tolist(), open_c.tolist(), traffic.tolist(), tcp.tolist(), *q.tolist()):
         if only_active and not has and not has_tcp:
             continue
         meshed, running = count(r)
-        rows.append(pb.StatRow(
-            resource=pb.Resource(namespace=r.namespace, type=type_, name=r.name),
-            meshed_pods=meshed, total_pods=running,
-            status=r.pods[0].status if type_ == "pod" and r.pods else "",
-            has_traffic=has, success_count=round(s), failure_count=round(f), rps=rps,
-            tcp_open_connections=oc, tcp_read_bytes_rate=rb, tcp_write_bytes_rate=wb, has_tcp=has_tcp,
-            latency_ms_p50=p50, latency_ms_p95=p95, latency_ms_p99=p99,
-        ))
-    return rows
+        row = add(meshed_pods=meshed, total_pods=running,
+                  status=r.pods[0].status if type_ == "pod" and r.pods else "",
+                  has_traffic=has, success_count=round(s), failure_count=round(f), rps=rps,
+                  tcp_open_connections=oc, tcp_read_bytes_rate=rb, tcp_write_bytes_rate=wb, has_tcp=has_tcp,
+                  latency_ms_p50=p50, latency_ms_p95=p95, latency_ms_p99=p99)
+        res = row.resource   # set in place: a Resource made and copied in costs as much as the row
+        res.namespace, res.type, res.name = r.namespace, type_, r.name
 
 
 class _Kept:

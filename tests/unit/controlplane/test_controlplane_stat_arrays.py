@@ -131,8 +131,9 @@ def test_rows_of_sums_equal_rows_of_totals(seed: int) -> None:
             def group(k: SeriesKey, rid=row_id, d=direction) -> object:   # type: ignore[no-untyped-def]
                 return rid(k) if k[0] == d else None
 
-            got = _rows_of_sums("deployment", resources, agg.group_sums(window, now, group, token=(direction,)),
-                                lambda r: _pod_counts(r, mesh), only_active)
+            got = pb.StatResponse().rows
+            _rows_of_sums("deployment", resources, agg.group_sums(window, now, group, token=(direction,)),
+                          lambda r: _pod_counts(r, mesh), only_active, got)
             by_row = agg.totals_by_group(window, now, group)
             want = []
             for r in resources:
