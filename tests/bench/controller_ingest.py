@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--downsample-after", type=int, default=600, help="seconds; 0: never")
     p.add_argument("--stat", action="store_true", help="time `stat deploy -A` and `stat po -n X` after the ingest")
     p.add_argument("--stat-repeat", type=int, default=1, help="with --stat: more queries, a second apart")
-    p.add_argument("--stat-profile", default="", help="with --stat: cProfile the queries after the first two")
+    p.add_argument("--stat-profile", default="", help="with --stat: cProfile the queries after the first two (edges and the page after the first)")
     a = p.parse_args()
     cluster = Cluster(a.nodes, a.pods, 3)
     pairs = cluster.calls()
@@ -171,13 +171,17 @@ def main() -> None:
         from nodemesh.controlplane.dashboard import views
         edges_req = pb.EdgesRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)
         at = end + 2 + a.stat_repeat
-        for _ in range(1 + a.stat_repeat):
+        for k in range(1 + a.stat_repeat):
             t0 = time.process_time()
+            if stat_prof and k:
+                stat_prof.enable()
             got = c.edges(edges_req, now=at)
             print(f"edges deploy -A at +{at - end:.0f} s: {(time.process_time() - t0) * 1000:.1f} ms CPU, "
                   f"{len(got.edges)} edges {got.error}")
             t0 = time.process_time()
             page = views.workload(c, me, 60, 60, "", now=at)
+            if stat_prof:
+                stat_prof.disable()
             print(f"dashboard deploy/{deploy} at +{at - end:.0f} s: {(time.process_time() - t0) * 1000:.1f} ms CPU, "
                   f"{len(page['callers'])} callers {len(page['callees'])} callees")  # type: ignore[arg-type]
             at += 1
