@@ -553,12 +553,17 @@ class _EdgeTls:
                        server_id=",".join(sorted(self.server_ids)), no_identity_msg=msg, secured=secured)
 
 
+# A side's (namespace, kind, name, pod) label positions.
+_SIDE = {side: tuple(LABEL_INDEX[f"{side}_{label}"] for label in ("namespace", "kind", "name", "pod"))
+         for side in ("src", "dst")}
+
+
 def _same_node(registry: WorkloadRegistry, key: SeriesKey) -> bool:
     """Both ends are pods the registry places on one node (so the agent relayed it locally)."""
     nodes = []
-    for side in ("src", "dst"):
-        pod = key[LABEL_INDEX[f"{side}_pod"]]
-        rec = registry.pod(key[LABEL_INDEX[f"{side}_namespace"]], pod) if pod else None
+    for ns_i, _, _, pod_i in _SIDE.values():
+        pod = key[pod_i]
+        rec = registry.pod(key[ns_i], pod) if pod else None
         if rec is None or not rec.node:
             return False
         nodes.append(rec.node)
@@ -566,19 +571,20 @@ def _same_node(registry: WorkloadRegistry, key: SeriesKey) -> bool:
 
 
 def _end(registry: WorkloadRegistry, key: SeriesKey, side: str, type_: str) -> tuple[str, str, str] | None:
-    ns = key[LABEL_INDEX[f"{side}_namespace"]]
-    kind = key[LABEL_INDEX[f"{side}_kind"]]
+    ns_i, kind_i, name_i, pod_i = _SIDE[side]
+    ns = key[ns_i]
+    kind = key[kind_i]
     if not ns or kind in ("", "unknown"):
         return None
     if type_ == "namespace":
         return ("", "namespace", ns)
     if type_ == "pod":
-        pod = key[LABEL_INDEX[f"{side}_pod"]]
+        pod = key[pod_i]
         return (ns, "pod", pod) if pod else None
     if type_ == "replicaset":
-        rec = registry.pod(ns, key[LABEL_INDEX[f"{side}_pod"]])
+        rec = registry.pod(ns, key[pod_i])
         return (ns, "replicaset", rec.replicaset) if rec and rec.replicaset else None
-    return (ns, kind, key[LABEL_INDEX[f"{side}_name"]])
+    return (ns, kind, key[name_i])
 
 
 def describe(type_: str, name: str) -> str:
