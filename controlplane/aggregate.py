@@ -722,9 +722,17 @@ class Aggregator:
                     if sel.any():
                         row += np.bincount(b.cols[sel], weights=b.vals[sel], minlength=NCOL)
         total = _totals(window_s, row.tolist())
-        live = self.gauges(window_s, now, keys.__contains__)
-        if live:
-            total.open_connections = sum(live.values())
+        # `gauges` for these keys: per key, its timed gauges' sum plus its held ones', counted when > 0
+        # (`gauges` itself walks every key holding a gauge: at 300,000 keys, 40 ms per step).
+        live = self._timed_gauges(window_s, now, keys.__contains__)
+        held = self._held
+        for i in wanted:
+            if held[i] != 0:
+                key = self._keys[i]
+                live[key] = live.get(key, 0.0) + float(held[i])   # type: ignore[index]
+        counted = [v for v in live.values() if v > 0]
+        if counted:
+            total.open_connections = sum(counted)
             total.has_gauge = True
         return total
 

@@ -364,7 +364,7 @@ class _Kept:
     (type, scope), and their pod counts for the last mesh view — 5,000 workloads over 50,000
     pods cost ~50 ms to list and count, for each query."""
 
-    __slots__ = ("captured", "counts", "ready", "resources", "version")
+    __slots__ = ("captured", "counts", "nodes", "ready", "resources", "version")
 
     def __init__(self, version: int) -> None:
         self.version = version
@@ -372,6 +372,7 @@ class _Kept:
         self.ready: set[str] = set()
         self.captured: set[str] = set()
         self.counts: dict[int, tuple[ResourceInfo, int, int]] = {}   # id(resource) -> it, its counts
+        self.nodes: dict[tuple[str, str], str] | None = None          # (namespace, pod) -> node
 
 
 _KEPT: weakref.WeakKeyDictionary[WorkloadRegistry, _Kept] = weakref.WeakKeyDictionary()
@@ -560,14 +561,18 @@ _SIDE = {side: tuple(LABEL_INDEX[f"{side}_{label}"] for label in ("namespace", "
 
 def _same_node(registry: WorkloadRegistry, key: SeriesKey) -> bool:
     """Both ends are pods the registry places on one node (so the agent relayed it locally)."""
-    nodes = []
-    for ns_i, _, _, pod_i in _SIDE.values():
-        pod = key[pod_i]
-        rec = registry.pod(key[ns_i], pod) if pod else None
-        if rec is None or not rec.node:
-            return False
-        nodes.append(rec.node)
-    return nodes[0] == nodes[1]
+    node_of = _nodes(registry)
+    (sns, _, _, spod), (dns, _, _, dpod) = _SIDE["src"], _SIDE["dst"]
+    src = node_of.get((key[sns], key[spod])) if key[spod] else None
+    return bool(src) and src == (node_of.get((key[dns], key[dpod])) if key[dpod] else None)
+
+
+def _nodes(registry: WorkloadRegistry) -> dict[tuple[str, str], str]:
+    """Each pod's node by (namespace, name), kept while the registry is unchanged."""
+    kept = _kept(registry)
+    if kept.nodes is None:
+        kept.nodes = {(p.namespace, p.name): p.node for p in registry.pods()}
+    return kept.nodes
 
 
 def _end(registry: WorkloadRegistry, key: SeriesKey, side: str, type_: str) -> tuple[str, str, str] | None:
