@@ -497,22 +497,21 @@ def _active_keys(registry: WorkloadRegistry, aggregator: SeriesStore, window: in
     counts)."""
     if not isinstance(aggregator, Aggregator):
         return [key for key, t in aggregator.totals_by_key(window, now).items() if t.has_traffic or t.has_tcp]
-    labels = _EDGE_LABELS
-    got = aggregator.group_sums(window, now, lambda k: tuple(k[i] for i in labels), ("edges",))
+    got = aggregator.group_sums(window, now, _edge_key, ("edges",))
     m = got.m
     active = got.present & (got.has_gauge | (m[:, COLUMN["success"]] + m[:, COLUMN["failure"]] > 0)
                             | (m[:, COLUMN["tcp_open"]] > 0) | (m[:, COLUMN["read_bytes"]] > 0)
                             | (m[:, COLUMN["write_bytes"]] > 0))
     groups = got.groups
-    return [_edge_key(groups[j]) for j in np.flatnonzero(active).tolist()]  # type: ignore[arg-type]
+    return [groups[j] for j in np.flatnonzero(active).tolist()]  # type: ignore[misc]
 
 
-def _edge_key(labels: tuple[str, ...]) -> SeriesKey:
-    """A series key holding `labels` (`_EDGE_LABELS`), "" for the rest."""
-    out = [""] * len(PEER_LABELS)
-    for i, v in zip(_EDGE_LABELS, labels):
-        out[i] = v
-    return tuple(out)
+_BLANK = tuple(i not in _EDGE_LABELS for i in range(len(PEER_LABELS)))
+
+
+def _edge_key(key: SeriesKey) -> SeriesKey:
+    """The key with "" for what edges do not read (a group's name: made once per series id)."""
+    return tuple("" if blank else v for v, blank in zip(key, _BLANK))
 
 
 class _EdgeTls:
