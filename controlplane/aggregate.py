@@ -727,9 +727,9 @@ class Aggregator:
         live = self._timed_gauges(window_s, now, keys.__contains__)
         held = self._held
         for i in wanted:
-            if held[i] != 0:
-                key = self._keys[i]
-                live[key] = live.get(key, 0.0) + float(held[i])   # type: ignore[index]
+            key = self._keys[i]
+            if held[i] != 0 and key is not None:
+                live[key] = live.get(key, 0.0) + float(held[i])
         counted = [v for v in live.values() if v > 0]
         if counted:
             total.open_connections = sum(counted)
