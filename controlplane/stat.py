@@ -459,7 +459,7 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
     if not req.all_namespaces and type_ != "namespace":
         _check_namespace(registry, namespace)
     seen: dict[tuple[tuple[str, str, str], tuple[str, str, str]], _EdgeTls] = {}
-    for key in _active_keys(registry, aggregator, window, now, type_):
+    for key in _active_keys(aggregator, window, now):
         pair = (_end(registry, key, "src", type_), _end(registry, key, "dst", type_))
         if pair[0] is None or pair[1] is None:
             continue  # an unknown/external peer: edges are between resources we can name
@@ -489,8 +489,7 @@ _EDGE_LABELS = tuple(LABEL_INDEX[name] for name in (
     "tls", "client_id", "server_id"))
 
 
-def _active_keys(registry: WorkloadRegistry, aggregator: SeriesStore, window: int, now: float | None,
-                 type_: str) -> list[SeriesKey]:
+def _active_keys(aggregator: SeriesStore, window: int, now: float | None) -> list[SeriesKey]:
     """The keys with traffic or TCP in the window — from the in-memory store, one per set of keys
     alike in what edges read (`_EDGE_LABELS`; the others hold ""), summed by numpy: no Totals
     per key (a group has traffic or TCP when one of its keys has: the sums are of non-negative
