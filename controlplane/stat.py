@@ -14,14 +14,29 @@ would be noise); without them every resource of the type gets a row, traffic or 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from nodemesh.api import labelselector
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.labelselector import Requirement
-from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, RESOURCE_ALIASES, SHORT_TYPE
-from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, SeriesStore, Totals
+from nodemesh.api.model import MAX_WINDOW_S, MIN_WINDOW_S, PEER_LABELS, RESOURCE_ALIASES, SHORT_TYPE
+from nodemesh.controlplane.aggregate import (
+    BOUNDS,
+    COLUMN,
+    LABEL_INDEX,
+    LAT0,
+    NCOL,
+    Aggregator,
+    GroupSums,
+    SeriesKey,
+    SeriesStore,
+    Totals,
+    histogram_quantiles,
+)
 from nodemesh.controlplane.registry import ResourceInfo, WorkloadRegistry
 
 DEFAULT_WINDOW_S = 60
@@ -49,6 +64,7 @@ def parse_label_selector(text: str) -> list[Requirement]:
 
 # ------------------------------------------------------------------ matching keys to resources
 Predicate = Callable[[SeriesKey], bool]
+Rows = RepeatedCompositeFieldContainer[pb.StatRow]   # a StatResponse's rows
 
 
 def side_predicate(registry: WorkloadRegistry, side: str, namespace: str, type_: str, name: str) -> Predicate:
@@ -125,10 +141,12 @@ def _check_namespace(registry: WorkloadRegistry, namespace: str) -> None:
 
 def stat_summary(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView,
                  req: pb.StatRequest, now: float | None = None) -> pb.StatResponse:
+    resp = pb.StatResponse()
     try:
-        return pb.StatResponse(rows=_stat_rows(registry, aggregator, mesh, req, now))
+        _stat_rows(registry, aggregator, mesh, req, now, resp.rows)
     except StatError as exc:
         return pb.StatResponse(error=str(exc))
+    return resp
 
 
 def _peer(req_res: pb.Resource, default_ns: str, flag: str) -> tuple[str, str, str] | None:
@@ -151,7 +169,8 @@ def _selector_type(selector: pb.Resource, supported: frozenset[str], verb: str) 
 
 
 def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView, req: pb.StatRequest,
-               now: float | None) -> list[pb.StatRow]:
+               now: float | None, rows: Rows) -> None:
+    """The request's rows, added to `rows` (the response's: built in place, not copied in)."""
     type_ = _selector_type(req.selector, STAT_TYPES, "stat")
     window = check_window(int(req.window_seconds))
     namespace = "" if req.all_namespaces else (req.selector.namespace or "default")
@@ -171,9 +190,8 @@ def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVi
     requirements = parse_label_selector(req.label_selector) if req.label_selector else []
 
     types = ALL_TYPES if type_ == "all" else (type_,)
-    rows: list[pb.StatRow] = []
     for t in types:
-        resources = registry.resources(t, scope)
+        resources = _resources(registry, t, scope)
         if req.selector.name:
             resources = [r for r in resources if r.name == req.selector.name]
             if not resources:
@@ -181,13 +199,12 @@ def _stat_rows(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVi
                 raise StatError(f'{t} "{req.selector.name}" not found{where}')
         if requirements:
             resources = [r for r in resources if all(q.matches(r.labels) for q in requirements)]
-        rows.extend(_rows_for(registry, aggregator, mesh, t, resources, src, dst, window, now))
-    return rows
+        _rows_for(registry, aggregator, mesh, t, resources, src, dst, window, now, rows)
 
 
 def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshView, type_: str,
               resources: list[ResourceInfo], src: tuple[str, str, str] | None,
-              dst: tuple[str, str, str] | None, window: int, now: float | None) -> list[pb.StatRow]:
+              dst: tuple[str, str, str] | None, window: int, now: float | None, out: Rows) -> None:
     # The side of each series that a row stands for, and the filter every series must pass.
     if src:
         row_side = "dst"
@@ -201,18 +218,18 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
         row_side, base = "dst", _direction("inbound")
     rows = []
     row_id = _row_id_of(type_, row_side)
-    by_key: dict[SeriesKey, Totals] = {}
-    grouped: dict[object, Totals] | None
     if row_id is not None and isinstance(aggregator, Aggregator):
-        # Summed by numpy per row over the window's matrix: no Totals per key. Without --from/--to
-        # the row of a key depends on the key alone: the store keeps it (`token`).
+        # Summed by numpy per row over the window's matrix, and the rows' numbers computed over
+        # the grouped matrix: no Totals per key or per row.
         rid = row_id
-        token = None if src or dst else ("stat", type_, row_side)
-        wanted = {_row_id(type_, r) for r in resources}
-        grouped = aggregator.totals_by_group(window, now, lambda k: rid(k) if base(k) else None, token, wanted)
-    else:
-        by_key = aggregator.totals_by_key(window, now, base)
-        grouped = _group_by_row(type_, row_side, by_key, window)
+        group = lambda k: rid(k) if base(k) else None
+        grouping = _stat_grouping(aggregator, type_, row_side, src or dst, "outbound" if src or dst else
+                                  ("outbound" if type_ == "service" else "inbound"), "src" if src else "dst")
+        got = aggregator.group_sums(window, now, group, grouping=grouping)
+        _rows_of_sums(type_, resources, got, _counter(registry, mesh), bool(src or dst), out)
+        return
+    by_key = aggregator.totals_by_key(window, now, base)
+    grouped = _group_by_row(type_, row_side, by_key, window)
     for r in resources:
         if grouped is not None:
             totals = grouped.get(_row_id(type_, r), Totals(window))
@@ -226,7 +243,32 @@ def _rows_for(registry: WorkloadRegistry, aggregator: SeriesStore, mesh: MeshVie
         if (src or dst) and not totals.has_traffic and not totals.has_tcp:
             continue
         rows.append(_row(r, type_, totals, mesh))
-    return rows
+    out.extend(rows)
+
+
+def _stat_grouping(aggregator: Aggregator, type_: str, row_side: str, peer: tuple[str, str, str] | None,
+                   direction: str, peer_side: str) -> tuple[np.ndarray, list[object], Mapping[object, int]] | None:
+    """Each series id's row (-1: none) as arrays, from groupings the store keeps per key (a
+    key's row id on a side, its direction): the key's row when its direction is `direction`
+    and, with a peer (`--from`/`--to`), its `peer_side` is the peer — which is that side's row
+    id being the peer's, for a named peer of a type whose row a key names. None: a peer the
+    registry decides (a replicaset, a service as caller) or any of a type: ask per key."""
+    row_id = _row_id_of(type_, row_side)
+    assert row_id is not None
+    rows, groups, index = aggregator.grouping(row_id, ("row", type_, row_side))
+    dirs, _, dir_index = aggregator.grouping(lambda k: k[_DIR], ("direction",))
+    n = min(len(rows), len(dirs))
+    keep = dirs[:n] == dir_index.get(direction, -2)
+    if peer is not None:
+        ns, ptype, name = peer
+        peer_id = _row_id_of(ptype, peer_side)
+        if peer_id is None or not name:
+            return None
+        at, _, at_index = aggregator.grouping(peer_id, ("row", ptype, peer_side))
+        n = min(n, len(at))
+        who = _row_id(ptype, ResourceInfo(ns, ptype, name, {}))
+        keep = keep[:n] & (at[:n] == at_index.get(who, -2))
+    return np.where(keep, rows[:n], -1), groups, index
 
 
 def _group_by_row(type_: str, side: str, by_key: dict[SeriesKey, Totals],
@@ -276,17 +318,115 @@ def _row_id(type_: str, r: ResourceInfo) -> object:
     return (r.namespace, r.name)
 
 
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+def _rows_of_sums(type_: str, resources: list[ResourceInfo], got: GroupSums,
+                  count: Callable[[ResourceInfo], tuple[int, int]], only_active: bool, out: Rows) -> None:
+    """The rows `_row` makes from each resource's `Totals`, computed as arrays over the grouped
+    sums (one row of `got` per resource, zeros for one without any): the same numbers, by the
+    same float operations (`histogram_quantiles` is `histogram_quantile` per row)."""
+    index = got.index
+    width = len(got.groups)
+    pos = np.fromiter((index.get(_row_id(type_, r), width) for r in resources), dtype=np.int64,
+                      count=len(resources))
+    zero = np.zeros(1)
+    m = np.vstack([got.m, np.zeros((1, NCOL))])[pos]
+    gauge = np.append(got.has_gauge, False)[pos]
+    open_c = np.where(gauge, np.append(got.open_connections, zero)[pos], 0.0)
+    w = got.window_s
+    success, failure = m[:, COLUMN["success"]], m[:, COLUMN["failure"]]
+    read, write = m[:, COLUMN["read_bytes"]], m[:, COLUMN["write_bytes"]]
+    responses = success + failure
+    traffic = responses > 0
+    tcp = gauge | (m[:, COLUMN["tcp_open"]] > 0) | (read > 0) | (write > 0)
+    q = np.zeros((len(QUANTILES), len(resources)))
+    if traffic.any():
+        q[:, traffic] = np.nan_to_num(histogram_quantiles(QUANTILES, BOUNDS, m[traffic, LAT0:]), nan=0.0)
+    add = out.add
+    for r, s, f, rps, rb, wb, oc, has, has_tcp, p50, p95, p99 in zip(
+            resources, success.tolist(), failure.tolist(), (responses / w).tolist(), (read / w).tolist(),
+            (write / w).tolist(), open_c.tolist(), traffic.tolist(), tcp.tolist(), *q.tolist()):
+        if only_active and not has and not has_tcp:
+            continue
+        meshed, running = count(r)
+        row = add(meshed_pods=meshed, total_pods=running,
+                  status=r.pods[0].status if type_ == "pod" and r.pods else "",
+                  has_traffic=has, success_count=round(s), failure_count=round(f), rps=rps,
+                  tcp_open_connections=oc, tcp_read_bytes_rate=rb, tcp_write_bytes_rate=wb, has_tcp=has_tcp,
+                  latency_ms_p50=p50, latency_ms_p95=p95, latency_ms_p99=p99)
+        res = row.resource   # set in place: a Resource made and copied in costs as much as the row
+        res.namespace, res.type, res.name = r.namespace, type_, r.name
+
+
+class _Kept:
+    """What stat reads of a registry at one `version` (every change bumps it): its resources per
+    (type, scope), and their pod counts for the last mesh view — 5,000 workloads over 50,000
+    pods cost ~50 ms to list and count, for each query."""
+
+    __slots__ = ("captured", "counts", "nodes", "ready", "resources", "version")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.resources: dict[tuple[str, str | None], list[ResourceInfo]] = {}
+        self.ready: set[str] = set()
+        self.captured: set[str] = set()
+        self.counts: dict[int, tuple[ResourceInfo, int, int]] = {}   # id(resource) -> it, its counts
+        self.nodes: dict[tuple[str, str], str] | None = None          # (namespace, pod) -> node
+
+
+_KEPT: weakref.WeakKeyDictionary[WorkloadRegistry, _Kept] = weakref.WeakKeyDictionary()
+
+
+def _kept(registry: WorkloadRegistry) -> _Kept:
+    kept = _KEPT.get(registry)
+    if kept is None or kept.version != registry.version:
+        kept = _KEPT[registry] = _Kept(registry.version)
+    return kept
+
+
+def _resources(registry: WorkloadRegistry, type_: str, scope: str | None) -> list[ResourceInfo]:
+    """`registry.resources`, kept while the registry is unchanged (the list is shared: read only)."""
+    kept = _kept(registry)
+    got = kept.resources.get((type_, scope))
+    if got is None:
+        got = kept.resources[(type_, scope)] = registry.resources(type_, scope)
+    return got
+
+
+def _counter(registry: WorkloadRegistry, mesh: MeshView) -> Callable[[ResourceInfo], tuple[int, int]]:
+    """`_pod_counts` for the mesh view, kept per resource while neither the registry nor the mesh
+    view changes (each kept with its resource: an id is never another's)."""
+    kept = _kept(registry)
+    if kept.ready != mesh.ready_nodes or kept.captured != mesh.captured_namespaces:
+        kept.ready, kept.captured, kept.counts = set(mesh.ready_nodes), set(mesh.captured_namespaces), {}
+    counts = kept.counts
+
+    def count(r: ResourceInfo) -> tuple[int, int]:
+        got = counts.get(id(r))
+        if got is None or got[0] is not r:
+            got = counts[id(r)] = (r, *_pod_counts(r, mesh))
+        return got[1], got[2]
+    return count
+
+
+def _pod_counts(r: ResourceInfo, mesh: MeshView) -> tuple[int, int]:
+    """The resource's running pods that are meshed, and all its running pods."""
+    running = [p for p in r.pods if p.running]
+    meshed = [p for p in running if p.node in mesh.ready_nodes and p.namespace in mesh.captured_namespaces
+              and not p.host_network]
+    return len(meshed), len(running)
+
+
 def _and(a: Predicate, b: Predicate) -> Predicate:
     return lambda k: a(k) and b(k)
 
 
 def _row(r: ResourceInfo, type_: str, totals: Totals, mesh: MeshView) -> pb.StatRow:
-    running = [p for p in r.pods if p.running]
-    meshed = [p for p in running if p.node in mesh.ready_nodes and p.namespace in mesh.captured_namespaces
-              and not p.host_network]
+    meshed, running = _pod_counts(r, mesh)
     row = pb.StatRow(
         resource=pb.Resource(namespace=r.namespace, type=type_, name=r.name),
-        meshed_pods=len(meshed), total_pods=len(running),
+        meshed_pods=meshed, total_pods=running,
         status=r.pods[0].status if type_ == "pod" and r.pods else "",
         has_traffic=totals.has_traffic,
         success_count=round(totals.success), failure_count=round(totals.failure),
@@ -319,9 +459,7 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
     if not req.all_namespaces and type_ != "namespace":
         _check_namespace(registry, namespace)
     seen: dict[tuple[tuple[str, str, str], tuple[str, str, str]], _EdgeTls] = {}
-    for key, totals in aggregator.totals_by_key(window, now).items():
-        if not totals.has_traffic and not totals.has_tcp:
-            continue
+    for key in _active_keys(aggregator, window, now):
         pair = (_end(registry, key, "src", type_), _end(registry, key, "dst", type_))
         if pair[0] is None or pair[1] is None:
             continue  # an unknown/external peer: edges are between resources we can name
@@ -344,6 +482,35 @@ def _edges(registry: WorkloadRegistry, aggregator: SeriesStore, req: pb.EdgesReq
 
 
 _TLS, _CLIENT_ID, _SERVER_ID = LABEL_INDEX["tls"], LABEL_INDEX["client_id"], LABEL_INDEX["server_id"]
+# What of a key an edge's end (`_end`) and its mTLS (`_EdgeTls.add`) read: keys alike in these are
+# one edge's, each adding the same.
+_EDGE_LABELS = tuple(LABEL_INDEX[name] for name in (
+    "src_namespace", "src_kind", "src_name", "src_pod", "dst_namespace", "dst_kind", "dst_name", "dst_pod",
+    "tls", "client_id", "server_id"))
+
+
+def _active_keys(aggregator: SeriesStore, window: int, now: float | None) -> list[SeriesKey]:
+    """The keys with traffic or TCP in the window — from the in-memory store, one per set of keys
+    alike in what edges read (`_EDGE_LABELS`; the others hold ""), summed by numpy: no Totals
+    per key (a group has traffic or TCP when one of its keys has: the sums are of non-negative
+    counts)."""
+    if not isinstance(aggregator, Aggregator):
+        return [key for key, t in aggregator.totals_by_key(window, now).items() if t.has_traffic or t.has_tcp]
+    got = aggregator.group_sums(window, now, _edge_key, ("edges",))
+    m = got.m
+    active = got.present & (got.has_gauge | (m[:, COLUMN["success"]] + m[:, COLUMN["failure"]] > 0)
+                            | (m[:, COLUMN["tcp_open"]] > 0) | (m[:, COLUMN["read_bytes"]] > 0)
+                            | (m[:, COLUMN["write_bytes"]] > 0))
+    groups = got.groups
+    return [groups[j] for j in np.flatnonzero(active).tolist()]  # type: ignore[misc]
+
+
+_BLANK = tuple(i not in _EDGE_LABELS for i in range(len(PEER_LABELS)))
+
+
+def _edge_key(key: SeriesKey) -> SeriesKey:
+    """The key with "" for what edges do not read (a group's name: made once per series id)."""
+    return tuple("" if blank else v for v, blank in zip(key, _BLANK))
 
 
 class _EdgeTls:
@@ -385,32 +552,42 @@ class _EdgeTls:
                        server_id=",".join(sorted(self.server_ids)), no_identity_msg=msg, secured=secured)
 
 
+# A side's (namespace, kind, name, pod) label positions.
+_SIDE = {side: tuple(LABEL_INDEX[f"{side}_{label}"] for label in ("namespace", "kind", "name", "pod"))
+         for side in ("src", "dst")}
+
+
 def _same_node(registry: WorkloadRegistry, key: SeriesKey) -> bool:
     """Both ends are pods the registry places on one node (so the agent relayed it locally)."""
-    nodes = []
-    for side in ("src", "dst"):
-        pod = key[LABEL_INDEX[f"{side}_pod"]]
-        rec = registry.pod(key[LABEL_INDEX[f"{side}_namespace"]], pod) if pod else None
-        if rec is None or not rec.node:
-            return False
-        nodes.append(rec.node)
-    return nodes[0] == nodes[1]
+    node_of = _nodes(registry)
+    (sns, _, _, spod), (dns, _, _, dpod) = _SIDE["src"], _SIDE["dst"]
+    src = node_of.get((key[sns], key[spod])) if key[spod] else None
+    return bool(src) and src == (node_of.get((key[dns], key[dpod])) if key[dpod] else None)
+
+
+def _nodes(registry: WorkloadRegistry) -> dict[tuple[str, str], str]:
+    """Each pod's node by (namespace, name), kept while the registry is unchanged."""
+    kept = _kept(registry)
+    if kept.nodes is None:
+        kept.nodes = {(p.namespace, p.name): p.node for p in registry.pods()}
+    return kept.nodes
 
 
 def _end(registry: WorkloadRegistry, key: SeriesKey, side: str, type_: str) -> tuple[str, str, str] | None:
-    ns = key[LABEL_INDEX[f"{side}_namespace"]]
-    kind = key[LABEL_INDEX[f"{side}_kind"]]
+    ns_i, kind_i, name_i, pod_i = _SIDE[side]
+    ns = key[ns_i]
+    kind = key[kind_i]
     if not ns or kind in ("", "unknown"):
         return None
     if type_ == "namespace":
         return ("", "namespace", ns)
     if type_ == "pod":
-        pod = key[LABEL_INDEX[f"{side}_pod"]]
+        pod = key[pod_i]
         return (ns, "pod", pod) if pod else None
     if type_ == "replicaset":
-        rec = registry.pod(ns, key[LABEL_INDEX[f"{side}_pod"]])
+        rec = registry.pod(ns, key[pod_i])
         return (ns, "replicaset", rec.replicaset) if rec and rec.replicaset else None
-    return (ns, kind, key[LABEL_INDEX[f"{side}_name"]])
+    return (ns, kind, key[name_i])
 
 
 def describe(type_: str, name: str) -> str:

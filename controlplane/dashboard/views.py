@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from nodemesh.api.gen import nodemesh_pb2 as pb
 from nodemesh.api.model import KIND_OF_TYPE, SHORT_TYPE
 from nodemesh.api.rows import json_number, route_row_json, stat_row_json
-from nodemesh.controlplane.aggregate import LABEL_INDEX, SeriesKey, SeriesStore, Totals
+from nodemesh.controlplane.aggregate import LABEL_INDEX, Aggregator, SeriesKey, SeriesStore, Totals
 from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard.params import ApiError
 from nodemesh.controlplane.routes import ROUTE_TYPES
@@ -130,6 +130,8 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
     step (the controller's `steps_for`, Prometheus); None: the in-memory buckets."""
     now = time.time() if now is None else now
     where = row_predicate(controller, me)
+    keys: set[SeriesKey] = set()
+    memory = steps is None   # the keys' entries of each step's blocks, summed by numpy (no Totals per key)
     if steps is None:
         keys = {k for k in controller.aggregator.keys() if where(k)}  # noqa: SIM118 - not a dict
         where = keys.__contains__
@@ -138,9 +140,12 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
         steps = [(end - i * step_s, store) for i in range(range_s // step_s - 1, -1, -1)]
     points = []
     for step_end, store in steps:
-        tot = Totals(step_s)
-        for t in store.totals_by_key(step_s, step_end, where).values():
-            tot.merge(t)
+        if memory and isinstance(store, Aggregator):
+            tot = store.totals_of(step_s, step_end, keys)
+        else:
+            tot = Totals(step_s)
+            for t in store.totals_by_key(step_s, step_end, where).values():
+                tot.merge(t)
         has = tot.has_traffic
         points.append({
             "t": step_end,

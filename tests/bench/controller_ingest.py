@@ -9,7 +9,10 @@ report, the controller's RSS growth, and the keys held.
 
     python3 tests/bench/controller_ingest.py --nodes 50 --pods 50 --reports 20 [--encoding refs|columns|labels]
         [--downsample-after 600|0]  (a --reports past 600 shows downsampling's memory)
-        [--stat]  (then `stat deploy -A` / `stat po -n X` CPU, the cluster's objects in the registry)
+        [--stat]  (then `stat deploy -A` / `stat po -n X` / `stat deploy -A --to deploy/Y` CPU, the
+                   cluster's objects in the registry; then `edges deploy -A` and the dashboard's
+                   workload page of deploy/Y)
+        [--stat-repeat N]  (N more of each, a second apart)  [--stat-profile FILE]
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def main() -> None:
     p.add_argument("--profile", default="")
     p.add_argument("--downsample-after", type=int, default=600, help="seconds; 0: never")
     p.add_argument("--stat", action="store_true", help="time `stat deploy -A` and `stat po -n X` after the ingest")
+    p.add_argument("--stat-repeat", type=int, default=1, help="with --stat: more queries, a second apart")
+    p.add_argument("--stat-profile", default="", help="with --stat: cProfile the queries after the first two (edges and the page after the first)")
     a = p.parse_args()
     cluster = Cluster(a.nodes, a.pods, 3)
     pairs = cluster.calls()
@@ -86,6 +91,7 @@ def main() -> None:
     prune_cpu = 0.0
     steady_prune, steady_from = 0.0, a.downsample_after + 120  # past the horizon: seal + downsample
     prof = cProfile.Profile() if a.profile else None
+    stat_prof = cProfile.Profile() if a.stat_profile else None
     rss_first = 0.0
     for i, seq, data in messages():
         phase = 1 if seq == 1 else 2
@@ -144,13 +150,44 @@ def main() -> None:
             c.registry.replace(kind, items)
         c.registry.mark_synced()
         ns = min(c.registry.namespaces())
-        for what, req in (("stat deploy -A", pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)),
-                          (f"stat po -n {ns}", pb.StatRequest(selector=pb.Resource(type="po", namespace=ns)))):
-            for at in (end, end + 1, end + 2):
+        deploy = min(r.name for r in c.registry.resources("deployment", ns))
+        me = pb.Resource(namespace=ns, type="deployment", name=deploy)
+        queries = [("stat deploy -A", pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)),
+                   (f"stat po -n {ns}", pb.StatRequest(selector=pb.Resource(type="po", namespace=ns))),
+                   (f"stat deploy -A --to deploy/{deploy}",
+                    pb.StatRequest(selector=pb.Resource(type="deploy"), all_namespaces=True, to=me))]
+        for what, req in queries:
+            for at in (end + i for i in range(2 + a.stat_repeat)):
                 t0 = time.process_time()
+                if stat_prof and at > end + 1:
+                    stat_prof.enable()
                 resp = c.stat(req, now=at)
+                if stat_prof:
+                    stat_prof.disable()
                 print(f"{what} at +{at - end:.0f} s: {(time.process_time() - t0) * 1000:.1f} ms CPU, "
                       f"{len(resp.rows)} rows, {sum(r.has_traffic for r in resp.rows)} with traffic {resp.error}")
+        # edges -A, and the dashboard's workload page of one deployment (its edges, a stat --from/--to
+        # per peer, its routes and its hour of time series), a second apart as the page polls.
+        from nodemesh.controlplane.dashboard import views
+        edges_req = pb.EdgesRequest(selector=pb.Resource(type="deploy"), all_namespaces=True)
+        at = end + 2 + a.stat_repeat
+        for k in range(1 + a.stat_repeat):
+            t0 = time.process_time()
+            if stat_prof and k:
+                stat_prof.enable()
+            got = c.edges(edges_req, now=at)
+            print(f"edges deploy -A at +{at - end:.0f} s: {(time.process_time() - t0) * 1000:.1f} ms CPU, "
+                  f"{len(got.edges)} edges {got.error}")
+            t0 = time.process_time()
+            page = views.workload(c, me, 60, 60, "", now=at)
+            if stat_prof:
+                stat_prof.disable()
+            print(f"dashboard deploy/{deploy} at +{at - end:.0f} s: {(time.process_time() - t0) * 1000:.1f} ms CPU, "
+                  f"{len(page['callers'])} callers {len(page['callees'])} callees")  # type: ignore[arg-type]
+            at += 1
+        if stat_prof:
+            stat_prof.dump_stats(a.stat_profile)
+            pstats.Stats(a.stat_profile).sort_stats("cumtime").print_stats(25)
     if prof:
         prof.dump_stats(a.profile)
         pstats.Stats(a.profile).sort_stats("tottime").print_stats(15)
