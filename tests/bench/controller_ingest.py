@@ -145,7 +145,7 @@ def main() -> None:
         minutes = [b for sec, bs in agg._blocks.items() if sec < agg._coarse_before for b in bs]
         if minutes:
             n_min = len({sec for sec in agg._blocks if sec < agg._coarse_before})
-            held += (f", of which {n_min} downsampled blocks: {sum(len(b.ids) for b in minutes)} entries "
+            held += (f", of which {n_min} downsampled blocks: {sum(len(b.cols) for b in minutes)} entries "
                      f"({sum(b.nbytes for b in minutes) / 1e6:.0f} MB)")
     else:                                # a tree with a Bucket per key and second
         held = f"buckets={sum(len(h.buckets) + len(h.coarse) for h in agg._history.values())}"

@@ -236,3 +236,24 @@ def test_values_are_stored_in_the_narrowest_exact_type() -> None:
     assert kinds == {"uint16": [1, 3, 65535], "float32": [70000.0], "float64": [1.3, 2.0**40 + 1]}
     t = agg.totals_by_key(60, now=T0 + 1)
     assert (t[KEYS[1]].requests, t[KEYS[1]].read_bytes, t[KEYS[0]].latency_sum) == (65535, 2.0**40 + 1, 1.3)
+
+
+def test_a_block_holds_each_id_once_with_its_entry_count() -> None:
+    """Entries arrive in any id order (late records, several reports in a second); a block keeps
+    them grouped by id — each id once, with how many entries follow — and sums as before, also
+    for an id with more than 255 entries in a second."""
+    agg = Aggregator(retention_s=3600, clock=lambda: 0.0)
+    for key in (KEYS[3], KEYS[0], KEYS[3], KEYS[1]):
+        agg.record(key, t=T0, requests=1, success=2)
+    for _ in range(200):
+        agg.record(KEYS[2], t=T0, requests=1, failure=1)
+    agg._flush()
+    (block,) = agg._blocks[T0]
+    ids = {agg.id_of(k): k for k in KEYS[:4]}
+    assert [ids[i] for i in block.uids.tolist()] == sorted(KEYS[:4], key=agg.id_of)
+    assert dict(zip(block.uids.tolist(), block.counts.tolist())) == {
+        agg.id_of(KEYS[0]): 2, agg.id_of(KEYS[1]): 2, agg.id_of(KEYS[2]): 400, agg.id_of(KEYS[3]): 4}
+    assert block.counts.dtype.name == "int32" and len(block) == 408 and block.ids.tolist() == sorted(block.ids.tolist())
+    t = agg.totals_by_key(10, now=T0 + 1)
+    assert [(t[k].requests, t[k].success, t[k].failure) for k in KEYS[:4]] == [
+        (1, 2, 0), (1, 2, 0), (200, 0, 200), (2, 4, 0)]
