@@ -115,6 +115,8 @@ def main() -> None:
         if seq == 2 and i == 0:
             gc.collect()
             rss_first = rss_mb()   # every stream's refs defined, one second of traffic held
+            if a.checkpoint:
+                print(f"refs defined: rss={rss_first:.0f} MB (from {rss0:.0f} MB)", flush=True)
         t0 = time.process_time()
         if prof and phase == 2:
             prof.enable()
