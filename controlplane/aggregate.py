@@ -214,6 +214,20 @@ def _compact(ids: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> list[_Block
     return out
 
 
+def _order_by_id(ids: np.ndarray) -> np.ndarray:
+    """The permutation putting `ids` (non-negative) in order: each id with its position in its
+    low 24 bits, sorted as one int64 — about twice as fast as `np.argsort` (an id's entries
+    need not keep their order: they are summed)."""
+    n = len(ids)
+    if n >= 1 << 24:
+        order: np.ndarray = np.argsort(ids)
+        return order
+    packed = (ids.astype(np.int64) << 24) | np.arange(n, dtype=np.int64)
+    packed.sort()
+    order = packed & 0xFFFFFF
+    return order
+
+
 def _merged(blocks: list[_Block]) -> list[_Block]:
     """Blocks summing `blocks`: one entry per (id, column) that any of them has."""
     flat = np.concatenate([b.flat() for b in blocks])
@@ -497,7 +511,7 @@ class Aggregator:
                 cols = np.concatenate([x[1] for x in parts])
                 vals = np.concatenate([x[2] for x in parts])
             if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():   # a block's entries by id
-                order = np.argsort(ids, kind="stable")
+                order = _order_by_id(ids)
                 ids, cols, vals = ids[order], cols[order], vals[order]
             for b in _compact(ids, cols, vals):
                 self._blocks.setdefault(sec, []).append(b)
