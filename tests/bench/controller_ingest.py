@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--profile", default="")
     p.add_argument("--downsample-after", type=int, default=ControllerConfig.downsample_after_s,
                    help="seconds; 0: never")
-    p.add_argument("--coarsen-after", type=int, default=ControllerConfig.coarsen_after_s,
-                   help="seconds (minute blocks into 5-minute blocks); 0: never")
+    p.add_argument("--coarsen-after", type=int, default=getattr(ControllerConfig, "coarsen_after_s", 0),
+                   help="seconds (minute blocks into 5-minute blocks); 0: never (a tree without: ignored)")
     p.add_argument("--checkpoint", type=int, default=0, metavar="SECONDS",
                    help="every this many simulated seconds print the store's bytes and the RSS")
     p.add_argument("--stat", action="store_true", help="time `stat deploy -A` and `stat po -n X` after the ingest")
@@ -87,7 +87,8 @@ def main() -> None:
         traffic = NodeTraffic(cluster, cluster.node_names[i], pairs, a.active, seed=i)
         extra = {"columns": True} if a.encoding == "columns" else {}
         streams.append(traffic.encoded_intervals(pb, a.encoding != "labels", **extra))
-    c = Controller(ControllerConfig(downsample_after_s=a.downsample_after, coarsen_after_s=a.coarsen_after))
+    tiers = {"coarsen_after_s": a.coarsen_after} if hasattr(ControllerConfig, "coarsen_after_s") else {}
+    c = Controller(ControllerConfig(downsample_after_s=a.downsample_after, **tiers))
     start = c.started_ms + 1000
     sessions = [c.agent_connected(pb.AgentHello(agent_id=f"a{i}", node=cluster.node_names[i],
                                                 start_time_ms=start)) for i in range(a.nodes)]
