@@ -233,8 +233,17 @@ def _merged(blocks: list[_Block]) -> list[_Block]:
     """Blocks summing `blocks`: one entry per (id, column) that any of them has."""
     flat = np.concatenate([b.flat() for b in blocks])
     vals = np.concatenate([b.vals.astype(np.float64) for b in blocks])
-    cells, inverse = np.unique(flat, return_inverse=True)
-    sums = np.bincount(inverse, weights=vals, minlength=len(cells))
+    size = int(flat.max()) + 1 if len(flat) else 0
+    if size <= 4 * len(flat):
+        # Dense (a minute of a busy store: more entries than cells): sum over the whole (id,
+        # column) range — a scatter, no sort (np.unique's sort was most of a merge's CPU).
+        present = np.zeros(size, dtype=bool)
+        present[flat] = True
+        cells = np.flatnonzero(present)
+        sums = np.bincount(flat, weights=vals, minlength=size)[cells]
+    else:
+        cells, inverse = np.unique(flat, return_inverse=True)
+        sums = np.bincount(inverse, weights=vals, minlength=len(cells))
     ids = (cells // NCOL).astype(np.int32)
     return _compact(ids, (cells % NCOL).astype(np.uint8), sums)
 
