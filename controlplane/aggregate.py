@@ -443,6 +443,13 @@ class Aggregator:
         width = COARSER_S if sec < self._before[COARSER_S] else COARSE_S
         return sec - sec % width + width // 2
 
+    def block_width(self, sec: int) -> int:
+        """The width of the block holding second `sec`'s records: 1 (its own second), 60 (its
+        minute's) or 300 (its 5 minutes'), aligned to the width."""
+        if sec >= self._before[COARSE_S]:
+            return 1
+        return COARSER_S if sec < self._before[COARSER_S] else COARSE_S
+
     def tier_bytes(self) -> dict[int, int]:
         """The blocks' bytes per width (1: seconds, 60: minutes, 300: 5 minutes)."""
         self._flush()
