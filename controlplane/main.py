@@ -239,8 +239,11 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         p.error("--retention must be between 60 and 3600 seconds")
     if a.downsample_after and not 60 <= a.downsample_after <= a.retention:
         p.error("--downsample-after must be 0 (never) or between 60 seconds and --retention")
-    if a.coarsen_after and not (a.downsample_after and a.downsample_after <= a.coarsen_after <= a.retention):
-        p.error("--coarsen-after must be 0 (never) or between --downsample-after (not 0) and --retention")
+    # Not tied to the others: past --retention it is never reached, without minutes (or before
+    # them) 5 minutes are merged from minutes only — so --retention or --downsample-after alone
+    # never turn the default into an error.
+    if a.coarsen_after and a.coarsen_after < 60:
+        p.error("--coarsen-after must be 0 (never) or at least 60 seconds")
     if a.token_review and a.source != "kubernetes":
         p.error("--token-review needs --source kubernetes (the sandbox uses --token-file)")
     if a.tls_ca_secret and (a.tls_cert or a.tls_key):
