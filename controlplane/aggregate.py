@@ -4,7 +4,8 @@ Every series key is the tuple of `PEER_LABELS` values (direction, source and des
 workload and pod, service, authority, protocol). The store is columnar (numpy): each key has a
 small integer id, and each second that saw traffic holds blocks of (id, column, value) entries —
 the counters and latency buckets of `FIELDS`, only non-zero values — for `retention_s` seconds;
-past `downsample_after_s` a minute's blocks are merged into one. A key with no traffic for longer
+past `downsample_after_s` a minute's blocks are merged into one, and past `coarsen_after_s` the
+minute blocks of 5 minutes (the hour: ~2 minutes of seconds, ~13 minute and ~9 five-minute blocks). A key with no traffic for longer
 than the retention is dropped, which bounds memory by the traffic of the last hour. A query sums
 the blocks of any window (10 s .. 1 h; kept windows slide as seconds pass) and derives rates,
 success rate and latency quantiles from the merged histogram, as Prometheus'
@@ -190,45 +191,93 @@ class Pending:
 
 
 class _Block:
-    """Entries of one filed second (or of one downsampled minute): `ids` (int32), `cols`
-    (uint8), `vals` (float32 when each is exact so, else float64) side by side — an id may repeat (sums are group sums) — and
-    `uids` its distinct ids."""
+    """Entries of one filed second (or of one downsampled minute or 5 minutes), ordered by id:
+    each distinct id once (`uids`, int32, ascending) with how many entries it has (`counts`,
+    uint8 — int32 past 255), and per entry `cols` (uint8) and `vals` (uint16 when each is an
+    integer below 2^16, else float32 when each is exact so, else float64). An id's entries may
+    repeat a column (sums are group sums). ~4.3 bytes an entry with ~6 entries an id (an int32
+    id per entry and float32 values took ~9.7)."""
 
-    __slots__ = ("cols", "ids", "uids", "vals")
+    __slots__ = ("cols", "counts", "uids", "vals")
 
-    def __init__(self, ids: np.ndarray, cols: np.ndarray, vals: np.ndarray, uids: np.ndarray | None = None) -> None:
-        self.ids, self.cols, self.vals = ids, cols, vals
-        self.uids = np.unique(ids) if uids is None else uids
+    def __init__(self, ids: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
+        """`ids`: the entries' ids, grouped (equal ids side by side: sorted)."""
+        self.cols, self.vals = cols, vals
+        n = len(ids)
+        heads = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+        self.uids: np.ndarray = ids[np.concatenate(([0], heads))] if n else ids[:0].astype(np.int32)
+        counts = np.diff(np.concatenate(([0], heads, [n]))) if n else np.zeros(0, dtype=np.int64)
+        self.counts: np.ndarray = counts.astype(np.uint8 if not n or counts.max() < 256 else np.int32)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Each entry's id."""
+        ids: np.ndarray = np.repeat(self.uids, self.counts)
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.cols)
 
     def flat(self) -> np.ndarray:
         """Each entry's position in a row-major (id, column) matrix."""
-        flat: np.ndarray = self.ids.astype(np.int64) * NCOL + self.cols
+        flat: np.ndarray = np.repeat(self.uids.astype(np.int64) * NCOL, self.counts) + self.cols
         return flat
 
     @property
     def nbytes(self) -> int:
-        return int(self.ids.nbytes + self.cols.nbytes + self.vals.nbytes + self.uids.nbytes)
+        return int(self.uids.nbytes + self.counts.nbytes + self.cols.nbytes + self.vals.nbytes)
 
 
 def _compact(ids: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> list[_Block]:
-    """Entries as blocks: those whose value float32 holds exactly (counts, and byte counts below
-    2^24: most of them) with 4-byte values, the others (latency sums) with 8 — no value rounded."""
+    """Entries (grouped by id) as blocks, no value rounded: integers below 2^16 (counts: most
+    entries) with 2-byte values, the others float32 holds exactly (byte counts below 2^24)
+    with 4, the rest (latency sums) with 8. (One more split, uint8 for counts below 256, saves
+    less than the extra block's distinct ids cost.)"""
+    with np.errstate(invalid="ignore"):   # NaN, inf, negatives: not small (compared unequal)
+        v16 = vals.astype(np.uint16)
+    small = v16 == vals
+    if small.all():
+        return [_Block(ids, cols, v16)]
     v32 = vals.astype(np.float32)
     exact = v32 == vals
-    if exact.all():
-        return [_Block(ids, cols, v32)]
-    if not exact.any():
-        return [_Block(ids, cols, vals)]
-    rest = ~exact
-    return [_Block(ids[exact], cols[exact], v32[exact]), _Block(ids[rest], cols[rest], vals[rest])]
+    out = []
+    for mask, v in ((small, v16), (exact & ~small, v32), (~exact, vals)):
+        if mask.all():
+            return [_Block(ids, cols, v)]
+        if mask.any():
+            out.append(_Block(ids[mask], cols[mask], v[mask]))
+    return out
+
+
+def _order_by_id(ids: np.ndarray) -> np.ndarray:
+    """The permutation putting `ids` (non-negative) in order: each id with its position in its
+    low 24 bits, sorted as one int64 — about twice as fast as `np.argsort` (an id's entries
+    need not keep their order: they are summed)."""
+    n = len(ids)
+    if n >= 1 << 24:
+        order: np.ndarray = np.argsort(ids)
+        return order
+    packed = (ids.astype(np.int64) << 24) | np.arange(n, dtype=np.int64)
+    packed.sort()
+    order = packed & 0xFFFFFF
+    return order
 
 
 def _merged(blocks: list[_Block]) -> list[_Block]:
     """Blocks summing `blocks`: one entry per (id, column) that any of them has."""
     flat = np.concatenate([b.flat() for b in blocks])
     vals = np.concatenate([b.vals.astype(np.float64) for b in blocks])
-    cells, inverse = np.unique(flat, return_inverse=True)
-    sums = np.bincount(inverse, weights=vals, minlength=len(cells))
+    size = int(flat.max()) + 1 if len(flat) else 0
+    if size <= 4 * len(flat):
+        # Dense (a minute of a busy store: more entries than cells): sum over the whole (id,
+        # column) range — a scatter, no sort (np.unique's sort was most of a merge's CPU).
+        present = np.zeros(size, dtype=bool)
+        present[flat] = True
+        cells = np.flatnonzero(present)
+        sums = np.bincount(flat, weights=vals, minlength=size)[cells]
+    else:
+        cells, inverse = np.unique(flat, return_inverse=True)
+        sums = np.bincount(inverse, weights=vals, minlength=len(cells))
     ids = (cells // NCOL).astype(np.int32)
     return _compact(ids, (cells % NCOL).astype(np.uint8), sums)
 
@@ -335,8 +384,10 @@ class SeriesStore(Protocol):
                       where: Callable[[SeriesKey], bool] | None = None) -> dict[SeriesKey, Totals]: ...
 
 
-COARSE_S = 60               # a downsampled bucket's width
-DOWNSAMPLE_AFTER_S = 600    # per-second buckets older than this are merged into minute buckets
+COARSE_S = 60               # a downsampled block's width
+COARSER_S = 300             # the width of a block of downsampled minutes
+DOWNSAMPLE_AFTER_S = 120    # per-second blocks older than this are merged into minute blocks
+COARSEN_AFTER_S = 900       # minute blocks older than this are merged into 5-minute blocks
 
 
 def _totals(window_s: float, row: list[float]) -> Totals:
@@ -345,21 +396,30 @@ def _totals(window_s: float, row: list[float]) -> Totals:
 
 class Aggregator:
     """`retention_s`: how long records are kept. `downsample_after_s` (0: never): the seconds
-    older than this are merged into one block per minute (`downsample`), which bounds memory by
-    the entries of (this + retention / 60) seconds instead of retention seconds.
+    older than this are merged into one block per minute (`downsample`); `coarsen_after_s` (0:
+    never; only with minutes): the minutes older than this into one block per 5 minutes. Memory
+    is then bounded by the entries of about downsample_after_s seconds + (coarsen_after_s -
+    downsample_after_s) / 60 minutes + retention / 300 5-minute blocks instead of retention
+    seconds (a block of a key active in most seconds of its span holds about as many entries
+    as one of its seconds).
 
     Storage: each key gets a small integer id (`_ids`); each filed second holds blocks of
-    (id, column, value) entries in numpy arrays (`_blocks`), ~13 bytes per non-zero value
-    instead of a Python object per key and second. A record lands in the second's `Pending`
+    (id, column, value) entries in numpy arrays (`_blocks`; each id once per block with its
+    entry count, values in the narrowest exact type: ~4–5 bytes per non-zero value) instead of
+    a Python object per key and second. A record lands in the second's `Pending`
     arrays first; `_flush` (at every query and prune) freezes them into a block, adding it to
     the kept windows holding its second."""
 
     def __init__(self, retention_s: int = 3600, clock: Callable[[], float] = time.time,
-                 downsample_after_s: int = DOWNSAMPLE_AFTER_S) -> None:
+                 downsample_after_s: int = DOWNSAMPLE_AFTER_S, coarsen_after_s: int = COARSEN_AFTER_S) -> None:
         self.retention_s = retention_s
         self.clock = clock
         self.downsample_after_s = downsample_after_s
-        self._coarse_before = _NEVER  # seconds before this are filed at their minute's middle second
+        self.coarsen_after_s = coarsen_after_s
+        # The tiers: per block width (minutes, 5 minutes), the second before which every second
+        # is filed at the middle second of its block of that width (a later tier's is <= an
+        # earlier one's: the seconds before it went through minutes first).
+        self._before = {COARSE_S: _NEVER, COARSER_S: _NEVER}
         self._ids: dict[SeriesKey, int] = {}
         self._keys: list[SeriesKey | None] = []    # id -> key (None: a free id)
         self._free: list[int] = []
@@ -425,10 +485,35 @@ class Aggregator:
             p = self._pending[sec] = Pending()
         return p
 
+    @property
+    def _coarse_before(self) -> int:
+        """Seconds before this are downsampled (filed at their minute's or 5 minutes' middle)."""
+        return self._before[COARSE_S]
+
     def filed_second(self, sec: int) -> int:
         """The second a record of second `sec` is filed at: itself, or past the downsampling
-        horizon the middle second of its minute (where that minute's block is)."""
-        return sec if sec >= self._coarse_before else sec - sec % COARSE_S + COARSE_S // 2
+        horizon the middle second of its minute (where that minute's block is), or past the
+        coarsening horizon the middle second of its 5 minutes."""
+        if sec >= self._before[COARSE_S]:
+            return sec
+        width = COARSER_S if sec < self._before[COARSER_S] else COARSE_S
+        return sec - sec % width + width // 2
+
+    def block_width(self, sec: int) -> int:
+        """The width of the block holding second `sec`'s records: 1 (its own second), 60 (its
+        minute's) or 300 (its 5 minutes'), aligned to the width."""
+        if sec >= self._before[COARSE_S]:
+            return 1
+        return COARSER_S if sec < self._before[COARSER_S] else COARSE_S
+
+    def tier_bytes(self) -> dict[int, int]:
+        """The blocks' bytes per width (1: seconds, 60: minutes, 300: 5 minutes)."""
+        self._flush()
+        out = dict.fromkeys((1, COARSE_S, COARSER_S), 0)
+        for sec, blocks in self._blocks.items():
+            width = 1 if sec >= self._before[COARSE_S] else COARSER_S if sec < self._before[COARSER_S] else COARSE_S
+            out[width] += sum(b.nbytes for b in blocks)
+        return out
 
     def seconds_of(self, key: SeriesKey) -> list[int]:
         """The filed seconds whose blocks hold `key` (a minute's block: its middle second)."""
@@ -439,7 +524,7 @@ class Aggregator:
     def stored_entries(self) -> int:
         """Entries held in blocks (what memory grows with)."""
         self._flush()
-        return sum(len(b.ids) for blocks in self._blocks.values() for b in blocks)
+        return sum(len(b) for blocks in self._blocks.values() for b in blocks)
 
     def stored_bytes(self) -> int:
         self._flush()
@@ -510,6 +595,9 @@ class Aggregator:
                 ids = np.concatenate([x[0] for x in parts])
                 cols = np.concatenate([x[1] for x in parts])
                 vals = np.concatenate([x[2] for x in parts])
+            if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():   # a block's entries by id
+                order = _order_by_id(ids)
+                ids, cols, vals = ids[order], cols[order], vals[order]
             for b in _compact(ids, cols, vals):
                 self._blocks.setdefault(sec, []).append(b)
                 np.maximum.at(last, b.uids, sec)
@@ -825,57 +913,69 @@ class Aggregator:
     # ------------------------------------------------------------- housekeeping
     def downsample(self, now: float | None = None) -> int:
         """Merge the seconds of whole minutes older than `downsample_after_s` into one block per
-        minute, filed at the minute's middle second; returns entries merged.
+        minute, filed at the minute's middle second, then the minutes of whole 5 minutes older
+        than `coarsen_after_s` into one block per 5 minutes, filed at their middle second;
+        returns entries merged.
 
-        A window counts a minute's block when its middle second is inside the window, so a
-        window reaching past the horizon (longer than `downsample_after_s`) has its far edge
-        rounded to the nearest minute (an error of at most 30 s of that minute's traffic);
-        windows within the horizon are answered from seconds as before, and a window covering
-        whole minutes gets exactly the same sums. Kept windows trade the merged seconds they
-        held for the minute's block when its middle second is inside them (their sums stay
+        A window counts a coarse block when its middle second is inside the window, so a window
+        reaching past a horizon has its far edge rounded to the nearest minute (an error of at
+        most 30 s of that minute's traffic), or past the coarsening horizon to the nearest 5
+        minutes (at most 150 s of theirs: 4 % of a 1 h window with steady traffic); windows
+        within the downsampling horizon are answered from seconds as before, and a window
+        covering whole blocks gets exactly the same sums. Kept windows trade the merged blocks
+        they held for the coarse block when its middle second is inside them (their sums stay
         those of a fresh scan)."""
         if not self.downsample_after_s:
             return 0
         now = self.clock() if now is None else now
         self._flush()
-        horizon = int(now) - self.downsample_after_s
-        oldest = int(now) - self.retention_s
-        new = horizon - horizon % COARSE_S
+        merged = self._downsample(COARSE_S, int(now) - self.downsample_after_s, int(now))
+        if self.coarsen_after_s:
+            # Only what is minutes already: the 5 minutes wholly before the minutes' horizon.
+            horizon = min(int(now) - self.coarsen_after_s, self._before[COARSE_S])
+            merged += self._downsample(COARSER_S, horizon, int(now))
+        return merged
+
+    def _downsample(self, width: int, horizon: int, now: int) -> int:
+        """Merge the blocks filed in each whole `width` seconds before `horizon` (not yet merged
+        at this width) into one, filed at their middle second."""
+        oldest = now - self.retention_s
+        new = horizon - horizon % width
         blocks = self._blocks
-        prev = self._coarse_before
+        prev = self._before[width]
         if new <= prev:
             return 0
         if prev <= _NEVER:
             prev = min(blocks, default=new)
-            prev -= prev % COARSE_S
+            prev -= prev % width
         windows = [w for w in self._windows.values() if w.end - w.width < new and w.end > prev]
         for w in windows:
             w.sums.fit(len(self._keys))
-        self._coarse_before = new
+        self._before[width] = new
         merged = 0
-        for minute in range(prev, new, COARSE_S):
-            csec = minute + COARSE_S // 2
+        for start in range(prev, new, width):
+            csec = start + width // 2
             # Seconds past the retention are not merged: only a lagging kept window still holds
             # them, and they leave it as they are.
-            seconds = [(sec, blocks.pop(sec)) for sec in range(max(minute, oldest), minute + COARSE_S) if sec in blocks]
-            if not seconds:
+            filed = [(sec, blocks.pop(sec)) for sec in range(max(start, oldest), start + width) if sec in blocks]
+            if not filed:
                 continue
-            parts = [b for _, bs in seconds for b in bs]
+            parts = [b for _, bs in filed for b in bs]
             ms = _merged(parts)
-            merged += sum(len(b.ids) for b in parts)
+            merged += sum(len(b) for b in parts)
             for w in windows:
                 lo, hi = w.end - w.width, w.end
-                if hi <= minute or lo >= minute + COARSE_S:
+                if hi <= start or lo >= start + width:
                     continue
                 sums = w.sums
-                if lo <= minute and minute + COARSE_S <= hi:
-                    # The whole minute is inside: the same sums, one block instead of several.
+                if lo <= start and start + width <= hi:
+                    # The whole span is inside: the same sums, one block instead of several.
                     for b in parts:
                         sums.n[b.uids] -= 1
                     for m in ms:
                         sums.n[m.uids] += 1
                     continue
-                for sec, bs in seconds:
+                for sec, bs in filed:
                     if lo <= sec < hi:
                         for b in bs:
                             sums.sub(b)

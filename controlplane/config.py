@@ -41,10 +41,13 @@ class ControllerConfig:
     # (docs/scale.md, fourth stop). 0: each stream ingests its reports inline, as before.
     ingest_turn_ms: float = 20.0
     ingest_queue: int = 2000
-    # How long buckets are kept (--retention; the longest stat window is 1 h), and after how long
-    # per-second buckets are merged into minute buckets (--downsample-after; 0: never).
+    # How long buckets are kept (--retention; the longest stat window is 1 h), after how long
+    # per-second blocks are merged into minute blocks (--downsample-after; 0: never), and minute
+    # blocks into 5-minute blocks (--coarsen-after; 0: never). The defaults keep windows up to
+    # 2 min exact and an hour at N=1000 (300,000 keys) in ~0.3 GB (docs/scale.md).
     retention_s: int = 3600
-    downsample_after_s: int = 600
+    downsample_after_s: int = 120
+    coarsen_after_s: int = 900
     # Routes per destination workload across all agents (each agent caps its own: --max-routes).
     max_routes: int = 100
     # An agent whose last report is older than this is reported as not connected by Check.

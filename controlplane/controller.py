@@ -171,10 +171,12 @@ class Controller:
         self.config = config
         self.source = source
         self.registry = registry or WorkloadRegistry()
-        self.aggregator = Aggregator(retention_s=config.retention_s, downsample_after_s=config.downsample_after_s)
+        self.aggregator = Aggregator(retention_s=config.retention_s, downsample_after_s=config.downsample_after_s,
+                                     coarsen_after_s=config.coarsen_after_s)
         # Route series apart (controlplane/routes.py): route cardinality never reaches `stat`.
         self.route_aggregator = Aggregator(retention_s=config.retention_s,
-                                           downsample_after_s=config.downsample_after_s)
+                                           downsample_after_s=config.downsample_after_s,
+                                           coarsen_after_s=config.coarsen_after_s)
         self.route_cap = routesmod.RouteCap(config.max_routes)
         # `--backend prometheus` (controlplane/promstore.py): the same questions, answered by PromQL.
         self.prometheus = (promstore.PrometheusStore(config.prometheus_url, config.prometheus_timeout_s)

@@ -161,8 +161,11 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--retention", type=int, default=ControllerConfig.retention_s, metavar="SECONDS",
                    help="how long the in-memory store keeps traffic (60..3600): the longest stat window it answers")
     p.add_argument("--downsample-after", type=int, default=ControllerConfig.downsample_after_s, metavar="SECONDS",
-                   help="per-second buckets older than this are merged into minute buckets (0: never); windows "
+                   help="per-second blocks older than this are merged into minute blocks (0: never); windows "
                         "longer than this have their far edge rounded to the minute")
+    p.add_argument("--coarsen-after", type=int, default=ControllerConfig.coarsen_after_s, metavar="SECONDS",
+                   help="minute blocks older than this are merged into 5-minute blocks (0: never); windows "
+                        "longer than this have their far edge rounded to 5 minutes")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--grafana-url", default="", metavar="URL",
                    help="Grafana base URL (with manifests/grafana/ loaded): the dashboard links workloads to it")
@@ -236,6 +239,11 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         p.error("--retention must be between 60 and 3600 seconds")
     if a.downsample_after and not 60 <= a.downsample_after <= a.retention:
         p.error("--downsample-after must be 0 (never) or between 60 seconds and --retention")
+    # Not tied to the others: past --retention it is never reached, without minutes (or before
+    # them) 5 minutes are merged from minutes only — so --retention or --downsample-after alone
+    # never turn the default into an error.
+    if a.coarsen_after and a.coarsen_after < 60:
+        p.error("--coarsen-after must be 0 (never) or at least 60 seconds")
     if a.token_review and a.source != "kubernetes":
         p.error("--token-review needs --source kubernetes (the sandbox uses --token-file)")
     if a.tls_ca_secret and (a.tls_cert or a.tls_key):
@@ -255,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         tap_show_headers=_csv(a.tap_show_headers), tap_redact_query=a.tap_redact_query,
         opaque_ports=tuple(int(x) for x in a.opaque_ports.split(",") if x),
         tap_max_rps=a.tap_max_rps, log_level=a.log_level, max_routes=a.max_routes,
-        retention_s=a.retention, downsample_after_s=a.downsample_after,
+        retention_s=a.retention, downsample_after_s=a.downsample_after, coarsen_after_s=a.coarsen_after,
         token_file=a.token_file, token_review=a.token_review,
         token_audiences=_csv(a.token_audience),
         # Read here, once: the Deployment sets POD_NAMESPACE from the downward API.

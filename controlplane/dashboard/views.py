@@ -122,17 +122,25 @@ def series_matchers(me: pb.Resource) -> dict[str, str]:
     return {"direction": "inbound", "dst_namespace": me.namespace}
 
 
+def _one_second(sec: int) -> int:
+    return 1
+
+
 def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: int = SERIES_RANGE_S,
                 now: float | None = None,
                 steps: Sequence[tuple[int, SeriesStore]] | None = None) -> dict[str, object]:
     """Success rate, RPS and latency quantiles per `step_s` over the last `range_s` seconds,
     oldest first; a step without responses has nulls (a gap, not a zero). `steps`: one store per
-    step (the controller's `steps_for`, Prometheus); None: the in-memory buckets."""
+    step (the controller's `steps_for`, Prometheus); None: the in-memory blocks — where they are
+    downsampled to blocks longer than a step, each step they cover shows the block's rate."""
     now = time.time() if now is None else now
     where = row_predicate(controller, me)
     keys: set[SeriesKey] = set()
     memory = steps is None   # the keys' entries of each step's blocks, summed by numpy (no Totals per key)
+    width = _one_second   # Prometheus: a store per step
+    spans: dict[int, Totals] = {}   # downsampled blocks' totals by their first second
     if steps is None:
+        width = controller.aggregator.block_width
         keys = {k for k in controller.aggregator.keys() if where(k)}  # noqa: SIM118 - not a dict
         where = keys.__contains__
         store: SeriesStore = controller.aggregator if keys else _EMPTY
@@ -140,7 +148,22 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
         steps = [(end - i * step_s, store) for i in range(range_s // step_s - 1, -1, -1)]
     points = []
     for step_end, store in steps:
-        if memory and isinstance(store, Aggregator):
+        span = width(step_end - step_s)
+        if span > step_s:
+            # Downsampled history: a block of `span` seconds is spread over the steps it covers
+            # (its rate in each), not one step holding it all and gaps around.
+            start = (step_end - step_s) - (step_end - step_s) % span
+            got = spans.get(start)
+            if got is None:
+                if memory and isinstance(store, Aggregator):
+                    got = store.totals_of(span, start + span, keys)
+                else:
+                    got = Totals(span)
+                    for t in store.totals_by_key(span, start + span, where).values():
+                        got.merge(t)
+                spans[start] = got
+            tot = got
+        elif memory and isinstance(store, Aggregator):
             tot = store.totals_of(step_s, step_end, keys)
         else:
             tot = Totals(step_s)

@@ -8,11 +8,16 @@ replays `--reports` intervals of `--nodes` agents from bytes through `Controller
 report, the controller's RSS growth, and the keys held.
 
     python3 tests/bench/controller_ingest.py --nodes 50 --pods 50 --reports 20 [--encoding refs|columns|labels]
-        [--downsample-after 600|0]  (a --reports past 600 shows downsampling's memory)
+        [--downsample-after 120|0] [--coarsen-after 900|0]  (a --reports past them shows downsampling's memory)
         [--stat]  (then `stat deploy -A` / `stat po -n X` / `stat deploy -A --to deploy/Y` CPU, the
                    cluster's objects in the registry; then `edges deploy -A` and the dashboard's
                    workload page of deploy/Y)
         [--stat-repeat N]  (N more of each, a second apart)  [--stat-profile FILE]
+        [--checkpoint 300]  (every 300 simulated seconds: the store's bytes per tier and the RSS)
+
+Simulated time: report `seq` of every agent is stamped and ingested at `now + seq` (one report
+per agent per simulated second, no sleeping), and the controller's housekeeping (`prune`, which
+downsamples) runs every 10 simulated seconds, so `--reports 3600` is an hour of history.
 """
 
 from __future__ import annotations
@@ -49,6 +54,19 @@ def n_series(report: pb.MetricsReport) -> int:
     return n
 
 
+def checkpoint(agg: object, seq: int, ms_per_report: float) -> None:
+    """One line: the simulated second, the RSS, and the store's bytes (per tier when it has them)."""
+    gc.collect()
+    line = f"checkpoint t={seq} s  rss={rss_mb():.0f} MB  ms/report={ms_per_report:.3f}"
+    stored = getattr(agg, "stored_bytes", None)
+    if stored is not None:
+        line += f"  store={stored() / 1e6:.0f} MB entries={agg.stored_entries()}"  # type: ignore[attr-defined]
+        tiers = getattr(agg, "tier_bytes", None)
+        if tiers is not None:
+            line += "  " + " ".join(f"{w}s:{n / 1e6:.0f}MB" for w, n in tiers().items())
+    print(line, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--nodes", type=int, default=50)
@@ -57,7 +75,12 @@ def main() -> None:
     p.add_argument("--encoding", choices=("labels", "refs", "columns"), default="refs")
     p.add_argument("--active", type=float, default=0.2)
     p.add_argument("--profile", default="")
-    p.add_argument("--downsample-after", type=int, default=600, help="seconds; 0: never")
+    p.add_argument("--downsample-after", type=int, default=ControllerConfig.downsample_after_s,
+                   help="seconds; 0: never")
+    p.add_argument("--coarsen-after", type=int, default=getattr(ControllerConfig, "coarsen_after_s", 0),
+                   help="seconds (minute blocks into 5-minute blocks); 0: never (a tree without: ignored)")
+    p.add_argument("--checkpoint", type=int, default=0, metavar="SECONDS",
+                   help="every this many simulated seconds print the store's bytes and the RSS")
     p.add_argument("--stat", action="store_true", help="time `stat deploy -A` and `stat po -n X` after the ingest")
     p.add_argument("--stat-repeat", type=int, default=1, help="with --stat: more queries, a second apart")
     p.add_argument("--stat-profile", default="", help="with --stat: cProfile the queries after the first two (edges and the page after the first)")
@@ -69,7 +92,8 @@ def main() -> None:
         traffic = NodeTraffic(cluster, cluster.node_names[i], pairs, a.active, seed=i)
         extra = {"columns": True} if a.encoding == "columns" else {}
         streams.append(traffic.encoded_intervals(pb, a.encoding != "labels", **extra))
-    c = Controller(ControllerConfig(downsample_after_s=a.downsample_after))
+    tiers = {"coarsen_after_s": a.coarsen_after} if hasattr(ControllerConfig, "coarsen_after_s") else {}
+    c = Controller(ControllerConfig(downsample_after_s=a.downsample_after, **tiers))
     start = c.started_ms + 1000
     sessions = [c.agent_connected(pb.AgentHello(agent_id=f"a{i}", node=cluster.node_names[i],
                                                 start_time_ms=start)) for i in range(a.nodes)]
@@ -98,6 +122,8 @@ def main() -> None:
         if seq == 2 and i == 0:
             gc.collect()
             rss_first = rss_mb()   # every stream's refs defined, one second of traffic held
+            if a.checkpoint:
+                print(f"refs defined: rss={rss_first:.0f} MB (from {rss0:.0f} MB)", flush=True)
         t0 = time.process_time()
         if prof and phase == 2:
             prof.enable()
@@ -113,6 +139,8 @@ def main() -> None:
             prune_cpu += time.process_time() - t0
             if seq > steady_from:
                 steady_prune += time.process_time() - t0
+            if a.checkpoint and seq % a.checkpoint == 0:
+                checkpoint(c.aggregator, seq, cpu[2] / max(a.nodes * (seq - 1), 1) * 1000)
     gc.collect()
     rss1 = rss_mb()
     n2 = a.nodes * (a.reports - 1)
@@ -126,7 +154,7 @@ def main() -> None:
         minutes = [b for sec, bs in agg._blocks.items() if sec < agg._coarse_before for b in bs]
         if minutes:
             n_min = len({sec for sec in agg._blocks if sec < agg._coarse_before})
-            held += (f", of which {n_min} downsampled minutes: {sum(len(b.ids) for b in minutes)} entries "
+            held += (f", of which {n_min} downsampled blocks: {sum(len(b.cols) for b in minutes)} entries "
                      f"({sum(b.nbytes for b in minutes) / 1e6:.0f} MB)")
     else:                                # a tree with a Bucket per key and second
         held = f"buckets={sum(len(h.buckets) + len(h.coarse) for h in agg._history.values())}"

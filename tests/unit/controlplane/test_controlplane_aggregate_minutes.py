@@ -2,7 +2,8 @@
 late seconds and replays (some past the downsampling horizon), histograms, gauges, series columns
 added in place or batched, prunes every 10 s — and every window from 10 s to 1 h, built fresh or
 kept sliding, equals a naive sum of the events recorded (each counted at its second, or at its
-minute's middle second once that minute is downsampled)."""
+minute's middle second once that minute is downsampled, or at its 5 minutes' middle second once
+they are coarsened)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from array import array
 import pytest
 from nodemesh.api.columns import Columns
 from nodemesh.api.model import RESPONSE_LATENCY_MS, RESPONSE_TOTAL
-from nodemesh.controlplane.aggregate import COARSE_S, N_LATENCY, Aggregator, SeriesKey, Totals
+from nodemesh.controlplane.aggregate import COARSE_S, COARSER_S, N_LATENCY, Aggregator, SeriesKey, Totals
 from nodemesh.controlplane.columns import ingest_columns
 from nodemesh.controlplane.deltas import RefEntry
 
@@ -32,10 +33,11 @@ class Naive:
     def totals(self, agg: Aggregator, window_s: int, now: float) -> dict[SeriesKey, tuple]:
         end = int(now)
         lo = end - window_s
-        coarse_before = agg._coarse_before
+        minutes_before, fives_before = agg._before[COARSE_S], agg._before[COARSER_S]
         sums: dict[SeriesKey, list] = {}
         for sec, key, counters, latency, latency_sum in self.events:
-            filed = sec if sec >= coarse_before else sec - sec % COARSE_S + COARSE_S // 2
+            width = 1 if sec >= minutes_before else COARSER_S if sec < fives_before else COARSE_S
+            filed = sec - sec % width + width // 2
             if not lo <= filed < end:
                 continue
             s = sums.setdefault(key, [dict.fromkeys(FIELDS, 0.0), [0] * N_LATENCY, 0.0, 0.0, True])
@@ -64,9 +66,10 @@ def same(got: dict[SeriesKey, Totals], want: dict[SeriesKey, tuple], what: str) 
         assert math.isclose(g[2], w[2], rel_tol=1e-9, abs_tol=1e-6), (what, key)
 
 
-def run(seed: int, downsample_after_s: int, seconds: int = 4800, n_keys: int = 60) -> int:
+def run(seed: int, downsample_after_s: int, coarsen_after_s: int, seconds: int = 4800, n_keys: int = 60) -> int:
     rng = random.Random(seed)
-    agg = Aggregator(retention_s=3600, clock=lambda: 0.0, downsample_after_s=downsample_after_s)
+    agg = Aggregator(retention_s=3600, clock=lambda: 0.0, downsample_after_s=downsample_after_s,
+                     coarsen_after_s=coarsen_after_s)
     naive = Naive()
     keys = [("inbound", f"ns{k % 3}", f"pod-{k}") for k in range(n_keys)]
     refs = {}
@@ -79,7 +82,7 @@ def run(seed: int, downsample_after_s: int, seconds: int = 4800, n_keys: int = 6
     while now < T0 + seconds:
         now += rng.choice((1.0, 1.0, 1.0, 0.4, 2.0, 7.0))
         for _ in range(rng.randint(0, 4)):       # record(): mostly this second, some late, some replays
-            sec = int(now) - rng.choice((1, 1, 1, 2, 5, 61, 200, 700, 1500))
+            sec = int(now) - rng.choice((1, 1, 1, 2, 5, 61, 200, 700, 1000, 1500, 3500))
             key = rng.choice(keys)
             counters = {f: float(rng.randint(0, 4)) for f in rng.sample(FIELDS, 3)}
             latency = [0] * N_LATENCY
@@ -90,7 +93,7 @@ def run(seed: int, downsample_after_s: int, seconds: int = 4800, n_keys: int = 6
                        **counters)
             naive.events.append((sec, key, counters, latency, latency_sum))
         if rng.random() < 0.6:                   # a columns report (in place, or batched when it must)
-            sec = int(now) - rng.choice((1, 1, 1, 2, 90, 800))
+            sec = int(now) - rng.choice((1, 1, 1, 2, 90, 800, 1300))
             chosen = rng.sample(range(n_keys), rng.randint(1, 10))
             cols = Columns()
             for i in chosen:
@@ -124,18 +127,23 @@ def run(seed: int, downsample_after_s: int, seconds: int = 4800, n_keys: int = 6
             agg._windows.clear()
     if downsample_after_s:
         assert agg._coarse_before > T0 + seconds - downsample_after_s - 2 * COARSE_S, "minutes were not downsampled"
+    if coarsen_after_s:
+        assert agg._before[COARSER_S] > T0 + seconds - coarsen_after_s - 2 * COARSER_S, "5 minutes were not merged"
+    else:
+        assert agg._before[COARSER_S] < T0
     return checked
 
 
-@pytest.mark.parametrize("seed, downsample_after_s", [(1, 600), (2, 600), (3, 60), (4, 0)])
-def test_windows_over_sealed_minutes_equal_a_naive_sum(seed: int, downsample_after_s: int) -> None:
-    assert run(seed, downsample_after_s) > 3000
+@pytest.mark.parametrize("seed, downsample_after_s, coarsen_after_s",
+                         [(1, 600, 0), (2, 600, 900), (3, 60, 0), (4, 0, 0), (5, 120, 900), (6, 60, 300), (7, 120, 3600)])
+def test_windows_over_sealed_minutes_equal_a_naive_sum(seed: int, downsample_after_s: int, coarsen_after_s: int) -> None:
+    assert run(seed, downsample_after_s, coarsen_after_s) > 3000
 
 
 def test_a_fresh_window_over_downsampled_minutes() -> None:
     """A minute's block holds one entry per key and column, and a fresh 1 h window over them and
     the seconds after the horizon is their exact sum."""
-    agg = Aggregator(retention_s=3600, clock=lambda: 0.0, downsample_after_s=120)
+    agg = Aggregator(retention_s=3600, clock=lambda: 0.0, downsample_after_s=120, coarsen_after_s=0)
     keys = [("inbound", f"p{i}") for i in range(4)]
     for sec in range(T0, T0 + 1200):
         for key in keys:

@@ -407,3 +407,22 @@ def test_dashboard_row_json_equals_cli_render() -> None:
     assert a["success"] is None and a["rps"] is None and a["tcp_open_connections"] is None and a["totalPods"] == 2
     assert b["success"] == 0.75 and b["rps"] == 0.066667 and b["latency_ms_p99"] == 10 and b["kind"] == "pod"
     assert c["success"] is None and c["tcp_open_connections"] == 4 and c["tcp_write_bytes_rate"] == 0.333333
+
+
+def test_dashboard_series_spreads_downsampled_blocks_over_their_steps(controller: Controller) -> None:
+    """Past the horizons the memory holds one block per minute, then per 5 minutes: each step a
+    block covers shows its rate (not one step holding 5 minutes' traffic and gaps around), and
+    the hour's responses still add up to the hour's stat."""
+    now = controller.test_fed_at + 0.5   # type: ignore[attr-defined]
+    controller.aggregator.prune(now=now)           # 40 min ago: a 5-minute block; 5 min ago: a minute
+    agg = controller.aggregator
+    assert agg.block_width(int(now) - 2400) == 300 and agg.block_width(int(now) - 300) == 60
+    assert agg.block_width(int(now) - 5) == 1
+    me = pb.Resource(namespace=NS, type="deployment", name="web")
+    for step in (60, 10):
+        points = views.time_series(controller, me, step, now=now)["points"]
+        busy = [p for p in points if p["rps"] is not None]
+        assert sum(p["rps"] * step for p in busy) == pytest.approx(120), step
+        old = [p for p in busy if p["t"] <= int(now) - 1200]
+        assert len(old) == 300 // step and len({p["rps"] for p in old}) == 1   # the block's rate, spread
+        assert old[0]["rps"] == pytest.approx(12 / 300)   # the first report: 12 responses
