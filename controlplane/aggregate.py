@@ -440,7 +440,8 @@ class Aggregator:
         self._windows: dict[float, _Window] = {}
         # Group numbers per id of pure key -> group functions (`totals_by_group`'s token), for the
         # ids below `rows`; `_epoch` counts the prunes that freed ids (an id reused: recompute).
-        self._groupings: dict[Hashable, tuple[np.ndarray, list[object], dict[object, int], int, int, int]] = {}
+        self._groupings: dict[Hashable, tuple[np.ndarray, list[object], dict[object, int], int, int, int,
+                                              Callable[[SeriesKey], object]]] = {}
         self._epoch = 0
         self._reused: list[int] = []   # free ids given to a new key since the epoch began
 
@@ -841,8 +842,8 @@ class Aggregator:
         (the grouping's own: read them, never change them)."""
         cached = self._groupings.get(token) if token is not None else None
         if cached is None or cached[3] != self._epoch:
-            cached = (np.full(max(rows, 16), -1, dtype=np.int32), [], {}, self._epoch, 0, 0)
-        gid, groups, index, epoch, done, reused = cached
+            cached = (np.full(max(rows, 16), -1, dtype=np.int32), [], {}, self._epoch, 0, 0, group)
+        gid, groups, index, epoch, done, reused, _ = cached
         if rows > len(gid):
             grown = np.full(max(rows, 2 * len(gid)), -1, dtype=np.int32)
             grown[:len(gid)] = gid
@@ -861,8 +862,22 @@ class Aggregator:
         if token is not None:
             if len(self._groupings) >= 32 and token not in self._groupings:
                 self._groupings.clear()
-            self._groupings[token] = (gid, groups, index, epoch, rows, len(self._reused))
+            self._groupings[token] = (gid, groups, index, epoch, rows, len(self._reused), group)
         return gid, groups, index
+
+    def keep_ready(self, window_s: float, now: float, groupings: Mapping[Hashable, Callable[[SeriesKey], object]]) -> None:
+        """Keep the window of `window_s` (made and slid to `now`, marked used) and bring every
+        kept grouping, and `groupings` (token -> group), up to the ids there are now — without
+        freezing the seconds still pending (`flush` does the settled ones). The controller calls
+        it each second (`stat.warm`), so a query meets at most a second's slide and new ids: not,
+        at the first question or after a quiet spell, a scan of the window's blocks and a Python
+        call per id of 300,000."""
+        self._window(window_s, int(now), now)
+        rows = len(self._keys)
+        todo = {token: cached[6] for token, cached in self._groupings.items()}
+        todo.update(groupings)
+        for token, group in todo.items():
+            self._group_ids(group, token, rows)
 
     def sums(self, window_s: float, now: float) -> _Sums:
         """The window's sums per id: the kept window's (read them, never change them), or a scan

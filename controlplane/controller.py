@@ -252,12 +252,14 @@ class Controller:
         """Each second, freeze the stores' seconds whose reports are in (agents report each
         second, filed under the second their interval ended): a query or prune then freezes a
         second or two, where ten seconds of a thousand agents' reports took ~0.4 s of the loop
-        at once (docs/scale.md)."""
+        at once (docs/scale.md); and keep what `stat` is asked most ready (`stat.warm`)."""
         while True:
             await asyncio.sleep(1.0)
             before = int(time.time()) - SETTLE_S
             self.aggregator.flush(before)
             self.route_aggregator.flush(before)
+            if self.config.ingest:
+                statmod.warm(self.aggregator)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from nodemesh.controlplane.controller import Controller
 from nodemesh.controlplane.dashboard import views
 from nodemesh.controlplane.registry import PodRecord, ResourceInfo
 from nodemesh.controlplane.stat import (
+    DEFAULT_WINDOW_S,
     QUANTILES,
     MeshView,
     _pod_counts,
@@ -39,6 +40,7 @@ from nodemesh.controlplane.stat import (
     _rows_of_sums,
     edges,
     stat_summary,
+    warm,
 )
 
 QS = (0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0)
@@ -229,3 +231,39 @@ def test_totals_of_equals_merged_key_totals() -> None:
             (want.success, want.failure, want.read_bytes, want.latency, want.open_connections, want.has_gauge)
         assert got.latency_sum == pytest.approx(want.latency_sum)
     assert agg.totals_of(60, now, chosen).has_traffic and agg.totals_of(60, now, set()).responses == 0
+
+
+def test_warm_keeps_the_default_window_and_groupings_ready_and_changes_no_answer(controller: Controller) -> None:
+    """`stat.warm` (the controller's each second): the default window kept and slid, the common
+    groupings and every grouping a query made brought up to the ids there are, the seconds still
+    pending left pending; and stat answers what the per-key path answers, before and after new
+    series arrive."""
+    c = controller
+    agg = c.aggregator
+    now = time.time() + 1
+    warm(agg, now)
+    assert DEFAULT_WINDOW_S in agg._windows
+    assert {("direction",), ("row", "deployment", "dst"), ("row", "pod", "dst")} <= set(agg._groupings)
+    # A query's own grouping (a --to peer's) is kept up too, from then on.
+    req_to = pb.StatRequest(selector=pb.Resource(namespace=NS, type="deploy"), window_seconds=60)
+    req_to.to.CopyFrom(pb.Resource(namespace=NS, type="deploy", name="emoji"))
+    stat_summary(c.registry, agg, c.mesh_view(), req_to, now)
+    tokens = set(agg._groupings)
+    extra = series_for(peer("inbound", "vote-bot", "emoji", "emoji-svc"), 7, 1, 3.0)
+    extra += series_for(peer("outbound", "web", "vote-bot", "vote-bot-svc"), 3, 0, 1.0)
+    c.ingest_report(c.sessions["agent-1"], pb.MetricsReport(agent_id="agent-1", seq=2, series=extra), now=now)
+    pending = set(agg._pending)
+    assert pending   # the report's second, not frozen yet
+    warm(agg, now + 0.5)
+    assert set(agg._pending) == pending   # warming freezes nothing
+    assert set(agg._groupings) == tokens
+    assert all(cached[4] == len(agg._keys) for cached in agg._groupings.values())
+    ref = _KeyStore(agg)
+    for at in (now + 0.5, now + 2):
+        for req in (pb.StatRequest(selector=pb.Resource(namespace=NS, type="deploy"), window_seconds=60),
+                    pb.StatRequest(selector=pb.Resource(type="po"), all_namespaces=True),
+                    pb.StatRequest(selector=pb.Resource(type="ns"), window_seconds=60), req_to):
+            got = stat_summary(c.registry, agg, c.mesh_view(), req, at)
+            assert got == stat_summary(c.registry, ref, c.mesh_view(), req, at), (req, at)
+    assert any(r.has_traffic for r in stat_summary(c.registry, agg, c.mesh_view(), pb.StatRequest(
+        selector=pb.Resource(namespace=NS, type="deploy")), now + 2).rows)
