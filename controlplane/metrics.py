@@ -35,6 +35,10 @@ class ControllerMetrics:
                                   "How late the controller's event loop ran a timer due every 100 ms "
                                   "(every request and report waits as long).", registry=r,
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.gc_pause = Histogram("nodemesh_controller_gc_pause_seconds",
+                                  "Pauses of Python's cyclic garbage collector (the whole process "
+                                  "stops), by generation.", ["generation"], registry=r,
+                                  buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
         self.identity_snapshots = Counter("nodemesh_controller_identity_snapshots",
                                           "Full identity snapshots sent to agents (stream start, resync).",
                                           registry=r)

@@ -258,6 +258,12 @@ class Run:
             self.figures["metric_timeouts"] = self.figures.get("metric_timeouts", 0) + 1
         return None
 
+    def gc2(self) -> tuple[float, float] | None:
+        """The controller's full garbage collections so far: (count, seconds)."""
+        n = self.metric('nodemesh_controller_gc_pause_seconds_count{generation="2"}')
+        t = self.metric('nodemesh_controller_gc_pause_seconds_sum{generation="2"}')
+        return (n, t) if n is not None and t is not None else None
+
     def histogram(self, name: str) -> tuple[list[tuple[float, float]], float, float] | None:
         """A controller histogram from /metrics: (cumulative (le, count) buckets, sum, count)."""
         try:
@@ -381,6 +387,7 @@ class Run:
             c0, w0, a0 = self.watch.cpu_s(), time.time(), self.agents_cpu_s()
             r0 = self.metric("nodemesh_controller_reports_received_total")
             lag0 = self.histogram("nodemesh_controller_loop_lag_seconds")
+            gc0 = self.gc2()
             time.sleep(self.args.duration)
             lag1 = self.histogram("nodemesh_controller_loop_lag_seconds")
             # How late the controller's loop ran a 100 ms timer (bucket bounds, ms)
@@ -405,6 +412,10 @@ class Run:
                 self.say(f"stat failed: {exc.code().name}")
                 f["stat_error"] = f"{exc.code().name}: {(exc.details() or '')[:200]}"
             self.tap_latency()
+            gc1 = self.gc2()
+            if gc0 is not None and gc1 is not None:
+                # Full collections (the whole process stops) from the steady state to the taps' end.
+                f["gc2_pauses"], f["gc2_pause_s"] = gc1[0] - gc0[0], gc1[1] - gc0[1]
             # 5. identity fan-out: one pod, then 500 pods
             t_one = self.roll([0], generation=1)
             time.sleep(self.args.fanout_wait)
@@ -502,6 +513,7 @@ COLUMNS = [
     ("stat_deploy_A_server_mean_ms", "deploy -A in ctl", "{:.0f}"), ("check_p50_ms", "Check p50", "{:.0f}"),
     ("tap_open_p50_ms", "tap open p50", "{:.0f}"),
     ("loop_lag_mean_ms", "loop lag mean", "{:.0f}"), ("loop_lag_p99_ms", "lag p99 <=", "{:.0f}"),
+    ("gc2_pauses", "full GCs", "{:.0f}"), ("gc2_pause_s", "GC s", "{:.1f}"),
     ("connect_cpu_s", "connect CPU s ctl", "{:.0f}"), ("agents_connect_cpu_s", "agents", "{:.0f}"),
     ("agents_cores", "agent cores", "{:.2f}"), ("snapshot_wire_bytes", "snapshot MB", "{:.2f}", 1e-6),
     ("stream_ends", "streams ended", "{:.0f}"),
@@ -522,7 +534,8 @@ def table(rows: list[dict]) -> str:
         "controller / of every simulated-agent process from the agents starting to connect (their setup done) to the end of the connect phase; snapshot MB = as sent (compressed when it was); " \
         "deploy -A in ctl = the controller's mean time inside the StatSummary handler; Check p50 = a call that " \
         "computes little (the floor of queueing); loop lag = how late the " \
-        "controller's loop ran a 100 ms timer in steady state, mean and the p99's histogram bucket bound)"
+        "controller's loop ran a 100 ms timer in steady state, mean and the p99's histogram bucket bound; full GCs / " \
+        "GC s = the controller's full garbage collections and their pause from the steady state to the taps' end)"
 
 
 def main() -> None:
