@@ -41,6 +41,10 @@ class ControllerConfig:
     # (docs/scale.md, fourth stop). 0: each stream ingests its reports inline, as before.
     ingest_turn_ms: float = 20.0
     ingest_queue: int = 2000
+    # Python's cyclic collector: long-lived objects are frozen (gc.freeze) so a full collection
+    # does not walk the ~2 M objects 1,000 agents' series refs make (a ~1 s pause of everything);
+    # they are thawed and collected when they have grown by half, or hourly (--no-gc-freeze: off).
+    gc_freeze: bool = True
     # How long buckets are kept (--retention; the longest stat window is 1 h), after how long
     # per-second blocks are merged into minute blocks (--downsample-after; 0: never), and minute
     # blocks into 5-minute blocks (--coarsen-after; 0: never). The defaults keep windows up to

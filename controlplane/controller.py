@@ -64,6 +64,7 @@ _ACK = object()       # outbox marker: acknowledge the increment reports stored 
 # An agent clock this far off ours is corrected by the measured skew when filing its reports.
 SKEW_CORRECT_MS = 1000
 SETTLE_S = 2  # a second is frozen into its block this long after it ended (its reports are in)
+GC_THAW_GROWTH, GC_THAW_MIN, GC_THAW_S = 1.5, 200_000, 3600.0   # Controller.tend_gc
 CHECK_BACKEND_TIMEOUT_S = 1.0  # Check asks the stat backend within this (a healthy Prometheus: milliseconds)
 MAX_SCRAPE_REVIEWS = 256  # scrapers' credential checks in flight for all agents
 # token -> (allowed, could not be checked now, message): controlplane/auth.review_scrape
@@ -189,6 +190,7 @@ class Controller:
         self._counters: dict[str, tuple[AgentCounters, float]] = {}  # agent_id -> (counters, last use)
         self._taps: dict[str, TapSession] = {}
         self._unwatch_gc: Callable[[], None] | None = None
+        self._gc_base, self._gc_thawed = 0, time.time()   # frozen objects at the last thaw, and when
         self.identity = IdentityFeed()
         self._identity_version = -1  # the registry version the feed last took
         self._push_handle: asyncio.TimerHandle | None = None
@@ -225,6 +227,8 @@ class Controller:
         if self._unwatch_gc is not None:
             self._unwatch_gc()
             self._unwatch_gc = None
+        if self.config.gc_freeze:
+            gc.unfreeze()
         if self._push_handle is not None:
             self._push_handle.cancel()
         for t in self._tasks:
@@ -269,6 +273,23 @@ class Controller:
         gc.callbacks.append(callback)
         return lambda: gc.callbacks.remove(callback)
 
+    def tend_gc(self, now: float) -> bool:
+        """Freeze what lives now (`gc.freeze`: the collector never walks it again, so a full
+        collection costs the young objects, not the ~2 M of 1,000 agents' series refs), and
+        when the frozen objects have grown by half since the last thaw, or an hour has passed,
+        thaw and collect them all once (cyclic garbage that was frozen alive is reclaimed there:
+        what it can hold is bounded by that half). The housekeeping's, every 10 s. Returns
+        whether it thawed."""
+        gc.freeze()
+        if (gc.get_freeze_count() <= self._gc_base * GC_THAW_GROWTH + GC_THAW_MIN
+                and now - self._gc_thawed < GC_THAW_S):
+            return False
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self._gc_base, self._gc_thawed = gc.get_freeze_count(), now
+        return True
+
     async def _settle(self) -> None:
         """Each second, freeze the stores' seconds whose reports are in (agents report each
         second, filed under the second their interval ended): a query or prune then freezes a
@@ -293,6 +314,8 @@ class Controller:
                 if used < horizon and agent_id not in self.sessions:
                     del self._counters[agent_id]
             self.metrics.series_tracked.set(len(self.aggregator))
+            if self.config.gc_freeze:
+                self.tend_gc(time.time())
 
     # ------------------------------------------------------------------ identity
     def mesh_config(self) -> pb.MeshConfig:

@@ -177,6 +177,9 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
     p.add_argument("--ingest-turn-ms", type=float, default=ControllerConfig.ingest_turn_ms, metavar="MS",
                    help="reports are ingested at most this long per event-loop turn, so new agents, identity and "
                         "taps never wait behind a backlog of them (0: each stream ingests inline)")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="let Python's cyclic collector walk every object in full collections (by default the "
+                        "long-lived ones are frozen, and thawed and collected when they grew by half or hourly)")
     p.add_argument("--prometheus-url", default="", metavar="URL",
                    help="Prometheus scraping the agents (e.g. http://prometheus.nodemesh.svc:9090): "
                         "enables --backend prometheus")
@@ -272,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> ControllerConfig:
         token_review_scrapers=_csv(a.token_review_scrapers),
         insecure_open_api=a.insecure_open_api, grafana_url=a.grafana_url,
         stat_backend=a.stat_backend, ingest=a.ingest, prometheus_url=a.prometheus_url,
-        ingest_turn_ms=a.ingest_turn_ms,
+        ingest_turn_ms=a.ingest_turn_ms, gc_freeze=not a.no_gc_freeze,
         prometheus_timeout_s=a.prometheus_timeout,
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca_secret=a.tls_ca_secret, tls_ca_configmap=a.tls_ca_configmap,
         tls_hosts=_csv(a.tls_hosts), tls_cert_ttl_s=a.tls_cert_ttl,
