@@ -394,6 +394,22 @@ def _totals(window_s: float, row: list[float]) -> Totals:
     return Totals(window_s, row[0], row[1], row[2], row[LAT0:], row[3], row[4], row[5], row[6], row[7])
 
 
+@dataclass
+class MergePlan:
+    """A tier's merge, planned on the store's loop (`Aggregator.merge_plan`): per span of
+    `width` seconds from `prev` to `new`, the blocks it sums as they were then."""
+    width: int
+    base: int   # the tier's horizon when planned: a store past it drops the plan
+    prev: int
+    new: int
+    spans: list[tuple[int, list[tuple[int, list[_Block]]]]]
+
+    def compute(self) -> list[list[_Block]]:
+        """Each span's merged blocks: numpy over immutable blocks, safe off the loop (most of it
+        releases the GIL: the loop is not held for more than ~15 ms at a time meanwhile)."""
+        return [_merged([b for _, bs in filed for b in bs]) if filed else [] for _, filed in self.spans]
+
+
 class Aggregator:
     """`retention_s`: how long records are kept. `downsample_after_s` (0: never): the seconds
     older than this are merged into one block per minute (`downsample`); `coarsen_after_s` (0:
@@ -944,40 +960,71 @@ class Aggregator:
             return 0
         now = self.clock() if now is None else now
         self._flush()
-        merged = self._downsample(COARSE_S, int(now) - self.downsample_after_s, int(now))
-        if self.coarsen_after_s:
-            # Only what is minutes already: the 5 minutes wholly before the minutes' horizon.
-            horizon = min(int(now) - self.coarsen_after_s, self._before[COARSE_S])
-            merged += self._downsample(COARSER_S, horizon, int(now))
+        merged = 0
+        while (plan := self.merge_plan(now)) is not None:
+            got = self.merge_apply(plan, plan.compute())
+            if got is None:
+                break   # (never here: nothing changed the store between the plan and its apply)
+            merged += got
         return merged
 
-    def _downsample(self, width: int, horizon: int, now: int) -> int:
-        """Merge the blocks filed in each whole `width` seconds before `horizon` (not yet merged
-        at this width) into one, filed at their middle second."""
-        oldest = now - self.retention_s
-        new = horizon - horizon % width
+    def merge_plan(self, now: float) -> MergePlan | None:
+        """The next tier's merge that is due (None: nothing is), for `downsample` — or, split in
+        three, for a caller that runs `MergePlan.compute` (the numpy sums: ~0.6–1.1 s for a
+        minute of 1,000 agents' reports) off its loop and `merge_apply` back on it. The blocks
+        are left in place until then: queries meanwhile read the seconds."""
+        if not self.downsample_after_s:
+            return None
+        tiers = [(COARSE_S, int(now) - self.downsample_after_s)]
+        if self.coarsen_after_s:
+            # Only what is minutes already: the 5 minutes wholly before the minutes' horizon.
+            tiers.append((COARSER_S, min(int(now) - self.coarsen_after_s, self._before[COARSE_S])))
+        oldest = int(now) - self.retention_s
         blocks = self._blocks
-        prev = self._before[width]
-        if new <= prev:
-            return 0
-        if prev <= _NEVER:
-            prev = min(blocks, default=new)
-            prev -= prev % width
-        windows = [w for w in self._windows.values() if w.end - w.width < new and w.end > prev]
+        for width, horizon in tiers:
+            new = horizon - horizon % width
+            prev = base = self._before[width]
+            if new <= prev:
+                continue
+            if prev <= _NEVER:
+                prev = min(blocks, default=new)
+                prev -= prev % width
+            spans = []
+            for start in range(prev, new, width):
+                # Seconds past the retention are not merged: only a lagging kept window still
+                # holds them, and they leave it as they are.
+                filed = [(sec, list(blocks[sec])) for sec in range(max(start, oldest), start + width) if sec in blocks]
+                spans.append((start, filed))
+            return MergePlan(width, base, prev, new, spans)
+        return None
+
+    def merge_apply(self, plan: MergePlan, merged: list[list[_Block]]) -> int | None:
+        """Put `plan`'s merged blocks (`plan.compute()`) in place of the blocks they sum; returns
+        entries merged. Blocks a late record added meanwhile join the merged block as they are. A
+        plan the store moved past (another merge, a prune dropping its seconds) is dropped (None):
+        the next one sees the store as it is."""
+        width, blocks = plan.width, self._blocks
+        if self._before[width] != plan.base:
+            return None
+        for _, filed in plan.spans:
+            for sec, bs in filed:
+                now_there = blocks.get(sec, ())
+                if len(now_there) < len(bs) or any(x is not y for x, y in zip(now_there, bs)):
+                    return None
+        windows = [w for w in self._windows.values() if w.end - w.width < plan.new and w.end > plan.prev]
         for w in windows:
             w.sums.fit(len(self._keys))
-        self._before[width] = new
-        merged = 0
-        for start in range(prev, new, width):
+        self._before[width] = plan.new
+        count = 0
+        for (start, planned), ms in zip(plan.spans, merged):
             csec = start + width // 2
-            # Seconds past the retention are not merged: only a lagging kept window still holds
-            # them, and they leave it as they are.
-            filed = [(sec, blocks.pop(sec)) for sec in range(max(start, oldest), start + width) if sec in blocks]
-            if not filed:
-                continue
+            filed = [(sec, blocks.pop(sec)) for sec, _ in planned]
+            late = [b for (_, bs), (_, was) in zip(filed, planned) for b in bs[len(was):]]
             parts = [b for _, bs in filed for b in bs]
-            ms = _merged(parts)
-            merged += sum(len(b) for b in parts)
+            if not parts:
+                continue
+            ms = ms + late
+            count += sum(len(b) for b in parts)
             for w in windows:
                 lo, hi = w.end - w.width, w.end
                 if hi <= start or lo >= start + width:
@@ -1000,11 +1047,12 @@ class Aggregator:
             blocks.setdefault(csec, []).extend(ms)
             for m in ms:
                 np.maximum.at(self._last, m.uids, csec)
-        return merged
+        return count
 
-    def prune(self, now: float | None = None) -> int:
+    def prune(self, now: float | None = None, downsample: bool = True) -> int:
         """Forget records older than the retention, and keys left without any, and downsample
-        what is past the horizon; returns keys dropped."""
+        what is past the horizon (`downsample` False: the caller merges, `merge_plan`); returns
+        keys dropped."""
         now = self.clock() if now is None else now
         self._flush()
         oldest = int(now) - self.retention_s
@@ -1015,7 +1063,8 @@ class Aggregator:
         index_oldest = min([oldest, *(w.end - w.width for w in self._windows.values())])
         for sec in [s for s in self._blocks if s < index_oldest]:
             del self._blocks[sec]
-        self.downsample(now)
+        if downsample:
+            self.downsample(now)
         # A key whose last record is older than the retention is dropped, and its id reused, once
         # no block holds it (a lagging kept window may still hold it: then at a later prune) and
         # no reporter holds a gauge for it.

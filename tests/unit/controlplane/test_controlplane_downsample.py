@@ -257,3 +257,39 @@ def test_a_block_holds_each_id_once_with_its_entry_count() -> None:
     t = agg.totals_by_key(10, now=T0 + 1)
     assert [(t[k].requests, t[k].success, t[k].failure) for k in KEYS[:4]] == [
         (1, 2, 0), (1, 2, 0), (200, 0, 200), (2, 4, 0)]
+
+
+def test_merges_computed_off_the_loop_meet_late_records_kept_windows_and_a_store_moved_past() -> None:
+    """The controller's path (`Controller.merge_off_loop`): a merge planned, its sums computed in a
+    worker thread, applied back. Records for the planned seconds that arrive meanwhile join the
+    merged block as they are; kept windows stay equal to a fresh sum and the totals to the
+    per-second truth; a plan the store has moved past is dropped (None) and made again."""
+    events = traffic(seed=5, seconds=1500)
+    late = [(T0 + 1, KEYS[0], {"requests": 7, "success": 3}), (T0 + 59, KEYS[4], {"failure": 2}),
+            (T0 + 60, KEYS[1], {"read_bytes": 11})]
+    plain = fed(0, events + late)
+    agg = fed(0, events)
+    agg.downsample_after_s, agg.coarsen_after_s = 600, 900
+    now = T0 + 1500 + 0.5
+    agg.totals_by_key(3600, now=now)                 # kept windows across the tiers
+    agg.totals_by_key(600, now=now)
+    plan = agg.merge_plan(now)
+    assert plan is not None and plan.width == 60 and plan.spans
+    merged = asyncio.run(asyncio.to_thread(plan.compute))
+    for sec, key, values in late:                    # while the sums were computed
+        agg.record(key, t=sec + 0.5, **values)
+    agg.totals_by_key(60, now=now)                   # a query freezes them into their seconds
+    assert agg.merge_apply(plan, merged) is not None
+    assert agg.merge_apply(plan, merged) is None     # the store has moved past it
+    stale = agg.merge_plan(now)
+    assert stale is not None and stale.width == 300
+    agg.prune(now=now)                               # merges the 5 minutes itself
+    assert agg.merge_apply(stale, stale.compute()) is None
+    assert asyncio.run(Controller.merge_off_loop(agg)) == 0   # nothing left due
+    assert agg.merge_plan(now) is None
+    assert agg._coarse_before > T0 and agg.stored_entries() < plain.stored_entries() / 2
+    for window in (3600, 600, 60):
+        got = agg.totals_by_key(window, now=now)
+        same(got, plain.totals_by_key(window, now=now))   # the per-second truth (whole blocks)
+        agg._windows.clear()
+        same(got, agg.totals_by_key(window, now=now))     # kept windows equal a fresh sum
