@@ -420,6 +420,7 @@ class MergePlan:
     prev: int
     new: int
     spans: list[tuple[int, list[tuple[int, list[_Block]]]]]
+    oldest: int   # seconds before this (past the retention) are not merged
 
     def compute(self) -> list[list[_Block]]:
         """Each span's merged blocks: numpy over immutable blocks, safe off the loop (most of it
@@ -1012,7 +1013,7 @@ class Aggregator:
                 # holds them, and they leave it as they are.
                 filed = [(sec, list(blocks[sec])) for sec in range(max(start, oldest), start + width) if sec in blocks]
                 spans.append((start, filed))
-            return MergePlan(width, base, prev, new, spans)
+            return MergePlan(width, base, prev, new, spans, oldest)
         return None
 
     def merge_apply(self, plan: MergePlan, merged: list[list[_Block]]) -> int | None:
@@ -1035,8 +1036,10 @@ class Aggregator:
         count = 0
         for (start, planned), ms in zip(plan.spans, merged):
             csec = start + width // 2
-            filed = [(sec, blocks.pop(sec)) for sec, _ in planned]
-            late = [b for (_, bs), (_, was) in zip(filed, planned) for b in bs[len(was):]]
+            # Every second of the span, a late record's second without blocks when planned too.
+            filed = [(sec, blocks.pop(sec)) for sec in range(max(start, plan.oldest), start + width) if sec in blocks]
+            was = dict(planned)
+            late = [b for sec, bs in filed for b in bs[len(was.get(sec, ())):]]
             parts = [b for _, bs in filed for b in bs]
             if not parts:
                 continue

@@ -268,9 +268,9 @@ def test_merges_computed_off_the_loop_meet_late_records_kept_windows_and_a_store
     per-second truth; a plan the store has moved past is dropped (None) and made again."""
     events = traffic(seed=5, seconds=1500)
     late = [(T0 + 1, KEYS[0], {"requests": 7, "success": 3}), (T0 + 59, KEYS[4], {"failure": 2}),
-            (T0 + 60, KEYS[1], {"read_bytes": 11})]
-    plain = fed(0, events + late)
-    agg = fed(0, events)
+            (T0 + 60, KEYS[1], {"read_bytes": 11}), (T0 + 125, KEYS[2], {"requests": 4})]
+    plain = fed(0, [e for e in events if e[0] != T0 + 125] + late)
+    agg = fed(0, [e for e in events if e[0] != T0 + 125])   # a second without blocks when planned
     agg.downsample_after_s, agg.coarsen_after_s = 600, 900
     now = T0 + 1500 + 0.5
     agg.totals_by_key(3600, now=now)                 # kept windows across the tiers
@@ -283,6 +283,7 @@ def test_merges_computed_off_the_loop_meet_late_records_kept_windows_and_a_store
     agg.totals_by_key(60, now=now)                   # a query freezes them into their seconds
     assert agg.merge_apply(plan, merged) is not None
     assert agg.merge_apply(plan, merged) is None     # the store has moved past it
+    assert T0 + 125 not in agg._blocks               # the late second joined its minute's block
     stale = agg.merge_plan(now)
     assert stale is not None and stale.width == 300
     agg.prune(now=now)                               # merges the 5 minutes itself
