@@ -253,16 +253,24 @@ def warm(aggregator: Aggregator, now: float | None = None) -> None:
     new series ids, as every other grouping a query made (a `--to` peer's, a service's). The
     controller calls it each second; at 300,000 keys a first `stat deploy -A` took ~0.4 s of
     the loop, a kept one ~50 ms (docs/scale.md)."""
-    wanted: dict[Hashable, Callable[[SeriesKey], object]] = {("direction",): _direction_of}
-    for type_ in ("namespace", "deployment", "pod"):
-        row_id = _row_id_of(type_, "dst")
-        assert row_id is not None
-        wanted[("row", type_, "dst")] = row_id
+    wanted = dict(_row_grouping(t, "dst") for t in ("namespace", "deployment", "pod"))
+    wanted[_DIRECTION_TOKEN] = _direction_of
     aggregator.keep_ready(DEFAULT_WINDOW_S, aggregator.clock() if now is None else now, wanted)
 
 
 def _direction_of(key: SeriesKey) -> object:
     return key[_DIR]
+
+
+_DIRECTION_TOKEN = ("direction",)   # the store's grouping of keys by `_direction_of`
+
+
+def _row_grouping(type_: str, side: str) -> tuple[Hashable, Callable[[SeriesKey], object]]:
+    """The store's grouping of keys by their row on `side` (its token, its function), for the
+    types whose row a key names: what `_stat_grouping` asks and `warm` keeps ready."""
+    row_id = _row_id_of(type_, side)
+    assert row_id is not None
+    return ("row", type_, side), row_id
 
 
 def _stat_grouping(aggregator: Aggregator, type_: str, row_side: str, peer: tuple[str, str, str] | None,
@@ -272,10 +280,9 @@ def _stat_grouping(aggregator: Aggregator, type_: str, row_side: str, peer: tupl
     and, with a peer (`--from`/`--to`), its `peer_side` is the peer — which is that side's row
     id being the peer's, for a named peer of a type whose row a key names. None: a peer the
     registry decides (a replicaset, a service as caller) or any of a type: ask per key."""
-    row_id = _row_id_of(type_, row_side)
-    assert row_id is not None
-    rows, groups, index = aggregator.grouping(row_id, ("row", type_, row_side))
-    dirs, _, dir_index = aggregator.grouping(_direction_of, ("direction",))
+    token, row_id = _row_grouping(type_, row_side)
+    rows, groups, index = aggregator.grouping(row_id, token)
+    dirs, _, dir_index = aggregator.grouping(_direction_of, _DIRECTION_TOKEN)
     n = min(len(rows), len(dirs))
     keep = dirs[:n] == dir_index.get(direction, -2)
     if peer is not None:
@@ -283,7 +290,7 @@ def _stat_grouping(aggregator: Aggregator, type_: str, row_side: str, peer: tupl
         peer_id = _row_id_of(ptype, peer_side)
         if peer_id is None or not name:
             return None
-        at, _, at_index = aggregator.grouping(peer_id, ("row", ptype, peer_side))
+        at, _, at_index = aggregator.grouping(peer_id, _row_grouping(ptype, peer_side)[0])
         n = min(n, len(at))
         who = _row_id(ptype, ResourceInfo(ns, ptype, name, {}))
         keep = keep[:n] & (at[:n] == at_index.get(who, -2))
@@ -340,6 +347,14 @@ def _row_id(type_: str, r: ResourceInfo) -> object:
 QUANTILES = (0.5, 0.95, 0.99)
 
 
+def _activity(m: np.ndarray, gauge: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of summed columns, `Totals.has_traffic` (responses) and `Totals.has_tcp` (an
+    open-connection gauge, connections opened, bytes read or written), as arrays."""
+    traffic = m[:, COLUMN["success"]] + m[:, COLUMN["failure"]] > 0
+    tcp = gauge | (m[:, COLUMN["tcp_open"]] > 0) | (m[:, COLUMN["read_bytes"]] > 0) | (m[:, COLUMN["write_bytes"]] > 0)
+    return traffic, tcp
+
+
 def _rows_of_sums(type_: str, resources: list[ResourceInfo], got: GroupSums,
                   count: Callable[[ResourceInfo], tuple[int, int]], only_active: bool, out: Rows) -> None:
     """The rows `_row` makes from each resource's `Totals`, computed as arrays over the grouped
@@ -357,8 +372,7 @@ def _rows_of_sums(type_: str, resources: list[ResourceInfo], got: GroupSums,
     success, failure = m[:, COLUMN["success"]], m[:, COLUMN["failure"]]
     read, write = m[:, COLUMN["read_bytes"]], m[:, COLUMN["write_bytes"]]
     responses = success + failure
-    traffic = responses > 0
-    tcp = gauge | (m[:, COLUMN["tcp_open"]] > 0) | (read > 0) | (write > 0)
+    traffic, tcp = _activity(m, gauge)
     q = np.zeros((len(QUANTILES), len(resources)))
     if traffic.any():
         q[:, traffic] = np.nan_to_num(histogram_quantiles(QUANTILES, BOUNDS, m[traffic, LAT0:]), nan=0.0)
@@ -516,10 +530,8 @@ def _active_keys(aggregator: SeriesStore, window: int, now: float | None) -> lis
     if not isinstance(aggregator, Aggregator):
         return [key for key, t in aggregator.totals_by_key(window, now).items() if t.has_traffic or t.has_tcp]
     got = aggregator.group_sums(window, now, _edge_key, ("edges",))
-    m = got.m
-    active = got.present & (got.has_gauge | (m[:, COLUMN["success"]] + m[:, COLUMN["failure"]] > 0)
-                            | (m[:, COLUMN["tcp_open"]] > 0) | (m[:, COLUMN["read_bytes"]] > 0)
-                            | (m[:, COLUMN["write_bytes"]] > 0))
+    traffic, tcp = _activity(got.m, got.has_gauge)
+    active = got.present & (traffic | tcp)
     groups = got.groups
     return [groups[j] for j in np.flatnonzero(active).tolist()]  # type: ignore[misc]
 
