@@ -155,20 +155,10 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
             start = (step_end - step_s) - (step_end - step_s) % span
             got = spans.get(start)
             if got is None:
-                if memory and isinstance(store, Aggregator):
-                    got = store.totals_of(span, start + span, keys)
-                else:
-                    got = Totals(span)
-                    for t in store.totals_by_key(span, start + span, where).values():
-                        got.merge(t)
-                spans[start] = got
+                got = spans[start] = _summed(store, span, start + span, keys if memory else None, where)
             tot = got
-        elif memory and isinstance(store, Aggregator):
-            tot = store.totals_of(step_s, step_end, keys)
         else:
-            tot = Totals(step_s)
-            for t in store.totals_by_key(step_s, step_end, where).values():
-                tot.merge(t)
+            tot = _summed(store, step_s, step_end, keys if memory else None, where)
         has = tot.has_traffic
         points.append({
             "t": step_end,
@@ -179,6 +169,18 @@ def time_series(controller: Controller, me: pb.Resource, step_s: int, range_s: i
             "p99": json_number(tot.quantile(0.99) or 0.0) if has else None,
         })
     return {"step_s": step_s, "range_s": range_s, "points": points}
+
+
+def _summed(store: SeriesStore, window_s: int, end: int, keys: set[SeriesKey] | None,
+            where: Callable[[SeriesKey], bool]) -> Totals:
+    """The window's totals of the keys `where` takes: from the in-memory store by the keys'
+    entries (`keys`: them), else merged from a Totals per key."""
+    if keys is not None and isinstance(store, Aggregator):
+        return store.totals_of(window_s, end, keys)
+    tot = Totals(window_s)
+    for t in store.totals_by_key(window_s, end, where).values():
+        tot.merge(t)
+    return tot
 
 
 class _Empty:
